@@ -1,0 +1,36 @@
+#!/usr/bin/env python3
+"""Write every fixture under tests/fixtures/ with the real, pinned libraries.
+
+Run through `tests/interop/run.sh --regen` (it sets up the pinned venv and PYTHONHASHSEED=0,
+so that Python set iteration order, which peft uses for `target_modules`, is repeatable).
+Each generator module owns one sub-folder of tests/fixtures/ and can also be run alone:
+
+    python tests/interop/make_fixtures.py checkpoint peft numerics
+"""
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from fixturegen import checkpoint_cases, numerics_cases, peft_cases  # noqa: E402
+
+GENERATORS = {
+    "checkpoint": checkpoint_cases.generate,  # checkpoint/, configs/, json/
+    "peft": peft_cases.generate,  # peft/
+    "numerics": numerics_cases.generate,  # numerics/
+}
+
+
+def main(argv):
+    root = HERE.parent / "fixtures"
+    names = argv or list(GENERATORS)
+    for name in names:
+        if name not in GENERATORS:
+            sys.exit(f"unknown generator {name!r}; known: {', '.join(GENERATORS)}")
+        print(f"== {name}")
+        GENERATORS[name](root)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
