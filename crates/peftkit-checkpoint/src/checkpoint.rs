@@ -1,0 +1,368 @@
+//! Opening a checkpoint on disk: a single file, or a sharded folder with its index, with or
+//! without a variant. Only headers are read; tensors are handles that read their bytes later.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Component, Path, PathBuf};
+
+use indexmap::IndexMap;
+
+use crate::error::{CheckpointError, Result};
+use crate::index::WeightIndex;
+use crate::names::{WeightsKind, WeightsNames};
+use crate::safetensors_file::{inspect_file, open_file, FileProblem, Header};
+use crate::tensor::{StateDict, Tensor};
+
+/// How the weights of a checkpoint are laid out on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layout {
+    /// One safetensors file.
+    Single {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Shards listed by an index.
+    Sharded {
+        /// The index file.
+        index: PathBuf,
+        /// The shard files in index order (sorted by name).
+        shards: Vec<PathBuf>,
+    },
+}
+
+/// One opened weight file.
+#[derive(Debug, Clone)]
+pub struct WeightFile {
+    /// Path of the file.
+    pub path: PathBuf,
+    /// Its validated header.
+    pub header: Header,
+}
+
+/// A checkpoint whose headers have been read and validated.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// The folder (or, for a lone file, its parent).
+    pub dir: PathBuf,
+    /// Single file or sharded.
+    pub layout: Layout,
+    /// The index, for sharded checkpoints.
+    pub index: Option<WeightIndex>,
+    /// Every weight file, in shard order.
+    pub files: Vec<WeightFile>,
+    tensors: IndexMap<String, (Tensor, usize)>,
+}
+
+/// Where to look for weights: the file names of a kind and variant.
+pub fn find_layout(dir: &Path, kind: WeightsKind, variant: Option<&str>) -> Result<Layout> {
+    let names = WeightsNames::new(kind, variant)?;
+    let single = dir.join(names.single());
+    let index = dir.join(names.index());
+    // transformers looks for the single file before the index; `verify` reports the case
+    // where both exist (the single file then shadows the shards).
+    if single.is_file() {
+        return Ok(Layout::Single { file: single });
+    }
+    if index.is_file() {
+        let idx = WeightIndex::read(&index)?;
+        let mut shards: Vec<PathBuf> = Vec::new();
+        for file in idx.weight_map.values() {
+            let p = resolve_in(dir, file).map_err(|reason| CheckpointError::InvalidIndex {
+                path: index.clone(),
+                reason,
+            })?;
+            if !shards.contains(&p) {
+                shards.push(p);
+            }
+        }
+        shards.sort();
+        return Ok(Layout::Sharded { index, shards });
+    }
+    Err(CheckpointError::NotACheckpoint {
+        path: dir.to_owned(),
+        expected: format!("{} or {}", names.single(), names.index()),
+    })
+}
+
+/// Resolves an index entry to a path inside `dir`, refusing anything that could escape it:
+/// absolute paths, `..`, and symbolic links that point outside.
+pub(crate) fn resolve_in(dir: &Path, file: &str) -> std::result::Result<PathBuf, String> {
+    let rel = Path::new(file);
+    if file.is_empty() || rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+        return Err(format!("weight_map names `{file}`, which is not a plain file name inside the checkpoint folder"));
+    }
+    let path = dir.join(rel);
+    if let (Ok(real), Ok(real_dir)) = (path.canonicalize(), dir.canonicalize()) {
+        if !real.starts_with(&real_dir) {
+            return Err(format!(
+                "weight_map names `{file}`, a link that leads outside the checkpoint folder to {}",
+                real.display()
+            ));
+        }
+    }
+    Ok(path)
+}
+
+impl Checkpoint {
+    /// Opens the model weights of `path`: a `.safetensors` file, or a folder holding
+    /// `model.safetensors` or a sharded index.
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::open_kind(path, WeightsKind::Model, None)
+    }
+
+    /// Opens `path` with an explicit weights kind and variant.
+    pub fn open_kind(path: &Path, kind: WeightsKind, variant: Option<&str>) -> Result<Self> {
+        if path.is_file() {
+            let dir = path.parent().map(Path::to_owned).unwrap_or_default();
+            return Self::from_layout(
+                dir,
+                Layout::Single {
+                    file: path.to_owned(),
+                },
+            );
+        }
+        let layout = find_layout(path, kind, variant)?;
+        Self::from_layout(path.to_owned(), layout)
+    }
+
+    fn from_layout(dir: PathBuf, layout: Layout) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut tensors: IndexMap<String, (Tensor, usize)> = IndexMap::new();
+        let (paths, index) = match &layout {
+            Layout::Single { file } => (vec![file.clone()], None),
+            Layout::Sharded { index, shards } => (
+                shards.clone(),
+                Some((index.clone(), WeightIndex::read(index)?)),
+            ),
+        };
+        for (i, path) in paths.iter().enumerate() {
+            let (header, list) = open_file(path)?;
+            for (name, t) in list {
+                if tensors.insert(name.clone(), (t, i)).is_some() {
+                    return Err(CheckpointError::InvalidTensor {
+                        path: path.clone(),
+                        tensor: name,
+                        reason: "also stored in another shard".into(),
+                    });
+                }
+            }
+            files.push(WeightFile {
+                path: path.clone(),
+                header,
+            });
+        }
+        if let Some((index_path, idx)) = &index {
+            let problems = index_problems(&dir, idx, &files);
+            if let Some(p) = problems.into_iter().next() {
+                return Err(CheckpointError::InvalidIndex {
+                    path: index_path.clone(),
+                    reason: p,
+                });
+            }
+        }
+        Ok(Checkpoint {
+            dir,
+            layout,
+            index: index.map(|(_, i)| i),
+            files,
+            tensors,
+        })
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Whether the checkpoint holds no tensor.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// A tensor by name.
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name).map(|(t, _)| t)
+    }
+
+    /// The file a tensor is stored in.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.tensors
+            .get(name)
+            .map(|(_, i)| self.files[*i].path.as_path())
+    }
+
+    /// Tensors in storage order: shard by shard, each in data order.
+    pub fn tensors(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.tensors.iter().map(|(n, (t, _))| (n.as_str(), t))
+    }
+
+    /// The tensors as a state dict in storage order.
+    pub fn state_dict(&self) -> StateDict {
+        self.tensors()
+            .map(|(n, t)| (n.to_owned(), t.clone()))
+            .collect()
+    }
+
+    /// The tensors in the order transformers iterates a model loaded by `from_pretrained`:
+    /// stably sorted by `dot_natural_key`.
+    pub fn natural_state_dict(&self) -> StateDict {
+        let mut sd = self.state_dict();
+        sd.sort_by(|a, _, b, _| crate::natural::natural_cmp(a, b));
+        sd
+    }
+
+    /// Header metadata of the first file (`{"format": "pt"}` for transformers checkpoints).
+    pub fn metadata(&self) -> Option<&BTreeMap<String, String>> {
+        self.files.first().and_then(|f| f.header.metadata.as_ref())
+    }
+
+    /// Total bytes of tensor data.
+    pub fn total_bytes(&self) -> u64 {
+        self.tensors
+            .values()
+            .map(|(t, _)| t.byte_len() as u64)
+            .sum()
+    }
+}
+
+/// Everything inconsistent between an index and the headers of its files.
+pub(crate) fn index_problems(dir: &Path, idx: &WeightIndex, files: &[WeightFile]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut stored: HashMap<&str, Vec<&Path>> = HashMap::new();
+    for f in files {
+        for t in &f.header.tensors {
+            stored.entry(t.name.as_str()).or_default().push(&f.path);
+        }
+    }
+    for (name, file) in &idx.weight_map {
+        let Ok(expected) = resolve_in(dir, file) else {
+            continue;
+        };
+        match stored.get(name.as_str()) {
+            None => problems.push(format!(
+                "weight_map lists `{name}` in {file}, but no shard holds it"
+            )),
+            Some(paths) if !paths.iter().any(|p| *p == expected) => problems.push(format!(
+                "weight_map puts `{name}` in {file}, but it is stored in {}",
+                paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            _ => {}
+        }
+    }
+    for (name, paths) in &stored {
+        if !idx.weight_map.contains_key(*name) {
+            problems.push(format!(
+                "{} holds `{name}`, which the weight_map does not list",
+                paths[0].display()
+            ));
+        }
+        if paths.len() > 1 {
+            problems.push(format!(
+                "`{name}` is stored more than once: {}",
+                paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+    }
+    if let Some(total) = idx.total_size {
+        let actual: u64 = files
+            .iter()
+            .flat_map(|f| &f.header.tensors)
+            .map(|t| t.data_offsets.1 - t.data_offsets.0)
+            .sum();
+        if total != actual {
+            problems.push(format!(
+                "metadata.total_size is {total} but the shards hold {actual} bytes of tensors"
+            ));
+        }
+    }
+    problems.sort();
+    problems
+}
+
+/// Every problem of a checkpoint folder or file, for `peftkit verify`: unreadable or
+/// inconsistent headers, index entries that are missing, duplicated, misplaced or escape the
+/// folder, and a stale single file that shadows an index.
+pub fn verify(path: &Path, kind: WeightsKind, variant: Option<&str>) -> Result<Vec<String>> {
+    let mut problems = Vec::new();
+    let (dir, layout) = if path.is_file() {
+        (
+            path.parent().map(Path::to_owned).unwrap_or_default(),
+            Layout::Single {
+                file: path.to_owned(),
+            },
+        )
+    } else {
+        let names = WeightsNames::new(kind, variant)?;
+        let (single, index) = (path.join(names.single()), path.join(names.index()));
+        if single.is_file() && index.is_file() {
+            problems.push(format!(
+                "both {} and {} exist: loaders read the single file and ignore the shards; delete the stale one",
+                names.single(),
+                names.index()
+            ));
+        }
+        match find_layout(path, kind, variant) {
+            Ok(l) => (path.to_owned(), l),
+            Err(e) => {
+                problems.push(e.to_string());
+                return Ok(problems);
+            }
+        }
+    };
+    let (paths, index) = match &layout {
+        Layout::Single { file } => (vec![file.clone()], None),
+        Layout::Sharded { index, .. } => {
+            let idx = WeightIndex::read(index)?;
+            let mut paths = Vec::new();
+            for file in idx.weight_map.values() {
+                match resolve_in(&dir, file) {
+                    Ok(p) if !paths.contains(&p) => paths.push(p),
+                    Ok(_) => {}
+                    Err(reason) => {
+                        let msg = format!("{}: {reason}", index.display());
+                        if !problems.contains(&msg) {
+                            problems.push(msg);
+                        }
+                    }
+                }
+            }
+            paths.sort();
+            (paths, Some((index.clone(), idx)))
+        }
+    };
+    let mut files = Vec::new();
+    for p in &paths {
+        if !p.is_file() {
+            problems.push(format!("{}: listed in the index but missing", p.display()));
+            continue;
+        }
+        let (header, file_problems) = inspect_file(p)?;
+        problems.extend(file_problems.into_iter().map(
+            |FileProblem { tensor, reason }| match tensor {
+                Some(t) => format!("{}: tensor `{t}`: {reason}", p.display()),
+                None => format!("{}: {reason}", p.display()),
+            },
+        ));
+        if let Some(header) = header {
+            files.push(WeightFile {
+                path: p.clone(),
+                header,
+            });
+        }
+    }
+    if let Some((index_path, idx)) = index {
+        problems.extend(
+            index_problems(&dir, &idx, &files)
+                .into_iter()
+                .map(|p| format!("{}: {p}", index_path.display())),
+        );
+    }
+    Ok(problems)
+}

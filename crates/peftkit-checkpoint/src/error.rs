@@ -1,0 +1,131 @@
+//! The one error type of this crate: every variant names the file and, where there is one,
+//! the tensor, and says what to do.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while reading, planning or writing a checkpoint.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckpointError {
+    /// An operating-system error on a named path.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or folder being read or written.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A safetensors header that cannot be trusted.
+    #[error("{path}: invalid safetensors header: {reason}")]
+    InvalidHeader {
+        /// The file whose header is wrong.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// One tensor's entry in a safetensors header is wrong.
+    #[error("{path}: tensor `{tensor}`: {reason}")]
+    InvalidTensor {
+        /// The file holding the tensor.
+        path: PathBuf,
+        /// The tensor's name.
+        tensor: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A sharded checkpoint's index is inconsistent with itself or with its shards.
+    #[error("{path}: {reason}")]
+    InvalidIndex {
+        /// The index file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A JSON file (config, index) that is not valid JSON or not of the expected shape.
+    #[error("{path}: {reason}")]
+    InvalidJson {
+        /// The JSON file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No weights were found where a checkpoint was expected.
+    #[error("{path}: no checkpoint found: expected {expected}")]
+    NotACheckpoint {
+        /// The folder searched.
+        path: PathBuf,
+        /// The file names that were looked for.
+        expected: String,
+    },
+    /// A `max_shard_size` string that huggingface_hub would reject too.
+    #[error("invalid shard size `{input}`: {reason}; use an integer number of bytes or a decimal size such as \"50GB\", \"500MB\", \"1.5 MB\", \"20KB\" (units KB, MB, GB, TB; powers of 1000)")]
+    InvalidShardSize {
+        /// What the caller gave.
+        input: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// Two names of the state dict point at the same storage and no tie declares it.
+    #[error("tensors `{first}` and `{second}` share storage but no tied-weights rule declares it; declare the tie (target -> source) or give each its own copy")]
+    UndeclaredAliasing {
+        /// The first name (in state-dict order).
+        first: String,
+        /// The second name.
+        second: String,
+    },
+    /// A declared tie whose two tensors hold different values.
+    #[error("tied weights `{target}` -> `{source_name}` differ in value; the checkpoint would load `{source_name}` into both. Untie them (set tie_word_embeddings=false and drop the tie) or pass one tensor")]
+    TiedTensorsDiffer {
+        /// The tie target that would be dropped.
+        target: String,
+        /// The tie source that would be kept.
+        source_name: String,
+    },
+    /// Two tensors whose storages partly overlap cannot be written to safetensors.
+    #[error("tensors `{first}` and `{second}` partly overlap in memory; safetensors cannot express that")]
+    PartialOverlap {
+        /// The first name.
+        first: String,
+        /// The second name.
+        second: String,
+    },
+    /// The same tensor name appears twice.
+    #[error("tensor `{0}` appears twice")]
+    DuplicateTensor(String),
+    /// A tensor's data does not have the length its dtype and shape require.
+    #[error("tensor `{tensor}`: {reason}")]
+    TensorData {
+        /// The tensor's name (may be empty for anonymous tensors).
+        tensor: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Nothing to save.
+    #[error("the state dict is empty: there is nothing to save to {0}")]
+    EmptyStateDict(PathBuf),
+    /// The save target exists and is not a directory.
+    #[error("{0} exists and is not a directory; choose another output path")]
+    NotADirectory(PathBuf),
+    /// A tensor the caller asked for is not in the checkpoint.
+    #[error("{path}: no tensor named `{tensor}`")]
+    MissingTensor {
+        /// The checkpoint folder or file.
+        path: PathBuf,
+        /// The missing name.
+        tensor: String,
+    },
+}
+
+impl CheckpointError {
+    /// Wraps an I/O error with the path it happened on.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        CheckpointError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = CheckpointError> = std::result::Result<T, E>;

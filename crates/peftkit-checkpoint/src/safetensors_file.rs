@@ -1,0 +1,409 @@
+//! One safetensors file: reading its header without its data, validating it, and writing a
+//! file byte for byte as the `safetensors` Python package writes it.
+//!
+//! The layout (8-byte little-endian header length, compact JSON header padded with spaces to
+//! a multiple of 8, then the raw data) and the order (dtype by descending alignment, then
+//! name) come from the safetensors Rust core, which Python's `save_file` calls. Writing the
+//! header ourselves instead of calling `serialize_to_file` keeps the data pull lazy and lets
+//! the output go to any sink (a staging folder, a progress counter).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::error::{CheckpointError, Result};
+use crate::tensor::{byte_len, dtype_name, parse_dtype, Dtype, SourceFile, Tensor};
+
+/// The largest header the safetensors core accepts.
+pub const MAX_HEADER_SIZE: u64 = 100_000_000;
+
+/// One tensor's entry in a safetensors header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorHeader {
+    /// Tensor name.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Byte range relative to the start of the data section.
+    pub data_offsets: (u64, u64),
+}
+
+/// A parsed and validated safetensors header.
+#[derive(Debug, Clone)]
+pub struct Header {
+    /// `__metadata__`, if present (string to string).
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// Tensors in data order (ascending offsets).
+    pub tensors: Vec<TensorHeader>,
+    /// Absolute offset of the data section (8 + header length).
+    pub data_start: u64,
+}
+
+/// One problem found in a file. `verify` lists them all; readers stop at the first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileProblem {
+    /// The tensor concerned, if the problem is about one.
+    pub tensor: Option<String>,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl FileProblem {
+    fn header(reason: impl Into<String>) -> Self {
+        FileProblem {
+            tensor: None,
+            reason: reason.into(),
+        }
+    }
+    fn tensor(name: &str, reason: impl Into<String>) -> Self {
+        FileProblem {
+            tensor: Some(name.to_owned()),
+            reason: reason.into(),
+        }
+    }
+    /// Turns the problem into an error naming `path`.
+    pub fn into_error(self, path: &Path) -> CheckpointError {
+        match self.tensor {
+            Some(tensor) => CheckpointError::InvalidTensor {
+                path: path.to_owned(),
+                tensor,
+                reason: self.reason,
+            },
+            None => CheckpointError::InvalidHeader {
+                path: path.to_owned(),
+                reason: self.reason,
+            },
+        }
+    }
+}
+
+/// Reads the header of `path` (not its data) and returns it with every problem found.
+/// The header is `None` when it could not be parsed at all.
+pub fn inspect_file(path: &Path) -> Result<(Option<Header>, Vec<FileProblem>)> {
+    let mut file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
+    let file_len = file
+        .metadata()
+        .map_err(|e| CheckpointError::io(path, e))?
+        .len();
+    let mut prefix = [0u8; 8];
+    if file_len < 8 {
+        return Ok((
+            None,
+            vec![FileProblem::header(format!(
+                "file is {file_len} bytes, shorter than the 8-byte header length"
+            ))],
+        ));
+    }
+    file.read_exact(&mut prefix)
+        .map_err(|e| CheckpointError::io(path, e))?;
+    let n = u64::from_le_bytes(prefix);
+    if n > MAX_HEADER_SIZE {
+        return Ok((
+            None,
+            vec![FileProblem::header(format!(
+                "header length {n} exceeds the {MAX_HEADER_SIZE}-byte limit"
+            ))],
+        ));
+    }
+    if 8 + n > file_len {
+        return Ok((
+            None,
+            vec![FileProblem::header(format!(
+                "header length {n} runs past the end of the {file_len}-byte file"
+            ))],
+        ));
+    }
+    let mut raw = vec![0u8; n as usize];
+    file.read_exact(&mut raw)
+        .map_err(|e| CheckpointError::io(path, e))?;
+    Ok(parse_header(&raw, 8 + n, file_len - 8 - n))
+}
+
+/// Reads and validates the header of `path`, failing on the first problem.
+pub fn read_header(path: &Path) -> Result<Header> {
+    let (header, problems) = inspect_file(path)?;
+    if let Some(p) = problems.into_iter().next() {
+        return Err(p.into_error(path));
+    }
+    header.ok_or_else(|| CheckpointError::InvalidHeader {
+        path: path.to_owned(),
+        reason: "unreadable".into(),
+    })
+}
+
+fn parse_header(raw: &[u8], data_start: u64, data_len: u64) -> (Option<Header>, Vec<FileProblem>) {
+    let mut problems = Vec::new();
+    let root: serde_json::Map<String, Value> = match serde_json::from_slice(raw) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => {
+            return (
+                None,
+                vec![FileProblem::header("header is not a JSON object")],
+            )
+        }
+        Err(e) => {
+            return (
+                None,
+                vec![FileProblem::header(format!(
+                    "header is not valid JSON: {e}"
+                ))],
+            )
+        }
+    };
+    let mut metadata = None;
+    let mut tensors = Vec::with_capacity(root.len());
+    for (name, entry) in &root {
+        if name == "__metadata__" {
+            match entry.as_object().map(|m| {
+                m.iter()
+                    .map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned())))
+                    .collect::<Option<BTreeMap<_, _>>>()
+            }) {
+                Some(Some(m)) => metadata = Some(m),
+                _ => problems.push(FileProblem::header(
+                    "__metadata__ must map strings to strings",
+                )),
+            }
+            continue;
+        }
+        match parse_tensor_entry(name, entry) {
+            Ok(t) => tensors.push(t),
+            Err(p) => problems.push(p),
+        }
+    }
+    tensors.sort_by_key(|t| (t.data_offsets.0, t.data_offsets.1));
+    let mut expected_start = 0u64;
+    for t in &tensors {
+        let (begin, end) = t.data_offsets;
+        if end < begin {
+            problems.push(FileProblem::tensor(
+                &t.name,
+                format!("data_offsets [{begin}, {end}] end before they begin"),
+            ));
+            continue;
+        }
+        if begin != expected_start {
+            let what = if begin > expected_start {
+                "leaves a gap"
+            } else {
+                "overlaps the previous tensor"
+            };
+            problems.push(FileProblem::tensor(
+                &t.name,
+                format!("data_offsets start at {begin} but the previous tensor ends at {expected_start}: {what}"),
+            ));
+        }
+        match byte_len(t.dtype, &t.shape) {
+            Some(len) if len as u64 == end - begin => {}
+            Some(len) => problems.push(FileProblem::tensor(
+                &t.name,
+                format!(
+                    "{} {:?} needs {len} bytes but data_offsets [{begin}, {end}] span {}",
+                    dtype_name(t.dtype),
+                    t.shape,
+                    end - begin
+                ),
+            )),
+            None => problems.push(FileProblem::tensor(
+                &t.name,
+                format!("shape {:?} overflows or is not byte aligned", t.shape),
+            )),
+        }
+        expected_start = expected_start.max(end);
+    }
+    if expected_start != data_len {
+        problems.push(FileProblem::header(format!(
+            "the tensors cover {expected_start} bytes of data but the file holds {data_len} after the header{}",
+            if expected_start < data_len { " (trailing bytes)" } else { " (truncated file)" }
+        )));
+    }
+    (
+        Some(Header {
+            metadata,
+            tensors,
+            data_start,
+        }),
+        problems,
+    )
+}
+
+fn parse_tensor_entry(name: &str, entry: &Value) -> std::result::Result<TensorHeader, FileProblem> {
+    let obj = entry
+        .as_object()
+        .ok_or_else(|| FileProblem::tensor(name, "entry is not an object"))?;
+    let dtype_str = obj
+        .get("dtype")
+        .and_then(Value::as_str)
+        .ok_or_else(|| FileProblem::tensor(name, "missing dtype"))?;
+    let dtype = parse_dtype(dtype_str)
+        .ok_or_else(|| FileProblem::tensor(name, format!("unknown dtype `{dtype_str}`")))?;
+    let shape = obj
+        .get("shape")
+        .and_then(Value::as_array)
+        .and_then(|a| {
+            a.iter()
+                .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+                .collect::<Option<Vec<_>>>()
+        })
+        .ok_or_else(|| {
+            FileProblem::tensor(name, "shape must be a list of non-negative integers")
+        })?;
+    let offsets = obj
+        .get("data_offsets")
+        .and_then(Value::as_array)
+        .and_then(|a| match a.as_slice() {
+            [b, e] => Some((b.as_u64()?, e.as_u64()?)),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            FileProblem::tensor(name, "data_offsets must be two non-negative integers")
+        })?;
+    Ok(TensorHeader {
+        name: name.to_owned(),
+        dtype,
+        shape,
+        data_offsets: offsets,
+    })
+}
+
+/// Opens a safetensors file and returns its header and tensor handles, in data order.
+/// Only the header is read; each tensor's bytes are read when they are asked for.
+pub fn open_file(path: &Path) -> Result<(Header, Vec<(String, Tensor)>)> {
+    let header = read_header(path)?;
+    let source = SourceFile::open(path)?;
+    let tensors = header
+        .tensors
+        .iter()
+        .map(|t| {
+            let tensor = Tensor::from_file(
+                t.dtype,
+                t.shape.clone(),
+                Arc::clone(&source),
+                header.data_start + t.data_offsets.0,
+            )
+            .map_err(|e| CheckpointError::InvalidTensor {
+                path: path.to_owned(),
+                tensor: t.name.clone(),
+                reason: e.to_string(),
+            })?;
+            Ok((t.name.clone(), tensor))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((header, tensors))
+}
+
+/// The header bytes (length prefix included) for `tensors`, already in file order.
+fn header_bytes(
+    metadata: &BTreeMap<String, String>,
+    ordered: &[(&str, &Tensor)],
+) -> Result<Vec<u8>> {
+    // Built by hand in exactly serde_json's compact form, which is what the safetensors core
+    // emits: `__metadata__` first, then each tensor as {"dtype","shape","data_offsets"}.
+    let mut json = String::from("{");
+    let mut first = true;
+    if !metadata.is_empty() {
+        json.push_str("\"__metadata__\":");
+        json.push_str(&serde_json::to_string(metadata).map_err(|e| {
+            CheckpointError::TensorData {
+                tensor: String::new(),
+                reason: format!("metadata cannot be encoded: {e}"),
+            }
+        })?);
+        first = false;
+    }
+    let mut offset = 0u64;
+    for (name, t) in ordered {
+        if !first {
+            json.push(',');
+        }
+        first = false;
+        let end = offset + t.byte_len() as u64;
+        let quoted = serde_json::to_string(name).map_err(|e| CheckpointError::TensorData {
+            tensor: (*name).to_owned(),
+            reason: format!("name cannot be encoded: {e}"),
+        })?;
+        let shape: Vec<String> = t.shape().iter().map(|d| d.to_string()).collect();
+        json.push_str(&format!(
+            "{quoted}:{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{offset},{end}]}}",
+            dtype_name(t.dtype()),
+            shape.join(",")
+        ));
+        offset = end;
+    }
+    json.push('}');
+    let padded = json.len().next_multiple_of(8);
+    let mut out = Vec::with_capacity(8 + padded);
+    out.extend_from_slice(&(padded as u64).to_le_bytes());
+    out.extend_from_slice(json.as_bytes());
+    out.resize(8 + padded, b' ');
+    Ok(out)
+}
+
+/// The order the safetensors core writes tensors in: dtype by descending alignment, then
+/// name by bytes.
+pub fn file_order<'a>(
+    tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
+) -> Vec<(&'a str, &'a Tensor)> {
+    let mut v: Vec<_> = tensors.into_iter().collect();
+    v.sort_by(|(ln, lt), (rn, rt)| rt.dtype().cmp(&lt.dtype()).then(ln.cmp(rn)));
+    v
+}
+
+/// Writes `tensors` to `path` as one safetensors file with `metadata`, pulling each tensor's
+/// bytes once, in file order. `on_bytes` is told how many data bytes were written after each
+/// tensor (for progress bars). Returns the file's size.
+pub fn write_file<'a>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
+    metadata: &BTreeMap<String, String>,
+    on_bytes: &mut dyn FnMut(u64),
+) -> Result<u64> {
+    let ordered = file_order(tensors);
+    for w in ordered.windows(2) {
+        if w[0].0 == w[1].0 {
+            return Err(CheckpointError::DuplicateTensor(w[0].0.to_owned()));
+        }
+    }
+    let header = header_bytes(metadata, &ordered)?;
+    let file = File::create(path).map_err(|e| CheckpointError::io(path, e))?;
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    out.write_all(&header)
+        .map_err(|e| CheckpointError::io(path, e))?;
+    let mut total = header.len() as u64;
+    for (name, t) in &ordered {
+        let n = t
+            .write_to(&mut out, path)
+            .map_err(|e| with_tensor_name(e, name))?;
+        total += n;
+        on_bytes(n);
+    }
+    let file = out
+        .into_inner()
+        .map_err(|e| CheckpointError::io(path, e.into_error()))?;
+    file.sync_all().map_err(|e| CheckpointError::io(path, e))?;
+    Ok(total)
+}
+
+/// Fills in the tensor name of errors raised by anonymous tensor operations.
+pub(crate) fn with_tensor_name(e: CheckpointError, name: &str) -> CheckpointError {
+    match e {
+        CheckpointError::TensorData { tensor, reason } if tensor.is_empty() => {
+            CheckpointError::TensorData {
+                tensor: name.to_owned(),
+                reason,
+            }
+        }
+        other => other,
+    }
+}
+
+/// The metadata transformers and peft write: `{"format": "pt"}`.
+pub fn pt_metadata() -> BTreeMap<String, String> {
+    BTreeMap::from([("format".to_owned(), "pt".to_owned())])
+}

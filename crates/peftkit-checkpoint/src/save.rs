@@ -1,0 +1,304 @@
+//! `save_pretrained`: a state dict (and its configs) written as transformers 5.24 writes it,
+//! into a folder that changes atomically.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use crate::atomic::DirTransaction;
+use crate::config::{GenerationConfig, ModelConfig};
+use crate::error::{CheckpointError, Result};
+use crate::index::WeightIndex;
+use crate::names::{WeightsKind, WeightsNames};
+use crate::safetensors_file::{pt_metadata, write_file};
+use crate::shard::{plan_shards, PlanItem, DEFAULT_MAX_SHARD_SIZE};
+use crate::tensor::{StateDict, Tensor};
+
+/// Options of [`save_pretrained`], named after transformers' keyword arguments.
+#[derive(Debug, Clone)]
+pub struct SaveOptions {
+    /// Largest shard in bytes (see [`crate::shard::parse_size`] for `"5GB"`-style strings).
+    /// Default 50 GB, as in transformers 5.x.
+    pub max_shard_size: u64,
+    /// File-name variant (`model.fp16.safetensors`).
+    pub variant: Option<String>,
+    /// `false` writes nothing (a non-zero rank of a distributed job); the state dict is still
+    /// checked and planned so every rank fails the same way.
+    pub is_main_process: bool,
+    /// Header metadata of every file. Default `{"format": "pt"}`, which transformers writes
+    /// and older loaders require.
+    pub metadata: BTreeMap<String, String>,
+    /// Declared ties `(target, source)`, like `_tied_weights_keys`: the target is dropped
+    /// when the source is present (the source name is kept).
+    pub tied_weights: Vec<(String, String)>,
+    /// Model weights or adapter weights (file names).
+    pub kind: WeightsKind,
+    /// `metadata.total_parameters` of the index. transformers counts the model's parameters
+    /// (not buffers); by default this is the element count of the tensors written, which is
+    /// the same for models without persistent buffers.
+    pub total_parameters: Option<u64>,
+    /// `config.json` to write (base checkpoints).
+    pub config: Option<ModelConfig>,
+    /// `generation_config.json` to write (models that can generate).
+    pub generation_config: Option<GenerationConfig>,
+    /// Extra files to write as they are: `(file name, bytes)` (an adapter config, a card).
+    pub extra_files: Vec<(String, Vec<u8>)>,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        SaveOptions {
+            max_shard_size: DEFAULT_MAX_SHARD_SIZE,
+            variant: None,
+            is_main_process: true,
+            metadata: pt_metadata(),
+            tied_weights: Vec::new(),
+            kind: WeightsKind::Model,
+            total_parameters: None,
+            config: None,
+            generation_config: None,
+            extra_files: Vec::new(),
+        }
+    }
+}
+
+/// What a save wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaveReport {
+    /// Final folder.
+    pub dir: PathBuf,
+    /// Weight files, in shard order.
+    pub weight_files: Vec<String>,
+    /// The index file, when sharded.
+    pub index_file: Option<String>,
+    /// Tensors written, after tie removal.
+    pub tensors: usize,
+    /// Bytes of tensor data.
+    pub total_size: u64,
+    /// Tie targets dropped.
+    pub dropped_ties: Vec<String>,
+}
+
+/// A save planned but not yet written: which tensors go to which file.
+#[derive(Debug, Clone)]
+pub struct SavePlan {
+    /// `(file name, tensor names)` in shard order.
+    pub shards: Vec<(String, Vec<String>)>,
+    /// The index, when there is more than one shard.
+    pub index: Option<(String, WeightIndex)>,
+    /// Tie targets dropped.
+    pub dropped_ties: Vec<String>,
+    /// Bytes of tensor data.
+    pub total_size: u64,
+}
+
+/// Removes declared tie targets and refuses aliasing no tie explains.
+fn remove_ties(state: &StateDict, ties: &[(String, String)]) -> Result<(Vec<String>, Vec<String>)> {
+    let mut dropped = Vec::new();
+    for (target, source) in ties {
+        let (Some(t), Some(s)) = (state.get(target), state.get(source)) else {
+            continue;
+        };
+        if target == source || dropped.contains(target) {
+            continue;
+        }
+        let same_storage = t.storage_key().is_some() && t.storage_key() == s.storage_key();
+        if !same_storage
+            && (t.dtype() != s.dtype() || t.shape() != s.shape() || t.bytes()? != s.bytes()?)
+        {
+            return Err(CheckpointError::TiedTensorsDiffer {
+                target: target.clone(),
+                source_name: source.clone(),
+            });
+        }
+        dropped.push(target.clone());
+    }
+    let kept: Vec<String> = state
+        .keys()
+        .filter(|k| !dropped.contains(k))
+        .cloned()
+        .collect();
+    // Aliasing among what is left: identical storage is an undeclared tie; a partial overlap
+    // cannot be written at all. Disjoint views of one buffer are fine (written separately).
+    let mut by_buffer: HashMap<(usize, u64, u64), &str> = HashMap::new();
+    let mut ranges: Vec<(usize, u64, u64, &str)> = Vec::new();
+    for name in &kept {
+        let Some(key) = state[name].storage_key() else {
+            continue;
+        };
+        if key.start == key.end {
+            continue;
+        }
+        let ptr = key.ptr;
+        if let Some(first) = by_buffer.insert((ptr, key.start, key.end), name) {
+            return Err(CheckpointError::UndeclaredAliasing {
+                first: first.to_owned(),
+                second: name.clone(),
+            });
+        }
+        ranges.push((ptr, key.start, key.end, name));
+    }
+    ranges.sort();
+    for w in ranges.windows(2) {
+        let ((p1, _, e1, n1), (p2, s2, _, n2)) = (w[0], w[1]);
+        if p1 == p2 && s2 < e1 {
+            return Err(CheckpointError::PartialOverlap {
+                first: n1.to_owned(),
+                second: n2.to_owned(),
+            });
+        }
+    }
+    Ok((kept, dropped))
+}
+
+/// Plans a save: tie removal, alias checks, shard assignment and the index. Nothing is
+/// written.
+pub fn plan_save(state: &StateDict, options: &SaveOptions) -> Result<SavePlan> {
+    let names = WeightsNames::new(options.kind, options.variant.as_deref())?;
+    let (kept, dropped_ties) = remove_ties(state, &options.tied_weights)?;
+    // Families (storages shared by views in transformers) are planned as one unit placed at
+    // the first member.
+    let mut items: Vec<PlanItem> = Vec::new();
+    let mut family_slot: HashMap<u64, usize> = HashMap::new();
+    for name in &kept {
+        let t: &Tensor = &state[name];
+        let size = t.byte_len() as u64;
+        match t.family().and_then(|f| family_slot.get(&f).copied()) {
+            Some(slot) => {
+                items[slot].names.push(name.clone());
+                items[slot].size += size;
+            }
+            None => {
+                if let Some(f) = t.family() {
+                    family_slot.insert(f, items.len());
+                }
+                items.push(PlanItem {
+                    names: vec![name.clone()],
+                    size,
+                });
+            }
+        }
+    }
+    // A family's size is only known once all members are seen, so plan after grouping.
+    let groups = plan_shards(&items, options.max_shard_size);
+    let total_size: u64 = items.iter().map(|i| i.size).sum();
+    let n = groups.len();
+    let shards: Vec<(String, Vec<String>)> = groups
+        .into_iter()
+        .enumerate()
+        .map(|(i, g)| {
+            (
+                if n == 1 {
+                    names.single()
+                } else {
+                    names.shard(i + 1, n)
+                },
+                g,
+            )
+        })
+        .collect();
+    let index = (n > 1).then(|| {
+        let weight_map = shards
+            .iter()
+            .flat_map(|(f, g)| g.iter().map(move |t| (t.clone(), f.clone())))
+            .collect();
+        let total_parameters = options
+            .total_parameters
+            .unwrap_or_else(|| kept.iter().map(|k| state[k].numel() as u64).sum());
+        (
+            names.index(),
+            WeightIndex {
+                total_parameters: Some(total_parameters),
+                total_size: Some(total_size),
+                extra_metadata: Default::default(),
+                weight_map,
+            },
+        )
+    });
+    Ok(SavePlan {
+        shards,
+        index,
+        dropped_ties,
+        total_size,
+    })
+}
+
+/// Saves `state` into `dir` as transformers' `save_pretrained` does: `config.json`,
+/// `generation_config.json`, one file or greedy shards with `{"format":"pt"}` headers, and
+/// the index. The folder changes atomically (see [`crate::atomic`]).
+///
+/// Stale weights are handled more strictly than transformers: old shards of the *same* stem
+/// and variant are removed (transformers also deletes other variants' shards), a stale
+/// single file is removed when the new save is sharded and a stale index when it is not
+/// (transformers leaves both, and the single file then shadows the new shards).
+///
+/// ```
+/// use peftkit_checkpoint::{save_pretrained, Checkpoint, Dtype, SaveOptions, StateDict, Tensor};
+/// let dir = tempfile::tempdir().unwrap();
+/// let mut sd = StateDict::new();
+/// sd.insert("w".into(), Tensor::from_bytes(Dtype::F32, vec![2], vec![0; 8]).unwrap());
+/// save_pretrained(dir.path(), &sd, &SaveOptions::default()).unwrap();
+/// assert_eq!(Checkpoint::open(dir.path()).unwrap().len(), 1);
+/// ```
+pub fn save_pretrained(dir: &Path, state: &StateDict, options: &SaveOptions) -> Result<SaveReport> {
+    save_pretrained_with_progress(dir, state, options, &mut |_| {})
+}
+
+/// [`save_pretrained`] that reports data bytes written as it goes.
+pub fn save_pretrained_with_progress(
+    dir: &Path,
+    state: &StateDict,
+    options: &SaveOptions,
+    on_bytes: &mut dyn FnMut(u64),
+) -> Result<SaveReport> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(CheckpointError::NotADirectory(dir.to_owned()));
+    }
+    if state.is_empty() {
+        return Err(CheckpointError::EmptyStateDict(dir.to_owned()));
+    }
+    let plan = plan_save(state, options)?;
+    let report = SaveReport {
+        dir: dir.to_owned(),
+        weight_files: plan.shards.iter().map(|(f, _)| f.clone()).collect(),
+        index_file: plan.index.as_ref().map(|(f, _)| f.clone()),
+        tensors: plan.shards.iter().map(|(_, g)| g.len()).sum(),
+        total_size: plan.total_size,
+        dropped_ties: plan.dropped_ties.clone(),
+    };
+    if !options.is_main_process {
+        return Ok(SaveReport {
+            weight_files: vec![],
+            index_file: None,
+            ..report
+        });
+    }
+    let tx = DirTransaction::begin(dir)?;
+    let staging = tx.path().to_owned();
+    if let Some(c) = &options.config {
+        c.write(&staging)?;
+    }
+    if let Some(g) = &options.generation_config {
+        g.write(&staging)?;
+    }
+    for (name, bytes) in &options.extra_files {
+        let p = staging.join(name);
+        std::fs::write(&p, bytes).map_err(|e| CheckpointError::io(&p, e))?;
+    }
+    for (file, group) in &plan.shards {
+        let path = staging.join(file);
+        write_file(
+            &path,
+            group.iter().map(|n| (n.as_str(), &state[n])),
+            &options.metadata,
+            on_bytes,
+        )?;
+    }
+    if let Some((file, index)) = &plan.index {
+        let path = staging.join(file);
+        std::fs::write(&path, index.to_json_string()).map_err(|e| CheckpointError::io(&path, e))?;
+    }
+    let names = WeightsNames::new(options.kind, options.variant.as_deref())?;
+    let (single, index_name) = (names.single(), names.index());
+    tx.commit(|old| old == single || old == index_name || names.is_shard_of_this_stem(old))?;
+    Ok(report)
+}

@@ -1,0 +1,358 @@
+//! Tensors whose bytes live elsewhere: in a file region read on demand, in a shared buffer,
+//! or produced by a closure when the writer asks for them.
+//!
+//! Nothing here holds a model in memory. A [`Tensor`] is a cheap handle (dtype, shape and a
+//! data source); the bytes are pulled once, by whoever writes or merges it, and dropped right
+//! after. A [`StateDict`] is an ordered map of such handles: its order is the order the shard
+//! planner sees, exactly like the iteration order of a Python `state_dict`.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::fs::File;
+use std::io::Write;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use indexmap::IndexMap;
+pub use safetensors::Dtype;
+
+use crate::error::{CheckpointError, Result};
+
+/// Bytes of one element of `dtype`, or `None` for sub-byte types (F4, F6).
+pub fn dtype_size(dtype: Dtype) -> Option<usize> {
+    let bits = dtype.bitsize();
+    (bits % 8 == 0).then_some(bits / 8)
+}
+
+/// The safetensors name of a dtype (`"F32"`, `"BF16"`, `"F8_E4M3"`, …).
+pub fn dtype_name(dtype: Dtype) -> String {
+    match serde_json::to_value(dtype) {
+        Ok(serde_json::Value::String(s)) => s,
+        // Dtype serializes as its bare variant name; Debug prints the same text.
+        _ => format!("{dtype:?}"),
+    }
+}
+
+/// Parses a safetensors dtype name. Returns `None` for names this version does not know.
+pub fn parse_dtype(name: &str) -> Option<Dtype> {
+    serde_json::from_value(serde_json::Value::String(name.to_owned())).ok()
+}
+
+/// Number of bytes a tensor of this dtype and shape occupies, checked for overflow and for
+/// sub-byte dtypes whose bit count is not a whole number of bytes.
+pub fn byte_len(dtype: Dtype, shape: &[usize]) -> Option<usize> {
+    let numel = shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))?;
+    let bits = numel.checked_mul(dtype.bitsize())?;
+    (bits % 8 == 0).then_some(bits / 8)
+}
+
+/// A file that tensors are read from, by position, without mapping it whole.
+///
+/// Reading with positioned reads (rather than a long-lived mmap) keeps the resident set at
+/// the size of the buffer in flight, which is what lets a 70B merge run in a few hundred MB.
+#[derive(Debug)]
+pub struct SourceFile {
+    path: PathBuf,
+    file: File,
+}
+
+impl SourceFile {
+    /// Opens `path` for positioned reads.
+    pub fn open(path: &Path) -> Result<Arc<Self>> {
+        let file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
+        Ok(Arc::new(SourceFile {
+            path: path.to_owned(),
+            file,
+        }))
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        read_exact_at(&self.file, buf, offset).map_err(|e| CheckpointError::io(&self.path, e))
+    }
+}
+
+#[cfg(unix)]
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        match file.seek_read(buf, offset) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A closure that produces a tensor's bytes when they are needed.
+pub type Producer = dyn Fn() -> Result<Vec<u8>> + Send + Sync;
+
+#[derive(Clone)]
+enum Data {
+    /// A byte range of a shared buffer. Two tensors on the same buffer alias when their
+    /// ranges overlap, which is how tied weights look in memory.
+    Buffer {
+        buf: Arc<Vec<u8>>,
+        range: Range<usize>,
+    },
+    /// A byte range of a file.
+    File { file: Arc<SourceFile>, offset: u64 },
+    /// Bytes computed on demand (a merge, a dtype cast, a remap op).
+    Lazy(Arc<Producer>),
+}
+
+/// Where a tensor's bytes live, for alias detection: two tensors with the same key and
+/// overlapping ranges share storage.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct StorageKey {
+    pub(crate) ptr: usize,
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+}
+
+/// A handle on one tensor: dtype, shape, and where its little-endian bytes come from.
+///
+/// ```
+/// use peftkit_checkpoint::{Dtype, Tensor};
+/// let t = Tensor::from_bytes(Dtype::F32, vec![2], 1.5f32.to_le_bytes().repeat(2)).unwrap();
+/// assert_eq!(t.byte_len(), 8);
+/// assert_eq!(&*t.bytes().unwrap(), &[0, 0, 192, 63, 0, 0, 192, 63]);
+/// ```
+#[derive(Clone)]
+pub struct Tensor {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    len: usize,
+    data: Data,
+    family: Option<u64>,
+}
+
+impl fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let source = match &self.data {
+            Data::Buffer { .. } => "buffer".to_owned(),
+            Data::File { file, offset } => format!("{}@{offset}", file.path.display()),
+            Data::Lazy(_) => "lazy".to_owned(),
+        };
+        f.debug_struct("Tensor")
+            .field("dtype", &self.dtype)
+            .field("shape", &self.shape)
+            .field("source", &source)
+            .finish()
+    }
+}
+
+fn checked_len(dtype: Dtype, shape: &[usize]) -> Result<usize> {
+    byte_len(dtype, shape).ok_or_else(|| CheckpointError::TensorData {
+        tensor: String::new(),
+        reason: format!(
+            "shape {shape:?} of {} does not fit in memory or is not a whole number of bytes",
+            dtype_name(dtype)
+        ),
+    })
+}
+
+impl Tensor {
+    /// A tensor that owns its bytes.
+    pub fn from_bytes(dtype: Dtype, shape: Vec<usize>, bytes: Vec<u8>) -> Result<Self> {
+        let len = bytes.len();
+        Self::from_shared(dtype, shape, Arc::new(bytes), 0..len)
+    }
+
+    /// A view of `range` in a shared buffer. Views of one buffer whose ranges overlap are
+    /// aliases (tied weights); the writer refuses aliases that no tie declares.
+    pub fn from_shared(
+        dtype: Dtype,
+        shape: Vec<usize>,
+        buf: Arc<Vec<u8>>,
+        range: Range<usize>,
+    ) -> Result<Self> {
+        let len = checked_len(dtype, &shape)?;
+        if range.end > buf.len() || range.start > range.end || range.len() != len {
+            return Err(CheckpointError::TensorData {
+                tensor: String::new(),
+                reason: format!(
+                    "{} bytes expected for {} {:?}, got range {:?} of a {}-byte buffer",
+                    len,
+                    dtype_name(dtype),
+                    shape,
+                    range,
+                    buf.len()
+                ),
+            });
+        }
+        Ok(Tensor {
+            dtype,
+            shape,
+            len,
+            data: Data::Buffer { buf, range },
+            family: None,
+        })
+    }
+
+    /// A tensor read from `file` at absolute byte `offset` when needed.
+    pub fn from_file(
+        dtype: Dtype,
+        shape: Vec<usize>,
+        file: Arc<SourceFile>,
+        offset: u64,
+    ) -> Result<Self> {
+        let len = checked_len(dtype, &shape)?;
+        Ok(Tensor {
+            dtype,
+            shape,
+            len,
+            data: Data::File { file, offset },
+            family: None,
+        })
+    }
+
+    /// A tensor whose bytes `produce` computes when the writer reaches it. The closure must
+    /// return exactly `byte_len(dtype, shape)` bytes; it may be called more than once.
+    pub fn lazy(
+        dtype: Dtype,
+        shape: Vec<usize>,
+        produce: impl Fn() -> Result<Vec<u8>> + Send + Sync + 'static,
+    ) -> Result<Self> {
+        let len = checked_len(dtype, &shape)?;
+        Ok(Tensor {
+            dtype,
+            shape,
+            len,
+            data: Data::Lazy(Arc::new(produce)),
+            family: None,
+        })
+    }
+
+    /// Marks this tensor as a member of a storage family: tensors that transformers would hold
+    /// as views of one storage (the per-expert weights split from a fused expert tensor). The
+    /// shard planner places a family as one unit at its first member, like huggingface_hub.
+    pub fn in_family(mut self, family: u64) -> Self {
+        self.family = Some(family);
+        self
+    }
+
+    /// The storage family, if any (see [`Tensor::in_family`]).
+    pub fn family(&self) -> Option<u64> {
+        self.family
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    /// Shape (empty for a scalar).
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Size of the data in bytes.
+    pub fn byte_len(&self) -> usize {
+        self.len
+    }
+
+    /// The tensor's bytes: borrowed for buffers, read or computed otherwise.
+    pub fn bytes(&self) -> Result<Cow<'_, [u8]>> {
+        match &self.data {
+            Data::Buffer { buf, range } => Ok(Cow::Borrowed(&buf[range.clone()])),
+            Data::File { file, offset } => {
+                let mut out = vec![0u8; self.len];
+                file.read_exact_at(&mut out, *offset)?;
+                Ok(Cow::Owned(out))
+            }
+            Data::Lazy(produce) => {
+                let out = produce()?;
+                if out.len() != self.len {
+                    return Err(CheckpointError::TensorData {
+                        tensor: String::new(),
+                        reason: format!(
+                            "producer returned {} bytes, {} expected",
+                            out.len(),
+                            self.len
+                        ),
+                    });
+                }
+                Ok(Cow::Owned(out))
+            }
+        }
+    }
+
+    /// Streams the bytes into `out` in bounded chunks (file-backed tensors never sit in
+    /// memory whole). Returns the number of bytes written.
+    pub fn write_to(&self, out: &mut dyn Write, out_path: &Path) -> Result<u64> {
+        const CHUNK: usize = 8 << 20;
+        match &self.data {
+            Data::File { file, offset } => {
+                let mut buf = vec![0u8; CHUNK.min(self.len)];
+                let mut done = 0usize;
+                while done < self.len {
+                    let n = CHUNK.min(self.len - done);
+                    file.read_exact_at(&mut buf[..n], offset + done as u64)?;
+                    out.write_all(&buf[..n])
+                        .map_err(|e| CheckpointError::io(out_path, e))?;
+                    done += n;
+                }
+            }
+            _ => {
+                let bytes = self.bytes()?;
+                out.write_all(&bytes)
+                    .map_err(|e| CheckpointError::io(out_path, e))?;
+            }
+        }
+        Ok(self.len as u64)
+    }
+
+    /// Where the bytes live, for alias detection; `None` for computed tensors, which never
+    /// alias anything.
+    pub(crate) fn storage_key(&self) -> Option<StorageKey> {
+        match &self.data {
+            Data::Buffer { buf, range } => Some(StorageKey {
+                ptr: Arc::as_ptr(buf) as usize,
+                start: range.start as u64,
+                end: range.end as u64,
+            }),
+            Data::File { file, offset } => Some(StorageKey {
+                ptr: Arc::as_ptr(file) as usize,
+                start: *offset,
+                end: offset + self.len as u64,
+            }),
+            Data::Lazy(_) => None,
+        }
+    }
+
+    /// The file and absolute offset a file-backed tensor is read from.
+    pub fn file_source(&self) -> Option<(&Path, u64)> {
+        match &self.data {
+            Data::File { file, offset } => Some((file.path(), *offset)),
+            _ => None,
+        }
+    }
+}
+
+/// An ordered map of tensor names to tensors, like a Python `state_dict`: the order is the
+/// order shards are planned in.
+pub type StateDict = IndexMap<String, Tensor>;
