@@ -1,1 +1,14 @@
-//! placeholder
+//! peftkit: save Hugging Face checkpoints and PEFT adapters exactly as transformers and peft
+//! do, and merge, extract, reshard and verify them in bounded memory.
+//!
+//! This facade re-exports the workspace's library crates:
+//!
+//! * [`checkpoint`] (`peftkit-checkpoint`): tensors, safetensors IO, shard planning, index,
+//!   configs, atomic saves. Knows nothing of PEFT.
+//! * [`peft`] (`peftkit-peft`): adapter name rules, adapter configs, adapter save, load,
+//!   extract and merge.
+//!
+//! The `peftkit` binary is a thin command-line layer over these.
+
+pub use peftkit_checkpoint as checkpoint;
+pub use peftkit_peft as peft;

@@ -1,1 +1,201 @@
-fn main() {}
+//! The `peftkit` command line: parses arguments and calls the libraries.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use peftkit::checkpoint::{
+    self as ckpt, inspect::CheckpointSummary, Checkpoint, SaveOptions, WeightsKind,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "peftkit",
+    version,
+    about = "Hugging Face checkpoints and PEFT adapters, byte-identical to transformers and peft"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the files, tensors and totals of a checkpoint or adapter.
+    Inspect {
+        /// A checkpoint folder, a .safetensors file, or an adapter folder.
+        path: PathBuf,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Variant of the weight files (model.VARIANT.safetensors).
+        #[arg(long)]
+        variant: Option<String>,
+    },
+    /// Check every file and index entry; exit 1 listing every problem found.
+    Verify {
+        /// A checkpoint folder or a .safetensors file.
+        path: PathBuf,
+        /// Variant of the weight files.
+        #[arg(long)]
+        variant: Option<String>,
+    },
+    /// Re-save a dense checkpoint with another shard size or variant, as
+    /// `from_pretrained(DIR).save_pretrained(OUT, ...)` would.
+    Reshard {
+        /// The checkpoint folder to read.
+        dir: PathBuf,
+        /// Where to write (created, or replaced atomically).
+        #[arg(long)]
+        out: PathBuf,
+        /// Largest shard: bytes or a decimal size such as 5GB, 500MB, 20KB.
+        #[arg(long, default_value = "50GB")]
+        max_shard_size: String,
+        /// Variant of the output files (model.VARIANT.safetensors).
+        #[arg(long)]
+        variant: Option<String>,
+        /// Variant of the input files.
+        #[arg(long)]
+        input_variant: Option<String>,
+    },
+}
+
+fn progress(total: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    if let Ok(style) =
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Inspect {
+            path,
+            json,
+            variant,
+        } => {
+            let ckpt = open_any(&path, variant.as_deref())?;
+            let summary = CheckpointSummary::of(&ckpt);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                print_summary(&summary);
+            }
+        }
+        Command::Verify { path, variant } => {
+            let kind = guess_kind(&path);
+            let problems = ckpt::checkpoint::verify(&path, kind, variant.as_deref())?;
+            if problems.is_empty() {
+                println!("{}: ok", path.display());
+            } else {
+                for p in &problems {
+                    println!("{p}");
+                }
+                eprintln!("{}: {} problem(s)", path.display(), problems.len());
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Reshard {
+            dir,
+            out,
+            max_shard_size,
+            variant,
+            input_variant,
+        } => {
+            let options = SaveOptions {
+                max_shard_size: ckpt::parse_size(&max_shard_size)?,
+                variant,
+                ..Default::default()
+            };
+            let total = Checkpoint::open_kind(&dir, WeightsKind::Model, input_variant.as_deref())?
+                .total_bytes();
+            let bar = progress(total);
+            let report =
+                ckpt::reshard::reshard(&dir, input_variant.as_deref(), &out, &options, &mut |n| {
+                    bar.inc(n)
+                })?;
+            bar.finish_and_clear();
+            println!(
+                "{}: {} tensors, {} bytes in {} file(s){}",
+                out.display(),
+                report.tensors,
+                report.total_size,
+                report.weight_files.len(),
+                report
+                    .index_file
+                    .map(|i| format!(" + {i}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn guess_kind(path: &std::path::Path) -> WeightsKind {
+    if path.join("adapter_model.safetensors").is_file()
+        || path.join("adapter_config.json").is_file()
+    {
+        WeightsKind::Adapter
+    } else {
+        WeightsKind::Model
+    }
+}
+
+fn open_any(path: &std::path::Path, variant: Option<&str>) -> Result<Checkpoint> {
+    Checkpoint::open_kind(path, guess_kind(path), variant)
+        .with_context(|| format!("cannot open {}", path.display()))
+}
+
+fn print_summary(s: &CheckpointSummary) {
+    let width = s
+        .tensors
+        .iter()
+        .map(|t| t.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!(
+        "{:width$}  {:6}  {:>16}  {:>12}  file",
+        "name", "dtype", "shape", "bytes"
+    );
+    for t in &s.tensors {
+        println!(
+            "{:width$}  {:6}  {:>16}  {:>12}  {}",
+            t.name,
+            t.dtype,
+            format!("{:?}", t.shape),
+            t.bytes,
+            t.file
+        );
+    }
+    println!(
+        "{} tensors, {} parameters, {} bytes in {} file(s){}",
+        s.total_tensors,
+        s.total_parameters,
+        s.total_size,
+        s.files.len(),
+        s.index
+            .as_ref()
+            .map(|i| format!(" + {i}"))
+            .unwrap_or_default()
+    );
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod index;
+pub mod inspect;
 pub mod names;
 pub mod natural;
 pub mod pyjson;
