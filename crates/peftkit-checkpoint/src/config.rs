@@ -198,3 +198,25 @@ impl GenerationConfig {
         std::fs::write(&path, self.to_json_string()).map_err(|e| CheckpointError::io(path, e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The generation config transformers derives for models built from config
+    /// (tests/fixtures/configs, written by transformers 5.24).
+    #[test]
+    fn generation_config_from_model_config_matches_transformers() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/configs");
+        for model in ["llama", "qwen2", "gpt2"] {
+            let config = ModelConfig::read(&root.join(model).join(CONFIG_NAME)).unwrap();
+            let expected =
+                std::fs::read_to_string(root.join(model).join(GENERATION_CONFIG_NAME)).unwrap();
+            assert_eq!(
+                GenerationConfig::from_model_config(&config).to_json_string(),
+                expected,
+                "{model}"
+            );
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! What save_pretrained does beyond the bytes: ties, aliasing, main process, stale files,
+//! atomicity.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+
+use peftkit_checkpoint::{save_pretrained, CheckpointError, Dtype, SaveOptions, StateDict, Tensor};
+
+fn f32s(vals: &[f32]) -> Tensor {
+    Tensor::from_bytes(
+        Dtype::F32,
+        vec![vals.len()],
+        vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    )
+    .unwrap()
+}
+
+fn names(dir: &Path) -> BTreeSet<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+fn sd(items: Vec<(&str, Tensor)>) -> StateDict {
+    items.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+fn tie() -> Vec<(String, String)> {
+    vec![("lm_head.weight".into(), "embed.weight".into())]
+}
+
+#[test]
+fn declared_tie_keeps_the_source_name() {
+    let emb = f32s(&[1.0, 2.0]);
+    let state = sd(vec![("embed.weight", emb.clone()), ("lm_head.weight", emb)]);
+    let tmp = tempfile::tempdir().unwrap();
+    let report = save_pretrained(
+        tmp.path(),
+        &state,
+        &SaveOptions {
+            tied_weights: tie(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(report.dropped_ties, vec!["lm_head.weight"]);
+    let ck = peftkit_checkpoint::Checkpoint::open(tmp.path()).unwrap();
+    assert!(ck.get("embed.weight").is_some() && ck.get("lm_head.weight").is_none());
+}
+
+#[test]
+fn declared_tie_with_equal_copies_is_deduplicated() {
+    let state = sd(vec![
+        ("embed.weight", f32s(&[1.0, 2.0])),
+        ("lm_head.weight", f32s(&[1.0, 2.0])),
+    ]);
+    let tmp = tempfile::tempdir().unwrap();
+    let report = save_pretrained(
+        tmp.path(),
+        &state,
+        &SaveOptions {
+            tied_weights: tie(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(report.tensors, 1);
+}
+
+#[test]
+fn declared_tie_with_different_values_is_refused() {
+    let state = sd(vec![
+        ("embed.weight", f32s(&[1.0, 2.0])),
+        ("lm_head.weight", f32s(&[1.0, 3.0])),
+    ]);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let err = save_pretrained(
+        &out,
+        &state,
+        &SaveOptions {
+            tied_weights: tie(),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, CheckpointError::TiedTensorsDiffer { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("lm_head.weight") && err.to_string().contains("embed.weight"));
+    assert!(!out.exists());
+}
+
+#[test]
+fn undeclared_aliasing_is_refused_naming_both_keys() {
+    let t = f32s(&[1.0]);
+    let state = sd(vec![("a.weight", t.clone()), ("b.weight", t)]);
+    let tmp = tempfile::tempdir().unwrap();
+    let err = save_pretrained(tmp.path(), &state, &SaveOptions::default()).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("`a.weight`") && msg.contains("`b.weight`"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn disjoint_views_of_one_buffer_are_separate_tensors_but_overlaps_are_refused() {
+    let buf = Arc::new(vec![0u8; 16]);
+    let a = Tensor::from_shared(Dtype::F32, vec![2], buf.clone(), 0..8).unwrap();
+    let b = Tensor::from_shared(Dtype::F32, vec![2], buf.clone(), 8..16).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    save_pretrained(
+        tmp.path(),
+        &sd(vec![("a", a.clone()), ("b", b)]),
+        &SaveOptions::default(),
+    )
+    .unwrap();
+    let c = Tensor::from_shared(Dtype::F32, vec![2], buf, 4..12).unwrap();
+    let err = save_pretrained(
+        tmp.path(),
+        &sd(vec![("a", a), ("c", c)]),
+        &SaveOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, CheckpointError::PartialOverlap { .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn non_main_process_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let report = save_pretrained(
+        &out,
+        &sd(vec![("w", f32s(&[1.0]))]),
+        &SaveOptions {
+            is_main_process: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(report.weight_files.is_empty());
+    assert!(!out.exists());
+    assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 0);
+}
+
+fn many() -> StateDict {
+    (0..6)
+        .map(|i| (format!("t{i}"), f32s(&[i as f32; 250])))
+        .collect()
+}
+
+#[test]
+fn stale_files_of_this_stem_are_replaced_and_other_variants_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    fs::create_dir(&dir).unwrap();
+    for f in [
+        "model-00001-of-00009.safetensors",
+        "model.fp16-00001-of-00002.safetensors",
+        "model.safetensors.index.fp16.json",
+        "modelX-00001-of-00002.safetensors",
+        "model.safetensors",
+        "tokenizer.json",
+    ] {
+        fs::write(dir.join(f), "old").unwrap();
+    }
+    save_pretrained(
+        &dir,
+        &many(),
+        &SaveOptions {
+            max_shard_size: 2000,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let expected: BTreeSet<String> = [
+        "model-00001-of-00003.safetensors",
+        "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+        "model.safetensors.index.json",
+        // Not ours to delete (transformers deletes the first two):
+        "model.fp16-00001-of-00002.safetensors",
+        "model.safetensors.index.fp16.json",
+        "modelX-00001-of-00002.safetensors",
+        "tokenizer.json",
+    ]
+    .map(String::from)
+    .into();
+    // The stale single model.safetensors is gone: it would shadow the new shards.
+    assert_eq!(names(&dir), expected);
+    // A single-file save then removes the now-stale index and shards.
+    save_pretrained(&dir, &many(), &SaveOptions::default()).unwrap();
+    let names_now = names(&dir);
+    assert!(names_now.contains("model.safetensors"));
+    assert!(!names_now.contains("model.safetensors.index.json"));
+    assert!(!names_now.iter().any(|n| n.starts_with("model-0000")));
+    assert!(
+        names_now.contains("tokenizer.json")
+            && names_now.contains("model.safetensors.index.fp16.json")
+    );
+}
+
+#[test]
+fn a_failure_half_way_leaves_the_previous_checkpoint_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    save_pretrained(
+        &dir,
+        &many(),
+        &SaveOptions {
+            max_shard_size: 2000,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let before: Vec<(String, Vec<u8>)> = names(&dir)
+        .into_iter()
+        .map(|n| (n.clone(), fs::read(dir.join(&n)).unwrap()))
+        .collect();
+    let mut broken = many();
+    broken.insert(
+        "t9".into(),
+        Tensor::lazy(Dtype::F32, vec![1], || {
+            Err(CheckpointError::TensorData {
+                tensor: String::new(),
+                reason: "disk on fire".into(),
+            })
+        })
+        .unwrap(),
+    );
+    let err = save_pretrained(&dir, &broken, &SaveOptions::default()).unwrap_err();
+    assert!(
+        err.to_string().contains("t9") && err.to_string().contains("disk on fire"),
+        "{err}"
+    );
+    let after: Vec<(String, Vec<u8>)> = names(&dir)
+        .into_iter()
+        .map(|n| (n.clone(), fs::read(dir.join(&n)).unwrap()))
+        .collect();
+    assert_eq!(before, after);
+    assert_eq!(
+        names(tmp.path()),
+        ["ckpt".to_string()].into(),
+        "staging folder left behind"
+    );
+}
+
+#[test]
+fn empty_state_dict_and_file_target_are_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(matches!(
+        save_pretrained(tmp.path(), &StateDict::new(), &SaveOptions::default()),
+        Err(CheckpointError::EmptyStateDict(_))
+    ));
+    let file = tmp.path().join("f");
+    fs::write(&file, "x").unwrap();
+    assert!(matches!(
+        save_pretrained(&file, &many(), &SaveOptions::default()),
+        Err(CheckpointError::NotADirectory(_))
+    ));
+}
