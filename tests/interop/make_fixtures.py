@@ -7,6 +7,7 @@ Each generator module owns one sub-folder of tests/fixtures/ and can also be run
 
     python tests/interop/make_fixtures.py checkpoint peft numerics
 """
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,6 +21,18 @@ GENERATORS = {
     "peft": peft_cases.generate,  # peft/
     "numerics": numerics_cases.generate,  # numerics/
 }
+
+
+def copy_examples(root):
+    """The README's example: the tiny Llama and its LoRA from the lora_basic peft case."""
+    dest = HERE.parent.parent / "examples" / "data"
+    case = root / "peft" / "lora_basic"
+    for src, name in [(case / "base", "tiny-llama"), (case / "adapter", "tiny-llama-lora")]:
+        shutil.rmtree(dest / name, ignore_errors=True)
+        shutil.copytree(src, dest / name)
+
+
+GENERATORS["examples"] = copy_examples  # examples/data (after peft)
 
 
 def main(argv):
