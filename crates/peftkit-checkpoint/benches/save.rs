@@ -12,7 +12,12 @@ use peftkit_checkpoint::{save_pretrained, Dtype, SaveOptions, StateDict, Tensor}
 
 fn status_kb(field: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()
+    s.lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 fn reset_peak() {
@@ -21,8 +26,12 @@ fn reset_peak() {
 }
 
 fn main() {
-    let mb: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(1024);
-    let tmp = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| ".".into())).unwrap();
+    let mb: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(1024);
+    let tmp =
+        tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| ".".into())).unwrap();
     // Llama-like tensor sizes: 32 MB blocks of bf16, the caller holds them all.
     let block = 32 << 20;
     let n = (mb << 20) / block;
@@ -36,7 +45,10 @@ fn main() {
         state.insert(format!("model.layers.{i}.mlp.weight"), t);
     }
     let total: usize = raw.iter().map(|b| b.len()).sum();
-    println!("state dict: {n} tensors, {:.1} MB held by the caller", total as f64 / 1e6);
+    println!(
+        "state dict: {n} tensors, {:.1} MB held by the caller",
+        total as f64 / 1e6
+    );
 
     // Each round: the same bytes written by the simplest possible writer (fsynced), then
     // save_pretrained as one file and as 300 MB shards. Rounds alternate so page-cache and
@@ -50,7 +62,8 @@ fn main() {
         let t0 = Instant::now();
         {
             use std::io::Write;
-            let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&base).unwrap());
+            let mut f =
+                std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&base).unwrap());
             for b in &raw {
                 f.write_all(b).unwrap();
             }
@@ -60,7 +73,13 @@ fn main() {
         std::fs::remove_file(&base).unwrap();
         for (times, opts) in [
             (&mut single_s, SaveOptions::default()),
-            (&mut shard_s, SaveOptions { max_shard_size: 300_000_000, ..Default::default() }),
+            (
+                &mut shard_s,
+                SaveOptions {
+                    max_shard_size: 300_000_000,
+                    ..Default::default()
+                },
+            ),
         ] {
             let out = tmp.path().join("ckpt");
             reset_peak();
@@ -81,7 +100,13 @@ fn main() {
     let single = median(&mut single_s);
     let shards = median(&mut shard_s);
     println!("plain write + fsync:          {copy:.2} s");
-    println!("save_pretrained, one file:    {single:.2} s ({:.2}x)", single / copy);
-    println!("save_pretrained, 300MB shards: {shards:.2} s ({:.2}x)", shards / copy);
+    println!(
+        "save_pretrained, one file:    {single:.2} s ({:.2}x)",
+        single / copy
+    );
+    println!(
+        "save_pretrained, 300MB shards: {shards:.2} s ({:.2}x)",
+        shards / copy
+    );
     println!("peak RSS above the caller:    {peak_mb:.1} MB");
 }

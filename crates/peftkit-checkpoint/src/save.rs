@@ -257,6 +257,71 @@ pub fn save_pretrained_with_progress(
         return Err(CheckpointError::EmptyStateDict(dir.to_owned()));
     }
     let plan = plan_save(state, options)?;
+    save_planned(dir, state, &plan, options, on_bytes)
+}
+
+impl SavePlan {
+    /// The layout of an existing checkpoint: the same files holding the same tensors, and the
+    /// same index (its metadata included). Saving a state dict with the same names and shapes
+    /// through this plan reproduces the checkpoint's layout exactly.
+    pub fn from_checkpoint(ckpt: &crate::Checkpoint) -> Self {
+        let shards: Vec<(String, Vec<String>)> = ckpt
+            .files
+            .iter()
+            .map(|f| {
+                let name = f
+                    .path
+                    .strip_prefix(&ckpt.dir)
+                    .unwrap_or(&f.path)
+                    .to_string_lossy()
+                    .into_owned();
+                (
+                    name,
+                    f.header.tensors.iter().map(|t| t.name.clone()).collect(),
+                )
+            })
+            .collect();
+        let index = match (&ckpt.layout, &ckpt.index) {
+            (crate::Layout::Sharded { index, .. }, Some(idx)) => {
+                let name = index
+                    .strip_prefix(&ckpt.dir)
+                    .unwrap_or(index)
+                    .to_string_lossy()
+                    .into_owned();
+                Some((name, idx.clone()))
+            }
+            _ => None,
+        };
+        SavePlan {
+            shards,
+            index,
+            dropped_ties: Vec::new(),
+            total_size: ckpt.total_bytes(),
+        }
+    }
+}
+
+/// Writes `state` into `dir` following an existing `plan` (from [`plan_save`] or
+/// [`SavePlan::from_checkpoint`]), atomically, with the configs and extra files of
+/// `options`. Every tensor the plan names must be in `state`.
+pub fn save_planned(
+    dir: &Path,
+    state: &StateDict,
+    plan: &SavePlan,
+    options: &SaveOptions,
+    on_bytes: &mut dyn FnMut(u64),
+) -> Result<SaveReport> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(CheckpointError::NotADirectory(dir.to_owned()));
+    }
+    for (file, group) in &plan.shards {
+        if let Some(missing) = group.iter().find(|n| !state.contains_key(*n)) {
+            return Err(CheckpointError::MissingTensor {
+                path: PathBuf::from(file),
+                tensor: missing.clone(),
+            });
+        }
+    }
     let report = SaveReport {
         dir: dir.to_owned(),
         weight_files: plan.shards.iter().map(|(f, _)| f.clone()).collect(),
@@ -299,6 +364,11 @@ pub fn save_pretrained_with_progress(
     }
     let names = WeightsNames::new(options.kind, options.variant.as_deref())?;
     let (single, index_name) = (names.single(), names.index());
-    tx.commit(|old| old == single || old == index_name || names.is_shard_of_this_stem(old))?;
+    tx.commit(|old| {
+        old == single
+            || old == index_name
+            || names.is_shard_of_this_stem(old)
+            || plan.shards.iter().any(|(f, _)| f == old)
+    })?;
     Ok(report)
 }
