@@ -30,7 +30,8 @@ pub use error::{CheckpointError, Result};
 pub use index::WeightIndex;
 pub use names::{WeightsKind, WeightsNames};
 pub use save::{
-    plan_save, save_pretrained, save_pretrained_with_progress, SaveOptions, SavePlan, SaveReport,
+    plan_save, save_planned, save_pretrained, save_pretrained_with_progress, SaveOptions, SavePlan,
+    SaveReport,
 };
 pub use shard::parse_size;
 pub use tensor::{Dtype, StateDict, Tensor};

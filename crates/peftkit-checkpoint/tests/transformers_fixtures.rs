@@ -174,17 +174,27 @@ fn saving_through_a_checkpoints_own_plan_reproduces_its_files() {
     use peftkit_checkpoint::{save_planned, SavePlan};
     for (name, dir, case) in cases() {
         let expected = dir.join("expected");
-        let ck = Checkpoint::open_kind(&expected, WeightsKind::Model, case["variant"].as_str()).unwrap();
+        let ck =
+            Checkpoint::open_kind(&expected, WeightsKind::Model, case["variant"].as_str()).unwrap();
         let plan = SavePlan::from_checkpoint(&ck);
         let out = tempfile::tempdir().unwrap();
         let target = out.path().join("copy");
-        let opts = SaveOptions { metadata: ck.metadata().cloned().unwrap_or_default(), ..Default::default() };
+        let opts = SaveOptions {
+            metadata: ck.metadata().cloned().unwrap_or_default(),
+            ..Default::default()
+        };
         save_planned(&target, &ck.state_dict(), &plan, &opts, &mut |_| {}).unwrap();
         for f in files(&target) {
-            assert_eq!(fs::read(expected.join(&f)).unwrap(), fs::read(target.join(&f)).unwrap(), "{name}: {f}");
+            assert_eq!(
+                fs::read(expected.join(&f)).unwrap(),
+                fs::read(target.join(&f)).unwrap(),
+                "{name}: {f}"
+            );
         }
-        let weights: BTreeSet<String> =
-            files(&expected).into_iter().filter(|f| f.ends_with(".safetensors") || f.contains(".index")).collect();
+        let weights: BTreeSet<String> = files(&expected)
+            .into_iter()
+            .filter(|f| f.ends_with(".safetensors") || f.contains(".index"))
+            .collect();
         assert_eq!(files(&target), weights, "{name}");
     }
 }
