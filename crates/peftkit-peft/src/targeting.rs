@@ -1,0 +1,997 @@
+//! peft's module-targeting rules (which modules get an adapter, with which rank, alpha and
+//! scaling), reimplemented from `peft/tuners/tuners_utils.py` and `peft/utils/other.py` of
+//! peft 0.21.2 (spec §4).
+//!
+//! Every pattern in an adapter config is a *Python* `re` pattern. [`PyRegex`] compiles it with
+//! the `regex` crate (linear time) and falls back to `fancy_regex` for the Python features the
+//! `regex` crate lacks (look-around, back-references), so configs written for peft keep working.
+//!
+//! ```
+//! use peftkit_peft::config::LoraConfig;
+//! use peftkit_peft::targeting::{self, TargetMatcher};
+//!
+//! let config = LoraConfig::from_json_str(
+//!     r#"{"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+//!         "target_modules": ["q_proj", "v_proj"],
+//!         "rank_pattern": {"v_proj": 4}}"#,
+//! )
+//! .unwrap()
+//! .0;
+//! let matcher = TargetMatcher::for_lora(&config).unwrap();
+//! assert!(matcher.is_target("model.layers.0.self_attn.q_proj").unwrap());
+//! assert!(!matcher.is_target("model.layers.0.self_attn.k_proj").unwrap());
+//! assert_eq!(targeting::rank_for(&config, "model.layers.3.self_attn.v_proj").unwrap(), 4);
+//! assert_eq!(targeting::scaling(16.0, 8, false), 2.0f32);
+//! ```
+
+use std::collections::{BTreeSet, HashSet};
+
+use serde_json::Number;
+
+use crate::config::{LayersToTransform, LoraConfig, StringOrList, TargetModules, TargetRules};
+
+/// peft's `MIN_TARGET_MODULES_FOR_OPTIMIZATION`: list targets with at least this many entries are
+/// compressed to minimal suffixes before the config is saved.
+pub const MIN_TARGET_MODULES_FOR_OPTIMIZATION: usize = 20;
+
+/// peft's `INCLUDE_LINEAR_LAYERS_SHORTHAND` (compared case-insensitively, as peft does).
+pub const ALL_LINEAR: &str = "all-linear";
+
+/// Errors of the targeting rules.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetingError {
+    /// A pattern from the config could not be compiled or evaluated.
+    #[error("in `{field}`: {source}")]
+    Regex {
+        /// The config field the pattern came from (`target_modules`, `rank_pattern`, ...).
+        field: String,
+        /// What went wrong.
+        #[source]
+        source: RegexError,
+    },
+    /// `target_modules` is `"all-linear"`: which modules that selects depends on the module
+    /// *types* of the model, which a name-only matcher cannot see. peft replaces the value with
+    /// the full module names before saving, so saved configs never contain it.
+    #[error(
+        "target_modules is \"all-linear\", which must be resolved against the model's linear layers first"
+    )]
+    UnresolvedAllLinear,
+    /// Neither `target_modules` nor `target_parameters` is set: peft fills `target_modules` from
+    /// its per-model-type defaults (see `Spec::default_target_modules`) before matching.
+    #[error("target_modules is null: resolve the model type's default target modules first")]
+    NoTargetModules,
+    /// `_find_minimal_target_modules` precondition: an empty target list or an empty name.
+    #[error("target modules must be a non-empty list of non-empty names")]
+    EmptyTargets,
+    /// `_find_minimal_target_modules` precondition: a name is both a target and a non-target.
+    #[error("module {0:?} is listed both as a target and as a non-target module")]
+    OverlappingTargets(String),
+    /// A rank found through `rank_pattern` (or `r`) is not a positive integer.
+    #[error("rank for module {module:?} is {value}, not a positive integer")]
+    InvalidRank {
+        /// The module whose rank was looked up.
+        module: String,
+        /// The offending value as written in the config.
+        value: String,
+    },
+    /// An alpha found through `alpha_pattern` (or `lora_alpha`) is not a finite number.
+    #[error("alpha for module {module:?} is {value}, not a finite number")]
+    InvalidAlpha {
+        /// The module whose alpha was looked up.
+        module: String,
+        /// The offending value as written in the config.
+        value: String,
+    },
+}
+
+/// A Python `re` pattern that failed to compile or to run.
+#[derive(Debug, thiserror::Error)]
+pub enum RegexError {
+    /// Neither engine accepts the pattern.
+    #[error("invalid regular expression {pattern:?}: {message}")]
+    Invalid {
+        /// The pattern as written (Python syntax).
+        pattern: String,
+        /// Both engines' complaints.
+        message: String,
+    },
+    /// The backtracking engine gave up (e.g. its backtrack limit was hit).
+    #[error("regular expression {pattern:?} failed on {text:?}: {message}")]
+    Runtime {
+        /// The pattern as written (Python syntax).
+        pattern: String,
+        /// The input being matched.
+        text: String,
+        /// The engine's complaint.
+        message: String,
+    },
+}
+
+/// Which Python `re` function a [`PyRegex`] behaves like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PyMatchMode {
+    /// `re.search`: a match anywhere.
+    Search,
+    /// `re.match`: a match starting at the beginning of the text.
+    Match,
+    /// `re.fullmatch`: the whole text must match.
+    FullMatch,
+}
+
+#[derive(Clone)]
+enum Engine {
+    Std(regex::Regex),
+    Fancy(fancy_regex::Regex),
+}
+
+/// A Python `re` pattern compiled for one of `re.search` / `re.match` / `re.fullmatch`.
+///
+/// Compiled with the `regex` crate when possible and with `fancy_regex` otherwise (look-around,
+/// back-references). `\Z` (Python's end of text) is translated to `\z`. Known remaining
+/// differences from Python, irrelevant for module names: Python's `$` also matches before a final
+/// `"\n"`, and POSIX-class or set-operation syntax inside `[...]` means different things.
+#[derive(Clone)]
+pub struct PyRegex {
+    pattern: String,
+    mode: PyMatchMode,
+    engine: Engine,
+}
+
+impl std::fmt::Debug for PyRegex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PyRegex")
+            .field("pattern", &self.pattern)
+            .field("mode", &self.mode)
+            .field("fancy", &self.uses_fancy())
+            .finish()
+    }
+}
+
+impl PyRegex {
+    /// Compiles `pattern` (Python syntax) to behave like `re.<mode>(pattern, text)`.
+    pub fn new(pattern: &str, mode: PyMatchMode) -> Result<Self, RegexError> {
+        let body = translate_python_syntax(pattern);
+        // The group keeps alternations in the pattern from escaping the anchors.
+        let wrapped = match mode {
+            PyMatchMode::Search => body,
+            PyMatchMode::Match => format!(r"\A(?:{body})"),
+            PyMatchMode::FullMatch => format!(r"\A(?:{body})\z"),
+        };
+        let engine = match regex::Regex::new(&wrapped) {
+            Ok(re) => Engine::Std(re),
+            Err(std_err) => match fancy_regex::Regex::new(&wrapped) {
+                Ok(re) => Engine::Fancy(re),
+                Err(fancy_err) => {
+                    return Err(RegexError::Invalid {
+                        pattern: pattern.to_owned(),
+                        message: format!("regex: {std_err}; fancy-regex: {fancy_err}"),
+                    })
+                }
+            },
+        };
+        Ok(Self {
+            pattern: pattern.to_owned(),
+            mode,
+            engine,
+        })
+    }
+
+    /// `re.search(pattern, text)`.
+    pub fn search(pattern: &str) -> Result<Self, RegexError> {
+        Self::new(pattern, PyMatchMode::Search)
+    }
+
+    /// `re.match(pattern, text)` (anchored at the start only).
+    pub fn match_start(pattern: &str) -> Result<Self, RegexError> {
+        Self::new(pattern, PyMatchMode::Match)
+    }
+
+    /// `re.fullmatch(pattern, text)`.
+    pub fn fullmatch(pattern: &str) -> Result<Self, RegexError> {
+        Self::new(pattern, PyMatchMode::FullMatch)
+    }
+
+    /// The pattern as given (Python syntax, without the anchoring added for the mode).
+    pub fn pattern(&self) -> &str {
+        &self.pattern
+    }
+
+    /// The `re` function this regex behaves like.
+    pub fn mode(&self) -> PyMatchMode {
+        self.mode
+    }
+
+    /// Whether the pattern needed the backtracking engine.
+    pub fn uses_fancy(&self) -> bool {
+        matches!(self.engine, Engine::Fancy(_))
+    }
+
+    /// Whether the Python call would return a match object.
+    pub fn is_match(&self, text: &str) -> Result<bool, RegexError> {
+        match &self.engine {
+            Engine::Std(re) => Ok(re.is_match(text)),
+            Engine::Fancy(re) => re.is_match(text).map_err(|e| self.runtime(text, e)),
+        }
+    }
+
+    /// The text of named group `name` in the first match (`m.groupdict().get(name)`); `None`
+    /// when there is no match or the group did not take part in it.
+    pub fn named_group(&self, text: &str, name: &str) -> Result<Option<String>, RegexError> {
+        match &self.engine {
+            Engine::Std(re) => Ok(re
+                .captures(text)
+                .and_then(|c| c.name(name).map(|m| m.as_str().to_owned()))),
+            Engine::Fancy(re) => Ok(re
+                .captures(text)
+                .map_err(|e| self.runtime(text, e))?
+                .and_then(|c| c.name(name).map(|m| m.as_str().to_owned()))),
+        }
+    }
+
+    fn runtime(&self, text: &str, err: fancy_regex::Error) -> RegexError {
+        RegexError::Runtime {
+            pattern: self.pattern.clone(),
+            text: text.to_owned(),
+            message: err.to_string(),
+        }
+    }
+}
+
+/// Rewrites the few Python escapes whose spelling differs in the Rust engines.
+fn translate_python_syntax(pattern: &str) -> String {
+    let mut out = String::with_capacity(pattern.len());
+    let mut chars = pattern.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next() {
+                // Python's `\Z` is "end of text" (Rust's `\z`); Rust rejects `\Z`.
+                Some('Z') => out.push_str(r"\z"),
+                Some(other) => {
+                    out.push('\\');
+                    out.push(other);
+                }
+                None => out.push('\\'),
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Outcome of [`TargetMatcher::check`], mirroring peft's `check_target_module_exists`, which
+/// distinguishes "excluded" from "not matched" for its error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetMatch {
+    /// The module gets an adapter.
+    Targeted,
+    /// The module matches no target (or its layer index is not selected).
+    NotTargeted,
+    /// The module is excluded by `exclude_modules` or because it is in `modules_to_save`.
+    Excluded,
+}
+
+#[derive(Debug, Clone)]
+enum CompiledTargets {
+    Regex(PyRegex),
+    List(Vec<String>),
+}
+
+#[derive(Debug, Clone)]
+enum LayerSelection {
+    One(i64),
+    Many(HashSet<i64>),
+}
+
+impl LayerSelection {
+    fn contains(&self, idx: i64) -> bool {
+        match self {
+            LayerSelection::One(one) => *one == idx,
+            LayerSelection::Many(set) => set.contains(&idx),
+        }
+    }
+}
+
+/// peft's `check_target_module_exists` with every pattern compiled once, for matching many module
+/// names (`named_modules()` names *without* the `base_model.model.` prefix).
+#[derive(Debug, Clone)]
+pub struct TargetMatcher {
+    exclude: Option<CompiledTargets>,
+    modules_to_save: Vec<PyRegex>,
+    targets: Option<CompiledTargets>,
+    all_linear: bool,
+    has_target_parameters: bool,
+    target_parameters: Vec<String>,
+    layers: Option<LayerSelection>,
+    layer_index_patterns: Vec<PyRegex>,
+}
+
+fn regex_err(field: &str) -> impl Fn(RegexError) -> TargetingError + '_ {
+    move |source| TargetingError::Regex {
+        field: field.to_owned(),
+        source,
+    }
+}
+
+impl TargetMatcher {
+    /// Compiles the targeting rules of a LoRA config.
+    pub fn for_lora(config: &LoraConfig) -> Result<Self, TargetingError> {
+        Self::new(&TargetRules::from_lora(config))
+    }
+
+    /// Compiles targeting rules (see [`TargetRules`], also obtainable from non-LoRA configs with
+    /// `AdapterConfig::target_rules`).
+    pub fn new(rules: &TargetRules) -> Result<Self, TargetingError> {
+        let exclude = match &rules.exclude_modules {
+            None => None,
+            Some(TargetModules::Regex(p)) => Some(CompiledTargets::Regex(
+                PyRegex::fullmatch(p).map_err(regex_err("exclude_modules"))?,
+            )),
+            // An empty list is falsy in peft: no exclusion at all.
+            Some(TargetModules::Names(names)) if names.is_empty() => None,
+            Some(TargetModules::Names(names)) => Some(CompiledTargets::List(names.clone())),
+        };
+        // peft inserts each entry into the pattern unescaped: entries are regex fragments.
+        let modules_to_save = rules
+            .modules_to_save
+            .iter()
+            .flatten()
+            .map(|m| PyRegex::match_start(&format!(r"(^|.*\.){m}($|\..*)")))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(regex_err("modules_to_save"))?;
+        let mut all_linear = false;
+        let targets = match &rules.target_modules {
+            None => None,
+            Some(TargetModules::Regex(p)) if p.eq_ignore_ascii_case(ALL_LINEAR) => {
+                all_linear = true;
+                None
+            }
+            Some(TargetModules::Regex(p)) => Some(CompiledTargets::Regex(
+                PyRegex::fullmatch(p).map_err(regex_err("target_modules"))?,
+            )),
+            Some(TargetModules::Names(names)) => Some(CompiledTargets::List(names.clone())),
+        };
+        let layers = match &rules.layers_to_transform {
+            None => None,
+            Some(LayersToTransform::One(i)) => Some(LayerSelection::One(*i)),
+            // An empty list means "all layers" in peft.
+            Some(LayersToTransform::Many(v)) if v.is_empty() => None,
+            Some(LayersToTransform::Many(v)) => {
+                Some(LayerSelection::Many(v.iter().copied().collect()))
+            }
+        };
+        // peft 0.21 uses lazy `.*?` so the *first* numbered component is the layer index (a
+        // greedy `.*` picked the expert index of MoE names like `layers.1.experts.0`).
+        let layer_patterns: Vec<String> = match &rules.layers_pattern {
+            Some(StringOrList::One(p)) if !p.is_empty() => vec![p.clone()],
+            Some(StringOrList::Many(v)) if !v.is_empty() => v.clone(),
+            _ => Vec::new(),
+        };
+        let layer_index_patterns = if layer_patterns.is_empty() {
+            vec![PyRegex::match_start(r".*?\.[^.]*\.(?P<idx>\d+)\.")
+                .map_err(regex_err("layers_to_transform"))?]
+        } else {
+            layer_patterns
+                .iter()
+                .map(|p| PyRegex::match_start(&format!(r"(?:^|.*?\.){p}\.(?P<idx>\d+)\.")))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(regex_err("layers_pattern"))?
+        };
+        let target_parameters = match &rules.target_parameters {
+            Some(StringOrList::Many(v)) => v.clone(),
+            Some(StringOrList::One(s)) => vec![s.clone()],
+            None => Vec::new(),
+        };
+        Ok(Self {
+            exclude,
+            modules_to_save,
+            targets,
+            all_linear,
+            has_target_parameters: rules.target_parameters.is_some(),
+            target_parameters,
+            layers,
+            layer_index_patterns,
+        })
+    }
+
+    /// Whether `module_name` gets an adapter (`bool(check_target_module_exists(config, name))`).
+    pub fn is_target(&self, module_name: &str) -> Result<bool, TargetingError> {
+        Ok(self.check(module_name)? == TargetMatch::Targeted)
+    }
+
+    /// peft's `check_target_module_exists`, in peft's order: exclusions first, then
+    /// `modules_to_save`, then the targets, then the layer-index filter (list targets only).
+    pub fn check(&self, module_name: &str) -> Result<TargetMatch, TargetingError> {
+        let excluded = match &self.exclude {
+            Some(CompiledTargets::Regex(re)) => re
+                .is_match(module_name)
+                .map_err(regex_err("exclude_modules"))?,
+            Some(CompiledTargets::List(names)) => {
+                names.iter().any(|e| name_matches_suffix(module_name, e))
+            }
+            None => false,
+        };
+        if excluded {
+            return Ok(TargetMatch::Excluded);
+        }
+        for re in &self.modules_to_save {
+            if re
+                .is_match(module_name)
+                .map_err(regex_err("modules_to_save"))?
+            {
+                return Ok(TargetMatch::Excluded);
+            }
+        }
+        if self.all_linear {
+            return Err(TargetingError::UnresolvedAllLinear);
+        }
+        let targets = match &self.targets {
+            Some(t) => t,
+            // Targeting parameters only: no module is targeted by name.
+            None if self.has_target_parameters => return Ok(TargetMatch::NotTargeted),
+            None => return Err(TargetingError::NoTargetModules),
+        };
+        let found = match targets {
+            CompiledTargets::Regex(re) => re
+                .is_match(module_name)
+                .map_err(regex_err("target_modules"))?,
+            // A name listed in full is taken as is: the layer filter applies to suffix matches
+            // only (peft's `elif key in config.target_modules` branch).
+            CompiledTargets::List(names) if names.iter().any(|t| t == module_name) => true,
+            CompiledTargets::List(names) => {
+                let suffix_found = names
+                    .iter()
+                    .any(|t| module_name.ends_with(&format!(".{t}")));
+                if suffix_found {
+                    self.layer_selected(module_name)?
+                } else {
+                    false
+                }
+            }
+        };
+        Ok(if found {
+            TargetMatch::Targeted
+        } else {
+            TargetMatch::NotTargeted
+        })
+    }
+
+    fn layer_selected(&self, module_name: &str) -> Result<bool, TargetingError> {
+        let Some(layers) = &self.layers else {
+            return Ok(true);
+        };
+        let mut index = None;
+        // As in peft: patterns are tried in order and the first one that matches decides.
+        for re in &self.layer_index_patterns {
+            if let Some(idx) = re
+                .named_group(module_name, "idx")
+                .map_err(regex_err("layers_pattern"))?
+            {
+                index = Some(idx);
+                break;
+            }
+        }
+        // A digit run that does not fit i64 cannot be a selected layer.
+        Ok(index
+            .and_then(|s| s.parse::<i64>().ok())
+            .is_some_and(|i| layers.contains(i)))
+    }
+
+    /// Whether parameter `param_name` of module `module_name` is targeted through
+    /// `target_parameters` (LoRA `ParamWrapper`): `"<module>.<param>"` equals an entry or ends
+    /// with `"." + entry`.
+    pub fn is_target_parameter(&self, module_name: &str, param_name: &str) -> bool {
+        let key = format!("{module_name}.{param_name}");
+        self.target_parameters
+            .iter()
+            .any(|t| name_matches_suffix(&key, t))
+    }
+}
+
+/// `name == entry or name.endswith("." + entry)`: peft's list matching.
+fn name_matches_suffix(name: &str, entry: &str) -> bool {
+    name == entry
+        || (name.len() > entry.len()
+            && name.ends_with(entry)
+            && name.as_bytes()[name.len() - entry.len() - 1] == b'.')
+}
+
+/// `bool(check_target_module_exists(config, module_name))` for a LoRA config. Compiles the
+/// config's patterns on every call: use [`TargetMatcher`] to test many names.
+pub fn is_target(config: &LoraConfig, module_name: &str) -> Result<bool, TargetingError> {
+    TargetMatcher::for_lora(config)?.is_target(module_name)
+}
+
+/// Resolves `rank_pattern` / `alpha_pattern` for module names, with the patterns compiled once.
+///
+/// peft's `get_pattern_key`: the **first** key, in the order the config holds them (file order),
+/// for which `re.match(rf"(.*\.)?({key})$", module_name)` matches; no match → `r` /
+/// `lora_alpha`.
+#[derive(Debug, Clone)]
+pub struct PatternResolver {
+    r: Number,
+    lora_alpha: Number,
+    use_rslora: bool,
+    rank_patterns: Vec<(PyRegex, Number)>,
+    alpha_patterns: Vec<(PyRegex, Number)>,
+}
+
+fn compile_patterns(
+    field: &str,
+    patterns: Option<&indexmap::IndexMap<String, Number>>,
+) -> Result<Vec<(PyRegex, Number)>, TargetingError> {
+    patterns
+        .into_iter()
+        .flatten()
+        .map(|(key, value)| {
+            PyRegex::match_start(&format!(r"(.*\.)?({key})$"))
+                .map(|re| (re, value.clone()))
+                .map_err(regex_err(field))
+        })
+        .collect()
+}
+
+impl PatternResolver {
+    /// Compiles the patterns of a LoRA config.
+    pub fn new(config: &LoraConfig) -> Result<Self, TargetingError> {
+        Ok(Self {
+            r: Number::from(config.r),
+            lora_alpha: config.lora_alpha.clone(),
+            use_rslora: config.use_rslora,
+            rank_patterns: compile_patterns("rank_pattern", config.rank_pattern.as_ref())?,
+            alpha_patterns: compile_patterns("alpha_pattern", config.alpha_pattern.as_ref())?,
+        })
+    }
+
+    fn lookup<'a>(
+        &'a self,
+        field: &str,
+        patterns: &'a [(PyRegex, Number)],
+        default: &'a Number,
+        module_name: &str,
+    ) -> Result<&'a Number, TargetingError> {
+        for (re, value) in patterns {
+            if re.is_match(module_name).map_err(regex_err(field))? {
+                return Ok(value);
+            }
+        }
+        Ok(default)
+    }
+
+    /// The rank peft uses for `module_name`.
+    pub fn rank_for(&self, module_name: &str) -> Result<u64, TargetingError> {
+        let value = self.lookup("rank_pattern", &self.rank_patterns, &self.r, module_name)?;
+        value
+            .as_u64()
+            .filter(|r| *r > 0)
+            .ok_or_else(|| TargetingError::InvalidRank {
+                module: module_name.to_owned(),
+                value: value.to_string(),
+            })
+    }
+
+    /// The alpha peft uses for `module_name` (int or float in the config, as `f64`).
+    pub fn alpha_for(&self, module_name: &str) -> Result<f64, TargetingError> {
+        let value = self.lookup(
+            "alpha_pattern",
+            &self.alpha_patterns,
+            &self.lora_alpha,
+            module_name,
+        )?;
+        value
+            .as_f64()
+            .filter(|a| a.is_finite())
+            .ok_or_else(|| TargetingError::InvalidAlpha {
+                module: module_name.to_owned(),
+                value: value.to_string(),
+            })
+    }
+
+    /// The scaling factor peft multiplies the delta with, as the `f32` PyTorch uses.
+    pub fn scaling_for(&self, module_name: &str) -> Result<f32, TargetingError> {
+        Ok(scaling(
+            self.alpha_for(module_name)?,
+            self.rank_for(module_name)?,
+            self.use_rslora,
+        ))
+    }
+}
+
+/// The rank of `module_name` under `config` (see [`PatternResolver::rank_for`]).
+pub fn rank_for(config: &LoraConfig, module_name: &str) -> Result<u64, TargetingError> {
+    PatternResolver::new(config)?.rank_for(module_name)
+}
+
+/// The alpha of `module_name` under `config` (see [`PatternResolver::alpha_for`]).
+pub fn alpha_for(config: &LoraConfig, module_name: &str) -> Result<f64, TargetingError> {
+    PatternResolver::new(config)?.alpha_for(module_name)
+}
+
+/// LoRA scaling as PyTorch applies it: computed in Python `float` (f64) as `alpha / r`
+/// (`alpha / sqrt(r)` with rsLoRA), then converted once to `f32` when it multiplies an f32/f16/bf16
+/// tensor. Dividing in `f32` would differ in the last bit for many (alpha, r) pairs.
+///
+/// ```
+/// assert_eq!(peftkit_peft::targeting::scaling(16.0, 8, false), 2.0);
+/// assert_eq!(peftkit_peft::targeting::scaling(16.0, 4, true), 8.0);
+/// ```
+pub fn scaling(alpha: f64, r: u64, use_rslora: bool) -> f32 {
+    let r = r as f64;
+    let s = if use_rslora {
+        alpha / r.sqrt()
+    } else {
+        alpha / r
+    };
+    s as f32
+}
+
+/// The dot-separated suffixes of `name`, shortest first (`"a.b.c"` → `["c", "b.c", "a.b.c"]`).
+fn suffixes_shortest_first(name: &str) -> Vec<&str> {
+    let mut out = vec![name];
+    out.extend(name.match_indices('.').map(|(i, _)| &name[i + 1..]));
+    out.reverse();
+    out
+}
+
+/// peft's `_find_minimal_target_modules`: a small set of name suffixes that selects every name in
+/// `targets` (by peft's `key == t or key.endswith("." + t)` rule) and no name in `other_names`.
+///
+/// Greedy, like peft: targets are visited in the order of their suffix lists (shortest suffix
+/// first, compared lexicographically), and each target that no chosen suffix covers yet adds its
+/// shortest suffix that no other module shares. When nothing could be chosen the targets are
+/// returned unchanged. peft returns a Python `set`; a sorted set is returned here.
+///
+/// ```
+/// use peftkit_peft::targeting::minimal_target_suffixes;
+/// let targets: Vec<String> = (0..3)
+///     .flat_map(|i| ["q_proj", "v_proj"].map(|p| format!("model.layers.{i}.self_attn.{p}")))
+///     .collect();
+/// let others = vec!["model.layers.0.self_attn.k_proj".to_string()];
+/// let min = minimal_target_suffixes(&targets, &others).unwrap();
+/// assert_eq!(min.into_iter().collect::<Vec<_>>(), ["q_proj", "v_proj"]);
+/// ```
+pub fn minimal_target_suffixes<S: AsRef<str>, T: AsRef<str>>(
+    targets: &[S],
+    other_names: &[T],
+) -> Result<BTreeSet<String>, TargetingError> {
+    let targets: BTreeSet<&str> = targets.iter().map(AsRef::as_ref).collect();
+    if targets.is_empty() || targets.contains("") {
+        return Err(TargetingError::EmptyTargets);
+    }
+    let others: HashSet<&str> = other_names.iter().map(AsRef::as_ref).collect();
+    if let Some(both) = targets.iter().find(|t| others.contains(*t)) {
+        return Err(TargetingError::OverlappingTargets((*both).to_owned()));
+    }
+    let other_suffixes: HashSet<&str> = others
+        .iter()
+        .flat_map(|name| suffixes_shortest_first(name))
+        .collect();
+    let mut by_suffixes: Vec<(Vec<&str>, &str)> = targets
+        .iter()
+        .map(|t| (suffixes_shortest_first(t), *t))
+        .collect();
+    // Python sorts the (item, suffixes) pairs by the suffix lists; equal lists are impossible
+    // because the last element of each list is the (unique) full name.
+    by_suffixes.sort();
+    let mut required: BTreeSet<String> = BTreeSet::new();
+    for (suffixes, item) in &by_suffixes {
+        for suffix in suffixes {
+            if required.contains(*suffix) || other_suffixes.contains(suffix) {
+                continue;
+            }
+            let covered = required
+                .iter()
+                .any(|req| item.ends_with(&format!(".{req}")));
+            if !covered {
+                required.insert((*suffix).to_owned());
+                break;
+            }
+        }
+    }
+    if required.is_empty() {
+        return Ok(targets.iter().map(|t| (*t).to_owned()).collect());
+    }
+    Ok(required)
+}
+
+/// The compression peft applies to list `target_modules` before matching (and therefore before
+/// saving): with at least [`MIN_TARGET_MODULES_FOR_OPTIMIZATION`] entries, the modules of the
+/// model *not* selected by the list are computed from `all_module_names` (every `named_modules()`
+/// name), and the minimal suffixes replace the list if they are fewer. Returns `None` when peft
+/// would keep the list unchanged. peft skips this step for IA3: callers check the method's
+/// `MethodSpec::minimize_target_modules` first.
+pub fn compress_target_modules<S: AsRef<str>, T: AsRef<str>>(
+    targets: &[S],
+    all_module_names: &[T],
+) -> Result<Option<BTreeSet<String>>, TargetingError> {
+    let distinct: BTreeSet<&str> = targets.iter().map(AsRef::as_ref).collect();
+    if distinct.len() < MIN_TARGET_MODULES_FOR_OPTIMIZATION {
+        return Ok(None);
+    }
+    let others: Vec<&str> = all_module_names
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(|name| !distinct.iter().any(|t| name_matches_suffix(name, t)))
+        .collect();
+    let minimal = minimal_target_suffixes(&distinct.iter().copied().collect::<Vec<_>>(), &others)?;
+    Ok((minimal.len() < distinct.len()).then_some(minimal))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lora(json: &str) -> LoraConfig {
+        LoraConfig::from_json_str(json)
+            .expect("test config parses")
+            .0
+    }
+
+    #[test]
+    fn pyregex_modes() {
+        let full = PyRegex::fullmatch(r"q_proj|v_proj").unwrap();
+        assert!(full.is_match("q_proj").unwrap());
+        // Without the group the alternation would escape the anchors.
+        assert!(!full.is_match("xq_proj").unwrap());
+        assert!(!full.is_match("q_projx").unwrap());
+        let m = PyRegex::match_start(r"q").unwrap();
+        assert!(m.is_match("q_proj").unwrap());
+        assert!(!m.is_match("a.q_proj").unwrap());
+        let s = PyRegex::search(r"q").unwrap();
+        assert!(s.is_match("a.q_proj").unwrap());
+    }
+
+    #[test]
+    fn pyregex_falls_back_to_fancy_for_lookaround() {
+        let re = PyRegex::fullmatch(r".*\.(?!k_proj)[a-z]_proj").unwrap();
+        assert!(re.uses_fancy());
+        assert!(re.is_match("layers.0.q_proj").unwrap());
+        assert!(!re.is_match("layers.0.k_proj").unwrap());
+        let backref = PyRegex::fullmatch(r"(?P<a>\w+)\.(?P=a)").unwrap();
+        assert!(backref.is_match("x.x").unwrap());
+        assert!(!backref.is_match("x.y").unwrap());
+        let z = PyRegex::match_start(r"q_proj\Z").unwrap();
+        assert!(z.is_match("q_proj").unwrap());
+        assert!(!z.is_match("q_proj.x").unwrap());
+        assert!(matches!(
+            PyRegex::fullmatch("(unclosed"),
+            Err(RegexError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn list_targets_match_suffix_components() {
+        let c = lora(r#"{"peft_type":"LORA","target_modules":["q_proj","mlp.up_proj"]}"#);
+        let m = TargetMatcher::for_lora(&c).unwrap();
+        assert!(m.is_target("q_proj").unwrap());
+        assert!(m.is_target("model.layers.0.self_attn.q_proj").unwrap());
+        assert!(!m.is_target("model.layers.0.self_attn.xq_proj").unwrap());
+        assert!(m.is_target("model.layers.0.mlp.up_proj").unwrap());
+        assert!(!m.is_target("model.layers.0.up_proj").unwrap());
+    }
+
+    #[test]
+    fn string_targets_full_match() {
+        let c = lora(r#"{"peft_type":"LORA","target_modules":"q_proj"}"#);
+        let m = TargetMatcher::for_lora(&c).unwrap();
+        // As a string, "q_proj" only matches a top-level module named exactly q_proj.
+        assert!(m.is_target("q_proj").unwrap());
+        assert!(!m.is_target("model.layers.0.self_attn.q_proj").unwrap());
+        let c = lora(r#"{"peft_type":"LORA","target_modules":".*\\.(q_proj|v_proj)"}"#);
+        let m = TargetMatcher::for_lora(&c).unwrap();
+        assert!(m.is_target("model.layers.0.self_attn.v_proj").unwrap());
+        assert!(!m.is_target("model.layers.0.self_attn.v_proj.x").unwrap());
+    }
+
+    #[test]
+    fn exclusions_come_first() {
+        let c = lora(
+            r#"{"peft_type":"LORA","target_modules":["q_proj","lm_head","score"],
+                "exclude_modules":["layers.1.self_attn.q_proj"],"modules_to_save":["lm_head"]}"#,
+        );
+        let m = TargetMatcher::for_lora(&c).unwrap();
+        assert_eq!(
+            m.check("model.layers.1.self_attn.q_proj").unwrap(),
+            TargetMatch::Excluded
+        );
+        assert!(m.is_target("model.layers.0.self_attn.q_proj").unwrap());
+        assert_eq!(m.check("lm_head").unwrap(), TargetMatch::Excluded);
+        assert_eq!(m.check("lm_head.sub").unwrap(), TargetMatch::Excluded);
+        assert!(m.is_target("score").unwrap());
+        let c = lora(
+            r#"{"peft_type":"LORA","target_modules":["q_proj"],"exclude_modules":".*layers\\.0\\..*"}"#,
+        );
+        let m = TargetMatcher::for_lora(&c).unwrap();
+        assert_eq!(
+            m.check("model.layers.0.self_attn.q_proj").unwrap(),
+            TargetMatch::Excluded
+        );
+        assert!(m.is_target("model.layers.10.self_attn.q_proj").unwrap());
+    }
+
+    #[test]
+    fn layers_to_transform_uses_first_numbered_component() {
+        let c = lora(r#"{"peft_type":"LORA","target_modules":["w1"],"layers_to_transform":[1]}"#);
+        let m = TargetMatcher::for_lora(&c).unwrap();
+        assert!(m.is_target("model.layers.1.experts.0.w1").unwrap());
+        assert!(!m.is_target("model.layers.0.experts.1.w1").unwrap());
+        // No numbered component: not targeted.
+        assert!(!m.is_target("model.w1").unwrap());
+        // A full name in the list bypasses the layer filter (peft's `key in targets` branch).
+        let c = lora(
+            r#"{"peft_type":"LORA","target_modules":["model.layers.0.w1"],"layers_to_transform":1}"#,
+        );
+        let m = TargetMatcher::for_lora(&c).unwrap();
+        assert!(m.is_target("model.layers.0.w1").unwrap());
+    }
+
+    #[test]
+    fn layers_pattern_selects_the_named_block() {
+        let c = lora(
+            r#"{"peft_type":"LORA","target_modules":["q"],"layers_to_transform":[0],
+                "layers_pattern":["blocks","h"]}"#,
+        );
+        let m = TargetMatcher::for_lora(&c).unwrap();
+        assert!(m.is_target("encoder.blocks.0.attn.q").unwrap());
+        assert!(m.is_target("h.0.attn.q").unwrap());
+        assert!(!m.is_target("encoder.blocks.1.layer.0.q").unwrap());
+        assert!(!m.is_target("encoder.layers.0.attn.q").unwrap());
+    }
+
+    #[test]
+    fn target_parameters_only() {
+        let c = lora(
+            r#"{"peft_type":"LORA","target_modules":null,"target_parameters":["experts.gate_up_proj"]}"#,
+        );
+        let m = TargetMatcher::for_lora(&c).unwrap();
+        assert!(!m.is_target("model.layers.0.mlp.experts").unwrap());
+        assert!(m.is_target_parameter("model.layers.0.mlp.experts", "gate_up_proj"));
+        assert!(!m.is_target_parameter("model.layers.0.mlp.experts", "down_proj"));
+        let none = lora(r#"{"peft_type":"LORA"}"#);
+        assert!(matches!(
+            TargetMatcher::for_lora(&none).unwrap().is_target("q"),
+            Err(TargetingError::NoTargetModules)
+        ));
+        let all = lora(r#"{"peft_type":"LORA","target_modules":"ALL-LINEAR"}"#);
+        assert!(matches!(
+            TargetMatcher::for_lora(&all).unwrap().is_target("q"),
+            Err(TargetingError::UnresolvedAllLinear)
+        ));
+    }
+
+    #[test]
+    fn patterns_first_key_in_file_order_wins() {
+        let c = lora(
+            r#"{"peft_type":"LORA","r":8,"lora_alpha":16,"target_modules":["q_proj"],
+                "rank_pattern":{"q_proj":16,"layers.0.self_attn.q_proj":4},
+                "alpha_pattern":{"layers\\.0\\..*":3.5}}"#,
+        );
+        let p = PatternResolver::new(&c).unwrap();
+        assert_eq!(p.rank_for("model.layers.0.self_attn.q_proj").unwrap(), 16);
+        assert_eq!(p.rank_for("model.layers.0.self_attn.k_proj").unwrap(), 8);
+        // `(.*\.)?(pattern)$` with re.match: the pattern must end at the end of the name and
+        // start at a component boundary.
+        assert_eq!(p.rank_for("model.layers.0.self_attn.xq_proj").unwrap(), 8);
+        assert_eq!(p.alpha_for("model.layers.0.mlp.up_proj").unwrap(), 3.5);
+        assert_eq!(p.alpha_for("model.layers.1.mlp.up_proj").unwrap(), 16.0);
+        let reversed = lora(
+            r#"{"peft_type":"LORA","r":8,"target_modules":["q_proj"],
+                "rank_pattern":{"layers.0.self_attn.q_proj":4,"q_proj":16}}"#,
+        );
+        assert_eq!(
+            rank_for(&reversed, "model.layers.0.self_attn.q_proj").unwrap(),
+            4
+        );
+        assert_eq!(
+            scaling_of(&c, "model.layers.0.self_attn.q_proj"),
+            scaling(3.5, 16, false)
+        );
+    }
+
+    fn scaling_of(c: &LoraConfig, module: &str) -> f32 {
+        PatternResolver::new(c)
+            .unwrap()
+            .scaling_for(module)
+            .unwrap()
+    }
+
+    #[test]
+    fn scaling_matches_pytorch_bits() {
+        // Expected bits: numpy.float32(alpha / r) (or alpha / math.sqrt(r)) in Python.
+        assert_eq!(scaling(16.0, 3, false).to_bits(), 0x40aa_aaab);
+        assert_eq!(scaling(7.0, 3, false).to_bits(), 0x4015_5555);
+        assert_eq!(scaling(16.0, 3, true).to_bits(), 0x4113_cd3a);
+        assert_eq!(scaling(32.0, 24, true).to_bits(), 0x40d1_05ec);
+        assert_eq!(scaling(22.627416997969522, 7, false).to_bits(), 0x404e_e116);
+    }
+
+    #[test]
+    fn minimal_suffixes_like_peft() {
+        let mut targets = Vec::new();
+        let mut others = Vec::new();
+        for i in 0..100 {
+            targets.push(format!("model.decoder.layers.{i}.self_attn.q_proj"));
+            targets.push(format!("model.decoder.layers.{i}.self_attn.v_proj"));
+            others.push(format!("model.encoder.layers.{i}.self_attn.k_proj"));
+        }
+        let min = minimal_target_suffixes(&targets, &others).unwrap();
+        assert_eq!(min.into_iter().collect::<Vec<_>>(), ["q_proj", "v_proj"]);
+        assert!(matches!(
+            minimal_target_suffixes(&["a"], &["a"]),
+            Err(TargetingError::OverlappingTargets(_))
+        ));
+        assert!(matches!(
+            minimal_target_suffixes::<&str, &str>(&[], &[]),
+            Err(TargetingError::EmptyTargets)
+        ));
+    }
+
+    #[test]
+    fn minimal_suffixes_keep_distinguishing_components() {
+        // q_proj also exists in the encoder, which is not targeted: a longer suffix is needed.
+        let targets = ["dec.layers.0.q_proj", "dec.layers.1.q_proj"];
+        let others = ["enc.layers.0.q_proj", "enc.layers.1.q_proj"];
+        let min = minimal_target_suffixes(&targets, &others).unwrap();
+        assert_eq!(
+            min.into_iter().collect::<Vec<_>>(),
+            ["dec.layers.0.q_proj", "dec.layers.1.q_proj"]
+        );
+    }
+
+    #[test]
+    fn compression_needs_twenty_targets() {
+        let linears = [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ];
+        let names = |layers: usize| -> Vec<String> {
+            let mut all = vec!["model".to_string(), "model.embed_tokens".to_string()];
+            for l in 0..layers {
+                for p in linears {
+                    let parent = if p.ends_with("_proj")
+                        && ["gate", "up", "down"].iter().any(|g| p.starts_with(g))
+                    {
+                        "mlp"
+                    } else {
+                        "self_attn"
+                    };
+                    all.push(format!("model.layers.{l}.{parent}.{p}"));
+                }
+            }
+            all.push("lm_head".to_string());
+            all
+        };
+        let targets = |layers: usize| -> Vec<String> {
+            names(layers)
+                .into_iter()
+                .filter(|n| n.ends_with("_proj"))
+                .collect()
+        };
+        // 2 layers x 7 linears = 14 < 20: kept as is.
+        assert_eq!(
+            compress_target_modules(&targets(2), &names(2)).unwrap(),
+            None
+        );
+        // 3 layers = 21: compressed to the 7 linear names (verified with peft, spec §4.6).
+        let compressed = compress_target_modules(&targets(3), &names(3))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            compressed.into_iter().collect::<Vec<_>>(),
+            [
+                "down_proj",
+                "gate_proj",
+                "k_proj",
+                "o_proj",
+                "q_proj",
+                "up_proj",
+                "v_proj"
+            ]
+        );
+    }
+}
