@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use peftkit::checkpoint::{
     self as ckpt, inspect::CheckpointSummary, Checkpoint, SaveOptions, WeightsKind,
 };
+use peftkit::peft;
 
 #[derive(Parser)]
 #[command(
@@ -60,6 +61,29 @@ enum Command {
         /// Variant of the input files.
         #[arg(long)]
         input_variant: Option<String>,
+    },
+    /// Merge one or more adapters into a base checkpoint, as peft's merge_and_unload() +
+    /// save_pretrained() would, streaming tensor by tensor.
+    Merge {
+        /// The base checkpoint folder.
+        #[arg(long)]
+        base: PathBuf,
+        /// An adapter folder, optionally with a weight: DIR or DIR:WEIGHT. Repeat to merge
+        /// several, in order.
+        #[arg(long = "adapter", required = true)]
+        adapters: Vec<String>,
+        /// Output folder (created, or replaced atomically).
+        #[arg(long)]
+        out: PathBuf,
+        /// Reshard the output instead of keeping the base layout.
+        #[arg(long)]
+        max_shard_size: Option<String>,
+        /// Round each delta to the base dtype first and refuse NaN/Inf results (peft's safe_merge).
+        #[arg(long)]
+        safe_merge: bool,
+        /// Print a JSON summary.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -135,6 +159,49 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .map(|i| format!(" + {i}"))
                     .unwrap_or_default()
             );
+        }
+        Command::Merge {
+            base,
+            adapters,
+            out,
+            max_shard_size,
+            safe_merge,
+            json,
+        } => {
+            let job = peft::pipeline::MergeJob {
+                base,
+                adapters: adapters
+                    .iter()
+                    .map(|a| peft::pipeline::AdapterInput::parse(a))
+                    .collect(),
+                out,
+                max_shard_size: max_shard_size
+                    .as_deref()
+                    .map(ckpt::parse_size)
+                    .transpose()?,
+                safe_merge,
+            };
+            let total = Checkpoint::open(&job.base)?.total_bytes();
+            let bar = progress(total);
+            let summary = peft::pipeline::merge(&job, &mut |n| bar.inc(n))?;
+            bar.finish_and_clear();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                println!(
+                    "{}: {} tensors merged, {} replaced, {} copied{} in {:.2} s",
+                    job.out.display(),
+                    summary.tensors_merged,
+                    summary.tensors_replaced,
+                    summary.tensors_copied,
+                    if summary.untied_embeddings {
+                        ", embeddings untied"
+                    } else {
+                        ""
+                    },
+                    summary.seconds
+                );
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

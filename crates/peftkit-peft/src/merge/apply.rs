@@ -1,0 +1,187 @@
+//! Row-block engine shared by the kernels: decode a block of base rows, let the kernel update
+//! them in a wide float type, round once to the base dtype, check finiteness, encode.
+//!
+//! Blocks are independent and the arithmetic inside a row never depends on the block split,
+//! so results are identical for any number of rayon threads.
+
+use rayon::prelude::*;
+use safetensors::Dtype;
+
+use super::dtype::{
+    decode_f32_into, decode_f64_into, element_size, encode_f32_into, encode_f64_into,
+    round_slice_to,
+};
+use super::error::{check_len, numel, MergeMathError, Result};
+
+/// A block of decoded base rows, in the type torch computes the merge in: `f32` for
+/// F32/BF16/F16 bases (torch's op-math type), `f64` for F64 bases.
+pub(crate) enum Rows<'a> {
+    /// F32, BF16 or F16 base.
+    F32(&'a mut [f32]),
+    /// F64 base.
+    F64(&'a mut [f64]),
+}
+
+/// A base tensor to update in place: raw little-endian bytes of `dtype` with `shape`.
+#[derive(Debug)]
+pub struct BaseTensorMut<'a> {
+    /// Element type of `data`: F32, BF16, F16 or (where a kernel says so) F64.
+    pub dtype: Dtype,
+    /// Row-major shape.
+    pub shape: &'a [usize],
+    /// The tensor's bytes, updated in place.
+    pub data: &'a mut [u8],
+}
+
+impl<'a> BaseTensorMut<'a> {
+    /// Bundles the three parts; nothing is checked until a kernel uses it.
+    pub fn new(dtype: Dtype, shape: &'a [usize], data: &'a mut [u8]) -> Self {
+        BaseTensorMut { dtype, shape, data }
+    }
+
+    /// Checks dtype support and that the byte length matches the shape; returns `numel`.
+    pub(crate) fn validate(&self, what: &'static str, allow_f64: bool) -> Result<usize> {
+        match self.dtype {
+            Dtype::F32 | Dtype::BF16 | Dtype::F16 => {}
+            Dtype::F64 if allow_f64 => {}
+            other => return Err(MergeMathError::UnsupportedDtype { what, dtype: other }),
+        }
+        let size = element_size(self.dtype)?;
+        if self.data.len() % size != 0 {
+            return Err(MergeMathError::ByteLength {
+                what,
+                dtype: self.dtype,
+                len: self.data.len(),
+            });
+        }
+        check_len(what, self.shape, self.data.len() / size)?;
+        numel(what, self.shape)
+    }
+}
+
+/// A read-only row-major `f32` tensor (an adapter factor, already widened to f32 as peft's
+/// default `autocast_adapter_dtype=True` does).
+#[derive(Debug, Clone, Copy)]
+pub struct F32Tensor<'a> {
+    /// Row-major shape.
+    pub shape: &'a [usize],
+    /// `product(shape)` values.
+    pub data: &'a [f32],
+}
+
+impl<'a> F32Tensor<'a> {
+    /// Bundles shape and data; nothing is checked until a kernel uses it.
+    pub fn new(shape: &'a [usize], data: &'a [f32]) -> Self {
+        F32Tensor { shape, data }
+    }
+
+    /// Checks that the data length matches the shape.
+    pub(crate) fn validate(&self, what: &'static str) -> Result<()> {
+        check_len(what, self.shape, self.data.len())
+    }
+}
+
+/// Elements per rayon task (1 MiB of f32): large enough that each column panel of the low-rank
+/// factor is reused by many rows, small enough to keep a few tasks per thread on big tensors.
+const BLOCK_ELEMS: usize = 1 << 18;
+
+/// Runs `update(first_row, rows, scratch)` over blocks of whole rows of `base` (viewed as
+/// `n_rows × row_len`), then rounds to the base dtype and writes back.
+///
+/// With `check_finite`, every rounded value is checked and a [`MergeMathError::NonFinite`]
+/// naming the first bad flat index is returned after all blocks ran (the buffer is then
+/// partially merged and must be discarded, as peft discards its clone).
+///
+/// `scratch` is a per-thread buffer the update may resize and reuse (e.g. for delta rows), so
+/// that large tensors do not allocate (and page-fault) a fresh buffer per block.
+pub(crate) fn update_rows<F>(
+    what: &'static str,
+    base: &mut BaseTensorMut<'_>,
+    row_len: usize,
+    check_finite: bool,
+    update: F,
+) -> Result<()>
+where
+    F: Fn(usize, Rows<'_>, &mut Vec<f32>) -> Result<()> + Sync,
+{
+    let total = base.validate(what, true)?;
+    if total == 0 || row_len == 0 {
+        return Ok(());
+    }
+    if total % row_len != 0 {
+        return Err(MergeMathError::Invalid {
+            what,
+            reason: format!("{total} elements do not split into rows of {row_len}"),
+        });
+    }
+    let dtype = base.dtype;
+    let size = element_size(dtype)?;
+    // Multiples of 4 rows keep the GEMM's 4-row tiles whole.
+    let rows_per_block = (BLOCK_ELEMS / row_len).max(1).div_ceil(4) * 4;
+    let block_bytes = rows_per_block * row_len * size;
+
+    let results: Vec<Result<Option<(usize, usize)>>> = base
+        .data
+        .par_chunks_mut(block_bytes)
+        .enumerate()
+        .map_init(
+            || (Vec::<f32>::new(), Vec::<f64>::new(), Vec::<f32>::new()),
+            |(vals32, vals64, scratch), (bi, bytes)| {
+                let first_row = bi * rows_per_block;
+                let n = bytes.len() / size;
+                let mut bad: Option<(usize, usize)> = None;
+                let mut note = |i: usize| {
+                    let flat = first_row * row_len + i;
+                    bad = Some(match bad {
+                        None => (1, flat),
+                        Some((c, f)) => (c + 1, f),
+                    });
+                };
+                if dtype == Dtype::F64 {
+                    vals64.resize(n, 0.0);
+                    let vals = &mut vals64[..n];
+                    decode_f64_into(what, dtype, bytes, vals)?;
+                    update(first_row, Rows::F64(vals), scratch)?;
+                    if check_finite {
+                        for (i, v) in vals.iter().enumerate() {
+                            if !v.is_finite() {
+                                note(i);
+                            }
+                        }
+                    }
+                    encode_f64_into(what, dtype, vals, bytes)?;
+                } else {
+                    vals32.resize(n, 0.0);
+                    let vals = &mut vals32[..n];
+                    decode_f32_into(what, dtype, bytes, vals)?;
+                    update(first_row, Rows::F32(vals), scratch)?;
+                    if check_finite {
+                        // Rounding can overflow to Inf (e.g. above the BF16 maximum), so check the
+                        // value that will be stored.
+                        round_slice_to(dtype, vals)?;
+                        for (i, v) in vals.iter().enumerate() {
+                            if !v.is_finite() {
+                                note(i);
+                            }
+                        }
+                    }
+                    encode_f32_into(what, dtype, vals, bytes)?;
+                }
+                Ok(bad)
+            },
+        )
+        .collect();
+
+    let mut count = 0usize;
+    let mut first = None;
+    for r in results {
+        if let Some((c, f)) = r? {
+            count += c;
+            first.get_or_insert(f);
+        }
+    }
+    match first {
+        Some(first) => Err(MergeMathError::NonFinite { what, count, first }),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,804 @@
+//! LoRA merge kernels: Linear (incl. GPT-2 `Conv1D` via `fan_in_fan_out`), Embedding,
+//! Conv1d/2d/3d, MoE expert parameters (`target_parameters`), `lora_bias`, unmerge.
+//!
+//! Every kernel updates a base tensor in place and reproduces peft 0.21.2's
+//! `merge_and_unload()` on CPU bit for bit (reference §5.2–§5.6, §5.9):
+//!
+//! ```text
+//! P  = B @ A                        f32, MKL reduction order (see `gemm`)
+//! Δ  = fl32(P · s32)                s32 = f32(alpha / r) computed in f64
+//! W' = fl_dtype( f32(W) + Δ )       Linear / Conv, unsafe merge: ONE rounding
+//! W' = fl_dtype( f32(W) + f32(fl_dtype(Δ)) )
+//!                                   Embedding, experts, safe_merge, `round_delta_first`:
+//!                                   Δ rounded to the base dtype first (double rounding)
+//! ```
+//!
+//! The delta is computed row by row and never materialised as a whole, so the extra memory is
+//! one block of rows plus the (small) factors.
+
+use std::borrow::Cow;
+use std::ops::Range;
+
+use safetensors::Dtype;
+
+use super::apply::{update_rows, BaseTensorMut, F32Tensor, Rows};
+use super::dtype::round_slice_to;
+use super::error::{check_rank, check_shape, MergeMathError, Result};
+use super::gemm::{mkl_k_blocks, product_rows};
+
+/// peft's `scaling` as the f32 that torch multiplies with.
+///
+/// peft computes `alpha / r` (or `alpha / sqrt(r)` with rsLoRA) as a Python float (f64); torch
+/// then converts that scalar to the tensor's f32 op-math type. Dividing in f32 would differ.
+pub fn lora_scaling(alpha: f64, r: usize, use_rslora: bool) -> Result<f32> {
+    if r == 0 {
+        return Err(MergeMathError::Invalid {
+            what: "r",
+            reason: "the LoRA rank must be positive".into(),
+        });
+    }
+    let r = r as f64;
+    let s = if use_rslora {
+        alpha / r.sqrt()
+    } else {
+        alpha / r
+    };
+    Ok(s as f32)
+}
+
+/// How a kernel combines the delta with the base weight.
+///
+/// The default (all `false`/`None`) is peft's `merge_and_unload()`: unsafe merge with f32
+/// (autocast) adapters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MergeOptions {
+    /// peft `safe_merge=True`: Δ is rounded to the base dtype before the add (it differs from
+    /// the default in ~15–25 % of BF16 elements), and any NaN/±Inf in the stored result is a
+    /// [`MergeMathError::NonFinite`] error. On error the buffer is partially merged: discard it.
+    pub safe_merge: bool,
+    /// Round Δ to the base dtype before adding even in an unsafe merge. peft does this for
+    /// `nn.MultiheadAttention` `in_proj`/`out_proj` and for 2-D `target_parameters`; the
+    /// embedding and expert kernels always do it.
+    pub round_delta_first: bool,
+    /// peft `unmerge()`: `W -= Δ.to(W.dtype)` instead of adding. Not an exact inverse in 16-bit.
+    pub unmerge: bool,
+    /// Adapter dtype when peft ran with `autocast_adapter_dtype=False` and the adapter is
+    /// BF16/F16 on CPU: Δ is then computed in f32 and rounded to this dtype before use
+    /// (reference §5.2). `None` (or `Some(F32)`) is the default f32 adapter.
+    pub adapter_dtype: Option<Dtype>,
+}
+
+impl MergeOptions {
+    fn adapter_round(&self) -> Result<Option<Dtype>> {
+        match self.adapter_dtype {
+            None | Some(Dtype::F32) => Ok(None),
+            Some(d @ (Dtype::BF16 | Dtype::F16)) => Ok(Some(d)),
+            Some(other) => Err(MergeMathError::UnsupportedDtype {
+                what: "adapter dtype",
+                dtype: other,
+            }),
+        }
+    }
+}
+
+/// A batch of low-rank products `Δ_e = s · L_e @ R_e`, laid out so that row `g` of the base
+/// tensor (viewed as `batch·rows × n`) is row `g % rows` of `Δ_{g / rows}`.
+pub(crate) struct LowRank<'a> {
+    /// `batch·rows × r`.
+    left: Cow<'a, [f32]>,
+    /// `batch × r × n`.
+    right: Cow<'a, [f32]>,
+    rows: usize,
+    r: usize,
+    n: usize,
+    scale: f32,
+    blocks: Vec<Range<usize>>,
+    adapter_round: Option<Dtype>,
+}
+
+impl<'a> LowRank<'a> {
+    fn new(
+        left: Cow<'a, [f32]>,
+        right: Cow<'a, [f32]>,
+        rows: usize,
+        r: usize,
+        n: usize,
+        scale: f32,
+        adapter_round: Option<Dtype>,
+    ) -> Self {
+        LowRank {
+            left,
+            right,
+            rows,
+            r,
+            n,
+            scale,
+            blocks: mkl_k_blocks(r),
+            adapter_round,
+        }
+    }
+
+    /// Row length of the delta (= of the base tensor view).
+    pub(crate) fn row_len(&self) -> usize {
+        self.n
+    }
+
+    /// Fills `out` (`k × n`) with delta rows `first_row..first_row + k`.
+    pub(crate) fn delta_rows(&self, first_row: usize, out: &mut [f32]) -> Result<()> {
+        let (r, n) = (self.r, self.n);
+        if n == 0 {
+            return Ok(());
+        }
+        let end = first_row + out.len() / n;
+        let mut g = first_row;
+        while g < end {
+            let e = g / self.rows.max(1);
+            let seg_end = end.min((e + 1) * self.rows);
+            let off = (g - first_row) * n;
+            product_rows(
+                &self.left[g * r..seg_end * r],
+                &self.right[e * r * n..(e + 1) * r * n],
+                r,
+                n,
+                &self.blocks,
+                self.scale,
+                &mut out[off..off + (seg_end - g) * n],
+            );
+            g = seg_end;
+        }
+        if let Some(dt) = self.adapter_round {
+            round_slice_to(dt, out)?;
+        }
+        Ok(())
+    }
+
+    /// The whole delta, `batch·rows × n`.
+    pub(crate) fn full(&self) -> Result<Vec<f32>> {
+        let total_rows = self.left.len() / self.r.max(1);
+        let mut out = vec![0f32; total_rows * self.n];
+        self.delta_rows(0, &mut out)?;
+        Ok(out)
+    }
+}
+
+/// Adds (or, for unmerge, subtracts) a low-rank delta to `base`, row block by row block.
+fn apply_lowrank(
+    what: &'static str,
+    base: &mut BaseTensorMut<'_>,
+    lr: &LowRank<'_>,
+    opts: &MergeOptions,
+    always_round_first: bool,
+) -> Result<()> {
+    let dtype = base.dtype;
+    let round_first =
+        always_round_first || opts.safe_merge || opts.round_delta_first || opts.unmerge;
+    let sign_sub = opts.unmerge;
+    let check = opts.safe_merge && !opts.unmerge;
+    update_rows(
+        what,
+        base,
+        lr.row_len(),
+        check,
+        |first_row, rows, scratch| {
+            match rows {
+                Rows::F32(w) => {
+                    scratch.resize(w.len(), 0.0);
+                    let d = &mut scratch[..w.len()];
+                    lr.delta_rows(first_row, d)?;
+                    if round_first {
+                        round_slice_to(dtype, d)?;
+                    }
+                    if sign_sub {
+                        w.iter_mut().zip(d.iter()).for_each(|(x, y)| *x -= *y);
+                    } else {
+                        w.iter_mut().zip(d.iter()).for_each(|(x, y)| *x += *y);
+                    }
+                }
+                Rows::F64(w) => {
+                    // torch promotes `f64 += f32` to f64: the f32 delta widens exactly.
+                    scratch.resize(w.len(), 0.0);
+                    let d = &mut scratch[..w.len()];
+                    lr.delta_rows(first_row, d)?;
+                    if sign_sub {
+                        w.iter_mut()
+                            .zip(d.iter())
+                            .for_each(|(x, y)| *x -= f64::from(*y));
+                    } else {
+                        w.iter_mut()
+                            .zip(d.iter())
+                            .for_each(|(x, y)| *x += f64::from(*y));
+                    }
+                }
+            }
+            Ok(())
+        },
+    )
+}
+
+/// Transposes a row-major `rows × cols` matrix.
+fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; m.len()];
+    for i in 0..rows {
+        for j in 0..cols {
+            t[j * rows + i] = m[i * cols + j];
+        }
+    }
+    t
+}
+
+/// Checks `lora_A` `(r, in)` / `lora_B` `(out, r)` of a linear-like layer; returns `(out, r, in)`.
+fn linear_factors(a: &F32Tensor<'_>, b: &F32Tensor<'_>) -> Result<(usize, usize, usize)> {
+    a.validate("lora_A")?;
+    b.validate("lora_B")?;
+    check_rank("lora_A", a.shape, 2, 2, "2")?;
+    check_rank("lora_B", b.shape, 2, 2, "2")?;
+    let (r, inf) = (a.shape[0], a.shape[1]);
+    let out = b.shape[0];
+    check_shape("lora_B", b.shape, &[out, r])?;
+    if r == 0 {
+        return Err(MergeMathError::Invalid {
+            what: "lora_A",
+            reason: "rank 0".into(),
+        });
+    }
+    Ok((out, r, inf))
+}
+
+/// Builds the row producer of a Linear / `Conv1D` delta in the base layout.
+pub(crate) fn linear_lowrank<'a>(
+    base_shape: &[usize],
+    a: &F32Tensor<'a>,
+    b: &F32Tensor<'a>,
+    scale: f32,
+    fan_in_fan_out: bool,
+    adapter_round: Option<Dtype>,
+) -> Result<LowRank<'a>> {
+    let (out, r, inf) = linear_factors(a, b)?;
+    check_rank("base weight", base_shape, 2, 2, "2")?;
+    if fan_in_fan_out {
+        // W is (in, out); base row i is Δᵀ[i, :] = Σ_k A[k, i] · B[:, k], the same products in
+        // the same k order as torch's (B @ A)ᵀ, since fma(x, y, z) = fma(y, x, z).
+        check_shape(
+            "base weight (fan_in_fan_out: in, out)",
+            base_shape,
+            &[inf, out],
+        )?;
+        Ok(LowRank::new(
+            Cow::Owned(transpose(a.data, r, inf)),
+            Cow::Owned(transpose(b.data, out, r)),
+            inf,
+            r,
+            out,
+            scale,
+            adapter_round,
+        ))
+    } else {
+        check_shape("base weight (out, in)", base_shape, &[out, inf])?;
+        Ok(LowRank::new(
+            Cow::Borrowed(b.data),
+            Cow::Borrowed(a.data),
+            out,
+            r,
+            inf,
+            scale,
+            adapter_round,
+        ))
+    }
+}
+
+/// LoRA delta of a `Linear` (or, with `fan_in_fan_out`, a transformers `Conv1D`) in the layout
+/// of its weight: `(out, in)`, or `(in, out)` with `fan_in_fan_out`. Values are `fl32(P · s)`
+/// (rounded to `adapter_dtype` if given), exactly peft's `get_delta_weight`.
+pub fn linear_delta(
+    base_shape: &[usize],
+    a: F32Tensor<'_>,
+    b: F32Tensor<'_>,
+    scale: f32,
+    fan_in_fan_out: bool,
+    adapter_dtype: Option<Dtype>,
+) -> Result<Vec<f32>> {
+    let opts = MergeOptions {
+        adapter_dtype,
+        ..MergeOptions::default()
+    };
+    linear_lowrank(
+        base_shape,
+        &a,
+        &b,
+        scale,
+        fan_in_fan_out,
+        opts.adapter_round()?,
+    )?
+    .full()
+}
+
+/// Merges a LoRA adapter into a `Linear` weight `(out, in)` — or a transformers `Conv1D`
+/// weight `(in, out)` when `fan_in_fan_out` — in place.
+///
+/// `a` is `lora_A.weight` `(r, in)`, `b` is `lora_B.weight` `(out, r)`, `scale` from
+/// [`lora_scaling`]. Base dtypes F32/BF16/F16/F64.
+pub fn merge_linear(
+    mut base: BaseTensorMut<'_>,
+    a: F32Tensor<'_>,
+    b: F32Tensor<'_>,
+    scale: f32,
+    fan_in_fan_out: bool,
+    opts: &MergeOptions,
+) -> Result<()> {
+    let lr = linear_lowrank(
+        base.shape,
+        &a,
+        &b,
+        scale,
+        fan_in_fan_out,
+        opts.adapter_round()?,
+    )?;
+    apply_lowrank("linear weight", &mut base, &lr, opts, false)
+}
+
+/// Checks embedding factors against the base `(num_embeddings, dim)`; returns the producer.
+pub(crate) fn embedding_lowrank<'a>(
+    base_shape: &[usize],
+    a: &F32Tensor<'a>,
+    b: &F32Tensor<'a>,
+    scale: f32,
+    adapter_round: Option<Dtype>,
+) -> Result<LowRank<'a>> {
+    a.validate("lora_embedding_A")?;
+    b.validate("lora_embedding_B")?;
+    check_rank("lora_embedding_A", a.shape, 2, 2, "2")?;
+    check_rank("lora_embedding_B", b.shape, 2, 2, "2")?;
+    check_rank("base embedding", base_shape, 2, 2, "2")?;
+    let (r, vocab) = (a.shape[0], a.shape[1]);
+    let dim = b.shape[0];
+    check_shape("lora_embedding_B", b.shape, &[dim, r])?;
+    check_shape(
+        "base embedding (num_embeddings, dim)",
+        base_shape,
+        &[vocab, dim],
+    )?;
+    if r == 0 {
+        return Err(MergeMathError::Invalid {
+            what: "lora_embedding_A",
+            reason: "rank 0".into(),
+        });
+    }
+    // Δ[v, d] = s · Σ_k B[d, k] · A[k, v]: base row v uses column v of A and B transposed.
+    Ok(LowRank::new(
+        Cow::Owned(transpose(a.data, r, vocab)),
+        Cow::Owned(transpose(b.data, dim, r)),
+        vocab,
+        r,
+        dim,
+        scale,
+        adapter_round,
+    ))
+}
+
+/// LoRA delta of an `Embedding`, `(num_embeddings, dim)`: `Δ[v, d] = s · Σ_k B[d,k] · A[k,v]`.
+pub fn embedding_delta(
+    base_shape: &[usize],
+    a: F32Tensor<'_>,
+    b: F32Tensor<'_>,
+    scale: f32,
+    adapter_dtype: Option<Dtype>,
+) -> Result<Vec<f32>> {
+    let opts = MergeOptions {
+        adapter_dtype,
+        ..MergeOptions::default()
+    };
+    embedding_lowrank(base_shape, &a, &b, scale, opts.adapter_round()?)?.full()
+}
+
+/// Merges a LoRA adapter into an `Embedding` weight `(num_embeddings, dim)` in place.
+///
+/// `a` is `lora_embedding_A` `(r, num_embeddings)`, `b` is `lora_embedding_B` `(dim, r)`.
+/// peft's embedding merge always rounds Δ to the base dtype before adding (safe or not).
+pub fn merge_embedding(
+    mut base: BaseTensorMut<'_>,
+    a: F32Tensor<'_>,
+    b: F32Tensor<'_>,
+    scale: f32,
+    opts: &MergeOptions,
+) -> Result<()> {
+    let lr = embedding_lowrank(base.shape, &a, &b, scale, opts.adapter_round()?)?;
+    apply_lowrank("embedding weight", &mut base, &lr, opts, true)
+}
+
+/// Checks conv factors against the base `(out, in, *kernel)`; returns the producer.
+pub(crate) fn conv_lowrank<'a>(
+    base_shape: &[usize],
+    a: &F32Tensor<'a>,
+    b: &F32Tensor<'a>,
+    scale: f32,
+    groups: usize,
+    adapter_round: Option<Dtype>,
+) -> Result<LowRank<'a>> {
+    a.validate("lora_A")?;
+    b.validate("lora_B")?;
+    check_rank("base conv weight", base_shape, 3, 5, "3 to 5")?;
+    if groups != 1 {
+        // peft raises NotImplementedError for grouped convolutions (PR #2403).
+        return Err(MergeMathError::Invalid {
+            what: "conv groups",
+            reason: format!(
+                "merging is not supported for groups = {groups} (peft refuses groups > 1)"
+            ),
+        });
+    }
+    let nd = base_shape.len();
+    check_rank("lora_A", a.shape, nd, nd, "same rank as the base weight")?;
+    check_rank("lora_B", b.shape, nd, nd, "same rank as the base weight")?;
+    let r = a.shape[0];
+    let out = base_shape[0];
+    let mut a_expected = vec![r];
+    a_expected.extend_from_slice(&base_shape[1..]);
+    check_shape("lora_A (r, in, *kernel)", a.shape, &a_expected)?;
+    let mut b_expected = vec![out, r];
+    b_expected.resize(nd, 1);
+    check_shape("lora_B (out, r, 1, …)", b.shape, &b_expected)?;
+    if r == 0 {
+        return Err(MergeMathError::Invalid {
+            what: "lora_A",
+            reason: "rank 0".into(),
+        });
+    }
+    let row_len = a.data.len() / r;
+    // Δ[o, i, *k] = s · Σ_r B[o, r] · A[r, i, *k]: a (out × r)(r × in·K) product.
+    Ok(LowRank::new(
+        Cow::Borrowed(b.data),
+        Cow::Borrowed(a.data),
+        out,
+        r,
+        row_len,
+        scale,
+        adapter_round,
+    ))
+}
+
+/// LoRA delta of a `Conv1d/2d/3d` weight `(out, in, *kernel)`.
+pub fn conv_delta(
+    base_shape: &[usize],
+    a: F32Tensor<'_>,
+    b: F32Tensor<'_>,
+    scale: f32,
+    groups: usize,
+    adapter_dtype: Option<Dtype>,
+) -> Result<Vec<f32>> {
+    let opts = MergeOptions {
+        adapter_dtype,
+        ..MergeOptions::default()
+    };
+    conv_lowrank(base_shape, &a, &b, scale, groups, opts.adapter_round()?)?.full()
+}
+
+/// Merges a LoRA adapter into a `Conv1d/2d/3d` weight `(out, in, *kernel)` in place.
+///
+/// `a` is `lora_A.weight` `(r, in, *kernel)`, `b` is `lora_B.weight` `(out, r, 1, …)`.
+/// `groups > 1` is refused, as by peft. Both of peft's branches (the 1×1 matmul and the
+/// `convNd(Aᵀ, B)` one) compute `Σ_r B[o,r]·A[r,i,k]`, here as a sequential FMA over the rank.
+///
+/// Measured exactness of the `convNd` branch (oneDNN): bit-exact for Conv1d/Conv3d and for
+/// Conv2d with `in_channels ≥ 16` (e.g. 64×128×3×3 r=32, 32×16×3×3 r=8). For a 3×3 Conv2d with
+/// fewer than 16 input channels oneDNN picks another kernel (for r=4 an unfused multiply-add);
+/// f32 results then differ in the last bits (measured: 96 of 540 elements of a 10×6×3×3 r=4
+/// delta), which is not emulated.
+pub fn merge_conv(
+    mut base: BaseTensorMut<'_>,
+    a: F32Tensor<'_>,
+    b: F32Tensor<'_>,
+    scale: f32,
+    groups: usize,
+    opts: &MergeOptions,
+) -> Result<()> {
+    let lr = conv_lowrank(base.shape, &a, &b, scale, groups, opts.adapter_round()?)?;
+    apply_lowrank("conv weight", &mut base, &lr, opts, false)
+}
+
+/// Memory layout of a 3-D expert parameter `(E, a, b)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertLayout {
+    /// `(E, out, in)` — the default: peft swaps in/out unless the module has
+    /// `is_transposed = True` (transformers v5 Mixtral `gate_up_proj`, `down_proj`).
+    OutIn,
+    /// `(E, in, out)` — modules with `is_transposed = True`.
+    InOut,
+}
+
+fn experts_lowrank<'a>(
+    base_shape: &[usize],
+    a: &F32Tensor<'a>,
+    b: &F32Tensor<'a>,
+    scale: f32,
+    layout: ExpertLayout,
+) -> Result<LowRank<'a>> {
+    a.validate("lora_A")?;
+    b.validate("lora_B")?;
+    check_rank("base expert parameter", base_shape, 3, 3, "3")?;
+    check_rank("lora_A", a.shape, 2, 2, "2")?;
+    check_rank("lora_B", b.shape, 2, 2, "2")?;
+    let e = base_shape[0];
+    let (out, inf) = match layout {
+        ExpertLayout::OutIn => (base_shape[1], base_shape[2]),
+        ExpertLayout::InOut => (base_shape[2], base_shape[1]),
+    };
+    let re = a.shape[0];
+    if e == 0 || re % e != 0 || re == 0 {
+        return Err(MergeMathError::Invalid {
+            what: "lora_A",
+            reason: format!("{re} rows are not a positive multiple of {e} experts"),
+        });
+    }
+    let r = re / e;
+    check_shape("lora_A (r·E, in)", a.shape, &[re, inf])?;
+    check_shape("lora_B (out, r·E)", b.shape, &[out, re])?;
+    // A rows are expert-major (row e·r + k); B columns are rank-major (column k·E + e).
+    let b_of = |o: usize, k: usize, ex: usize| b.data[o * re + k * e + ex];
+    match layout {
+        ExpertLayout::OutIn => {
+            let mut left = vec![0f32; e * out * r];
+            for ex in 0..e {
+                for o in 0..out {
+                    for k in 0..r {
+                        left[(ex * out + o) * r + k] = b_of(o, k, ex);
+                    }
+                }
+            }
+            Ok(LowRank::new(
+                Cow::Owned(left),
+                Cow::Borrowed(a.data),
+                out,
+                r,
+                inf,
+                scale,
+                None,
+            ))
+        }
+        ExpertLayout::InOut => {
+            let mut left = vec![0f32; e * inf * r];
+            let mut right = vec![0f32; e * r * out];
+            for ex in 0..e {
+                for k in 0..r {
+                    for i in 0..inf {
+                        left[(ex * inf + i) * r + k] = a.data[(ex * r + k) * inf + i];
+                    }
+                    for o in 0..out {
+                        right[(ex * r + k) * out + o] = b_of(o, k, ex);
+                    }
+                }
+            }
+            Ok(LowRank::new(
+                Cow::Owned(left),
+                Cow::Owned(right),
+                inf,
+                r,
+                out,
+                scale,
+                None,
+            ))
+        }
+    }
+}
+
+/// LoRA delta of a 3-D expert parameter, in the parameter's layout (see [`merge_experts`]).
+pub fn experts_delta(
+    base_shape: &[usize],
+    a: F32Tensor<'_>,
+    b: F32Tensor<'_>,
+    scale: f32,
+    layout: ExpertLayout,
+) -> Result<Vec<f32>> {
+    experts_lowrank(base_shape, &a, &b, scale, layout)?.full()
+}
+
+/// Merges a `target_parameters` LoRA into a 3-D MoE expert parameter in place.
+///
+/// `a` is `lora_A.weight` `(r·E, in)` with expert-major rows, `b` is `lora_B.weight`
+/// `(out, r·E)` with rank-major columns (peft's asymmetric reshape, reference §5.6):
+/// `Δ[e, o, i] = s · Σ_k B[o, k·E + e] · A[e·r + k, i]`. peft rounds Δ to the parameter dtype
+/// before adding. `adapter_dtype` is refused here: peft's expert einsum does not upcast.
+pub fn merge_experts(
+    mut base: BaseTensorMut<'_>,
+    a: F32Tensor<'_>,
+    b: F32Tensor<'_>,
+    scale: f32,
+    layout: ExpertLayout,
+    opts: &MergeOptions,
+) -> Result<()> {
+    if opts.adapter_round()?.is_some() {
+        return Err(MergeMathError::Invalid {
+            what: "adapter dtype",
+            reason: "expert parameters are only supported with f32 (autocast) adapters".into(),
+        });
+    }
+    let lr = experts_lowrank(base.shape, &a, &b, scale, layout)?;
+    apply_lowrank("expert parameter", &mut base, &lr, opts, true)
+}
+
+/// Merges `lora_bias=True`'s `lora_B.bias` into the base bias in place:
+/// `b' = fl_dtype(f32(b) + fl32(lora_B.bias · s))` (one rounding, safe or not; unmerge
+/// subtracts the same term).
+///
+/// With `safe_merge`, peft checks finiteness of the f32 sum before its rounding; this kernel
+/// checks the stored value, so it also rejects a sum that overflows the base dtype.
+pub fn merge_lora_bias(
+    mut bias: BaseTensorMut<'_>,
+    lora_b_bias: F32Tensor<'_>,
+    scale: f32,
+    opts: &MergeOptions,
+) -> Result<()> {
+    lora_b_bias.validate("lora_B.bias")?;
+    check_rank("base bias", bias.shape, 1, 1, "1")?;
+    check_shape("lora_B.bias", lora_b_bias.shape, bias.shape)?;
+    let mut term: Vec<f32> = lora_b_bias.data.iter().map(|x| x * scale).collect();
+    if let Some(dt) = opts.adapter_round()? {
+        round_slice_to(dt, &mut term)?;
+    }
+    let sub = opts.unmerge;
+    let len = term.len();
+    update_rows(
+        "bias",
+        &mut bias,
+        len,
+        opts.safe_merge && !sub,
+        |_, rows, _| {
+            match rows {
+                Rows::F32(w) => {
+                    w.iter_mut()
+                        .zip(&term)
+                        .for_each(|(x, t)| if sub { *x -= *t } else { *x += *t })
+                }
+                Rows::F64(w) => w.iter_mut().zip(&term).for_each(|(x, t)| {
+                    if sub {
+                        *x -= f64::from(*t)
+                    } else {
+                        *x += f64::from(*t)
+                    }
+                }),
+            }
+            Ok(())
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::merge::dtype::{decode_f32, encode_f32};
+
+    #[test]
+    fn scaling_is_f64_then_f32() {
+        assert_eq!(lora_scaling(16.0, 8, false).unwrap(), 2.0);
+        assert_eq!(
+            lora_scaling(16.0, 3, false).unwrap(),
+            (16.0f64 / 3.0) as f32
+        );
+        assert_eq!(lora_scaling(8.0, 16, true).unwrap(), 2.0);
+        assert_eq!(
+            lora_scaling(7.0, 5, true).unwrap(),
+            (7.0 / 5f64.sqrt()) as f32
+        );
+        assert!(lora_scaling(1.0, 0, false).is_err());
+    }
+
+    #[test]
+    fn bad_shapes_are_errors_not_panics() {
+        let a = vec![0f32; 2 * 5];
+        let b = vec![0f32; 3 * 2];
+        let mut w = encode_f32("w", Dtype::F32, &[0f32; 15]).unwrap();
+        let opts = MergeOptions::default();
+        // wrong base shape
+        let err = merge_linear(
+            BaseTensorMut::new(Dtype::F32, &[5, 3], &mut w),
+            F32Tensor::new(&[2, 5], &a),
+            F32Tensor::new(&[3, 2], &b),
+            1.0,
+            false,
+            &opts,
+        );
+        assert!(
+            matches!(err, Err(MergeMathError::ShapeMismatch { .. })),
+            "{err:?}"
+        );
+        // buffer shorter than its shape
+        let err = merge_linear(
+            BaseTensorMut::new(Dtype::F32, &[3, 5], &mut w),
+            F32Tensor::new(&[2, 6], &a),
+            F32Tensor::new(&[3, 2], &b),
+            1.0,
+            false,
+            &opts,
+        );
+        assert!(
+            matches!(err, Err(MergeMathError::ElementCount { .. })),
+            "{err:?}"
+        );
+        // fan_in_fan_out expects (in, out)
+        assert!(merge_linear(
+            BaseTensorMut::new(Dtype::F32, &[3, 5], &mut w),
+            F32Tensor::new(&[2, 5], &a),
+            F32Tensor::new(&[3, 2], &b),
+            1.0,
+            true,
+            &opts,
+        )
+        .is_err());
+        // I32 base
+        assert!(merge_linear(
+            BaseTensorMut::new(Dtype::I32, &[3, 5], &mut w[..60]),
+            F32Tensor::new(&[2, 5], &a),
+            F32Tensor::new(&[3, 2], &b),
+            1.0,
+            false,
+            &opts,
+        )
+        .is_err());
+        // experts: A rows not a multiple of E
+        let mut we = vec![0u8; 4 * 2 * 3 * 5];
+        assert!(merge_experts(
+            BaseTensorMut::new(Dtype::F32, &[2, 3, 5], &mut we),
+            F32Tensor::new(&[3, 5], &a[..10].repeat(2)[..15]),
+            F32Tensor::new(&[3, 3], &[0.0; 9]),
+            1.0,
+            ExpertLayout::OutIn,
+            &opts,
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn unmerge_subtracts_rounded_delta_and_safe_merge_flags_nan() {
+        let a = vec![0.5f32; 2 * 4];
+        let b = vec![0.25f32; 4 * 2];
+        let w0: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        let mut w = encode_f32("w", Dtype::BF16, &w0).unwrap();
+        let shape = [4usize, 4];
+        let opts = MergeOptions::default();
+        merge_linear(
+            BaseTensorMut::new(Dtype::BF16, &shape, &mut w),
+            F32Tensor::new(&[2, 4], &a),
+            F32Tensor::new(&[4, 2], &b),
+            2.0,
+            false,
+            &opts,
+        )
+        .unwrap();
+        let unm = MergeOptions {
+            unmerge: true,
+            ..opts
+        };
+        merge_linear(
+            BaseTensorMut::new(Dtype::BF16, &shape, &mut w),
+            F32Tensor::new(&[2, 4], &a),
+            F32Tensor::new(&[4, 2], &b),
+            2.0,
+            false,
+            &unm,
+        )
+        .unwrap();
+        assert_eq!(decode_f32("w", Dtype::BF16, &w).unwrap(), w0);
+
+        let mut bad_b = b.clone();
+        bad_b[3] = f32::NAN;
+        let safe = MergeOptions {
+            safe_merge: true,
+            ..opts
+        };
+        let err = merge_linear(
+            BaseTensorMut::new(Dtype::BF16, &shape, &mut w),
+            F32Tensor::new(&[2, 4], &a),
+            F32Tensor::new(&[4, 2], &bad_b),
+            2.0,
+            false,
+            &safe,
+        );
+        assert_eq!(
+            err,
+            Err(MergeMathError::NonFinite {
+                what: "linear weight",
+                count: 4,
+                first: 4
+            })
+        );
+    }
+}

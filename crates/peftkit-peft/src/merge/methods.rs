@@ -1,0 +1,523 @@
+//! Merge kernels of other PEFT methods (reference §5.10): IA³, LoHa, LoKr, trainable tokens,
+//! and a generic "add this delta" kernel.
+//!
+//! LoHa and LoKr go through peft's LyCORIS base class, whose merge is `W += Δ` with Δ in f32
+//! and **one** rounding for both the safe and the unsafe path (safe only adds the finiteness
+//! check), and whose unmerge is `W -= Δ`, again without rounding Δ first.
+
+use super::apply::{update_rows, BaseTensorMut, F32Tensor, Rows};
+use super::dtype::{element_size, encode_f32_into, round_slice_to};
+use super::error::{check_len, check_rank, numel, MergeMathError, Result};
+use super::gemm::lowrank_product;
+use super::lora::MergeOptions;
+
+/// Adds (or with `opts.unmerge` subtracts) an already computed f32 delta, laid out like the
+/// base tensor, in place.
+///
+/// Δ is rounded to the base dtype first when `opts.round_delta_first` is set (peft's embedding,
+/// MHA and expert paths, unmerge); `opts.safe_merge` adds the finiteness check *only* — callers
+/// that need peft's LoRA safe-merge rounding set `round_delta_first` too.
+pub fn add_delta(mut base: BaseTensorMut<'_>, delta: &[f32], opts: &MergeOptions) -> Result<()> {
+    base.validate("base weight", true)?;
+    check_len("delta", base.shape, delta.len())?;
+    let dtype = base.dtype;
+    let row_len = base.shape.last().copied().unwrap_or(1).max(1);
+    let round_first = opts.round_delta_first;
+    let sub = opts.unmerge;
+    update_rows(
+        "base weight",
+        &mut base,
+        row_len,
+        opts.safe_merge && !sub,
+        |first_row, rows, _| {
+            let start = first_row * row_len;
+            match rows {
+                Rows::F32(w) => {
+                    let mut d = delta[start..start + w.len()].to_vec();
+                    if round_first {
+                        round_slice_to(dtype, &mut d)?;
+                    }
+                    if sub {
+                        w.iter_mut().zip(&d).for_each(|(x, y)| *x -= *y);
+                    } else {
+                        w.iter_mut().zip(&d).for_each(|(x, y)| *x += *y);
+                    }
+                }
+                Rows::F64(w) => {
+                    let d = &delta[start..start + w.len()];
+                    if sub {
+                        w.iter_mut().zip(d).for_each(|(x, y)| *x -= f64::from(*y));
+                    } else {
+                        w.iter_mut().zip(d).for_each(|(x, y)| *x += f64::from(*y));
+                    }
+                }
+            }
+            Ok(())
+        },
+    )
+}
+
+/// Merges an IA³ vector into a weight in place: `W' = fl_dtype(f32(W) · l)` broadcast along
+/// one axis (unmerge: `W / (l + 1e-8)`).
+///
+/// * Linear `(out, in)`: `ia3_l` is `(out, 1)` (scales rows) or, for feed-forward modules,
+///   `(1, in)` (scales columns). With `fan_in_fan_out` the weight is `(in, out)` and the
+///   roles swap, as peft transposes `ia3_l`.
+/// * Conv `(out, in/groups, *k)`: `ia3_l` is `(1, out, 1, …)` (scales output channels) or,
+///   feed-forward, `(1, in, 1, …)` (scales input channels; with `groups > 1` input channel
+///   `g·(in/groups) + j` of group `g`).
+///
+/// Base dtypes F32/BF16/F16/F64.
+pub fn merge_ia3_weight(
+    mut base: BaseTensorMut<'_>,
+    ia3_l: F32Tensor<'_>,
+    feedforward: bool,
+    fan_in_fan_out: bool,
+    groups: usize,
+    opts: &MergeOptions,
+) -> Result<()> {
+    const WHAT: &str = "IA3 weight";
+    base.validate(WHAT, true)?;
+    ia3_l.validate("ia3_l")?;
+    check_rank("base weight", base.shape, 2, 5, "2 to 5")?;
+    let shape = base.shape.to_vec();
+    let (rows, cols) = (shape[0], numel(WHAT, &shape[1..])?);
+    let kernel = numel(WHAT, shape.get(2..).unwrap_or(&[]))?;
+    // factor(row, col) -> index into ia3_l
+    enum Axis {
+        Rows,
+        Cols {
+            kernel: usize,
+        },
+        GroupedCols {
+            kernel: usize,
+            opg: usize,
+            ipg: usize,
+        },
+    }
+    let (axis, expected) = if shape.len() == 2 {
+        match (feedforward, fan_in_fan_out) {
+            (false, false) => (Axis::Rows, vec![rows, 1]),
+            (true, false) => (Axis::Cols { kernel: 1 }, vec![1, cols]),
+            (false, true) => (Axis::Cols { kernel: 1 }, vec![cols, 1]),
+            (true, true) => (Axis::Rows, vec![1, rows]),
+        }
+    } else {
+        if groups == 0 || rows % groups != 0 {
+            return Err(MergeMathError::Invalid {
+                what: "conv groups",
+                reason: format!("{groups} groups do not divide {rows} output channels"),
+            });
+        }
+        let ipg = shape[1];
+        let mut exp = if feedforward {
+            vec![1, ipg * groups]
+        } else {
+            vec![1, rows]
+        };
+        exp.resize(shape.len(), 1);
+        let axis = match (feedforward, groups) {
+            (false, _) => Axis::Rows,
+            (true, 1) => Axis::Cols { kernel },
+            (true, g) => Axis::GroupedCols {
+                kernel,
+                opg: rows / g,
+                ipg,
+            },
+        };
+        (axis, exp)
+    };
+    if ia3_l.shape != expected.as_slice() {
+        return Err(MergeMathError::ShapeMismatch {
+            what: "ia3_l",
+            expected,
+            got: ia3_l.shape.to_vec(),
+        });
+    }
+    let l = ia3_l.data;
+    // peft adds the Python float 1e-8 to the f32 vector before dividing on unmerge.
+    let divisor: Vec<f32> = l.iter().map(|x| x + 1e-8f32).collect();
+    let unmerge = opts.unmerge;
+    let factor_of = |row: usize, col: usize| -> usize {
+        match axis {
+            Axis::Rows => row,
+            Axis::Cols { kernel } => col / kernel,
+            Axis::GroupedCols { kernel, opg, ipg } => (row / opg) * ipg + col / kernel,
+        }
+    };
+    update_rows(
+        WHAT,
+        &mut base,
+        cols.max(1),
+        opts.safe_merge && !unmerge,
+        |first_row, rows, _| {
+            match rows {
+                Rows::F32(w) => {
+                    for (q, wr) in w.chunks_exact_mut(cols.max(1)).enumerate() {
+                        for (c, x) in wr.iter_mut().enumerate() {
+                            let i = factor_of(first_row + q, c);
+                            if unmerge {
+                                *x /= divisor[i];
+                            } else {
+                                *x *= l[i];
+                            }
+                        }
+                    }
+                }
+                Rows::F64(w) => {
+                    for (q, wr) in w.chunks_exact_mut(cols.max(1)).enumerate() {
+                        for (c, x) in wr.iter_mut().enumerate() {
+                            let i = factor_of(first_row + q, c);
+                            if unmerge {
+                                *x /= f64::from(divisor[i]);
+                            } else {
+                                *x *= f64::from(l[i]);
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(())
+        },
+    )
+}
+
+/// Merges an IA³ vector into the bias of a non-feed-forward layer in place:
+/// `b' = fl_dtype(b · l)` (peft leaves feed-forward biases alone; do not call it for them).
+pub fn merge_ia3_bias(
+    mut bias: BaseTensorMut<'_>,
+    ia3_l: F32Tensor<'_>,
+    opts: &MergeOptions,
+) -> Result<()> {
+    const WHAT: &str = "IA3 bias";
+    let n = bias.validate(WHAT, true)?;
+    ia3_l.validate("ia3_l")?;
+    if ia3_l.data.len() != n {
+        return Err(MergeMathError::ShapeMismatch {
+            what: "ia3_l",
+            expected: bias.shape.to_vec(),
+            got: ia3_l.shape.to_vec(),
+        });
+    }
+    let l = ia3_l.data;
+    let unmerge = opts.unmerge;
+    update_rows(
+        WHAT,
+        &mut bias,
+        n.max(1),
+        opts.safe_merge && !unmerge,
+        |_, rows, _| {
+            match rows {
+                Rows::F32(w) => {
+                    w.iter_mut().zip(l).for_each(
+                        |(x, f)| {
+                            if unmerge {
+                                *x /= f + 1e-8f32
+                            } else {
+                                *x *= *f
+                            }
+                        },
+                    )
+                }
+                Rows::F64(w) => w.iter_mut().zip(l).for_each(|(x, f)| {
+                    if unmerge {
+                        *x /= f64::from(f + 1e-8f32)
+                    } else {
+                        *x *= f64::from(*f)
+                    }
+                }),
+            }
+            Ok(())
+        },
+    )
+}
+
+/// Checks a 2-D factor and returns its `(rows, cols)`.
+fn dims2(what: &'static str, t: &F32Tensor<'_>) -> Result<(usize, usize)> {
+    t.validate(what)?;
+    check_rank(what, t.shape, 2, 2, "2")?;
+    Ok((t.shape[0], t.shape[1]))
+}
+
+/// `a @ b` for two 2-D factors, in torch's f32 order.
+fn matmul(
+    an: &'static str,
+    a: &F32Tensor<'_>,
+    bn: &'static str,
+    b: &F32Tensor<'_>,
+) -> Result<(usize, usize, Vec<f32>)> {
+    let (m, k) = dims2(an, a)?;
+    let (k2, n) = dims2(bn, b)?;
+    if k != k2 {
+        return Err(MergeMathError::ShapeMismatch {
+            what: bn,
+            expected: vec![k, n],
+            got: b.shape.to_vec(),
+        });
+    }
+    Ok((m, n, lowrank_product(a.data, b.data, m, k, n, 1.0)?))
+}
+
+/// LoHa delta (non-CP form): `Δ = ((w1_a @ w1_b) ⊙ (w2_a @ w2_b)) · s`, reshaped to
+/// `base_shape` (Linear `(out, in)`, Conv flattened `(out, in·k·k)`).
+///
+/// `scale` is `f32(alpha / r)`; the Tucker/CP variant (`hada_t1`/`hada_t2`) is not supported.
+pub fn loha_delta(
+    base_shape: &[usize],
+    w1a: F32Tensor<'_>,
+    w1b: F32Tensor<'_>,
+    w2a: F32Tensor<'_>,
+    w2b: F32Tensor<'_>,
+    scale: f32,
+) -> Result<Vec<f32>> {
+    let (m1, n1, p1) = matmul("hada_w1_a", &w1a, "hada_w1_b", &w1b)?;
+    let (m2, n2, p2) = matmul("hada_w2_a", &w2a, "hada_w2_b", &w2b)?;
+    if (m1, n1) != (m2, n2) {
+        return Err(MergeMathError::ShapeMismatch {
+            what: "hada_w2_a @ hada_w2_b",
+            expected: vec![m1, n1],
+            got: vec![m2, n2],
+        });
+    }
+    check_len(
+        "LoHa delta (reshaped to the base weight)",
+        base_shape,
+        p1.len(),
+    )?;
+    if base_shape.first() != Some(&m1) {
+        return Err(MergeMathError::ShapeMismatch {
+            what: "base weight",
+            expected: vec![m1, n1],
+            got: base_shape.to_vec(),
+        });
+    }
+    Ok(p1.iter().zip(&p2).map(|(x, y)| (x * y) * scale).collect())
+}
+
+/// Merges a LoHa adapter (non-CP) in place; see [`loha_delta`] and the module docs.
+pub fn merge_loha(
+    base: BaseTensorMut<'_>,
+    w1a: F32Tensor<'_>,
+    w1b: F32Tensor<'_>,
+    w2a: F32Tensor<'_>,
+    w2b: F32Tensor<'_>,
+    scale: f32,
+    opts: &MergeOptions,
+) -> Result<()> {
+    let delta = loha_delta(base.shape, w1a, w1b, w2a, w2b, scale)?;
+    add_delta(base, &delta, &lycoris_opts(opts))
+}
+
+/// The LyCORIS merge never rounds Δ first.
+fn lycoris_opts(opts: &MergeOptions) -> MergeOptions {
+    MergeOptions {
+        round_delta_first: false,
+        ..*opts
+    }
+}
+
+/// One Kronecker factor of a LoKr adapter.
+#[derive(Debug, Clone, Copy)]
+pub enum LokrFactor<'a> {
+    /// A full matrix (`lokr_w1` / `lokr_w2`): 2-D, or 4-D `(c, d, kh, kw)` for conv `w2`.
+    Full(F32Tensor<'a>),
+    /// A low-rank pair (`lokr_w1_a`, `lokr_w1_b`), multiplied in torch's f32 order.
+    Product(F32Tensor<'a>, F32Tensor<'a>),
+}
+
+impl LokrFactor<'_> {
+    /// Materialises the factor: `(shape, values)`.
+    fn build(&self, a_name: &'static str, b_name: &'static str) -> Result<(Vec<usize>, Vec<f32>)> {
+        match self {
+            LokrFactor::Full(t) => {
+                t.validate(a_name)?;
+                check_rank(a_name, t.shape, 2, 5, "2 to 5")?;
+                Ok((t.shape.to_vec(), t.data.to_vec()))
+            }
+            LokrFactor::Product(a, b) => {
+                let (m, n, p) = matmul(a_name, a, b_name, b)?;
+                Ok((vec![m, n], p))
+            }
+        }
+    }
+}
+
+/// LoKr delta: `Δ = kron(w1, w2) · s`, reshaped to `base_shape`.
+///
+/// `w1` is 2-D `(a, b)`; `w2` is `(c, d)` or `(c, d, *kernel)`; the product has shape
+/// `(a·c, b·d, *kernel)` with `Δ[i·c+k, j·d+l, …] = fl32(fl32(w1[i,j] · w2[k,l,…]) · s)`.
+/// `scale` is `f32(alpha / r)`; the CP form (`lokr_t2`) is not supported.
+pub fn lokr_delta(
+    base_shape: &[usize],
+    w1: LokrFactor<'_>,
+    w2: LokrFactor<'_>,
+    scale: f32,
+) -> Result<Vec<f32>> {
+    let (s1, v1) = w1.build("lokr_w1", "lokr_w1_b")?;
+    let (s2, v2) = w2.build("lokr_w2", "lokr_w2_b")?;
+    if s1.len() != 2 {
+        return Err(MergeMathError::Rank {
+            what: "lokr_w1",
+            expected: "2",
+            got: s1,
+        });
+    }
+    let (a, b) = (s1[0], s1[1]);
+    let (c, d) = (s2[0], s2[1]);
+    let kernel = numel("lokr_w2", &s2[2..])?;
+    let mut out_shape = vec![a * c, b * d];
+    out_shape.extend_from_slice(&s2[2..]);
+    let total = numel("LoKr delta", &out_shape)?;
+    check_len(
+        "LoKr delta (reshaped to the base weight)",
+        base_shape,
+        total,
+    )?;
+    let mut out = vec![0f32; total];
+    let row_len = b * d * kernel;
+    for i in 0..a {
+        for k in 0..c {
+            let orow = &mut out[(i * c + k) * row_len..(i * c + k + 1) * row_len];
+            for j in 0..b {
+                let x = v1[i * b + j];
+                let src = &v2[k * d * kernel..(k + 1) * d * kernel];
+                let dst = &mut orow[j * d * kernel..(j + 1) * d * kernel];
+                for (o, y) in dst.iter_mut().zip(src) {
+                    *o = (x * y) * scale;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Merges a LoKr adapter in place; see [`lokr_delta`] and the module docs.
+pub fn merge_lokr(
+    base: BaseTensorMut<'_>,
+    w1: LokrFactor<'_>,
+    w2: LokrFactor<'_>,
+    scale: f32,
+    opts: &MergeOptions,
+) -> Result<()> {
+    let delta = lokr_delta(base.shape, w1, w2, scale)?;
+    add_delta(base, &delta, &lycoris_opts(opts))
+}
+
+/// Trainable tokens: replaces rows `indices[j]` of an embedding-like weight `(vocab, dim)` by
+/// `rows[j]` rounded to the base dtype (`W.index_copy(0, indices, rows.to(W))`).
+///
+/// With repeated indices the last row wins. Base dtypes F32/BF16/F16/F64.
+pub fn replace_rows(base: BaseTensorMut<'_>, indices: &[usize], rows: F32Tensor<'_>) -> Result<()> {
+    const WHAT: &str = "embedding (trainable tokens)";
+    base.validate(WHAT, true)?;
+    rows.validate("trainable_tokens_delta")?;
+    check_rank(WHAT, base.shape, 2, 2, "2")?;
+    let (vocab, dim) = (base.shape[0], base.shape[1]);
+    if rows.shape != [indices.len(), dim] {
+        return Err(MergeMathError::ShapeMismatch {
+            what: "trainable_tokens_delta",
+            expected: vec![indices.len(), dim],
+            got: rows.shape.to_vec(),
+        });
+    }
+    if let Some(&bad) = indices.iter().find(|&&i| i >= vocab) {
+        return Err(MergeMathError::Invalid {
+            what: "trainable token index",
+            reason: format!("index {bad} is outside the vocabulary of {vocab}"),
+        });
+    }
+    let size = element_size(base.dtype)?;
+    let row_bytes = dim * size;
+    for (j, &idx) in indices.iter().enumerate() {
+        let dst = &mut base.data[idx * row_bytes..(idx + 1) * row_bytes];
+        encode_f32_into(WHAT, base.dtype, &rows.data[j * dim..(j + 1) * dim], dst)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::merge::dtype::{decode_f32, encode_f32};
+    use safetensors::Dtype;
+
+    #[test]
+    fn trainable_tokens_replace_and_round() {
+        let mut w = encode_f32("w", Dtype::BF16, &[0.0; 12]).unwrap();
+        let rows = [1.0f32, 2.0, 3.0, 1.0 + 1.0 / 512.0, 5.0, 6.0];
+        replace_rows(
+            BaseTensorMut::new(Dtype::BF16, &[4, 3], &mut w),
+            &[2, 0],
+            F32Tensor::new(&[2, 3], &rows),
+        )
+        .unwrap();
+        let back = decode_f32("w", Dtype::BF16, &w).unwrap();
+        assert_eq!(
+            back,
+            vec![1.0, 5.0, 6.0, 0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 0.0, 0.0, 0.0]
+        );
+        assert!(replace_rows(
+            BaseTensorMut::new(Dtype::BF16, &[4, 3], &mut w),
+            &[4],
+            F32Tensor::new(&[1, 3], &rows[..3]),
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn kron_layout() {
+        let w1 = [1.0f32, 2.0];
+        let w2 = [1.0f32, 10.0, 100.0, 1000.0];
+        let d = lokr_delta(
+            &[2, 4],
+            LokrFactor::Full(F32Tensor::new(&[1, 2], &w1)),
+            LokrFactor::Full(F32Tensor::new(&[2, 2], &w2)),
+            1.0,
+        )
+        .unwrap();
+        assert_eq!(d, vec![1.0, 10.0, 2.0, 20.0, 100.0, 1000.0, 200.0, 2000.0]);
+    }
+
+    #[test]
+    fn ia3_scales_the_right_axis() {
+        let w0: Vec<f32> = (1..=6).map(|i| i as f32).collect();
+        let mut w = encode_f32("w", Dtype::F32, &w0).unwrap();
+        let opts = MergeOptions::default();
+        merge_ia3_weight(
+            BaseTensorMut::new(Dtype::F32, &[2, 3], &mut w),
+            F32Tensor::new(&[2, 1], &[2.0, 3.0]),
+            false,
+            false,
+            1,
+            &opts,
+        )
+        .unwrap();
+        assert_eq!(
+            decode_f32("w", Dtype::F32, &w).unwrap(),
+            vec![2.0, 4.0, 6.0, 12.0, 15.0, 18.0]
+        );
+        let mut w = encode_f32("w", Dtype::F32, &w0).unwrap();
+        merge_ia3_weight(
+            BaseTensorMut::new(Dtype::F32, &[2, 3], &mut w),
+            F32Tensor::new(&[1, 3], &[1.0, 0.0, 2.0]),
+            true,
+            false,
+            1,
+            &opts,
+        )
+        .unwrap();
+        assert_eq!(
+            decode_f32("w", Dtype::F32, &w).unwrap(),
+            vec![1.0, 0.0, 6.0, 4.0, 0.0, 12.0]
+        );
+        assert!(merge_ia3_weight(
+            BaseTensorMut::new(Dtype::F32, &[2, 3], &mut w),
+            F32Tensor::new(&[3, 1], &[1.0, 0.0, 2.0]),
+            false,
+            false,
+            1,
+            &opts,
+        )
+        .is_err());
+    }
+}

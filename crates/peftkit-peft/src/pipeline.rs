@@ -1,0 +1,902 @@
+//! The streaming merge: adapters merged into a base checkpoint tensor by tensor.
+//!
+//! The base is opened by its headers only. Every output tensor is a lazy
+//! [`peftkit_checkpoint::Tensor`]: untouched tensors are streamed from the base file without
+//! being decoded; a targeted tensor is read, merged in place by the kernels of
+//! [`crate::merge`] (which use every core), encoded back to the base dtype and dropped once
+//! written. Peak memory is a few tensors, whatever the size of the model.
+//!
+//! Everything that can be checked before writing is checked first (every adapter tensor has a
+//! base tensor, shapes agree, the method and its options can be merged); what can only fail
+//! while computing (a NaN with `safe_merge`) aborts the atomic save, so the output folder
+//! either holds the complete merge or is left as it was.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use indexmap::IndexMap;
+use peftkit_checkpoint::reshard::companion_files;
+use peftkit_checkpoint::tensor::dtype_name;
+use peftkit_checkpoint::{
+    plan_save, save_planned, Checkpoint, CheckpointError, Dtype, ModelConfig, SaveOptions,
+    SavePlan, StateDict, Tensor,
+};
+use serde::Serialize;
+
+use crate::adapter::{Adapter, AdapterError, AdapterModule};
+use crate::config::{AdapterConfig, TrainableTokenIndices};
+use crate::merge::dtype::decode_f32;
+use crate::merge::{
+    dora, lora, methods, BaseTensorMut, F32Tensor, MergeMathError, MergeOptions as KernelOptions,
+};
+use crate::targeting::PatternResolver;
+
+/// One adapter to merge and its weight (`--adapter DIR[:WEIGHT]`).
+#[derive(Debug, Clone)]
+pub struct AdapterInput {
+    /// The adapter folder.
+    pub dir: PathBuf,
+    /// Multiplies the adapter's scaling (1.0 = as trained).
+    pub weight: f64,
+}
+
+impl AdapterInput {
+    /// Parses `DIR` or `DIR:WEIGHT`. A suffix that is not a number is part of the path.
+    pub fn parse(arg: &str) -> Self {
+        if let Some((dir, w)) = arg.rsplit_once(':') {
+            if let Ok(weight) = w.parse::<f64>() {
+                return AdapterInput {
+                    dir: dir.into(),
+                    weight,
+                };
+            }
+        }
+        AdapterInput {
+            dir: arg.into(),
+            weight: 1.0,
+        }
+    }
+}
+
+/// What to merge and where.
+#[derive(Debug, Clone)]
+pub struct MergeJob {
+    /// The base checkpoint folder (or `.safetensors` file).
+    pub base: PathBuf,
+    /// Adapters, merged in this order, each onto the result of the previous.
+    pub adapters: Vec<AdapterInput>,
+    /// Output folder (created, or replaced atomically).
+    pub out: PathBuf,
+    /// `None` keeps the base layout (same files, same index); `Some` reshards.
+    pub max_shard_size: Option<u64>,
+    /// peft's `safe_merge=True`: round the delta first and refuse NaN/Inf results.
+    pub safe_merge: bool,
+}
+
+/// What a merge did.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct MergeSummary {
+    /// Base tensors changed by an adapter.
+    pub tensors_merged: usize,
+    /// Base tensors replaced whole (`modules_to_save`, saved embeddings).
+    pub tensors_replaced: usize,
+    /// Base tensors copied unchanged.
+    pub tensors_copied: usize,
+    /// Tensors added (an untied `lm_head`).
+    pub tensors_added: usize,
+    /// Bytes of tensor data written.
+    pub bytes: u64,
+    /// Weight files written.
+    pub files: Vec<String>,
+    /// Whether `tie_word_embeddings` was set to false.
+    pub untied_embeddings: bool,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// Why a merge was refused or failed. Nothing is written in any of these cases.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MergeError {
+    /// An adapter could not be loaded.
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+    /// The base could not be read or the output written.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// An adapter tensor whose module has no tensor in the base.
+    #[error("{adapter}: `{key}` adapts `{module}`, but the base {base} has no tensor `{expected}`; the adapter was trained on another model or its names need remapping")]
+    NoBaseTensor {
+        /// Adapter folder.
+        adapter: PathBuf,
+        /// Adapter tensor key.
+        key: String,
+        /// Module path.
+        module: String,
+        /// Base key looked for.
+        expected: String,
+        /// Base folder.
+        base: PathBuf,
+    },
+    /// A method, variant or option that cannot be merged (exactly).
+    #[error("{adapter}: cannot merge: {what}")]
+    Unsupported {
+        /// Adapter folder.
+        adapter: PathBuf,
+        /// What is unsupported.
+        what: String,
+    },
+    /// Adapter and base shapes disagree.
+    #[error("{adapter}: `{key}` has shape {adapter_shape:?}, which does not fit base tensor `{base_key}` {base_shape:?}")]
+    Shape {
+        /// Adapter folder.
+        adapter: PathBuf,
+        /// Adapter tensor key.
+        key: String,
+        /// Its shape.
+        adapter_shape: Vec<usize>,
+        /// Base tensor.
+        base_key: String,
+        /// Its shape.
+        base_shape: Vec<usize>,
+    },
+}
+
+fn math_error(tensor: &str, adapter: &Path, e: MergeMathError) -> CheckpointError {
+    CheckpointError::TensorData {
+        tensor: tensor.to_owned(),
+        reason: format!("merging {}: {e}", adapter.display()),
+    }
+}
+
+/// One change to a base tensor.
+#[derive(Clone)]
+enum Edit {
+    /// Replace the whole tensor (cast to the base dtype).
+    Replace { source: Tensor },
+    /// A LoRA pair (optionally DoRA).
+    Lora {
+        module: AdapterModule,
+        kind: LoraKind,
+        scale: f32,
+        dora: bool,
+    },
+    /// `lora_B.bias * s` added to the base bias.
+    LoraBias { bias: Tensor, scale: f32 },
+    /// Rows replaced (trainable tokens).
+    Rows { indices: Vec<usize>, rows: Tensor },
+    /// IA3 scaling vector.
+    Ia3 {
+        vector: Tensor,
+        feedforward: bool,
+        fan_in_fan_out: bool,
+    },
+    /// IA3 on the bias of a non-feedforward layer.
+    Ia3Bias { vector: Tensor },
+    /// LoHa Hadamard product.
+    Loha { module: AdapterModule, scale: f32 },
+    /// LoKr Kronecker product.
+    Lokr { module: AdapterModule, scale: f32 },
+}
+
+#[derive(Clone, Copy, Debug)]
+enum LoraKind {
+    Linear { fan_in_fan_out: bool },
+    Embedding,
+    Conv,
+}
+
+#[derive(Clone)]
+struct Step {
+    adapter: Arc<Path>,
+    edit: Edit,
+}
+
+fn f32s(
+    what: &'static str,
+    t: &Tensor,
+    tensor: &str,
+    adapter: &Path,
+) -> Result<Vec<f32>, CheckpointError> {
+    let bytes = t.bytes()?;
+    decode_f32(what, t.dtype(), &bytes).map_err(|e| math_error(tensor, adapter, e))
+}
+
+fn apply(
+    name: &str,
+    dtype: Dtype,
+    shape: &[usize],
+    data: &mut Vec<u8>,
+    step: &Step,
+    safe: bool,
+) -> Result<(), CheckpointError> {
+    let adapter: &Path = &step.adapter;
+    let err = |e: MergeMathError| math_error(name, adapter, e);
+    let opts = KernelOptions {
+        safe_merge: safe,
+        ..KernelOptions::default()
+    };
+    match &step.edit {
+        Edit::Replace { source } => {
+            let values = f32s("replacement", source, name, adapter)?;
+            *data = crate::merge::dtype::encode_f32("replacement", dtype, &values).map_err(err)?;
+            Ok(())
+        }
+        Edit::Lora {
+            module,
+            kind,
+            scale,
+            dora,
+        } => {
+            let (ra, rb) = match kind {
+                LoraKind::Embedding => ("embedding_a", "embedding_b"),
+                _ => ("a", "b"),
+            };
+            let (ta, tb) = (module.get(ra), module.get(rb));
+            let (Some(ta), Some(tb)) = (ta, tb) else {
+                return Err(CheckpointError::TensorData {
+                    tensor: name.into(),
+                    reason: "incomplete LoRA pair".into(),
+                });
+            };
+            let (a, b) = (
+                f32s("lora_A", ta, name, adapter)?,
+                f32s("lora_B", tb, name, adapter)?,
+            );
+            let (a, b) = (
+                F32Tensor::new(ta.shape(), &a),
+                F32Tensor::new(tb.shape(), &b),
+            );
+            let base = BaseTensorMut::new(dtype, shape, data);
+            if *dora {
+                let mt = module
+                    .get("magnitude")
+                    .ok_or_else(|| CheckpointError::TensorData {
+                        tensor: name.into(),
+                        reason: "DoRA magnitude missing".into(),
+                    })?;
+                let m = f32s("lora_magnitude_vector", mt, name, adapter)?;
+                let m = F32Tensor::new(mt.shape(), &m);
+                return match kind {
+                    LoraKind::Linear { fan_in_fan_out } => {
+                        dora::merge_dora_linear(base, a, b, m, *scale, *fan_in_fan_out, &opts)
+                    }
+                    LoraKind::Embedding => dora::merge_dora_embedding(base, a, b, m, *scale, &opts),
+                    LoraKind::Conv => dora::merge_dora_conv(base, a, b, m, *scale, 1, &opts),
+                }
+                .map_err(err);
+            }
+            match kind {
+                LoraKind::Linear { fan_in_fan_out } => {
+                    lora::merge_linear(base, a, b, *scale, *fan_in_fan_out, &opts)
+                }
+                LoraKind::Embedding => lora::merge_embedding(base, a, b, *scale, &opts),
+                LoraKind::Conv => lora::merge_conv(base, a, b, *scale, 1, &opts),
+            }
+            .map_err(err)
+        }
+        Edit::LoraBias { bias, scale } => {
+            let v = f32s("lora_B.bias", bias, name, adapter)?;
+            lora::merge_lora_bias(
+                BaseTensorMut::new(dtype, shape, data),
+                F32Tensor::new(bias.shape(), &v),
+                *scale,
+                &opts,
+            )
+            .map_err(err)
+        }
+        Edit::Rows { indices, rows } => {
+            let v = f32s("trainable_tokens_delta", rows, name, adapter)?;
+            methods::replace_rows(
+                BaseTensorMut::new(dtype, shape, data),
+                indices,
+                F32Tensor::new(rows.shape(), &v),
+            )
+            .map_err(err)
+        }
+        Edit::Ia3 {
+            vector,
+            feedforward,
+            fan_in_fan_out,
+        } => {
+            let v = f32s("ia3_l", vector, name, adapter)?;
+            methods::merge_ia3_weight(
+                BaseTensorMut::new(dtype, shape, data),
+                F32Tensor::new(vector.shape(), &v),
+                *feedforward,
+                *fan_in_fan_out,
+                1,
+                &opts,
+            )
+            .map_err(err)
+        }
+        Edit::Ia3Bias { vector } => {
+            let v = f32s("ia3_l", vector, name, adapter)?;
+            methods::merge_ia3_bias(
+                BaseTensorMut::new(dtype, shape, data),
+                F32Tensor::new(vector.shape(), &v),
+                &opts,
+            )
+            .map_err(err)
+        }
+        Edit::Loha { module, scale } => {
+            let get = |role: &'static str| -> Result<(Vec<f32>, Vec<usize>), CheckpointError> {
+                let t = module
+                    .get(role)
+                    .ok_or_else(|| CheckpointError::TensorData {
+                        tensor: name.into(),
+                        reason: format!("LoHa tensor {role} missing"),
+                    })?;
+                Ok((f32s(role, t, name, adapter)?, t.shape().to_vec()))
+            };
+            let (w1a, s1a) = get("w1_a")?;
+            let (w1b, s1b) = get("w1_b")?;
+            let (w2a, s2a) = get("w2_a")?;
+            let (w2b, s2b) = get("w2_b")?;
+            methods::merge_loha(
+                BaseTensorMut::new(dtype, shape, data),
+                F32Tensor::new(&s1a, &w1a),
+                F32Tensor::new(&s1b, &w1b),
+                F32Tensor::new(&s2a, &w2a),
+                F32Tensor::new(&s2b, &w2b),
+                *scale,
+                &opts,
+            )
+            .map_err(err)
+        }
+        Edit::Lokr { module, scale } => {
+            let load = |role: &'static str| -> Result<Loaded, CheckpointError> {
+                match module.get(role) {
+                    Some(t) => Ok(Some((f32s(role, t, name, adapter)?, t.shape().to_vec()))),
+                    None => Ok(None),
+                }
+            };
+            let (w1, w1a, w1b) = (load("w1")?, load("w1_a")?, load("w1_b")?);
+            let (w2, w2a, w2b) = (load("w2")?, load("w2_a")?, load("w2_b")?);
+            let f1 = lokr_factor(name, &w1, &w1a, &w1b)?;
+            let f2 = lokr_factor(name, &w2, &w2a, &w2b)?;
+            methods::merge_lokr(
+                BaseTensorMut::new(dtype, shape, data),
+                f1,
+                f2,
+                *scale,
+                &opts,
+            )
+            .map_err(err)
+        }
+    }
+}
+
+/// A decoded adapter tensor and its shape, if the module has it.
+type Loaded = Option<(Vec<f32>, Vec<usize>)>;
+
+/// A LoKr factor: the full matrix, or the product of its two halves.
+fn lokr_factor<'a>(
+    name: &str,
+    full: &'a Loaded,
+    a: &'a Loaded,
+    b: &'a Loaded,
+) -> Result<methods::LokrFactor<'a>, CheckpointError> {
+    match (full, a, b) {
+        (Some((v, s)), _, _) => Ok(methods::LokrFactor::Full(F32Tensor::new(s, v))),
+        (None, Some((va, sa)), Some((vb, sb))) => Ok(methods::LokrFactor::Product(
+            F32Tensor::new(sa, va),
+            F32Tensor::new(sb, vb),
+        )),
+        _ => Err(CheckpointError::TensorData {
+            tensor: name.into(),
+            reason: "LoKr factors incomplete".into(),
+        }),
+    }
+}
+
+/// Everything decided before any byte is written.
+struct MergePlan {
+    steps: IndexMap<String, Vec<Step>>,
+    added: IndexMap<String, (Tensor, String)>,
+    untie: bool,
+}
+
+fn scale_of(alpha: f64, r: usize, rslora: bool, weight: f64) -> f32 {
+    let s = if rslora {
+        alpha / (r as f64).sqrt()
+    } else {
+        alpha / r as f64
+    };
+    (s * weight) as f32
+}
+
+fn number(v: Option<&serde_json::Value>) -> Option<f64> {
+    v.and_then(serde_json::Value::as_f64)
+}
+
+/// Matches a module path against a list of target names the way peft does (equal, or a
+/// `.`-suffix).
+fn in_list(names: &[String], module: &str) -> bool {
+    names
+        .iter()
+        .any(|n| module == n || module.ends_with(&format!(".{n}")))
+}
+
+fn plan(
+    base: &Checkpoint,
+    base_config: Option<&ModelConfig>,
+    adapters: &[(Adapter, f64)],
+) -> Result<MergePlan, MergeError> {
+    let mut steps: IndexMap<String, Vec<Step>> = IndexMap::new();
+    let mut added: IndexMap<String, (Tensor, String)> = IndexMap::new();
+    let mut untie = false;
+    let tied = base_config
+        .map(ModelConfig::tie_word_embeddings)
+        .unwrap_or(false);
+    for (adapter, weight) in adapters {
+        let dir: Arc<Path> = Arc::from(adapter.dir.as_path());
+        let unsupported = |what: String| MergeError::Unsupported {
+            adapter: adapter.dir.clone(),
+            what,
+        };
+        let push = |steps: &mut IndexMap<String, Vec<Step>>, key: &str, edit: Edit| {
+            steps.entry(key.to_owned()).or_default().push(Step {
+                adapter: dir.clone(),
+                edit,
+            });
+        };
+        let base_tensor =
+            |module: &str, param: &str, key: &str| -> Result<(String, Tensor), MergeError> {
+                let expected = format!("{module}.{param}");
+                match base.get(&expected) {
+                    Some(t) => Ok((expected, t.clone())),
+                    None => Err(MergeError::NoBaseTensor {
+                        adapter: adapter.dir.clone(),
+                        key: key.to_owned(),
+                        module: module.to_owned(),
+                        expected,
+                        base: base.dir.clone(),
+                    }),
+                }
+            };
+        if let Some(key) = adapter.unexpected.first() {
+            return Err(unsupported(format!(
+                "`{key}` is not a tensor of a {} adapter (prompt-learning adapters have nothing to merge)",
+                adapter.config.peft_type()
+            )));
+        }
+        // Full tensors carried by the adapter replace the base's before its deltas apply, as
+        // peft loads them into the base model first.
+        for (base_key, rep) in &adapter.replacements {
+            if base.get(base_key).is_some() {
+                push(
+                    &mut steps,
+                    base_key,
+                    Edit::Replace {
+                        source: rep.tensor.clone(),
+                    },
+                );
+            } else if tied && base_key.ends_with("lm_head.weight") {
+                // A trained lm_head copy on a tied model: the merge unties the embeddings.
+                let source = base
+                    .tensors()
+                    .find(|(k, _)| k.ends_with("embed_tokens.weight") || k.ends_with("wte.weight"))
+                    .map(|(k, _)| k.to_owned())
+                    .unwrap_or_default();
+                added.insert(base_key.clone(), (rep.tensor.clone(), source));
+                untie = true;
+            } else {
+                return Err(MergeError::NoBaseTensor {
+                    adapter: adapter.dir.clone(),
+                    key: rep.key.clone(),
+                    module: base_key.clone(),
+                    expected: base_key.clone(),
+                    base: base.dir.clone(),
+                });
+            }
+        }
+        if !adapter.shared.is_empty() {
+            return Err(unsupported(format!(
+                "{} adapters with shared tensors are not supported",
+                adapter.config.peft_type()
+            )));
+        }
+        match &adapter.config {
+            AdapterConfig::Lora(cfg) => {
+                let features = cfg.unsupported_merge_features();
+                if !features.is_empty() {
+                    return Err(unsupported(format!("LoRA with {}", features.join(", "))));
+                }
+                if cfg.target_parameters.is_some() {
+                    return Err(unsupported(
+                        "target_parameters (MoE experts) are not merged yet".into(),
+                    ));
+                }
+                let resolver = PatternResolver::new(cfg).map_err(|e| unsupported(e.to_string()))?;
+                for (module, tensors) in &adapter.modules {
+                    let key_of = |role: &str| {
+                        tensors
+                            .tensors
+                            .get(role)
+                            .map(|t| t.key.clone())
+                            .unwrap_or_default()
+                    };
+                    if let Some(rows) = tensors.get("trainable_tokens") {
+                        let indices = match &cfg.trainable_token_indices {
+                            Some(TrainableTokenIndices::Indices(v)) => v.clone(),
+                            Some(TrainableTokenIndices::PerModule(m)) => m
+                                .iter()
+                                .find(|(n, _)| module == *n || module.ends_with(&format!(".{n}")))
+                                .map(|(_, v)| v.clone())
+                                .unwrap_or_default(),
+                            None => {
+                                return Err(unsupported(format!(
+                                    "`{}` without trainable_token_indices in the config",
+                                    key_of("trainable_tokens")
+                                )))
+                            }
+                        };
+                        let indices: Vec<usize> = indices
+                            .iter()
+                            .map(|&i| usize::try_from(i))
+                            .collect::<Result<_, _>>()
+                            .map_err(|_| unsupported("negative trainable token index".into()))?;
+                        let (bk, _) = base_tensor(module, "weight", &key_of("trainable_tokens"))?;
+                        push(
+                            &mut steps,
+                            &bk,
+                            Edit::Rows {
+                                indices,
+                                rows: rows.clone(),
+                            },
+                        );
+                    }
+                    let (ra, kind_hint) = if tensors.get("embedding_a").is_some() {
+                        ("embedding_a", Some(LoraKind::Embedding))
+                    } else {
+                        ("a", None)
+                    };
+                    let Some(a) = tensors.get(ra) else { continue };
+                    let r = a.shape().first().copied().unwrap_or(0);
+                    let alpha = resolver
+                        .alpha_for(module)
+                        .map_err(|e| unsupported(e.to_string()))?;
+                    let scale = scale_of(alpha, r, cfg.use_rslora, *weight);
+                    let (bk, bt) = base_tensor(module, "weight", &key_of(ra))?;
+                    let kind = match kind_hint {
+                        Some(k) => k,
+                        None if bt.shape().len() == 2 => LoraKind::Linear {
+                            fan_in_fan_out: cfg.fan_in_fan_out,
+                        },
+                        None if (3..=5).contains(&bt.shape().len()) => {
+                            if a.shape().get(1) != bt.shape().get(1) {
+                                return Err(unsupported(format!("`{bk}` is a grouped convolution; peft cannot merge LoRA into it (groups > 1)")));
+                            }
+                            LoraKind::Conv
+                        }
+                        None => {
+                            return Err(MergeError::Shape {
+                                adapter: adapter.dir.clone(),
+                                key: key_of(ra),
+                                adapter_shape: a.shape().to_vec(),
+                                base_key: bk,
+                                base_shape: bt.shape().to_vec(),
+                            })
+                        }
+                    };
+                    check_lora_shapes(adapter, tensors, kind, &bk, &bt)?;
+                    let dora = tensors.get("magnitude").is_some();
+                    push(
+                        &mut steps,
+                        &bk,
+                        Edit::Lora {
+                            module: tensors.clone(),
+                            kind,
+                            scale,
+                            dora,
+                        },
+                    );
+                    if let Some(bias) = tensors.get("b_bias") {
+                        let (bbk, _) = base_tensor(module, "bias", &key_of("b_bias"))?;
+                        push(
+                            &mut steps,
+                            &bbk,
+                            Edit::LoraBias {
+                                bias: bias.clone(),
+                                scale,
+                            },
+                        );
+                    }
+                }
+            }
+            AdapterConfig::Other(generic) => {
+                let fields = &generic.fields;
+                let fan_in_fan_out = fields
+                    .get("fan_in_fan_out")
+                    .and_then(serde_json::Value::as_bool)
+                    .unwrap_or(false);
+                match generic.peft_type.as_str() {
+                    "IA3" => {
+                        let ff: Vec<String> = fields
+                            .get("feedforward_modules")
+                            .and_then(|v| v.as_array())
+                            .map(|a| {
+                                a.iter()
+                                    .filter_map(|s| s.as_str().map(str::to_owned))
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        for (module, tensors) in &adapter.modules {
+                            let Some(v) = tensors.get("ia3_l") else {
+                                continue;
+                            };
+                            let key = tensors
+                                .tensors
+                                .get("ia3_l")
+                                .map(|t| t.key.clone())
+                                .unwrap_or_default();
+                            let feedforward = in_list(&ff, module);
+                            let (bk, _) = base_tensor(module, "weight", &key)?;
+                            push(
+                                &mut steps,
+                                &bk,
+                                Edit::Ia3 {
+                                    vector: v.clone(),
+                                    feedforward,
+                                    fan_in_fan_out,
+                                },
+                            );
+                            let bias_key = format!("{module}.bias");
+                            if !feedforward && base.get(&bias_key).is_some() {
+                                push(&mut steps, &bias_key, Edit::Ia3Bias { vector: v.clone() });
+                            }
+                        }
+                    }
+                    method @ ("LOHA" | "LOKR") => {
+                        let r = number(fields.get("r")).unwrap_or(8.0);
+                        let alpha = number(fields.get("alpha")).unwrap_or(r);
+                        if fields
+                            .get("rank_pattern")
+                            .and_then(|v| v.as_object())
+                            .is_some_and(|m| !m.is_empty())
+                            || fields
+                                .get("alpha_pattern")
+                                .and_then(|v| v.as_object())
+                                .is_some_and(|m| !m.is_empty())
+                        {
+                            return Err(unsupported(format!(
+                                "{method} with rank_pattern/alpha_pattern"
+                            )));
+                        }
+                        let scale = ((alpha / r) * weight) as f32;
+                        for (module, tensors) in &adapter.modules {
+                            if tensors.get("t1").is_some() || tensors.get("t2").is_some() {
+                                return Err(unsupported(format!(
+                                    "{method} with effective-conv (CP) factors on `{module}`"
+                                )));
+                            }
+                            let key = tensors
+                                .tensors
+                                .values()
+                                .next()
+                                .map(|t| t.key.clone())
+                                .unwrap_or_default();
+                            let (bk, _) = base_tensor(module, "weight", &key)?;
+                            let edit = if method == "LOHA" {
+                                Edit::Loha {
+                                    module: tensors.clone(),
+                                    scale,
+                                }
+                            } else {
+                                Edit::Lokr {
+                                    module: tensors.clone(),
+                                    scale,
+                                }
+                            };
+                            push(&mut steps, &bk, edit);
+                        }
+                    }
+                    other => {
+                        return Err(unsupported(format!(
+                            "{other} adapters cannot be merged into weights"
+                        )))
+                    }
+                }
+            }
+        }
+    }
+    Ok(MergePlan {
+        steps,
+        added,
+        untie,
+    })
+}
+
+fn check_lora_shapes(
+    adapter: &Adapter,
+    m: &AdapterModule,
+    kind: LoraKind,
+    base_key: &str,
+    base: &Tensor,
+) -> Result<(), MergeError> {
+    let (ra, rb) = match kind {
+        LoraKind::Embedding => ("embedding_a", "embedding_b"),
+        _ => ("a", "b"),
+    };
+    let (Some(a), Some(b)) = (m.tensors.get(ra), m.tensors.get(rb)) else {
+        return Ok(());
+    };
+    let bs = base.shape();
+    let (a_s, b_s) = (a.tensor.shape(), b.tensor.shape());
+    let ok = match kind {
+        LoraKind::Linear {
+            fan_in_fan_out: false,
+        } => bs.len() == 2 && a_s.get(1) == Some(&bs[1]) && b_s.first() == Some(&bs[0]),
+        LoraKind::Linear {
+            fan_in_fan_out: true,
+        } => bs.len() == 2 && a_s.get(1) == Some(&bs[0]) && b_s.first() == Some(&bs[1]),
+        LoraKind::Embedding => {
+            bs.len() == 2 && a_s.get(1) == Some(&bs[0]) && b_s.first() == Some(&bs[1])
+        }
+        LoraKind::Conv => b_s.first() == Some(&bs[0]) && a_s.get(1) == bs.get(1),
+    } && a_s.first() == b_s.get(1);
+    if ok {
+        Ok(())
+    } else {
+        let bad = if a_s.first() == b_s.get(1) && b_s.first() == bs.first() {
+            a
+        } else {
+            b
+        };
+        Err(MergeError::Shape {
+            adapter: adapter.dir.clone(),
+            key: bad.key.clone(),
+            adapter_shape: bad.tensor.shape().to_vec(),
+            base_key: base_key.to_owned(),
+            base_shape: bs.to_vec(),
+        })
+    }
+}
+
+/// Merges `job.adapters` into `job.base` and writes the result to `job.out`, reporting data
+/// bytes written through `on_bytes`.
+///
+/// The output keeps the base's layout (file names, tensor-to-file assignment, index, header
+/// metadata) unless `max_shard_size` asks for a reshard; every other file of the base
+/// (configs, tokenizer, chat template, custom code) is copied, and `config.json` gets
+/// `tie_word_embeddings: false` when the merge unties the embeddings, as peft does.
+pub fn merge(job: &MergeJob, on_bytes: &mut dyn FnMut(u64)) -> Result<MergeSummary, MergeError> {
+    let start = Instant::now();
+    let base = Checkpoint::open(&job.base)?;
+    let base_dir = if job.base.is_dir() {
+        job.base.clone()
+    } else {
+        base.dir.clone()
+    };
+    let config_path = base_dir.join("config.json");
+    let mut config = if config_path.is_file() {
+        Some(ModelConfig::read(&config_path)?)
+    } else {
+        None
+    };
+    let adapters = job
+        .adapters
+        .iter()
+        .map(|a| Adapter::open(&a.dir).map(|ad| (ad, a.weight)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let plan = plan(&base, config.as_ref(), &adapters)?;
+
+    let mut state = StateDict::new();
+    let mut summary = MergeSummary {
+        tensors_merged: 0,
+        tensors_replaced: 0,
+        tensors_copied: 0,
+        tensors_added: plan.added.len(),
+        bytes: 0,
+        files: vec![],
+        untied_embeddings: false,
+        seconds: 0.0,
+    };
+    for (name, tensor) in base.tensors() {
+        match plan.steps.get(name) {
+            None => {
+                summary.tensors_copied += 1;
+                state.insert(name.to_owned(), tensor.clone());
+            }
+            Some(steps) => {
+                if steps.iter().all(|s| matches!(s.edit, Edit::Replace { .. })) {
+                    summary.tensors_replaced += 1;
+                } else {
+                    summary.tensors_merged += 1;
+                }
+                let (base_t, steps, safe, key) = (
+                    tensor.clone(),
+                    steps.clone(),
+                    job.safe_merge,
+                    name.to_owned(),
+                );
+                let lazy = Tensor::lazy(tensor.dtype(), tensor.shape().to_vec(), move || {
+                    let mut data = base_t.bytes()?.into_owned();
+                    for step in &steps {
+                        apply(&key, base_t.dtype(), base_t.shape(), &mut data, step, safe)?;
+                    }
+                    Ok(data)
+                })?;
+                state.insert(name.to_owned(), lazy);
+            }
+        }
+    }
+    for (name, (tensor, _)) in &plan.added {
+        state.insert(name.clone(), tensor.clone());
+    }
+    if plan.untie {
+        if let Some(c) = config.as_mut() {
+            c.fields
+                .insert("tie_word_embeddings".into(), serde_json::Value::Bool(false));
+            summary.untied_embeddings = true;
+        }
+    }
+
+    let mut options = SaveOptions {
+        metadata: base.metadata().cloned().unwrap_or_default(),
+        ..Default::default()
+    };
+    if job.base.is_dir() {
+        options.extra_files = companion_files(&base_dir)?
+            .into_iter()
+            .filter(|(n, _)| !(summary.untied_embeddings && n == "config.json"))
+            .collect();
+    }
+    if summary.untied_embeddings {
+        options.config = config;
+    }
+    let save_plan = match job.max_shard_size {
+        Some(size) => {
+            state.sort_by(|a, _, b, _| peftkit_checkpoint::natural::natural_cmp(a, b));
+            plan_save(
+                &state,
+                &SaveOptions {
+                    max_shard_size: size,
+                    ..options.clone()
+                },
+            )?
+        }
+        None => with_added(SavePlan::from_checkpoint(&base), &plan.added, &state),
+    };
+    let mut written = 0u64;
+    let report = save_planned(&job.out, &state, &save_plan, &options, &mut |n| {
+        written += n;
+        on_bytes(n)
+    })?;
+    summary.bytes = written;
+    summary.files = report.weight_files;
+    summary.seconds = start.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Puts added tensors (an untied `lm_head`) into the file of their tie source and the index.
+fn with_added(
+    mut plan: SavePlan,
+    added: &IndexMap<String, (Tensor, String)>,
+    state: &StateDict,
+) -> SavePlan {
+    for (name, (_, source)) in added {
+        let slot = plan
+            .shards
+            .iter()
+            .position(|(_, names)| names.contains(source))
+            .unwrap_or(0);
+        if let Some((file, names)) = plan.shards.get_mut(slot) {
+            names.push(name.clone());
+            if let Some((_, index)) = plan.index.as_mut() {
+                index.weight_map.insert(name.clone(), file.clone());
+                let t = &state[name];
+                index.total_size = index.total_size.map(|s| s + t.byte_len() as u64);
+                index.total_parameters = index.total_parameters.map(|p| p + t.numel() as u64);
+            }
+        }
+    }
+    plan
+}
+
+/// The dtype name of a tensor, for messages.
+pub fn describe(t: &Tensor) -> String {
+    format!("{} {:?}", dtype_name(t.dtype()), t.shape())
+}
