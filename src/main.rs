@@ -81,6 +81,9 @@ enum Command {
         /// Round each delta to the base dtype first and refuse NaN/Inf results (peft's safe_merge).
         #[arg(long)]
         safe_merge: bool,
+        /// Subtract the adapters instead of adding them (peft's unmerge).
+        #[arg(long)]
+        unmerge: bool,
         /// Print a JSON summary.
         #[arg(long)]
         json: bool,
@@ -166,6 +169,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             out,
             max_shard_size,
             safe_merge,
+            unmerge,
             json,
         } => {
             let job = peft::pipeline::MergeJob {
@@ -180,6 +184,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .map(ckpt::parse_size)
                     .transpose()?,
                 safe_merge,
+                unmerge,
             };
             let total = Checkpoint::open(&job.base)?.total_bytes();
             let bar = progress(total);

@@ -68,6 +68,41 @@ def resharded_variant_loads_with_variant_argument():
     assert torch.equal(ours, theirs)
 
 
+MERGE_CASES = ["lora_basic", "lora_bf16", "lora_f16", "rslora", "dora_bf16", "embedding_lora", "gpt2_conv1d",
+               "modules_to_save", "patterns", "two_adapters", "lora_bias", "trainable_tokens"]
+
+
+@check
+def merged_checkpoints_load_in_transformers_with_peft_merged_logits():
+    """peftkit merge output, loaded by transformers, gives exactly the logits of peft's own
+    merge_and_unload() (recorded in the fixture when it was made)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    for case in MERGE_CASES:
+        d = FIX / "peft" / case
+        adapters = [d / "adapter"] + sorted(p.parent for p in (d / "adapter").glob("*/adapter_config.json"))
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "merged"
+            args = ["merge", "--base", d / "base", "--out", out]
+            for a in adapters:
+                args += ["--adapter", a]
+            peftkit(*args)
+            ours = logits_of(AutoModelForCausalLM.from_pretrained(out))
+        theirs = load_file(d / "logits.safetensors")["merged_logits"]
+        assert torch.equal(ours, theirs), f"{case}: max diff {(ours - theirs).abs().max()}"
+
+
+@check
+def merge_refuses_mismatched_adapter_and_writes_nothing():
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "merged"
+        res = subprocess.run([BIN, "merge", "--base", FIX / "peft" / "lora_basic" / "base", "--adapter",
+                              FIX / "peft" / "gpt2_conv1d" / "adapter", "--out", out], capture_output=True, text=True)
+        assert res.returncode != 0 and "c_attn" in res.stderr, res.stderr
+        assert not out.exists()
+
+
 def main():
     passed = failed = 0
     only = sys.argv[1:]

@@ -72,6 +72,10 @@ pub struct MergeJob {
     pub max_shard_size: Option<u64>,
     /// peft's `safe_merge=True`: round the delta first and refuse NaN/Inf results.
     pub safe_merge: bool,
+    /// Subtract the adapters instead (peft's `unmerge`: `W -= Δ.to(W.dtype)`), to recover a
+    /// base from a merged checkpoint. Exact in f32 up to rounding; not an exact inverse in 16
+    /// bits. Adapters that replace tensors cannot be unmerged.
+    pub unmerge: bool,
 }
 
 /// What a merge did.
@@ -209,14 +213,11 @@ fn apply(
     shape: &[usize],
     data: &mut Vec<u8>,
     step: &Step,
-    safe: bool,
+    opts: &KernelOptions,
 ) -> Result<(), CheckpointError> {
     let adapter: &Path = &step.adapter;
     let err = |e: MergeMathError| math_error(name, adapter, e);
-    let opts = KernelOptions {
-        safe_merge: safe,
-        ..KernelOptions::default()
-    };
+    let opts = *opts;
     match &step.edit {
         Edit::Replace { source } => {
             let values = f32s("replacement", source, name, adapter)?;
@@ -782,6 +783,29 @@ pub fn merge(job: &MergeJob, on_bytes: &mut dyn FnMut(u64)) -> Result<MergeSumma
         .map(|a| Adapter::open(&a.dir).map(|ad| (ad, a.weight)))
         .collect::<Result<Vec<_>, _>>()?;
     let plan = plan(&base, config.as_ref(), &adapters)?;
+    if job.unmerge && !plan.added.is_empty() {
+        return Err(MergeError::Unsupported {
+            adapter: job
+                .adapters
+                .first()
+                .map(|a| a.dir.clone())
+                .unwrap_or_default(),
+            what: "unmerge of an adapter that unties the embeddings".into(),
+        });
+    }
+    if job.unmerge {
+        let replacing = plan
+            .steps
+            .values()
+            .flatten()
+            .find(|s| matches!(s.edit, Edit::Replace { .. } | Edit::Rows { .. }));
+        if let Some(step) = replacing {
+            return Err(MergeError::Unsupported {
+                adapter: step.adapter.to_path_buf(),
+                what: "unmerge of an adapter that replaces whole tensors or rows (modules_to_save, trainable tokens): the original values are not in the adapter".into(),
+            });
+        }
+    }
 
     let mut state = StateDict::new();
     let mut summary = MergeSummary {
@@ -806,16 +830,16 @@ pub fn merge(job: &MergeJob, on_bytes: &mut dyn FnMut(u64)) -> Result<MergeSumma
                 } else {
                     summary.tensors_merged += 1;
                 }
-                let (base_t, steps, safe, key) = (
-                    tensor.clone(),
-                    steps.clone(),
-                    job.safe_merge,
-                    name.to_owned(),
-                );
+                let opts = KernelOptions {
+                    safe_merge: job.safe_merge,
+                    unmerge: job.unmerge,
+                    ..KernelOptions::default()
+                };
+                let (base_t, steps, key) = (tensor.clone(), steps.clone(), name.to_owned());
                 let lazy = Tensor::lazy(tensor.dtype(), tensor.shape().to_vec(), move || {
                     let mut data = base_t.bytes()?.into_owned();
                     for step in &steps {
-                        apply(&key, base_t.dtype(), base_t.shape(), &mut data, step, safe)?;
+                        apply(&key, base_t.dtype(), base_t.shape(), &mut data, step, &opts)?;
                     }
                     Ok(data)
                 })?;

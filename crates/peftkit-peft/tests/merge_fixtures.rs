@@ -36,6 +36,7 @@ fn job(case: &str, out: &Path) -> MergeJob {
         out: out.to_owned(),
         max_shard_size: None,
         safe_merge: false,
+        unmerge: false,
     }
 }
 
@@ -222,4 +223,190 @@ fn adapter_for_another_model_is_refused_naming_the_key() {
         "{err}"
     );
     assert!(!out.exists());
+}
+
+/// Unmerging the adapter from peft's merged checkpoint gives back the f32 base up to the
+/// rounding of one add and one subtract.
+#[test]
+fn unmerge_recovers_the_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("base_again");
+    let mut j = job("lora_basic", &out);
+    j.base = case_dir("lora_basic").join("merged");
+    j.unmerge = true;
+    let summary = merge(&j, &mut |_| {}).unwrap();
+    assert_eq!(summary.tensors_merged, 4);
+    let (orig, back) = (
+        Checkpoint::open(&case_dir("lora_basic").join("base")).unwrap(),
+        Checkpoint::open(&out).unwrap(),
+    );
+    for (name, t) in orig.tensors() {
+        let f = |b: &[u8]| {
+            b.chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect::<Vec<_>>()
+        };
+        let (x, y) = (
+            f(&t.bytes().unwrap()),
+            f(&back.get(name).unwrap().bytes().unwrap()),
+        );
+        // Two roundings of values near max|W|: a few ulp of the largest magnitude.
+        let scale = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (p, q) in x.iter().zip(&y) {
+            assert!(
+                (p - q).abs() <= 4.0 * f32::EPSILON * scale,
+                "{name}: {p} vs {q}"
+            );
+        }
+    }
+}
+
+#[test]
+fn unmerge_of_replacing_adapter_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut j = job("modules_to_save", &tmp.path().join("x"));
+    j.unmerge = true;
+    assert!(matches!(
+        merge(&j, &mut |_| {}),
+        Err(MergeError::Unsupported { .. })
+    ));
+}
+
+#[test]
+fn safe_merge_rejects_non_finite_results_and_writes_nothing() {
+    use peftkit_checkpoint::{save_pretrained, Dtype, SaveOptions, Tensor};
+    // An adapter whose B holds an infinity: the merged q_proj would be non-finite.
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad_adapter");
+    let src = case_dir("lora_basic").join("adapter");
+    let ck = Checkpoint::open_kind(&src, peftkit_checkpoint::WeightsKind::Adapter, None).unwrap();
+    let mut sd = ck.state_dict();
+    let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+    let t = sd[key].clone();
+    let mut bytes = t.bytes().unwrap().into_owned();
+    bytes[..4].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    sd.insert(
+        key.into(),
+        Tensor::from_bytes(Dtype::F32, t.shape().to_vec(), bytes).unwrap(),
+    );
+    let opts = SaveOptions {
+        kind: peftkit_checkpoint::WeightsKind::Adapter,
+        extra_files: vec![(
+            "adapter_config.json".into(),
+            fs::read(src.join("adapter_config.json")).unwrap(),
+        )],
+        ..Default::default()
+    };
+    save_pretrained(&bad, &sd, &opts).unwrap();
+    let out = tmp.path().join("merged");
+    let mut j = job("lora_basic", &out);
+    j.adapters = vec![AdapterInput {
+        dir: bad,
+        weight: 1.0,
+    }];
+    j.safe_merge = true;
+    let err = merge(&j, &mut |_| {}).unwrap_err().to_string();
+    assert!(
+        err.contains("model.layers.0.self_attn.q_proj.weight"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn shape_mismatch_is_refused_naming_the_key() {
+    // A copy of the base whose v_proj has another shape than the one the adapter was trained on.
+    use peftkit_checkpoint::{save_pretrained, SaveOptions, StateDict};
+    let tmp = tempfile::tempdir().unwrap();
+    let base = Checkpoint::open(&case_dir("lora_basic").join("base")).unwrap();
+    let mut sd = StateDict::new();
+    for (k, t) in base.tensors() {
+        sd.insert(k.to_owned(), t.clone());
+    }
+    // Pretend v_proj is q_proj-sized by swapping in the up_proj tensor (32x16 instead of 8x16).
+    let up = &sd["model.layers.0.mlp.up_proj.weight"];
+    let up = peftkit_checkpoint::Tensor::from_bytes(
+        up.dtype(),
+        up.shape().to_vec(),
+        up.bytes().unwrap().into_owned(),
+    )
+    .unwrap();
+    sd.insert("model.layers.0.self_attn.v_proj.weight".into(), up);
+    let fake = tmp.path().join("base");
+    save_pretrained(&fake, &sd, &SaveOptions::default()).unwrap();
+    let out = tmp.path().join("merged");
+    let mut j = job("lora_basic", &out);
+    j.base = fake;
+    let err = merge(&j, &mut |_| {}).unwrap_err();
+    assert!(matches!(err, MergeError::Shape { .. }), "{err}");
+    assert!(
+        err.to_string().contains("model.layers.0.self_attn.v_proj"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn unsupported_variants_are_refused() {
+    for (field, value) in [
+        ("layer_replication", serde_json::json!([[0, 2]])),
+        ("use_bdlora", serde_json::json!({"block_size": 2})),
+        ("alora_invocation_tokens", serde_json::json!([1, 2])),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let adapter = tmp.path().join("adapter");
+        fs::create_dir(&adapter).unwrap();
+        let src = case_dir("lora_basic").join("adapter");
+        fs::copy(
+            src.join("adapter_model.safetensors"),
+            adapter.join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        let mut cfg: serde_json::Value =
+            serde_json::from_slice(&fs::read(src.join("adapter_config.json")).unwrap()).unwrap();
+        cfg[field] = value;
+        fs::write(adapter.join("adapter_config.json"), cfg.to_string()).unwrap();
+        let out = tmp.path().join("merged");
+        let mut j = job("lora_basic", &out);
+        j.adapters = vec![AdapterInput {
+            dir: adapter,
+            weight: 1.0,
+        }];
+        let err = merge(&j, &mut |_| {}).unwrap_err();
+        assert!(
+            matches!(err, MergeError::Unsupported { .. } | MergeError::Adapter(_)),
+            "{field}: {err}"
+        );
+        assert!(!out.exists(), "{field}");
+    }
+}
+
+#[test]
+fn adapter_weight_scales_the_delta() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Weight 0 adds exactly zero: the output is the base, bit for bit.
+    let out = tmp.path().join("zero");
+    let mut j = job("lora_bf16", &out);
+    j.adapters[0].weight = 0.0;
+    merge(&j, &mut |_| {}).unwrap();
+    let base = case_dir("lora_bf16").join("base");
+    assert_eq!(
+        fs::read(base.join("model.safetensors")).unwrap(),
+        fs::read(out.join("model.safetensors")).unwrap()
+    );
+    // "DIR:1" is the plain merge.
+    let parsed = AdapterInput::parse(&format!(
+        "{}:1",
+        case_dir("lora_bf16").join("adapter").display()
+    ));
+    assert_eq!(parsed.weight, 1.0);
+    let out = tmp.path().join("one");
+    let mut j = job("lora_bf16", &out);
+    j.adapters = vec![parsed];
+    merge(&j, &mut |_| {}).unwrap();
+    let merged = case_dir("lora_bf16").join("merged");
+    assert_eq!(
+        fs::read(merged.join("model.safetensors")).unwrap(),
+        fs::read(out.join("model.safetensors")).unwrap()
+    );
 }
