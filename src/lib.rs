@@ -5,6 +5,8 @@
 //!
 //! * [`checkpoint`] (`peftkit-checkpoint`): tensors, safetensors IO, shard planning, index,
 //!   configs, atomic saves. Knows nothing of PEFT.
+//! * [`remap`] (`peftkit-remap`): declarative conversion between the original on-disk layout
+//!   and the transformers-v5 layout (`save_original_format`).
 //! * [`peft`] (`peftkit-peft`): adapter name rules, adapter configs, adapter save, load,
 //!   extract and merge.
 //!
@@ -12,3 +14,4 @@
 
 pub use peftkit_checkpoint as checkpoint;
 pub use peftkit_peft as peft;
+pub use peftkit_remap as remap;

@@ -62,6 +62,37 @@ enum Command {
         #[arg(long)]
         input_variant: Option<String>,
     },
+    /// Convert a checkpoint between the original on-disk layout and the transformers-v5
+    /// layout (fused MoE experts, VLM prefixes, ...).
+    Remap {
+        /// The checkpoint folder to read.
+        dir: PathBuf,
+        /// Where to write (created, or replaced atomically).
+        #[arg(long)]
+        out: PathBuf,
+        /// Target layout: original | transformers-v5.
+        #[arg(long)]
+        to: peftkit::remap::Layout,
+        /// Model type whose table applies (default: config.json's model_type).
+        #[arg(long)]
+        model_type: Option<String>,
+        /// Largest shard: bytes or a decimal size such as 5GB.
+        #[arg(long, default_value = "50GB")]
+        max_shard_size: String,
+        /// Variant of the output files.
+        #[arg(long)]
+        variant: Option<String>,
+        /// Variant of the input files.
+        #[arg(long)]
+        input_variant: Option<String>,
+        /// Also restore renames transformers applies only when it saw them at load time
+        /// (Llava's vision_tower.vision_model. level, LayerNorm gamma/beta).
+        #[arg(long)]
+        restore_load_only: bool,
+        /// Extra conversion table files (JSON, see adapters-spec/conversions/README.md).
+        #[arg(long = "table")]
+        tables: Vec<PathBuf>,
+    },
     /// Merge one or more adapters into a base checkpoint, as peft's merge_and_unload() +
     /// save_pretrained() would, streaming tensor by tensor.
     Merge {
@@ -161,6 +192,56 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .index_file
                     .map(|i| format!(" + {i}"))
                     .unwrap_or_default()
+            );
+        }
+        Command::Remap {
+            dir,
+            out,
+            to,
+            model_type,
+            max_shard_size,
+            variant,
+            input_variant,
+            restore_load_only,
+            tables,
+        } => {
+            use peftkit::remap::{RemapOptions, Revert};
+            let options = RemapOptions {
+                save: SaveOptions {
+                    max_shard_size: ckpt::parse_size(&max_shard_size)?,
+                    variant,
+                    ..Default::default()
+                },
+                src_variant: input_variant.clone(),
+                revert: if restore_load_only {
+                    Revert::AllTableRules
+                } else {
+                    Revert::FromConfig
+                },
+                tables,
+            };
+            let total = Checkpoint::open_kind(&dir, WeightsKind::Model, input_variant.as_deref())?
+                .total_bytes();
+            let bar = progress(total);
+            let report = peftkit::remap::remap_with_progress(
+                &dir,
+                &out,
+                to,
+                model_type.as_deref(),
+                &options,
+                &mut |n| bar.inc(n),
+            )?;
+            bar.finish_and_clear();
+            println!(
+                "{}: model_type {}, table {}, {} tensors converted, {} file(s)",
+                out.display(),
+                report.model_type,
+                report
+                    .table
+                    .as_deref()
+                    .unwrap_or("none (legacy renames only)"),
+                report.tensors_converted,
+                report.save.weight_files.len()
             );
         }
         Command::Merge {

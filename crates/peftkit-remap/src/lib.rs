@@ -1,0 +1,41 @@
+//! Declarative key remapping between the two layouts of a Hugging Face checkpoint: the
+//! **original on-disk layout** (what the Hub holds and transformers writes with
+//! `save_original_format=True`, e.g. one tensor per Mixtral expert under `block_sparse_moe`)
+//! and the **transformers v5 layout** (the module names of transformers 5.x, e.g. one fused
+//! `mlp.experts.gate_up_proj` per layer).
+//!
+//! transformers 5.24 converts between them with the tables of its `conversion_mapping.py`; this
+//! crate does the same from JSON tables kept as data in `adapters-spec/conversions/` (embedded
+//! at build time; user tables can be added at run time). A rule is a rename or a group of
+//! tensor ops (stack/unstack experts, concat/chunk, split, transpose), each with its exact
+//! inverse. Output order, names and storage sharing follow transformers exactly, so
+//! [`save_pretrained_original`] writes the same bytes as `model.save_pretrained()`.
+//!
+//! * [`Registry`]: the tables, and which serves a `model_type`.
+//! * [`Mapping::forward`] (on disk -> v5) and [`Mapping::reverse`] (v5 -> on disk): streaming,
+//!   every converted tensor is a lazy [`peftkit_checkpoint::Tensor`] reading only the source
+//!   bytes it needs.
+//! * [`save_pretrained_original`] is `save_pretrained(save_original_format=True)`.
+//! * [`remap`]: a whole checkpoint folder converted to the other layout.
+//! * [`Mapping::expert_pieces`]: where one expert's slice of a fused v5 parameter lives on disk.
+//!
+//! Dependencies point one way: `peftkit-checkpoint` <- `peftkit-remap` <- PEFT / CLI.
+
+pub mod engine;
+pub mod error;
+mod ops;
+mod pattern;
+pub mod save;
+pub mod table;
+mod view;
+
+pub use engine::{Direction, Forward, FusedPiece, Mapping, Revert, UsedRules};
+pub use error::{RemapError, Result};
+pub use save::{
+    remap, remap_with_progress, save_pretrained_original, save_pretrained_original_with_progress,
+    Layout, RemapOptions, RemapReport,
+};
+pub use table::{
+    Aliases, ConversionTable, ConvertSpec, Op, Patterns, Registry, RenameSpec, ReversePolicy, Rule,
+    SizeExpr, EMBEDDED_ALIASES, EMBEDDED_TABLES,
+};
