@@ -69,7 +69,8 @@ def resharded_variant_loads_with_variant_argument():
 
 
 MERGE_CASES = ["lora_basic", "lora_bf16", "lora_f16", "rslora", "dora_bf16", "embedding_lora", "gpt2_conv1d",
-               "modules_to_save", "patterns", "two_adapters", "lora_bias", "trainable_tokens"]
+               "modules_to_save", "patterns", "two_adapters", "lora_bias", "trainable_tokens",
+               "mixtral_experts"]
 
 
 @check

@@ -11,6 +11,7 @@
 //! while computing (a NaN with `safe_merge`) aborts the atomic save, so the output folder
 //! either holds the complete merge or is left as it was.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -182,6 +183,20 @@ enum Edit {
     Loha { module: AdapterModule, scale: f32 },
     /// LoKr Kronecker product.
     Lokr { module: AdapterModule, scale: f32 },
+    /// LoRA on a fused 3-D expert parameter `(E, out, in)` stored as is.
+    Experts { a: Tensor, b: Tensor, scale: f32 },
+    /// LoRA on one expert of a fused parameter whose experts are stored per expert on disk:
+    /// the delta block `rows x cols` of expert `expert` (transposed if the disk tensor is).
+    ExpertPiece {
+        a: Tensor,
+        b: Tensor,
+        experts: usize,
+        expert: usize,
+        rows: Range<usize>,
+        cols: Range<usize>,
+        transposed: bool,
+        scale: f32,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -346,6 +361,50 @@ fn apply(
             )
             .map_err(err)
         }
+        Edit::Experts { a, b, scale } => {
+            let (va, vb) = (
+                f32s("lora_A", a, name, adapter)?,
+                f32s("lora_B", b, name, adapter)?,
+            );
+            lora::merge_experts(
+                BaseTensorMut::new(dtype, shape, data),
+                F32Tensor::new(a.shape(), &va),
+                F32Tensor::new(b.shape(), &vb),
+                *scale,
+                lora::ExpertLayout::OutIn,
+                &opts,
+            )
+            .map_err(err)
+        }
+        Edit::ExpertPiece {
+            a,
+            b,
+            experts,
+            expert,
+            rows,
+            cols,
+            transposed,
+            scale,
+        } => {
+            let delta = expert_piece_delta(
+                name,
+                adapter,
+                a,
+                b,
+                *experts,
+                *expert,
+                rows,
+                cols,
+                *transposed,
+                *scale,
+            )?;
+            // peft rounds the expert delta to the parameter dtype before adding it.
+            let opts = KernelOptions {
+                round_delta_first: true,
+                ..opts
+            };
+            methods::add_delta(BaseTensorMut::new(dtype, shape, data), &delta, &opts).map_err(err)
+        }
         Edit::Lokr { module, scale } => {
             let load = |role: &'static str| -> Result<Loaded, CheckpointError> {
                 match module.get(role) {
@@ -367,6 +426,73 @@ fn apply(
             .map_err(err)
         }
     }
+}
+
+/// The delta of one expert's block of a fused parameter: `A` is `(r·E, in)` with expert-major
+/// rows, `B` is `(out, r·E)` with rank-major columns (peft's `ParamWrapper` layout).
+#[allow(clippy::too_many_arguments)]
+fn expert_piece_delta(
+    name: &str,
+    adapter: &Path,
+    a: &Tensor,
+    b: &Tensor,
+    experts: usize,
+    expert: usize,
+    rows: &Range<usize>,
+    cols: &Range<usize>,
+    transposed: bool,
+    scale: f32,
+) -> Result<Vec<f32>, CheckpointError> {
+    let (va, vb) = (
+        f32s("lora_A", a, name, adapter)?,
+        f32s("lora_B", b, name, adapter)?,
+    );
+    let (re, inf) = (a.shape()[0], a.shape()[1]);
+    let (out, re_b) = (b.shape()[0], b.shape()[1]);
+    let bad = |reason: String| CheckpointError::TensorData {
+        tensor: name.into(),
+        reason,
+    };
+    if re != re_b || experts == 0 || re % experts != 0 || rows.end > out || cols.end > inf {
+        return Err(bad(format!(
+            "expert LoRA shapes {:?} / {:?} do not fit {experts} experts",
+            a.shape(),
+            b.shape()
+        )));
+    }
+    let r = re / experts;
+    let a_e: Vec<f32> = (0..r)
+        .flat_map(|k| {
+            va[(expert * r + k) * inf + cols.start..(expert * r + k) * inf + cols.end]
+                .iter()
+                .copied()
+        })
+        .collect();
+    let b_e: Vec<f32> = rows
+        .clone()
+        .flat_map(|o| (0..r).map(move |k| (o, k)))
+        .map(|(o, k)| vb[o * re + k * experts + expert])
+        .collect();
+    let (nr, nc) = (rows.len(), cols.len());
+    let delta = lora::linear_delta(
+        &[nr, nc],
+        F32Tensor::new(&[r, nc], &a_e),
+        F32Tensor::new(&[nr, r], &b_e),
+        scale,
+        false,
+        None,
+    )
+    .map_err(|e| math_error(name, adapter, e))?;
+    if !transposed {
+        return Ok(delta);
+    }
+    let mut t = vec![0f32; delta.len()];
+    for i in 0..nr {
+        for j in 0..nc {
+            t[j * nr + i] = delta[i * nc + j];
+        }
+    }
+    Ok(t)
 }
 
 /// A decoded adapter tensor and its shape, if the module has it.
@@ -412,6 +538,32 @@ fn number(v: Option<&serde_json::Value>) -> Option<f64> {
     v.and_then(serde_json::Value::as_f64)
 }
 
+/// Removes the `.base_layer` levels peft adds when it wraps one module several times.
+fn strip_base_layers(mut path: &str) -> &str {
+    while let Some(p) = path.strip_suffix(".base_layer") {
+        path = p;
+    }
+    path
+}
+
+/// The parameter a `target_parameters` LoRA at `module` adapts. peft wraps a module once per
+/// targeted parameter, in list order, so the first parameter is the innermost wrapper (the
+/// most `.base_layer` levels).
+fn target_parameter_of(module: &str, targets: &[String]) -> Option<String> {
+    let real = strip_base_layers(module);
+    let depth = (module.len() - real.len()) / ".base_layer".len();
+    let params: Vec<String> = targets
+        .iter()
+        .filter_map(|t| {
+            let (owner, param) = t.rsplit_once('.').unwrap_or(("", t));
+            let owns = owner.is_empty() || real == owner || real.ends_with(&format!(".{owner}"));
+            owns.then(|| param.to_owned())
+        })
+        .collect();
+    let n = params.len();
+    (depth < n).then(|| params[n - 1 - depth].clone())
+}
+
 /// Matches a module path against a list of target names the way peft does (equal, or a
 /// `.`-suffix).
 fn in_list(names: &[String], module: &str) -> bool {
@@ -431,6 +583,11 @@ fn plan(
     let tied = base_config
         .map(ModelConfig::tie_word_embeddings)
         .unwrap_or(false);
+    // The conversion table of the base's model type: adapters name fused v5 parameters,
+    // checkpoints on disk may hold them per expert.
+    let remap_mapping = base_config
+        .and_then(ModelConfig::model_type)
+        .and_then(|t| peftkit_remap::Registry::builtin().ok()?.mapping(t).ok());
     for (adapter, weight) in adapters {
         let dir: Arc<Path> = Arc::from(adapter.dir.as_path());
         let unsupported = |what: String| MergeError::Unsupported {
@@ -505,11 +662,11 @@ fn plan(
                 if !features.is_empty() {
                     return Err(unsupported(format!("LoRA with {}", features.join(", "))));
                 }
-                if cfg.target_parameters.is_some() {
-                    return Err(unsupported(
-                        "target_parameters (MoE experts) are not merged yet".into(),
-                    ));
-                }
+                let target_params: Vec<String> = match &cfg.target_parameters {
+                    Some(crate::config::StringOrList::Many(v)) => v.clone(),
+                    Some(crate::config::StringOrList::One(s)) => vec![s.clone()],
+                    None => Vec::new(),
+                };
                 let resolver = PatternResolver::new(cfg).map_err(|e| unsupported(e.to_string()))?;
                 for (module, tensors) in &adapter.modules {
                     let key_of = |role: &str| {
@@ -548,6 +705,93 @@ fn plan(
                                 rows: rows.clone(),
                             },
                         );
+                    }
+                    if !target_params.is_empty() {
+                        if let Some(param) = target_parameter_of(module, &target_params) {
+                            let (Some(a), Some(b)) = (tensors.get("a"), tensors.get("b")) else {
+                                continue;
+                            };
+                            let real = strip_base_layers(module);
+                            let v5_name = format!("{real}.{param}");
+                            let r = resolver
+                                .rank_for(&v5_name)
+                                .map_err(|e| unsupported(e.to_string()))?
+                                as usize;
+                            let alpha = resolver
+                                .alpha_for(&v5_name)
+                                .map_err(|e| unsupported(e.to_string()))?;
+                            let scale = scale_of(alpha, r, cfg.use_rslora, *weight);
+                            let experts = a.shape().first().copied().unwrap_or(0) / r.max(1);
+                            if base.get(&v5_name).is_some() {
+                                // A checkpoint saved in the v5 layout holds the fused tensor.
+                                push(
+                                    &mut steps,
+                                    &v5_name,
+                                    Edit::Experts {
+                                        a: a.clone(),
+                                        b: b.clone(),
+                                        scale,
+                                    },
+                                );
+                                continue;
+                            }
+                            let mapping = remap_mapping.as_ref().ok_or_else(|| {
+                                unsupported(format!("`{v5_name}` is not in the base and its config.json names no model_type with a conversion table"))
+                            })?;
+                            let fused_shape = [experts, b.shape()[0], a.shape()[1]];
+                            for e in 0..experts {
+                                let pieces = mapping
+                                    .expert_pieces(
+                                        &v5_name,
+                                        &fused_shape,
+                                        e,
+                                        &peftkit_remap::Revert::FromConfig,
+                                    )
+                                    .map_err(|err| unsupported(err.to_string()))?;
+                                for p in pieces {
+                                    let transposed = match p.axes.as_slice() {
+                                        [Some(1), Some(2)] => false,
+                                        [Some(2), Some(1)] => true,
+                                        other => {
+                                            return Err(unsupported(format!(
+                                                "`{}` maps to fused axes {other:?}",
+                                                p.original_name
+                                            )))
+                                        }
+                                    };
+                                    let Some(bt) = base.get(&p.original_name) else {
+                                        return Err(MergeError::NoBaseTensor {
+                                            adapter: adapter.dir.clone(),
+                                            key: key_of("a"),
+                                            module: v5_name.clone(),
+                                            expected: p.original_name.clone(),
+                                            base: base.dir.clone(),
+                                        });
+                                    };
+                                    if bt.shape() != p.original_shape.as_slice() {
+                                        return Err(MergeError::Shape {
+                                            adapter: adapter.dir.clone(),
+                                            key: key_of("a"),
+                                            adapter_shape: p.original_shape.clone(),
+                                            base_key: p.original_name.clone(),
+                                            base_shape: bt.shape().to_vec(),
+                                        });
+                                    }
+                                    let edit = Edit::ExpertPiece {
+                                        a: a.clone(),
+                                        b: b.clone(),
+                                        experts,
+                                        expert: e,
+                                        rows: p.region[1].clone(),
+                                        cols: p.region[2].clone(),
+                                        transposed,
+                                        scale,
+                                    };
+                                    push(&mut steps, &p.original_name, edit);
+                                }
+                            }
+                            continue;
+                        }
                     }
                     let (ra, kind_hint) = if tensors.get("embedding_a").is_some() {
                         ("embedding_a", Some(LoraKind::Embedding))

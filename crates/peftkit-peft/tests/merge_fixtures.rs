@@ -99,6 +99,7 @@ const EXACT: &[&str] = &[
     "trainable_tokens",
     "lora_many_targets",
     "dora_bf16",
+    "mixtral_experts",
 ];
 
 #[test]
@@ -409,4 +410,50 @@ fn adapter_weight_scales_the_delta() {
         fs::read(merged.join("model.safetensors")).unwrap(),
         fs::read(out.join("model.safetensors")).unwrap()
     );
+}
+
+/// The same expert LoRA merged into a checkpoint kept in the fused v5 layout, then converted
+/// back to the on-disk layout, equals peft's merge.
+#[test]
+fn expert_lora_on_a_fused_v5_checkpoint() {
+    use peftkit_remap::{remap, Layout, RemapOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let v5 = tmp.path().join("base_v5");
+    remap(
+        &case_dir("mixtral_experts").join("base"),
+        &v5,
+        Layout::TransformersV5,
+        None,
+        &RemapOptions::default(),
+    )
+    .unwrap();
+    let merged_v5 = tmp.path().join("merged_v5");
+    let mut j = job("mixtral_experts", &merged_v5);
+    j.base = v5;
+    let summary = merge(&j, &mut |_| {}).unwrap();
+    assert!(summary.tensors_merged >= 4, "{summary:?}");
+    let back = tmp.path().join("merged");
+    remap(
+        &merged_v5,
+        &back,
+        Layout::Original,
+        None,
+        &RemapOptions::default(),
+    )
+    .unwrap();
+    let (e, a) = (
+        Checkpoint::open(&case_dir("mixtral_experts").join("merged")).unwrap(),
+        Checkpoint::open(&back).unwrap(),
+    );
+    assert_eq!(e.len(), a.len());
+    for (name, et) in e.tensors() {
+        assert_eq!(
+            et.bytes().unwrap(),
+            a.get(name)
+                .unwrap_or_else(|| panic!("{name}"))
+                .bytes()
+                .unwrap(),
+            "{name}"
+        );
+    }
 }
