@@ -93,6 +93,40 @@ enum Command {
         #[arg(long = "table")]
         tables: Vec<PathBuf>,
     },
+    /// Extract the adapter from a full PEFT model state dict and write it as peft's
+    /// save_pretrained would (adapter_model.safetensors, adapter_config.json, README.md).
+    Extract {
+        /// A .safetensors file or a checkpoint folder holding a full PEFT state dict.
+        #[arg(long)]
+        from: PathBuf,
+        /// The adapter folder to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Which adapter to extract when the state dict holds several (default: "default").
+        #[arg(long)]
+        adapter_name: Option<String>,
+        /// lora_alpha (it is not in the tensors).
+        #[arg(long, conflicts_with = "config")]
+        lora_alpha: Option<String>,
+        /// An adapter_config.json to use (checked against the tensors).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Mark the adapter as rsLoRA (scaling alpha/sqrt(r)); not visible in the tensors.
+        #[arg(long)]
+        use_rslora: bool,
+        /// base_model_name_or_path to record (a state dict does not hold it).
+        #[arg(long)]
+        base_model: Option<String>,
+        /// task_type to record (default: from the base config's architectures).
+        #[arg(long)]
+        task_type: Option<String>,
+        /// config.json of the base, when --from is a lone file.
+        #[arg(long)]
+        base_config: Option<PathBuf>,
+        /// Also write the clean base checkpoint (no base_layer, no adapter tensors) here.
+        #[arg(long)]
+        base_out: Option<PathBuf>,
+    },
     /// Merge one or more adapters into a base checkpoint, as peft's merge_and_unload() +
     /// save_pretrained() would, streaming tensor by tensor.
     Merge {
@@ -143,10 +177,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let ckpt = open_any(&path, variant.as_deref())?;
             let summary = CheckpointSummary::of(&ckpt);
+            let adapters = peft::classify::summarize_path(&path)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&summary)?);
+                let mut v = serde_json::to_value(&summary)?;
+                v["adapters"] = serde_json::to_value(&adapters)?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_summary(&summary);
+                for a in &adapters {
+                    print_adapter(a);
+                }
             }
         }
         Command::Verify { path, variant } => {
@@ -242,6 +282,58 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .unwrap_or("none (legacy renames only)"),
                 report.tensors_converted,
                 report.save.weight_files.len()
+            );
+        }
+        Command::Extract {
+            from,
+            out,
+            adapter_name,
+            lora_alpha,
+            config,
+            use_rslora,
+            base_model,
+            task_type,
+            base_config,
+            base_out,
+        } => {
+            use peft::extract::{extract, parse_lora_alpha, ExtractOptions};
+            let mut o = ExtractOptions::new(&out);
+            o.adapter_name = adapter_name;
+            o.use_rslora = use_rslora;
+            o.base_out = base_out;
+            if let Some(a) = &lora_alpha {
+                o.lora_alpha = Some(parse_lora_alpha(a)?);
+            }
+            if let Some(p) = &config {
+                let (c, warnings) = peft::config::AdapterConfig::from_file(p)?;
+                for w in warnings {
+                    eprintln!("warning: {}: {w}", p.display());
+                }
+                o.config = Some(c);
+            }
+            if base_model.is_some() {
+                o.model.name_or_path = base_model;
+            }
+            if let Some(t) = task_type {
+                o.model.task_type = peft::classify::TaskTypeChoice::Given(t);
+            }
+            if let Some(p) = &base_config {
+                o.model.config = Some(ckpt::ModelConfig::read(p)?);
+            }
+            let report = extract(&from, &o)?;
+            for note in &report.notes {
+                eprintln!("note: {note}");
+            }
+            println!(
+                "{}: adapter `{}` ({} config){}",
+                out.display(),
+                report.adapter_name,
+                if report.inferred { "inferred" } else { "given" },
+                report
+                    .base
+                    .as_ref()
+                    .map(|b| format!(", base in {}", b.dir.display()))
+                    .unwrap_or_default()
             );
         }
         Command::Merge {
@@ -341,6 +433,35 @@ fn print_summary(s: &CheckpointSummary) {
             .map(|i| format!(" + {i}"))
             .unwrap_or_default()
     );
+}
+
+fn print_adapter(a: &peft::classify::AdapterSummary) {
+    let ranks: Vec<String> = a.ranks.iter().map(|(r, n)| format!("r={r} x{n}")).collect();
+    println!(
+        "adapter `{}`: {} ({:?}), {} modules, {}{}{}",
+        a.name,
+        a.method,
+        a.layout,
+        a.modules,
+        ranks.join(", "),
+        if a.use_dora { ", DoRA" } else { "" },
+        if a.lora_bias { ", lora_bias" } else { "" }
+    );
+    if let Some(t) = &a.target_modules {
+        println!("  targets: {}", t.join(", "));
+    }
+    if !a.modules_to_save.is_empty() {
+        println!("  modules_to_save: {}", a.modules_to_save.join(", "));
+    }
+    for s in &a.scaling {
+        println!(
+            "  scaling: {}",
+            serde_json::to_string(s).unwrap_or_default()
+        );
+    }
+    for n in &a.notes {
+        println!("  note: {n}");
+    }
 }
 
 fn main() -> ExitCode {

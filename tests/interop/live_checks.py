@@ -104,6 +104,43 @@ def merge_refuses_mismatched_adapter_and_writes_nothing():
         assert not out.exists()
 
 
+EXTRACT_CASES = {  # case -> extra peftkit extract arguments (what the tensors cannot say)
+    "lora_basic": ["--lora-alpha", "8"],
+    "lora_bf16": ["--lora-alpha", "8"],
+    "rslora": ["--lora-alpha", "16", "--use-rslora"],
+    "dora": ["--lora-alpha", "8"],
+    "embedding_lora": ["--config", "adapter/adapter_config.json"],
+    "gpt2_conv1d": ["--config", "adapter/adapter_config.json"],
+    "modules_to_save": ["--config", "adapter/adapter_config.json"],
+    "patterns": ["--config", "adapter/adapter_config.json"],
+    "lora_bias": ["--config", "adapter/adapter_config.json"],
+    "trainable_tokens": ["--config", "adapter/adapter_config.json"],
+    "prompt_tuning": ["--config", "adapter/adapter_config.json"],
+}
+
+
+@check
+def extracted_adapters_load_in_peft_with_identical_logits():
+    """peftkit extract from the full PEFT state dict, then PeftModel.from_pretrained: the
+    logits equal those of the adapter peft itself saved (recorded in the fixture)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    for case, extra in EXTRACT_CASES.items():
+        d = FIX / "peft" / case
+        extra = [str(d / a) if a.endswith(".json") else a for a in extra]
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "adapter"
+            peftkit("extract", "--from", d / "full_state_dict.safetensors", "--out", out,
+                    "--base-model", "peftkit/tiny-llama", *extra)
+            base = AutoModelForCausalLM.from_pretrained(d / "base")
+            model = PeftModel.from_pretrained(base, out)
+            ours = logits_of(model)
+        theirs = load_file(d / "logits.safetensors")["logits"]
+        assert torch.equal(ours, theirs), f"{case}: max diff {(ours - theirs).abs().max()}"
+
+
 def main():
     passed = failed = 0
     only = sys.argv[1:]

@@ -5,14 +5,25 @@
 //!   byte as peft writes it.
 //! * [`targeting`]: peft's target-module, layer and rank/alpha pattern rules.
 //! * [`adapter`]: loading adapter folders, every tensor sorted by role.
+//! * [`classify`]: sorting any state dict (full PEFT model, adapter file, burn export) into
+//!   base and adapter parameters, and inferring the adapter config peft would write.
+//! * [`save`]: writing adapter folders exactly as peft's `save_pretrained` does.
+//! * [`extract`]: the adapter (and optionally the clean base) out of a full state dict.
+//! * [`classify`]: classifying any state dict (PEFT model, adapter file, burn export) and
+//!   inferring the adapter config peft would write.
+//! * [`save`]: writing adapters as peft's `save_pretrained` does.
+//! * [`extract`]: an adapter (and the clean base) out of a full state dict.
 //! * [`merge`]: the numeric kernels, bit-identical to peft's CPU merge.
 //! * [`pipeline`]: the streaming merge of adapters into a checkpoint.
 //!
 //! Built on `peftkit-checkpoint`, which knows nothing of PEFT.
 
 pub mod adapter;
+pub mod classify;
 pub mod config;
+pub mod extract;
 pub mod merge;
 pub mod pipeline;
+pub mod save;
 pub mod spec;
 pub mod targeting;
