@@ -91,6 +91,24 @@ pub struct SavePlan {
     pub total_size: u64,
 }
 
+/// torch's name of a floating-point dtype (`str(torch.bfloat16)` without `torch.`), as
+/// transformers writes it in `config.json`'s `dtype`; `None` for integer and bool types.
+pub fn torch_dtype_name(dtype: crate::Dtype) -> Option<&'static str> {
+    use crate::Dtype::*;
+    Some(match dtype {
+        F64 => "float64",
+        F32 => "float32",
+        F16 => "float16",
+        BF16 => "bfloat16",
+        F8_E4M3 => "float8_e4m3fn",
+        F8_E5M2 => "float8_e5m2",
+        F8_E8M0 => "float8_e8m0fnu",
+        F8_E4M3FNUZ => "float8_e4m3fnuz",
+        F8_E5M2FNUZ => "float8_e5m2fnuz",
+        _ => return None,
+    })
+}
+
 /// Removes declared tie targets and refuses aliasing no tie explains.
 fn remove_ties(state: &StateDict, ties: &[(String, String)]) -> Result<(Vec<String>, Vec<String>)> {
     let mut dropped = Vec::new();
@@ -340,6 +358,12 @@ pub fn save_planned(
     let tx = DirTransaction::begin(dir)?;
     let staging = tx.path().to_owned();
     if let Some(c) = &options.config {
+        let mut c = c.clone();
+        // transformers sets `dtype` to the dtype of the model's first floating-point
+        // parameter on every save; a state dict stands in for the model here.
+        if let Some(name) = state.values().find_map(|t| torch_dtype_name(t.dtype())) {
+            c.set_dtype(name);
+        }
         c.write(&staging)?;
     }
     if let Some(g) = &options.generation_config {

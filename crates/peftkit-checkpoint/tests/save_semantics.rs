@@ -267,3 +267,23 @@ fn empty_state_dict_and_file_target_are_errors() {
         Err(CheckpointError::NotADirectory(_))
     ));
 }
+
+#[test]
+fn config_dtype_follows_the_first_floating_point_tensor() {
+    use peftkit_checkpoint::ModelConfig;
+    let ids = Tensor::from_bytes(Dtype::I64, vec![1], vec![0; 8]).unwrap();
+    let w = Tensor::from_bytes(Dtype::BF16, vec![2], vec![0; 4]).unwrap();
+    let config = ModelConfig::from_json(r#"{"model_type":"llama","dtype":"float32"}"#).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    save_pretrained(
+        tmp.path(),
+        &sd(vec![("ids", ids), ("w", w)]),
+        &SaveOptions {
+            config: Some(config),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let written = ModelConfig::read(&tmp.path().join("config.json")).unwrap();
+    assert_eq!(written.fields["dtype"], "bfloat16");
+}
