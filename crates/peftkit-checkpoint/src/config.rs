@@ -22,6 +22,32 @@ pub const CONFIG_NAME: &str = "config.json";
 /// File name of the generation config.
 pub const GENERATION_CONFIG_NAME: &str = "generation_config.json";
 
+fn parse_object(
+    text: &str,
+    file: &str,
+) -> std::result::Result<Map<String, Value>, serde_json::Error> {
+    match serde_json::from_str(text)? {
+        Value::Object(fields) => Ok(fields),
+        _ => Err(serde::de::Error::custom(format!(
+            "{file} must hold a JSON object"
+        ))),
+    }
+}
+
+/// The fields with `transformers_version` added when missing, as transformers always writes it.
+fn with_version(fields: &Map<String, Value>) -> Value {
+    let mut fields = fields.clone();
+    fields
+        .entry("transformers_version")
+        .or_insert_with(|| Value::String(TRANSFORMERS_VERSION.into()));
+    Value::Object(fields)
+}
+
+fn write_text(dir: &Path, name: &str, text: String) -> Result<()> {
+    let path = dir.join(name);
+    std::fs::write(&path, text).map_err(|e| CheckpointError::io(path, e))
+}
+
 fn read_object(path: &Path) -> Result<Map<String, Value>> {
     let bytes = std::fs::read(path).map_err(|e| CheckpointError::io(path, e))?;
     match serde_json::from_slice(&bytes) {
@@ -58,12 +84,7 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Parses a config from JSON text.
     pub fn from_json(text: &str) -> std::result::Result<Self, serde_json::Error> {
-        match serde_json::from_str(text)? {
-            Value::Object(fields) => Ok(ModelConfig { fields }),
-            _ => Err(serde::de::Error::custom(
-                "config.json must hold a JSON object",
-            )),
-        }
+        parse_object(text, CONFIG_NAME).map(|fields| ModelConfig { fields })
     }
 
     /// Reads `config.json` from a file.
@@ -102,23 +123,15 @@ impl ModelConfig {
 
     /// The text transformers writes for this config.
     pub fn to_json_string(&self) -> String {
-        let mut fields = self.fields.clone();
-        fields
-            .entry("transformers_version")
-            .or_insert_with(|| Value::String(TRANSFORMERS_VERSION.into()));
         pyjson::to_string(
-            &Value::Object(fields),
-            &PyJsonStyle {
-                trailing_newline: true,
-                numeric_key_objects: vec!["id2label".into()],
-            },
+            &with_version(&self.fields),
+            &PyJsonStyle::transformers_config(),
         )
     }
 
     /// Writes `config.json` into `dir`.
     pub fn write(&self, dir: &Path) -> Result<()> {
-        let path = dir.join(CONFIG_NAME);
-        std::fs::write(&path, self.to_json_string()).map_err(|e| CheckpointError::io(path, e))
+        write_text(dir, CONFIG_NAME, self.to_json_string())
     }
 }
 
@@ -135,12 +148,7 @@ pub struct GenerationConfig {
 impl GenerationConfig {
     /// Parses a generation config from JSON text.
     pub fn from_json(text: &str) -> std::result::Result<Self, serde_json::Error> {
-        match serde_json::from_str(text)? {
-            Value::Object(fields) => Ok(GenerationConfig { fields }),
-            _ => Err(serde::de::Error::custom(
-                "generation_config.json must hold a JSON object",
-            )),
-        }
+        parse_object(text, GENERATION_CONFIG_NAME).map(|fields| GenerationConfig { fields })
     }
 
     /// Reads `generation_config.json` from a file.
@@ -179,23 +187,15 @@ impl GenerationConfig {
 
     /// The text transformers writes.
     pub fn to_json_string(&self) -> String {
-        let mut fields = self.fields.clone();
-        fields
-            .entry("transformers_version")
-            .or_insert_with(|| Value::String(TRANSFORMERS_VERSION.into()));
         pyjson::to_string(
-            &Value::Object(fields),
-            &PyJsonStyle {
-                trailing_newline: true,
-                ..Default::default()
-            },
+            &with_version(&self.fields),
+            &PyJsonStyle::transformers_generation_config(),
         )
     }
 
     /// Writes `generation_config.json` into `dir`.
     pub fn write(&self, dir: &Path) -> Result<()> {
-        let path = dir.join(GENERATION_CONFIG_NAME);
-        std::fs::write(&path, self.to_json_string()).map_err(|e| CheckpointError::io(path, e))
+        write_text(dir, GENERATION_CONFIG_NAME, self.to_json_string())
     }
 }
 

@@ -1163,8 +1163,3 @@ fn with_added(
     }
     plan
 }
-
-/// The dtype name of a tensor, for messages.
-pub fn describe(t: &Tensor) -> String {
-    format!("{} {:?}", dtype_name(t.dtype()), t.shape())
-}
