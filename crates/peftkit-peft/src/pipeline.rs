@@ -18,7 +18,6 @@ use std::time::Instant;
 
 use indexmap::IndexMap;
 use peftkit_checkpoint::reshard::companion_files;
-use peftkit_checkpoint::tensor::dtype_name;
 use peftkit_checkpoint::{
     plan_save, save_planned, Checkpoint, CheckpointError, Dtype, ModelConfig, SaveOptions,
     SavePlan, StateDict, Tensor,
