@@ -15,3 +15,8 @@
 pub use peftkit_checkpoint as checkpoint;
 pub use peftkit_peft as peft;
 pub use peftkit_remap as remap;
+
+/// The examples of docs/library.md, compiled and run as doc tests so the guide cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/library.md")]
+pub struct LibraryGuide;
