@@ -160,11 +160,14 @@ enum Edit {
     /// Replace the whole tensor (cast to the base dtype).
     Replace { source: Tensor },
     /// A LoRA pair (optionally DoRA).
+    /// A LoRA pair (optionally DoRA). `round_first` rounds the delta to the base dtype before
+    /// the add, as peft does for 2-D `target_parameters`.
     Lora {
         module: AdapterModule,
         kind: LoraKind,
         scale: f32,
         dora: bool,
+        round_first: bool,
     },
     /// `lora_B.bias * s` added to the base bias.
     LoraBias { bias: Tensor, scale: f32 },
@@ -243,7 +246,12 @@ fn apply(
             kind,
             scale,
             dora,
+            round_first,
         } => {
+            let opts = KernelOptions {
+                round_delta_first: opts.round_delta_first || *round_first,
+                ..opts
+            };
             let (ra, rb) = match kind {
                 LoraKind::Embedding => ("embedding_a", "embedding_b"),
                 _ => ("a", "b"),
@@ -545,22 +553,236 @@ fn strip_base_layers(mut path: &str) -> &str {
     path
 }
 
-/// The parameter a `target_parameters` LoRA at `module` adapts. peft wraps a module once per
-/// targeted parameter, in list order, so the first parameter is the innermost wrapper (the
-/// most `.base_layer` levels).
-fn target_parameter_of(module: &str, targets: &[String]) -> Option<String> {
-    let real = strip_base_layers(module);
-    let depth = (module.len() - real.len()) / ".base_layer".len();
-    let params: Vec<String> = targets
-        .iter()
-        .filter_map(|t| {
-            let (owner, param) = t.rsplit_once('.').unwrap_or(("", t));
+/// The on-disk name of a base tensor an adapter names in transformers-v5 module naming
+/// (`model.language_model.layers.0…` for Llava, `mlp.gate` for Mixtral's router), through the
+/// base's conversion table. Only one-to-one renames qualify; fused parameters are split per
+/// expert elsewhere.
+fn on_disk_name(
+    mapping: &peftkit_remap::Mapping,
+    v5_name: &str,
+    base: &Checkpoint,
+) -> Option<String> {
+    let probe = Tensor::lazy(Dtype::U8, vec![0], || Ok(Vec::new())).ok()?;
+    let single: StateDict = [(v5_name.to_owned(), probe)].into_iter().collect();
+    let reversed = mapping
+        .reverse(&single, &peftkit_remap::Revert::AllTableRules)
+        .ok()?;
+    let mut names = reversed.keys();
+    match (names.next(), names.next()) {
+        (Some(name), None) if name != v5_name && base.get(name).is_some() => Some(name.clone()),
+        _ => None,
+    }
+}
+
+/// A LoRA on a 2-D module parameter (peft's `ParamWrapper`): like a Linear, but peft rounds
+/// the delta to the parameter's dtype before adding it.
+fn router_edit(a: &Tensor, b: &Tensor, scale: f32) -> Edit {
+    let tensor = |t: &Tensor| crate::adapter::AdapterTensor {
+        key: String::new(),
+        tensor: t.clone(),
+    };
+    let module = AdapterModule {
+        tensors: [("a".to_owned(), tensor(a)), ("b".to_owned(), tensor(b))]
+            .into_iter()
+            .collect(),
+    };
+    Edit::Lora {
+        module,
+        kind: LoraKind::Linear {
+            fan_in_fan_out: false,
+        },
+        scale,
+        dora: false,
+        round_first: true,
+    }
+}
+
+/// What resolving a `target_parameters` wrapper needs to know.
+struct ParamContext<'a> {
+    base: &'a Checkpoint,
+    mapping: Option<&'a peftkit_remap::Mapping>,
+    resolver: &'a PatternResolver,
+    use_rslora: bool,
+    weight: f64,
+    adapter: &'a Path,
+}
+
+impl ParamContext<'_> {
+    /// The edits of a LoRA on a module *parameter* (`target_parameters`), or `None` when the
+    /// module is not a parameter wrapper (a plain `target_modules` LoRA).
+    ///
+    /// peft wraps a module once per targeted parameter, in the order the module registers its
+    /// parameters, so the nesting depth (`.base_layer` levels) alone does not say which
+    /// parameter a wrapper adapts. The shapes do: `A (r·E, in)` and `B (out, r·E)` must fit the
+    /// parameter `(E, out, in)` (or `(out, in)`). Only when several parameters fit equally is
+    /// the depth used, counting from the last listed target.
+    fn edits(
+        &self,
+        module: &str,
+        targets: &[String],
+        a: &Tensor,
+        b: &Tensor,
+        key: &str,
+    ) -> Result<Option<Vec<(String, Edit)>>, MergeError> {
+        let real = strip_base_layers(module);
+        let depth = (module.len() - real.len()) / ".base_layer".len();
+        // A bare name (`gate_up_proj`) may name a parameter of any module; peft wraps only the
+        // modules that have it. A named owner (`mlp.experts.gate_up_proj`) must match.
+        let mut owned: Vec<String> = Vec::new();
+        let mut named_owner = false;
+        for t in targets {
+            let (owner, param) = t.rsplit_once('.').unwrap_or(("", t.as_str()));
             let owns = owner.is_empty() || real == owner || real.ends_with(&format!(".{owner}"));
-            owns.then(|| param.to_owned())
-        })
-        .collect();
-    let n = params.len();
-    (depth < n).then(|| params[n - 1 - depth].clone())
+            named_owner |= owns && !owner.is_empty();
+            if owns && !owned.iter().any(|p| p == param) {
+                owned.push(param.to_owned());
+            }
+        }
+        if owned.is_empty() {
+            return Ok(None);
+        }
+        let mut fitting = Vec::new();
+        for param in &owned {
+            if let Some(edits) = self.param_edits(&format!("{real}.{param}"), a, b)? {
+                fitting.push((param.clone(), edits));
+            }
+        }
+        let chosen = match fitting.len() {
+            0 => None,
+            1 => fitting.pop(),
+            n => {
+                let at = n.checked_sub(1 + depth);
+                at.and_then(|i| fitting.into_iter().nth(i))
+            }
+        };
+        match chosen {
+            Some((_, edits)) => Ok(Some(edits)),
+            // Only bare names, none of them a parameter here: a plain module LoRA.
+            None if !named_owner && depth == 0 => Ok(None),
+            None => Err(MergeError::NoBaseTensor {
+                adapter: self.adapter.to_owned(),
+                key: key.to_owned(),
+                module: real.to_owned(),
+                expected: format!(
+                    "{real}.{{{}}} of a shape that fits lora_A {:?} and lora_B {:?}",
+                    owned.join(","),
+                    a.shape(),
+                    b.shape()
+                ),
+                base: self.base.dir.clone(),
+            }),
+        }
+    }
+
+    /// The edits for the LoRA on parameter `v5_name`, if the base holds it (fused, 2-D, or
+    /// split per expert on disk) with shapes that fit the factors.
+    fn param_edits(
+        &self,
+        v5_name: &str,
+        a: &Tensor,
+        b: &Tensor,
+    ) -> Result<Option<Vec<(String, Edit)>>, MergeError> {
+        let unsupported = |what: String| MergeError::Unsupported {
+            adapter: self.adapter.to_owned(),
+            what,
+        };
+        let (Some(&ra), Some(&fin), Some(&out), Some(&rb)) = (
+            a.shape().first(),
+            a.shape().get(1),
+            b.shape().first(),
+            b.shape().get(1),
+        ) else {
+            return Ok(None);
+        };
+        if ra != rb || a.shape().len() != 2 || b.shape().len() != 2 {
+            return Ok(None);
+        }
+        let r = self
+            .resolver
+            .rank_for(v5_name)
+            .map_err(|e| unsupported(e.to_string()))? as usize;
+        let alpha = self
+            .resolver
+            .alpha_for(v5_name)
+            .map_err(|e| unsupported(e.to_string()))?;
+        if let Some(t) = self.base.get(v5_name) {
+            return Ok(match *t.shape() {
+                // A checkpoint in the v5 layout holds the fused tensor.
+                [e, o, i] if r > 0 && e * r == ra && o == out && i == fin => {
+                    let scale = scale_of(alpha, r, self.use_rslora, self.weight);
+                    Some(vec![(
+                        v5_name.to_owned(),
+                        Edit::Experts {
+                            a: a.clone(),
+                            b: b.clone(),
+                            scale,
+                        },
+                    )])
+                }
+                // A 2-D parameter (a router weight): LoRA with the delta rounded first.
+                [o, i] if o == out && i == fin => {
+                    let scale = scale_of(alpha, ra, self.use_rslora, self.weight);
+                    Some(vec![(v5_name.to_owned(), router_edit(a, b, scale))])
+                }
+                _ => None,
+            });
+        }
+        let Some(mapping) = self.mapping else {
+            return Ok(None);
+        };
+        if let Some(name) = on_disk_name(mapping, v5_name, self.base) {
+            // A renamed 2-D parameter (Mixtral's router is `block_sparse_moe.gate` on disk).
+            return match self.base.get(&name).map(|t| t.shape().to_vec()) {
+                Some(shape) if shape == [out, fin] => {
+                    let scale = scale_of(alpha, ra, self.use_rslora, self.weight);
+                    Ok(Some(vec![(name, router_edit(a, b, scale))]))
+                }
+                _ => Ok(None),
+            };
+        }
+        if r == 0 || ra % r != 0 {
+            return Ok(None);
+        }
+        let experts = ra / r;
+        let scale = scale_of(alpha, r, self.use_rslora, self.weight);
+        let fused_shape = [experts, out, fin];
+        let mut edits = Vec::new();
+        for e in 0..experts {
+            let Ok(pieces) =
+                mapping.expert_pieces(v5_name, &fused_shape, e, &peftkit_remap::Revert::FromConfig)
+            else {
+                return Ok(None);
+            };
+            for p in pieces {
+                let transposed = match p.axes.as_slice() {
+                    [Some(1), Some(2)] => false,
+                    [Some(2), Some(1)] => true,
+                    other => {
+                        return Err(unsupported(format!(
+                            "`{}` maps to fused axes {other:?}",
+                            p.original_name
+                        )))
+                    }
+                };
+                match self.base.get(&p.original_name) {
+                    Some(t) if t.shape() == p.original_shape.as_slice() => {}
+                    _ => return Ok(None),
+                }
+                let edit = Edit::ExpertPiece {
+                    a: a.clone(),
+                    b: b.clone(),
+                    experts,
+                    expert: e,
+                    rows: p.region[1].clone(),
+                    cols: p.region[2].clone(),
+                    transposed,
+                    scale,
+                };
+                edits.push((p.original_name.clone(), edit));
+            }
+        }
+        Ok((!edits.is_empty()).then_some(edits))
+    }
 }
 
 /// Matches a module path against a list of target names the way peft does (equal, or a
@@ -602,8 +824,15 @@ fn plan(
         let base_tensor =
             |module: &str, param: &str, key: &str| -> Result<(String, Tensor), MergeError> {
                 let expected = format!("{module}.{param}");
-                match base.get(&expected) {
-                    Some(t) => Ok((expected, t.clone())),
+                let found = base
+                    .get(&expected)
+                    .map(|t| (expected.clone(), t.clone()))
+                    .or_else(|| {
+                        let name = on_disk_name(remap_mapping.as_ref()?, &expected, base)?;
+                        base.get(&name).map(|t| (name, t.clone()))
+                    });
+                match found {
+                    Some(found) => Ok(found),
                     None => Err(MergeError::NoBaseTensor {
                         adapter: adapter.dir.clone(),
                         key: key.to_owned(),
@@ -706,90 +935,23 @@ fn plan(
                         );
                     }
                     if !target_params.is_empty() {
-                        if let Some(param) = target_parameter_of(module, &target_params) {
-                            let (Some(a), Some(b)) = (tensors.get("a"), tensors.get("b")) else {
-                                continue;
+                        if let (Some(a), Some(b)) = (tensors.get("a"), tensors.get("b")) {
+                            let ctx = ParamContext {
+                                base,
+                                mapping: remap_mapping.as_ref(),
+                                resolver: &resolver,
+                                use_rslora: cfg.use_rslora,
+                                weight: *weight,
+                                adapter: &adapter.dir,
                             };
-                            let real = strip_base_layers(module);
-                            let v5_name = format!("{real}.{param}");
-                            let r = resolver
-                                .rank_for(&v5_name)
-                                .map_err(|e| unsupported(e.to_string()))?
-                                as usize;
-                            let alpha = resolver
-                                .alpha_for(&v5_name)
-                                .map_err(|e| unsupported(e.to_string()))?;
-                            let scale = scale_of(alpha, r, cfg.use_rslora, *weight);
-                            let experts = a.shape().first().copied().unwrap_or(0) / r.max(1);
-                            if base.get(&v5_name).is_some() {
-                                // A checkpoint saved in the v5 layout holds the fused tensor.
-                                push(
-                                    &mut steps,
-                                    &v5_name,
-                                    Edit::Experts {
-                                        a: a.clone(),
-                                        b: b.clone(),
-                                        scale,
-                                    },
-                                );
+                            if let Some(edits) =
+                                ctx.edits(module, &target_params, a, b, &key_of("a"))?
+                            {
+                                for (base_key, edit) in edits {
+                                    push(&mut steps, &base_key, edit);
+                                }
                                 continue;
                             }
-                            let mapping = remap_mapping.as_ref().ok_or_else(|| {
-                                unsupported(format!("`{v5_name}` is not in the base and its config.json names no model_type with a conversion table"))
-                            })?;
-                            let fused_shape = [experts, b.shape()[0], a.shape()[1]];
-                            for e in 0..experts {
-                                let pieces = mapping
-                                    .expert_pieces(
-                                        &v5_name,
-                                        &fused_shape,
-                                        e,
-                                        &peftkit_remap::Revert::FromConfig,
-                                    )
-                                    .map_err(|err| unsupported(err.to_string()))?;
-                                for p in pieces {
-                                    let transposed = match p.axes.as_slice() {
-                                        [Some(1), Some(2)] => false,
-                                        [Some(2), Some(1)] => true,
-                                        other => {
-                                            return Err(unsupported(format!(
-                                                "`{}` maps to fused axes {other:?}",
-                                                p.original_name
-                                            )))
-                                        }
-                                    };
-                                    let Some(bt) = base.get(&p.original_name) else {
-                                        return Err(MergeError::NoBaseTensor {
-                                            adapter: adapter.dir.clone(),
-                                            key: key_of("a"),
-                                            module: v5_name.clone(),
-                                            expected: p.original_name.clone(),
-                                            base: base.dir.clone(),
-                                        });
-                                    };
-                                    if bt.shape() != p.original_shape.as_slice() {
-                                        return Err(MergeError::Shape {
-                                            adapter: adapter.dir.clone(),
-                                            key: key_of("a"),
-                                            adapter_shape: p.original_shape.clone(),
-                                            base_key: p.original_name.clone(),
-                                            base_shape: bt.shape().to_vec(),
-                                        });
-                                    }
-                                    let edit = Edit::ExpertPiece {
-                                        a: a.clone(),
-                                        b: b.clone(),
-                                        experts,
-                                        expert: e,
-                                        rows: p.region[1].clone(),
-                                        cols: p.region[2].clone(),
-                                        transposed,
-                                        scale,
-                                    };
-                                    push(&mut steps, &p.original_name, edit);
-                                }
-                            }
-                            continue;
                         }
                     }
                     let (ra, kind_hint) = if tensors.get("embedding_a").is_some() {
@@ -835,6 +997,7 @@ fn plan(
                             kind,
                             scale,
                             dora,
+                            round_first: false,
                         },
                     );
                     if let Some(bias) = tensors.get("b_bias") {
