@@ -92,6 +92,18 @@ enum Command {
         /// Extra conversion table files (JSON, see adapters-spec/conversions/README.md).
         #[arg(long = "table")]
         tables: Vec<PathBuf>,
+        /// For a legacy per-expert adapter: a base checkpoint whose config.json gives the
+        /// model type.
+        #[arg(long)]
+        base: Option<PathBuf>,
+        /// For a legacy adapter: drop LoRA pairs on modules that are not fused experts (peft
+        /// drops them silently; peftkit refuses unless asked).
+        #[arg(long)]
+        drop_untargeted: bool,
+        /// For a legacy adapter: set lora_dropout to 0 (peft cannot load expert LoRA with
+        /// dropout).
+        #[arg(long)]
+        zero_dropout: bool,
     },
     /// Extract the adapter from a full PEFT model state dict and write it as peft's
     /// save_pretrained would (adapter_model.safetensors, adapter_config.json, README.md).
@@ -244,8 +256,48 @@ fn run(cli: Cli) -> Result<ExitCode> {
             input_variant,
             restore_load_only,
             tables,
+            base,
+            drop_untargeted,
+            zero_dropout,
         } => {
             use peftkit::remap::{RemapOptions, Revert};
+            if dir.join("adapter_config.json").is_file() {
+                use peft::convert::{
+                    convert_legacy_adapter_dir_with, model_type_from_base, ConvertOptions,
+                    Untargeted,
+                };
+                if to != peftkit::remap::Layout::TransformersV5 {
+                    anyhow::bail!(
+                        "{} is an adapter: adapters are only converted to the transformers-v5 layout (peft saves them that way)",
+                        dir.display()
+                    );
+                }
+                let model_type = match (&model_type, &base) {
+                    (Some(t), _) => Some(t.clone()),
+                    (None, Some(b)) => Some(model_type_from_base(b)?),
+                    _ => None,
+                };
+                let options = ConvertOptions {
+                    untargeted: if drop_untargeted {
+                        Untargeted::Drop
+                    } else {
+                        Untargeted::Error
+                    },
+                    zero_dropout,
+                };
+                let r =
+                    convert_legacy_adapter_dir_with(&dir, &out, model_type.as_deref(), &options)?;
+                println!(
+                    "{}: legacy {} adapter fused with table {}: {} tensors ({} fused), {} dropped",
+                    out.display(),
+                    r.model_type,
+                    r.table,
+                    r.tensors,
+                    r.fused_tensors,
+                    r.dropped.len()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             let options = RemapOptions {
                 save: SaveOptions {
                     max_shard_size: ckpt::parse_size(&max_shard_size)?,

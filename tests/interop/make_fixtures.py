@@ -14,13 +14,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from fixturegen import checkpoint_cases, numerics_cases, peft_cases, remap_cases  # noqa: E402
+from fixturegen import checkpoint_cases, convert_cases, numerics_cases, peft_cases, remap_cases  # noqa: E402
 
 GENERATORS = {
     "checkpoint": checkpoint_cases.generate,  # checkpoint/, configs/, json/
     "peft": peft_cases.generate,  # peft/
     "numerics": numerics_cases.generate,  # numerics/
     "remap": remap_cases.generate,  # remap/
+    "convert": convert_cases.generate,  # convert/
 }
 
 

@@ -9,6 +9,8 @@
 //!   base and adapter parameters, and inferring the adapter config peft would write.
 //! * [`save`]: writing adapter folders exactly as peft's `save_pretrained` does.
 //! * [`extract`]: the adapter (and optionally the clean base) out of a full state dict.
+//! * [`convert`]: legacy per-expert MoE adapters fused into the transformers-v5 layout, as
+//!   peft converts them on load.
 //! * [`classify`]: classifying any state dict (PEFT model, adapter file, burn export) and
 //!   inferring the adapter config peft would write.
 //! * [`save`]: writing adapters as peft's `save_pretrained` does.
@@ -21,6 +23,7 @@
 pub mod adapter;
 pub mod classify;
 pub mod config;
+pub mod convert;
 pub mod extract;
 pub mod merge;
 pub mod pipeline;
