@@ -6,6 +6,7 @@ the peftkit binary on a fixture made by the real libraries, loads the result wit
 transformers/peft and compares logits with what the libraries themselves produce.
 Prints one line per check and a final 'N passed, N failed' line; exits 1 on any failure.
 """
+import json
 import os
 import subprocess
 import sys
@@ -35,10 +36,10 @@ def peftkit(*args):
     return res.stdout
 
 
-def logits_of(model):
+def logits_of(model, input_ids=None):
     model.eval()
     with torch.no_grad():
-        return model(INPUT_IDS).logits
+        return model(INPUT_IDS if input_ids is None else input_ids).logits
 
 
 @check
@@ -129,6 +130,26 @@ def remapped_checkpoints_load_in_transformers_with_identical_logits():
                 assert all(torch.equal(ours_sd[k], ref_sd[k]) for k in ref_sd), f"{case} {d.name}: values differ"
                 ours, theirs = logits_of(ours_model), logits_of(ref)
                 assert torch.equal(ours, theirs), f"{case} {d.name}: {(ours - theirs).abs().max()}"
+
+
+@check
+def converted_legacy_moe_adapters_load_in_peft_with_identical_logits():
+    """peftkit remap LEGACY_ADAPTER --to transformers-v5: peft loads the fused adapter on the v5
+    model and gives the logits of peft's own conversion of the legacy adapter."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    for case in ["mixtral", "qwen3_moe"]:
+        d = FIX / "convert" / case
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "fused"
+            peftkit("remap", d / "legacy_adapter", "--out", out, "--to", "transformers-v5", "--base", d / "base")
+            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(d / "base"), out)
+            input_ids = torch.tensor(json.loads((d / "case.json").read_text())["input_ids"])
+            ours = logits_of(model, input_ids)
+        theirs = load_file(d / "logits.safetensors")["logits"]
+        assert torch.equal(ours, theirs), f"{case}: max diff {(ours - theirs).abs().max()}"
 
 
 EXTRACT_CASES = {  # case -> extra peftkit extract arguments (what the tensors cannot say)
