@@ -356,14 +356,27 @@ pub fn file_order<'a>(
 }
 
 /// Writes `tensors` to `path` as one safetensors file with `metadata`, pulling each tensor's
-/// bytes once, in file order. `on_bytes` is told how many data bytes were written after each
-/// tensor (for progress bars). Returns the file's size.
+/// bytes once, in file order, and syncs it to disk. `on_bytes` is told how many data bytes were
+/// written after each tensor (for progress bars). Returns the file's size.
 pub fn write_file<'a>(
     path: &Path,
     tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
     metadata: &BTreeMap<String, String>,
     on_bytes: &mut dyn FnMut(u64),
 ) -> Result<u64> {
+    let (total, file) = write_file_unsynced(path, tensors, metadata, on_bytes)?;
+    file.sync_all().map_err(|e| CheckpointError::io(path, e))?;
+    Ok(total)
+}
+
+/// [`write_file`] without the final sync: the caller syncs the returned file (a save syncs
+/// each shard on another thread while it writes the next one).
+pub(crate) fn write_file_unsynced<'a>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
+    metadata: &BTreeMap<String, String>,
+    on_bytes: &mut dyn FnMut(u64),
+) -> Result<(u64, File)> {
     let ordered = file_order(tensors);
     for w in ordered.windows(2) {
         if w[0].0 == w[1].0 {
@@ -376,18 +389,85 @@ pub fn write_file<'a>(
     out.write_all(&header)
         .map_err(|e| CheckpointError::io(path, e))?;
     let mut total = header.len() as u64;
-    for (name, t) in &ordered {
-        let n = t
-            .write_to(&mut out, path)
-            .map_err(|e| with_tensor_name(e, name))?;
-        total += n;
-        on_bytes(n);
-    }
+    // Computed tensors (merges, conversions) are produced one ahead on another thread, so
+    // computing the next tensor overlaps writing this one. The channel's bound keeps at most
+    // two computed tensors in memory besides the one being written.
+    std::thread::scope(|scope| -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Option<Result<Vec<u8>>>>(1);
+        let ordered_ref = &ordered;
+        scope.spawn(move || {
+            for (_, t) in ordered_ref {
+                let item = t.is_computed().then(|| t.bytes().map(|b| b.into_owned()));
+                let failed = matches!(item, Some(Err(_)));
+                if tx.send(item).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        for (name, t) in &ordered {
+            let item = rx.recv().map_err(|_| CheckpointError::TensorData {
+                tensor: (*name).to_owned(),
+                reason: "the producer of computed tensors stopped".into(),
+            })?;
+            let n = match item {
+                None => match copy_in_kernel(&mut out, t, path)? {
+                    Some(n) => n,
+                    None => t
+                        .write_to(&mut out, path)
+                        .map_err(|e| with_tensor_name(e, name))?,
+                },
+                Some(bytes) => {
+                    let bytes = bytes.map_err(|e| with_tensor_name(e, name))?;
+                    out.write_all(&bytes)
+                        .map_err(|e| CheckpointError::io(path, e))?;
+                    let n = bytes.len() as u64;
+                    crate::tensor::buffers::give(bytes);
+                    n
+                }
+            };
+            total += n;
+            on_bytes(n);
+        }
+        Ok(())
+    })?;
     let file = out
         .into_inner()
         .map_err(|e| CheckpointError::io(path, e.into_error()))?;
-    file.sync_all().map_err(|e| CheckpointError::io(path, e))?;
-    Ok(total)
+    Ok((total, file))
+}
+
+/// Copies a file-backed tensor with `copy_file_range`, inside the kernel (no trip through user
+/// memory; reflinks where the file system has them). `None` when the kernel or file system
+/// cannot, before anything was written: the caller then copies through memory.
+#[cfg(target_os = "linux")]
+fn copy_in_kernel(out: &mut BufWriter<File>, t: &Tensor, path: &Path) -> Result<Option<u64>> {
+    let Some((src, offset)) = t.file_region() else {
+        return Ok(None);
+    };
+    out.flush().map_err(|e| CheckpointError::io(path, e))?;
+    let (mut off_in, mut left) = (offset, t.byte_len());
+    let mut first = true;
+    while left > 0 {
+        match rustix::fs::copy_file_range(src, Some(&mut off_in), out.get_ref(), None, left) {
+            Ok(0) if first => return Ok(None),
+            Ok(0) => {
+                return Err(CheckpointError::io(
+                    path,
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                ))
+            }
+            Ok(n) => left -= n,
+            Err(_) if first => return Ok(None),
+            Err(e) => return Err(CheckpointError::io(path, e.into())),
+        }
+        first = false;
+    }
+    Ok(Some(t.byte_len() as u64))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn copy_in_kernel(_out: &mut BufWriter<File>, _t: &Tensor, _path: &Path) -> Result<Option<u64>> {
+    Ok(None)
 }
 
 /// Fills in the tensor name of errors raised by anonymous tensor operations.

@@ -9,7 +9,7 @@ use crate::config::{GenerationConfig, ModelConfig};
 use crate::error::{CheckpointError, Result};
 use crate::index::WeightIndex;
 use crate::names::{WeightsKind, WeightsNames};
-use crate::safetensors_file::{pt_metadata, write_file};
+use crate::safetensors_file::{pt_metadata, write_file_unsynced};
 use crate::shard::{plan_shards, PlanItem, DEFAULT_MAX_SHARD_SIZE};
 use crate::tensor::{StateDict, Tensor};
 
@@ -373,14 +373,30 @@ pub fn save_planned(
         let p = staging.join(name);
         std::fs::write(&p, bytes).map_err(|e| CheckpointError::io(&p, e))?;
     }
+    // Each finished shard is synced on its own thread while the next one is written; all are
+    // synced before the folder is swapped in.
+    let mut syncs = Vec::new();
     for (file, group) in &plan.shards {
         let path = staging.join(file);
-        write_file(
+        let (_, handle) = write_file_unsynced(
             &path,
             group.iter().map(|n| (n.as_str(), &state[n])),
             &options.metadata,
             on_bytes,
         )?;
+        syncs.push((path, std::thread::spawn(move || handle.sync_all())));
+    }
+    for (path, sync) in syncs {
+        match sync.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(CheckpointError::io(path, e)),
+            Err(_) => {
+                return Err(CheckpointError::io(
+                    path,
+                    std::io::Error::other("sync thread panicked"),
+                ))
+            }
+        }
     }
     if let Some((file, index)) = &plan.index {
         let path = staging.join(file);

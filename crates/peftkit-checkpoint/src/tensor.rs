@@ -102,6 +102,52 @@ fn read_exact_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::R
     Ok(())
 }
 
+/// Recycled byte buffers for tensor data.
+///
+/// Reading or merging a tensor needs a buffer of its size; a fresh allocation of tens of MB is
+/// a fresh `mmap` whose pages fault in one by one, which costs more than the read itself. The
+/// writer hands buffers back once written, so a save cycles through a few of them.
+pub mod buffers {
+    use std::sync::Mutex;
+
+    /// At most this many idle buffers are kept…
+    const MAX_IDLE: usize = 4;
+    /// …holding at most this many bytes in all.
+    const MAX_IDLE_BYTES: usize = 2 << 30;
+
+    static IDLE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+    /// A zeroed buffer of `len` bytes, reusing an idle one when one is large enough.
+    pub fn take(len: usize) -> Vec<u8> {
+        let reused = IDLE.lock().ok().and_then(|mut idle| {
+            let best = idle
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.capacity() >= len)
+                .min_by_key(|(_, b)| b.capacity())
+                .map(|(i, _)| i)?;
+            Some(idle.swap_remove(best))
+        });
+        let mut buf = reused.unwrap_or_default();
+        buf.clear();
+        buf.resize(len, 0);
+        buf
+    }
+
+    /// Returns a buffer for reuse (dropped if the pool is full).
+    pub fn give(buf: Vec<u8>) {
+        if buf.capacity() < (1 << 20) {
+            return;
+        }
+        if let Ok(mut idle) = IDLE.lock() {
+            let held: usize = idle.iter().map(Vec::capacity).sum();
+            if idle.len() < MAX_IDLE && held + buf.capacity() <= MAX_IDLE_BYTES {
+                idle.push(buf);
+            }
+        }
+    }
+}
+
 /// A closure that produces a tensor's bytes when they are needed.
 pub type Producer = dyn Fn() -> Result<Vec<u8>> + Send + Sync;
 
@@ -280,7 +326,7 @@ impl Tensor {
         match &self.data {
             Data::Buffer { buf, range } => Ok(Cow::Borrowed(&buf[range.clone()])),
             Data::File { file, offset } => {
-                let mut out = vec![0u8; self.len];
+                let mut out = buffers::take(self.len);
                 file.read_exact_at(&mut out, *offset)?;
                 Ok(Cow::Owned(out))
             }
@@ -307,7 +353,7 @@ impl Tensor {
         const CHUNK: usize = 8 << 20;
         match &self.data {
             Data::File { file, offset } => {
-                let mut buf = vec![0u8; CHUNK.min(self.len)];
+                let mut buf = buffers::take(CHUNK.min(self.len));
                 let mut done = 0usize;
                 while done < self.len {
                     let n = CHUNK.min(self.len - done);
@@ -316,6 +362,7 @@ impl Tensor {
                         .map_err(|e| CheckpointError::io(out_path, e))?;
                     done += n;
                 }
+                buffers::give(buf);
             }
             _ => {
                 let bytes = self.bytes()?;
@@ -324,6 +371,19 @@ impl Tensor {
             }
         }
         Ok(self.len as u64)
+    }
+
+    /// The open file and absolute offset of a file-backed tensor, for in-kernel copies.
+    pub(crate) fn file_region(&self) -> Option<(&File, u64)> {
+        match &self.data {
+            Data::File { file, offset } => Some((&file.file, *offset)),
+            _ => None,
+        }
+    }
+
+    /// Whether the bytes are computed by a closure (worth computing ahead of the writer).
+    pub fn is_computed(&self) -> bool {
+        matches!(self.data, Data::Lazy(_))
     }
 
     /// Where the bytes live, for alias detection; `None` for computed tensors, which never
