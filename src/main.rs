@@ -61,6 +61,9 @@ enum Command {
         /// Variant of the input files.
         #[arg(long)]
         input_variant: Option<String>,
+        /// Do not sync the output to disk before swapping it in (see `merge --no-fsync`).
+        #[arg(long)]
+        no_fsync: bool,
     },
     /// Convert a checkpoint between the original on-disk layout and the transformers-v5
     /// layout (fused MoE experts, VLM prefixes, ...).
@@ -161,6 +164,10 @@ enum Command {
         /// Subtract the adapters instead of adding them (peft's unmerge).
         #[arg(long)]
         unmerge: bool,
+        /// Do not sync the output to disk before swapping it in (faster; the swap stays atomic
+        /// for readers, but a power loss may lose the new files). transformers never syncs.
+        #[arg(long)]
+        no_fsync: bool,
         /// Print a JSON summary.
         #[arg(long)]
         json: bool,
@@ -220,10 +227,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             max_shard_size,
             variant,
             input_variant,
+            no_fsync,
         } => {
             let options = SaveOptions {
                 max_shard_size: ckpt::parse_size(&max_shard_size)?,
                 variant,
+                durable: !no_fsync,
                 ..Default::default()
             };
             let total = Checkpoint::open_kind(&dir, WeightsKind::Model, input_variant.as_deref())?
@@ -395,6 +404,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             max_shard_size,
             safe_merge,
             unmerge,
+            no_fsync,
             json,
         } => {
             let job = peft::pipeline::MergeJob {
@@ -410,6 +420,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     .transpose()?,
                 safe_merge,
                 unmerge,
+                durable: !no_fsync,
             };
             let total = Checkpoint::open(&job.base)?.total_bytes();
             let bar = progress(total);

@@ -21,6 +21,7 @@ pub struct DirTransaction {
     target: PathBuf,
     staging: PathBuf,
     done: bool,
+    durable: bool,
 }
 
 impl DirTransaction {
@@ -47,7 +48,15 @@ impl DirTransaction {
             target: target.to_owned(),
             staging,
             done: false,
+            durable: true,
         })
+    }
+
+    /// Whether folders are synced to disk around the swap (default). Without it the swap is
+    /// still atomic for readers, but a power loss may lose the new content.
+    pub fn durable(mut self, durable: bool) -> Self {
+        self.durable = durable;
+        self
     }
 
     /// The folder new files are written into.
@@ -66,7 +75,9 @@ impl DirTransaction {
         if self.target.is_dir() {
             copy_permissions(&self.target, &self.staging)?;
             carry_over(&self.target, &self.staging, &drop_old)?;
-            sync_dir(&self.staging)?;
+            if self.durable {
+                sync_dir(&self.staging)?;
+            }
             if !exchange(&self.staging, &self.target)? {
                 // No atomic exchange here: move the old folder aside, then the new one in.
                 let aside = self.staging.with_extension("old");
@@ -80,13 +91,17 @@ impl DirTransaction {
             }
             // `self.staging` now names the old content; Drop removes it.
         } else {
-            sync_dir(&self.staging)?;
+            if self.durable {
+                sync_dir(&self.staging)?;
+            }
             fs::rename(&self.staging, &self.target)
                 .map_err(|e| CheckpointError::io(&self.target, e))?;
             self.done = true;
         }
         if let Some(parent) = self.target.parent() {
-            let _ = sync_dir(parent);
+            if self.durable {
+                let _ = sync_dir(parent);
+            }
         }
         Ok(())
     }

@@ -42,6 +42,10 @@ pub struct SaveOptions {
     pub generation_config: Option<GenerationConfig>,
     /// Extra files to write as they are: `(file name, bytes)` (an adapter config, a card).
     pub extra_files: Vec<(String, Vec<u8>)>,
+    /// Sync every file and folder to disk before the new folder is swapped in (default), so a
+    /// power loss leaves the old checkpoint or the new one. `false` keeps the atomic swap for
+    /// readers but lets the kernel write back later, like transformers (which never syncs).
+    pub durable: bool,
 }
 
 impl Default for SaveOptions {
@@ -57,6 +61,7 @@ impl Default for SaveOptions {
             config: None,
             generation_config: None,
             extra_files: Vec::new(),
+            durable: true,
         }
     }
 }
@@ -355,7 +360,7 @@ pub fn save_planned(
             ..report
         });
     }
-    let tx = DirTransaction::begin(dir)?;
+    let tx = DirTransaction::begin(dir)?.durable(options.durable);
     let staging = tx.path().to_owned();
     if let Some(c) = &options.config {
         let mut c = c.clone();
@@ -384,7 +389,9 @@ pub fn save_planned(
             &options.metadata,
             on_bytes,
         )?;
-        syncs.push((path, std::thread::spawn(move || handle.sync_all())));
+        if options.durable {
+            syncs.push((path, std::thread::spawn(move || handle.sync_all())));
+        }
     }
     for (path, sync) in syncs {
         match sync.join() {

@@ -287,3 +287,31 @@ fn config_dtype_follows_the_first_floating_point_tensor() {
     let written = ModelConfig::read(&tmp.path().join("config.json")).unwrap();
     assert_eq!(written.fields["dtype"], "bfloat16");
 }
+
+#[test]
+fn non_durable_save_writes_the_same_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let opts = SaveOptions {
+        max_shard_size: 2000,
+        ..Default::default()
+    };
+    save_pretrained(&a, &many(), &opts).unwrap();
+    save_pretrained(
+        &b,
+        &many(),
+        &SaveOptions {
+            durable: false,
+            ..opts
+        },
+    )
+    .unwrap();
+    assert_eq!(names(&a), names(&b));
+    for n in names(&a) {
+        assert_eq!(
+            fs::read(a.join(&n)).unwrap(),
+            fs::read(b.join(&n)).unwrap(),
+            "{n}"
+        );
+    }
+}

@@ -76,6 +76,9 @@ pub struct MergeJob {
     /// base from a merged checkpoint. Exact in f32 up to rounding; not an exact inverse in 16
     /// bits. Adapters that replace tensors cannot be unmerged.
     pub unmerge: bool,
+    /// Sync the output to disk before it is swapped in (see
+    /// [`peftkit_checkpoint::SaveOptions::durable`]).
+    pub durable: bool,
 }
 
 /// What a merge did.
@@ -1265,6 +1268,7 @@ pub fn merge(job: &MergeJob, on_bytes: &mut dyn FnMut(u64)) -> Result<MergeSumma
     }
 
     let mut options = SaveOptions {
+        durable: job.durable,
         metadata: base.metadata().cloned().unwrap_or_default(),
         ..Default::default()
     };

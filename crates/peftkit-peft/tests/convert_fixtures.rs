@@ -157,6 +157,7 @@ fn merge_into_base(case: &str, adapter: &Path, out: &Path) {
         max_shard_size: None,
         safe_merge: false,
         unmerge: false,
+        durable: true,
     };
     merge(&job, &mut |_| {})
         .unwrap_or_else(|e| panic!("{case}: merging {}: {e}", adapter.display()));

@@ -37,6 +37,7 @@ fn job(case: &str, out: &Path) -> MergeJob {
         max_shard_size: None,
         safe_merge: false,
         unmerge: false,
+        durable: true,
     }
 }
 
