@@ -13,7 +13,6 @@ of the save algorithm (tensor order, greedy shard split, file names, index conte
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -23,11 +22,11 @@ import struct
 import tempfile
 from pathlib import Path
 
+from .common import fresh_dir, quiet, record_split_input, write_json
+
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
-import transformers.modeling_utils as _modeling_utils  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     BertConfig,
@@ -47,22 +46,6 @@ SUBDIRS = ("checkpoint", "configs", "json")
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _quiet():
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        import huggingface_hub.utils as hub_utils
-
-        hub_utils.disable_progress_bars()
-    except Exception:  # pragma: no cover - best effort only
-        pass
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=True) + "\n", encoding="utf-8")
 
 
 def _llama_config(**overrides) -> LlamaConfig:
@@ -89,26 +72,6 @@ def _llama(tied: bool, dtype: torch.dtype | None = None) -> LlamaForCausalLM:
         model = model.to(dtype)
     model.eval()
     return model
-
-
-@contextlib.contextmanager
-def _record_split_input():
-    """Record the keys (in order) of every state dict handed to the shard splitter.
-
-    Only observes: the wrapped function is called unchanged.
-    """
-    seen: list[list[str]] = []
-    original = _modeling_utils.split_torch_state_dict_into_shards
-
-    def spy(state_dict, *args, **kwargs):
-        seen.append(list(state_dict.keys()))
-        return original(state_dict, *args, **kwargs)
-
-    _modeling_utils.split_torch_state_dict_into_shards = spy
-    try:
-        yield seen
-    finally:
-        _modeling_utils.split_torch_state_dict_into_shards = original
 
 
 def dot_natural_key(name: str):
@@ -239,9 +202,9 @@ def _save_case(case_dir: Path, model, description, *, max_shard_size=None, varia
         # save_pretrained pops tensors out of the dict it writes, i.e. out of the caller's dict
         # when state_dict= is given; hand it a shallow copy.
         kwargs["state_dict"] = dict(state_dict)
-    with _record_split_input() as seen:
+    with record_split_input() as seen:
         model.save_pretrained(expected_dir, **kwargs)
-    assert len(seen) == 1 and seen[0] == order, (seen, order)
+    assert len(seen) == 1 and seen[0]["order"] == order, (seen, order)
     total_parameters = model.num_parameters()
     _verify_save(expected_dir, sd, order, max_shard_size, variant, total_parameters)
     case = {
@@ -255,7 +218,7 @@ def _save_case(case_dir: Path, model, description, *, max_shard_size=None, varia
     }
     if provenance == "from_pretrained":
         case["source"] = "source"
-    _write_json(case_dir / "case.json", case)
+    write_json(case_dir / "case.json", case)
     return case
 
 
@@ -537,7 +500,7 @@ def _json_cases(out: Path) -> None:
     names = [c["name"] for c in cases]
     assert len(set(names)) == len(names)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "cases.json", cases)
+    write_json(out / "cases.json", cases)
     (out / "README.md").write_text(
         "# json formatting fixtures\n\n"
         "Written by `tests/interop/fixturegen/checkpoint_cases.py`; do not edit by hand.\n\n"
@@ -559,11 +522,10 @@ def _json_cases(out: Path) -> None:
 
 def generate(root: Path) -> None:
     root = Path(root)
-    _quiet()
+    quiet()
     torch.use_deterministic_algorithms(True)
     for sub in SUBDIRS:
-        shutil.rmtree(root / sub, ignore_errors=True)
-        (root / sub).mkdir(parents=True)
+        fresh_dir(root / sub)
     cases = _checkpoint_cases(root / "checkpoint")
     _checkpoint_readme(root / "checkpoint", cases)
     _config_cases(root / "configs")

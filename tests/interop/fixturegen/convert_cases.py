@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import warnings
 from pathlib import Path
+
+from .common import TINY_DECODER, build_model, generate_cases, lm_logits, name_model, write_json
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -49,46 +49,22 @@ INPUT_IDS = [[3, 17, 22, 5, 31, 0, 28, 9, 11, 12]]
 # Expert widths of at least 12: torch's CPU matmul rounds `B @ A` without FMA when the output has
 # at most 8 columns (in_features <= 8), a regime real models never hit (see the notes in case.json).
 MIXTRAL_KW = dict(
+    TINY_DECODER,
     vocab_size=VOCAB,
-    hidden_size=16,
     intermediate_size=16,
     num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=8,
     num_local_experts=3,
     num_experts_per_tok=2,
-    max_position_embeddings=64,
-    tie_word_embeddings=False,
 )
 QWEN3_MOE_KW = dict(
+    TINY_DECODER,
     vocab_size=VOCAB,
-    hidden_size=16,
     intermediate_size=32,
     moe_intermediate_size=12,
     num_experts=3,
     num_experts_per_tok=2,
     num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=1,
-    head_dim=8,
-    max_position_embeddings=64,
-    tie_word_embeddings=False,
 )
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def _build(cls_name: str, config_cls_name: str, kw: dict, name: str):
-    import transformers
-
-    torch.manual_seed(BASE_SEED)
-    model = getattr(transformers, cls_name)(getattr(transformers, config_cls_name)(**kw))
-    model.config._name_or_path = name
-    model.name_or_path = name
-    return model
 
 
 def _mixtral_modules(layers: int, experts: int, kw: dict, extra: tuple[str, ...] = ()) -> list[tuple[str, int, int]]:
@@ -139,7 +115,7 @@ def _case(out: Path, name: str, *, description: str, model: tuple, lora_kwargs: 
     d = out / name
     d.mkdir(parents=True)
 
-    base = _build(cls_name, config_cls_name, kw, model_name)
+    base = build_model(cls_name, config_cls_name, kw, model_name, BASE_SEED)
     base.save_pretrained(d / "base")
     del base
 
@@ -150,27 +126,23 @@ def _case(out: Path, name: str, *, description: str, model: tuple, lora_kwargs: 
     loaded = AutoModelForCausalLM.from_pretrained(d / "base")
     # peft's model card names the base by the loaded model's path; pin it so the card does not depend on where the
     # fixtures are generated.
-    loaded.config._name_or_path = model_name
-    loaded.name_or_path = model_name
+    name_model(loaded, model_name)
     pm = PeftModel.from_pretrained(loaded, d / "legacy_adapter")
     # Every LoRA B starts at zero when peft creates it: a zero B after loading is a tensor peft did not load.
     not_loaded = [n for n, p in pm.named_parameters() if ".lora_B." in n and not torch.any(p != 0)]
     if not_loaded:
         raise RuntimeError(f"{name}: peft did not load {not_loaded}")
     ids = torch.tensor(INPUT_IDS, dtype=torch.long)
-    tensors = {}
-    with torch.no_grad():
-        tensors["logits"] = pm(input_ids=ids).logits.contiguous()
+    tensors = {"logits": lm_logits(pm, ids)}
     pm.save_pretrained(d / "converted_adapter")
     converted_config = json.loads((d / "converted_adapter" / "adapter_config.json").read_text())
 
     merged = pm.merge_and_unload()
     merged.save_pretrained(d / "merged")
-    with torch.no_grad():
-        tensors["merged_logits"] = merged(input_ids=ids).logits.contiguous()
+    tensors["merged_logits"] = lm_logits(merged, ids)
     save_file(tensors, str(d / "logits.safetensors"), metadata={"format": "pt"})
 
-    _write_json(
+    write_json(
         d / "case.json",
         {
             "description": description,
@@ -187,6 +159,7 @@ def _case(out: Path, name: str, *, description: str, model: tuple, lora_kwargs: 
             "logits_shape": list(tensors["logits"].shape),
             "notes": list(notes),
         },
+        sort_keys=True,
     )
 
 
@@ -268,24 +241,7 @@ CASES = [case_mixtral, case_mixtral_mixed, case_qwen3_moe]
 
 
 def generate(root) -> None:
-    if os.environ.get("PYTHONHASHSEED") != "0":
-        raise SystemExit("convert fixtures need PYTHONHASHSEED=0 (peft writes target_modules in set order)")
-    torch.set_num_threads(1)
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    out = Path(root) / "convert"
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    # The README is generated too (nothing under tests/fixtures/ is edited by hand).
-    (out / "README.md").write_text(README_MD)
-    for fn in CASES:
-        print(f"  convert/{fn.__name__.removeprefix('case_')}")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fn(out)
+    generate_cases(root, "convert", CASES, README_MD)
 
 
 README_MD = """\

@@ -18,13 +18,17 @@ kernels of `peftkit_peft::merge` and compares bit for bit.
 Determinism: fixed seeds per case, one thread, CPU only, PYTHONHASHSEED=0 (set by run.sh).
 """
 
-import json
 import os
 import shutil
 import tempfile
 import warnings
 import zlib
 from pathlib import Path
+
+if __package__:
+    from .common import fresh_dir, write_json
+else:  # run as a script: python tests/interop/fixturegen/numerics_cases.py
+    from common import fresh_dir, write_json
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
@@ -251,7 +255,7 @@ def _case(out_dir, name, spec):
 
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     save_file(tensors, str(out_dir / f"{name}.safetensors"), metadata={"format": "pt"})
-    (out_dir / f"{name}.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_json(out_dir / f"{name}.json", meta, sort_keys=True)
 
 
 # name -> spec. `dims`: linear/conv1d_gpt2 (in, out); embedding (vocab, dim);
@@ -310,10 +314,7 @@ CASES = {
 def generate(root: Path):
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
-    out_dir = Path(root) / "numerics"
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
+    out_dir = fresh_dir(Path(root) / "numerics")
     for name, spec in CASES.items():
         spec = dict(spec)
         # A seed from the name, so adding a case does not change the others.

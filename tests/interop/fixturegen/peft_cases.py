@@ -16,9 +16,12 @@ Must run with PYTHONHASHSEED=0 (peft stores `target_modules` as a set and writes
 """
 import json
 import os
-import shutil
-import warnings
 from pathlib import Path
+
+if __package__:
+    from .common import build_model, generate_cases, lm_logits, write_json
+else:  # run as a script: python tests/interop/fixturegen/peft_cases.py
+    from common import build_model, generate_cases, lm_logits, write_json
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # peft's save_embedding_layers="auto" asks the Hub whether base_model_name_or_path has a config.json;
@@ -90,10 +93,6 @@ ADAPTER_INIT_DOC = (
 # helpers
 
 
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
 def randomize_adapter_params(peft_model) -> list:
     g = torch.Generator().manual_seed(ADAPTER_SEED)
     touched = []
@@ -126,41 +125,25 @@ def save_full_state_dict(peft_model, case_dir: Path) -> None:
             seen.add(ptr)
         out[k] = v.contiguous()
     save_file(out, str(case_dir / "full_state_dict.safetensors"), metadata={"format": "pt"})
-    write_json(case_dir / "full_state_dict_order.json", order)
+    write_json(case_dir / "full_state_dict_order.json", order, sort_keys=True)
 
 
-def name_model(model, name: str) -> None:
-    # peft reads model.__dict__["name_or_path"] (get_peft_model) and config._name_or_path (model card)
-    model.config._name_or_path = name
-    model.name_or_path = name
+def _build(cls_name: str, config_cls_name: str, kw: dict, name: str):
+    """The seeded, named base model and its `case.json["model"]` record."""
+    model = build_model(cls_name, config_cls_name, kw, name, BASE_SEED)
+    return model, {"class": cls_name, "config": kw, "name_or_path": name}
 
 
 def build_llama(**overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    kw = dict(LLAMA_KW, **overrides)
-    torch.manual_seed(BASE_SEED)
-    model = LlamaForCausalLM(LlamaConfig(**kw))
-    name_model(model, LLAMA_NAME)
-    return model, {"class": "LlamaForCausalLM", "config": kw, "name_or_path": LLAMA_NAME}
+    return _build("LlamaForCausalLM", "LlamaConfig", dict(LLAMA_KW, **overrides), LLAMA_NAME)
 
 
 def build_gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(BASE_SEED)
-    model = GPT2LMHeadModel(GPT2Config(**GPT2_KW))
-    name_model(model, GPT2_NAME)
-    return model, {"class": "GPT2LMHeadModel", "config": GPT2_KW, "name_or_path": GPT2_NAME}
+    return _build("GPT2LMHeadModel", "GPT2Config", GPT2_KW, GPT2_NAME)
 
 
 def build_mixtral():
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    torch.manual_seed(BASE_SEED)
-    model = MixtralForCausalLM(MixtralConfig(**MIXTRAL_KW))
-    name_model(model, MIXTRAL_NAME)
-    return model, {"class": "MixtralForCausalLM", "config": MIXTRAL_KW, "name_or_path": MIXTRAL_NAME}
+    return _build("MixtralForCausalLM", "MixtralConfig", MIXTRAL_KW, MIXTRAL_NAME)
 
 
 class TinyConvNet(torch.nn.Module):
@@ -249,17 +232,14 @@ def transformers_case(
         pm.base_model.set_adapter(adapter_names)
         active = list(adapter_names)
     ids = input_ids_tensor()
-    tensors = {}
-    with torch.no_grad():
-        tensors["logits"] = pm(input_ids=ids).logits.contiguous()
+    tensors = {"logits": lm_logits(pm, ids)}
 
     merge_info = None
     if mergeable:
         names = merge_adapter_names
         merged = pm.merge_and_unload() if names is None else pm.merge_and_unload(adapter_names=names)
         merged.save_pretrained(d / "merged")
-        with torch.no_grad():
-            tensors["merged_logits"] = merged(input_ids=ids).logits.contiguous()
+        tensors["merged_logits"] = lm_logits(merged, ids)
         merge_info = {
             "call": "merge_and_unload()"
             if names is None
@@ -294,7 +274,7 @@ def transformers_case(
     }
     if notes:
         case["notes"] = notes
-    write_json(d / "case.json", case)
+    write_json(d / "case.json", case, sort_keys=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -583,7 +563,7 @@ def case_conv2d(out):
             "metadata={'format': 'pt'})",
         },
     }
-    write_json(d / "case.json", case)
+    write_json(d / "case.json", case, sort_keys=True)
 
 
 CASES = [
@@ -608,24 +588,8 @@ CASES = [
 
 
 def generate(root: Path) -> None:
-    if os.environ.get("PYTHONHASHSEED") != "0":
-        raise SystemExit("peft fixtures need PYTHONHASHSEED=0 (target_modules is written in set order)")
-    torch.set_num_threads(1)
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    out = Path(root) / "peft"
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
     # The README is generated too (nothing under tests/fixtures/ is edited by hand): edit README_MD below.
-    (out / "README.md").write_text(README_MD)
-    for fn in CASES:
-        print(f"  peft/{fn.__name__.removeprefix('case_')}")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fn(out)
+    generate_cases(root, "peft", CASES, README_MD)
 
 
 README_MD = """\

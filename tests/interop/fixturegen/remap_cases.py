@@ -12,7 +12,7 @@ layout, written by the real transformers 5.24.0 (tests/fixtures/remap/).
   from a v5 checkpoint has `_weight_conversions == []`, so it is written in v5 names, natural-sort order;
 - `case.json`: how the case was built, the transforms transformers recorded as used while loading
   (`model._weight_conversions`), and for every save the exact key order handed to the shard splitter and the
-  groups of keys that shared one storage (recorded from the real call, see `_record_split_input`).
+  groups of keys that shared one storage (recorded from the real call, see `common.record_split_input`).
 
 Every model is built from a config with `torch.manual_seed(0)`, saved once to a scratch folder, possibly
 rewritten into a legacy on-disk layout (Llava's `vision_model.` prefix as on the Hub, BERT's
@@ -24,19 +24,17 @@ Run alone with:
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
+
+from .common import TINY_DECODER, fresh_dir, quiet, record_split_input, write_json
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-import transformers.modeling_utils as _modeling_utils  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import (  # noqa: E402
@@ -60,53 +58,6 @@ SEED = 0
 SHARD_SIZES = ("2KB", "5KB", "20KB")
 
 
-def _quiet():
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        import huggingface_hub.utils as hub_utils
-
-        hub_utils.disable_progress_bars()
-    except Exception:  # pragma: no cover - best effort only
-        pass
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=True) + "\n", encoding="utf-8")
-
-
-@contextlib.contextmanager
-def _record_split_input(shapes: bool = False):
-    """Record, for every state dict handed to the shard splitter, its keys in order and the groups
-    of keys whose tensors share one storage (huggingface_hub places such a group as one unit), and
-    with `shapes=True` the tensor shapes.
-
-    Only observes: the wrapped function is called unchanged.
-    """
-    seen: list[dict] = []
-    original = _modeling_utils.split_torch_state_dict_into_shards
-
-    def spy(state_dict, *args, **kwargs):
-        groups: dict[int, list[str]] = {}
-        for k, t in state_dict.items():
-            groups.setdefault(t.untyped_storage().data_ptr(), []).append(k)
-        rec = {
-            "order": list(state_dict.keys()),
-            "storage_groups": [g for g in groups.values() if len(g) > 1],
-        }
-        if shapes:
-            rec["shapes"] = {k: list(t.shape) for k, t in state_dict.items()}
-        seen.append(rec)
-        return original(state_dict, *args, **kwargs)
-
-    _modeling_utils.split_torch_state_dict_into_shards = spy
-    try:
-        yield seen
-    finally:
-        _modeling_utils.split_torch_state_dict_into_shards = original
-
-
 def _tensor_names(folder: Path) -> list[str]:
     names = []
     for f in sorted(folder.glob("*.safetensors")):
@@ -116,7 +67,7 @@ def _tensor_names(folder: Path) -> list[str]:
 
 
 def _save(model, dest: Path, **kwargs) -> dict:
-    with _record_split_input() as seen:
+    with record_split_input() as seen:
         model.save_pretrained(dest, **kwargs)
     assert len(seen) == 1, seen
     return seen[0]
@@ -139,17 +90,12 @@ def _mixtral():
     # worked example there.
     return MixtralForCausalLM(
         MixtralConfig(
+            **TINY_DECODER,
             vocab_size=64,
-            hidden_size=16,
             intermediate_size=8,
             num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=8,
             num_local_experts=3,
             num_experts_per_tok=2,
-            max_position_embeddings=64,
-            tie_word_embeddings=False,
         )
     )
 
@@ -175,17 +121,7 @@ def _qwen2_moe():
 
 
 def _llava():
-    text = LlamaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=8,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    text = LlamaConfig(**TINY_DECODER, vocab_size=40, intermediate_size=32, num_hidden_layers=1)
     vision = CLIPVisionConfig(
         hidden_size=16,
         intermediate_size=32,
@@ -353,7 +289,7 @@ def _case(out: Path, spec: dict) -> dict:
             for name, rec in saves.items()
         },
     }
-    _write_json(case_dir / "case.json", case)
+    write_json(case_dir / "case.json", case)
     return case
 
 
@@ -452,12 +388,12 @@ def _names_only(out: Path) -> None:
         assert model.config.model_type == model_type, (model.config.model_type, model_type)
         rec = {"class": type(model).__name__}
         for name, kwargs in (("v5", {"save_original_format": False}), ("original", {})):
-            with tempfile.TemporaryDirectory() as tmp, _record_split_input(shapes=True) as seen:
+            with tempfile.TemporaryDirectory() as tmp, record_split_input(shapes=True) as seen:
                 model.save_pretrained(tmp, **kwargs)
             assert len(seen) == 1, seen
             rec[name] = {"order": seen[0]["order"], "shapes": seen[0]["shapes"]}
         cases[model_type] = rec
-    _write_json(out / "names_only.json", {"transformers_version": transformers.__version__, "cases": cases})
+    write_json(out / "names_only.json", {"transformers_version": transformers.__version__, "cases": cases})
 
 
 README = """# remap fixtures
@@ -488,11 +424,9 @@ shard splitter for `save_pretrained(save_original_format=False)` and for the def
 
 def generate(root: Path) -> None:
     root = Path(root)
-    _quiet()
+    quiet()
     torch.use_deterministic_algorithms(True)
-    out = root / "remap"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    out = fresh_dir(root / "remap")
     for spec in CASES:
         _case(out, spec)
     _names_only(out)

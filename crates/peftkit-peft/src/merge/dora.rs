@@ -99,6 +99,17 @@ fn check_opts(what: &'static str, base: &BaseTensorMut<'_>, opts: &MergeOptions)
     Ok(())
 }
 
+/// The `f32` rows of a block: DoRA never merges into an F64 base (see [`check_opts`]).
+fn f32_rows<'r>(what: &'static str, rows: Rows<'r>) -> Result<&'r mut [f32]> {
+    match rows {
+        Rows::F32(w) => Ok(w),
+        Rows::F64(_) => Err(MergeMathError::UnsupportedDtype {
+            what,
+            dtype: Dtype::F64,
+        }),
+    }
+}
+
 /// Row-norm variant: each base row is one output channel (Linear, Conv).
 fn merge_row_channels(
     what: &'static str,
@@ -114,15 +125,8 @@ fn merge_row_channels(
         n,
         opts.safe_merge,
         |first_row, rows, scratch| {
-            let Rows::F32(w) = rows else {
-                return Err(MergeMathError::UnsupportedDtype {
-                    what,
-                    dtype: Dtype::F64,
-                });
-            };
-            scratch.resize(w.len(), 0.0);
-            let d = &mut scratch[..w.len()];
-            lr.delta_rows(first_row, d)?;
+            let w = f32_rows(what, rows)?;
+            let d = lr.delta_block(first_row, w.len(), scratch)?;
             for (q, (wr, dr)) in w.chunks_exact_mut(n).zip(d.chunks_exact(n)).enumerate() {
                 for (x, y) in wr.iter_mut().zip(dr) {
                     *x += *y;
@@ -159,12 +163,7 @@ fn merge_column_channels(
     let wt = &wt;
     let factor = &factor;
     update_rows(what, base, cols, opts.safe_merge, |first_row, rows, _| {
-        let Rows::F32(w) = rows else {
-            return Err(MergeMathError::UnsupportedDtype {
-                what,
-                dtype: Dtype::F64,
-            });
-        };
+        let w = f32_rows(what, rows)?;
         let src = &wt[first_row * cols..first_row * cols + w.len()];
         for (wr, sr) in w.chunks_exact_mut(cols).zip(src.chunks_exact(cols)) {
             for ((x, s), f) in wr.iter_mut().zip(sr).zip(factor) {
@@ -175,16 +174,51 @@ fn merge_column_channels(
     })
 }
 
-fn check_magnitude(m: &F32Tensor<'_>, channels: usize, accepted: &[usize]) -> Result<()> {
+/// Checks `lora_magnitude_vector` against its `expected` shape: one value per output channel (the
+/// product of `expected`, whose other dimensions are 1), in any shape with that many elements; a
+/// magnitude with as many dimensions as `expected` must have exactly that shape.
+fn check_magnitude(m: &F32Tensor<'_>, expected: &[usize]) -> Result<()> {
     m.validate("lora_magnitude_vector")?;
+    let channels: usize = expected.iter().product();
     if m.data.len() != channels {
         return Err(MergeMathError::ShapeMismatch {
             what: "lora_magnitude_vector",
-            expected: accepted.to_vec(),
+            expected: expected.to_vec(),
             got: m.shape.to_vec(),
         });
     }
+    if m.shape.len() == expected.len() {
+        check_shape("lora_magnitude_vector", m.shape, expected)?;
+    }
     Ok(())
+}
+
+/// Where the output channels of a DoRA layer lie in its base weight, i.e. which norm peft takes.
+#[derive(Debug, Clone, Copy)]
+enum Channels {
+    /// One base row per channel (Linear, Conv): [`torch_row_norm`].
+    Rows,
+    /// One base column per channel (`fan_in_fan_out`, Embedding): [`torch_column_norms`].
+    Columns,
+}
+
+/// The steps every DoRA merge shares, in peft's order of checks: the options, then `layer` (given
+/// the base shape: checks the factors and returns the LoRA product with f32 adapters, the shape
+/// of the magnitude vector and where the channels lie), then the magnitude, then the merge.
+fn merge_dora<'a>(
+    what: &'static str,
+    mut base: BaseTensorMut<'_>,
+    magnitude: F32Tensor<'_>,
+    opts: &MergeOptions,
+    layer: impl FnOnce(&[usize]) -> Result<(LowRank<'a>, Vec<usize>, Channels)>,
+) -> Result<()> {
+    check_opts(what, &base, opts)?;
+    let (lr, expected, channels) = layer(base.shape)?;
+    check_magnitude(&magnitude, &expected)?;
+    match channels {
+        Channels::Rows => merge_row_channels(what, &mut base, &lr, magnitude.data, opts),
+        Channels::Columns => merge_column_channels(what, &mut base, &lr, magnitude.data, opts),
+    }
 }
 
 /// DoRA merge into a `Linear` weight `(out, in)` — or a transformers `Conv1D` weight
@@ -193,7 +227,7 @@ fn check_magnitude(m: &F32Tensor<'_>, channels: usize, accepted: &[usize]) -> Re
 /// `magnitude` is `lora_magnitude_vector` `(out,)`. Base dtypes F32/BF16/F16. `safe_merge`
 /// only adds the finiteness check (peft's DoRA merges compute the same values either way).
 pub fn merge_dora_linear(
-    mut base: BaseTensorMut<'_>,
+    base: BaseTensorMut<'_>,
     a: F32Tensor<'_>,
     b: F32Tensor<'_>,
     magnitude: F32Tensor<'_>,
@@ -201,16 +235,15 @@ pub fn merge_dora_linear(
     fan_in_fan_out: bool,
     opts: &MergeOptions,
 ) -> Result<()> {
-    const WHAT: &str = "DoRA linear weight";
-    check_opts(WHAT, &base, opts)?;
-    let lr = linear_lowrank(base.shape, &a, &b, scale, fan_in_fan_out, None)?;
-    let out = b.shape[0];
-    check_magnitude(&magnitude, out, &[out])?;
-    if fan_in_fan_out {
-        merge_column_channels(WHAT, &mut base, &lr, magnitude.data, opts)
-    } else {
-        merge_row_channels(WHAT, &mut base, &lr, magnitude.data, opts)
-    }
+    merge_dora("DoRA linear weight", base, magnitude, opts, |shape| {
+        let lr = linear_lowrank(shape, &a, &b, scale, fan_in_fan_out, None)?;
+        let channels = if fan_in_fan_out {
+            Channels::Columns
+        } else {
+            Channels::Rows
+        };
+        Ok((lr, vec![b.shape[0]], channels))
+    })
 }
 
 /// DoRA merge into an `Embedding` weight `(num_embeddings, dim)` in place.
@@ -218,26 +251,24 @@ pub fn merge_dora_linear(
 /// `magnitude` is `(dim,)`; the norm runs over the vocabulary for each embedding dimension.
 /// Unlike a plain LoRA embedding merge, Δ is *not* rounded to the base dtype first.
 pub fn merge_dora_embedding(
-    mut base: BaseTensorMut<'_>,
+    base: BaseTensorMut<'_>,
     a: F32Tensor<'_>,
     b: F32Tensor<'_>,
     magnitude: F32Tensor<'_>,
     scale: f32,
     opts: &MergeOptions,
 ) -> Result<()> {
-    const WHAT: &str = "DoRA embedding weight";
-    check_opts(WHAT, &base, opts)?;
-    let lr = embedding_lowrank(base.shape, &a, &b, scale, None)?;
-    let dim = b.shape[0];
-    check_magnitude(&magnitude, dim, &[dim])?;
-    merge_column_channels(WHAT, &mut base, &lr, magnitude.data, opts)
+    merge_dora("DoRA embedding weight", base, magnitude, opts, |shape| {
+        let lr = embedding_lowrank(shape, &a, &b, scale, None)?;
+        Ok((lr, vec![b.shape[0]], Channels::Columns))
+    })
 }
 
 /// DoRA merge into a `Conv1d/2d/3d` weight `(out, in, *kernel)` in place.
 ///
 /// `magnitude` is `(1, out, 1, …)` (any shape with `out` elements is accepted).
 pub fn merge_dora_conv(
-    mut base: BaseTensorMut<'_>,
+    base: BaseTensorMut<'_>,
     a: F32Tensor<'_>,
     b: F32Tensor<'_>,
     magnitude: F32Tensor<'_>,
@@ -245,18 +276,13 @@ pub fn merge_dora_conv(
     groups: usize,
     opts: &MergeOptions,
 ) -> Result<()> {
-    const WHAT: &str = "DoRA conv weight";
-    check_opts(WHAT, &base, opts)?;
-    check_rank("base conv weight", base.shape, 3, 5, "3 to 5")?;
-    let lr = conv_lowrank(base.shape, &a, &b, scale, groups, None)?;
-    let out = base.shape[0];
-    let mut expected = vec![1, out];
-    expected.resize(base.shape.len(), 1);
-    check_magnitude(&magnitude, out, &expected)?;
-    if magnitude.shape.len() == expected.len() {
-        check_shape("lora_magnitude_vector", magnitude.shape, &expected)?;
-    }
-    merge_row_channels(WHAT, &mut base, &lr, magnitude.data, opts)
+    merge_dora("DoRA conv weight", base, magnitude, opts, |shape| {
+        check_rank("base conv weight", shape, 3, 5, "3 to 5")?;
+        let lr = conv_lowrank(shape, &a, &b, scale, groups, None)?;
+        let mut expected = vec![1, shape[0]];
+        expected.resize(shape.len(), 1);
+        Ok((lr, expected, Channels::Rows))
+    })
 }
 
 #[cfg(test)]

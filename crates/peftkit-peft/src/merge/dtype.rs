@@ -123,6 +123,52 @@ pub fn round_slice_to(dtype: Dtype, values: &mut [f32]) -> Result<()> {
 /// Elements converted per step through `half`'s SIMD slice conversions.
 const CHUNK: usize = 64;
 
+/// Checks that `bytes` bytes of `dtype` hold exactly `values` elements (the length of the other
+/// side of a conversion).
+fn check_count(what: &'static str, dtype: Dtype, bytes: usize, values: usize) -> Result<()> {
+    let n = element_count(what, dtype, bytes)?;
+    if n != values {
+        return Err(MergeMathError::ElementCount {
+            what,
+            shape: vec![values],
+            expected: values,
+            got: n,
+        });
+    }
+    Ok(())
+}
+
+/// Decodes `N`-byte little-endian elements of `bytes` into `out` with `from_le`.
+#[inline(always)]
+fn decode_le<const N: usize, T>(bytes: &[u8], out: &mut [T], from_le: impl Fn([u8; N]) -> T) {
+    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(N)) {
+        let mut a = [0u8; N];
+        a.copy_from_slice(c);
+        *o = from_le(a);
+    }
+}
+
+/// Encodes `values` into `N`-byte little-endian elements of `out` with `to_le`.
+#[inline(always)]
+fn encode_le<const N: usize, T: Copy>(values: &[T], out: &mut [u8], to_le: impl Fn(T) -> [u8; N]) {
+    for (c, v) in out.chunks_exact_mut(N).zip(values) {
+        c.copy_from_slice(&to_le(*v));
+    }
+}
+
+/// Allocates the output of a `decode_*_into` and fills it.
+fn decode_vec<T: Copy + Default>(
+    what: &'static str,
+    dtype: Dtype,
+    bytes: &[u8],
+    decode_into: fn(&'static str, Dtype, &[u8], &mut [T]) -> Result<()>,
+) -> Result<Vec<T>> {
+    let n = element_count(what, dtype, bytes.len())?;
+    let mut out = vec![T::default(); n];
+    decode_into(what, dtype, bytes, &mut out)?;
+    Ok(out)
+}
+
 /// Decodes `bytes` (little-endian `dtype`) into `out`, which must hold exactly as many elements.
 ///
 /// F64 values are rounded to the nearest `f32` (lossy; peft would compute with them in f64).
@@ -132,43 +178,19 @@ pub fn decode_f32_into(
     bytes: &[u8],
     out: &mut [f32],
 ) -> Result<()> {
-    let n = element_count(what, dtype, bytes.len())?;
-    if n != out.len() {
-        return Err(MergeMathError::ElementCount {
-            what,
-            shape: vec![out.len()],
-            expected: out.len(),
-            got: n,
-        });
-    }
+    check_count(what, dtype, bytes.len(), out.len())?;
     match dtype {
-        Dtype::F32 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-        }
-        Dtype::BF16 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]]));
-            }
-        }
+        Dtype::F32 => decode_le(bytes, out, f32::from_le_bytes),
+        Dtype::BF16 => decode_le(bytes, out, |b| bf16_bits_to_f32(u16::from_le_bytes(b))),
         Dtype::F16 => {
             let mut tmp = [f16::ZERO; CHUNK];
             for (o, b) in out.chunks_mut(CHUNK).zip(bytes.chunks(CHUNK * 2)) {
                 let t = &mut tmp[..o.len()];
-                for (h, c) in t.iter_mut().zip(b.chunks_exact(2)) {
-                    *h = f16::from_bits(u16::from_le_bytes([c[0], c[1]]));
-                }
+                decode_le(b, t, |h| f16::from_bits(u16::from_le_bytes(h)));
                 t.convert_to_f32_slice(o);
             }
         }
-        Dtype::F64 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(c);
-                *o = f64::from_le_bytes(a) as f32;
-            }
-        }
+        Dtype::F64 => decode_le(bytes, out, |b| f64::from_le_bytes(b) as f32),
         other => return Err(MergeMathError::UnsupportedDtype { what, dtype: other }),
     }
     Ok(())
@@ -176,18 +198,12 @@ pub fn decode_f32_into(
 
 /// Decodes little-endian `dtype` bytes into a new `Vec<f32>` (see [`decode_f32_into`]).
 pub fn decode_f32(what: &'static str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
-    let n = element_count(what, dtype, bytes.len())?;
-    let mut out = vec![0f32; n];
-    decode_f32_into(what, dtype, bytes, &mut out)?;
-    Ok(out)
+    decode_vec(what, dtype, bytes, decode_f32_into)
 }
 
 /// Decodes little-endian `dtype` bytes into `f64` (exact for all four dtypes).
 pub fn decode_f64(what: &'static str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f64>> {
-    let n = element_count(what, dtype, bytes.len())?;
-    let mut out = vec![0f64; n];
-    decode_f64_into(what, dtype, bytes, &mut out)?;
-    Ok(out)
+    decode_vec(what, dtype, bytes, decode_f64_into)
 }
 
 /// Decodes little-endian `dtype` bytes into `out` as `f64` (exact).
@@ -197,21 +213,9 @@ pub fn decode_f64_into(
     bytes: &[u8],
     out: &mut [f64],
 ) -> Result<()> {
-    let n = element_count(what, dtype, bytes.len())?;
-    if n != out.len() {
-        return Err(MergeMathError::ElementCount {
-            what,
-            shape: vec![out.len()],
-            expected: out.len(),
-            got: n,
-        });
-    }
+    check_count(what, dtype, bytes.len(), out.len())?;
     if dtype == Dtype::F64 {
-        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(8)) {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(c);
-            *o = f64::from_le_bytes(a);
-        }
+        decode_le(bytes, out, f64::from_le_bytes);
         return Ok(());
     }
     let mut tmp = [0f32; CHUNK];
@@ -233,41 +237,19 @@ pub fn encode_f32_into(
     values: &[f32],
     out: &mut [u8],
 ) -> Result<()> {
-    let n = element_count(what, dtype, out.len())?;
-    if n != values.len() {
-        return Err(MergeMathError::ElementCount {
-            what,
-            shape: vec![values.len()],
-            expected: values.len(),
-            got: n,
-        });
-    }
+    check_count(what, dtype, out.len(), values.len())?;
     match dtype {
-        Dtype::F32 => {
-            for (c, v) in out.chunks_exact_mut(4).zip(values) {
-                c.copy_from_slice(&v.to_le_bytes());
-            }
-        }
-        Dtype::BF16 => {
-            for (c, v) in out.chunks_exact_mut(2).zip(values) {
-                c.copy_from_slice(&f32_to_bf16_bits(*v).to_le_bytes());
-            }
-        }
+        Dtype::F32 => encode_le(values, out, f32::to_le_bytes),
+        Dtype::BF16 => encode_le(values, out, |v| f32_to_bf16_bits(v).to_le_bytes()),
         Dtype::F16 => {
             let mut tmp = [f16::ZERO; CHUNK];
             for (v, o) in values.chunks(CHUNK).zip(out.chunks_mut(CHUNK * 2)) {
                 let t = &mut tmp[..v.len()];
                 t.convert_from_f32_slice(v);
-                for (c, h) in o.chunks_exact_mut(2).zip(t.iter()) {
-                    c.copy_from_slice(&h.to_bits().to_le_bytes());
-                }
+                encode_le(t, o, |h| h.to_bits().to_le_bytes());
             }
         }
-        Dtype::F64 => {
-            for (c, v) in out.chunks_exact_mut(8).zip(values) {
-                c.copy_from_slice(&f64::from(*v).to_le_bytes());
-            }
-        }
+        Dtype::F64 => encode_le(values, out, |v| f64::from(v).to_le_bytes()),
         other => return Err(MergeMathError::UnsupportedDtype { what, dtype: other }),
     }
     Ok(())
@@ -298,26 +280,10 @@ pub fn encode_f64_into(
     values: &[f64],
     out: &mut [u8],
 ) -> Result<()> {
-    let n = element_count(what, dtype, out.len())?;
-    if n != values.len() {
-        return Err(MergeMathError::ElementCount {
-            what,
-            shape: vec![values.len()],
-            expected: values.len(),
-            got: n,
-        });
-    }
+    check_count(what, dtype, out.len(), values.len())?;
     match dtype {
-        Dtype::F64 => {
-            for (c, v) in out.chunks_exact_mut(8).zip(values) {
-                c.copy_from_slice(&v.to_le_bytes());
-            }
-        }
-        Dtype::F32 => {
-            for (c, v) in out.chunks_exact_mut(4).zip(values) {
-                c.copy_from_slice(&(*v as f32).to_le_bytes());
-            }
-        }
+        Dtype::F64 => encode_le(values, out, f64::to_le_bytes),
+        Dtype::F32 => encode_le(values, out, |v| (v as f32).to_le_bytes()),
         other => return Err(MergeMathError::UnsupportedDtype { what, dtype: other }),
     }
     Ok(())

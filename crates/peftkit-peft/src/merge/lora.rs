@@ -17,7 +17,7 @@
 //! one block of rows plus the (small) factors.
 
 use std::borrow::Cow;
-use std::ops::Range;
+use std::ops::{AddAssign, Range, SubAssign};
 
 use safetensors::Dtype;
 
@@ -70,14 +70,20 @@ pub struct MergeOptions {
 
 impl MergeOptions {
     fn adapter_round(&self) -> Result<Option<Dtype>> {
-        match self.adapter_dtype {
-            None | Some(Dtype::F32) => Ok(None),
-            Some(d @ (Dtype::BF16 | Dtype::F16)) => Ok(Some(d)),
-            Some(other) => Err(MergeMathError::UnsupportedDtype {
-                what: "adapter dtype",
-                dtype: other,
-            }),
-        }
+        adapter_rounding(self.adapter_dtype)
+    }
+}
+
+/// The dtype Δ is rounded to for an `adapter_dtype` (see [`MergeOptions::adapter_dtype`]):
+/// `None` for f32 adapters.
+fn adapter_rounding(adapter_dtype: Option<Dtype>) -> Result<Option<Dtype>> {
+    match adapter_dtype {
+        None | Some(Dtype::F32) => Ok(None),
+        Some(d @ (Dtype::BF16 | Dtype::F16)) => Ok(Some(d)),
+        Some(other) => Err(MergeMathError::UnsupportedDtype {
+            what: "adapter dtype",
+            dtype: other,
+        }),
     }
 }
 
@@ -97,12 +103,11 @@ pub(crate) struct LowRank<'a> {
 }
 
 impl<'a> LowRank<'a> {
+    /// `left` is `batch·rows × r`, `right` `batch × r × n`.
     fn new(
         left: Cow<'a, [f32]>,
         right: Cow<'a, [f32]>,
-        rows: usize,
-        r: usize,
-        n: usize,
+        (rows, r, n): (usize, usize, usize),
         scale: f32,
         adapter_round: Option<Dtype>,
     ) -> Self {
@@ -116,6 +121,33 @@ impl<'a> LowRank<'a> {
             blocks: mkl_k_blocks(r),
             adapter_round,
         }
+    }
+
+    /// `s · B @ A` for `b` `(out × r)` and `a` `(r × n)`, in the layout of the product: `out × n`.
+    fn product(
+        b: &'a [f32],
+        a: &'a [f32],
+        (out, r, n): (usize, usize, usize),
+        scale: f32,
+        adapter_round: Option<Dtype>,
+    ) -> Self {
+        let (left, right) = (Cow::Borrowed(b), Cow::Borrowed(a));
+        Self::new(left, right, (out, r, n), scale, adapter_round)
+    }
+
+    /// `s · (B @ A)ᵀ` for `b` `(out × r)` and `a` `(r × n)`: `n × out`, row `i` being
+    /// `Σ_k A[k, i] · B[:, k]`, the same products in the same `k` order as torch's `B @ A`, since
+    /// `fma(x, y, z) = fma(y, x, z)`.
+    fn product_transposed(
+        b: &[f32],
+        a: &[f32],
+        (out, r, n): (usize, usize, usize),
+        scale: f32,
+        adapter_round: Option<Dtype>,
+    ) -> Self {
+        let left = Cow::Owned(transpose(a, r, n));
+        let right = Cow::Owned(transpose(b, out, r));
+        Self::new(left, right, (n, r, out), scale, adapter_round)
     }
 
     /// Row length of the delta (= of the base tensor view).
@@ -152,6 +184,19 @@ impl<'a> LowRank<'a> {
         Ok(())
     }
 
+    /// Delta rows `first_row..` for a block of `len` base elements, in `scratch` (resized).
+    pub(crate) fn delta_block<'s>(
+        &self,
+        first_row: usize,
+        len: usize,
+        scratch: &'s mut Vec<f32>,
+    ) -> Result<&'s mut [f32]> {
+        scratch.resize(len, 0.0);
+        let d = &mut scratch[..len];
+        self.delta_rows(first_row, d)?;
+        Ok(d)
+    }
+
     /// The whole delta, `batch·rows × n`.
     pub(crate) fn full(&self) -> Result<Vec<f32>> {
         let total_rows = self.left.len() / self.r.max(1);
@@ -182,37 +227,42 @@ fn apply_lowrank(
         |first_row, rows, scratch| {
             match rows {
                 Rows::F32(w) => {
-                    scratch.resize(w.len(), 0.0);
-                    let d = &mut scratch[..w.len()];
-                    lr.delta_rows(first_row, d)?;
+                    let d = lr.delta_block(first_row, w.len(), scratch)?;
                     if round_first {
                         round_slice_to(dtype, d)?;
                     }
-                    if sign_sub {
-                        w.iter_mut().zip(d.iter()).for_each(|(x, y)| *x -= *y);
-                    } else {
-                        w.iter_mut().zip(d.iter()).for_each(|(x, y)| *x += *y);
-                    }
+                    accumulate(w, d, sign_sub);
                 }
                 Rows::F64(w) => {
                     // torch promotes `f64 += f32` to f64: the f32 delta widens exactly.
-                    scratch.resize(w.len(), 0.0);
-                    let d = &mut scratch[..w.len()];
-                    lr.delta_rows(first_row, d)?;
-                    if sign_sub {
-                        w.iter_mut()
-                            .zip(d.iter())
-                            .for_each(|(x, y)| *x -= f64::from(*y));
-                    } else {
-                        w.iter_mut()
-                            .zip(d.iter())
-                            .for_each(|(x, y)| *x += f64::from(*y));
-                    }
+                    let d = lr.delta_block(first_row, w.len(), scratch)?;
+                    accumulate(w, d, sign_sub);
                 }
             }
             Ok(())
         },
     )
+}
+
+/// `w += d` (or `w -= d` with `sub`) elementwise, `d` widened to the type of `w` (exact).
+#[inline(always)]
+fn accumulate<T: Copy + From<f32> + AddAssign + SubAssign>(w: &mut [T], d: &[f32], sub: bool) {
+    if sub {
+        w.iter_mut().zip(d).for_each(|(x, y)| *x -= T::from(*y));
+    } else {
+        w.iter_mut().zip(d).for_each(|(x, y)| *x += T::from(*y));
+    }
+}
+
+/// Refuses a LoRA rank of 0 (the factor named `what` has no rows).
+fn check_nonzero_rank(what: &'static str, r: usize) -> Result<()> {
+    if r == 0 {
+        return Err(MergeMathError::Invalid {
+            what,
+            reason: "rank 0".into(),
+        });
+    }
+    Ok(())
 }
 
 /// Transposes a row-major `rows × cols` matrix.
@@ -235,12 +285,7 @@ fn linear_factors(a: &F32Tensor<'_>, b: &F32Tensor<'_>) -> Result<(usize, usize,
     let (r, inf) = (a.shape[0], a.shape[1]);
     let out = b.shape[0];
     check_shape("lora_B", b.shape, &[out, r])?;
-    if r == 0 {
-        return Err(MergeMathError::Invalid {
-            what: "lora_A",
-            reason: "rank 0".into(),
-        });
-    }
+    check_nonzero_rank("lora_A", r)?;
     Ok((out, r, inf))
 }
 
@@ -255,34 +300,24 @@ pub(crate) fn linear_lowrank<'a>(
 ) -> Result<LowRank<'a>> {
     let (out, r, inf) = linear_factors(a, b)?;
     check_rank("base weight", base_shape, 2, 2, "2")?;
+    let dims = (out, r, inf);
     if fan_in_fan_out {
-        // W is (in, out); base row i is Δᵀ[i, :] = Σ_k A[k, i] · B[:, k], the same products in
-        // the same k order as torch's (B @ A)ᵀ, since fma(x, y, z) = fma(y, x, z).
+        // W is (in, out): base row i is Δᵀ[i, :].
         check_shape(
             "base weight (fan_in_fan_out: in, out)",
             base_shape,
             &[inf, out],
         )?;
-        Ok(LowRank::new(
-            Cow::Owned(transpose(a.data, r, inf)),
-            Cow::Owned(transpose(b.data, out, r)),
-            inf,
-            r,
-            out,
+        Ok(LowRank::product_transposed(
+            b.data,
+            a.data,
+            dims,
             scale,
             adapter_round,
         ))
     } else {
         check_shape("base weight (out, in)", base_shape, &[out, inf])?;
-        Ok(LowRank::new(
-            Cow::Borrowed(b.data),
-            Cow::Borrowed(a.data),
-            out,
-            r,
-            inf,
-            scale,
-            adapter_round,
-        ))
+        Ok(LowRank::product(b.data, a.data, dims, scale, adapter_round))
     }
 }
 
@@ -297,19 +332,8 @@ pub fn linear_delta(
     fan_in_fan_out: bool,
     adapter_dtype: Option<Dtype>,
 ) -> Result<Vec<f32>> {
-    let opts = MergeOptions {
-        adapter_dtype,
-        ..MergeOptions::default()
-    };
-    linear_lowrank(
-        base_shape,
-        &a,
-        &b,
-        scale,
-        fan_in_fan_out,
-        opts.adapter_round()?,
-    )?
-    .full()
+    let round = adapter_rounding(adapter_dtype)?;
+    linear_lowrank(base_shape, &a, &b, scale, fan_in_fan_out, round)?.full()
 }
 
 /// Merges a LoRA adapter into a `Linear` weight `(out, in)` — or a transformers `Conv1D`
@@ -325,14 +349,8 @@ pub fn merge_linear(
     fan_in_fan_out: bool,
     opts: &MergeOptions,
 ) -> Result<()> {
-    let lr = linear_lowrank(
-        base.shape,
-        &a,
-        &b,
-        scale,
-        fan_in_fan_out,
-        opts.adapter_round()?,
-    )?;
+    let round = opts.adapter_round()?;
+    let lr = linear_lowrank(base.shape, &a, &b, scale, fan_in_fan_out, round)?;
     apply_lowrank("linear weight", &mut base, &lr, opts, false)
 }
 
@@ -357,19 +375,12 @@ pub(crate) fn embedding_lowrank<'a>(
         base_shape,
         &[vocab, dim],
     )?;
-    if r == 0 {
-        return Err(MergeMathError::Invalid {
-            what: "lora_embedding_A",
-            reason: "rank 0".into(),
-        });
-    }
-    // Δ[v, d] = s · Σ_k B[d, k] · A[k, v]: base row v uses column v of A and B transposed.
-    Ok(LowRank::new(
-        Cow::Owned(transpose(a.data, r, vocab)),
-        Cow::Owned(transpose(b.data, dim, r)),
-        vocab,
-        r,
-        dim,
+    check_nonzero_rank("lora_embedding_A", r)?;
+    // Δ[v, d] = s · Σ_k B[d, k] · A[k, v] = (B @ A)ᵀ[v, d].
+    Ok(LowRank::product_transposed(
+        b.data,
+        a.data,
+        (dim, r, vocab),
         scale,
         adapter_round,
     ))
@@ -383,11 +394,8 @@ pub fn embedding_delta(
     scale: f32,
     adapter_dtype: Option<Dtype>,
 ) -> Result<Vec<f32>> {
-    let opts = MergeOptions {
-        adapter_dtype,
-        ..MergeOptions::default()
-    };
-    embedding_lowrank(base_shape, &a, &b, scale, opts.adapter_round()?)?.full()
+    let round = adapter_rounding(adapter_dtype)?;
+    embedding_lowrank(base_shape, &a, &b, scale, round)?.full()
 }
 
 /// Merges a LoRA adapter into an `Embedding` weight `(num_embeddings, dim)` in place.
@@ -437,20 +445,13 @@ pub(crate) fn conv_lowrank<'a>(
     let mut b_expected = vec![out, r];
     b_expected.resize(nd, 1);
     check_shape("lora_B (out, r, 1, …)", b.shape, &b_expected)?;
-    if r == 0 {
-        return Err(MergeMathError::Invalid {
-            what: "lora_A",
-            reason: "rank 0".into(),
-        });
-    }
+    check_nonzero_rank("lora_A", r)?;
     let row_len = a.data.len() / r;
     // Δ[o, i, *k] = s · Σ_r B[o, r] · A[r, i, *k]: a (out × r)(r × in·K) product.
-    Ok(LowRank::new(
-        Cow::Borrowed(b.data),
-        Cow::Borrowed(a.data),
-        out,
-        r,
-        row_len,
+    Ok(LowRank::product(
+        b.data,
+        a.data,
+        (out, r, row_len),
         scale,
         adapter_round,
     ))
@@ -465,11 +466,8 @@ pub fn conv_delta(
     groups: usize,
     adapter_dtype: Option<Dtype>,
 ) -> Result<Vec<f32>> {
-    let opts = MergeOptions {
-        adapter_dtype,
-        ..MergeOptions::default()
-    };
-    conv_lowrank(base_shape, &a, &b, scale, groups, opts.adapter_round()?)?.full()
+    let round = adapter_rounding(adapter_dtype)?;
+    conv_lowrank(base_shape, &a, &b, scale, groups, round)?.full()
 }
 
 /// Merges a LoRA adapter into a `Conv1d/2d/3d` weight `(out, in, *kernel)` in place.
@@ -544,15 +542,8 @@ fn experts_lowrank<'a>(
                     }
                 }
             }
-            Ok(LowRank::new(
-                Cow::Owned(left),
-                Cow::Borrowed(a.data),
-                out,
-                r,
-                inf,
-                scale,
-                None,
-            ))
+            let (left, right) = (Cow::Owned(left), Cow::Borrowed(a.data));
+            Ok(LowRank::new(left, right, (out, r, inf), scale, None))
         }
         ExpertLayout::InOut => {
             let mut left = vec![0f32; e * inf * r];
@@ -567,15 +558,8 @@ fn experts_lowrank<'a>(
                     }
                 }
             }
-            Ok(LowRank::new(
-                Cow::Owned(left),
-                Cow::Owned(right),
-                inf,
-                r,
-                out,
-                scale,
-                None,
-            ))
+            let (left, right) = (Cow::Owned(left), Cow::Owned(right));
+            Ok(LowRank::new(left, right, (inf, r, out), scale, None))
         }
     }
 }
@@ -643,18 +627,8 @@ pub fn merge_lora_bias(
         opts.safe_merge && !sub,
         |_, rows, _| {
             match rows {
-                Rows::F32(w) => {
-                    w.iter_mut()
-                        .zip(&term)
-                        .for_each(|(x, t)| if sub { *x -= *t } else { *x += *t })
-                }
-                Rows::F64(w) => w.iter_mut().zip(&term).for_each(|(x, t)| {
-                    if sub {
-                        *x -= f64::from(*t)
-                    } else {
-                        *x += f64::from(*t)
-                    }
-                }),
+                Rows::F32(w) => accumulate(w, &term, sub),
+                Rows::F64(w) => accumulate(w, &term, sub),
             }
             Ok(())
         },
