@@ -25,10 +25,14 @@ What it does:
     peft's `get_peft_model_state_dict` for that model (checked on a meta-device model), its
     tensors are written with `safetensors.torch.save_file` and its `adapter_config.json` by
     `LoraConfig(...).save_pretrained`;
-* builds peftkit (`cargo build --release`, unless `--peftkit BIN` is given);
-* times the contenders side by side in one run, interleaved, `--runs` times each (median
-  reported). Before every run the output folder is removed, `sync` flushes dirty pages, and the
-  base and adapter are read once so that every run starts from the same warm page cache;
+* builds peftkit (`cargo build --release`, unless `--peftkit BIN` is given) and times a private
+  copy of the binary, so that a rebuild of the repository during the run changes nothing;
+* times the contenders side by side in one run, interleaved, one discarded warm-up round then
+  `--runs` rounds (median reported): `cp -r`, `cp -r` + `sync`, `peftkit merge`,
+  `peftkit merge --no-fsync` (when the binary has it) and peft (on 7B only with `--peft-7b`,
+  once, under a memory watchdog). Before every run the output folder is removed, `sync`
+  flushes dirty pages, the base and adapter are read once (warm page cache), and after 4 s
+  fresh memory is touched (see `pretouch`: this VM hands freed pages back to the host);
 * measures wall time (fork to exit) and peak resident memory: VmHWM, i.e. `ru_maxrss` from
   `wait4` (what `/usr/bin/time -v` prints as "Maximum resident set size"); a poller reading
   /proc/<pid>/status every 5 ms also records the largest RssAnon and RssFile seen, since
@@ -36,7 +40,10 @@ What it does:
 * checks correctness: the peftkit- and peft-merged 1 GB checkpoints are compared tensor by
   tensor (differing bf16 elements, expected 0); on 7B, a few merged tensors are checked against
   torch's `W.float() + (B @ A) * s` rounded to bf16 (peft's formula);
-* prints a table, writes docs/benchmarks/merge.json (raw numbers) and docs/benchmarks/merge.png.
+* with `--profile`, splits peftkit's time into read+write, arithmetic and fsync (variants with
+  `--no-fsync` and a 1-module adapter) and records perf's top symbols;
+* prints a table, writes docs/benchmarks/merge.json (raw numbers) and docs/benchmarks/merge.png
+  (results of cases not run this time are kept from the existing json).
 """
 import argparse
 import datetime
@@ -825,6 +832,8 @@ def plot(results, path):
                     fmt.format(y) + note, (b.get_x() + b.get_width() / 2, y), ha="center", va="bottom", fontsize=7
                 )
         ax.set_yscale("log")
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(lo, hi * 2.5)  # room for the labels
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels([f"{c}: {results['cases'][c]['model']['title']}" for c in cases], fontsize=8)
         ax.set_ylabel(label)
@@ -875,7 +884,7 @@ def main():
     ap.add_argument(
         "--peft-7b",
         action="store_true",
-        help="also run peft on 7B (once; ~20 GB RAM, killed above --kill-above-gib)",
+        help="also run peft on 7B (once; ~14 GB RAM and 27 GB more disk; killed above --kill-above-gib)",
     )
     ap.add_argument(
         "--kill-above-gib",
