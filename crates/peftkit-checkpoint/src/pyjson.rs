@@ -271,7 +271,7 @@ fn half_even_tie(magnitude: f64, digits: &str, exp: i32) -> Option<(String, i32)
     }
     let lower = probe.get(..n)?;
     let last = lower.bytes().last()?;
-    let candidate = if (last - b'0') % 2 == 0 {
+    let candidate = if (last - b'0').is_multiple_of(2) {
         lower.to_string()
     } else {
         // The last digit is odd, so adding one never carries.

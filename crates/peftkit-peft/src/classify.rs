@@ -1713,7 +1713,7 @@ fn infer_prompt_tuning(
     } else {
         1
     };
-    if rows as u64 % submodules != 0 {
+    if !(rows as u64).is_multiple_of(submodules) {
         return Err(needs(format!(
             "{rows} prompt rows do not split over {submodules} transformer submodules"
         )));
@@ -1826,7 +1826,7 @@ pub fn check_config(
         let config_rank = resolver.rank_for(&module)?;
         // A `target_parameters` expert adapter has r·E rows.
         let fits = if parameter_targets {
-            tensor_rank % config_rank == 0
+            tensor_rank.is_multiple_of(config_rank)
         } else {
             tensor_rank == config_rank
         };

@@ -47,7 +47,7 @@ impl<'a> BaseTensorMut<'a> {
             other => return Err(MergeMathError::UnsupportedDtype { what, dtype: other }),
         }
         let size = element_size(self.dtype)?;
-        if self.data.len() % size != 0 {
+        if !self.data.len().is_multiple_of(size) {
             return Err(MergeMathError::ByteLength {
                 what,
                 dtype: self.dtype,
