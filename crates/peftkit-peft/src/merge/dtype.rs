@@ -37,7 +37,7 @@ pub fn element_size(dtype: Dtype) -> Result<usize> {
 /// Number of elements in `bytes` of `dtype`, or an error if it is not a whole number.
 pub fn element_count(what: &'static str, dtype: Dtype, bytes: usize) -> Result<usize> {
     let size = element_size(dtype).map_err(|_| MergeMathError::UnsupportedDtype { what, dtype })?;
-    if bytes % size != 0 {
+    if !bytes.is_multiple_of(size) {
         return Err(MergeMathError::ByteLength {
             what,
             dtype,
@@ -140,7 +140,11 @@ fn check_count(what: &'static str, dtype: Dtype, bytes: usize, values: usize) ->
 
 /// Decodes `N`-byte little-endian elements of `bytes` into `out` with `from_le`.
 #[inline(always)]
-fn decode_le<const N: usize, T>(bytes: &[u8], out: &mut [T], from_le: impl Fn([u8; N]) -> T) {
+pub(crate) fn decode_le<const N: usize, T>(
+    bytes: &[u8],
+    out: &mut [T],
+    from_le: impl Fn([u8; N]) -> T,
+) {
     for (o, c) in out.iter_mut().zip(bytes.chunks_exact(N)) {
         let mut a = [0u8; N];
         a.copy_from_slice(c);
@@ -150,7 +154,11 @@ fn decode_le<const N: usize, T>(bytes: &[u8], out: &mut [T], from_le: impl Fn([u
 
 /// Encodes `values` into `N`-byte little-endian elements of `out` with `to_le`.
 #[inline(always)]
-fn encode_le<const N: usize, T: Copy>(values: &[T], out: &mut [u8], to_le: impl Fn(T) -> [u8; N]) {
+pub(crate) fn encode_le<const N: usize, T: Copy>(
+    values: &[T],
+    out: &mut [u8],
+    to_le: impl Fn(T) -> [u8; N],
+) {
     for (c, v) in out.chunks_exact_mut(N).zip(values) {
         c.copy_from_slice(&to_le(*v));
     }

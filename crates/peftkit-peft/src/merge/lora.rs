@@ -24,6 +24,7 @@ use safetensors::Dtype;
 use super::apply::{update_rows, BaseTensorMut, F32Tensor, Rows};
 use super::dtype::round_slice_to;
 use super::error::{check_rank, check_shape, MergeMathError, Result};
+use super::fused;
 use super::gemm::{mkl_k_blocks, product_rows};
 
 /// peft's `scaling` as the f32 that torch multiplies with.
@@ -197,6 +198,25 @@ impl<'a> LowRank<'a> {
         Ok(d)
     }
 
+    /// Adds `Δ` to `base` through the fused kernel (see [`super::fused`]); `Ok(false)`, with
+    /// `base` untouched, when its dtype has no fused path.
+    fn try_add_fused(&self, what: &'static str, base: &mut BaseTensorMut<'_>) -> Result<bool> {
+        let total = base.validate(what, true)?;
+        if self.n == 0 || total != self.left.len() / self.r.max(1) * self.n {
+            return Ok(false);
+        }
+        let product = fused::Product {
+            left: &self.left,
+            right: &self.right,
+            rows: self.rows,
+            k: self.r,
+            n: self.n,
+            scale: self.scale,
+            blocks: &self.blocks,
+        };
+        Ok(fused::add_in_place(&product, base.dtype, base.data))
+    }
+
     /// The whole delta, `batch·rows × n`.
     pub(crate) fn full(&self) -> Result<Vec<f32>> {
         let total_rows = self.left.len() / self.r.max(1);
@@ -219,6 +239,9 @@ fn apply_lowrank(
         always_round_first || opts.safe_merge || opts.round_delta_first || opts.unmerge;
     let sign_sub = opts.unmerge;
     let check = opts.safe_merge && !opts.unmerge;
+    if !round_first && !check && lr.adapter_round.is_none() && lr.try_add_fused(what, base)? {
+        return Ok(());
+    }
     update_rows(
         what,
         base,
@@ -521,7 +544,7 @@ fn experts_lowrank<'a>(
         ExpertLayout::InOut => (base_shape[2], base_shape[1]),
     };
     let re = a.shape[0];
-    if e == 0 || re % e != 0 || re == 0 {
+    if e == 0 || !re.is_multiple_of(e) || re == 0 {
         return Err(MergeMathError::Invalid {
             what: "lora_A",
             reason: format!("{re} rows are not a positive multiple of {e} experts"),

@@ -17,9 +17,12 @@
 //! returns [`MergeMathError`] instead of panicking.
 
 mod apply;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub mod dora;
 pub mod dtype;
 mod error;
+mod fused;
 pub mod gemm;
 pub mod lora;
 pub mod methods;

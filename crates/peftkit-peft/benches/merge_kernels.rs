@@ -1,0 +1,77 @@
+//! Benchmark of the LoRA merge arithmetic alone (no file IO): `merge_linear` on Llama-sized
+//! projections, for each base dtype, through the fused path (plain merge) and the general
+//! row-block path (`round_delta_first`, which must decode, materialise Δ and encode).
+//!
+//! Run: `cargo bench -p peftkit-peft --bench merge_kernels [-- RANK]`. Prints the median of 7
+//! runs per case in ms and in GB/s of base bytes; nothing here asserts a time. Results go in
+//! docs/benchmarks.md.
+
+use std::time::Instant;
+
+use peftkit_peft::merge::dtype::encode_f32;
+use peftkit_peft::merge::lora::{merge_linear, MergeOptions};
+use peftkit_peft::merge::{BaseTensorMut, F32Tensor};
+use safetensors::Dtype;
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+        })
+        .collect()
+}
+
+fn main() {
+    let r: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(16);
+    println!("rank {r}, {} rayon threads", rayon::current_num_threads());
+    for (out, inp) in [(2048usize, 2048usize), (5632, 2048), (2048, 5632)] {
+        let a = values(r * inp, 1);
+        let b = values(out * r, 2);
+        for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {
+            // Weights of a trained model's scale (|w| ≲ 0.05), rounded to the base dtype.
+            let base = encode_f32("base", dtype, &values(out * inp, 3)).expect("encode");
+            for (path, opts) in [
+                ("fused", MergeOptions::default()),
+                (
+                    "general",
+                    MergeOptions {
+                        round_delta_first: true,
+                        ..MergeOptions::default()
+                    },
+                ),
+            ] {
+                let mut times = Vec::new();
+                for _ in 0..7 {
+                    let mut data = base.clone();
+                    let shape = [out, inp];
+                    let t0 = Instant::now();
+                    merge_linear(
+                        BaseTensorMut::new(dtype, &shape, &mut data),
+                        F32Tensor::new(&[r, inp], &a),
+                        F32Tensor::new(&[out, r], &b),
+                        2.0,
+                        false,
+                        &opts,
+                    )
+                    .expect("merge");
+                    times.push(t0.elapsed().as_secs_f64());
+                    std::hint::black_box(&data);
+                }
+                times.sort_by(f64::total_cmp);
+                let med = times[times.len() / 2];
+                println!(
+                    "{out:>5}x{inp:<5} {dtype:?} {path:<8} {:8.2} ms {:6.2} GB/s",
+                    med * 1e3,
+                    base.len() as f64 / med / 1e9
+                );
+            }
+        }
+    }
+}
