@@ -9,8 +9,9 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::Read;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -356,8 +357,8 @@ pub fn file_order<'a>(
 }
 
 /// Writes `tensors` to `path` as one safetensors file with `metadata`, pulling each tensor's
-/// bytes once, in file order, and syncs it to disk. `on_bytes` is told how many data bytes were
-/// written after each tensor (for progress bars). Returns the file's size.
+/// bytes once, and syncs it to disk. `on_bytes` is told how many data bytes were written after
+/// each tensor (for progress bars). Returns the file's size.
 pub fn write_file<'a>(
     path: &Path,
     tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
@@ -371,6 +372,12 @@ pub fn write_file<'a>(
 
 /// [`write_file`] without the final sync: the caller syncs the returned file (a save syncs
 /// each shard on another thread while it writes the next one).
+///
+/// The header fixes every tensor's offset, so tensors need not be written in order: a few
+/// workers each take the next tensor in file order, read or compute its bytes and write them
+/// at their offset. Reading, computing (a merge) and copying into the page cache of different
+/// tensors then overlap on all cores, instead of queueing behind one writer. At most one
+/// tensor per worker is in memory; untouched file-backed tensors are copied inside the kernel.
 pub(crate) fn write_file_unsynced<'a>(
     path: &Path,
     tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
@@ -385,70 +392,141 @@ pub(crate) fn write_file_unsynced<'a>(
     }
     let header = header_bytes(metadata, &ordered)?;
     let file = File::create(path).map_err(|e| CheckpointError::io(path, e))?;
-    let mut out = BufWriter::with_capacity(1 << 20, file);
-    out.write_all(&header)
-        .map_err(|e| CheckpointError::io(path, e))?;
+    write_all_at(&file, &header, 0).map_err(|e| CheckpointError::io(path, e))?;
+    let mut offsets = Vec::with_capacity(ordered.len());
     let mut total = header.len() as u64;
-    // Computed tensors (merges, conversions) are produced one ahead on another thread, so
-    // computing the next tensor overlaps writing this one. The channel's bound keeps at most
-    // two computed tensors in memory besides the one being written.
-    std::thread::scope(|scope| -> Result<()> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Option<Result<Vec<u8>>>>(1);
-        let ordered_ref = &ordered;
-        scope.spawn(move || {
-            for (_, t) in ordered_ref {
-                let item = t.is_computed().then(|| t.bytes().map(|b| b.into_owned()));
-                let failed = matches!(item, Some(Err(_)));
-                if tx.send(item).is_err() || failed {
+    for (_, t) in &ordered {
+        offsets.push(total);
+        total += t.byte_len() as u64;
+    }
+    if ordered.is_empty() {
+        return Ok((total, file));
+    }
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, 4)
+        .min(ordered.len());
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<u64>)>();
+    let mut errors: Vec<(usize, CheckpointError)> = Vec::new();
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            let tx = tx.clone();
+            let (ordered, offsets, file) = (&ordered, &offsets, &file);
+            let (next, failed) = (&next, &failed);
+            scope.spawn(move || loop {
+                if failed.load(Ordering::Relaxed) {
                     return;
                 }
-            }
-        });
-        for (name, t) in &ordered {
-            let item = rx.recv().map_err(|_| CheckpointError::TensorData {
-                tensor: (*name).to_owned(),
-                reason: "the producer of computed tensors stopped".into(),
-            })?;
-            let n = match item {
-                None => match copy_in_kernel(&mut out, t, path)? {
-                    Some(n) => n,
-                    None => t
-                        .write_to(&mut out, path)
-                        .map_err(|e| with_tensor_name(e, name))?,
-                },
-                Some(bytes) => {
-                    let bytes = bytes.map_err(|e| with_tensor_name(e, name))?;
-                    out.write_all(&bytes)
-                        .map_err(|e| CheckpointError::io(path, e))?;
-                    let n = bytes.len() as u64;
-                    crate::tensor::buffers::give(bytes);
-                    n
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((name, t)) = ordered.get(i) else {
+                    return;
+                };
+                let r = write_tensor_at(file, t, offsets[i], path)
+                    .map_err(|e| with_tensor_name(e, name));
+                if r.is_err() {
+                    failed.store(true, Ordering::Relaxed);
                 }
-            };
-            total += n;
-            on_bytes(n);
+                if tx.send((i, r)).is_err() {
+                    return;
+                }
+            });
         }
-        Ok(())
-    })?;
-    let file = out
-        .into_inner()
-        .map_err(|e| CheckpointError::io(path, e.into_error()))?;
+        drop(tx);
+        for (i, r) in rx {
+            match r {
+                Ok(n) => on_bytes(n),
+                Err(e) => errors.push((i, e)),
+            }
+        }
+    });
+    // Report the failure of the first tensor in file order: every tensor before it was taken
+    // before it and has finished, so the choice does not depend on thread timing.
+    if let Some((_, e)) = errors.into_iter().min_by_key(|(i, _)| *i) {
+        return Err(e);
+    }
     Ok((total, file))
 }
 
-/// Copies a file-backed tensor with `copy_file_range`, inside the kernel (no trip through user
-/// memory; reflinks where the file system has them). `None` when the kernel or file system
-/// cannot, before anything was written: the caller then copies through memory.
+/// Writes one tensor's bytes at `offset` of `file`; returns how many.
+fn write_tensor_at(file: &File, t: &Tensor, offset: u64, path: &Path) -> Result<u64> {
+    let io = |e| CheckpointError::io(path, e);
+    if !t.is_computed() {
+        if let Some(n) = copy_in_kernel(file, t, offset, path)? {
+            return Ok(n);
+        }
+        if let Some((src, src_offset)) = t.file_region() {
+            // Bounded chunks: a file-backed tensor never sits in memory whole.
+            const CHUNK: usize = 8 << 20;
+            let mut buf = crate::tensor::buffers::take(CHUNK.min(t.byte_len()));
+            let mut done = 0usize;
+            while done < t.byte_len() {
+                let n = CHUNK.min(t.byte_len() - done);
+                src.read_exact_at(&mut buf[..n], src_offset + done as u64)?;
+                write_all_at(file, &buf[..n], offset + done as u64).map_err(io)?;
+                done += n;
+            }
+            crate::tensor::buffers::give(buf);
+            return Ok(t.byte_len() as u64);
+        }
+    }
+    let bytes = t.bytes()?;
+    if bytes.len() != t.byte_len() {
+        return Err(CheckpointError::TensorData {
+            tensor: String::new(),
+            reason: format!("{} bytes, {} expected", bytes.len(), t.byte_len()),
+        });
+    }
+    write_all_at(file, &bytes, offset).map_err(io)?;
+    if let std::borrow::Cow::Owned(buf) = bytes {
+        crate::tensor::buffers::give(buf);
+    }
+    Ok(t.byte_len() as u64)
+}
+
+#[cfg(unix)]
+fn write_all_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn write_all_at(file: &File, mut buf: &[u8], mut offset: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        match file.seek_write(buf, offset) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                buf = &buf[n..];
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Copies a file-backed tensor to `offset` of `out` with `copy_file_range`, inside the kernel
+/// (no trip through user memory; reflinks where the file system has them). `None` when the
+/// kernel or file system cannot, before anything was written: the caller then copies through
+/// memory.
 #[cfg(target_os = "linux")]
-fn copy_in_kernel(out: &mut BufWriter<File>, t: &Tensor, path: &Path) -> Result<Option<u64>> {
-    let Some((src, offset)) = t.file_region() else {
+fn copy_in_kernel(out: &File, t: &Tensor, offset: u64, path: &Path) -> Result<Option<u64>> {
+    let Some((src, src_offset)) = t.file_region() else {
         return Ok(None);
     };
-    out.flush().map_err(|e| CheckpointError::io(path, e))?;
-    let (mut off_in, mut left) = (offset, t.byte_len());
+    let (mut off_in, mut off_out, mut left) = (src_offset, offset, t.byte_len());
     let mut first = true;
     while left > 0 {
-        match rustix::fs::copy_file_range(src, Some(&mut off_in), out.get_ref(), None, left) {
+        let r = rustix::fs::copy_file_range(
+            &src.file,
+            Some(&mut off_in),
+            out,
+            Some(&mut off_out),
+            left,
+        );
+        match r {
             Ok(0) if first => return Ok(None),
             Ok(0) => {
                 return Err(CheckpointError::io(
@@ -466,7 +544,7 @@ fn copy_in_kernel(out: &mut BufWriter<File>, t: &Tensor, path: &Path) -> Result<
 }
 
 #[cfg(not(target_os = "linux"))]
-fn copy_in_kernel(_out: &mut BufWriter<File>, _t: &Tensor, _path: &Path) -> Result<Option<u64>> {
+fn copy_in_kernel(_out: &File, _t: &Tensor, _offset: u64, _path: &Path) -> Result<Option<u64>> {
     Ok(None)
 }
 

@@ -22,7 +22,7 @@ use crate::error::{CheckpointError, Result};
 /// Bytes of one element of `dtype`, or `None` for sub-byte types (F4, F6).
 pub fn dtype_size(dtype: Dtype) -> Option<usize> {
     let bits = dtype.bitsize();
-    (bits % 8 == 0).then_some(bits / 8)
+    bits.is_multiple_of(8).then_some(bits / 8)
 }
 
 /// The safetensors name of a dtype (`"F32"`, `"BF16"`, `"F8_E4M3"`, …).
@@ -56,7 +56,7 @@ pub fn byte_len(dtype: Dtype, shape: &[usize]) -> Option<usize> {
 #[derive(Debug)]
 pub struct SourceFile {
     path: PathBuf,
-    file: File,
+    pub(crate) file: File,
 }
 
 impl SourceFile {
@@ -115,10 +115,22 @@ pub mod buffers {
     /// …holding at most this many bytes in all.
     const MAX_IDLE_BYTES: usize = 2 << 30;
 
+    /// Buffers smaller than this are plain allocations, never pooled.
+    const MIN_POOLED: usize = 1 << 20;
+
     static IDLE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 
-    /// A zeroed buffer of `len` bytes, reusing an idle one when one is large enough.
+    /// A buffer of `len` bytes, reusing an idle one when one is large enough.
+    ///
+    /// Its contents are unspecified (zeros or bytes of an earlier tensor): callers overwrite
+    /// them. A reused buffer is not cleared, because zeroing hundreds of megabytes per merge
+    /// costs as much as reading them; only bytes beyond what it held before are zeroed.
     pub fn take(len: usize) -> Vec<u8> {
+        if len < MIN_POOLED {
+            // Small reads (adapter factors, norms) are not worth a pooled buffer, and would
+            // carry a large one away: they are dropped, not given back.
+            return vec![0; len];
+        }
         let reused = IDLE.lock().ok().and_then(|mut idle| {
             let best = idle
                 .iter()
@@ -129,19 +141,35 @@ pub mod buffers {
             Some(idle.swap_remove(best))
         });
         let mut buf = reused.unwrap_or_default();
-        buf.clear();
-        buf.resize(len, 0);
+        if buf.len() >= len {
+            buf.truncate(len);
+        } else {
+            buf.resize(len, 0);
+        }
         buf
     }
 
-    /// Returns a buffer for reuse (dropped if the pool is full).
+    /// Returns a buffer for reuse. When the pool is full, it replaces the smallest idle buffer
+    /// if it is larger, so that the pool converges on buffers that fit the largest tensors
+    /// (a fresh allocation costs a page fault per 4 KiB).
     pub fn give(buf: Vec<u8>) {
-        if buf.capacity() < (1 << 20) {
+        if buf.capacity() < MIN_POOLED {
             return;
         }
         if let Ok(mut idle) = IDLE.lock() {
+            if idle.len() >= MAX_IDLE {
+                let smallest = idle
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, b)| b.capacity())
+                    .map(|(i, b)| (i, b.capacity()));
+                match smallest {
+                    Some((i, cap)) if cap < buf.capacity() => drop(idle.swap_remove(i)),
+                    _ => return,
+                }
+            }
             let held: usize = idle.iter().map(Vec::capacity).sum();
-            if idle.len() < MAX_IDLE && held + buf.capacity() <= MAX_IDLE_BYTES {
+            if held + buf.capacity() <= MAX_IDLE_BYTES {
                 idle.push(buf);
             }
         }
@@ -374,9 +402,9 @@ impl Tensor {
     }
 
     /// The open file and absolute offset of a file-backed tensor, for in-kernel copies.
-    pub(crate) fn file_region(&self) -> Option<(&File, u64)> {
+    pub(crate) fn file_region(&self) -> Option<(&SourceFile, u64)> {
         match &self.data {
-            Data::File { file, offset } => Some((&file.file, *offset)),
+            Data::File { file, offset } => Some((file, *offset)),
             _ => None,
         }
     }
