@@ -365,88 +365,174 @@ pub fn write_file<'a>(
     metadata: &BTreeMap<String, String>,
     on_bytes: &mut dyn FnMut(u64),
 ) -> Result<u64> {
-    let (total, file) = write_file_unsynced(path, tensors, metadata, on_bytes)?;
+    let job = FileJob {
+        path: path.to_owned(),
+        tensors: tensors.into_iter().collect(),
+    };
+    let mut done = None;
+    write_files(vec![job], metadata, on_bytes, &mut |_, size, file| {
+        done = Some((size, file))
+    })?;
+    let (size, file) = done.ok_or_else(|| {
+        CheckpointError::io(path, std::io::Error::other("the file was not written"))
+    })?;
     file.sync_all().map_err(|e| CheckpointError::io(path, e))?;
-    Ok(total)
+    Ok(size)
 }
 
-/// [`write_file`] without the final sync: the caller syncs the returned file (a save syncs
-/// each shard on another thread while it writes the next one).
+/// One safetensors file to write: its path and its tensors (in any order).
+pub(crate) struct FileJob<'a> {
+    pub(crate) path: std::path::PathBuf,
+    pub(crate) tensors: Vec<(&'a str, &'a Tensor)>,
+}
+
+/// A file whose tensors were all taken by workers, with its item range in the global list.
+struct Prepared<'a> {
+    path: std::path::PathBuf,
+    file: File,
+    size: u64,
+    /// `(name, tensor, offset)` in file order.
+    items: Vec<(&'a str, &'a Tensor, u64)>,
+}
+
+/// Writes several safetensors files with one pool of workers, unsynced.
 ///
-/// The header fixes every tensor's offset, so tensors need not be written in order: a few
-/// workers each take the next tensor in file order, read or compute its bytes and write them
-/// at their offset. Reading, computing (a merge) and copying into the page cache of different
-/// tensors then overlap on all cores, instead of queueing behind one writer. At most one
-/// tensor per worker is in memory; untouched file-backed tensors are copied inside the kernel.
-pub(crate) fn write_file_unsynced<'a>(
-    path: &Path,
-    tensors: impl IntoIterator<Item = (&'a str, &'a Tensor)>,
+/// Every header is written first; it fixes every tensor's offset, so tensors need not be
+/// written in order: a few workers (one per core, 2–4) each take the next tensor of the global
+/// list (file by file, in file order), read or compute its bytes and write them at their
+/// offset. Reading, computing (a merge) and copying into the page cache of different tensors,
+/// and of different files, then overlap on all cores instead of queueing behind one writer. At
+/// most one tensor per worker is in memory; untouched file-backed tensors are copied inside the
+/// kernel.
+///
+/// `on_bytes` is told the size of each tensor written; `on_file(index, size, file)` is called
+/// as soon as all tensors of file `index` are written (a save starts syncing it while the
+/// other files are written). Both run on the calling thread. On error, the first failing
+/// tensor in the global order is reported and the files are left for the caller to discard.
+pub(crate) fn write_files(
+    jobs: Vec<FileJob<'_>>,
     metadata: &BTreeMap<String, String>,
     on_bytes: &mut dyn FnMut(u64),
-) -> Result<(u64, File)> {
-    let ordered = file_order(tensors);
-    for w in ordered.windows(2) {
-        if w[0].0 == w[1].0 {
-            return Err(CheckpointError::DuplicateTensor(w[0].0.to_owned()));
+    on_file: &mut dyn FnMut(usize, u64, File),
+) -> Result<()> {
+    let mut prepared = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let ordered = file_order(job.tensors);
+        for w in ordered.windows(2) {
+            if w[0].0 == w[1].0 {
+                return Err(CheckpointError::DuplicateTensor(w[0].0.to_owned()));
+            }
         }
+        let header = header_bytes(metadata, &ordered)?;
+        let path = job.path;
+        let file = File::create(&path).map_err(|e| CheckpointError::io(&path, e))?;
+        write_all_at(&file, &header, 0).map_err(|e| CheckpointError::io(&path, e))?;
+        let mut size = header.len() as u64;
+        let mut items = Vec::with_capacity(ordered.len());
+        for (name, t) in ordered {
+            items.push((name, t, size));
+            size += t.byte_len() as u64;
+        }
+        prepared.push(Prepared {
+            path,
+            file,
+            size,
+            items,
+        });
     }
-    let header = header_bytes(metadata, &ordered)?;
-    let file = File::create(path).map_err(|e| CheckpointError::io(path, e))?;
-    write_all_at(&file, &header, 0).map_err(|e| CheckpointError::io(path, e))?;
-    let mut offsets = Vec::with_capacity(ordered.len());
-    let mut total = header.len() as u64;
-    for (_, t) in &ordered {
-        offsets.push(total);
-        total += t.byte_len() as u64;
-    }
-    if ordered.is_empty() {
-        return Ok((total, file));
+    // The global work list: (file index, item index).
+    let work: Vec<(usize, usize)> = prepared
+        .iter()
+        .enumerate()
+        .flat_map(|(f, p)| (0..p.items.len()).map(move |i| (f, i)))
+        .collect();
+    let left: Vec<AtomicUsize> = prepared
+        .iter()
+        .map(|p| AtomicUsize::new(p.items.len()))
+        .collect();
+    enum Msg {
+        Wrote(u64),
+        FileDone(usize),
+        Failed(usize, CheckpointError),
     }
     let workers = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .clamp(2, 4)
-        .min(ordered.len());
+        .min(work.len().max(1));
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
-    let (tx, rx) = std::sync::mpsc::channel::<(usize, Result<u64>)>();
+    let (tx, rx) = std::sync::mpsc::channel::<Msg>();
     let mut errors: Vec<(usize, CheckpointError)> = Vec::new();
+    let mut finished = vec![false; prepared.len()];
     std::thread::scope(|scope| {
         for _ in 0..workers {
             let tx = tx.clone();
-            let (ordered, offsets, file) = (&ordered, &offsets, &file);
+            let (prepared, work, left) = (&prepared, &work, &left);
             let (next, failed) = (&next, &failed);
             scope.spawn(move || loop {
                 if failed.load(Ordering::Relaxed) {
                     return;
                 }
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((name, t)) = ordered.get(i) else {
+                let w = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(f, i)) = work.get(w) else {
                     return;
                 };
-                let r = write_tensor_at(file, t, offsets[i], path)
-                    .map_err(|e| with_tensor_name(e, name));
-                if r.is_err() {
-                    failed.store(true, Ordering::Relaxed);
+                let p = &prepared[f];
+                let (name, t, offset) = p.items[i];
+                let msg = match write_tensor_at(&p.file, t, offset, &p.path) {
+                    Ok(n) => Msg::Wrote(n),
+                    Err(e) => {
+                        failed.store(true, Ordering::Relaxed);
+                        Msg::Failed(w, with_tensor_name(e, name))
+                    }
+                };
+                let ok = matches!(msg, Msg::Wrote(_));
+                if tx.send(msg).is_err() {
+                    return;
                 }
-                if tx.send((i, r)).is_err() {
+                if ok
+                    && left[f].fetch_sub(1, Ordering::AcqRel) == 1
+                    && tx.send(Msg::FileDone(f)).is_err()
+                {
                     return;
                 }
             });
         }
         drop(tx);
-        for (i, r) in rx {
-            match r {
-                Ok(n) => on_bytes(n),
-                Err(e) => errors.push((i, e)),
+        for msg in rx {
+            match msg {
+                Msg::Wrote(n) => on_bytes(n),
+                Msg::Failed(w, e) => errors.push((w, e)),
+                Msg::FileDone(f) => finished[f] = true,
+            }
+            // Hand finished files over at once, in any order, unless something failed.
+            if errors.is_empty() {
+                for (f, done) in finished.iter_mut().enumerate() {
+                    if *done {
+                        *done = false;
+                        let p = &prepared[f];
+                        if let Ok(file) = p.file.try_clone() {
+                            on_file(f, p.size, file);
+                        } else {
+                            // Without a second handle, hand the file over after the workers.
+                            *done = true;
+                        }
+                    }
+                }
             }
         }
     });
-    // Report the failure of the first tensor in file order: every tensor before it was taken
-    // before it and has finished, so the choice does not depend on thread timing.
-    if let Some((_, e)) = errors.into_iter().min_by_key(|(i, _)| *i) {
+    // Report the failure of the first tensor in the global order: every tensor before it was
+    // taken before it and has finished, so the choice does not depend on thread timing.
+    if let Some((_, e)) = errors.into_iter().min_by_key(|(w, _)| *w) {
         return Err(e);
     }
-    Ok((total, file))
+    for (f, p) in prepared.into_iter().enumerate() {
+        if p.items.is_empty() || finished[f] {
+            on_file(f, p.size, p.file);
+        }
+    }
+    Ok(())
 }
 
 /// Writes one tensor's bytes at `offset` of `file`; returns how many.

@@ -9,7 +9,7 @@ use crate::config::{GenerationConfig, ModelConfig};
 use crate::error::{CheckpointError, Result};
 use crate::index::WeightIndex;
 use crate::names::{WeightsKind, WeightsNames};
-use crate::safetensors_file::{pt_metadata, write_file_unsynced};
+use crate::safetensors_file::{pt_metadata, write_files, FileJob};
 use crate::shard::{plan_shards, PlanItem, DEFAULT_MAX_SHARD_SIZE};
 use crate::tensor::{StateDict, Tensor};
 
@@ -378,23 +378,28 @@ pub fn save_planned(
         let p = staging.join(name);
         std::fs::write(&p, bytes).map_err(|e| CheckpointError::io(&p, e))?;
     }
-    // Each finished shard is synced on its own thread while the next one is written; all are
-    // synced before the folder is swapped in.
+    // All shards are written by one pool of workers; each finished shard is synced on its own
+    // thread while the others are written, and all are synced before the folder is swapped in.
+    let jobs = plan
+        .shards
+        .iter()
+        .map(|(file, group)| FileJob {
+            path: staging.join(file),
+            tensors: group.iter().map(|n| (n.as_str(), &state[n])).collect(),
+        })
+        .collect();
     let mut syncs = Vec::new();
-    for (file, group) in &plan.shards {
-        let path = staging.join(file);
-        let (_, handle) = write_file_unsynced(
-            &path,
-            group.iter().map(|n| (n.as_str(), &state[n])),
-            &options.metadata,
-            on_bytes,
-        )?;
+    let written = write_files(jobs, &options.metadata, on_bytes, &mut |f, _, handle| {
         if options.durable {
+            let path = staging.join(&plan.shards[f].0);
             syncs.push((path, std::thread::spawn(move || handle.sync_all())));
         }
-    }
-    for (path, sync) in syncs {
-        match sync.join() {
+    });
+    // Wait for the sync threads even when writing failed, so none outlives the staging folder.
+    let synced: Vec<_> = syncs.into_iter().map(|(p, h)| (p, h.join())).collect();
+    written?;
+    for (path, sync) in synced {
+        match sync {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(CheckpointError::io(path, e)),
             Err(_) => {

@@ -315,3 +315,44 @@ fn non_durable_save_writes_the_same_files() {
         );
     }
 }
+
+#[test]
+fn with_several_failures_the_first_in_file_order_is_reported() {
+    // Tensors are written by parallel workers; the error must not depend on their timing.
+    let failing = |what: &'static str, after_ms: u64| {
+        Tensor::lazy(Dtype::F32, vec![1], move || {
+            std::thread::sleep(std::time::Duration::from_millis(after_ms));
+            Err(CheckpointError::TensorData {
+                tensor: String::new(),
+                reason: what.into(),
+            })
+        })
+        .unwrap()
+    };
+    for _ in 0..5 {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut state = many();
+        // "t1" sorts before "t7" and lands in an earlier shard, but fails later in time: the
+        // other worker reaches "t7" meanwhile.
+        state.insert("t1".into(), failing("first", 30));
+        state.insert("t7".into(), failing("second", 0));
+        let err = save_pretrained(
+            &tmp.path().join("out"),
+            &state,
+            &SaveOptions {
+                max_shard_size: 2000,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("t1") && err.to_string().contains("first"),
+            "{err}"
+        );
+        assert_eq!(
+            names(tmp.path()),
+            BTreeSet::new(),
+            "output or staging left behind"
+        );
+    }
+}
