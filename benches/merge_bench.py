@@ -787,6 +787,8 @@ def table(results):
                 continue
             walls = [r["wall_s"] for r in s["runs"] if r["exit"] == 0]
             spread = f" ({min(walls):.2f}–{max(walls):.2f})" if len(walls) > 1 else " (1 run)"
+            if s.get("carried_over"):
+                spread += f" (earlier run, {s['carried_over'].get('date')})"
             ratio = f"{s['median_wall_s'] / cp:.2f}x" if cp else ""
             lines.append(
                 f"| {case} | {name} | {s['median_wall_s']:.2f} s{spread} | {ratio} | "
@@ -917,6 +919,7 @@ def main():
             results = json.loads(OUT_JSON.read_text())
         except ValueError:
             pass
+    previous = json.loads(json.dumps(results))
     results["machine"] = machine()
     results["peftkit"] = {"binary": str(peftkit), **git_state()}
     results["date"] = datetime.date.today().isoformat()
@@ -940,6 +943,15 @@ def main():
             int(args.kill_above_gib * 1024 * 1024),
             pretouch_bytes,
         )
+        old_peft = previous.get("cases", {}).get(case, {}).get("contenders", {}).get("peft merge_and_unload")
+        if not with_peft and old_peft and not old_peft.get("failed"):
+            # peft on 7B takes ~14 GB and 90 s per run; its result does not depend on peftkit, so
+            # a run without --peft-7b keeps the earlier measurement, labelled as such.
+            s["peft merge_and_unload"] = {
+                **old_peft,
+                "carried_over": old_peft.get("carried_over")
+                or {"date": previous.get("date"), "peftkit_head": previous.get("peftkit", {}).get("head")},
+            }
         spec = CASES[case]
         c = {
             "model": {
@@ -962,6 +974,8 @@ def main():
                 else "rm -rf out; sync; read base+adapter",
             },
             "contenders": s,
+            # Cases may be run at different commits (`--case`); each records its own.
+            "peftkit_head": git_state().get("head"),
         }
         pk_out, pe_out = out_dir(d, "peftkit merge"), out_dir(d, "peft merge_and_unload")
         if pk_out.exists() and pe_out.exists():
