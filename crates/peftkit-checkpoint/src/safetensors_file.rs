@@ -440,12 +440,29 @@ pub(crate) fn write_files(
             items,
         });
     }
-    // The global work list: (file index, item index).
-    let work: Vec<(usize, usize)> = prepared
-        .iter()
-        .enumerate()
-        .flat_map(|(f, p)| (0..p.items.len()).map(move |i| (f, i)))
-        .collect();
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, 4)
+        .min(prepared.iter().map(|p| p.items.len()).sum::<usize>().max(1));
+    // The global work list: (file index, item index). Files are taken in groups of `workers`,
+    // round-robin inside a group, so that workers mostly write different files: two writes to
+    // one file serialise on its inode lock (and spin on it). Groups keep early files finishing
+    // early, so their syncs overlap the writing of later ones.
+    let mut work: Vec<(usize, usize)> = Vec::new();
+    for group in (0..prepared.len()).collect::<Vec<_>>().chunks(workers) {
+        let longest = group
+            .iter()
+            .map(|&f| prepared[f].items.len())
+            .max()
+            .unwrap_or(0);
+        for i in 0..longest {
+            for &f in group {
+                if i < prepared[f].items.len() {
+                    work.push((f, i));
+                }
+            }
+        }
+    }
     let left: Vec<AtomicUsize> = prepared
         .iter()
         .map(|p| AtomicUsize::new(p.items.len()))
@@ -455,10 +472,6 @@ pub(crate) fn write_files(
         FileDone(usize),
         Failed(usize, CheckpointError),
     }
-    let workers = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .clamp(2, 4)
-        .min(work.len().max(1));
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let (tx, rx) = std::sync::mpsc::channel::<Msg>();
