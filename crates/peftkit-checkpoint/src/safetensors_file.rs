@@ -550,38 +550,12 @@ pub(crate) fn write_files(
 
 /// Writes one tensor's bytes at `offset` of `file`; returns how many.
 fn write_tensor_at(file: &File, t: &Tensor, offset: u64, path: &Path) -> Result<u64> {
-    let io = |e| CheckpointError::io(path, e);
-    if !t.is_computed() {
-        if let Some(n) = copy_in_kernel(file, t, offset, path)? {
-            return Ok(n);
-        }
-        if let Some((src, src_offset)) = t.file_region() {
-            // Bounded chunks: a file-backed tensor never sits in memory whole.
-            const CHUNK: usize = 8 << 20;
-            let mut buf = crate::tensor::buffers::take(CHUNK.min(t.byte_len()));
-            let mut done = 0usize;
-            while done < t.byte_len() {
-                let n = CHUNK.min(t.byte_len() - done);
-                src.read_exact_at(&mut buf[..n], src_offset + done as u64)?;
-                write_all_at(file, &buf[..n], offset + done as u64).map_err(io)?;
-                done += n;
-            }
-            crate::tensor::buffers::give(buf);
-            return Ok(t.byte_len() as u64);
-        }
+    if let Some(n) = copy_in_kernel(file, t, offset, path)? {
+        return Ok(n);
     }
-    let bytes = t.bytes()?;
-    if bytes.len() != t.byte_len() {
-        return Err(CheckpointError::TensorData {
-            tensor: String::new(),
-            reason: format!("{} bytes, {} expected", bytes.len(), t.byte_len()),
-        });
-    }
-    write_all_at(file, &bytes, offset).map_err(io)?;
-    if let std::borrow::Cow::Owned(buf) = bytes {
-        crate::tensor::buffers::give(buf);
-    }
-    Ok(t.byte_len() as u64)
+    t.for_each_chunk(&mut |at, chunk| {
+        write_all_at(file, chunk, offset + at).map_err(|e| CheckpointError::io(path, e))
+    })
 }
 
 #[cfg(unix)]

@@ -378,6 +378,19 @@ impl Tensor {
     /// Streams the bytes into `out` in bounded chunks (file-backed tensors never sit in
     /// memory whole). Returns the number of bytes written.
     pub fn write_to(&self, out: &mut dyn Write, out_path: &Path) -> Result<u64> {
+        self.for_each_chunk(&mut |_, chunk| {
+            out.write_all(chunk)
+                .map_err(|e| CheckpointError::io(out_path, e))
+        })
+    }
+
+    /// Calls `f(position in the tensor, bytes)` over the tensor's bytes in order: 8 MB chunks
+    /// for file-backed tensors (never in memory whole), one call otherwise. Buffers go back to
+    /// the pool. Returns the number of bytes.
+    pub(crate) fn for_each_chunk(
+        &self,
+        f: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<u64> {
         const CHUNK: usize = 8 << 20;
         match &self.data {
             Data::File { file, offset } => {
@@ -386,16 +399,17 @@ impl Tensor {
                 while done < self.len {
                     let n = CHUNK.min(self.len - done);
                     file.read_exact_at(&mut buf[..n], offset + done as u64)?;
-                    out.write_all(&buf[..n])
-                        .map_err(|e| CheckpointError::io(out_path, e))?;
+                    f(done as u64, &buf[..n])?;
                     done += n;
                 }
                 buffers::give(buf);
             }
             _ => {
                 let bytes = self.bytes()?;
-                out.write_all(&bytes)
-                    .map_err(|e| CheckpointError::io(out_path, e))?;
+                f(0, &bytes)?;
+                if let Cow::Owned(buf) = bytes {
+                    buffers::give(buf);
+                }
             }
         }
         Ok(self.len as u64)

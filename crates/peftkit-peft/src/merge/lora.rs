@@ -239,7 +239,8 @@ fn apply_lowrank(
         always_round_first || opts.safe_merge || opts.round_delta_first || opts.unmerge;
     let sign_sub = opts.unmerge;
     let check = opts.safe_merge && !opts.unmerge;
-    if !round_first && !check && lr.adapter_round.is_none() && lr.try_add_fused(what, base)? {
+    // The plain merge (one rounding, f32 adapter) has a fused kernel.
+    if !round_first && lr.adapter_round.is_none() && lr.try_add_fused(what, base)? {
         return Ok(());
     }
     update_rows(
