@@ -372,6 +372,7 @@ mod tests {
             out
         };
         let portable = run(&|s| product_tiled::<_, 6, 16>(&l, &r, k, n, &blocks, 0.5, s, m));
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut variants = vec![(
             "dispatched",
             run(&|s| product_into(&l, &r, k, n, &blocks, 0.5, s, m)),
