@@ -386,7 +386,7 @@ pub(crate) struct FileJob<'a> {
     pub(crate) tensors: Vec<(&'a str, &'a Tensor)>,
 }
 
-/// A file whose tensors were all taken by workers, with its item range in the global list.
+/// A file being written: its open handle, final size, and tensors with their offsets.
 struct Prepared<'a> {
     path: std::path::PathBuf,
     file: File,
@@ -398,17 +398,18 @@ struct Prepared<'a> {
 /// Writes several safetensors files with one pool of workers, unsynced.
 ///
 /// Every header is written first; it fixes every tensor's offset, so tensors need not be
-/// written in order: a few workers (one per core, 2–4) each take the next tensor of the global
-/// list (file by file, in file order), read or compute its bytes and write them at their
-/// offset. Reading, computing (a merge) and copying into the page cache of different tensors,
+/// written in order: a few workers (one per core, 2–4) each take the next tensor of a global
+/// work list (files in groups of one per worker, round-robin inside a group, each file in file
+/// order), read or compute its bytes and write them at their offset. Reading, computing (a merge) and copying into the page cache of different tensors,
 /// and of different files, then overlap on all cores instead of queueing behind one writer. At
 /// most one tensor per worker is in memory; untouched file-backed tensors are copied inside the
 /// kernel.
 ///
 /// `on_bytes` is told the size of each tensor written; `on_file(index, size, file)` is called
 /// as soon as all tensors of file `index` are written (a save starts syncing it while the
-/// other files are written). Both run on the calling thread. On error, the first failing
-/// tensor in the global order is reported and the files are left for the caller to discard.
+/// other files are written). Both run on the calling thread. On error, the failing tensor that
+/// comes first in the work list is reported (whatever the thread timing) and the files are left
+/// for the caller to discard.
 pub(crate) fn write_files(
     jobs: Vec<FileJob<'_>>,
     metadata: &BTreeMap<String, String>,
@@ -535,8 +536,8 @@ pub(crate) fn write_files(
             }
         }
     });
-    // Report the failure of the first tensor in the global order: every tensor before it was
-    // taken before it and has finished, so the choice does not depend on thread timing.
+    // Report the failure that comes first in the work list: every tensor before it was taken
+    // before it and has finished, so the choice does not depend on thread timing.
     if let Some((_, e)) = errors.into_iter().min_by_key(|(w, _)| *w) {
         return Err(e);
     }
