@@ -6,6 +6,7 @@ so that Python set iteration order, which peft uses for `target_modules`, is rep
 Each generator module owns one sub-folder of tests/fixtures/ and can also be run alone:
 
     python tests/interop/make_fixtures.py checkpoint peft numerics
+    python tests/interop/make_fixtures.py --out /tmp/fresh     # into another folder (drift check)
 """
 import shutil
 import sys
@@ -26,7 +27,10 @@ GENERATORS = {
 
 
 def copy_examples(root):
-    """The README's example: the tiny Llama and its LoRA from the lora_basic peft case."""
+    """The README's example: the tiny Llama and its LoRA from the lora_basic peft case (only when
+    writing the committed fixtures: a drift check into another folder leaves examples/ alone)."""
+    if root != HERE.parent / "fixtures":
+        return
     dest = HERE.parent.parent / "examples" / "data"
     case = root / "peft" / "lora_basic"
     for src, name in [(case / "base", "tiny-llama"), (case / "adapter", "tiny-llama-lora")]:
@@ -39,6 +43,9 @@ GENERATORS["examples"] = copy_examples  # examples/data (after peft)
 
 def main(argv):
     root = HERE.parent / "fixtures"
+    if argv[:1] == ["--out"] and len(argv) >= 2:
+        root, argv = Path(argv[1]).resolve(), argv[2:]
+        root.mkdir(parents=True, exist_ok=True)
     names = argv or list(GENERATORS)
     for name in names:
         if name not in GENERATORS:
