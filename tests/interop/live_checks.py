@@ -3,7 +3,10 @@
 
 Run by tests/interop/run.sh (which provides the pinned venv and PEFTKIT_BIN). Each check runs
 the peftkit binary on a fixture made by the real libraries, loads the result with
-transformers/peft and compares logits with what the libraries themselves produce.
+transformers/peft and compares it with what the libraries themselves produce, computed here, on
+this host: floats that depend on the CPU (logits, merged weights, which MKL and oneDNN compute
+with CPU-specific kernels) are never taken from a file recorded on another machine. The fixtures
+supply only inputs (base models, adapters, configs).
 Prints one line per check and a final 'N passed, N failed' line; exits 1 on any failure.
 """
 import json
@@ -18,6 +21,10 @@ import torch
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixturegen.common import quiet  # noqa: E402
+from fixturegen.peft_cases import load_peft_model, merge_and_unload  # noqa: E402
+
 FIX = REPO / "tests" / "fixtures"
 BIN = os.environ.get("PEFTKIT_BIN", str(REPO / "target" / "release" / "peftkit"))
 INPUT_IDS = (torch.arange(10).unsqueeze(0) % 64)
@@ -74,25 +81,65 @@ MERGE_CASES = ["lora_basic", "lora_bf16", "lora_f16", "rslora", "dora_bf16", "em
                "mixtral_experts"]
 
 
-@check
-def merged_checkpoints_load_in_transformers_with_peft_merged_logits():
-    """peftkit merge output, loaded by transformers, gives exactly the logits of peft's own
-    merge_and_unload() (recorded in the fixture when it was made)."""
+def weight_files(d):
+    return sorted(p.name for p in Path(d).iterdir() if p.suffix == ".safetensors" or p.name.endswith(".index.json"))
+
+
+def assert_same_weights(ours, theirs, what):
+    """The weight files (shards and index) of two checkpoint folders are byte-identical; on a
+    difference, say which tensors differ and by how much."""
     from safetensors.torch import load_file
+
+    assert weight_files(ours) == weight_files(theirs), f"{what}: files {weight_files(ours)} != {weight_files(theirs)}"
+    for name in weight_files(theirs):
+        a, b = (Path(ours) / name).read_bytes(), (Path(theirs) / name).read_bytes()
+        if a == b:
+            continue
+        detail = []
+        if name.endswith(".safetensors"):
+            ta, tb = load_file(Path(ours) / name), load_file(Path(theirs) / name)
+            for k in tb:
+                if k not in ta or not torch.equal(ta[k], tb[k]):
+                    x, y = ta[k].double(), tb[k].double()
+                    detail.append(f"{k}: {(x != y).sum().item()} of {y.numel()} differ, max {(x - y).abs().max().item():.3g}")
+        raise AssertionError(f"{what}: {name} differs from peft's save on this host: {detail[:5]}")
+
+
+def peft_merge_here(d, out):
+    """peft's own merge of fixture case `d`, computed on this host and saved to `out`, exactly as
+    the fixture generator merged it (fixturegen.peft_cases)."""
+    case = json.loads((d / "case.json").read_text())
+    pm, _ = load_peft_model(d, case["adapter_names"])
+    names = case["merge"]["adapter_names"] if "adapter_names=" in case["merge"]["call"] else None
+    merged = merge_and_unload(pm, names)
+    merged.save_pretrained(out)
+    return merged
+
+
+@check
+def merged_checkpoints_equal_peft_merge_computed_here():
+    """peftkit merge writes the same weight files as peft's merge_and_unload() + save_pretrained()
+    run now, on this host; transformers loads them with the same logits."""
     from transformers import AutoModelForCausalLM
 
+    failures = []
     for case in MERGE_CASES:
         d = FIX / "peft" / case
         adapters = [d / "adapter"] + sorted(p.parent for p in (d / "adapter").glob("*/adapter_config.json"))
         with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "merged"
+            out, ref = Path(tmp) / "merged", Path(tmp) / "reference"
             args = ["merge", "--base", d / "base", "--out", out]
             for a in adapters:
                 args += ["--adapter", a]
             peftkit(*args)
-            ours = logits_of(AutoModelForCausalLM.from_pretrained(out))
-        theirs = load_file(d / "logits.safetensors")["merged_logits"]
-        assert torch.equal(ours, theirs), f"{case}: max diff {(ours - theirs).abs().max()}"
+            theirs = logits_of(peft_merge_here(d, ref))
+            try:
+                assert_same_weights(out, ref, case)
+                ours = logits_of(AutoModelForCausalLM.from_pretrained(out))
+                assert torch.equal(ours, theirs), f"{case}: logits differ by {(ours - theirs).abs().max()}"
+            except AssertionError as e:
+                failures.append(str(e))
+    assert not failures, "\n".join(failures)
 
 
 @check
@@ -135,21 +182,113 @@ def remapped_checkpoints_load_in_transformers_with_identical_logits():
 @check
 def converted_legacy_moe_adapters_load_in_peft_with_identical_logits():
     """peftkit remap LEGACY_ADAPTER --to transformers-v5: peft loads the fused adapter on the v5
-    model and gives the logits of peft's own conversion of the legacy adapter."""
+    model and gives the logits of peft's own conversion of the legacy adapter (peft converts it
+    while loading), both computed here."""
     from peft import PeftModel
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    for case in ["mixtral", "qwen3_moe"]:
+    for case in ["mixtral", "mixtral_mixed", "qwen3_moe"]:
         d = FIX / "convert" / case
+        input_ids = torch.tensor(json.loads((d / "case.json").read_text())["input_ids"])
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "fused"
             peftkit("remap", d / "legacy_adapter", "--out", out, "--to", "transformers-v5", "--base", d / "base")
-            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(d / "base"), out)
-            input_ids = torch.tensor(json.loads((d / "case.json").read_text())["input_ids"])
-            ours = logits_of(model, input_ids)
-        theirs = load_file(d / "logits.safetensors")["logits"]
+            ours = logits_of(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(d / "base"), out), input_ids)
+        theirs = logits_of(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(d / "base"),
+                                                     d / "legacy_adapter"), input_ids)
         assert torch.equal(ours, theirs), f"{case}: max diff {(ours - theirs).abs().max()}"
+
+
+@check
+def converted_legacy_moe_adapters_merge_as_peft_merges_them_here():
+    """peftkit merge of the converted adapter into the on-disk base writes the weights of peft's
+    merge_and_unload() of the legacy adapter (converted by peft on load) + save_pretrained(),
+    computed here."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    failures = []
+    for case in ["mixtral", "mixtral_mixed", "qwen3_moe"]:
+        d = FIX / "convert" / case
+        with tempfile.TemporaryDirectory() as tmp:
+            out, ref = Path(tmp) / "merged", Path(tmp) / "reference"
+            peftkit("merge", "--base", d / "base", "--adapter", d / "converted_adapter", "--out", out)
+            pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(d / "base"), d / "legacy_adapter")
+            pm.merge_and_unload().save_pretrained(ref)
+            try:
+                assert_same_weights(out, ref, case)
+            except AssertionError as e:
+                failures.append(str(e))
+    assert not failures, "\n".join(failures)
+
+
+# (base dtype, r, lora_alpha, use_rslora, adapter weight): ranks on both sides of every change of
+# MKL's reduction blocking seen on AMD and Intel hosts (192, 384, 768), scales that are not exact
+# in f32 (32/6, 32/sqrt(6), x0.7).
+RANK_CASES = [
+    ("float32", 8, 16, False, 1.0),
+    ("float32", 192, 16, False, 1.0),
+    ("float32", 193, 16, False, 1.0),
+    ("float32", 256, 16, False, 1.0),
+    ("float32", 320, 16, False, 1.0),
+    ("float32", 384, 16, False, 1.0),
+    ("float32", 385, 16, False, 1.0),
+    ("float32", 512, 16, False, 1.0),
+    ("float32", 769, 16, False, 1.0),
+    ("bfloat16", 256, 16, False, 1.0),
+    ("bfloat16", 512, 16, False, 1.0),
+    ("float16", 320, 16, False, 1.0),
+    ("float32", 6, 32, False, 1.0),
+    ("float32", 6, 32, True, 0.7),
+    ("bfloat16", 6, 32, True, 1.0),
+    ("bfloat16", 16, 32, False, 0.7),
+]
+
+
+def rank_case(d, dtype, r, alpha, rslora):
+    """A one-layer Llama 256 wide (q_proj 256x256, down_proj 256x320) with a random LoRA of rank
+    `r` on q_proj and down_proj, saved as base/ and adapter/ under `d`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fixturegen.peft_cases import randomize_adapter_params
+
+    torch.manual_seed(r)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=320, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=4, head_dim=64, vocab_size=64, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).to(getattr(torch, dtype))
+    model.save_pretrained(d / "base")
+    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora,
+                                          target_modules=["q_proj", "down_proj"]))
+    randomize_adapter_params(pm)
+    pm.save_pretrained(d / "adapter")
+
+
+@check
+def merges_at_every_rank_equal_peft_merge_computed_here():
+    """f32, bf16 and f16 bases, ranks up to 769, inexact scalings and an adapter weight: peftkit
+    merge writes the bytes of peft's merge_and_unload() + save_pretrained() on this host. A weight
+    w is `--adapter DIR:w` for peftkit and LoraLayer.scale_layer(w) for peft (both scale the
+    Python-float scaling alpha/r by w before torch rounds it to f32)."""
+    from peft.tuners.lora import LoraLayer
+
+    failures = []
+    for dtype, r, alpha, rslora, weight in RANK_CASES:
+        name = f"{dtype} r={r} alpha={alpha}{' rslora' if rslora else ''} weight={weight}"
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp)
+            rank_case(d, dtype, r, alpha, rslora)
+            peftkit("merge", "--base", d / "base", "--adapter", f"{d / 'adapter'}:{weight}", "--out", d / "ours")
+            pm, _ = load_peft_model(d, ["default"])
+            for m in pm.modules():
+                if isinstance(m, LoraLayer) and weight != 1.0:
+                    m.scale_layer(weight)
+            merge_and_unload(pm).save_pretrained(d / "theirs")
+            try:
+                assert_same_weights(d / "ours", d / "theirs", name)
+            except AssertionError as e:
+                failures.append(str(e))
+    assert not failures, "\n".join(failures)
 
 
 EXTRACT_CASES = {  # case -> extra peftkit extract arguments (what the tensors cannot say)
@@ -170,9 +309,8 @@ EXTRACT_CASES = {  # case -> extra peftkit extract arguments (what the tensors c
 @check
 def extracted_adapters_load_in_peft_with_identical_logits():
     """peftkit extract from the full PEFT state dict, then PeftModel.from_pretrained: the
-    logits equal those of the adapter peft itself saved (recorded in the fixture)."""
+    logits equal those of the adapter peft itself saved, both computed here."""
     from peft import PeftModel
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     for case, extra in EXTRACT_CASES.items():
@@ -182,14 +320,13 @@ def extracted_adapters_load_in_peft_with_identical_logits():
             out = Path(tmp) / "adapter"
             peftkit("extract", "--from", d / "full_state_dict.safetensors", "--out", out,
                     "--base-model", "peftkit/tiny-llama", *extra)
-            base = AutoModelForCausalLM.from_pretrained(d / "base")
-            model = PeftModel.from_pretrained(base, out)
-            ours = logits_of(model)
-        theirs = load_file(d / "logits.safetensors")["logits"]
+            ours = logits_of(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(d / "base"), out))
+        theirs = logits_of(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(d / "base"), d / "adapter"))
         assert torch.equal(ours, theirs), f"{case}: max diff {(ours - theirs).abs().max()}"
 
 
 def main():
+    quiet()
     passed = failed = 0
     only = sys.argv[1:]
     for fn in CHECKS:

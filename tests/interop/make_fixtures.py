@@ -8,6 +8,7 @@ Each generator module owns one sub-folder of tests/fixtures/ and can also be run
     python tests/interop/make_fixtures.py checkpoint peft numerics
     python tests/interop/make_fixtures.py --out /tmp/fresh     # into another folder (drift check)
 """
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -41,12 +42,37 @@ def copy_examples(root):
 GENERATORS["examples"] = copy_examples  # examples/data (after peft)
 
 
+def write_host(root):
+    """HOST.json: the CPU the fixtures were made on. MKL and oneDNN pick their kernels, and with
+    them the rounding of logits, high-rank merges and convolutions, by CPU; the Rust tests that
+    compare such floats emulate the kernels of this host (crates/peftkit-peft/src/merge/order.rs),
+    and the drift check compares them within a measured bound on any other host."""
+    import torch
+
+    info = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    flags = set(info.get("flags", "").split())
+    host = {
+        "vendor_id": info.get("vendor_id", ""),
+        "model_name": info.get("model name", ""),
+        "cpu_family": info.get("cpu family", ""),
+        "model": info.get("model", ""),
+        "isa": {f: f in flags for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")},
+        "torch": torch.__version__,
+        "mkl": torch.backends.mkl.is_available() and torch.__config__.show().split("Intel(R) oneAPI Math Kernel Library Version ")[-1].split(" ")[0],
+    }
+    (root / "HOST.json").write_text(json.dumps(host, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def main(argv):
     root = HERE.parent / "fixtures"
     if argv[:1] == ["--out"] and len(argv) >= 2:
         root, argv = Path(argv[1]).resolve(), argv[2:]
         root.mkdir(parents=True, exist_ok=True)
     names = argv or list(GENERATORS)
+    write_host(root)
     for name in names:
         if name not in GENERATORS:
             sys.exit(f"unknown generator {name!r}; known: {', '.join(GENERATORS)}")

@@ -2,6 +2,11 @@
 //! `tests/interop/fixturegen/numerics_cases.py`) with the kernels of `peftkit_peft::merge` and
 //! compares the merged tensors bit for bit.
 //!
+//! The fixtures were made on the CPU described in `tests/fixtures/HOST.json`; high-rank
+//! products are rounded by that host's MKL kernel, so the merges here run in that host's
+//! reduction order ([`HostOrder::for_cpu`]), whatever CPU runs the test. The live checks
+//! (`tests/interop/live_checks.py`) compare with peft on the running host itself.
+//!
 //! Exactness policy: every case must be bit-exact, except DoRA with an F32 base, where the
 //! reference allows ≤ 2 ulp (torch's norm reduction order is build specific); the observed
 //! maximum is printed. Run with `--nocapture` to see the per-case table.
@@ -17,7 +22,10 @@ use peftkit_peft::merge::lora::{
 use peftkit_peft::merge::methods::{
     merge_ia3_bias, merge_ia3_weight, merge_loha, merge_lokr, replace_rows, LokrFactor,
 };
-use peftkit_peft::merge::{lora_scaling, BaseTensorMut, ExpertLayout, F32Tensor, MergeOptions};
+use peftkit_peft::merge::{
+    lora_scaling, set_reduction_order, BaseTensorMut, ExpertLayout, F32Tensor, HostOrder,
+    MergeOptions,
+};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
@@ -28,6 +36,25 @@ fn fixtures_dir() -> PathBuf {
         Some(dir) => PathBuf::from(dir),
         None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/numerics"),
     }
+}
+
+/// Runs this process's merges in the reduction order of the host that made the fixtures
+/// (`HOST.json` beside them, written by `make_fixtures.py`).
+fn use_fixture_host_order() {
+    let path = fixtures_dir().join("../HOST.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}; regenerate the fixtures", path.display()));
+    let host: Value = serde_json::from_str(&text).expect("HOST.json is JSON");
+    let vendor = host["vendor_id"].as_str().expect("HOST.json vendor_id");
+    let avx512 = host["isa"]["avx512f"]
+        .as_bool()
+        .expect("HOST.json isa.avx512f");
+    let made_on = HostOrder::for_cpu(vendor, avx512);
+    assert!(
+        made_on.measured,
+        "fixtures made on an unmeasured CPU: {text}"
+    );
+    set_reduction_order(Some(made_on.order));
 }
 
 /// An owned tensor read from a fixture file.
@@ -360,6 +387,7 @@ fn ulp_allowance(case: &Case) -> u64 {
 
 #[test]
 fn every_numerics_fixture_merges_like_peft() {
+    use_fixture_host_order();
     let cases = cases();
     if std::env::var_os("PEFTKIT_NUMERICS_DIR").is_none() {
         assert!(

@@ -183,6 +183,35 @@ def new_case_dir(out: Path, name: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# loading and merging a case as a user would: one home for the fixtures and the live checks
+
+
+def load_peft_model(d: Path, adapter_names: list):
+    """`AutoModelForCausalLM.from_pretrained(d/base)`, `PeftModel.from_pretrained(base, d/adapter)`, then
+    `load_adapter(d/adapter/<name>)` for every further adapter, all active at once. Returns the model and the
+    active adapter names. tests/interop/live_checks.py loads every case through this function too, so
+    that its live references are computed exactly as the fixtures were."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(d / "base")
+    pm = PeftModel.from_pretrained(base, d / "adapter")
+    for aname in adapter_names[1:]:
+        pm.load_adapter(d / "adapter" / aname, adapter_name=aname)
+    active = list(adapter_names[:1])
+    if len(adapter_names) > 1:
+        # PeftModel.set_adapter takes one name; the LoRA tuner accepts a list (all active at once).
+        pm.base_model.set_adapter(list(adapter_names))
+        active = list(adapter_names)
+    return pm, active
+
+
+def merge_and_unload(pm, adapter_names=None):
+    """peft's default merge (`safe_merge=False`), of the active adapters or of `adapter_names`."""
+    return pm.merge_and_unload() if adapter_names is None else pm.merge_and_unload(adapter_names=adapter_names)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # generic transformers case
 
 
@@ -221,23 +250,15 @@ def transformers_case(
 
     # A fresh copy, loaded the way a user would (default dtype handling and adapter autocast).
     adapter_names = [a[0] for a in adapters]
-    base = AutoModelForCausalLM.from_pretrained(d / "base")
-    assert base.dtype == dtype, (base.dtype, dtype)
-    pm = PeftModel.from_pretrained(base, d / "adapter")
-    for aname in adapter_names[1:]:
-        pm.load_adapter(d / "adapter" / aname, adapter_name=aname)
-    active = adapter_names[:1]
-    if len(adapter_names) > 1:
-        # PeftModel.set_adapter takes one name; the LoRA tuner accepts a list (all active at once).
-        pm.base_model.set_adapter(adapter_names)
-        active = list(adapter_names)
+    pm, active = load_peft_model(d, adapter_names)
+    assert pm.base_model.model.dtype == dtype, (pm.base_model.model.dtype, dtype)
     ids = input_ids_tensor()
     tensors = {"logits": lm_logits(pm, ids)}
 
     merge_info = None
     if mergeable:
         names = merge_adapter_names
-        merged = pm.merge_and_unload() if names is None else pm.merge_and_unload(adapter_names=names)
+        merged = merge_and_unload(pm, names)
         merged.save_pretrained(d / "merged")
         tensors["merged_logits"] = lm_logits(merged, ids)
         merge_info = {

@@ -177,7 +177,8 @@ impl<E: Elem> Sink for AddInto<'_, E> {
 #[cfg(test)]
 mod tests {
     use super::super::dtype::{decode_f32, encode_f32};
-    use super::super::gemm::{mkl_k_blocks, product_rows};
+    use super::super::gemm::product_rows;
+    use super::super::order::active_k_blocks;
     use super::*;
 
     /// Base values with the cases rounding must get right: signed zeros, subnormals, values
@@ -261,7 +262,7 @@ mod tests {
         ] {
             let left = factor(batch * rows * k, 1);
             let right = factor(batch * k * n, 2);
-            let blocks = mkl_k_blocks(k);
+            let blocks = active_k_blocks(k);
             let p = Product {
                 left: &left,
                 right: &right,

@@ -2,25 +2,18 @@
 //!
 //! peft computes `B @ A` with torch, which on x86 CPU calls MKL `sgemm`. To reproduce its f32
 //! result bit for bit, every output element must be reduced over the rank in the same order
-//! with the same roundings. Measured on torch 2.15 / MKL 2024.2 / AVX512 (1 and 2 threads), for
-//! every output shape with `n ≥ 12` columns and `m ≥ 4` rows (see "limits" below):
+//! with the same roundings. Measured on torch 2.15 / MKL 2024.2 (1 and 2 threads):
 //!
-//! * the rank `k` is split into blocks by [`mkl_k_blocks`];
+//! * the rank `k` is split into blocks, by a rule that depends on the host
+//!   ([`super::order`]: blocks of 192 on AMD, of 384 on Intel with AVX-512);
 //! * inside a block, the element is accumulated from `0` with one fused multiply-add per rank
 //!   index, in increasing order: `acc = fma(L[m,k], R[k,n], acc)`;
 //! * block results are added left to right with plain f32 additions: `((b0 + b1) + b2) + …`.
 //!
-//! The block rule: `k ≤ 192` → one block; `192 < k ≤ 384` → two halves of `⌊k/2⌋`, plus a
-//! third block of one element when `k` is odd (e.g. 193 → 96+96+1, 256 → 128+128,
-//! 300 → 150+150, 384 → 192+192); `k > 384` → blocks of 192 and a remainder
-//! (512 → 192+192+128, 1000 → 5×192+40). The reference document (§5.9) states the 128-block
-//! for r=256 and 192-blocks for r=512; both are instances of this rule, which was fitted on
-//! every `k` in 1..=1024 we tried.
-//!
-//! Limits (measured): MKL switches to other kernels when the product has fewer than 12 columns
-//! or fewer than 4 rows (for a LoRA delta: `in_features < 12` or `out_features < 4`); there the
-//! order differs (for 2, 3, 4 or 8 columns it is sequential *unfused* multiply-add) and results
-//! may differ in the last bit. Other BLAS libraries (OpenBLAS, Accelerate, cuBLAS) and TF32
+//! Limits (measured): on AMD, MKL switches to other kernels when the product has fewer than 12
+//! columns or fewer than 4 rows (for a LoRA delta: `in_features < 12` or `out_features < 4`);
+//! there the order differs (for 2, 3, 4 or 8 columns it is sequential *unfused* multiply-add)
+//! and results may differ in the last bit. [`super::order`] keeps each order's verified domain. Other BLAS libraries (OpenBLAS, Accelerate, cuBLAS) and TF32
 //! have their own orders; bit-exactness is a property of this particular torch build.
 //!
 //! Speed: the inner loop runs over output columns, so each rank step is a vectorised FMA over a
@@ -33,25 +26,10 @@
 use std::ops::Range;
 
 use super::error::{check_len, MergeMathError, Result};
+use super::order::active_k_blocks;
 
-/// Splits the reduction dimension `k` the way MKL sgemm does (see the module docs).
-pub fn mkl_k_blocks(k: usize) -> Vec<Range<usize>> {
-    const KB: usize = 192;
-    if k <= KB {
-        return std::iter::once(0..k).collect();
-    }
-    if k <= 2 * KB {
-        let h = k / 2;
-        let mut v = vec![0..h, h..2 * h];
-        if k % 2 == 1 {
-            v.push(2 * h..k);
-        }
-        return v;
-    }
-    (0..k).step_by(KB).map(|s| s..(s + KB).min(k)).collect()
-}
-
-/// `scale · (left @ right)` in torch/MKL's f32 order, as a new row-major `m × n` matrix.
+/// `scale · (left @ right)` in torch/MKL's f32 order (the active [`super::ReductionOrder`]), as
+/// a new row-major `m × n` matrix.
 ///
 /// `left` is `m × k` and `right` is `k × n`, both row-major. `scale` is applied to each finished
 /// element with one f32 multiplication (torch's `(B @ A) * s`); pass `1.0` for the bare product.
@@ -73,7 +51,7 @@ pub fn lowrank_product(
     if n == 0 {
         return Ok(out);
     }
-    let blocks = mkl_k_blocks(k);
+    let blocks = active_k_blocks(k);
     product_rows(left, right, k, n, &blocks, scale, &mut out);
     Ok(out)
 }
@@ -293,7 +271,7 @@ mod tests {
     use super::*;
 
     fn naive(left: &[f32], right: &[f32], m: usize, k: usize, n: usize, scale: f32) -> Vec<f32> {
-        let blocks = mkl_k_blocks(k);
+        let blocks = active_k_blocks(k);
         let mut out = vec![0f32; m * n];
         for i in 0..m {
             for j in 0..n {
@@ -309,18 +287,6 @@ mod tests {
             }
         }
         out
-    }
-
-    #[test]
-    #[allow(clippy::single_range_in_vec_init)]
-    fn block_rule() {
-        assert_eq!(mkl_k_blocks(8), vec![0..8]);
-        assert_eq!(mkl_k_blocks(192), vec![0..192]);
-        assert_eq!(mkl_k_blocks(193), vec![0..96, 96..192, 192..193]);
-        assert_eq!(mkl_k_blocks(256), vec![0..128, 128..256]);
-        assert_eq!(mkl_k_blocks(384), vec![0..192, 192..384]);
-        assert_eq!(mkl_k_blocks(385), vec![0..192, 192..384, 384..385]);
-        assert_eq!(mkl_k_blocks(512), vec![0..192, 192..384, 384..512]);
     }
 
     #[test]
@@ -365,7 +331,7 @@ mod tests {
         let r: Vec<f32> = (0..k * n)
             .map(|i| ((i * 104729) % 1000) as f32 / 991.0 - 0.5)
             .collect();
-        let blocks = mkl_k_blocks(k);
+        let blocks = active_k_blocks(k);
         let run = |f: &dyn Fn(&mut StoreF32)| {
             let mut out = vec![0f32; m * n];
             f(&mut StoreF32 { out: &mut out, n });

@@ -25,7 +25,8 @@ use super::apply::{update_rows, BaseTensorMut, F32Tensor, Rows};
 use super::dtype::round_slice_to;
 use super::error::{check_rank, check_shape, MergeMathError, Result};
 use super::fused;
-use super::gemm::{mkl_k_blocks, product_rows};
+use super::gemm::product_rows;
+use super::order::active_k_blocks;
 
 /// peft's `scaling` as the f32 that torch multiplies with.
 ///
@@ -119,7 +120,7 @@ impl<'a> LowRank<'a> {
             r,
             n,
             scale,
-            blocks: mkl_k_blocks(r),
+            blocks: active_k_blocks(r),
             adapter_round,
         }
     }

@@ -5,7 +5,8 @@
 //!
 //! * [`dtype`]: little-endian F32/BF16/F16/F64 bytes ⇄ `f32`/`f64`, with torch's rounding and
 //!   NaN bit patterns.
-//! * [`gemm`]: `B @ A` in MKL's reduction order (sequential FMA over the rank, K-blocking).
+//! * [`gemm`]: `B @ A` in MKL's reduction order (sequential FMA over the rank, K-blocking),
+//!   with the host's blocking from [`ReductionOrder`].
 //! * [`lora`]: LoRA for Linear / `Conv1D`, Embedding, Conv, MoE experts, `lora_bias`, unmerge,
 //!   `safe_merge`.
 //! * [`dora`]: DoRA for Linear / `Conv1D`, Embedding, Conv, with torch's norm reduction order.
@@ -26,7 +27,12 @@ mod fused;
 pub mod gemm;
 pub mod lora;
 pub mod methods;
+mod order;
 
 pub use apply::{BaseTensorMut, F32Tensor};
 pub use error::{MergeMathError, Result};
 pub use lora::{lora_scaling, ExpertLayout, MergeOptions};
+pub use order::{
+    host_order, reduction_order, set_reduction_order, Blocking, Halves, HostOrder, ReductionOrder,
+    UnknownOrder, UNVERIFIED_BOUND_ULP,
+};
