@@ -1,28 +1,33 @@
 #!/usr/bin/env bash
 # Live interop checks against the pinned reference stack (tests/interop/requirements.txt).
 #
-#   tests/interop/run.sh           build peftkit, then let transformers and peft load what it writes
-#   tests/interop/run.sh --regen   also regenerate tests/fixtures with the real libraries first
+#   tests/interop/run.sh           fixture drift check, then build peftkit and let transformers and
+#                                  peft load what it writes, against references computed here
+#   tests/interop/run.sh --regen   regenerate tests/fixtures with the real libraries first
 #
-# The venv lives outside the repository (PEFTKIT_VENV, default ~/.cache/peftkit/venv) and is
-# rebuilt only when requirements.txt changes. Everything runs on the CPU.
+# The venv lives outside the repository (PEFTKIT_VENV, default ~/.cache/peftkit/venv) and holds
+# exactly requirements.lock (every transitive package pinned; requirements.txt says what the
+# lock was resolved from). It is rebuilt only when the lock changes. Everything runs on the CPU.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 venv=${PEFTKIT_VENV:-$HOME/.cache/peftkit/venv}
 stamp="$venv/.peftkit-requirements.sha256"
-want=$(sha256sum "$here/requirements.txt" | cut -d' ' -f1)
+want=$(sha256sum "$here/requirements.lock" | cut -d' ' -f1)
 
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "interop: creating the reference venv in $venv (a few minutes, once)"
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements.txt"
+  python3 -m venv --clear "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps -r "$here/requirements.lock"
+  "$venv/bin/pip" check --disable-pip-version-check
   echo "$want" > "$stamp"
 fi
 
 export PYTHONHASHSEED=0 CUDA_VISIBLE_DEVICES="" TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 if [ "${1:-}" = "--regen" ]; then
   "$venv/bin/python" "$here/make_fixtures.py"
+else
+  "$venv/bin/python" "$here/drift.py"
 fi
 
 cargo build --quiet --release --bin peftkit --manifest-path "$repo/Cargo.toml"
