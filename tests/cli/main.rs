@@ -8,8 +8,11 @@
 //!
 //! * `verbs`: success (exit 0) and byte-identical outputs for inspect, verify, reshard, merge,
 //!   extract and remap;
+//! * `failures`: exit codes and messages of usage errors, bad inputs and corrupted checkpoints,
+//!   and that a failed command writes nothing;
 //! * `help`: `--help`, `--version` and the flags docs/cli.md lists.
 
+mod failures;
 mod help;
 mod verbs;
 
