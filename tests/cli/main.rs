@@ -10,10 +10,13 @@
 //!   extract and remap;
 //! * `failures`: exit codes and messages of usage errors, bad inputs and corrupted checkpoints,
 //!   and that a failed command writes nothing;
+//! * `json`: the `--json` outputs of `inspect` and `merge`: exact keys and JSON types (those of
+//!   the examples in docs/cli.md too), values cross-checked against the fixtures;
 //! * `help`: `--help`, `--version` and the flags docs/cli.md lists.
 
 mod failures;
 mod help;
+mod json;
 mod verbs;
 
 use std::collections::{BTreeMap, BTreeSet};
