@@ -196,7 +196,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let ckpt = open_any(&path, variant.as_deref())?;
             let summary = CheckpointSummary::of(&ckpt);
-            let adapters = peft::classify::summarize_path(&path)?;
+            // summarize_path opens the path again without the variant, which finds no weights
+            // in a folder holding only model.VARIANT.safetensors: use what was opened.
+            let adapters = if variant.is_some() && guess_kind(&path) == WeightsKind::Model {
+                peft::classify::summarize_adapters(&ckpt.state_dict(), None)?
+            } else {
+                peft::classify::summarize_path(&path)?
+            };
             if json {
                 let mut v = serde_json::to_value(&summary)?;
                 v["adapters"] = serde_json::to_value(&adapters)?;
