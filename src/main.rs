@@ -448,6 +448,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     },
                     summary.seconds
                 );
+                print_numerics(&summary.numerics);
             }
         }
     }
@@ -467,6 +468,24 @@ fn guess_kind(path: &std::path::Path) -> WeightsKind {
 fn open_any(path: &std::path::Path, variant: Option<&str>) -> Result<Checkpoint> {
     Checkpoint::open_kind(path, guess_kind(path), variant)
         .with_context(|| format!("cannot open {}", path.display()))
+}
+
+/// Tells, on stderr, what the merge could not promise bit for bit.
+fn print_numerics(n: &peft::pipeline::NumericsReport) {
+    if !n.host_measured {
+        eprintln!(
+            "note: this CPU family was never measured against peft; merged with the {} order",
+            n.reduction_order
+        );
+    }
+    if !n.unverified_tensors.is_empty() {
+        eprintln!(
+            "note: {} tensor(s) agree with peft to {} ulp, not bit for bit (products outside the measured domain): {}",
+            n.unverified_tensors.len(),
+            n.unverified_bound_ulp,
+            n.unverified_tensors.join(", ")
+        );
+    }
 }
 
 fn print_summary(s: &CheckpointSummary) {

@@ -130,6 +130,15 @@ fn merge_ty() -> Ty {
         ("bytes", UInt),
         ("files", list(Str)),
         ("untied_embeddings", Bool),
+        (
+            "numerics",
+            Obj(vec![
+                ("reduction_order", Str),
+                ("host_measured", Bool),
+                ("unverified_tensors", list(Str)),
+                ("unverified_bound_ulp", UInt),
+            ]),
+        ),
         ("seconds", Num),
     ])
 }

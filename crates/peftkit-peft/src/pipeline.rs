@@ -28,7 +28,8 @@ use crate::adapter::{Adapter, AdapterError, AdapterModule};
 use crate::config::{AdapterConfig, TrainableTokenIndices};
 use crate::merge::dtype::decode_f32;
 use crate::merge::{
-    dora, lora, methods, BaseTensorMut, F32Tensor, MergeMathError, MergeOptions as KernelOptions,
+    dora, host_order, lora, methods, reduction_order, BaseTensorMut, F32Tensor, MergeMathError,
+    MergeOptions as KernelOptions, ReductionOrder, UnknownOrder, UNVERIFIED_BOUND_ULP,
 };
 use crate::targeting::PatternResolver;
 
@@ -98,8 +99,25 @@ pub struct MergeSummary {
     pub files: Vec<String>,
     /// Whether `tie_word_embeddings` was set to false.
     pub untied_embeddings: bool,
+    /// How the merged floats were computed.
+    pub numerics: NumericsReport,
     /// Wall time.
     pub seconds: f64,
+}
+
+/// The reduction order a merge used, and which tensors it could not promise bit for bit.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct NumericsReport {
+    /// MKL's order reproduced for `B @ A` (the host's, unless overridden).
+    pub reduction_order: ReductionOrder,
+    /// Whether this host's CPU family was measured (if not, the nearest family's order is used).
+    pub host_measured: bool,
+    /// Base tensors whose delta includes a product outside the order's verified domain (tiny
+    /// or very high-rank products, batched expert products narrower than 12, convolutions
+    /// wider than 1x1): they agree with peft on this host to [`Self::unverified_bound_ulp`].
+    pub unverified_tensors: Vec<String>,
+    /// The bound for those, in units in the last place of the tensor's largest element.
+    pub unverified_bound_ulp: u32,
 }
 
 /// Why a merge was refused or failed. Nothing is written in any of these cases.
@@ -112,6 +130,9 @@ pub enum MergeError {
     /// The base could not be read or the output written.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// `PEFTKIT_REDUCTION_ORDER` names no known order.
+    #[error(transparent)]
+    Order(#[from] UnknownOrder),
     /// An adapter tensor whose module has no tensor in the base.
     #[error("{adapter}: `{key}` adapts `{module}`, but the base {base} has no tensor `{expected}`; the adapter was trained on another model or its names need remapping")]
     NoBaseTensor {
@@ -215,6 +236,48 @@ enum LoraKind {
 struct Step {
     adapter: Arc<Path>,
     edit: Edit,
+}
+
+impl Edit {
+    /// Whether this edit's product `B @ A` lies outside the domain where `order` was measured
+    /// to equal peft's (see [`ReductionOrder::verified`]).
+    fn unverified(&self, order: ReductionOrder) -> bool {
+        let dims = |t: Option<&Tensor>| t.map(|t| t.shape().to_vec()).unwrap_or_default();
+        match self {
+            Edit::Lora { module, kind, .. } => {
+                let (a, b) = match kind {
+                    LoraKind::Embedding => (
+                        dims(module.get("embedding_a")),
+                        dims(module.get("embedding_b")),
+                    ),
+                    _ => (dims(module.get("a")), dims(module.get("b"))),
+                };
+                let (Some(&r), Some(&rows)) = (a.first(), b.first()) else {
+                    return false;
+                };
+                let window = a.get(2..).map_or(1, |k| k.iter().product::<usize>());
+                // Convolutions wider than 1x1 go through oneDNN, not MKL's sgemm.
+                let conv = matches!(kind, LoraKind::Conv) && window > 1;
+                let cols = a.get(1).copied().unwrap_or(0) * window;
+                conv || !order.verified(rows, r, cols)
+            }
+            Edit::Experts { a, b, .. } | Edit::ExpertPiece { a, b, .. } => {
+                let (rows, cols) = (dims(Some(b)), dims(Some(a)));
+                let (Some(&rows), Some(&ra), Some(&cols)) =
+                    (rows.first(), cols.first(), cols.get(1))
+                else {
+                    return false;
+                };
+                let experts = match self {
+                    Edit::ExpertPiece { experts, .. } => *experts,
+                    _ => 1,
+                };
+                let r = ra / experts.max(1);
+                !order.verified_batched(rows, r, cols)
+            }
+            _ => false,
+        }
+    }
 }
 
 fn f32s(
@@ -533,6 +596,21 @@ struct MergePlan {
     steps: IndexMap<String, Vec<Step>>,
     added: IndexMap<String, (Tensor, String)>,
     untie: bool,
+}
+
+fn numerics_report(plan: &MergePlan, order: ReductionOrder) -> NumericsReport {
+    let unverified_tensors = plan
+        .steps
+        .iter()
+        .filter(|(_, steps)| steps.iter().any(|s| s.edit.unverified(order)))
+        .map(|(name, _)| name.clone())
+        .collect();
+    NumericsReport {
+        reduction_order: order,
+        host_measured: host_order().measured,
+        unverified_tensors,
+        unverified_bound_ulp: UNVERIFIED_BOUND_ULP,
+    }
 }
 
 fn scale_of(alpha: f64, r: usize, rslora: bool, weight: f64) -> f32 {
@@ -1191,6 +1269,7 @@ pub fn merge(job: &MergeJob, on_bytes: &mut dyn FnMut(u64)) -> Result<MergeSumma
         .iter()
         .map(|a| Adapter::open(&a.dir).map(|ad| (ad, a.weight)))
         .collect::<Result<Vec<_>, _>>()?;
+    let order = reduction_order()?;
     let plan = plan(&base, config.as_ref(), &adapters)?;
     if job.unmerge && !plan.added.is_empty() {
         return Err(MergeError::Unsupported {
@@ -1225,6 +1304,7 @@ pub fn merge(job: &MergeJob, on_bytes: &mut dyn FnMut(u64)) -> Result<MergeSumma
         bytes: 0,
         files: vec![],
         untied_embeddings: false,
+        numerics: numerics_report(&plan, order),
         seconds: 0.0,
     };
     for (name, tensor) in base.tensors() {

@@ -47,6 +47,9 @@ pub struct Blocking {
     pub verified_rank: usize,
     /// Smallest product (rows of `B`, columns of `A`) verified.
     pub verified_min_dims: (usize, usize),
+    /// Smallest product verified in a batch (peft's `einsum` over MoE experts, which torch
+    /// runs as a batched matmul: narrower products there are not fused multiply-adds).
+    pub verified_min_dims_batched: (usize, usize),
 }
 
 /// The two-block split of a rank `k` with `block < k ≤ 2·block`.
@@ -67,6 +70,7 @@ const BLOCKINGS: [(ReductionOrder, Blocking); 2] = [
             halves: Halves::FloorWithTail,
             verified_rank: 1024,
             verified_min_dims: (4, 12),
+            verified_min_dims_batched: (4, 12),
         },
     ),
     (
@@ -76,6 +80,7 @@ const BLOCKINGS: [(ReductionOrder, Blocking); 2] = [
             halves: Halves::CeilFirst,
             verified_rank: 768,
             verified_min_dims: (1, 1),
+            verified_min_dims_batched: (4, 12),
         },
     ),
 ];
@@ -151,6 +156,14 @@ impl ReductionOrder {
     pub fn verified(self, rows: usize, k: usize, cols: usize) -> bool {
         let b = self.blocking();
         k <= b.verified_rank && rows >= b.verified_min_dims.0 && cols >= b.verified_min_dims.1
+    }
+}
+
+impl ReductionOrder {
+    /// [`Self::verified`] for one product of a batch (MoE experts).
+    pub fn verified_batched(self, rows: usize, k: usize, cols: usize) -> bool {
+        let (min_rows, min_cols) = self.blocking().verified_min_dims_batched;
+        self.verified(rows, k, cols) && rows >= min_rows && cols >= min_cols
     }
 }
 
