@@ -129,18 +129,11 @@ impl Case {
             .unwrap_or_else(|| panic!("{}: no number {key}", self.name))
     }
 
-    /// peft's scaling, recomputed the way the kernels expect, cross-checked against the value
-    /// peft recorded (a Python float).
+    /// The scale through peftkit's own scaling function (the one the pipeline uses), checked
+    /// against the value peft merged with (a Python float).
     fn scale(&self) -> f32 {
-        let s = match self.str("method") {
-            "lora" => lora_scaling(
-                self.num("alpha"),
-                self.num("r") as usize,
-                self.flag("use_rslora"),
-            )
-            .unwrap(),
-            _ => (self.num("alpha") / self.num("r")) as f32,
-        };
+        let rslora = self.str("method") == "lora" && self.flag("use_rslora");
+        let s = lora_scaling(self.num("alpha"), self.num("r") as usize, rslora, 1.0).unwrap();
         assert_eq!(s, self.num("scaling") as f32, "{}: scaling", self.name);
         s
     }
