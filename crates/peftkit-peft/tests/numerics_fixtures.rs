@@ -435,6 +435,8 @@ fn pipeline_merges_like_peft() {
     };
     use peftkit_peft::pipeline::{merge, AdapterInput, MergeJob};
 
+    // Pipeline cases keep r <= 192 (one block on every host), but run like the kernel test.
+    use_fixture_host_order();
     let dir = fixtures_dir();
     let mut checked = Vec::new();
     let mut failures = Vec::new();
