@@ -32,8 +32,8 @@ fn cases() -> Vec<(String, PathBuf, Value)> {
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     assert!(
-        out.len() >= 8,
-        "expected the transformers fixtures, found {}",
+        out.len() >= 12,
+        "expected the 12 transformers fixtures, found {}",
         out.len()
     );
     out
@@ -91,7 +91,7 @@ fn options(case: &Value) -> SaveOptions {
 
 #[test]
 fn save_pretrained_matches_transformers_for_models_built_from_config() {
-    let mut checked = 0;
+    let mut checked = Vec::new();
     for (name, dir, case) in cases() {
         if case["provenance"] != "from_config" {
             continue;
@@ -128,9 +128,17 @@ fn save_pretrained_matches_transformers_for_models_built_from_config() {
         let target = out.path().join("saved");
         save_pretrained(&target, &sd, &opts).unwrap();
         assert_same_dir(&name, &expected, &target);
-        checked += 1;
+        checked.push(name);
     }
-    assert!(checked >= 6, "only {checked} from_config cases");
+    assert!(checked.len() >= 10, "only {checked:?} from_config cases");
+    // The shard limit's boundary: a tensor of exactly the limit (4096 B) and tensors summing
+    // exactly to it (6144 B).
+    for boundary in ["llama_untied_4096B", "llama_untied_6144B"] {
+        assert!(
+            checked.iter().any(|c| c == boundary),
+            "{boundary} not checked"
+        );
+    }
 }
 
 #[test]

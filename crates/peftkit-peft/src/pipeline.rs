@@ -613,13 +613,18 @@ fn numerics_report(plan: &MergePlan, order: ReductionOrder) -> NumericsReport {
     }
 }
 
-fn scale_of(alpha: f64, r: usize, rslora: bool, weight: f64) -> f32 {
-    let s = if rslora {
-        alpha / (r as f64).sqrt()
-    } else {
-        alpha / r as f64
-    };
-    (s * weight) as f32
+/// The scale of one adapter layer: [`lora::lora_scaling`] with the adapter's merge weight.
+fn scale_of(
+    alpha: f64,
+    r: usize,
+    rslora: bool,
+    weight: f64,
+    adapter: &Path,
+) -> Result<f32, MergeError> {
+    lora::lora_scaling(alpha, r, rslora, weight).map_err(|e| MergeError::Unsupported {
+        adapter: adapter.to_owned(),
+        what: e.to_string(),
+    })
 }
 
 fn number(v: Option<&serde_json::Value>) -> Option<f64> {
@@ -790,7 +795,7 @@ impl ParamContext<'_> {
             return Ok(match *t.shape() {
                 // A checkpoint in the v5 layout holds the fused tensor.
                 [e, o, i] if r > 0 && e * r == ra && o == out && i == fin => {
-                    let scale = scale_of(alpha, r, self.use_rslora, self.weight);
+                    let scale = scale_of(alpha, r, self.use_rslora, self.weight, self.adapter)?;
                     Some(vec![(
                         v5_name.to_owned(),
                         Edit::Experts {
@@ -802,7 +807,7 @@ impl ParamContext<'_> {
                 }
                 // A 2-D parameter (a router weight): LoRA with the delta rounded first.
                 [o, i] if o == out && i == fin => {
-                    let scale = scale_of(alpha, ra, self.use_rslora, self.weight);
+                    let scale = scale_of(alpha, ra, self.use_rslora, self.weight, self.adapter)?;
                     Some(vec![(v5_name.to_owned(), router_edit(a, b, scale))])
                 }
                 _ => None,
@@ -815,7 +820,7 @@ impl ParamContext<'_> {
             // A renamed 2-D parameter (Mixtral's router is `block_sparse_moe.gate` on disk).
             return match self.base.get(&name).map(|t| t.shape().to_vec()) {
                 Some(shape) if shape == [out, fin] => {
-                    let scale = scale_of(alpha, ra, self.use_rslora, self.weight);
+                    let scale = scale_of(alpha, ra, self.use_rslora, self.weight, self.adapter)?;
                     Ok(Some(vec![(name, router_edit(a, b, scale))]))
                 }
                 _ => Ok(None),
@@ -825,7 +830,7 @@ impl ParamContext<'_> {
             return Ok(None);
         }
         let experts = ra / r;
-        let scale = scale_of(alpha, r, self.use_rslora, self.weight);
+        let scale = scale_of(alpha, r, self.use_rslora, self.weight, self.adapter)?;
         let fused_shape = [experts, out, fin];
         let mut edits = Vec::new();
         for e in 0..experts {
@@ -1045,7 +1050,7 @@ fn plan(
                     let alpha = resolver
                         .alpha_for(module)
                         .map_err(|e| unsupported(e.to_string()))?;
-                    let scale = scale_of(alpha, r, cfg.use_rslora, *weight);
+                    let scale = scale_of(alpha, r, cfg.use_rslora, *weight, &adapter.dir)?;
                     let (bk, bt) = base_tensor(module, "weight", &key_of(ra))?;
                     let kind = match kind_hint {
                         Some(k) => k,
@@ -1153,7 +1158,10 @@ fn plan(
                                 "{method} with rank_pattern/alpha_pattern"
                             )));
                         }
-                        let scale = ((alpha / r) * weight) as f32;
+                        if r.fract() != 0.0 || r < 1.0 {
+                            return Err(unsupported(format!("{method} with r = {r}")));
+                        }
+                        let scale = scale_of(alpha, r as usize, false, *weight, &adapter.dir)?;
                         for (module, tensors) in &adapter.modules {
                             if tensors.get("t1").is_some() || tensors.get("t2").is_some() {
                                 return Err(unsupported(format!(

@@ -149,30 +149,60 @@ fn safetensors_shapes(path: &Path) -> HashMap<String, Vec<u64>> {
         .collect()
 }
 
-/// `(adapter name, adapter directory)` of every adapter of a case.
-fn adapters_of(case: &Path) -> Vec<(String, PathBuf)> {
-    let dir = case.join("adapter");
-    let mut out = vec![("default".to_owned(), dir.clone())];
-    if let Ok(entries) = std::fs::read_dir(&dir) {
-        for entry in entries.flatten() {
-            let p = entry.path();
-            if p.join("adapter_config.json").is_file() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                out.push((name, p));
-            }
-        }
-    }
-    out
+/// The case's `case.json`.
+fn case_json(case: &Path) -> Value {
+    let path = case.join("case.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// `(adapter name, adapter directory)` of every adapter of a case, from its own metadata
+/// (`case.json["adapter_names"]`, `default` first): peft saves `default` in `adapter/` and every
+/// other adapter in `adapter/<name>/`. A missing folder is a failure, not a skipped adapter.
+fn adapters_of(case: &Path) -> Vec<(String, PathBuf)> {
+    let dir = case.join("adapter");
+    let names = case_json(case)["adapter_names"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}: case.json has no adapter_names", case.display()))
+        .iter()
+        .map(|n| n.as_str().expect("adapter name").to_owned())
+        .collect::<Vec<_>>();
+    assert_eq!(names.first().map(String::as_str), Some("default"));
+    names
+        .into_iter()
+        .map(|name| {
+            let path = if name == "default" {
+                dir.clone()
+            } else {
+                dir.join(&name)
+            };
+            assert!(
+                path.join("adapter_config.json").is_file(),
+                "{}: adapter {name} has no adapter_config.json",
+                case.display()
+            );
+            (name, path)
+        })
+        .collect()
+}
+
+/// The number of peft cases the generator writes (`tests/fixtures/peft/README.md`).
+const PEFT_CASES: usize = 17;
+
+/// Every case folder (one with a `case.json`), sorted. Each has an adapter; every check below
+/// fails on a missing file instead of skipping the case.
 fn cases() -> Vec<PathBuf> {
     let mut cases: Vec<PathBuf> = std::fs::read_dir(fixture_root())
         .expect("fixture folder")
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.join("adapter/adapter_config.json").is_file())
+        .filter(|p| p.join("case.json").is_file())
         .collect();
     cases.sort();
+    assert!(
+        cases.len() >= PEFT_CASES,
+        "expected the {PEFT_CASES} peft cases, found {cases:?}"
+    );
     cases
 }
 
@@ -231,11 +261,13 @@ fn adapter_keys_classify_and_ranks_follow_the_config() {
 #[test]
 fn in_memory_keys_map_to_disk_keys_and_back() {
     let spec = Spec::embedded();
+    let mut checked = 0;
     for case in cases() {
+        // The generator saves the full state dict of every case (peft_cases.py,
+        // save_full_state_dict), mergeable or not: a missing file is a broken fixture.
         let order_path = case.join("full_state_dict_order.json");
-        let Ok(order) = std::fs::read_to_string(&order_path) else {
-            continue;
-        };
+        let order = std::fs::read_to_string(&order_path)
+            .unwrap_or_else(|e| panic!("{}: {e}", order_path.display()));
         let memory_keys: Vec<String> = serde_json::from_str(&order).expect("list of keys");
         let memory_set: HashSet<&str> = memory_keys.iter().map(String::as_str).collect();
         let adapters = adapters_of(&case);
@@ -285,7 +317,12 @@ fn in_memory_keys_map_to_disk_keys_and_back() {
             }
         }
         assert!(mapped > 0, "{}: no adapter keys in memory", case.display());
+        checked += 1;
     }
+    assert!(
+        checked >= PEFT_CASES,
+        "only {checked} cases had their in-memory keys checked"
+    );
 }
 
 #[test]

@@ -256,6 +256,21 @@ def _checkpoint_cases(out: Path) -> list[tuple[str, dict]]:
         d, _llama(tied=False),
         "Untied Llama from config, max_shard_size='20KB': 2 shards, registration order.",
         max_shard_size="20KB"))
+    # The shard limit's boundary: "larger than the limit" and "would exceed the limit" are
+    # strict, so a tensor of exactly the limit, or tensors summing exactly to it, stay in the
+    # normal path / the current shard. max_shard_size is an int (bytes), as transformers allows.
+    add("llama_untied_4096B", lambda d: _save_case(
+        d, _llama(tied=False),
+        "Untied Llama from config, max_shard_size=4096 (int, bytes): model.embed_tokens.weight and "
+        "lm_head.weight (64x16 f32 = 4096 bytes) are exactly the limit, not larger, so they take "
+        "the normal path: lm_head.weight closes the open shard [..., model.norm.weight] and starts "
+        "its own; mlp.gate_proj + mlp.up_proj (2048 + 2048 bytes) fill a shard exactly and stay "
+        "together.", max_shard_size=4096))
+    add("llama_untied_6144B", lambda d: _save_case(
+        d, _llama(tied=False),
+        "Untied Llama from config, max_shard_size=6144 (int, bytes): model.embed_tokens.weight + "
+        "layer-0 q_proj + k_proj + v_proj (4096 + 1024 + 512 + 512 bytes) fill shard 1 exactly, "
+        "which stays open until o_proj; no tensor equals the limit.", max_shard_size=6144))
     add("llama_variant_fp16", lambda d: _save_case(
         d, _llama(tied=True, dtype=torch.float16),
         "Tied Llama from config converted to float16 (config dtype 'float16'), variant='fp16', "

@@ -10,14 +10,27 @@ randomised, non-zero adapter weights, saves the adapter with `save_pretrained`, 
   `lora_bias`, `ia3_l`, `hada_*`, `lokr_*`, `rows`), optional `bias`, and `expected` (the base
   weight after the merge), `expected_bias`, `expected_unmerged` where relevant;
 * `numerics/<case>.json`: how peft was called (kind, method, r, alpha, use_rslora,
-  fan_in_fan_out, base_dtype, use_dora, safe_merge, ...) plus `scaling`, peft's own Python float.
+  fan_in_fan_out, base_dtype, use_dora, safe_merge, ...) plus `scaling`, peft's own Python float
+  (the one the merge used: with `adapter_weight`, already multiplied by it);
+* `adapter_weight` (weighted cases only): the merge ran inside
+  `peft.helpers.rescale_adapter_scale(model, w)`, which multiplies the layer's f64 `scaling` by
+  `w` (as `LoraLayer.scale_layer(w)` does) -- what `peftkit merge --adapter DIR:w` computes;
+* `numerics/<case>.adapter/` (cases with `pipeline: true`): `adapter_config.json` and
+  `adapter_model.safetensors` exactly as peft's `save_pretrained` wrote them, so that the Rust
+  test can also run the whole `peftkit_peft::pipeline::merge` on a base holding `layer.weight`
+  (and `layer.bias`) and compare its output, the untouched bias included.
 
 The Rust test `crates/peftkit-peft/tests/numerics_fixtures.rs` repeats each merge with the
-kernels of `peftkit_peft::merge` and compares bit for bit.
+kernels of `peftkit_peft::merge` (and, for `pipeline` cases, with the merge pipeline) and
+compares bit for bit.
+
+Host independence: matrix products of rank > 192 (and some conv shapes) are split by MKL in a
+CPU-dependent way; new cases keep r <= 192.
 
 Determinism: fixed seeds per case, one thread, CPU only, PYTHONHASHSEED=0 (set by run.sh).
 """
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -37,6 +50,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
 import peft  # noqa: E402
+from peft.helpers import rescale_adapter_scale  # noqa: E402
 from peft import (  # noqa: E402
     IA3Config,
     LoHaConfig,
@@ -72,6 +86,11 @@ class Experts(nn.Module):
 
     def forward(self, x):
         return x
+
+
+# peft writes auto_mapping.parent_library = Holder.__module__ into the adapter_config.json kept
+# for pipeline cases; pin it so the bytes do not depend on how the generator is started.
+Holder.__module__ = "fixturegen.numerics_cases"
 
 
 def _layer(kind, dims):
@@ -122,7 +141,12 @@ def _randomise(pm, seed):
             p.copy_(val.to(p.dtype))
 
 
-def _saved_adapter(pm):
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _saved_adapter(pm, keep=None):
+    """The adapter tensors as peft's `save_pretrained` writes them; with `keep`, its config and
+    weights files are also copied there."""
     d = tempfile.mkdtemp()
     try:
         with warnings.catch_warnings():
@@ -130,6 +154,10 @@ def _saved_adapter(pm):
             # ZeRO-3 shard; the tensor is complete.
             warnings.simplefilter("ignore")
             pm.save_pretrained(d)
+        if keep is not None:
+            keep.mkdir()
+            for f in ADAPTER_FILES:
+                shutil.copyfile(os.path.join(d, f), keep / f)
         return load_file(os.path.join(d, "adapter_model.safetensors"))
     finally:
         shutil.rmtree(d)
@@ -175,7 +203,11 @@ def _case(out_dir, name, spec):
         pm = get_peft_model(model, config, autocast_adapter_dtype=spec.get("autocast", True))
     _randomise(pm, seed)
     pm.eval()
-    sd = _saved_adapter(pm)
+    pipeline = spec.get("pipeline", False)
+    sd = _saved_adapter(pm, keep=out_dir / f"{name}.adapter" if pipeline else None)
+    weight = spec.get("weight")
+    if weight is not None and (method != "lora" or spec.get("unmerge")):
+        raise ValueError(f"{name}: a merge weight is for plain LoRA merges")
 
     base = pm.base_model.model.layer
     inner = base.get_base_layer() if hasattr(base, "get_base_layer") else base
@@ -192,6 +224,8 @@ def _case(out_dir, name, spec):
         "peft_version": peft.__version__,
         "torch_version": torch.__version__.split("+")[0],
     }
+    if pipeline:
+        meta["pipeline"] = True
     if method == "lora":
         a_key = ".lora_embedding_A" if kind == "embedding" else ".lora_A.weight"
         b_key = ".lora_embedding_B" if kind == "embedding" else ".lora_B.weight"
@@ -245,8 +279,16 @@ def _case(out_dir, name, spec):
         tensors["expected_unmerged"] = getattr(inner, param_name).detach().clone()
         meta["unmerge"] = True
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.ExitStack() as stack:
         warnings.simplefilter("ignore")
+        if weight is not None:
+            # The adapter merged with weight w: peft's own scaling (alpha/r, a Python float)
+            # times w, in f64, as rescale_adapter_scale / scale_layer compute it.
+            stack.enter_context(rescale_adapter_scale(pm, weight))
+            meta["adapter_weight"] = weight
+            meta["unweighted_scaling"] = meta["scaling"]
+            meta["scaling"] = base.scaling["default"]
+            assert meta["scaling"] == meta["unweighted_scaling"] * weight
         merged = pm.merge_and_unload(safe_merge=meta["safe_merge"])
     merged_layer = merged.layer
     tensors["expected"] = getattr(merged_layer, param_name).detach().clone()
@@ -261,8 +303,8 @@ def _case(out_dir, name, spec):
 # name -> spec. `dims`: linear/conv1d_gpt2 (in, out); embedding (vocab, dim);
 # conv (in, out, kernel); experts (E, out, in, transposed).
 CASES = {
-    "linear_f32_r8": dict(kind="linear", dims=(48, 40), base_dtype="F32", config=dict(r=8, lora_alpha=16)),
-    "linear_bf16_r8": dict(kind="linear", dims=(48, 40), base_dtype="BF16", config=dict(r=8, lora_alpha=16)),
+    "linear_f32_r8": dict(pipeline=True, kind="linear", dims=(48, 40), base_dtype="F32", config=dict(r=8, lora_alpha=16)),
+    "linear_bf16_r8": dict(pipeline=True, kind="linear", dims=(48, 40), base_dtype="BF16", config=dict(r=8, lora_alpha=16)),
     "linear_f16_r8": dict(kind="linear", dims=(48, 40), base_dtype="F16", config=dict(r=8, lora_alpha=16)),
     "linear_f32_r16": dict(kind="linear", dims=(64, 48), base_dtype="F32", config=dict(r=16, lora_alpha=24)),
     "linear_bf16_r16": dict(kind="linear", dims=(64, 48), base_dtype="BF16", config=dict(r=16, lora_alpha=24)),
@@ -273,9 +315,19 @@ CASES = {
     "linear_f32_r193": dict(kind="linear", dims=(20, 12), base_dtype="F32", config=dict(r=193, lora_alpha=8)),
     "linear_f32_r512": dict(kind="linear", dims=(24, 8), base_dtype="F32", config=dict(r=512, lora_alpha=32)),
     "linear_bf16_r256": dict(kind="linear", dims=(40, 16), base_dtype="BF16", config=dict(r=256, lora_alpha=16)),
+    # Inexact scalings: 32/6 and 32/sqrt(6) are not f32 values, so peft's f64 division followed
+    # by one rounding must be reproduced; with an adapter weight (0.6, chosen so that weighting
+    # the f32 scaling would round differently: 3.2 vs 3.2000003) the weight multiplies the f64.
+    "linear_f32_r6_alpha32": dict(pipeline=True, kind="linear", dims=(48, 40), base_dtype="F32", config=dict(r=6, lora_alpha=32)),
+    "linear_bf16_r6_alpha32": dict(pipeline=True, kind="linear", dims=(48, 40), base_dtype="BF16", config=dict(r=6, lora_alpha=32)),
+    "linear_f32_r6_alpha32_rslora": dict(pipeline=True, kind="linear", dims=(48, 40), base_dtype="F32", config=dict(r=6, lora_alpha=32, use_rslora=True)),
+    "linear_bf16_r6_alpha32_rslora": dict(pipeline=True, kind="linear", dims=(48, 40), base_dtype="BF16", config=dict(r=6, lora_alpha=32, use_rslora=True)),
+    "linear_f32_r6_alpha32_weighted": dict(pipeline=True, weight=0.6, kind="linear", dims=(48, 40), base_dtype="F32", config=dict(r=6, lora_alpha=32)),
+    "linear_f32_r6_alpha32_rslora_weighted": dict(pipeline=True, weight=0.6, kind="linear", dims=(48, 40), base_dtype="F32", config=dict(r=6, lora_alpha=32, use_rslora=True)),
+    "linear_bf16_r6_alpha32_weighted": dict(pipeline=True, weight=0.6, kind="linear", dims=(48, 40), base_dtype="BF16", config=dict(r=6, lora_alpha=32)),
     "linear_f32_rslora": dict(kind="linear", dims=(48, 40), base_dtype="F32", config=dict(r=16, lora_alpha=8, use_rslora=True)),
     "linear_bf16_rslora": dict(kind="linear", dims=(48, 40), base_dtype="BF16", config=dict(r=12, lora_alpha=5, use_rslora=True)),
-    "linear_f32_lora_bias": dict(kind="linear", dims=(48, 40), base_dtype="F32", config=dict(r=8, lora_alpha=16, lora_bias=True)),
+    "linear_f32_lora_bias": dict(pipeline=True, kind="linear", dims=(48, 40), base_dtype="F32", config=dict(r=8, lora_alpha=16, lora_bias=True)),
     "linear_bf16_lora_bias": dict(kind="linear", dims=(48, 40), base_dtype="BF16", config=dict(r=8, lora_alpha=16, lora_bias=True)),
     "linear_bf16_safe": dict(kind="linear", dims=(48, 40), base_dtype="BF16", safe_merge=True, config=dict(r=8, lora_alpha=16)),
     "linear_f16_safe_lora_bias": dict(kind="linear", dims=(48, 40), base_dtype="F16", safe_merge=True, config=dict(r=8, lora_alpha=16, lora_bias=True)),
@@ -302,11 +354,11 @@ CASES = {
     "dora_conv2d_f32": dict(kind="conv2d", dims=(16, 32, 3), base_dtype="F32", config=dict(r=4, lora_alpha=8, use_dora=True)),
     "ia3_linear_f32": dict(kind="linear", method="ia3", feedforward=False, dims=(48, 40), base_dtype="F32"),
     "ia3_linear_bf16": dict(kind="linear", method="ia3", feedforward=False, dims=(48, 40), base_dtype="BF16"),
-    "ia3_linear_ff_f32": dict(kind="linear", method="ia3", feedforward=True, dims=(48, 40), base_dtype="F32"),
-    "loha_linear_f32": dict(kind="linear", method="loha", dims=(48, 40), base_dtype="F32", config=dict(r=4, alpha=8)),
-    "loha_linear_bf16": dict(kind="linear", method="loha", dims=(48, 40), base_dtype="BF16", config=dict(r=4, alpha=8)),
-    "lokr_linear_f32": dict(kind="linear", method="lokr", dims=(128, 32), base_dtype="F32", config=dict(r=4, alpha=8)),
-    "lokr_linear_full_f32": dict(kind="linear", method="lokr", dims=(48, 40), base_dtype="F32", config=dict(r=4, alpha=8)),
+    "ia3_linear_ff_f32": dict(pipeline=True, kind="linear", method="ia3", feedforward=True, dims=(48, 40), base_dtype="F32"),
+    "loha_linear_f32": dict(pipeline=True, kind="linear", method="loha", dims=(48, 40), base_dtype="F32", config=dict(r=4, alpha=8)),
+    "loha_linear_bf16": dict(pipeline=True, kind="linear", method="loha", dims=(48, 40), base_dtype="BF16", config=dict(r=4, alpha=8)),
+    "lokr_linear_f32": dict(pipeline=True, kind="linear", method="lokr", dims=(128, 32), base_dtype="F32", config=dict(r=4, alpha=8)),
+    "lokr_linear_full_f32": dict(pipeline=True, kind="linear", method="lokr", dims=(48, 40), base_dtype="F32", config=dict(r=4, alpha=8)),
     "trainable_tokens_bf16": dict(kind="embedding", method="trainable_tokens", dims=(100, 32), base_dtype="BF16", config=dict(token_indices=[3, 7, 11, 99])),
 }
 

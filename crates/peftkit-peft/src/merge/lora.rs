@@ -28,11 +28,17 @@ use super::fused;
 use super::gemm::product_rows;
 use super::order::active_k_blocks;
 
-/// peft's `scaling` as the f32 that torch multiplies with.
+/// peft's `scaling` as the f32 that torch multiplies with, times a merge weight.
 ///
-/// peft computes `alpha / r` (or `alpha / sqrt(r)` with rsLoRA) as a Python float (f64); torch
-/// then converts that scalar to the tensor's f32 op-math type. Dividing in f32 would differ.
-pub fn lora_scaling(alpha: f64, r: usize, use_rslora: bool) -> Result<f32> {
+/// peft computes `alpha / r` (or `alpha / sqrt(r)` with rsLoRA; LoHa and LoKr use `alpha / r`)
+/// as a Python float (f64); a merge weight `w` (`peftkit merge --adapter DIR:W`, peft's
+/// `rescale_adapter_scale(model, w)` / `LoraLayer.scale_layer(w)`) multiplies that f64; torch
+/// then converts the scalar to the tensor's f32 op-math type. Dividing or weighting in f32
+/// would differ (e.g. `32/6 · 0.6` is `3.2` this way, `3.2000003` in f32).
+///
+/// This is the one place the merge pipeline computes a scale: every method and layer kind
+/// goes through it, with the adapter's weight (1.0 when none is given).
+pub fn lora_scaling(alpha: f64, r: usize, use_rslora: bool, weight: f64) -> Result<f32> {
     if r == 0 {
         return Err(MergeMathError::Invalid {
             what: "r",
@@ -45,7 +51,7 @@ pub fn lora_scaling(alpha: f64, r: usize, use_rslora: bool) -> Result<f32> {
     } else {
         alpha / r
     };
-    Ok(s as f32)
+    Ok((s * weight) as f32)
 }
 
 /// How a kernel combines the delta with the base weight.
@@ -667,17 +673,23 @@ mod tests {
 
     #[test]
     fn scaling_is_f64_then_f32() {
-        assert_eq!(lora_scaling(16.0, 8, false).unwrap(), 2.0);
+        assert_eq!(lora_scaling(16.0, 8, false, 1.0).unwrap(), 2.0);
         assert_eq!(
-            lora_scaling(16.0, 3, false).unwrap(),
+            lora_scaling(16.0, 3, false, 1.0).unwrap(),
             (16.0f64 / 3.0) as f32
         );
-        assert_eq!(lora_scaling(8.0, 16, true).unwrap(), 2.0);
+        assert_eq!(lora_scaling(8.0, 16, true, 1.0).unwrap(), 2.0);
         assert_eq!(
-            lora_scaling(7.0, 5, true).unwrap(),
+            lora_scaling(7.0, 5, true, 1.0).unwrap(),
             (7.0 / 5f64.sqrt()) as f32
         );
-        assert!(lora_scaling(1.0, 0, false).is_err());
+        assert!(lora_scaling(1.0, 0, false, 1.0).is_err());
+        // The weight multiplies the f64 scaling before the one rounding; weighting the f32
+        // scaling would round twice (tests/fixtures/numerics/*_w0.6 pin the value peft uses).
+        assert_ne!(
+            lora_scaling(32.0, 6, false, 0.6).unwrap(),
+            lora_scaling(32.0, 6, false, 1.0).unwrap() * 0.6f32
+        );
     }
 
     #[test]
