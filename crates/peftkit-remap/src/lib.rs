@@ -16,6 +16,8 @@
 //!   every converted tensor is a lazy [`peftkit_checkpoint::Tensor`] reading only the source
 //!   bytes it needs.
 //! * [`save_pretrained_original`] is `save_pretrained(save_original_format=True)`.
+//! * [`Mapping::round_trip`]: what `save_pretrained` writes for a model `from_pretrained`
+//!   loaded from a checkpoint of either layout (names, order, storage families).
 //! * [`remap`]: a whole checkpoint folder converted to the other layout.
 //! * [`Mapping::expert_pieces`]: where one expert's slice of a fused v5 parameter lives on disk.
 //!
@@ -29,7 +31,7 @@ pub mod save;
 pub mod table;
 mod view;
 
-pub use engine::{Direction, Forward, FusedPiece, Mapping, Revert, UsedRules};
+pub use engine::{Direction, Forward, FusedPiece, Mapping, Revert, RoundTrip, UsedRules};
 pub use error::{RemapError, Result};
 pub use save::{
     remap, remap_with_progress, save_pretrained_original, save_pretrained_original_with_progress,
