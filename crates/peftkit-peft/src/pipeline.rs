@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use indexmap::IndexMap;
-use peftkit_checkpoint::reshard::companion_files;
+use peftkit_checkpoint::companion::companion_files;
 use peftkit_checkpoint::{
     plan_save, save_planned, Checkpoint, CheckpointError, Dtype, ModelConfig, SaveOptions,
     SavePlan, StateDict, Tensor,
