@@ -44,8 +44,9 @@ enum Command {
         #[arg(long)]
         variant: Option<String>,
     },
-    /// Re-save a dense checkpoint with another shard size or variant, as
-    /// `from_pretrained(DIR).save_pretrained(OUT, ...)` would.
+    /// Re-save a checkpoint with another shard size or variant, as
+    /// `from_pretrained(DIR).save_pretrained(OUT, ...)` would (shards planned on the
+    /// transformers-v5 model, for model types with conversion tables).
     Reshard {
         /// The checkpoint folder to read.
         dir: PathBuf,
@@ -64,6 +65,12 @@ enum Command {
         /// Do not sync the output to disk before swapping it in (see `merge --no-fsync`).
         #[arg(long)]
         no_fsync: bool,
+        /// Model type whose conversion table applies (default: config.json's model_type).
+        #[arg(long)]
+        model_type: Option<String>,
+        /// Extra conversion table files (JSON, see adapters-spec/conversions/README.md).
+        #[arg(long = "table")]
+        tables: Vec<PathBuf>,
     },
     /// Convert a checkpoint between the original on-disk layout and the transformers-v5
     /// layout (fused MoE experts, VLM prefixes, ...).
@@ -234,31 +241,44 @@ fn run(cli: Cli) -> Result<ExitCode> {
             variant,
             input_variant,
             no_fsync,
+            model_type,
+            tables,
         } => {
-            let options = SaveOptions {
-                max_shard_size: ckpt::parse_size(&max_shard_size)?,
-                variant,
-                durable: !no_fsync,
-                ..Default::default()
+            let options = peftkit::remap::ReshardOptions {
+                save: SaveOptions {
+                    max_shard_size: ckpt::parse_size(&max_shard_size)?,
+                    variant,
+                    durable: !no_fsync,
+                    ..Default::default()
+                },
+                src_variant: input_variant.clone(),
+                model_type,
+                tables,
             };
             let total = Checkpoint::open_kind(&dir, WeightsKind::Model, input_variant.as_deref())?
                 .total_bytes();
             let bar = progress(total);
             let report =
-                ckpt::reshard::reshard(&dir, input_variant.as_deref(), &out, &options, &mut |n| {
-                    bar.inc(n)
-                })?;
+                peftkit::remap::reshard_with_progress(&dir, &out, &options, &mut |n| bar.inc(n))?;
             bar.finish_and_clear();
+            let save = &report.save;
             println!(
-                "{}: {} tensors, {} bytes in {} file(s){}",
+                "{}: {} tensors, {} bytes in {} file(s){}{}",
                 out.display(),
-                report.tensors,
-                report.total_size,
-                report.weight_files.len(),
-                report
-                    .index_file
+                save.tensors,
+                save.total_size,
+                save.weight_files.len(),
+                save.index_file
+                    .as_ref()
                     .map(|i| format!(" + {i}"))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                match report.rules_used.len() {
+                    0 => String::new(),
+                    n => format!(
+                        ", planned on the transformers-v5 model ({n} rule(s) of table {})",
+                        report.table.as_deref().unwrap_or("legacy")
+                    ),
+                }
             );
         }
         Command::Remap {

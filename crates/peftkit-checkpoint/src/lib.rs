@@ -11,6 +11,7 @@
 
 pub mod atomic;
 pub mod checkpoint;
+pub mod companion;
 pub mod config;
 pub mod error;
 pub mod index;
@@ -18,7 +19,6 @@ pub mod inspect;
 pub mod names;
 pub mod natural;
 pub mod pyjson;
-pub mod reshard;
 pub mod safetensors_file;
 pub mod save;
 pub mod shard;

@@ -56,8 +56,8 @@
 
 use std::path::{Path, PathBuf};
 
+use peftkit_checkpoint::companion::companion_files;
 use peftkit_checkpoint::natural::natural_cmp;
-use peftkit_checkpoint::reshard::companion_files;
 use peftkit_checkpoint::{
     Checkpoint, CheckpointError, ModelConfig, SaveOptions, SaveReport, StateDict, WeightsKind,
 };

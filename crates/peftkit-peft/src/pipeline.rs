@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use indexmap::IndexMap;
-use peftkit_checkpoint::reshard::companion_files;
+use peftkit_checkpoint::companion::companion_files;
 use peftkit_checkpoint::{
     plan_save, save_planned, Checkpoint, CheckpointError, Dtype, ModelConfig, SaveOptions,
     SavePlan, StateDict, Tensor,
@@ -155,6 +155,10 @@ pub enum MergeError {
         /// What is unsupported.
         what: String,
     },
+    /// The base's conversion table does not fit its tensors (a resharded merge plans on the
+    /// transformers-v5 layout).
+    #[error(transparent)]
+    Remap(#[from] peftkit_remap::RemapError),
     /// Adapter and base shapes disagree.
     #[error("{adapter}: `{key}` has shape {adapter_shape:?}, which does not fit base tensor `{base_key}` {base_shape:?}")]
     Shape {
@@ -1279,6 +1283,15 @@ pub fn merge(job: &MergeJob, on_bytes: &mut dyn FnMut(u64)) -> Result<MergeSumma
         .collect::<Result<Vec<_>, _>>()?;
     let order = reduction_order()?;
     let plan = plan(&base, config.as_ref(), &adapters)?;
+    // A reshard plans on the layout transformers holds the model in (see below).
+    let resave_mapping = match job.max_shard_size {
+        Some(_) => Some(peftkit_remap::checkpoint_mapping(
+            &peftkit_remap::Registry::builtin()?,
+            config.as_ref(),
+            None,
+        )?),
+        None => None,
+    };
     if job.unmerge && !plan.added.is_empty() {
         return Err(MergeError::Unsupported {
             adapter: job
@@ -1369,9 +1382,11 @@ pub fn merge(job: &MergeJob, on_bytes: &mut dyn FnMut(u64)) -> Result<MergeSumma
     if summary.untied_embeddings {
         options.config = config;
     }
-    let save_plan = match job.max_shard_size {
-        Some(size) => {
-            state.sort_by(|a, _, b, _| peftkit_checkpoint::natural::natural_cmp(a, b));
+    let save_plan = match (job.max_shard_size, &resave_mapping) {
+        (Some(size), Some(mapping)) => {
+            // transformers saves the merged model as it holds it: in the v5 layout it was
+            // loaded into, reverted on save. The shards are planned on that, as in `reshard`.
+            state = mapping.round_trip(&state)?.state;
             plan_save(
                 &state,
                 &SaveOptions {
@@ -1380,7 +1395,7 @@ pub fn merge(job: &MergeJob, on_bytes: &mut dyn FnMut(u64)) -> Result<MergeSumma
                 },
             )?
         }
-        None => with_added(SavePlan::from_checkpoint(&base), &plan.added, &state),
+        _ => with_added(SavePlan::from_checkpoint(&base), &plan.added, &state),
     };
     let mut written = 0u64;
     let report = save_planned(&job.out, &state, &save_plan, &options, &mut |n| {

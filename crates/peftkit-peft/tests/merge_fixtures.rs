@@ -176,6 +176,33 @@ fn resharded_merge_keeps_every_tensor() {
     }
 }
 
+/// A resharded merge of an original-layout MoE base is planned as transformers plans the save
+/// of the merged model: on the fused v5 experts it holds, written back per expert. The
+/// reference is `from_pretrained(merged).save_pretrained(out, max_shard_size=…)` of peft's
+/// merge (tests/fixtures/reshard/mixtral_merged), every file byte for byte.
+#[test]
+fn resharded_moe_merge_is_planned_on_the_fused_model() {
+    let dir = case_dir("mixtral_experts").join("../../reshard/mixtral_merged");
+    let case: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("case.json")).unwrap()).unwrap();
+    let mut checked = 0;
+    for (folder, expected) in case["expected"].as_object().unwrap() {
+        let size = match &expected["max_shard_size"] {
+            serde_json::Value::String(s) => peftkit_checkpoint::parse_size(s).unwrap(),
+            v => v.as_u64().unwrap(),
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged");
+        let mut j = job("mixtral_experts", &out);
+        j.max_shard_size = Some(size);
+        j.durable = false;
+        merge(&j, &mut |_| {}).unwrap();
+        assert_same_merge(folder, &dir.join(folder), &out);
+        checked += 1;
+    }
+    assert_eq!(checked, 3);
+}
+
 #[test]
 fn prompt_tuning_is_refused_and_nothing_written() {
     let tmp = tempfile::tempdir().unwrap();

@@ -14,7 +14,7 @@ use crate::error::{RemapError, Result};
 use crate::ops::{apply, Entries, Meta, OpContext, Val};
 use crate::pattern::{rewrite, Hit, Side};
 use crate::table::{Op, ReversePolicy, Rule};
-use crate::view::{Base, Data, View};
+use crate::view::{Base, Data};
 
 /// Which way names and tensors go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +105,16 @@ pub enum Revert {
     AllTableRules,
 }
 
+/// The result of [`Mapping::round_trip`].
+#[derive(Debug, Clone)]
+pub struct RoundTrip {
+    /// The state dict `save_pretrained` writes, in the order it hands to the shard planner,
+    /// with storage families.
+    pub state: StateDict,
+    /// The rules the load used (transformers' `model._weight_conversions`), all reverted.
+    pub used: UsedRules,
+}
+
 /// The result of [`Mapping::forward`].
 #[derive(Debug, Clone)]
 pub struct Forward {
@@ -184,10 +194,31 @@ enum Group {
     },
 }
 
-fn sort_natural(state: &StateDict) -> Vec<(&String, &Tensor)> {
-    let mut items: Vec<(&String, &Tensor)> = state.iter().collect();
-    items.sort_by(|a, b| natural_cmp(a.0, b.0));
-    items
+/// The inputs of a walk, by name: values over the tensors of a state dict, or the outputs of an
+/// earlier walk (the load half of a round trip), so that views compose and no byte is gathered
+/// in between.
+struct Values<'a> {
+    vals: IndexMap<String, Val>,
+    /// The state dict the values come from, for messages naming a tensor's file.
+    origin: &'a StateDict,
+}
+
+impl<'a> Values<'a> {
+    /// Every tensor of `state` as a value owning a storage of its own, as a parameter does.
+    fn of(state: &'a StateDict, ids: &mut u64) -> Self {
+        let vals = state
+            .iter()
+            .map(|(k, t)| (k.clone(), Val::of_tensor(t, ids)))
+            .collect();
+        Values {
+            vals,
+            origin: state,
+        }
+    }
+
+    fn tensor(&self, name: &str) -> Option<&Tensor> {
+        self.origin.get(name)
+    }
 }
 
 impl Mapping {
@@ -286,6 +317,11 @@ impl Mapping {
         self.rules.get(i).map(CompiledRule::label)
     }
 
+    /// Readable labels of `used`'s rules.
+    pub fn rule_labels(&self, used: &UsedRules) -> Vec<String> {
+        used.0.iter().filter_map(|&i| self.rule_label(i)).collect()
+    }
+
     /// Gives the mapping `config.json`, for `split`/`concat` sizes written as config fields.
     pub fn with_config(mut self, config: Map<String, Value>) -> Self {
         self.config = Some(config);
@@ -345,13 +381,13 @@ impl Mapping {
         })
     }
 
-    /// Groups the names of `state` (walked in natural order) as transformers does: by the
+    /// Groups the names of `values` (walked in natural order) as transformers does: by the
     /// name of their first target, in first-seen order.
     fn group(
         &self,
         dir: Direction,
         selected: &[usize],
-        state: &StateDict,
+        values: &Values<'_>,
         used: &mut BTreeSet<usize>,
     ) -> Result<IndexMap<String, Group>> {
         let renames: Vec<usize> = selected
@@ -365,7 +401,9 @@ impl Mapping {
             .filter(|&i| self.is_convert(i))
             .collect();
         let mut groups: IndexMap<String, Group> = IndexMap::new();
-        for (name, _) in sort_natural(state) {
+        let mut names: Vec<&String> = values.vals.keys().collect();
+        names.sort_by(|a, b| natural_cmp(a, b));
+        for name in names {
             // Loading renames first, then at most one converter; saving the other way round.
             let (group_name, found) = match dir {
                 Direction::Forward => {
@@ -432,7 +470,7 @@ impl Mapping {
         rule: usize,
         group_name: &str,
         inputs: &[(usize, Vec<String>)],
-        state: &StateDict,
+        values: &Values<'_>,
         ids: &mut u64,
     ) -> Result<Vec<(String, Val)>> {
         let r = &self.rules[rule];
@@ -447,21 +485,13 @@ impl Mapping {
         let fail = |reason: String| {
             RemapError::tensor(
                 &first_name,
-                state.get(&first_name),
+                values.tensor(&first_name),
                 format!("{}: {reason}", r.label()),
             )
         };
         let mut entries: Entries = Vec::new();
         for (pattern, names) in inputs {
-            let mut vals = Vec::new();
-            for n in names {
-                let t = &state[n];
-                vals.push(Val {
-                    data: Data::View(View::whole(Base::Tensor(t.clone()), t.shape())),
-                    dtype: t.dtype(),
-                    meta: Meta::fresh(t.shape(), ids),
-                });
-            }
+            let vals = names.iter().map(|n| values.vals[n].clone()).collect();
             entries.push((reads[*pattern].clone(), vals));
         }
         let mut ctx = OpContext {
@@ -506,15 +536,25 @@ impl Mapping {
     /// converter; converters stack/concatenate lazily (each output reads only its own group).
     /// The output is in natural order of the v5 names; no output shares storage with another.
     pub fn forward(&self, state: &StateDict) -> Result<Forward> {
+        let mut ids = 0u64;
+        let values = Values::of(state, &mut ids);
+        let (out, used) = self.forward_values(&values, &mut ids)?;
+        Ok(Forward {
+            state: out.into_state()?,
+            used,
+        })
+    }
+
+    /// [`Mapping::forward`] on values: the outputs in natural order of their names.
+    fn forward_values(&self, values: &Values<'_>, ids: &mut u64) -> Result<(Output, UsedRules)> {
         let all: Vec<usize> = (0..self.rules.len()).collect();
         let mut used = BTreeSet::new();
-        let groups = self.group(Direction::Forward, &all, state, &mut used)?;
-        let mut ids = 0u64;
+        let groups = self.group(Direction::Forward, &all, values, &mut used)?;
         let mut out = Output::default();
         for (group_name, group) in groups {
             match group {
                 Group::Rename { source } => {
-                    out.insert(group_name, state[&source].clone(), &source)?
+                    out.insert(group_name, values.vals[&source].clone(), None, &source)?
                 }
                 Group::Convert { rule, inputs } => {
                     let outputs = self.convert_group(
@@ -522,23 +562,19 @@ impl Mapping {
                         rule,
                         &group_name,
                         &inputs,
-                        state,
-                        &mut ids,
+                        values,
+                        ids,
                     )?;
-                    self.check_complete(rule, &inputs, &outputs, state)?;
+                    self.check_complete(rule, &inputs, &outputs, values)?;
                     let first = inputs[0].1[0].clone();
                     for (name, val) in outputs {
-                        let t = lazy_tensor(&name, val)?;
-                        out.insert(name, t, &first)?;
+                        out.insert(name, val, None, &first)?;
                     }
                 }
             }
         }
-        out.state.sort_by(|a, _, b, _| natural_cmp(a, b));
-        Ok(Forward {
-            state: out.state,
-            used: UsedRules(used),
-        })
+        out.vals.sort_by(|a, _, b, _| natural_cmp(a, b));
+        Ok((out, UsedRules(used)))
     }
 
     /// Refuses a many-to-one group whose inputs are not exactly what the reverse would write
@@ -548,7 +584,7 @@ impl Mapping {
         rule: usize,
         inputs: &[(usize, Vec<String>)],
         outputs: &[(String, Val)],
-        state: &StateDict,
+        values: &Values<'_>,
     ) -> Result<()> {
         let [(name, val)] = outputs else {
             return Ok(());
@@ -569,7 +605,7 @@ impl Mapping {
                 rule,
                 &group_name,
                 &[(pattern, vec![name.clone()])],
-                &probe_state,
+                &Values::of(&probe_state, &mut ids),
                 &mut ids,
             )?
             .into_iter()
@@ -590,7 +626,7 @@ impl Mapping {
             let first = inputs[0].1[0].clone();
             return Err(RemapError::tensor(
                 &first,
-                state.get(&first),
+                values.tensor(&first),
                 format!(
                     "{}: the tensors do not form a complete module list (missing {missing:?}, unexpected {extra:?}); stacking what is there would shift every expert after a gap",
                     self.rules[rule].label()
@@ -624,23 +660,103 @@ impl Mapping {
         if selected.is_empty() && !matches!(revert, Revert::AsLoaded(_)) {
             return Ok((state.clone(), UsedRules::default()));
         }
+        let mut ids = 0u64;
+        let values = Values::of(state, &mut ids);
+        let (out, used) = self.reverse_values(&values, &selected, &mut ids)?;
+        Ok((out.into_state()?, used))
+    }
+
+    /// What `save_pretrained` writes for a model that `from_pretrained` loaded from `state` (a
+    /// checkpoint in either layout): [`Mapping::forward`], then [`Mapping::reverse`] of exactly
+    /// the rules the load used ([`Revert::AsLoaded`]), as transformers reverts
+    /// `model._weight_conversions`. The tensors, their order and their storage families are
+    /// those transformers hands to its shard planner: an original-layout checkpoint comes back
+    /// in its own names but ordered and grouped as the fused v5 model it was loaded into; a v5
+    /// checkpoint (nothing used at load) comes back unchanged, in natural order.
+    ///
+    /// The two halves run on lazy values, so views compose: each output reads only its own
+    /// source bytes, and an output that is a source tensor unchanged (every one, for tables of
+    /// exact inverses) is that tensor's handle, copied as is when written.
+    ///
+    /// ```
+    /// use peftkit_checkpoint::{Dtype, StateDict, Tensor};
+    /// use peftkit_remap::Registry;
+    ///
+    /// let mapping = Registry::builtin().unwrap().mapping("mixtral").unwrap();
+    /// let t = || Tensor::from_bytes(Dtype::F32, vec![1, 2], vec![0; 8]).unwrap();
+    /// let mut on_disk = StateDict::new();
+    /// for e in 0..2 {
+    ///     for w in ["w1", "w2", "w3"] {
+    ///         on_disk.insert(format!("model.layers.0.block_sparse_moe.experts.{e}.{w}.weight"), t());
+    ///     }
+    /// }
+    /// on_disk.insert("model.layers.0.block_sparse_moe.gate.weight".into(), t());
+    /// let saved = mapping.round_trip(&on_disk).unwrap();
+    /// let names: Vec<&str> = saved
+    ///     .state
+    ///     .keys()
+    ///     .map(|k| k.strip_prefix("model.layers.0.block_sparse_moe.").unwrap())
+    ///     .collect();
+    /// // Planned as the fused model: down_proj (w2) first, then gate_up_proj (w1s, then w3s).
+    /// assert_eq!(names, [
+    ///     "experts.0.w2.weight", "experts.1.w2.weight",
+    ///     "experts.0.w1.weight", "experts.1.w1.weight",
+    ///     "experts.0.w3.weight", "experts.1.w3.weight",
+    ///     "gate.weight",
+    /// ]);
+    /// // The two w2s are views of one fused storage: one planning unit.
+    /// let w2 = |e: usize| saved.state[&format!("model.layers.0.block_sparse_moe.experts.{e}.w2.weight")].family();
+    /// assert!(w2(0).is_some() && w2(0) == w2(1));
+    /// assert_eq!(saved.used.0.len(), 3);
+    /// ```
+    pub fn round_trip(&self, state: &StateDict) -> Result<RoundTrip> {
+        let mut ids = 0u64;
+        let values = Values::of(state, &mut ids);
+        let (loaded, used) = self.forward_values(&values, &mut ids)?;
+        // Each loaded parameter owns its storage.
+        let vals = loaded
+            .vals
+            .into_iter()
+            .map(|(k, (v, _))| {
+                let meta = Meta::fresh(&v.shape(), &mut ids);
+                (k, Val { meta, ..v })
+            })
+            .collect();
+        let model = Values {
+            vals,
+            origin: state,
+        };
+        let selected = self.selected(&Revert::AsLoaded(used.clone()));
+        let (out, _) = self.reverse_values(&model, &selected, &mut ids)?;
+        Ok(RoundTrip {
+            state: out.into_state()?,
+            used,
+        })
+    }
+
+    /// [`Mapping::reverse`] on values, undoing the rules `selected`.
+    fn reverse_values(
+        &self,
+        values: &Values<'_>,
+        selected: &[usize],
+        ids: &mut u64,
+    ) -> Result<(Output, UsedRules)> {
         // Sub-model transforms were collected after the root's, and must be undone first.
-        let reversed: Vec<usize> = selected.into_iter().rev().collect();
+        let reversed: Vec<usize> = selected.iter().copied().rev().collect();
         let renames: Vec<usize> = reversed
             .iter()
             .copied()
             .filter(|&i| !self.is_convert(i))
             .collect();
         let mut used = BTreeSet::new();
-        let groups = self.group(Direction::Reverse, &reversed, state, &mut used)?;
-        let mut ids = 0u64;
+        let groups = self.group(Direction::Reverse, &reversed, values, &mut used)?;
         let mut families: HashMap<u64, u64> = HashMap::new();
         let mut next_family = 0u64;
         let mut out = Output::default();
         for (group_name, group) in groups {
             match group {
                 Group::Rename { source } => {
-                    out.insert(group_name, state[&source].clone(), &source)?
+                    out.insert(group_name, values.vals[&source].clone(), None, &source)?
                 }
                 Group::Convert { rule, inputs } => {
                     let outputs = self.convert_group(
@@ -648,8 +764,8 @@ impl Mapping {
                         rule,
                         &group_name,
                         &inputs,
-                        state,
-                        &mut ids,
+                        values,
+                        ids,
                     )?;
                     let mut per_storage: HashMap<u64, usize> = HashMap::new();
                     for (_, v) in &outputs {
@@ -659,20 +775,18 @@ impl Mapping {
                     for (name, val) in outputs {
                         let storage = val.meta.storage;
                         let name = self.apply_renames(Direction::Reverse, &renames, &name, None);
-                        let mut t = lazy_tensor(&name, val)?;
-                        if per_storage[&storage] > 1 {
-                            let family = *families.entry(storage).or_insert_with(|| {
+                        let family = (per_storage[&storage] > 1).then(|| {
+                            *families.entry(storage).or_insert_with(|| {
                                 next_family += 1;
                                 next_family
-                            });
-                            t = t.in_family(family);
-                        }
-                        out.insert(name, t, &first)?;
+                            })
+                        });
+                        out.insert(name, val, family, &first)?;
                     }
                 }
             }
         }
-        Ok((out.state, UsedRules(used)))
+        Ok((out, UsedRules(used)))
     }
 
     /// The name rules only, forward: the first rule that would rename `name` when loading, if
@@ -727,12 +841,13 @@ impl Mapping {
         let mut single = StateDict::new();
         single.insert(v5_name.to_owned(), probe);
         let mut ids = 0u64;
+        let values = Values::of(&single, &mut ids);
         let outputs = self.convert_group(
             Direction::Reverse,
             rule,
             &group_name,
             &[(pattern, vec![v5_name.to_owned()])],
-            &single,
+            &values,
             &mut ids,
         )?;
         let mut pieces = Vec::new();
@@ -806,15 +921,16 @@ impl Mapping {
     }
 }
 
-/// The output state dict, remembering which input each name came from (for collisions).
+/// The outputs of a walk: each value with its storage family, remembering which input each
+/// name came from (for collisions).
 #[derive(Default)]
 struct Output {
-    state: StateDict,
+    vals: IndexMap<String, (Val, Option<u64>)>,
     sources: HashMap<String, String>,
 }
 
 impl Output {
-    fn insert(&mut self, name: String, t: Tensor, source: &str) -> Result<()> {
+    fn insert(&mut self, name: String, val: Val, family: Option<u64>, source: &str) -> Result<()> {
         if let Some(first) = self.sources.get(&name) {
             return Err(RemapError::Collision {
                 first: first.clone(),
@@ -823,17 +939,37 @@ impl Output {
             });
         }
         self.sources.insert(name.clone(), source.to_owned());
-        self.state.insert(name, t);
+        self.vals.insert(name, (val, family));
         Ok(())
+    }
+
+    /// The outputs as tensors, in order.
+    fn into_state(self) -> Result<StateDict> {
+        let mut state = StateDict::with_capacity(self.vals.len());
+        for (name, (val, family)) in self.vals {
+            let mut t = to_tensor(&name, val)?;
+            if let Some(f) = family {
+                t = t.in_family(f);
+            }
+            state.insert(name, t);
+        }
+        Ok(state)
     }
 }
 
-/// A lazy tensor gathering `val`'s bytes when written; errors name the tensor.
-fn lazy_tensor(name: &str, val: Val) -> Result<Tensor> {
+/// A value as a tensor: the source tensor's own handle when the value is all of it unchanged
+/// (a renamed tensor, or one taken apart and put back together), else a lazy tensor gathering
+/// the value's bytes when written; errors name the tensor.
+fn to_tensor(name: &str, val: Val) -> Result<Tensor> {
+    let data = val.data.resolve();
+    if let Some(t) = data.whole_tensor() {
+        if t.dtype() == val.dtype {
+            return Ok(t.clone());
+        }
+    }
     let shape = val.shape();
     let dtype = val.dtype;
     crate::view::elt_size(dtype).map_err(|e| RemapError::tensor(name, None, e.to_string()))?;
-    let data = val.data;
     let owned = name.to_owned();
     Ok(Tensor::lazy(dtype, shape, move || {
         data.materialize(dtype).map_err(|e| match e {

@@ -12,11 +12,11 @@
 //! storage can be placed together, exactly as `save_pretrained` places them.
 
 use peftkit_checkpoint::tensor::dtype_name;
-use peftkit_checkpoint::Dtype;
+use peftkit_checkpoint::{Dtype, Tensor};
 use serde_json::{Map, Value};
 
 use crate::table::{Op, SizeExpr};
-use crate::view::{Concat, Data};
+use crate::view::{Base, Concat, Data, View};
 
 /// torch's view of a value: its storage and layout in it.
 #[derive(Debug, Clone)]
@@ -98,6 +98,15 @@ pub(crate) struct Val {
 }
 
 impl Val {
+    /// All of `t`, owning a new storage.
+    pub(crate) fn of_tensor(t: &Tensor, ids: &mut u64) -> Self {
+        Val {
+            data: Data::View(View::whole(Base::Tensor(t.clone()), t.shape())),
+            dtype: t.dtype(),
+            meta: Meta::fresh(t.shape(), ids),
+        }
+    }
+
     pub(crate) fn shape(&self) -> Vec<usize> {
         self.data.shape()
     }

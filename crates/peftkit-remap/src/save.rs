@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use peftkit_checkpoint::companion::companion_files;
 use peftkit_checkpoint::config::CONFIG_NAME;
-use peftkit_checkpoint::reshard::companion_files;
 use peftkit_checkpoint::{
     save_pretrained_with_progress, Checkpoint, ModelConfig, SaveOptions, SaveReport, StateDict,
     WeightsKind,
@@ -155,52 +155,28 @@ pub fn remap_with_progress(
     options: &RemapOptions,
     on_bytes: &mut dyn FnMut(u64),
 ) -> Result<RemapReport> {
-    let mut registry = Registry::builtin()?;
-    for t in &options.tables {
-        registry.add_table_file(t)?;
-    }
-    let dir = if src.is_file() {
-        src.parent().map(Path::to_owned).unwrap_or_default()
-    } else {
-        src.to_owned()
+    let source = Source::open(
+        src,
+        options.src_variant.as_deref(),
+        model_type,
+        &options.tables,
+    )?;
+    let Some(model_type) = source.model_type.clone() else {
+        return Err(RemapError::NoModelType { path: source.dir });
     };
-    let config_path = dir.join(CONFIG_NAME);
-    let config = if config_path.is_file() {
-        Some(ModelConfig::read(&config_path)?)
-    } else {
-        None
-    };
-    let model_type = match model_type {
-        Some(t) => t.to_owned(),
-        None => config
-            .as_ref()
-            .and_then(ModelConfig::model_type)
-            .map(str::to_owned)
-            .ok_or_else(|| RemapError::NoModelType { path: dir.clone() })?,
-    };
-    let mut mapping = registry.mapping(&model_type)?;
-    if let Some(c) = &config {
-        mapping = mapping.with_config(c.fields.clone());
-    }
-    let ckpt = Checkpoint::open_kind(src, WeightsKind::Model, options.src_variant.as_deref())?;
-    let state = ckpt.state_dict();
+    let mapping = &source.mapping;
+    let state = source.ckpt.state_dict();
 
     let (converted, rules) = match to {
         Layout::TransformersV5 => {
             let fwd = mapping.forward(&state)?;
-            let rules = fwd
-                .used
-                .0
-                .iter()
-                .filter_map(|&i| mapping.rule_label(i))
-                .collect();
-            (fwd.state, rules)
+            (fwd.state, mapping.rule_labels(&fwd.used))
         }
         Layout::Original => {
-            for (name, _) in ckpt.tensors() {
+            for (name, _) in source.ckpt.tensors() {
                 if let Some(rule) = mapping.forward_match(name) {
                     return Err(RemapError::AlreadyOriginal {
-                        path: dir.clone(),
+                        path: source.dir.clone(),
                         tensor: name.to_owned(),
                         table: mapping.table().unwrap_or("legacy").to_owned(),
                         rule,
@@ -208,24 +184,11 @@ pub fn remap_with_progress(
                 }
             }
             let (reverted, used) = mapping.reverse_used(&state, &options.revert)?;
-            let rules = used
-                .0
-                .iter()
-                .filter_map(|&i| mapping.rule_label(i))
-                .collect();
-            (reverted, rules)
+            (reverted, mapping.rule_labels(&used))
         }
     };
     let tensors_converted = converted.keys().filter(|k| !state.contains_key(*k)).count();
-    let mut save = options.save.clone();
-    if src.is_dir() {
-        let mut files = companion_files(src)?;
-        files.append(&mut save.extra_files);
-        save.extra_files = files;
-    }
-    if let Some(meta) = ckpt.metadata() {
-        save.metadata = meta.clone();
-    }
+    let save = source.save_options(src, &options.save)?;
     let report = save_pretrained_with_progress(out, &converted, &save, on_bytes)?;
     Ok(RemapReport {
         save: report,
@@ -234,4 +197,161 @@ pub fn remap_with_progress(
         rules_applied: rules,
         tensors_converted,
     })
+}
+
+/// Options of [`reshard`].
+#[derive(Debug, Clone, Default)]
+pub struct ReshardOptions {
+    /// Shard size, variant and header metadata of the output (the source's header metadata is
+    /// kept when the source has some). `extra_files` are added to the source's companion files.
+    pub save: SaveOptions,
+    /// Variant of the source weights (`model.fp16.safetensors`).
+    pub src_variant: Option<String>,
+    /// The model type whose conversion table applies (default: `config.json`'s `model_type`;
+    /// with neither, only the `legacy` renames).
+    pub model_type: Option<String>,
+    /// Conversion table files added to the embedded ones.
+    pub tables: Vec<PathBuf>,
+}
+
+/// What [`reshard`] did.
+#[derive(Debug, Clone)]
+pub struct ReshardReport {
+    /// The save.
+    pub save: SaveReport,
+    /// The model type used, if one was known.
+    pub model_type: Option<String>,
+    /// The table serving it, if any.
+    pub table: Option<String>,
+    /// Labels of the rules loading would apply to the source (and saving reverts): empty for a
+    /// checkpoint already in the v5 layout.
+    pub rules_used: Vec<String>,
+}
+
+/// Re-saves the model checkpoint in `src` into `out` exactly as
+/// `from_pretrained(src).save_pretrained(out, max_shard_size=…, variant=…)` does with
+/// transformers 5.24, copying every other file of `src` (config, tokenizer, …) unchanged.
+///
+/// transformers holds the model in the v5 layout and plans shards on that: the tensors are
+/// taken through [`Mapping::round_trip`] (load, then save with the rules the load used) and
+/// planned by [`peftkit_checkpoint::plan_save`]. An original-layout MoE checkpoint comes back
+/// in its own names and bytes, but in the fused model's order, each layer's per-expert views of
+/// one fused tensor kept together; a v5 checkpoint comes back in natural order of its names.
+/// Tensors are streamed from the source files.
+///
+/// ```no_run
+/// use std::path::Path;
+/// use peftkit_checkpoint::{parse_size, SaveOptions};
+/// use peftkit_remap::{reshard, ReshardOptions};
+/// let options = ReshardOptions {
+///     save: SaveOptions { max_shard_size: parse_size("5GB").unwrap(), ..Default::default() },
+///     ..Default::default()
+/// };
+/// let report = reshard(Path::new("mixtral"), Path::new("mixtral-5GB"), &options).unwrap();
+/// println!("{} files, table {:?}", report.save.weight_files.len(), report.table);
+/// ```
+pub fn reshard(src: &Path, out: &Path, options: &ReshardOptions) -> Result<ReshardReport> {
+    reshard_with_progress(src, out, options, &mut |_| {})
+}
+
+/// [`reshard`] that reports data bytes written as it goes.
+pub fn reshard_with_progress(
+    src: &Path,
+    out: &Path,
+    options: &ReshardOptions,
+    on_bytes: &mut dyn FnMut(u64),
+) -> Result<ReshardReport> {
+    let source = Source::open(
+        src,
+        options.src_variant.as_deref(),
+        options.model_type.as_deref(),
+        &options.tables,
+    )?;
+    let saved = source.mapping.round_trip(&source.ckpt.state_dict())?;
+    let save = source.save_options(src, &options.save)?;
+    let report = save_pretrained_with_progress(out, &saved.state, &save, on_bytes)?;
+    Ok(ReshardReport {
+        save: report,
+        table: source.mapping.table().map(str::to_owned),
+        rules_used: source.mapping.rule_labels(&saved.used),
+        model_type: source.model_type,
+    })
+}
+
+/// The rules transformers applies to a checkpoint: those of `model_type`, or else of
+/// `config`'s `model_type`, with `config`'s fields for sizes; only the `legacy` renames when
+/// neither names a model type.
+pub fn checkpoint_mapping(
+    registry: &Registry,
+    config: Option<&ModelConfig>,
+    model_type: Option<&str>,
+) -> Result<Mapping> {
+    let model_type = model_type.or_else(|| config.and_then(ModelConfig::model_type));
+    let mut mapping = match model_type {
+        Some(t) => registry.mapping(t)?,
+        None => registry.mapping_without_table()?,
+    };
+    if let Some(c) = config {
+        mapping = mapping.with_config(c.fields.clone());
+    }
+    Ok(mapping)
+}
+
+/// A checkpoint opened for a re-save: its tensors, and the rules of its model type.
+struct Source {
+    dir: PathBuf,
+    ckpt: Checkpoint,
+    model_type: Option<String>,
+    mapping: Mapping,
+}
+
+impl Source {
+    fn open(
+        src: &Path,
+        src_variant: Option<&str>,
+        model_type: Option<&str>,
+        tables: &[PathBuf],
+    ) -> Result<Self> {
+        let mut registry = Registry::builtin()?;
+        for t in tables {
+            registry.add_table_file(t)?;
+        }
+        let dir = if src.is_file() {
+            src.parent().map(Path::to_owned).unwrap_or_default()
+        } else {
+            src.to_owned()
+        };
+        let config_path = dir.join(CONFIG_NAME);
+        let config = if config_path.is_file() {
+            Some(ModelConfig::read(&config_path)?)
+        } else {
+            None
+        };
+        let mapping = checkpoint_mapping(&registry, config.as_ref(), model_type)?;
+        let model_type = model_type
+            .or_else(|| config.as_ref().and_then(ModelConfig::model_type))
+            .map(str::to_owned);
+        let ckpt = Checkpoint::open_kind(src, WeightsKind::Model, src_variant)?;
+        Ok(Source {
+            dir,
+            ckpt,
+            model_type,
+            mapping,
+        })
+    }
+
+    /// `options` with the source's companion files (before `options.extra_files`) and header
+    /// metadata.
+    fn save_options(&self, src: &Path, options: &SaveOptions) -> Result<SaveOptions> {
+        let mut save = options.clone();
+        if src.is_dir() {
+            let mut files = companion_files(src)?;
+            files.append(&mut save.extra_files);
+            save.extra_files = files;
+        }
+        if let Some(meta) = self.ckpt.metadata() {
+            save.metadata = meta.clone();
+        }
+        Ok(save)
+    }
 }

@@ -429,13 +429,17 @@ impl Registry {
     pub fn mapping(&self, model_type: &str) -> Result<Mapping> {
         match self.table_for(model_type) {
             Some(name) => self.mapping_for_table(name),
-            None => {
-                let mut rules = Vec::new();
-                for always in &self.aliases.always {
-                    self.expand(always, 0, &mut rules)?;
-                }
-                Mapping::compile(None, rules, 0)
-            }
+            None => self.mapping_without_table(),
         }
+    }
+
+    /// The rules of a model type without a table, or of a checkpoint whose model type is not
+    /// known: the `always` tables (`legacy`) only.
+    pub fn mapping_without_table(&self) -> Result<Mapping> {
+        let mut rules = Vec::new();
+        for always in &self.aliases.always {
+            self.expand(always, 0, &mut rules)?;
+        }
+        Mapping::compile(None, rules, 0)
     }
 }

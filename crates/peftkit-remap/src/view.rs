@@ -107,6 +107,73 @@ impl View {
         v
     }
 
+    /// The same elements, looked at through as few concatenations as possible: a view that
+    /// falls inside one part of a concatenation is a view of that part (and, through it, of
+    /// the part's own base). A round trip's outputs so become views of the source tensors
+    /// again, reading only their own bytes instead of the whole concatenation.
+    pub(crate) fn resolve(&self) -> View {
+        let mut v = self.clone();
+        loop {
+            let Base::Concat(c) = &v.base else {
+                return v;
+            };
+            let r = v.region[c.dim].clone();
+            let mut at = 0usize;
+            let mut inside = None;
+            for part in &c.parts {
+                let len = part.shape()[c.dim];
+                if r.start >= at && r.end <= at + len {
+                    inside = Some((part, at));
+                    break;
+                }
+                at += len;
+            }
+            let Some((part, at)) = inside else {
+                return v;
+            };
+            let mut region = v.region.clone();
+            region[c.dim] = r.start - at..r.end - at;
+            v = part.view().compose(&region, &v.axes);
+        }
+    }
+
+    /// A view of this view: `region` (one range per dim of this view) seen with `axes`
+    /// (indices of this view's dims), expressed on this view's base.
+    fn compose(&self, region: &[Range<usize>], axes: &[Option<usize>]) -> View {
+        let mut base_region = self.region.clone();
+        for (d, r) in region.iter().enumerate() {
+            // Inserted unit dims of this view have no base dim to narrow.
+            if let Some(b) = self.axes[d] {
+                let s = self.region[b].start;
+                base_region[b] = s + r.start..s + r.end;
+            }
+        }
+        View {
+            base: self.base.clone(),
+            base_shape: self.base_shape.clone(),
+            region: base_region,
+            axes: axes.iter().map(|a| a.and_then(|d| self.axes[d])).collect(),
+        }
+    }
+
+    /// The base tensor, when this view is all of it in its own order and shape.
+    fn whole_tensor(&self) -> Option<&Tensor> {
+        let Base::Tensor(t) = &self.base else {
+            return None;
+        };
+        let identity = self
+            .axes
+            .iter()
+            .copied()
+            .eq((0..self.base_shape.len()).map(Some))
+            && self
+                .region
+                .iter()
+                .zip(&self.base_shape)
+                .all(|(r, &n)| r.start == 0 && r.end == n);
+        identity.then_some(t)
+    }
+
     fn materialize(&self, dtype: Dtype) -> Result<Vec<u8>, CheckpointError> {
         let elt = elt_size(dtype)?;
         let base_strides = contiguous_strides(&self.base_shape);
@@ -341,6 +408,22 @@ impl Data {
         }
     }
 
+    /// The same data with every view resolved through concatenations ([`View::resolve`]).
+    pub(crate) fn resolve(&self) -> Data {
+        match self {
+            Data::View(v) => Data::View(v.resolve()),
+            Data::Concat(c) => Data::Concat(c.clone()),
+        }
+    }
+
+    /// The source tensor this data is all of, unchanged, if it is one.
+    pub(crate) fn whole_tensor(&self) -> Option<&Tensor> {
+        match self {
+            Data::View(v) => v.whole_tensor(),
+            Data::Concat(_) => None,
+        }
+    }
+
     /// The bytes, gathered from the sources.
     pub(crate) fn materialize(&self, dtype: Dtype) -> Result<Vec<u8>, CheckpointError> {
         match self {
@@ -425,6 +508,52 @@ mod tests {
             [0., 300_000., 1., 300_001., 2., 300_002.]
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn views_inside_one_part_of_a_concatenation_resolve_to_that_part() {
+        // Two experts stacked, then [gate; up] concatenated along rows, as a fused gate_up_proj.
+        let stack = |a: &Tensor, b: &Tensor| {
+            let part = |t: &Tensor| {
+                Data::View(View::whole(Base::Tensor(t.clone()), t.shape()).unsqueeze(0))
+            };
+            Data::Concat(Arc::new(Concat {
+                parts: vec![part(a), part(b)],
+                dim: 0,
+                shape: vec![2, 2, 3],
+                dtype: Dtype::F32,
+            }))
+        };
+        let (g0, g1, u0, u1) = (
+            tensor(&[2, 3]),
+            tensor(&[2, 3]),
+            tensor(&[2, 3]),
+            tensor(&[2, 3]),
+        );
+        let fused = Concat {
+            parts: vec![stack(&g0, &g1), stack(&u0, &u1)],
+            dim: 1,
+            shape: vec![2, 4, 3],
+            dtype: Dtype::F32,
+        };
+        let whole = View::whole(Base::Concat(Arc::new(fused)), &[2, 4, 3]);
+        // Rows 2..4 (the up half), expert 1: exactly u1.
+        let up1 = whole.slice(1, 2, 2).slice(0, 1, 1).squeeze(0);
+        let resolved = up1.resolve();
+        assert!(matches!(&resolved.base, Base::Tensor(t) if t.shape() == [2, 3]));
+        assert!(resolved.whole_tensor().is_some());
+        assert_eq!(
+            resolved.materialize(Dtype::F32).unwrap(),
+            up1.materialize(Dtype::F32).unwrap()
+        );
+        // One row of expert 0's gate: a view of g0, not all of it.
+        let row = whole.slice(1, 1, 1).slice(0, 0, 1).squeeze(0);
+        let r = row.resolve();
+        assert!(matches!(r.base, Base::Tensor(_)) && r.whole_tensor().is_none());
+        assert_eq!(f32s(&r.materialize(Dtype::F32).unwrap()), [3., 4., 5.]);
+        // Rows 1..3 straddle gate and up: still a view of the concatenation.
+        let straddle = whole.slice(1, 1, 2).resolve();
+        assert!(matches!(straddle.base, Base::Concat(_)));
     }
 
     #[test]
