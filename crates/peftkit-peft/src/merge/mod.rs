@@ -10,6 +10,8 @@
 //!   `safe_merge`.
 //! * [`dora`]: DoRA for Linear / `Conv1D`, Embedding, Conv, with torch's norm reduction order.
 //! * [`methods`]: IA³, LoHa, LoKr, trainable-token rows, and a generic delta add.
+//! * [`exact`]: the other [`Numerics`] mode, correctly rounded and identical on every machine
+//!   (selected with [`MergeOptions::numerics`]).
 //!
 //! Base tensors are passed as raw bytes ([`BaseTensorMut`]) and updated in place; adapter
 //! factors are `f32` slices ([`F32Tensor`]), i.e. already widened the way peft's default
@@ -22,6 +24,7 @@ mod avx512;
 pub mod dora;
 pub mod dtype;
 mod error;
+pub mod exact;
 mod fused;
 pub mod gemm;
 pub mod lora;
@@ -29,4 +32,5 @@ pub mod methods;
 
 pub use apply::{BaseTensorMut, F32Tensor};
 pub use error::{MergeMathError, Result};
+pub use exact::{Numerics, ParseNumericsError};
 pub use lora::{lora_scaling, ExpertLayout, MergeOptions};
