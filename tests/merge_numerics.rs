@@ -21,7 +21,8 @@ fn case_dir(case: &str) -> PathBuf {
 fn merge(args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_peftkit"));
     cmd.arg("merge").args(args).arg("--json").arg("--no-fsync");
-    cmd.env_remove("PEFTKIT_EXACT_KERNEL").envs(env.iter().copied());
+    cmd.env_remove("PEFTKIT_EXACT_KERNEL")
+        .envs(env.iter().copied());
     let out = cmd.output().expect("run peftkit");
     assert!(
         out.status.success(),
@@ -81,7 +82,10 @@ fn differing_elements(a: &Path, b: &Path) -> (usize, usize) {
 /// The kernel choices that must agree, as environments.
 const KERNELS: [&[(&str, &str)]; 3] = [
     &[],
-    &[("PEFTKIT_EXACT_KERNEL", "portable"), ("RAYON_NUM_THREADS", "1")],
+    &[
+        ("PEFTKIT_EXACT_KERNEL", "portable"),
+        ("RAYON_NUM_THREADS", "1"),
+    ],
     &[("PEFTKIT_EXACT_KERNEL", "exact-only")],
 ];
 
@@ -114,7 +118,10 @@ fn check_case(case: &str) -> (usize, usize) {
 fn exact_numerics_are_the_same_bytes_with_every_kernel() {
     // Measured: the values are fixed by the inputs alone, so these counts are exact; a change
     // means one of the two numerics changed.
-    assert_eq!(check_case("lora_basic"), (EXACT_VS_PEFT_F32, ELEMENTS_BASIC));
+    assert_eq!(
+        check_case("lora_basic"),
+        (EXACT_VS_PEFT_F32, ELEMENTS_BASIC)
+    );
     assert_eq!(check_case("lora_bf16"), (EXACT_VS_PEFT_BF16, ELEMENTS_BF16));
 }
 

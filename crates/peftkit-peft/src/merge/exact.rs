@@ -43,14 +43,15 @@
 //! |v − V| ≤ E = u · ( |s|·A·(k+1) + |m| + |v| )
 //! ```
 //!
-//! The kernel computes `2E` with `2u = 2⁻⁵²`, which covers the `(1 + O(u))` factors above and
-//! the roundings of computing the bound itself; no underflow occurs (every nonzero product is
-//! at least 2⁻²⁹⁸ in magnitude, `s · S` at least 2⁻⁴⁴⁷). The endpoints `v ∓ 2E` are computed
-//! and then moved one `f64` step outwards, so the interval surely contains `V`. Rounding to
-//! nearest-even is monotone: if both endpoints round to the same bits, every point in between
-//! — `V` included — rounds to them, and that is the correctly rounded result. Ties, exact zero
-//! results and interval straddling a rounding boundary give different endpoints (the
-//! interval is never a single point), so they fall back.
+//! The kernel uses `4E` (unit `4u = 2⁻⁵¹`): twice `E`, which covers the `(1 + O(u))` factors
+//! above, the roundings of computing the bound, and the rounding of the endpoints
+//! `fl(v ∓ 4E)` themselves (each off by at most `u·(|v| + 4E)`), so the computed interval
+//! surely contains `V`. No underflow occurs (every nonzero product is at least 2⁻²⁹⁸ in
+//! magnitude, `s · S` at least 2⁻⁴⁴⁷). Rounding to nearest-even is monotone: if both
+//! endpoints round to the same bits, every point in between — `V` included — rounds to them,
+//! and that is the correctly rounded result. Ties, exact zero results and intervals
+//! straddling a rounding boundary give different endpoints (the interval always has a
+//! positive width), so they fall back.
 //!
 //! # Fallback
 //!
@@ -200,16 +201,12 @@ impl Target {
 #[inline(always)]
 fn to_f32_odd(x: f64) -> f32 {
     let r = x as f32;
-    if f64::from(r) == x {
-        return r;
-    }
-    let mut bits = r.to_bits();
     // `r` is the nearest f32; when it lies beyond x, the one below it in magnitude is the
-    // truncation (this also turns an overflow to ±Inf into ±MAX).
-    if f64::from(r).abs() > x.abs() {
-        bits -= 1;
-    }
-    f32::from_bits(bits | 1)
+    // truncation (this also turns an overflow to ±Inf into ±MAX). Branch-free, so that the
+    // certification loop stays cheap.
+    let inexact = f64::from(r) != x;
+    let beyond = f64::from(r).abs() > x.abs();
+    f32::from_bits((r.to_bits() - u32::from(beyond)) | u32::from(inexact))
 }
 
 /// The low-rank product an exact merge adds: row `g` of the base (viewed as `batch·rows × n`)
@@ -350,6 +347,9 @@ unsafe fn block_avx2(p: &Product<'_>, t: Target, first_row: usize, w: &mut [f32]
     block(p, t, first_row, w, true)
 }
 
+/// `4u = 2⁻⁵¹`, the unit of the fast path's error bound.
+const BOUND_UNIT: f64 = 2.0 * f64::EPSILON;
+
 /// Columns summed together: two `f64` arrays of this length stay in L1 while the rank loop
 /// streams over a panel of the right factor.
 const CHUNK: usize = 64;
@@ -391,21 +391,43 @@ fn block(p: &Product<'_>, t: Target, first_row: usize, w: &mut [f32], certify: b
 }
 
 /// `sum[i] ≈ Σ_k l_k · r[k, j0+i]` and `abs[i] ≈ Σ_k |l_k · r[k, j0+i]|` in `f64` (each
-/// product exact, each addition rounded).
+/// product exact, each addition rounded), a register tile of columns at a time.
 #[inline(always)]
 fn sums(lrow: &[f32], right: &[f32], n: usize, j0: usize, sum: &mut [f64], abs: &mut [f64]) {
-    sum.fill(0.0);
-    abs.fill(0.0);
-    let len = sum.len();
+    let full = sum.len() / TILE * TILE;
+    for t0 in (0..full).step_by(TILE) {
+        let (s, a) = sums_tile::<TILE>(lrow, right, n, j0 + t0);
+        sum[t0..t0 + TILE].copy_from_slice(&s);
+        abs[t0..t0 + TILE].copy_from_slice(&a);
+    }
+    for t in full..sum.len() {
+        let ([s], [a]) = sums_tile::<1>(lrow, right, n, j0 + t);
+        (sum[t], abs[t]) = (s, a);
+    }
+}
+
+/// Columns whose sums stay in registers through the rank loop (8 `ymm` accumulators).
+const TILE: usize = 16;
+
+/// The sums of columns `j..j + W`, accumulated in registers over the whole rank.
+#[inline(always)]
+fn sums_tile<const W: usize>(
+    lrow: &[f32],
+    right: &[f32],
+    n: usize,
+    j: usize,
+) -> ([f64; W], [f64; W]) {
+    let (mut s, mut a) = ([0f64; W], [0f64; W]);
     for (kk, &l) in lrow.iter().enumerate() {
         let (l, la) = (f64::from(l), f64::from(l.abs()));
-        let r = &right[kk * n + j0..kk * n + j0 + len];
-        for ((s, a), &x) in sum.iter_mut().zip(abs.iter_mut()).zip(r) {
-            let x = f64::from(x);
-            *s += l * x;
-            *a += la * x.abs();
+        let r = &right[kk * n + j..kk * n + j + W];
+        for t in 0..W {
+            let x = f64::from(r[t]);
+            s[t] += l * x;
+            a[t] += la * x.abs();
         }
     }
+    (s, a)
 }
 
 /// The result of one element from its `f64` sums: `Some((value, certified))`, or `None` when
@@ -436,10 +458,11 @@ fn element(
     }
     let m = s * sum;
     let v = f64::from(w) + m;
-    // 2u·(|s|·A·(k+1) + |m| + |v|): see the module docs.
-    let bound = (s.abs() * abs * (k as f64 + 1.0) + m.abs() + v.abs()) * f64::EPSILON;
-    let lo = t.round((v - bound).next_down());
-    let hi = t.round((v + bound).next_up());
+    // 4u·(|s|·A·(k+1) + |m| + |v|): twice the error bound, which also covers the roundings of
+    // computing it and of the endpoints (see the module docs).
+    let bound = (s.abs() * abs * (k as f64 + 1.0) + m.abs() + v.abs()) * BOUND_UNIT;
+    let lo = t.round(v - bound);
+    let hi = t.round(v + bound);
     (lo.to_bits() == hi.to_bits()).then_some((lo, true))
 }
 

@@ -204,9 +204,9 @@ fn generate(rng: &mut Rng, family: usize) -> Case {
                 .map(|i| if i < n { -w[i] } else { 0.0 })
                 .collect();
             if rng.below(2) == 0 {
-                for j in 0..n {
-                    c.right[j] = w[j] + 1.0;
-                    c.right[n + j] = -2.0 * (w[j] + 1.0);
+                for (j, &x) in w.iter().enumerate() {
+                    c.right[j] = x + 1.0;
+                    c.right[n + j] = -2.0 * (x + 1.0);
                 }
             }
             c.w = w
@@ -351,7 +351,8 @@ fn round_big(t: Target, v: BigInt) -> f32 {
 fn special_values_follow_ieee_and_are_canonical() {
     let inf = f32::INFINITY;
     // (w, scale, left, right, expected)
-    let cases: [(f32, f32, [f32; 2], [f32; 2], f32); 7] = [
+    type Special = (f32, f32, [f32; 2], [f32; 2], f32);
+    let cases: [Special; 7] = [
         (inf, 1.0, [1.0, 1.0], [1.0, 1.0], inf),
         (1.0, 1.0, [inf, 1.0], [1.0, 1.0], inf),
         (1.0, 1.0, [inf, -inf], [1.0, 1.0], f32::NAN),
