@@ -175,6 +175,10 @@ enum Command {
         /// for readers, but a power loss may lose the new files). transformers never syncs.
         #[arg(long)]
         no_fsync: bool,
+        /// `peft`: peft's arithmetic bit for bit. `exact`: every element correctly rounded
+        /// from the exact result, the same bytes on every machine (LoRA and IA3 only).
+        #[arg(long, default_value = "peft", value_name = "peft|exact")]
+        numerics: peft::merge::Numerics,
         /// Print a JSON summary.
         #[arg(long)]
         json: bool,
@@ -431,15 +435,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             safe_merge,
             unmerge,
             no_fsync,
+            numerics,
             json,
         } => {
+            let adapters = adapters
+                .iter()
+                .map(|a| peft::pipeline::AdapterInput::parse(a))
+                .collect();
             let job = peft::pipeline::MergeJob {
-                base,
-                adapters: adapters
-                    .iter()
-                    .map(|a| peft::pipeline::AdapterInput::parse(a))
-                    .collect(),
-                out,
                 max_shard_size: max_shard_size
                     .as_deref()
                     .map(ckpt::parse_size)
@@ -447,6 +450,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 safe_merge,
                 unmerge,
                 durable: !no_fsync,
+                numerics,
+                ..peft::pipeline::MergeJob::new(base, adapters, out)
             };
             let total = Checkpoint::open(&job.base)?.total_bytes();
             let bar = progress(total);
@@ -456,9 +461,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
             } else {
                 println!(
-                    "{}: {} tensors merged, {} replaced, {} copied{} in {:.2} s",
+                    "{}: {} tensors merged ({} numerics), {} replaced, {} copied{} in {:.2} s",
                     job.out.display(),
                     summary.tensors_merged,
+                    summary.numerics.mode,
                     summary.tensors_replaced,
                     summary.tensors_copied,
                     if summary.untied_embeddings {

@@ -133,6 +133,7 @@ fn merge_ty() -> Ty {
         (
             "numerics",
             Obj(vec![
+                ("mode", Str),
                 ("reduction_order", Str),
                 ("host_measured", Bool),
                 ("unverified_tensors", list(Str)),

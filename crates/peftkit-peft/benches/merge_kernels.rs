@@ -1,8 +1,10 @@
 //! Benchmark of the LoRA merge arithmetic alone (no file IO): `merge_linear` on Llama-sized
-//! projections, for each base dtype, through the fused path (plain merge) and the general
-//! row-block path (`round_delta_first`, which must decode, materialise Δ and encode).
+//! projections, for each base dtype, through the fused path (plain merge), the general
+//! row-block path (`round_delta_first`, which must decode, materialise Δ and encode) and exact
+//! numerics (`Numerics::Exact`, see `merge::exact`).
 //!
-//! Run: `cargo bench -p peftkit-peft --bench merge_kernels [-- RANK]`. Prints the median of 7
+//! Run: `cargo bench -p peftkit-peft --bench merge_kernels [-- RANK] [-- OUTxIN]` (one shape,
+//! e.g. `4096x4096`, instead of the default three). Prints the median of 7
 //! runs per case in ms and in GB/s of base bytes; nothing here asserts a time. Results go in
 //! docs/benchmarks.md.
 
@@ -10,7 +12,7 @@ use std::time::Instant;
 
 use peftkit_peft::merge::dtype::encode_f32;
 use peftkit_peft::merge::lora::{merge_linear, MergeOptions};
-use peftkit_peft::merge::{BaseTensorMut, F32Tensor};
+use peftkit_peft::merge::{BaseTensorMut, F32Tensor, Numerics};
 use safetensors::Dtype;
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -30,8 +32,20 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(16);
+    let shapes: Vec<(usize, usize)> = std::env::args()
+        .skip(1)
+        .filter_map(|a| {
+            let (o, i) = a.split_once('x')?;
+            Some((o.parse().ok()?, i.parse().ok()?))
+        })
+        .collect();
+    let shapes = if shapes.is_empty() {
+        vec![(2048usize, 2048usize), (5632, 2048), (2048, 5632)]
+    } else {
+        shapes
+    };
     println!("rank {r}, {} rayon threads", rayon::current_num_threads());
-    for (out, inp) in [(2048usize, 2048usize), (5632, 2048), (2048, 5632)] {
+    for (out, inp) in shapes {
         let a = values(r * inp, 1);
         let b = values(out * r, 2);
         for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {
@@ -43,6 +57,13 @@ fn main() {
                     "general",
                     MergeOptions {
                         round_delta_first: true,
+                        ..MergeOptions::default()
+                    },
+                ),
+                (
+                    "exact",
+                    MergeOptions {
+                        numerics: Numerics::Exact,
                         ..MergeOptions::default()
                     },
                 ),

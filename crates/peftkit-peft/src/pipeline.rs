@@ -28,8 +28,9 @@ use crate::adapter::{Adapter, AdapterError, AdapterModule};
 use crate::config::{AdapterConfig, TrainableTokenIndices};
 use crate::merge::dtype::decode_f32;
 use crate::merge::{
-    dora, host_order, lora, methods, reduction_order, BaseTensorMut, F32Tensor, MergeMathError,
-    MergeOptions as KernelOptions, ReductionOrder, UnknownOrder, UNVERIFIED_BOUND_ULP,
+    dora, exact, host_order, lora, methods, reduction_order, BaseTensorMut, F32Tensor,
+    MergeMathError, MergeOptions as KernelOptions, Numerics, ReductionOrder, UnknownOrder,
+    UNVERIFIED_BOUND_ULP,
 };
 use crate::targeting::PatternResolver;
 
@@ -61,6 +62,21 @@ impl AdapterInput {
 }
 
 /// What to merge and where.
+///
+/// [`MergeJob::new`] fills in the defaults (peft's numerics, base layout kept, synced output);
+/// set the other fields on the result.
+///
+/// ```
+/// use peftkit_peft::merge::Numerics;
+/// use peftkit_peft::pipeline::{AdapterInput, MergeJob};
+///
+/// let job = MergeJob {
+///     numerics: Numerics::Exact,
+///     ..MergeJob::new("base", vec![AdapterInput::parse("adapter:0.5")], "out")
+/// };
+/// assert_eq!(job.adapters[0].weight, 0.5);
+/// assert!(!job.safe_merge && job.durable && job.max_shard_size.is_none());
+/// ```
 #[derive(Debug, Clone)]
 pub struct MergeJob {
     /// The base checkpoint folder (or `.safetensors` file).
@@ -80,6 +96,30 @@ pub struct MergeJob {
     /// Sync the output to disk before it is swapped in (see
     /// [`peftkit_checkpoint::SaveOptions::durable`]).
     pub durable: bool,
+    /// peft's arithmetic, or one correct rounding identical on every machine
+    /// ([`crate::merge::exact`]; DoRA, LoHa, LoKr and IA3 unmerges are refused there).
+    pub numerics: Numerics,
+}
+
+impl MergeJob {
+    /// A merge of `adapters` (in order) into `base`, written to `out`, with the defaults: the
+    /// base layout kept, no safe merge, no unmerge, synced output, [`Numerics::Peft`].
+    pub fn new(
+        base: impl Into<PathBuf>,
+        adapters: Vec<AdapterInput>,
+        out: impl Into<PathBuf>,
+    ) -> Self {
+        MergeJob {
+            base: base.into(),
+            adapters,
+            out: out.into(),
+            max_shard_size: None,
+            safe_merge: false,
+            unmerge: false,
+            durable: true,
+            numerics: Numerics::default(),
+        }
+    }
 }
 
 /// What a merge did.
@@ -108,7 +148,10 @@ pub struct MergeSummary {
 /// The reduction order a merge used, and which tensors it could not promise bit for bit.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct NumericsReport {
-    /// MKL's order reproduced for `B @ A` (the host's, unless overridden).
+    /// `peft` (peft's arithmetic on this host) or `exact` (correctly rounded, the same bytes on
+    /// every host).
+    pub mode: Numerics,
+    /// MKL's order reproduced for `B @ A` (the host's, unless overridden; unused by `exact`).
     pub reduction_order: ReductionOrder,
     /// Whether this host's CPU family was measured (if not, the nearest family's order is used).
     pub host_measured: bool,
@@ -463,24 +506,24 @@ fn apply(
             transposed,
             scale,
         } => {
-            let delta = expert_piece_delta(
-                name,
-                adapter,
-                a,
-                b,
-                *experts,
-                *expert,
-                rows,
-                cols,
-                *transposed,
-                *scale,
-            )?;
-            // peft rounds the expert delta to the parameter dtype before adding it.
+            let (r, a_e, b_e) =
+                expert_piece_factors(name, adapter, a, b, *experts, *expert, rows, cols)?;
+            let (nr, nc) = (rows.len(), cols.len());
+            // peft rounds the expert delta to the parameter dtype before adding it. A transposed
+            // disk tensor holds Δᵀ, which is the Linear kernel's `fan_in_fan_out` layout.
             let opts = KernelOptions {
                 round_delta_first: true,
                 ..opts
             };
-            methods::add_delta(BaseTensorMut::new(dtype, shape, data), &delta, &opts).map_err(err)
+            lora::merge_linear(
+                BaseTensorMut::new(dtype, shape, data),
+                F32Tensor::new(&[r, nc], &a_e),
+                F32Tensor::new(&[nr, r], &b_e),
+                *scale,
+                *transposed,
+                &opts,
+            )
+            .map_err(err)
         }
         Edit::Lokr { module, scale } => {
             let load = |role: &'static str| -> Result<Loaded, CheckpointError> {
@@ -505,10 +548,11 @@ fn apply(
     }
 }
 
-/// The delta of one expert's block of a fused parameter: `A` is `(r·E, in)` with expert-major
-/// rows, `B` is `(out, r·E)` with rank-major columns (peft's `ParamWrapper` layout).
+/// The LoRA factors of one expert's block of a fused parameter: `(r, A_e (r × cols), B_e
+/// (rows × r))`. `A` is `(r·E, in)` with expert-major rows, `B` is `(out, r·E)` with rank-major columns
+/// (peft's `ParamWrapper` layout).
 #[allow(clippy::too_many_arguments)]
-fn expert_piece_delta(
+fn expert_piece_factors(
     name: &str,
     adapter: &Path,
     a: &Tensor,
@@ -517,25 +561,22 @@ fn expert_piece_delta(
     expert: usize,
     rows: &Range<usize>,
     cols: &Range<usize>,
-    transposed: bool,
-    scale: f32,
-) -> Result<Vec<f32>, CheckpointError> {
+) -> Result<(usize, Vec<f32>, Vec<f32>), CheckpointError> {
     let (va, vb) = (
         f32s("lora_A", a, name, adapter)?,
         f32s("lora_B", b, name, adapter)?,
     );
     let (re, inf) = (a.shape()[0], a.shape()[1]);
     let (out, re_b) = (b.shape()[0], b.shape()[1]);
-    let bad = |reason: String| CheckpointError::TensorData {
-        tensor: name.into(),
-        reason,
-    };
     if re != re_b || experts == 0 || re % experts != 0 || rows.end > out || cols.end > inf {
-        return Err(bad(format!(
-            "expert LoRA shapes {:?} / {:?} do not fit {experts} experts",
-            a.shape(),
-            b.shape()
-        )));
+        return Err(CheckpointError::TensorData {
+            tensor: name.into(),
+            reason: format!(
+                "expert LoRA shapes {:?} / {:?} do not fit {experts} experts",
+                a.shape(),
+                b.shape()
+            ),
+        });
     }
     let r = re / experts;
     let a_e: Vec<f32> = (0..r)
@@ -550,26 +591,7 @@ fn expert_piece_delta(
         .flat_map(|o| (0..r).map(move |k| (o, k)))
         .map(|(o, k)| vb[o * re + k * experts + expert])
         .collect();
-    let (nr, nc) = (rows.len(), cols.len());
-    let delta = lora::linear_delta(
-        &[nr, nc],
-        F32Tensor::new(&[r, nc], &a_e),
-        F32Tensor::new(&[nr, r], &b_e),
-        scale,
-        false,
-        None,
-    )
-    .map_err(|e| math_error(name, adapter, e))?;
-    if !transposed {
-        return Ok(delta);
-    }
-    let mut t = vec![0f32; delta.len()];
-    for i in 0..nr {
-        for j in 0..nc {
-            t[j * nr + i] = delta[i * nc + j];
-        }
-    }
-    Ok(t)
+    Ok((r, a_e, b_e))
 }
 
 /// A decoded adapter tensor and its shape, if the module has it.
@@ -602,14 +624,19 @@ struct MergePlan {
     untie: bool,
 }
 
-fn numerics_report(plan: &MergePlan, order: ReductionOrder) -> NumericsReport {
-    let unverified_tensors = plan
-        .steps
-        .iter()
-        .filter(|(_, steps)| steps.iter().any(|s| s.edit.unverified(order)))
-        .map(|(name, _)| name.clone())
-        .collect();
+fn numerics_report(plan: &MergePlan, order: ReductionOrder, mode: Numerics) -> NumericsReport {
+    // Exact numerics do not depend on the host: nothing is left unverified.
+    let unverified_tensors = match mode {
+        Numerics::Exact => vec![],
+        Numerics::Peft => plan
+            .steps
+            .iter()
+            .filter(|(_, steps)| steps.iter().any(|s| s.edit.unverified(order)))
+            .map(|(name, _)| name.clone())
+            .collect(),
+    };
     NumericsReport {
+        mode,
         reduction_order: order,
         host_measured: host_order().measured,
         unverified_tensors,
@@ -1255,6 +1282,27 @@ fn check_lora_shapes(
     }
 }
 
+/// Refuses, before anything is written, the edits that exact numerics do not define (the
+/// kernels would refuse them too, but only once the save is under way).
+fn check_exact(plan: &MergePlan, unmerge: bool) -> Result<(), MergeError> {
+    for (name, steps) in &plan.steps {
+        for step in steps {
+            let method = match &step.edit {
+                Edit::Lora { dora: true, .. } => "DoRA",
+                Edit::Loha { .. } => "LoHa",
+                Edit::Lokr { .. } => "LoKr",
+                Edit::Ia3 { .. } | Edit::Ia3Bias { .. } if unmerge => "IA3 unmerge",
+                _ => continue,
+            };
+            return Err(MergeError::Unsupported {
+                adapter: step.adapter.to_path_buf(),
+                what: format!("`{name}`: {}", exact::refusal_reason(method)),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Merges `job.adapters` into `job.base` and writes the result to `job.out`, reporting data
 /// bytes written through `on_bytes`.
 ///
@@ -1283,6 +1331,9 @@ pub fn merge(job: &MergeJob, on_bytes: &mut dyn FnMut(u64)) -> Result<MergeSumma
         .collect::<Result<Vec<_>, _>>()?;
     let order = reduction_order()?;
     let plan = plan(&base, config.as_ref(), &adapters)?;
+    if job.numerics == Numerics::Exact {
+        check_exact(&plan, job.unmerge)?;
+    }
     // A reshard plans on the layout transformers holds the model in (see below).
     let resave_mapping = match job.max_shard_size {
         Some(_) => Some(peftkit_remap::checkpoint_mapping(
@@ -1325,7 +1376,7 @@ pub fn merge(job: &MergeJob, on_bytes: &mut dyn FnMut(u64)) -> Result<MergeSumma
         bytes: 0,
         files: vec![],
         untied_embeddings: false,
-        numerics: numerics_report(&plan, order),
+        numerics: numerics_report(&plan, order, job.numerics),
         seconds: 0.0,
     };
     for (name, tensor) in base.tensors() {
@@ -1343,6 +1394,7 @@ pub fn merge(job: &MergeJob, on_bytes: &mut dyn FnMut(u64)) -> Result<MergeSumma
                 let opts = KernelOptions {
                     safe_merge: job.safe_merge,
                     unmerge: job.unmerge,
+                    numerics: job.numerics,
                     ..KernelOptions::default()
                 };
                 let (base_t, steps, key) = (tensor.clone(), steps.clone(), name.to_owned());

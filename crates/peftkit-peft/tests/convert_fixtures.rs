@@ -147,18 +147,14 @@ fn library_call_returns_the_same_tensors() {
 }
 
 fn merge_into_base(case: &str, adapter: &Path, out: &Path) {
-    let job = MergeJob {
-        base: case_dir(case).join("base"),
-        adapters: vec![AdapterInput {
+    let job = MergeJob::new(
+        case_dir(case).join("base"),
+        vec![AdapterInput {
             dir: adapter.to_owned(),
             weight: 1.0,
         }],
-        out: out.to_owned(),
-        max_shard_size: None,
-        safe_merge: false,
-        unmerge: false,
-        durable: true,
-    };
+        out,
+    );
     merge(&job, &mut |_| {})
         .unwrap_or_else(|e| panic!("{case}: merging {}: {e}", adapter.display()));
 }

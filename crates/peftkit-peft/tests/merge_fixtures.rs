@@ -30,15 +30,7 @@ fn job(case: &str, out: &Path) -> MergeJob {
             });
         }
     }
-    MergeJob {
-        base: dir.join("base"),
-        adapters,
-        out: out.to_owned(),
-        max_shard_size: None,
-        safe_merge: false,
-        unmerge: false,
-        durable: true,
-    }
+    MergeJob::new(dir.join("base"), adapters, out)
 }
 
 fn names(dir: &Path) -> BTreeSet<String> {

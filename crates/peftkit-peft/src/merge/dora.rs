@@ -29,6 +29,7 @@ use safetensors::Dtype;
 use super::apply::{update_rows, BaseTensorMut, F32Tensor, Rows};
 use super::dtype::decode_f32;
 use super::error::{check_rank, check_shape, MergeMathError, Result};
+use super::exact::{refusal, Numerics};
 use super::lora::{conv_lowrank, embedding_lowrank, linear_lowrank, LowRank, MergeOptions};
 
 /// torch's f32 `linalg.norm` of one contiguous row (see the module docs for the order).
@@ -212,6 +213,9 @@ fn merge_dora<'a>(
     opts: &MergeOptions,
     layer: impl FnOnce(&[usize]) -> Result<(LowRank<'a>, Vec<usize>, Channels)>,
 ) -> Result<()> {
+    if opts.numerics == Numerics::Exact {
+        return Err(refusal(what, "DoRA"));
+    }
     check_opts(what, &base, opts)?;
     let (lr, expected, channels) = layer(base.shape)?;
     check_magnitude(&magnitude, &expected)?;

@@ -24,6 +24,7 @@ use safetensors::Dtype;
 use super::apply::{update_rows, BaseTensorMut, F32Tensor, Rows};
 use super::dtype::round_slice_to;
 use super::error::{check_rank, check_shape, MergeMathError, Result};
+use super::exact::{self, Numerics};
 use super::fused;
 use super::gemm::product_rows;
 use super::order::active_k_blocks;
@@ -74,6 +75,11 @@ pub struct MergeOptions {
     /// BF16/F16 on CPU: Δ is then computed in f32 and rounded to this dtype before use
     /// (reference §5.2). `None` (or `Some(F32)`) is the default f32 adapter.
     pub adapter_dtype: Option<Dtype>,
+    /// [`Numerics::Exact`] replaces peft's arithmetic by one correct rounding of the exact
+    /// result (see [`super::exact`]). peft's intermediate roundings then do not apply:
+    /// `round_delta_first`, `adapter_dtype` and the embedding/expert double rounding are
+    /// ignored, and `safe_merge` only adds the finiteness check.
+    pub numerics: Numerics,
 }
 
 impl MergeOptions {
@@ -224,6 +230,18 @@ impl<'a> LowRank<'a> {
         Ok(fused::add_in_place(&product, base.dtype, base.data))
     }
 
+    /// The product as the exact kernel takes it; `negate` for an unmerge.
+    fn exact_product(&self, negate: bool) -> exact::Product<'_> {
+        exact::Product {
+            left: &self.left,
+            right: &self.right,
+            rows: self.rows,
+            k: self.r,
+            n: self.n,
+            scale: if negate { -self.scale } else { self.scale },
+        }
+    }
+
     /// The whole delta, `batch·rows × n`.
     pub(crate) fn full(&self) -> Result<Vec<f32>> {
         let total_rows = self.left.len() / self.r.max(1);
@@ -241,6 +259,11 @@ fn apply_lowrank(
     opts: &MergeOptions,
     always_round_first: bool,
 ) -> Result<()> {
+    if opts.numerics == Numerics::Exact {
+        let check = opts.safe_merge && !opts.unmerge;
+        exact::merge_lowrank(what, base, &lr.exact_product(opts.unmerge), check)?;
+        return Ok(());
+    }
     let dtype = base.dtype;
     let round_first =
         always_round_first || opts.safe_merge || opts.round_delta_first || opts.unmerge;
@@ -645,6 +668,12 @@ pub fn merge_lora_bias(
     lora_b_bias.validate("lora_B.bias")?;
     check_rank("base bias", bias.shape, 1, 1, "1")?;
     check_shape("lora_B.bias", lora_b_bias.shape, bias.shape)?;
+    if opts.numerics == Numerics::Exact {
+        // `s · 1 · bias_B`: a rank-1 product whose only left factor is 1.
+        let n = lora_b_bias.data.len();
+        let lr = LowRank::product(&[1.0], lora_b_bias.data, (1, 1, n), scale, None);
+        return apply_lowrank("bias", &mut bias, &lr, opts, false);
+    }
     let mut term: Vec<f32> = lora_b_bias.data.iter().map(|x| x * scale).collect();
     if let Some(dt) = opts.adapter_round()? {
         round_slice_to(dt, &mut term)?;

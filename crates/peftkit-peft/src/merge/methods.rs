@@ -8,6 +8,7 @@
 use super::apply::{update_rows, BaseTensorMut, F32Tensor, Rows};
 use super::dtype::{element_size, encode_f32_into, round_slice_to};
 use super::error::{check_len, check_rank, numel, MergeMathError, Result};
+use super::exact::{refusal, Numerics, Target};
 use super::gemm::lowrank_product;
 use super::lora::MergeOptions;
 
@@ -17,7 +18,12 @@ use super::lora::MergeOptions;
 /// Δ is rounded to the base dtype first when `opts.round_delta_first` is set (peft's embedding,
 /// MHA and expert paths, unmerge); `opts.safe_merge` adds the finiteness check *only* — callers
 /// that need peft's LoRA safe-merge rounding set `round_delta_first` too.
+///
+/// Refused with exact numerics: a precomputed f32 delta has been rounded already.
 pub fn add_delta(mut base: BaseTensorMut<'_>, delta: &[f32], opts: &MergeOptions) -> Result<()> {
+    if opts.numerics == Numerics::Exact {
+        return Err(refusal("base weight", "a precomputed delta"));
+    }
     base.validate("base weight", true)?;
     check_len("delta", base.shape, delta.len())?;
     let dtype = base.dtype;
@@ -138,6 +144,7 @@ pub fn merge_ia3_weight(
     // peft adds the Python float 1e-8 to the f32 vector before dividing on unmerge.
     let divisor: Vec<f32> = l.iter().map(|x| x + 1e-8f32).collect();
     let unmerge = opts.unmerge;
+    let exact = ia3_exact_target(WHAT, base.dtype, opts)?;
     let factor_of = |row: usize, col: usize| -> usize {
         match axis {
             Axis::Rows => row,
@@ -156,7 +163,9 @@ pub fn merge_ia3_weight(
                     for (q, wr) in w.chunks_exact_mut(cols.max(1)).enumerate() {
                         for (c, x) in wr.iter_mut().enumerate() {
                             let i = factor_of(first_row + q, c);
-                            if unmerge {
+                            if let Some(t) = exact {
+                                *x = t.product(*x, l[i]);
+                            } else if unmerge {
                                 *x /= divisor[i];
                             } else {
                                 *x *= l[i];
@@ -201,6 +210,7 @@ pub fn merge_ia3_bias(
     }
     let l = ia3_l.data;
     let unmerge = opts.unmerge;
+    let exact = ia3_exact_target(WHAT, bias.dtype, opts)?;
     update_rows(
         WHAT,
         &mut bias,
@@ -208,17 +218,15 @@ pub fn merge_ia3_bias(
         opts.safe_merge && !unmerge,
         |_, rows, _| {
             match rows {
-                Rows::F32(w) => {
-                    w.iter_mut().zip(l).for_each(
-                        |(x, f)| {
-                            if unmerge {
-                                *x /= f + 1e-8f32
-                            } else {
-                                *x *= *f
-                            }
-                        },
-                    )
-                }
+                Rows::F32(w) => w.iter_mut().zip(l).for_each(|(x, f)| {
+                    if let Some(t) = exact {
+                        *x = t.product(*x, *f)
+                    } else if unmerge {
+                        *x /= f + 1e-8f32
+                    } else {
+                        *x *= *f
+                    }
+                }),
                 Rows::F64(w) => w.iter_mut().zip(l).for_each(|(x, f)| {
                     if unmerge {
                         *x /= f64::from(f + 1e-8f32)
@@ -230,6 +238,20 @@ pub fn merge_ia3_bias(
             Ok(())
         },
     )
+}
+
+/// With exact numerics, the dtype an IA³ product is rounded to (`W' = round(W · l)`, one
+/// correct rounding); the unmerge division is refused there.
+fn ia3_exact_target(
+    what: &'static str,
+    dtype: safetensors::Dtype,
+    opts: &MergeOptions,
+) -> Result<Option<Target>> {
+    match opts.numerics {
+        Numerics::Peft => Ok(None),
+        Numerics::Exact if opts.unmerge => Err(refusal(what, "IA3 unmerge")),
+        Numerics::Exact => Target::of(what, dtype).map(Some),
+    }
 }
 
 /// Checks a 2-D factor and returns its `(rows, cols)`.
@@ -304,6 +326,9 @@ pub fn merge_loha(
     scale: f32,
     opts: &MergeOptions,
 ) -> Result<()> {
+    if opts.numerics == Numerics::Exact {
+        return Err(refusal("LoHa weight", "LoHa"));
+    }
     let delta = loha_delta(base.shape, w1a, w1b, w2a, w2b, scale)?;
     add_delta(base, &delta, &lycoris_opts(opts))
 }
@@ -399,6 +424,9 @@ pub fn merge_lokr(
     scale: f32,
     opts: &MergeOptions,
 ) -> Result<()> {
+    if opts.numerics == Numerics::Exact {
+        return Err(refusal("LoKr weight", "LoKr"));
+    }
     let delta = lokr_delta(base.shape, w1, w2, scale)?;
     add_delta(base, &delta, &lycoris_opts(opts))
 }

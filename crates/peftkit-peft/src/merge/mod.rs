@@ -11,6 +11,8 @@
 //!   `safe_merge`.
 //! * [`dora`]: DoRA for Linear / `Conv1D`, Embedding, Conv, with torch's norm reduction order.
 //! * [`methods`]: IA³, LoHa, LoKr, trainable-token rows, and a generic delta add.
+//! * [`exact`]: the other [`Numerics`] mode, correctly rounded and identical on every machine
+//!   (selected with [`MergeOptions::numerics`]).
 //!
 //! Base tensors are passed as raw bytes ([`BaseTensorMut`]) and updated in place; adapter
 //! factors are `f32` slices ([`F32Tensor`]), i.e. already widened the way peft's default
@@ -23,6 +25,7 @@ mod avx512;
 pub mod dora;
 pub mod dtype;
 mod error;
+pub mod exact;
 mod fused;
 pub mod gemm;
 pub mod lora;
@@ -31,6 +34,7 @@ mod order;
 
 pub use apply::{BaseTensorMut, F32Tensor};
 pub use error::{MergeMathError, Result};
+pub use exact::{Numerics, ParseNumericsError};
 pub use lora::{lora_scaling, ExpertLayout, MergeOptions};
 pub use order::{
     host_order, reduction_order, set_reduction_order, Blocking, Halves, HostOrder, ReductionOrder,

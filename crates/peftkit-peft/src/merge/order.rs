@@ -8,7 +8,15 @@
 //! | order | measured on | `k` in one block | two blocks | longer |
 //! |---|---|---|---|---|
 //! | [`ReductionOrder::MklAmd`] | AMD EPYC Zen 3 (AVX2), Zen 4 (AVX-512) | `k ≤ 192` | `k ≤ 384`: `⌊k/2⌋ + ⌊k/2⌋ (+ 1)` | blocks of 192 |
-//! | [`ReductionOrder::MklIntelAvx512`] | Intel Xeon Sapphire Rapids (AVX-512, AMX) | `k ≤ 384` | `k ≤ 768`: `⌈k/2⌉ + ⌊k/2⌋` | blocks of 384 |
+//! | [`ReductionOrder::MklIntelAvx512`] | Intel Xeon Sapphire Rapids (AVX-512, AMX) | `k ≤ 384` | `k ≤ 768`: `⌈k/2⌉ + ⌊k/2⌋` | blocks of 384 (see below) |
+//!
+//! On Intel, ranks above 768 are not verified: with one thread MKL keeps blocks of 384 only
+//! when both sides of the product are at least 192 (otherwise it splits the last 385–768 in
+//! halves), and with two or more threads it may split the rank between the threads first, by
+//! thresholds on the shape. The product of a row or column vector (a side of 1) goes through
+//! interleaved-lane kernels on Intel, and everything narrower than 4 × 12 through other
+//! kernels on AMD. `MKL_CBWR=AVX2` on the Intel host gives the AMD blocking on wide products,
+//! which suggests that AMD hosts run MKL's AVX2 path whatever their ISA.
 //!
 //! Inside a block every element is accumulated from `0` with one fused multiply-add per rank
 //! index, in increasing order; blocks are added left to right (see [`super::gemm`]).
@@ -79,7 +87,7 @@ const BLOCKINGS: [(ReductionOrder, Blocking); 2] = [
             block: 384,
             halves: Halves::CeilFirst,
             verified_rank: 768,
-            verified_min_dims: (1, 1),
+            verified_min_dims: (2, 2),
             verified_min_dims_batched: (4, 12),
         },
     ),
