@@ -80,8 +80,7 @@ pub const EMBEDDING_LAYER_NAMES: [&str; 2] = ["embed_tokens", "lm_head"];
 
 /// `adapters-spec/conv1d_modules.json` as embedded at build time: per `model_type`, the module
 /// names (dotted suffixes) that transformers builds as GPT-2 style `Conv1D`.
-pub const EMBEDDED_CONV1D_MODULES_JSON: &str =
-    include_str!("../../../adapters-spec/conv1d_modules.json");
+pub const EMBEDDED_CONV1D_MODULES_JSON: &str = peftkit_adapters_spec::CONV1D_MODULES_JSON;
 
 /// Last name components of input embeddings, used where peft asks the model
 /// (`get_input_embeddings()`) and peftkit only has names.

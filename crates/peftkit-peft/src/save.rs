@@ -55,7 +55,7 @@ pub const MODEL_CARD_NAME: &str = "README.md";
 
 /// The body of the model card peft writes for a new adapter: huggingface_hub's default model
 /// card template rendered with empty data (adapters-spec/model_card_template.md).
-pub const MODEL_CARD_TEMPLATE: &str = include_str!("../../../adapters-spec/model_card_template.md");
+pub const MODEL_CARD_TEMPLATE: &str = peftkit_adapters_spec::MODEL_CARD_TEMPLATE;
 
 /// Errors writing adapters.
 #[derive(Debug, thiserror::Error)]

@@ -35,11 +35,10 @@ use crate::config::TargetModules;
 use crate::targeting::{PyRegex, RegexError};
 
 /// `adapters-spec/methods.json` as embedded at build time.
-pub const EMBEDDED_METHODS_JSON: &str = include_str!("../../../adapters-spec/methods.json");
+pub const EMBEDDED_METHODS_JSON: &str = peftkit_adapters_spec::METHODS_JSON;
 
 /// `adapters-spec/default_targets.json` as embedded at build time.
-pub const EMBEDDED_DEFAULT_TARGETS_JSON: &str =
-    include_str!("../../../adapters-spec/default_targets.json");
+pub const EMBEDDED_DEFAULT_TARGETS_JSON: &str = peftkit_adapters_spec::DEFAULT_TARGETS_JSON;
 
 /// Environment variable naming a user spec file that [`Spec::from_env`] merges over the embedded
 /// spec.

@@ -249,44 +249,11 @@ pub struct Aliases {
     pub aliases: BTreeMap<String, String>,
 }
 
-/// The tables compiled into the binary: `(file name, text)`.
-pub const EMBEDDED_TABLES: &[(&str, &str)] = &[
-    (
-        "mixtral.json",
-        include_str!("../../../adapters-spec/conversions/mixtral.json"),
-    ),
-    (
-        "phimoe.json",
-        include_str!("../../../adapters-spec/conversions/phimoe.json"),
-    ),
-    (
-        "minimax_m2.json",
-        include_str!("../../../adapters-spec/conversions/minimax_m2.json"),
-    ),
-    (
-        "qwen2_moe.json",
-        include_str!("../../../adapters-spec/conversions/qwen2_moe.json"),
-    ),
-    (
-        "llava.json",
-        include_str!("../../../adapters-spec/conversions/llava.json"),
-    ),
-    (
-        "gpt_neox.json",
-        include_str!("../../../adapters-spec/conversions/gpt_neox.json"),
-    ),
-    (
-        "vit.json",
-        include_str!("../../../adapters-spec/conversions/vit.json"),
-    ),
-    (
-        "legacy.json",
-        include_str!("../../../adapters-spec/conversions/legacy.json"),
-    ),
-];
+/// The tables compiled into the binary: `(file name, text)` (`adapters-spec/conversions/`).
+pub const EMBEDDED_TABLES: &[(&str, &str)] = peftkit_adapters_spec::conversions::TABLES;
 
 /// The embedded `aliases.json`.
-pub const EMBEDDED_ALIASES: &str = include_str!("../../../adapters-spec/conversions/aliases.json");
+pub const EMBEDDED_ALIASES: &str = peftkit_adapters_spec::conversions::ALIASES_JSON;
 
 /// Tables by name and the `model_type` aliases: resolves a model to its rules.
 ///
