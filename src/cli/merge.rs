@@ -1,0 +1,115 @@
+//! `peftkit merge`: adapters merged into a base checkpoint, streaming tensor by tensor.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use peftkit::checkpoint::{self as ckpt, Checkpoint};
+use peftkit::peft;
+
+use super::progress;
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// The base checkpoint folder.
+    #[arg(long)]
+    base: PathBuf,
+    /// An adapter folder, optionally with a weight: DIR or DIR:WEIGHT. Repeat to merge
+    /// several, in order.
+    #[arg(long = "adapter", required = true)]
+    adapters: Vec<String>,
+    /// Output folder (created, or replaced atomically).
+    #[arg(long)]
+    out: PathBuf,
+    /// Reshard the output instead of keeping the base layout.
+    #[arg(long)]
+    max_shard_size: Option<String>,
+    /// Round each delta to the base dtype first and refuse NaN/Inf results (peft's safe_merge).
+    #[arg(long)]
+    safe_merge: bool,
+    /// Subtract the adapters instead of adding them (peft's unmerge).
+    #[arg(long)]
+    unmerge: bool,
+    /// Do not sync the output to disk before swapping it in (faster; the swap stays atomic
+    /// for readers, but a power loss may lose the new files). transformers never syncs.
+    #[arg(long)]
+    no_fsync: bool,
+    /// `peft`: peft's arithmetic bit for bit. `exact`: every element correctly rounded
+    /// from the exact result, the same bytes on every machine (LoRA and IA3 only).
+    #[arg(long, default_value = "peft", value_name = "peft|exact")]
+    numerics: peft::merge::Numerics,
+    /// Print a JSON summary.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn run(args: Args) -> Result<ExitCode> {
+    let Args {
+        base,
+        adapters,
+        out,
+        max_shard_size,
+        safe_merge,
+        unmerge,
+        no_fsync,
+        numerics,
+        json,
+    } = args;
+    let adapters = adapters
+        .iter()
+        .map(|a| peft::pipeline::AdapterInput::parse(a))
+        .collect();
+    let job = peft::pipeline::MergeJob {
+        max_shard_size: max_shard_size
+            .as_deref()
+            .map(ckpt::parse_size)
+            .transpose()?,
+        safe_merge,
+        unmerge,
+        durable: !no_fsync,
+        numerics,
+        ..peft::pipeline::MergeJob::new(base, adapters, out)
+    };
+    let total = Checkpoint::open(&job.base)?.total_bytes();
+    let bar = progress(total);
+    let summary = peft::pipeline::merge(&job, &mut |n| bar.inc(n))?;
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "{}: {} tensors merged ({} numerics), {} replaced, {} copied{} in {:.2} s",
+            job.out.display(),
+            summary.tensors_merged,
+            summary.numerics.mode,
+            summary.tensors_replaced,
+            summary.tensors_copied,
+            if summary.untied_embeddings {
+                ", embeddings untied"
+            } else {
+                ""
+            },
+            summary.seconds
+        );
+        print_numerics(&summary.numerics);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Tells, on stderr, what the merge could not promise bit for bit.
+fn print_numerics(n: &peft::pipeline::NumericsReport) {
+    if !n.host_measured {
+        eprintln!(
+            "note: this CPU family was never measured against peft; merged with the {} order",
+            n.reduction_order
+        );
+    }
+    if !n.unverified_tensors.is_empty() {
+        eprintln!(
+            "note: {} tensor(s) agree with peft to {} ulp, not bit for bit (products outside the measured domain): {}",
+            n.unverified_tensors.len(),
+            n.unverified_bound_ulp,
+            n.unverified_tensors.join(", ")
+        );
+    }
+}

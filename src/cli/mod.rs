@@ -1,0 +1,96 @@
+//! The verbs of the `peftkit` binary, one module each. A verb's module holds its arguments and
+//! a `run` that parses what clap cannot (sizes, adapter weights), calls the libraries and
+//! prints; every rule lives in the library crates.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use peftkit::checkpoint::{Checkpoint, WeightsKind};
+
+mod extract;
+mod inspect;
+mod merge;
+mod remap;
+mod reshard;
+mod verify;
+
+#[derive(Parser)]
+#[command(
+    name = "peftkit",
+    version,
+    about = "Hugging Face checkpoints and PEFT adapters, byte-identical to transformers and peft"
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+// The doc comments of the variants are the verbs' `--help` summaries.
+#[derive(Subcommand)]
+enum Command {
+    /// List the files, tensors and totals of a checkpoint or adapter.
+    Inspect(inspect::Args),
+    /// Check every file and index entry; exit 1 listing every problem found.
+    Verify(verify::Args),
+    /// Re-save a checkpoint with another shard size or variant, as
+    /// `from_pretrained(DIR).save_pretrained(OUT, ...)` would (shards planned on the
+    /// transformers-v5 model, for model types with conversion tables).
+    Reshard(reshard::Args),
+    /// Convert a checkpoint between the original on-disk layout and the transformers-v5
+    /// layout (fused MoE experts, VLM prefixes, ...).
+    Remap(remap::Args),
+    /// Extract the adapter from a full PEFT model state dict and write it as peft's
+    /// save_pretrained would (adapter_model.safetensors, adapter_config.json, README.md).
+    Extract(extract::Args),
+    /// Merge one or more adapters into a base checkpoint, as peft's merge_and_unload() +
+    /// save_pretrained() would, streaming tensor by tensor.
+    Merge(merge::Args),
+}
+
+/// Runs one verb; the exit code is 0, or 1 for a check that found problems (errors are 2, in
+/// `main`).
+pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Inspect(args) => inspect::run(args),
+        Command::Verify(args) => verify::run(args),
+        Command::Reshard(args) => reshard::run(args),
+        Command::Remap(args) => remap::run(args),
+        Command::Extract(args) => extract::run(args),
+        Command::Merge(args) => merge::run(args),
+    }
+}
+
+/// A byte progress bar on stderr, hidden when stderr is not a terminal (scripts and tests see
+/// only the result lines).
+fn progress(total: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    if let Ok(style) =
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// An adapter folder (or file) by its file names, a model checkpoint otherwise.
+fn guess_kind(path: &Path) -> WeightsKind {
+    if path.join("adapter_model.safetensors").is_file()
+        || path.join("adapter_config.json").is_file()
+    {
+        WeightsKind::Adapter
+    } else {
+        WeightsKind::Model
+    }
+}
+
+fn open_any(path: &Path, variant: Option<&str>) -> Result<Checkpoint> {
+    Checkpoint::open_kind(path, guess_kind(path), variant)
+        .with_context(|| format!("cannot open {}", path.display()))
+}

@@ -1,0 +1,159 @@
+//! `peftkit remap`: a checkpoint converted between the original on-disk layout and the
+//! transformers-v5 layout; a legacy per-expert adapter fused to the v5 layout.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use peftkit::checkpoint::{self as ckpt, Checkpoint, SaveOptions, WeightsKind};
+use peftkit::peft;
+use peftkit::remap::{Layout, RemapOptions, Revert};
+
+use super::progress;
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// The checkpoint folder to read.
+    dir: PathBuf,
+    /// Where to write (created, or replaced atomically).
+    #[arg(long)]
+    out: PathBuf,
+    /// Target layout: original | transformers-v5.
+    #[arg(long)]
+    to: Layout,
+    /// Model type whose table applies (default: config.json's model_type).
+    #[arg(long)]
+    model_type: Option<String>,
+    /// Largest shard: bytes or a decimal size such as 5GB.
+    #[arg(long, default_value = "50GB")]
+    max_shard_size: String,
+    /// Variant of the output files.
+    #[arg(long)]
+    variant: Option<String>,
+    /// Variant of the input files.
+    #[arg(long)]
+    input_variant: Option<String>,
+    /// Also restore renames transformers applies only when it saw them at load time
+    /// (Llava's vision_tower.vision_model. level, LayerNorm gamma/beta).
+    #[arg(long)]
+    restore_load_only: bool,
+    /// Extra conversion table files (JSON, see adapters-spec/conversions/README.md).
+    #[arg(long = "table")]
+    tables: Vec<PathBuf>,
+    /// For a legacy per-expert adapter: a base checkpoint whose config.json gives the
+    /// model type.
+    #[arg(long)]
+    base: Option<PathBuf>,
+    /// For a legacy adapter: drop LoRA pairs on modules that are not fused experts (peft
+    /// drops them silently; peftkit refuses unless asked).
+    #[arg(long)]
+    drop_untargeted: bool,
+    /// For a legacy adapter: set lora_dropout to 0 (peft cannot load expert LoRA with
+    /// dropout).
+    #[arg(long)]
+    zero_dropout: bool,
+}
+
+pub(crate) fn run(args: Args) -> Result<ExitCode> {
+    if args.dir.join("adapter_config.json").is_file() {
+        return legacy_adapter(&args);
+    }
+    let Args {
+        dir,
+        out,
+        to,
+        model_type,
+        max_shard_size,
+        variant,
+        input_variant,
+        restore_load_only,
+        tables,
+        ..
+    } = args;
+    let options = RemapOptions {
+        save: SaveOptions {
+            max_shard_size: ckpt::parse_size(&max_shard_size)?,
+            variant,
+            ..Default::default()
+        },
+        src_variant: input_variant.clone(),
+        revert: if restore_load_only {
+            Revert::AllTableRules
+        } else {
+            Revert::FromConfig
+        },
+        tables,
+    };
+    let total =
+        Checkpoint::open_kind(&dir, WeightsKind::Model, input_variant.as_deref())?.total_bytes();
+    let bar = progress(total);
+    let report = peftkit::remap::remap_with_progress(
+        &dir,
+        &out,
+        to,
+        model_type.as_deref(),
+        &options,
+        &mut |n| bar.inc(n),
+    )?;
+    bar.finish_and_clear();
+    println!(
+        "{}: model_type {}, table {}, {} tensors converted, {} file(s)",
+        out.display(),
+        report.model_type,
+        report
+            .table
+            .as_deref()
+            .unwrap_or("none (legacy renames only)"),
+        report.tensors_converted,
+        report.save.weight_files.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// An adapter folder: peft saves adapters in the v5 layout only, so the one conversion is a
+/// legacy per-expert adapter fused as peft fuses it on load.
+fn legacy_adapter(args: &Args) -> Result<ExitCode> {
+    use peft::convert::{
+        convert_legacy_adapter_dir_with, model_type_from_base, ConvertOptions, Untargeted,
+    };
+    let Args {
+        dir,
+        out,
+        to,
+        model_type,
+        base,
+        drop_untargeted,
+        zero_dropout,
+        ..
+    } = args;
+    if *to != Layout::TransformersV5 {
+        anyhow::bail!(
+            "{} is an adapter: adapters are only converted to the transformers-v5 layout (peft saves them that way)",
+            dir.display()
+        );
+    }
+    let model_type = match (model_type, base) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(b)) => Some(model_type_from_base(b)?),
+        _ => None,
+    };
+    let options = ConvertOptions {
+        untargeted: if *drop_untargeted {
+            Untargeted::Drop
+        } else {
+            Untargeted::Error
+        },
+        zero_dropout: *zero_dropout,
+    };
+    let r = convert_legacy_adapter_dir_with(dir, out, model_type.as_deref(), &options)?;
+    println!(
+        "{}: legacy {} adapter fused with table {}: {} tensors ({} fused), {} dropped",
+        out.display(),
+        r.model_type,
+        r.table,
+        r.tensors,
+        r.fused_tensors,
+        r.dropped.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}

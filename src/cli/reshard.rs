@@ -1,0 +1,85 @@
+//! `peftkit reshard`: a checkpoint re-saved with another shard size or variant.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use peftkit::checkpoint::{self as ckpt, Checkpoint, SaveOptions, WeightsKind};
+
+use super::progress;
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// The checkpoint folder to read.
+    dir: PathBuf,
+    /// Where to write (created, or replaced atomically).
+    #[arg(long)]
+    out: PathBuf,
+    /// Largest shard: bytes or a decimal size such as 5GB, 500MB, 20KB.
+    #[arg(long, default_value = "50GB")]
+    max_shard_size: String,
+    /// Variant of the output files (model.VARIANT.safetensors).
+    #[arg(long)]
+    variant: Option<String>,
+    /// Variant of the input files.
+    #[arg(long)]
+    input_variant: Option<String>,
+    /// Do not sync the output to disk before swapping it in (see `merge --no-fsync`).
+    #[arg(long)]
+    no_fsync: bool,
+    /// Model type whose conversion table applies (default: config.json's model_type).
+    #[arg(long)]
+    model_type: Option<String>,
+    /// Extra conversion table files (JSON, see adapters-spec/conversions/README.md).
+    #[arg(long = "table")]
+    tables: Vec<PathBuf>,
+}
+
+pub(crate) fn run(args: Args) -> Result<ExitCode> {
+    let Args {
+        dir,
+        out,
+        max_shard_size,
+        variant,
+        input_variant,
+        no_fsync,
+        model_type,
+        tables,
+    } = args;
+    let options = peftkit::remap::ReshardOptions {
+        save: SaveOptions {
+            max_shard_size: ckpt::parse_size(&max_shard_size)?,
+            variant,
+            durable: !no_fsync,
+            ..Default::default()
+        },
+        src_variant: input_variant.clone(),
+        model_type,
+        tables,
+    };
+    let total =
+        Checkpoint::open_kind(&dir, WeightsKind::Model, input_variant.as_deref())?.total_bytes();
+    let bar = progress(total);
+    let report = peftkit::remap::reshard_with_progress(&dir, &out, &options, &mut |n| bar.inc(n))?;
+    bar.finish_and_clear();
+    let save = &report.save;
+    println!(
+        "{}: {} tensors, {} bytes in {} file(s){}{}",
+        out.display(),
+        save.tensors,
+        save.total_size,
+        save.weight_files.len(),
+        save.index_file
+            .as_ref()
+            .map(|i| format!(" + {i}"))
+            .unwrap_or_default(),
+        match report.rules_used.len() {
+            0 => String::new(),
+            n => format!(
+                ", planned on the transformers-v5 model ({n} rule(s) of table {})",
+                report.table.as_deref().unwrap_or("legacy")
+            ),
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,34 @@
+//! `peftkit verify`: every file and index entry checked; exit 1 listing every problem.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use peftkit::checkpoint as ckpt;
+
+use super::guess_kind;
+
+#[derive(clap::Args)]
+pub(crate) struct Args {
+    /// A checkpoint folder or a .safetensors file.
+    path: PathBuf,
+    /// Variant of the weight files.
+    #[arg(long)]
+    variant: Option<String>,
+}
+
+pub(crate) fn run(args: Args) -> Result<ExitCode> {
+    let Args { path, variant } = args;
+    let kind = guess_kind(&path);
+    let problems = ckpt::checkpoint::verify(&path, kind, variant.as_deref())?;
+    if problems.is_empty() {
+        println!("{}: ok", path.display());
+    } else {
+        for p in &problems {
+            println!("{p}");
+        }
+        eprintln!("{}: {} problem(s)", path.display(), problems.len());
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
