@@ -6,7 +6,8 @@
 //!
 //! transformers 5.24 converts between them with the tables of its `conversion_mapping.py`; this
 //! crate does the same from JSON tables kept as data in `adapters-spec/conversions/` (embedded
-//! at build time; user tables can be added at run time). A rule is a rename or a group of
+//! at build time from the `peftkit-adapters-spec` crate; user tables are layered over them at
+//! run time: [`Registry::add_table_file`], [`RemapOptions::tables`]). A rule is a rename or a group of
 //! tensor ops (stack/unstack experts, concat/chunk, split, transpose), each with its exact
 //! inverse. Output order, names and storage sharing follow transformers exactly, so
 //! [`save_pretrained_original`] writes the same bytes as `model.save_pretrained()`.
@@ -23,24 +24,31 @@
 //! * [`reshard`]: a whole checkpoint folder re-saved with other shards, as transformers does.
 //! * [`Mapping::expert_pieces`]: where one expert's slice of a fused v5 parameter lives on disk.
 //!
-//! Dependencies point one way: `peftkit-checkpoint` <- `peftkit-remap` <- PEFT / CLI.
+//! Dependencies point one way: `peftkit-checkpoint` <- `peftkit-remap` <- PEFT / CLI. Inside,
+//! modules depend one way too: `table` (pure data) <- `pattern` <- `ops` (over `view`, the
+//! strided lazy views) <- `engine` <- `registry` <- `save`. Every module is private; the items
+//! are re-exported here, flat.
 
-pub mod engine;
-pub mod error;
+#![deny(missing_docs)]
+
+mod engine;
+mod error;
 mod ops;
 mod pattern;
-pub mod save;
-pub mod table;
+mod registry;
+mod save;
+mod table;
 mod view;
 
 pub use engine::{Direction, Forward, FusedPiece, Mapping, Revert, RoundTrip, UsedRules};
 pub use error::{RemapError, Result};
+pub use registry::Registry;
 pub use save::{
     checkpoint_mapping, remap, remap_with_progress, reshard, reshard_with_progress,
     save_pretrained_original, save_pretrained_original_with_progress, Layout, RemapOptions,
     RemapReport, ReshardOptions, ReshardReport,
 };
 pub use table::{
-    Aliases, ConversionTable, ConvertSpec, Op, Patterns, Registry, RenameSpec, ReversePolicy, Rule,
-    SizeExpr, EMBEDDED_ALIASES, EMBEDDED_TABLES,
+    Aliases, ConversionTable, ConvertSpec, Op, Patterns, RenameSpec, ReversePolicy, Rule, SizeExpr,
+    EMBEDDED_ALIASES, EMBEDDED_TABLES,
 };

@@ -221,214 +221,243 @@ fn cut(v: &Val, dim: usize, sizes: &[usize], ctx: &mut OpContext<'_>) -> Result<
 /// Applies one op.
 pub(crate) fn apply(op: &Op, entries: Entries, ctx: &mut OpContext<'_>) -> Result<Entries, String> {
     match op {
-        Op::Stack { dim } => {
-            let n_entries = entries.len();
-            let mut out = Vec::new();
-            for (name, vals) in entries {
-                let name = if n_entries == 1 {
-                    only_write(ctx, "stack")?.clone()
-                } else {
-                    name
-                };
-                let first = vals.first().ok_or("`stack` of an empty list")?;
-                let shape = first.shape();
-                check_dim(*dim, shape.len(), "stack", true)?;
-                for v in &vals {
-                    if v.shape() != shape || v.dtype != first.dtype {
-                        return Err(format!(
-                            "`stack` needs equal shapes and dtypes: {:?} {} vs {:?} {}",
-                            shape,
-                            dtype_name(first.dtype),
-                            v.shape(),
-                            dtype_name(v.dtype)
-                        ));
-                    }
-                }
-                let mut new_shape = shape.clone();
-                new_shape.insert(*dim, vals.len());
-                let dtype = first.dtype;
-                let parts = vals
-                    .iter()
-                    .map(|v| Data::View(v.data.view().unsqueeze(*dim)))
-                    .collect();
-                out.push((
-                    name,
-                    vec![Val {
-                        data: Data::Concat(std::sync::Arc::new(Concat {
-                            parts,
-                            dim: *dim,
-                            shape: new_shape.clone(),
-                            dtype,
-                        })),
-                        dtype,
-                        meta: Meta::fresh(&new_shape, ctx.ids),
-                    }],
-                ));
-            }
-            Ok(out)
-        }
-        Op::Unstack { dim } => {
-            let n_entries = entries.len();
-            let mut out = Vec::new();
-            for (name, vals) in entries {
-                let [v] = vals.as_slice() else {
-                    return Err(format!(
-                        "`unstack` takes one tensor per pattern, got {}",
-                        vals.len()
-                    ));
-                };
-                let shape = v.shape();
-                check_dim(*dim, shape.len(), "unstack", false)?;
-                let pattern = if n_entries == 1 {
-                    only_write(ctx, "unstack")?.clone()
-                } else {
-                    name
-                };
-                let view = v.data.view();
-                for i in 0..shape[*dim] {
-                    // SplitModulelist: chunk(n) then squeeze, no copy: views of one storage.
-                    out.push((
-                        pattern.replace('*', &i.to_string()),
-                        vec![Val {
-                            data: Data::View(view.slice(*dim, i, 1).squeeze(*dim)),
-                            dtype: v.dtype,
-                            meta: v.meta.slice(*dim, 1).squeeze(*dim),
-                        }],
-                    ));
-                }
-            }
-            Ok(out)
-        }
-        Op::Concat { dim, sizes } => {
-            let target = only_write(ctx, "concat")?.clone();
-            let mut vals: Vec<Val> = Vec::new();
-            // transformers walks the source patterns in order (the dict is unordered).
-            for read in ctx.reads {
-                if let Some((_, v)) = entries.iter().find(|(n, _)| n == read) {
-                    vals.extend(v.iter().cloned());
-                }
-            }
-            if let Some((n, _)) = entries.iter().find(|(n, _)| !ctx.reads.contains(n)) {
+        Op::Stack { dim } => stack(dim, entries, ctx),
+        Op::Unstack { dim } => unstack(dim, entries, ctx),
+        Op::Concat { dim, sizes } => concat(dim, sizes, entries, ctx),
+        Op::Chunk { dim } => chunk(dim, entries, ctx),
+        Op::Split { dim, sizes } => split(dim, sizes, entries, ctx),
+        Op::Transpose { dim0, dim1 } => transpose(dim0, dim1, entries, ctx),
+    }
+}
+
+/// Stacks each entry's list of values along a new dim (`MergeModulelist`).
+fn stack(dim: &usize, entries: Entries, ctx: &mut OpContext<'_>) -> Result<Entries, String> {
+    let n_entries = entries.len();
+    let mut out = Vec::new();
+    for (name, vals) in entries {
+        let name = if n_entries == 1 {
+            only_write(ctx, "stack")?.clone()
+        } else {
+            name
+        };
+        let first = vals.first().ok_or("`stack` of an empty list")?;
+        let shape = first.shape();
+        check_dim(*dim, shape.len(), "stack", true)?;
+        for v in &vals {
+            if v.shape() != shape || v.dtype != first.dtype {
                 return Err(format!(
-                    "`concat` got `{n}`, which is not one of the rule's patterns"
+                    "`stack` needs equal shapes and dtypes: {:?} {} vs {:?} {}",
+                    shape,
+                    dtype_name(first.dtype),
+                    v.shape(),
+                    dtype_name(v.dtype)
                 ));
             }
-            let first = vals.first().ok_or("`concat` of nothing")?;
-            let shape = first.shape();
-            check_dim(*dim, shape.len(), "concat", false)?;
-            let mut total = 0usize;
-            for v in &vals {
-                let s = v.shape();
-                let same_rest = s.len() == shape.len()
-                    && s.iter()
-                        .zip(&shape)
-                        .enumerate()
-                        .all(|(d, (a, b))| d == *dim || a == b);
-                if !same_rest || v.dtype != first.dtype {
-                    return Err(format!(
-                        "`concat` along dim {dim} needs matching shapes and dtypes: {:?} {} vs {:?} {}",
-                        shape,
-                        dtype_name(first.dtype),
-                        s,
-                        dtype_name(v.dtype)
-                    ));
-                }
-                total += s[*dim];
-            }
-            let parts: Vec<usize> = vals.iter().map(|v| v.shape()[*dim]).collect();
-            if sizes.is_none() && parts.windows(2).any(|w| w[0] != w[1]) {
-                // The inverse (an equal chunk) could not give these parts back.
-                return Err(format!(
-                    "`concat` of parts of unequal sizes {parts:?} along dim {dim}: give the rule `sizes` so the inverse can split them back"
-                ));
-            }
-            if let Some(sizes) = sizes {
-                let want = sizes
-                    .iter()
-                    .map(|s| eval_size(s, ctx.config))
-                    .collect::<Result<Vec<_>, _>>()?;
-                if want != parts {
-                    return Err(format!(
-                        "`concat` parts have sizes {parts:?} along dim {dim}, the rule says {want:?}"
-                    ));
-                }
-            }
-            let mut new_shape = shape.clone();
-            new_shape[*dim] = total;
-            let dtype = first.dtype;
-            Ok(vec![(
-                target,
-                vec![Val {
-                    data: Data::Concat(std::sync::Arc::new(Concat {
-                        parts: vals.iter().map(|v| v.data.clone()).collect(),
-                        dim: *dim,
-                        shape: new_shape.clone(),
-                        dtype,
-                    })),
+        }
+        let mut new_shape = shape.clone();
+        new_shape.insert(*dim, vals.len());
+        let dtype = first.dtype;
+        let parts = vals
+            .iter()
+            .map(|v| Data::View(v.data.view().unsqueeze(*dim)))
+            .collect();
+        out.push((
+            name,
+            vec![Val {
+                data: Data::Concat(std::sync::Arc::new(Concat {
+                    parts,
+                    dim: *dim,
+                    shape: new_shape.clone(),
                     dtype,
-                    meta: Meta::fresh(&new_shape, ctx.ids),
-                }],
-            )])
-        }
-        Op::Chunk { dim } => {
-            let v = single(&entries, "chunk")?.clone();
-            let shape = v.shape();
-            check_dim(*dim, shape.len(), "chunk", false)?;
-            let n = ctx.writes.len();
-            if n == 0 || shape[*dim] % n != 0 {
-                return Err(format!(
-                    "`chunk` of size {} along dim {dim} into {n} equal parts",
-                    shape[*dim]
-                ));
-            }
-            cut(&v, *dim, &vec![shape[*dim] / n; n], ctx)
-        }
-        Op::Split { dim, sizes } => {
-            let v = single(&entries, "split")?.clone();
-            let shape = v.shape();
-            check_dim(*dim, shape.len(), "split", false)?;
-            let sizes = sizes
-                .iter()
-                .map(|s| eval_size(s, ctx.config))
-                .collect::<Result<Vec<_>, _>>()?;
-            if sizes.len() != ctx.writes.len() || sizes.iter().sum::<usize>() != shape[*dim] {
-                return Err(format!(
-                    "`split` of size {} along dim {dim} into sizes {sizes:?} for {} patterns",
-                    shape[*dim],
-                    ctx.writes.len()
-                ));
-            }
-            cut(&v, *dim, &sizes, ctx)
-        }
-        Op::Transpose { dim0, dim1 } => {
-            let v = single(&entries, "transpose")?.clone();
-            let rank = v.shape().len();
-            check_dim(*dim0, rank, "transpose", false)?;
-            check_dim(*dim1, rank, "transpose", false)?;
-            // First op of a one-to-many chain: it keeps the source name (transformers' rule).
-            let name = if ctx.writes.len() > 1 {
-                match ctx.reads {
-                    [r] => r.clone(),
-                    _ => {
-                        return Err(
-                            "`transpose` before a split needs a single source pattern".into()
-                        )
-                    }
-                }
-            } else {
-                only_write(ctx, "transpose")?.clone()
-            };
-            let meta = v.meta.transpose(*dim0, *dim1).contiguous(ctx.ids);
-            Ok(vec![(
-                name,
+                })),
+                dtype,
+                meta: Meta::fresh(&new_shape, ctx.ids),
+            }],
+        ));
+    }
+    Ok(out)
+}
+
+/// One value per index of `dim`, views of the same storage (`SplitModulelist`).
+fn unstack(dim: &usize, entries: Entries, ctx: &mut OpContext<'_>) -> Result<Entries, String> {
+    let n_entries = entries.len();
+    let mut out = Vec::new();
+    for (name, vals) in entries {
+        let [v] = vals.as_slice() else {
+            return Err(format!(
+                "`unstack` takes one tensor per pattern, got {}",
+                vals.len()
+            ));
+        };
+        let shape = v.shape();
+        check_dim(*dim, shape.len(), "unstack", false)?;
+        let pattern = if n_entries == 1 {
+            only_write(ctx, "unstack")?.clone()
+        } else {
+            name
+        };
+        let view = v.data.view();
+        for i in 0..shape[*dim] {
+            // SplitModulelist: chunk(n) then squeeze, no copy: views of one storage.
+            out.push((
+                pattern.replace('*', &i.to_string()),
                 vec![Val {
-                    data: Data::View(v.data.view().transpose(*dim0, *dim1)),
+                    data: Data::View(view.slice(*dim, i, 1).squeeze(*dim)),
                     dtype: v.dtype,
-                    meta,
+                    meta: v.meta.slice(*dim, 1).squeeze(*dim),
                 }],
-            )])
+            ));
         }
     }
+    Ok(out)
+}
+
+/// Concatenates every value, in the order of the rule's read patterns (`Concatenate`).
+fn concat(
+    dim: &usize,
+    sizes: &Option<Vec<SizeExpr>>,
+    entries: Entries,
+    ctx: &mut OpContext<'_>,
+) -> Result<Entries, String> {
+    let target = only_write(ctx, "concat")?.clone();
+    let mut vals: Vec<Val> = Vec::new();
+    // transformers walks the source patterns in order (the dict is unordered).
+    for read in ctx.reads {
+        if let Some((_, v)) = entries.iter().find(|(n, _)| n == read) {
+            vals.extend(v.iter().cloned());
+        }
+    }
+    if let Some((n, _)) = entries.iter().find(|(n, _)| !ctx.reads.contains(n)) {
+        return Err(format!(
+            "`concat` got `{n}`, which is not one of the rule's patterns"
+        ));
+    }
+    let first = vals.first().ok_or("`concat` of nothing")?;
+    let shape = first.shape();
+    check_dim(*dim, shape.len(), "concat", false)?;
+    let mut total = 0usize;
+    for v in &vals {
+        let s = v.shape();
+        let same_rest = s.len() == shape.len()
+            && s.iter()
+                .zip(&shape)
+                .enumerate()
+                .all(|(d, (a, b))| d == *dim || a == b);
+        if !same_rest || v.dtype != first.dtype {
+            return Err(format!(
+                "`concat` along dim {dim} needs matching shapes and dtypes: {:?} {} vs {:?} {}",
+                shape,
+                dtype_name(first.dtype),
+                s,
+                dtype_name(v.dtype)
+            ));
+        }
+        total += s[*dim];
+    }
+    let parts: Vec<usize> = vals.iter().map(|v| v.shape()[*dim]).collect();
+    if sizes.is_none() && parts.windows(2).any(|w| w[0] != w[1]) {
+        // The inverse (an equal chunk) could not give these parts back.
+        return Err(format!(
+            "`concat` of parts of unequal sizes {parts:?} along dim {dim}: give the rule `sizes` so the inverse can split them back"
+        ));
+    }
+    if let Some(sizes) = sizes {
+        let want = sizes
+            .iter()
+            .map(|s| eval_size(s, ctx.config))
+            .collect::<Result<Vec<_>, _>>()?;
+        if want != parts {
+            return Err(format!(
+                "`concat` parts have sizes {parts:?} along dim {dim}, the rule says {want:?}"
+            ));
+        }
+    }
+    let mut new_shape = shape.clone();
+    new_shape[*dim] = total;
+    let dtype = first.dtype;
+    Ok(vec![(
+        target,
+        vec![Val {
+            data: Data::Concat(std::sync::Arc::new(Concat {
+                parts: vals.iter().map(|v| v.data.clone()).collect(),
+                dim: *dim,
+                shape: new_shape.clone(),
+                dtype,
+            })),
+            dtype,
+            meta: Meta::fresh(&new_shape, ctx.ids),
+        }],
+    )])
+}
+
+/// Equal parts, one per written pattern (`Chunk`).
+fn chunk(dim: &usize, entries: Entries, ctx: &mut OpContext<'_>) -> Result<Entries, String> {
+    let v = single(&entries, "chunk")?.clone();
+    let shape = v.shape();
+    check_dim(*dim, shape.len(), "chunk", false)?;
+    let n = ctx.writes.len();
+    if n == 0 || shape[*dim] % n != 0 {
+        return Err(format!(
+            "`chunk` of size {} along dim {dim} into {n} equal parts",
+            shape[*dim]
+        ));
+    }
+    cut(&v, *dim, &vec![shape[*dim] / n; n], ctx)
+}
+
+/// Parts of the given sizes, one per written pattern (`Split`).
+fn split(
+    dim: &usize,
+    sizes: &[SizeExpr],
+    entries: Entries,
+    ctx: &mut OpContext<'_>,
+) -> Result<Entries, String> {
+    let v = single(&entries, "split")?.clone();
+    let shape = v.shape();
+    check_dim(*dim, shape.len(), "split", false)?;
+    let sizes = sizes
+        .iter()
+        .map(|s| eval_size(s, ctx.config))
+        .collect::<Result<Vec<_>, _>>()?;
+    if sizes.len() != ctx.writes.len() || sizes.iter().sum::<usize>() != shape[*dim] {
+        return Err(format!(
+            "`split` of size {} along dim {dim} into sizes {sizes:?} for {} patterns",
+            shape[*dim],
+            ctx.writes.len()
+        ));
+    }
+    cut(&v, *dim, &sizes, ctx)
+}
+
+/// Swaps two dims (`Transpose`), made contiguous as transformers does.
+fn transpose(
+    dim0: &usize,
+    dim1: &usize,
+    entries: Entries,
+    ctx: &mut OpContext<'_>,
+) -> Result<Entries, String> {
+    let v = single(&entries, "transpose")?.clone();
+    let rank = v.shape().len();
+    check_dim(*dim0, rank, "transpose", false)?;
+    check_dim(*dim1, rank, "transpose", false)?;
+    // First op of a one-to-many chain: it keeps the source name (transformers' rule).
+    let name = if ctx.writes.len() > 1 {
+        match ctx.reads {
+            [r] => r.clone(),
+            _ => return Err("`transpose` before a split needs a single source pattern".into()),
+        }
+    } else {
+        only_write(ctx, "transpose")?.clone()
+    };
+    let meta = v.meta.transpose(*dim0, *dim1).contiguous(ctx.ids);
+    Ok(vec![(
+        name,
+        vec![Val {
+            data: Data::View(v.data.view().transpose(*dim0, *dim1)),
+            dtype: v.dtype,
+            meta,
+        }],
+    )])
 }
 
 #[cfg(test)]

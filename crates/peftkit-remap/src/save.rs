@@ -12,7 +12,7 @@ use peftkit_checkpoint::{
 
 use crate::engine::{Mapping, Revert};
 use crate::error::{RemapError, Result};
-use crate::table::Registry;
+use crate::registry::Registry;
 
 /// `save_pretrained(save_original_format=True)`: reverts `v5_state` with `mapping` (in
 /// transformers' order, with storage families) and saves it with
