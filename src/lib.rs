@@ -12,6 +12,8 @@
 //!
 //! The `peftkit` binary is a thin command-line layer over these.
 
+#![deny(missing_docs)]
+
 pub use peftkit_checkpoint as checkpoint;
 pub use peftkit_peft as peft;
 pub use peftkit_remap as remap;

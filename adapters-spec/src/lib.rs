@@ -27,6 +27,8 @@
 //! assert!(peftkit_adapters_spec::file("conversions/mixtral.json").is_some());
 //! ```
 
+#![deny(missing_docs)]
+
 /// `methods.json`: one entry per `peft_type`, how its tensor keys look on disk and in memory.
 pub const METHODS_JSON: &str = include_str!("../methods.json");
 
