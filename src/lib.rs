@@ -10,13 +10,23 @@
 //! * [`peft`] (`peftkit-peft`): adapter name rules, adapter configs, adapter save, load,
 //!   extract and merge.
 //!
-//! The `peftkit` binary is a thin command-line layer over these.
+//! The types most programs start from are also re-exported here, flat
+//! ([`Checkpoint`], [`StateDict`], [`Registry`], ...).
+//!
+//! The `peftkit` binary is a thin command-line layer over these, built with the default `cli`
+//! feature. A library user can turn it off (`default-features = false`) to leave out clap,
+//! indicatif and anyhow.
 
 #![deny(missing_docs)]
 
 pub use peftkit_checkpoint as checkpoint;
 pub use peftkit_peft as peft;
 pub use peftkit_remap as remap;
+
+pub use peftkit_checkpoint::{
+    Checkpoint, CheckpointError, Dtype, ModelConfig, SaveOptions, StateDict, Tensor, WeightsKind,
+};
+pub use peftkit_remap::{Mapping, Registry, RemapError, RemapOptions, ReshardOptions, Revert};
 
 /// The examples of docs/library.md, compiled and run as doc tests so the guide cannot rot.
 #[cfg(doctest)]
