@@ -178,7 +178,7 @@ enum Command {
         /// `peft`: peft's arithmetic bit for bit. `exact`: every element correctly rounded
         /// from the exact result, the same bytes on every machine (LoRA and IA3 only).
         #[arg(long, default_value = "peft", value_name = "peft|exact")]
-        numerics: peft::merge::Numerics,
+        numerics: peftkit::merge::Numerics,
         /// Print a JSON summary.
         #[arg(long)]
         json: bool,
@@ -440,9 +440,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let adapters = adapters
                 .iter()
-                .map(|a| peft::pipeline::AdapterInput::parse(a))
+                .map(|a| peftkit::merge::AdapterInput::parse(a))
                 .collect();
-            let job = peft::pipeline::MergeJob {
+            let job = peftkit::merge::MergeJob {
                 max_shard_size: max_shard_size
                     .as_deref()
                     .map(ckpt::parse_size)
@@ -451,11 +451,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 unmerge,
                 durable: !no_fsync,
                 numerics,
-                ..peft::pipeline::MergeJob::new(base, adapters, out)
+                ..peftkit::merge::MergeJob::new(base, adapters, out)
             };
             let total = Checkpoint::open(&job.base)?.total_bytes();
             let bar = progress(total);
-            let summary = peft::pipeline::merge(&job, &mut |n| bar.inc(n))?;
+            let summary = peftkit::merge::merge(&job, &mut |n| bar.inc(n))?;
             bar.finish_and_clear();
             if json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -497,7 +497,7 @@ fn open_any(path: &std::path::Path, variant: Option<&str>) -> Result<Checkpoint>
 }
 
 /// Tells, on stderr, what the merge could not promise bit for bit.
-fn print_numerics(n: &peft::pipeline::NumericsReport) {
+fn print_numerics(n: &peftkit::merge::NumericsReport) {
     if !n.host_measured {
         eprintln!(
             "note: this CPU family was never measured against peft; merged with the {} order",

@@ -83,7 +83,7 @@ use super::error::{MergeMathError, Result};
 /// How a merge rounds.
 ///
 /// ```
-/// use peftkit_peft::merge::Numerics;
+/// use peftkit_merge::Numerics;
 /// assert_eq!(Numerics::default(), Numerics::Peft);
 /// assert_eq!("exact".parse::<Numerics>().unwrap(), Numerics::Exact);
 /// assert_eq!(Numerics::Exact.to_string(), "exact");

@@ -698,7 +698,7 @@ pub fn merge_lora_bias(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::merge::dtype::{decode_f32, encode_f32};
+    use crate::kernels::dtype::{decode_f32, encode_f32};
 
     #[test]
     fn scaling_is_f64_then_f32() {

@@ -10,9 +10,9 @@
 
 use std::time::Instant;
 
-use peftkit_peft::merge::dtype::encode_f32;
-use peftkit_peft::merge::lora::{merge_linear, MergeOptions};
-use peftkit_peft::merge::{BaseTensorMut, F32Tensor, Numerics};
+use peftkit_merge::encode_f32;
+use peftkit_merge::{merge_linear, MergeOptions};
+use peftkit_merge::{BaseTensorMut, F32Tensor, Numerics};
 use safetensors::Dtype;
 
 fn values(n: usize, seed: u64) -> Vec<f32> {

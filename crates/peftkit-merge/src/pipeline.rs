@@ -24,15 +24,15 @@ use peftkit_checkpoint::{
 };
 use serde::Serialize;
 
-use crate::adapter::{Adapter, AdapterError, AdapterModule};
-use crate::config::{AdapterConfig, TrainableTokenIndices};
-use crate::merge::dtype::decode_f32;
-use crate::merge::{
+use peftkit_peft::adapter::{Adapter, AdapterError, AdapterModule};
+use peftkit_peft::config::{AdapterConfig, TrainableTokenIndices};
+use crate::kernels::dtype::decode_f32;
+use crate::kernels::{
     dora, exact, host_order, lora, methods, reduction_order, BaseTensorMut, F32Tensor,
     MergeMathError, MergeOptions as KernelOptions, Numerics, ReductionOrder, UnknownOrder,
     UNVERIFIED_BOUND_ULP,
 };
-use crate::targeting::PatternResolver;
+use peftkit_peft::targeting::PatternResolver;
 
 /// One adapter to merge and its weight (`--adapter DIR[:WEIGHT]`).
 #[derive(Debug, Clone)]
@@ -67,8 +67,8 @@ impl AdapterInput {
 /// set the other fields on the result.
 ///
 /// ```
-/// use peftkit_peft::merge::Numerics;
-/// use peftkit_peft::pipeline::{AdapterInput, MergeJob};
+/// use peftkit_merge::Numerics;
+/// use peftkit_merge::{AdapterInput, MergeJob};
 ///
 /// let job = MergeJob {
 ///     numerics: Numerics::Exact,
@@ -97,7 +97,7 @@ pub struct MergeJob {
     /// [`peftkit_checkpoint::SaveOptions::durable`]).
     pub durable: bool,
     /// peft's arithmetic, or one correct rounding identical on every machine
-    /// ([`crate::merge::exact`]; DoRA, LoHa, LoKr and IA3 unmerges are refused there).
+    /// ([`crate::kernels::exact`]; DoRA, LoHa, LoKr and IA3 unmerges are refused there).
     pub numerics: Numerics,
 }
 
@@ -351,7 +351,7 @@ fn apply(
     match &step.edit {
         Edit::Replace { source } => {
             let values = f32s("replacement", source, name, adapter)?;
-            *data = crate::merge::dtype::encode_f32("replacement", dtype, &values).map_err(err)?;
+            *data = crate::kernels::dtype::encode_f32("replacement", dtype, &values).map_err(err)?;
             Ok(())
         }
         Edit::Lora {
@@ -694,7 +694,7 @@ fn on_disk_name(
 /// A LoRA on a 2-D module parameter (peft's `ParamWrapper`): like a Linear, but peft rounds
 /// the delta to the parameter's dtype before adding it.
 fn router_edit(a: &Tensor, b: &Tensor, scale: f32) -> Edit {
-    let tensor = |t: &Tensor| crate::adapter::AdapterTensor {
+    let tensor = |t: &Tensor| peftkit_peft::adapter::AdapterTensor {
         key: String::new(),
         tensor: t.clone(),
     };
@@ -1008,8 +1008,8 @@ fn plan(
                     return Err(unsupported(format!("LoRA with {}", features.join(", "))));
                 }
                 let target_params: Vec<String> = match &cfg.target_parameters {
-                    Some(crate::config::StringOrList::Many(v)) => v.clone(),
-                    Some(crate::config::StringOrList::One(s)) => vec![s.clone()],
+                    Some(peftkit_peft::config::StringOrList::Many(v)) => v.clone(),
+                    Some(peftkit_peft::config::StringOrList::One(s)) => vec![s.clone()],
                     None => Vec::new(),
                 };
                 let resolver = PatternResolver::new(cfg).map_err(|e| unsupported(e.to_string()))?;

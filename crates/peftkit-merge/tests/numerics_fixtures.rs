@@ -1,10 +1,10 @@
 //! Replays every `tests/fixtures/numerics/<case>` merge (written by the real peft 0.21.2, see
-//! `tests/interop/fixturegen/numerics_cases.py`) with the kernels of `peftkit_peft::merge` and
+//! `tests/interop/fixturegen/numerics_cases.py`) with the kernels of `peftkit_merge` and
 //! compares the merged tensors bit for bit. The scale comes from `lora_scaling`, the function
 //! the merge pipeline computes every scale with (adapter weight included).
 //!
 //! Cases with `"pipeline": true` keep peft's adapter folder (`<case>.adapter/`); they are also
-//! merged end to end by `peftkit_peft::pipeline::merge` (what `peftkit merge` runs), whose
+//! merged end to end by `peftkit_merge::merge` (what `peftkit merge` runs), whose
 //! output weight and bias — untouched by LoRA without `lora_bias`, LoHa, LoKr and feedforward
 //! IA3 — must equal peft's.
 //!
@@ -22,15 +22,15 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use peftkit_peft::merge::dora::{merge_dora_conv, merge_dora_embedding, merge_dora_linear};
-use peftkit_peft::merge::dtype::{decode_f32, element_size};
-use peftkit_peft::merge::lora::{
+use peftkit_merge::{merge_dora_conv, merge_dora_embedding, merge_dora_linear};
+use peftkit_merge::{decode_f32, element_size};
+use peftkit_merge::{
     merge_conv, merge_embedding, merge_experts, merge_linear, merge_lora_bias,
 };
-use peftkit_peft::merge::methods::{
+use peftkit_merge::{
     merge_ia3_bias, merge_ia3_weight, merge_loha, merge_lokr, replace_rows, LokrFactor,
 };
-use peftkit_peft::merge::{
+use peftkit_merge::{
     lora_scaling, set_reduction_order, BaseTensorMut, ExpertLayout, F32Tensor, HostOrder,
     MergeOptions, Numerics,
 };
@@ -444,7 +444,7 @@ fn pipeline_merges_like_peft() {
     use peftkit_checkpoint::{
         save_pretrained, Checkpoint, SaveOptions, StateDict, Tensor as CkTensor,
     };
-    use peftkit_peft::pipeline::{merge, AdapterInput, MergeJob};
+    use peftkit_merge::{merge, AdapterInput, MergeJob};
 
     // Pipeline cases keep r <= 192 (one block on every host), but run like the kernel test.
     use_fixture_host_order();
@@ -644,7 +644,7 @@ fn exact_numerics_distance_on_a_realistic_linear() {
     println!("realistic linear {out}x{inp} r={r}: exact vs peft numerics");
     let mut results = Vec::new();
     for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {
-        let base = peftkit_peft::merge::dtype::encode_f32("w", dtype, &w).unwrap();
+        let base = peftkit_merge::encode_f32("w", dtype, &w).unwrap();
         let merged = |numerics| {
             let mut t = Tensor {
                 dtype,
@@ -699,7 +699,7 @@ fn safe_merge_rejects_nan_adapter() {
     let in_features = a_t.shape[1];
     assert_eq!(
         err,
-        peftkit_peft::merge::MergeMathError::NonFinite {
+        peftkit_merge::MergeMathError::NonFinite {
             what: "linear weight",
             count: in_features,
             first: 0

@@ -9,7 +9,7 @@ use num_traits::{FromPrimitive, Zero};
 use safetensors::Dtype;
 
 use super::*;
-use crate::merge::dtype::{decode_f32, encode_f32};
+use crate::kernels::dtype::{decode_f32, encode_f32};
 
 /// `(significand bits incl. the implicit one, minimum normal exponent, maximum exponent)`.
 fn format(t: Target) -> (i64, i64, i64) {

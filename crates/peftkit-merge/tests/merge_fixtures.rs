@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use peftkit_checkpoint::tensor::dtype_name;
 use peftkit_checkpoint::Checkpoint;
-use peftkit_peft::pipeline::{merge, AdapterInput, MergeError, MergeJob};
+use peftkit_merge::{merge, AdapterInput, MergeError, MergeJob};
 
 fn case_dir(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -466,7 +466,7 @@ pub fn replace_rows(base: BaseTensorMut<'_>, indices: &[usize], rows: F32Tensor<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::merge::dtype::{decode_f32, encode_f32};
+    use crate::kernels::dtype::{decode_f32, encode_f32};
     use safetensors::Dtype;
 
     #[test]
