@@ -442,20 +442,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .iter()
                 .map(|a| peftkit::merge::AdapterInput::parse(a))
                 .collect();
-            let job = peftkit::merge::MergeJob {
-                max_shard_size: max_shard_size
-                    .as_deref()
-                    .map(ckpt::parse_size)
-                    .transpose()?,
-                safe_merge,
-                unmerge,
-                durable: !no_fsync,
-                numerics,
-                ..peftkit::merge::MergeJob::new(base, adapters, out)
-            };
-            let total = Checkpoint::open(&job.base)?.total_bytes();
-            let bar = progress(total);
-            let summary = peftkit::merge::merge(&job, &mut |n| bar.inc(n))?;
+            let max_shard_size = max_shard_size
+                .as_deref()
+                .map(ckpt::parse_size)
+                .transpose()?;
+            let bar = progress(Checkpoint::open(&base)?.total_bytes());
+            let on_bytes = bar.clone();
+            let job = peftkit::merge::MergeJob::new(base, adapters, out)
+                .max_shard_size(max_shard_size)
+                .safe_merge(safe_merge)
+                .unmerge(unmerge)
+                .durable(!no_fsync)
+                .numerics(numerics)
+                .progress(move |n| on_bytes.inc(n));
+            let summary = peftkit::merge::merge(&job)?;
             bar.finish_and_clear();
             if json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);

@@ -4,20 +4,41 @@
 //! Two layers, both re-exported flat at this root:
 //!
 //! * the numeric kernels: pure functions over byte and `f32` slices (LoRA, DoRA, IA³, LoHa,
-//!   LoKr, trainable tokens, dtype conversion), reproducing MKL's reduction order, or one
-//!   correct rounding with [`Numerics::Exact`];
-//! * the streaming merge ([`merge`] of a [`MergeJob`]): adapters planned against the base's
-//!   headers, then every touched tensor merged lazily as the output is written.
+//!   LoKr, trainable tokens, dtype conversion) reproducing MKL's reduction order, or one
+//!   correct rounding with [`Numerics::Exact`]. They validate shapes and return
+//!   [`MergeMathError`] instead of panicking;
+//! * the streaming merge: [`merge`] of a [`MergeJob`] plans every adapter against the base's
+//!   headers, refuses what it cannot merge ([`MergeError`], [`UnsupportedMerge`]) before
+//!   writing anything, then merges each touched tensor lazily as the output is written.
 //!
-//! This is the only crate of the workspace with `unsafe` code (the AVX-512 kernels and the
-//! disjoint row writes of the parallel kernels); everything below it forbids it.
+//! ```no_run
+//! use peftkit_merge::{merge, AdapterInput, MergeJob, Numerics};
 //!
-//! Built on `peftkit-peft` (adapters and their configs), `peftkit-remap` (on-disk layouts)
-//! and `peftkit-checkpoint` (tensors, safetensors IO, atomic saves).
+//! let job = MergeJob::new("base", vec![AdapterInput::parse("adapter:0.5")], "merged")
+//!     .numerics(Numerics::Exact)
+//!     .progress(|bytes| eprint!("."));
+//! let summary = merge(&job)?;
+//! assert_eq!(summary.numerics.mode, Numerics::Exact);
+//! # Ok::<(), peftkit_merge::MergeError>(())
+//! ```
+//!
+//! This is the only crate of the workspace with `unsafe` code: the AVX-512 kernels and the
+//! disjoint row writes of the parallel kernels. It is built on `peftkit-peft` (adapters and
+//! their configs), `peftkit-remap` (on-disk layouts) and `peftkit-checkpoint` (tensors,
+//! safetensors IO, atomic saves).
 #![deny(missing_docs)]
 
+mod edit;
+mod error;
+mod job;
 mod kernels;
-mod pipeline;
+mod plan;
+mod report;
+mod stream;
 
+pub use error::{MergeError, UnsupportedMerge};
+pub use job::{AdapterInput, MergeJob};
 pub use kernels::*;
-pub use pipeline::*;
+pub use peftkit_checkpoint::Progress;
+pub use report::{MergeSummary, NumericsReport};
+pub use stream::merge;

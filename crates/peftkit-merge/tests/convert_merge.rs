@@ -50,7 +50,7 @@ fn merge_into_base(case: &str, adapter: &Path, out: &Path) {
         }],
         out,
     );
-    merge(&job, &mut |_| {})
+    merge(&job)
         .unwrap_or_else(|e| panic!("{case}: merging {}: {e}", adapter.display()));
 }
 

@@ -483,7 +483,7 @@ fn pipeline_merges_like_peft() {
         );
         job.safe_merge = case.flag("safe_merge");
         job.durable = false;
-        let summary = merge(&job, &mut |_| {}).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let summary = merge(&job).unwrap_or_else(|e| panic!("{}: {e}", case.name));
         assert!(summary.tensors_merged >= 1, "{}: nothing merged", case.name);
         let merged = Checkpoint::open(&out).unwrap();
         assert_eq!(merged.len(), expected.len(), "{}: tensors", case.name);
