@@ -49,7 +49,7 @@ pub use lora::{
     merge_embedding, merge_experts, merge_linear, merge_lora_bias, ExpertLayout, MergeOptions,
 };
 pub use methods::{
-    add_delta, lokr_delta, loha_delta, merge_ia3_bias, merge_ia3_weight, merge_loha, merge_lokr,
+    add_delta, loha_delta, lokr_delta, merge_ia3_bias, merge_ia3_weight, merge_loha, merge_lokr,
     replace_rows, LokrFactor,
 };
 pub use order::{

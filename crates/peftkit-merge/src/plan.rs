@@ -140,10 +140,14 @@ impl Planner<'_> {
 
     /// Adds `edit` to base tensor `key`.
     fn push(&mut self, key: &str, dir: &Arc<Path>, edit: Edit) {
-        self.plan.steps.entry(key.to_owned()).or_default().push(Step {
-            adapter: dir.clone(),
-            edit,
-        });
+        self.plan
+            .steps
+            .entry(key.to_owned())
+            .or_default()
+            .push(Step {
+                adapter: dir.clone(),
+                edit,
+            });
     }
 
     /// The base tensor `{module}.{param}` (under its on-disk name if the base renames it),

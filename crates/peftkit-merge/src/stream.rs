@@ -114,7 +114,15 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
     if summary.untied_embeddings {
         options.config = config;
     }
-    save(job, &base, &plan, state, resave_mapping, &options, &mut summary)?;
+    save(
+        job,
+        &base,
+        &plan,
+        state,
+        resave_mapping,
+        &options,
+        &mut summary,
+    )?;
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
 }

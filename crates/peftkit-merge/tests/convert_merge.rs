@@ -50,8 +50,7 @@ fn merge_into_base(case: &str, adapter: &Path, out: &Path) {
         }],
         out,
     );
-    merge(&job)
-        .unwrap_or_else(|e| panic!("{case}: merging {}: {e}", adapter.display()));
+    merge(&job).unwrap_or_else(|e| panic!("{case}: merging {}: {e}", adapter.display()));
 }
 
 fn f32s(t: &Tensor) -> Vec<f32> {

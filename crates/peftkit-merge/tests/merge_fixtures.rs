@@ -101,8 +101,7 @@ fn merges_are_bit_identical_to_peft() {
     for case in EXACT {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("merged");
-        let summary =
-            merge(&job(case, &out)).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let summary = merge(&job(case, &out)).unwrap_or_else(|e| panic!("{case}: {e}"));
         assert!(
             summary.tensors_merged + summary.tensors_replaced > 0,
             "{case}: nothing merged"
@@ -259,10 +258,7 @@ fn unmerge_of_replacing_adapter_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let mut j = job("modules_to_save", &tmp.path().join("x"));
     j.unmerge = true;
-    assert!(matches!(
-        merge(&j),
-        Err(MergeError::Unsupported { .. })
-    ));
+    assert!(matches!(merge(&j), Err(MergeError::Unsupported { .. })));
 }
 
 #[test]

@@ -22,17 +22,15 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use peftkit_merge::{merge_dora_conv, merge_dora_embedding, merge_dora_linear};
 use peftkit_merge::{decode_f32, element_size};
-use peftkit_merge::{
-    merge_conv, merge_embedding, merge_experts, merge_linear, merge_lora_bias,
-};
-use peftkit_merge::{
-    merge_ia3_bias, merge_ia3_weight, merge_loha, merge_lokr, replace_rows, LokrFactor,
-};
 use peftkit_merge::{
     lora_scaling, set_reduction_order, BaseTensorMut, ExpertLayout, F32Tensor, HostOrder,
     MergeOptions, Numerics,
+};
+use peftkit_merge::{merge_conv, merge_embedding, merge_experts, merge_linear, merge_lora_bias};
+use peftkit_merge::{merge_dora_conv, merge_dora_embedding, merge_dora_linear};
+use peftkit_merge::{
+    merge_ia3_bias, merge_ia3_weight, merge_loha, merge_lokr, replace_rows, LokrFactor,
 };
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
@@ -221,6 +219,7 @@ fn base_mut(t: &mut Tensor) -> BaseTensorMut<'_> {
 }
 
 /// Runs one case with `numerics`; returns the comparisons `(what, diff)` with peft's result.
+// Over 100 lines: one arm per fixture kind, the dispatch table of the whole fixture set.
 fn run(case: &Case, numerics: Numerics) -> Vec<(&'static str, Diff)> {
     let mut out = Vec::new();
     let method = case.str("method");

@@ -51,7 +51,9 @@ impl Planner<'_> {
                         weight,
                         adapter,
                     };
-                    if let Some(edits) = ctx.edits(module, &target_params, a, b, &key_of(tensors, "a"))? {
+                    if let Some(edits) =
+                        ctx.edits(module, &target_params, a, b, &key_of(tensors, "a"))?
+                    {
                         for (base_key, edit) in edits {
                             self.push(&base_key, dir, edit);
                         }
@@ -120,7 +122,9 @@ impl Planner<'_> {
             return Ok(());
         };
         let r = a.shape().first().copied().unwrap_or(0);
-        let alpha = resolver.alpha_for(module).map_err(|e| unsupported(adapter, e.into()))?;
+        let alpha = resolver
+            .alpha_for(module)
+            .map_err(|e| unsupported(adapter, e.into()))?;
         let scale = scale_of(alpha, r, cfg.use_rslora, weight, adapter)?;
         let (bk, bt) = self.base_tensor(adapter, module, "weight", &key_of(tensors, ra))?;
         let kind = match kind_hint {
