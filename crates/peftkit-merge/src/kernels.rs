@@ -1,7 +1,7 @@
 //! Numeric kernels of the merge: pure functions over slices, no file IO.
 //!
 //! They reproduce peft 0.21.2's `merge_and_unload()` on CPU (torch 2.15, MKL, AVX512) bit for
-//! bit, following reference §5–§6 and the measurements recorded in each module:
+//! bit, following docs/formats.md ("Merge numerics") and the measurements recorded in each module:
 //!
 //! * [`dtype`]: little-endian F32/BF16/F16/F64 bytes ⇄ `f32`/`f64`, with torch's rounding and
 //!   NaN bit patterns.

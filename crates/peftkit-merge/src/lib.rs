@@ -3,10 +3,16 @@
 //!
 //! Two layers, both re-exported flat at this root:
 //!
-//! * the numeric kernels: pure functions over byte and `f32` slices (LoRA, DoRA, IA³, LoHa,
-//!   LoKr, trainable tokens, dtype conversion) reproducing MKL's reduction order, or one
-//!   correct rounding with [`Numerics::Exact`]. They validate shapes and return
-//!   [`MergeMathError`] instead of panicking;
+//! * the numeric kernels: pure functions over byte and `f32` slices, no file IO, reproducing
+//!   peft's CPU arithmetic (torch, MKL's reduction order from [`ReductionOrder`]) or one
+//!   correct rounding with [`Numerics::Exact`]: LoRA ([`merge_linear`], [`merge_embedding`],
+//!   [`merge_conv`], [`merge_experts`], [`merge_lora_bias`]), DoRA ([`merge_dora_linear`]
+//!   and friends), IA³, LoHa, LoKr and trainable tokens ([`merge_ia3_weight`],
+//!   [`merge_loha`], [`merge_lokr`], [`replace_rows`]), the scale ([`lora_scaling`]) and
+//!   dtype conversion with torch's rounding ([`encode_f32`], [`decode_f32`]). Base tensors are
+//!   raw bytes updated in place ([`BaseTensorMut`]), adapter factors `f32` slices
+//!   ([`F32Tensor`]); every kernel validates shapes and returns [`MergeMathError`] instead of
+//!   panicking;
 //! * the streaming merge: [`merge`] of a [`MergeJob`] plans every adapter against the base's
 //!   headers, refuses what it cannot merge ([`MergeError`], [`UnsupportedMerge`]) before
 //!   writing anything, then merges each touched tensor lazily as the output is written.

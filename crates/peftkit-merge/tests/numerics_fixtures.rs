@@ -624,8 +624,8 @@ fn exact_numerics_distance_from_peft() {
 }
 
 /// Exact numerics against peft's arithmetic (the default kernels, bit-exact with peft at this
-/// shape, reference §5.9) on a realistic Linear: 1024×1024, r=16, alpha=32, weights and
-/// factors of a trained model's scale.
+/// shape; docs/formats.md, "Merge numerics") on a realistic Linear: 1024×1024, r=16,
+/// alpha=32, weights and factors of a trained model's scale.
 #[test]
 fn exact_numerics_distance_on_a_realistic_linear() {
     let (out, inp, r) = (1024usize, 1024usize, 16usize);

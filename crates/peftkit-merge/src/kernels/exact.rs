@@ -95,8 +95,8 @@ pub enum Numerics {
     /// peft 0.21.2's CPU arithmetic bit for bit (f32 GEMM in MKL's order and peft's roundings).
     #[default]
     Peft,
-    /// One correct rounding of the exact result: identical bytes on every machine (see the
-    /// [module docs](self)).
+    /// One correct rounding of the exact result: identical bytes on every machine (the method
+    /// and its proof: docs/formats.md, "Exact numerics").
     Exact,
 }
 

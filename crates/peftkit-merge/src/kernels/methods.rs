@@ -1,4 +1,4 @@
-//! Merge kernels of other PEFT methods (reference §5.10): IA³, LoHa, LoKr, trainable tokens,
+//! Merge kernels of other PEFT methods (docs/formats.md, "Merge numerics"): IA³, LoHa, LoKr, trainable tokens,
 //! and a generic "add this delta" kernel.
 //!
 //! LoHa and LoKr go through peft's LyCORIS base class, whose merge is `W += Δ` with Δ in f32
