@@ -7,8 +7,10 @@
 //!   configs, atomic saves. Knows nothing of PEFT.
 //! * [`remap`] (`peftkit-remap`): declarative conversion between the original on-disk layout
 //!   and the transformers-v5 layout (`save_original_format`).
-//! * [`peft`] (`peftkit-peft`): adapter name rules, adapter configs, adapter save, load,
-//!   extract and merge.
+//! * [`peft`] (`peftkit-peft`): adapter name rules, adapter configs, adapter save, load and
+//!   extract.
+//! * [`merge`] (`peftkit-merge`): the merge kernels, bit-identical to peft, and the streaming
+//!   merge of adapters into a checkpoint.
 //!
 //! The types most programs start from are also re-exported here, flat
 //! ([`Checkpoint`], [`StateDict`], [`Registry`], ...).
@@ -20,6 +22,7 @@
 #![deny(missing_docs)]
 
 pub use peftkit_checkpoint as checkpoint;
+pub use peftkit_merge as merge;
 pub use peftkit_peft as peft;
 pub use peftkit_remap as remap;
 

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use peftkit::checkpoint::{self as ckpt, Checkpoint};
-use peftkit::peft;
+use peftkit::merge;
 
 use super::progress;
 
@@ -37,7 +37,7 @@ pub(crate) struct Args {
     /// `peft`: peft's arithmetic bit for bit. `exact`: every element correctly rounded
     /// from the exact result, the same bytes on every machine (LoRA and IA3 only).
     #[arg(long, default_value = "peft", value_name = "peft|exact")]
-    numerics: peft::merge::Numerics,
+    numerics: merge::Numerics,
     /// Print a JSON summary.
     #[arg(long)]
     json: bool,
@@ -57,22 +57,22 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
     } = args;
     let adapters = adapters
         .iter()
-        .map(|a| peft::pipeline::AdapterInput::parse(a))
+        .map(|a| merge::AdapterInput::parse(a))
         .collect();
-    let job = peft::pipeline::MergeJob {
-        max_shard_size: max_shard_size
-            .as_deref()
-            .map(ckpt::parse_size)
-            .transpose()?,
-        safe_merge,
-        unmerge,
-        durable: !no_fsync,
-        numerics,
-        ..peft::pipeline::MergeJob::new(base, adapters, out)
-    };
-    let total = Checkpoint::open(&job.base)?.total_bytes();
-    let bar = progress(total);
-    let summary = peft::pipeline::merge(&job, &mut |n| bar.inc(n))?;
+    let max_shard_size = max_shard_size
+        .as_deref()
+        .map(ckpt::parse_size)
+        .transpose()?;
+    let bar = progress(Checkpoint::open(&base)?.total_bytes());
+    let on_bytes = bar.clone();
+    let job = merge::MergeJob::new(base, adapters, out)
+        .max_shard_size(max_shard_size)
+        .safe_merge(safe_merge)
+        .unmerge(unmerge)
+        .durable(!no_fsync)
+        .numerics(numerics)
+        .progress(move |n| on_bytes.inc(n));
+    let summary = merge::merge(&job)?;
     bar.finish_and_clear();
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -97,7 +97,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
 }
 
 /// Tells, on stderr, what the merge could not promise bit for bit.
-fn print_numerics(n: &peft::pipeline::NumericsReport) {
+fn print_numerics(n: &merge::NumericsReport) {
     if !n.host_measured {
         eprintln!(
             "note: this CPU family was never measured against peft; merged with the {} order",

@@ -46,7 +46,7 @@ GENERATORS["examples"] = copy_examples  # examples/data (after peft)
 def write_host(root):
     """HOST.json: the CPU the fixtures were made on. MKL and oneDNN pick their kernels, and with
     them the rounding of logits, high-rank merges and convolutions, by CPU; the Rust tests that
-    compare such floats emulate the kernels of this host (crates/peftkit-peft/src/merge/order.rs),
+    compare such floats emulate the kernels of this host (crates/peftkit-merge/src/kernels/order.rs),
     and the drift check compares them within a measured bound on any other host."""
     import torch
 

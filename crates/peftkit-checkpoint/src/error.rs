@@ -101,6 +101,19 @@ pub enum CheckpointError {
         /// What is wrong.
         reason: String,
     },
+    /// Computing a lazy tensor's bytes failed (a merge kernel refused its inputs, say). The
+    /// producer's error keeps its type: reach it with [`std::error::Error::source`] and
+    /// `downcast_ref`. The message, like [`CheckpointError::TensorData`]'s, names the tensor;
+    /// the source's own message follows it in an error chain.
+    #[error("tensor `{tensor}`: {context}")]
+    TensorCompute {
+        /// The tensor being computed.
+        tensor: String,
+        /// What was being done (`merging adapter/`).
+        context: String,
+        /// The producer's error.
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
     /// Nothing to save.
     #[error("the state dict is empty: there is nothing to save to {0}")]
     EmptyStateDict(PathBuf),

@@ -18,6 +18,7 @@ pub mod index;
 pub mod inspect;
 pub mod names;
 pub mod natural;
+pub mod progress;
 pub mod pyjson;
 pub mod safetensors_file;
 pub mod save;
@@ -29,6 +30,7 @@ pub use config::{GenerationConfig, ModelConfig};
 pub use error::{CheckpointError, Result};
 pub use index::WeightIndex;
 pub use names::{WeightsKind, WeightsNames};
+pub use progress::Progress;
 pub use save::{
     plan_save, save_planned, save_pretrained, save_pretrained_with_progress, SaveOptions, SavePlan,
     SaveReport,

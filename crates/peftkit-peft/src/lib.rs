@@ -1,4 +1,5 @@
-//! PEFT adapters as peft 0.21.2 reads and writes them, and their merge into base checkpoints.
+//! PEFT adapters as peft 0.21.2 reads and writes them. Merging them into base checkpoints
+//! is `peftkit-merge`'s job, which builds on this crate.
 //!
 //! * [`spec`]: the data-driven name rules of every PEFT method (adapters-spec/).
 //! * [`config`]: `adapter_config.json`, read leniently, validated strictly, written byte for
@@ -15,18 +16,15 @@
 //!   inferring the adapter config peft would write.
 //! * [`save`]: writing adapters as peft's `save_pretrained` does.
 //! * [`extract`]: an adapter (and the clean base) out of a full state dict.
-//! * [`merge`]: the numeric kernels, bit-identical to peft's CPU merge.
-//! * [`pipeline`]: the streaming merge of adapters into a checkpoint.
 //!
 //! Built on `peftkit-checkpoint`, which knows nothing of PEFT.
+#![forbid(unsafe_code)]
 
 pub mod adapter;
 pub mod classify;
 pub mod config;
 pub mod convert;
 pub mod extract;
-pub mod merge;
-pub mod pipeline;
 pub mod save;
 pub mod spec;
 pub mod targeting;

@@ -17,11 +17,11 @@ randomised, non-zero adapter weights, saves the adapter with `save_pretrained`, 
   `w` (as `LoraLayer.scale_layer(w)` does) -- what `peftkit merge --adapter DIR:w` computes;
 * `numerics/<case>.adapter/` (cases with `pipeline: true`): `adapter_config.json` and
   `adapter_model.safetensors` exactly as peft's `save_pretrained` wrote them, so that the Rust
-  test can also run the whole `peftkit_peft::pipeline::merge` on a base holding `layer.weight`
+  test can also run the whole `peftkit_merge::merge` on a base holding `layer.weight`
   (and `layer.bias`) and compare its output, the untouched bias included.
 
-The Rust test `crates/peftkit-peft/tests/numerics_fixtures.rs` repeats each merge with the
-kernels of `peftkit_peft::merge` (and, for `pipeline` cases, with the merge pipeline) and
+The Rust test `crates/peftkit-merge/tests/numerics_fixtures.rs` repeats each merge with the
+kernels of `peftkit_merge` (and, for `pipeline` cases, with the merge pipeline) and
 compares bit for bit.
 
 Host independence: matrix products of rank > 192 (and some conv shapes) are split by MKL in a

@@ -83,7 +83,7 @@ use super::error::{MergeMathError, Result};
 /// How a merge rounds.
 ///
 /// ```
-/// use peftkit_peft::merge::Numerics;
+/// use peftkit_merge::Numerics;
 /// assert_eq!(Numerics::default(), Numerics::Peft);
 /// assert_eq!("exact".parse::<Numerics>().unwrap(), Numerics::Exact);
 /// assert_eq!(Numerics::Exact.to_string(), "exact");
@@ -95,8 +95,8 @@ pub enum Numerics {
     /// peft 0.21.2's CPU arithmetic bit for bit (f32 GEMM in MKL's order and peft's roundings).
     #[default]
     Peft,
-    /// One correct rounding of the exact result: identical bytes on every machine (see the
-    /// [module docs](self)).
+    /// One correct rounding of the exact result: identical bytes on every machine (the method
+    /// and its proof: docs/formats.md, "Exact numerics").
     Exact,
 }
 

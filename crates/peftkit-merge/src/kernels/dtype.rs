@@ -264,6 +264,18 @@ pub fn encode_f32_into(
 }
 
 /// Encodes `values` as little-endian `dtype` into a new buffer (see [`encode_f32_into`]).
+///
+/// ```
+/// use peftkit_merge::{decode_f32, encode_f32};
+/// use safetensors::Dtype;
+///
+/// // BF16 keeps 8 bits of mantissa: 1 + 2^-9 rounds to even, back to 1.
+/// let bytes = encode_f32("w", Dtype::BF16, &[1.5, 1.0 + 2f32.powi(-9)])?;
+/// assert_eq!(bytes, [0xc0, 0x3f, 0x80, 0x3f]);
+/// assert_eq!(decode_f32("w", Dtype::BF16, &bytes)?, [1.5, 1.0]);
+/// assert!(encode_f32("w", Dtype::I32, &[1.0]).is_err());
+/// # Ok::<(), peftkit_merge::MergeMathError>(())
+/// ```
 pub fn encode_f32(what: &'static str, dtype: Dtype, values: &[f32]) -> Result<Vec<u8>> {
     let size = element_size(dtype).map_err(|_| MergeMathError::UnsupportedDtype { what, dtype })?;
     let len = values

@@ -1,10 +1,10 @@
 //! Replays every `tests/fixtures/numerics/<case>` merge (written by the real peft 0.21.2, see
-//! `tests/interop/fixturegen/numerics_cases.py`) with the kernels of `peftkit_peft::merge` and
+//! `tests/interop/fixturegen/numerics_cases.py`) with the kernels of `peftkit_merge` and
 //! compares the merged tensors bit for bit. The scale comes from `lora_scaling`, the function
 //! the merge pipeline computes every scale with (adapter weight included).
 //!
 //! Cases with `"pipeline": true` keep peft's adapter folder (`<case>.adapter/`); they are also
-//! merged end to end by `peftkit_peft::pipeline::merge` (what `peftkit merge` runs), whose
+//! merged end to end by `peftkit_merge::merge` (what `peftkit merge` runs), whose
 //! output weight and bias — untouched by LoRA without `lora_bias`, LoHa, LoKr and feedforward
 //! IA3 — must equal peft's.
 //!
@@ -22,17 +22,15 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use peftkit_peft::merge::dora::{merge_dora_conv, merge_dora_embedding, merge_dora_linear};
-use peftkit_peft::merge::dtype::{decode_f32, element_size};
-use peftkit_peft::merge::lora::{
-    merge_conv, merge_embedding, merge_experts, merge_linear, merge_lora_bias,
-};
-use peftkit_peft::merge::methods::{
-    merge_ia3_bias, merge_ia3_weight, merge_loha, merge_lokr, replace_rows, LokrFactor,
-};
-use peftkit_peft::merge::{
+use peftkit_merge::{decode_f32, element_size};
+use peftkit_merge::{
     lora_scaling, set_reduction_order, BaseTensorMut, ExpertLayout, F32Tensor, HostOrder,
     MergeOptions, Numerics,
+};
+use peftkit_merge::{merge_conv, merge_embedding, merge_experts, merge_linear, merge_lora_bias};
+use peftkit_merge::{merge_dora_conv, merge_dora_embedding, merge_dora_linear};
+use peftkit_merge::{
+    merge_ia3_bias, merge_ia3_weight, merge_loha, merge_lokr, replace_rows, LokrFactor,
 };
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
@@ -221,6 +219,7 @@ fn base_mut(t: &mut Tensor) -> BaseTensorMut<'_> {
 }
 
 /// Runs one case with `numerics`; returns the comparisons `(what, diff)` with peft's result.
+// Over 100 lines: one arm per fixture kind, the dispatch table of the whole fixture set.
 fn run(case: &Case, numerics: Numerics) -> Vec<(&'static str, Diff)> {
     let mut out = Vec::new();
     let method = case.str("method");
@@ -444,7 +443,7 @@ fn pipeline_merges_like_peft() {
     use peftkit_checkpoint::{
         save_pretrained, Checkpoint, SaveOptions, StateDict, Tensor as CkTensor,
     };
-    use peftkit_peft::pipeline::{merge, AdapterInput, MergeJob};
+    use peftkit_merge::{merge, AdapterInput, MergeJob};
 
     // Pipeline cases keep r <= 192 (one block on every host), but run like the kernel test.
     use_fixture_host_order();
@@ -483,7 +482,7 @@ fn pipeline_merges_like_peft() {
         );
         job.safe_merge = case.flag("safe_merge");
         job.durable = false;
-        let summary = merge(&job, &mut |_| {}).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let summary = merge(&job).unwrap_or_else(|e| panic!("{}: {e}", case.name));
         assert!(summary.tensors_merged >= 1, "{}: nothing merged", case.name);
         let merged = Checkpoint::open(&out).unwrap();
         assert_eq!(merged.len(), expected.len(), "{}: tensors", case.name);
@@ -625,8 +624,8 @@ fn exact_numerics_distance_from_peft() {
 }
 
 /// Exact numerics against peft's arithmetic (the default kernels, bit-exact with peft at this
-/// shape, reference §5.9) on a realistic Linear: 1024×1024, r=16, alpha=32, weights and
-/// factors of a trained model's scale.
+/// shape; docs/formats.md, "Merge numerics") on a realistic Linear: 1024×1024, r=16,
+/// alpha=32, weights and factors of a trained model's scale.
 #[test]
 fn exact_numerics_distance_on_a_realistic_linear() {
     let (out, inp, r) = (1024usize, 1024usize, 16usize);
@@ -644,7 +643,7 @@ fn exact_numerics_distance_on_a_realistic_linear() {
     println!("realistic linear {out}x{inp} r={r}: exact vs peft numerics");
     let mut results = Vec::new();
     for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {
-        let base = peftkit_peft::merge::dtype::encode_f32("w", dtype, &w).unwrap();
+        let base = peftkit_merge::encode_f32("w", dtype, &w).unwrap();
         let merged = |numerics| {
             let mut t = Tensor {
                 dtype,
@@ -699,7 +698,7 @@ fn safe_merge_rejects_nan_adapter() {
     let in_features = a_t.shape[1];
     assert_eq!(
         err,
-        peftkit_peft::merge::MergeMathError::NonFinite {
+        peftkit_merge::MergeMathError::NonFinite {
             what: "linear weight",
             count: in_features,
             first: 0

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use peftkit_checkpoint::tensor::dtype_name;
 use peftkit_checkpoint::Checkpoint;
-use peftkit_peft::pipeline::{merge, AdapterInput, MergeError, MergeJob};
+use peftkit_merge::{merge, AdapterInput, MergeError, MergeJob};
 
 fn case_dir(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -101,8 +101,7 @@ fn merges_are_bit_identical_to_peft() {
     for case in EXACT {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("merged");
-        let summary =
-            merge(&job(case, &out), &mut |_| {}).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let summary = merge(&job(case, &out)).unwrap_or_else(|e| panic!("{case}: {e}"));
         assert!(
             summary.tensors_merged + summary.tensors_replaced > 0,
             "{case}: nothing merged"
@@ -119,7 +118,7 @@ fn merges_are_bit_identical_to_peft() {
 fn tiny_conv_agrees_to_rounding() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("merged");
-    merge(&job("conv2d", &out), &mut |_| {}).unwrap();
+    merge(&job("conv2d", &out)).unwrap();
     let (e, a) = (
         Checkpoint::open(&case_dir("conv2d").join("merged")).unwrap(),
         Checkpoint::open(&out).unwrap(),
@@ -152,7 +151,7 @@ fn resharded_merge_keeps_every_tensor() {
     let out = tmp.path().join("merged");
     let mut j = job("lora_basic", &out);
     j.max_shard_size = Some(5_000);
-    merge(&j, &mut |_| {}).unwrap();
+    merge(&j).unwrap();
     assert!(out.join("model.safetensors.index.json").is_file());
     let (e, a) = (
         Checkpoint::open(&case_dir("lora_basic").join("merged")).unwrap(),
@@ -188,7 +187,7 @@ fn resharded_moe_merge_is_planned_on_the_fused_model() {
         let mut j = job("mixtral_experts", &out);
         j.max_shard_size = Some(size);
         j.durable = false;
-        merge(&j, &mut |_| {}).unwrap();
+        merge(&j).unwrap();
         assert_same_merge(folder, &dir.join(folder), &out);
         checked += 1;
     }
@@ -199,7 +198,7 @@ fn resharded_moe_merge_is_planned_on_the_fused_model() {
 fn prompt_tuning_is_refused_and_nothing_written() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("merged");
-    let err = merge(&job("prompt_tuning", &out), &mut |_| {}).unwrap_err();
+    let err = merge(&job("prompt_tuning", &out)).unwrap_err();
     assert!(matches!(err, MergeError::Unsupported { .. }), "{err}");
     assert!(!out.exists());
 }
@@ -210,7 +209,7 @@ fn adapter_for_another_model_is_refused_naming_the_key() {
     let out = tmp.path().join("merged");
     let mut j = job("gpt2_conv1d", &out);
     j.base = case_dir("lora_basic").join("base");
-    let err = merge(&j, &mut |_| {}).unwrap_err().to_string();
+    let err = merge(&j).unwrap_err().to_string();
     assert!(
         err.contains("transformer.h.0.attn.c_attn") && err.contains("has no tensor"),
         "{err}"
@@ -227,7 +226,7 @@ fn unmerge_recovers_the_base() {
     let mut j = job("lora_basic", &out);
     j.base = case_dir("lora_basic").join("merged");
     j.unmerge = true;
-    let summary = merge(&j, &mut |_| {}).unwrap();
+    let summary = merge(&j).unwrap();
     assert_eq!(summary.tensors_merged, 4);
     let (orig, back) = (
         Checkpoint::open(&case_dir("lora_basic").join("base")).unwrap(),
@@ -259,10 +258,7 @@ fn unmerge_of_replacing_adapter_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let mut j = job("modules_to_save", &tmp.path().join("x"));
     j.unmerge = true;
-    assert!(matches!(
-        merge(&j, &mut |_| {}),
-        Err(MergeError::Unsupported { .. })
-    ));
+    assert!(matches!(merge(&j), Err(MergeError::Unsupported { .. })));
 }
 
 #[test]
@@ -298,7 +294,7 @@ fn safe_merge_rejects_non_finite_results_and_writes_nothing() {
         weight: 1.0,
     }];
     j.safe_merge = true;
-    let err = merge(&j, &mut |_| {}).unwrap_err().to_string();
+    let err = merge(&j).unwrap_err().to_string();
     assert!(
         err.contains("model.layers.0.self_attn.q_proj.weight"),
         "{err}"
@@ -330,7 +326,7 @@ fn shape_mismatch_is_refused_naming_the_key() {
     let out = tmp.path().join("merged");
     let mut j = job("lora_basic", &out);
     j.base = fake;
-    let err = merge(&j, &mut |_| {}).unwrap_err();
+    let err = merge(&j).unwrap_err();
     assert!(matches!(err, MergeError::Shape { .. }), "{err}");
     assert!(
         err.to_string().contains("model.layers.0.self_attn.v_proj"),
@@ -365,7 +361,7 @@ fn unsupported_variants_are_refused() {
             dir: adapter,
             weight: 1.0,
         }];
-        let err = merge(&j, &mut |_| {}).unwrap_err();
+        let err = merge(&j).unwrap_err();
         assert!(
             matches!(err, MergeError::Unsupported { .. } | MergeError::Adapter(_)),
             "{field}: {err}"
@@ -381,7 +377,7 @@ fn adapter_weight_scales_the_delta() {
     let out = tmp.path().join("zero");
     let mut j = job("lora_bf16", &out);
     j.adapters[0].weight = 0.0;
-    merge(&j, &mut |_| {}).unwrap();
+    merge(&j).unwrap();
     let base = case_dir("lora_bf16").join("base");
     assert_eq!(
         fs::read(base.join("model.safetensors")).unwrap(),
@@ -396,7 +392,7 @@ fn adapter_weight_scales_the_delta() {
     let out = tmp.path().join("one");
     let mut j = job("lora_bf16", &out);
     j.adapters = vec![parsed];
-    merge(&j, &mut |_| {}).unwrap();
+    merge(&j).unwrap();
     let merged = case_dir("lora_bf16").join("merged");
     assert_eq!(
         fs::read(merged.join("model.safetensors")).unwrap(),
@@ -422,7 +418,7 @@ fn expert_lora_on_a_fused_v5_checkpoint() {
     let merged_v5 = tmp.path().join("merged_v5");
     let mut j = job("mixtral_experts", &merged_v5);
     j.base = v5;
-    let summary = merge(&j, &mut |_| {}).unwrap();
+    let summary = merge(&j).unwrap();
     assert!(summary.tensors_merged >= 4, "{summary:?}");
     let back = tmp.path().join("merged");
     remap(

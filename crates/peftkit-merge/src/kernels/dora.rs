@@ -1,5 +1,5 @@
 //! DoRA (`use_dora=true`) merge kernels for Linear / `Conv1D`, Embedding and Conv
-//! (reference §5.7, peft 0.21.2 `DoraLinearVariant.merge_unsafe` and friends).
+//! (docs/formats.md, "Merge numerics"; peft 0.21.2 `DoraLinearVariant.merge_unsafe` and friends).
 //!
 //! ```text
 //! Δ  = fl32(B @ A · s)                       as for plain LoRA (f32 adapters)

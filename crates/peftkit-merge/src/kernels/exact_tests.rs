@@ -9,7 +9,7 @@ use num_traits::{FromPrimitive, Zero};
 use safetensors::Dtype;
 
 use super::*;
-use crate::merge::dtype::{decode_f32, encode_f32};
+use crate::kernels::dtype::{decode_f32, encode_f32};
 
 /// `(significand bits incl. the implicit one, minimum normal exponent, maximum exponent)`.
 fn format(t: Target) -> (i64, i64, i64) {
@@ -109,6 +109,7 @@ const TARGETS: [Target; 3] = [Target::F32, Target::Bf16, Target::F16];
 
 /// Case families: typical values, huge/tiny magnitudes and subnormals, cancellations inside
 /// the sum, exact ties, exact cancellation of W, and values at the overflow threshold.
+// Over 100 lines: one arm per family, read side by side; splitting them would scatter the list.
 fn generate(rng: &mut Rng, family: usize) -> Case {
     let t = TARGETS[rng.below(3)];
     let (rows, k, n) = (1 + rng.below(4), 1 + rng.below(24), 1 + rng.below(80));

@@ -1,7 +1,7 @@
 //! Numeric kernels of the merge: pure functions over slices, no file IO.
 //!
 //! They reproduce peft 0.21.2's `merge_and_unload()` on CPU (torch 2.15, MKL, AVX512) bit for
-//! bit, following reference §5–§6 and the measurements recorded in each module:
+//! bit, following docs/formats.md ("Merge numerics") and the measurements recorded in each module:
 //!
 //! * [`dtype`]: little-endian F32/BF16/F16/F64 bytes ⇄ `f32`/`f64`, with torch's rounding and
 //!   NaN bit patterns.
@@ -22,20 +22,36 @@
 mod apply;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
-pub mod dora;
-pub mod dtype;
+pub(crate) mod dora;
+pub(crate) mod dtype;
 mod error;
-pub mod exact;
+pub(crate) mod exact;
 mod fused;
-pub mod gemm;
-pub mod lora;
-pub mod methods;
+pub(crate) mod gemm;
+pub(crate) mod lora;
+pub(crate) mod methods;
 mod order;
 
 pub use apply::{BaseTensorMut, F32Tensor};
-pub use error::{MergeMathError, Result};
-pub use exact::{Numerics, ParseNumericsError};
-pub use lora::{lora_scaling, ExpertLayout, MergeOptions};
+pub use dora::{
+    merge_dora_conv, merge_dora_embedding, merge_dora_linear, torch_column_norms, torch_row_norm,
+};
+pub use dtype::{
+    bf16_bits_to_f32, decode_f32, decode_f32_into, decode_f64, decode_f64_into, element_count,
+    element_size, encode_f32, encode_f32_into, encode_f64_into, f16_bits_to_f32, f32_to_bf16_bits,
+    f32_to_f16_bits, round_f32_to, round_slice_to,
+};
+pub use error::MergeMathError;
+pub use exact::{refusal, refusal_reason, Numerics, ParseNumericsError};
+pub use gemm::lowrank_product;
+pub use lora::{
+    conv_delta, embedding_delta, experts_delta, linear_delta, lora_scaling, merge_conv,
+    merge_embedding, merge_experts, merge_linear, merge_lora_bias, ExpertLayout, MergeOptions,
+};
+pub use methods::{
+    add_delta, loha_delta, lokr_delta, merge_ia3_bias, merge_ia3_weight, merge_loha, merge_lokr,
+    replace_rows, LokrFactor,
+};
 pub use order::{
     host_order, reduction_order, set_reduction_order, Blocking, Halves, HostOrder, ReductionOrder,
     UnknownOrder, UNVERIFIED_BOUND_ULP,

@@ -3,16 +3,16 @@
 //! row-block path (`round_delta_first`, which must decode, materialise Δ and encode) and exact
 //! numerics (`Numerics::Exact`, see `merge::exact`).
 //!
-//! Run: `cargo bench -p peftkit-peft --bench merge_kernels [-- RANK] [-- OUTxIN]` (one shape,
+//! Run: `cargo bench -p peftkit-merge --bench merge_kernels [-- RANK] [-- OUTxIN]` (one shape,
 //! e.g. `4096x4096`, instead of the default three). Prints the median of 7
 //! runs per case in ms and in GB/s of base bytes; nothing here asserts a time. Results go in
 //! docs/benchmarks.md.
 
 use std::time::Instant;
 
-use peftkit_peft::merge::dtype::encode_f32;
-use peftkit_peft::merge::lora::{merge_linear, MergeOptions};
-use peftkit_peft::merge::{BaseTensorMut, F32Tensor, Numerics};
+use peftkit_merge::encode_f32;
+use peftkit_merge::{merge_linear, MergeOptions};
+use peftkit_merge::{BaseTensorMut, F32Tensor, Numerics};
 use safetensors::Dtype;
 
 fn values(n: usize, seed: u64) -> Vec<f32> {

@@ -2,7 +2,7 @@
 //! Conv1d/2d/3d, MoE expert parameters (`target_parameters`), `lora_bias`, unmerge.
 //!
 //! Every kernel updates a base tensor in place and reproduces peft 0.21.2's
-//! `merge_and_unload()` on CPU bit for bit (reference §5.2–§5.6, §5.9):
+//! `merge_and_unload()` on CPU bit for bit (docs/formats.md, "Merge numerics"; peft's `lora/layer.py` `get_delta_weight`):
 //!
 //! ```text
 //! P  = B @ A                        f32, MKL reduction order (see `gemm`)
@@ -39,6 +39,16 @@ use super::order::active_k_blocks;
 ///
 /// This is the one place the merge pipeline computes a scale: every method and layer kind
 /// goes through it, with the adapter's weight (1.0 when none is given).
+///
+/// ```
+/// use peftkit_merge::lora_scaling;
+///
+/// assert_eq!(lora_scaling(16.0, 8, false, 1.0)?, 2.0);
+/// assert_eq!(lora_scaling(16.0, 4, true, 1.0)?, 8.0); // rsLoRA: alpha / sqrt(r)
+/// assert_eq!(lora_scaling(32.0, 6, false, 0.6)?, 3.2); // weighted in f64, rounded once
+/// assert!(lora_scaling(16.0, 0, false, 1.0).is_err());
+/// # Ok::<(), peftkit_merge::MergeMathError>(())
+/// ```
 pub fn lora_scaling(alpha: f64, r: usize, use_rslora: bool, weight: f64) -> Result<f32> {
     if r == 0 {
         return Err(MergeMathError::Invalid {
@@ -73,10 +83,10 @@ pub struct MergeOptions {
     pub unmerge: bool,
     /// Adapter dtype when peft ran with `autocast_adapter_dtype=False` and the adapter is
     /// BF16/F16 on CPU: Δ is then computed in f32 and rounded to this dtype before use
-    /// (reference §5.2). `None` (or `Some(F32)`) is the default f32 adapter.
+    /// (docs/formats.md, "Merge numerics"). `None` (or `Some(F32)`) is the default f32 adapter.
     pub adapter_dtype: Option<Dtype>,
     /// [`Numerics::Exact`] replaces peft's arithmetic by one correct rounding of the exact
-    /// result (see [`super::exact`]). peft's intermediate roundings then do not apply:
+    /// result (see [`Numerics::Exact`]). peft's intermediate roundings then do not apply:
     /// `round_delta_first`, `adapter_dtype` and the embedding/expert double rounding are
     /// ignored, and `safe_merge` only adds the finiteness check.
     pub numerics: Numerics,
@@ -395,6 +405,27 @@ pub fn linear_delta(
 ///
 /// `a` is `lora_A.weight` `(r, in)`, `b` is `lora_B.weight` `(out, r)`, `scale` from
 /// [`lora_scaling`]. Base dtypes F32/BF16/F16/F64.
+///
+/// ```
+/// use peftkit_merge::{
+///     decode_f32, encode_f32, merge_linear, BaseTensorMut, F32Tensor, MergeOptions,
+/// };
+/// use safetensors::Dtype;
+///
+/// // W (2, 3) in BF16, a rank-1 adapter: W += 2 · B @ A.
+/// let mut w = encode_f32("W", Dtype::BF16, &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0])?;
+/// let (a, b) = ([1.0, 0.0, -1.0], [0.5, 0.25]);
+/// merge_linear(
+///     BaseTensorMut::new(Dtype::BF16, &[2, 3], &mut w),
+///     F32Tensor::new(&[1, 3], &a),
+///     F32Tensor::new(&[2, 1], &b),
+///     2.0,
+///     false,
+///     &MergeOptions::default(),
+/// )?;
+/// assert_eq!(decode_f32("W", Dtype::BF16, &w)?, [2.0, 2.0, 2.0, 4.5, 5.0, 5.5]);
+/// # Ok::<(), peftkit_merge::MergeMathError>(())
+/// ```
 pub fn merge_linear(
     mut base: BaseTensorMut<'_>,
     a: F32Tensor<'_>,
@@ -632,7 +663,7 @@ pub fn experts_delta(
 /// Merges a `target_parameters` LoRA into a 3-D MoE expert parameter in place.
 ///
 /// `a` is `lora_A.weight` `(r·E, in)` with expert-major rows, `b` is `lora_B.weight`
-/// `(out, r·E)` with rank-major columns (peft's asymmetric reshape, reference §5.6):
+/// `(out, r·E)` with rank-major columns (peft's asymmetric reshape in `lora/layer.py` `ParamWrapper.get_delta_weight`):
 /// `Δ[e, o, i] = s · Σ_k B[o, k·E + e] · A[e·r + k, i]`. peft rounds Δ to the parameter dtype
 /// before adding. `adapter_dtype` is refused here: peft's expert einsum does not upcast.
 pub fn merge_experts(
@@ -698,7 +729,7 @@ pub fn merge_lora_bias(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::merge::dtype::{decode_f32, encode_f32};
+    use crate::kernels::dtype::{decode_f32, encode_f32};
 
     #[test]
     fn scaling_is_f64_then_f32() {

@@ -1,4 +1,4 @@
-//! Merge kernels of other PEFT methods (reference §5.10): IA³, LoHa, LoKr, trainable tokens,
+//! Merge kernels of other PEFT methods (docs/formats.md, "Merge numerics"): IA³, LoHa, LoKr, trainable tokens,
 //! and a generic "add this delta" kernel.
 //!
 //! LoHa and LoKr go through peft's LyCORIS base class, whose merge is `W += Δ` with Δ in f32
@@ -88,51 +88,7 @@ pub fn merge_ia3_weight(
     check_rank("base weight", base.shape, 2, 5, "2 to 5")?;
     let shape = base.shape.to_vec();
     let (rows, cols) = (shape[0], numel(WHAT, &shape[1..])?);
-    let kernel = numel(WHAT, shape.get(2..).unwrap_or(&[]))?;
-    // factor(row, col) -> index into ia3_l
-    enum Axis {
-        Rows,
-        Cols {
-            kernel: usize,
-        },
-        GroupedCols {
-            kernel: usize,
-            opg: usize,
-            ipg: usize,
-        },
-    }
-    let (axis, expected) = if shape.len() == 2 {
-        match (feedforward, fan_in_fan_out) {
-            (false, false) => (Axis::Rows, vec![rows, 1]),
-            (true, false) => (Axis::Cols { kernel: 1 }, vec![1, cols]),
-            (false, true) => (Axis::Cols { kernel: 1 }, vec![cols, 1]),
-            (true, true) => (Axis::Rows, vec![1, rows]),
-        }
-    } else {
-        if groups == 0 || rows % groups != 0 {
-            return Err(MergeMathError::Invalid {
-                what: "conv groups",
-                reason: format!("{groups} groups do not divide {rows} output channels"),
-            });
-        }
-        let ipg = shape[1];
-        let mut exp = if feedforward {
-            vec![1, ipg * groups]
-        } else {
-            vec![1, rows]
-        };
-        exp.resize(shape.len(), 1);
-        let axis = match (feedforward, groups) {
-            (false, _) => Axis::Rows,
-            (true, 1) => Axis::Cols { kernel },
-            (true, g) => Axis::GroupedCols {
-                kernel,
-                opg: rows / g,
-                ipg,
-            },
-        };
-        (axis, exp)
-    };
+    let (axis, expected) = Ia3Axis::of(&shape, rows, feedforward, fan_in_fan_out, groups)?;
     if ia3_l.shape != expected.as_slice() {
         return Err(MergeMathError::ShapeMismatch {
             what: "ia3_l",
@@ -145,13 +101,7 @@ pub fn merge_ia3_weight(
     let divisor: Vec<f32> = l.iter().map(|x| x + 1e-8f32).collect();
     let unmerge = opts.unmerge;
     let exact = ia3_exact_target(WHAT, base.dtype, opts)?;
-    let factor_of = |row: usize, col: usize| -> usize {
-        match axis {
-            Axis::Rows => row,
-            Axis::Cols { kernel } => col / kernel,
-            Axis::GroupedCols { kernel, opg, ipg } => (row / opg) * ipg + col / kernel,
-        }
-    };
+    let factor_of = |row: usize, col: usize| axis.factor(row, col);
     update_rows(
         WHAT,
         &mut base,
@@ -189,6 +139,77 @@ pub fn merge_ia3_weight(
             Ok(())
         },
     )
+}
+
+/// Which entry of `ia3_l` scales element `(row, col)` of a weight viewed as `(out, rest)`.
+#[derive(Clone, Copy)]
+enum Ia3Axis {
+    /// Output features: one factor per row.
+    Rows,
+    /// Input features: one factor per input channel of `kernel` columns.
+    Cols { kernel: usize },
+    /// Input channels of a grouped convolution: `opg` output and `ipg` input channels per
+    /// group.
+    GroupedCols {
+        kernel: usize,
+        opg: usize,
+        ipg: usize,
+    },
+}
+
+impl Ia3Axis {
+    /// The axis `ia3_l` scales in a weight of `shape` (`rows` output features), and the
+    /// shape `ia3_l` must have, as peft lays it out.
+    fn of(
+        shape: &[usize],
+        rows: usize,
+        feedforward: bool,
+        fan_in_fan_out: bool,
+        groups: usize,
+    ) -> Result<(Self, Vec<usize>)> {
+        let cols = numel("IA3 weight", &shape[1..])?;
+        let kernel = numel("IA3 weight", shape.get(2..).unwrap_or(&[]))?;
+        if shape.len() == 2 {
+            return Ok(match (feedforward, fan_in_fan_out) {
+                (false, false) => (Ia3Axis::Rows, vec![rows, 1]),
+                (true, false) => (Ia3Axis::Cols { kernel: 1 }, vec![1, cols]),
+                (false, true) => (Ia3Axis::Cols { kernel: 1 }, vec![cols, 1]),
+                (true, true) => (Ia3Axis::Rows, vec![1, rows]),
+            });
+        }
+        if groups == 0 || !rows.is_multiple_of(groups) {
+            return Err(MergeMathError::Invalid {
+                what: "conv groups",
+                reason: format!("{groups} groups do not divide {rows} output channels"),
+            });
+        }
+        let ipg = shape[1];
+        let mut exp = if feedforward {
+            vec![1, ipg * groups]
+        } else {
+            vec![1, rows]
+        };
+        exp.resize(shape.len(), 1);
+        let axis = match (feedforward, groups) {
+            (false, _) => Ia3Axis::Rows,
+            (true, 1) => Ia3Axis::Cols { kernel },
+            (true, g) => Ia3Axis::GroupedCols {
+                kernel,
+                opg: rows / g,
+                ipg,
+            },
+        };
+        Ok((axis, exp))
+    }
+
+    /// The index into `ia3_l` of element `(row, col)`.
+    fn factor(self, row: usize, col: usize) -> usize {
+        match self {
+            Ia3Axis::Rows => row,
+            Ia3Axis::Cols { kernel } => col / kernel,
+            Ia3Axis::GroupedCols { kernel, opg, ipg } => (row / opg) * ipg + col / kernel,
+        }
+    }
 }
 
 /// Merges an IA³ vector into the bias of a non-feed-forward layer in place:
@@ -466,7 +487,7 @@ pub fn replace_rows(base: BaseTensorMut<'_>, indices: &[usize], rows: F32Tensor<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::merge::dtype::{decode_f32, encode_f32};
+    use crate::kernels::dtype::{decode_f32, encode_f32};
     use safetensors::Dtype;
 
     #[test]

@@ -130,7 +130,7 @@ impl ReductionOrder {
     /// Splits the rank `k` into the blocks this order sums separately.
     ///
     /// ```
-    /// use peftkit_peft::merge::ReductionOrder;
+    /// use peftkit_merge::ReductionOrder;
     /// assert_eq!(ReductionOrder::MklAmd.k_blocks(193), vec![0..96, 96..192, 192..193]);
     /// assert_eq!(ReductionOrder::MklIntelAvx512.k_blocks(385), vec![0..193, 193..385]);
     /// ```
@@ -204,7 +204,7 @@ impl HostOrder {
     /// `/proc/cpuinfo` calls it `vendor_id`), with or without AVX-512.
     ///
     /// ```
-    /// use peftkit_peft::merge::{HostOrder, ReductionOrder};
+    /// use peftkit_merge::{HostOrder, ReductionOrder};
     /// assert_eq!(HostOrder::for_cpu("AuthenticAMD", false).order, ReductionOrder::MklAmd);
     /// assert!(!HostOrder::for_cpu("GenuineIntel", false).measured);
     /// ```

@@ -1,0 +1,408 @@
+//! The edits a plan makes to base tensors, and how each is applied to a tensor's bytes by the
+//! kernels.
+
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+
+use peftkit_checkpoint::{CheckpointError, Dtype, Tensor};
+use peftkit_peft::adapter::AdapterModule;
+
+use crate::kernels::{
+    decode_f32, dora, encode_f32, lora, methods, BaseTensorMut, F32Tensor, MergeMathError,
+    MergeOptions as KernelOptions, ReductionOrder,
+};
+
+/// One change to a base tensor.
+#[derive(Clone)]
+pub(crate) enum Edit {
+    /// Replace the whole tensor (cast to the base dtype).
+    Replace { source: Tensor },
+    /// A LoRA pair (optionally DoRA). `round_first` rounds the delta to the base dtype before
+    /// the add, as peft does for 2-D `target_parameters`.
+    Lora {
+        module: AdapterModule,
+        kind: LoraKind,
+        scale: f32,
+        dora: bool,
+        round_first: bool,
+    },
+    /// `lora_B.bias * s` added to the base bias.
+    LoraBias { bias: Tensor, scale: f32 },
+    /// Rows replaced (trainable tokens).
+    Rows { indices: Vec<usize>, rows: Tensor },
+    /// IA3 scaling vector.
+    Ia3 {
+        vector: Tensor,
+        feedforward: bool,
+        fan_in_fan_out: bool,
+    },
+    /// IA3 on the bias of a non-feedforward layer.
+    Ia3Bias { vector: Tensor },
+    /// LoHa Hadamard product.
+    Loha { module: AdapterModule, scale: f32 },
+    /// LoKr Kronecker product.
+    Lokr { module: AdapterModule, scale: f32 },
+    /// LoRA on a fused 3-D expert parameter `(E, out, in)` stored as is.
+    Experts { a: Tensor, b: Tensor, scale: f32 },
+    /// LoRA on one expert of a fused parameter whose experts are stored per expert on disk.
+    ExpertPiece(ExpertPiece),
+}
+
+/// The delta block `rows x cols` of expert `expert` of a fused expert LoRA, for a base tensor
+/// that holds that block on disk (transposed if the disk tensor is).
+#[derive(Clone)]
+pub(crate) struct ExpertPiece {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub experts: usize,
+    pub expert: usize,
+    pub rows: Range<usize>,
+    pub cols: Range<usize>,
+    pub transposed: bool,
+    pub scale: f32,
+}
+
+/// The layer type a LoRA pair adapts, which decides the kernel.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum LoraKind {
+    Linear { fan_in_fan_out: bool },
+    Embedding,
+    Conv,
+}
+
+impl LoraKind {
+    /// The roles of the `A` and `B` factors.
+    pub(crate) fn roles(self) -> (&'static str, &'static str) {
+        match self {
+            LoraKind::Embedding => ("embedding_a", "embedding_b"),
+            _ => ("a", "b"),
+        }
+    }
+}
+
+/// An edit and the adapter it comes from (whose folder its errors name).
+#[derive(Clone)]
+pub(crate) struct Step {
+    pub adapter: Arc<Path>,
+    pub edit: Edit,
+}
+
+impl Edit {
+    /// Whether this edit's product `B @ A` lies outside the domain where `order` was measured
+    /// to equal peft's (see [`ReductionOrder::verified`]).
+    pub(crate) fn unverified(&self, order: ReductionOrder) -> bool {
+        let dims = |t: Option<&Tensor>| t.map(|t| t.shape().to_vec()).unwrap_or_default();
+        match self {
+            Edit::Lora { module, kind, .. } => {
+                let (ra, rb) = kind.roles();
+                let (a, b) = (dims(module.get(ra)), dims(module.get(rb)));
+                let (Some(&r), Some(&rows)) = (a.first(), b.first()) else {
+                    return false;
+                };
+                let window = a.get(2..).map_or(1, |k| k.iter().product::<usize>());
+                // Convolutions wider than 1x1 go through oneDNN, not MKL's sgemm.
+                let conv = matches!(kind, LoraKind::Conv) && window > 1;
+                let cols = a.get(1).copied().unwrap_or(0) * window;
+                conv || !order.verified(rows, r, cols)
+            }
+            Edit::Experts { a, b, .. } => batched_unverified(order, a, b, 1),
+            Edit::ExpertPiece(p) => batched_unverified(order, &p.a, &p.b, p.experts),
+            _ => false,
+        }
+    }
+}
+
+/// [`Edit::unverified`] for a batched expert product of `experts` experts.
+fn batched_unverified(order: ReductionOrder, a: &Tensor, b: &Tensor, experts: usize) -> bool {
+    let (Some(&rows), Some(&ra), Some(&cols)) =
+        (b.shape().first(), a.shape().first(), a.shape().get(1))
+    else {
+        return false;
+    };
+    let r = ra / experts.max(1);
+    !order.verified_batched(rows, r, cols)
+}
+
+/// The base tensor a step edits, and the adapter its errors name.
+struct Site<'a> {
+    name: &'a str,
+    adapter: &'a Path,
+}
+
+impl Site<'_> {
+    /// A kernel's error, kept as the source of the tensor's error.
+    fn math(&self, e: MergeMathError) -> CheckpointError {
+        CheckpointError::TensorCompute {
+            tensor: self.name.to_owned(),
+            context: format!("merging {}", self.adapter.display()),
+            source: Box::new(e),
+        }
+    }
+
+    /// An adapter tensor widened to `f32`.
+    fn f32s(&self, what: &'static str, t: &Tensor) -> Result<Vec<f32>, CheckpointError> {
+        let bytes = t.bytes()?;
+        decode_f32(what, t.dtype(), &bytes).map_err(|e| self.math(e))
+    }
+
+    /// An adapter tensor of `module` widened to `f32`, with its shape.
+    fn role(&self, module: &AdapterModule, role: &'static str) -> Result<Loaded, CheckpointError> {
+        match module.get(role) {
+            Some(t) => Ok(Some((self.f32s(role, t)?, t.shape().to_vec()))),
+            None => Ok(None),
+        }
+    }
+
+    /// A tensor the plan guarantees, missing: an internal invariant broken.
+    fn missing(&self, reason: impl Into<String>) -> CheckpointError {
+        CheckpointError::TensorData {
+            tensor: self.name.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// A decoded adapter tensor and its shape, if the module has it.
+type Loaded = Option<(Vec<f32>, Vec<usize>)>;
+
+impl Step {
+    /// Applies this step to `data`, the bytes of base tensor `name` (`dtype`, `shape`).
+    pub(crate) fn apply(
+        &self,
+        name: &str,
+        dtype: Dtype,
+        shape: &[usize],
+        data: &mut Vec<u8>,
+        opts: &KernelOptions,
+    ) -> Result<(), CheckpointError> {
+        let site = Site {
+            name,
+            adapter: &self.adapter,
+        };
+        if let Edit::Replace { source } = &self.edit {
+            let values = site.f32s("replacement", source)?;
+            *data = encode_f32("replacement", dtype, &values).map_err(|e| site.math(e))?;
+            return Ok(());
+        }
+        let base = BaseTensorMut::new(dtype, shape, data);
+        let opts = *opts;
+        let vector = |what, t: &Tensor| -> Result<(Vec<f32>, Vec<usize>), CheckpointError> {
+            Ok((site.f32s(what, t)?, t.shape().to_vec()))
+        };
+        let done = match &self.edit {
+            Edit::Replace { .. } => unreachable!("handled above"),
+            Edit::Lora {
+                module,
+                kind,
+                scale,
+                dora,
+                round_first,
+            } => {
+                let opts = KernelOptions {
+                    round_delta_first: opts.round_delta_first || *round_first,
+                    ..opts
+                };
+                return apply_lora(&site, base, module, *kind, *scale, *dora, &opts);
+            }
+            Edit::LoraBias { bias, scale } => {
+                let (v, s) = vector("lora_B.bias", bias)?;
+                lora::merge_lora_bias(base, F32Tensor::new(&s, &v), *scale, &opts)
+            }
+            Edit::Rows { indices, rows } => {
+                let (v, s) = vector("trainable_tokens_delta", rows)?;
+                methods::replace_rows(base, indices, F32Tensor::new(&s, &v))
+            }
+            Edit::Ia3 {
+                vector: t,
+                feedforward,
+                fan_in_fan_out,
+            } => {
+                let (v, s) = vector("ia3_l", t)?;
+                let l = F32Tensor::new(&s, &v);
+                methods::merge_ia3_weight(base, l, *feedforward, *fan_in_fan_out, 1, &opts)
+            }
+            Edit::Ia3Bias { vector: t } => {
+                let (v, s) = vector("ia3_l", t)?;
+                methods::merge_ia3_bias(base, F32Tensor::new(&s, &v), &opts)
+            }
+            Edit::Loha { module, scale } => return apply_loha(&site, base, module, *scale, &opts),
+            Edit::Lokr { module, scale } => return apply_lokr(&site, base, module, *scale, &opts),
+            Edit::Experts { a, b, scale } => {
+                let ((va, sa), (vb, sb)) = (vector("lora_A", a)?, vector("lora_B", b)?);
+                let (a, b) = (F32Tensor::new(&sa, &va), F32Tensor::new(&sb, &vb));
+                let layout = lora::ExpertLayout::OutIn;
+                lora::merge_experts(base, a, b, *scale, layout, &opts)
+            }
+            Edit::ExpertPiece(piece) => return apply_expert_piece(&site, base, piece, &opts),
+        };
+        done.map_err(|e| site.math(e))
+    }
+}
+
+/// A LoRA (or DoRA) pair into a Linear, Embedding or Conv weight.
+fn apply_lora(
+    site: &Site<'_>,
+    base: BaseTensorMut<'_>,
+    module: &AdapterModule,
+    kind: LoraKind,
+    scale: f32,
+    use_dora: bool,
+    opts: &KernelOptions,
+) -> Result<(), CheckpointError> {
+    let (ra, rb) = kind.roles();
+    let (Some(ta), Some(tb)) = (module.get(ra), module.get(rb)) else {
+        return Err(site.missing("incomplete LoRA pair"));
+    };
+    let (a, b) = (site.f32s("lora_A", ta)?, site.f32s("lora_B", tb)?);
+    let (a, b) = (
+        F32Tensor::new(ta.shape(), &a),
+        F32Tensor::new(tb.shape(), &b),
+    );
+    let done = if use_dora {
+        let mt = module
+            .get("magnitude")
+            .ok_or_else(|| site.missing("DoRA magnitude missing"))?;
+        let m = site.f32s("lora_magnitude_vector", mt)?;
+        let m = F32Tensor::new(mt.shape(), &m);
+        match kind {
+            LoraKind::Linear { fan_in_fan_out } => {
+                dora::merge_dora_linear(base, a, b, m, scale, fan_in_fan_out, opts)
+            }
+            LoraKind::Embedding => dora::merge_dora_embedding(base, a, b, m, scale, opts),
+            LoraKind::Conv => dora::merge_dora_conv(base, a, b, m, scale, 1, opts),
+        }
+    } else {
+        match kind {
+            LoraKind::Linear { fan_in_fan_out } => {
+                lora::merge_linear(base, a, b, scale, fan_in_fan_out, opts)
+            }
+            LoraKind::Embedding => lora::merge_embedding(base, a, b, scale, opts),
+            LoraKind::Conv => lora::merge_conv(base, a, b, scale, 1, opts),
+        }
+    };
+    done.map_err(|e| site.math(e))
+}
+
+/// A LoHa module: the Hadamard product of two low-rank products.
+fn apply_loha(
+    site: &Site<'_>,
+    base: BaseTensorMut<'_>,
+    module: &AdapterModule,
+    scale: f32,
+    opts: &KernelOptions,
+) -> Result<(), CheckpointError> {
+    let get = |role: &'static str| {
+        site.role(module, role)?
+            .ok_or_else(|| site.missing(format!("LoHa tensor {role} missing")))
+    };
+    let (w1a, s1a) = get("w1_a")?;
+    let (w1b, s1b) = get("w1_b")?;
+    let (w2a, s2a) = get("w2_a")?;
+    let (w2b, s2b) = get("w2_b")?;
+    methods::merge_loha(
+        base,
+        F32Tensor::new(&s1a, &w1a),
+        F32Tensor::new(&s1b, &w1b),
+        F32Tensor::new(&s2a, &w2a),
+        F32Tensor::new(&s2b, &w2b),
+        scale,
+        opts,
+    )
+    .map_err(|e| site.math(e))
+}
+
+/// A LoKr module: the Kronecker product of two factors, each full or a low-rank product.
+fn apply_lokr(
+    site: &Site<'_>,
+    base: BaseTensorMut<'_>,
+    module: &AdapterModule,
+    scale: f32,
+    opts: &KernelOptions,
+) -> Result<(), CheckpointError> {
+    let load = |role| site.role(module, role);
+    let (w1, w1a, w1b) = (load("w1")?, load("w1_a")?, load("w1_b")?);
+    let (w2, w2a, w2b) = (load("w2")?, load("w2_a")?, load("w2_b")?);
+    let f1 = lokr_factor(site, &w1, &w1a, &w1b)?;
+    let f2 = lokr_factor(site, &w2, &w2a, &w2b)?;
+    methods::merge_lokr(base, f1, f2, scale, opts).map_err(|e| site.math(e))
+}
+
+/// A LoKr factor: the full matrix, or the product of its two halves.
+fn lokr_factor<'a>(
+    site: &Site<'_>,
+    full: &'a Loaded,
+    a: &'a Loaded,
+    b: &'a Loaded,
+) -> Result<methods::LokrFactor<'a>, CheckpointError> {
+    match (full, a, b) {
+        (Some((v, s)), _, _) => Ok(methods::LokrFactor::Full(F32Tensor::new(s, v))),
+        (None, Some((va, sa)), Some((vb, sb))) => Ok(methods::LokrFactor::Product(
+            F32Tensor::new(sa, va),
+            F32Tensor::new(sb, vb),
+        )),
+        _ => Err(site.missing("LoKr factors incomplete")),
+    }
+}
+
+/// One expert's block of a fused expert LoRA into the per-expert tensor on disk.
+fn apply_expert_piece(
+    site: &Site<'_>,
+    base: BaseTensorMut<'_>,
+    p: &ExpertPiece,
+    opts: &KernelOptions,
+) -> Result<(), CheckpointError> {
+    let (r, a_e, b_e) = expert_piece_factors(site, p)?;
+    let (nr, nc) = (p.rows.len(), p.cols.len());
+    // peft rounds the expert delta to the parameter dtype before adding it. A transposed
+    // disk tensor holds Δᵀ, which is the Linear kernel's `fan_in_fan_out` layout.
+    let opts = KernelOptions {
+        round_delta_first: true,
+        ..*opts
+    };
+    lora::merge_linear(
+        base,
+        F32Tensor::new(&[r, nc], &a_e),
+        F32Tensor::new(&[nr, r], &b_e),
+        p.scale,
+        p.transposed,
+        &opts,
+    )
+    .map_err(|e| site.math(e))
+}
+
+/// The LoRA factors of one expert's block of a fused parameter: `(r, A_e (r × cols), B_e
+/// (rows × r))`. `A` is `(r·E, in)` with expert-major rows, `B` is `(out, r·E)` with
+/// rank-major columns (peft's `ParamWrapper` layout).
+fn expert_piece_factors(
+    site: &Site<'_>,
+    p: &ExpertPiece,
+) -> Result<(usize, Vec<f32>, Vec<f32>), CheckpointError> {
+    let (va, vb) = (site.f32s("lora_A", &p.a)?, site.f32s("lora_B", &p.b)?);
+    let (re, inf) = (p.a.shape()[0], p.a.shape()[1]);
+    let (out, re_b) = (p.b.shape()[0], p.b.shape()[1]);
+    let (experts, expert) = (p.experts, p.expert);
+    if re != re_b || experts == 0 || re % experts != 0 || p.rows.end > out || p.cols.end > inf {
+        return Err(site.missing(format!(
+            "expert LoRA shapes {:?} / {:?} do not fit {experts} experts",
+            p.a.shape(),
+            p.b.shape()
+        )));
+    }
+    let r = re / experts;
+    let cols = &p.cols;
+    let a_e: Vec<f32> = (0..r)
+        .flat_map(|k| {
+            va[(expert * r + k) * inf + cols.start..(expert * r + k) * inf + cols.end]
+                .iter()
+                .copied()
+        })
+        .collect();
+    let b_e: Vec<f32> = p
+        .rows
+        .clone()
+        .flat_map(|o| (0..r).map(move |k| (o, k)))
+        .map(|(o, k)| vb[o * re + k * experts + expert])
+        .collect();
+    Ok((r, a_e, b_e))
+}

@@ -1,0 +1,50 @@
+//! Merging PEFT adapters into Hugging Face checkpoints, bit for bit as peft 0.21.2's
+//! `merge_and_unload()` does on CPU.
+//!
+//! Two layers, both re-exported flat at this root:
+//!
+//! * the numeric kernels: pure functions over byte and `f32` slices, no file IO, reproducing
+//!   peft's CPU arithmetic (torch, MKL's reduction order from [`ReductionOrder`]) or one
+//!   correct rounding with [`Numerics::Exact`]: LoRA ([`merge_linear`], [`merge_embedding`],
+//!   [`merge_conv`], [`merge_experts`], [`merge_lora_bias`]), DoRA ([`merge_dora_linear`]
+//!   and friends), IA³, LoHa, LoKr and trainable tokens ([`merge_ia3_weight`],
+//!   [`merge_loha`], [`merge_lokr`], [`replace_rows`]), the scale ([`lora_scaling`]) and
+//!   dtype conversion with torch's rounding ([`encode_f32`], [`decode_f32`]). Base tensors are
+//!   raw bytes updated in place ([`BaseTensorMut`]), adapter factors `f32` slices
+//!   ([`F32Tensor`]); every kernel validates shapes and returns [`MergeMathError`] instead of
+//!   panicking;
+//! * the streaming merge: [`merge`] of a [`MergeJob`] plans every adapter against the base's
+//!   headers, refuses what it cannot merge ([`MergeError`], [`UnsupportedMerge`]) before
+//!   writing anything, then merges each touched tensor lazily as the output is written.
+//!
+//! ```no_run
+//! use peftkit_merge::{merge, AdapterInput, MergeJob, Numerics};
+//!
+//! let job = MergeJob::new("base", vec![AdapterInput::parse("adapter:0.5")], "merged")
+//!     .numerics(Numerics::Exact)
+//!     .progress(|bytes| eprint!("."));
+//! let summary = merge(&job)?;
+//! assert_eq!(summary.numerics.mode, Numerics::Exact);
+//! # Ok::<(), peftkit_merge::MergeError>(())
+//! ```
+//!
+//! This is the only crate of the workspace with `unsafe` code: the AVX-512 kernels and the
+//! disjoint row writes of the parallel kernels. It is built on `peftkit-peft` (adapters and
+//! their configs), `peftkit-remap` (on-disk layouts) and `peftkit-checkpoint` (tensors,
+//! safetensors IO, atomic saves).
+#![deny(missing_docs)]
+
+mod edit;
+mod error;
+mod job;
+mod kernels;
+mod plan;
+mod report;
+mod stream;
+
+pub use error::{MergeError, UnsupportedMerge};
+pub use job::{AdapterInput, MergeJob};
+pub use kernels::*;
+pub use peftkit_checkpoint::Progress;
+pub use report::{MergeSummary, NumericsReport};
+pub use stream::merge;

@@ -1,0 +1,70 @@
+//! What a merge did: [`MergeSummary`], and the numerics it used.
+
+use serde::Serialize;
+
+use crate::kernels::{host_order, Numerics, ReductionOrder, UNVERIFIED_BOUND_ULP};
+use crate::plan::MergePlan;
+
+/// What a merge did.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct MergeSummary {
+    /// Base tensors changed by an adapter.
+    pub tensors_merged: usize,
+    /// Base tensors replaced whole (`modules_to_save`, saved embeddings).
+    pub tensors_replaced: usize,
+    /// Base tensors copied unchanged.
+    pub tensors_copied: usize,
+    /// Tensors added (an untied `lm_head`).
+    pub tensors_added: usize,
+    /// Bytes of tensor data written.
+    pub bytes: u64,
+    /// Weight files written.
+    pub files: Vec<String>,
+    /// Whether `tie_word_embeddings` was set to false.
+    pub untied_embeddings: bool,
+    /// How the merged floats were computed.
+    pub numerics: NumericsReport,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// The reduction order a merge used, and which tensors it could not promise bit for bit.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct NumericsReport {
+    /// `peft` (peft's arithmetic on this host) or `exact` (correctly rounded, the same bytes on
+    /// every host).
+    pub mode: Numerics,
+    /// MKL's order reproduced for `B @ A` (the host's, unless overridden; unused by `exact`).
+    pub reduction_order: ReductionOrder,
+    /// Whether this host's CPU family was measured (if not, the nearest family's order is used).
+    pub host_measured: bool,
+    /// Base tensors whose delta includes a product outside the order's verified domain (tiny
+    /// or very high-rank products, batched expert products narrower than 12, convolutions
+    /// wider than 1x1): they agree with peft on this host to [`Self::unverified_bound_ulp`].
+    pub unverified_tensors: Vec<String>,
+    /// The bound for those, in units in the last place of the tensor's largest element.
+    pub unverified_bound_ulp: u32,
+}
+
+impl NumericsReport {
+    /// The report of `plan` merged with `mode`, `order` being the host's reduction order.
+    pub(crate) fn of(plan: &MergePlan, order: ReductionOrder, mode: Numerics) -> Self {
+        // Exact numerics do not depend on the host: nothing is left unverified.
+        let unverified_tensors = match mode {
+            Numerics::Exact => vec![],
+            Numerics::Peft => plan
+                .steps
+                .iter()
+                .filter(|(_, steps)| steps.iter().any(|s| s.edit.unverified(order)))
+                .map(|(name, _)| name.clone())
+                .collect(),
+        };
+        NumericsReport {
+            mode,
+            reduction_order: order,
+            host_measured: host_order().measured,
+            unverified_tensors,
+            unverified_bound_ulp: UNVERIFIED_BOUND_ULP,
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! The streaming merge: adapters merged into a base checkpoint tensor by tensor.
+//!
+//! The base is opened by its headers only. Every output tensor is a lazy
+//! [`peftkit_checkpoint::Tensor`]: untouched tensors are streamed from the base file without
+//! being decoded; a targeted tensor is read, merged in place by the kernels (which use every
+//! core), encoded back to the base dtype and dropped once written. Peak memory is a few
+//! tensors, whatever the size of the model.
+//!
+//! Everything that can be checked before writing is checked first (every adapter tensor has a
+//! base tensor, shapes agree, the method and its options can be merged); what can only fail
+//! while computing (a NaN with `safe_merge`) aborts the atomic save, so the output folder
+//! either holds the complete merge or is left as it was.
+
+use std::time::Instant;
+
+use indexmap::IndexMap;
+use peftkit_checkpoint::companion::companion_files;
+use peftkit_checkpoint::{
+    plan_save, save_planned, Checkpoint, ModelConfig, SaveOptions, SavePlan, StateDict, Tensor,
+};
+use peftkit_peft::adapter::Adapter;
+
+use crate::edit::Edit;
+use crate::error::MergeError;
+use crate::job::MergeJob;
+use crate::kernels::{reduction_order, MergeOptions as KernelOptions, Numerics};
+use crate::plan::{plan, MergePlan};
+use crate::report::{MergeSummary, NumericsReport};
+
+/// Merges `job.adapters` into `job.base` and writes the result to `job.out`, telling
+/// `job.progress` of every write.
+///
+/// The output keeps the base's layout (file names, tensor-to-file assignment, index, header
+/// metadata) unless `max_shard_size` asks for a reshard; every other file of the base
+/// (configs, tokenizer, chat template, custom code) is copied, and `config.json` gets
+/// `tie_word_embeddings: false` when the merge unties the embeddings, as peft does.
+///
+/// ```no_run
+/// use peftkit_merge::{merge, AdapterInput, MergeJob};
+///
+/// let job = MergeJob::new("base", vec![AdapterInput::parse("adapter")], "merged");
+/// let summary = merge(&job)?;
+/// println!("{} tensors merged", summary.tensors_merged);
+/// # Ok::<(), peftkit_merge::MergeError>(())
+/// ```
+pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
+    let start = Instant::now();
+    let base = Checkpoint::open(&job.base)?;
+    let base_dir = if job.base.is_dir() {
+        job.base.clone()
+    } else {
+        base.dir.clone()
+    };
+    let config_path = base_dir.join("config.json");
+    let mut config = if config_path.is_file() {
+        Some(ModelConfig::read(&config_path)?)
+    } else {
+        None
+    };
+    let adapters = job
+        .adapters
+        .iter()
+        .map(|a| Adapter::open(&a.dir).map(|ad| (ad, a.weight)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let order = reduction_order()?;
+    let plan = plan(&base, config.as_ref(), &adapters)?;
+    if job.numerics == Numerics::Exact {
+        plan.check_exact(job.unmerge)?;
+    }
+    // A reshard plans on the layout transformers holds the model in (see `save`).
+    let resave_mapping = match job.max_shard_size {
+        Some(_) => Some(peftkit_remap::checkpoint_mapping(
+            &peftkit_remap::Registry::builtin()?,
+            config.as_ref(),
+            None,
+        )?),
+        None => None,
+    };
+    if job.unmerge {
+        let first = job.adapters.first().map(|a| a.dir.clone());
+        plan.check_unmerge(&first.unwrap_or_default())?;
+    }
+
+    let mut summary = MergeSummary {
+        tensors_merged: 0,
+        tensors_replaced: 0,
+        tensors_copied: 0,
+        tensors_added: plan.added.len(),
+        bytes: 0,
+        files: vec![],
+        untied_embeddings: false,
+        numerics: NumericsReport::of(&plan, order, job.numerics),
+        seconds: 0.0,
+    };
+    let state = merged_state(&base, &plan, job, &mut summary)?;
+    if plan.untie {
+        if let Some(c) = config.as_mut() {
+            c.fields
+                .insert("tie_word_embeddings".into(), serde_json::Value::Bool(false));
+            summary.untied_embeddings = true;
+        }
+    }
+    let mut options = SaveOptions {
+        durable: job.durable,
+        metadata: base.metadata().cloned().unwrap_or_default(),
+        ..Default::default()
+    };
+    if job.base.is_dir() {
+        options.extra_files = companion_files(&base_dir)?
+            .into_iter()
+            .filter(|(n, _)| !(summary.untied_embeddings && n == "config.json"))
+            .collect();
+    }
+    if summary.untied_embeddings {
+        options.config = config;
+    }
+    save(
+        job,
+        &base,
+        &plan,
+        state,
+        resave_mapping,
+        &options,
+        &mut summary,
+    )?;
+    summary.seconds = start.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// The output state dict: base tensors as they are, or lazily merged by their steps, and the
+/// added tensors. Counts each kind in `summary`.
+fn merged_state(
+    base: &Checkpoint,
+    plan: &MergePlan,
+    job: &MergeJob,
+    summary: &mut MergeSummary,
+) -> Result<StateDict, MergeError> {
+    let opts = KernelOptions {
+        safe_merge: job.safe_merge,
+        unmerge: job.unmerge,
+        numerics: job.numerics,
+        ..KernelOptions::default()
+    };
+    let mut state = StateDict::new();
+    for (name, tensor) in base.tensors() {
+        let Some(steps) = plan.steps.get(name) else {
+            summary.tensors_copied += 1;
+            state.insert(name.to_owned(), tensor.clone());
+            continue;
+        };
+        if steps.iter().all(|s| matches!(s.edit, Edit::Replace { .. })) {
+            summary.tensors_replaced += 1;
+        } else {
+            summary.tensors_merged += 1;
+        }
+        let (base_t, steps, key) = (tensor.clone(), steps.clone(), name.to_owned());
+        let lazy = Tensor::lazy(tensor.dtype(), tensor.shape().to_vec(), move || {
+            let mut data = base_t.bytes()?.into_owned();
+            for step in &steps {
+                step.apply(&key, base_t.dtype(), base_t.shape(), &mut data, &opts)?;
+            }
+            Ok(data)
+        })?;
+        state.insert(name.to_owned(), lazy);
+    }
+    for (name, (tensor, _)) in &plan.added {
+        state.insert(name.clone(), tensor.clone());
+    }
+    Ok(state)
+}
+
+/// Writes `state` to `job.out`: in the base's layout, or resharded on the layout transformers
+/// holds the model in (`resave_mapping`).
+fn save(
+    job: &MergeJob,
+    base: &Checkpoint,
+    plan: &MergePlan,
+    mut state: StateDict,
+    resave_mapping: Option<peftkit_remap::Mapping>,
+    options: &SaveOptions,
+    summary: &mut MergeSummary,
+) -> Result<(), MergeError> {
+    let save_plan = match (job.max_shard_size, &resave_mapping) {
+        (Some(size), Some(mapping)) => {
+            // transformers saves the merged model as it holds it: in the v5 layout it was
+            // loaded into, reverted on save. The shards are planned on that, as in `reshard`.
+            state = mapping.round_trip(&state)?.state;
+            plan_save(
+                &state,
+                &SaveOptions {
+                    max_shard_size: size,
+                    ..options.clone()
+                },
+            )?
+        }
+        _ => with_added(SavePlan::from_checkpoint(base), &plan.added, &state),
+    };
+    let mut written = 0u64;
+    let report = save_planned(&job.out, &state, &save_plan, options, &mut |n| {
+        written += n;
+        job.progress.report(n)
+    })?;
+    summary.bytes = written;
+    summary.files = report.weight_files;
+    Ok(())
+}
+
+/// Puts added tensors (an untied `lm_head`) into the file of their tie source and the index.
+fn with_added(
+    mut plan: SavePlan,
+    added: &IndexMap<String, (Tensor, String)>,
+    state: &StateDict,
+) -> SavePlan {
+    for (name, (_, source)) in added {
+        let slot = plan
+            .shards
+            .iter()
+            .position(|(_, names)| names.contains(source))
+            .unwrap_or(0);
+        if let Some((file, names)) = plan.shards.get_mut(slot) {
+            names.push(name.clone());
+            if let Some((_, index)) = plan.index.as_mut() {
+                index.weight_map.insert(name.clone(), file.clone());
+                let t = &state[name];
+                index.total_size = index.total_size.map(|s| s + t.byte_len() as u64);
+                index.total_parameters = index.total_parameters.map(|p| p + t.numel() as u64);
+            }
+        }
+    }
+    plan
+}
