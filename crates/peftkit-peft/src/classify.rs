@@ -60,9 +60,10 @@ use crate::config::{
     AdapterConfig, ConfigError, GenericConfig, LoraConfig, TargetModules, TrainableTokenIndices,
     CONFIG_NAME, LORA, PEFT_VERSION,
 };
+use crate::py::{name_matches_suffix, re_escape, PyRegex};
 use crate::spec::{remove_adapter_name, KeyClass, Spec};
 use crate::targeting::{
-    minimal_target_suffixes, PatternResolver, PyRegex, TargetMatcher, TargetingError, ALL_LINEAR,
+    minimal_target_suffixes, PatternResolver, TargetMatcher, TargetingError, ALL_LINEAR,
 };
 
 /// The adapter name peft gives the first adapter.
@@ -1168,13 +1169,6 @@ pub fn conv1d_table() -> Result<&'static IndexMap<String, Vec<String>>, Classify
         .map_err(|e| ClassifyError::Conv1dTable(e.clone()))
 }
 
-fn name_matches_suffix(name: &str, entry: &str) -> bool {
-    name == entry
-        || (name.len() > entry.len()
-            && name.ends_with(entry)
-            && name.as_bytes()[name.len() - entry.len() - 1] == b'.')
-}
-
 /// Whether `module` is a `Conv1D` by the table: under `model_type` when known, else under any
 /// model type whose entries name it.
 fn conv1d_by_table(model_type: Option<&str>, module: &str) -> Result<bool, ClassifyError> {
@@ -1236,18 +1230,6 @@ fn readable_suffixes(suffixes: &BTreeSet<String>, targets: &[String]) -> BTreeSe
         if !extended {
             out.insert(s.clone());
         }
-    }
-    out
-}
-
-/// Python's `re.escape` for module names (letters, digits and `_` are left alone).
-fn re_escape(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() * 2);
-    for c in name.chars() {
-        if !(c.is_ascii_alphanumeric() || c == '_') {
-            out.push('\\');
-        }
-        out.push(c);
     }
     out
 }

@@ -44,8 +44,9 @@ use indexmap::IndexMap;
 use peftkit_checkpoint::pyjson::{self, PyJsonStyle};
 use serde_json::{json, Map, Number, Value};
 
+use crate::py::RegexError;
 use crate::spec::Spec;
-use crate::targeting::{PatternResolver, RegexError, TargetMatcher, TargetingError};
+use crate::targeting::{PatternResolver, TargetMatcher, TargetingError};
 
 /// File name of an adapter config (`peft.utils.CONFIG_NAME`).
 pub const CONFIG_NAME: &str = "adapter_config.json";

@@ -66,6 +66,7 @@ use serde_json::Number;
 
 use crate::adapter::{Adapter, AdapterError, ADAPTER_CONFIG_NAME};
 use crate::config::{AdapterConfig, LoraConfig, StringOrList, TargetModules};
+use crate::py::{name_matches_suffix, re_escape};
 
 /// `adapters-spec/legacy_moe_adapters.json`, embedded at build time.
 pub const LEGACY_MOE_ADAPTERS_JSON: &str =
@@ -427,18 +428,6 @@ pub struct Converted {
     pub dropped: Vec<String>,
 }
 
-/// Python's `re.escape` (3.7+): a backslash before each regex metacharacter.
-fn py_re_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if "()[]{}?*+-|^$\\.&~# \t\n\r\x0b\x0c".contains(c) {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
-
 /// `n * k` with Python's types: an int stays an int, a float stays a float.
 fn mul_number(n: &Number, k: u64) -> Option<Number> {
     if let Some(u) = n.as_u64() {
@@ -451,14 +440,6 @@ fn mul_number(n: &Number, k: u64) -> Option<Number> {
     } else {
         n.as_f64().and_then(|f| Number::from_f64(f * k as f64))
     }
-}
-
-/// peft's suffix rule for a list of names: `key == t` or `key` ends with `.t`.
-fn suffix_match(key: &str, target: &str) -> bool {
-    key == target
-        || key
-            .strip_suffix(target)
-            .is_some_and(|head| head.ends_with('.'))
 }
 
 /// peft's `_convert_peft_config_moe` on a LoRA config. `adapter_leaves` are the last name
@@ -523,7 +504,7 @@ fn rewrite_config(
             let hit = rules
                 .target_mapping
                 .iter()
-                .find(|(old, _)| suffix_match(target, old));
+                .find(|(old, _)| name_matches_suffix(target, old));
             match hit {
                 None => {
                     remaining.insert(target.clone());
@@ -554,7 +535,7 @@ fn rewrite_config(
             }
             if present.len() == required.len() && required.len() > 1 {
                 let n = required.len() as u64;
-                let key = format!(".*\\.{}", py_re_escape(&f.name));
+                let key = format!(".*\\.{}", re_escape(&f.name));
                 let rank = lora
                     .r
                     .checked_mul(n)
@@ -636,7 +617,7 @@ fn check_param_wrapper(
 /// `weight` / `param` as a parameter.
 fn targets_module(lora: &LoraConfig, module: &str) -> bool {
     let by_module = match &lora.target_modules {
-        Some(TargetModules::Names(v)) => v.iter().any(|t| suffix_match(module, t)),
+        Some(TargetModules::Names(v)) => v.iter().any(|t| name_matches_suffix(module, t)),
         _ => false,
     };
     by_module || targets_param(lora, &format!("{module}.weight"))
@@ -644,7 +625,7 @@ fn targets_module(lora: &LoraConfig, module: &str) -> bool {
 
 fn targets_param(lora: &LoraConfig, param: &str) -> bool {
     match &lora.target_parameters {
-        Some(StringOrList::Many(v)) => v.iter().any(|t| suffix_match(param, t)),
+        Some(StringOrList::Many(v)) => v.iter().any(|t| name_matches_suffix(param, t)),
         _ => false,
     }
 }
@@ -1388,8 +1369,8 @@ mod tests {
 
     #[test]
     fn helpers_follow_python() {
-        assert_eq!(py_re_escape("gate_up_proj"), "gate_up_proj");
-        assert_eq!(py_re_escape("a.b-c"), "a\\.b\\-c");
+        assert_eq!(re_escape("gate_up_proj"), "gate_up_proj");
+        assert_eq!(re_escape("a.b-c"), "a\\.b\\-c");
         assert_eq!(pattern_leaf(".experts.*.w1.weight"), "w1");
         assert_eq!(pattern_leaf("mlp.experts.gate_up_proj"), "gate_up_proj");
         assert_eq!(pattern_leaf("^model\\.x\\.down_proj"), "down_proj");
@@ -1398,8 +1379,8 @@ mod tests {
             mul_number(&Number::from_f64(3.5).unwrap(), 2),
             Number::from_f64(7.0)
         );
-        assert!(suffix_match("model.layers.0.mlp.gate", "gate"));
-        assert!(!suffix_match(
+        assert!(name_matches_suffix("model.layers.0.mlp.gate", "gate"));
+        assert!(!name_matches_suffix(
             "model.layers.0.mlp.shared_expert_gate",
             "gate"
         ));

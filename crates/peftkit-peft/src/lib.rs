@@ -27,6 +27,7 @@ pub mod convert;
 pub mod extract;
 pub mod merge;
 pub mod pipeline;
+pub mod py;
 pub mod save;
 pub mod spec;
 pub mod targeting;

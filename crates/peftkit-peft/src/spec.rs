@@ -32,7 +32,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::config::TargetModules;
-use crate::targeting::{PyRegex, RegexError};
+use crate::py::{PyRegex, RegexError};
 
 /// `adapters-spec/methods.json` as embedded at build time.
 pub const EMBEDDED_METHODS_JSON: &str = include_str!("../../../adapters-spec/methods.json");
