@@ -31,7 +31,7 @@ use indexmap::IndexMap;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::TargetModules;
+use crate::targeting::TargetModules;
 use crate::py::{PyRegex, RegexError};
 
 /// `adapters-spec/methods.json` as embedded at build time.
