@@ -68,9 +68,7 @@ use crate::adapter::{Adapter, AdapterError, ADAPTER_CONFIG_NAME};
 use crate::config::{AdapterConfig, LoraConfig, StringOrList, TargetModules};
 use crate::py::{name_matches_suffix, re_escape};
 
-/// `adapters-spec/legacy_moe_adapters.json`, embedded at build time.
-pub const LEGACY_MOE_ADAPTERS_JSON: &str =
-    include_str!("../../../adapters-spec/legacy_moe_adapters.json");
+pub use crate::embedded::LEGACY_MOE_ADAPTERS_JSON;
 
 /// peft's prefix of per-module keys on disk.
 const MODEL_PREFIX: &str = "base_model.model.";

@@ -24,6 +24,7 @@ pub mod adapter;
 pub mod classify;
 pub mod config;
 pub mod convert;
+mod embedded;
 pub mod extract;
 pub mod merge;
 pub mod pipeline;

@@ -50,12 +50,10 @@ use crate::classify::{
 };
 use crate::config::{AdapterConfig, CONFIG_NAME, LORA, PEFT_VERSION};
 
+pub use crate::embedded::MODEL_CARD_TEMPLATE;
+
 /// File name of the model card.
 pub const MODEL_CARD_NAME: &str = "README.md";
-
-/// The body of the model card peft writes for a new adapter: huggingface_hub's default model
-/// card template rendered with empty data (adapters-spec/model_card_template.md).
-pub const MODEL_CARD_TEMPLATE: &str = include_str!("../../../adapters-spec/model_card_template.md");
 
 /// Errors writing adapters.
 #[derive(Debug, thiserror::Error)]

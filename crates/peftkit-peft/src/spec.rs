@@ -31,15 +31,10 @@ use indexmap::IndexMap;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::targeting::TargetModules;
 use crate::py::{PyRegex, RegexError};
+use crate::targeting::TargetModules;
 
-/// `adapters-spec/methods.json` as embedded at build time.
-pub const EMBEDDED_METHODS_JSON: &str = include_str!("../../../adapters-spec/methods.json");
-
-/// `adapters-spec/default_targets.json` as embedded at build time.
-pub const EMBEDDED_DEFAULT_TARGETS_JSON: &str =
-    include_str!("../../../adapters-spec/default_targets.json");
+pub use crate::embedded::{EMBEDDED_DEFAULT_TARGETS_JSON, EMBEDDED_METHODS_JSON};
 
 /// Environment variable naming a user spec file that [`Spec::from_env`] merges over the embedded
 /// spec.

@@ -1,0 +1,22 @@
+//! The adapters-spec files this crate embeds at build time, in one place. Each module re-exports
+//! the constant it reads, under its old path.
+
+/// `adapters-spec/methods.json` as embedded at build time.
+pub const EMBEDDED_METHODS_JSON: &str = include_str!("../../../adapters-spec/methods.json");
+
+/// `adapters-spec/default_targets.json` as embedded at build time.
+pub const EMBEDDED_DEFAULT_TARGETS_JSON: &str =
+    include_str!("../../../adapters-spec/default_targets.json");
+
+/// `adapters-spec/conv1d_modules.json` as embedded at build time: per `model_type`, the module
+/// names (dotted suffixes) that transformers builds as GPT-2 style `Conv1D`.
+pub const EMBEDDED_CONV1D_MODULES_JSON: &str =
+    include_str!("../../../adapters-spec/conv1d_modules.json");
+
+/// The body of the model card peft writes for a new adapter: huggingface_hub's default model
+/// card template rendered with empty data (adapters-spec/model_card_template.md).
+pub const MODEL_CARD_TEMPLATE: &str = include_str!("../../../adapters-spec/model_card_template.md");
+
+/// `adapters-spec/legacy_moe_adapters.json`, embedded at build time.
+pub const LEGACY_MOE_ADAPTERS_JSON: &str =
+    include_str!("../../../adapters-spec/legacy_moe_adapters.json");
