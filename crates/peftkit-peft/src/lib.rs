@@ -23,12 +23,17 @@
 pub mod adapter;
 pub mod classify;
 pub mod config;
-pub mod convert;
 mod embedded;
 pub mod extract;
+pub mod legacy_moe;
 pub mod merge;
 pub mod pipeline;
 pub mod py;
 pub mod save;
 pub mod spec;
 pub mod targeting;
+
+/// The old name of [`legacy_moe`], kept so that `peftkit_peft::convert::…` paths still compile.
+pub mod convert {
+    pub use crate::legacy_moe::*;
+}

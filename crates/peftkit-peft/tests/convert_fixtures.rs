@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use peftkit_checkpoint::{Checkpoint, Dtype, SaveOptions, StateDict, Tensor, WeightsKind};
 use peftkit_peft::adapter::Adapter;
-use peftkit_peft::convert::{
+use peftkit_peft::legacy_moe::{
     convert_legacy_adapter_dir, convert_legacy_adapter_dir_with, convert_legacy_experts,
     ConvertError, ConvertOptions, Untargeted,
 };

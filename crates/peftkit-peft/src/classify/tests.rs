@@ -1,4 +1,3 @@
-
 use super::*;
 use indexmap::IndexMap;
 use peftkit_checkpoint::Dtype;
