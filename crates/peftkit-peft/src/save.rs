@@ -1,4 +1,4 @@
-//! Writing adapters as peft's `PeftModel.save_pretrained` does (reference §1–§3), and the
+//! Writing adapters as peft's `PeftModel.save_pretrained` does (docs/formats.md, "PEFT adapters"), and the
 //! `save_pretrained` of a state dict that may hold adapter parameters.
 //!
 //! * [`save_adapter`]: `adapter_model.safetensors` (`{"format":"pt"}`, keys

@@ -364,7 +364,7 @@ pub struct Inferred {
 }
 
 /// The `adapter_config.json` peft would have written for adapter `adapter` of `c`, as far as
-/// the tensors and `options` determine it (reference §3):
+/// the tensors and `options` determine it (docs/formats.md, "What peftkit infers, and how"):
 ///
 /// * LoRA: `r`, `rank_pattern`, `target_modules`, `use_dora`, `lora_bias`, `fan_in_fan_out`,
 ///   `modules_to_save` from the tensors ([`infer_lora_structure`]); `lora_alpha` and

@@ -563,7 +563,7 @@ impl LoraConfig {
         write_pyjson(&self.to_value(&WriteOptions::default()))
     }
 
-    /// The features in use that a plain LoRA/DoRA merge does not cover (spec §2.2, §8): LoRA
+    /// The features in use that a plain LoRA/DoRA merge does not cover (docs/formats.md, "PEFT adapters"): LoRA
     /// variants with extra tensors or different math (`use_bdlora`, `kasa_config`,
     /// `arrow_config`, `monteclora_config`, `alora_invocation_tokens`, `use_qalora`),
     /// `layer_replication`, and initialisations that change the base weights

@@ -24,7 +24,7 @@ fn defaults_match_peft() {
     assert_eq!(v["qalora_group_size"], 16);
 }
 
-/// Spec §3.3: the file peft 0.21.2 writes for
+/// The file peft 0.21.2 writes (`PeftConfig.save_pretrained`) for
 /// `LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=[q,k,v,o],
 /// task_type="CAUSAL_LM")` on `meta-llama/Llama-3.2-1B` (1130 bytes, no trailing newline).
 const SPEC_EXAMPLE: &str = r#"{

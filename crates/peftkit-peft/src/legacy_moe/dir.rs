@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 
 use peftkit_checkpoint::{SaveOptions, SaveReport, WeightsKind};
 
-use crate::adapter::{Adapter, ADAPTER_CONFIG_NAME};
+use crate::adapter::Adapter;
+use crate::config::CONFIG_NAME;
 
 use super::*;
 
@@ -31,7 +32,7 @@ pub struct ConvertReport {
 
 /// The `model_type` of a base model folder's `config.json` (for `--base`).
 pub fn model_type_from_base(base_dir: &Path) -> Result<String, ConvertError> {
-    let path = base_dir.join("config.json");
+    let path = base_dir.join(peftkit_checkpoint::config::CONFIG_NAME);
     let config = peftkit_checkpoint::ModelConfig::read(&path)?;
     config
         .model_type()
@@ -76,7 +77,7 @@ pub fn convert_legacy_adapter_dir_with(
         None => {
             let base = adapter.config.base_model_name_or_path().unwrap_or("");
             let dir = Path::new(base);
-            if !base.is_empty() && dir.join("config.json").is_file() {
+            if !base.is_empty() && dir.join(peftkit_checkpoint::config::CONFIG_NAME).is_file() {
                 model_type_from_base(dir)?
             } else {
                 return Err(ConvertError::NoModelType {
@@ -90,7 +91,7 @@ pub fn convert_legacy_adapter_dir_with(
     let converted = convert_with_rules(&adapter, &rules, options)?;
 
     let mut extra = vec![(
-        ADAPTER_CONFIG_NAME.to_owned(),
+        CONFIG_NAME.to_owned(),
         converted.config.to_json_string().into_bytes(),
     )];
     let mut copied = Vec::new();
@@ -100,12 +101,14 @@ pub fn convert_legacy_adapter_dir_with(
     };
     let entries = std::fs::read_dir(src_dir).map_err(|e| io(src_dir, e))?;
     let mut names: Vec<(String, PathBuf)> = Vec::new();
+    // `adapter_model`: the stem of single and sharded adapter weight files.
+    let weights_stem = peftkit_checkpoint::WeightsNames::new(WeightsKind::Adapter, None)?.stem();
     for entry in entries {
         let entry = entry.map_err(|e| io(src_dir, e))?;
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
         // The legacy weights and config are what is being replaced.
-        if !path.is_file() || name == ADAPTER_CONFIG_NAME || name.starts_with("adapter_model") {
+        if !path.is_file() || name == CONFIG_NAME || name.starts_with(&weights_stem) {
             continue;
         }
         names.push((name, path));
@@ -116,9 +119,9 @@ pub fn convert_legacy_adapter_dir_with(
         extra.push((name.clone(), bytes));
         copied.push(name);
     }
-    if !copied.iter().any(|n| n == MODEL_CARD) {
+    if !copied.iter().any(|n| n == MODEL_CARD_NAME) {
         extra.push((
-            MODEL_CARD.to_owned(),
+            MODEL_CARD_NAME.to_owned(),
             crate::save::model_card(&converted.config, None).into_bytes(),
         ));
     }

@@ -60,8 +60,9 @@ use std::path::PathBuf;
 use peftkit_checkpoint::{CheckpointError, StateDict};
 use peftkit_remap::{Registry, RemapError};
 
-use crate::adapter::{Adapter, AdapterError, ADAPTER_CONFIG_NAME};
+use crate::adapter::{Adapter, AdapterError};
 use crate::config::AdapterConfig;
+use crate::config::CONFIG_NAME;
 
 pub use crate::embedded::LEGACY_MOE_ADAPTERS_JSON;
 
@@ -79,11 +80,9 @@ pub use rules::*;
 
 use config::*;
 
-/// peft's prefix of per-module keys on disk.
-pub(super) const MODEL_PREFIX: &str = "base_model.model.";
+use crate::classify::MODEL_PREFIX;
 
-/// The model card file copied (or written) next to the converted adapter.
-pub(super) const MODEL_CARD: &str = "README.md";
+use crate::save::MODEL_CARD_NAME;
 
 /// Why a legacy adapter cannot be converted. Every variant names the file, and the tensor
 /// where there is one.
@@ -242,9 +241,5 @@ fn rules_for(adapter: &Adapter, model_type: &str) -> Result<LegacyMoeRules, Conv
         file: PathBuf::from("adapters-spec/conversions"),
         source,
     })?;
-    LegacyMoeRules::with_registry(
-        &registry,
-        model_type,
-        &adapter.dir.join(ADAPTER_CONFIG_NAME),
-    )
+    LegacyMoeRules::with_registry(&registry, model_type, &adapter.dir.join(CONFIG_NAME))
 }

@@ -1,4 +1,3 @@
-
 use super::*;
 use crate::py::{name_matches_suffix, re_escape};
 use serde_json::Number;
