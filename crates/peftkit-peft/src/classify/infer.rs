@@ -76,97 +76,92 @@ pub fn infer_lora_structure(
     model: &BaseModelInfo,
 ) -> Result<LoraStructure, ClassifyError> {
     let a = c.adapter(Some(adapter))?;
-    let needs = |what: &str, reason: String| ClassifyError::NeedsConfig {
+    let mut notes = Vec::new();
+    let scan = scan_modules(c, adapter, a, model, &mut notes)?;
+    let trainable_token_modules = a.trainable_token_modules();
+    if scan.ranks.is_empty() && trainable_token_modules.is_empty() && a.modules_to_save().is_empty()
+    {
+        return Err(needs(adapter, "r", "the adapter has no LoRA module".into()));
+    }
+    let (r, counts) = most_frequent_rank(&scan.ranks);
+    let all_modules = c.module_names();
+    let mts = a.modules_to_save();
+    let modules_to_save = infer_modules_to_save(&all_modules, &mts, &mut notes)?;
+    let target_modules = infer_target_modules(
+        &all_modules,
+        &scan.ranks,
+        &mts,
+        modules_to_save.as_ref(),
+        &mut notes,
+    )?;
+    let rank_pattern = infer_rank_pattern(&scan.ranks, &counts, r, &mut notes)?;
+    Ok(LoraStructure {
+        r,
+        ranks: scan.ranks,
+        rank_pattern,
+        target_modules,
+        use_dora: scan.any_magnitude,
+        lora_bias: scan.lora_bias,
+        fan_in_fan_out: scan.fan_in_fan_out,
+        modules_to_save,
+        trainable_token_modules,
+        notes,
+    })
+}
+
+/// "Adapter `adapter` needs `what` from its config": the tensors do not determine it.
+fn needs(adapter: &str, what: &str, reason: String) -> ClassifyError {
+    ClassifyError::NeedsConfig {
         adapter: adapter.to_owned(),
         what: what.to_owned(),
         reason,
+    }
+}
+
+/// What one pass over an adapter's LoRA modules finds.
+struct ModuleScan {
+    /// Rank of every adapted module, in module order.
+    ranks: IndexMap<String, u64>,
+    any_magnitude: bool,
+    lora_bias: bool,
+    fan_in_fan_out: bool,
+}
+
+/// Ranks, DoRA, `lora_bias` and `Conv1D` layout of every LoRA module of `a`, with the checks
+/// that make a module a LoRA module peft could have written.
+fn scan_modules(
+    c: &ClassifiedStateDict,
+    adapter: &str,
+    a: &AdapterTensors,
+    model: &BaseModelInfo,
+    notes: &mut Vec<String>,
+) -> Result<ModuleScan, ClassifyError> {
+    let mut scan = ModuleScan {
+        ranks: IndexMap::new(),
+        any_magnitude: false,
+        lora_bias: false,
+        fan_in_fan_out: false,
     };
-    let modules = a.modules();
-    let mut notes = Vec::new();
-    let mut ranks: IndexMap<String, u64> = IndexMap::new();
-    let (mut any_magnitude, mut all_magnitude) = (false, true);
-    let mut lora_bias = false;
-    let mut fan_in_fan_out = false;
+    let mut all_magnitude = true;
     let mut square_conv1d: Vec<String> = Vec::new();
-    for (module, roles) in &modules {
+    for (module, roles) in &a.modules() {
         if roles.contains_key("trainable_tokens") && roles.len() == 1 {
             continue;
         }
-        let (a_key, a_t) = match roles.get("a").or_else(|| roles.get("embedding_a")) {
-            Some(x) => *x,
-            None => {
-                let (k, t) = roles.values().next().copied().ok_or_else(|| {
-                    needs(
-                        "the module list",
-                        format!("module `{module}` has no tensors"),
-                    )
-                })?;
-                return Err(ClassifyError::Inconsistent {
-                    origin: origin_of(t),
-                    key: k.to_owned(),
-                    module: module.clone(),
-                    reason: "the module has no lora_A / lora_embedding_A tensor".into(),
-                });
-            }
-        };
-        if module.split('.').any(|p| p == "base_layer") {
-            return Err(needs(
-                "target_parameters",
-                format!(
-                    "module `{module}` is a nested adapter layer (peft's `target_parameters` for MoE experts, or a MultiheadAttention out_proj)"
-                ),
-            ));
-        }
         let base_weight = c.base.get(&format!("{module}.weight"));
-        if c.layout == Layout::PeftModel && base_weight.is_none() {
-            return Err(needs(
-                "the targeted parameters",
-                format!("module `{module}` has no `weight` (a `target_parameters` or MultiheadAttention adapter)"),
-            ));
-        }
-        let rank = a_t.shape().first().copied().unwrap_or(0) as u64;
-        if rank == 0 {
-            return Err(ClassifyError::Inconsistent {
-                origin: origin_of(a_t),
-                key: a_key.to_owned(),
-                module: module.clone(),
-                reason: format!("shape {:?} gives rank 0", a_t.shape()),
-            });
-        }
-        // The B factor must agree on the rank (Linear / Conv1D / Embedding: B is (out, r)).
-        if let Some((b_key, b_t)) = roles.get("b").or_else(|| roles.get("embedding_b")) {
-            if b_t.shape().len() == 2 && b_t.shape()[1] as u64 != rank {
-                return Err(ClassifyError::Inconsistent {
-                    origin: origin_of(b_t),
-                    key: (*b_key).to_owned(),
-                    module: module.clone(),
-                    reason: format!(
-                        "shape {:?} does not have the rank {rank} of `{a_key}` {:?}",
-                        b_t.shape(),
-                        a_t.shape()
-                    ),
-                });
-            }
-        } else {
-            return Err(ClassifyError::Inconsistent {
-                origin: origin_of(a_t),
-                key: a_key.to_owned(),
-                module: module.clone(),
-                reason: "the module has an A factor but no B factor".into(),
-            });
-        }
-        ranks.insert(module.clone(), rank);
+        let rank = module_rank(c, adapter, module, roles, base_weight)?;
+        scan.ranks.insert(module.clone(), rank);
         if roles.contains_key("magnitude") {
-            any_magnitude = true;
+            scan.any_magnitude = true;
         } else {
             all_magnitude = false;
         }
-        lora_bias |= roles.contains_key("b_bias");
+        scan.lora_bias |= roles.contains_key("b_bias");
         if roles.contains_key("a") && c.layout != Layout::Burn {
             if let Some(conv1d) = conv1d_kind(c, module, roles, base_weight)? {
-                fan_in_fan_out |= conv1d;
+                scan.fan_in_fan_out |= conv1d;
             } else if conv1d_by_table(model.model_type(), module)? {
-                fan_in_fan_out = true;
+                scan.fan_in_fan_out = true;
                 square_conv1d.push(module.clone());
             }
         }
@@ -180,18 +175,96 @@ pub fn infer_lora_structure(
                 .map_or("model type unknown: any model type's entry".to_owned(), |m| format!("model type {m}"))
         ));
     }
-    if any_magnitude && !all_magnitude {
+    if scan.any_magnitude && !all_magnitude {
         return Err(needs(
+            adapter,
             "use_dora",
             "some modules have lora_magnitude_vector and some do not".into(),
         ));
     }
-    let trainable_token_modules = a.trainable_token_modules();
-    if ranks.is_empty() && trainable_token_modules.is_empty() && a.modules_to_save().is_empty() {
-        return Err(needs("r", "the adapter has no LoRA module".into()));
-    }
+    Ok(scan)
+}
 
-    // r: the most frequent rank, ties to the smaller.
+/// The rank of one LoRA module: the rows of its A factor, which its B factor must agree with.
+fn module_rank(
+    c: &ClassifiedStateDict,
+    adapter: &str,
+    module: &str,
+    roles: &BTreeMap<String, (&str, &Tensor)>,
+    base_weight: Option<&Tensor>,
+) -> Result<u64, ClassifyError> {
+    let inconsistent = |t: &Tensor, key: &str, reason: String| ClassifyError::Inconsistent {
+        origin: origin_of(t),
+        key: key.to_owned(),
+        module: module.to_owned(),
+        reason,
+    };
+    let (a_key, a_t) = match roles.get("a").or_else(|| roles.get("embedding_a")) {
+        Some(x) => *x,
+        None => {
+            let (k, t) = roles.values().next().copied().ok_or_else(|| {
+                needs(
+                    adapter,
+                    "the module list",
+                    format!("module `{module}` has no tensors"),
+                )
+            })?;
+            return Err(inconsistent(
+                t,
+                k,
+                "the module has no lora_A / lora_embedding_A tensor".into(),
+            ));
+        }
+    };
+    if module.split('.').any(|p| p == "base_layer") {
+        return Err(needs(
+            adapter,
+            "target_parameters",
+            format!(
+                "module `{module}` is a nested adapter layer (peft's `target_parameters` for MoE experts, or a MultiheadAttention out_proj)"
+            ),
+        ));
+    }
+    if c.layout == Layout::PeftModel && base_weight.is_none() {
+        return Err(needs(
+            adapter,
+            "the targeted parameters",
+            format!("module `{module}` has no `weight` (a `target_parameters` or MultiheadAttention adapter)"),
+        ));
+    }
+    let rank = a_t.shape().first().copied().unwrap_or(0) as u64;
+    if rank == 0 {
+        return Err(inconsistent(
+            a_t,
+            a_key,
+            format!("shape {:?} gives rank 0", a_t.shape()),
+        ));
+    }
+    // The B factor must agree on the rank (Linear / Conv1D / Embedding: B is (out, r)).
+    let Some((b_key, b_t)) = roles.get("b").or_else(|| roles.get("embedding_b")) else {
+        return Err(inconsistent(
+            a_t,
+            a_key,
+            "the module has an A factor but no B factor".into(),
+        ));
+    };
+    if b_t.shape().len() == 2 && b_t.shape()[1] as u64 != rank {
+        return Err(inconsistent(
+            b_t,
+            b_key,
+            format!(
+                "shape {:?} does not have the rank {rank} of `{a_key}` {:?}",
+                b_t.shape(),
+                a_t.shape()
+            ),
+        ));
+    }
+    Ok(rank)
+}
+
+/// `r`: the most frequent rank, ties to the smaller (8, peft's default, when there is none);
+/// and how many modules have each rank.
+fn most_frequent_rank(ranks: &IndexMap<String, u64>) -> (u64, BTreeMap<u64, usize>) {
     let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
     for r in ranks.values() {
         *counts.entry(*r).or_default() += 1;
@@ -201,87 +274,105 @@ pub fn infer_lora_structure(
         .max_by(|x, y| x.1.cmp(y.1).then(y.0.cmp(x.0)))
         .map(|(r, _)| *r)
         .unwrap_or(8);
+    (r, counts)
+}
 
-    let all_modules = c.module_names();
-    let targets: Vec<String> = ranks.keys().cloned().collect();
-    let target_set: HashSet<&str> = targets.iter().map(String::as_str).collect();
-    let mts = a.modules_to_save();
+/// `modules_to_save`: suffixes matched with peft's plain `key.endswith(name)`.
+fn infer_modules_to_save(
+    all_modules: &BTreeSet<String>,
+    mts: &[String],
+    notes: &mut Vec<String>,
+) -> Result<Option<Vec<String>>, ClassifyError> {
+    if mts.is_empty() {
+        return Ok(None);
+    }
     let mts_set: HashSet<&str> = mts.iter().map(String::as_str).collect();
-
-    // modules_to_save: suffixes matched with peft's plain `key.endswith(name)`.
-    let modules_to_save = if mts.is_empty() {
-        None
-    } else {
-        let others: Vec<&String> = all_modules
-            .iter()
-            .filter(|m| {
-                !mts_set.contains(m.as_str())
-                    && !mts.iter().any(|t| m.starts_with(&format!("{t}.")))
-            })
-            .collect();
-        let minimal = minimal_target_suffixes(&mts, &others)?;
-        let ok = minimal.iter().all(|s| {
-            all_modules
-                .iter()
-                .filter(|m| m.ends_with(s.as_str()))
-                .all(|m| mts_set.contains(m.as_str()))
-        });
-        Some(if ok {
-            minimal.into_iter().collect()
-        } else {
-            notes.push(
-                "modules_to_save written as full module names (no shorter name is unique)".into(),
-            );
-            let mut v = mts.clone();
-            v.sort();
-            v
+    let others: Vec<&String> = all_modules
+        .iter()
+        .filter(|m| {
+            !mts_set.contains(m.as_str()) && !mts.iter().any(|t| m.starts_with(&format!("{t}.")))
         })
-    };
-
-    // target_modules: minimal suffixes, checked with peft's matcher.
-    let target_modules = if targets.is_empty() {
-        Vec::new()
-    } else {
-        let others: Vec<&String> = all_modules
+        .collect();
+    let minimal = minimal_target_suffixes(mts, &others)?;
+    let ok = minimal.iter().all(|s| {
+        all_modules
             .iter()
-            .filter(|m| !target_set.contains(m.as_str()))
-            .collect();
-        let minimal: Vec<String> = minimal_target_suffixes(&targets, &others)?
-            .into_iter()
-            .collect();
-        let check = |names: &[String]| -> Result<bool, ClassifyError> {
-            let cfg = LoraConfig {
-                target_modules: Some(TargetModules::Names(names.to_vec())),
-                modules_to_save: modules_to_save.clone(),
-                ..LoraConfig::default()
-            };
-            let m = TargetMatcher::for_lora(&cfg)?;
-            for t in &targets {
-                if !m.is_target(t)? {
-                    return Ok(false);
-                }
-            }
-            for o in &others {
-                if !mts.iter().any(|x| o.starts_with(x.as_str())) && m.is_target(o)? {
-                    return Ok(false);
-                }
-            }
-            Ok(true)
-        };
-        if check(&minimal)? {
-            minimal
-        } else {
-            notes.push(
-                "target_modules written as full module names (no shorter suffix set is exact)"
-                    .into(),
-            );
-            let mut v = targets.clone();
-            v.sort();
-            v
-        }
-    };
+            .filter(|m| m.ends_with(s.as_str()))
+            .all(|m| mts_set.contains(m.as_str()))
+    });
+    Ok(Some(if ok {
+        minimal.into_iter().collect()
+    } else {
+        notes.push(
+            "modules_to_save written as full module names (no shorter name is unique)".into(),
+        );
+        let mut v = mts.to_vec();
+        v.sort();
+        v
+    }))
+}
 
-    // rank_pattern for modules whose rank is not r.
+/// `target_modules`: minimal suffixes, checked with peft's matcher; the full names when no
+/// shorter set selects exactly the adapted modules.
+fn infer_target_modules(
+    all_modules: &BTreeSet<String>,
+    ranks: &IndexMap<String, u64>,
+    mts: &[String],
+    modules_to_save: Option<&Vec<String>>,
+    notes: &mut Vec<String>,
+) -> Result<Vec<String>, ClassifyError> {
+    let targets: Vec<String> = ranks.keys().cloned().collect();
+    if targets.is_empty() {
+        return Ok(Vec::new());
+    }
+    let target_set: HashSet<&str> = targets.iter().map(String::as_str).collect();
+    let others: Vec<&String> = all_modules
+        .iter()
+        .filter(|m| !target_set.contains(m.as_str()))
+        .collect();
+    let minimal: Vec<String> = minimal_target_suffixes(&targets, &others)?
+        .into_iter()
+        .collect();
+    let cfg = LoraConfig {
+        target_modules: Some(TargetModules::Names(minimal.clone())),
+        modules_to_save: modules_to_save.cloned(),
+        ..LoraConfig::default()
+    };
+    let m = TargetMatcher::for_lora(&cfg)?;
+    let mut exact = true;
+    for t in &targets {
+        if !m.is_target(t)? {
+            exact = false;
+            break;
+        }
+    }
+    if exact {
+        for o in &others {
+            if !mts.iter().any(|x| o.starts_with(x.as_str())) && m.is_target(o)? {
+                exact = false;
+                break;
+            }
+        }
+    }
+    if exact {
+        return Ok(minimal);
+    }
+    notes.push(
+        "target_modules written as full module names (no shorter suffix set is exact)".into(),
+    );
+    let mut v = targets;
+    v.sort();
+    Ok(v)
+}
+
+/// `rank_pattern` for the modules whose rank is not `r`: readable minimal suffixes when they
+/// resolve every module's rank through peft's pattern rule, else full escaped names.
+fn infer_rank_pattern(
+    ranks: &IndexMap<String, u64>,
+    counts: &BTreeMap<u64, usize>,
+    r: u64,
+    notes: &mut Vec<String>,
+) -> Result<IndexMap<String, u64>, ClassifyError> {
     let mut rank_pattern: IndexMap<String, u64> = IndexMap::new();
     for (&k, _) in counts.iter().filter(|(k, _)| **k != r) {
         let group: Vec<String> = ranks
@@ -300,26 +391,7 @@ pub fn infer_lora_structure(
         }
     }
     rank_pattern.sort_keys();
-    let resolves = |pattern: &IndexMap<String, u64>| -> Result<bool, ClassifyError> {
-        let cfg = LoraConfig {
-            r,
-            rank_pattern: Some(
-                pattern
-                    .iter()
-                    .map(|(k, v)| (k.clone(), Number::from(*v)))
-                    .collect(),
-            ),
-            ..LoraConfig::default()
-        };
-        let resolver = PatternResolver::new(&cfg)?;
-        for (m, rank) in &ranks {
-            if resolver.rank_for(m)? != *rank {
-                return Ok(false);
-            }
-        }
-        Ok(true)
-    };
-    if !resolves(&rank_pattern)? {
+    if !rank_pattern_resolves(&rank_pattern, ranks, r)? {
         notes.push("rank_pattern written with full, escaped module names".into());
         rank_pattern = ranks
             .iter()
@@ -328,19 +400,32 @@ pub fn infer_lora_structure(
             .collect();
         rank_pattern.sort_keys();
     }
+    Ok(rank_pattern)
+}
 
-    Ok(LoraStructure {
+/// Whether `pattern` with default `r` gives every module of `ranks` its rank.
+fn rank_pattern_resolves(
+    pattern: &IndexMap<String, u64>,
+    ranks: &IndexMap<String, u64>,
+    r: u64,
+) -> Result<bool, ClassifyError> {
+    let cfg = LoraConfig {
         r,
-        ranks,
-        rank_pattern,
-        target_modules,
-        use_dora: any_magnitude,
-        lora_bias,
-        fan_in_fan_out,
-        modules_to_save,
-        trainable_token_modules,
-        notes,
-    })
+        rank_pattern: Some(
+            pattern
+                .iter()
+                .map(|(k, v)| (k.clone(), Number::from(*v)))
+                .collect(),
+        ),
+        ..LoraConfig::default()
+    };
+    let resolver = PatternResolver::new(&cfg)?;
+    for (m, rank) in ranks {
+        if resolver.rank_for(m)? != *rank {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Options of [`infer_config`].
