@@ -86,195 +86,209 @@ impl TrainableTokenIndices {
     }
 }
 
-/// A LoRA `adapter_config.json`: every field peft 0.21.2 writes (`PeftConfig` base fields first,
-/// then `LoraConfig`'s in declaration order), with peft's defaults ([`LoraConfig::default`]).
-///
-/// Sub-configs (`eva_config`, `loftq_config`, ...) are kept as JSON. `runtime_config` is never
-/// held (peft drops it on load and never writes it).
-#[derive(Debug, Clone, PartialEq)]
-pub struct LoraConfig {
-    /// `task_type`: null or one of [`TASK_TYPES`] (checked by `validate`).
-    pub task_type: Option<String>,
-    /// `auto_mapping`: null, or `{"base_model_class", "parent_library"}` when `task_type` is null.
-    pub auto_mapping: Option<Value>,
-    /// `peft_version` of the writer (peft ≥ 0.18); peft fills its own version when missing.
-    pub peft_version: Option<String>,
-    /// `base_model_name_or_path`.
-    pub base_model_name_or_path: Option<String>,
-    /// `revision` of the base model.
-    pub revision: Option<String>,
-    /// `inference_mode` (`PeftModel.save_pretrained` always writes `true`).
-    pub inference_mode: bool,
-    /// `r`, the rank (default 8).
-    pub r: u64,
-    /// `target_modules` (null: peft fills its per-model-type default before matching).
-    pub target_modules: Option<TargetModules>,
-    /// `exclude_modules`.
-    pub exclude_modules: Option<TargetModules>,
-    /// `lora_alpha` (default 8), int or float as written.
-    pub lora_alpha: Number,
-    /// `lora_dropout` (default 0.0), int or float as written.
-    pub lora_dropout: Number,
-    /// `fan_in_fan_out` (true for GPT-2 `Conv1D` weights stored as (in, out)).
-    pub fan_in_fan_out: bool,
-    /// `bias`: `"none"`, `"all"` or `"lora_only"`.
-    pub bias: String,
-    /// `use_rslora`: scaling `alpha / sqrt(r)` instead of `alpha / r`.
-    pub use_rslora: bool,
-    /// `modules_to_save`: modules saved (and merged) as full copies.
-    pub modules_to_save: Option<Vec<String>>,
-    /// `init_lora_weights` (default `true`).
-    pub init_lora_weights: InitLoraWeights,
-    /// `layers_to_transform`.
-    pub layers_to_transform: Option<LayersToTransform>,
-    /// `layers_pattern`.
-    pub layers_pattern: Option<StringOrList>,
-    /// `rank_pattern` in file order (first matching key wins; default `{}`).
-    pub rank_pattern: Option<IndexMap<String, Number>>,
-    /// `alpha_pattern` in file order (first matching key wins; default `{}`).
-    pub alpha_pattern: Option<IndexMap<String, Number>>,
-    /// `megatron_config`.
-    pub megatron_config: Option<Value>,
-    /// `megatron_core` (default `"megatron.core"`).
-    pub megatron_core: Option<String>,
-    /// `trainable_token_indices`.
-    pub trainable_token_indices: Option<TrainableTokenIndices>,
-    /// `loftq_config` (default `{}`).
-    pub loftq_config: Option<Value>,
-    /// `eva_config`.
-    pub eva_config: Option<Value>,
-    /// `corda_config`.
-    pub corda_config: Option<Value>,
-    /// `lora_ga_config`.
-    pub lora_ga_config: Option<Value>,
-    /// `use_dora`.
-    pub use_dora: bool,
-    /// `velora_config`.
-    pub velora_config: Option<Value>,
-    /// `alora_invocation_tokens`.
-    pub alora_invocation_tokens: Option<Vec<i64>>,
-    /// `use_qalora`.
-    pub use_qalora: bool,
-    /// `qalora_group_size` (default 16).
-    pub qalora_group_size: i64,
-    /// `monteclora_config`.
-    pub monteclora_config: Option<Value>,
-    /// `layer_replication`: `[start, end)` layer ranges.
-    pub layer_replication: Option<Vec<[i64; 2]>>,
-    /// `lora_bias`: B has a bias.
-    pub lora_bias: bool,
-    /// `target_parameters` (a string form is readable but invalid).
-    pub target_parameters: Option<StringOrList>,
-    /// `use_bdlora` (a BD-LoRA sub-config).
-    pub use_bdlora: Option<Value>,
-    /// `arrow_config`.
-    pub arrow_config: Option<Value>,
-    /// `kasa_config`.
-    pub kasa_config: Option<Value>,
-    /// `ensure_weight_tying`.
-    pub ensure_weight_tying: bool,
-    /// Fields this peft version does not have, in file order; written back unchanged.
-    pub extra: Map<String, Value>,
+/// Declares [`LoraConfig`] from one table: each field is written once, with its type, peft's
+/// default, its reader (which names the field on a type error) and its writer. The struct,
+/// `Default`, [`LORA_FIELDS`], `from_map` and `to_value` are all generated from it, so they
+/// cannot disagree. `@peft_type` marks where peft writes `peft_type` (not a field: always
+/// `"LORA"`). `absent` overrides the value a missing field reads as (peft fills `peft_version`
+/// after the read, with a warning).
+macro_rules! lora_config {
+    (
+        $( $(#[doc = $hdoc:literal])* $hname:ident : $hty:ty = $hdefault:expr $(, absent $habsent:expr)?, read $hread:ident, write $hwrite:ident; )*
+        @peft_type;
+        $( $(#[doc = $doc:literal])* $name:ident : $ty:ty = $default:expr $(, absent $absent:expr)?, read $read:ident, write $write:ident; )*
+    ) => {
+        /// A LoRA `adapter_config.json`: every field peft 0.21.2 writes (`PeftConfig` base fields
+        /// first, then `LoraConfig`'s in declaration order), with peft's defaults
+        /// ([`LoraConfig::default`]).
+        ///
+        /// Sub-configs (`eva_config`, `loftq_config`, ...) are kept as JSON. `runtime_config` is
+        /// never held (peft drops it on load and never writes it).
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct LoraConfig {
+            $( $(#[doc = $hdoc])* pub $hname: $hty, )*
+            $( $(#[doc = $doc])* pub $name: $ty, )*
+            /// Fields this peft version does not have, in file order; written back unchanged.
+            pub extra: Map<String, Value>,
+        }
+
+        impl Default for LoraConfig {
+            /// `LoraConfig()` of peft 0.21.2.
+            fn default() -> Self {
+                Self {
+                    $( $hname: $hdefault, )*
+                    $( $name: $default, )*
+                    extra: Map::new(),
+                }
+            }
+        }
+
+        /// The names of the fields peft 0.21.2 writes for LoRA, in `dataclasses.fields` order.
+        pub const LORA_FIELDS: [&str; 41] = [
+            $( stringify!($hname), )*
+            "peft_type",
+            $( stringify!($name), )*
+        ];
+
+        impl LoraConfig {
+            /// Reads every field of the table out of `r` (absent: the default).
+            fn read_fields(r: &mut FieldReader) -> Result<Self, ConfigError> {
+                let d = LoraConfig::default();
+                Ok(LoraConfig {
+                    $( $hname: r.read(stringify!($hname), lora_config!(@absent d.$hname $(, $habsent)?), $hread)?, )*
+                    $( $name: r.read(stringify!($name), lora_config!(@absent d.$name $(, $absent)?), $read)?, )*
+                    extra: Map::new(),
+                })
+            }
+
+            /// Writes every field of the table, in [`LORA_FIELDS`] order.
+            fn write_fields(&self, m: &mut Map<String, Value>, order: SetOrder) {
+                $( m.insert(stringify!($hname).into(), $hwrite(&self.$hname, order)); )*
+                m.insert("peft_type".into(), Value::String(LORA.into()));
+                $( m.insert(stringify!($name).into(), $write(&self.$name, order)); )*
+            }
+        }
+    };
+    (@absent $default:expr) => { $default };
+    (@absent $default:expr, $absent:expr) => { $absent };
 }
 
-impl Default for LoraConfig {
-    /// `LoraConfig()` of peft 0.21.2.
-    fn default() -> Self {
-        Self {
-            task_type: None,
-            auto_mapping: None,
-            peft_version: Some(PEFT_VERSION.to_owned()),
-            base_model_name_or_path: None,
-            revision: None,
-            inference_mode: false,
-            r: 8,
-            target_modules: None,
-            exclude_modules: None,
-            lora_alpha: Number::from(8),
-            lora_dropout: float_number(0.0),
-            fan_in_fan_out: false,
-            bias: "none".to_owned(),
-            use_rslora: false,
-            modules_to_save: None,
-            init_lora_weights: InitLoraWeights::Bool(true),
-            layers_to_transform: None,
-            layers_pattern: None,
-            rank_pattern: Some(IndexMap::new()),
-            alpha_pattern: Some(IndexMap::new()),
-            megatron_config: None,
-            megatron_core: Some("megatron.core".to_owned()),
-            trainable_token_indices: None,
-            loftq_config: Some(Value::Object(Map::new())),
-            eva_config: None,
-            corda_config: None,
-            lora_ga_config: None,
-            use_dora: false,
-            velora_config: None,
-            alora_invocation_tokens: None,
-            use_qalora: false,
-            qalora_group_size: 16,
-            monteclora_config: None,
-            layer_replication: None,
-            lora_bias: false,
-            target_parameters: None,
-            use_bdlora: None,
-            arrow_config: None,
-            kasa_config: None,
-            ensure_weight_tying: false,
-            extra: Map::new(),
-        }
+lora_config! {
+    /// `task_type`: null or one of [`TASK_TYPES`](super::TASK_TYPES) (checked by `validate`).
+    task_type: Option<String> = None, read as_opt_string, write w_json;
+    // `peft_type` is written here, between `task_type` and `auto_mapping`.
+    @peft_type;
+    /// `auto_mapping`: null, or `{"base_model_class", "parent_library"}` when `task_type` is null.
+    auto_mapping: Option<Value> = None, read as_opt_object, write w_json;
+    /// `peft_version` of the writer (peft ≥ 0.18); peft fills its own version when missing.
+    peft_version: Option<String> = Some(PEFT_VERSION.to_owned()), absent None, read as_opt_string, write w_json;
+    /// `base_model_name_or_path`.
+    base_model_name_or_path: Option<String> = None, read as_opt_string, write w_json;
+    /// `revision` of the base model.
+    revision: Option<String> = None, read as_opt_string, write w_json;
+    /// `inference_mode` (`PeftModel.save_pretrained` always writes `true`).
+    inference_mode: bool = false, read as_bool, write w_json;
+    /// `r`, the rank (default 8).
+    r: u64 = 8, read as_rank, write w_json;
+    /// `target_modules` (null: peft fills its per-model-type default before matching).
+    target_modules: Option<TargetModules> = None, read as_opt_target_modules, write w_target_modules;
+    /// `exclude_modules`.
+    exclude_modules: Option<TargetModules> = None, read as_opt_target_modules, write w_target_modules;
+    /// `lora_alpha` (default 8), int or float as written.
+    lora_alpha: Number = Number::from(8), read as_number, write w_json;
+    /// `lora_dropout` (default 0.0), int or float as written.
+    lora_dropout: Number = float_number(0.0), read as_number, write w_json;
+    /// `fan_in_fan_out` (true for GPT-2 `Conv1D` weights stored as (in, out)).
+    fan_in_fan_out: bool = false, read as_bool, write w_json;
+    /// `bias`: `"none"`, `"all"` or `"lora_only"`.
+    bias: String = "none".to_owned(), read as_string, write w_json;
+    /// `use_rslora`: scaling `alpha / sqrt(r)` instead of `alpha / r`.
+    use_rslora: bool = false, read as_bool, write w_json;
+    /// `modules_to_save`: modules saved (and merged) as full copies.
+    modules_to_save: Option<Vec<String>> = None, read as_opt_string_list, write w_json;
+    /// `init_lora_weights` (default `true`).
+    init_lora_weights: InitLoraWeights = InitLoraWeights::Bool(true), read as_init, write w_init;
+    /// `layers_to_transform`.
+    layers_to_transform: Option<LayersToTransform> = None, read as_opt_layers, write w_layers;
+    /// `layers_pattern`.
+    layers_pattern: Option<StringOrList> = None, read as_opt_string_or_list, write w_string_or_list;
+    /// `rank_pattern` in file order (first matching key wins; default `{}`).
+    rank_pattern: Option<IndexMap<String, Number>> = Some(IndexMap::new()), read as_opt_pattern_map, write w_json;
+    /// `alpha_pattern` in file order (first matching key wins; default `{}`).
+    alpha_pattern: Option<IndexMap<String, Number>> = Some(IndexMap::new()), read as_opt_pattern_map, write w_json;
+    /// `megatron_config`.
+    megatron_config: Option<Value> = None, read as_opt_object, write w_json;
+    /// `megatron_core` (default `"megatron.core"`).
+    megatron_core: Option<String> = Some("megatron.core".to_owned()), read as_opt_string, write w_json;
+    /// `trainable_token_indices`.
+    trainable_token_indices: Option<TrainableTokenIndices> = None, read as_opt_token_indices, write w_token_indices;
+    /// `loftq_config` (default `{}`).
+    loftq_config: Option<Value> = Some(Value::Object(Map::new())), read as_opt_object, write w_json;
+    /// `eva_config`.
+    eva_config: Option<Value> = None, read as_opt_object, write w_json;
+    /// `corda_config`.
+    corda_config: Option<Value> = None, read as_opt_object, write w_json;
+    /// `lora_ga_config`.
+    lora_ga_config: Option<Value> = None, read as_opt_object, write w_json;
+    /// `use_dora`.
+    use_dora: bool = false, read as_bool, write w_json;
+    /// `velora_config`.
+    velora_config: Option<Value> = None, read as_opt_object, write w_json;
+    /// `alora_invocation_tokens`.
+    alora_invocation_tokens: Option<Vec<i64>> = None, read as_opt_int_list, write w_json;
+    /// `use_qalora`.
+    use_qalora: bool = false, read as_bool, write w_json;
+    /// `qalora_group_size` (default 16).
+    qalora_group_size: i64 = 16, read as_int, write w_json;
+    /// `monteclora_config`.
+    monteclora_config: Option<Value> = None, read as_opt_object, write w_json;
+    /// `layer_replication`: `[start, end)` layer ranges.
+    layer_replication: Option<Vec<[i64; 2]>> = None, read as_opt_replication, write w_json;
+    /// `lora_bias`: B has a bias.
+    lora_bias: bool = false, read as_bool, write w_json;
+    /// `target_parameters` (a string form is readable but invalid).
+    target_parameters: Option<StringOrList> = None, read as_opt_string_or_list, write w_string_or_list;
+    /// `use_bdlora` (a BD-LoRA sub-config).
+    use_bdlora: Option<Value> = None, read as_opt_object, write w_json;
+    /// `arrow_config`.
+    arrow_config: Option<Value> = None, read as_opt_object, write w_json;
+    /// `kasa_config`.
+    kasa_config: Option<Value> = None, read as_opt_object, write w_json;
+    /// `ensure_weight_tying`.
+    ensure_weight_tying: bool = false, read as_bool, write w_json;
+}
+
+// Readers the table names that `read` does not share with the generic config.
+
+fn as_rank(field: &str, v: &Value) -> Result<u64, ConfigError> {
+    v.as_u64()
+        .ok_or_else(|| wrong(field, "a non-negative integer", v))
+}
+
+fn as_string(field: &str, v: &Value) -> Result<String, ConfigError> {
+    v.as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| wrong(field, "a string", v))
+}
+
+fn as_opt_int_list(field: &str, v: &Value) -> Result<Option<Vec<i64>>, ConfigError> {
+    match v {
+        Value::Null => Ok(None),
+        other => as_int_list(field, other).map(Some),
     }
+}
+
+// Writers: the JSON peft writes for each field type (`None` is `null`).
+
+fn w_json<T: serde::Serialize>(v: &T, _: SetOrder) -> Value {
+    // Every field type serialises infallibly (no maps with non-string keys).
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+fn w_target_modules(v: &Option<TargetModules>, order: SetOrder) -> Value {
+    opt(v, |t| target_modules_value(t, order))
+}
+
+fn w_init(v: &InitLoraWeights, _: SetOrder) -> Value {
+    v.to_value()
+}
+
+fn w_layers(v: &Option<LayersToTransform>, _: SetOrder) -> Value {
+    opt(v, layers_value)
+}
+
+fn w_string_or_list(v: &Option<StringOrList>, _: SetOrder) -> Value {
+    opt(v, string_or_list_value)
+}
+
+fn w_token_indices(v: &Option<TrainableTokenIndices>, _: SetOrder) -> Value {
+    opt(v, TrainableTokenIndices::to_value)
 }
 
 pub(super) fn float_number(f: f64) -> Number {
     // Only called with finite literals.
     Number::from_f64(f).unwrap_or_else(|| Number::from(0))
 }
-
-/// The names of the fields peft 0.21.2 writes for LoRA, in `dataclasses.fields` order.
-pub const LORA_FIELDS: [&str; 41] = [
-    "task_type",
-    "peft_type",
-    "auto_mapping",
-    "peft_version",
-    "base_model_name_or_path",
-    "revision",
-    "inference_mode",
-    "r",
-    "target_modules",
-    "exclude_modules",
-    "lora_alpha",
-    "lora_dropout",
-    "fan_in_fan_out",
-    "bias",
-    "use_rslora",
-    "modules_to_save",
-    "init_lora_weights",
-    "layers_to_transform",
-    "layers_pattern",
-    "rank_pattern",
-    "alpha_pattern",
-    "megatron_config",
-    "megatron_core",
-    "trainable_token_indices",
-    "loftq_config",
-    "eva_config",
-    "corda_config",
-    "lora_ga_config",
-    "use_dora",
-    "velora_config",
-    "alora_invocation_tokens",
-    "use_qalora",
-    "qalora_group_size",
-    "monteclora_config",
-    "layer_replication",
-    "lora_bias",
-    "target_parameters",
-    "use_bdlora",
-    "arrow_config",
-    "kasa_config",
-    "ensure_weight_tying",
-];
 
 fn opt<T>(v: &Option<T>, f: impl Fn(&T) -> Value) -> Value {
     v.as_ref().map_or(Value::Null, f)
@@ -327,84 +341,7 @@ impl LoraConfig {
         if r.take(RUNTIME_CONFIG).is_some() {
             warnings.push(ConfigWarning::RuntimeConfigDropped);
         }
-        let d = LoraConfig::default();
-        let mut c = LoraConfig {
-            task_type: r.read("task_type", d.task_type, as_opt_string)?,
-            auto_mapping: r.read("auto_mapping", d.auto_mapping, as_opt_object)?,
-            peft_version: r.read("peft_version", None, as_opt_string)?,
-            base_model_name_or_path: r.read(
-                "base_model_name_or_path",
-                d.base_model_name_or_path,
-                as_opt_string,
-            )?,
-            revision: r.read("revision", d.revision, as_opt_string)?,
-            inference_mode: r.read("inference_mode", d.inference_mode, as_bool)?,
-            r: r.read("r", d.r, |f, v| {
-                v.as_u64()
-                    .ok_or_else(|| wrong(f, "a non-negative integer", v))
-            })?,
-            target_modules: r.read("target_modules", d.target_modules, as_opt_target_modules)?,
-            exclude_modules: r.read("exclude_modules", d.exclude_modules, as_opt_target_modules)?,
-            lora_alpha: r.read("lora_alpha", d.lora_alpha, as_number)?,
-            lora_dropout: r.read("lora_dropout", d.lora_dropout, as_number)?,
-            fan_in_fan_out: r.read("fan_in_fan_out", d.fan_in_fan_out, as_bool)?,
-            bias: r.read("bias", d.bias, |f, v| {
-                v.as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| wrong(f, "a string", v))
-            })?,
-            use_rslora: r.read("use_rslora", d.use_rslora, as_bool)?,
-            modules_to_save: r.read("modules_to_save", d.modules_to_save, as_opt_string_list)?,
-            init_lora_weights: r.read("init_lora_weights", d.init_lora_weights, as_init)?,
-            layers_to_transform: r.read(
-                "layers_to_transform",
-                d.layers_to_transform,
-                as_opt_layers,
-            )?,
-            layers_pattern: r.read("layers_pattern", d.layers_pattern, as_opt_string_or_list)?,
-            rank_pattern: r.read("rank_pattern", d.rank_pattern, as_opt_pattern_map)?,
-            alpha_pattern: r.read("alpha_pattern", d.alpha_pattern, as_opt_pattern_map)?,
-            megatron_config: r.read("megatron_config", d.megatron_config, as_opt_object)?,
-            megatron_core: r.read("megatron_core", d.megatron_core, as_opt_string)?,
-            trainable_token_indices: r.read(
-                "trainable_token_indices",
-                d.trainable_token_indices,
-                as_opt_token_indices,
-            )?,
-            loftq_config: r.read("loftq_config", d.loftq_config, as_opt_object)?,
-            eva_config: r.read("eva_config", d.eva_config, as_opt_object)?,
-            corda_config: r.read("corda_config", d.corda_config, as_opt_object)?,
-            lora_ga_config: r.read("lora_ga_config", d.lora_ga_config, as_opt_object)?,
-            use_dora: r.read("use_dora", d.use_dora, as_bool)?,
-            velora_config: r.read("velora_config", d.velora_config, as_opt_object)?,
-            alora_invocation_tokens: r.read(
-                "alora_invocation_tokens",
-                d.alora_invocation_tokens,
-                |f, v| match v {
-                    Value::Null => Ok(None),
-                    other => as_int_list(f, other).map(Some),
-                },
-            )?,
-            use_qalora: r.read("use_qalora", d.use_qalora, as_bool)?,
-            qalora_group_size: r.read("qalora_group_size", d.qalora_group_size, as_int)?,
-            monteclora_config: r.read("monteclora_config", d.monteclora_config, as_opt_object)?,
-            layer_replication: r.read(
-                "layer_replication",
-                d.layer_replication,
-                as_opt_replication,
-            )?,
-            lora_bias: r.read("lora_bias", d.lora_bias, as_bool)?,
-            target_parameters: r.read(
-                "target_parameters",
-                d.target_parameters,
-                as_opt_string_or_list,
-            )?,
-            use_bdlora: r.read("use_bdlora", d.use_bdlora, as_opt_object)?,
-            arrow_config: r.read("arrow_config", d.arrow_config, as_opt_object)?,
-            kasa_config: r.read("kasa_config", d.kasa_config, as_opt_object)?,
-            ensure_weight_tying: r.read("ensure_weight_tying", d.ensure_weight_tying, as_bool)?,
-            extra: Map::new(),
-        };
+        let mut c = LoraConfig::read_fields(&mut r)?;
         warnings.extend(r.map.keys().map(|k| ConfigWarning::UnknownField(k.clone())));
         c.extra = r.map;
         c.apply_load_adjustments(&mut warnings);
@@ -447,111 +384,8 @@ impl LoraConfig {
     /// The config as the JSON object peft writes: all 41 fields plus the unknown ones kept from
     /// the file.
     pub fn to_value(&self, options: &WriteOptions) -> Value {
-        let order = options.set_order;
-        let pattern = |p: &IndexMap<String, Number>| -> Value {
-            Value::Object(
-                p.iter()
-                    .map(|(k, v)| (k.clone(), Value::Number(v.clone())))
-                    .collect(),
-            )
-        };
-        let string = |s: &String| Value::String(s.clone());
         let mut m = Map::new();
-        m.insert("task_type".into(), opt(&self.task_type, string));
-        m.insert("peft_type".into(), Value::String(LORA.into()));
-        m.insert("auto_mapping".into(), opt(&self.auto_mapping, Clone::clone));
-        m.insert("peft_version".into(), opt(&self.peft_version, string));
-        m.insert(
-            "base_model_name_or_path".into(),
-            opt(&self.base_model_name_or_path, string),
-        );
-        m.insert("revision".into(), opt(&self.revision, string));
-        m.insert("inference_mode".into(), self.inference_mode.into());
-        m.insert("r".into(), self.r.into());
-        m.insert(
-            "target_modules".into(),
-            opt(&self.target_modules, |t| target_modules_value(t, order)),
-        );
-        m.insert(
-            "exclude_modules".into(),
-            opt(&self.exclude_modules, |t| target_modules_value(t, order)),
-        );
-        m.insert("lora_alpha".into(), Value::Number(self.lora_alpha.clone()));
-        m.insert(
-            "lora_dropout".into(),
-            Value::Number(self.lora_dropout.clone()),
-        );
-        m.insert("fan_in_fan_out".into(), self.fan_in_fan_out.into());
-        m.insert("bias".into(), string(&self.bias));
-        m.insert("use_rslora".into(), self.use_rslora.into());
-        m.insert(
-            "modules_to_save".into(),
-            opt(&self.modules_to_save, |v| json!(v)),
-        );
-        m.insert(
-            "init_lora_weights".into(),
-            self.init_lora_weights.to_value(),
-        );
-        m.insert(
-            "layers_to_transform".into(),
-            opt(&self.layers_to_transform, layers_value),
-        );
-        m.insert(
-            "layers_pattern".into(),
-            opt(&self.layers_pattern, string_or_list_value),
-        );
-        m.insert("rank_pattern".into(), opt(&self.rank_pattern, pattern));
-        m.insert("alpha_pattern".into(), opt(&self.alpha_pattern, pattern));
-        m.insert(
-            "megatron_config".into(),
-            opt(&self.megatron_config, Clone::clone),
-        );
-        m.insert("megatron_core".into(), opt(&self.megatron_core, string));
-        m.insert(
-            "trainable_token_indices".into(),
-            opt(
-                &self.trainable_token_indices,
-                TrainableTokenIndices::to_value,
-            ),
-        );
-        m.insert("loftq_config".into(), opt(&self.loftq_config, Clone::clone));
-        m.insert("eva_config".into(), opt(&self.eva_config, Clone::clone));
-        m.insert("corda_config".into(), opt(&self.corda_config, Clone::clone));
-        m.insert(
-            "lora_ga_config".into(),
-            opt(&self.lora_ga_config, Clone::clone),
-        );
-        m.insert("use_dora".into(), self.use_dora.into());
-        m.insert(
-            "velora_config".into(),
-            opt(&self.velora_config, Clone::clone),
-        );
-        m.insert(
-            "alora_invocation_tokens".into(),
-            opt(&self.alora_invocation_tokens, |v| json!(v)),
-        );
-        m.insert("use_qalora".into(), self.use_qalora.into());
-        m.insert("qalora_group_size".into(), self.qalora_group_size.into());
-        m.insert(
-            "monteclora_config".into(),
-            opt(&self.monteclora_config, Clone::clone),
-        );
-        m.insert(
-            "layer_replication".into(),
-            opt(&self.layer_replication, |v| json!(v)),
-        );
-        m.insert("lora_bias".into(), self.lora_bias.into());
-        m.insert(
-            "target_parameters".into(),
-            opt(&self.target_parameters, string_or_list_value),
-        );
-        m.insert("use_bdlora".into(), opt(&self.use_bdlora, Clone::clone));
-        m.insert("arrow_config".into(), opt(&self.arrow_config, Clone::clone));
-        m.insert("kasa_config".into(), opt(&self.kasa_config, Clone::clone));
-        m.insert(
-            "ensure_weight_tying".into(),
-            self.ensure_weight_tying.into(),
-        );
+        self.write_fields(&mut m, options.set_order);
         for (k, v) in &self.extra {
             m.insert(k.clone(), v.clone());
         }
