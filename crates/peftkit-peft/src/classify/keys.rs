@@ -158,67 +158,123 @@ pub fn classify_state_dict(
         .disk_adapter_name
         .clone()
         .unwrap_or_else(|| DEFAULT_ADAPTER_NAME.to_owned());
-    let prompt_layout = state.keys().any(|k| k.starts_with("prompt_encoder."));
-    let classify = |key: &str, method: Option<&str>| -> Option<KeyClass> {
-        match method {
-            Some(m) => spec.classify_key_for(m, key),
-            None => spec.classify_key(key),
-        }
+    let mut kinds = classify_each_key(state, spec, options.peft_type.as_deref());
+    let primary = if options.peft_type.is_none() {
+        settle_methods(&mut kinds, spec, &disk_name)?
+    } else {
+        IndexMap::new()
     };
+    let layout = detect_layout(&kinds)?;
+    let mut b = Builder {
+        out: ClassifiedStateDict {
+            layout,
+            base: StateDict::new(),
+            base_source_keys: IndexMap::new(),
+            adapters: IndexMap::new(),
+            dropped: Vec::new(),
+            wrapped_modules: BTreeSet::new(),
+            source: state.clone(),
+        },
+        options,
+        primary,
+        disk_name,
+        prompt_layout: state.keys().any(|k| k.starts_with("prompt_encoder.")),
+    };
+    for (key, tensor, kind) in kinds {
+        match kind {
+            KeyKind::Spec(c) => b.add_spec(key, tensor, &c)?,
+            KeyKind::Burn { module, role } => b.add_burn(key, tensor, &module, role)?,
+            KeyKind::Other => b.add_other(key, tensor)?,
+        }
+    }
+    let mut out = b.out;
+    out.order_adapter_entries();
+    // peft's order of adapters: `default` (the one `get_peft_model` creates) first, then the
+    // others as they appear.
+    if let Some(i) = out.adapters.get_index_of(DEFAULT_ADAPTER_NAME) {
+        out.adapters.move_index(i, 0);
+    }
+    Ok(out)
+}
 
-    // Pass 1: every key by itself.
+/// Pass 1: every key by itself.
+fn classify_each_key(
+    state: &StateDict,
+    spec: &Spec,
+    method: Option<&str>,
+) -> Vec<(String, Tensor, KeyKind)> {
     let mut kinds: Vec<(String, Tensor, KeyKind)> = Vec::with_capacity(state.len());
     for (key, t) in state {
         let kind = if let Some((module, role)) = burn_key(key) {
             KeyKind::Burn { module, role }
         } else {
-            match classify(key, options.peft_type.as_deref()) {
+            let class = match method {
+                Some(m) => spec.classify_key_for(m, key),
+                None => spec.classify_key(key),
+            };
+            match class {
                 Some(c) => KeyKind::Spec(Box::new(c)),
                 None => KeyKind::Other,
             }
         };
         kinds.push((key.clone(), t.clone(), kind));
     }
+    kinds
+}
 
-    // Pass 2: without a known method, settle each adapter's method on its first tensor that is
-    // not a trainable-token one (which peft also allows next to LoRA), and re-read the adapter's
-    // keys with that method's rules (AdaLoRA's `lora_embedding_A` looks like LoRA's).
+/// Pass 2, without a known method: settles each adapter's method on its first tensor that is
+/// not a trainable-token one (which peft also allows next to LoRA), and re-reads the adapter's
+/// keys with that method's rules (AdaLoRA's `lora_embedding_A` looks like LoRA's). Returns
+/// adapter name -> method.
+fn settle_methods(
+    kinds: &mut [(String, Tensor, KeyKind)],
+    spec: &Spec,
+    disk_name: &str,
+) -> Result<IndexMap<String, String>, ClassifyError> {
     let mut primary: IndexMap<String, String> = IndexMap::new();
-    if options.peft_type.is_none() {
-        for (_, _, kind) in &kinds {
-            if let KeyKind::Spec(c) = kind {
-                let name = c.adapter_name.clone().unwrap_or_else(|| disk_name.clone());
-                let slot = primary.entry(name).or_insert_with(|| c.method.clone());
-                if slot == "TRAINABLE_TOKENS" {
-                    *slot = c.method.clone();
-                }
-            }
-        }
-        for (key, t, kind) in &mut kinds {
-            let KeyKind::Spec(c) = kind else { continue };
-            let name = c.adapter_name.clone().unwrap_or_else(|| disk_name.clone());
-            let Some(method) = primary.get(&name) else {
-                continue;
-            };
-            if &c.method == method {
-                continue;
-            }
-            match spec.classify_key_for(method, key) {
-                Some(again) => **c = again,
-                None if c.method == "TRAINABLE_TOKENS" => {}
-                None => {
-                    return Err(ClassifyError::MixedMethods {
-                        origin: origin_of(t),
-                        key: key.clone(),
-                        adapter: name,
-                        method: method.clone(),
-                        found: c.method.clone(),
-                    })
-                }
+    for (_, _, kind) in kinds.iter() {
+        if let KeyKind::Spec(c) = kind {
+            let name = c
+                .adapter_name
+                .clone()
+                .unwrap_or_else(|| disk_name.to_owned());
+            let slot = primary.entry(name).or_insert_with(|| c.method.clone());
+            if slot == "TRAINABLE_TOKENS" {
+                *slot = c.method.clone();
             }
         }
     }
+    for (key, t, kind) in kinds.iter_mut() {
+        let KeyKind::Spec(c) = kind else { continue };
+        let name = c
+            .adapter_name
+            .clone()
+            .unwrap_or_else(|| disk_name.to_owned());
+        let Some(method) = primary.get(&name) else {
+            continue;
+        };
+        if &c.method == method {
+            continue;
+        }
+        match spec.classify_key_for(method, key) {
+            Some(again) => **c = again,
+            None if c.method == "TRAINABLE_TOKENS" => {}
+            None => {
+                return Err(ClassifyError::MixedMethods {
+                    origin: origin_of(t),
+                    key: key.clone(),
+                    adapter: name,
+                    method: method.clone(),
+                    found: c.method.clone(),
+                })
+            }
+        }
+    }
+    Ok(primary)
+}
 
+/// The layout the key forms show; in-memory, on-disk and burn keys do not mix.
+fn detect_layout(kinds: &[(String, Tensor, KeyKind)]) -> Result<Layout, ClassifyError> {
     let first_memory = kinds.iter().find_map(|(k, _, kind)| match kind {
         KeyKind::Spec(c) if c.adapter_name.is_some() => Some(k.clone()),
         _ => None,
@@ -230,7 +286,7 @@ pub fn classify_state_dict(
     let any_burn = kinds
         .iter()
         .any(|(_, _, k)| matches!(k, KeyKind::Burn { .. }));
-    let layout = match (&first_memory, &first_disk, any_burn) {
+    Ok(match (&first_memory, &first_disk, any_burn) {
         (Some(mem), Some((disk, t)), _) => {
             return Err(ClassifyError::MixedKeyForms {
                 origin: origin_of(t),
@@ -249,137 +305,158 @@ pub fn classify_state_dict(
         }
         (None, None, true) => Layout::Burn,
         (None, None, false) => Layout::Base,
-    };
+    })
+}
 
-    let mut out = ClassifiedStateDict {
-        layout,
-        base: StateDict::new(),
-        base_source_keys: IndexMap::new(),
-        adapters: IndexMap::new(),
-        dropped: Vec::new(),
-        wrapped_modules: BTreeSet::new(),
-        source: state.clone(),
-    };
-    // An adapter's method: the config's, else the one settled above, else the key's own.
-    let adapter = |out: &mut ClassifiedStateDict, name: &str, method: &str| {
-        if !out.adapters.contains_key(name) {
-            let method = options
+/// Pass 3: every classified key into the base or an adapter.
+struct Builder<'a> {
+    out: ClassifiedStateDict,
+    options: &'a ClassifyOptions,
+    /// Adapter name -> method settled in pass 2.
+    primary: IndexMap<String, String>,
+    /// The name of adapters whose keys carry none.
+    disk_name: String,
+    /// Prompt learning: the transformers model sits one level higher.
+    prompt_layout: bool,
+}
+
+impl Builder<'_> {
+    /// Creates adapter `name` on first use. Its method: the config's, else the one settled in
+    /// pass 2, else `method` (the key's own).
+    fn adapter(&mut self, name: &str, method: &str) -> &mut AdapterTensors {
+        if !self.out.adapters.contains_key(name) {
+            let method = self
+                .options
                 .peft_type
                 .as_deref()
-                .or(primary.get(name).map(String::as_str))
+                .or(self.primary.get(name).map(String::as_str))
                 .unwrap_or(method);
-            out.adapters
+            self.out
+                .adapters
                 .insert(name.to_owned(), AdapterTensors::new(name, method));
         }
-    };
-    for (key, tensor, kind) in kinds {
-        match kind {
-            KeyKind::Spec(c) => {
-                let name = c.adapter_name.clone().unwrap_or_else(|| disk_name.clone());
-                let method = options
-                    .peft_type
-                    .clone()
-                    .unwrap_or_else(|| c.method.clone());
-                adapter(&mut out, &name, &method);
-                let entry = AdapterEntry {
-                    source_key: key,
-                    kind: EntryKind::Adapter {
-                        role: c.role.clone(),
-                        module: c.module_path.clone(),
-                    },
-                    tensor,
-                };
-                if let Some(a) = out.adapters.get_mut(&name) {
-                    a.insert(c.disk_key.clone(), entry)?;
-                }
-            }
-            KeyKind::Burn { module, role } => {
-                adapter(&mut out, &disk_name, LORA);
-                let tensor = transposed(&tensor, &key)?;
-                let suffix = if role == "a" { "lora_A" } else { "lora_B" };
-                let entry = AdapterEntry {
-                    source_key: key,
-                    kind: EntryKind::Adapter {
-                        role: role.to_owned(),
-                        module: Some(module.clone()),
-                    },
-                    tensor,
-                };
-                if let Some(a) = out.adapters.get_mut(&disk_name) {
-                    a.insert(format!("{MODEL_PREFIX}{module}.{suffix}.weight"), entry)?;
-                }
-            }
-            KeyKind::Other => match layout {
-                Layout::PeftModel => {
-                    if prompt_layout
-                        && (key == "word_embeddings.weight" || key.starts_with("word_embeddings."))
-                    {
-                        // PeftModel registers the input embedding a second time as
-                        // `word_embeddings`; it is the same storage as the base's.
-                        out.dropped.push(key);
-                        continue;
-                    }
-                    // Prompt learning wraps the transformers model one level higher.
-                    let prefix = if prompt_layout {
-                        PROMPT_BASE_PREFIX
-                    } else {
-                        MODEL_PREFIX
-                    };
-                    let rest = key.strip_prefix(prefix).unwrap_or(&key);
-                    if let Some((module, name, param)) = split_modules_to_save(rest) {
-                        let method = options.peft_type.clone().unwrap_or_else(|| LORA.to_owned());
-                        adapter(&mut out, &name, &method);
-                        let entry = AdapterEntry {
-                            source_key: key.clone(),
-                            kind: EntryKind::ModulesToSave {
-                                module: module.clone(),
-                                param: param.clone(),
-                            },
-                            tensor,
-                        };
-                        if let Some(a) = out.adapters.get_mut(&name) {
-                            a.insert(format!("{prefix}{module}.{param}"), entry)?;
-                        }
-                        continue;
-                    }
-                    if !prompt_layout {
-                        if let Some((m, _)) = rest.split_once(".base_layer.") {
-                            out.wrapped_modules.insert(clean_base_key(m, false));
-                        }
-                    }
-                    out.add_base(clean_base_key(&key, prompt_layout), key, tensor)?;
-                }
-                Layout::PeftAdapter if key.starts_with(MODEL_PREFIX) => {
-                    let method = options.peft_type.clone().unwrap_or_else(|| LORA.to_owned());
-                    adapter(&mut out, &disk_name, &method);
-                    let base_key = clean_base_key(&key, false);
-                    let entry = AdapterEntry {
-                        source_key: key.clone(),
-                        kind: EntryKind::Replacement { base_key },
-                        tensor,
-                    };
-                    if let Some(a) = out.adapters.get_mut(&disk_name) {
-                        a.insert(key, entry)?;
-                    }
-                }
-                _ => {
-                    let clean = if layout == Layout::Burn {
-                        key.clone()
-                    } else {
-                        clean_base_key(&key, false)
-                    };
-                    out.add_base(clean, key, tensor)?;
-                }
+        &mut self.out.adapters[name]
+    }
+
+    /// The method of keys that do not name one (modules_to_save, replacements): LoRA unless
+    /// the options say otherwise.
+    fn default_method(&self) -> String {
+        self.options
+            .peft_type
+            .clone()
+            .unwrap_or_else(|| LORA.to_owned())
+    }
+
+    fn add_spec(&mut self, key: String, tensor: Tensor, c: &KeyClass) -> Result<(), ClassifyError> {
+        let name = c
+            .adapter_name
+            .clone()
+            .unwrap_or_else(|| self.disk_name.clone());
+        let method = self
+            .options
+            .peft_type
+            .clone()
+            .unwrap_or_else(|| c.method.clone());
+        let entry = AdapterEntry {
+            source_key: key,
+            kind: EntryKind::Adapter {
+                role: c.role.clone(),
+                module: c.module_path.clone(),
             },
+            tensor,
+        };
+        self.adapter(&name, &method)
+            .insert(c.disk_key.clone(), entry)
+    }
+
+    fn add_burn(
+        &mut self,
+        key: String,
+        tensor: Tensor,
+        module: &str,
+        role: &str,
+    ) -> Result<(), ClassifyError> {
+        let disk_name = self.disk_name.clone();
+        self.adapter(&disk_name, LORA);
+        let tensor = transposed(&tensor, &key)?;
+        let suffix = if role == "a" { "lora_A" } else { "lora_B" };
+        let entry = AdapterEntry {
+            source_key: key,
+            kind: EntryKind::Adapter {
+                role: role.to_owned(),
+                module: Some(module.to_owned()),
+            },
+            tensor,
+        };
+        self.adapter(&disk_name, LORA)
+            .insert(format!("{MODEL_PREFIX}{module}.{suffix}.weight"), entry)
+    }
+
+    /// A key no method's rules claim: a base parameter, or (by layout) a modules_to_save copy
+    /// or a replacement tensor of an adapter file.
+    fn add_other(&mut self, key: String, tensor: Tensor) -> Result<(), ClassifyError> {
+        match self.out.layout {
+            Layout::PeftModel => self.add_peft_model_other(key, tensor),
+            Layout::PeftAdapter if key.starts_with(MODEL_PREFIX) => {
+                let method = self.default_method();
+                let disk_name = self.disk_name.clone();
+                let base_key = clean_base_key(&key, false);
+                let entry = AdapterEntry {
+                    source_key: key.clone(),
+                    kind: EntryKind::Replacement { base_key },
+                    tensor,
+                };
+                self.adapter(&disk_name, &method).insert(key, entry)
+            }
+            layout => {
+                let clean = if layout == Layout::Burn {
+                    key.clone()
+                } else {
+                    clean_base_key(&key, false)
+                };
+                self.out.add_base(clean, key, tensor)
+            }
         }
     }
-    out.order_adapter_entries();
-    // peft's order of adapters: `default` (the one `get_peft_model` creates) first, then the
-    // others as they appear.
-    if let Some(i) = out.adapters.get_index_of(DEFAULT_ADAPTER_NAME) {
-        out.adapters.move_index(i, 0);
+
+    fn add_peft_model_other(&mut self, key: String, tensor: Tensor) -> Result<(), ClassifyError> {
+        let prompt_layout = self.prompt_layout;
+        if prompt_layout && (key == "word_embeddings.weight" || key.starts_with("word_embeddings."))
+        {
+            // PeftModel registers the input embedding a second time as `word_embeddings`; it
+            // is the same storage as the base's.
+            self.out.dropped.push(key);
+            return Ok(());
+        }
+        // Prompt learning wraps the transformers model one level higher.
+        let prefix = if prompt_layout {
+            PROMPT_BASE_PREFIX
+        } else {
+            MODEL_PREFIX
+        };
+        let rest = key.strip_prefix(prefix).unwrap_or(&key);
+        if let Some((module, name, param)) = split_modules_to_save(rest) {
+            let method = self.default_method();
+            let entry = AdapterEntry {
+                source_key: key.clone(),
+                kind: EntryKind::ModulesToSave {
+                    module: module.clone(),
+                    param: param.clone(),
+                },
+                tensor,
+            };
+            return self
+                .adapter(&name, &method)
+                .insert(format!("{prefix}{module}.{param}"), entry);
+        }
+        if !prompt_layout {
+            if let Some((m, _)) = rest.split_once(".base_layer.") {
+                self.out.wrapped_modules.insert(clean_base_key(m, false));
+            }
+        }
+        self.out
+            .add_base(clean_base_key(&key, prompt_layout), key, tensor)
     }
-    Ok(out)
 }
 
 impl ClassifiedStateDict {
