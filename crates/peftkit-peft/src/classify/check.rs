@@ -1,6 +1,10 @@
 //! Checking a given adapter config against the classified tensors.
 
-use crate::config::{AdapterConfig, TrainableTokenIndices};
+use std::collections::BTreeMap;
+
+use peftkit_checkpoint::Tensor;
+
+use crate::config::{AdapterConfig, LoraConfig, TrainableTokenIndices};
 use crate::py::name_matches_suffix;
 use crate::targeting::{PatternResolver, TargetMatcher};
 
@@ -31,11 +35,6 @@ pub fn check_config(
     let Some(lora) = config.as_lora() else {
         return Ok(notes);
     };
-    let mismatch = |field: &str, reason: String| ClassifyError::ConfigMismatch {
-        adapter: adapter.to_owned(),
-        field: field.to_owned(),
-        reason,
-    };
     let resolver = PatternResolver::new(lora)?;
     let parameter_targets = lora.target_parameters.is_some();
     let matcher = if parameter_targets || lora.target_modules.is_none() {
@@ -49,9 +48,49 @@ pub fn check_config(
                 .into(),
         );
     }
+    let checks = ModuleChecks {
+        adapter,
+        lora,
+        resolver: &resolver,
+        matcher: matcher.as_ref(),
+    };
     for (module, roles) in a.modules() {
+        checks.check(module, &roles)?;
+    }
+    check_trainable_tokens(adapter, a, lora)?;
+    check_modules_to_save(adapter, a, lora)?;
+    Ok(notes)
+}
+
+fn mismatch(adapter: &str, field: &str, reason: String) -> ClassifyError {
+    ClassifyError::ConfigMismatch {
+        adapter: adapter.to_owned(),
+        field: field.to_owned(),
+        reason,
+    }
+}
+
+/// What every LoRA module is checked against.
+struct ModuleChecks<'a> {
+    adapter: &'a str,
+    lora: &'a LoraConfig,
+    resolver: &'a PatternResolver,
+    /// `None` when targeting cannot be checked by name.
+    matcher: Option<&'a TargetMatcher>,
+}
+
+impl ModuleChecks<'_> {
+    /// One module: its rank, that it is targeted, its DoRA and bias tensors.
+    fn check(
+        &self,
+        module: String,
+        roles: &BTreeMap<String, (&str, &Tensor)>,
+    ) -> Result<(), ClassifyError> {
+        let (adapter, lora, resolver) = (self.adapter, self.lora, self.resolver);
+        let parameter_targets = lora.target_parameters.is_some();
+        let mismatch = |field: &str, reason: String| mismatch(adapter, field, reason);
         let Some((key, t)) = roles.get("a").or_else(|| roles.get("embedding_a")).copied() else {
-            continue;
+            return Ok(());
         };
         let tensor_rank = t.shape().first().copied().unwrap_or(0) as u64;
         let config_rank = resolver.rank_for(&module)?;
@@ -71,7 +110,7 @@ pub fn check_config(
                 config_rank,
             });
         }
-        if let Some(m) = &matcher {
+        if let Some(m) = self.matcher {
             if !m.is_target(&module)? {
                 return Err(mismatch(
                     "target_modules",
@@ -99,7 +138,17 @@ pub fn check_config(
                 format!("module `{module}` has lora_B.bias but lora_bias is false"),
             ));
         }
+        Ok(())
     }
+}
+
+/// Trainable-token rows present exactly when the config has indices, as many as it lists.
+fn check_trainable_tokens(
+    adapter: &str,
+    a: &AdapterTensors,
+    lora: &LoraConfig,
+) -> Result<(), ClassifyError> {
+    let mismatch = |field: &str, reason: String| mismatch(adapter, field, reason);
     let tt = a.trainable_token_modules();
     match (&lora.trainable_token_indices, tt.is_empty()) {
         (None, false) => {
@@ -147,6 +196,16 @@ pub fn check_config(
         }
         (None, true) => {}
     }
+    Ok(())
+}
+
+/// Every modules_to_save copy is listed in the config.
+fn check_modules_to_save(
+    adapter: &str,
+    a: &AdapterTensors,
+    lora: &LoraConfig,
+) -> Result<(), ClassifyError> {
+    let mismatch = |field: &str, reason: String| mismatch(adapter, field, reason);
     let mts = a.modules_to_save();
     if !mts.is_empty() {
         let names = lora.modules_to_save.clone().unwrap_or_default();
@@ -161,5 +220,5 @@ pub fn check_config(
             }
         }
     }
-    Ok(notes)
+    Ok(())
 }
