@@ -34,11 +34,39 @@ pub(super) fn rewrite_config(
     options: &ConvertOptions,
     file: &Path,
 ) -> Result<(), ConvertError> {
-    let config_err = |reason: String| ConvertError::Config {
+    let targets = legacy_targets(lora, rules, adapter_leaves, file)?;
+    // A set in peft, written in set order. Kept here in a fixed order instead: the entries
+    // already there, then the new ones in the table's order (router, then the fused parameters
+    // in their module's registration order, which is also the order peft nests their wrappers).
+    let mut target_parameters = existing_target_parameters(lora, file)?;
+    let added_parameters = move_targets(lora, rules, &targets, &mut target_parameters, file)?;
+    // peft sets both patterns to {} whenever it converts, even when nothing is fused.
+    lora.rank_pattern.get_or_insert_with(IndexMap::new);
+    lora.alpha_pattern.get_or_insert_with(IndexMap::new);
+    lora.target_parameters = Some(StringOrList::Many(target_parameters));
+    if added_parameters {
+        check_param_wrapper(lora, options, file)?;
+    }
+    lora.inference_mode = true;
+    Ok(())
+}
+
+fn config_err(file: &Path, reason: String) -> ConvertError {
+    ConvertError::Config {
         file: file.to_owned(),
         reason,
-    };
-    let targets: Vec<String> = match &lora.target_modules {
+    }
+}
+
+/// The legacy `target_modules` as a list of names (`"all-linear"` resolved).
+fn legacy_targets(
+    lora: &LoraConfig,
+    rules: &LegacyMoeRules,
+    adapter_leaves: &BTreeSet<String>,
+    file: &Path,
+) -> Result<Vec<String>, ConvertError> {
+    let config_err = |reason: String| config_err(file, reason);
+    Ok(match &lora.target_modules {
         Some(TargetModules::Names(v)) => v.clone(),
         Some(t @ TargetModules::Regex(_)) if t.is_all_linear() => {
             // peft resolves "all-linear" to the leaf names of the v5 model's Linear layers plus
@@ -58,11 +86,13 @@ pub(super) fn rewrite_config(
                 "target_modules is null; peft 0.21.2 would turn it into an empty list before applying the model's default targets, and the adapter would target nothing. Write the target module names into adapter_config.json and convert again".into(),
             ))
         }
-    };
-    // A set in peft, written in set order. Kept here in a fixed order instead: the entries
-    // already there, then the new ones in the table's order (router, then the fused parameters
-    // in their module's registration order, which is also the order peft nests their wrappers).
-    let mut target_parameters: Vec<String> = match &lora.target_parameters {
+    })
+}
+
+/// The `target_parameters` already in the config, de-duplicated in order.
+fn existing_target_parameters(lora: &LoraConfig, file: &Path) -> Result<Vec<String>, ConvertError> {
+    let config_err = |reason: String| config_err(file, reason);
+    Ok(match &lora.target_parameters {
         None => Vec::new(),
         Some(StringOrList::Many(v)) => {
             let mut out: Vec<String> = Vec::new();
@@ -78,81 +108,95 @@ pub(super) fn rewrite_config(
                 "target_parameters is the string `{s}`, not a list; peft would read it as a set of characters"
             )))
         }
-    };
-    let added_parameters = {
-        let mut remaining: BTreeSet<String> = BTreeSet::new();
-        let mut matched: HashMap<&str, BTreeSet<&str>> = HashMap::new();
-        let mut new_parameters: BTreeSet<&str> = BTreeSet::new();
-        for target in &targets {
-            let hit = rules
-                .target_mapping
-                .iter()
-                .find(|(old, _)| name_matches_suffix(target, old));
-            match hit {
-                None => {
-                    remaining.insert(target.clone());
+    })
+}
+
+/// Moves every target the table maps from `target_modules` to `target_parameters`, checks that
+/// fused parameters are targeted whole, and scales their patterns. Returns whether any
+/// parameter was added.
+fn move_targets(
+    lora: &mut LoraConfig,
+    rules: &LegacyMoeRules,
+    targets: &[String],
+    target_parameters: &mut Vec<String>,
+    file: &Path,
+) -> Result<bool, ConvertError> {
+    let config_err = |reason: String| config_err(file, reason);
+    let mut remaining: BTreeSet<String> = BTreeSet::new();
+    let mut matched: HashMap<&str, BTreeSet<&str>> = HashMap::new();
+    let mut new_parameters: BTreeSet<&str> = BTreeSet::new();
+    for target in targets {
+        let hit = rules
+            .target_mapping
+            .iter()
+            .find(|(old, _)| name_matches_suffix(target, old));
+        match hit {
+            None => {
+                remaining.insert(target.clone());
+            }
+            Some((old, new)) => {
+                new_parameters.insert(new.as_str());
+                if rules.fused_param(new).is_some() {
+                    matched
+                        .entry(new.as_str())
+                        .or_default()
+                        .insert(old.as_str());
                 }
-                Some((old, new)) => {
-                    new_parameters.insert(new.as_str());
-                    if rules.fused_param(new).is_some() {
-                        matched
-                            .entry(new.as_str())
-                            .or_default()
-                            .insert(old.as_str());
-                    }
-                }
             }
         }
-        for f in &rules.fused {
-            let present = matched.get(f.name.as_str()).cloned().unwrap_or_default();
-            let required: BTreeSet<&str> = f.parts.iter().map(String::as_str).collect();
-            if !present.is_empty() && present.len() < required.len() {
-                let missing: Vec<&str> = required.difference(&present).copied().collect();
-                let present: Vec<&str> = present.into_iter().collect();
-                return Err(config_err(format!(
-                    "Cannot convert PEFT target(s) {} without also targeting {} because they are fused into {}.",
-                    present.join(", "),
-                    missing.join(", "),
-                    f.name
-                )));
-            }
-            if present.len() == required.len() && required.len() > 1 {
-                let n = required.len() as u64;
-                let key = format!(".*\\.{}", re_escape(&f.name));
-                let rank = lora
-                    .r
-                    .checked_mul(n)
-                    .ok_or_else(|| config_err(format!("r = {} times {n} overflows", lora.r)))?;
-                let alpha = mul_number(&lora.lora_alpha, n).ok_or_else(|| {
-                    config_err(format!(
-                        "lora_alpha = {} times {n} overflows",
-                        lora.lora_alpha
-                    ))
-                })?;
-                lora.rank_pattern
-                    .get_or_insert_with(IndexMap::new)
-                    .insert(key.clone(), Number::from(rank));
-                lora.alpha_pattern
-                    .get_or_insert_with(IndexMap::new)
-                    .insert(key, alpha);
-            }
-        }
-        lora.target_modules = Some(TargetModules::Names(remaining.into_iter().collect()));
-        for (_, new) in &rules.target_mapping {
-            if new_parameters.contains(new.as_str()) && !target_parameters.contains(new) {
-                target_parameters.push(new.clone());
-            }
-        }
-        !new_parameters.is_empty()
-    };
-    // peft sets both patterns to {} whenever it converts, even when nothing is fused.
-    lora.rank_pattern.get_or_insert_with(IndexMap::new);
-    lora.alpha_pattern.get_or_insert_with(IndexMap::new);
-    lora.target_parameters = Some(StringOrList::Many(target_parameters));
-    if added_parameters {
-        check_param_wrapper(lora, options, file)?;
     }
-    lora.inference_mode = true;
+    for f in &rules.fused {
+        let present = matched.get(f.name.as_str()).cloned().unwrap_or_default();
+        let required: BTreeSet<&str> = f.parts.iter().map(String::as_str).collect();
+        if !present.is_empty() && present.len() < required.len() {
+            let missing: Vec<&str> = required.difference(&present).copied().collect();
+            let present: Vec<&str> = present.into_iter().collect();
+            return Err(config_err(format!(
+                "Cannot convert PEFT target(s) {} without also targeting {} because they are fused into {}.",
+                present.join(", "),
+                missing.join(", "),
+                f.name
+            )));
+        }
+        if present.len() == required.len() && required.len() > 1 {
+            scale_fused_patterns(lora, &f.name, required.len() as u64, file)?;
+        }
+    }
+    lora.target_modules = Some(TargetModules::Names(remaining.into_iter().collect()));
+    for (_, new) in &rules.target_mapping {
+        if new_parameters.contains(new.as_str()) && !target_parameters.contains(new) {
+            target_parameters.push(new.clone());
+        }
+    }
+    Ok(!new_parameters.is_empty())
+}
+
+/// A fused parameter of `n` parts gets `rank_pattern[".*\.<name>"] = n·r` and
+/// `alpha_pattern[…] = n·lora_alpha`, so that `alpha/r` is unchanged.
+fn scale_fused_patterns(
+    lora: &mut LoraConfig,
+    name: &str,
+    n: u64,
+    file: &Path,
+) -> Result<(), ConvertError> {
+    let config_err = |reason: String| config_err(file, reason);
+    let key = format!(".*\\.{}", re_escape(name));
+    let rank = lora
+        .r
+        .checked_mul(n)
+        .ok_or_else(|| config_err(format!("r = {} times {n} overflows", lora.r)))?;
+    let alpha = mul_number(&lora.lora_alpha, n).ok_or_else(|| {
+        config_err(format!(
+            "lora_alpha = {} times {n} overflows",
+            lora.lora_alpha
+        ))
+    })?;
+    lora.rank_pattern
+        .get_or_insert_with(IndexMap::new)
+        .insert(key.clone(), Number::from(rank));
+    lora.alpha_pattern
+        .get_or_insert_with(IndexMap::new)
+        .insert(key, alpha);
     Ok(())
 }
 
