@@ -572,6 +572,33 @@ pub(super) fn infer_prompt_tuning(
             "{rows} prompt rows do not split over {submodules} transformer submodules"
         )));
     }
+    let fields = prompt_tuning_fields(model, task_type, auto_mapping, rows, dim, submodules);
+    let set_fields = Spec::embedded()
+        .method("PROMPT_TUNING")
+        .map(|m| m.set_fields.clone())
+        .unwrap_or_default();
+    Ok(Inferred {
+        config: AdapterConfig::Other(GenericConfig {
+            peft_type: "PROMPT_TUNING".into(),
+            fields,
+            set_fields,
+        }),
+        notes: vec![
+            "prompt_tuning_init recorded as RANDOM (the init is not visible in the tensors)".into(),
+        ],
+    })
+}
+
+/// The fields peft's `PromptTuningConfig` writes for a prompt of `rows` rows of `dim` columns
+/// over `submodules` transformer submodules, with peft's defaults for the rest.
+fn prompt_tuning_fields(
+    model: &BaseModelInfo,
+    task_type: Option<String>,
+    auto_mapping: Option<Value>,
+    rows: usize,
+    dim: usize,
+    submodules: u64,
+) -> Map<String, Value> {
     let num = |v: Option<u64>| v.map_or(Value::Null, Value::from);
     let mut fields = Map::new();
     fields.insert(
@@ -613,18 +640,5 @@ pub(super) fn infer_prompt_tuning(
     fields.insert("prompt_tuning_init_text".into(), Value::Null);
     fields.insert("tokenizer_name_or_path".into(), Value::Null);
     fields.insert("tokenizer_kwargs".into(), Value::Null);
-    let set_fields = Spec::embedded()
-        .method("PROMPT_TUNING")
-        .map(|m| m.set_fields.clone())
-        .unwrap_or_default();
-    Ok(Inferred {
-        config: AdapterConfig::Other(GenericConfig {
-            peft_type: "PROMPT_TUNING".into(),
-            fields,
-            set_fields,
-        }),
-        notes: vec![
-            "prompt_tuning_init recorded as RANDOM (the init is not visible in the tensors)".into(),
-        ],
-    })
+    fields
 }
