@@ -14,7 +14,7 @@ use super::*;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct Conv1dDoc {
+struct Conv1dDoc {
     schema_version: u32,
     #[allow(dead_code)] // Documents the file.
     transformers_version: String,

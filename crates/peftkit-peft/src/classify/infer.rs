@@ -11,6 +11,7 @@ use crate::py::re_escape;
 use crate::spec::Spec;
 use crate::targeting::{minimal_target_suffixes, PatternResolver, TargetMatcher};
 
+use super::conv1d::{conv1d_by_table, conv1d_kind};
 use super::*;
 
 /// The LoRA config fields that the tensors determine, and how.
@@ -41,10 +42,7 @@ pub struct LoraStructure {
 /// Strips leading all-digit components' ambiguity: a suffix starting with a layer index
 /// (`0.self_attn.q_proj`) is extended by the component before it (`layers.0.self_attn.q_proj`),
 /// the form people write and peft records.
-pub(super) fn readable_suffixes(
-    suffixes: &BTreeSet<String>,
-    targets: &[String],
-) -> BTreeSet<String> {
+fn readable_suffixes(suffixes: &BTreeSet<String>, targets: &[String]) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for s in suffixes {
         let first = s.split('.').next().unwrap_or("");
@@ -523,7 +521,7 @@ pub fn infer_config(
     }
 }
 
-pub(super) fn infer_prompt_tuning(
+fn infer_prompt_tuning(
     a: &AdapterTensors,
     adapter: &str,
     options: &InferOptions,

@@ -58,7 +58,7 @@ pub struct ClassifiedStateDict {
     source: StateDict,
 }
 
-pub(super) enum KeyKind {
+enum KeyKind {
     Spec(Box<KeyClass>),
     Burn { module: String, role: &'static str },
     Other,
@@ -66,7 +66,7 @@ pub(super) enum KeyKind {
 
 /// `<path>.lora.a` / `<path>.lora.b` of burn's built-in LoRA: `(module, role)`. burn wraps a
 /// parameter, so the module is the parameter path without `.weight`.
-pub(super) fn burn_key(key: &str) -> Option<(String, &'static str)> {
+fn burn_key(key: &str) -> Option<(String, &'static str)> {
     let (param, role) = if let Some(p) = key.strip_suffix(".lora.a") {
         (p, "a")
     } else if let Some(p) = key.strip_suffix(".lora.b") {
@@ -136,7 +136,7 @@ pub fn clean_base_key(key: &str, prompt_layout: bool) -> String {
 }
 
 /// `<m>.modules_to_save.<name>.<param>` → `(m, name, param)`, `m` without prefix.
-pub(super) fn split_modules_to_save(rest: &str) -> Option<(String, String, String)> {
+fn split_modules_to_save(rest: &str) -> Option<(String, String, String)> {
     let (module, tail) = rest.split_once(".modules_to_save.")?;
     let (name, param) = tail.split_once('.')?;
     (!module.is_empty() && !name.is_empty() && !param.is_empty()).then(|| {
@@ -679,7 +679,7 @@ impl ClassifiedStateDict {
     }
 }
 
-pub(super) fn uses_trainable_tokens(config: &AdapterConfig) -> bool {
+fn uses_trainable_tokens(config: &AdapterConfig) -> bool {
     config.peft_type() == "TRAINABLE_TOKENS"
         || config
             .as_lora()

@@ -64,13 +64,16 @@ mod tensors;
 #[cfg(test)]
 mod tests;
 
-pub use base::*;
-pub use check::*;
-pub use conv1d::*;
-pub use infer::*;
-pub use keys::*;
-pub use summary::*;
-pub use tensors::*;
+pub use base::{BaseModelInfo, TaskTypeChoice};
+pub use check::check_config;
+pub use conv1d::conv1d_table;
+pub use infer::{infer_config, infer_lora_structure, InferOptions, Inferred, LoraStructure};
+pub use keys::{classify_state_dict, clean_base_key, ClassifiedStateDict, ClassifyOptions, Layout};
+pub use summary::{
+    describe_tensor, summarize_adapters, summarize_classified, summarize_path, AdapterSummary,
+    ScalingSummary,
+};
+pub use tensors::{AdapterEntry, AdapterTensors, EntryKind};
 
 pub use crate::embedded::EMBEDDED_CONV1D_MODULES_JSON;
 

@@ -187,7 +187,7 @@ pub fn summarize_path(path: &Path) -> Result<Vec<AdapterSummary>, ClassifyError>
     summarize_adapters(&ckpt.state_dict(), None)
 }
 
-pub(super) fn has_sub_adapters(path: &Path) -> bool {
+fn has_sub_adapters(path: &Path) -> bool {
     path.is_dir()
         && std::fs::read_dir(path)
             .map(|rd| rd.flatten().any(|e| e.path().join(CONFIG_NAME).is_file()))

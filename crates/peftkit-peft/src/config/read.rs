@@ -11,7 +11,7 @@ use super::{
     TrainableTokenIndices,
 };
 
-pub(super) fn describe(v: &Value) -> String {
+fn describe(v: &Value) -> String {
     let kind = match v {
         Value::Null => "null",
         Value::Bool(_) => "a bool",
@@ -70,7 +70,7 @@ pub(super) fn as_int_list(field: &str, v: &Value) -> Result<Vec<i64>, ConfigErro
         .collect()
 }
 
-pub(super) fn as_string_list(field: &str, v: &Value) -> Result<Vec<String>, ConfigError> {
+fn as_string_list(field: &str, v: &Value) -> Result<Vec<String>, ConfigError> {
     let items = v
         .as_array()
         .ok_or_else(|| wrong(field, "a list of strings", v))?;

@@ -201,7 +201,7 @@ fn scale_fused_patterns(
 }
 
 /// `lora.ParamWrapper`'s refusals (peft raises when it creates the wrapper at load).
-pub(super) fn check_param_wrapper(
+fn check_param_wrapper(
     lora: &mut LoraConfig,
     options: &ConvertOptions,
     file: &Path,

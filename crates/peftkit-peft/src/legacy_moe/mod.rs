@@ -74,11 +74,14 @@ mod rules;
 #[cfg(test)]
 mod tests;
 
-pub use dir::*;
-pub use fuse::*;
-pub use rules::*;
+pub use dir::{
+    convert_legacy_adapter_dir, convert_legacy_adapter_dir_with, model_type_from_base,
+    ConvertReport,
+};
+pub use fuse::convert_with_rules;
+pub use rules::{supported_model_types, FusedParam, LegacyMoeRules};
 
-use config::*;
+use config::{rewrite_config, targets_module, targets_param};
 
 use crate::classify::MODEL_PREFIX;
 

@@ -42,7 +42,7 @@ pub struct LegacyMoeRules {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct SpecFile {
+struct SpecFile {
     schema_version: u32,
     #[allow(dead_code)]
     peft_version: String,
@@ -59,7 +59,7 @@ pub(super) struct SpecFile {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct PatternEntry {
+struct PatternEntry {
     table: String,
     #[serde(default)]
     renamed_targets: IndexMap<String, String>,
@@ -69,7 +69,7 @@ pub(super) struct PatternEntry {
     note: Option<String>,
 }
 
-pub(super) fn spec_file() -> Result<SpecFile, ConvertError> {
+fn spec_file() -> Result<SpecFile, ConvertError> {
     let spec: SpecFile = serde_json::from_str(LEGACY_MOE_ADAPTERS_JSON)
         .map_err(|e| ConvertError::InvalidSpec(e.to_string()))?;
     if spec.schema_version != 1 {
@@ -103,7 +103,7 @@ pub(super) fn pattern_leaf(pattern: &str) -> String {
 }
 
 /// The converters of table `name` (its `extends` first), in rule order.
-pub(super) fn table_converters(
+fn table_converters(
     registry: &Registry,
     name: &str,
     depth: usize,
@@ -127,7 +127,7 @@ pub(super) fn table_converters(
 /// Whether peft's adapter conversion handles this converter: the experts stacked (transformers
 /// `MergeModulelist`), then optionally the projections concatenated (`Concatenate`), into one
 /// v5 parameter. peft builds its LoRA ops from exactly these two op kinds.
-pub(super) fn is_expert_fusion(c: &ConvertSpec) -> bool {
+fn is_expert_fusion(c: &ConvertSpec) -> bool {
     let single_target = c.v5.to_vec().len() == 1;
     let ops_ok = match c.ops.as_slice() {
         [Op::Stack { dim: 0 }] => true,

@@ -1,3 +1,6 @@
+use super::config::mul_number;
+use super::fuse::disk_suffix;
+use super::rules::pattern_leaf;
 use super::*;
 use crate::py::{name_matches_suffix, re_escape};
 use serde_json::Number;
