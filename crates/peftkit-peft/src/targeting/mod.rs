@@ -3,7 +3,7 @@
 //! peft 0.21.2.
 //!
 //! Every pattern in an adapter config is a *Python* `re` pattern, compiled with
-//! [`PyRegex`](crate::py::PyRegex).
+//! [`PyRegex`].
 //!
 //! ```
 //! use peftkit_peft::config::LoraConfig;
