@@ -60,6 +60,7 @@ use peftkit_checkpoint::companion::companion_files;
 use peftkit_checkpoint::natural::natural_cmp;
 use peftkit_checkpoint::{
     Checkpoint, CheckpointError, ModelConfig, SaveOptions, SaveReport, StateDict, WeightsKind,
+    WeightsNames,
 };
 use serde_json::Number;
 
@@ -210,7 +211,9 @@ pub fn open_source(from: &Path) -> Result<Source, ExtractError> {
         // An adapter folder (a sharded adapter's index has the model's name and is found
         // above).
         Err(CheckpointError::NotACheckpoint { .. })
-            if from.join("adapter_model.safetensors").is_file() =>
+            if from
+                .join(WeightsNames::new(WeightsKind::Adapter, None)?.single())
+                .is_file() =>
         {
             Checkpoint::open_kind(from, WeightsKind::Adapter, None)?
         }

@@ -1,4 +1,4 @@
-//! Writing adapters as peft's `PeftModel.save_pretrained` does (reference §1–§3), and the
+//! Writing adapters as peft's `PeftModel.save_pretrained` does (docs/formats.md, "PEFT adapters"), and the
 //! `save_pretrained` of a state dict that may hold adapter parameters.
 //!
 //! * [`save_adapter`]: `adapter_model.safetensors` (`{"format":"pt"}`, keys
@@ -50,12 +50,10 @@ use crate::classify::{
 };
 use crate::config::{AdapterConfig, CONFIG_NAME, LORA, PEFT_VERSION};
 
+pub use crate::embedded::MODEL_CARD_TEMPLATE;
+
 /// File name of the model card.
 pub const MODEL_CARD_NAME: &str = "README.md";
-
-/// The body of the model card peft writes for a new adapter: huggingface_hub's default model
-/// card template rendered with empty data (adapters-spec/model_card_template.md).
-pub const MODEL_CARD_TEMPLATE: &str = peftkit_adapters_spec::MODEL_CARD_TEMPLATE;
 
 /// Errors writing adapters.
 #[derive(Debug, thiserror::Error)]

@@ -18,9 +18,8 @@ use peftkit_peft::spec::{AdapterNamePlacement, Spec};
 use peftkit_peft::targeting::{compress_target_modules, PatternResolver, TargetMatcher};
 use serde_json::Value;
 
-fn fixture_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/peft")
-}
+mod common;
+use common::{fixture_root, sort_set_lists};
 
 /// Every `adapter_config.json` below `dir`, sorted.
 fn find_configs(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -39,43 +38,14 @@ fn find_configs(dir: &Path, out: &mut Vec<PathBuf>) {
 
 fn all_configs() -> Vec<PathBuf> {
     let mut configs = Vec::new();
-    find_configs(&fixture_root(), &mut configs);
+    find_configs(&fixture_root("peft"), &mut configs);
     configs.sort();
     assert!(
         !configs.is_empty(),
         "no adapter_config.json under {} (run tests/interop/run.sh --regen)",
-        fixture_root().display()
+        fixture_root("peft").display()
     );
     configs
-}
-
-/// Sorts the items of the top-level lists `fields` in peft's indent=2 layout, so that lists peft
-/// wrote from a Python set compare as sets.
-fn normalise_set_lists(text: &str, fields: &[String]) -> String {
-    let openers: Vec<String> = fields.iter().map(|f| format!("  \"{f}\": [")).collect();
-    let lines: Vec<&str> = text.split('\n').collect();
-    let mut out: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < lines.len() {
-        out.push(lines[i].to_owned());
-        if openers.iter().any(|o| o == lines[i]) {
-            i += 1;
-            let mut items = Vec::new();
-            while i < lines.len() && !lines[i].starts_with("  ]") {
-                items.push(lines[i].trim_end_matches(',').to_owned());
-                i += 1;
-            }
-            items.sort();
-            let n = items.len();
-            for (j, item) in items.into_iter().enumerate() {
-                out.push(if j + 1 < n { format!("{item},") } else { item });
-            }
-            // The closing bracket is pushed by the next iteration.
-            continue;
-        }
-        i += 1;
-    }
-    out.join("\n")
 }
 
 fn read_config(path: &Path) -> AdapterConfig {
@@ -112,8 +82,8 @@ fn configs_round_trip_byte_for_byte() {
             .expect("known method")
             .set_fields;
         assert_eq!(
-            normalise_set_lists(&written, set_fields),
-            normalise_set_lists(&expected, set_fields),
+            sort_set_lists(&written, set_fields),
+            sort_set_lists(&expected, set_fields),
             "{}",
             path.display()
         );
@@ -192,7 +162,7 @@ const PEFT_CASES: usize = 17;
 /// Every case folder (one with a `case.json`), sorted. Each has an adapter; every check below
 /// fails on a missing file instead of skipping the case.
 fn cases() -> Vec<PathBuf> {
-    let mut cases: Vec<PathBuf> = std::fs::read_dir(fixture_root())
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(fixture_root("peft"))
         .expect("fixture folder")
         .flatten()
         .map(|e| e.path())
@@ -327,7 +297,7 @@ fn in_memory_keys_map_to_disk_keys_and_back() {
 
 #[test]
 fn many_targets_compress_like_peft() {
-    let case = fixture_root().join("lora_many_targets");
+    let case = fixture_root("peft").join("lora_many_targets");
     let case_json: Value =
         serde_json::from_str(&std::fs::read_to_string(case.join("case.json")).expect("case.json"))
             .expect("case JSON");
@@ -362,7 +332,7 @@ fn set_list_normalisation_sorts_only_the_named_lists() {
     let text = "{\n  \"a\": [\n    \"y\",\n    \"x\"\n  ],\n  \"target_modules\": [\n    \"v\",\n    \"k\"\n  ]\n}";
     let fields = vec!["target_modules".to_owned()];
     assert_eq!(
-        normalise_set_lists(text, &fields),
+        sort_set_lists(text, &fields),
         "{\n  \"a\": [\n    \"y\",\n    \"x\"\n  ],\n  \"target_modules\": [\n    \"k\",\n    \"v\"\n  ]\n}"
     );
 }

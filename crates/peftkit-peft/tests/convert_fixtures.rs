@@ -13,51 +13,25 @@ use std::path::{Path, PathBuf};
 
 use peftkit_checkpoint::{Checkpoint, Dtype, SaveOptions, StateDict, Tensor, WeightsKind};
 use peftkit_peft::adapter::Adapter;
-use peftkit_peft::convert::{
+use peftkit_peft::legacy_moe::{
     convert_legacy_adapter_dir, convert_legacy_adapter_dir_with, convert_legacy_experts,
     ConvertError, ConvertOptions, Untargeted,
 };
 use serde_json::Value;
 
-const CASES: &[&str] = &["mixtral", "mixtral_mixed", "qwen3_moe"];
+mod common;
+use common::sort_set_lists;
 
 fn case_dir(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/convert")
-        .join(case)
+    common::fixture_root("convert").join(case)
 }
+
+const CASES: &[&str] = &["mixtral", "mixtral_mixed", "qwen3_moe"];
 
 fn model_type(case: &str) -> String {
     let text = fs::read_to_string(case_dir(case).join("case.json")).unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();
     v["model"]["model_type"].as_str().unwrap().to_owned()
-}
-
-/// Sorts the items of the top-level lists `fields` in peft's indent=2 layout, so that lists
-/// peft wrote from a Python set compare as sets.
-fn sets_sorted(text: &str, fields: &[&str]) -> String {
-    let lines: Vec<&str> = text.split('\n').collect();
-    let mut out: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < lines.len() {
-        out.push(lines[i].to_owned());
-        if fields.iter().any(|f| lines[i] == format!("  \"{f}\": [")) {
-            let mut items = Vec::new();
-            i += 1;
-            while i < lines.len() && lines[i].starts_with("    ") {
-                items.push(lines[i].trim_end_matches(',').to_owned());
-                i += 1;
-            }
-            items.sort();
-            let n = items.len();
-            for (k, item) in items.into_iter().enumerate() {
-                out.push(if k + 1 < n { format!("{item},") } else { item });
-            }
-            continue;
-        }
-        i += 1;
-    }
-    out.join("\n")
 }
 
 fn convert_case(case: &str, out: &Path) {
@@ -105,8 +79,8 @@ fn converted_adapters_are_byte_identical_to_peft() {
         let e = fs::read_to_string(expected.join("adapter_config.json")).unwrap();
         let a = fs::read_to_string(out.join("adapter_config.json")).unwrap();
         assert_eq!(
-            sets_sorted(&a, &fields),
-            sets_sorted(&e, &fields),
+            sort_set_lists(&a, &fields),
+            sort_set_lists(&e, &fields),
             "{case}: config"
         );
 

@@ -26,17 +26,16 @@ use peftkit_peft::extract::{extract, parse_lora_alpha, ExtractError, ExtractOpti
 use peftkit_peft::save::{save_adapter, save_pretrained, AdapterSaveOptions, PeftSaveOptions};
 use serde_json::Value;
 
-fn fixture_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/peft")
-}
+mod common;
+use common::{fixture_root, read, read_text};
 
 fn case_dir(case: &str) -> PathBuf {
-    fixture_root().join(case)
+    fixture_root("peft").join(case)
 }
 
 /// Every case with a full state dict, sorted.
 fn cases() -> Vec<String> {
-    let mut out: Vec<String> = std::fs::read_dir(fixture_root())
+    let mut out: Vec<String> = std::fs::read_dir(fixture_root("peft"))
         .expect("fixtures present (tests/interop/run.sh --regen)")
         .flatten()
         .filter(|e| e.path().join("full_state_dict.safetensors").is_file())
@@ -45,41 +44,6 @@ fn cases() -> Vec<String> {
     out.sort();
     assert!(out.len() >= 17, "expected the 17 peft cases, found {out:?}");
     out
-}
-
-fn read(path: &Path) -> Vec<u8> {
-    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn read_text(path: &Path) -> String {
-    String::from_utf8(read(path)).expect("utf-8")
-}
-
-/// Sorts the items of the top-level `target_modules` list in peft's indent=2 layout, so that the
-/// list peft wrote from a Python set compares as a set; everything else stays byte for byte.
-fn normalise_targets(text: &str) -> String {
-    let lines: Vec<&str> = text.split('\n').collect();
-    let mut out: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < lines.len() {
-        out.push(lines[i].to_owned());
-        if lines[i] == "  \"target_modules\": [" {
-            let mut items: Vec<String> = Vec::new();
-            i += 1;
-            while i < lines.len() && lines[i].starts_with("    ") {
-                items.push(lines[i].trim_end_matches(',').to_owned());
-                i += 1;
-            }
-            items.sort();
-            let n = items.len();
-            for (j, item) in items.into_iter().enumerate() {
-                out.push(if j + 1 < n { format!("{item},") } else { item });
-            }
-            continue;
-        }
-        i += 1;
-    }
-    out.join("\n")
 }
 
 fn case_json(case: &str) -> Value {
@@ -122,8 +86,8 @@ fn assert_same_adapter(case: &str, name: &str, ours: &Path) {
     let ours_cfg = read_text(&ours.join("adapter_config.json"));
     let theirs_cfg = read_text(&theirs.join("adapter_config.json"));
     assert_eq!(
-        normalise_targets(&ours_cfg),
-        normalise_targets(&theirs_cfg),
+        common::sort_target_modules(&ours_cfg),
+        common::sort_target_modules(&theirs_cfg),
         "{case}/{name}: adapter_config.json differs from peft's"
     );
 }
@@ -259,8 +223,8 @@ fn inferred_config_matches_peft_byte_for_byte() {
                 expected = expected.replace(from, "\"alpha_pattern\": {},");
             }
             assert_eq!(
-                normalise_targets(&read_text(&out.path().join("adapter_config.json"))),
-                normalise_targets(&expected),
+                common::sort_target_modules(&read_text(&out.path().join("adapter_config.json"))),
+                common::sort_target_modules(&expected),
                 "{case}/{name}: inferred adapter_config.json differs from peft's"
             );
             checked += 1;
@@ -681,14 +645,15 @@ fn task_type_and_auto_mapping_come_from_config_json() {
         options.model.task_type = TaskTypeChoice::FromArchitecture;
         extract(&full_state_dict(case), &options).unwrap();
         assert_eq!(
-            normalise_targets(&read_text(&out.path().join("adapter_config.json"))),
-            normalise_targets(&read_text(
+            common::sort_target_modules(&read_text(&out.path().join("adapter_config.json"))),
+            common::sort_target_modules(&read_text(
                 &case_dir(case).join("adapter/adapter_config.json")
             )),
             "{case}"
         );
     }
-    // Without a task type peft records the model class (reference §3.3, verified with peft).
+    // Without a task type peft records the model class in `auto_mapping` (peft's
+    // `PeftModel.save_pretrained`, verified with peft).
     let out = tempfile::tempdir().unwrap();
     let mut options = ExtractOptions::new(out.path());
     options.lora_alpha = Some(parse_lora_alpha("8").unwrap());

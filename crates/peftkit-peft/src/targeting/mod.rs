@@ -1,10 +1,9 @@
 //! peft's module-targeting rules (which modules get an adapter, with which rank, alpha and
 //! scaling), reimplemented from `peft/tuners/tuners_utils.py` and `peft/utils/other.py` of
-//! peft 0.21.2 (spec §4).
+//! peft 0.21.2.
 //!
-//! Every pattern in an adapter config is a *Python* `re` pattern. [`PyRegex`] compiles it with
-//! the `regex` crate (linear time) and falls back to `fancy_regex` for the Python features the
-//! `regex` crate lacks (look-around, back-references), so configs written for peft keep working.
+//! Every pattern in an adapter config is a *Python* `re` pattern, compiled with
+//! [`PyRegex`].
 //!
 //! ```
 //! use peftkit_peft::config::LoraConfig;
@@ -20,7 +19,7 @@
 //! let matcher = TargetMatcher::for_lora(&config).unwrap();
 //! assert!(matcher.is_target("model.layers.0.self_attn.q_proj").unwrap());
 //! assert!(!matcher.is_target("model.layers.0.self_attn.k_proj").unwrap());
-//! assert_eq!(targeting::rank_for(&config, "model.layers.3.self_attn.v_proj").unwrap(), 4);
+//! assert_eq!(config.rank_for("model.layers.3.self_attn.v_proj").unwrap(), 4);
 //! assert_eq!(targeting::scaling(16.0, 8, false), 2.0f32);
 //! ```
 
@@ -28,7 +27,11 @@ use std::collections::{BTreeSet, HashSet};
 
 use serde_json::Number;
 
-use crate::config::{LayersToTransform, LoraConfig, StringOrList, TargetModules, TargetRules};
+use crate::py::{name_matches_suffix, PyRegex, RegexError};
+
+mod rules;
+
+pub use rules::{LayersToTransform, StringOrList, TargetModules, TargetRules};
 
 /// peft's `MIN_TARGET_MODULES_FOR_OPTIMIZATION`: list targets with at least this many entries are
 /// compressed to minimal suffixes before the config is saved.
@@ -82,181 +85,6 @@ pub enum TargetingError {
         /// The offending value as written in the config.
         value: String,
     },
-}
-
-/// A Python `re` pattern that failed to compile or to run.
-#[derive(Debug, thiserror::Error)]
-pub enum RegexError {
-    /// Neither engine accepts the pattern.
-    #[error("invalid regular expression {pattern:?}: {message}")]
-    Invalid {
-        /// The pattern as written (Python syntax).
-        pattern: String,
-        /// Both engines' complaints.
-        message: String,
-    },
-    /// The backtracking engine gave up (e.g. its backtrack limit was hit).
-    #[error("regular expression {pattern:?} failed on {text:?}: {message}")]
-    Runtime {
-        /// The pattern as written (Python syntax).
-        pattern: String,
-        /// The input being matched.
-        text: String,
-        /// The engine's complaint.
-        message: String,
-    },
-}
-
-/// Which Python `re` function a [`PyRegex`] behaves like.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PyMatchMode {
-    /// `re.search`: a match anywhere.
-    Search,
-    /// `re.match`: a match starting at the beginning of the text.
-    Match,
-    /// `re.fullmatch`: the whole text must match.
-    FullMatch,
-}
-
-#[derive(Clone)]
-enum Engine {
-    Std(regex::Regex),
-    Fancy(fancy_regex::Regex),
-}
-
-/// A Python `re` pattern compiled for one of `re.search` / `re.match` / `re.fullmatch`.
-///
-/// Compiled with the `regex` crate when possible and with `fancy_regex` otherwise (look-around,
-/// back-references). `\Z` (Python's end of text) is translated to `\z`. Known remaining
-/// differences from Python, irrelevant for module names: Python's `$` also matches before a final
-/// `"\n"`, and POSIX-class or set-operation syntax inside `[...]` means different things.
-#[derive(Clone)]
-pub struct PyRegex {
-    pattern: String,
-    mode: PyMatchMode,
-    engine: Engine,
-}
-
-impl std::fmt::Debug for PyRegex {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PyRegex")
-            .field("pattern", &self.pattern)
-            .field("mode", &self.mode)
-            .field("fancy", &self.uses_fancy())
-            .finish()
-    }
-}
-
-impl PyRegex {
-    /// Compiles `pattern` (Python syntax) to behave like `re.<mode>(pattern, text)`.
-    pub fn new(pattern: &str, mode: PyMatchMode) -> Result<Self, RegexError> {
-        let body = translate_python_syntax(pattern);
-        // The group keeps alternations in the pattern from escaping the anchors.
-        let wrapped = match mode {
-            PyMatchMode::Search => body,
-            PyMatchMode::Match => format!(r"\A(?:{body})"),
-            PyMatchMode::FullMatch => format!(r"\A(?:{body})\z"),
-        };
-        let engine = match regex::Regex::new(&wrapped) {
-            Ok(re) => Engine::Std(re),
-            Err(std_err) => match fancy_regex::Regex::new(&wrapped) {
-                Ok(re) => Engine::Fancy(re),
-                Err(fancy_err) => {
-                    return Err(RegexError::Invalid {
-                        pattern: pattern.to_owned(),
-                        message: format!("regex: {std_err}; fancy-regex: {fancy_err}"),
-                    })
-                }
-            },
-        };
-        Ok(Self {
-            pattern: pattern.to_owned(),
-            mode,
-            engine,
-        })
-    }
-
-    /// `re.search(pattern, text)`.
-    pub fn search(pattern: &str) -> Result<Self, RegexError> {
-        Self::new(pattern, PyMatchMode::Search)
-    }
-
-    /// `re.match(pattern, text)` (anchored at the start only).
-    pub fn match_start(pattern: &str) -> Result<Self, RegexError> {
-        Self::new(pattern, PyMatchMode::Match)
-    }
-
-    /// `re.fullmatch(pattern, text)`.
-    pub fn fullmatch(pattern: &str) -> Result<Self, RegexError> {
-        Self::new(pattern, PyMatchMode::FullMatch)
-    }
-
-    /// The pattern as given (Python syntax, without the anchoring added for the mode).
-    pub fn pattern(&self) -> &str {
-        &self.pattern
-    }
-
-    /// The `re` function this regex behaves like.
-    pub fn mode(&self) -> PyMatchMode {
-        self.mode
-    }
-
-    /// Whether the pattern needed the backtracking engine.
-    pub fn uses_fancy(&self) -> bool {
-        matches!(self.engine, Engine::Fancy(_))
-    }
-
-    /// Whether the Python call would return a match object.
-    pub fn is_match(&self, text: &str) -> Result<bool, RegexError> {
-        match &self.engine {
-            Engine::Std(re) => Ok(re.is_match(text)),
-            Engine::Fancy(re) => re.is_match(text).map_err(|e| self.runtime(text, e)),
-        }
-    }
-
-    /// The text of named group `name` in the first match (`m.groupdict().get(name)`); `None`
-    /// when there is no match or the group did not take part in it.
-    pub fn named_group(&self, text: &str, name: &str) -> Result<Option<String>, RegexError> {
-        match &self.engine {
-            Engine::Std(re) => Ok(re
-                .captures(text)
-                .and_then(|c| c.name(name).map(|m| m.as_str().to_owned()))),
-            Engine::Fancy(re) => Ok(re
-                .captures(text)
-                .map_err(|e| self.runtime(text, e))?
-                .and_then(|c| c.name(name).map(|m| m.as_str().to_owned()))),
-        }
-    }
-
-    fn runtime(&self, text: &str, err: fancy_regex::Error) -> RegexError {
-        RegexError::Runtime {
-            pattern: self.pattern.clone(),
-            text: text.to_owned(),
-            message: err.to_string(),
-        }
-    }
-}
-
-/// Rewrites the few Python escapes whose spelling differs in the Rust engines.
-fn translate_python_syntax(pattern: &str) -> String {
-    let mut out = String::with_capacity(pattern.len());
-    let mut chars = pattern.chars();
-    while let Some(c) = chars.next() {
-        if c == '\\' {
-            match chars.next() {
-                // Python's `\Z` is "end of text" (Rust's `\z`); Rust rejects `\Z`.
-                Some('Z') => out.push_str(r"\z"),
-                Some(other) => {
-                    out.push('\\');
-                    out.push(other);
-                }
-                None => out.push('\\'),
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// Outcome of [`TargetMatcher::check`], mirroring peft's `check_target_module_exists`, which
@@ -314,11 +142,6 @@ fn regex_err(field: &str) -> impl Fn(RegexError) -> TargetingError + '_ {
 }
 
 impl TargetMatcher {
-    /// Compiles the targeting rules of a LoRA config.
-    pub fn for_lora(config: &LoraConfig) -> Result<Self, TargetingError> {
-        Self::new(&TargetRules::from_lora(config))
-    }
-
     /// Compiles targeting rules (see [`TargetRules`], also obtainable from non-LoRA configs with
     /// `AdapterConfig::target_rules`).
     pub fn new(rules: &TargetRules) -> Result<Self, TargetingError> {
@@ -488,20 +311,6 @@ impl TargetMatcher {
     }
 }
 
-/// `name == entry or name.endswith("." + entry)`: peft's list matching.
-fn name_matches_suffix(name: &str, entry: &str) -> bool {
-    name == entry
-        || (name.len() > entry.len()
-            && name.ends_with(entry)
-            && name.as_bytes()[name.len() - entry.len() - 1] == b'.')
-}
-
-/// `bool(check_target_module_exists(config, module_name))` for a LoRA config. Compiles the
-/// config's patterns on every call: use [`TargetMatcher`] to test many names.
-pub fn is_target(config: &LoraConfig, module_name: &str) -> Result<bool, TargetingError> {
-    TargetMatcher::for_lora(config)?.is_target(module_name)
-}
-
 /// Resolves `rank_pattern` / `alpha_pattern` for module names, with the patterns compiled once.
 ///
 /// peft's `get_pattern_key`: the **first** key, in the order the config holds them (file order),
@@ -532,14 +341,21 @@ fn compile_patterns(
 }
 
 impl PatternResolver {
-    /// Compiles the patterns of a LoRA config.
-    pub fn new(config: &LoraConfig) -> Result<Self, TargetingError> {
+    /// Compiles `rank_pattern` / `alpha_pattern` with their defaults `r` / `lora_alpha`
+    /// (`PatternResolver::new` takes them from a LoRA config).
+    pub fn from_parts(
+        r: u64,
+        lora_alpha: &Number,
+        use_rslora: bool,
+        rank_pattern: Option<&indexmap::IndexMap<String, Number>>,
+        alpha_pattern: Option<&indexmap::IndexMap<String, Number>>,
+    ) -> Result<Self, TargetingError> {
         Ok(Self {
-            r: Number::from(config.r),
-            lora_alpha: config.lora_alpha.clone(),
-            use_rslora: config.use_rslora,
-            rank_patterns: compile_patterns("rank_pattern", config.rank_pattern.as_ref())?,
-            alpha_patterns: compile_patterns("alpha_pattern", config.alpha_pattern.as_ref())?,
+            r: Number::from(r),
+            lora_alpha: lora_alpha.clone(),
+            use_rslora,
+            rank_patterns: compile_patterns("rank_pattern", rank_pattern)?,
+            alpha_patterns: compile_patterns("alpha_pattern", alpha_pattern)?,
         })
     }
 
@@ -595,16 +411,6 @@ impl PatternResolver {
             self.use_rslora,
         ))
     }
-}
-
-/// The rank of `module_name` under `config` (see [`PatternResolver::rank_for`]).
-pub fn rank_for(config: &LoraConfig, module_name: &str) -> Result<u64, TargetingError> {
-    PatternResolver::new(config)?.rank_for(module_name)
-}
-
-/// The alpha of `module_name` under `config` (see [`PatternResolver::alpha_for`]).
-pub fn alpha_for(config: &LoraConfig, module_name: &str) -> Result<f64, TargetingError> {
-    PatternResolver::new(config)?.alpha_for(module_name)
 }
 
 /// LoRA scaling as PyTorch applies it: computed in Python `float` (f64) as `alpha / r`
@@ -718,280 +524,4 @@ pub fn compress_target_modules<S: AsRef<str>, T: AsRef<str>>(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn lora(json: &str) -> LoraConfig {
-        LoraConfig::from_json_str(json)
-            .expect("test config parses")
-            .0
-    }
-
-    #[test]
-    fn pyregex_modes() {
-        let full = PyRegex::fullmatch(r"q_proj|v_proj").unwrap();
-        assert!(full.is_match("q_proj").unwrap());
-        // Without the group the alternation would escape the anchors.
-        assert!(!full.is_match("xq_proj").unwrap());
-        assert!(!full.is_match("q_projx").unwrap());
-        let m = PyRegex::match_start(r"q").unwrap();
-        assert!(m.is_match("q_proj").unwrap());
-        assert!(!m.is_match("a.q_proj").unwrap());
-        let s = PyRegex::search(r"q").unwrap();
-        assert!(s.is_match("a.q_proj").unwrap());
-    }
-
-    #[test]
-    fn pyregex_falls_back_to_fancy_for_lookaround() {
-        let re = PyRegex::fullmatch(r".*\.(?!k_proj)[a-z]_proj").unwrap();
-        assert!(re.uses_fancy());
-        assert!(re.is_match("layers.0.q_proj").unwrap());
-        assert!(!re.is_match("layers.0.k_proj").unwrap());
-        let backref = PyRegex::fullmatch(r"(?P<a>\w+)\.(?P=a)").unwrap();
-        assert!(backref.is_match("x.x").unwrap());
-        assert!(!backref.is_match("x.y").unwrap());
-        let z = PyRegex::match_start(r"q_proj\Z").unwrap();
-        assert!(z.is_match("q_proj").unwrap());
-        assert!(!z.is_match("q_proj.x").unwrap());
-        assert!(matches!(
-            PyRegex::fullmatch("(unclosed"),
-            Err(RegexError::Invalid { .. })
-        ));
-    }
-
-    #[test]
-    fn list_targets_match_suffix_components() {
-        let c = lora(r#"{"peft_type":"LORA","target_modules":["q_proj","mlp.up_proj"]}"#);
-        let m = TargetMatcher::for_lora(&c).unwrap();
-        assert!(m.is_target("q_proj").unwrap());
-        assert!(m.is_target("model.layers.0.self_attn.q_proj").unwrap());
-        assert!(!m.is_target("model.layers.0.self_attn.xq_proj").unwrap());
-        assert!(m.is_target("model.layers.0.mlp.up_proj").unwrap());
-        assert!(!m.is_target("model.layers.0.up_proj").unwrap());
-    }
-
-    #[test]
-    fn string_targets_full_match() {
-        let c = lora(r#"{"peft_type":"LORA","target_modules":"q_proj"}"#);
-        let m = TargetMatcher::for_lora(&c).unwrap();
-        // As a string, "q_proj" only matches a top-level module named exactly q_proj.
-        assert!(m.is_target("q_proj").unwrap());
-        assert!(!m.is_target("model.layers.0.self_attn.q_proj").unwrap());
-        let c = lora(r#"{"peft_type":"LORA","target_modules":".*\\.(q_proj|v_proj)"}"#);
-        let m = TargetMatcher::for_lora(&c).unwrap();
-        assert!(m.is_target("model.layers.0.self_attn.v_proj").unwrap());
-        assert!(!m.is_target("model.layers.0.self_attn.v_proj.x").unwrap());
-    }
-
-    #[test]
-    fn exclusions_come_first() {
-        let c = lora(
-            r#"{"peft_type":"LORA","target_modules":["q_proj","lm_head","score"],
-                "exclude_modules":["layers.1.self_attn.q_proj"],"modules_to_save":["lm_head"]}"#,
-        );
-        let m = TargetMatcher::for_lora(&c).unwrap();
-        assert_eq!(
-            m.check("model.layers.1.self_attn.q_proj").unwrap(),
-            TargetMatch::Excluded
-        );
-        assert!(m.is_target("model.layers.0.self_attn.q_proj").unwrap());
-        assert_eq!(m.check("lm_head").unwrap(), TargetMatch::Excluded);
-        assert_eq!(m.check("lm_head.sub").unwrap(), TargetMatch::Excluded);
-        assert!(m.is_target("score").unwrap());
-        let c = lora(
-            r#"{"peft_type":"LORA","target_modules":["q_proj"],"exclude_modules":".*layers\\.0\\..*"}"#,
-        );
-        let m = TargetMatcher::for_lora(&c).unwrap();
-        assert_eq!(
-            m.check("model.layers.0.self_attn.q_proj").unwrap(),
-            TargetMatch::Excluded
-        );
-        assert!(m.is_target("model.layers.10.self_attn.q_proj").unwrap());
-    }
-
-    #[test]
-    fn layers_to_transform_uses_first_numbered_component() {
-        let c = lora(r#"{"peft_type":"LORA","target_modules":["w1"],"layers_to_transform":[1]}"#);
-        let m = TargetMatcher::for_lora(&c).unwrap();
-        assert!(m.is_target("model.layers.1.experts.0.w1").unwrap());
-        assert!(!m.is_target("model.layers.0.experts.1.w1").unwrap());
-        // No numbered component: not targeted.
-        assert!(!m.is_target("model.w1").unwrap());
-        // A full name in the list bypasses the layer filter (peft's `key in targets` branch).
-        let c = lora(
-            r#"{"peft_type":"LORA","target_modules":["model.layers.0.w1"],"layers_to_transform":1}"#,
-        );
-        let m = TargetMatcher::for_lora(&c).unwrap();
-        assert!(m.is_target("model.layers.0.w1").unwrap());
-    }
-
-    #[test]
-    fn layers_pattern_selects_the_named_block() {
-        let c = lora(
-            r#"{"peft_type":"LORA","target_modules":["q"],"layers_to_transform":[0],
-                "layers_pattern":["blocks","h"]}"#,
-        );
-        let m = TargetMatcher::for_lora(&c).unwrap();
-        assert!(m.is_target("encoder.blocks.0.attn.q").unwrap());
-        assert!(m.is_target("h.0.attn.q").unwrap());
-        assert!(!m.is_target("encoder.blocks.1.layer.0.q").unwrap());
-        assert!(!m.is_target("encoder.layers.0.attn.q").unwrap());
-    }
-
-    #[test]
-    fn target_parameters_only() {
-        let c = lora(
-            r#"{"peft_type":"LORA","target_modules":null,"target_parameters":["experts.gate_up_proj"]}"#,
-        );
-        let m = TargetMatcher::for_lora(&c).unwrap();
-        assert!(!m.is_target("model.layers.0.mlp.experts").unwrap());
-        assert!(m.is_target_parameter("model.layers.0.mlp.experts", "gate_up_proj"));
-        assert!(!m.is_target_parameter("model.layers.0.mlp.experts", "down_proj"));
-        let none = lora(r#"{"peft_type":"LORA"}"#);
-        assert!(matches!(
-            TargetMatcher::for_lora(&none).unwrap().is_target("q"),
-            Err(TargetingError::NoTargetModules)
-        ));
-        let all = lora(r#"{"peft_type":"LORA","target_modules":"ALL-LINEAR"}"#);
-        assert!(matches!(
-            TargetMatcher::for_lora(&all).unwrap().is_target("q"),
-            Err(TargetingError::UnresolvedAllLinear)
-        ));
-    }
-
-    #[test]
-    fn patterns_first_key_in_file_order_wins() {
-        let c = lora(
-            r#"{"peft_type":"LORA","r":8,"lora_alpha":16,"target_modules":["q_proj"],
-                "rank_pattern":{"q_proj":16,"layers.0.self_attn.q_proj":4},
-                "alpha_pattern":{"layers\\.0\\..*":3.5}}"#,
-        );
-        let p = PatternResolver::new(&c).unwrap();
-        assert_eq!(p.rank_for("model.layers.0.self_attn.q_proj").unwrap(), 16);
-        assert_eq!(p.rank_for("model.layers.0.self_attn.k_proj").unwrap(), 8);
-        // `(.*\.)?(pattern)$` with re.match: the pattern must end at the end of the name and
-        // start at a component boundary.
-        assert_eq!(p.rank_for("model.layers.0.self_attn.xq_proj").unwrap(), 8);
-        assert_eq!(p.alpha_for("model.layers.0.mlp.up_proj").unwrap(), 3.5);
-        assert_eq!(p.alpha_for("model.layers.1.mlp.up_proj").unwrap(), 16.0);
-        let reversed = lora(
-            r#"{"peft_type":"LORA","r":8,"target_modules":["q_proj"],
-                "rank_pattern":{"layers.0.self_attn.q_proj":4,"q_proj":16}}"#,
-        );
-        assert_eq!(
-            rank_for(&reversed, "model.layers.0.self_attn.q_proj").unwrap(),
-            4
-        );
-        assert_eq!(
-            scaling_of(&c, "model.layers.0.self_attn.q_proj"),
-            scaling(3.5, 16, false)
-        );
-    }
-
-    fn scaling_of(c: &LoraConfig, module: &str) -> f32 {
-        PatternResolver::new(c)
-            .unwrap()
-            .scaling_for(module)
-            .unwrap()
-    }
-
-    #[test]
-    fn scaling_matches_pytorch_bits() {
-        // Expected bits: numpy.float32(alpha / r) (or alpha / math.sqrt(r)) in Python.
-        assert_eq!(scaling(16.0, 3, false).to_bits(), 0x40aa_aaab);
-        assert_eq!(scaling(7.0, 3, false).to_bits(), 0x4015_5555);
-        assert_eq!(scaling(16.0, 3, true).to_bits(), 0x4113_cd3a);
-        assert_eq!(scaling(32.0, 24, true).to_bits(), 0x40d1_05ec);
-        assert_eq!(scaling(22.627416997969522, 7, false).to_bits(), 0x404e_e116);
-    }
-
-    #[test]
-    fn minimal_suffixes_like_peft() {
-        let mut targets = Vec::new();
-        let mut others = Vec::new();
-        for i in 0..100 {
-            targets.push(format!("model.decoder.layers.{i}.self_attn.q_proj"));
-            targets.push(format!("model.decoder.layers.{i}.self_attn.v_proj"));
-            others.push(format!("model.encoder.layers.{i}.self_attn.k_proj"));
-        }
-        let min = minimal_target_suffixes(&targets, &others).unwrap();
-        assert_eq!(min.into_iter().collect::<Vec<_>>(), ["q_proj", "v_proj"]);
-        assert!(matches!(
-            minimal_target_suffixes(&["a"], &["a"]),
-            Err(TargetingError::OverlappingTargets(_))
-        ));
-        assert!(matches!(
-            minimal_target_suffixes::<&str, &str>(&[], &[]),
-            Err(TargetingError::EmptyTargets)
-        ));
-    }
-
-    #[test]
-    fn minimal_suffixes_keep_distinguishing_components() {
-        // q_proj also exists in the encoder, which is not targeted: a longer suffix is needed.
-        let targets = ["dec.layers.0.q_proj", "dec.layers.1.q_proj"];
-        let others = ["enc.layers.0.q_proj", "enc.layers.1.q_proj"];
-        let min = minimal_target_suffixes(&targets, &others).unwrap();
-        assert_eq!(
-            min.into_iter().collect::<Vec<_>>(),
-            ["dec.layers.0.q_proj", "dec.layers.1.q_proj"]
-        );
-    }
-
-    #[test]
-    fn compression_needs_twenty_targets() {
-        let linears = [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ];
-        let names = |layers: usize| -> Vec<String> {
-            let mut all = vec!["model".to_string(), "model.embed_tokens".to_string()];
-            for l in 0..layers {
-                for p in linears {
-                    let parent = if p.ends_with("_proj")
-                        && ["gate", "up", "down"].iter().any(|g| p.starts_with(g))
-                    {
-                        "mlp"
-                    } else {
-                        "self_attn"
-                    };
-                    all.push(format!("model.layers.{l}.{parent}.{p}"));
-                }
-            }
-            all.push("lm_head".to_string());
-            all
-        };
-        let targets = |layers: usize| -> Vec<String> {
-            names(layers)
-                .into_iter()
-                .filter(|n| n.ends_with("_proj"))
-                .collect()
-        };
-        // 2 layers x 7 linears = 14 < 20: kept as is.
-        assert_eq!(
-            compress_target_modules(&targets(2), &names(2)).unwrap(),
-            None
-        );
-        // 3 layers = 21: compressed to the 7 linear names (verified with peft, spec §4.6).
-        let compressed = compress_target_modules(&targets(3), &names(3))
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            compressed.into_iter().collect::<Vec<_>>(),
-            [
-                "down_proj",
-                "gate_proj",
-                "k_proj",
-                "o_proj",
-                "q_proj",
-                "up_proj",
-                "v_proj"
-            ]
-        );
-    }
-}
+mod tests;

@@ -1,0 +1,147 @@
+//! Folder in, folder out: [`convert_legacy_adapter_dir`].
+
+use std::path::{Path, PathBuf};
+
+use peftkit_checkpoint::{SaveOptions, SaveReport, WeightsKind};
+
+use crate::adapter::Adapter;
+use crate::config::CONFIG_NAME;
+
+use super::*;
+
+/// What [`convert_legacy_adapter_dir`] wrote.
+#[derive(Debug, Clone)]
+pub struct ConvertReport {
+    /// The output folder.
+    pub dir: PathBuf,
+    /// The model type used.
+    pub model_type: String,
+    /// The conversion table used.
+    pub table: String,
+    /// Fused tensors written.
+    pub fused_tensors: usize,
+    /// Tensors written in all.
+    pub tensors: usize,
+    /// Input keys dropped ([`Untargeted::Drop`]).
+    pub dropped: Vec<String>,
+    /// Other files copied from the legacy folder.
+    pub copied: Vec<String>,
+    /// The weights written.
+    pub save: SaveReport,
+}
+
+/// The `model_type` of a base model folder's `config.json` (for `--base`).
+pub fn model_type_from_base(base_dir: &Path) -> Result<String, ConvertError> {
+    let path = base_dir.join(peftkit_checkpoint::config::CONFIG_NAME);
+    let config = peftkit_checkpoint::ModelConfig::read(&path)?;
+    config
+        .model_type()
+        .map(str::to_owned)
+        .ok_or_else(|| ConvertError::Config {
+            file: path,
+            reason: "no `model_type`; pass the model type explicitly (--model-type)".into(),
+        })
+}
+
+/// Converts the legacy adapter in `src_dir` and writes it to `out_dir` (replaced atomically),
+/// with the default options. `model_type` `None`: read from `base_model_name_or_path` when
+/// that is a local folder with a `config.json`, else an error asking for it.
+pub fn convert_legacy_adapter_dir(
+    src_dir: &Path,
+    out_dir: &Path,
+    model_type: Option<&str>,
+) -> Result<ConvertReport, ConvertError> {
+    convert_legacy_adapter_dir_with(src_dir, out_dir, model_type, &ConvertOptions::default())
+}
+
+/// [`convert_legacy_adapter_dir`] with options.
+///
+/// The folder gets `adapter_model.safetensors` (`{"format": "pt"}`), `adapter_config.json` (as
+/// peft writes it, `target_modules` and `target_parameters` sorted) and every other file of the
+/// legacy folder (its `README.md` model card, tokenizer files, …); without a model card, the
+/// one peft writes for a new adapter.
+pub fn convert_legacy_adapter_dir_with(
+    src_dir: &Path,
+    out_dir: &Path,
+    model_type: Option<&str>,
+    options: &ConvertOptions,
+) -> Result<ConvertReport, ConvertError> {
+    if let (Ok(a), Ok(b)) = (src_dir.canonicalize(), out_dir.canonicalize()) {
+        if a == b {
+            return Err(ConvertError::SameFolder(out_dir.to_owned()));
+        }
+    }
+    let adapter = Adapter::open(src_dir)?;
+    let model_type = match model_type {
+        Some(t) => t.to_owned(),
+        None => {
+            let base = adapter.config.base_model_name_or_path().unwrap_or("");
+            let dir = Path::new(base);
+            if !base.is_empty() && dir.join(peftkit_checkpoint::config::CONFIG_NAME).is_file() {
+                model_type_from_base(dir)?
+            } else {
+                return Err(ConvertError::NoModelType {
+                    dir: src_dir.to_owned(),
+                    base: base.to_owned(),
+                });
+            }
+        }
+    };
+    let rules = rules_for(&adapter, &model_type)?;
+    let converted = convert_with_rules(&adapter, &rules, options)?;
+
+    let mut extra = vec![(
+        CONFIG_NAME.to_owned(),
+        converted.config.to_json_string().into_bytes(),
+    )];
+    let mut copied = Vec::new();
+    let io = |path: &Path, source| ConvertError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let entries = std::fs::read_dir(src_dir).map_err(|e| io(src_dir, e))?;
+    let mut names: Vec<(String, PathBuf)> = Vec::new();
+    // `adapter_model`: the stem of single and sharded adapter weight files.
+    let weights_stem = peftkit_checkpoint::WeightsNames::new(WeightsKind::Adapter, None)?.stem();
+    for entry in entries {
+        let entry = entry.map_err(|e| io(src_dir, e))?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // The legacy weights and config are what is being replaced.
+        if !path.is_file() || name == CONFIG_NAME || name.starts_with(&weights_stem) {
+            continue;
+        }
+        names.push((name, path));
+    }
+    names.sort();
+    for (name, path) in names {
+        let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
+        extra.push((name.clone(), bytes));
+        copied.push(name);
+    }
+    if !copied.iter().any(|n| n == MODEL_CARD_NAME) {
+        extra.push((
+            MODEL_CARD_NAME.to_owned(),
+            crate::save::model_card(&converted.config, None).into_bytes(),
+        ));
+    }
+    let save = peftkit_checkpoint::save_pretrained(
+        out_dir,
+        &converted.state,
+        &SaveOptions {
+            kind: WeightsKind::Adapter,
+            extra_files: extra,
+            ..SaveOptions::default()
+        },
+    )?;
+    Ok(ConvertReport {
+        dir: out_dir.to_owned(),
+        model_type,
+        table: rules.table,
+        fused_tensors: converted.fused.len(),
+        tensors: converted.state.len(),
+        dropped: converted.dropped,
+        copied,
+        save,
+    })
+}
