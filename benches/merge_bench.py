@@ -27,6 +27,8 @@ What it does:
     `LoraConfig(...).save_pretrained`;
 * builds peftkit (`cargo build --release`, unless `--peftkit BIN` is given) and times a private
   copy of the binary, so that a rebuild of the repository during the run changes nothing;
+  `--baseline BIN` adds another build (say, of an older commit) to the same interleaved rounds,
+  so that two builds are compared like for like on one machine;
 * times the contenders side by side in one run, interleaved, one discarded warm-up round then
   `--runs` rounds (median reported): `cp -r`, `cp -r` + `sync`, `peftkit merge`,
   `peftkit merge --no-fsync` (when the binary has it) and peft (on 7B only with `--peft-7b`,
@@ -436,7 +438,7 @@ def rmtree(p):
     shutil.rmtree(p, ignore_errors=True)
 
 
-def contenders(case, d, peftkit, with_peft, no_fsync):
+def contenders(case, d, peftkit, with_peft, no_fsync, baseline=None):
     base, adapter = d / "base", d / "adapter"
     out = {}
     out["cp -r"] = lambda o: ["cp", "-r", str(base), str(o)]
@@ -447,6 +449,13 @@ def contenders(case, d, peftkit, with_peft, no_fsync):
     if no_fsync:  # no sync to disk, as cp -r and transformers' save_pretrained
         out["peftkit merge --no-fsync"] = lambda o: [
             str(peftkit), "merge", "--base", str(base), "--adapter", str(adapter), "--out", str(o), "--no-fsync"
+        ]
+    if baseline:  # another build of peftkit, timed in the same interleaved rounds
+        out["baseline merge"] = lambda o: [
+            str(baseline), "merge", "--base", str(base), "--adapter", str(adapter), "--out", str(o), "--json"
+        ]
+        out["baseline merge --no-fsync"] = lambda o: [
+            str(baseline), "merge", "--base", str(base), "--adapter", str(adapter), "--out", str(o), "--no-fsync"
         ]
     if with_peft:
         out["peft merge_and_unload"] = lambda o: [
@@ -901,6 +910,12 @@ def main():
     )
     ap.add_argument("--profile", action="store_true", help="split peftkit's time into phases (variants + perf)")
     ap.add_argument("--no-write", action="store_true", help="do not write docs/benchmarks/merge.{json,png}")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        help="another peftkit binary (e.g. built from an older commit), timed in the same rounds",
+    )
+    ap.add_argument("--no-peft", action="store_true", help="leave out the peft contender")
     args = ap.parse_args()
 
     work = args.work.resolve()
@@ -931,12 +946,12 @@ def main():
 
     for case in cases:
         d = ensure_case(work, case)
-        with_peft = case == "1gb" or args.peft_7b
+        with_peft = (case == "1gb" or args.peft_7b) and not args.no_peft
         pretouch_bytes = 0 if args.no_pretouch else 2 * dir_bytes(d / "base") + (1 << 30)
         s = run_case(
             case,
             d,
-            contenders(case, d, peftkit, with_peft, no_fsync),
+            contenders(case, d, peftkit, with_peft, no_fsync, args.baseline and args.baseline.resolve()),
             args.runs,
             args.warmup,
             args.runs if case == "1gb" else 1,
