@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use peftkit::checkpoint::{inspect::CheckpointSummary, WeightsKind};
+use peftkit::checkpoint::{CheckpointSummary, WeightsKind};
 use peftkit::peft;
 
 use super::{guess_kind, open_any};

@@ -9,12 +9,12 @@ use indexmap::IndexMap;
 use crate::error::{CheckpointError, Result};
 use crate::index::WeightIndex;
 use crate::names::{WeightsKind, WeightsNames};
-use crate::safetensors_file::{inspect_file, open_file, FileProblem, Header};
+use crate::safetensors_file::{inspect_file, open_file, FileProblem, SafetensorsHeader};
 use crate::tensor::{StateDict, Tensor};
 
 /// How the weights of a checkpoint are laid out on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Layout {
+pub enum FileLayout {
     /// One safetensors file.
     Single {
         /// The file.
@@ -35,7 +35,7 @@ pub struct WeightFile {
     /// Path of the file.
     pub path: PathBuf,
     /// Its validated header.
-    pub header: Header,
+    pub header: SafetensorsHeader,
 }
 
 /// A checkpoint whose headers have been read and validated.
@@ -44,7 +44,7 @@ pub struct Checkpoint {
     /// The folder (or, for a lone file, its parent).
     pub dir: PathBuf,
     /// Single file or sharded.
-    pub layout: Layout,
+    pub layout: FileLayout,
     /// The index, for sharded checkpoints.
     pub index: Option<WeightIndex>,
     /// Every weight file, in shard order.
@@ -53,14 +53,18 @@ pub struct Checkpoint {
 }
 
 /// Where to look for weights: the file names of a kind and variant.
-pub fn find_layout(dir: &Path, kind: WeightsKind, variant: Option<&str>) -> Result<Layout> {
+pub fn find_file_layout(
+    dir: &Path,
+    kind: WeightsKind,
+    variant: Option<&str>,
+) -> Result<FileLayout> {
     let names = WeightsNames::new(kind, variant)?;
     let single = dir.join(names.single());
     let index = dir.join(names.index());
     // transformers looks for the single file before the index; `verify` reports the case
     // where both exist (the single file then shadows the shards).
     if single.is_file() {
-        return Ok(Layout::Single { file: single });
+        return Ok(FileLayout::Single { file: single });
     }
     if index.is_file() {
         let idx = WeightIndex::read(&index)?;
@@ -75,7 +79,7 @@ pub fn find_layout(dir: &Path, kind: WeightsKind, variant: Option<&str>) -> Resu
             }
         }
         shards.sort();
-        return Ok(Layout::Sharded { index, shards });
+        return Ok(FileLayout::Sharded { index, shards });
     }
     Err(CheckpointError::NotACheckpoint {
         path: dir.to_owned(),
@@ -115,21 +119,21 @@ impl Checkpoint {
             let dir = path.parent().map(Path::to_owned).unwrap_or_default();
             return Self::from_layout(
                 dir,
-                Layout::Single {
+                FileLayout::Single {
                     file: path.to_owned(),
                 },
             );
         }
-        let layout = find_layout(path, kind, variant)?;
+        let layout = find_file_layout(path, kind, variant)?;
         Self::from_layout(path.to_owned(), layout)
     }
 
-    fn from_layout(dir: PathBuf, layout: Layout) -> Result<Self> {
+    fn from_layout(dir: PathBuf, layout: FileLayout) -> Result<Self> {
         let mut files = Vec::new();
         let mut tensors: IndexMap<String, (Tensor, usize)> = IndexMap::new();
         let (paths, index) = match &layout {
-            Layout::Single { file } => (vec![file.clone()], None),
-            Layout::Sharded { index, shards } => (
+            FileLayout::Single { file } => (vec![file.clone()], None),
+            FileLayout::Sharded { index, shards } => (
                 shards.clone(),
                 Some((index.clone(), WeightIndex::read(index)?)),
             ),
@@ -294,7 +298,7 @@ pub fn verify(path: &Path, kind: WeightsKind, variant: Option<&str>) -> Result<V
     let (dir, layout) = if path.is_file() {
         (
             path.parent().map(Path::to_owned).unwrap_or_default(),
-            Layout::Single {
+            FileLayout::Single {
                 file: path.to_owned(),
             },
         )
@@ -308,7 +312,7 @@ pub fn verify(path: &Path, kind: WeightsKind, variant: Option<&str>) -> Result<V
                 names.index()
             ));
         }
-        match find_layout(path, kind, variant) {
+        match find_file_layout(path, kind, variant) {
             Ok(l) => (path.to_owned(), l),
             Err(e) => {
                 problems.push(e.to_string());
@@ -317,8 +321,8 @@ pub fn verify(path: &Path, kind: WeightsKind, variant: Option<&str>) -> Result<V
         }
     };
     let (paths, index) = match &layout {
-        Layout::Single { file } => (vec![file.clone()], None),
-        Layout::Sharded { index, .. } => {
+        FileLayout::Single { file } => (vec![file.clone()], None),
+        FileLayout::Sharded { index, .. } => {
             let idx = WeightIndex::read(index)?;
             let mut paths = Vec::new();
             for file in idx.weight_map.values() {

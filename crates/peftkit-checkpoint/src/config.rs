@@ -18,7 +18,7 @@ use crate::pyjson::{self, PyJsonStyle};
 pub const TRANSFORMERS_VERSION: &str = "5.24.0";
 
 /// File name of the model config.
-pub const CONFIG_NAME: &str = "config.json";
+pub const MODEL_CONFIG_NAME: &str = "config.json";
 /// File name of the generation config.
 pub const GENERATION_CONFIG_NAME: &str = "generation_config.json";
 
@@ -84,7 +84,7 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Parses a config from JSON text.
     pub fn from_json(text: &str) -> std::result::Result<Self, serde_json::Error> {
-        parse_object(text, CONFIG_NAME).map(|fields| ModelConfig { fields })
+        parse_object(text, MODEL_CONFIG_NAME).map(|fields| ModelConfig { fields })
     }
 
     /// Reads `config.json` from a file.
@@ -123,7 +123,7 @@ impl ModelConfig {
 
     /// The text transformers writes for this config.
     pub fn to_json_string(&self) -> String {
-        pyjson::to_string(
+        pyjson::py_json_string(
             &with_version(&self.fields),
             &PyJsonStyle::transformers_config(),
         )
@@ -131,7 +131,7 @@ impl ModelConfig {
 
     /// Writes `config.json` into `dir`.
     pub fn write(&self, dir: &Path) -> Result<()> {
-        write_text(dir, CONFIG_NAME, self.to_json_string())
+        write_text(dir, MODEL_CONFIG_NAME, self.to_json_string())
     }
 }
 
@@ -187,7 +187,7 @@ impl GenerationConfig {
 
     /// The text transformers writes.
     pub fn to_json_string(&self) -> String {
-        pyjson::to_string(
+        pyjson::py_json_string(
             &with_version(&self.fields),
             &PyJsonStyle::transformers_generation_config(),
         )
@@ -209,7 +209,7 @@ mod tests {
     fn generation_config_from_model_config_matches_transformers() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/configs");
         for model in ["llama", "qwen2", "gpt2"] {
-            let config = ModelConfig::read(&root.join(model).join(CONFIG_NAME)).unwrap();
+            let config = ModelConfig::read(&root.join(model).join(MODEL_CONFIG_NAME)).unwrap();
             let expected =
                 std::fs::read_to_string(root.join(model).join(GENERATION_CONFIG_NAME)).unwrap();
             assert_eq!(

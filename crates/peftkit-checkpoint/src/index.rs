@@ -37,7 +37,7 @@ impl WeightIndex {
             .map(|(k, v)| (k.clone(), Value::String(v.clone())))
             .collect();
         let doc = json!({ "metadata": metadata, "weight_map": map });
-        pyjson::to_string(
+        pyjson::py_json_string(
             &doc,
             &PyJsonStyle {
                 trailing_newline: true,

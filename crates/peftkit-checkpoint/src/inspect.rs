@@ -62,8 +62,8 @@ impl CheckpointSummary {
         CheckpointSummary {
             files: ckpt.files.iter().map(|f| rel(&ckpt.dir, &f.path)).collect(),
             index: match &ckpt.layout {
-                crate::Layout::Sharded { index, .. } => Some(rel(&ckpt.dir, index)),
-                crate::Layout::Single { .. } => None,
+                crate::FileLayout::Sharded { index, .. } => Some(rel(&ckpt.dir, index)),
+                crate::FileLayout::Single { .. } => None,
             },
             total_tensors: tensors.len(),
             total_parameters: ckpt.tensors().map(|(_, t)| t.numel() as u64).sum(),

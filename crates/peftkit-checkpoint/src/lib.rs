@@ -7,33 +7,51 @@
 //!   when written, so no operation holds a model in memory.
 //! * [`save_pretrained`]: the files of transformers' `save_pretrained`, byte for byte.
 //! * [`Checkpoint`]: a single-file or sharded checkpoint opened by its headers, validated.
-//! * [`checkpoint::verify`]: every inconsistency of a checkpoint on disk.
+//! * [`verify`]: every inconsistency of a checkpoint on disk.
 
-pub mod atomic;
-pub mod checkpoint;
-pub mod companion;
-pub mod config;
-pub mod error;
-pub mod index;
-pub mod inspect;
-pub mod names;
-pub mod natural;
-pub mod progress;
-pub mod pyjson;
-pub mod safetensors_file;
-pub mod save;
-pub mod shard;
-pub mod tensor;
+#![deny(missing_docs)]
 
-pub use checkpoint::{Checkpoint, Layout};
-pub use config::{GenerationConfig, ModelConfig};
+mod atomic;
+mod checkpoint;
+mod companion;
+mod config;
+mod error;
+mod index;
+mod inspect;
+mod names;
+mod natural;
+mod progress;
+mod pyjson;
+mod safetensors_file;
+mod save;
+mod shard;
+mod tensor;
+
+pub use atomic::DirTransaction;
+pub use checkpoint::{find_file_layout, verify, Checkpoint, FileLayout, WeightFile};
+pub use companion::{companion_files, is_weights_file};
+pub use config::{
+    GenerationConfig, ModelConfig, GENERATION_CONFIG_NAME, MODEL_CONFIG_NAME, TRANSFORMERS_VERSION,
+};
 pub use error::{CheckpointError, Result};
 pub use index::WeightIndex;
+pub use inspect::{CheckpointSummary, TensorSummary};
 pub use names::{WeightsKind, WeightsNames};
+pub use natural::{natural_cmp, sort_natural};
 pub use progress::Progress;
-pub use save::{
-    plan_save, save_planned, save_pretrained, save_pretrained_with_progress, SaveOptions, SavePlan,
-    SaveReport,
+pub use pyjson::{
+    float_repr, nonfinite_marker, py_json_string, write_py_json, write_py_str, PyJsonStyle,
 };
-pub use shard::parse_size;
-pub use tensor::{Dtype, StateDict, Tensor};
+pub use safetensors_file::{
+    file_order, inspect_file, open_file, pt_metadata, read_header, write_file, FileProblem,
+    SafetensorsHeader, TensorHeader, MAX_HEADER_SIZE,
+};
+pub use save::{
+    plan_save, save_planned, save_pretrained, save_pretrained_with_progress, torch_dtype_name,
+    SaveOptions, SavePlan, SaveReport,
+};
+pub use shard::{parse_size, plan_shards, PlanItem, DEFAULT_MAX_SHARD_SIZE};
+pub use tensor::{
+    buffers, byte_len, dtype_name, dtype_size, parse_dtype, Dtype, Producer, SourceFile, StateDict,
+    Tensor,
+};

@@ -49,7 +49,7 @@ fn cmp_part(a: &Part<'_>, b: &Part<'_>) -> Ordering {
 /// Compares two state-dict names the way `sorted(keys, key=dot_natural_key)` does.
 ///
 /// ```
-/// use peftkit_checkpoint::natural::natural_cmp;
+/// use peftkit_checkpoint::natural_cmp;
 /// assert!(natural_cmp("model.layers.2.w", "model.layers.10.w").is_lt());
 /// assert!(natural_cmp("lm_head.weight", "model.embed_tokens.weight").is_lt());
 /// ```

@@ -43,11 +43,11 @@ use std::cmp::Ordering;
 /// How to write a JSON document the way a Python library writes it.
 ///
 /// ```
-/// use peftkit_checkpoint::pyjson::{to_string, PyJsonStyle};
+/// use peftkit_checkpoint::{py_json_string, PyJsonStyle};
 /// let v = serde_json::json!({"id2label": {"10": "b", "2": "a"}});
 /// let style = PyJsonStyle::transformers_config();
 /// assert_eq!(
-///     to_string(&v, &style),
+///     py_json_string(&v, &style),
 ///     "{\n  \"id2label\": {\n    \"2\": \"a\",\n    \"10\": \"b\"\n  }\n}\n"
 /// );
 /// ```
@@ -71,7 +71,7 @@ impl PyJsonStyle {
     /// The style of transformers' `config.json`: trailing newline, `id2label` sorted numerically.
     ///
     /// ```
-    /// let s = peftkit_checkpoint::pyjson::PyJsonStyle::transformers_config();
+    /// let s = peftkit_checkpoint::PyJsonStyle::transformers_config();
     /// assert!(s.trailing_newline);
     /// assert_eq!(s.numeric_key_objects, vec!["id2label".to_string()]);
     /// ```
@@ -86,7 +86,7 @@ impl PyJsonStyle {
     /// key sorting (GenerationConfig converts dict keys to `str` before sorting).
     ///
     /// ```
-    /// let s = peftkit_checkpoint::pyjson::PyJsonStyle::transformers_generation_config();
+    /// let s = peftkit_checkpoint::PyJsonStyle::transformers_generation_config();
     /// assert!(s.trailing_newline && s.numeric_key_objects.is_empty());
     /// ```
     pub fn transformers_generation_config() -> Self {
@@ -99,7 +99,7 @@ impl PyJsonStyle {
     /// The style of peft's `adapter_config.json`: no trailing newline, plain key sorting.
     ///
     /// ```
-    /// let s = peftkit_checkpoint::pyjson::PyJsonStyle::peft_adapter_config();
+    /// let s = peftkit_checkpoint::PyJsonStyle::peft_adapter_config();
     /// assert!(!s.trailing_newline && s.numeric_key_objects.is_empty());
     /// ```
     pub fn peft_adapter_config() -> Self {
@@ -110,16 +110,16 @@ impl PyJsonStyle {
 /// Formats `value` exactly as Python's `json.dumps(value, indent=2, sort_keys=True)`.
 ///
 /// ```
-/// use peftkit_checkpoint::pyjson::{to_string, PyJsonStyle};
+/// use peftkit_checkpoint::{py_json_string, PyJsonStyle};
 /// let v: serde_json::Value =
 ///     serde_json::from_str(r#"{"b": [1e-5, 10000.0, 3], "a": "é", "c": {}}"#).unwrap();
-/// let out = to_string(&v, &PyJsonStyle::default());
+/// let out = py_json_string(&v, &PyJsonStyle::default());
 /// assert_eq!(
 ///     out,
 ///     "{\n  \"a\": \"\\u00e9\",\n  \"b\": [\n    1e-05,\n    10000.0,\n    3\n  ],\n  \"c\": {}\n}"
 /// );
 /// ```
-pub fn to_string(value: &Value, style: &PyJsonStyle) -> String {
+pub fn py_json_string(value: &Value, style: &PyJsonStyle) -> String {
     let mut out = String::new();
     write_value(&mut out, value, style, 0, false);
     if style.trailing_newline {
@@ -128,29 +128,29 @@ pub fn to_string(value: &Value, style: &PyJsonStyle) -> String {
     out
 }
 
-/// Writes `value` to `writer` exactly as [`to_string`] formats it.
+/// Writes `value` to `writer` exactly as [`py_json_string`] formats it.
 ///
 /// ```
-/// use peftkit_checkpoint::pyjson::{to_writer, PyJsonStyle};
+/// use peftkit_checkpoint::{write_py_json, PyJsonStyle};
 /// let mut buf = Vec::new();
-/// to_writer(&mut buf, &serde_json::json!([]), &PyJsonStyle::default()).unwrap();
+/// write_py_json(&mut buf, &serde_json::json!([]), &PyJsonStyle::default()).unwrap();
 /// assert_eq!(buf, b"[]");
 /// ```
-pub fn to_writer<W: std::io::Write>(
+pub fn write_py_json<W: std::io::Write>(
     mut writer: W,
     value: &Value,
     style: &PyJsonStyle,
 ) -> std::io::Result<()> {
     // Config files are a few KB; formatting into memory first keeps the formatter infallible
     // and lets one `write_all` carry the I/O error.
-    writer.write_all(to_string(value, style).as_bytes())
+    writer.write_all(py_json_string(value, style).as_bytes())
 }
 
 /// transformers v5's encoding of a non-finite float: `{"__float__": "NaN" | "Infinity" |
 /// "-Infinity"}`. Returns `None` for a finite value, which should be written as a number.
 ///
 /// ```
-/// use peftkit_checkpoint::pyjson::nonfinite_marker;
+/// use peftkit_checkpoint::nonfinite_marker;
 /// assert_eq!(
 ///     nonfinite_marker(f64::NEG_INFINITY),
 ///     Some(serde_json::json!({"__float__": "-Infinity"}))
@@ -181,7 +181,7 @@ pub fn nonfinite_marker(f: f64) -> Option<Value> {
 /// `NaN` / `Infinity`, and a `serde_json::Value` cannot hold them anyway).
 ///
 /// ```
-/// use peftkit_checkpoint::pyjson::float_repr;
+/// use peftkit_checkpoint::float_repr;
 /// assert_eq!(float_repr(1e-5), "1e-05");
 /// assert_eq!(float_repr(10000.0), "10000.0");
 /// assert_eq!(float_repr(1e16), "1e+16");
@@ -467,7 +467,7 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 ///
 /// ```
 /// let mut out = String::new();
-/// peftkit_checkpoint::pyjson::write_py_str(&mut out, "é😀\u{7f}\"/");
+/// peftkit_checkpoint::write_py_str(&mut out, "é😀\u{7f}\"/");
 /// assert_eq!(out, r#""\u00e9\ud83d\ude00\u007f\"/""#);
 /// ```
 pub fn write_py_str(out: &mut String, s: &str) {
@@ -503,7 +503,7 @@ mod tests {
     use serde_json::json;
 
     fn dumps(v: &Value) -> String {
-        to_string(v, &PyJsonStyle::default())
+        py_json_string(v, &PyJsonStyle::default())
     }
 
     /// Every expected string here was printed by CPython 3.11.7 (`repr(f)` / `json.dumps(f)`,
@@ -694,9 +694,9 @@ mod tests {
             trailing_newline: false,
             numeric_key_objects: vec!["id2label".into()],
         };
-        assert_eq!(to_string(&v, &style), want);
+        assert_eq!(py_json_string(&v, &style), want);
         let with_nl = PyJsonStyle::transformers_config();
-        assert_eq!(to_string(&v, &with_nl), format!("{want}\n"));
+        assert_eq!(py_json_string(&v, &with_nl), format!("{want}\n"));
     }
 
     #[test]
@@ -706,7 +706,7 @@ mod tests {
             "other": {"10": 0, "9": 0},
             "id2label": [{"10": 0, "9": 0}]
         });
-        let out = to_string(&v, &PyJsonStyle::transformers_config());
+        let out = py_json_string(&v, &PyJsonStyle::transformers_config());
         let pos = |needle: &str, from: usize| from + out[from..].find(needle).expect("present");
         // text_config.id2label: numeric.
         let tc = pos("\"text_config\"", 0);
@@ -770,12 +770,12 @@ mod tests {
     }
 
     #[test]
-    fn to_writer_matches_to_string() {
+    fn write_py_json_matches_py_json_string() {
         let v = json!({"z": [1.5, "é"], "a": {"id2label": {"1": "x", "0": "y"}}});
         let style = PyJsonStyle::transformers_config();
         let mut buf = Vec::new();
-        to_writer(&mut buf, &v, &style).expect("Vec never fails");
-        assert_eq!(buf, to_string(&v, &style).into_bytes());
+        write_py_json(&mut buf, &v, &style).expect("Vec never fails");
+        assert_eq!(buf, py_json_string(&v, &style).into_bytes());
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub struct TensorHeader {
 
 /// A parsed and validated safetensors header.
 #[derive(Debug, Clone)]
-pub struct Header {
+pub struct SafetensorsHeader {
     /// `__metadata__`, if present (string to string).
     pub metadata: Option<BTreeMap<String, String>>,
     /// Tensors in data order (ascending offsets).
@@ -86,7 +86,7 @@ impl FileProblem {
 
 /// Reads the header of `path` (not its data) and returns it with every problem found.
 /// The header is `None` when it could not be parsed at all.
-pub fn inspect_file(path: &Path) -> Result<(Option<Header>, Vec<FileProblem>)> {
+pub fn inspect_file(path: &Path) -> Result<(Option<SafetensorsHeader>, Vec<FileProblem>)> {
     let mut file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
     let file_len = file
         .metadata()
@@ -127,7 +127,7 @@ pub fn inspect_file(path: &Path) -> Result<(Option<Header>, Vec<FileProblem>)> {
 }
 
 /// Reads and validates the header of `path`, failing on the first problem.
-pub fn read_header(path: &Path) -> Result<Header> {
+pub fn read_header(path: &Path) -> Result<SafetensorsHeader> {
     let (header, problems) = inspect_file(path)?;
     if let Some(p) = problems.into_iter().next() {
         return Err(p.into_error(path));
@@ -138,7 +138,11 @@ pub fn read_header(path: &Path) -> Result<Header> {
     })
 }
 
-fn parse_header(raw: &[u8], data_start: u64, data_len: u64) -> (Option<Header>, Vec<FileProblem>) {
+fn parse_header(
+    raw: &[u8],
+    data_start: u64,
+    data_len: u64,
+) -> (Option<SafetensorsHeader>, Vec<FileProblem>) {
     let mut problems = Vec::new();
     let root: serde_json::Map<String, Value> = match serde_json::from_slice(raw) {
         Ok(Value::Object(m)) => m,
@@ -225,7 +229,7 @@ fn parse_header(raw: &[u8], data_start: u64, data_len: u64) -> (Option<Header>, 
         )));
     }
     (
-        Some(Header {
+        Some(SafetensorsHeader {
             metadata,
             tensors,
             data_start,
@@ -275,7 +279,7 @@ fn parse_tensor_entry(name: &str, entry: &Value) -> std::result::Result<TensorHe
 
 /// Opens a safetensors file and returns its header and tensor handles, in data order.
 /// Only the header is read; each tensor's bytes are read when they are asked for.
-pub fn open_file(path: &Path) -> Result<(Header, Vec<(String, Tensor)>)> {
+pub fn open_file(path: &Path) -> Result<(SafetensorsHeader, Vec<(String, Tensor)>)> {
     let header = read_header(path)?;
     let source = SourceFile::open(path)?;
     let tensors = header

@@ -16,7 +16,7 @@ use crate::tensor::{StateDict, Tensor};
 /// Options of [`save_pretrained`], named after transformers' keyword arguments.
 #[derive(Debug, Clone)]
 pub struct SaveOptions {
-    /// Largest shard in bytes (see [`crate::shard::parse_size`] for `"5GB"`-style strings).
+    /// Largest shard in bytes (see [`crate::parse_size`] for `"5GB"`-style strings).
     /// Default 50 GB, as in transformers 5.x.
     pub max_shard_size: u64,
     /// File-name variant (`model.fp16.safetensors`).
@@ -247,7 +247,7 @@ pub fn plan_save(state: &StateDict, options: &SaveOptions) -> Result<SavePlan> {
 
 /// Saves `state` into `dir` as transformers' `save_pretrained` does: `config.json`,
 /// `generation_config.json`, one file or greedy shards with `{"format":"pt"}` headers, and
-/// the index. The folder changes atomically (see [`crate::atomic`]).
+/// the index. The folder changes atomically (see [`crate::DirTransaction`]).
 ///
 /// Stale weights are handled more strictly than transformers: old shards of the *same* stem
 /// and variant are removed (transformers also deletes other variants' shards), a stale
@@ -305,7 +305,7 @@ impl SavePlan {
             })
             .collect();
         let index = match (&ckpt.layout, &ckpt.index) {
-            (crate::Layout::Sharded { index, .. }, Some(idx)) => {
+            (crate::FileLayout::Sharded { index, .. }, Some(idx)) => {
                 let name = index
                     .strip_prefix(&ckpt.dir)
                     .unwrap_or(index)

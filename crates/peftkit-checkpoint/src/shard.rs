@@ -10,7 +10,7 @@ pub const DEFAULT_MAX_SHARD_SIZE: u64 = 50_000_000_000;
 /// allowed). Binary units (`GiB`) and bare numbers in a string are rejected, as they are there.
 ///
 /// ```
-/// use peftkit_checkpoint::shard::parse_size;
+/// use peftkit_checkpoint::parse_size;
 /// assert_eq!(parse_size("5GB").unwrap(), 5_000_000_000);
 /// assert_eq!(parse_size(" 1.5 MB ").unwrap(), 1_500_000);
 /// assert!(parse_size("5GiB").is_err());
@@ -78,7 +78,7 @@ pub struct PlanItem {
 /// Returns the names of each shard in planning order.
 ///
 /// ```
-/// use peftkit_checkpoint::shard::{plan_shards, PlanItem};
+/// use peftkit_checkpoint::{plan_shards, PlanItem};
 /// let items = [("a", 6), ("big", 20), ("b", 4), ("c", 1)]
 ///     .map(|(n, s)| PlanItem { names: vec![n.into()], size: s });
 /// let shards = plan_shards(&items, 10);

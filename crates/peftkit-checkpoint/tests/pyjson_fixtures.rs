@@ -2,7 +2,7 @@
 //! formatting cases of `tests/fixtures/json/cases.json` and the transformers-written files under
 //! `tests/fixtures/configs/`. Every expected byte here comes from those files.
 
-use peftkit_checkpoint::pyjson::{to_string, PyJsonStyle};
+use peftkit_checkpoint::{py_json_string, PyJsonStyle};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -67,14 +67,14 @@ fn pyjson_json_cases_match_python() {
     let mut failures = Vec::new();
     for case in &cases {
         let value = parse(&case.name, &case.input);
-        let with_nl = to_string(&value, &transformers);
+        let with_nl = py_json_string(&value, &transformers);
         if with_nl != case.expected {
             failures.push(format!(
                 "{} (trailing newline):\n--- python\n{}\n--- rust\n{}",
                 case.name, case.expected, with_nl
             ));
         }
-        let without_nl = to_string(&value, &peft);
+        let without_nl = py_json_string(&value, &peft);
         if without_nl != case.expected_no_newline {
             failures.push(format!(
                 "{} (no newline):\n--- python\n{}\n--- rust\n{}",
@@ -129,7 +129,7 @@ fn pyjson_transformers_config_files_round_trip_byte_for_byte() {
         } else {
             PyJsonStyle::transformers_generation_config()
         };
-        let out = to_string(&value, &style);
+        let out = py_json_string(&value, &style);
         if out != text {
             failures.push(format!(
                 "{}:\n--- python\n{text}--- rust\n{out}",
@@ -155,7 +155,7 @@ fn pyjson_bert_multilabel_fixture_exercises_numeric_id2label() {
     let nine = text.find("\"9\":").expect("id2label has key 9");
     let ten = text.find("\"10\":").expect("id2label has key 10");
     assert!(nine < ten, "fixture no longer has 9 before 10");
-    let plain = to_string(
+    let plain = py_json_string(
         &parse("bert_multilabel", &text),
         &PyJsonStyle::transformers_generation_config(),
     );

@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use peftkit_checkpoint::checkpoint::verify;
+use peftkit_checkpoint::verify;
 use peftkit_checkpoint::{Checkpoint, WeightsKind};
 
 const SHARDED: &str = "llama_tied_5KB";

@@ -14,7 +14,7 @@
 use std::time::Instant;
 
 use indexmap::IndexMap;
-use peftkit_checkpoint::companion::companion_files;
+use peftkit_checkpoint::companion_files;
 use peftkit_checkpoint::{
     plan_save, save_planned, Checkpoint, ModelConfig, SaveOptions, SavePlan, StateDict, Tensor,
 };

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use peftkit_checkpoint::tensor::dtype_name;
+use peftkit_checkpoint::dtype_name;
 use peftkit_checkpoint::Checkpoint;
 use peftkit_merge::{merge, AdapterInput, MergeError, MergeJob};
 

@@ -56,8 +56,8 @@
 
 use std::path::{Path, PathBuf};
 
-use peftkit_checkpoint::companion::companion_files;
-use peftkit_checkpoint::natural::natural_cmp;
+use peftkit_checkpoint::companion_files;
+use peftkit_checkpoint::natural_cmp;
 use peftkit_checkpoint::{
     Checkpoint, CheckpointError, ModelConfig, SaveOptions, SaveReport, StateDict, WeightsKind,
     WeightsNames,
@@ -224,7 +224,7 @@ pub fn open_source(from: &Path) -> Result<Source, ExtractError> {
         .into_iter()
         .filter(|(name, _)| name != CONFIG_NAME)
         .collect();
-    let config_json = from.join(peftkit_checkpoint::config::CONFIG_NAME);
+    let config_json = from.join(peftkit_checkpoint::MODEL_CONFIG_NAME);
     if config_json.is_file() {
         source.model_config = Some(ModelConfig::read(&config_json)?);
     }
@@ -345,7 +345,7 @@ fn base_save(
     let has_config_file = source
         .companions
         .iter()
-        .any(|(n, _)| n == peftkit_checkpoint::config::CONFIG_NAME);
+        .any(|(n, _)| n == peftkit_checkpoint::MODEL_CONFIG_NAME);
     if let Some(cfg) = &model.config {
         // A folder's config.json is copied as it is; a config given for a lone file is written
         // the way transformers writes it.

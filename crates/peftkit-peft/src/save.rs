@@ -38,7 +38,7 @@
 use std::path::{Path, PathBuf};
 
 use indexmap::IndexMap;
-use peftkit_checkpoint::shard::DEFAULT_MAX_SHARD_SIZE;
+use peftkit_checkpoint::DEFAULT_MAX_SHARD_SIZE;
 use peftkit_checkpoint::{
     plan_save, CheckpointError, SaveOptions, SaveReport, StateDict, WeightsKind,
 };

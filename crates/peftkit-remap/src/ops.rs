@@ -11,7 +11,7 @@
 //! huggingface_hub groups shards by, so reverse outputs that torch would hold as views of one
 //! storage can be placed together, exactly as `save_pretrained` places them.
 
-use peftkit_checkpoint::tensor::dtype_name;
+use peftkit_checkpoint::dtype_name;
 use peftkit_checkpoint::{Dtype, Tensor};
 use serde_json::{Map, Value};
 

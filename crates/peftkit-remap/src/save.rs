@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use peftkit_checkpoint::companion::companion_files;
-use peftkit_checkpoint::config::CONFIG_NAME;
+use peftkit_checkpoint::companion_files;
+use peftkit_checkpoint::MODEL_CONFIG_NAME;
 use peftkit_checkpoint::{
     save_pretrained_with_progress, Checkpoint, ModelConfig, SaveOptions, SaveReport, StateDict,
     WeightsKind,
@@ -321,7 +321,7 @@ impl Source {
         } else {
             src.to_owned()
         };
-        let config_path = dir.join(CONFIG_NAME);
+        let config_path = dir.join(MODEL_CONFIG_NAME);
         let config = if config_path.is_file() {
             Some(ModelConfig::read(&config_path)?)
         } else {

@@ -10,7 +10,7 @@ use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
-use peftkit_checkpoint::tensor::{dtype_name, dtype_size};
+use peftkit_checkpoint::{dtype_name, dtype_size};
 use peftkit_checkpoint::{CheckpointError, Dtype, Tensor};
 
 /// What a view looks into.
@@ -472,7 +472,7 @@ mod tests {
 
     #[test]
     fn file_views_read_dense_and_sparse_regions() {
-        use peftkit_checkpoint::tensor::SourceFile;
+        use peftkit_checkpoint::SourceFile;
         let dir = std::env::temp_dir().join(format!("peftkit-remap-view-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("t.bin");

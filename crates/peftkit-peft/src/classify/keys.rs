@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use indexmap::IndexMap;
-use peftkit_checkpoint::tensor::dtype_size;
+use peftkit_checkpoint::dtype_size;
 use peftkit_checkpoint::{StateDict, Tensor};
 use serde::{Deserialize, Serialize};
 

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use peftkit_checkpoint::tensor::dtype_name;
+use peftkit_checkpoint::dtype_name;
 use peftkit_checkpoint::{Checkpoint, CheckpointError, StateDict, Tensor, WeightsKind};
 use serde::Serialize;
 

@@ -44,7 +44,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use peftkit_checkpoint::pyjson::{self, PyJsonStyle};
+use peftkit_checkpoint::{py_json_string, PyJsonStyle};
 use serde_json::{Map, Value};
 
 use crate::py::RegexError;
@@ -267,7 +267,7 @@ pub(super) fn set_list_value(items: &[String], order: SetOrder) -> Value {
 
 /// peft's `json.dumps(d, indent=2, sort_keys=True)`, without a trailing newline.
 pub(super) fn write_pyjson(value: &Value) -> String {
-    pyjson::to_string(value, &PyJsonStyle::peft_adapter_config())
+    py_json_string(value, &PyJsonStyle::peft_adapter_config())
 }
 
 /// An `adapter_config.json` of any PEFT method.

@@ -32,7 +32,7 @@ pub struct ConvertReport {
 
 /// The `model_type` of a base model folder's `config.json` (for `--base`).
 pub fn model_type_from_base(base_dir: &Path) -> Result<String, ConvertError> {
-    let path = base_dir.join(peftkit_checkpoint::config::CONFIG_NAME);
+    let path = base_dir.join(peftkit_checkpoint::MODEL_CONFIG_NAME);
     let config = peftkit_checkpoint::ModelConfig::read(&path)?;
     config
         .model_type()
@@ -77,7 +77,7 @@ pub fn convert_legacy_adapter_dir_with(
         None => {
             let base = adapter.config.base_model_name_or_path().unwrap_or("");
             let dir = Path::new(base);
-            if !base.is_empty() && dir.join(peftkit_checkpoint::config::CONFIG_NAME).is_file() {
+            if !base.is_empty() && dir.join(peftkit_checkpoint::MODEL_CONFIG_NAME).is_file() {
                 model_type_from_base(dir)?
             } else {
                 return Err(ConvertError::NoModelType {

@@ -3,7 +3,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use peftkit_checkpoint::tensor::{dtype_name, dtype_size};
+use peftkit_checkpoint::{dtype_name, dtype_size};
 use peftkit_checkpoint::{CheckpointError, Dtype, StateDict, Tensor};
 use peftkit_remap::{RemapError, Revert};
 

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use peftkit_checkpoint::natural::natural_cmp;
+use peftkit_checkpoint::natural_cmp;
 use peftkit_checkpoint::{StateDict, Tensor};
 
 use crate::error::{RemapError, Result};

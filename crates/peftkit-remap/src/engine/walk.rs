@@ -4,7 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use indexmap::IndexMap;
-use peftkit_checkpoint::natural::natural_cmp;
+use peftkit_checkpoint::natural_cmp;
 use peftkit_checkpoint::{CheckpointError, StateDict, Tensor};
 
 use crate::error::{RemapError, Result};
