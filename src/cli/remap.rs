@@ -70,7 +70,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         tables,
         ..
     } = args;
-    let options = RemapOptions {
+    let mut options = RemapOptions {
         save: SaveOptions {
             max_shard_size: ckpt::parse_size(&max_shard_size)?,
             variant,
@@ -87,14 +87,9 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
     let total =
         Checkpoint::open_kind(&dir, WeightsKind::Model, input_variant.as_deref())?.total_bytes();
     let bar = progress(total);
-    let report = peftkit::remap::remap_with_progress(
-        &dir,
-        &out,
-        to,
-        model_type.as_deref(),
-        &options,
-        &mut |n| bar.inc(n),
-    )?;
+    let on_bytes = bar.clone();
+    options.save.progress = ckpt::Progress::new(move |n| on_bytes.inc(n));
+    let report = peftkit::remap::remap(&dir, &out, to, model_type.as_deref(), &options)?;
     bar.finish_and_clear();
     println!(
         "{}: model_type {}, table {}, {} tensors converted, {} file(s)",

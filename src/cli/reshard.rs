@@ -46,7 +46,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         model_type,
         tables,
     } = args;
-    let options = peftkit::remap::ReshardOptions {
+    let mut options = peftkit::remap::ReshardOptions {
         save: SaveOptions {
             max_shard_size: ckpt::parse_size(&max_shard_size)?,
             variant,
@@ -60,7 +60,9 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
     let total =
         Checkpoint::open_kind(&dir, WeightsKind::Model, input_variant.as_deref())?.total_bytes();
     let bar = progress(total);
-    let report = peftkit::remap::reshard_with_progress(&dir, &out, &options, &mut |n| bar.inc(n))?;
+    let on_bytes = bar.clone();
+    options.save.progress = ckpt::Progress::new(move |n| on_bytes.inc(n));
+    let report = peftkit::remap::reshard(&dir, &out, &options)?;
     bar.finish_and_clear();
     let save = &report.save;
     println!(

@@ -47,8 +47,7 @@ pub use safetensors_file::{
     SafetensorsHeader, TensorHeader, MAX_HEADER_SIZE,
 };
 pub use save::{
-    plan_save, save_planned, save_pretrained, save_pretrained_with_progress, torch_dtype_name,
-    SaveOptions, SavePlan, SaveReport,
+    plan_save, save_planned, save_pretrained, torch_dtype_name, SaveOptions, SavePlan, SaveReport,
 };
 pub use shard::{parse_size, plan_shards, PlanItem, DEFAULT_MAX_SHARD_SIZE};
 pub use tensor::{

@@ -9,6 +9,7 @@ use crate::config::{GenerationConfig, ModelConfig};
 use crate::error::{CheckpointError, Result};
 use crate::index::WeightIndex;
 use crate::names::{WeightsKind, WeightsNames};
+use crate::progress::Progress;
 use crate::safetensors_file::{pt_metadata, write_files, FileJob};
 use crate::shard::{plan_shards, PlanItem, DEFAULT_MAX_SHARD_SIZE};
 use crate::tensor::{StateDict, Tensor};
@@ -46,6 +47,9 @@ pub struct SaveOptions {
     /// power loss leaves the old checkpoint or the new one. `false` keeps the atomic swap for
     /// readers but lets the kernel write back later, like transformers (which never syncs).
     pub durable: bool,
+    /// Told the bytes of tensor data written as they are written (none by default): the one
+    /// progress mechanism of every save, including those of remap, reshard and extract.
+    pub progress: Progress,
 }
 
 impl Default for SaveOptions {
@@ -62,6 +66,7 @@ impl Default for SaveOptions {
             generation_config: None,
             extra_files: Vec::new(),
             durable: true,
+            progress: Progress::default(),
         }
     }
 }
@@ -263,16 +268,6 @@ pub fn plan_save(state: &StateDict, options: &SaveOptions) -> Result<SavePlan> {
 /// assert_eq!(Checkpoint::open(dir.path()).unwrap().len(), 1);
 /// ```
 pub fn save_pretrained(dir: &Path, state: &StateDict, options: &SaveOptions) -> Result<SaveReport> {
-    save_pretrained_with_progress(dir, state, options, &mut |_| {})
-}
-
-/// [`save_pretrained`] that reports data bytes written as it goes.
-pub fn save_pretrained_with_progress(
-    dir: &Path,
-    state: &StateDict,
-    options: &SaveOptions,
-    on_bytes: &mut dyn FnMut(u64),
-) -> Result<SaveReport> {
     if dir.exists() && !dir.is_dir() {
         return Err(CheckpointError::NotADirectory(dir.to_owned()));
     }
@@ -280,7 +275,9 @@ pub fn save_pretrained_with_progress(
         return Err(CheckpointError::EmptyStateDict(dir.to_owned()));
     }
     let plan = plan_save(state, options)?;
-    save_planned(dir, state, &plan, options, on_bytes)
+    save_planned(dir, state, &plan, options, &mut |n| {
+        options.progress.report(n)
+    })
 }
 
 impl SavePlan {
@@ -327,6 +324,9 @@ impl SavePlan {
 /// Writes `state` into `dir` following an existing `plan` (from [`plan_save`] or
 /// [`SavePlan::from_checkpoint`]), atomically, with the configs and extra files of
 /// `options`. Every tensor the plan names must be in `state`.
+///
+/// `on_bytes` is told the bytes written; `options.progress` is not called here, since the
+/// caller (e.g. the streaming merge, which also counts them) decides what it reports.
 pub fn save_planned(
     dir: &Path,
     state: &StateDict,

@@ -44,8 +44,7 @@ pub use engine::{Direction, Forward, FusedPiece, Mapping, Revert, RoundTrip, Use
 pub use error::{RemapError, Result};
 pub use registry::Registry;
 pub use save::{
-    checkpoint_mapping, remap, remap_with_progress, reshard, reshard_with_progress,
-    save_pretrained_original, save_pretrained_original_with_progress, Layout, RemapOptions,
+    checkpoint_mapping, remap, reshard, save_pretrained_original, Layout, RemapOptions,
     RemapReport, ReshardOptions, ReshardReport,
 };
 pub use table::{

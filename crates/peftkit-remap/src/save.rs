@@ -6,8 +6,7 @@ use std::str::FromStr;
 use peftkit_checkpoint::companion_files;
 use peftkit_checkpoint::MODEL_CONFIG_NAME;
 use peftkit_checkpoint::{
-    save_pretrained_with_progress, Checkpoint, ModelConfig, SaveOptions, SaveReport, StateDict,
-    WeightsKind,
+    save_pretrained, Checkpoint, ModelConfig, SaveOptions, SaveReport, StateDict, WeightsKind,
 };
 
 use crate::engine::{Mapping, Revert};
@@ -41,22 +40,8 @@ pub fn save_pretrained_original(
     mapping: &Mapping,
     revert: &Revert,
 ) -> Result<SaveReport> {
-    save_pretrained_original_with_progress(dir, v5_state, options, mapping, revert, &mut |_| {})
-}
-
-/// [`save_pretrained_original`] that reports data bytes written as it goes.
-pub fn save_pretrained_original_with_progress(
-    dir: &Path,
-    v5_state: &StateDict,
-    options: &SaveOptions,
-    mapping: &Mapping,
-    revert: &Revert,
-    on_bytes: &mut dyn FnMut(u64),
-) -> Result<SaveReport> {
     let original = mapping.reverse(v5_state, revert)?;
-    Ok(save_pretrained_with_progress(
-        dir, &original, options, on_bytes,
-    )?)
+    Ok(save_pretrained(dir, &original, options)?)
 }
 
 /// The two layouts a checkpoint can be written in.
@@ -86,8 +71,9 @@ impl FromStr for Layout {
 /// Options of [`remap`].
 #[derive(Debug, Clone, Default)]
 pub struct RemapOptions {
-    /// Shard size, variant and header metadata of the output (the source's header metadata is
-    /// kept when the source has some). `extra_files` are added to the source's companion files.
+    /// Shard size, variant, header metadata and progress of the output (the source's header
+    /// metadata is kept when the source has some). `extra_files` are added to the source's
+    /// companion files; `save.progress` is told the bytes written.
     pub save: SaveOptions,
     /// Variant of the source weights (`model.fp16.safetensors`).
     pub src_variant: Option<String>,
@@ -143,18 +129,6 @@ pub fn remap(
     model_type: Option<&str>,
     options: &RemapOptions,
 ) -> Result<RemapReport> {
-    remap_with_progress(src, out, to, model_type, options, &mut |_| {})
-}
-
-/// [`remap`] that reports data bytes written as it goes.
-pub fn remap_with_progress(
-    src: &Path,
-    out: &Path,
-    to: Layout,
-    model_type: Option<&str>,
-    options: &RemapOptions,
-    on_bytes: &mut dyn FnMut(u64),
-) -> Result<RemapReport> {
     let source = Source::open(
         src,
         options.src_variant.as_deref(),
@@ -189,7 +163,7 @@ pub fn remap_with_progress(
     };
     let tensors_converted = converted.keys().filter(|k| !state.contains_key(*k)).count();
     let save = source.save_options(src, &options.save)?;
-    let report = save_pretrained_with_progress(out, &converted, &save, on_bytes)?;
+    let report = save_pretrained(out, &converted, &save)?;
     Ok(RemapReport {
         save: report,
         model_type,
@@ -202,8 +176,9 @@ pub fn remap_with_progress(
 /// Options of [`reshard`].
 #[derive(Debug, Clone, Default)]
 pub struct ReshardOptions {
-    /// Shard size, variant and header metadata of the output (the source's header metadata is
-    /// kept when the source has some). `extra_files` are added to the source's companion files.
+    /// Shard size, variant, header metadata and progress of the output (the source's header
+    /// metadata is kept when the source has some). `extra_files` are added to the source's
+    /// companion files; `save.progress` is told the bytes written.
     pub save: SaveOptions,
     /// Variant of the source weights (`model.fp16.safetensors`).
     pub src_variant: Option<String>,
@@ -251,16 +226,6 @@ pub struct ReshardReport {
 /// println!("{} files, table {:?}", report.save.weight_files.len(), report.table);
 /// ```
 pub fn reshard(src: &Path, out: &Path, options: &ReshardOptions) -> Result<ReshardReport> {
-    reshard_with_progress(src, out, options, &mut |_| {})
-}
-
-/// [`reshard`] that reports data bytes written as it goes.
-pub fn reshard_with_progress(
-    src: &Path,
-    out: &Path,
-    options: &ReshardOptions,
-    on_bytes: &mut dyn FnMut(u64),
-) -> Result<ReshardReport> {
     let source = Source::open(
         src,
         options.src_variant.as_deref(),
@@ -269,7 +234,7 @@ pub fn reshard_with_progress(
     )?;
     let saved = source.mapping.round_trip(&source.ckpt.state_dict())?;
     let save = source.save_options(src, &options.save)?;
-    let report = save_pretrained_with_progress(out, &saved.state, &save, on_bytes)?;
+    let report = save_pretrained(out, &saved.state, &save)?;
     Ok(ReshardReport {
         save: report,
         table: source.mapping.table().map(str::to_owned),
