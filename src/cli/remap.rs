@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use peftkit::checkpoint::{self as ckpt, Checkpoint, SaveOptions, WeightsKind};
 use peftkit::peft;
-use peftkit::remap::{Layout, RemapOptions, Revert};
+use peftkit::remap::{RemapOptions, Revert, TensorLayout};
 
 use super::progress;
 
@@ -20,7 +20,7 @@ pub(crate) struct Args {
     out: PathBuf,
     /// Target layout: original | transformers-v5.
     #[arg(long)]
-    to: Layout,
+    to: TensorLayout,
     /// Model type whose table applies (default: config.json's model_type).
     #[arg(long)]
     model_type: Option<String>,
@@ -121,7 +121,7 @@ fn legacy_adapter(args: &Args) -> Result<ExitCode> {
         zero_dropout,
         ..
     } = args;
-    if *to != Layout::TransformersV5 {
+    if *to != TensorLayout::TransformersV5 {
         anyhow::bail!(
             "{} is an adapter: adapters are only converted to the transformers-v5 layout (peft saves them that way)",
             dir.display()

@@ -404,13 +404,13 @@ fn adapter_weight_scales_the_delta() {
 /// back to the on-disk layout, equals peft's merge.
 #[test]
 fn expert_lora_on_a_fused_v5_checkpoint() {
-    use peftkit_remap::{remap, Layout, RemapOptions};
+    use peftkit_remap::{remap, RemapOptions, TensorLayout};
     let tmp = tempfile::tempdir().unwrap();
     let v5 = tmp.path().join("base_v5");
     remap(
         &case_dir("mixtral_experts").join("base"),
         &v5,
-        Layout::TransformersV5,
+        TensorLayout::TransformersV5,
         None,
         &RemapOptions::default(),
     )
@@ -424,7 +424,7 @@ fn expert_lora_on_a_fused_v5_checkpoint() {
     remap(
         &merged_v5,
         &back,
-        Layout::Original,
+        TensorLayout::Original,
         None,
         &RemapOptions::default(),
     )

@@ -26,7 +26,8 @@
 //!
 //! Dependencies point one way: `peftkit-checkpoint` <- `peftkit-remap` <- PEFT / CLI. Inside,
 //! modules depend one way too: `table` (pure data) <- `pattern` <- `ops` (over `view`, the
-//! strided lazy views) <- `engine` <- `registry` <- `save`. Every module is private; the items
+//! strided lazy views) <- `engine` <- `registry` <- `resave` (every
+//! operation that writes a checkpoint folder). Every module is private; the items
 //! are re-exported here, flat.
 
 #![deny(missing_docs)]
@@ -36,16 +37,16 @@ mod error;
 mod ops;
 mod pattern;
 mod registry;
-mod save;
+mod resave;
 mod table;
 mod view;
 
 pub use engine::{Direction, Forward, FusedPiece, Mapping, Revert, RoundTrip, UsedRules};
 pub use error::{RemapError, Result};
 pub use registry::Registry;
-pub use save::{
-    checkpoint_mapping, remap, reshard, save_pretrained_original, Layout, RemapOptions,
-    RemapReport, ReshardOptions, ReshardReport,
+pub use resave::{
+    checkpoint_mapping, remap, reshard, save_pretrained_original, RemapOptions, RemapReport,
+    ReshardOptions, ReshardReport, TensorLayout,
 };
 pub use table::{
     Aliases, ConversionTable, ConvertSpec, Op, Patterns, RenameSpec, ReversePolicy, Rule, SizeExpr,

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use peftkit_checkpoint::{save_pretrained, Checkpoint, Dtype, SaveOptions, StateDict, Tensor};
 use peftkit_remap::{
-    remap, ConversionTable, Layout, Op, Registry, RemapError, RemapOptions, Revert, SizeExpr,
+    remap, ConversionTable, Op, Registry, RemapError, RemapOptions, Revert, SizeExpr, TensorLayout,
     UsedRules, EMBEDDED_ALIASES, EMBEDDED_TABLES,
 };
 
@@ -490,7 +490,7 @@ fn remap_uses_user_tables_and_copies_companion_files() {
         tables: vec![table.clone()],
         ..RemapOptions::default()
     };
-    let report = remap(&src, &out, Layout::TransformersV5, None, &opts).unwrap();
+    let report = remap(&src, &out, TensorLayout::TransformersV5, None, &opts).unwrap();
     assert_eq!(report.model_type, "toy");
     assert_eq!(report.table.as_deref(), Some("toy_fused"));
     assert_eq!(report.tensors_converted, 2);
@@ -499,7 +499,7 @@ fn remap_uses_user_tables_and_copies_companion_files() {
     assert!(v5.get("model.h.0.mlp.gate_proj.weight").is_some());
     // And back, with the model type given explicitly.
     let back_dir = tmp.path().join("back");
-    remap(&out, &back_dir, Layout::Original, Some("toy"), &opts).unwrap();
+    remap(&out, &back_dir, TensorLayout::Original, Some("toy"), &opts).unwrap();
     let back = Checkpoint::open(&back_dir).unwrap();
     assert_eq!(
         f32s(back.get("transformer.h.0.mlp.w_in.weight").unwrap()),
@@ -510,7 +510,7 @@ fn remap_uses_user_tables_and_copies_companion_files() {
     let report = remap(
         &src,
         &plain,
-        Layout::TransformersV5,
+        TensorLayout::TransformersV5,
         None,
         &RemapOptions::default(),
     )
@@ -522,7 +522,7 @@ fn remap_uses_user_tables_and_copies_companion_files() {
     let err = remap(
         &src,
         &tmp.path().join("x"),
-        Layout::TransformersV5,
+        TensorLayout::TransformersV5,
         None,
         &RemapOptions::default(),
     )
@@ -533,12 +533,15 @@ fn remap_uses_user_tables_and_copies_companion_files() {
 
 #[test]
 fn layouts_parse_from_cli_words() {
-    assert_eq!("original".parse::<Layout>(), Ok(Layout::Original));
     assert_eq!(
-        "transformers-v5".parse::<Layout>(),
-        Ok(Layout::TransformersV5)
+        "original".parse::<TensorLayout>(),
+        Ok(TensorLayout::Original)
     );
-    assert!("v4".parse::<Layout>().is_err());
+    assert_eq!(
+        "transformers-v5".parse::<TensorLayout>(),
+        Ok(TensorLayout::TransformersV5)
+    );
+    assert!("v4".parse::<TensorLayout>().is_err());
 }
 
 #[test]

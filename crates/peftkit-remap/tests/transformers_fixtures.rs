@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use peftkit_checkpoint::{parse_size, Checkpoint, SaveOptions, StateDict};
 use peftkit_remap::{
-    remap, save_pretrained_original, Layout, Mapping, Registry, RemapError, RemapOptions, Revert,
+    remap, save_pretrained_original, Mapping, Registry, RemapError, RemapOptions, Revert,
+    TensorLayout,
 };
 use serde_json::Value;
 
@@ -307,7 +308,7 @@ fn remap_to_v5_equals_transformers_v5_save() {
         let report = remap(
             &case_dir(case).join("original"),
             &out,
-            Layout::TransformersV5,
+            TensorLayout::TransformersV5,
             None,
             &RemapOptions::default(),
         )
@@ -334,7 +335,7 @@ fn remap_to_v5_sharded_equals_transformers_resave_of_a_v5_checkpoint() {
         remap(
             &case_dir(case).join("original"),
             &out,
-            Layout::TransformersV5,
+            TensorLayout::TransformersV5,
             None,
             &options,
         )
@@ -362,7 +363,7 @@ fn remap_to_original_equals_transformers_original_save() {
         remap(
             &case_dir(case).join("v5"),
             &out,
-            Layout::Original,
+            TensorLayout::Original,
             None,
             &options,
         )
@@ -407,7 +408,7 @@ fn remap_to_original_refuses_an_original_checkpoint() {
         let err = remap(
             &case_dir(case).join("original"),
             &tmp.path().join("out"),
-            Layout::Original,
+            TensorLayout::Original,
             None,
             &RemapOptions::default(),
         )

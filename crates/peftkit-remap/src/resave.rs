@@ -1,4 +1,5 @@
-//! Saving in the original layout, and converting whole checkpoint folders between layouts.
+//! Re-saving checkpoints: a v5 state dict saved in the original layout, and whole checkpoint
+//! folders converted between layouts ([`remap`]) or re-sharded ([`reshard`]).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -44,9 +45,10 @@ pub fn save_pretrained_original(
     Ok(save_pretrained(dir, &original, options)?)
 }
 
-/// The two layouts a checkpoint can be written in.
+/// The two tensor layouts a checkpoint can be written in: which tensors it holds and under
+/// which names (how its files are split is [`peftkit_checkpoint::FileLayout`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layout {
+pub enum TensorLayout {
     /// The original on-disk layout (per-expert tensors, legacy names): what transformers writes
     /// with `save_original_format=True`, and what the Hub holds.
     Original,
@@ -54,13 +56,13 @@ pub enum Layout {
     TransformersV5,
 }
 
-impl FromStr for Layout {
+impl FromStr for TensorLayout {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
-            "original" => Ok(Layout::Original),
-            "transformers-v5" | "v5" => Ok(Layout::TransformersV5),
+            "original" => Ok(TensorLayout::Original),
+            "transformers-v5" | "v5" => Ok(TensorLayout::TransformersV5),
             other => Err(format!(
                 "unknown layout `{other}`: use `original` or `transformers-v5`"
             )),
@@ -117,15 +119,15 @@ pub struct RemapReport {
 ///
 /// ```no_run
 /// use std::path::Path;
-/// use peftkit_remap::{remap, Layout, RemapOptions};
-/// let report = remap(Path::new("mixtral-v5"), Path::new("mixtral-hub"), Layout::Original, None,
+/// use peftkit_remap::{remap, TensorLayout, RemapOptions};
+/// let report = remap(Path::new("mixtral-v5"), Path::new("mixtral-hub"), TensorLayout::Original, None,
 ///                    &RemapOptions::default()).unwrap();
 /// println!("{} tensors converted with table {:?}", report.tensors_converted, report.table);
 /// ```
 pub fn remap(
     src: &Path,
     out: &Path,
-    to: Layout,
+    to: TensorLayout,
     model_type: Option<&str>,
     options: &RemapOptions,
 ) -> Result<RemapReport> {
@@ -142,11 +144,11 @@ pub fn remap(
     let state = source.ckpt.state_dict();
 
     let (converted, rules) = match to {
-        Layout::TransformersV5 => {
+        TensorLayout::TransformersV5 => {
             let fwd = mapping.forward(&state)?;
             (fwd.state, mapping.rule_labels(&fwd.used))
         }
-        Layout::Original => {
+        TensorLayout::Original => {
             for (name, _) in source.ckpt.tensors() {
                 if let Some(rule) = mapping.forward_match(name) {
                     return Err(RemapError::AlreadyOriginal {
