@@ -13,12 +13,12 @@ use std::path::{Path, PathBuf};
 use indexmap::IndexMap;
 use peftkit_checkpoint::{Checkpoint, CheckpointError, Tensor, WeightsKind};
 
-use crate::config::{AdapterConfig, ConfigError, ConfigWarning, CONFIG_NAME};
+use crate::config::{AdapterConfig, ConfigError, ConfigWarning};
 use crate::spec::{RuleScope, Spec};
 
-/// The adapter config file name: [`CONFIG_NAME`] under its old
-/// name here.
-pub use crate::config::CONFIG_NAME as ADAPTER_CONFIG_NAME;
+/// The adapter config file name (defined in [`crate::config`]), re-exported beside the loader
+/// that reads it.
+pub use crate::config::ADAPTER_CONFIG_NAME;
 
 /// Errors loading an adapter.
 #[derive(Debug, thiserror::Error)]
@@ -137,7 +137,10 @@ impl Adapter {
     /// or sharded weights), named after its folder: `default` unless it is a named
     /// sub-folder of another adapter.
     pub fn open(dir: &Path) -> Result<Self, AdapterError> {
-        let name = if dir.parent().is_some_and(|p| p.join(CONFIG_NAME).is_file()) {
+        let name = if dir
+            .parent()
+            .is_some_and(|p| p.join(ADAPTER_CONFIG_NAME).is_file())
+        {
             dir.file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "default".into())
@@ -149,7 +152,7 @@ impl Adapter {
 
     /// Opens the adapter in `dir` under the name `name`.
     pub fn open_named(dir: &Path, name: &str) -> Result<Self, AdapterError> {
-        let config_path = dir.join(CONFIG_NAME);
+        let config_path = dir.join(ADAPTER_CONFIG_NAME);
         if !config_path.is_file() {
             return Err(AdapterError::NoConfig(dir.to_owned()));
         }
@@ -174,13 +177,13 @@ impl Adapter {
     /// `save_pretrained` lays out several adapters.
     pub fn list(dir: &Path) -> Vec<(String, PathBuf)> {
         let mut out = Vec::new();
-        if dir.join(CONFIG_NAME).is_file() {
+        if dir.join(ADAPTER_CONFIG_NAME).is_file() {
             out.push(("default".to_owned(), dir.to_owned()));
         }
         if let Ok(entries) = std::fs::read_dir(dir) {
             let mut subs: Vec<(String, PathBuf)> = entries
                 .filter_map(|e| e.ok())
-                .filter(|e| e.path().join(CONFIG_NAME).is_file())
+                .filter(|e| e.path().join(ADAPTER_CONFIG_NAME).is_file())
                 .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
                 .collect();
             subs.sort();

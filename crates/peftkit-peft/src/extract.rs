@@ -68,7 +68,7 @@ use crate::classify::{
     check_config, classify_state_dict, infer_config, BaseModelInfo, ClassifiedStateDict,
     ClassifyError, ClassifyOptions, InferOptions, Layout, DEFAULT_ADAPTER_NAME,
 };
-use crate::config::{AdapterConfig, ConfigError, CONFIG_NAME};
+use crate::config::{AdapterConfig, ConfigError, ADAPTER_CONFIG_NAME};
 use crate::save::{save_adapter, AdapterSaveOptions, AdapterSaveReport, SaveError};
 
 /// Errors of [`extract`].
@@ -222,13 +222,13 @@ pub fn open_source(from: &Path) -> Result<Source, ExtractError> {
     source.state = ckpt.natural_state_dict();
     source.companions = companion_files(from)?
         .into_iter()
-        .filter(|(name, _)| name != CONFIG_NAME)
+        .filter(|(name, _)| name != ADAPTER_CONFIG_NAME)
         .collect();
     let config_json = from.join(peftkit_checkpoint::MODEL_CONFIG_NAME);
     if config_json.is_file() {
         source.model_config = Some(ModelConfig::read(&config_json)?);
     }
-    let adapter_config = from.join(CONFIG_NAME);
+    let adapter_config = from.join(ADAPTER_CONFIG_NAME);
     if adapter_config.is_file() {
         source.adapter_config = Some(AdapterConfig::from_file(&adapter_config)?.0);
     }

@@ -48,7 +48,7 @@ use crate::classify::{
     check_config, classify_state_dict, infer_config, AdapterTensors, ClassifiedStateDict,
     ClassifyError, ClassifyOptions, InferOptions, DEFAULT_ADAPTER_NAME,
 };
-use crate::config::{AdapterConfig, CONFIG_NAME, LORA, PEFT_VERSION};
+use crate::config::{AdapterConfig, ADAPTER_CONFIG_NAME, LORA, PEFT_VERSION};
 
 pub use crate::embedded::MODEL_CARD_TEMPLATE;
 
@@ -318,7 +318,10 @@ pub fn save_adapter(
     }
     let config = config_to_write(config, options);
     let state = tensors.to_state_dict(options.save_peft_format);
-    let mut extra = vec![(CONFIG_NAME.to_owned(), config.to_json_string().into_bytes())];
+    let mut extra = vec![(
+        ADAPTER_CONFIG_NAME.to_owned(),
+        config.to_json_string().into_bytes(),
+    )];
     // peft writes the card into the save directory (the root, for a named adapter) and only
     // from the main process; an existing card is left as it is.
     let card_path = dir.join(MODEL_CARD_NAME);

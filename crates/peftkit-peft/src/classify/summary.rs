@@ -7,7 +7,7 @@ use peftkit_checkpoint::dtype_name;
 use peftkit_checkpoint::{Checkpoint, CheckpointError, StateDict, Tensor, WeightsKind};
 use serde::Serialize;
 
-use crate::config::{AdapterConfig, TargetModules, CONFIG_NAME, LORA};
+use crate::config::{AdapterConfig, TargetModules, ADAPTER_CONFIG_NAME, LORA};
 use crate::targeting::PatternResolver;
 
 use super::*;
@@ -161,10 +161,10 @@ pub fn summarize_classified(
 /// Summaries of the adapters at `path`: an adapter folder (its `adapter_config.json` and
 /// weights, and every named sub-adapter), a checkpoint folder, or a `.safetensors` file.
 pub fn summarize_path(path: &Path) -> Result<Vec<AdapterSummary>, ClassifyError> {
-    if path.is_dir() && path.join(CONFIG_NAME).is_file() || has_sub_adapters(path) {
+    if path.is_dir() && path.join(ADAPTER_CONFIG_NAME).is_file() || has_sub_adapters(path) {
         let mut out = Vec::new();
         for (name, dir) in crate::adapter::Adapter::list(path) {
-            let (config, _) = AdapterConfig::from_file(&dir.join(CONFIG_NAME))?;
+            let (config, _) = AdapterConfig::from_file(&dir.join(ADAPTER_CONFIG_NAME))?;
             let ckpt = Checkpoint::open_kind(&dir, WeightsKind::Adapter, None)?;
             let c = classify_state_dict(
                 &ckpt.state_dict(),
@@ -190,7 +190,10 @@ pub fn summarize_path(path: &Path) -> Result<Vec<AdapterSummary>, ClassifyError>
 fn has_sub_adapters(path: &Path) -> bool {
     path.is_dir()
         && std::fs::read_dir(path)
-            .map(|rd| rd.flatten().any(|e| e.path().join(CONFIG_NAME).is_file()))
+            .map(|rd| {
+                rd.flatten()
+                    .any(|e| e.path().join(ADAPTER_CONFIG_NAME).is_file())
+            })
             .unwrap_or(false)
 }
 

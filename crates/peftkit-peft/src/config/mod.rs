@@ -67,7 +67,7 @@ use read::{parse_object, peft_type_of, read_file, wrong};
 use validate::{check_layer_options, check_task_type};
 
 /// File name of an adapter config (`peft.utils.CONFIG_NAME`).
-pub const CONFIG_NAME: &str = "adapter_config.json";
+pub const ADAPTER_CONFIG_NAME: &str = "adapter_config.json";
 
 /// The peft release whose format this module writes; also what peft fills into a missing
 /// `peft_version` when it loads a config.
@@ -300,7 +300,7 @@ impl AdapterConfig {
 
     /// Reads `<dir>/adapter_config.json`.
     pub fn from_dir(dir: &Path) -> Result<(Self, Vec<ConfigWarning>), ConfigError> {
-        Self::from_file(&dir.join(CONFIG_NAME))
+        Self::from_file(&dir.join(ADAPTER_CONFIG_NAME))
     }
 
     /// Parses a config object. `peft_type` is required and must be known to `spec`

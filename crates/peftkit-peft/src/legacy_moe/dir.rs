@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use peftkit_checkpoint::{SaveOptions, SaveReport, WeightsKind};
 
 use crate::adapter::Adapter;
-use crate::config::CONFIG_NAME;
+use crate::config::ADAPTER_CONFIG_NAME;
 
 use super::*;
 
@@ -91,7 +91,7 @@ pub fn convert_legacy_adapter_dir_with(
     let converted = convert_with_rules(&adapter, &rules, options)?;
 
     let mut extra = vec![(
-        CONFIG_NAME.to_owned(),
+        ADAPTER_CONFIG_NAME.to_owned(),
         converted.config.to_json_string().into_bytes(),
     )];
     let mut copied = Vec::new();
@@ -108,7 +108,7 @@ pub fn convert_legacy_adapter_dir_with(
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
         // The legacy weights and config are what is being replaced.
-        if !path.is_file() || name == CONFIG_NAME || name.starts_with(&weights_stem) {
+        if !path.is_file() || name == ADAPTER_CONFIG_NAME || name.starts_with(&weights_stem) {
             continue;
         }
         names.push((name, path));

@@ -9,7 +9,7 @@ use peftkit_remap::{RemapError, Revert};
 
 use crate::adapter::{Adapter, AdapterTensor};
 use crate::config::LoraConfig;
-use crate::config::CONFIG_NAME;
+use crate::config::ADAPTER_CONFIG_NAME;
 
 use super::*;
 
@@ -19,7 +19,7 @@ pub fn convert_with_rules(
     rules: &LegacyMoeRules,
     options: &ConvertOptions,
 ) -> Result<Converted, ConvertError> {
-    let config_file = adapter.dir.join(CONFIG_NAME);
+    let config_file = adapter.dir.join(ADAPTER_CONFIG_NAME);
     let mut config = adapter.config.clone();
     let Some(lora) = config.as_lora_mut() else {
         return Err(ConvertError::NotLora {

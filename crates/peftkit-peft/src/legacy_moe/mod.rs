@@ -62,7 +62,7 @@ use peftkit_remap::{Registry, RemapError};
 
 use crate::adapter::{Adapter, AdapterError};
 use crate::config::AdapterConfig;
-use crate::config::CONFIG_NAME;
+use crate::config::ADAPTER_CONFIG_NAME;
 
 pub use crate::embedded::LEGACY_MOE_ADAPTERS_JSON;
 
@@ -244,5 +244,9 @@ fn rules_for(adapter: &Adapter, model_type: &str) -> Result<LegacyMoeRules, Conv
         file: PathBuf::from("adapters-spec/conversions"),
         source,
     })?;
-    LegacyMoeRules::with_registry(&registry, model_type, &adapter.dir.join(CONFIG_NAME))
+    LegacyMoeRules::with_registry(
+        &registry,
+        model_type,
+        &adapter.dir.join(ADAPTER_CONFIG_NAME),
+    )
 }

@@ -8,7 +8,7 @@ use indexmap::IndexMap;
 use peftkit_remap::{ConvertSpec, Mapping, Op, Registry};
 use serde::Deserialize;
 
-use crate::config::CONFIG_NAME;
+use crate::config::ADAPTER_CONFIG_NAME;
 
 use super::*;
 
@@ -144,7 +144,7 @@ impl LegacyMoeRules {
             file: PathBuf::from("adapters-spec/conversions"),
             source,
         })?;
-        Self::with_registry(&registry, model_type, Path::new(CONFIG_NAME))
+        Self::with_registry(&registry, model_type, Path::new(ADAPTER_CONFIG_NAME))
     }
 
     /// The rules for `model_type` with the tables of `registry`; `file` is named in errors.
