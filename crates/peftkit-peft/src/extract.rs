@@ -66,7 +66,7 @@ use serde_json::Number;
 
 use crate::classify::{
     check_config, classify_state_dict, infer_config, BaseModelInfo, ClassifiedStateDict,
-    ClassifyError, ClassifyOptions, InferOptions, Layout, DEFAULT_ADAPTER_NAME,
+    ClassifyError, ClassifyOptions, InferOptions, StateDictLayout, DEFAULT_ADAPTER_NAME,
 };
 use crate::config::{AdapterConfig, ConfigError, ADAPTER_CONFIG_NAME};
 use crate::save::{save_adapter, AdapterSaveOptions, AdapterSaveReport, SaveError};
@@ -151,7 +151,7 @@ pub struct ExtractReport {
     /// The adapter extracted.
     pub adapter_name: String,
     /// Layout of the source.
-    pub layout: Layout,
+    pub layout: StateDictLayout,
     /// The config written (before `inference_mode` was forced on).
     pub config: AdapterConfig,
     /// Whether the config was inferred (no `--config`).
@@ -360,7 +360,7 @@ fn base_save(
             }
         }
     }
-    if classified.layout == Layout::Burn {
+    if classified.layout == StateDictLayout::Burn {
         notes.push(
             "base tensors written with burn's names and layouts (Linear weights are [in, out])"
                 .into(),

@@ -372,7 +372,7 @@ pub struct PeftSaveOptions {
 #[derive(Debug, Clone)]
 pub struct PeftSaveReport {
     /// How the state dict was classified.
-    pub layout: crate::classify::Layout,
+    pub layout: crate::classify::StateDictLayout,
     /// Each adapter written, in order.
     pub adapters: Vec<(String, AdapterSaveReport)>,
     /// The base checkpoint, when written.

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use peftkit_checkpoint::{Checkpoint, Dtype, ModelConfig, StateDict, Tensor};
 use peftkit_peft::classify::{
     classify_state_dict, summarize_adapters, summarize_path, AdapterTensors, BaseModelInfo,
-    ClassifyError, ClassifyOptions, Layout, TaskTypeChoice,
+    ClassifyError, ClassifyOptions, StateDictLayout, TaskTypeChoice,
 };
 use peftkit_peft::config::AdapterConfig;
 use peftkit_peft::extract::{extract, parse_lora_alpha, ExtractError, ExtractOptions};
@@ -152,7 +152,7 @@ fn extract_with_config_reproduces_every_peft_adapter() {
             options.config = Some(fixture_config(&case, &name));
             let report = extract(&full_state_dict(&case), &options)
                 .unwrap_or_else(|e| panic!("{case}/{name}: {e}"));
-            assert_eq!(report.layout, Layout::PeftModel, "{case}");
+            assert_eq!(report.layout, StateDictLayout::PeftModel, "{case}");
             assert!(!report.inferred);
             assert_same_adapter(&case, &name, &out.path().join("adapter"));
             // peft writes the card into the root folder only.
@@ -553,7 +553,7 @@ fn burn_export_becomes_the_peft_adapter() {
     options.lora_alpha = Some(parse_lora_alpha("8").unwrap());
     options.model = base_info(case);
     let report = extract(&dir.path().join("burn/model.safetensors"), &options).unwrap();
-    assert_eq!(report.layout, Layout::Burn);
+    assert_eq!(report.layout, StateDictLayout::Burn);
     assert_same_adapter(case, "default", &dir.path().join("adapter"));
 }
 
@@ -629,7 +629,7 @@ fn extract_from_an_adapter_folder_re_saves_it() {
         options.adapter_name = Some(name.to_owned());
         let report = extract(&peft_adapter_dir(case, name), &options)
             .unwrap_or_else(|e| panic!("{case}/{name}: {e}"));
-        assert_eq!(report.layout, Layout::PeftAdapter);
+        assert_eq!(report.layout, StateDictLayout::PeftAdapter);
         assert_same_adapter(case, name, out.path());
     }
 }

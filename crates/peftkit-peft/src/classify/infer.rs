@@ -155,7 +155,7 @@ fn scan_modules(
             all_magnitude = false;
         }
         scan.lora_bias |= roles.contains_key("b_bias");
-        if roles.contains_key("a") && c.layout != Layout::Burn {
+        if roles.contains_key("a") && c.layout != StateDictLayout::Burn {
             if let Some(conv1d) = conv1d_kind(c, module, roles, base_weight)? {
                 scan.fan_in_fan_out |= conv1d;
             } else if conv1d_by_table(model.model_type(), module)? {
@@ -223,7 +223,7 @@ fn module_rank(
             ),
         ));
     }
-    if c.layout == Layout::PeftModel && base_weight.is_none() {
+    if c.layout == StateDictLayout::PeftModel && base_weight.is_none() {
         return Err(needs(
             adapter,
             "the targeted parameters",

@@ -17,7 +17,7 @@ use super::*;
 /// What kind of state dict was classified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Layout {
+pub enum StateDictLayout {
     /// `PeftModel.state_dict()`: adapter names inside the keys, wrapped base parameters under
     /// `base_layer`.
     PeftModel,
@@ -44,7 +44,7 @@ pub struct ClassifyOptions {
 #[derive(Debug, Clone)]
 pub struct ClassifiedStateDict {
     /// Which layout the input had.
-    pub layout: Layout,
+    pub layout: StateDictLayout,
     /// Base parameters under the names of the base checkpoint, in input order.
     pub base: StateDict,
     /// For each base name, the key it had in the input.
@@ -274,7 +274,7 @@ fn settle_methods(
 }
 
 /// The layout the key forms show; in-memory, on-disk and burn keys do not mix.
-fn detect_layout(kinds: &[(String, Tensor, KeyKind)]) -> Result<Layout, ClassifyError> {
+fn detect_layout(kinds: &[(String, Tensor, KeyKind)]) -> Result<StateDictLayout, ClassifyError> {
     let first_memory = kinds.iter().find_map(|(k, _, kind)| match kind {
         KeyKind::Spec(c) if c.adapter_name.is_some() => Some(k.clone()),
         _ => None,
@@ -294,8 +294,8 @@ fn detect_layout(kinds: &[(String, Tensor, KeyKind)]) -> Result<Layout, Classify
                 on_disk: disk.clone(),
             })
         }
-        (Some(_), None, _) => Layout::PeftModel,
-        (None, Some(_), false) => Layout::PeftAdapter,
+        (Some(_), None, _) => StateDictLayout::PeftModel,
+        (None, Some(_), false) => StateDictLayout::PeftAdapter,
         (None, Some((disk, t)), true) => {
             return Err(ClassifyError::MixedKeyForms {
                 origin: origin_of(t),
@@ -303,8 +303,8 @@ fn detect_layout(kinds: &[(String, Tensor, KeyKind)]) -> Result<Layout, Classify
                 on_disk: disk.clone(),
             })
         }
-        (None, None, true) => Layout::Burn,
-        (None, None, false) => Layout::Base,
+        (None, None, true) => StateDictLayout::Burn,
+        (None, None, false) => StateDictLayout::Base,
     })
 }
 
@@ -396,8 +396,8 @@ impl Builder<'_> {
     /// or a replacement tensor of an adapter file.
     fn add_other(&mut self, key: String, tensor: Tensor) -> Result<(), ClassifyError> {
         match self.out.layout {
-            Layout::PeftModel => self.add_peft_model_other(key, tensor),
-            Layout::PeftAdapter if key.starts_with(MODEL_PREFIX) => {
+            StateDictLayout::PeftModel => self.add_peft_model_other(key, tensor),
+            StateDictLayout::PeftAdapter if key.starts_with(MODEL_PREFIX) => {
                 let method = self.default_method();
                 let disk_name = self.disk_name.clone();
                 let base_key = clean_base_key(&key, false);
@@ -409,7 +409,7 @@ impl Builder<'_> {
                 self.adapter(&disk_name, &method).insert(key, entry)
             }
             layout => {
-                let clean = if layout == Layout::Burn {
+                let clean = if layout == StateDictLayout::Burn {
                     key.clone()
                 } else {
                     clean_base_key(&key, false)
@@ -570,7 +570,7 @@ impl ClassifiedStateDict {
         config: &AdapterConfig,
     ) -> Result<AdapterTensors, ClassifyError> {
         let mut out = self.adapter(Some(name))?.clone();
-        if self.layout != Layout::PeftModel {
+        if self.layout != StateDictLayout::PeftModel {
             return Ok(out);
         }
         let others: Vec<&String> = self.adapters.keys().filter(|n| *n != name).collect();

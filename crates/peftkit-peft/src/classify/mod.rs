@@ -1,7 +1,7 @@
 //! Classification of any state dict that may hold adapter parameters, and inference of the
 //! `adapter_config.json` peft would write for them (docs/formats.md, "PEFT adapters").
 //!
-//! Three input layouts are recognised (see [`Layout`]):
+//! Three input layouts are recognised (see [`StateDictLayout`]):
 //!
 //! * a **PEFT model state dict**, `PeftModel.state_dict()`: base parameters under
 //!   `base_model.model.` with wrapped modules' parameters under `<m>.base_layer.`, adapter
@@ -25,7 +25,7 @@
 //!
 //! ```
 //! use peftkit_checkpoint::{Dtype, StateDict, Tensor};
-//! use peftkit_peft::classify::{classify_state_dict, ClassifyOptions, Layout};
+//! use peftkit_peft::classify::{classify_state_dict, ClassifyOptions, StateDictLayout};
 //!
 //! let t = |shape: Vec<usize>| {
 //!     let n: usize = shape.iter().product();
@@ -37,7 +37,7 @@
 //! sd.insert("base_model.model.model.q_proj.lora_B.default.weight".into(), t(vec![8, 2]));
 //! sd.insert("base_model.model.lm_head.weight".into(), t(vec![16, 8]));
 //! let c = classify_state_dict(&sd, &ClassifyOptions::default()).unwrap();
-//! assert_eq!(c.layout, Layout::PeftModel);
+//! assert_eq!(c.layout, StateDictLayout::PeftModel);
 //! assert_eq!(c.base.keys().collect::<Vec<_>>(), ["model.q_proj.weight", "lm_head.weight"]);
 //! let a = &c.adapters["default"];
 //! assert_eq!(a.rank_of("model.q_proj"), Some(2));
@@ -68,7 +68,9 @@ pub use base::{BaseModelInfo, TaskTypeChoice};
 pub use check::check_config;
 pub use conv1d::conv1d_table;
 pub use infer::{infer_config, infer_lora_structure, InferOptions, Inferred, LoraStructure};
-pub use keys::{classify_state_dict, clean_base_key, ClassifiedStateDict, ClassifyOptions, Layout};
+pub use keys::{
+    classify_state_dict, clean_base_key, ClassifiedStateDict, ClassifyOptions, StateDictLayout,
+};
 pub use summary::{
     describe_tensor, summarize_adapters, summarize_classified, summarize_path, AdapterSummary,
     ScalingSummary,

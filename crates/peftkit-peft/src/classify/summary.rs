@@ -36,7 +36,7 @@ pub struct AdapterSummary {
     /// `peft_type`.
     pub method: String,
     /// Layout of the state dict it came from.
-    pub layout: Layout,
+    pub layout: StateDictLayout,
     /// Tensors written for it.
     pub tensors: usize,
     /// Bytes of those tensors.

@@ -167,7 +167,7 @@ fn burn_factors_are_transposed_lazily() {
         ("layers.0.q.weight.lora.b", &[2, 3]),
     ]);
     let c = classify(&state);
-    assert_eq!(c.layout, Layout::Burn);
+    assert_eq!(c.layout, StateDictLayout::Burn);
     assert_eq!(c.base.keys().collect::<Vec<_>>(), ["layers.0.q.weight"]);
     let a = &c.adapters["default"].entries["base_model.model.layers.0.q.lora_A.weight"];
     assert_eq!(a.tensor.shape(), [2, 3]);
@@ -222,7 +222,7 @@ fn an_adapter_is_read_with_one_method() {
         ("base_model.model.m.emb.lora_embedding_A", &[2, 8]),
     ]);
     let c = classify(&state);
-    assert_eq!(c.layout, Layout::PeftAdapter);
+    assert_eq!(c.layout, StateDictLayout::PeftAdapter);
     let a = &c.adapters["default"];
     assert_eq!(a.method, "ADALORA");
     assert_eq!(a.entries.len(), 4);
