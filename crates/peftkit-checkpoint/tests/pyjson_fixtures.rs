@@ -4,17 +4,10 @@
 
 use peftkit_checkpoint::{py_json_string, PyJsonStyle};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-const CASES: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../tests/fixtures/json/cases.json"
-);
-const CONFIGS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/configs");
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-}
+mod common;
+use common::{fixture_root, read_text};
 
 fn parse(name: &str, text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{name}: not JSON: {e}"))
@@ -31,7 +24,10 @@ struct Case {
 }
 
 fn load_cases() -> Vec<Case> {
-    let doc = parse("cases.json", &read(Path::new(CASES)));
+    let doc = parse(
+        "cases.json",
+        &read_text(&fixture_root("json").join("cases.json")),
+    );
     let Value::Array(items) = doc else {
         panic!("cases.json: expected a list")
     };
@@ -95,7 +91,9 @@ fn pyjson_json_cases_match_python() {
 /// Every `config.json` / `generation_config.json` under `tests/fixtures/configs/*/`, sorted.
 fn config_files() -> Vec<PathBuf> {
     let mut files = Vec::new();
-    let dirs = std::fs::read_dir(CONFIGS).unwrap_or_else(|e| panic!("reading {CONFIGS}: {e}"));
+    let root = fixture_root("configs");
+    let dirs =
+        std::fs::read_dir(&root).unwrap_or_else(|e| panic!("reading {}: {e}", root.display()));
     for dir in dirs {
         let dir = dir.expect("directory entry").path();
         for name in ["config.json", "generation_config.json"] {
@@ -118,11 +116,12 @@ fn pyjson_transformers_config_files_round_trip_byte_for_byte() {
         files
             .iter()
             .any(|f| f.file_name().is_some_and(|n| n == "config.json")),
-        "no config.json under {CONFIGS}"
+        "no config.json under {}",
+        fixture_root("configs").display()
     );
     let mut failures = Vec::new();
     for file in &files {
-        let text = read(file);
+        let text = read_text(file);
         let value = parse(&file.display().to_string(), &text);
         let style = if file.file_name().is_some_and(|n| n == "config.json") {
             PyJsonStyle::transformers_config()
@@ -150,8 +149,8 @@ fn pyjson_transformers_config_files_round_trip_byte_for_byte() {
 /// that plain string sorting would break; guard that the fixture still exercises it.
 #[test]
 fn pyjson_bert_multilabel_fixture_exercises_numeric_id2label() {
-    let path = Path::new(CONFIGS).join("bert_multilabel/config.json");
-    let text = read(&path);
+    let path = fixture_root("configs").join("bert_multilabel/config.json");
+    let text = read_text(&path);
     let nine = text.find("\"9\":").expect("id2label has key 9");
     let ten = text.find("\"10\":").expect("id2label has key 10");
     assert!(nine < ten, "fixture no longer has 9 before 10");

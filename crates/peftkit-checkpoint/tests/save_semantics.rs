@@ -3,8 +3,10 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::Path;
 use std::sync::Arc;
+
+mod common;
+use common::file_names;
 
 use peftkit_checkpoint::{save_pretrained, CheckpointError, Dtype, SaveOptions, StateDict, Tensor};
 
@@ -15,13 +17,6 @@ fn f32s(vals: &[f32]) -> Tensor {
         vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
     )
     .unwrap()
-}
-
-fn names(dir: &Path) -> BTreeSet<String> {
-    fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect()
 }
 
 fn sd(items: Vec<(&str, Tensor)>) -> StateDict {
@@ -195,10 +190,10 @@ fn stale_files_of_this_stem_are_replaced_and_other_variants_kept() {
     .map(String::from)
     .into();
     // The stale single model.safetensors is gone: it would shadow the new shards.
-    assert_eq!(names(&dir), expected);
+    assert_eq!(file_names(&dir), expected);
     // A single-file save then removes the now-stale index and shards.
     save_pretrained(&dir, &many(), &SaveOptions::default()).unwrap();
-    let names_now = names(&dir);
+    let names_now = file_names(&dir);
     assert!(names_now.contains("model.safetensors"));
     assert!(!names_now.contains("model.safetensors.index.json"));
     assert!(!names_now.iter().any(|n| n.starts_with("model-0000")));
@@ -221,7 +216,7 @@ fn a_failure_half_way_leaves_the_previous_checkpoint_intact() {
         },
     )
     .unwrap();
-    let before: Vec<(String, Vec<u8>)> = names(&dir)
+    let before: Vec<(String, Vec<u8>)> = file_names(&dir)
         .into_iter()
         .map(|n| (n.clone(), fs::read(dir.join(&n)).unwrap()))
         .collect();
@@ -241,13 +236,13 @@ fn a_failure_half_way_leaves_the_previous_checkpoint_intact() {
         err.to_string().contains("t9") && err.to_string().contains("disk on fire"),
         "{err}"
     );
-    let after: Vec<(String, Vec<u8>)> = names(&dir)
+    let after: Vec<(String, Vec<u8>)> = file_names(&dir)
         .into_iter()
         .map(|n| (n.clone(), fs::read(dir.join(&n)).unwrap()))
         .collect();
     assert_eq!(before, after);
     assert_eq!(
-        names(tmp.path()),
+        file_names(tmp.path()),
         ["ckpt".to_string()].into(),
         "staging folder left behind"
     );
@@ -306,8 +301,8 @@ fn non_durable_save_writes_the_same_files() {
         },
     )
     .unwrap();
-    assert_eq!(names(&a), names(&b));
-    for n in names(&a) {
+    assert_eq!(file_names(&a), file_names(&b));
+    for n in file_names(&a) {
         assert_eq!(
             fs::read(a.join(&n)).unwrap(),
             fs::read(b.join(&n)).unwrap(),
@@ -350,7 +345,7 @@ fn with_several_failures_the_report_does_not_depend_on_timing() {
             "{err}"
         );
         assert_eq!(
-            names(tmp.path()),
+            file_names(tmp.path()),
             BTreeSet::new(),
             "output or staging left behind"
         );

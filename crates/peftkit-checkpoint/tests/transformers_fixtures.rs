@@ -13,17 +13,16 @@ use peftkit_checkpoint::{
 };
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/checkpoint")
-}
+mod common;
+use common::{file_names, fixture_root, read_json};
 
 fn cases() -> Vec<(String, PathBuf, Value)> {
     let mut out = Vec::new();
-    for entry in fs::read_dir(fixtures()).expect("fixtures folder") {
+    for entry in fs::read_dir(fixture_root("checkpoint")).expect("fixtures folder") {
         let dir = entry.unwrap().path();
         let case = dir.join("case.json");
         if case.is_file() {
-            let v: Value = serde_json::from_slice(&fs::read(&case).unwrap()).unwrap();
+            let v = read_json(&case);
             out.push((
                 dir.file_name().unwrap().to_string_lossy().into_owned(),
                 dir,
@@ -40,16 +39,13 @@ fn cases() -> Vec<(String, PathBuf, Value)> {
     out
 }
 
-fn files(dir: &Path) -> BTreeSet<String> {
-    fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect()
-}
-
 fn assert_same_dir(case: &str, expected: &Path, actual: &Path) {
-    assert_eq!(files(expected), files(actual), "{case}: file names differ");
-    for name in files(expected) {
+    assert_eq!(
+        file_names(expected),
+        file_names(actual),
+        "{case}: file names differ"
+    );
+    for name in file_names(expected) {
         let (e, a) = (
             fs::read(expected.join(&name)).unwrap(),
             fs::read(actual.join(&name)).unwrap(),
@@ -161,7 +157,7 @@ fn natural_order_of_fixture_matches_case_order() {
 }
 
 #[test]
-fn saving_through_a_checkpoints_own_plan_reproduces_its_files() {
+fn saving_through_a_checkpoints_own_plan_reproduces_its_file_names() {
     use peftkit_checkpoint::{save_planned, SavePlan};
     for (name, dir, case) in cases() {
         let expected = dir.join("expected");
@@ -175,17 +171,17 @@ fn saving_through_a_checkpoints_own_plan_reproduces_its_files() {
             ..Default::default()
         };
         save_planned(&target, &ck.state_dict(), &plan, &opts, &mut |_| {}).unwrap();
-        for f in files(&target) {
+        for f in file_names(&target) {
             assert_eq!(
                 fs::read(expected.join(&f)).unwrap(),
                 fs::read(target.join(&f)).unwrap(),
                 "{name}: {f}"
             );
         }
-        let weights: BTreeSet<String> = files(&expected)
+        let weights: BTreeSet<String> = file_names(&expected)
             .into_iter()
             .filter(|f| f.ends_with(".safetensors") || f.contains(".index"))
             .collect();
-        assert_eq!(files(&target), weights, "{name}");
+        assert_eq!(file_names(&target), weights, "{name}");
     }
 }

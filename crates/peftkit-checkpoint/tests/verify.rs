@@ -4,16 +4,17 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+mod common;
+use common::fixture_root;
+
 use peftkit_checkpoint::verify;
 use peftkit_checkpoint::{Checkpoint, WeightsKind};
 
 const SHARDED: &str = "llama_tied_5KB";
 
+/// The checkpoint transformers wrote for `case`.
 fn fixture(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/checkpoint")
-        .join(case)
-        .join("expected")
+    fixture_root("checkpoint").join(case).join("expected")
 }
 
 /// A writable copy of a fixture checkpoint.

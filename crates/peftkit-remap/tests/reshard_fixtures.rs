@@ -11,54 +11,8 @@ use peftkit_checkpoint::{parse_size, Checkpoint, SaveOptions};
 use peftkit_remap::{reshard, Registry, ReshardOptions};
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn read_json(path: &Path) -> Value {
-    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
-}
-
-/// Every file of `dir`, by name.
-fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect()
-}
-
-/// The first difference between two folders, if any.
-fn dir_difference(got: &Path, want: &Path) -> Option<String> {
-    let (g, w) = (files(got), files(want));
-    if g.keys().ne(w.keys()) {
-        return Some(format!(
-            "file names {:?} vs {:?}",
-            g.keys().collect::<Vec<_>>(),
-            w.keys().collect::<Vec<_>>()
-        ));
-    }
-    w.iter()
-        .find(|(name, bytes)| &&g[*name] != bytes)
-        .map(|(name, bytes)| {
-            format!(
-                "{name} differs ({} vs {} bytes)",
-                g[name].len(),
-                bytes.len()
-            )
-        })
-}
-
-fn assert_same_dir(what: &str, got: &Path, want: &Path) {
-    if let Some(diff) = dir_difference(got, want) {
-        panic!("{what}: {diff}");
-    }
-}
+mod common;
+use common::{assert_same_dir, dir_difference, fixture_root, read_json};
 
 fn size(v: &Value) -> u64 {
     match v {
@@ -85,7 +39,7 @@ fn resharded(src: &Path, max_shard_size: u64, variant: Option<&str>) -> tempfile
 
 /// `(case, case folder, case.json)` of tests/fixtures/reshard.
 fn reshard_cases() -> Vec<(String, PathBuf, Value)> {
-    let root = fixtures().join("reshard");
+    let root = fixture_root("reshard");
     let mut out: Vec<(String, PathBuf, Value)> = std::fs::read_dir(&root)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -203,7 +157,7 @@ fn the_plan_is_the_fused_models_order_and_storage_groups() {
 #[test]
 fn reshard_reproduces_the_remap_fixtures_resaves() {
     for case in ["mixtral", "qwen2_moe"] {
-        let dir = fixtures().join("remap").join(case);
+        let dir = fixture_root("remap").join(case);
         for s in ["2KB", "5KB", "20KB"] {
             let want = dir.join(format!("original_{s}"));
             for src in ["original", "original_2KB", "original_20KB"] {
@@ -228,7 +182,7 @@ fn reshard_reproduces_the_remap_fixtures_resaves() {
 /// `from_pretrained` and re-saved: natural order of the names, variants.
 #[test]
 fn reshard_of_models_without_a_table_is_transformers_resave() {
-    let root = fixtures().join("checkpoint");
+    let root = fixture_root("checkpoint");
     let mut checked = 0;
     for entry in std::fs::read_dir(&root).unwrap() {
         let dir = entry.unwrap().path();

@@ -2,7 +2,7 @@
 //! (tests/fixtures/remap/, made by tests/interop/fixturegen/remap_cases.py).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use peftkit_checkpoint::{parse_size, Checkpoint, SaveOptions, StateDict};
 use peftkit_remap::{
@@ -10,6 +10,9 @@ use peftkit_remap::{
     TensorLayout,
 };
 use serde_json::Value;
+
+mod common;
+use common::{assert_same_dir, fixture_root, read_json};
 
 const CASES: &[&str] = &[
     "mixtral",
@@ -23,14 +26,11 @@ const SHARDED: &[&str] = &["mixtral", "qwen2_moe"];
 const SIZES: &[&str] = &["2KB", "5KB", "20KB"];
 
 fn case_dir(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/remap")
-        .join(case)
+    fixture_root("remap").join(case)
 }
 
 fn case_json(case: &str) -> Value {
-    let text = std::fs::read_to_string(case_dir(case).join("case.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
+    read_json(&case_dir(case).join("case.json"))
 }
 
 fn strings(v: &Value) -> Vec<String> {
@@ -44,39 +44,6 @@ fn strings(v: &Value) -> Vec<String> {
 fn mapping(case: &str) -> Mapping {
     let mt = case_json(case)["model_type"].as_str().unwrap().to_owned();
     Registry::builtin().unwrap().mapping(&mt).unwrap()
-}
-
-/// Every file of `dir`, by name.
-fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                e.file_name().to_string_lossy().into_owned(),
-                std::fs::read(e.path()).unwrap(),
-            )
-        })
-        .collect()
-}
-
-fn assert_same_dir(got: &Path, want: &Path) {
-    let (g, w) = (files(got), files(want));
-    assert_eq!(
-        g.keys().collect::<Vec<_>>(),
-        w.keys().collect::<Vec<_>>(),
-        "file names of {} vs {}",
-        got.display(),
-        want.display()
-    );
-    for (name, bytes) in &w {
-        assert!(
-            &g[name] == bytes,
-            "{} differs from {}",
-            got.join(name).display(),
-            want.join(name).display()
-        );
-    }
 }
 
 /// Same tensor names, shapes, dtypes and bytes (order not compared).
@@ -209,7 +176,7 @@ fn sharded_save_original_format_is_byte_identical_to_transformers() {
                     ..SaveOptions::default()
                 };
                 save_pretrained_original(&out, &v5, &options, &m, &revert).unwrap();
-                assert_same_dir(&out, &want);
+                assert_same_dir(case, &out, &want);
             }
         }
         // And with the default size: one file, as original/.
@@ -219,7 +186,7 @@ fn sharded_save_original_format_is_byte_identical_to_transformers() {
             ..SaveOptions::default()
         };
         save_pretrained_original(tmp.path(), &v5, &options, &m, &Revert::FromConfig).unwrap();
-        assert_same_dir(tmp.path(), &case_dir(case).join("original"));
+        assert_same_dir(case, tmp.path(), &case_dir(case).join("original"));
     }
 }
 
@@ -316,7 +283,7 @@ fn remap_to_v5_equals_transformers_v5_save() {
         assert!(!report.rules_applied.is_empty(), "{case}");
         // A single file: safetensors orders the header by dtype then name, so the tensor
         // order of the save does not show; every byte must match.
-        assert_same_dir(&out, &case_dir(case).join("v5"));
+        assert_same_dir(case, &out, &case_dir(case).join("v5"));
     }
 }
 
@@ -340,7 +307,7 @@ fn remap_to_v5_sharded_equals_transformers_resave_of_a_v5_checkpoint() {
             &options,
         )
         .unwrap();
-        assert_same_dir(&out, &case_dir(case).join("v5_resaved_2KB"));
+        assert_same_dir(case, &out, &case_dir(case).join("v5_resaved_2KB"));
     }
 }
 
@@ -368,7 +335,7 @@ fn remap_to_original_equals_transformers_original_save() {
             &options,
         )
         .unwrap();
-        assert_same_dir(&out, &case_dir(case).join("original"));
+        assert_same_dir(case, &out, &case_dir(case).join("original"));
     }
 }
 
