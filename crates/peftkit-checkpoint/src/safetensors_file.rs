@@ -420,54 +420,12 @@ pub(crate) fn write_files(
     on_bytes: &mut dyn FnMut(u64),
     on_file: &mut dyn FnMut(usize, u64, File),
 ) -> Result<()> {
-    let mut prepared = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        let ordered = file_order(job.tensors);
-        for w in ordered.windows(2) {
-            if w[0].0 == w[1].0 {
-                return Err(CheckpointError::DuplicateTensor(w[0].0.to_owned()));
-            }
-        }
-        let header = header_bytes(metadata, &ordered)?;
-        let path = job.path;
-        let file = File::create(&path).map_err(|e| CheckpointError::io(&path, e))?;
-        write_all_at(&file, &header, 0).map_err(|e| CheckpointError::io(&path, e))?;
-        let mut size = header.len() as u64;
-        let mut items = Vec::with_capacity(ordered.len());
-        for (name, t) in ordered {
-            items.push((name, t, size));
-            size += t.byte_len() as u64;
-        }
-        prepared.push(Prepared {
-            path,
-            file,
-            size,
-            items,
-        });
-    }
+    let prepared = prepare_files(jobs, metadata)?;
     let workers = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
         .clamp(2, 4)
         .min(prepared.iter().map(|p| p.items.len()).sum::<usize>().max(1));
-    // The global work list: (file index, item index). Files are taken in groups of `workers`,
-    // round-robin inside a group, so that workers mostly write different files: two writes to
-    // one file serialise on its inode lock (and spin on it). Groups keep early files finishing
-    // early, so their syncs overlap the writing of later ones.
-    let mut work: Vec<(usize, usize)> = Vec::new();
-    for group in (0..prepared.len()).collect::<Vec<_>>().chunks(workers) {
-        let longest = group
-            .iter()
-            .map(|&f| prepared[f].items.len())
-            .max()
-            .unwrap_or(0);
-        for i in 0..longest {
-            for &f in group {
-                if i < prepared[f].items.len() {
-                    work.push((f, i));
-                }
-            }
-        }
-    }
+    let work = work_list(&prepared, workers);
     let left: Vec<AtomicUsize> = prepared
         .iter()
         .map(|p| AtomicUsize::new(p.items.len()))
@@ -551,6 +509,64 @@ pub(crate) fn write_files(
         }
     }
     Ok(())
+}
+
+/// Creates every file of `jobs` with its header written, and places each tensor at its offset
+/// (in file order).
+fn prepare_files<'a>(
+    jobs: Vec<FileJob<'a>>,
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<Prepared<'a>>> {
+    let mut prepared = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let ordered = file_order(job.tensors);
+        for w in ordered.windows(2) {
+            if w[0].0 == w[1].0 {
+                return Err(CheckpointError::DuplicateTensor(w[0].0.to_owned()));
+            }
+        }
+        let header = header_bytes(metadata, &ordered)?;
+        let path = job.path;
+        let file = File::create(&path).map_err(|e| CheckpointError::io(&path, e))?;
+        write_all_at(&file, &header, 0).map_err(|e| CheckpointError::io(&path, e))?;
+        let mut size = header.len() as u64;
+        let mut items = Vec::with_capacity(ordered.len());
+        for (name, t) in ordered {
+            items.push((name, t, size));
+            size += t.byte_len() as u64;
+        }
+        prepared.push(Prepared {
+            path,
+            file,
+            size,
+            items,
+        });
+    }
+    Ok(prepared)
+}
+
+/// The global work list of [`write_files`]: `(file index, item index)`.
+///
+/// Files are taken in groups of `workers`, round-robin inside a group, so that workers mostly
+/// write different files: two writes to one file serialise on its inode lock (and spin on it).
+/// Groups keep early files finishing early, so their syncs overlap the writing of later ones.
+fn work_list(prepared: &[Prepared<'_>], workers: usize) -> Vec<(usize, usize)> {
+    let mut work: Vec<(usize, usize)> = Vec::new();
+    for group in (0..prepared.len()).collect::<Vec<_>>().chunks(workers) {
+        let longest = group
+            .iter()
+            .map(|&f| prepared[f].items.len())
+            .max()
+            .unwrap_or(0);
+        for i in 0..longest {
+            for &f in group {
+                if i < prepared[f].items.len() {
+                    work.push((f, i));
+                }
+            }
+        }
+    }
+    work
 }
 
 /// Writes one tensor's bytes at `offset` of `file`; returns how many.
