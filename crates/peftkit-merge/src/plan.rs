@@ -85,7 +85,7 @@ pub(crate) fn scale_of(
     adapter: &Adapter,
 ) -> Result<f32, MergeError> {
     lora_scaling(alpha, r, rslora, weight)
-        .map_err(|e| unsupported(adapter, UnsupportedMerge::Scaling(e)))
+        .map_err(|e| unsupported(adapter, UnsupportedMerge::Scaling(e.into())))
 }
 
 /// The adapter tensor key of `role` in a module's tensors (for messages).

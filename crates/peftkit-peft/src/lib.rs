@@ -28,8 +28,11 @@ pub mod extract;
 pub mod legacy_moe;
 pub mod py;
 pub mod save;
+mod scaling;
 pub mod spec;
 pub mod targeting;
+
+pub use scaling::{lora_scaling, ZeroRank};
 
 /// The old name of [`legacy_moe`], kept so that `peftkit_peft::convert::…` paths still compile.
 pub mod convert {
