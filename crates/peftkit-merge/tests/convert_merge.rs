@@ -1,5 +1,5 @@
 //! Legacy (transformers v4, per-expert) MoE LoRA adapters, converted to the fused v5 layout by
-//! `peftkit_peft::convert`, then merged (`tests/fixtures/convert/<case>/`, made by
+//! `peftkit_peft::convert_legacy_adapter_dir`, then merged (`tests/fixtures/convert/<case>/`, made by
 //! `tests/interop/fixturegen/convert_cases.py`):
 //!
 //! * merging the converted adapter into the per-expert base is bit for bit peft's
@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use peftkit_checkpoint::{Checkpoint, Dtype, Tensor};
 use peftkit_merge::{merge, AdapterInput, MergeJob};
-use peftkit_peft::convert::convert_legacy_adapter_dir;
+use peftkit_peft::convert_legacy_adapter_dir;
 use serde_json::Value;
 
 /// The cases merged bit for bit. `mixtral_mixed` (bare parameter names next to the router's

@@ -16,10 +16,6 @@ use peftkit_checkpoint::{Checkpoint, CheckpointError, Tensor, WeightsKind};
 use crate::config::{AdapterConfig, ConfigError, ConfigWarning, CONFIG_NAME};
 use crate::spec::{RuleScope, Spec};
 
-/// The adapter config file name: [`CONFIG_NAME`] under its old
-/// name here.
-pub use crate::config::CONFIG_NAME as ADAPTER_CONFIG_NAME;
-
 /// Errors loading an adapter.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -12,9 +12,9 @@
 //!
 //! ```
 //! use peftkit_checkpoint::{Dtype, StateDict, Tensor};
-//! use peftkit_peft::classify::AdapterTensors;
-//! use peftkit_peft::config::AdapterConfig;
-//! use peftkit_peft::save::{save_adapter, AdapterSaveOptions};
+//! use peftkit_peft::AdapterTensors;
+//! use peftkit_peft::AdapterConfig;
+//! use peftkit_peft::{save_adapter, AdapterSaveOptions};
 //!
 //! let t = |shape: Vec<usize>| {
 //!     let n: usize = shape.iter().product();
@@ -50,7 +50,7 @@ use crate::classify::{
 };
 use crate::config::{AdapterConfig, CONFIG_NAME, LORA, PEFT_VERSION};
 
-pub use crate::embedded::MODEL_CARD_TEMPLATE;
+use crate::embedded::MODEL_CARD_TEMPLATE;
 
 /// File name of the model card.
 pub const MODEL_CARD_NAME: &str = "README.md";

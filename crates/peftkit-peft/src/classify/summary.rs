@@ -7,9 +7,10 @@ use peftkit_checkpoint::tensor::dtype_name;
 use peftkit_checkpoint::{Checkpoint, CheckpointError, StateDict, Tensor, WeightsKind};
 use serde::Serialize;
 
-use crate::config::{AdapterConfig, TargetModules, CONFIG_NAME, LORA};
+use crate::config::{AdapterConfig, CONFIG_NAME, LORA};
 use crate::scaling::lora_scaling;
 use crate::targeting::PatternResolver;
+use crate::targeting::TargetModules;
 
 use super::*;
 

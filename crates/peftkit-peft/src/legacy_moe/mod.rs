@@ -41,7 +41,7 @@
 //!
 //! ```no_run
 //! use std::path::Path;
-//! use peftkit_peft::legacy_moe::convert_legacy_adapter_dir;
+//! use peftkit_peft::convert_legacy_adapter_dir;
 //!
 //! let report = convert_legacy_adapter_dir(
 //!     Path::new("mixtral-lora-v4"),
@@ -64,7 +64,7 @@ use crate::adapter::{Adapter, AdapterError};
 use crate::config::AdapterConfig;
 use crate::config::CONFIG_NAME;
 
-pub use crate::embedded::LEGACY_MOE_ADAPTERS_JSON;
+use crate::embedded::LEGACY_MOE_ADAPTERS_JSON;
 
 mod config;
 mod dir;

@@ -6,8 +6,8 @@
 //! [`PyRegex`].
 //!
 //! ```
-//! use peftkit_peft::config::LoraConfig;
-//! use peftkit_peft::targeting::{self, TargetMatcher};
+//! use peftkit_peft::LoraConfig;
+//! use peftkit_peft::TargetMatcher;
 //!
 //! let config = LoraConfig::from_json_str(
 //!     r#"{"peft_type": "LORA", "r": 8, "lora_alpha": 16,
@@ -433,7 +433,7 @@ fn suffixes_shortest_first(name: &str) -> Vec<&str> {
 /// returned unchanged. peft returns a Python `set`; a sorted set is returned here.
 ///
 /// ```
-/// use peftkit_peft::targeting::minimal_target_suffixes;
+/// use peftkit_peft::minimal_target_suffixes;
 /// let targets: Vec<String> = (0..3)
 ///     .flat_map(|i| ["q_proj", "v_proj"].map(|p| format!("model.layers.{i}.self_attn.{p}")))
 ///     .collect();
