@@ -128,6 +128,9 @@ pub struct AdapterSaveOptions {
     /// guessed from the config (a `task_type`, a transformers `auto_mapping` or a base model
     /// name).
     pub transformers_model: Option<bool>,
+    /// Other files (name, bytes) written into the adapter's folder by the same atomic save:
+    /// a converted adapter's tokenizer files and model card. Default none.
+    pub extra_files: Vec<(String, Vec<u8>)>,
 }
 
 impl Default for AdapterSaveOptions {
@@ -139,6 +142,7 @@ impl Default for AdapterSaveOptions {
             base_model_name_or_path: None,
             write_model_card: true,
             transformers_model: None,
+            extra_files: Vec::new(),
         }
     }
 }
@@ -319,6 +323,7 @@ pub fn save_adapter(
     let config = config_to_write(config, options);
     let state = tensors.to_state_dict(options.save_peft_format);
     let mut extra = vec![(CONFIG_NAME.to_owned(), config.to_json_string().into_bytes())];
+    extra.extend(options.extra_files.iter().cloned());
     // peft writes the card into the save directory (the root, for a named adapter) and only
     // from the main process; an existing card is left as it is.
     let card_path = dir.join(MODEL_CARD_NAME);
