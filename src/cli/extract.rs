@@ -42,7 +42,7 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(args: Args) -> Result<ExitCode> {
-    use peft::extract::{extract, parse_lora_alpha, ExtractOptions};
+    use peft::{extract, parse_lora_alpha, ExtractOptions};
     let Args {
         from,
         out,
@@ -63,7 +63,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         o.lora_alpha = Some(parse_lora_alpha(a)?);
     }
     if let Some(p) = &config {
-        let (c, warnings) = peft::config::AdapterConfig::from_file(p)?;
+        let (c, warnings) = peft::AdapterConfig::from_file(p)?;
         for w in warnings {
             eprintln!("warning: {}: {w}", p.display());
         }
@@ -73,7 +73,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         o.model.name_or_path = base_model;
     }
     if let Some(t) = task_type {
-        o.model.task_type = peft::classify::TaskTypeChoice::Given(t);
+        o.model.task_type = peft::TaskTypeChoice::Given(t);
     }
     if let Some(p) = &base_config {
         o.model.config = Some(ckpt::ModelConfig::read(p)?);

@@ -32,9 +32,9 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
     // summarize_path opens the path again without the variant, which finds no weights
     // in a folder holding only model.VARIANT.safetensors: use what was opened.
     let adapters = if variant.is_some() && guess_kind(&path) == WeightsKind::Model {
-        peft::classify::summarize_adapters(&ckpt.state_dict(), None)?
+        peft::summarize_adapters(&ckpt.state_dict(), None)?
     } else {
-        peft::classify::summarize_path(&path)?
+        peft::summarize_path(&path)?
     };
     if json {
         let mut v = serde_json::to_value(&summary)?;
@@ -84,7 +84,7 @@ fn print_summary(s: &CheckpointSummary) {
     );
 }
 
-fn print_adapter(a: &peft::classify::AdapterSummary) {
+fn print_adapter(a: &peft::AdapterSummary) {
     let ranks: Vec<String> = a.ranks.iter().map(|(r, n)| format!("r={r} x{n}")).collect();
     println!(
         "adapter `{}`: {} ({:?}), {} modules, {}{}{}",

@@ -108,9 +108,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
 /// An adapter folder: peft saves adapters in the v5 layout only, so the one conversion is a
 /// legacy per-expert adapter fused as peft fuses it on load.
 fn legacy_adapter(args: &Args) -> Result<ExitCode> {
-    use peft::convert::{
-        convert_legacy_adapter_dir_with, model_type_from_base, ConvertOptions, Untargeted,
-    };
+    use peft::{convert_legacy_adapter_dir_with, model_type_from_base, ConvertOptions, Untargeted};
     let Args {
         dir,
         out,

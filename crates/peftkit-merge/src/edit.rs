@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use peftkit_checkpoint::{CheckpointError, Dtype, Tensor};
-use peftkit_peft::adapter::AdapterModule;
+use peftkit_peft::AdapterModule;
 
 use crate::kernels::{
     decode_f32, dora, encode_f32, lora, methods, BaseTensorMut, F32Tensor, MergeMathError,

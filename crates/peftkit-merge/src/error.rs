@@ -3,8 +3,7 @@
 use std::path::PathBuf;
 
 use peftkit_checkpoint::CheckpointError;
-use peftkit_peft::adapter::AdapterError;
-use peftkit_peft::targeting::TargetingError;
+use peftkit_peft::{AdapterError, TargetingError};
 
 use crate::kernels::{refusal_reason, MergeMathError, UnknownOrder};
 

@@ -45,9 +45,11 @@ pub use error::MergeMathError;
 pub use exact::{refusal, refusal_reason, Numerics, ParseNumericsError};
 pub use gemm::lowrank_product;
 pub use lora::{
-    conv_delta, embedding_delta, experts_delta, linear_delta, lora_scaling, merge_conv,
-    merge_embedding, merge_experts, merge_linear, merge_lora_bias, ExpertLayout, MergeOptions,
+    conv_delta, embedding_delta, experts_delta, linear_delta, merge_conv, merge_embedding,
+    merge_experts, merge_linear, merge_lora_bias, ExpertLayout, MergeOptions,
 };
+// The scale lives with the adapter rules in peftkit-peft (one home for planners, kernels and
+// summaries); it stays reachable here under the name merge users know.
 pub use methods::{
     add_delta, loha_delta, lokr_delta, merge_ia3_bias, merge_ia3_weight, merge_loha, merge_lokr,
     replace_rows, LokrFactor,
@@ -56,3 +58,4 @@ pub use order::{
     host_order, reduction_order, set_reduction_order, Blocking, Halves, HostOrder, ReductionOrder,
     UnknownOrder, UNVERIFIED_BOUND_ULP,
 };
+pub use peftkit_peft::lora_scaling;

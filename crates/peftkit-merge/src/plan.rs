@@ -15,8 +15,7 @@ use std::sync::Arc;
 
 use indexmap::IndexMap;
 use peftkit_checkpoint::{Checkpoint, Dtype, ModelConfig, StateDict, Tensor};
-use peftkit_peft::adapter::Adapter;
-use peftkit_peft::config::AdapterConfig;
+use peftkit_peft::{Adapter, AdapterConfig};
 
 use crate::edit::{Edit, Step};
 use crate::error::{MergeError, UnsupportedMerge};
@@ -85,11 +84,11 @@ pub(crate) fn scale_of(
     adapter: &Adapter,
 ) -> Result<f32, MergeError> {
     lora_scaling(alpha, r, rslora, weight)
-        .map_err(|e| unsupported(adapter, UnsupportedMerge::Scaling(e)))
+        .map_err(|e| unsupported(adapter, UnsupportedMerge::Scaling(e.into())))
 }
 
 /// The adapter tensor key of `role` in a module's tensors (for messages).
-pub(crate) fn key_of(module: &peftkit_peft::adapter::AdapterModule, role: &str) -> String {
+pub(crate) fn key_of(module: &peftkit_peft::AdapterModule, role: &str) -> String {
     module
         .tensors
         .get(role)

@@ -18,7 +18,7 @@ use peftkit_checkpoint::companion_files;
 use peftkit_checkpoint::{
     plan_save, save_planned, Checkpoint, ModelConfig, SaveOptions, SavePlan, StateDict, Tensor,
 };
-use peftkit_peft::adapter::Adapter;
+use peftkit_peft::Adapter;
 
 use crate::edit::Edit;
 use crate::error::MergeError;

@@ -1,5 +1,5 @@
 //! Legacy (transformers v4, per-expert) MoE LoRA adapters, converted to the fused v5 layout by
-//! `peftkit_peft::convert`, then merged (`tests/fixtures/convert/<case>/`, made by
+//! `peftkit_peft::convert_legacy_adapter_dir`, then merged (`tests/fixtures/convert/<case>/`, made by
 //! `tests/interop/fixturegen/convert_cases.py`):
 //!
 //! * merging the converted adapter into the per-expert base is bit for bit peft's
@@ -7,24 +7,21 @@
 //!   tensors) agrees to rounding;
 //! * bare parameter names next to a router parameter are matched by shape.
 
-use std::fs;
-use std::path::{Path, PathBuf};
+mod common;
 
+use std::fs;
+use std::path::Path;
+
+use common::convert_case as case_dir;
 use peftkit_checkpoint::{Checkpoint, Dtype, Tensor};
 use peftkit_merge::{merge, AdapterInput, MergeJob};
-use peftkit_peft::convert::convert_legacy_adapter_dir;
+use peftkit_peft::convert_legacy_adapter_dir;
 use serde_json::Value;
 
 /// The cases merged bit for bit. `mixtral_mixed` (bare parameter names next to the router's
 /// `gate.weight`) has 8-wide experts, where torch's matmul rounds without FMA; it is checked
 /// to rounding in `mixed_parameter_targets_merge_to_rounding`.
 const MERGE_CASES: &[&str] = &["mixtral", "qwen3_moe"];
-
-fn case_dir(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/convert")
-        .join(case)
-}
 
 fn model_type(case: &str) -> String {
     let text = fs::read_to_string(case_dir(case).join("case.json")).unwrap();

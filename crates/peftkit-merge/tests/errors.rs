@@ -1,19 +1,16 @@
 //! Errors keep their type on the way out of a merge: a kernel's `MergeMathError` raised while
 //! the output is written, and the refusals of the plan, `UnsupportedMerge`.
 
+mod common;
+
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use common::peft_case as case_dir;
 use peftkit_checkpoint::{save_pretrained, Checkpoint, Dtype, SaveOptions, Tensor, WeightsKind};
 use peftkit_merge::{merge, AdapterInput, MergeError, MergeJob, MergeMathError, UnsupportedMerge};
-
-fn case_dir(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/peft")
-        .join(case)
-}
 
 /// `lora_basic`'s adapter with an infinity in the first element of q_proj's `lora_B`.
 fn broken_adapter(dir: &Path) {

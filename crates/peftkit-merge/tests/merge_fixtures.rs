@@ -1,19 +1,16 @@
 //! Merges compared bit for bit with peft 0.21.2's `merge_and_unload()` + transformers'
 //! `save_pretrained` (tests/fixtures/peft/<case>/merged, made by the real libraries).
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use common::peft_case as case_dir;
 use peftkit_checkpoint::dtype_name;
 use peftkit_checkpoint::Checkpoint;
 use peftkit_merge::{merge, AdapterInput, MergeError, MergeJob};
-
-fn case_dir(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/peft")
-        .join(case)
-}
 
 fn job(case: &str, out: &Path) -> MergeJob {
     let dir = case_dir(case);

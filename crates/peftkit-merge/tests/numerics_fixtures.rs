@@ -19,6 +19,8 @@
 //! that moves one element by one ulp must fail). Run with `--nocapture` to see the per-case
 //! table.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -40,7 +42,7 @@ use serde_json::Value;
 fn fixtures_dir() -> PathBuf {
     match std::env::var_os("PEFTKIT_NUMERICS_DIR") {
         Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/numerics"),
+        None => common::fixture_root("numerics"),
     }
 }
 

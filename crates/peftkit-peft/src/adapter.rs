@@ -13,12 +13,8 @@ use std::path::{Path, PathBuf};
 use indexmap::IndexMap;
 use peftkit_checkpoint::{Checkpoint, CheckpointError, Tensor, WeightsKind};
 
-use crate::config::{AdapterConfig, ConfigError, ConfigWarning};
+use crate::config::{AdapterConfig, ConfigError, ConfigWarning, ADAPTER_CONFIG_NAME};
 use crate::spec::{RuleScope, Spec};
-
-/// The adapter config file name (defined in [`crate::config`]), re-exported beside the loader
-/// that reads it.
-pub use crate::config::ADAPTER_CONFIG_NAME;
 
 /// Errors loading an adapter.
 #[derive(Debug, thiserror::Error)]

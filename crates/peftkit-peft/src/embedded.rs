@@ -1,5 +1,5 @@
 //! The adapters-spec files this crate reads (from the `peftkit-adapters-spec` data crate), in
-//! one place. Each module re-exports the constant it reads, under its old path.
+//! one place, re-exported at the crate root.
 
 /// `adapters-spec/methods.json` as embedded at build time.
 pub const EMBEDDED_METHODS_JSON: &str = peftkit_adapters_spec::METHODS_JSON;

@@ -10,11 +10,11 @@
 //!
 //! ```
 //! use peftkit_checkpoint::{Dtype, SaveOptions, StateDict, Tensor};
-//! use peftkit_peft::adapter::Adapter;
-//! use peftkit_peft::classify::{classify_state_dict, infer_config, ClassifyOptions, InferOptions};
-//! use peftkit_peft::config::TargetModules;
-//! use peftkit_peft::extract::{extract, parse_lora_alpha, ExtractOptions};
-//! use peftkit_peft::save::{save_adapter, AdapterSaveOptions};
+//! use peftkit_peft::Adapter;
+//! use peftkit_peft::{classify_state_dict, infer_config, ClassifyOptions, InferOptions};
+//! use peftkit_peft::TargetModules;
+//! use peftkit_peft::{extract, parse_lora_alpha, ExtractOptions};
+//! use peftkit_peft::{save_adapter, AdapterSaveOptions};
 //!
 //! // A training loop's state: base weights and LoRA factors under peft's on-disk names.
 //! let zeros = |shape: Vec<usize>| {

@@ -6,7 +6,7 @@
 //! `regex` crate lacks (look-around, back-references), so configs written for peft keep working.
 //!
 //! ```
-//! use peftkit_peft::py::{name_matches_suffix, re_escape, PyRegex};
+//! use peftkit_peft::{name_matches_suffix, re_escape, PyRegex};
 //!
 //! let re = PyRegex::fullmatch(r"q_proj|v_proj").unwrap();
 //! assert!(re.is_match("v_proj").unwrap());

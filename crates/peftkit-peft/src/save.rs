@@ -12,9 +12,9 @@
 //!
 //! ```
 //! use peftkit_checkpoint::{Dtype, StateDict, Tensor};
-//! use peftkit_peft::classify::AdapterTensors;
-//! use peftkit_peft::config::AdapterConfig;
-//! use peftkit_peft::save::{save_adapter, AdapterSaveOptions};
+//! use peftkit_peft::AdapterTensors;
+//! use peftkit_peft::AdapterConfig;
+//! use peftkit_peft::{save_adapter, AdapterSaveOptions};
 //!
 //! let t = |shape: Vec<usize>| {
 //!     let n: usize = shape.iter().product();
@@ -50,7 +50,7 @@ use crate::classify::{
 };
 use crate::config::{AdapterConfig, ADAPTER_CONFIG_NAME, LORA, PEFT_VERSION};
 
-pub use crate::embedded::MODEL_CARD_TEMPLATE;
+use crate::embedded::MODEL_CARD_TEMPLATE;
 
 /// File name of the model card.
 pub const MODEL_CARD_NAME: &str = "README.md";
@@ -128,6 +128,9 @@ pub struct AdapterSaveOptions {
     /// guessed from the config (a `task_type`, a transformers `auto_mapping` or a base model
     /// name).
     pub transformers_model: Option<bool>,
+    /// Other files (name, bytes) written into the adapter's folder by the same atomic save:
+    /// a converted adapter's tokenizer files and model card. Default none.
+    pub extra_files: Vec<(String, Vec<u8>)>,
 }
 
 impl Default for AdapterSaveOptions {
@@ -139,6 +142,7 @@ impl Default for AdapterSaveOptions {
             base_model_name_or_path: None,
             write_model_card: true,
             transformers_model: None,
+            extra_files: Vec::new(),
         }
     }
 }
@@ -322,6 +326,7 @@ pub fn save_adapter(
         ADAPTER_CONFIG_NAME.to_owned(),
         config.to_json_string().into_bytes(),
     )];
+    extra.extend(options.extra_files.iter().cloned());
     // peft writes the card into the save directory (the root, for a named adapter) and only
     // from the main process; an existing card is left as it is.
     let card_path = dir.join(MODEL_CARD_NAME);

@@ -13,9 +13,10 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use peftkit_peft::config::{AdapterConfig, SetOrder, TargetModules, WriteOptions};
-use peftkit_peft::spec::{AdapterNamePlacement, Spec};
-use peftkit_peft::targeting::{compress_target_modules, PatternResolver, TargetMatcher};
+use peftkit_peft::{
+    compress_target_modules, AdapterConfig, AdapterNamePlacement, PatternResolver, SetOrder, Spec,
+    TargetMatcher, TargetModules, WriteOptions,
+};
 use serde_json::Value;
 
 mod common;

@@ -12,9 +12,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use peftkit_checkpoint::{Checkpoint, Dtype, SaveOptions, StateDict, Tensor, WeightsKind};
-use peftkit_peft::adapter::Adapter;
-use peftkit_peft::legacy_moe::{
-    convert_legacy_adapter_dir, convert_legacy_adapter_dir_with, convert_legacy_experts,
+use peftkit_peft::{
+    convert_legacy_adapter_dir, convert_legacy_adapter_dir_with, convert_legacy_experts, Adapter,
     ConvertError, ConvertOptions, Untargeted,
 };
 use serde_json::Value;

@@ -17,13 +17,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use peftkit_checkpoint::{Checkpoint, Dtype, ModelConfig, StateDict, Tensor};
-use peftkit_peft::classify::{
-    classify_state_dict, summarize_adapters, summarize_path, AdapterTensors, BaseModelInfo,
-    ClassifyError, ClassifyOptions, StateDictLayout, TaskTypeChoice,
+use peftkit_peft::{
+    classify_state_dict, extract, parse_lora_alpha, save_adapter, save_pretrained,
+    summarize_adapters, summarize_path, AdapterConfig, AdapterSaveOptions, AdapterTensors,
+    BaseModelInfo, ClassifyError, ClassifyOptions, ExtractError, ExtractOptions, PeftSaveOptions,
+    StateDictLayout, TaskTypeChoice,
 };
-use peftkit_peft::config::AdapterConfig;
-use peftkit_peft::extract::{extract, parse_lora_alpha, ExtractError, ExtractOptions};
-use peftkit_peft::save::{save_adapter, save_pretrained, AdapterSaveOptions, PeftSaveOptions};
 use serde_json::Value;
 
 mod common;

@@ -109,39 +109,43 @@ unsafe fn kernel<const T: u8>(
     scale: f32,
     base: &mut [u8],
 ) {
-    if n == 0 || rows == 0 {
-        return;
-    }
-    let panel = ((PANEL_ELEMS / k.max(1)).max(NR) / NR * NR).min(n.div_ceil(NR) * NR);
-    let (lp, rp, bp) = (left.as_ptr(), right.as_ptr(), base.as_mut_ptr());
-    let mut j0 = 0;
-    while j0 < n {
-        let j1 = n.min(j0 + panel);
-        let full_end = j0 + (j1 - j0) / NR * NR;
-        let mut q = 0;
-        while q + MR <= rows {
-            tile::<T, MR>(lp, rp, bp, k, n, q, j0..full_end, blocks, scale);
-            q += MR;
+    // SAFETY: every offset stays inside `left` (rows × k), `right` (k × n) and `base` (rows × n
+    // elements), whose lengths `add_rows` checked; the CPU features were checked there too.
+    unsafe {
+        if n == 0 || rows == 0 {
+            return;
         }
-        while q < rows {
-            tile::<T, 1>(lp, rp, bp, k, n, q, j0..full_end, blocks, scale);
-            q += 1;
-        }
-        // Column tail (fewer than 32 columns): the same operations, one element at a time.
-        for j in full_end..j1 {
-            for row in 0..rows {
-                let mut tot = 0f32;
-                for (bi, blk) in blocks.iter().enumerate() {
-                    let mut acc = 0f32;
-                    for kk in blk.clone() {
-                        acc = (*lp.add(row * k + kk)).mul_add(*rp.add(kk * n + j), acc);
-                    }
-                    tot = if bi == 0 { acc } else { tot + acc };
-                }
-                add_one::<T>(bp, row * n + j, tot * scale);
+        let panel = ((PANEL_ELEMS / k.max(1)).max(NR) / NR * NR).min(n.div_ceil(NR) * NR);
+        let (lp, rp, bp) = (left.as_ptr(), right.as_ptr(), base.as_mut_ptr());
+        let mut j0 = 0;
+        while j0 < n {
+            let j1 = n.min(j0 + panel);
+            let full_end = j0 + (j1 - j0) / NR * NR;
+            let mut q = 0;
+            while q + MR <= rows {
+                tile::<T, MR>(lp, rp, bp, k, n, q, j0..full_end, blocks, scale);
+                q += MR;
             }
+            while q < rows {
+                tile::<T, 1>(lp, rp, bp, k, n, q, j0..full_end, blocks, scale);
+                q += 1;
+            }
+            // Column tail (fewer than 32 columns): the same operations, one element at a time.
+            for j in full_end..j1 {
+                for row in 0..rows {
+                    let mut tot = 0f32;
+                    for (bi, blk) in blocks.iter().enumerate() {
+                        let mut acc = 0f32;
+                        for kk in blk.clone() {
+                            acc = (*lp.add(row * k + kk)).mul_add(*rp.add(kk * n + j), acc);
+                        }
+                        tot = if bi == 0 { acc } else { tot + acc };
+                    }
+                    add_one::<T>(bp, row * n + j, tot * scale);
+                }
+            }
+            j0 = j1;
         }
-        j0 = j1;
     }
 }
 
@@ -160,36 +164,40 @@ unsafe fn tile<const T: u8, const Q: usize>(
     blocks: &[Range<usize>],
     scale: f32,
 ) {
-    let vscale = _mm512_set1_ps(scale);
-    let mut j = cols.start;
-    while j < cols.end {
-        let mut tot = [[_mm512_setzero_ps(); 2]; Q];
-        for (bi, blk) in blocks.iter().enumerate() {
-            let mut acc = [[_mm512_setzero_ps(); 2]; Q];
-            for kk in blk.clone() {
-                let r0 = _mm512_loadu_ps(rp.add(kk * n + j));
-                let r1 = _mm512_loadu_ps(rp.add(kk * n + j + 16));
-                for (q, a) in acc.iter_mut().enumerate() {
-                    let c = _mm512_set1_ps(*lp.add((row0 + q) * k + kk));
-                    a[0] = _mm512_fmadd_ps(c, r0, a[0]);
-                    a[1] = _mm512_fmadd_ps(c, r1, a[1]);
+    // SAFETY: the caller (`kernel`) passes rows `row0..row0 + Q` < rows and 32-wide column
+    // steps inside `cols` ⊆ 0..n, so every load and store stays inside the checked slices.
+    unsafe {
+        let vscale = _mm512_set1_ps(scale);
+        let mut j = cols.start;
+        while j < cols.end {
+            let mut tot = [[_mm512_setzero_ps(); 2]; Q];
+            for (bi, blk) in blocks.iter().enumerate() {
+                let mut acc = [[_mm512_setzero_ps(); 2]; Q];
+                for kk in blk.clone() {
+                    let r0 = _mm512_loadu_ps(rp.add(kk * n + j));
+                    let r1 = _mm512_loadu_ps(rp.add(kk * n + j + 16));
+                    for (q, a) in acc.iter_mut().enumerate() {
+                        let c = _mm512_set1_ps(*lp.add((row0 + q) * k + kk));
+                        a[0] = _mm512_fmadd_ps(c, r0, a[0]);
+                        a[1] = _mm512_fmadd_ps(c, r1, a[1]);
+                    }
+                }
+                if bi == 0 {
+                    tot = acc;
+                } else {
+                    for (t, a) in tot.iter_mut().zip(&acc) {
+                        t[0] = _mm512_add_ps(t[0], a[0]);
+                        t[1] = _mm512_add_ps(t[1], a[1]);
+                    }
                 }
             }
-            if bi == 0 {
-                tot = acc;
-            } else {
-                for (t, a) in tot.iter_mut().zip(&acc) {
-                    t[0] = _mm512_add_ps(t[0], a[0]);
-                    t[1] = _mm512_add_ps(t[1], a[1]);
-                }
+            for (q, t) in tot.iter().enumerate() {
+                let at = (row0 + q) * n + j;
+                add16::<T>(bp, at, _mm512_mul_ps(t[0], vscale));
+                add16::<T>(bp, at + 16, _mm512_mul_ps(t[1], vscale));
             }
+            j += NR;
         }
-        for (q, t) in tot.iter().enumerate() {
-            let at = (row0 + q) * n + j;
-            add16::<T>(bp, at, _mm512_mul_ps(t[0], vscale));
-            add16::<T>(bp, at + 16, _mm512_mul_ps(t[1], vscale));
-        }
-        j += NR;
     }
 }
 
@@ -197,30 +205,33 @@ unsafe fn tile<const T: u8, const Q: usize>(
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[inline]
 unsafe fn add16<const T: u8>(bp: *mut u8, at: usize, d: __m512) {
-    match T {
-        0 => {
-            let p = bp.add(at * 4) as *mut f32;
-            _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), d));
-        }
-        1 => {
-            let p = bp.add(at * 2) as *mut __m256i;
-            let w = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p)));
-            let x = _mm512_add_ps(_mm512_castsi512_ps(w), d);
-            // Round to nearest even on the bits, as `f32_to_bf16_bits`; any NaN → 0xFFFF.
-            let u = _mm512_castps_si512(x);
-            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(u), _mm512_set1_epi32(1));
-            let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
-            let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(u, bias));
-            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
-            let r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0xFFFF));
-            _mm256_storeu_si256(p, _mm512_cvtepi32_epi16(r));
-        }
-        _ => {
-            let p = bp.add(at * 2) as *mut __m256i;
-            let x = _mm512_add_ps(_mm512_cvtph_ps(_mm256_loadu_si256(p)), d);
-            // F16C rounding: nearest even; NaN keeps sign and top payload, quiet bit set.
-            let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
-            _mm256_storeu_si256(p, h);
+    // SAFETY: the caller passes `at + 16 ≤ rows · n`, so the 16 elements at `at` lie inside `base`.
+    unsafe {
+        match T {
+            0 => {
+                let p = bp.add(at * 4) as *mut f32;
+                _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), d));
+            }
+            1 => {
+                let p = bp.add(at * 2) as *mut __m256i;
+                let w = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p)));
+                let x = _mm512_add_ps(_mm512_castsi512_ps(w), d);
+                // Round to nearest even on the bits, as `f32_to_bf16_bits`; any NaN → 0xFFFF.
+                let u = _mm512_castps_si512(x);
+                let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(u), _mm512_set1_epi32(1));
+                let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
+                let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(u, bias));
+                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+                let r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0xFFFF));
+                _mm256_storeu_si256(p, _mm512_cvtepi32_epi16(r));
+            }
+            _ => {
+                let p = bp.add(at * 2) as *mut __m256i;
+                let x = _mm512_add_ps(_mm512_cvtph_ps(_mm256_loadu_si256(p)), d);
+                // F16C rounding: nearest even; NaN keeps sign and top payload, quiet bit set.
+                let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
+                _mm256_storeu_si256(p, h);
+            }
         }
     }
 }
@@ -228,21 +239,24 @@ unsafe fn add16<const T: u8>(bp: *mut u8, at: usize, d: __m512) {
 /// One element of [`add16`].
 #[inline(always)]
 unsafe fn add_one<const T: u8>(bp: *mut u8, at: usize, d: f32) {
-    match T {
-        0 => {
-            let p = bp.add(at * 4);
-            let w = f32::from_le_bytes(*(p as *const [u8; 4]));
-            *(p as *mut [u8; 4]) = (w + d).to_le_bytes();
-        }
-        1 => {
-            let p = bp.add(at * 2);
-            let w = bf16_bits_to_f32(u16::from_le_bytes(*(p as *const [u8; 2])));
-            *(p as *mut [u8; 2]) = f32_to_bf16_bits(w + d).to_le_bytes();
-        }
-        _ => {
-            let p = bp.add(at * 2);
-            let w = f16_bits_to_f32(u16::from_le_bytes(*(p as *const [u8; 2])));
-            *(p as *mut [u8; 2]) = f32_to_f16_bits(w + d).to_le_bytes();
+    // SAFETY: the caller passes `at < rows · n`, so the element at `at` lies inside `base`.
+    unsafe {
+        match T {
+            0 => {
+                let p = bp.add(at * 4);
+                let w = f32::from_le_bytes(*(p as *const [u8; 4]));
+                *(p as *mut [u8; 4]) = (w + d).to_le_bytes();
+            }
+            1 => {
+                let p = bp.add(at * 2);
+                let w = bf16_bits_to_f32(u16::from_le_bytes(*(p as *const [u8; 2])));
+                *(p as *mut [u8; 2]) = f32_to_bf16_bits(w + d).to_le_bytes();
+            }
+            _ => {
+                let p = bp.add(at * 2);
+                let w = f16_bits_to_f32(u16::from_le_bytes(*(p as *const [u8; 2])));
+                *(p as *mut [u8; 2]) = f32_to_f16_bits(w + d).to_le_bytes();
+            }
         }
     }
 }

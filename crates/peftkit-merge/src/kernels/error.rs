@@ -143,3 +143,14 @@ pub(crate) fn check_rank(
     }
     Ok(())
 }
+
+/// A zero rank, as the kernels report every invalid parameter (the message merge errors have
+/// always carried).
+impl From<peftkit_peft::ZeroRank> for MergeMathError {
+    fn from(_: peftkit_peft::ZeroRank) -> Self {
+        MergeMathError::Invalid {
+            what: "r",
+            reason: "the LoRA rank must be positive".into(),
+        }
+    }
+}

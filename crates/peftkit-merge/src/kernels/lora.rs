@@ -29,42 +29,6 @@ use super::fused;
 use super::gemm::product_rows;
 use super::order::active_k_blocks;
 
-/// peft's `scaling` as the f32 that torch multiplies with, times a merge weight.
-///
-/// peft computes `alpha / r` (or `alpha / sqrt(r)` with rsLoRA; LoHa and LoKr use `alpha / r`)
-/// as a Python float (f64); a merge weight `w` (`peftkit merge --adapter DIR:W`, peft's
-/// `rescale_adapter_scale(model, w)` / `LoraLayer.scale_layer(w)`) multiplies that f64; torch
-/// then converts the scalar to the tensor's f32 op-math type. Dividing or weighting in f32
-/// would differ (e.g. `32/6 · 0.6` is `3.2` this way, `3.2000003` in f32).
-///
-/// This is the one place the merge pipeline computes a scale: every method and layer kind
-/// goes through it, with the adapter's weight (1.0 when none is given).
-///
-/// ```
-/// use peftkit_merge::lora_scaling;
-///
-/// assert_eq!(lora_scaling(16.0, 8, false, 1.0)?, 2.0);
-/// assert_eq!(lora_scaling(16.0, 4, true, 1.0)?, 8.0); // rsLoRA: alpha / sqrt(r)
-/// assert_eq!(lora_scaling(32.0, 6, false, 0.6)?, 3.2); // weighted in f64, rounded once
-/// assert!(lora_scaling(16.0, 0, false, 1.0).is_err());
-/// # Ok::<(), peftkit_merge::MergeMathError>(())
-/// ```
-pub fn lora_scaling(alpha: f64, r: usize, use_rslora: bool, weight: f64) -> Result<f32> {
-    if r == 0 {
-        return Err(MergeMathError::Invalid {
-            what: "r",
-            reason: "the LoRA rank must be positive".into(),
-        });
-    }
-    let r = r as f64;
-    let s = if use_rslora {
-        alpha / r.sqrt()
-    } else {
-        alpha / r
-    };
-    Ok((s * weight) as f32)
-}
-
 /// How a kernel combines the delta with the base weight.
 ///
 /// The default (all `false`/`None`) is peft's `merge_and_unload()`: unsafe merge with f32
@@ -404,7 +368,7 @@ pub fn linear_delta(
 /// weight `(in, out)` when `fan_in_fan_out` — in place.
 ///
 /// `a` is `lora_A.weight` `(r, in)`, `b` is `lora_B.weight` `(out, r)`, `scale` from
-/// [`lora_scaling`]. Base dtypes F32/BF16/F16/F64.
+/// [`lora_scaling`](peftkit_peft::lora_scaling). Base dtypes F32/BF16/F16/F64.
 ///
 /// ```
 /// use peftkit_merge::{
@@ -730,6 +694,7 @@ pub fn merge_lora_bias(
 mod tests {
     use super::*;
     use crate::kernels::dtype::{decode_f32, encode_f32};
+    use peftkit_peft::lora_scaling;
 
     #[test]
     fn scaling_is_f64_then_f32() {

@@ -2,8 +2,7 @@
 //! tensors `(E, out, in)`, stored fused or per expert on disk, and 2-D router weights.
 
 use peftkit_checkpoint::{Checkpoint, Tensor};
-use peftkit_peft::adapter::{Adapter, AdapterModule, AdapterTensor};
-use peftkit_peft::targeting::PatternResolver;
+use peftkit_peft::{Adapter, AdapterModule, AdapterTensor, PatternResolver};
 use peftkit_remap::{Mapping, Revert};
 
 use super::{on_disk_name, scale_of, unsupported};
@@ -98,7 +97,7 @@ impl ParamContext<'_> {
         if ra != rb || a.shape().len() != 2 || b.shape().len() != 2 {
             return Ok(None);
         }
-        let targeting = |e: peftkit_peft::targeting::TargetingError| {
+        let targeting = |e: peftkit_peft::TargetingError| {
             unsupported(self.adapter, UnsupportedMerge::Targeting(e))
         };
         let r = self.resolver.rank_for(v5_name).map_err(targeting)? as usize;

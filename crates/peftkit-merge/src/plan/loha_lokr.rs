@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use peftkit_peft::adapter::Adapter;
+use peftkit_peft::Adapter;
 use serde_json::{Map, Value};
 
 use super::{scale_of, unsupported, Planner};

@@ -5,9 +5,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use peftkit_checkpoint::Tensor;
-use peftkit_peft::adapter::{Adapter, AdapterModule};
-use peftkit_peft::config::{LoraConfig, StringOrList, TrainableTokenIndices};
-use peftkit_peft::targeting::PatternResolver;
+use peftkit_peft::{
+    Adapter, AdapterModule, LoraConfig, PatternResolver, StringOrList, TrainableTokenIndices,
+};
 
 use super::experts::ParamContext;
 use super::{key_of, scale_of, unsupported, Planner};

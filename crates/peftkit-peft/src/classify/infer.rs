@@ -6,9 +6,10 @@ use indexmap::IndexMap;
 use serde::Serialize;
 use serde_json::{Map, Number, Value};
 
-use crate::config::{AdapterConfig, GenericConfig, LoraConfig, TargetModules, LORA, PEFT_VERSION};
+use crate::config::{AdapterConfig, GenericConfig, LoraConfig, LORA, PEFT_VERSION};
 use crate::py::re_escape;
 use crate::spec::Spec;
+use crate::targeting::TargetModules;
 use crate::targeting::{minimal_target_suffixes, PatternResolver, TargetMatcher};
 
 use super::conv1d::{conv1d_by_table, conv1d_kind};

@@ -7,9 +7,10 @@ use peftkit_checkpoint::dtype_size;
 use peftkit_checkpoint::{StateDict, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{AdapterConfig, TargetModules, LORA};
+use crate::config::{AdapterConfig, LORA};
 use crate::py::PyRegex;
 use crate::spec::{remove_adapter_name, KeyClass, Spec};
+use crate::targeting::TargetModules;
 use crate::targeting::{TargetingError, ALL_LINEAR};
 
 use super::*;

@@ -25,7 +25,7 @@
 //!
 //! ```
 //! use peftkit_checkpoint::{Dtype, StateDict, Tensor};
-//! use peftkit_peft::classify::{classify_state_dict, ClassifyOptions, StateDictLayout};
+//! use peftkit_peft::{classify_state_dict, ClassifyOptions, StateDictLayout};
 //!
 //! let t = |shape: Vec<usize>| {
 //!     let n: usize = shape.iter().product();
@@ -77,7 +77,7 @@ pub use summary::{
 };
 pub use tensors::{AdapterEntry, AdapterTensors, EntryKind};
 
-pub use crate::embedded::EMBEDDED_CONV1D_MODULES_JSON;
+use crate::embedded::EMBEDDED_CONV1D_MODULES_JSON;
 
 /// The adapter name peft gives the first adapter.
 pub const DEFAULT_ADAPTER_NAME: &str = "default";

@@ -7,8 +7,10 @@ use peftkit_checkpoint::dtype_name;
 use peftkit_checkpoint::{Checkpoint, CheckpointError, StateDict, Tensor, WeightsKind};
 use serde::Serialize;
 
-use crate::config::{AdapterConfig, TargetModules, ADAPTER_CONFIG_NAME, LORA};
+use crate::config::{AdapterConfig, ADAPTER_CONFIG_NAME, LORA};
+use crate::scaling::lora_scaling;
 use crate::targeting::PatternResolver;
+use crate::targeting::TargetModules;
 
 use super::*;
 
@@ -115,11 +117,13 @@ pub fn summarize_classified(
                     g.1 += 1;
                 }
                 for ((r, _), (alpha, n)) in groups {
+                    let s = lora_scaling(alpha, r as usize, lora.use_rslora, 1.0)
+                        .expect("rank_for refuses rank 0");
                     scaling.push(ScalingSummary {
                         r,
                         alpha,
                         use_rslora: lora.use_rslora,
-                        scaling: crate::targeting::scaling(alpha, r, lora.use_rslora),
+                        scaling: s,
                         modules: n,
                     });
                 }

@@ -16,7 +16,7 @@
 //!   default; [`SetOrder::AsHeld`] keeps the order they were read in.
 //!
 //! ```
-//! use peftkit_peft::config::{AdapterConfig, ConfigWarning, TargetModules};
+//! use peftkit_peft::{AdapterConfig, ConfigWarning, TargetModules};
 //!
 //! let text = r#"{"peft_type": "LORA", "peft_version": "0.21.2", "r": 16, "lora_alpha": 32,
 //!                "lora_dropout": 0.05, "target_modules": ["v_proj", "q_proj"], "my_tool_field": 1}"#;
@@ -59,7 +59,7 @@ mod validate;
 #[cfg(test)]
 mod tests;
 
-pub use crate::targeting::{LayersToTransform, StringOrList, TargetModules, TargetRules};
+use crate::targeting::{LayersToTransform, StringOrList, TargetModules, TargetRules};
 pub use generic::GenericConfig;
 pub use lora::{InitLoraWeights, LoraConfig, TrainableTokenIndices, LORA_FIELDS};
 

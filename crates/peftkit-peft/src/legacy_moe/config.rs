@@ -6,8 +6,9 @@ use std::path::Path;
 use indexmap::IndexMap;
 use serde_json::Number;
 
-use crate::config::{LoraConfig, StringOrList, TargetModules};
+use crate::config::LoraConfig;
 use crate::py::{name_matches_suffix, re_escape};
+use crate::targeting::{StringOrList, TargetModules};
 
 use super::*;
 

@@ -2,10 +2,13 @@
 
 use std::path::{Path, PathBuf};
 
-use peftkit_checkpoint::{SaveOptions, SaveReport, WeightsKind};
+use peftkit_checkpoint::{SaveReport, StateDict, WeightsKind};
 
 use crate::adapter::Adapter;
-use crate::config::ADAPTER_CONFIG_NAME;
+use crate::classify::{AdapterEntry, AdapterTensors, EntryKind, DEFAULT_ADAPTER_NAME};
+use crate::config::{ADAPTER_CONFIG_NAME, LORA};
+use crate::save::{save_adapter, AdapterSaveOptions};
+use crate::spec::Spec;
 
 use super::*;
 
@@ -90,10 +93,7 @@ pub fn convert_legacy_adapter_dir_with(
     let rules = rules_for(&adapter, &model_type)?;
     let converted = convert_with_rules(&adapter, &rules, options)?;
 
-    let mut extra = vec![(
-        ADAPTER_CONFIG_NAME.to_owned(),
-        converted.config.to_json_string().into_bytes(),
-    )];
+    let mut extra = Vec::new();
     let mut copied = Vec::new();
     let io = |path: &Path, source| ConvertError::Io {
         path: path.to_owned(),
@@ -119,20 +119,30 @@ pub fn convert_legacy_adapter_dir_with(
         extra.push((name.clone(), bytes));
         copied.push(name);
     }
+    // The card goes in with the other files rather than through `write_model_card`, which
+    // skips the card when `out_dir` already holds one: a converted folder replaces `out_dir`
+    // whole, so it always carries the legacy card or a new one.
     if !copied.iter().any(|n| n == MODEL_CARD_NAME) {
         extra.push((
             MODEL_CARD_NAME.to_owned(),
             crate::save::model_card(&converted.config, None).into_bytes(),
         ));
     }
-    let save = peftkit_checkpoint::save_pretrained(
+    // Written by the one adapter save path. One difference from the direct save it replaced:
+    // a conversion that drops every tensor (`Untargeted::Drop` on an adapter of untargeted
+    // modules only) is refused with `SaveError::EmptyAdapter` instead of writing an empty file.
+    let tensors = as_adapter_tensors(&converted.state);
+    let options = AdapterSaveOptions {
+        write_model_card: false,
+        extra_files: extra,
+        ..AdapterSaveOptions::default()
+    };
+    let saved = save_adapter(
         out_dir,
-        &converted.state,
-        &SaveOptions {
-            kind: WeightsKind::Adapter,
-            extra_files: extra,
-            ..SaveOptions::default()
-        },
+        DEFAULT_ADAPTER_NAME,
+        &tensors,
+        &converted.config,
+        &options,
     )?;
     Ok(ConvertReport {
         dir: out_dir.to_owned(),
@@ -142,6 +152,34 @@ pub fn convert_legacy_adapter_dir_with(
         tensors: converted.state.len(),
         dropped: converted.dropped,
         copied,
-        save,
+        save: saved.weights,
     })
+}
+
+/// The converted tensors as the entries `save_adapter` writes, under exactly the keys the
+/// conversion produced: it writes each entry under its key, so the file is the one peft's
+/// conversion gives. (`AdapterTensors::from_adapter_state_dict` would re-derive canonical keys
+/// and drop keys outside `base_model.model.`, which the conversion passes through as peft
+/// does.) Kinds are sorted as `Adapter::open` sorts a file's keys.
+fn as_adapter_tensors(state: &StateDict) -> AdapterTensors {
+    let spec = Spec::embedded();
+    let mut tensors = AdapterTensors::new(DEFAULT_ADAPTER_NAME, LORA);
+    for (key, tensor) in state {
+        let kind = match spec.classify_key_for(LORA, key) {
+            Some(class) => EntryKind::Adapter {
+                role: class.role,
+                module: class.module_path,
+            },
+            None => EntryKind::Replacement {
+                base_key: spec.strip_model_prefix(key).0.replace(".base_layer.", "."),
+            },
+        };
+        let entry = AdapterEntry {
+            source_key: key.clone(),
+            kind,
+            tensor: tensor.clone(),
+        };
+        tensors.entries.insert(key.clone(), entry);
+    }
+    tensors
 }

@@ -41,7 +41,7 @@
 //!
 //! ```no_run
 //! use std::path::Path;
-//! use peftkit_peft::legacy_moe::convert_legacy_adapter_dir;
+//! use peftkit_peft::convert_legacy_adapter_dir;
 //!
 //! let report = convert_legacy_adapter_dir(
 //!     Path::new("mixtral-lora-v4"),
@@ -64,7 +64,7 @@ use crate::adapter::{Adapter, AdapterError};
 use crate::config::AdapterConfig;
 use crate::config::ADAPTER_CONFIG_NAME;
 
-pub use crate::embedded::LEGACY_MOE_ADAPTERS_JSON;
+use crate::embedded::LEGACY_MOE_ADAPTERS_JSON;
 
 mod config;
 mod dir;
@@ -85,7 +85,18 @@ use config::{rewrite_config, targets_module, targets_param};
 
 use crate::classify::MODEL_PREFIX;
 
-use crate::save::MODEL_CARD_NAME;
+use crate::save::{SaveError, MODEL_CARD_NAME};
+
+// A write error keeps the `Checkpoint` variant it had before conversions were saved through
+// `save_adapter`; the rest is boxed, as `SaveError` is large.
+impl From<SaveError> for ConvertError {
+    fn from(e: SaveError) -> Self {
+        match e {
+            SaveError::Checkpoint(e) => ConvertError::Checkpoint(e),
+            other => ConvertError::Save(Box::new(other)),
+        }
+    }
+}
 
 /// Why a legacy adapter cannot be converted. Every variant names the file, and the tensor
 /// where there is one.
@@ -168,6 +179,10 @@ pub enum ConvertError {
         /// Why it is no longer targeted.
         why: String,
     },
+    /// Writing the converted adapter failed other than in its files (see
+    /// [`ConvertError::Checkpoint`] for those).
+    #[error(transparent)]
+    Save(Box<SaveError>),
     /// Input and output folder are the same.
     #[error("{0}: the converted adapter must go to another folder than the legacy one")]
     SameFolder(PathBuf),

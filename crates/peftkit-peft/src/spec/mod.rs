@@ -6,7 +6,7 @@
 //! A user file can extend or override it at run time ([`Spec::load`], [`Spec::from_env`]).
 //!
 //! ```
-//! use peftkit_peft::spec::{classify_key, Spec};
+//! use peftkit_peft::{classify_key, Spec};
 //!
 //! // On-disk key (with the `base_model.model.` prefix, without the adapter name).
 //! let k = classify_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight").unwrap();
@@ -34,7 +34,7 @@ use serde_json::Value;
 use crate::py::{PyRegex, RegexError};
 use crate::targeting::TargetModules;
 
-pub use crate::embedded::{EMBEDDED_DEFAULT_TARGETS_JSON, EMBEDDED_METHODS_JSON};
+use crate::embedded::{EMBEDDED_DEFAULT_TARGETS_JSON, EMBEDDED_METHODS_JSON};
 
 /// Environment variable naming a user spec file that [`Spec::from_env`] merges over the embedded
 /// spec.

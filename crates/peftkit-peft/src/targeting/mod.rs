@@ -6,8 +6,8 @@
 //! [`PyRegex`].
 //!
 //! ```
-//! use peftkit_peft::config::LoraConfig;
-//! use peftkit_peft::targeting::{self, TargetMatcher};
+//! use peftkit_peft::LoraConfig;
+//! use peftkit_peft::TargetMatcher;
 //!
 //! let config = LoraConfig::from_json_str(
 //!     r#"{"peft_type": "LORA", "r": 8, "lora_alpha": 16,
@@ -20,7 +20,6 @@
 //! assert!(matcher.is_target("model.layers.0.self_attn.q_proj").unwrap());
 //! assert!(!matcher.is_target("model.layers.0.self_attn.k_proj").unwrap());
 //! assert_eq!(config.rank_for("model.layers.3.self_attn.v_proj").unwrap(), 4);
-//! assert_eq!(targeting::scaling(16.0, 8, false), 2.0f32);
 //! ```
 
 use std::collections::{BTreeSet, HashSet};
@@ -28,6 +27,7 @@ use std::collections::{BTreeSet, HashSet};
 use serde_json::Number;
 
 use crate::py::{name_matches_suffix, PyRegex, RegexError};
+use crate::scaling::lora_scaling;
 
 mod rules;
 
@@ -405,30 +405,15 @@ impl PatternResolver {
 
     /// The scaling factor peft multiplies the delta with, as the `f32` PyTorch uses.
     pub fn scaling_for(&self, module_name: &str) -> Result<f32, TargetingError> {
-        Ok(scaling(
-            self.alpha_for(module_name)?,
-            self.rank_for(module_name)?,
-            self.use_rslora,
-        ))
+        let (alpha, r) = (self.alpha_for(module_name)?, self.rank_for(module_name)?);
+        // `rank_for` already refuses 0; the error path only keeps this free of panics.
+        lora_scaling(alpha, r as usize, self.use_rslora, 1.0).map_err(|_| {
+            TargetingError::InvalidRank {
+                module: module_name.to_owned(),
+                value: r.to_string(),
+            }
+        })
     }
-}
-
-/// LoRA scaling as PyTorch applies it: computed in Python `float` (f64) as `alpha / r`
-/// (`alpha / sqrt(r)` with rsLoRA), then converted once to `f32` when it multiplies an f32/f16/bf16
-/// tensor. Dividing in `f32` would differ in the last bit for many (alpha, r) pairs.
-///
-/// ```
-/// assert_eq!(peftkit_peft::targeting::scaling(16.0, 8, false), 2.0);
-/// assert_eq!(peftkit_peft::targeting::scaling(16.0, 4, true), 8.0);
-/// ```
-pub fn scaling(alpha: f64, r: u64, use_rslora: bool) -> f32 {
-    let r = r as f64;
-    let s = if use_rslora {
-        alpha / r.sqrt()
-    } else {
-        alpha / r
-    };
-    s as f32
 }
 
 /// The dot-separated suffixes of `name`, shortest first (`"a.b.c"` → `["c", "b.c", "a.b.c"]`).
@@ -448,7 +433,7 @@ fn suffixes_shortest_first(name: &str) -> Vec<&str> {
 /// returned unchanged. peft returns a Python `set`; a sorted set is returned here.
 ///
 /// ```
-/// use peftkit_peft::targeting::minimal_target_suffixes;
+/// use peftkit_peft::minimal_target_suffixes;
 /// let targets: Vec<String> = (0..3)
 ///     .flat_map(|i| ["q_proj", "v_proj"].map(|p| format!("model.layers.{i}.self_attn.{p}")))
 ///     .collect();

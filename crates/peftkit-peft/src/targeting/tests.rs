@@ -138,6 +138,11 @@ fn patterns_first_key_in_file_order_wins() {
     );
 }
 
+/// The unweighted scale, as the removed `targeting::scaling` gave it.
+fn scaling(alpha: f64, r: usize, use_rslora: bool) -> f32 {
+    crate::scaling::lora_scaling(alpha, r, use_rslora, 1.0).unwrap()
+}
+
 fn scaling_of(c: &LoraConfig, module: &str) -> f32 {
     PatternResolver::new(c)
         .unwrap()
