@@ -422,3 +422,101 @@ fn verify_of_a_damaged_adapter_exits_1() {
         .stdout(predicate::str::contains("adapter_model.safetensors"))
         .stdout(predicate::str::contains("truncated"));
 }
+
+/// Copies a fixture folder (recursively) into `dest`, so a test can point outputs at it.
+fn copy_tree(src: &Path, dest: &Path) {
+    std::fs::create_dir_all(dest).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let entry = entry.unwrap();
+        let to = dest.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &to);
+        } else {
+            std::fs::copy(entry.path(), &to).unwrap();
+        }
+    }
+}
+
+/// Every verb that writes a folder refuses an `--out` that is an input, lies inside one or
+/// contains one, also through a symlink or `..`: exit 2, both paths named, and every input
+/// byte-identical afterwards (a merge into its own base used to replace the base).
+#[test]
+fn an_output_overlapping_an_input_is_refused_and_inputs_are_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = tmp.path().join("case");
+    copy_tree(&peft_case("lora_basic"), &case);
+    let (base, adapter) = (case.join("base"), case.join("adapter"));
+    std::os::unix::fs::symlink(&base, tmp.path().join("link")).unwrap();
+    let before = crate::files(&case);
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    let merge = |out: &Path| -> Vec<String> {
+        [
+            "merge",
+            "--base",
+            &s(&base),
+            "--adapter",
+            &s(&adapter),
+            "--out",
+            &s(out),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (merge(&base), "is the input"),
+        (merge(&adapter), "is the input"),
+        (merge(&adapter.join("merged")), "lies inside the input"),
+        (merge(&case), "contains the input"),
+        (merge(&tmp.path().join("link")), "is the input"),
+        (merge(&base.join("../base")), "is the input"),
+        (
+            [
+                "reshard",
+                &s(&base),
+                "--out",
+                &s(&base),
+                "--max-shard-size",
+                "5KB",
+            ]
+            .map(String::from)
+            .to_vec(),
+            "is the input",
+        ),
+        (
+            [
+                "remap",
+                &s(&base),
+                "--out",
+                &s(&base.join("v5")),
+                "--to",
+                "transformers-v5",
+            ]
+            .map(String::from)
+            .to_vec(),
+            "lies inside the input",
+        ),
+        (
+            [
+                "extract",
+                "--from",
+                &s(&case.join("full_state_dict.safetensors")),
+                "--out",
+                &s(&case),
+                "--lora-alpha",
+                "8",
+            ]
+            .map(String::from)
+            .to_vec(),
+            "contains the input",
+        ),
+    ];
+    for (args, needle) in cases {
+        let run = peftkit().args(&args).assert().code(2);
+        let err = stderr_of(&run);
+        assert!(
+            err.contains(needle) && err.contains("--out"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(crate::files(&case), before, "{args:?} modified an input");
+    }
+}

@@ -7,6 +7,17 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CheckpointError {
+    /// An output folder that is, lies inside or contains an input: writing it would replace
+    /// or disturb that input.
+    #[error("--out {out} {overlap} the input {input}: choose an output folder outside every input (inputs are never modified)")]
+    OutputOverlapsInput {
+        /// The output asked for.
+        out: PathBuf,
+        /// The input it overlaps.
+        input: PathBuf,
+        /// How.
+        overlap: crate::overlap::Overlap,
+    },
     /// An operating-system error on a named path.
     #[error("{path}: {source}")]
     Io {

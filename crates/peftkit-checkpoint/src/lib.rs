@@ -27,6 +27,7 @@ mod index;
 mod inspect;
 mod names;
 mod natural;
+mod overlap;
 mod progress;
 mod pyjson;
 mod safetensors_file;
@@ -45,6 +46,7 @@ pub use index::WeightIndex;
 pub use inspect::{CheckpointSummary, TensorSummary};
 pub use names::{WeightsKind, WeightsNames};
 pub use natural::{natural_cmp, sort_natural};
+pub use overlap::{ensure_apart, Overlap};
 pub use progress::Progress;
 pub use pyjson::{
     float_repr, nonfinite_marker, py_json_string, write_py_json, write_py_str, PyJsonStyle,

@@ -45,6 +45,11 @@ use crate::report::{MergeSummary, NumericsReport};
 /// ```
 pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
     let start = Instant::now();
+    // Inputs are never modified: the output is swapped in atomically, so it must not be one.
+    let inputs: Vec<&std::path::Path> = std::iter::once(job.base.as_path())
+        .chain(job.adapters.iter().map(|a| a.dir.as_path()))
+        .collect();
+    peftkit_checkpoint::ensure_apart(&job.out, &inputs)?;
     let base = Checkpoint::open(&job.base)?;
     let base_dir = if job.base.is_dir() {
         job.base.clone()

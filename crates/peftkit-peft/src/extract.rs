@@ -239,6 +239,9 @@ pub fn open_source(from: &Path) -> Result<Source, ExtractError> {
 /// `options.base_out`). Everything is classified, inferred and checked before the first file
 /// is written; each output folder changes atomically.
 pub fn extract(from: &Path, options: &ExtractOptions) -> Result<ExtractReport, ExtractError> {
+    for out in std::iter::once(&options.out).chain(&options.base_out) {
+        peftkit_checkpoint::ensure_apart(out, &[from])?;
+    }
     let source = open_source(from)?;
     extract_from(&source, options)
 }

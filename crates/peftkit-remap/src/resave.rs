@@ -131,6 +131,7 @@ pub fn remap(
     model_type: Option<&str>,
     options: &RemapOptions,
 ) -> Result<RemapReport> {
+    peftkit_checkpoint::ensure_apart(out, &[src])?;
     let source = Source::open(
         src,
         options.src_variant.as_deref(),
@@ -228,6 +229,7 @@ pub struct ReshardReport {
 /// println!("{} files, table {:?}", report.save.weight_files.len(), report.table);
 /// ```
 pub fn reshard(src: &Path, out: &Path, options: &ReshardOptions) -> Result<ReshardReport> {
+    peftkit_checkpoint::ensure_apart(out, &[src])?;
     let source = Source::open(
         src,
         options.src_variant.as_deref(),

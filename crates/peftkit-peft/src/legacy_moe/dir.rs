@@ -74,6 +74,7 @@ pub fn convert_legacy_adapter_dir_with(
             return Err(ConvertError::SameFolder(out_dir.to_owned()));
         }
     }
+    peftkit_checkpoint::ensure_apart(out_dir, &[src_dir])?;
     let adapter = Adapter::open(src_dir)?;
     let model_type = match model_type {
         Some(t) => t.to_owned(),
