@@ -520,3 +520,23 @@ fn an_output_overlapping_an_input_is_refused_and_inputs_are_untouched() {
         assert_eq!(crate::files(&case), before, "{args:?} modified an input");
     }
 }
+
+/// `--adapter DIR:nan` (or `:inf`) used to exit 0 and write all-NaN weights.
+#[test]
+fn a_non_finite_adapter_weight_is_refused_and_nothing_is_written() {
+    let case = peft_case("lora_basic");
+    for w in ["nan", "inf", "-inf"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged");
+        let adapter = format!("{}:{w}", case.join("adapter").display());
+        let run = peftkit()
+            .args(["merge", "--base"])
+            .arg(case.join("base"))
+            .args(["--adapter", &adapter, "--out"])
+            .arg(&out)
+            .assert()
+            .code(2);
+        assert!(stderr_of(&run).contains("not a finite number"), "{w}");
+        assert!(!out.exists(), "{w}: output written");
+    }
+}

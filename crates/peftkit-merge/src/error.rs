@@ -30,6 +30,14 @@ pub enum MergeError {
     /// `PEFTKIT_REDUCTION_ORDER` names no known order.
     #[error(transparent)]
     Order(#[from] UnknownOrder),
+    /// An adapter weight (`DIR:WEIGHT`) that is NaN or infinite: every merged value would be.
+    #[error("{adapter}: the adapter weight {weight} is not a finite number; give DIR:WEIGHT with a finite WEIGHT such as 0.5")]
+    NonFiniteWeight {
+        /// Adapter folder.
+        adapter: PathBuf,
+        /// The weight given.
+        weight: f64,
+    },
     /// An adapter tensor whose module has no tensor in the base.
     #[error("{adapter}: `{key}` adapts `{module}`, but the base {base} has no tensor `{expected}`; the adapter was trained on another model or its names need remapping")]
     NoBaseTensor {

@@ -50,6 +50,12 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
         .chain(job.adapters.iter().map(|a| a.dir.as_path()))
         .collect();
     peftkit_checkpoint::ensure_apart(&job.out, &inputs)?;
+    if let Some(a) = job.adapters.iter().find(|a| !a.weight.is_finite()) {
+        return Err(MergeError::NonFiniteWeight {
+            adapter: a.dir.clone(),
+            weight: a.weight,
+        });
+    }
     let base = Checkpoint::open(&job.base)?;
     let base_dir = if job.base.is_dir() {
         job.base.clone()
