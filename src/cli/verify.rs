@@ -20,7 +20,8 @@ pub(crate) struct Args {
 pub(crate) fn run(args: Args) -> Result<ExitCode> {
     let Args { path, variant } = args;
     let kind = guess_kind(&path);
-    let problems = ckpt::verify(&path, kind, variant.as_deref())?;
+    let mut problems = peftkit::peft::AdapterConfig::problems_in(&path);
+    problems.extend(ckpt::verify(&path, kind, variant.as_deref())?);
     if problems.is_empty() {
         println!("{}: ok", path.display());
     } else {

@@ -540,3 +540,52 @@ fn a_non_finite_adapter_weight_is_refused_and_nothing_is_written() {
         assert!(!out.exists(), "{w}: output written");
     }
 }
+
+/// `verify` reads the configs a loader reads: a `config.json`, `generation_config.json` or
+/// `adapter_config.json` that is not JSON, or an adapter config peft would refuse, is a problem
+/// (exit 1, the file named), where it used to say "ok".
+#[test]
+fn verify_lists_broken_configs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let case = peft_case("lora_basic");
+    let good_adapter = std::fs::read_to_string(case.join("adapter/adapter_config.json")).unwrap();
+    let with_r0 = {
+        let mut v: serde_json::Value = serde_json::from_str(&good_adapter).unwrap();
+        v["r"] = serde_json::json!(0);
+        v.to_string()
+    };
+    let with_unknown_type = good_adapter.replace("\"LORA\"", "\"NOPE\"");
+    let cases: Vec<(&str, &str, String, &str)> = vec![
+        ("base", "config.json", "{not json".into(), "config.json"),
+        (
+            "base",
+            "generation_config.json",
+            "[]".into(),
+            "generation_config.json",
+        ),
+        (
+            "adapter",
+            "adapter_config.json",
+            "{not json".into(),
+            "adapter_config.json",
+        ),
+        ("adapter", "adapter_config.json", with_r0, "`r`"),
+        ("adapter", "adapter_config.json", with_unknown_type, "NOPE"),
+    ];
+    for (i, (folder, file, text, needle)) in cases.into_iter().enumerate() {
+        let dir = tmp.path().join(format!("{i}"));
+        copy_tree(&case.join(folder), &dir);
+        std::fs::write(dir.join(file), text).unwrap();
+        let run = peftkit().arg("verify").arg(&dir).assert().code(1);
+        let out = stdout_of(&run);
+        assert!(out.contains(file) && out.contains(needle), "{file}: {out}");
+    }
+    // The unbroken folders still verify.
+    for folder in ["base", "adapter"] {
+        peftkit()
+            .arg("verify")
+            .arg(case.join(folder))
+            .assert()
+            .code(0);
+    }
+}

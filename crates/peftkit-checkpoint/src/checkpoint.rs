@@ -6,6 +6,7 @@ use std::path::{Component, Path, PathBuf};
 
 use indexmap::IndexMap;
 
+use crate::config::{GenerationConfig, ModelConfig, GENERATION_CONFIG_NAME, MODEL_CONFIG_NAME};
 use crate::error::{CheckpointError, Result};
 use crate::index::WeightIndex;
 use crate::names::{WeightsKind, WeightsNames};
@@ -290,11 +291,32 @@ pub(crate) fn index_problems(dir: &Path, idx: &WeightIndex, files: &[WeightFile]
     problems
 }
 
+/// Problems with the model configs of folder `path`: a `config.json` or
+/// `generation_config.json` that is present but not a JSON object, which every loader (and
+/// every other verb) would refuse.
+fn config_problems(path: &Path) -> Vec<String> {
+    let mut problems = Vec::new();
+    if !path.is_dir() {
+        return problems;
+    }
+    if path.join(MODEL_CONFIG_NAME).is_file() {
+        if let Err(e) = ModelConfig::read(&path.join(MODEL_CONFIG_NAME)) {
+            problems.push(e.to_string());
+        }
+    }
+    if path.join(GENERATION_CONFIG_NAME).is_file() {
+        if let Err(e) = GenerationConfig::read(&path.join(GENERATION_CONFIG_NAME)) {
+            problems.push(e.to_string());
+        }
+    }
+    problems
+}
+
 /// Every problem of a checkpoint folder or file, for `peftkit verify`: unreadable or
 /// inconsistent headers, index entries that are missing, duplicated, misplaced or escape the
 /// folder, and a stale single file that shadows an index.
 pub fn verify(path: &Path, kind: WeightsKind, variant: Option<&str>) -> Result<Vec<String>> {
-    let mut problems = Vec::new();
+    let mut problems = config_problems(path);
     let (dir, layout) = if path.is_file() {
         (
             path.parent().map(Path::to_owned).unwrap_or_default(),

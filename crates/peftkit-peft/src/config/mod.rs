@@ -303,6 +303,22 @@ impl AdapterConfig {
         Self::from_file(&dir.join(ADAPTER_CONFIG_NAME))
     }
 
+    /// What is wrong with `<dir>/adapter_config.json`, if the folder has one, for `peftkit
+    /// verify`: not JSON, an unknown or missing `peft_type`, wrong field types, or a check peft
+    /// makes when it loads the adapter (a non-positive `r`, target patterns that do not compile,
+    /// …). Empty when the file is absent or fine.
+    pub fn problems_in(dir: &Path) -> Vec<String> {
+        let path = dir.join(ADAPTER_CONFIG_NAME);
+        if !path.is_file() {
+            return Vec::new();
+        }
+        let checked = Self::from_file(&path).and_then(|(config, _)| config.validate());
+        match checked {
+            Ok(()) => Vec::new(),
+            Err(e) => vec![format!("{}: {e}", path.display())],
+        }
+    }
+
     /// Parses a config object. `peft_type` is required and must be known to `spec`
     /// (peft: `KeyError` otherwise).
     pub fn from_map(
