@@ -589,3 +589,49 @@ fn verify_lists_broken_configs() {
             .code(0);
     }
 }
+
+/// Wrong kinds of input get an error that says what the input is and what to do, not a bare
+/// "no checkpoint found" or a nonsensical header length.
+#[test]
+fn wrong_kinds_of_input_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bins = tmp.path().join("bins");
+    std::fs::create_dir(&bins).unwrap();
+    std::fs::write(bins.join("pytorch_model.bin"), b"PK\x03\x04").unwrap();
+    let variant = tmp.path().join("variant");
+    std::fs::create_dir(&variant).unwrap();
+    std::fs::copy(
+        peft_case("lora_basic").join("base/model.safetensors"),
+        variant.join("model.fp16.safetensors"),
+    )
+    .unwrap();
+    let json = tmp.path().join("config.safetensors");
+    std::fs::write(&json, br#"{"model_type": "llama"}"#).unwrap();
+    let cases: Vec<(String, &str)> = vec![
+        (
+            bins.display().to_string(),
+            "PyTorch pickle weights (pytorch_model.bin)",
+        ),
+        (variant.display().to_string(), "pass --variant fp16"),
+        (
+            "no-such-org/no-such-model".into(),
+            "looks like a Hugging Face repo id",
+        ),
+        (
+            json.display().to_string(),
+            "this is a JSON file, not a safetensors file",
+        ),
+    ];
+    for (input, needle) in cases {
+        let run = peftkit()
+            .current_dir(tmp.path())
+            .args(["inspect", &input])
+            .assert()
+            .code(2);
+        assert!(
+            stderr_of(&run).contains(needle),
+            "{input}: {}",
+            stderr_of(&run)
+        );
+    }
+}

@@ -85,7 +85,60 @@ pub fn find_file_layout(
     Err(CheckpointError::NotACheckpoint {
         path: dir.to_owned(),
         expected: format!("{} or {}", names.single(), names.index()),
+        hint: why_not_a_checkpoint(dir, variant),
     })
+}
+
+/// What a folder without the expected weight files holds instead, and what to do about it:
+/// a repo id given for a path, pickle `.bin` weights, or variant files without `--variant`.
+fn why_not_a_checkpoint(dir: &Path, variant: Option<&str>) -> String {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        let text = dir.to_string_lossy();
+        let parts: Vec<&str> = text.split('/').collect();
+        let looks_like_repo = parts.len() == 2
+            && parts
+                .iter()
+                .all(|p| !p.is_empty() && *p != ".." && *p != ".");
+        return if looks_like_repo {
+            format!("; there is no such folder, and `{text}` looks like a Hugging Face repo id: peftkit reads local folders, so download it first (`hf download {text} --local-dir DIR`) and pass DIR")
+        } else {
+            "; there is no such folder".to_owned()
+        };
+    };
+    let names: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    let mut bins: Vec<&String> = names.iter().filter(|n| n.ends_with(".bin")).collect();
+    bins.sort();
+    if let Some(first) = bins.first() {
+        return format!("; it holds PyTorch pickle weights ({first}{}), which peftkit does not read: convert them to safetensors first (transformers' from_pretrained(DIR).save_pretrained(OUT) writes safetensors)", if bins.len() > 1 { ", …" } else { "" });
+    }
+    let mut variants: Vec<&str> = names.iter().filter_map(|n| variant_of(n)).collect();
+    variants.sort();
+    variants.dedup();
+    variants.retain(|v| Some(*v) != variant);
+    match variants.as_slice() {
+        [] => String::new(),
+        found => format!(
+            "; it holds the variant(s) {}: pass --variant {}",
+            found.join(", "),
+            found[0]
+        ),
+    }
+}
+
+/// The variant of a weight file name: `fp16` of `model.fp16.safetensors`,
+/// `model.fp16-00001-of-00002.safetensors` or `model.safetensors.index.fp16.json`.
+fn variant_of(name: &str) -> Option<&str> {
+    if let Some(v) = name
+        .strip_prefix("model.safetensors.index.")
+        .and_then(|r| r.strip_suffix(".json"))
+    {
+        return Some(v);
+    }
+    let stem = name.strip_prefix("model.")?.strip_suffix(".safetensors")?;
+    let v = stem.split_once('-').map_or(stem, |(v, _)| v);
+    (!v.is_empty()).then_some(v)
 }
 
 /// Resolves an index entry to a path inside `dir`, refusing anything that could escape it:

@@ -62,12 +62,14 @@ pub enum CheckpointError {
         reason: String,
     },
     /// No weights were found where a checkpoint was expected.
-    #[error("{path}: no checkpoint found: expected {expected}")]
+    #[error("{path}: no checkpoint found: expected {expected}{hint}")]
     NotACheckpoint {
         /// The folder searched.
         path: PathBuf,
         /// The file names that were looked for.
         expected: String,
+        /// What the folder holds instead and what to do, starting with `"; "` (or empty).
+        hint: String,
     },
     /// A `max_shard_size` string that huggingface_hub would reject too.
     #[error("invalid shard size `{input}`: {reason}; use an integer number of bytes or a decimal size such as \"50GB\", \"500MB\", \"1.5 MB\", \"20KB\" (units KB, MB, GB, TB; powers of 1000)")]

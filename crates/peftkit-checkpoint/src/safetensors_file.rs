@@ -104,26 +104,40 @@ pub fn inspect_file(path: &Path) -> Result<(Option<SafetensorsHeader>, Vec<FileP
     file.read_exact(&mut prefix)
         .map_err(|e| CheckpointError::io(path, e))?;
     let n = u64::from_le_bytes(prefix);
-    if n > MAX_HEADER_SIZE {
+    let problem = if n > MAX_HEADER_SIZE {
+        Some(format!(
+            "header length {n} exceeds the {MAX_HEADER_SIZE}-byte limit"
+        ))
+    } else if 8 + n > file_len {
+        Some(format!(
+            "header length {n} runs past the end of the {file_len}-byte file"
+        ))
+    } else {
+        None
+    };
+    if let Some(problem) = problem {
         return Ok((
             None,
-            vec![FileProblem::header(format!(
-                "header length {n} exceeds the {MAX_HEADER_SIZE}-byte limit"
-            ))],
-        ));
-    }
-    if 8 + n > file_len {
-        return Ok((
-            None,
-            vec![FileProblem::header(format!(
-                "header length {n} runs past the end of the {file_len}-byte file"
-            ))],
+            vec![FileProblem::header(not_safetensors(&prefix, problem))],
         ));
     }
     let mut raw = vec![0u8; n as usize];
     file.read_exact(&mut raw)
         .map_err(|e| CheckpointError::io(path, e))?;
     Ok(parse_header(&raw, 8 + n, file_len - 8 - n))
+}
+
+/// `problem`, or, when the first bytes are text (a safetensors file starts with a binary
+/// length), a plainer explanation: the file is JSON or text, not safetensors.
+fn not_safetensors(prefix: &[u8; 8], problem: String) -> String {
+    let text = prefix
+        .iter()
+        .all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace());
+    match (text, prefix.first()) {
+        (true, Some(b'{' | b'[')) => format!("this is a JSON file, not a safetensors file ({problem}); give the checkpoint's folder or its .safetensors file"),
+        (true, _) => format!("this is a text file, not a safetensors file ({problem}); give the checkpoint's folder or its .safetensors file"),
+        _ => problem,
+    }
 }
 
 /// Reads and validates the header of `path`, failing on the first problem.
