@@ -133,18 +133,18 @@ impl AdapterTensors {
         }
     }
 
-    /// Per module path, the method's tensors by role (module-scope entries only), in order.
-    pub fn modules(&self) -> IndexMap<String, BTreeMap<String, (&str, &Tensor)>> {
-        let mut out: IndexMap<String, BTreeMap<String, (&str, &Tensor)>> = IndexMap::new();
+    /// Per module path, the method's tensors by role (module-scope entries only), in the order
+    /// each module first appears.
+    pub fn modules(&self) -> IndexMap<&str, AdapterModule<'_>> {
+        let mut out: IndexMap<&str, AdapterModule<'_>> = IndexMap::new();
         for (key, e) in &self.entries {
             if let EntryKind::Adapter {
                 role,
                 module: Some(m),
             } = &e.kind
             {
-                out.entry(m.clone())
-                    .or_default()
-                    .insert(role.clone(), (key.as_str(), &e.tensor));
+                let module = out.entry(m.as_str()).or_default();
+                module.roles.insert(role.as_str(), (key.as_str(), e));
             }
         }
         out
@@ -156,7 +156,7 @@ impl AdapterTensors {
         self.modules()
             .into_iter()
             .filter(|(_, roles)| roles.contains_key("a") || roles.contains_key("embedding_a"))
-            .map(|(m, _)| m)
+            .map(|(m, _)| m.to_owned())
             .collect()
     }
 
@@ -166,7 +166,28 @@ impl AdapterTensors {
         roles
             .get("a")
             .or_else(|| roles.get("embedding_a"))
-            .and_then(|(_, t)| t.shape().first().copied())
+            .and_then(|t| t.shape().first().copied())
+    }
+
+    /// The replacement tensors by the base key they replace, in the order each base key first
+    /// appears. Two entries for one base key (`<m>.base_layer.weight` and `<m>.weight`) are
+    /// one replacement, the later one's tensor: loading the file in order leaves that one.
+    pub fn replacements(&self) -> IndexMap<&str, &AdapterEntry> {
+        let mut out = IndexMap::new();
+        for e in self.entries.values() {
+            if let EntryKind::Replacement { base_key } = &e.kind {
+                out.insert(base_key.as_str(), e);
+            }
+        }
+        out
+    }
+
+    /// Whether the adapter has model-level tensors (VeRA's shared `vera_A`, prompt
+    /// embeddings): adapter tensors of no module.
+    pub fn has_model_level(&self) -> bool {
+        self.entries
+            .values()
+            .any(|e| matches!(&e.kind, EntryKind::Adapter { module: None, .. }))
     }
 
     /// Module paths with a `modules_to_save` copy (or, from an adapter file, a replacement
@@ -213,39 +234,54 @@ impl AdapterTensors {
     }
 }
 
-/// One tensor of an adapted module.
-#[derive(Debug, Clone)]
-pub struct AdapterTensor {
-    /// Its key in the file.
-    pub key: String,
-    /// The tensor.
-    pub tensor: Tensor,
-}
-
-/// The tensors of one adapted module, by role (`a`, `b`, `b_bias`, `magnitude`, …; see
-/// adapters-spec/methods.json).
+/// The tensors of one adapted module by role (`a`, `b`, `b_bias`, `magnitude`, …; see
+/// adapters-spec/methods.json): a view of the module's entries in an [`AdapterTensors`].
 #[derive(Debug, Clone, Default)]
-pub struct AdapterModule {
-    /// Tensors by role.
-    pub tensors: BTreeMap<String, AdapterTensor>,
+pub struct AdapterModule<'a> {
+    /// Role -> (on-disk key, entry).
+    roles: BTreeMap<&'a str, (&'a str, &'a AdapterEntry)>,
 }
 
-impl AdapterModule {
+impl<'a> AdapterModule<'a> {
     /// The tensor of `role`, if present.
-    pub fn get(&self, role: &str) -> Option<&Tensor> {
-        self.tensors.get(role).map(|t| &t.tensor)
+    pub fn get(&self, role: &str) -> Option<&'a Tensor> {
+        self.entry(role).map(|e| &e.tensor)
     }
-}
 
-/// A full tensor of the base model carried in the adapter file: a `modules_to_save` copy,
-/// an embedding saved with `save_embedding_layers`, a bias with `bias="all"`. Loading it
-/// replaces the base tensor.
-#[derive(Debug, Clone)]
-pub struct Replacement {
-    /// Its key in the file.
-    pub key: String,
-    /// The tensor.
-    pub tensor: Tensor,
+    /// The entry of `role`, if present.
+    pub fn entry(&self, role: &str) -> Option<&'a AdapterEntry> {
+        self.roles.get(role).map(|(_, e)| *e)
+    }
+
+    /// The tensor of `role` with its on-disk key, if present.
+    pub fn keyed(&self, role: &str) -> Option<(&'a str, &'a Tensor)> {
+        self.roles.get(role).map(|(k, e)| (*k, &e.tensor))
+    }
+
+    /// Whether the module has a tensor of `role`.
+    pub fn contains_key(&self, role: &str) -> bool {
+        self.roles.contains_key(role)
+    }
+
+    /// The number of roles present.
+    pub fn len(&self) -> usize {
+        self.roles.len()
+    }
+
+    /// Whether no role is present (never, for a module of [`AdapterTensors::modules`]).
+    pub fn is_empty(&self) -> bool {
+        self.roles.is_empty()
+    }
+
+    /// The roles and their entries, by role name.
+    pub fn entries(&self) -> impl Iterator<Item = (&'a str, &'a AdapterEntry)> + '_ {
+        self.roles.iter().map(|(r, (_, e))| (*r, *e))
+    }
+
+    /// The tensors with their on-disk keys, by role name.
+    pub fn keyed_tensors(&self) -> impl Iterator<Item = (&'a str, &'a Tensor)> + '_ {
+        self.roles.values().map(|(k, e)| (*k, &e.tensor))
+    }
 }
 
 /// A loaded adapter.
@@ -261,13 +297,12 @@ pub struct Adapter {
     pub warnings: Vec<ConfigWarning>,
     /// The weights.
     pub weights: Checkpoint,
-    /// Adapted modules by module path (`model.layers.0.self_attn.q_proj`), in file order.
-    pub modules: IndexMap<String, AdapterModule>,
-    /// Base tensors replaced by the adapter, by base key (`lm_head.weight`;
-    /// `embed_tokens.base_layer.weight` is listed as `embed_tokens.weight`).
-    pub replacements: IndexMap<String, Replacement>,
-    /// Model-level shared tensors (VeRA's `vera_A`), by role.
-    pub shared: IndexMap<String, AdapterTensor>,
+    /// The tensors, in file order, by on-disk key: the method's tensors under the key peft
+    /// writes (`source_key` keeps the file's spelling, with or without the adapter name), and
+    /// the base tensors the adapter replaces (`lm_head.weight`; `embed_tokens.base_layer.weight`
+    /// replaces `embed_tokens.weight`) under their own key. Module-level tensors by module and
+    /// role: [`AdapterTensors::modules`]; model-level ones (VeRA's `vera_A`) have no module.
+    pub tensors: AdapterTensors,
     /// Keys that are neither (prompt-learning tensors are here too: they have no base).
     pub unexpected: Vec<String>,
 }
@@ -298,15 +333,14 @@ impl Adapter {
         }
         let (config, warnings) = AdapterConfig::from_file(&config_path)?;
         let weights = Checkpoint::open_kind(dir, WeightsKind::Adapter, None)?;
+        let tensors = AdapterTensors::new(name, config.peft_type());
         let mut adapter = Adapter {
             name: name.to_owned(),
             dir: dir.to_owned(),
             config,
             warnings,
             weights,
-            modules: IndexMap::new(),
-            replacements: IndexMap::new(),
-            shared: IndexMap::new(),
+            tensors,
             unexpected: Vec::new(),
         };
         adapter.sort_tensors(Spec::embedded())?;
@@ -351,8 +385,8 @@ impl Adapter {
                 let (rest, had_prefix) = spec.strip_model_prefix(&key);
                 if had_prefix {
                     let base_key = rest.replace(".base_layer.", ".");
-                    self.replacements
-                        .insert(base_key, Replacement { key, tensor });
+                    let kind = EntryKind::Replacement { base_key };
+                    self.insert(key.clone(), key, kind, tensor)?;
                 } else {
                     self.unexpected.push(key);
                 }
@@ -368,29 +402,46 @@ impl Adapter {
                     });
                 }
             }
-            let entry = AdapterTensor { key, tensor };
-            let previous = match (class.scope, class.module_path) {
-                (RuleScope::Module, Some(path)) => self
-                    .modules
-                    .entry(path)
-                    .or_default()
-                    .tensors
-                    .insert(class.role.clone(), entry),
-                (RuleScope::Model, _) => self.shared.insert(class.role.clone(), entry),
+            let module = match (class.scope, class.module_path) {
+                (RuleScope::Module, Some(path)) => Some(path),
+                (RuleScope::Model, _) => None,
                 _ => {
-                    self.unexpected.push(entry.key);
-                    None
+                    self.unexpected.push(key);
+                    continue;
                 }
             };
-            if let Some(prev) = previous {
-                return Err(AdapterError::Duplicate {
-                    file: self.file_of(&prev.key),
-                    second: class.disk_key,
-                    first: prev.key,
-                });
-            }
+            let kind = EntryKind::Adapter {
+                role: class.role,
+                module,
+            };
+            self.insert(class.disk_key, key, kind, tensor)?;
         }
         self.check_complete()
+    }
+
+    /// Adds a tensor under its on-disk key; a second file key for one adapter tensor is an
+    /// error (a replacement's on-disk key is its file key, so it never clashes).
+    fn insert(
+        &mut self,
+        disk_key: String,
+        source_key: String,
+        kind: EntryKind,
+        tensor: Tensor,
+    ) -> Result<(), AdapterError> {
+        if let Some(prev) = self.tensors.entries.get(&disk_key) {
+            return Err(AdapterError::Duplicate {
+                file: self.file_of(&prev.source_key),
+                first: prev.source_key.clone(),
+                second: disk_key,
+            });
+        }
+        let entry = AdapterEntry {
+            source_key,
+            kind,
+            tensor,
+        };
+        self.tensors.entries.insert(disk_key, entry);
+        Ok(())
     }
 
     /// Each module must carry both halves of its low-rank pair.
@@ -401,19 +452,15 @@ impl Adapter {
             ("embedding_a", "embedding_b"),
             ("embedding_b", "embedding_a"),
         ];
-        for (path, module) in &self.modules {
+        for (path, module) in self.tensors.modules() {
             for (have, need) in PAIRS {
-                if let Some(t) = module.tensors.get(have) {
-                    if !module.tensors.contains_key(need) {
+                if let Some(e) = module.entry(have) {
+                    if !module.contains_key(need) {
+                        let present: Vec<&str> = module.entries().map(|(r, _)| r).collect();
                         return Err(AdapterError::Incomplete {
-                            file: self.file_of(&t.key),
-                            module: path.clone(),
-                            present: module
-                                .tensors
-                                .keys()
-                                .cloned()
-                                .collect::<Vec<_>>()
-                                .join(", "),
+                            file: self.file_of(&e.source_key),
+                            module: path.to_owned(),
+                            present: present.join(", "),
                             missing: need.to_owned(),
                         });
                     }
@@ -425,9 +472,49 @@ impl Adapter {
 
     /// The rank of a module: the leading dimension of its `A` tensor.
     pub fn rank_of(&self, module: &str) -> Option<usize> {
-        let m = self.modules.get(module)?;
-        m.get("a")
-            .or_else(|| m.get("embedding_a"))
-            .and_then(|t| t.shape().first().copied())
+        self.tensors.rank_of(module)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use peftkit_checkpoint::{write_file, Dtype, Tensor};
+
+    use super::*;
+
+    /// Two file keys for one base tensor (`<m>.base_layer.weight` and `<m>.weight`) are two
+    /// entries but one replacement, the later key's tensor, where the base key first appeared.
+    #[test]
+    fn two_keys_for_one_replacement_keep_the_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = r#"{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"]}"#;
+        std::fs::write(dir.path().join(ADAPTER_CONFIG_NAME), config).unwrap();
+        let t = |fill: u8, n: usize| Tensor::from_bytes(Dtype::F32, vec![n], vec![fill; 4 * n]);
+        let (first, second, lm) = (t(1, 2).unwrap(), t(2, 2).unwrap(), t(3, 1).unwrap());
+        let tensors = [
+            ("base_model.model.embed.base_layer.weight", &first),
+            ("base_model.model.embed.weight", &second),
+            ("base_model.model.lm_head.weight", &lm),
+        ];
+        let path = dir.path().join("adapter_model.safetensors");
+        write_file(&path, tensors, &BTreeMap::new(), &mut |_| {}).unwrap();
+
+        let adapter = Adapter::open(dir.path()).unwrap();
+        assert_eq!(adapter.tensors.entries.len(), 3);
+        let reps = adapter.tensors.replacements();
+        let keys: Vec<(&str, &str)> = reps
+            .iter()
+            .map(|(b, e)| (*b, e.source_key.as_str()))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("embed.weight", "base_model.model.embed.weight"),
+                ("lm_head.weight", "base_model.model.lm_head.weight"),
+            ]
+        );
+        assert_eq!(reps["embed.weight"].tensor.bytes().unwrap()[0], 2);
     }
 }

@@ -39,10 +39,7 @@ mod scaling;
 mod spec;
 mod targeting;
 
-pub use adapter::{
-    Adapter, AdapterEntry, AdapterError, AdapterModule, AdapterTensor, AdapterTensors, EntryKind,
-    Replacement,
-};
+pub use adapter::{Adapter, AdapterEntry, AdapterError, AdapterModule, AdapterTensors, EntryKind};
 pub use classify::{
     check_config, classify_state_dict, clean_base_key, conv1d_table, describe_tensor, infer_config,
     infer_lora_structure, origin_of, summarize_adapters, summarize_classified, summarize_path,

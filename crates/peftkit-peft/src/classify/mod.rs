@@ -50,7 +50,7 @@
 
 use peftkit_checkpoint::{CheckpointError, Tensor};
 
-use crate::adapter::{AdapterEntry, AdapterTensors, EntryKind};
+use crate::adapter::{AdapterEntry, AdapterModule, AdapterTensors, EntryKind};
 use crate::config::ConfigError;
 use crate::targeting::TargetingError;
 
