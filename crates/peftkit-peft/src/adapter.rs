@@ -10,7 +10,7 @@
 //! [`AdapterTensors`] is an adapter's tensors by on-disk key, as classification of any state
 //! dict produces them (`classify` builds on these types).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use indexmap::IndexMap;
@@ -380,6 +380,9 @@ impl Adapter {
             .tensors()
             .map(|(k, t)| (k.to_owned(), t.clone()))
             .collect();
+        // The file key of each (module, role) so far: one tensor per role, even when a user
+        // spec gives a role two on-disk spellings.
+        let mut roles: HashMap<(Option<String>, String), String> = HashMap::new();
         for (key, tensor) in keys {
             let Some(class) = spec.classify_key_for(&method, &key) else {
                 let (rest, had_prefix) = spec.strip_model_prefix(&key);
@@ -414,6 +417,16 @@ impl Adapter {
                 role: class.role,
                 module,
             };
+            if let EntryKind::Adapter { role, module } = &kind {
+                let slot = (module.clone(), role.clone());
+                if let Some(first) = roles.insert(slot, key.clone()) {
+                    return Err(AdapterError::Duplicate {
+                        file: self.file_of(&first),
+                        first,
+                        second: class.disk_key,
+                    });
+                }
+            }
             self.insert(class.disk_key, key, kind, tensor)?;
         }
         self.check_complete()
