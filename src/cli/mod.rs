@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use peftkit::checkpoint::{Checkpoint, WeightsKind};
+use peftkit::checkpoint::{self as ckpt, Checkpoint, SaveOptions, WeightsKind};
 
 mod extract;
 mod inspect;
@@ -77,6 +77,28 @@ fn progress(total: u64) -> ProgressBar {
         bar.set_style(style);
     }
     bar
+}
+
+/// The save options of a re-save of the checkpoint in `dir` (its `input_variant` files) with
+/// shards of at most `max_shard_size` into `variant` files, reporting to a progress bar over
+/// the input's bytes, which is returned too. `remap` and `reshard` share them.
+fn resave_options(
+    dir: &Path,
+    input_variant: Option<&str>,
+    max_shard_size: &str,
+    variant: Option<String>,
+) -> Result<(SaveOptions, ProgressBar)> {
+    let max_shard_size = ckpt::parse_size(max_shard_size)?;
+    let total = Checkpoint::open_kind(dir, WeightsKind::Model, input_variant)?.total_bytes();
+    let bar = progress(total);
+    let on_bytes = bar.clone();
+    let options = SaveOptions {
+        max_shard_size,
+        variant,
+        progress: ckpt::Progress::new(move |n| on_bytes.inc(n)),
+        ..Default::default()
+    };
+    Ok((options, bar))
 }
 
 /// An adapter folder (or file) by its file names, a model checkpoint otherwise.

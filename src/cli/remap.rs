@@ -5,11 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use peftkit::checkpoint::{self as ckpt, Checkpoint, SaveOptions, WeightsKind};
 use peftkit::peft;
 use peftkit::remap::{RemapOptions, Revert, TensorLayout};
 
-use super::progress;
+use super::resave_options;
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -70,13 +69,10 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         tables,
         ..
     } = args;
-    let mut options = RemapOptions {
-        save: SaveOptions {
-            max_shard_size: ckpt::parse_size(&max_shard_size)?,
-            variant,
-            ..Default::default()
-        },
-        src_variant: input_variant.clone(),
+    let (save, bar) = resave_options(&dir, input_variant.as_deref(), &max_shard_size, variant)?;
+    let options = RemapOptions {
+        save,
+        src_variant: input_variant,
         revert: if restore_load_only {
             Revert::AllTableRules
         } else {
@@ -84,11 +80,6 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         },
         tables,
     };
-    let total =
-        Checkpoint::open_kind(&dir, WeightsKind::Model, input_variant.as_deref())?.total_bytes();
-    let bar = progress(total);
-    let on_bytes = bar.clone();
-    options.save.progress = ckpt::Progress::new(move |n| on_bytes.inc(n));
     let report = peftkit::remap::remap(&dir, &out, to, model_type.as_deref(), &options)?;
     bar.finish_and_clear();
     println!(

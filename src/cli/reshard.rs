@@ -3,10 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use super::resave_options;
 use anyhow::Result;
-use peftkit::checkpoint::{self as ckpt, Checkpoint, SaveOptions, WeightsKind};
-
-use super::progress;
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -46,22 +44,14 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         model_type,
         tables,
     } = args;
-    let mut options = peftkit::remap::ReshardOptions {
-        save: SaveOptions {
-            max_shard_size: ckpt::parse_size(&max_shard_size)?,
-            variant,
-            durable: !no_fsync,
-            ..Default::default()
-        },
-        src_variant: input_variant.clone(),
+    let (mut save, bar) = resave_options(&dir, input_variant.as_deref(), &max_shard_size, variant)?;
+    save.durable = !no_fsync;
+    let options = peftkit::remap::ReshardOptions {
+        save,
+        src_variant: input_variant,
         model_type,
         tables,
     };
-    let total =
-        Checkpoint::open_kind(&dir, WeightsKind::Model, input_variant.as_deref())?.total_bytes();
-    let bar = progress(total);
-    let on_bytes = bar.clone();
-    options.save.progress = ckpt::Progress::new(move |n| on_bytes.inc(n));
     let report = peftkit::remap::reshard(&dir, &out, &options)?;
     bar.finish_and_clear();
     let save = &report.save;

@@ -275,9 +275,7 @@ pub fn save_pretrained(dir: &Path, state: &StateDict, options: &SaveOptions) -> 
         return Err(CheckpointError::EmptyStateDict(dir.to_owned()));
     }
     let plan = plan_save(state, options)?;
-    save_planned(dir, state, &plan, options, &mut |n| {
-        options.progress.report(n)
-    })
+    save_planned(dir, state, &plan, options)
 }
 
 impl SavePlan {
@@ -325,14 +323,12 @@ impl SavePlan {
 /// [`SavePlan::from_checkpoint`]), atomically, with the configs and extra files of
 /// `options`. Every tensor the plan names must be in `state`.
 ///
-/// `on_bytes` is told the bytes written; `options.progress` is not called here, since the
-/// caller (e.g. the streaming merge, which also counts them) decides what it reports.
+/// `options.progress` is told the bytes written.
 pub fn save_planned(
     dir: &Path,
     state: &StateDict,
     plan: &SavePlan,
     options: &SaveOptions,
-    on_bytes: &mut dyn FnMut(u64),
 ) -> Result<SaveReport> {
     if dir.exists() && !dir.is_dir() {
         return Err(CheckpointError::NotADirectory(dir.to_owned()));
@@ -389,6 +385,7 @@ pub fn save_planned(
         })
         .collect();
     let mut syncs = Vec::new();
+    let on_bytes = &mut |n| options.progress.report(n);
     let written = write_files(jobs, &options.metadata, on_bytes, &mut |f, _, handle| {
         if options.durable {
             let path = staging.join(&plan.shards[f].0);

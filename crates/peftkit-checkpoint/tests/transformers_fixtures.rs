@@ -170,7 +170,7 @@ fn saving_through_a_checkpoints_own_plan_reproduces_its_file_names() {
             metadata: ck.metadata().cloned().unwrap_or_default(),
             ..Default::default()
         };
-        save_planned(&target, &ck.state_dict(), &plan, &opts, &mut |_| {}).unwrap();
+        save_planned(&target, &ck.state_dict(), &plan, &opts).unwrap();
         for f in file_names(&target) {
             assert_eq!(
                 fs::read(expected.join(&f)).unwrap(),

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use peftkit_checkpoint::{CheckpointError, Dtype, Tensor};
 use peftkit_peft::AdapterModule;
+use std::collections::BTreeMap;
 
 use crate::kernels::{
     decode_f32, dora, encode_f32, lora, methods, BaseTensorMut, F32Tensor, MergeMathError,
@@ -21,7 +22,7 @@ pub(crate) enum Edit {
     /// A LoRA pair (optionally DoRA). `round_first` rounds the delta to the base dtype before
     /// the add, as peft does for 2-D `target_parameters`.
     Lora {
-        module: AdapterModule,
+        module: ModuleTensors,
         kind: LoraKind,
         scale: f32,
         dora: bool,
@@ -40,13 +41,43 @@ pub(crate) enum Edit {
     /// IA3 on the bias of a non-feedforward layer.
     Ia3Bias { vector: Tensor },
     /// LoHa Hadamard product.
-    Loha { module: AdapterModule, scale: f32 },
+    Loha { module: ModuleTensors, scale: f32 },
     /// LoKr Kronecker product.
-    Lokr { module: AdapterModule, scale: f32 },
+    Lokr { module: ModuleTensors, scale: f32 },
     /// LoRA on a fused 3-D expert parameter `(E, out, in)` stored as is.
     Experts { a: Tensor, b: Tensor, scale: f32 },
     /// LoRA on one expert of a fused parameter whose experts are stored per expert on disk.
     ExpertPiece(ExpertPiece),
+}
+
+/// A module's adapter tensors by role as an edit keeps them: handles cloned out of the
+/// adapter's [`AdapterModule`] view, so a plan does not borrow the adapter it was made from.
+#[derive(Clone, Default)]
+pub(crate) struct ModuleTensors(BTreeMap<String, Tensor>);
+
+impl ModuleTensors {
+    /// The tensors of `module`.
+    pub fn of(module: &AdapterModule<'_>) -> Self {
+        let roles = module
+            .entries()
+            .map(|(r, e)| (r.to_owned(), e.tensor.clone()));
+        ModuleTensors(roles.collect())
+    }
+
+    /// The tensors given by role.
+    pub fn from_roles<'t>(roles: impl IntoIterator<Item = (&'t str, &'t Tensor)>) -> Self {
+        ModuleTensors(
+            roles
+                .into_iter()
+                .map(|(r, t)| (r.to_owned(), t.clone()))
+                .collect(),
+        )
+    }
+
+    /// The tensor of `role`, if present.
+    pub fn get(&self, role: &str) -> Option<&Tensor> {
+        self.0.get(role)
+    }
 }
 
 /// The delta block `rows x cols` of expert `expert` of a fused expert LoRA, for a base tensor
@@ -147,7 +178,7 @@ impl Site<'_> {
     }
 
     /// An adapter tensor of `module` widened to `f32`, with its shape.
-    fn role(&self, module: &AdapterModule, role: &'static str) -> Result<Loaded, CheckpointError> {
+    fn role(&self, module: &ModuleTensors, role: &'static str) -> Result<Loaded, CheckpointError> {
         match module.get(role) {
             Some(t) => Ok(Some((self.f32s(role, t)?, t.shape().to_vec()))),
             None => Ok(None),
@@ -244,7 +275,7 @@ impl Step {
 fn apply_lora(
     site: &Site<'_>,
     base: BaseTensorMut<'_>,
-    module: &AdapterModule,
+    module: &ModuleTensors,
     kind: LoraKind,
     scale: f32,
     use_dora: bool,
@@ -288,7 +319,7 @@ fn apply_lora(
 fn apply_loha(
     site: &Site<'_>,
     base: BaseTensorMut<'_>,
-    module: &AdapterModule,
+    module: &ModuleTensors,
     scale: f32,
     opts: &KernelOptions,
 ) -> Result<(), CheckpointError> {
@@ -316,7 +347,7 @@ fn apply_loha(
 fn apply_lokr(
     site: &Site<'_>,
     base: BaseTensorMut<'_>,
-    module: &AdapterModule,
+    module: &ModuleTensors,
     scale: f32,
     opts: &KernelOptions,
 ) -> Result<(), CheckpointError> {

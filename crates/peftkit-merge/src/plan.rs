@@ -88,11 +88,10 @@ pub(crate) fn scale_of(
 }
 
 /// The adapter tensor key of `role` in a module's tensors (for messages).
-pub(crate) fn key_of(module: &peftkit_peft::AdapterModule, role: &str) -> String {
+pub(crate) fn key_of(module: &peftkit_peft::AdapterModule<'_>, role: &str) -> String {
     module
-        .tensors
-        .get(role)
-        .map(|t| t.key.clone())
+        .entry(role)
+        .map(|e| e.source_key.clone())
         .unwrap_or_default()
 }
 
@@ -112,7 +111,7 @@ impl Planner<'_> {
         // Full tensors carried by the adapter replace the base's before its deltas apply, as
         // peft loads them into the base model first.
         self.replacements(adapter, &dir)?;
-        if !adapter.shared.is_empty() {
+        if adapter.tensors.has_model_level() {
             return Err(unsupported(
                 adapter,
                 UnsupportedMerge::SharedTensors {
@@ -178,7 +177,7 @@ impl Planner<'_> {
 
     /// The full tensors an adapter carries (`modules_to_save`, saved embeddings).
     fn replacements(&mut self, adapter: &Adapter, dir: &Arc<Path>) -> Result<(), MergeError> {
-        for (base_key, rep) in &adapter.replacements {
+        for (base_key, rep) in adapter.tensors.replacements() {
             if self.base.get(base_key).is_some() {
                 let source = rep.tensor.clone();
                 self.push(base_key, dir, Edit::Replace { source });
@@ -191,14 +190,14 @@ impl Planner<'_> {
                     .map(|(k, _)| k.to_owned())
                     .unwrap_or_default();
                 let added = (rep.tensor.clone(), source);
-                self.plan.added.insert(base_key.clone(), added);
+                self.plan.added.insert(base_key.to_owned(), added);
                 self.plan.untie = true;
             } else {
                 return Err(MergeError::NoBaseTensor {
                     adapter: adapter.dir.clone(),
-                    key: rep.key.clone(),
-                    module: base_key.clone(),
-                    expected: base_key.clone(),
+                    key: rep.source_key.clone(),
+                    module: base_key.to_owned(),
+                    expected: base_key.to_owned(),
                     base: self.base.dir.clone(),
                 });
             }

@@ -11,12 +11,15 @@
 //! while computing (a NaN with `safe_merge`) aborts the atomic save, so the output folder
 //! either holds the complete merge or is left as it was.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use indexmap::IndexMap;
 use peftkit_checkpoint::companion_files;
 use peftkit_checkpoint::{
-    plan_save, save_planned, Checkpoint, ModelConfig, SaveOptions, SavePlan, StateDict, Tensor,
+    plan_save, save_planned, Checkpoint, ModelConfig, Progress, SaveOptions, SavePlan, StateDict,
+    Tensor,
 };
 use peftkit_peft::Adapter;
 
@@ -131,7 +134,7 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
         &plan,
         state,
         resave_mapping,
-        &options,
+        options,
         &mut summary,
     )?;
     summary.seconds = start.elapsed().as_secs_f64();
@@ -188,9 +191,19 @@ fn save(
     plan: &MergePlan,
     mut state: StateDict,
     resave_mapping: Option<peftkit_remap::Mapping>,
-    options: &SaveOptions,
+    options: SaveOptions,
     summary: &mut MergeSummary,
 ) -> Result<(), MergeError> {
+    // One progress callback: the job's, plus the count of bytes the summary reports.
+    let written = Arc::new(AtomicU64::new(0));
+    let (count, progress) = (written.clone(), job.progress.clone());
+    let options = SaveOptions {
+        progress: Progress::new(move |n| {
+            count.fetch_add(n, Ordering::Relaxed);
+            progress.report(n)
+        }),
+        ..options
+    };
     let save_plan = match (job.max_shard_size, &resave_mapping) {
         (Some(size), Some(mapping)) => {
             // transformers saves the merged model as it holds it: in the v5 layout it was
@@ -206,12 +219,8 @@ fn save(
         }
         _ => with_added(SavePlan::from_checkpoint(base), &plan.added, &state),
     };
-    let mut written = 0u64;
-    let report = save_planned(&job.out, &state, &save_plan, options, &mut |n| {
-        written += n;
-        job.progress.report(n)
-    })?;
-    summary.bytes = written;
+    let report = save_planned(&job.out, &state, &save_plan, &options)?;
+    summary.bytes = written.load(Ordering::Relaxed);
     summary.files = report.weight_files;
     Ok(())
 }

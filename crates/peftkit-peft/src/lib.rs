@@ -39,14 +39,13 @@ mod scaling;
 mod spec;
 mod targeting;
 
-pub use adapter::{Adapter, AdapterError, AdapterModule, AdapterTensor, Replacement};
+pub use adapter::{Adapter, AdapterEntry, AdapterError, AdapterModule, AdapterTensors, EntryKind};
 pub use classify::{
     check_config, classify_state_dict, clean_base_key, conv1d_table, describe_tensor, infer_config,
     infer_lora_structure, origin_of, summarize_adapters, summarize_classified, summarize_path,
-    AdapterEntry, AdapterSummary, AdapterTensors, BaseModelInfo, ClassifiedStateDict,
-    ClassifyError, ClassifyOptions, EntryKind, InferOptions, Inferred, LoraStructure,
-    ScalingSummary, StateDictLayout, TaskTypeChoice, DEFAULT_ADAPTER_NAME, EMBEDDING_LAYER_NAMES,
-    MODEL_PREFIX, PROMPT_BASE_PREFIX,
+    AdapterSummary, BaseModelInfo, ClassifiedStateDict, ClassifyError, ClassifyOptions,
+    InferOptions, Inferred, LoraStructure, ScalingSummary, StateDictLayout, TaskTypeChoice,
+    DEFAULT_ADAPTER_NAME, EMBEDDING_LAYER_NAMES, MODEL_PREFIX, PROMPT_BASE_PREFIX,
 };
 pub use config::{
     AdapterConfig, ConfigError, ConfigWarning, GenericConfig, InitLoraWeights, LoraConfig,

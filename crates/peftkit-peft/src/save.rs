@@ -44,9 +44,10 @@ use peftkit_checkpoint::{
 };
 use serde_json::Value;
 
+use crate::adapter::AdapterTensors;
 use crate::classify::{
-    check_config, classify_state_dict, infer_config, AdapterTensors, ClassifiedStateDict,
-    ClassifyError, ClassifyOptions, InferOptions, DEFAULT_ADAPTER_NAME,
+    check_config, classify_state_dict, infer_config, ClassifiedStateDict, ClassifyError,
+    ClassifyOptions, InferOptions, DEFAULT_ADAPTER_NAME,
 };
 use crate::config::{AdapterConfig, ADAPTER_CONFIG_NAME, LORA, PEFT_VERSION};
 

@@ -87,6 +87,15 @@ def record_split_input(shapes: bool = False):
         modeling_utils.split_torch_state_dict_into_shards = original
 
 
+def save_recorded(model, dest: Path, *, shapes: bool = False, **kwargs) -> dict:
+    """`model.save_pretrained(dest, **kwargs)`, returning what `record_split_input(shapes)` saw of its one
+    call to the shard splitter."""
+    with record_split_input(shapes=shapes) as seen:
+        model.save_pretrained(dest, **kwargs)
+    assert len(seen) == 1, seen
+    return seen[0]
+
+
 def name_model(model, name: str) -> None:
     """Gives a model a fixed name, so that nothing peft writes depends on where it was built or loaded."""
     # peft reads model.__dict__["name_or_path"] (get_peft_model) and config._name_or_path (model card)

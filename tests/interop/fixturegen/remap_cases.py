@@ -28,7 +28,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .common import TINY_DECODER, fresh_dir, quiet, record_split_input, write_json
+from .common import TINY_DECODER, fresh_dir, quiet, record_split_input, save_recorded, write_json
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,13 +64,6 @@ def _tensor_names(folder: Path) -> list[str]:
         with safe_open(f, "pt") as s:
             names.extend(s.keys())
     return sorted(names)
-
-
-def _save(model, dest: Path, **kwargs) -> dict:
-    with record_split_input() as seen:
-        model.save_pretrained(dest, **kwargs)
-    assert len(seen) == 1, seen
-    return seen[0]
 
 
 def _rewrite_weights(folder: Path, rename) -> None:
@@ -254,7 +247,7 @@ def _case(out: Path, spec: dict) -> dict:
         loaded = type(built).from_pretrained(scratch)
         loaded.eval()
         used = [repr(t) for t in loaded._weight_conversions]
-        saves = {"original": _save(loaded, case_dir / "original")}
+        saves = {"original": save_recorded(loaded, case_dir / "original")}
         # The original layout is a fixed point: loading original/ and saving again changes nothing.
         again = type(built).from_pretrained(case_dir / "original")
         again.eval()
@@ -263,14 +256,14 @@ def _case(out: Path, spec: dict) -> dict:
             again.save_pretrained(tmp2)
             for f in (case_dir / "original").iterdir():
                 assert (Path(tmp2) / f.name).read_bytes() == f.read_bytes(), f
-        saves["v5"] = _save(again, case_dir / "v5", save_original_format=False)
+        saves["v5"] = save_recorded(again, case_dir / "v5", save_original_format=False)
         assert (case_dir / "v5" / "config.json").read_bytes() == (case_dir / "original" / "config.json").read_bytes()
         if spec.get("sharded"):
             for size in SHARD_SIZES:
-                saves[f"original_{size}"] = _save(again, case_dir / f"original_{size}", max_shard_size=size)
+                saves[f"original_{size}"] = save_recorded(again, case_dir / f"original_{size}", max_shard_size=size)
             resaved = type(built).from_pretrained(case_dir / "v5")
             assert resaved._weight_conversions == [], resaved._weight_conversions
-            saves["v5_resaved_2KB"] = _save(resaved, case_dir / "v5_resaved_2KB", max_shard_size="2KB")
+            saves["v5_resaved_2KB"] = save_recorded(resaved, case_dir / "v5_resaved_2KB", max_shard_size="2KB")
     case = {
         "description": spec["description"],
         "model_type": spec["model_type"],

@@ -43,7 +43,7 @@ import struct
 import tempfile
 from pathlib import Path
 
-from .common import fresh_dir, quiet, record_split_input, write_json
+from .common import fresh_dir, quiet, save_recorded, write_json
 from .remap_cases import _bert, _gpt_neox, _hub_llava_names, _legacy_layernorm_names, _llava, _mixtral, _rewrite_weights, _vit
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -196,10 +196,8 @@ def _shard_totals(folder: Path) -> list[int]:
 
 
 def _save(model, dest: Path, **kwargs) -> dict:
-    with record_split_input(shapes=True) as seen:
-        model.save_pretrained(dest, **kwargs)
-    assert len(seen) == 1, seen
-    return seen[0]
+    # With the shapes: the `exact` sizes are computed from them.
+    return save_recorded(model, dest, shapes=True, **kwargs)
 
 
 def _files(folder: Path) -> dict[str, bytes]:

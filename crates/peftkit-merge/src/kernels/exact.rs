@@ -79,6 +79,7 @@ use serde::Serialize;
 use super::apply::{update_rows, BaseTensorMut, Rows};
 use super::dtype::{bf16_bits_to_f32, f16_bits_to_f32, f32_to_bf16_bits, f32_to_f16_bits};
 use super::error::{MergeMathError, Result};
+use super::gemm::Product;
 
 /// How a merge rounds.
 ///
@@ -207,20 +208,6 @@ fn to_f32_odd(x: f64) -> f32 {
     let inexact = f64::from(r) != x;
     let beyond = f64::from(r).abs() > x.abs();
     f32::from_bits((r.to_bits() - u32::from(beyond)) | u32::from(inexact))
-}
-
-/// The low-rank product an exact merge adds: row `g` of the base (viewed as `batch·rows × n`)
-/// gets `scale · Σ_k left[g, k] · right_e[k, :]` with `e = g / rows`.
-pub(crate) struct Product<'a> {
-    /// `batch·rows × k`.
-    pub left: &'a [f32],
-    /// `batch × k × n`.
-    pub right: &'a [f32],
-    pub rows: usize,
-    pub k: usize,
-    pub n: usize,
-    /// Negative for an unmerge (negation is exact).
-    pub scale: f32,
 }
 
 /// Largest rank the fast path's bound is stated for (`(k+1)·u` must stay far below 1) and the

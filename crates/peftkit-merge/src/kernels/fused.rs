@@ -17,56 +17,48 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 use super::dtype::{bf16_bits_to_f32, decode_le, encode_le, f32_to_bf16_bits};
-use super::gemm::{product_into, Sink};
+use super::gemm::{product_into, Product, Sink};
 
-/// One low-rank product `Δ = s · L_e @ R_e` per batch entry `e`, as the fused path needs it:
-/// row `g` of the base (viewed as `batch·rows × n`) gets row `g % rows` of `Δ_{g / rows}`.
-pub(crate) struct Product<'a> {
-    /// `batch·rows × k`.
-    pub left: &'a [f32],
-    /// `batch × k × n`.
-    pub right: &'a [f32],
-    pub rows: usize,
-    pub k: usize,
-    pub n: usize,
-    pub scale: f32,
-    pub blocks: &'a [Range<usize>],
-}
-
-/// Adds `Δ` to `data` (the base tensor's little-endian bytes) in place. Returns `false`, having
+/// Adds `Δ` (reduced over the rank in `blocks`, MKL's order) to `data` (the base tensor's
+/// little-endian bytes) in place. Returns `false`, having
 /// done nothing, when the base dtype has no fused path on this CPU (the caller then takes the
 /// general one).
 ///
 /// The caller has checked the shapes: `data` holds `batch·rows × n` elements.
-pub(crate) fn add_in_place(p: &Product<'_>, dtype: Dtype, data: &mut [u8]) -> bool {
+pub(crate) fn add_in_place(
+    p: &Product<'_>,
+    blocks: &[Range<usize>],
+    dtype: Dtype,
+    data: &mut [u8],
+) -> bool {
     #[cfg(target_arch = "x86_64")]
     if let Some(ty) = super::avx512::BaseType::of(dtype).filter(|_| super::avx512::available()) {
         for_each_segment(p, ty.size(), data, |left, right, rows, bytes| {
-            super::avx512::add_rows(ty, left, right, (rows, p.k, p.n), p.blocks, p.scale, bytes)
+            super::avx512::add_rows(ty, left, right, (rows, p.k, p.n), blocks, p.scale, bytes)
         });
         return true;
     }
-    add_generic(p, dtype, data)
+    add_generic(p, blocks, dtype, data)
 }
 
 /// The fused path without the AVX-512 kernel: F32 and BF16 only.
-fn add_generic(p: &Product<'_>, dtype: Dtype, data: &mut [u8]) -> bool {
+fn add_generic(p: &Product<'_>, blocks: &[Range<usize>], dtype: Dtype, data: &mut [u8]) -> bool {
     match dtype {
-        Dtype::BF16 => add_with_sink::<Bf16>(p, data),
-        Dtype::F32 => add_with_sink::<F32>(p, data),
+        Dtype::BF16 => add_with_sink::<Bf16>(p, blocks, data),
+        Dtype::F32 => add_with_sink::<F32>(p, blocks, data),
         _ => return false,
     }
     true
 }
 
-fn add_with_sink<E: Elem>(p: &Product<'_>, data: &mut [u8]) {
+fn add_with_sink<E: Elem>(p: &Product<'_>, blocks: &[Range<usize>], data: &mut [u8]) {
     for_each_segment(p, E::SIZE, data, |left, right, rows, bytes| {
         let mut sink = AddInto::<E> {
             bytes,
             n: p.n,
             elem: PhantomData,
         };
-        product_into(left, right, p.k, p.n, p.blocks, p.scale, &mut sink, rows);
+        product_into(left, right, p.k, p.n, blocks, p.scale, &mut sink, rows);
     });
 }
 
@@ -228,7 +220,13 @@ mod tests {
     }
 
     /// The general path's arithmetic: decode, `Δ` into a buffer, add, encode.
-    fn reference(p: &Product<'_>, batch: usize, dtype: Dtype, base: &[u8]) -> Vec<u8> {
+    fn reference(
+        p: &Product<'_>,
+        blocks: &[Range<usize>],
+        batch: usize,
+        dtype: Dtype,
+        base: &[u8],
+    ) -> Vec<u8> {
         let mut w = decode_f32("base", dtype, base).unwrap();
         let mut delta = vec![0f32; batch * p.rows * p.n];
         for e in 0..batch {
@@ -237,7 +235,7 @@ mod tests {
                 &p.right[e * p.k * p.n..(e + 1) * p.k * p.n],
                 p.k,
                 p.n,
-                p.blocks,
+                blocks,
                 p.scale,
                 &mut delta[e * p.rows * p.n..(e + 1) * p.rows * p.n],
             );
@@ -270,14 +268,13 @@ mod tests {
                 k,
                 n,
                 scale: 0.75,
-                blocks: &blocks,
             };
             for dtype in [Dtype::F32, Dtype::BF16, Dtype::F16] {
                 let base = encode_f32("base", dtype, &base_values(batch * rows * n)).unwrap();
-                let want = reference(&p, batch, dtype, &base);
+                let want = reference(&p, &blocks, batch, dtype, &base);
                 let mut paths: Vec<(&str, Vec<u8>)> = Vec::new();
                 let mut got = base.clone();
-                if add_generic(&p, dtype, &mut got) {
+                if add_generic(&p, &blocks, dtype, &mut got) {
                     paths.push(("generic", got));
                 }
                 // One kernel call over all rows (no rayon split) is only valid for one entry.
@@ -298,7 +295,7 @@ mod tests {
                     paths.push(("avx512 (one call)", got));
                 }
                 let mut got = base.clone();
-                assert!(add_in_place(&p, dtype, &mut got) || dtype == Dtype::F16);
+                assert!(add_in_place(&p, &blocks, dtype, &mut got) || dtype == Dtype::F16);
                 if got != base {
                     paths.push(("dispatched", got));
                 }

@@ -28,6 +28,21 @@ use std::ops::Range;
 use super::error::{check_len, MergeMathError, Result};
 use super::order::active_k_blocks;
 
+/// One low-rank product `Δ = scale · L_e @ R_e` per batch entry `e` (expert), as the fused and
+/// the exact merges add it: row `g` of the base (viewed as `batch·rows × n`) gets row
+/// `g % rows` of `Δ_{g / rows}`, that is `scale · Σ_k left[g, k] · right_e[k, :]`.
+pub(crate) struct Product<'a> {
+    /// `batch·rows × k`.
+    pub left: &'a [f32],
+    /// `batch × k × n`.
+    pub right: &'a [f32],
+    pub rows: usize,
+    pub k: usize,
+    pub n: usize,
+    /// Negative for an unmerge (negation is exact).
+    pub scale: f32,
+}
+
 /// `scale · (left @ right)` in torch/MKL's f32 order (the active [`super::ReductionOrder`]), as
 /// a new row-major `m × n` matrix.
 ///

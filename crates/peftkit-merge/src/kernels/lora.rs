@@ -26,7 +26,7 @@ use super::dtype::round_slice_to;
 use super::error::{check_rank, check_shape, MergeMathError, Result};
 use super::exact::{self, Numerics};
 use super::fused;
-use super::gemm::product_rows;
+use super::gemm::{product_rows, Product};
 use super::order::active_k_blocks;
 
 /// How a kernel combines the delta with the base weight.
@@ -192,21 +192,18 @@ impl<'a> LowRank<'a> {
         if self.n == 0 || total != self.left.len() / self.r.max(1) * self.n {
             return Ok(false);
         }
-        let product = fused::Product {
-            left: &self.left,
-            right: &self.right,
-            rows: self.rows,
-            k: self.r,
-            n: self.n,
-            scale: self.scale,
-            blocks: &self.blocks,
-        };
-        Ok(fused::add_in_place(&product, base.dtype, base.data))
+        let product = self.as_product(false);
+        Ok(fused::add_in_place(
+            &product,
+            &self.blocks,
+            base.dtype,
+            base.data,
+        ))
     }
 
-    /// The product as the exact kernel takes it; `negate` for an unmerge.
-    fn exact_product(&self, negate: bool) -> exact::Product<'_> {
-        exact::Product {
+    /// The product as the fused and exact kernels take it; `negate` for an unmerge.
+    fn as_product(&self, negate: bool) -> Product<'_> {
+        Product {
             left: &self.left,
             right: &self.right,
             rows: self.rows,
@@ -235,7 +232,7 @@ fn apply_lowrank(
 ) -> Result<()> {
     if opts.numerics == Numerics::Exact {
         let check = opts.safe_merge && !opts.unmerge;
-        exact::merge_lowrank(what, base, &lr.exact_product(opts.unmerge), check)?;
+        exact::merge_lowrank(what, base, &lr.as_product(opts.unmerge), check)?;
         return Ok(());
     }
     let dtype = base.dtype;

@@ -2,11 +2,11 @@
 //! tensors `(E, out, in)`, stored fused or per expert on disk, and 2-D router weights.
 
 use peftkit_checkpoint::{Checkpoint, Tensor};
-use peftkit_peft::{Adapter, AdapterModule, AdapterTensor, PatternResolver};
+use peftkit_peft::{Adapter, PatternResolver};
 use peftkit_remap::{Mapping, Revert};
 
 use super::{on_disk_name, scale_of, unsupported};
-use crate::edit::{Edit, ExpertPiece, LoraKind};
+use crate::edit::{Edit, ExpertPiece, LoraKind, ModuleTensors};
 use crate::error::{MergeError, UnsupportedMerge};
 
 /// Edits keyed by the base tensor they change.
@@ -216,15 +216,7 @@ fn strip_base_layers(mut path: &str) -> &str {
 /// A LoRA on a 2-D module parameter (peft's `ParamWrapper`): like a Linear, but peft rounds
 /// the delta to the parameter's dtype before adding it.
 fn router_edit(a: &Tensor, b: &Tensor, scale: f32) -> Edit {
-    let tensor = |t: &Tensor| AdapterTensor {
-        key: String::new(),
-        tensor: t.clone(),
-    };
-    let module = AdapterModule {
-        tensors: [("a".to_owned(), tensor(a)), ("b".to_owned(), tensor(b))]
-            .into_iter()
-            .collect(),
-    };
+    let module = ModuleTensors::from_roles([("a", a), ("b", b)]);
     Edit::Lora {
         module,
         kind: LoraKind::Linear {

@@ -32,7 +32,7 @@ impl Planner<'_> {
                     .collect()
             })
             .unwrap_or_default();
-        for (module, tensors) in &adapter.modules {
+        for (module, tensors) in &adapter.tensors.modules() {
             let Some(v) = tensors.get("ia3_l") else {
                 continue;
             };

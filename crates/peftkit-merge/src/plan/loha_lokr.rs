@@ -7,7 +7,7 @@ use peftkit_peft::Adapter;
 use serde_json::{Map, Value};
 
 use super::{scale_of, unsupported, Planner};
-use crate::edit::Edit;
+use crate::edit::{Edit, ModuleTensors};
 use crate::error::{MergeError, UnsupportedMerge};
 
 impl Planner<'_> {
@@ -44,22 +44,21 @@ impl Planner<'_> {
             return Err(unsupported(adapter, what));
         }
         let scale = scale_of(alpha, r as usize, false, weight, adapter)?;
-        for (module, tensors) in &adapter.modules {
+        for (module, tensors) in &adapter.tensors.modules() {
             if tensors.get("t1").is_some() || tensors.get("t2").is_some() {
                 let what = UnsupportedMerge::CpFactors {
                     method: method.to_owned(),
-                    module: module.clone(),
+                    module: module.to_string(),
                 };
                 return Err(unsupported(adapter, what));
             }
             let key = tensors
-                .tensors
-                .values()
+                .entries()
                 .next()
-                .map(|t| t.key.clone())
+                .map(|(_, e)| e.source_key.clone())
                 .unwrap_or_default();
             let (bk, _) = self.base_tensor(adapter, module, "weight", &key)?;
-            let module = tensors.clone();
+            let module = ModuleTensors::of(tensors);
             let edit = if method == "LOHA" {
                 Edit::Loha { module, scale }
             } else {

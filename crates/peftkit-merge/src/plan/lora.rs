@@ -11,7 +11,7 @@ use peftkit_peft::{
 
 use super::experts::ParamContext;
 use super::{key_of, scale_of, unsupported, Planner};
-use crate::edit::{Edit, LoraKind};
+use crate::edit::{Edit, LoraKind, ModuleTensors};
 use crate::error::{MergeError, UnsupportedMerge};
 
 impl Planner<'_> {
@@ -37,7 +37,7 @@ impl Planner<'_> {
             None => Vec::new(),
         };
         let resolver = PatternResolver::new(cfg).map_err(|e| unsupported(adapter, e.into()))?;
-        for (module, tensors) in &adapter.modules {
+        for (module, tensors) in &adapter.tensors.modules() {
             if let Some(rows) = tensors.get("trainable_tokens") {
                 self.token_rows(adapter, dir, cfg, module, tensors, rows)?;
             }
@@ -73,7 +73,7 @@ impl Planner<'_> {
         dir: &Arc<Path>,
         cfg: &LoraConfig,
         module: &str,
-        tensors: &AdapterModule,
+        tensors: &AdapterModule<'_>,
         rows: &Tensor,
     ) -> Result<(), MergeError> {
         let key = key_of(tensors, "trainable_tokens");
@@ -109,7 +109,7 @@ impl Planner<'_> {
         dir: &Arc<Path>,
         cfg: &LoraConfig,
         module: &str,
-        tensors: &AdapterModule,
+        tensors: &AdapterModule<'_>,
         weight: f64,
         resolver: &PatternResolver,
     ) -> Result<(), MergeError> {
@@ -151,7 +151,7 @@ impl Planner<'_> {
         };
         check_lora_shapes(adapter, tensors, kind, &bk, &bt)?;
         let edit = Edit::Lora {
-            module: tensors.clone(),
+            module: ModuleTensors::of(tensors),
             kind,
             scale,
             dora: tensors.get("magnitude").is_some(),
@@ -170,13 +170,13 @@ impl Planner<'_> {
 /// Refuses a LoRA pair whose shapes do not fit the base weight, naming the factor at fault.
 fn check_lora_shapes(
     adapter: &Adapter,
-    m: &AdapterModule,
+    m: &AdapterModule<'_>,
     kind: LoraKind,
     base_key: &str,
     base: &Tensor,
 ) -> Result<(), MergeError> {
     let (ra, rb) = kind.roles();
-    let (Some(a), Some(b)) = (m.tensors.get(ra), m.tensors.get(rb)) else {
+    let (Some(a), Some(b)) = (m.entry(ra), m.entry(rb)) else {
         return Ok(());
     };
     let bs = base.shape();
@@ -203,7 +203,7 @@ fn check_lora_shapes(
     };
     Err(MergeError::Shape {
         adapter: adapter.dir.clone(),
-        key: bad.key.clone(),
+        key: bad.source_key.clone(),
         adapter_shape: bad.tensor.shape().to_vec(),
         base_key: base_key.to_owned(),
         base_shape: bs.to_vec(),

@@ -1,9 +1,5 @@
 //! Checking a given adapter config against the classified tensors.
 
-use std::collections::BTreeMap;
-
-use peftkit_checkpoint::Tensor;
-
 use crate::config::{AdapterConfig, LoraConfig, TrainableTokenIndices};
 use crate::py::name_matches_suffix;
 use crate::targeting::{PatternResolver, TargetMatcher};
@@ -55,7 +51,7 @@ pub fn check_config(
         matcher: matcher.as_ref(),
     };
     for (module, roles) in a.modules() {
-        checks.check(module, &roles)?;
+        checks.check(module.to_owned(), &roles)?;
     }
     check_trainable_tokens(adapter, a, lora)?;
     check_modules_to_save(adapter, a, lora)?;
@@ -81,15 +77,11 @@ struct ModuleChecks<'a> {
 
 impl ModuleChecks<'_> {
     /// One module: its rank, that it is targeted, its DoRA and bias tensors.
-    fn check(
-        &self,
-        module: String,
-        roles: &BTreeMap<String, (&str, &Tensor)>,
-    ) -> Result<(), ClassifyError> {
+    fn check(&self, module: String, roles: &AdapterModule<'_>) -> Result<(), ClassifyError> {
         let (adapter, lora, resolver) = (self.adapter, self.lora, self.resolver);
         let parameter_targets = lora.target_parameters.is_some();
         let mismatch = |field: &str, reason: String| mismatch(adapter, field, reason);
-        let Some((key, t)) = roles.get("a").or_else(|| roles.get("embedding_a")).copied() else {
+        let Some((key, t)) = roles.keyed("a").or_else(|| roles.keyed("embedding_a")) else {
             return Ok(());
         };
         let tensor_rank = t.shape().first().copied().unwrap_or(0) as u64;

@@ -1,7 +1,6 @@
 //! Which modules are GPT-2 style `Conv1D` (weights stored `(in, out)`): by the table in
 //! adapters-spec/conv1d_modules.json, or by the base weight's shape.
 
-use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use indexmap::IndexMap;
@@ -59,11 +58,10 @@ pub(super) fn conv1d_by_table(
 pub(super) fn conv1d_kind(
     c: &ClassifiedStateDict,
     module: &str,
-    roles: &BTreeMap<String, (&str, &Tensor)>,
+    roles: &AdapterModule<'_>,
     base_weight: Option<&Tensor>,
 ) -> Result<Option<bool>, ClassifyError> {
-    let (Some((_, a)), Some((_, b)), Some(w)) = (roles.get("a"), roles.get("b"), base_weight)
-    else {
+    let (Some(a), Some(b), Some(w)) = (roles.get("a"), roles.get("b"), base_weight) else {
         return Ok(None);
     };
     let (Ok([_, fan_in]), Ok([fan_out, _]), Ok([p, q])) = (

@@ -149,7 +149,7 @@ fn scan_modules(
         }
         let base_weight = c.base.get(&format!("{module}.weight"));
         let rank = module_rank(c, adapter, module, roles, base_weight)?;
-        scan.ranks.insert(module.clone(), rank);
+        scan.ranks.insert(module.to_string(), rank);
         if roles.contains_key("magnitude") {
             scan.any_magnitude = true;
         } else {
@@ -161,7 +161,7 @@ fn scan_modules(
                 scan.fan_in_fan_out |= conv1d;
             } else if conv1d_by_table(model.model_type(), module)? {
                 scan.fan_in_fan_out = true;
-                square_conv1d.push(module.clone());
+                square_conv1d.push(module.to_string());
             }
         }
     }
@@ -189,7 +189,7 @@ fn module_rank(
     c: &ClassifiedStateDict,
     adapter: &str,
     module: &str,
-    roles: &BTreeMap<String, (&str, &Tensor)>,
+    roles: &AdapterModule<'_>,
     base_weight: Option<&Tensor>,
 ) -> Result<u64, ClassifyError> {
     let inconsistent = |t: &Tensor, key: &str, reason: String| ClassifyError::Inconsistent {
@@ -198,10 +198,10 @@ fn module_rank(
         module: module.to_owned(),
         reason,
     };
-    let (a_key, a_t) = match roles.get("a").or_else(|| roles.get("embedding_a")) {
-        Some(x) => *x,
+    let (a_key, a_t) = match roles.keyed("a").or_else(|| roles.keyed("embedding_a")) {
+        Some(x) => x,
         None => {
-            let (k, t) = roles.values().next().copied().ok_or_else(|| {
+            let (k, t) = roles.keyed_tensors().next().ok_or_else(|| {
                 needs(
                     adapter,
                     "the module list",
@@ -240,7 +240,7 @@ fn module_rank(
         ));
     }
     // The B factor must agree on the rank (Linear / Conv1D / Embedding: B is (out, r)).
-    let Some((b_key, b_t)) = roles.get("b").or_else(|| roles.get("embedding_b")) else {
+    let Some((b_key, b_t)) = roles.keyed("b").or_else(|| roles.keyed("embedding_b")) else {
         return Err(inconsistent(
             a_t,
             a_key,

@@ -50,6 +50,7 @@
 
 use peftkit_checkpoint::{CheckpointError, Tensor};
 
+use crate::adapter::{AdapterEntry, AdapterModule, AdapterTensors, EntryKind};
 use crate::config::ConfigError;
 use crate::targeting::TargetingError;
 
@@ -75,7 +76,6 @@ pub use summary::{
     describe_tensor, summarize_adapters, summarize_classified, summarize_path, AdapterSummary,
     ScalingSummary,
 };
-pub use tensors::{AdapterEntry, AdapterTensors, EntryKind};
 
 use crate::embedded::EMBEDDED_CONV1D_MODULES_JSON;
 

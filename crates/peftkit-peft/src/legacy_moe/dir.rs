@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use peftkit_checkpoint::{SaveReport, StateDict, WeightsKind};
 
 use crate::adapter::Adapter;
-use crate::classify::{AdapterEntry, AdapterTensors, EntryKind, DEFAULT_ADAPTER_NAME};
+use crate::adapter::{AdapterEntry, AdapterTensors, EntryKind};
+use crate::classify::DEFAULT_ADAPTER_NAME;
 use crate::config::{ADAPTER_CONFIG_NAME, LORA};
 use crate::save::{save_adapter, AdapterSaveOptions};
 use crate::spec::Spec;

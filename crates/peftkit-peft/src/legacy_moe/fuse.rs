@@ -7,7 +7,9 @@ use peftkit_checkpoint::{dtype_name, dtype_size};
 use peftkit_checkpoint::{CheckpointError, Dtype, StateDict, Tensor};
 use peftkit_remap::{RemapError, Revert};
 
-use crate::adapter::{Adapter, AdapterTensor};
+use indexmap::IndexMap;
+
+use crate::adapter::{Adapter, AdapterEntry, AdapterModule};
 use crate::config::LoraConfig;
 use crate::config::ADAPTER_CONFIG_NAME;
 
@@ -27,8 +29,8 @@ pub fn convert_with_rules(
             peft_type: adapter.config.peft_type().to_owned(),
         });
     };
-    let leaves: BTreeSet<String> = adapter
-        .modules
+    let modules = adapter.tensors.modules();
+    let leaves: BTreeSet<String> = modules
         .keys()
         .filter_map(|m| m.rsplit('.').next().map(str::to_owned))
         .collect();
@@ -40,6 +42,7 @@ pub fn convert_with_rules(
         rules,
         options,
         lora: &lora,
+        modules: &modules,
         probe_key: HashMap::new(),
     };
     let (cx, forward) = cx.forward_probe()?;
@@ -47,7 +50,7 @@ pub fn convert_with_rules(
 
     let mut out = Output::default();
     // Keys without `.lora_` first, untouched, as peft's output dict has them first.
-    let module_of = lora_keys_by_module(adapter);
+    let module_of = lora_keys_by_module(&modules);
     for (key, t) in adapter.weights.tensors() {
         if !module_of.contains_key(key) {
             out.state.insert(key.to_owned(), t.clone());
@@ -76,12 +79,14 @@ struct Output {
 
 /// Which module each LoRA key belongs to. Only keys with `.lora_` are converted, as in peft;
 /// everything else passes through.
-fn lora_keys_by_module(adapter: &Adapter) -> HashMap<&str, &str> {
+fn lora_keys_by_module<'a>(
+    modules: &IndexMap<&'a str, AdapterModule<'a>>,
+) -> HashMap<&'a str, &'a str> {
     let mut module_of: HashMap<&str, &str> = HashMap::new();
-    for (path, m) in &adapter.modules {
-        for t in m.tensors.values() {
-            if t.key.contains(".lora_") {
-                module_of.insert(t.key.as_str(), path.as_str());
+    for (path, m) in modules {
+        for (_, t) in m.entries() {
+            if t.source_key.contains(".lora_") {
+                module_of.insert(t.source_key.as_str(), *path);
             }
         }
     }
@@ -95,6 +100,8 @@ struct Cx<'a> {
     options: &'a ConvertOptions,
     /// The rewritten config.
     lora: &'a LoraConfig,
+    /// The adapter's modules by path, built once.
+    modules: &'a IndexMap<&'a str, AdapterModule<'a>>,
     /// Probe name (`<module>.weight`) -> the adapter key of its `lora_A`.
     probe_key: HashMap<String, String>,
 }
@@ -132,6 +139,15 @@ impl Cx<'_> {
         }
     }
 
+    /// The file key of `module`'s tensor of `role` (for messages).
+    fn key_of(&self, module: &str, role: &str) -> String {
+        self.modules
+            .get(module)
+            .and_then(|m| m.entry(role))
+            .map(|t| t.source_key.clone())
+            .unwrap_or_else(|| format!("{module} ({role})"))
+    }
+
     fn first_key(&self, name: &str) -> String {
         self.probe_key.get(name).cloned().unwrap_or_default()
     }
@@ -140,12 +156,12 @@ impl Cx<'_> {
     /// converters group them exactly as they group the per-expert base weights.
     fn forward_probe(mut self) -> Result<(Self, peftkit_remap::Forward), ConvertError> {
         let mut probe = StateDict::new();
-        for (path, m) in &self.adapter.modules {
-            if let Some(a) = m.tensors.get("a") {
-                if a.key.contains(".lora_") {
+        for (path, m) in self.modules {
+            if let Some(a) = m.entry("a") {
+                if a.source_key.contains(".lora_") {
                     probe.insert(format!("{path}.weight"), a.tensor.clone());
                     self.probe_key
-                        .insert(format!("{path}.weight"), a.key.clone());
+                        .insert(format!("{path}.weight"), a.source_key.clone());
                 }
             }
         }
@@ -221,15 +237,15 @@ impl Cx<'_> {
                 .unwrap_or(&piece.original_name)
                 .to_owned();
             let key = self.first_key(&piece.original_name);
-            let Some(m) = self.adapter.modules.get(&module) else {
+            let Some(m) = self.modules.get(module.as_str()) else {
                 return Err(self.tensor_err(
                     &key,
                     format!("the table places `{module}` in `{name}`, but the adapter has no such module"),
                 ));
             };
-            if let Some((role, extra)) = m.tensors.iter().find(|(r, _)| *r != "a" && *r != "b") {
+            if let Some((role, extra)) = m.entries().find(|(r, _)| *r != "a" && *r != "b") {
                 return Err(self.tensor_err(
-                    &extra.key,
+                    &extra.source_key,
                     format!("role `{role}` of an expert module cannot be fused (peft's fused experts hold only lora_A and lora_B)"),
                 ));
             }
@@ -276,14 +292,14 @@ impl Cx<'_> {
         consumed: &BTreeSet<String>,
         out: &mut Output,
     ) -> Result<(), ConvertError> {
-        for (path, m) in &self.adapter.modules {
-            if consumed.contains(path) {
+        for (path, m) in self.modules {
+            if consumed.contains(*path) {
                 continue;
             }
-            let lora_tensors: Vec<&AdapterTensor> = m
-                .tensors
-                .values()
-                .filter(|t| t.key.contains(".lora_"))
+            let lora_tensors: Vec<&AdapterEntry> = m
+                .entries()
+                .map(|(_, t)| t)
+                .filter(|t| t.source_key.contains(".lora_"))
                 .collect();
             let Some(first) = lora_tensors.first() else {
                 continue;
@@ -293,25 +309,26 @@ impl Cx<'_> {
                 match self.options.untargeted {
                     Untargeted::Error => {
                         return Err(self.untargeted(
-                            &first.key,
+                            &first.source_key,
                             &new_path,
                             "no target_modules entry or target_parameters entry matches it".into(),
                         ))
                     }
                     Untargeted::Drop => {
                         out.dropped
-                            .extend(lora_tensors.iter().map(|t| t.key.clone()));
+                            .extend(lora_tensors.iter().map(|t| t.source_key.clone()));
                         continue;
                     }
                 }
             }
             for t in lora_tensors {
-                let suffix = disk_suffix(&t.key, path, &self.adapter.name).ok_or_else(|| {
-                    self.tensor_err(
-                        &t.key,
-                        format!("the key does not start with its module `{path}`"),
-                    )
-                })?;
+                let suffix =
+                    disk_suffix(&t.source_key, path, &self.adapter.name).ok_or_else(|| {
+                        self.tensor_err(
+                            &t.source_key,
+                            format!("the key does not start with its module `{path}`"),
+                        )
+                    })?;
                 out.state.insert(
                     format!("{MODEL_PREFIX}{new_path}.{suffix}"),
                     t.tensor.clone(),
@@ -322,14 +339,14 @@ impl Cx<'_> {
     }
 
     /// The v5 name of module `path`, as the table renames it.
-    fn renamed_module(&self, path: &str, first: &AdapterTensor) -> Result<String, ConvertError> {
+    fn renamed_module(&self, path: &str, first: &AdapterEntry) -> Result<String, ConvertError> {
         let mut single = StateDict::new();
         single.insert(format!("{path}.weight"), first.tensor.clone());
         let renamed = self
             .rules
             .mapping
             .forward(&single)
-            .map_err(|e| self.remap_err(&first.key, e))?;
+            .map_err(|e| self.remap_err(&first.source_key, e))?;
         match renamed
             .state
             .keys()
@@ -338,7 +355,7 @@ impl Cx<'_> {
         {
             Some(Some(p)) if renamed.state.len() == 1 => Ok(p.to_owned()),
             _ => Err(self.tensor_err(
-                &first.key,
+                &first.source_key,
                 format!("the conversion table does not map module `{path}` to one module"),
             )),
         }
@@ -368,9 +385,9 @@ impl Cx<'_> {
                 )),
                 Untargeted::Drop => {
                     for piece in g.parts.iter().flatten() {
-                        if let Some(m) = self.adapter.modules.get(&piece.module) {
+                        if let Some(m) = self.modules.get(piece.module.as_str()) {
                             out.dropped
-                                .extend(m.tensors.values().map(|t| t.key.clone()));
+                                .extend(m.entries().map(|(_, t)| t.source_key.clone()));
                         }
                     }
                     Ok(())
@@ -425,7 +442,7 @@ impl Cx<'_> {
         let mut in_features = None;
         for part in &g.parts {
             let p0 = &part[0];
-            let key0 = first_key_of(self.adapter, &p0.module, "a");
+            let key0 = self.key_of(&p0.module, "a");
             let (rank, fin) = match p0.a.shape() {
                 [r, i] => (*r, *i),
                 s => {
@@ -438,7 +455,7 @@ impl Cx<'_> {
                 [o, r] if *r == rank => *o,
                 s => {
                     return Err(self.tensor_err(
-                        &first_key_of(self.adapter, &p0.module, "b"),
+                        &self.key_of(&p0.module, "b"),
                         format!("lora_B has shape {s:?}; [out, {rank}] expected"),
                     ))
                 }
@@ -473,8 +490,8 @@ impl Cx<'_> {
     fn check_experts(&self, g: &Group, part: &[Piece], dtype: Dtype) -> Result<(), ConvertError> {
         let p0 = &part[0];
         for piece in part {
-            let ka = first_key_of(self.adapter, &piece.module, "a");
-            let kb = first_key_of(self.adapter, &piece.module, "b");
+            let ka = self.key_of(&piece.module, "a");
+            let kb = self.key_of(&piece.module, "b");
             if piece.a.shape() != p0.a.shape() || piece.b.shape() != p0.b.shape() {
                 return Err(self.tensor_err(
                     &ka,
@@ -625,13 +642,4 @@ fn named(err: CheckpointError, name: &str) -> CheckpointError {
         }
         other => other,
     }
-}
-
-fn first_key_of(adapter: &Adapter, module: &str, role: &str) -> String {
-    adapter
-        .modules
-        .get(module)
-        .and_then(|m| m.tensors.get(role))
-        .map(|t| t.key.clone())
-        .unwrap_or_else(|| format!("{module} ({role})"))
 }

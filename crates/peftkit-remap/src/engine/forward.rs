@@ -9,7 +9,7 @@ use peftkit_checkpoint::{StateDict, Tensor};
 use crate::error::{RemapError, Result};
 use crate::ops::Val;
 
-use super::walk::{Group, Output, Values};
+use super::walk::{Output, Values};
 use super::{Direction, Forward, Mapping, UsedRules};
 
 impl Mapping {
@@ -36,29 +36,15 @@ impl Mapping {
         let all: Vec<usize> = (0..self.rules.len()).collect();
         let mut used = BTreeSet::new();
         let groups = self.group(Direction::Forward, &all, values, &mut used)?;
-        let mut out = Output::default();
-        for (group_name, group) in groups {
-            match group {
-                Group::Rename { source } => {
-                    out.insert(group_name, values.vals[&source].clone(), None, &source)?
+        let emit =
+            |out: &mut Output, rule, inputs: &[_], outputs: Vec<(String, Val)>, first: &str| {
+                self.check_complete(rule, inputs, &outputs, values)?;
+                for (name, val) in outputs {
+                    out.insert(name, val, None, first)?;
                 }
-                Group::Convert { rule, inputs } => {
-                    let outputs = self.convert_group(
-                        Direction::Forward,
-                        rule,
-                        &group_name,
-                        &inputs,
-                        values,
-                        ids,
-                    )?;
-                    self.check_complete(rule, &inputs, &outputs, values)?;
-                    let first = inputs[0].1[0].clone();
-                    for (name, val) in outputs {
-                        out.insert(name, val, None, &first)?;
-                    }
-                }
-            }
-        }
+                Ok(())
+            };
+        let mut out = self.run_groups(Direction::Forward, groups, values, ids, emit)?;
         out.vals.sort_by(|a, _, b, _| natural_cmp(a, b));
         Ok((out, UsedRules(used)))
     }

@@ -8,7 +8,7 @@ use peftkit_checkpoint::StateDict;
 use crate::error::Result;
 use crate::ops::{Meta, Val};
 
-use super::walk::{Group, Output, Values};
+use super::walk::{Output, Values};
 use super::{Direction, Mapping, Revert, RoundTrip, UsedRules};
 
 impl Mapping {
@@ -128,40 +128,26 @@ impl Mapping {
         let groups = self.group(Direction::Reverse, &reversed, values, &mut used)?;
         let mut families: HashMap<u64, u64> = HashMap::new();
         let mut next_family = 0u64;
-        let mut out = Output::default();
-        for (group_name, group) in groups {
-            match group {
-                Group::Rename { source } => {
-                    out.insert(group_name, values.vals[&source].clone(), None, &source)?
-                }
-                Group::Convert { rule, inputs } => {
-                    let outputs = self.convert_group(
-                        Direction::Reverse,
-                        rule,
-                        &group_name,
-                        &inputs,
-                        values,
-                        ids,
-                    )?;
-                    let mut per_storage: HashMap<u64, usize> = HashMap::new();
-                    for (_, v) in &outputs {
-                        *per_storage.entry(v.meta.storage).or_default() += 1;
-                    }
-                    let first = inputs[0].1[0].clone();
-                    for (name, val) in outputs {
-                        let storage = val.meta.storage;
-                        let name = self.apply_renames(Direction::Reverse, &renames, &name, None);
-                        let family = (per_storage[&storage] > 1).then(|| {
-                            *families.entry(storage).or_insert_with(|| {
-                                next_family += 1;
-                                next_family
-                            })
-                        });
-                        out.insert(name, val, family, &first)?;
-                    }
-                }
+        // Outputs that share a storage (views of one tensor) form a storage family.
+        let emit = |out: &mut Output, _, _: &[_], outputs: Vec<(String, Val)>, first: &str| {
+            let mut per_storage: HashMap<u64, usize> = HashMap::new();
+            for (_, v) in &outputs {
+                *per_storage.entry(v.meta.storage).or_default() += 1;
             }
-        }
+            for (name, val) in outputs {
+                let storage = val.meta.storage;
+                let name = self.apply_renames(Direction::Reverse, &renames, &name, None);
+                let family = (per_storage[&storage] > 1).then(|| {
+                    *families.entry(storage).or_insert_with(|| {
+                        next_family += 1;
+                        next_family
+                    })
+                });
+                out.insert(name, val, family, first)?;
+            }
+            Ok(())
+        };
+        let out = self.run_groups(Direction::Reverse, groups, values, ids, emit)?;
         Ok((out, UsedRules(used)))
     }
 }

@@ -133,6 +133,44 @@ impl Mapping {
         Ok(groups)
     }
 
+    /// Runs `groups` in order into one output, the walk both directions share: a rename passes
+    /// its source's value through under the group name; a converter group is run and its
+    /// outputs handed to `emit` with the rule, its inputs and the first input's name (the
+    /// source an output collision cites), which is where the directions differ.
+    pub(super) fn run_groups<F>(
+        &self,
+        dir: Direction,
+        groups: IndexMap<String, Group>,
+        values: &Values<'_>,
+        ids: &mut u64,
+        mut emit: F,
+    ) -> Result<Output>
+    where
+        F: FnMut(
+            &mut Output,
+            usize,
+            &[(usize, Vec<String>)],
+            Vec<(String, Val)>,
+            &str,
+        ) -> Result<()>,
+    {
+        let mut out = Output::default();
+        for (group_name, group) in groups {
+            match group {
+                Group::Rename { source } => {
+                    out.insert(group_name, values.vals[&source].clone(), None, &source)?
+                }
+                Group::Convert { rule, inputs } => {
+                    let outputs =
+                        self.convert_group(dir, rule, &group_name, &inputs, values, ids)?;
+                    let first = inputs[0].1[0].clone();
+                    emit(&mut out, rule, &inputs, outputs, &first)?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Runs one converter group: the ops on its inputs, then names expanded around the group
     /// name (transformers' prefix/suffix rule). Returns `(name, value)` in op-output order.
     pub(super) fn convert_group(
