@@ -122,6 +122,19 @@ pub(crate) struct Step {
 impl Edit {
     /// Whether this edit's product `B @ A` lies outside the domain where `order` was measured
     /// to equal peft's (see [`ReductionOrder::verified`]).
+    /// Whether this edit computes a low-rank (or LoHa/LoKr factor) product, whose rounding
+    /// depends on the BLAS kernel peft's torch picks on the host.
+    pub(crate) fn has_product(&self) -> bool {
+        matches!(
+            self,
+            Edit::Lora { .. }
+                | Edit::Experts { .. }
+                | Edit::ExpertPiece { .. }
+                | Edit::Loha { .. }
+                | Edit::Lokr { .. }
+        )
+    }
+
     pub(crate) fn unverified(&self, order: ReductionOrder) -> bool {
         let dims = |t: Option<&Tensor>| t.map(|t| t.shape().to_vec()).unwrap_or_default();
         match self {
