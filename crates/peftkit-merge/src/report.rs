@@ -49,10 +49,14 @@ pub struct NumericsReport {
 impl NumericsReport {
     /// The report of `plan` merged with `mode`, `order` being the host's reduction order.
     pub(crate) fn of(plan: &MergePlan, order: ReductionOrder, mode: Numerics) -> Self {
+        Self::on_host(plan, order, mode, host_order().measured)
+    }
+
+    /// [`Self::of`] on a host whose CPU family was (`measured`) or was not measured.
+    fn on_host(plan: &MergePlan, order: ReductionOrder, mode: Numerics, measured: bool) -> Self {
         // Exact numerics do not depend on the host: nothing is left unverified. On a CPU family
         // never measured, no product is promised bit for bit (MKL's AVX2 path on Intel, for
         // one, does not even sum small ranks in order).
-        let measured = host_order().measured;
         let unverified =
             |e: &crate::edit::Edit| e.unverified(order) || (!measured && e.has_product());
         let unverified_tensors = match mode {
@@ -71,5 +75,45 @@ impl NumericsReport {
             unverified_tensors,
             unverified_bound_ulp: UNVERIFIED_BOUND_ULP,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use peftkit_checkpoint::Checkpoint;
+    use peftkit_peft::Adapter;
+
+    use super::*;
+
+    /// The plan of the lora_basic fixture (LoRA on q_proj and v_proj of a tiny Llama).
+    fn lora_basic_plan() -> MergePlan {
+        let case =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/peft/lora_basic");
+        let base = Checkpoint::open(&case.join("base")).unwrap();
+        let adapter = Adapter::open(&case.join("adapter")).unwrap();
+        crate::plan::plan(&base, None, &[(adapter, 1.0)]).unwrap()
+    }
+
+    #[test]
+    fn an_unmeasured_host_promises_no_product() {
+        let plan = lora_basic_plan();
+        let with_products: Vec<String> = plan
+            .steps
+            .iter()
+            .filter(|(_, steps)| steps.iter().any(|s| s.edit.has_product()))
+            .map(|(name, _)| name.clone())
+            .collect();
+        assert!(!with_products.is_empty());
+        let order = ReductionOrder::MklAmd;
+        let measured = NumericsReport::on_host(&plan, order, Numerics::Peft, true);
+        assert_eq!(measured.unverified_tensors, Vec::<String>::new());
+        let unmeasured = NumericsReport::on_host(&plan, order, Numerics::Peft, false);
+        assert_eq!(unmeasured.unverified_tensors, with_products);
+        assert!(!unmeasured.host_measured);
+        // Exact numerics are host-independent either way.
+        let exact = NumericsReport::on_host(&plan, order, Numerics::Exact, false);
+        assert!(exact.unverified_tensors.is_empty());
     }
 }
