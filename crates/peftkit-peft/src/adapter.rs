@@ -155,18 +155,14 @@ impl AdapterTensors {
     pub fn adapted_modules(&self) -> Vec<String> {
         self.modules()
             .into_iter()
-            .filter(|(_, roles)| roles.contains_key("a") || roles.contains_key("embedding_a"))
+            .filter(|(_, roles)| roles.is_adapted())
             .map(|(m, _)| m.to_owned())
             .collect()
     }
 
     /// The rank of a module: the leading dimension of its `A` tensor.
     pub fn rank_of(&self, module: &str) -> Option<usize> {
-        let roles = self.modules().swap_remove(module)?;
-        roles
-            .get("a")
-            .or_else(|| roles.get("embedding_a"))
-            .and_then(|t| t.shape().first().copied())
+        self.modules().swap_remove(module)?.rank()
     }
 
     /// The replacement tensors by the base key they replace, in the order each base key first
@@ -256,6 +252,23 @@ impl<'a> AdapterModule<'a> {
     /// The tensor of `role` with its on-disk key, if present.
     pub fn keyed(&self, role: &str) -> Option<(&'a str, &'a Tensor)> {
         self.roles.get(role).map(|(k, e)| (*k, &e.tensor))
+    }
+
+    /// Whether the module carries a low-rank pair (`A`/`B` or embedding `A`/`B`): whether peft
+    /// targeted it.
+    pub fn is_adapted(&self) -> bool {
+        self.contains_key("a") || self.contains_key("embedding_a")
+    }
+
+    /// The module's `A` tensor (of a Linear/Conv LoRA, or of an embedding LoRA) with its
+    /// on-disk key.
+    pub fn lora_a(&self) -> Option<(&'a str, &'a Tensor)> {
+        self.keyed("a").or_else(|| self.keyed("embedding_a"))
+    }
+
+    /// The module's rank: the leading dimension of its `A` tensor.
+    pub fn rank(&self) -> Option<usize> {
+        self.lora_a().and_then(|(_, t)| t.shape().first().copied())
     }
 
     /// Whether the module has a tensor of `role`.

@@ -81,7 +81,7 @@ impl ModuleChecks<'_> {
         let (adapter, lora, resolver) = (self.adapter, self.lora, self.resolver);
         let parameter_targets = lora.target_parameters.is_some();
         let mismatch = |field: &str, reason: String| mismatch(adapter, field, reason);
-        let Some((key, t)) = roles.keyed("a").or_else(|| roles.keyed("embedding_a")) else {
+        let Some((key, t)) = roles.lora_a() else {
             return Ok(());
         };
         let tensor_rank = t.shape().first().copied().unwrap_or(0) as u64;

@@ -198,7 +198,7 @@ fn module_rank(
         module: module.to_owned(),
         reason,
     };
-    let (a_key, a_t) = match roles.keyed("a").or_else(|| roles.keyed("embedding_a")) {
+    let (a_key, a_t) = match roles.lora_a() {
         Some(x) => x,
         None => {
             let (k, t) = roles.keyed_tensors().next().ok_or_else(|| {

@@ -89,14 +89,20 @@ pub fn summarize_classified(
     let mut out = Vec::new();
     for (name, a) in &c.adapters {
         let mut notes = Vec::new();
-        let modules = a.adapted_modules();
+        // One view by module serves the ranks, the module list and the flags below.
+        let module_roles = a.modules();
+        let adapted: Vec<(&str, &_)> = module_roles
+            .iter()
+            .filter(|(_, roles)| roles.is_adapted())
+            .map(|(m, roles)| (*m, roles))
+            .collect();
+        let modules: Vec<String> = adapted.iter().map(|(m, _)| (*m).to_owned()).collect();
         let mut ranks: BTreeMap<u64, usize> = BTreeMap::new();
-        for m in &modules {
-            if let Some(r) = a.rank_of(m) {
+        for (_, roles) in &adapted {
+            if let Some(r) = roles.rank() {
                 *ranks.entry(r as u64).or_default() += 1;
             }
         }
-        let module_roles = a.modules();
         let use_dora = module_roles.values().any(|r| r.contains_key("magnitude"));
         let lora_bias = module_roles.values().any(|r| r.contains_key("b_bias"));
         let (mut target_modules, mut fan_in_fan_out) = (None, None);
