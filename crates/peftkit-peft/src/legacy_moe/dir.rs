@@ -70,11 +70,7 @@ pub fn convert_legacy_adapter_dir_with(
     model_type: Option<&str>,
     options: &ConvertOptions,
 ) -> Result<ConvertReport, ConvertError> {
-    if let (Ok(a), Ok(b)) = (src_dir.canonicalize(), out_dir.canonicalize()) {
-        if a == b {
-            return Err(ConvertError::SameFolder(out_dir.to_owned()));
-        }
-    }
+    // The one overlap check of every writing verb (same folder, inside, containing).
     peftkit_checkpoint::ensure_apart(out_dir, &[src_dir])?;
     let adapter = Adapter::open(src_dir)?;
     let model_type = match model_type {

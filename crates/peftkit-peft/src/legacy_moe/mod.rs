@@ -183,9 +183,6 @@ pub enum ConvertError {
     /// [`ConvertError::Checkpoint`] for those).
     #[error(transparent)]
     Save(Box<SaveError>),
-    /// Input and output folder are the same.
-    #[error("{0}: the converted adapter must go to another folder than the legacy one")]
-    SameFolder(PathBuf),
     /// A file of the adapter folder could not be read.
     #[error("{path}: {source}")]
     Io {
