@@ -55,7 +55,7 @@ pub use methods::{
     replace_rows, LokrFactor,
 };
 pub use order::{
-    host_order, reduction_order, set_reduction_order, Blocking, Halves, HostOrder, ReductionOrder,
-    UnknownOrder, UNVERIFIED_BOUND_ULP,
+    host_order, reduction_order, reduction_order_is_chosen, set_reduction_order, Blocking, Halves,
+    HostOrder, ReductionOrder, UnknownOrder, UNVERIFIED_BOUND_ULP,
 };
 pub use peftkit_peft::lora_scaling;

@@ -2,7 +2,9 @@
 
 use serde::Serialize;
 
-use crate::kernels::{host_order, Numerics, ReductionOrder, UNVERIFIED_BOUND_ULP};
+use crate::kernels::{
+    host_order, reduction_order_is_chosen, Numerics, ReductionOrder, UNVERIFIED_BOUND_ULP,
+};
 use crate::plan::MergePlan;
 
 /// What a merge did.
@@ -36,7 +38,9 @@ pub struct NumericsReport {
     pub mode: Numerics,
     /// MKL's order reproduced for `B @ A` (the host's, unless overridden; unused by `exact`).
     pub reduction_order: ReductionOrder,
-    /// Whether this host's CPU family was measured (if not, the nearest family's order is used).
+    /// Whether the order in use was measured against peft: this host's CPU family was measured,
+    /// or the order was chosen (`PEFTKIT_REDUCTION_ORDER`) to reproduce a measured host. If
+    /// not, the nearest family's order is used and every product tensor is unverified.
     pub host_measured: bool,
     /// Base tensors whose delta includes a product outside the order's verified domain (tiny
     /// or very high-rank products, batched expert products narrower than 12, convolutions
@@ -49,7 +53,14 @@ pub struct NumericsReport {
 impl NumericsReport {
     /// The report of `plan` merged with `mode`, `order` being the host's reduction order.
     pub(crate) fn of(plan: &MergePlan, order: ReductionOrder, mode: Numerics) -> Self {
-        Self::on_host(plan, order, mode, host_order().measured)
+        // A chosen order reproduces a measured host's merge; a detected one is only as good as
+        // the measurement of this host's CPU family.
+        Self::on_host(
+            plan,
+            order,
+            mode,
+            host_order().measured || reduction_order_is_chosen(),
+        )
     }
 
     /// [`Self::of`] on a host whose CPU family was (`measured`) or was not measured.

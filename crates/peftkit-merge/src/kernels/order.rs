@@ -273,6 +273,12 @@ pub fn reduction_order() -> Result<ReductionOrder, UnknownOrder> {
     }
 }
 
+/// Whether the order in use was chosen ([`set_reduction_order`] or `PEFTKIT_REDUCTION_ORDER`)
+/// rather than detected: a chosen order names the measured host whose merge is reproduced.
+pub fn reduction_order_is_chosen() -> bool {
+    ACTIVE.load(Ordering::Relaxed) != 0 || matches!(env_order(), Ok(Some(_)))
+}
+
 /// `PEFTKIT_REDUCTION_ORDER` names no order peftkit knows.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("PEFTKIT_REDUCTION_ORDER={0:?} is not a known order (known: mkl-amd, mkl-intel-avx512); unset it to use this host's")]
