@@ -11,6 +11,8 @@
 //!   `safe_merge`.
 //! * [`dora`]: DoRA for Linear / `Conv1D`, Embedding, Conv, with torch's norm reduction order.
 //! * [`methods`]: IA³, LoHa, LoKr, trainable-token rows, and a generic delta add.
+//! * [`bnb`]: bitsandbytes' 4-bit and 8-bit blockwise (de)quantization on the CPU, and
+//!   [`torch_sum`]: torch's `f32` sum order (the mean double quantization subtracts).
 //! * [`exact`]: the other [`Numerics`] mode, correctly rounded and identical on every machine
 //!   (selected with [`MergeOptions::numerics`]).
 //!
@@ -22,6 +24,7 @@
 mod apply;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+pub(crate) mod bnb;
 pub(crate) mod dora;
 pub(crate) mod dtype;
 mod error;
@@ -31,8 +34,13 @@ pub(crate) mod gemm;
 pub(crate) mod lora;
 pub(crate) mod methods;
 mod order;
+mod torch_sum;
 
 pub use apply::{BaseTensorMut, F32Tensor};
+pub use bnb::{
+    bnb_dequantize_4bit, bnb_dequantize_blockwise, bnb_quantize_4bit, bnb_quantize_blockwise,
+    Bnb4Type, Code4,
+};
 pub use dora::{
     merge_dora_conv, merge_dora_embedding, merge_dora_linear, torch_column_norms, torch_row_norm,
 };
@@ -59,3 +67,4 @@ pub use order::{
     HostOrder, ReductionOrder, UnknownOrder, UNVERIFIED_BOUND_ULP,
 };
 pub use peftkit_peft::lora_scaling;
+pub use torch_sum::{torch_mean_f32, torch_sum_f32};
