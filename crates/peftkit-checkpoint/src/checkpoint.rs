@@ -241,6 +241,20 @@ impl Checkpoint {
         self.tensors.get(name).map(|(t, _)| t)
     }
 
+    /// Replaces the handle of tensor `name`, which keeps its file and place (a merge puts a
+    /// lazily converted view of a tensor there, such as a dequantized weight). Returns the
+    /// previous handle; without a tensor of that name nothing changes and `None` is returned.
+    pub fn replace_tensor(&mut self, name: &str, tensor: Tensor) -> Option<Tensor> {
+        let slot = self.tensors.get_mut(name)?;
+        Some(std::mem::replace(&mut slot.0, tensor))
+    }
+
+    /// Removes tensor `name` from the handles (the files, their headers and the index are left
+    /// as they are), keeping the order of the others.
+    pub fn remove_tensor(&mut self, name: &str) -> Option<Tensor> {
+        self.tensors.shift_remove(name).map(|(t, _)| t)
+    }
+
     /// The file a tensor is stored in.
     pub fn file_of(&self, name: &str) -> Option<&Path> {
         self.tensors

@@ -64,6 +64,9 @@ pub enum MergeError {
     /// transformers-v5 layout).
     #[error(transparent)]
     Remap(#[from] peftkit_remap::RemapError),
+    /// A bitsandbytes base that cannot be merged as asked.
+    #[error(transparent)]
+    Bnb(#[from] crate::bnb::BnbError),
     /// Adapter and base shapes disagree.
     #[error("{adapter}: `{key}` has shape {adapter_shape:?}, which does not fit base tensor `{base_key}` {base_shape:?}")]
     Shape {

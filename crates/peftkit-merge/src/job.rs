@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use peftkit_checkpoint::Progress;
 
+use crate::bnb::QloraBase;
 use crate::kernels::Numerics;
 
 /// One adapter to merge and its weight (`--adapter DIR[:WEIGHT]`).
@@ -74,6 +75,13 @@ pub struct MergeJob {
     pub numerics: Numerics,
     /// Told the byte count of every write of tensor data, as the output is written.
     pub progress: Progress,
+    /// A bitsandbytes 4-bit base: write every weight dequantized to its dtype (transformers'
+    /// `model.dequantize()` before peft's merge) and drop `quantization_config`, instead of
+    /// re-quantizing the merged weights.
+    pub dequantize: bool,
+    /// A 16-bit base a QLoRA adapter was trained on in 4 bits: merge into bitsandbytes' round
+    /// trip `dequantize(quantize(W))` of each adapted weight rather than into `W`.
+    pub qlora_base: Option<QloraBase>,
 }
 
 impl MergeJob {
@@ -95,7 +103,23 @@ impl MergeJob {
             durable: true,
             numerics: Numerics::default(),
             progress: Progress::default(),
+            dequantize: false,
+            qlora_base: None,
         }
+    }
+
+    /// Dequantizes a bitsandbytes 4-bit base (see
+    /// [`MergeJob::dequantize`](#structfield.dequantize)).
+    pub fn dequantize(mut self, on: bool) -> Self {
+        self.dequantize = on;
+        self
+    }
+
+    /// Merges into the 4-bit round trip of a 16-bit base (see
+    /// [`MergeJob::qlora_base`](#structfield.qlora_base)).
+    pub fn qlora_base(mut self, quantization: Option<QloraBase>) -> Self {
+        self.qlora_base = quantization;
+        self
     }
 
     /// Reshards the output to at most `size` bytes per file (`None`: the base's layout).

@@ -34,6 +34,7 @@
 //! safetensors IO, atomic saves).
 #![deny(missing_docs)]
 
+mod bnb;
 mod edit;
 mod error;
 mod job;
@@ -42,6 +43,7 @@ mod plan;
 mod report;
 mod stream;
 
+pub use bnb::{set_bnb_avx512, BnbError, BnbReport, ParseBnb4TypeError, QloraBase};
 pub use error::{MergeError, UnsupportedMerge};
 pub use job::{AdapterInput, MergeJob};
 pub use kernels::*;

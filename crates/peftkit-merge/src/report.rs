@@ -26,6 +26,8 @@ pub struct MergeSummary {
     pub untied_embeddings: bool,
     /// How the merged floats were computed.
     pub numerics: NumericsReport,
+    /// What was done with a bitsandbytes 4-bit base, or a QLoRA base's round trip.
+    pub bitsandbytes: Option<crate::bnb::BnbReport>,
     /// Wall time.
     pub seconds: f64,
 }

@@ -23,6 +23,7 @@ use peftkit_checkpoint::{
 };
 use peftkit_peft::Adapter;
 
+use crate::bnb::BnbMerge;
 use crate::edit::Edit;
 use crate::error::MergeError;
 use crate::job::MergeJob;
@@ -77,7 +78,11 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
         .map(|a| Adapter::open(&a.dir).map(|ad| (ad, a.weight)))
         .collect::<Result<Vec<_>, _>>()?;
     let order = reduction_order()?;
-    let plan = plan(&base, config.as_ref(), &adapters)?;
+    // A bitsandbytes base is planned and merged on its dequantized view (see `crate::bnb`).
+    let quant = BnbMerge::detect(job, &base, config.as_ref())?;
+    let view = quant.view(&base)?;
+    let plan = plan(&view, config.as_ref(), &adapters)?;
+    let view = quant.after_plan(view, &plan)?;
     if job.numerics == Numerics::Exact {
         plan.check_exact(job.unmerge)?;
     }
@@ -104,9 +109,16 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
         files: vec![],
         untied_embeddings: false,
         numerics: NumericsReport::of(&plan, order, job.numerics),
+        bitsandbytes: quant.report(&plan),
         seconds: 0.0,
     };
-    let state = merged_state(&base, &plan, job, &mut summary)?;
+    let state = merged_state(&view, &plan, job, &mut summary)?;
+    let state = quant.finish(state, &base, &plan)?;
+    if quant.drops_quantization_config() {
+        if let Some(c) = config.as_mut() {
+            c.fields.remove("quantization_config");
+        }
+    }
     if plan.untie {
         if let Some(c) = config.as_mut() {
             c.fields
@@ -119,24 +131,22 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
         metadata: base.metadata().cloned().unwrap_or_default(),
         ..Default::default()
     };
+    let rewrite_config = summary.untied_embeddings || quant.drops_quantization_config();
     if job.base.is_dir() {
         options.extra_files = companion_files(&base_dir)?
             .into_iter()
-            .filter(|(n, _)| !(summary.untied_embeddings && n == "config.json"))
+            .filter(|(n, _)| !(rewrite_config && n == "config.json"))
             .collect();
     }
-    if summary.untied_embeddings {
+    if rewrite_config {
         options.config = config;
     }
-    save(
-        job,
-        &base,
-        &plan,
-        state,
-        resave_mapping,
-        options,
-        &mut summary,
-    )?;
+    let layout = Layout {
+        mapping: resave_mapping,
+        replan: quant.replans(),
+        resize: quant.resizes(),
+    };
+    save(job, &base, &plan, state, layout, options, &mut summary)?;
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
 }
@@ -183,14 +193,23 @@ fn merged_state(
     Ok(state)
 }
 
-/// Writes `state` to `job.out`: in the base's layout, or resharded on the layout transformers
-/// holds the model in (`resave_mapping`).
+/// How the output is laid out: the base's files unless resharded (`mapping`: the layout
+/// transformers holds the model in) or planned anew (`replan`: the tensors are not the base's).
+/// `resize`: the tensors are the base's, but some changed size (the index's total is redone).
+struct Layout {
+    mapping: Option<peftkit_remap::Mapping>,
+    replan: bool,
+    resize: bool,
+}
+
+/// Writes `state` to `job.out`: in the base's layout, resharded on the layout transformers
+/// holds the model in, or planned anew as `save_pretrained` plans a model loaded from disk.
 fn save(
     job: &MergeJob,
     base: &Checkpoint,
     plan: &MergePlan,
     mut state: StateDict,
-    resave_mapping: Option<peftkit_remap::Mapping>,
+    layout: Layout,
     options: SaveOptions,
     summary: &mut MergeSummary,
 ) -> Result<(), MergeError> {
@@ -204,7 +223,19 @@ fn save(
         }),
         ..options
     };
-    let save_plan = match (job.max_shard_size, &resave_mapping) {
+    let save_plan = match (job.max_shard_size, &layout.mapping) {
+        _ if layout.replan => {
+            // A model loaded by from_pretrained is saved in natural order of its names.
+            state.sort_by(|a, _, b, _| peftkit_checkpoint::natural_cmp(a, b));
+            let size = job
+                .max_shard_size
+                .unwrap_or(peftkit_checkpoint::DEFAULT_MAX_SHARD_SIZE);
+            let options = SaveOptions {
+                max_shard_size: size,
+                ..options.clone()
+            };
+            plan_save(&state, &options)?
+        }
         (Some(size), Some(mapping)) => {
             // transformers saves the merged model as it holds it: in the v5 layout it was
             // loaded into, reverted on save. The shards are planned on that, as in `reshard`.
@@ -217,12 +248,26 @@ fn save(
                 },
             )?
         }
+        _ if layout.resize => with_sizes(
+            with_added(SavePlan::from_checkpoint(base), &plan.added, &state),
+            &state,
+        ),
         _ => with_added(SavePlan::from_checkpoint(base), &plan.added, &state),
     };
     let report = save_planned(&job.out, &state, &save_plan, &options)?;
     summary.bytes = written.load(Ordering::Relaxed);
     summary.files = report.weight_files;
     Ok(())
+}
+
+/// The index's `total_size` of `state` (re-quantized weights change the size of their state).
+fn with_sizes(mut plan: SavePlan, state: &StateDict) -> SavePlan {
+    if let Some((_, index)) = plan.index.as_mut() {
+        if index.total_size.is_some() {
+            index.total_size = Some(state.values().map(|t| t.byte_len() as u64).sum());
+        }
+    }
+    plan
 }
 
 /// Puts added tensors (an untied `lm_head`) into the file of their tie source and the index.

@@ -1,0 +1,275 @@
+//! A 4-bit weight of a pre-quantized bitsandbytes checkpoint: the tensors transformers writes
+//! for it, found by name, dequantized, and re-quantized.
+//!
+//! For a weight `W` (`….weight`), transformers 5.24 writes `W` (the packed nibbles, U8 `(n/2, 1)`),
+//! `W.absmax` (F32 per block, or U8 codes with double quantization), `W.quant_map` (the 16-value
+//! code), with double quantization `W.nested_absmax` and `W.nested_quant_map`, and
+//! `W.quant_state.bitsandbytes__nf4|fp4` (the JSON of [`QuantState`]).
+
+use peftkit_checkpoint::{Checkpoint, CheckpointError, Dtype, Tensor};
+
+use super::state::{torch_name, QuantState};
+use crate::kernels::{
+    bnb_dequantize_4bit, bnb_dequantize_blockwise, bnb_quantize_4bit, bnb_quantize_blockwise,
+    decode_f32, encode_f32, torch_mean_f32, Code4,
+};
+
+/// The prefix of the quantization-state tensor's suffix; the 4-bit type follows it.
+pub(crate) const STATE_PREFIX: &str = ".quant_state.bitsandbytes__";
+const ABSMAX: &str = ".absmax";
+const QUANT_MAP: &str = ".quant_map";
+const NESTED_ABSMAX: &str = ".nested_absmax";
+const NESTED_QUANT_MAP: &str = ".nested_quant_map";
+
+/// One 4-bit weight and the handles of its tensors.
+#[derive(Clone)]
+pub(crate) struct Weight4 {
+    /// The weight's name (`….weight`), which holds the packed nibbles.
+    pub name: String,
+    pub state: QuantState,
+    state_key: String,
+    packed: Tensor,
+    absmax: Tensor,
+    quant_map: Tensor,
+    nested: Option<(Tensor, Tensor)>,
+}
+
+/// A problem with one weight's tensors.
+pub(crate) struct PartError {
+    pub tensor: String,
+    pub reason: String,
+}
+
+impl Weight4 {
+    /// Every 4-bit weight of `base` (those with a quantization-state tensor), in file order.
+    pub fn find_all(base: &Checkpoint) -> Result<Vec<Weight4>, PartError> {
+        base.tensors()
+            .filter_map(|(key, _)| {
+                let (name, kind) = key.split_once(STATE_PREFIX)?;
+                Some((key, name, kind))
+            })
+            .map(|(key, name, _)| Self::open(base, key, name))
+            .collect()
+    }
+
+    fn open(base: &Checkpoint, state_key: &str, name: &str) -> Result<Self, PartError> {
+        let err = |tensor: &str, reason: String| PartError {
+            tensor: tensor.to_owned(),
+            reason,
+        };
+        let part = |suffix: &str| {
+            let key = format!("{name}{suffix}");
+            base.get(&key).cloned().ok_or_else(|| {
+                err(
+                    &key,
+                    format!("missing: a 4-bit weight `{name}` needs it beside its quant_state"),
+                )
+            })
+        };
+        let state_tensor = part(&state_key[name.len()..])?;
+        let bytes = state_tensor
+            .bytes()
+            .map_err(|e| err(state_key, e.to_string()))?;
+        let state = QuantState::parse(&bytes).map_err(|e| err(state_key, e))?;
+        let nested = match state.nested() {
+            true => Some((part(NESTED_ABSMAX)?, part(NESTED_QUANT_MAP)?)),
+            false => None,
+        };
+        let packed = part("")?;
+        if packed.dtype() != Dtype::U8 {
+            let why = format!(
+                "dtype {:?}: only uint8 quant_storage is supported",
+                packed.dtype()
+            );
+            return Err(err(name, why));
+        }
+        Ok(Weight4 {
+            name: name.to_owned(),
+            state,
+            state_key: state_key.to_owned(),
+            packed,
+            absmax: part(ABSMAX)?,
+            quant_map: part(QUANT_MAP)?,
+            nested,
+        })
+    }
+
+    /// The names of the tensors stored beside the weight (not the weight itself).
+    pub fn part_names(&self) -> Vec<String> {
+        let mut names = vec![
+            format!("{}{ABSMAX}", self.name),
+            format!("{}{QUANT_MAP}", self.name),
+        ];
+        if self.nested.is_some() {
+            names.push(format!("{}{NESTED_ABSMAX}", self.name));
+            names.push(format!("{}{NESTED_QUANT_MAP}", self.name));
+        }
+        names.push(self.state_key.clone());
+        names
+    }
+
+    /// The dtype dequantization returns.
+    pub fn dtype(&self) -> Dtype {
+        self.state.weight_dtype().unwrap_or(Dtype::F32)
+    }
+
+    /// The 4-bit code of this weight (its `quant_map`).
+    pub fn code(&self) -> Result<Code4, Box<dyn std::error::Error + Send + Sync>> {
+        let values: [f32; 16] = f32s(&self.quant_map)?
+            .try_into()
+            .map_err(|_| "quant_map must hold 16 values")?;
+        Ok(Code4::new(self.state.kind()?, values))
+    }
+
+    /// The nested code (`nested_quant_map`), for a double-quantized weight.
+    pub fn nested_code(
+        &self,
+    ) -> Result<Option<[f32; 256]>, Box<dyn std::error::Error + Send + Sync>> {
+        let Some((_, map)) = &self.nested else {
+            return Ok(None);
+        };
+        let values: [f32; 256] = f32s(map)?
+            .try_into()
+            .map_err(|_| "nested_quant_map must hold 256 values")?;
+        Ok(Some(values))
+    }
+
+    /// The absmax per block, as `f32` (double quantization undone: codes times their scales,
+    /// plus the offset).
+    fn absmax(&self) -> Result<Vec<f32>, Box<dyn std::error::Error + Send + Sync>> {
+        let (Some((nested_absmax, _)), Some(offset), Some(bs)) = (
+            &self.nested,
+            self.state.nested_offset,
+            self.state.nested_blocksize,
+        ) else {
+            return f32s(&self.absmax);
+        };
+        let code = self.nested_code()?.ok_or("nested_quant_map missing")?;
+        let q = self.absmax.bytes()?;
+        let scales = f32s(nested_absmax)?;
+        let mut absmax = bnb_dequantize_blockwise(&q, &scales, &code, bs)?;
+        let offset = offset as f32;
+        absmax.iter_mut().for_each(|a| *a += offset);
+        Ok(absmax)
+    }
+
+    /// `dequantize_4bit`: the weight's values as `f32`, before the rounding to [`Self::dtype`].
+    pub fn dequantize(
+        &self,
+        avx512: bool,
+    ) -> Result<Vec<f32>, Box<dyn std::error::Error + Send + Sync>> {
+        let packed = self.packed.bytes()?;
+        let absmax = self.absmax()?;
+        let code = self.code()?;
+        Ok(bnb_dequantize_4bit(
+            &packed,
+            &absmax,
+            &code,
+            self.state.blocksize,
+            &self.state.shape,
+            avx512,
+        )?)
+    }
+
+    /// The tensors bitsandbytes writes when it quantizes `values` (a merged weight, `f32`) with
+    /// this weight's settings: peft's merge hands it `W + Δ` in `f32`, so the stored dtype
+    /// becomes `float32`. `threads` is torch's thread count (for the nested mean).
+    pub fn requantize(
+        &self,
+        values: &[f32],
+        threads: usize,
+    ) -> Result<Requantized, Box<dyn std::error::Error + Send + Sync>> {
+        let code = self.code()?;
+        let (packed, absmax) = bnb_quantize_4bit(values, self.state.blocksize, &code);
+        let mut state = self.state.clone();
+        state.dtype = torch_name(Dtype::F32).unwrap_or("float32").to_owned();
+        let (absmax, nested_absmax) = match (self.nested_code()?, state.nested_blocksize) {
+            (Some(nested_code), Some(bs)) => {
+                let offset = torch_mean_f32(&absmax, threads);
+                let centred: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
+                let (q, scales) = bnb_quantize_blockwise(&centred, &nested_code, bs);
+                state.nested_offset = Some(f64::from(offset));
+                (q, Some(encode_f32("nested_absmax", Dtype::F32, &scales)?))
+            }
+            _ => (encode_f32("absmax", Dtype::F32, &absmax)?, None),
+        };
+        Ok(Requantized {
+            packed,
+            absmax,
+            nested_absmax,
+            state: state.to_json(),
+        })
+    }
+
+    /// The name, dtype and shape of each tensor [`Requantized`] holds, and which part it is.
+    pub fn requantized_parts(&self) -> Vec<(String, Part)> {
+        let mut parts = vec![
+            (self.name.clone(), Part::Packed),
+            (format!("{}{ABSMAX}", self.name), Part::Absmax),
+            (self.state_key.clone(), Part::State),
+        ];
+        if self.nested.is_some() {
+            parts.push((format!("{}{NESTED_ABSMAX}", self.name), Part::NestedAbsmax));
+        }
+        parts
+    }
+
+    /// The packed weight's handle (its shape is kept by re-quantization).
+    pub fn shape_of(&self, part: Part) -> Vec<usize> {
+        match part {
+            Part::Packed => self.packed.shape().to_vec(),
+            Part::Absmax => self.absmax.shape().to_vec(),
+            Part::NestedAbsmax => self
+                .nested
+                .as_ref()
+                .map(|(t, _)| t.shape().to_vec())
+                .unwrap_or_default(),
+            Part::State => vec![],
+        }
+    }
+}
+
+/// The tensors of a re-quantized weight, as bytes.
+pub(crate) struct Requantized {
+    pub packed: Vec<u8>,
+    pub absmax: Vec<u8>,
+    pub nested_absmax: Option<Vec<u8>>,
+    pub state: Vec<u8>,
+}
+
+/// One tensor of a re-quantized weight.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Part {
+    Packed,
+    Absmax,
+    NestedAbsmax,
+    State,
+}
+
+impl Requantized {
+    /// The bytes and dtype of `part`.
+    pub fn take(self, part: Part) -> (Dtype, Vec<u8>) {
+        match part {
+            Part::Packed => (Dtype::U8, self.packed),
+            Part::Absmax if self.nested_absmax.is_some() => (Dtype::U8, self.absmax),
+            Part::Absmax => (Dtype::F32, self.absmax),
+            Part::NestedAbsmax => (Dtype::F32, self.nested_absmax.unwrap_or_default()),
+            Part::State => (Dtype::U8, self.state),
+        }
+    }
+}
+
+/// A float tensor's values as `f32`.
+fn f32s(t: &Tensor) -> Result<Vec<f32>, Box<dyn std::error::Error + Send + Sync>> {
+    Ok(decode_f32("bitsandbytes state", t.dtype(), &t.bytes()?)?)
+}
+
+impl From<PartError> for CheckpointError {
+    fn from(e: PartError) -> Self {
+        CheckpointError::TensorCompute {
+            tensor: e.tensor,
+            context: "reading a bitsandbytes 4-bit weight".into(),
+            source: e.reason.into(),
+        }
+    }
+}
