@@ -38,6 +38,20 @@ pub(crate) struct Args {
     /// from the exact result, the same bytes on every machine (LoRA and IA3 only).
     #[arg(long, default_value = "peft", value_name = "peft|exact")]
     numerics: merge::Numerics,
+    /// A bitsandbytes 4-bit base: write every weight dequantized to its dtype and drop
+    /// quantization_config (transformers' dequantize() before peft's merge), instead of
+    /// re-quantizing the merged weights.
+    #[arg(long, conflicts_with = "qlora_base")]
+    dequantize: bool,
+    /// A 16-bit base the adapter was trained on in 4 bits (QLoRA): merge into bitsandbytes'
+    /// round trip dequantize(quantize(W)) of each adapted weight, the weights it was trained
+    /// against.
+    #[arg(long, value_name = "nf4|fp4")]
+    qlora_base: Option<merge::Bnb4Type>,
+    /// With --qlora-base: the training used double quantization
+    /// (bnb_4bit_use_double_quant=True).
+    #[arg(long, requires = "qlora_base")]
+    qlora_double_quant: bool,
     /// Print a JSON summary.
     #[arg(long)]
     json: bool,
@@ -53,8 +67,15 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         unmerge,
         no_fsync,
         numerics,
+        dequantize,
+        qlora_base,
+        qlora_double_quant,
         json,
     } = args;
+    let qlora_base = qlora_base.map(|kind| merge::QloraBase {
+        kind,
+        double_quant: qlora_double_quant,
+    });
     let adapters = adapters
         .iter()
         .map(|a| merge::AdapterInput::parse(a))
@@ -71,6 +92,8 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         .unmerge(unmerge)
         .durable(!no_fsync)
         .numerics(numerics)
+        .dequantize(dequantize)
+        .qlora_base(qlora_base)
         .progress(move |n| on_bytes.inc(n));
     let summary = merge::merge(&job)?;
     bar.finish_and_clear();
@@ -92,8 +115,30 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
             summary.seconds
         );
         print_numerics(&summary.numerics);
+        if let Some(b) = &summary.bitsandbytes {
+            println!("{}", bnb_line(b));
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the merge did with a bitsandbytes base.
+fn bnb_line(b: &merge::BnbReport) -> String {
+    let dq = if b.double_quant { " with double quantization" } else { "" };
+    match b.mode {
+        "dequantized" => format!(
+            "bitsandbytes {}{dq} base: {} weights dequantized, quantization_config dropped",
+            b.quant_type, b.tensors_dequantized
+        ),
+        "qlora-base" => format!(
+            "QLoRA base: merged into the bitsandbytes {}{dq} round trip dequantize(quantize(W)) of {} weights",
+            b.quant_type, b.tensors_quantized
+        ),
+        _ => format!(
+            "bitsandbytes {}{dq} base: {} merged weights re-quantized, the others copied",
+            b.quant_type, b.tensors_quantized
+        ),
+    }
 }
 
 /// Tells, on stderr, what the merge could not promise bit for bit.

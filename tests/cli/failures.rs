@@ -635,3 +635,31 @@ fn wrong_kinds_of_input_are_named() {
         );
     }
 }
+
+#[test]
+fn bitsandbytes_misuse_is_refused_without_output() {
+    let case = crate::fixture("bnb/nf4_nested_bf16");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged");
+    let runs: [(&str, &[&str], &str); 3] = [
+        ("base4", &["--qlora-base", "nf4"], "already 4-bit"),
+        ("base16", &["--dequantize"], "--dequantize needs a bitsandbytes 4-bit base"),
+        ("base16", &["--qlora-base", "int4"], "expected nf4 or fp4"),
+    ];
+    for (base, flags, says) in runs {
+        let fail = crate::peftkit()
+            .arg("merge")
+            .arg("--base")
+            .arg(case.join(base))
+            .arg("--adapter")
+            .arg(case.join("adapter"))
+            .arg("--out")
+            .arg(&out)
+            .args(flags)
+            .assert()
+            .failure();
+        let err = String::from_utf8_lossy(&fail.get_output().stderr).into_owned();
+        assert!(err.contains(says), "{flags:?}: {err}");
+        assert!(!out.exists(), "{flags:?} wrote {}", out.display());
+    }
+}

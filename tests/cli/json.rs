@@ -140,6 +140,16 @@ fn merge_ty() -> Ty {
                 ("unverified_bound_ulp", UInt),
             ]),
         ),
+        (
+            "bitsandbytes",
+            or_null(Obj(vec![
+                ("mode", Str),
+                ("quant_type", Str),
+                ("double_quant", Bool),
+                ("tensors_quantized", UInt),
+                ("tensors_dequantized", UInt),
+            ])),
+        ),
         ("seconds", Num),
     ])
 }

@@ -557,3 +557,40 @@ fn inspect_describes_an_adapter_folder() {
         );
     }
 }
+
+/// `peftkit merge` into the NF4 bitsandbytes fixture (tests/fixtures/bnb/nf4_nested_bf16):
+/// re-quantized by default, `--dequantize`, and `--qlora-base` on the 16-bit original, each
+/// byte for byte what transformers + bitsandbytes + peft wrote (rows are whole blocks and the
+/// rank is 4, so the bytes do not depend on the host).
+#[test]
+fn merge_into_bitsandbytes_bases() {
+    let case = fixture("bnb/nf4_nested_bf16");
+    let runs: [(&str, &[&str], &str, &str); 3] = [
+        ("base4", &[], "merged_requantized", "merged weights re-quantized"),
+        ("base4", &["--dequantize"], "merged_dequantized", "weights dequantized"),
+        (
+            "base16",
+            &["--qlora-base", "nf4", "--qlora-double-quant"],
+            "merged_qlora",
+            "round trip dequantize(quantize(W)) of 4 weights",
+        ),
+    ];
+    for (base, flags, want, says) in runs {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged");
+        let ok = peftkit()
+            .arg("merge")
+            .arg("--base")
+            .arg(case.join(base))
+            .arg("--adapter")
+            .arg(case.join("adapter"))
+            .arg("--out")
+            .arg(&out)
+            .args(flags)
+            .assert()
+            .success();
+        let text = stdout_of(&ok);
+        assert!(text.contains(says), "{want}: {text}");
+        assert_same_dir(&out, &case.join(want));
+    }
+}
