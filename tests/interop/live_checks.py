@@ -347,6 +347,28 @@ def extracted_adapters_load_in_peft_with_identical_logits():
         assert torch.equal(ours, theirs), f"{case}: max diff {(ours - theirs).abs().max()}"
 
 
+@check
+def bitsandbytes_merges_equal_the_libraries_computed_here():
+    """`merge` into a 4-bit base (re-quantized, and `--dequantize`) and `--qlora-base` on its 16-bit
+    original write what transformers + bitsandbytes + peft write here, for every bnb fixture case
+    rebuilt on this host (same seeds and calls as tests/fixtures/bnb)."""
+    from fixturegen import bnb_cases
+
+    for name, spec in bnb_cases.CASES.items():
+        qlora = ["--qlora-base", spec["quant_type"]] + (["--qlora-double-quant"] if spec["double_quant"] else [])
+        runs = [("base4", [], "merged_requantized"), ("base4", ["--dequantize"], "merged_dequantized"),
+                ("base16", qlora, "merged_qlora")]
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp)
+            bnb_cases.make_case(d, spec)
+            for base, flags, ref in runs:
+                out = d / f"peftkit_{ref}"
+                peftkit("merge", "--base", d / base, "--adapter", d / "adapter", "--out", out, *flags)
+                for f in sorted(p.name for p in (d / ref).iterdir()):
+                    same = (out / f).read_bytes() == (d / ref / f).read_bytes()
+                    assert same, f"{name}, {ref}: {f} differs from the libraries' file"
+
+
 def main():
     quiet()
     passed = failed = 0
