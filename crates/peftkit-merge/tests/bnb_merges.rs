@@ -153,3 +153,19 @@ fn misuse_is_refused_before_writing() {
     assert!(err.to_string().contains("--dequantize needs"), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn requantizing_refuses_what_peft_would_requantize_twice() {
+    // peft re-quantizes after each adapter: two adapters on one 4-bit weight are refused (and
+    // merge with --dequantize, as into any 16-bit base).
+    let name = CASES[0];
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let mut twice = job(name, "base4", &out);
+    twice.adapters.push(twice.adapters[0].clone());
+    let err = merge(&twice).unwrap_err();
+    assert!(err.to_string().contains("more than one adapter"), "{err}");
+    assert!(!out.exists());
+    let summary = merge(&twice.dequantize(true)).unwrap();
+    assert_eq!(summary.tensors_merged, 4);
+}
