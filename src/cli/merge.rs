@@ -124,7 +124,11 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
 
 /// What the merge did with a bitsandbytes base.
 fn bnb_line(b: &merge::BnbReport) -> String {
-    let dq = if b.double_quant { " with double quantization" } else { "" };
+    let dq = if b.double_quant {
+        " with double quantization"
+    } else {
+        ""
+    };
     match b.mode {
         "dequantized" => format!(
             "bitsandbytes {}{dq} base: {} weights dequantized, quantization_config dropped",

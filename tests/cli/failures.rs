@@ -643,7 +643,11 @@ fn bitsandbytes_misuse_is_refused_without_output() {
     let out = tmp.path().join("merged");
     let runs: [(&str, &[&str], &str); 3] = [
         ("base4", &["--qlora-base", "nf4"], "already 4-bit"),
-        ("base16", &["--dequantize"], "--dequantize needs a bitsandbytes 4-bit base"),
+        (
+            "base16",
+            &["--dequantize"],
+            "--dequantize needs a bitsandbytes 4-bit base",
+        ),
         ("base16", &["--qlora-base", "int4"], "expected nf4 or fp4"),
     ];
     for (base, flags, says) in runs {

@@ -566,8 +566,18 @@ fn inspect_describes_an_adapter_folder() {
 fn merge_into_bitsandbytes_bases() {
     let case = fixture("bnb/nf4_nested_bf16");
     let runs: [(&str, &[&str], &str, &str); 3] = [
-        ("base4", &[], "merged_requantized", "merged weights re-quantized"),
-        ("base4", &["--dequantize"], "merged_dequantized", "weights dequantized"),
+        (
+            "base4",
+            &[],
+            "merged_requantized",
+            "merged weights re-quantized",
+        ),
+        (
+            "base4",
+            &["--dequantize"],
+            "merged_dequantized",
+            "weights dequantized",
+        ),
         (
             "base16",
             &["--qlora-base", "nf4", "--qlora-double-quant"],
