@@ -19,15 +19,18 @@
 #![deny(missing_docs)]
 
 mod atomic;
+mod cast;
 mod checkpoint;
 mod companion;
 mod config;
 mod error;
+mod hub;
 mod index;
 mod inspect;
 mod names;
 mod natural;
 mod overlap;
+mod pickle;
 mod progress;
 mod pyjson;
 mod safetensors_file;
@@ -36,12 +39,14 @@ mod shard;
 mod tensor;
 
 pub use atomic::DirTransaction;
-pub use checkpoint::{find_file_layout, verify, Checkpoint, FileLayout, WeightFile};
+pub use cast::{cast_state_dict, cast_tensor, parse_cast_dtype};
+pub use checkpoint::{find_file_layout, verify, Checkpoint, FileLayout, WeightFile, WeightFormat};
 pub use companion::{companion_files, is_weights_file};
 pub use config::{
     GenerationConfig, ModelConfig, GENERATION_CONFIG_NAME, MODEL_CONFIG_NAME, TRANSFORMERS_VERSION,
 };
 pub use error::{CheckpointError, Result};
+pub use hub::{resolve_model_path, HubCache, RepoSpec};
 pub use index::WeightIndex;
 pub use inspect::{CheckpointSummary, TensorSummary};
 pub use names::{WeightsKind, WeightsNames};
