@@ -610,12 +610,12 @@ fn wrong_kinds_of_input_are_named() {
     let cases: Vec<(String, &str)> = vec![
         (
             bins.display().to_string(),
-            "PyTorch pickle weights (pytorch_model.bin)",
+            "not a readable torch.save state dict",
         ),
         (variant.display().to_string(), "pass --variant fp16"),
         (
             "no-such-org/no-such-model".into(),
-            "looks like a Hugging Face repo id",
+            "hf download no-such-org/no-such-model",
         ),
         (
             json.display().to_string(),

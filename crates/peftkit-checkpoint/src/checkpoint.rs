@@ -263,6 +263,15 @@ impl Checkpoint {
         &self.ties
     }
 
+    /// The checkpoint as transformers holds it once loaded: each tie target of [`Self::ties`]
+    /// removed, since the model has one parameter for both names (and a save writes it once).
+    pub fn without_tie_targets(mut self) -> Self {
+        for (target, _) in std::mem::take(&mut self.ties) {
+            self.tensors.shift_remove(&target);
+        }
+        self
+    }
+
     /// Whether any weight file is a pickle (`.bin`).
     pub fn is_pickle(&self) -> bool {
         self.files.iter().any(|f| f.format == WeightFormat::Pickle)

@@ -23,7 +23,8 @@ save when they load them, and a Hugging Face cache laid out by huggingface_hub (
   - `source_f32/`, `source_f16/`: `adapter_config.json` and `adapter_model.bin` (`torch.save` of
     `get_peft_model_state_dict`, in float32 / float16);
   - `expected_f32/`, `expected_f16/`: `PeftModel.from_pretrained(base, source).save_pretrained(...)`
-    (peft upcasts float16 adapter weights to float32 on load: `autocast_adapter_dtype`).
+    (peft upcasts float16 adapter weights to float32 on load: `autocast_adapter_dtype`);
+  - `full_state_dict.bin`: `torch.save` of the whole PeftModel's state dict (float32 adapter loaded).
 - `evil/`: pickles that would run code if unpickled by Python: `posix_system.bin` (torch.save of an
   object whose `__reduce__` is `os.system`, which pickles as `posix.system`) and `os_system.bin` (the same
   archive with a hand-written `data.pkl` naming `os.system`). Each runs `touch peftkit-pwned` in the
@@ -32,7 +33,7 @@ save when they load them, and a Hugging Face cache laid out by huggingface_hub (
   cache functions (`repo_folder_name`, `_cache_commit_hash_for_specific_revision`, `_create_symlink`: the
   code `hf_hub_download` runs after a download), offline:
   - `peftkit-test/tiny-llama`: commit `A` (refs/main; `llama_sharded/expected`) and commit `B` (tag
-    `v1.0`; `llama_tied/expected`);
+    `v1.0`; `llama_sharded/expected_3KB`: sharded, so the index names links into blobs/);
   - `peftkit-test/tiny-llama-lora`: refs/main, `adapter/source_f32` (a `.bin` adapter whose
     `base_model_name_or_path` is `peftkit-test/tiny-llama`).
   `cache.json` records, for each spec, the snapshot `snapshot_download(..., local_files_only=True)`
@@ -203,6 +204,8 @@ def _adapter(out: Path, base: Path):
         torch.save({k: v.to(dtype) for k, v in sd.items()}, src / "adapter_model.bin")
         loaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), src)
         loaded.save_pretrained(out / f"expected_{name}")
+        if name == "f32":
+            torch.save(loaded.state_dict(), out / "full_state_dict.bin")
         # The model card names the base by its absolute path: not a fixture.
         (out / f"expected_{name}" / "README.md").unlink()
 
@@ -254,7 +257,7 @@ def _cache(root: Path, out: Path):
     cache = out / "cache"
     repos = [
         ("peftkit-test/tiny-llama", COMMIT_A, "main", root / "llama_sharded" / "expected"),
-        ("peftkit-test/tiny-llama", COMMIT_B, "v1.0", root / "llama_tied" / "expected"),
+        ("peftkit-test/tiny-llama", COMMIT_B, "v1.0", root / "llama_sharded" / "expected_3KB"),
         ("peftkit-test/tiny-llama-lora", COMMIT_LORA, "main", root / "adapter" / "source_f32"),
     ]
     for repo_id, commit, ref, folder in repos:

@@ -224,3 +224,6 @@ impl View {
         out
     }
 }
+
+#[cfg(test)]
+mod tests;
