@@ -26,7 +26,6 @@ fn usage_errors_exit_2_with_a_usage_line() {
         (vec!["reshard", base], "--out"),
         (vec!["reshard", base, "--out"], "--out"),
         (vec!["merge", "--base", base, "--out", "x"], "--adapter"),
-        (vec!["merge", "--adapter", adapter, "--out", "x"], "--base"),
         (vec!["merge", "--base", base, "--adapter", adapter], "--out"),
         (vec!["extract", "--out", "x"], "--from"),
         (

@@ -8,13 +8,17 @@
 //! * [`save_pretrained`]: the files of transformers' `save_pretrained`, byte for byte.
 //! * [`Checkpoint`]: a single-file or sharded checkpoint opened by its headers, validated.
 //! * [`verify`]: every inconsistency of a checkpoint on disk.
+//! * [`HubCache`], [`RepoSpec`], [`resolve_model_path`]: repo ids resolved from the local
+//!   Hugging Face cache, offline.
+//! * `.bin` weights (`torch.save` pickles) open as checkpoints, read by a restricted unpickler
+//!   that never runs code; [`cast_tensor`] casts dtypes with torch's rounding.
 //! * [`Progress`]: the byte-count callback a long save reports to, held by
 //!   [`SaveOptions::progress`] (and by the options of the crates above this one).
 //!
 //! Every module is private; the items are re-exported here, flat, so a module can be split
 //! or renamed without breaking a caller. Inside, modules depend one way: `error`, `pyjson`,
-//! `natural`, `progress` <- `tensor`, `names`, `shard`, `atomic`, `companion` <-
-//! `safetensors_file`, `index`, `config` <- `checkpoint` <- `inspect`, `save`.
+//! `natural`, `progress` <- `tensor`, `names`, `shard`, `atomic`, `companion`, `hub` <-
+//! `safetensors_file`, `pickle`, `index`, `config`, `cast` <- `checkpoint` <- `inspect`, `save`.
 
 #![deny(missing_docs)]
 
