@@ -142,3 +142,26 @@ fn casts_match_transformers() {
         assert_eq!(cast.bytes().unwrap(), t.bytes().unwrap(), "{name}");
     }
 }
+
+/// `tensor.to(dtype)` on 37-element tensors, special values in the vectorised part and in the
+/// scalar tail (casts.safetensors).
+#[test]
+fn casts_match_torch_in_the_vector_tail_too() {
+    let casts = Checkpoint::open(&hub("casts.safetensors")).unwrap();
+    let mut checked = 0;
+    for (name, expected) in casts.tensors() {
+        let Some((from, to)) = name.split_once("_to_") else {
+            continue;
+        };
+        let dtype = |n: &str| match n {
+            "f32" => Dtype::F32,
+            "f16" => Dtype::F16,
+            _ => Dtype::BF16,
+        };
+        let src = casts.get(from).unwrap();
+        let cast = cast_tensor(name, src, dtype(to)).unwrap();
+        assert_eq!(cast.bytes().unwrap(), expected.bytes().unwrap(), "{name}");
+        checked += 1;
+    }
+    assert_eq!(checked, 6);
+}

@@ -25,6 +25,8 @@ save when they load them, and a Hugging Face cache laid out by huggingface_hub (
   - `expected_f32/`, `expected_f16/`: `PeftModel.from_pretrained(base, source).save_pretrained(...)`
     (peft upcasts float16 adapter weights to float32 on load: `autocast_adapter_dtype`);
   - `full_state_dict.bin`: `torch.save` of the whole PeftModel's state dict (float32 adapter loaded).
+- `casts.safetensors`: 37-element float32, float16 and bfloat16 tensors with those special values at
+  both ends (the tail of a vectorised loop), and `t.to(dtype)` of each into the two other dtypes.
 - `evil/`: pickles that would run code if unpickled by Python: `posix_system.bin` (torch.save of an
   object whose `__reduce__` is `os.system`, which pickles as `posix.system`) and `os_system.bin` (the same
   archive with a hand-written `data.pkl` naming `os.system`). Each runs `touch peftkit-pwned` in the
@@ -113,6 +115,29 @@ def _llama_16(out: Path, dtype, targets):
     torch.save(model.state_dict(), src / "pytorch_model.bin")
     for name, target in targets:
         LlamaForCausalLM.from_pretrained(src, dtype=target).save_pretrained(out / f"expected_{name}")
+
+
+def _casts(out: Path):
+    """casts.safetensors: 37-element tensors (not a multiple of any vector width) with the special
+    values at both ends, in each float dtype, and `tensor.to(dtype)` of each (`<from>_to_<to>`), the
+    call transformers makes when it loads with `dtype=`."""
+    from safetensors.torch import save_file
+
+    n = 37
+    f32 = torch.zeros(n, dtype=torch.int32)
+    f32[: len(SPECIALS)] = torch.tensor(SPECIALS, dtype=torch.int64).to(torch.int32)
+    f32[-len(SPECIALS):] = torch.tensor(SPECIALS[::-1], dtype=torch.int64).to(torch.int32)
+    h = torch.zeros(n, dtype=torch.int16)
+    h[: len(SPECIALS_16)] = torch.tensor(SPECIALS_16, dtype=torch.int32).to(torch.int16)
+    h[-len(SPECIALS_16):] = torch.tensor(SPECIALS_16[::-1], dtype=torch.int32).to(torch.int16)
+    src = {"f32": f32.view(torch.float32), "f16": h.view(torch.float16), "bf16": h.clone().view(torch.bfloat16)}
+    dtypes = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+    tensors = dict(src)
+    for a, t in src.items():
+        for b, d in dtypes.items():
+            if a != b:
+                tensors[f"{a}_to_{b}"] = t.to(d)
+    save_file(tensors, out / "casts.safetensors", metadata={"format": "pt"})
 
 
 def _tricky_state_dict(model):
@@ -288,4 +313,5 @@ def generate(root: Path) -> None:
     _llama_16(out / "llama_bf16", torch.bfloat16, [("f32", torch.float32), ("f16", torch.float16)])
     _adapter(out / "adapter", out / "llama_sharded" / "expected")
     _evil(out / "evil")
+    _casts(out)
     _cache(out, out)
