@@ -60,7 +60,13 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
             weight: a.weight,
         });
     }
-    let base = Checkpoint::open(&job.base)?;
+    // A `.bin` base stores tied weights twice; the model peft merges into has them once.
+    let base = Checkpoint::open(&job.base)?.without_tie_targets();
+    // Its layout cannot be kept (the output is safetensors): plan shards as
+    // `save_pretrained` does by default.
+    let max_shard_size = job.max_shard_size.or(base
+        .is_pickle()
+        .then_some(peftkit_checkpoint::DEFAULT_MAX_SHARD_SIZE));
     let base_dir = if job.base.is_dir() {
         job.base.clone()
     } else {
@@ -87,12 +93,15 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
         plan.check_exact(job.unmerge)?;
     }
     // A reshard plans on the layout transformers holds the model in (see `save`).
-    let resave_mapping = match job.max_shard_size {
-        Some(_) => Some(peftkit_remap::checkpoint_mapping(
-            &peftkit_remap::Registry::builtin()?,
-            config.as_ref(),
-            None,
-        )?),
+    let resave = match max_shard_size {
+        Some(size) => Some((
+            size,
+            peftkit_remap::checkpoint_mapping(
+                &peftkit_remap::Registry::builtin()?,
+                config.as_ref(),
+                None,
+            )?,
+        )),
         None => None,
     };
     if job.unmerge {
@@ -128,10 +137,26 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
     }
     let mut options = SaveOptions {
         durable: job.durable,
-        metadata: base.metadata().cloned().unwrap_or_default(),
+        // A `.bin` base has no header metadata: transformers writes `{"format": "pt"}`.
+        metadata: match base.metadata() {
+            Some(m) => m.clone(),
+            None if base.is_pickle() => peftkit_checkpoint::pt_metadata(),
+            None => Default::default(),
+        },
         ..Default::default()
     };
-    let rewrite_config = summary.untied_embeddings || quant.drops_quantization_config();
+    // transformers rewrites config.json on save; it is copied unless it changes: untied
+    // embeddings, or a `.bin` base (usually a transformers v4 config).
+    let rewrite_config =
+        summary.untied_embeddings || base.is_pickle() || quant.drops_quantization_config();
+    if base.is_pickle() {
+        if let Some(c) = config.as_mut() {
+            c.fields.insert(
+                "transformers_version".into(),
+                peftkit_checkpoint::TRANSFORMERS_VERSION.into(),
+            );
+        }
+    }
     if job.base.is_dir() {
         options.extra_files = companion_files(&base_dir)?
             .into_iter()
@@ -142,7 +167,7 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
         options.config = config;
     }
     let layout = Layout {
-        mapping: resave_mapping,
+        resave,
         replan: quant.replans(),
         resize: quant.resizes(),
     };
@@ -193,11 +218,12 @@ fn merged_state(
     Ok(state)
 }
 
-/// How the output is laid out: the base's files unless resharded (`mapping`: the layout
-/// transformers holds the model in) or planned anew (`replan`: the tensors are not the base's).
-/// `resize`: the tensors are the base's, but some changed size (the index's total is redone).
+/// How the output is laid out: the base's files unless resharded (`resave`: the shard size and
+/// the mapping of the layout transformers holds the model in) or planned anew (`replan`: the
+/// tensors are not the base's). `resize`: the tensors are the base's, but some changed size
+/// (the index's total is redone).
 struct Layout {
-    mapping: Option<peftkit_remap::Mapping>,
+    resave: Option<(u64, peftkit_remap::Mapping)>,
     replan: bool,
     resize: bool,
 }
@@ -223,7 +249,7 @@ fn save(
         }),
         ..options
     };
-    let save_plan = match (job.max_shard_size, &layout.mapping) {
+    let save_plan = match &layout.resave {
         _ if layout.replan => {
             // A model loaded by from_pretrained is saved in natural order of its names.
             state.sort_by(|a, _, b, _| peftkit_checkpoint::natural_cmp(a, b));
@@ -236,23 +262,23 @@ fn save(
             };
             plan_save(&state, &options)?
         }
-        (Some(size), Some(mapping)) => {
+        Some((size, mapping)) => {
             // transformers saves the merged model as it holds it: in the v5 layout it was
             // loaded into, reverted on save. The shards are planned on that, as in `reshard`.
             state = mapping.round_trip(&state)?.state;
             plan_save(
                 &state,
                 &SaveOptions {
-                    max_shard_size: size,
+                    max_shard_size: *size,
                     ..options.clone()
                 },
             )?
         }
-        _ if layout.resize => with_sizes(
+        None if layout.resize => with_sizes(
             with_added(SavePlan::from_checkpoint(base), &plan.added, &state),
             &state,
         ),
-        _ => with_added(SavePlan::from_checkpoint(base), &plan.added, &state),
+        None => with_added(SavePlan::from_checkpoint(base), &plan.added, &state),
     };
     let report = save_planned(&job.out, &state, &save_plan, &options)?;
     summary.bytes = written.load(Ordering::Relaxed);
