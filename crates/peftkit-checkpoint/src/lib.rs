@@ -32,6 +32,7 @@ mod progress;
 mod pyjson;
 mod safetensors_file;
 mod save;
+mod setters;
 mod shard;
 mod tensor;
 

@@ -145,6 +145,17 @@ impl ExtractOptions {
     }
 }
 
+peftkit_checkpoint::option_setters!(ExtractOptions {
+    out: PathBuf,
+    adapter_name: Some(String),
+    lora_alpha: Some(Number),
+    use_rslora: bool,
+    config: Some(AdapterConfig),
+    base_out: Some(PathBuf),
+    model: BaseModelInfo,
+    save: AdapterSaveOptions,
+});
+
 /// What [`extract`] did.
 #[derive(Debug, Clone)]
 pub struct ExtractReport {

@@ -148,6 +148,16 @@ impl Default for AdapterSaveOptions {
     }
 }
 
+peftkit_checkpoint::option_setters!(AdapterSaveOptions {
+    save_peft_format: bool,
+    max_shard_size: u64,
+    is_main_process: bool,
+    base_model_name_or_path: Some(String),
+    write_model_card: bool,
+    transformers_model: Some(bool),
+    extra_files: Vec<(String, Vec<u8>)>,
+});
+
 /// What [`save_adapter`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdapterSaveReport {
@@ -373,6 +383,15 @@ pub struct PeftSaveOptions {
     /// Options of the base checkpoint save (`config.json`, ties, shard size, …).
     pub base: SaveOptions,
 }
+
+peftkit_checkpoint::option_setters!(PeftSaveOptions {
+    adapter: AdapterSaveOptions,
+    configs: IndexMap<String, AdapterConfig>,
+    infer: InferOptions,
+    selected_adapters: Some(Vec<String>),
+    save_base: bool,
+    base: SaveOptions,
+});
 
 /// What [`save_pretrained`] wrote.
 #[derive(Debug, Clone)]

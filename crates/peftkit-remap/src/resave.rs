@@ -88,6 +88,13 @@ pub struct RemapOptions {
     pub tables: Vec<PathBuf>,
 }
 
+peftkit_checkpoint::option_setters!(RemapOptions {
+    save: SaveOptions,
+    src_variant: Some(String),
+    revert: Revert,
+    tables: Vec<PathBuf>,
+});
+
 /// What [`remap`] did.
 #[derive(Debug, Clone)]
 pub struct RemapReport {
@@ -191,6 +198,13 @@ pub struct ReshardOptions {
     /// Conversion table files added to the embedded ones.
     pub tables: Vec<PathBuf>,
 }
+
+peftkit_checkpoint::option_setters!(ReshardOptions {
+    save: SaveOptions,
+    src_variant: Some(String),
+    model_type: Some(String),
+    tables: Vec<PathBuf>,
+});
 
 /// What [`reshard`] did.
 #[derive(Debug, Clone)]

@@ -41,6 +41,11 @@ pub struct ClassifyOptions {
     pub disk_adapter_name: Option<String>,
 }
 
+peftkit_checkpoint::option_setters!(ClassifyOptions {
+    peft_type: Some(String),
+    disk_adapter_name: Some(String),
+});
+
 /// A classified state dict.
 #[derive(Debug, Clone)]
 pub struct ClassifiedStateDict {
