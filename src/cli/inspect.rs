@@ -4,10 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use peftkit::checkpoint::{CheckpointSummary, WeightsKind};
+use peftkit::checkpoint::CheckpointSummary;
 use peftkit::peft;
 
-use super::{guess_kind, open_any};
+use super::open_any;
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -29,13 +29,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
     } = args;
     let ckpt = open_any(&path, variant.as_deref())?;
     let summary = CheckpointSummary::of(&ckpt);
-    // summarize_path opens the path again without the variant, which finds no weights
-    // in a folder holding only model.VARIANT.safetensors: use what was opened.
-    let adapters = if variant.is_some() && guess_kind(&path) == WeightsKind::Model {
-        peft::summarize_adapters(&ckpt.state_dict(), None)?
-    } else {
-        peft::summarize_path(&path)?
-    };
+    let adapters = peft::summarize_path_variant(&path, variant.as_deref())?;
     if json {
         let mut v = serde_json::to_value(&summary)?;
         v["adapters"] = serde_json::to_value(&adapters)?;

@@ -61,7 +61,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         .collect();
     let max_shard_size = max_shard_size
         .as_deref()
-        .map(ckpt::parse_size)
+        .map(ckpt::parse_max_shard_size)
         .transpose()?;
     let bar = progress(Checkpoint::open(&base)?.total_bytes());
     let on_bytes = bar.clone();

@@ -88,7 +88,7 @@ fn resave_options(
     max_shard_size: &str,
     variant: Option<String>,
 ) -> Result<(SaveOptions, ProgressBar)> {
-    let max_shard_size = ckpt::parse_size(max_shard_size)?;
+    let max_shard_size = ckpt::parse_max_shard_size(max_shard_size)?;
     let total = Checkpoint::open_kind(dir, WeightsKind::Model, input_variant)?.total_bytes();
     let bar = progress(total);
     let on_bytes = bar.clone();

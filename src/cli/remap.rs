@@ -23,7 +23,7 @@ pub(crate) struct Args {
     /// Model type whose table applies (default: config.json's model_type).
     #[arg(long)]
     model_type: Option<String>,
-    /// Largest shard: bytes or a decimal size such as 5GB.
+    /// Largest shard: a number of bytes (10000) or a decimal size (5GB, 500MB, 1.5 MB, 20KB).
     #[arg(long, default_value = "50GB")]
     max_shard_size: String,
     /// Variant of the output files.

@@ -13,7 +13,7 @@ pub(crate) struct Args {
     /// Where to write (created, or replaced atomically).
     #[arg(long)]
     out: PathBuf,
-    /// Largest shard: bytes or a decimal size such as 5GB, 500MB, 20KB.
+    /// Largest shard: a number of bytes (10000) or a decimal size (5GB, 500MB, 1.5 MB, 20KB).
     #[arg(long, default_value = "50GB")]
     max_shard_size: String,
     /// Variant of the output files (model.VARIANT.safetensors).

@@ -59,7 +59,7 @@ pub use safetensors_file::{
 pub use save::{
     plan_save, save_planned, save_pretrained, torch_dtype_name, SaveOptions, SavePlan, SaveReport,
 };
-pub use shard::{parse_size, plan_shards, PlanItem, DEFAULT_MAX_SHARD_SIZE};
+pub use shard::{parse_max_shard_size, parse_size, plan_shards, PlanItem, DEFAULT_MAX_SHARD_SIZE};
 pub use tensor::{
     buffers, byte_len, dtype_name, dtype_size, parse_dtype, Dtype, Producer, SourceFile, StateDict,
     Tensor,
