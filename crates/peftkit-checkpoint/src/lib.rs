@@ -8,6 +8,7 @@
 //! * [`save_pretrained`]: the files of transformers' `save_pretrained`, byte for byte.
 //! * [`Checkpoint`]: a single-file or sharded checkpoint opened by its headers, validated.
 //! * [`verify`]: every inconsistency of a checkpoint on disk.
+//! * [`diff_state_dicts`]: how two state dicts differ, tensor by tensor, streaming.
 //! * [`Progress`]: the byte-count callback a long save reports to, held by
 //!   [`SaveOptions::progress`] (and by the options of the crates above this one).
 //!
@@ -22,6 +23,7 @@ mod atomic;
 mod checkpoint;
 mod companion;
 mod config;
+mod diff;
 mod error;
 mod index;
 mod inspect;
@@ -42,6 +44,7 @@ pub use companion::{companion_files, is_weights_file};
 pub use config::{
     GenerationConfig, ModelConfig, GENERATION_CONFIG_NAME, MODEL_CONFIG_NAME, TRANSFORMERS_VERSION,
 };
+pub use diff::{diff_state_dicts, DtypeDiff, ShapeDiff, StateDictDiff, ValueDiff};
 pub use error::{CheckpointError, Result};
 pub use index::WeightIndex;
 pub use inspect::{CheckpointSummary, TensorSummary};
