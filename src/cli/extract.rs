@@ -65,7 +65,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
     if let Some(p) = &config {
         let (c, warnings) = peft::AdapterConfig::from_file(p)?;
         for w in warnings {
-            eprintln!("warning: {}: {w}", p.display());
+            super::warning(format!("{}: {w}", p.display()));
         }
         o.config = Some(c);
     }
@@ -80,9 +80,9 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
     }
     let report = extract(&from, &o)?;
     for note in &report.notes {
-        eprintln!("note: {note}");
+        super::note(note);
     }
-    println!(
+    super::summary(format!(
         "{}: adapter `{}` ({} config){}",
         out.display(),
         report.adapter_name,
@@ -92,6 +92,6 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
             .as_ref()
             .map(|b| format!(", base in {}", b.dir.display()))
             .unwrap_or_default()
-    );
+    ));
     Ok(ExitCode::SUCCESS)
 }

@@ -7,7 +7,7 @@ use anyhow::Result;
 use peftkit::checkpoint::CheckpointSummary;
 use peftkit::peft;
 
-use super::open_any;
+use super::{human, open_any};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -52,25 +52,25 @@ fn print_summary(s: &CheckpointSummary) {
         .unwrap_or(4)
         .max(4);
     println!(
-        "{:width$}  {:6}  {:>16}  {:>12}  file",
-        "name", "dtype", "shape", "bytes"
+        "{:width$}  {:6}  {:>16}  {:>10}  file",
+        "name", "dtype", "shape", "size"
     );
     for t in &s.tensors {
         println!(
-            "{:width$}  {:6}  {:>16}  {:>12}  {}",
+            "{:width$}  {:6}  {:>16}  {:>10}  {}",
             t.name,
             t.dtype,
             format!("{:?}", t.shape),
-            t.bytes,
+            human::bytes(t.bytes),
             t.file
         );
     }
     println!(
-        "{} tensors, {} parameters, {} bytes in {} file(s){}",
-        s.total_tensors,
-        s.total_parameters,
-        s.total_size,
-        s.files.len(),
+        "{}, {} parameters, {} in {}{}",
+        human::plural(s.total_tensors, "tensor", "tensors"),
+        human::count(s.total_parameters),
+        human::bytes(s.total_size),
+        human::plural(s.files.len(), "file", "files"),
         s.index
             .as_ref()
             .map(|i| format!(" + {i}"))
@@ -81,11 +81,11 @@ fn print_summary(s: &CheckpointSummary) {
 fn print_adapter(a: &peft::AdapterSummary) {
     let ranks: Vec<String> = a.ranks.iter().map(|(r, n)| format!("r={r} x{n}")).collect();
     println!(
-        "adapter `{}`: {} ({:?}), {} modules, {}{}{}",
+        "adapter `{}`: {} ({}), {}, {}{}{}",
         a.name,
         a.method,
         a.layout,
-        a.modules,
+        human::plural(a.modules, "module", "modules"),
         ranks.join(", "),
         if a.use_dora { ", DoRA" } else { "" },
         if a.lora_bias { ", lora_bias" } else { "" }

@@ -8,7 +8,7 @@ use anyhow::Result;
 use peftkit::peft;
 use peftkit::remap::{RemapOptions, Revert, TensorLayout};
 
-use super::resave_options;
+use super::{human, resave_options, summary};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -69,7 +69,13 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         tables,
         ..
     } = args;
-    let (save, bar) = resave_options(&dir, input_variant.as_deref(), &max_shard_size, variant)?;
+    let (save, bar) = resave_options(
+        &dir,
+        input_variant.as_deref(),
+        &max_shard_size,
+        variant,
+        true,
+    )?;
     let options = RemapOptions {
         save,
         src_variant: input_variant,
@@ -82,17 +88,17 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
     };
     let report = peftkit::remap::remap(&dir, &out, to, model_type.as_deref(), &options)?;
     bar.finish_and_clear();
-    println!(
-        "{}: model_type {}, table {}, {} tensors converted, {} file(s)",
+    summary(format!(
+        "{}: model_type {}, table {}, {} converted, {}",
         out.display(),
         report.model_type,
         report
             .table
             .as_deref()
             .unwrap_or("none (legacy renames only)"),
-        report.tensors_converted,
-        report.save.weight_files.len()
-    );
+        human::plural(report.tensors_converted, "tensor", "tensors"),
+        human::plural(report.save.weight_files.len(), "file", "files")
+    ));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -130,14 +136,14 @@ fn legacy_adapter(args: &Args) -> Result<ExitCode> {
         zero_dropout: *zero_dropout,
     };
     let r = convert_legacy_adapter_dir_with(dir, out, model_type.as_deref(), &options)?;
-    println!(
-        "{}: legacy {} adapter fused with table {}: {} tensors ({} fused), {} dropped",
+    summary(format!(
+        "{}: legacy {} adapter fused with table {}: {} ({} fused), {} dropped",
         out.display(),
         r.model_type,
         r.table,
-        r.tensors,
-        r.fused_tensors,
-        r.dropped.len()
-    );
+        human::plural(r.tensors, "tensor", "tensors"),
+        human::count(r.fused_tensors as u64),
+        human::count(r.dropped.len() as u64)
+    ));
     Ok(ExitCode::SUCCESS)
 }

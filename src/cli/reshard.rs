@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::resave_options;
+use super::{human, resave_options, summary};
 use anyhow::Result;
 
 #[derive(clap::Args)]
@@ -44,8 +44,13 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         model_type,
         tables,
     } = args;
-    let (mut save, bar) = resave_options(&dir, input_variant.as_deref(), &max_shard_size, variant)?;
-    save.durable = !no_fsync;
+    let (save, bar) = resave_options(
+        &dir,
+        input_variant.as_deref(),
+        &max_shard_size,
+        variant,
+        !no_fsync,
+    )?;
     let options = peftkit::remap::ReshardOptions {
         save,
         src_variant: input_variant,
@@ -55,12 +60,12 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
     let report = peftkit::remap::reshard(&dir, &out, &options)?;
     bar.finish_and_clear();
     let save = &report.save;
-    println!(
-        "{}: {} tensors, {} bytes in {} file(s){}{}",
+    summary(format!(
+        "{}: {}, {} in {}{}{}",
         out.display(),
-        save.tensors,
-        save.total_size,
-        save.weight_files.len(),
+        human::plural(save.tensors, "tensor", "tensors"),
+        human::bytes(save.total_size),
+        human::plural(save.weight_files.len(), "file", "files"),
         save.index_file
             .as_ref()
             .map(|i| format!(" + {i}"))
@@ -72,6 +77,6 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
                 report.table.as_deref().unwrap_or("legacy")
             ),
         }
-    );
+    ));
     Ok(ExitCode::SUCCESS)
 }
