@@ -35,8 +35,10 @@ fn expected_version() -> String {
     match std::env::var("PEFTKIT_GIT_COMMIT")
         .ok()
         .filter(|c| !c.is_empty())
-        .or_else(|| ours.then(|| git(&["rev-parse", "--short=12", "HEAD"])).flatten())
-    {
+        .or_else(|| {
+            ours.then(|| git(&["rev-parse", "--short=12", "HEAD"]))
+                .flatten()
+        }) {
         Some(c) => format!("{} (commit {c})", env!("CARGO_PKG_VERSION")),
         None => env!("CARGO_PKG_VERSION").to_owned(),
     }
@@ -63,7 +65,10 @@ fn help_exits_0_and_lists_every_verb() {
             .success()
             .stderr(predicate::str::is_empty());
         let text = stdout_of(&ok);
-        assert!(text.contains("Usage: peftkit [OPTIONS] <COMMAND>"), "{text}");
+        assert!(
+            text.contains("Usage: peftkit [OPTIONS] <COMMAND>"),
+            "{text}"
+        );
         for verb in VERBS {
             assert!(
                 text.lines().any(|l| l.trim_start().starts_with(verb)),

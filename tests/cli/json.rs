@@ -1,4 +1,4 @@
-//! `--json` outputs (`inspect` and `merge`, the only verbs that have it): the exact set of keys
+//! `--json` outputs (`inspect`, `merge` and `diff`, the verbs that have it): the exact set of keys
 //! and their JSON types, the same for the examples in docs/cli.md, and the values checked
 //! against the fixtures.
 
@@ -144,6 +144,48 @@ fn merge_ty() -> Ty {
     ])
 }
 
+fn diff_ty() -> Ty {
+    let pair = |t: Ty| Obj(vec![("name", Str), ("a", t.clone()), ("b", t)]);
+    Obj(vec![
+        ("kinds", list(Str)),
+        ("layout", Str),
+        ("missing", list(Str)),
+        ("extra", list(Str)),
+        ("dtype_differs", list(pair(Str))),
+        ("shape_differs", list(pair(list(UInt)))),
+        (
+            "value_differs",
+            list(Obj(vec![
+                ("name", Str),
+                ("dtype", Str),
+                ("elements", UInt),
+                ("differing", UInt),
+                ("non_finite", UInt),
+                ("max_abs_diff", or_null(Num)),
+                ("max_ulp", or_null(UInt)),
+            ])),
+        ),
+        ("identical", UInt),
+    ])
+}
+
+/// Asserts that `v` is a `diff --json` object: exactly its keys and types.
+pub fn check_diff_json(v: &Value, at: &str) {
+    check(v, &diff_ty(), at);
+    for (k, allowed) in [
+        ("kinds", &["model", "adapter"][..]),
+        ("layout", &["stored", "transformers-v5"][..]),
+    ] {
+        let values: Vec<&Value> = match &v[k] {
+            Value::Array(items) => items.iter().collect(),
+            one => vec![one],
+        };
+        for x in values {
+            assert!(allowed.contains(&x.as_str().unwrap()), "{at}.{k}: {x}");
+        }
+    }
+}
+
 /// The ```json examples of docs/cli.md's section for `verb`.
 fn doc_examples(verb: &str) -> Vec<Value> {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/cli.md")).unwrap();
@@ -177,6 +219,15 @@ fn docs_examples_have_exactly_the_keys_and_types_of_the_output() {
         .as_array()
         .unwrap()
         .is_empty());
+    let diff = doc_examples("diff");
+    assert_eq!(diff.len(), 1);
+    check_diff_json(&diff[0], "docs diff example");
+    for k in ["dtype_differs", "shape_differs", "value_differs"] {
+        assert!(
+            !diff[0][k].as_array().unwrap().is_empty(),
+            "the example shows {k}"
+        );
+    }
     let merge = doc_examples("merge");
     assert_eq!(merge.len(), 1);
     check(&merge[0], &merge_ty(), "docs merge example");

@@ -10,13 +10,17 @@
 //!   extract and remap;
 //! * `failures`: exit codes and messages of usage errors, bad inputs and corrupted checkpoints,
 //!   and that a failed command writes nothing;
-//! * `json`: the `--json` outputs of `inspect` and `merge`: exact keys and JSON types (those of
+//! * `json`: the `--json` outputs of `inspect`, `merge` and `diff`: exact keys and JSON types (those of
 //!   the examples in docs/cli.md too), values cross-checked against the fixtures;
+//! * `diff`: `peftkit diff` against differences recomputed from the files' raw bytes;
+//! * `ui`: completions, man pages, `-q`, `--max-shard-size` forms;
 //! * `help`: `--help`, `--version` and the flags docs/cli.md lists.
 
+mod diff;
 mod failures;
 mod help;
 mod json;
+mod ui;
 mod verbs;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -263,7 +267,11 @@ pub fn human_count(n: u64) -> String {
 
 /// `N thing` or `N things`, the count as [`human_count`] prints it.
 pub fn human_plural(n: usize, one: &str, many: &str) -> String {
-    format!("{} {}", human_count(n as u64), if n == 1 { one } else { many })
+    format!(
+        "{} {}",
+        human_count(n as u64),
+        if n == 1 { one } else { many }
+    )
 }
 
 /// The stderr of a run, as text.

@@ -512,7 +512,10 @@ fn inspect_lists_every_tensor_and_the_totals() {
             let words: Vec<&str> = line.split_whitespace().collect();
             assert_eq!(words[0], t.name);
             assert_eq!(words[1], t.dtype);
-            assert!(line.contains(&format!(" {} ", human_bytes(t.bytes()))), "{line}");
+            assert!(
+                line.contains(&format!(" {} ", human_bytes(t.bytes()))),
+                "{line}"
+            );
         }
         let params: u64 = tensors.iter().map(|t| t.numel()).sum();
         let bytes: u64 = tensors.iter().map(|t| t.bytes()).sum();
