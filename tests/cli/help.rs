@@ -131,3 +131,49 @@ fn every_verb_help_exits_0_and_has_the_documented_flags() {
         }
     }
 }
+
+/// The README starts with its two commands (the example merge, then the tests), and every verb
+/// of its tour is one `--help` lists.
+#[test]
+fn readme_starts_with_its_two_commands_and_tours_only_real_verbs() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let blocks: Vec<&str> = readme.split("```").skip(1).step_by(2).collect();
+    let before_first = &readme[..readme.find("```").unwrap()];
+    assert_eq!(
+        before_first.trim(),
+        "# peftkit",
+        "the README must start with the commands"
+    );
+    assert!(
+        blocks[0]
+            .trim()
+            .starts_with("cargo run --release -- merge "),
+        "{}",
+        blocks[0]
+    );
+    assert_eq!(blocks[1].trim(), "cargo test --workspace");
+    let between = &readme[readme.find(blocks[0]).unwrap() + blocks[0].len() + 3
+        ..readme.find(blocks[1]).unwrap() - 3];
+    assert!(
+        between.trim().is_empty(),
+        "nothing between the two commands: {between:?}"
+    );
+
+    let help = stdout_of(&peftkit().arg("--help").assert().success());
+    let tour = &readme[readme.find("## A tour of the verbs").expect("a tour")..];
+    let tour_block = tour.split("```").nth(1).unwrap();
+    let mut toured = Vec::new();
+    for line in tour_block.lines().filter(|l| l.starts_with("peftkit ")) {
+        let verb = line.split_whitespace().nth(1).unwrap();
+        assert!(
+            help.lines()
+                .any(|l| l.trim_start().starts_with(&format!("{verb} "))),
+            "README tours `{verb}`, which `peftkit --help` does not list"
+        );
+        toured.push(verb);
+    }
+    for verb in VERBS {
+        assert!(toured.contains(verb), "README's tour misses `{verb}`");
+    }
+}
