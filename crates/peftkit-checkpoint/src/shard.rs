@@ -57,7 +57,7 @@ pub fn parse_size(input: &str) -> Result<u64> {
 /// assert_eq!(parse_max_shard_size("10000").unwrap(), 10_000);
 /// assert_eq!(parse_max_shard_size("5GB").unwrap(), 5_000_000_000);
 /// let e = parse_max_shard_size("5 GiB").unwrap_err().to_string();
-/// assert!(e.contains("`GiB`") && e.contains("10000") && e.contains("5GB"), "{e}");
+/// assert!(e.contains("`GiB`") && e.contains("10000") && e.contains("50GB"), "{e}");
 /// ```
 pub fn parse_max_shard_size(input: &str) -> Result<u64> {
     let s = input.trim();
