@@ -39,6 +39,9 @@ pub(crate) struct Args {
     /// Also write the clean base checkpoint (no base_layer, no adapter tensors) here.
     #[arg(long)]
     base_out: Option<PathBuf>,
+    /// Print a JSON report instead of the summary line.
+    #[arg(long)]
+    json: bool,
 }
 
 pub(crate) fn run(args: Args) -> Result<ExitCode> {
@@ -54,6 +57,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         task_type,
         base_config,
         base_out,
+        json,
     } = args;
     let mut o = ExtractOptions::new(&out);
     o.adapter_name = adapter_name;
@@ -79,6 +83,10 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         o.model.config = Some(ckpt::ModelConfig::read(p)?);
     }
     let report = extract(&from, &o)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     for note in &report.notes {
         super::note(note);
     }

@@ -202,3 +202,21 @@ fn open_any(path: &Path, variant: Option<&str>) -> Result<Checkpoint> {
     Checkpoint::open_kind(path, guess_kind(path), variant)
         .with_context(|| format!("cannot open {}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use indicatif::{ProgressBar, ProgressDrawTarget};
+
+    #[test]
+    fn the_bar_says_it_syncs_once_every_byte_is_written() {
+        for (durable, last) in [(true, "syncing to disk"), (false, "finishing")] {
+            let bar = ProgressBar::with_draw_target(Some(10), ProgressDrawTarget::hidden());
+            bar.set_message("writing");
+            let report = super::on_bytes(&bar, durable);
+            report(6);
+            assert_eq!((bar.position(), bar.message().as_str()), (6, "writing"));
+            report(4);
+            assert_eq!((bar.position(), bar.message().as_str()), (10, last));
+        }
+    }
+}

@@ -51,6 +51,9 @@ pub(crate) struct Args {
     /// dropout).
     #[arg(long)]
     zero_dropout: bool,
+    /// Print a JSON report instead of the summary line.
+    #[arg(long)]
+    json: bool,
 }
 
 pub(crate) fn run(args: Args) -> Result<ExitCode> {
@@ -67,6 +70,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         input_variant,
         restore_load_only,
         tables,
+        json,
         ..
     } = args;
     let (save, bar) = resave_options(
@@ -88,6 +92,10 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
     };
     let report = peftkit::remap::remap(&dir, &out, to, model_type.as_deref(), &options)?;
     bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     summary(format!(
         "{}: model_type {}, table {}, {} converted, {}",
         out.display(),
@@ -114,6 +122,7 @@ fn legacy_adapter(args: &Args) -> Result<ExitCode> {
         base,
         drop_untargeted,
         zero_dropout,
+        json,
         ..
     } = args;
     if *to != TensorLayout::TransformersV5 {
@@ -136,6 +145,10 @@ fn legacy_adapter(args: &Args) -> Result<ExitCode> {
         zero_dropout: *zero_dropout,
     };
     let r = convert_legacy_adapter_dir_with(dir, out, model_type.as_deref(), &options)?;
+    if *json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     summary(format!(
         "{}: legacy {} adapter fused with table {}: {} ({} fused), {} dropped",
         out.display(),

@@ -31,6 +31,9 @@ pub(crate) struct Args {
     /// Extra conversion table files (JSON, see adapters-spec/conversions/README.md).
     #[arg(long = "table")]
     tables: Vec<PathBuf>,
+    /// Print a JSON report instead of the summary line.
+    #[arg(long)]
+    json: bool,
 }
 
 pub(crate) fn run(args: Args) -> Result<ExitCode> {
@@ -43,6 +46,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         no_fsync,
         model_type,
         tables,
+        json,
     } = args;
     let (save, bar) = resave_options(
         &dir,
@@ -59,6 +63,10 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
     };
     let report = peftkit::remap::reshard(&dir, &out, &options)?;
     bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     let save = &report.save;
     summary(format!(
         "{}: {}, {} in {}{}{}",

@@ -95,8 +95,8 @@ crate::option_setters!(SaveOptions {
     progress: Progress,
 });
 
-/// What a save wrote.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a save wrote (serialized as the `save` object of `peftkit reshard --json` and others).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SaveReport {
     /// Final folder.
     pub dir: PathBuf,

@@ -156,14 +156,15 @@ peftkit_checkpoint::option_setters!(ExtractOptions {
     save: AdapterSaveOptions,
 });
 
-/// What [`extract`] did.
-#[derive(Debug, Clone)]
+/// What [`extract`] did (`peftkit extract --json`: every field but the config).
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ExtractReport {
     /// The adapter extracted.
     pub adapter_name: String,
     /// Layout of the source.
     pub layout: StateDictLayout,
     /// The config written (before `inference_mode` was forced on).
+    #[serde(skip)]
     pub config: AdapterConfig,
     /// Whether the config was inferred (no `--config`).
     pub inferred: bool,

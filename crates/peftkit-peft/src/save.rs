@@ -159,7 +159,7 @@ peftkit_checkpoint::option_setters!(AdapterSaveOptions {
 });
 
 /// What [`save_adapter`] wrote.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct AdapterSaveReport {
     /// The adapter's folder (`dir`, or `dir/<name>`).
     pub dir: PathBuf,

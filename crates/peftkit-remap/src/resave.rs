@@ -95,8 +95,8 @@ peftkit_checkpoint::option_setters!(RemapOptions {
     tables: Vec<PathBuf>,
 });
 
-/// What [`remap`] did.
-#[derive(Debug, Clone)]
+/// What [`remap`] did (`peftkit remap --json`).
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct RemapReport {
     /// The save.
     pub save: SaveReport,
@@ -206,8 +206,8 @@ peftkit_checkpoint::option_setters!(ReshardOptions {
     tables: Vec<PathBuf>,
 });
 
-/// What [`reshard`] did.
-#[derive(Debug, Clone)]
+/// What [`reshard`] did (`peftkit reshard --json`).
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ReshardReport {
     /// The save.
     pub save: SaveReport,
