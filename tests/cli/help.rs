@@ -177,3 +177,40 @@ fn readme_starts_with_its_two_commands_and_tours_only_real_verbs() {
         assert!(toured.contains(verb), "README's tour misses `{verb}`");
     }
 }
+
+/// build.rs unpacked from a tarball (no `.git`): the bare version, or the commit a packager
+/// gives in `PEFTKIT_GIT_COMMIT`. The script is compiled on its own, as cargo would.
+#[test]
+fn a_build_without_git_has_the_bare_version_or_the_packagers_commit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/build.rs"),
+        dir.join("build.rs"),
+    )
+    .unwrap();
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
+    let status = std::process::Command::new(rustc)
+        .args(["--edition", "2021", "-o"])
+        .arg(dir.join("build-script"))
+        .arg(dir.join("build.rs"))
+        .env("CARGO_MANIFEST_DIR", dir)
+        .env("CARGO_PKG_VERSION", "9.8.7")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let run = |commit: Option<&str>| {
+        let mut cmd = std::process::Command::new(dir.join("build-script"));
+        cmd.current_dir(dir).env_remove("PEFTKIT_GIT_COMMIT");
+        if let Some(c) = commit {
+            cmd.env("PEFTKIT_GIT_COMMIT", c);
+        }
+        String::from_utf8(cmd.output().unwrap().stdout).unwrap()
+    };
+    assert!(
+        run(None).contains("cargo:rustc-env=PEFTKIT_VERSION=9.8.7\n"),
+        "{}",
+        run(None)
+    );
+    assert!(run(Some("abc123")).contains("cargo:rustc-env=PEFTKIT_VERSION=9.8.7 (commit abc123)\n"));
+}
