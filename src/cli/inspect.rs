@@ -98,8 +98,12 @@ fn print_adapter(a: &peft::AdapterSummary) {
     }
     for s in &a.scaling {
         println!(
-            "  scaling: {}",
-            serde_json::to_string(s).unwrap_or_default()
+            "  scaling: {} (alpha {} / {}r with r={}) on {}",
+            s.scaling,
+            s.alpha,
+            if s.use_rslora { "sqrt " } else { "" },
+            s.r,
+            human::plural(s.modules, "module", "modules")
         );
     }
     for n in &a.notes {

@@ -561,5 +561,15 @@ fn inspect_describes_an_adapter_folder() {
             text.lines().any(|l| l == line),
             "no line `{line}` in:\n{text}"
         );
+        // The scaling peft applies, alpha / r, from the config.
+        let alpha = config["lora_alpha"].as_f64().unwrap();
+        let scaling = format!(
+            "  scaling: {} (alpha {alpha} / r with r={r}) on {modules} modules",
+            (alpha / r as f64) as f32
+        );
+        assert!(
+            text.lines().any(|l| l == scaling),
+            "no `{scaling}` in:\n{text}"
+        );
     }
 }
