@@ -44,7 +44,7 @@ pub(crate) struct Ui {
     /// Print only results and errors: no progress bar, notes or summary lines of writing verbs.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     quiet: bool,
-    /// Tell more: every note in full, and what each step chose.
+    /// Tell more where a verb has more to tell (merge: the reduction order it used).
     #[arg(short, long, global = true)]
     verbose: bool,
     /// No progress bar (it is also hidden when stderr is not a terminal).

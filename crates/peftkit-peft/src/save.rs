@@ -315,7 +315,7 @@ fn adapter_save_options(
 /// `default`, into `dir/<name>` otherwise; the model card (if `dir` has none) into `dir`.
 ///
 /// `tensors` holds the adapter's entries under peft's on-disk keys (see
-/// [`crate::classify::AdapterTensors`]); `config` is written with `inference_mode: true`.
+/// [`crate::AdapterTensors`]); `config` is written with `inference_mode: true`.
 pub fn save_adapter(
     dir: &Path,
     adapter_name: &str,
