@@ -6,6 +6,8 @@
 //! * [`Tensor`] and [`StateDict`]: handles on tensors whose bytes are read or computed only
 //!   when written, so no operation holds a model in memory.
 //! * [`save_pretrained`]: the files of transformers' `save_pretrained`, byte for byte.
+//! * [`save_pretrained_distributed`]: the same files written by the ranks of a distributed
+//!   job, each writing the shards it owns, behind the caller's [`Barrier`].
 //! * [`Checkpoint`]: a single-file or sharded checkpoint opened by its headers, validated.
 //! * [`verify`]: every inconsistency of a checkpoint on disk.
 //! * [`Progress`]: the byte-count callback a long save reports to, held by
@@ -14,7 +16,7 @@
 //! Every module is private; the items are re-exported here, flat, so a module can be split
 //! or renamed without breaking a caller. Inside, modules depend one way: `error`, `pyjson`,
 //! `natural`, `progress` <- `tensor`, `names`, `shard`, `atomic`, `companion` <-
-//! `safetensors_file`, `index`, `config` <- `checkpoint` <- `inspect`, `save`.
+//! `safetensors_file`, `index`, `config` <- `checkpoint` <- `inspect`, `save` <- `distributed`.
 
 #![deny(missing_docs)]
 
@@ -22,6 +24,7 @@ mod atomic;
 mod checkpoint;
 mod companion;
 mod config;
+mod distributed;
 mod error;
 mod index;
 mod inspect;
@@ -41,6 +44,7 @@ pub use companion::{companion_files, is_weights_file};
 pub use config::{
     GenerationConfig, ModelConfig, GENERATION_CONFIG_NAME, MODEL_CONFIG_NAME, TRANSFORMERS_VERSION,
 };
+pub use distributed::{save_pretrained_distributed, Barrier, Rank};
 pub use error::{CheckpointError, Result};
 pub use index::WeightIndex;
 pub use inspect::{CheckpointSummary, TensorSummary};
