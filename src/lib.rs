@@ -27,9 +27,13 @@ pub use peftkit_peft as peft;
 pub use peftkit_remap as remap;
 
 pub use peftkit_checkpoint::{
-    Checkpoint, CheckpointError, Dtype, ModelConfig, SaveOptions, StateDict, Tensor, WeightsKind,
+    save_pretrained_distributed, Barrier, Checkpoint, CheckpointError, Dtype, ModelConfig, Rank,
+    SaveOptions, StateDict, Tensor, WeightsKind,
 };
-pub use peftkit_remap::{Mapping, Registry, RemapError, RemapOptions, ReshardOptions, Revert};
+pub use peftkit_remap::{
+    gather, split, GatherOptions, Mapping, Registry, RemapError, RemapOptions, ReshardOptions,
+    Revert, SplitOptions, TpPlans,
+};
 
 /// The examples of docs/library.md, compiled and run as doc tests so the guide cannot rot.
 #[cfg(doctest)]

@@ -12,10 +12,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use peftkit::checkpoint::{self as ckpt, Checkpoint, SaveOptions, WeightsKind};
 
 mod extract;
+mod gather;
 mod inspect;
 mod merge;
 mod remap;
 mod reshard;
+mod split;
 mod verify;
 
 #[derive(Parser)]
@@ -49,6 +51,11 @@ enum Command {
     /// Merge one or more adapters into a base checkpoint, as peft's merge_and_unload() +
     /// save_pretrained() would, streaming tensor by tensor.
     Merge(merge::Args),
+    /// Cut a checkpoint into one folder per tensor-parallel rank (rank0 .. rankN-1), each
+    /// holding that rank's slices by transformers' tp plan for the model type.
+    Split(split::Args),
+    /// Rebuild the full checkpoint from the rank folders of `peftkit split`, byte for byte.
+    Gather(gather::Args),
 }
 
 /// Runs one verb; the exit code is 0, or 1 for a check that found problems (errors are 2, in
@@ -61,6 +68,8 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
         Command::Remap(args) => remap::run(args),
         Command::Extract(args) => extract::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Split(args) => split::run(args),
+        Command::Gather(args) => gather::run(args),
     }
 }
 
