@@ -1,13 +1,14 @@
 //! `split`: a checkpoint cut into one folder per tensor-parallel rank, each holding that rank's
 //! slices exactly as transformers' tensor-parallel loading reads them for that rank.
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use indexmap::IndexMap;
 use peftkit_checkpoint::{
     companion_files, ensure_apart, save_planned, Checkpoint, DirTransaction, Progress, SaveOptions,
-    SavePlan, StateDict, WeightIndex,
+    SavePlan, StateDict, Tensor, WeightIndex,
 };
 
 use super::chunk;
@@ -228,6 +229,10 @@ pub(crate) fn cuts(
     world_size: usize,
 ) -> Result<IndexMap<String, Cut>> {
     let forward = mapping.forward(state)?;
+    let by_file: HashMap<(&Path, u64), &str> = state
+        .iter()
+        .filter_map(|(n, t)| Some((t.file_source()?, n.as_str())))
+        .collect();
     let revert = Revert::AsLoaded(forward.used.clone());
     let mut out: IndexMap<String, Cut> = IndexMap::new();
     let mut add = |name: String, cut: Cut, v5: &str| match out.insert(name.clone(), cut) {
@@ -242,7 +247,7 @@ pub(crate) fn cuts(
         let (Some(style), Some(dim)) = (style, placement.dim()) else {
             continue;
         };
-        if let Some(name) = same_tensor(state, v5, t) {
+        if let Some(name) = same_tensor(state, &by_file, v5, t) {
             let per_rank = (0..world_size)
                 .map(|r| placement.ranges(t.shape()[dim], world_size, r))
                 .collect();
@@ -303,21 +308,23 @@ pub(crate) fn cuts(
     Ok(out)
 }
 
-/// The on-disk tensor a v5 tensor is, unchanged: the same name, or the same file bytes
-/// under another name (a rename).
-fn same_tensor(state: &StateDict, v5: &str, t: &peftkit_checkpoint::Tensor) -> Option<String> {
-    let same = |d: &peftkit_checkpoint::Tensor| d.shape() == t.shape() && d.dtype() == t.dtype();
+/// The on-disk tensor a v5 tensor is, unchanged: the same name, or the same file bytes under
+/// another name (a rename; `by_file` maps file regions to on-disk names).
+fn same_tensor(
+    state: &StateDict,
+    by_file: &HashMap<(&Path, u64), &str>,
+    v5: &str,
+    t: &Tensor,
+) -> Option<String> {
+    let same = |d: &Tensor| d.shape() == t.shape() && d.dtype() == t.dtype();
     if state
         .get(v5)
         .is_some_and(|d| same(d) && d.file_source() == t.file_source())
     {
         return Some(v5.to_owned());
     }
-    let src = t.file_source()?;
-    state
-        .iter()
-        .find(|(_, d)| same(d) && d.file_source() == Some(src))
-        .map(|(n, _)| n.clone())
+    let name = *by_file.get(&t.file_source()?)?;
+    same(&state[name]).then(|| name.to_owned())
 }
 
 /// Whether `dir`'s checkpoint has the same tensors, files and shapes as `other` (used by
