@@ -11,14 +11,15 @@ use common::{assert_same_dir, fixture_root};
 use peftkit_checkpoint::Checkpoint;
 use peftkit_remap::{gather, split, GatherOptions, RankManifest, SplitOptions, TpPlans};
 
-/// Sources: a single-file and a sharded Llama, and Qwen2-MoE in both layouts, each single-file
-/// and sharded.
+/// Sources: a single-file, a sharded and a tied (no `lm_head` on disk) Llama, and Qwen2-MoE in
+/// both layouts, each single-file and sharded.
 fn sources() -> Vec<PathBuf> {
     let ckpt = fixture_root("checkpoint");
     let moe = fixture_root("reshard").join("qwen2_moe");
     vec![
         ckpt.join("llama_bf16_single/expected"),
         ckpt.join("llama_untied_3KB/expected"),
+        ckpt.join("llama_tied_5KB/expected"),
         moe.join("source_original"),
         moe.join("source_original_sharded"),
         moe.join("source_v5"),

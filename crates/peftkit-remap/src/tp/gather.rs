@@ -9,7 +9,6 @@ use peftkit_checkpoint::{
 
 use super::manifest::{RankManifest, MANIFEST_NAME};
 use super::slice::{self, Files, Piece};
-use super::split::same_files;
 use crate::error::{RemapError, Result};
 
 /// Options of [`gather`].
@@ -202,4 +201,24 @@ fn source_index(first: &Rank, rank_index: &WeightIndex, total_size: u64) -> Resu
         ));
     }
     Ok(index)
+}
+
+/// Whether two checkpoints have the same files, holding the same tensor names (the rank
+/// folders of one split do).
+fn same_files(a: &Checkpoint, b: &Checkpoint) -> bool {
+    let names = |c: &Checkpoint| -> Vec<(String, Vec<String>)> {
+        c.files
+            .iter()
+            .map(|f| {
+                (
+                    f.path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    f.header.tensors.iter().map(|t| t.name.clone()).collect(),
+                )
+            })
+            .collect()
+    };
+    names(a) == names(b)
 }

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use indexmap::IndexMap;
 use peftkit_checkpoint::{
-    companion_files, ensure_apart, save_planned, Checkpoint, DirTransaction, Progress, SaveOptions,
-    SavePlan, StateDict, Tensor, WeightIndex,
+    companion_files, ensure_apart, save_planned, DirTransaction, Progress, SaveOptions, SavePlan,
+    StateDict, Tensor, WeightIndex,
 };
 
 use super::chunk;
@@ -57,7 +57,7 @@ pub struct SplitReport {
     pub ranks: Vec<PathBuf>,
     /// The plan used.
     pub plan: String,
-    /// Tensors sharded, and tensors every rank holds whole.
+    /// Tensors cut among the ranks.
     pub sharded: usize,
     /// Tensors every rank holds whole.
     pub replicated: usize,
@@ -105,7 +105,7 @@ pub fn split(src: &Path, out: &Path, options: &SplitOptions) -> Result<SplitRepo
     ensure_apart(out, &[src])?;
     let n = options.world_size;
     if n == 0 {
-        return Err(RemapError::tp("--world-size", "must be at least 1"));
+        return Err(RemapError::tp("world_size", "must be at least 1"));
     }
     let source = Source::open(src, None, options.model_type.as_deref(), &options.tables)?;
     if source.dir.join(MANIFEST_NAME).is_file() {
@@ -325,24 +325,4 @@ fn same_tensor(
     }
     let name = *by_file.get(&t.file_source()?)?;
     same(&state[name]).then(|| name.to_owned())
-}
-
-/// Whether `dir`'s checkpoint has the same tensors, files and shapes as `other` (used by
-/// gather to check the rank folders agree).
-pub(crate) fn same_files(a: &Checkpoint, b: &Checkpoint) -> bool {
-    let names = |c: &Checkpoint| -> Vec<(String, Vec<String>)> {
-        c.files
-            .iter()
-            .map(|f| {
-                (
-                    f.path
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                    f.header.tensors.iter().map(|t| t.name.clone()).collect(),
-                )
-            })
-            .collect()
-    };
-    names(a) == names(b)
 }
