@@ -636,3 +636,38 @@ fn wrong_kinds_of_input_are_named() {
         );
     }
 }
+
+#[test]
+fn split_and_gather_refuse_bad_input_and_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = crate::fixture("checkpoint/llama_untied_3KB/expected");
+    let plan = tmp.path().join("plan.json");
+    std::fs::write(&plan, r#"{"model.layers.*.mlp.up_proj": "sideways"}"#).unwrap();
+    let out = tmp.path().join("ranks");
+    let err = crate::peftkit()
+        .arg("split")
+        .arg(&src)
+        .args(["--world-size", "2", "--tp-plan"])
+        .arg(&plan)
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .code(2);
+    let text = String::from_utf8_lossy(&err.get_output().stderr).into_owned();
+    assert!(
+        text.contains("sideways") && text.contains("plan.json"),
+        "{text}"
+    );
+    assert!(!out.exists());
+    // Gather of a folder that is no rank folder.
+    let err = crate::peftkit()
+        .arg("gather")
+        .arg(&src)
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .code(2);
+    let text = String::from_utf8_lossy(&err.get_output().stderr).into_owned();
+    assert!(text.contains("tensor_parallel.json"), "{text}");
+    assert!(!out.exists());
+}

@@ -7,7 +7,7 @@
 //! and never obtained from peftkit's own libraries.
 //!
 //! * `verbs`: success (exit 0) and byte-identical outputs for inspect, verify, reshard, merge,
-//!   extract and remap;
+//!   extract, remap, and split followed by gather;
 //! * `failures`: exit codes and messages of usage errors, bad inputs and corrupted checkpoints,
 //!   and that a failed command writes nothing;
 //! * `json`: the `--json` outputs of `inspect`, `merge` and `diff`: exact keys and JSON types (those of

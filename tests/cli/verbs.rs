@@ -573,3 +573,41 @@ fn inspect_describes_an_adapter_folder() {
         );
     }
 }
+
+#[test]
+fn split_then_gather_gives_back_the_checkpoint_byte_for_byte() {
+    for (src, n) in [
+        ("checkpoint/llama_untied_3KB/expected", "2"),
+        ("reshard/qwen2_moe/source_original_sharded", "4"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let ranks = tmp.path().join("ranks");
+        let ok = peftkit()
+            .args(["split"])
+            .arg(fixture(src))
+            .args(["--world-size", n, "--out"])
+            .arg(&ranks)
+            .assert()
+            .success();
+        let line = stdout_of(&ok);
+        assert!(
+            line.contains(&format!("{n} ranks")) && line.contains("sharded"),
+            "{line}"
+        );
+        let n: usize = n.parse().unwrap();
+        let dirs: Vec<_> = (0..n).map(|r| ranks.join(format!("rank{r}"))).collect();
+        assert_eq!(entries(&ranks).len(), n);
+        for dir in &dirs {
+            peftkit().arg("verify").arg(dir).assert().success();
+        }
+        let out = tmp.path().join("full");
+        peftkit()
+            .arg("gather")
+            .args(&dirs)
+            .arg("--out")
+            .arg(&out)
+            .assert()
+            .success();
+        assert_same_dir(&out, &fixture(src));
+    }
+}
