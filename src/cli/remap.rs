@@ -51,6 +51,9 @@ pub(crate) struct Args {
     /// dropout).
     #[arg(long)]
     zero_dropout: bool,
+    /// Do not sync the output to disk before swapping it in (see `merge --no-fsync`).
+    #[arg(long)]
+    no_fsync: bool,
 }
 
 pub(crate) fn run(args: Args) -> Result<ExitCode> {
@@ -67,9 +70,11 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         input_variant,
         restore_load_only,
         tables,
+        no_fsync,
         ..
     } = args;
-    let (save, bar) = resave_options(&dir, input_variant.as_deref(), &max_shard_size, variant)?;
+    let (mut save, bar) = resave_options(&dir, input_variant.as_deref(), &max_shard_size, variant)?;
+    save.durable = !no_fsync;
     let options = RemapOptions {
         save,
         src_variant: input_variant,

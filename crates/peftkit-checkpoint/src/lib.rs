@@ -13,7 +13,7 @@
 //!
 //! Every module is private; the items are re-exported here, flat, so a module can be split
 //! or renamed without breaking a caller. Inside, modules depend one way: `error`, `pyjson`,
-//! `natural`, `progress` <- `tensor`, `names`, `shard`, `atomic`, `companion` <-
+//! `natural`, `progress` <- `tensor`, `names`, `shard`, `atomic`, `companion`, `direct` <-
 //! `safetensors_file`, `index`, `config` <- `checkpoint` <- `inspect`, `save`.
 
 #![deny(missing_docs)]
@@ -22,6 +22,7 @@ mod atomic;
 mod checkpoint;
 mod companion;
 mod config;
+mod direct;
 mod error;
 mod index;
 mod inspect;

@@ -382,6 +382,7 @@ pub fn save_planned(
         .map(|(file, group)| FileJob {
             path: staging.join(file),
             tensors: group.iter().map(|n| (n.as_str(), &state[n])).collect(),
+            direct: options.durable,
         })
         .collect();
     let mut syncs = Vec::new();
