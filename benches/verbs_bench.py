@@ -27,7 +27,9 @@ verb synced (peftkit's default) and, where the verb has it, with `--no-fsync`; o
 host the merges also run with `PEFTKIT_FORCE_ISA=avx2`, the path of AVX2-only CPUs. They run
 interleaved: one warm-up round, then `--rounds` rounds, each contender once per round in a
 rotating order. Before each run the output is removed, `sync` flushes dirty pages, the inputs
-are read (warm cache) and fresh memory is touched (see merge_bench.pretouch). Each contender
+are read (warm cache) and fresh memory is touched (see merge_bench.pretouch); `--quick` skips
+the sync, the settle time and the pre-touch (on a shared host a global `sync` waits for
+everyone's writeback). Each contender
 reports its fastest run and its median; a target holds when it holds for both, and a target
 met by the fastest run only is reported as such (noise). Peak RSS is VmHWM (`/usr/bin/time`).
 
@@ -251,20 +253,22 @@ def contenders(name, case, peftkit, inputs, avx512):
     return c
 
 
-def one_run(cmd_of, out, inputs, logdir, tag, settle, out_is_parent):
+def one_run(cmd_of, out, inputs, logdir, tag, settle, out_is_parent, prepare):
     if out.exists():
         shutil.rmtree(out)
     if out_is_parent:  # the verb writes several folders into `out`
         out.mkdir()
-    subprocess.run(["sync"], check=True)
+    if prepare:
+        subprocess.run(["sync"], check=True)
     mb.warm(*[p for p in inputs.values() if isinstance(p, Path)])
-    mb.pretouch(2 * mb.dir_bytes(inputs["input"]) + (1 << 30), settle)
+    if prepare:
+        mb.pretouch(2 * mb.dir_bytes(inputs["input"]) + (1 << 30), settle)
     res = mb.measure(cmd_of(out), str(logdir / tag))
     shutil.rmtree(out, ignore_errors=True)
     return res
 
 
-def run_case(name, case, peftkit, work, rounds, settle, avx512):
+def run_case(name, case, peftkit, work, rounds, settle, avx512, prepare):
     inputs = case["data"](work, peftkit)
     cands = contenders(name, case, peftkit, inputs, avx512)
     out = work / f"out-{name}"
@@ -275,7 +279,7 @@ def run_case(name, case, peftkit, work, rounds, settle, avx512):
     for r in range(rounds + 1):  # round 0: warm-up, discarded
         for j in range(len(order)):
             k = order[(j + r) % len(order)]
-            res = one_run(cands[k], out, inputs, logdir, f"{r}-{j}", settle, case.get("out_is_parent"))
+            res = one_run(cands[k], out, inputs, logdir, f"{r}-{j}", settle, case.get("out_is_parent"), prepare)
             if res["exit"] != 0:
                 raise SystemExit(f"[{name}] {k} failed:\n{res.get('stderr_tail', '')}")
             if r:
@@ -436,7 +440,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/peftkit-bench"))
     ap.add_argument("--peftkit", type=Path, help="binary to time (default: cargo build --release, private copy)")
-    ap.add_argument("--quick", action="store_true", help="1 GB cases only, 3 rounds, short settle")
+    ap.add_argument("--quick", action="store_true",
+                    help="1 GB cases only, 3 rounds; no global sync, settle or pre-touch before each run")
     ap.add_argument("--cases", help="comma-separated subset of: " + ", ".join(CASES))
     ap.add_argument("--rounds", type=int, help="timed rounds (default 7; 3 with --quick; 3 for merge-7b)")
     ap.add_argument("--settle", type=float, help="seconds to wait before each run (default 4; 0.5 with --quick)")
@@ -470,7 +475,7 @@ def main():
                 mb.log(f"[{name}] skipped: {free / 1e9:.0f} GB free under {a.work}, needs about 30 GB (45 to build)")
                 continue
         rounds = a.rounds or (3 if a.quick or name == "merge-7b" else 7)
-        s, fs = run_case(name, case, peftkit, a.work, rounds, settle, avx512)
+        s, fs = run_case(name, case, peftkit, a.work, rounds, settle, avx512, not a.quick)
         rec["cases"][name] = {"contenders": s, "targets": targets(name, case, s), "rounds": rounds}
         rec["rounds"] = rounds
         rec["filesystem"] = fs
