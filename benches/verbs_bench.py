@@ -223,7 +223,7 @@ def host_key(h):
 
 def filesystem(path):
     r = subprocess.run(["findmnt", "-no", "FSTYPE,SOURCE", "-T", str(path)], capture_output=True, text=True)
-    return r.stdout.strip() or "?"
+    return " on ".join(r.stdout.split()) or "?"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,7 +447,15 @@ def main():
     ap.add_argument("--settle", type=float, help="seconds to wait before each run (default 4; 0.5 with --quick)")
     ap.add_argument("--label", default="", help="a note printed above this host's tables")
     ap.add_argument("--clean", action="store_true", help="remove the work folder's data at the end")
+    ap.add_argument("--render", type=Path, metavar="JSON",
+                    help="only redraw the plot and the doc section of a results file, then exit")
     a = ap.parse_args()
+    if a.render:
+        rec = json.loads(a.render.read_text())
+        key = a.render.stem.removeprefix("verbs-")
+        plot_svg(key, rec, a.render.with_suffix(".svg"))
+        update_doc(key, rec)
+        return
     if REPO in a.work.resolve().parents or a.work.resolve() == REPO:
         raise SystemExit("--work must be outside the repository")
     a.work.mkdir(parents=True, exist_ok=True)
