@@ -16,6 +16,7 @@
 
 mod failures;
 mod help;
+mod hub;
 mod json;
 mod verbs;
 
