@@ -20,7 +20,7 @@
 //!
 //! Every module is private; the items are re-exported here, flat, so a module can be split
 //! or renamed without breaking a caller. Inside, modules depend one way: `error`, `pyjson`,
-//! `natural`, `progress` <- `tensor`, `names`, `shard`, `atomic`, `companion`, `hub` <-
+//! `natural`, `progress` <- `tensor`, `names`, `shard`, `atomic`, `companion`, `hub`, `direct` <-
 //! `safetensors_file`, `pickle`, `index`, `config`, `cast` <- `checkpoint` <- `inspect`, `save`,
 //! `diff` <- `distributed`.
 
@@ -32,6 +32,7 @@ mod checkpoint;
 mod companion;
 mod config;
 mod diff;
+mod direct;
 mod distributed;
 mod error;
 mod hub;

@@ -449,6 +449,7 @@ pub(crate) fn write_shards(
         .map(|(file, group)| FileJob {
             path: staging.join(file),
             tensors: group.iter().map(|n| (n.as_str(), &state[n])).collect(),
+            direct: options.durable,
         })
         .collect();
     let mut syncs = Vec::new();

@@ -21,6 +21,8 @@
 
 mod apply;
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 pub(crate) mod dora;
 pub(crate) mod dtype;
@@ -28,6 +30,7 @@ mod error;
 pub(crate) mod exact;
 mod fused;
 pub(crate) mod gemm;
+mod isa;
 pub(crate) mod lora;
 pub(crate) mod methods;
 mod order;
