@@ -38,6 +38,11 @@ pub(crate) struct Args {
     /// from the exact result, the same bytes on every machine (LoRA and IA3 only).
     #[arg(long, default_value = "peft", value_name = "peft|exact")]
     numerics: merge::Numerics,
+    /// For an FP8 base: write every quantized weight in the model dtype and drop
+    /// quantization_config, as transformers saves the model it loads on CPU. Without it,
+    /// merged weights are re-quantized into the base's FP8 format.
+    #[arg(long)]
+    dequantize: bool,
     /// Print a JSON summary.
     #[arg(long)]
     json: bool,
@@ -53,6 +58,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         unmerge,
         no_fsync,
         numerics,
+        dequantize,
         json,
     } = args;
     let adapters = adapters
@@ -71,6 +77,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         .unmerge(unmerge)
         .durable(!no_fsync)
         .numerics(numerics)
+        .dequantize(dequantize)
         .progress(move |n| on_bytes.inc(n));
     let summary = merge::merge(&job)?;
     bar.finish_and_clear();
@@ -92,6 +99,9 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
             summary.seconds
         );
         print_numerics(&summary.numerics);
+        if let Some(q) = &summary.quantization {
+            print_quantization(q);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -111,5 +121,25 @@ fn print_numerics(n: &merge::NumericsReport) {
             n.unverified_bound_ulp,
             n.unverified_tensors.join(", ")
         );
+    }
+}
+
+/// Tells what the merge did to a quantized base, and each re-quantized weight's error.
+fn print_quantization(q: &merge::QuantizationReport) {
+    if q.output == "dequantized" {
+        println!(
+            "{} weights dequantized to {}; quantization_config dropped",
+            q.method, q.dtype
+        );
+        return;
+    }
+    println!(
+        "{} format kept: {} weight(s) re-quantized (max abs error vs the {} merge):",
+        q.method,
+        q.requantized.len(),
+        q.dtype
+    );
+    for t in &q.requantized {
+        println!("  {}: {:.3e}", t.tensor, t.max_abs_error);
     }
 }

@@ -1,0 +1,365 @@
+//! FP8 block-scaled weights as transformers 5.24's `integrations/finegrained_fp8.py` reads and
+//! writes them on CPU: `float8_e4m3fn` elements, one inverse scale per block
+//! (`weight_scale_inv`, in `f32` or as a UE8M0 power of two).
+//!
+//! * [`dequantize_fp8`] is `Fp8Dequantize._dequantize_one` before its final cast: each element
+//!   widened to `f32` and multiplied by its block's scale, one `f32` rounding;
+//! * [`quantize_fp8`] is `Fp8Quantize._quantize_one`: per-block max-abs, `448 / max` (as
+//!   torch divides a scalar by a tensor: `(1 / max) * 448`), its reciprocal stored, the block multiplied by the scale, clamped to ±448 and cast;
+//! * [`f32_to_e4m3`] and [`e4m3_to_f32`] are torch's (c10's) conversions.
+//!
+//! Every step is an elementwise IEEE operation in the order torch performs it, so the results
+//! are the same bits on every host. Written by hand: no crate reproduces torch's conversion
+//! (round to nearest even, anything at or beyond 480 becomes NaN, not a saturated 448) together
+//! with transformers' block rules.
+//!
+//! ```
+//! use peftkit_merge::{dequantize_fp8, quantize_fp8, Fp8Grid, ScaleKind};
+//!
+//! let grid = Fp8Grid::new(&[2, 4], &[1, 2]).unwrap(); // blocks of 2 x 2
+//! let w = [1.0f32, -2.0, 0.5, 0.25, 3.0, 4.0, 0.0, 0.125];
+//! let q = quantize_fp8(&w, &grid, ScaleKind::F32);
+//! assert_eq!(q.inv_scales, vec![1.0 / 112.0, 1.0 / 896.0]);
+//! assert_eq!(q.weight[5], 0x7e); // 4.0 scales to 448, e4m3's largest finite value
+//! let back = dequantize_fp8(&q.weight, &q.inv_scales, &grid);
+//! assert!(back.iter().zip(&w).all(|(b, w)| (b - w).abs() <= 0.0625));
+//! assert!(q.max_abs_error > 0.0 && q.max_abs_error <= 0.0625);
+//! ```
+
+use crate::kernels::error::{MergeMathError, Result};
+
+/// torch's `finfo(float8_e4m3fn).max`.
+pub const E4M3_MAX: f32 = 448.0;
+
+/// How a checkpoint stores `weight_scale_inv`: any float (widened to `f32`), or UE8M0 powers of
+/// two (`scale_fmt: "ue8m0"`), as `F8_E8M0` or as raw exponent bytes (`U8`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleKind {
+    /// Float scales (`scale_fmt: "float"`), written back as `F32`.
+    F32,
+    /// Power-of-two scales (`scale_fmt: "ue8m0"`): quantization rounds the inverse scale up to
+    /// a power of two first.
+    Ue8m0,
+}
+
+/// torch's `float8_e4m3fn` → `f32` (exact; `0x7f`/`0xff` are NaN).
+pub fn e4m3_to_f32(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0f32 } else { 1.0 };
+    let (exp, mant) = ((b >> 3) & 0x0f, b & 0x07);
+    if exp == 0x0f && mant == 0x07 {
+        return f32::NAN.copysign(sign);
+    }
+    let mag = if exp == 0 {
+        f32::from(mant) * (2.0f32).powi(-9)
+    } else {
+        (1.0 + f32::from(mant) / 8.0) * (2.0f32).powi(i32::from(exp) - 7)
+    };
+    sign * mag
+}
+
+/// torch's `f32` → `float8_e4m3fn` (c10's `fp8e4m3fn_from_fp32_value`): round to nearest
+/// even; magnitudes from 480 up, infinities and NaN become NaN (`0x7f`, with the sign).
+pub fn f32_to_e4m3(x: f32) -> u8 {
+    const FP8_MAX: u32 = 1087 << 20; // 480.0: the first value that rounds past 448
+    const DENORM_MASK: u32 = 141 << 23;
+    let bits = x.to_bits();
+    let sign = ((bits & 0x8000_0000) >> 24) as u8;
+    let mag = bits & 0x7fff_ffff;
+    let result = if mag >= FP8_MAX {
+        0x7f
+    } else if mag < (121 << 23) {
+        // Below e4m3's smallest normal: adding 2^-? shifts the mantissa so the FPU rounds it.
+        let sum = f32::from_bits(mag) + f32::from_bits(DENORM_MASK);
+        (sum.to_bits() - DENORM_MASK) as u8
+    } else {
+        let odd = (mag >> 20) & 1;
+        let rounded = mag
+            .wrapping_add(((7u32).wrapping_sub(127) << 23).wrapping_add(0x7ffff))
+            .wrapping_add(odd);
+        (rounded >> 20) as u8
+    };
+    result | sign
+}
+
+/// A UE8M0 scale byte as `f32`: `2^(b - 127)`; 255 is NaN (`F8_E8M0`).
+pub fn e8m0_to_f32(b: u8) -> f32 {
+    if b == 0xff {
+        return f32::NAN;
+    }
+    (2.0f64).powi(i32::from(b) - 127) as f32
+}
+
+/// The block geometry of one FP8 tensor: `lead` matrices of `rows x cols` (leading dimensions
+/// such as experts flattened), cut into a `grid_rows x grid_cols` grid of equal blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fp8Grid {
+    /// Product of the leading dimensions (1 for a 2-D weight).
+    pub lead: usize,
+    /// Rows of each matrix.
+    pub rows: usize,
+    /// Columns of each matrix.
+    pub cols: usize,
+    /// Blocks along the rows.
+    pub grid_rows: usize,
+    /// Blocks along the columns.
+    pub grid_cols: usize,
+}
+
+impl Fp8Grid {
+    /// The grid of a weight of shape `weight` whose scales have shape `scales`, derived from the
+    /// scales' last two dimensions as `Fp8Dequantize` does (a scale of fewer than two
+    /// dimensions is one per matrix). Refused, as transformers refuses it, when the grid does
+    /// not divide the weight (partial edge blocks).
+    pub fn new(weight: &[usize], scales: &[usize]) -> Result<Self> {
+        let [lead @ .., rows, cols] = weight else {
+            return Err(MergeMathError::Rank {
+                what: "fp8 weight",
+                expected: "at least 2",
+                got: weight.to_vec(),
+            });
+        };
+        let (grid_rows, grid_cols) = match scales {
+            [.., r, c] => (*r, *c),
+            _ => (1, 1),
+        };
+        let lead: usize = lead.iter().product();
+        let scale_count: usize = scales.iter().product();
+        let fits = grid_rows > 0 && grid_cols > 0 && rows % grid_rows == 0 && cols % grid_cols == 0;
+        if !fits || scale_count != lead * grid_rows * grid_cols {
+            return Err(MergeMathError::ShapeMismatch {
+                what: "weight_scale_inv (a grid of whole blocks of the weight)",
+                expected: weight.to_vec(),
+                got: scales.to_vec(),
+            });
+        }
+        Ok(Fp8Grid {
+            lead,
+            rows: *rows,
+            cols: *cols,
+            grid_rows,
+            grid_cols,
+        })
+    }
+
+    /// The grid `Fp8Quantize` cuts a `weight`-shaped tensor into with `block` (`None`: one
+    /// block per matrix), or `None` where it leaves the tensor unquantized (fewer than two
+    /// dimensions, or a block that does not divide it).
+    pub fn for_block(weight: &[usize], block: Option<(usize, usize)>) -> Option<Self> {
+        let [lead @ .., rows, cols] = weight else {
+            return None;
+        };
+        let (bm, bn) = block.unwrap_or((*rows, *cols));
+        if bm == 0 || bn == 0 || rows % bm != 0 || cols % bn != 0 {
+            return None;
+        }
+        Some(Fp8Grid {
+            lead: lead.iter().product(),
+            rows: *rows,
+            cols: *cols,
+            grid_rows: rows / bm,
+            grid_cols: cols / bn,
+        })
+    }
+
+    /// Elements of the weight.
+    pub fn numel(&self) -> usize {
+        self.lead * self.rows * self.cols
+    }
+
+    /// Number of scales.
+    pub fn scales(&self) -> usize {
+        self.lead * self.grid_rows * self.grid_cols
+    }
+
+    /// The block size `(rows, cols)`.
+    pub fn block(&self) -> (usize, usize) {
+        (self.rows / self.grid_rows, self.cols / self.grid_cols)
+    }
+
+    /// The scale index of element `i` (row-major over the whole weight).
+    fn scale_of(&self, i: usize) -> usize {
+        let (bm, bn) = self.block();
+        let (m, rc) = (i / (self.rows * self.cols), i % (self.rows * self.cols));
+        let (r, c) = (rc / self.cols, rc % self.cols);
+        (m * self.grid_rows + r / bm) * self.grid_cols + c / bn
+    }
+}
+
+/// `e4m3(weight) * scale` per element, in `f32` (the caller casts to the model dtype, as
+/// `Fp8Dequantize` does). `weight` and `scales` must fit `grid` (checked by the caller through
+/// [`Fp8Grid::new`]).
+pub fn dequantize_fp8(weight: &[u8], scales: &[f32], grid: &Fp8Grid) -> Vec<f32> {
+    let lut: Vec<f32> = (0..=255u8).map(e4m3_to_f32).collect();
+    let cols = grid.cols;
+    let (_, bn) = grid.block();
+    let mut out = Vec::with_capacity(weight.len());
+    for (row_idx, row) in weight.chunks(cols).enumerate() {
+        let first = grid.scale_of(row_idx * cols);
+        for (c, &q) in row.iter().enumerate() {
+            out.push(lut[usize::from(q)] * scales[first + c / bn]);
+        }
+    }
+    out
+}
+
+/// A tensor quantized by [`quantize_fp8`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fp8Quantized {
+    /// The `float8_e4m3fn` bytes.
+    pub weight: Vec<u8>,
+    /// `weight_scale_inv`, one per block (powers of two for [`ScaleKind::Ue8m0`]).
+    pub inv_scales: Vec<f32>,
+    /// `max |e4m3(q) * inv_scale - w|` over the tensor, in `f64` (NaN if an element is).
+    pub max_abs_error: f64,
+}
+
+/// `Fp8Quantize._quantize_one` of `values` (already widened to `f32`) cut by `grid`.
+pub fn quantize_fp8(values: &[f32], grid: &Fp8Grid, kind: ScaleKind) -> Fp8Quantized {
+    let mut max_abs = vec![0.0f32; grid.scales()];
+    for (i, v) in values.iter().enumerate() {
+        let m = &mut max_abs[grid.scale_of(i)];
+        // torch's amax propagates NaN.
+        if v.is_nan() || m.is_nan() {
+            *m = f32::NAN;
+        } else {
+            *m = m.max(v.abs());
+        }
+    }
+    let (scales, inv_scales): (Vec<f32>, Vec<f32>) =
+        max_abs.iter().map(|&m| block_scales(m, kind)).unzip();
+    let mut weight = Vec::with_capacity(values.len());
+    let mut max_abs_error = 0.0f64;
+    for (i, &v) in values.iter().enumerate() {
+        let s = grid.scale_of(i);
+        let q = f32_to_e4m3(clamp_e4m3(v * scales[s]));
+        weight.push(q);
+        let err = (f64::from(e4m3_to_f32(q)) * f64::from(inv_scales[s]) - f64::from(v)).abs();
+        max_abs_error = if err.is_nan() || max_abs_error.is_nan() {
+            f64::NAN
+        } else {
+            max_abs_error.max(err)
+        };
+    }
+    Fp8Quantized {
+        weight,
+        inv_scales,
+        max_abs_error,
+    }
+}
+
+/// `torch.clamp(x, -448, 448)` (NaN stays NaN).
+fn clamp_e4m3(x: f32) -> f32 {
+    if x.is_nan() {
+        x
+    } else {
+        x.clamp(-E4M3_MAX, E4M3_MAX)
+    }
+}
+
+/// The forward scale and the stored inverse of a block whose max-abs is `max_abs`, in
+/// `Fp8Quantize`'s operations: `448 / max` (1 for an all-zero or NaN block), then `1 / that`;
+/// UE8M0 rounds the inverse up to a power of two and takes the forward scale from it.
+///
+/// torch computes `scalar / tensor` as `tensor.reciprocal() * scalar`: two roundings, so
+/// `448 / max` is `(1 / max) * 448` here too.
+fn block_scales(max_abs: f32, kind: ScaleKind) -> (f32, f32) {
+    let positive = max_abs > 0.0;
+    let safe = if positive { max_abs } else { 1.0 };
+    let scale = if positive {
+        (1.0 / safe) * E4M3_MAX
+    } else {
+        1.0
+    };
+    let inv = 1.0 / scale;
+    match kind {
+        ScaleKind::F32 => (scale, inv),
+        ScaleKind::Ue8m0 => {
+            let inv = pow2_ceil_log2(inv.max(f32::MIN_POSITIVE));
+            (1.0 / inv, inv)
+        }
+    }
+}
+
+/// `2 ** ceil(log2(x))` for a positive normal `x`, with `log2` rounded to `f32` first as torch
+/// computes it (a value a few ulps above a power of two has a `log2` that rounds to the
+/// integer, so it is not rounded up). NaN stays NaN; infinity stays infinity.
+fn pow2_ceil_log2(x: f32) -> f32 {
+    if !x.is_finite() {
+        return x;
+    }
+    let exp = ((x.to_bits() >> 23) & 0xff) as i32 - 127;
+    let mant = f64::from(f32::from_bits((x.to_bits() & 0x007f_ffff) | (127 << 23)));
+    let log2 = (f64::from(exp) + mant.log2()) as f32;
+    (2.0f64).powi(log2.ceil() as i32) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e4m3_round_trips_every_finite_code() {
+        for b in 0..=255u8 {
+            let x = e4m3_to_f32(b);
+            if x.is_nan() {
+                assert!(b & 0x7f == 0x7f);
+                continue;
+            }
+            // -0.0 keeps its sign bit.
+            assert_eq!(f32_to_e4m3(x), b, "code {b:#04x} = {x}");
+        }
+        assert_eq!(e4m3_to_f32(0x7e), 448.0);
+        assert_eq!(e4m3_to_f32(0x01), 2f32.powi(-9));
+    }
+
+    #[test]
+    fn e4m3_rounds_ties_to_even_and_overflows_to_nan() {
+        // Steps of 32 below 448: 432 ties to 448 (even mantissa), 400 to 384.
+        assert_eq!(e4m3_to_f32(f32_to_e4m3(432.0)), 448.0);
+        assert_eq!(e4m3_to_f32(f32_to_e4m3(400.0)), 384.0);
+        assert_eq!(e4m3_to_f32(f32_to_e4m3(440.0)), 448.0);
+        assert_eq!(e4m3_to_f32(f32_to_e4m3(463.9)), 448.0);
+        assert_eq!(f32_to_e4m3(480.0), 0x7f);
+        assert_eq!(f32_to_e4m3(-f32::INFINITY), 0xff);
+        // Half the smallest subnormal ties to zero; a bit more rounds up.
+        assert_eq!(f32_to_e4m3(2f32.powi(-10)), 0);
+        assert_eq!(f32_to_e4m3(2f32.powi(-10) * 1.01), 1);
+    }
+
+    #[test]
+    fn ue8m0_scales_round_the_inverse_up_to_a_power_of_two() {
+        let (scale, inv) = block_scales(448.0 * 3.0, ScaleKind::Ue8m0);
+        assert_eq!((scale, inv), (0.25, 4.0));
+        let (scale, inv) = block_scales(448.0 * 4.0, ScaleKind::Ue8m0);
+        assert_eq!((scale, inv), (0.25, 4.0));
+        assert_eq!(block_scales(0.0, ScaleKind::F32), (1.0, 1.0));
+        assert_eq!(e8m0_to_f32(127), 1.0);
+        assert_eq!(e8m0_to_f32(0), 2f32.powi(-127));
+        assert!(e8m0_to_f32(255).is_nan());
+    }
+
+    #[test]
+    fn grids_must_divide_the_weight() {
+        assert!(Fp8Grid::new(&[576, 256], &[5, 2]).is_err());
+        assert!(Fp8Grid::new(&[512, 256], &[4, 3]).is_err());
+        let g = Fp8Grid::new(&[4, 512, 256], &[4, 4, 2]).unwrap();
+        assert_eq!((g.lead, g.block()), (4, (128, 128)));
+        assert_eq!(Fp8Grid::new(&[8, 8], &[]).unwrap().block(), (8, 8));
+        assert_eq!(Fp8Grid::for_block(&[576, 256], Some((128, 128))), None);
+        assert_eq!(Fp8Grid::for_block(&[8], None), None);
+    }
+
+    #[test]
+    fn blocks_are_scaled_independently() {
+        let grid = Fp8Grid::new(&[2, 2, 2], &[2, 1, 1]).unwrap();
+        let w = [1.0, 2.0, 0.5, 4.0, 100.0, 0.0, -50.0, 1e-3];
+        let q = quantize_fp8(&w, &grid, ScaleKind::F32);
+        assert_eq!(
+            q.inv_scales,
+            vec![1.0 / (448.0 / 4.0), 1.0 / ((1.0 / 100.0) * 448.0)]
+        );
+        let back = dequantize_fp8(&q.weight, &q.inv_scales, &grid);
+        assert_eq!(back[..4], [1.0, 2.0, 0.5, 4.0]);
+        assert!(q.max_abs_error > 0.0 && q.max_abs_error < 0.5);
+    }
+}

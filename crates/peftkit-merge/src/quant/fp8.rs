@@ -1,0 +1,423 @@
+//! Merging into transformers' fine-grained FP8 bases (`quant_method: "fp8"`): `float8_e4m3fn`
+//! weights with a block-scaled `weight_scale_inv` beside each.
+//!
+//! A targeted weight is dequantized to the model dtype exactly as transformers loads it on CPU
+//! (`Fp8Dequantize`), merged by the usual kernels (peft's bf16 merge), then either written in
+//! the model dtype (`--dequantize`, as transformers' `save_pretrained` of that model writes it)
+//! or re-quantized as `Fp8Quantize` does, with a new `weight_scale_inv`. Everything else is
+//! copied byte for byte, except that `--dequantize` writes every FP8 weight in the model dtype
+//! and drops the scales.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use indexmap::IndexMap;
+use peftkit_checkpoint::{dtype_name, Checkpoint, CheckpointError, Dtype, ModelConfig, Tensor};
+use serde_json::Value;
+
+use crate::edit::Step;
+use crate::error::MergeError;
+use crate::kernels::{
+    decode_f32, dequantize_fp8, e8m0_to_f32, encode_f32, quantize_fp8, Fp8Grid, Fp8Quantized,
+    MergeMathError, MergeOptions as KernelOptions, ScaleKind,
+};
+
+/// `FineGrainedFP8Config`'s default `weight_block_size`, used when the config omits it.
+const DEFAULT_BLOCK: (usize, usize) = (128, 128);
+
+/// The format of an FP8 base, from its `quantization_config` and `dtype`.
+#[derive(Debug, Clone)]
+pub(crate) struct Fp8Format {
+    /// `weight_block_size` (`None`: one scale per matrix).
+    block: Option<(usize, usize)>,
+    /// `scale_fmt`.
+    kind: ScaleKind,
+    /// The model dtype transformers dequantizes to (`config.json`'s `dtype`, bf16 if absent).
+    pub dtype: Dtype,
+}
+
+impl Fp8Format {
+    /// Reads the format of the base in `base_dir` from its `config`.
+    pub(crate) fn read(base_dir: &Path, config: &ModelConfig) -> Result<Self, MergeError> {
+        let bad = |reason: String| MergeError::Fp8Layout {
+            base: base_dir.to_owned(),
+            tensor: "quantization_config".into(),
+            reason,
+        };
+        let q = config.quantization_config().cloned().unwrap_or_default();
+        let block = match q.get("weight_block_size") {
+            None => Some(DEFAULT_BLOCK),
+            Some(Value::Null) => None,
+            Some(v) => Some(block_size(v).ok_or_else(|| {
+                bad(format!(
+                    "weight_block_size {v} is not two positive integers"
+                ))
+            })?),
+        };
+        let kind = match q
+            .get("scale_fmt")
+            .and_then(Value::as_str)
+            .unwrap_or("float")
+        {
+            "float" => ScaleKind::F32,
+            "ue8m0" => ScaleKind::Ue8m0,
+            other => return Err(bad(format!("scale_fmt `{other}` is not float or ue8m0"))),
+        };
+        let dtype = match config.dtype().unwrap_or("bfloat16") {
+            "bfloat16" => Dtype::BF16,
+            "float16" => Dtype::F16,
+            "float32" => Dtype::F32,
+            other => return Err(bad(format!(
+                "the model dtype `{other}` is not a float dtype transformers dequantizes FP8 to"
+            ))),
+        };
+        Ok(Fp8Format { block, kind, dtype })
+    }
+}
+
+/// `[rows, cols]`, both positive.
+fn block_size(v: &Value) -> Option<(usize, usize)> {
+    let dims: Vec<usize> = v
+        .as_array()?
+        .iter()
+        .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+        .collect::<Option<_>>()?;
+    match dims[..] {
+        [r, c] if r > 0 && c > 0 => Some((r, c)),
+        _ => None,
+    }
+}
+
+/// The names a weight's inverse scale goes by: transformers' own, then those it renames to it
+/// on load (DeepSeek-V4's `.scale`, Mistral's `.qscale_weight`).
+fn scale_names(weight: &str) -> Vec<String> {
+    match weight.strip_suffix(".weight") {
+        Some(module) => ["weight_scale_inv", "scale", "qscale_weight"]
+            .iter()
+            .map(|s| format!("{module}.{s}"))
+            .collect(),
+        None => vec![format!("{weight}_scale_inv")],
+    }
+}
+
+/// What the merge writes for one base tensor of an FP8 base.
+pub(crate) enum Treatment {
+    /// As any base tensor: copied, or merged in its own dtype.
+    Plain,
+    /// Not written (a scale, with `--dequantize`).
+    Dropped,
+    /// Computed when written.
+    Computed(Tensor),
+}
+
+/// An FP8 base's tensors as one merge writes them.
+pub(crate) struct Fp8Base<'a> {
+    base: &'a Checkpoint,
+    dir: PathBuf,
+    format: Fp8Format,
+    dequantize: bool,
+    /// Scale name to weight name, for every weight that has a scale.
+    weight_of: BTreeMap<String, String>,
+    /// Re-quantization error of each re-quantized weight, filled as they are written.
+    errors: Arc<Mutex<BTreeMap<String, f64>>>,
+}
+
+impl<'a> Fp8Base<'a> {
+    /// The FP8 view of `base` (in `dir`), written in `format` or dequantized.
+    pub(crate) fn new(
+        base: &'a Checkpoint,
+        dir: &Path,
+        format: Fp8Format,
+        dequantize: bool,
+    ) -> Self {
+        let weight_of = base
+            .tensors()
+            .filter_map(|(name, _)| {
+                let scale = scale_names(name)
+                    .into_iter()
+                    .find(|s| base.get(s).is_some())?;
+                Some((scale, name.to_owned()))
+            })
+            .collect();
+        Fp8Base {
+            base,
+            dir: dir.to_owned(),
+            format,
+            dequantize,
+            weight_of,
+            errors: Arc::default(),
+        }
+    }
+
+    /// The re-quantization errors recorded so far (complete once the output is written).
+    pub(crate) fn errors(&self) -> BTreeMap<String, f64> {
+        self.errors.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    /// What to write for base tensor `name`, the plan's edits being `steps` (by base tensor).
+    /// Refuses, before anything is written, a tensor that would need decoding and cannot be.
+    pub(crate) fn treat(
+        &self,
+        name: &str,
+        tensor: &Tensor,
+        steps: &IndexMap<String, Vec<Step>>,
+        opts: &KernelOptions,
+    ) -> Result<Treatment, MergeError> {
+        if let Some(weight) = self.weight_of.get(name) {
+            return self.treat_scale(name, tensor, weight, steps, opts);
+        }
+        if self.dequantize && name.ends_with(".activation_scale") {
+            return Ok(Treatment::Dropped);
+        }
+        let scale = scale_names(name)
+            .into_iter()
+            .find(|s| self.weight_of.contains_key(s));
+        let touched = steps.get(name);
+        let needs_decoding = touched.is_some() || (self.dequantize && scale.is_some());
+        if !needs_decoding || (scale.is_none() && tensor.dtype() != Dtype::F8_E4M3) {
+            return Ok(Treatment::Plain);
+        }
+        let weight = Arc::new(self.weight(name, tensor, scale, touched, opts)?);
+        let dtype = match self.dequantize {
+            true => self.format.dtype,
+            false => Dtype::F8_E4M3,
+        };
+        let lazy = Tensor::lazy(dtype, tensor.shape().to_vec(), move || weight.bytes())?;
+        Ok(Treatment::Computed(lazy))
+    }
+
+    /// Scale `name` of `weight`: dropped with `--dequantize`, recomputed with its weight when
+    /// that is re-quantized (both are computed from the same merge, independently, so that
+    /// neither waits in memory for the other), else copied.
+    fn treat_scale(
+        &self,
+        name: &str,
+        tensor: &Tensor,
+        weight: &str,
+        steps: &IndexMap<String, Vec<Step>>,
+        opts: &KernelOptions,
+    ) -> Result<Treatment, MergeError> {
+        if self.dequantize {
+            return Ok(Treatment::Dropped);
+        }
+        let (Some(touched), Some(weight_tensor)) = (steps.get(weight), self.base.get(weight))
+        else {
+            return Ok(Treatment::Plain);
+        };
+        let w = self.weight(
+            weight,
+            weight_tensor,
+            Some(name.to_owned()),
+            Some(touched),
+            opts,
+        )?;
+        let requant = w.requant.unwrap_or(Requant {
+            kind: self.format.kind,
+            scale_dtype: tensor.dtype(),
+        });
+        let lazy = Tensor::lazy(tensor.dtype(), tensor.shape().to_vec(), move || {
+            let q = w.requantized(requant)?;
+            encode_scales(requant.scale_dtype, &q.inv_scales).map_err(|e| w.math(e))
+        })?;
+        Ok(Treatment::Computed(lazy))
+    }
+
+    /// The FP8 weight `name` with its scale `scale`, checked.
+    fn weight(
+        &self,
+        name: &str,
+        tensor: &Tensor,
+        scale: Option<String>,
+        steps: Option<&Vec<Step>>,
+        opts: &KernelOptions,
+    ) -> Result<Fp8Weight, MergeError> {
+        let bad = |reason: String| MergeError::Fp8Layout {
+            base: self.dir.clone(),
+            tensor: name.to_owned(),
+            reason,
+        };
+        let scale_name = scale.ok_or_else(|| {
+            bad(format!(
+                "an F8_E4M3 weight without a scale ({} or its renamed forms)",
+                scale_names(name)[0]
+            ))
+        })?;
+        if tensor.dtype() != Dtype::F8_E4M3 {
+            return Err(bad(format!(
+                "has a scale but dtype {}; only F8_E4M3 weights can be dequantized (FP4-packed experts are not supported)",
+                dtype_name(tensor.dtype())
+            )));
+        }
+        let scale = self
+            .base
+            .get(&scale_name)
+            .cloned()
+            .unwrap_or_else(|| tensor.clone());
+        let grid = Fp8Grid::new(tensor.shape(), scale.shape()).map_err(|_| {
+            bad(format!(
+                "its scale {scale_name} {:?} is not a grid of whole blocks of the weight {:?}; transformers 5.24 cannot dequantize it either",
+                scale.shape(),
+                tensor.shape()
+            ))
+        })?;
+        let requant = if self.dequantize {
+            None
+        } else {
+            Some(
+                self.requant_format(name, tensor, &scale, grid)
+                    .map_err(bad)?,
+            )
+        };
+        Ok(Fp8Weight {
+            key: name.to_owned(),
+            weight: tensor.clone(),
+            scale,
+            grid,
+            requant,
+            dtype: self.format.dtype,
+            steps: steps.cloned().unwrap_or_default(),
+            opts: *opts,
+            errors: self.errors.clone(),
+        })
+    }
+
+    /// How a merged weight is re-quantized: the base's grid must be the one `Fp8Quantize`
+    /// cuts with `weight_block_size`, and its scales stored as `scale_fmt` says.
+    fn requant_format(
+        &self,
+        name: &str,
+        tensor: &Tensor,
+        scale: &Tensor,
+        grid: Fp8Grid,
+    ) -> Result<Requant, String> {
+        if Fp8Grid::for_block(tensor.shape(), self.format.block) != Some(grid) {
+            return Err(format!(
+                "its blocks {:?} are not quantization_config.weight_block_size {:?}; re-quantizing {name} would change its layout (merge with --dequantize instead)",
+                grid.block(),
+                self.format.block
+            ));
+        }
+        let fits = match self.format.kind {
+            ScaleKind::F32 => scale.dtype() == Dtype::F32,
+            ScaleKind::Ue8m0 => matches!(scale.dtype(), Dtype::F8_E8M0 | Dtype::U8),
+        };
+        if !fits {
+            return Err(format!(
+                "its scale is {} but scale_fmt is {:?}; re-quantizing would change its format (merge with --dequantize instead)",
+                dtype_name(scale.dtype()),
+                self.format.kind
+            ));
+        }
+        Ok(Requant {
+            kind: self.format.kind,
+            scale_dtype: scale.dtype(),
+        })
+    }
+}
+
+/// How a merged weight is written back in FP8.
+#[derive(Debug, Clone, Copy)]
+struct Requant {
+    kind: ScaleKind,
+    scale_dtype: Dtype,
+}
+
+/// One FP8 weight of the output and everything needed to compute it.
+struct Fp8Weight {
+    key: String,
+    weight: Tensor,
+    scale: Tensor,
+    grid: Fp8Grid,
+    requant: Option<Requant>,
+    dtype: Dtype,
+    steps: Vec<Step>,
+    opts: KernelOptions,
+    errors: Arc<Mutex<BTreeMap<String, f64>>>,
+}
+
+impl Fp8Weight {
+    fn math(&self, e: MergeMathError) -> CheckpointError {
+        CheckpointError::TensorCompute {
+            tensor: self.key.clone(),
+            context: "dequantizing FP8".into(),
+            source: Box::new(e),
+        }
+    }
+
+    /// The weight in the model dtype, as transformers loads it on CPU.
+    fn dequantized(&self) -> Result<Vec<u8>, CheckpointError> {
+        let scale_bytes = self.scale.bytes()?;
+        let scales = decode_scales(self.scale.dtype(), &scale_bytes).map_err(|e| self.math(e))?;
+        let values = dequantize_fp8(&self.weight.bytes()?, &scales, &self.grid);
+        encode_f32("fp8 weight", self.dtype, &values).map_err(|e| self.math(e))
+    }
+
+    /// The dequantized weight with the plan's edits applied (peft's merge in the model dtype).
+    fn merged(&self) -> Result<Vec<u8>, CheckpointError> {
+        let mut data = self.dequantized()?;
+        for step in &self.steps {
+            step.apply(
+                &self.key,
+                self.dtype,
+                self.weight.shape(),
+                &mut data,
+                &self.opts,
+            )?;
+        }
+        Ok(data)
+    }
+
+    /// The merged weight re-quantized as `Fp8Quantize` does; its error is recorded.
+    fn requantized(&self, requant: Requant) -> Result<Fp8Quantized, CheckpointError> {
+        let merged = self.merged()?;
+        let values = decode_f32("merged weight", self.dtype, &merged).map_err(|e| self.math(e))?;
+        let q = quantize_fp8(&values, &self.grid, requant.kind);
+        if let Ok(mut errors) = self.errors.lock() {
+            errors.insert(self.key.clone(), q.max_abs_error);
+        }
+        Ok(q)
+    }
+
+    /// The bytes written for the weight.
+    fn bytes(&self) -> Result<Vec<u8>, CheckpointError> {
+        match self.requant {
+            None => self.merged(),
+            Some(r) => Ok(self.requantized(r)?.weight),
+        }
+    }
+}
+
+/// Inverse scales as `f32`, as `Fp8Dequantize` reads them: floats widened, UE8M0 (`F8_E8M0`)
+/// as powers of two, raw exponent bytes (`U8`) as `exp2(b - 127)` (255 overflows to infinity).
+fn decode_scales(dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, MergeMathError> {
+    match dtype {
+        Dtype::F8_E8M0 => Ok(bytes.iter().map(|&b| e8m0_to_f32(b)).collect()),
+        Dtype::U8 => Ok(bytes
+            .iter()
+            .map(|&b| {
+                if b == 0xff {
+                    f32::INFINITY
+                } else {
+                    e8m0_to_f32(b)
+                }
+            })
+            .collect()),
+        _ => decode_f32("weight_scale_inv", dtype, bytes),
+    }
+}
+
+/// Inverse scales in the base's scale dtype: `F32`, or the biased exponent of each power of two
+/// (`F8_E8M0`, or raw `U8` bytes), NaN as 255.
+fn encode_scales(dtype: Dtype, inv: &[f32]) -> Result<Vec<u8>, MergeMathError> {
+    match dtype {
+        Dtype::F8_E8M0 | Dtype::U8 => Ok(inv
+            .iter()
+            .map(|x| match x.is_nan() {
+                true => 0xff,
+                false => ((x.to_bits() >> 23) & 0xff) as u8,
+            })
+            .collect()),
+        _ => encode_f32("weight_scale_inv", dtype, inv),
+    }
+}
