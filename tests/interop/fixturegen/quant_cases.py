@@ -183,13 +183,19 @@ def case_fp8_qwen3_moe(out):
 
 
 def case_conversions(out):
-    """conversions.safetensors: torch's float -> float8_e4m3fn cast of every bf16 bit pattern (as f32), and the
+    """conversions.safetensors: torch's float -> float8_e4m3fn cast of every bf16 bit pattern (as f32) and of
+    random f32 values, and the
     UE8M0 rounding `Fp8Quantize` applies to inverse scales, for values at and just above powers of two."""
-    x = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    g = torch.Generator().manual_seed(7)
+    every_bf16 = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    # Full f32 mantissas (rounding bits below bf16's) over e4m3's range and past it.
+    exponents = torch.randint(-14, 11, (1 << 16,), generator=g).float()
+    random_f32 = (torch.rand(1 << 16, generator=g) * 2 - 1) * torch.pow(2.0, exponents)
+    x = torch.cat([every_bf16, random_f32])
     ks = torch.arange(-40, 41, dtype=torch.float32)
     steps = torch.arange(0, 9, dtype=torch.float32)
     inv = (torch.pow(2.0, ks)[:, None] * (1 + steps[None, :] * 2.0**-23)).flatten()
-    inv = torch.cat([inv, torch.rand(4096, generator=torch.Generator().manual_seed(7)) * 1e-2])
+    inv = torch.cat([inv, torch.rand(4096, generator=g) * 1e-2])
     ue8m0 = torch.pow(2.0, torch.ceil(torch.log2(inv.clamp(min=torch.finfo(torch.float32).tiny))))
     save_file({
         "x": x, "e4m3": x.to(torch.float8_e4m3fn),
@@ -216,7 +222,8 @@ a seeded bf16 model; everything after is the real pipeline.
 
 ```
 quant/
-  conversions.safetensors   x (every bf16 bit pattern, as f32) and e4m3 = x.to(torch.float8_e4m3fn);
+  conversions.safetensors   x (every bf16 bit pattern as f32, then 65536 random f32 in +-2**11) and
+                            e4m3 = x.to(torch.float8_e4m3fn);
                             inv and inv_ue8m0 = 2**ceil(log2(inv.clamp(min=tiny))) as F8_E8M0
                             (the rounding Fp8Quantize applies to UE8M0 inverse scales)
   <case>/

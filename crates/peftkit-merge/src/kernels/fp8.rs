@@ -9,9 +9,9 @@
 //! * [`f32_to_e4m3`] and [`e4m3_to_f32`] are torch's (c10's) conversions.
 //!
 //! Every step is an elementwise IEEE operation in the order torch performs it, so the results
-//! are the same bits on every host. Written by hand: no crate reproduces torch's conversion
-//! (round to nearest even, anything at or beyond 480 becomes NaN, not a saturated 448) together
-//! with transformers' block rules.
+//! are the same bits on every host. Written by hand: no crate reproduces torch 2.15's cast
+//! (round to nearest even, saturating to ±448, NaN kept) together with transformers' block
+//! rules.
 //!
 //! ```
 //! use peftkit_merge::{dequantize_fp8, quantize_fp8, Fp8Grid, ScaleKind};
@@ -57,16 +57,19 @@ pub fn e4m3_to_f32(b: u8) -> f32 {
     sign * mag
 }
 
-/// torch's `f32` → `float8_e4m3fn` (c10's `fp8e4m3fn_from_fp32_value`): round to nearest
-/// even; magnitudes from 480 up, infinities and NaN become NaN (`0x7f`, with the sign).
+/// torch 2.15's `f32` → `float8_e4m3fn` cast on CPU: round to nearest even; finite values
+/// and infinities beyond the range saturate to ±448; NaN becomes `0x7f` with its sign.
+/// (Measured on every bf16 value and on random `f32`s: `tests/fixtures/quant/conversions`.)
 pub fn f32_to_e4m3(x: f32) -> u8 {
-    const FP8_MAX: u32 = 1087 << 20; // 480.0: the first value that rounds past 448
+    const ROUNDS_PAST_MAX: u32 = 1087 << 20; // 480.0 (464 and up round past 448)
     const DENORM_MASK: u32 = 141 << 23;
     let bits = x.to_bits();
     let sign = ((bits & 0x8000_0000) >> 24) as u8;
     let mag = bits & 0x7fff_ffff;
-    let result = if mag >= FP8_MAX {
+    let result = if mag > 0x7f80_0000 {
         0x7f
+    } else if mag >= ROUNDS_PAST_MAX {
+        0x7e
     } else if mag < (121 << 23) {
         // Below e4m3's smallest normal: adding 2^-? shifts the mantissa so the FPU rounds it.
         let sum = f32::from_bits(mag) + f32::from_bits(DENORM_MASK);
@@ -76,7 +79,8 @@ pub fn f32_to_e4m3(x: f32) -> u8 {
         let rounded = mag
             .wrapping_add(((7u32).wrapping_sub(127) << 23).wrapping_add(0x7ffff))
             .wrapping_add(odd);
-        (rounded >> 20) as u8
+        // 464..480 rounds up to the NaN code: saturated like the values above.
+        ((rounded >> 20) as u8).min(0x7e)
     };
     result | sign
 }
@@ -209,7 +213,8 @@ pub struct Fp8Quantized {
     pub weight: Vec<u8>,
     /// `weight_scale_inv`, one per block (powers of two for [`ScaleKind::Ue8m0`]).
     pub inv_scales: Vec<f32>,
-    /// `max |e4m3(q) * inv_scale - w|` over the tensor, in `f64` (NaN if an element is).
+    /// `max |e4m3(q) * inv_scale - w|` over the tensor (the product rounded to `f32`, as
+    /// `Fp8Dequantize` computes it; the difference in `f64`; NaN if an element is).
     pub max_abs_error: f64,
 }
 
@@ -233,7 +238,8 @@ pub fn quantize_fp8(values: &[f32], grid: &Fp8Grid, kind: ScaleKind) -> Fp8Quant
         let s = grid.scale_of(i);
         let q = f32_to_e4m3(clamp_e4m3(v * scales[s]));
         weight.push(q);
-        let err = (f64::from(e4m3_to_f32(q)) * f64::from(inv_scales[s]) - f64::from(v)).abs();
+        let back = e4m3_to_f32(q) * inv_scales[s];
+        let err = (f64::from(back) - f64::from(v)).abs();
         max_abs_error = if err.is_nan() || max_abs_error.is_nan() {
             f64::NAN
         } else {
@@ -274,16 +280,29 @@ fn block_scales(max_abs: f32, kind: ScaleKind) -> (f32, f32) {
     match kind {
         ScaleKind::F32 => (scale, inv),
         ScaleKind::Ue8m0 => {
-            let inv = pow2_ceil_log2(inv.max(f32::MIN_POSITIVE));
+            let inv = ue8m0_round_up(inv);
             (1.0 / inv, inv)
         }
     }
 }
 
-/// `2 ** ceil(log2(x))` for a positive normal `x`, with `log2` rounded to `f32` first as torch
-/// computes it (a value a few ulps above a power of two has a `log2` that rounds to the
-/// integer, so it is not rounded up). NaN stays NaN; infinity stays infinity.
-fn pow2_ceil_log2(x: f32) -> f32 {
+/// The power of two `Fp8Quantize` stores for inverse scale `inv` under `scale_fmt: "ue8m0"`:
+/// `2 ** ceil(log2(inv.clamp(min=tiny)))`, with `log2` rounded to `f32` first as torch computes
+/// it (a value a few ulps above a power of two has a `log2` that rounds to the integer, so it is
+/// not rounded up). NaN stays NaN; infinity stays infinity.
+///
+/// ```
+/// use peftkit_merge::ue8m0_round_up;
+/// assert_eq!(ue8m0_round_up(0.3), 0.5);
+/// assert_eq!(ue8m0_round_up(0.25), 0.25);
+/// assert_eq!(ue8m0_round_up(0.0), f32::MIN_POSITIVE);
+/// ```
+pub fn ue8m0_round_up(inv: f32) -> f32 {
+    let x = if inv.is_nan() {
+        inv
+    } else {
+        inv.max(f32::MIN_POSITIVE)
+    };
     if !x.is_finite() {
         return x;
     }
@@ -313,14 +332,15 @@ mod tests {
     }
 
     #[test]
-    fn e4m3_rounds_ties_to_even_and_overflows_to_nan() {
+    fn e4m3_rounds_ties_to_even_and_saturates() {
         // Steps of 32 below 448: 432 ties to 448 (even mantissa), 400 to 384.
         assert_eq!(e4m3_to_f32(f32_to_e4m3(432.0)), 448.0);
         assert_eq!(e4m3_to_f32(f32_to_e4m3(400.0)), 384.0);
         assert_eq!(e4m3_to_f32(f32_to_e4m3(440.0)), 448.0);
         assert_eq!(e4m3_to_f32(f32_to_e4m3(463.9)), 448.0);
-        assert_eq!(f32_to_e4m3(480.0), 0x7f);
-        assert_eq!(f32_to_e4m3(-f32::INFINITY), 0xff);
+        assert_eq!(f32_to_e4m3(470.0), 0x7e);
+        assert_eq!(f32_to_e4m3(-f32::INFINITY), 0xfe);
+        assert_eq!(f32_to_e4m3(-f32::NAN), 0xff);
         // Half the smallest subnormal ties to zero; a bit more rounds up.
         assert_eq!(f32_to_e4m3(2f32.powi(-10)), 0);
         assert_eq!(f32_to_e4m3(2f32.powi(-10) * 1.01), 1);

@@ -68,9 +68,11 @@ impl Fp8Format {
             "bfloat16" => Dtype::BF16,
             "float16" => Dtype::F16,
             "float32" => Dtype::F32,
-            other => return Err(bad(format!(
+            other => {
+                return Err(bad(format!(
                 "the model dtype `{other}` is not a float dtype transformers dequantizes FP8 to"
-            ))),
+            )))
+            }
         };
         Ok(Fp8Format { block, kind, dtype })
     }
