@@ -12,11 +12,14 @@
 //!   and that a failed command writes nothing;
 //! * `json`: the `--json` outputs of `inspect` and `merge`: exact keys and JSON types (those of
 //!   the examples in docs/cli.md too), values cross-checked against the fixtures;
-//! * `help`: `--help`, `--version` and the flags docs/cli.md lists.
+//! * `help`: `--help`, `--version` and the flags docs/cli.md lists;
+//! * `quant`: FP8 merges against the quant fixtures, packed (GPTQ) checkpoints passed through
+//!   by reshard and inspect and refused by merge.
 
 mod failures;
 mod help;
 mod json;
+mod quant;
 mod verbs;
 
 use std::collections::{BTreeMap, BTreeSet};
