@@ -98,13 +98,21 @@ def write_fp8_base(model, d: Path, scale_fmt: str) -> None:
     shutil.rmtree(bf16)
 
 
+def requantized_state(base: Path, merged: Path, scale_fmt: str, touched: list) -> dict:
+    """The tensors of `base` with the `touched` weights replaced by `Fp8Quantize._quantize_one` of their value in
+    the bf16 merge `merged` (weight and weight_scale_inv). tests/interop/live_checks.py builds its references with
+    this function too."""
+    quantize, _ = fp8_quantizer(scale_fmt)
+    merged_state = load_file(merged / "model.safetensors")
+    state = load_file(base / "model.safetensors")
+    for key in touched:
+        state.update(quantize._quantize_one(key, merged_state[key]))
+    return state
+
+
 def write_fp8_reference(d: Path, scale_fmt: str, touched: list) -> None:
     """`d/merged_fp8`: the base with the `touched` weights re-quantized from `merged_dequantized/`."""
-    quantize, _ = fp8_quantizer(scale_fmt)
-    merged = load_file(d / "merged_dequantized" / "model.safetensors")
-    state = load_file(d / "base" / "model.safetensors")
-    for key in touched:
-        state.update(quantize._quantize_one(key, merged[key]))
+    state = requantized_state(d / "base", d / "merged_dequantized", scale_fmt, touched)
     out = d / "merged_fp8"
     out.mkdir()
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
