@@ -8,6 +8,7 @@
 //! quantized checkpoint through untouched.
 
 mod fp8;
+mod fp8_weight;
 
 use std::path::Path;
 

@@ -18,13 +18,16 @@
 //!
 //! let grid = Fp8Grid::new(&[2, 4], &[1, 2]).unwrap(); // blocks of 2 x 2
 //! let w = [1.0f32, -2.0, 0.5, 0.25, 3.0, 4.0, 0.0, 0.125];
-//! let q = quantize_fp8(&w, &grid, ScaleKind::F32);
+//! let q = quantize_fp8(&w, &grid, ScaleKind::F32)?;
 //! assert_eq!(q.inv_scales, vec![1.0 / 112.0, 1.0 / 896.0]);
 //! assert_eq!(q.weight[5], 0x7e); // 4.0 scales to 448, e4m3's largest finite value
-//! let back = dequantize_fp8(&q.weight, &q.inv_scales, &grid);
+//! let back = dequantize_fp8(&q.weight, &q.inv_scales, &grid)?;
 //! assert!(back.iter().zip(&w).all(|(b, w)| (b - w).abs() <= 0.0625));
 //! assert!(q.max_abs_error > 0.0 && q.max_abs_error <= 0.0625);
+//! # Ok::<(), peftkit_merge::MergeMathError>(())
 //! ```
+
+use rayon::prelude::*;
 
 use crate::kernels::error::{MergeMathError, Result};
 
@@ -180,30 +183,54 @@ impl Fp8Grid {
         (self.rows / self.grid_rows, self.cols / self.grid_cols)
     }
 
-    /// The scale index of element `i` (row-major over the whole weight).
-    fn scale_of(&self, i: usize) -> usize {
-        let (bm, bn) = self.block();
-        let (m, rc) = (i / (self.rows * self.cols), i % (self.rows * self.cols));
-        let (r, c) = (rc / self.cols, rc % self.cols);
-        (m * self.grid_rows + r / bm) * self.grid_cols + c / bn
+    /// Elements of one band of blocks (`block rows x cols`), the unit the kernels run on in
+    /// parallel.
+    fn band(&self) -> usize {
+        self.block().0 * self.cols
+    }
+
+    /// Checks that `what` holds `len` elements where `expected` are needed.
+    fn check(&self, what: &'static str, expected: usize, len: usize) -> Result<()> {
+        if len == expected {
+            return Ok(());
+        }
+        Err(MergeMathError::ElementCount {
+            what,
+            shape: vec![self.lead, self.rows, self.cols],
+            expected,
+            got: len,
+        })
     }
 }
 
+/// torch's value of every `float8_e4m3fn` byte.
+fn e4m3_table() -> [f32; 256] {
+    std::array::from_fn(|b| e4m3_to_f32(b as u8))
+}
+
 /// `e4m3(weight) * scale` per element, in `f32` (the caller casts to the model dtype, as
-/// `Fp8Dequantize` does). `weight` and `scales` must fit `grid` (checked by the caller through
-/// [`Fp8Grid::new`]).
-pub fn dequantize_fp8(weight: &[u8], scales: &[f32], grid: &Fp8Grid) -> Vec<f32> {
-    let lut: Vec<f32> = (0..=255u8).map(e4m3_to_f32).collect();
-    let cols = grid.cols;
-    let (_, bn) = grid.block();
-    let mut out = Vec::with_capacity(weight.len());
-    for (row_idx, row) in weight.chunks(cols).enumerate() {
-        let first = grid.scale_of(row_idx * cols);
-        for (c, &q) in row.iter().enumerate() {
-            out.push(lut[usize::from(q)] * scales[first + c / bn]);
-        }
-    }
-    out
+/// `Fp8Dequantize` does). Refused if `weight` or `scales` do not fit `grid`.
+pub fn dequantize_fp8(weight: &[u8], scales: &[f32], grid: &Fp8Grid) -> Result<Vec<f32>> {
+    grid.check("fp8 weight", grid.numel(), weight.len())?;
+    grid.check("weight_scale_inv", grid.scales(), scales.len())?;
+    let (lut, (cols, (_, bn))) = (e4m3_table(), (grid.cols, grid.block()));
+    let mut out = vec![0.0f32; weight.len()];
+    let bands = out
+        .par_chunks_mut(grid.band())
+        .zip(weight.par_chunks(grid.band()));
+    bands
+        .zip(scales.par_chunks(grid.grid_cols))
+        .for_each(|((out, weight), scales)| {
+            for (o_row, w_row) in out.chunks_mut(cols).zip(weight.chunks(cols)) {
+                let blocks = o_row.chunks_mut(bn).zip(w_row.chunks(bn)).zip(scales);
+                for ((o, w), &s) in blocks {
+                    for (x, &q) in o.iter_mut().zip(w) {
+                        *x = lut[usize::from(q)] * s;
+                    }
+                }
+            }
+        });
+    Ok(out)
 }
 
 /// A tensor quantized by [`quantize_fp8`].
@@ -218,38 +245,76 @@ pub struct Fp8Quantized {
     pub max_abs_error: f64,
 }
 
-/// `Fp8Quantize._quantize_one` of `values` (already widened to `f32`) cut by `grid`.
-pub fn quantize_fp8(values: &[f32], grid: &Fp8Grid, kind: ScaleKind) -> Fp8Quantized {
-    let mut max_abs = vec![0.0f32; grid.scales()];
-    for (i, v) in values.iter().enumerate() {
-        let m = &mut max_abs[grid.scale_of(i)];
-        // torch's amax propagates NaN.
-        if v.is_nan() || m.is_nan() {
-            *m = f32::NAN;
-        } else {
-            *m = m.max(v.abs());
-        }
-    }
-    let (scales, inv_scales): (Vec<f32>, Vec<f32>) =
-        max_abs.iter().map(|&m| block_scales(m, kind)).unzip();
-    let mut weight = Vec::with_capacity(values.len());
-    let mut max_abs_error = 0.0f64;
-    for (i, &v) in values.iter().enumerate() {
-        let s = grid.scale_of(i);
-        let q = f32_to_e4m3(clamp_e4m3(v * scales[s]));
-        weight.push(q);
-        let back = e4m3_to_f32(q) * inv_scales[s];
-        let err = (f64::from(back) - f64::from(v)).abs();
-        max_abs_error = if err.is_nan() || max_abs_error.is_nan() {
-            f64::NAN
-        } else {
-            max_abs_error.max(err)
-        };
-    }
-    Fp8Quantized {
+/// `Fp8Quantize._quantize_one` of `values` (already widened to `f32`) cut by `grid`. Refused if
+/// `values` do not fit `grid`.
+pub fn quantize_fp8(values: &[f32], grid: &Fp8Grid, kind: ScaleKind) -> Result<Fp8Quantized> {
+    grid.check("values", grid.numel(), values.len())?;
+    let mut weight = vec![0u8; values.len()];
+    let mut inv_scales = vec![0.0f32; grid.scales()];
+    let (lut, (cols, (_, bn))) = (e4m3_table(), (grid.cols, grid.block()));
+    let bands = weight
+        .par_chunks_mut(grid.band())
+        .zip(values.par_chunks(grid.band()));
+    let max_abs_error = bands
+        .zip(inv_scales.par_chunks_mut(grid.grid_cols))
+        .map(|((q, v), inv)| quantize_band(v, q, inv, (cols, bn), kind, &lut))
+        .reduce(|| 0.0, nan_max);
+    Ok(Fp8Quantized {
         weight,
         inv_scales,
         max_abs_error,
+    })
+}
+
+/// One band of blocks: per-block max-abs, scales, then the cast; returns the band's error.
+fn quantize_band(
+    values: &[f32],
+    out: &mut [u8],
+    inv: &mut [f32],
+    (cols, bn): (usize, usize),
+    kind: ScaleKind,
+    lut: &[f32; 256],
+) -> f64 {
+    // torch's amax propagates NaN.
+    let mut max_abs = vec![0.0f32; inv.len()];
+    for row in values.chunks(cols) {
+        for (m, block) in max_abs.iter_mut().zip(row.chunks(bn)) {
+            *m = block
+                .iter()
+                .fold(*m, |m, v| match m.is_nan() || v.is_nan() {
+                    true => f32::NAN,
+                    false => m.max(v.abs()),
+                });
+        }
+    }
+    let scales: Vec<f32> = max_abs
+        .iter()
+        .zip(inv.iter_mut())
+        .map(|(&m, inv)| {
+            let (scale, inverse) = block_scales(m, kind);
+            *inv = inverse;
+            scale
+        })
+        .collect();
+    let mut err = 0.0f64;
+    for (q_row, v_row) in out.chunks_mut(cols).zip(values.chunks(cols)) {
+        let blocks = q_row.chunks_mut(bn).zip(v_row.chunks(bn));
+        for (((q, v), &s), &inv) in blocks.zip(&scales).zip(inv.iter()) {
+            for (q, &v) in q.iter_mut().zip(v) {
+                *q = f32_to_e4m3(clamp_e4m3(v * s));
+                let back = lut[usize::from(*q)] * inv;
+                err = nan_max(err, (f64::from(back) - f64::from(v)).abs());
+            }
+        }
+    }
+    err
+}
+
+/// The larger of two errors, NaN if either is.
+fn nan_max(a: f64, b: f64) -> f64 {
+    match a.is_nan() || b.is_nan() {
+        true => f64::NAN,
+        false => a.max(b),
     }
 }
 
@@ -373,13 +438,25 @@ mod tests {
     fn blocks_are_scaled_independently() {
         let grid = Fp8Grid::new(&[2, 2, 2], &[2, 1, 1]).unwrap();
         let w = [1.0, 2.0, 0.5, 4.0, 100.0, 0.0, -50.0, 1e-3];
-        let q = quantize_fp8(&w, &grid, ScaleKind::F32);
+        let q = quantize_fp8(&w, &grid, ScaleKind::F32).unwrap();
         assert_eq!(
             q.inv_scales,
             vec![1.0 / (448.0 / 4.0), 1.0 / ((1.0 / 100.0) * 448.0)]
         );
-        let back = dequantize_fp8(&q.weight, &q.inv_scales, &grid);
+        let back = dequantize_fp8(&q.weight, &q.inv_scales, &grid).unwrap();
         assert_eq!(back[..4], [1.0, 2.0, 0.5, 4.0]);
         assert!(q.max_abs_error > 0.0 && q.max_abs_error < 0.5);
+        assert!(dequantize_fp8(&q.weight[1..], &q.inv_scales, &grid).is_err());
+        assert!(quantize_fp8(&w[1..], &grid, ScaleKind::F32).is_err());
+    }
+
+    #[test]
+    fn a_nan_spreads_to_its_block_only() {
+        let grid = Fp8Grid::new(&[1, 4], &[1, 2]).unwrap();
+        let q = quantize_fp8(&[f32::NAN, 1.0, 2.0, 4.0], &grid, ScaleKind::F32).unwrap();
+        assert_eq!(q.inv_scales[0], 1.0);
+        assert_eq!(q.weight[0] & 0x7f, 0x7f);
+        assert_eq!(q.inv_scales[1], 1.0 / ((1.0 / 4.0) * 448.0));
+        assert!(q.max_abs_error.is_nan());
     }
 }

@@ -13,15 +13,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use indexmap::IndexMap;
-use peftkit_checkpoint::{dtype_name, Checkpoint, CheckpointError, Dtype, ModelConfig, Tensor};
+use peftkit_checkpoint::{dtype_name, Checkpoint, Dtype, ModelConfig, Tensor};
 use serde_json::Value;
 
 use crate::edit::Step;
 use crate::error::MergeError;
-use crate::kernels::{
-    decode_f32, dequantize_fp8, e8m0_to_f32, encode_f32, quantize_fp8, Fp8Grid, Fp8Quantized,
-    MergeMathError, MergeOptions as KernelOptions, ScaleKind,
-};
+use crate::kernels::{Fp8Grid, MergeOptions as KernelOptions, ScaleKind};
+use crate::quant::fp8_weight::{Fp8Weight, Requant, Shared};
 
 /// `FineGrainedFP8Config`'s default `weight_block_size`, used when the config omits it.
 const DEFAULT_BLOCK: (usize, usize) = (128, 128);
@@ -121,8 +119,10 @@ pub(crate) struct Fp8Base<'a> {
     dequantize: bool,
     /// Scale name to weight name, for every weight that has a scale.
     weight_of: BTreeMap<String, String>,
-    /// Re-quantization error of each re-quantized weight, filled as they are written.
-    errors: Arc<Mutex<BTreeMap<String, f64>>>,
+    /// The weights decoded so far, by name: a weight and its scale share one.
+    weights: Mutex<BTreeMap<String, Arc<Fp8Weight>>>,
+    /// What the weights share (their errors, the keep budget).
+    shared: Arc<Shared>,
 }
 
 impl<'a> Fp8Base<'a> {
@@ -148,13 +148,15 @@ impl<'a> Fp8Base<'a> {
             format,
             dequantize,
             weight_of,
-            errors: Arc::default(),
+            weights: Mutex::default(),
+            shared: Arc::default(),
         }
     }
 
     /// The re-quantization errors recorded so far (complete once the output is written).
     pub(crate) fn errors(&self) -> BTreeMap<String, f64> {
-        self.errors.lock().map(|e| e.clone()).unwrap_or_default()
+        let errors = self.shared.errors.lock();
+        errors.map(|e| e.clone()).unwrap_or_default()
     }
 
     /// What to write for base tensor `name`, the plan's edits being `steps` (by base tensor).
@@ -180,18 +182,19 @@ impl<'a> Fp8Base<'a> {
         if !needs_decoding || (scale.is_none() && tensor.dtype() != Dtype::F8_E4M3) {
             return Ok(Treatment::Plain);
         }
-        let weight = Arc::new(self.weight(name, tensor, scale, touched, opts)?);
+        let weight = self.weight(name, tensor, scale, touched, opts)?;
         let dtype = match self.dequantize {
             true => self.format.dtype,
             false => Dtype::F8_E4M3,
         };
-        let lazy = Tensor::lazy(dtype, tensor.shape().to_vec(), move || weight.bytes())?;
+        let lazy = Tensor::lazy(dtype, tensor.shape().to_vec(), move || {
+            weight.weight_bytes()
+        })?;
         Ok(Treatment::Computed(lazy))
     }
 
     /// Scale `name` of `weight`: dropped with `--dequantize`, recomputed with its weight when
-    /// that is re-quantized (both are computed from the same merge, independently, so that
-    /// neither waits in memory for the other), else copied.
+    /// that is re-quantized (one computation serves both, see `fp8_weight`), else copied.
     fn treat_scale(
         &self,
         name: &str,
@@ -219,14 +222,32 @@ impl<'a> Fp8Base<'a> {
             scale_dtype: tensor.dtype(),
         });
         let lazy = Tensor::lazy(tensor.dtype(), tensor.shape().to_vec(), move || {
-            let q = w.requantized(requant)?;
-            encode_scales(requant.scale_dtype, &q.inv_scales).map_err(|e| w.math(e))
+            w.scale_bytes(requant)
         })?;
         Ok(Treatment::Computed(lazy))
     }
 
-    /// The FP8 weight `name` with its scale `scale`, checked.
+    /// The FP8 weight `name` with its scale `scale`, checked; one per weight.
     fn weight(
+        &self,
+        name: &str,
+        tensor: &Tensor,
+        scale: Option<String>,
+        steps: Option<&Vec<Step>>,
+        opts: &KernelOptions,
+    ) -> Result<Arc<Fp8Weight>, MergeError> {
+        if let Some(w) = self.weights.lock().ok().and_then(|w| w.get(name).cloned()) {
+            return Ok(w);
+        }
+        let w = Arc::new(self.new_weight(name, tensor, scale, steps, opts)?);
+        if let Ok(mut weights) = self.weights.lock() {
+            weights.insert(name.to_owned(), w.clone());
+        }
+        Ok(w)
+    }
+
+    /// [`Self::weight`], built.
+    fn new_weight(
         &self,
         name: &str,
         tensor: &Tensor,
@@ -271,17 +292,15 @@ impl<'a> Fp8Base<'a> {
                     .map_err(bad)?,
             )
         };
-        Ok(Fp8Weight {
-            key: name.to_owned(),
-            weight: tensor.clone(),
-            scale,
-            grid,
+        Ok(Fp8Weight::new(
+            name,
+            (tensor.clone(), scale, grid),
             requant,
-            dtype: self.format.dtype,
-            steps: steps.cloned().unwrap_or_default(),
-            opts: *opts,
-            errors: self.errors.clone(),
-        })
+            self.format.dtype,
+            steps.cloned().unwrap_or_default(),
+            *opts,
+            self.shared.clone(),
+        ))
     }
 
     /// How a merged weight is re-quantized: the base's grid must be the one `Fp8Quantize`
@@ -315,111 +334,5 @@ impl<'a> Fp8Base<'a> {
             kind: self.format.kind,
             scale_dtype: scale.dtype(),
         })
-    }
-}
-
-/// How a merged weight is written back in FP8.
-#[derive(Debug, Clone, Copy)]
-struct Requant {
-    kind: ScaleKind,
-    scale_dtype: Dtype,
-}
-
-/// One FP8 weight of the output and everything needed to compute it.
-struct Fp8Weight {
-    key: String,
-    weight: Tensor,
-    scale: Tensor,
-    grid: Fp8Grid,
-    requant: Option<Requant>,
-    dtype: Dtype,
-    steps: Vec<Step>,
-    opts: KernelOptions,
-    errors: Arc<Mutex<BTreeMap<String, f64>>>,
-}
-
-impl Fp8Weight {
-    fn math(&self, e: MergeMathError) -> CheckpointError {
-        CheckpointError::TensorCompute {
-            tensor: self.key.clone(),
-            context: "dequantizing FP8".into(),
-            source: Box::new(e),
-        }
-    }
-
-    /// The weight in the model dtype, as transformers loads it on CPU.
-    fn dequantized(&self) -> Result<Vec<u8>, CheckpointError> {
-        let scale_bytes = self.scale.bytes()?;
-        let scales = decode_scales(self.scale.dtype(), &scale_bytes).map_err(|e| self.math(e))?;
-        let values = dequantize_fp8(&self.weight.bytes()?, &scales, &self.grid);
-        encode_f32("fp8 weight", self.dtype, &values).map_err(|e| self.math(e))
-    }
-
-    /// The dequantized weight with the plan's edits applied (peft's merge in the model dtype).
-    fn merged(&self) -> Result<Vec<u8>, CheckpointError> {
-        let mut data = self.dequantized()?;
-        for step in &self.steps {
-            step.apply(
-                &self.key,
-                self.dtype,
-                self.weight.shape(),
-                &mut data,
-                &self.opts,
-            )?;
-        }
-        Ok(data)
-    }
-
-    /// The merged weight re-quantized as `Fp8Quantize` does; its error is recorded.
-    fn requantized(&self, requant: Requant) -> Result<Fp8Quantized, CheckpointError> {
-        let merged = self.merged()?;
-        let values = decode_f32("merged weight", self.dtype, &merged).map_err(|e| self.math(e))?;
-        let q = quantize_fp8(&values, &self.grid, requant.kind);
-        if let Ok(mut errors) = self.errors.lock() {
-            errors.insert(self.key.clone(), q.max_abs_error);
-        }
-        Ok(q)
-    }
-
-    /// The bytes written for the weight.
-    fn bytes(&self) -> Result<Vec<u8>, CheckpointError> {
-        match self.requant {
-            None => self.merged(),
-            Some(r) => Ok(self.requantized(r)?.weight),
-        }
-    }
-}
-
-/// Inverse scales as `f32`, as `Fp8Dequantize` reads them: floats widened, UE8M0 (`F8_E8M0`)
-/// as powers of two, raw exponent bytes (`U8`) as `exp2(b - 127)` (255 overflows to infinity).
-fn decode_scales(dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>, MergeMathError> {
-    match dtype {
-        Dtype::F8_E8M0 => Ok(bytes.iter().map(|&b| e8m0_to_f32(b)).collect()),
-        Dtype::U8 => Ok(bytes
-            .iter()
-            .map(|&b| {
-                if b == 0xff {
-                    f32::INFINITY
-                } else {
-                    e8m0_to_f32(b)
-                }
-            })
-            .collect()),
-        _ => decode_f32("weight_scale_inv", dtype, bytes),
-    }
-}
-
-/// Inverse scales in the base's scale dtype: `F32`, or the biased exponent of each power of two
-/// (`F8_E8M0`, or raw `U8` bytes), NaN as 255.
-fn encode_scales(dtype: Dtype, inv: &[f32]) -> Result<Vec<u8>, MergeMathError> {
-    match dtype {
-        Dtype::F8_E8M0 | Dtype::U8 => Ok(inv
-            .iter()
-            .map(|x| match x.is_nan() {
-                true => 0xff,
-                false => ((x.to_bits() >> 23) & 0xff) as u8,
-            })
-            .collect()),
-        _ => encode_f32("weight_scale_inv", dtype, inv),
     }
 }
