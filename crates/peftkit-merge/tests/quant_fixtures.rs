@@ -277,3 +277,13 @@ fn a_block_size_the_scales_do_not_follow_is_refused_for_requantization() {
     // Dequantizing follows the scales' grid, as transformers does.
     merge_into(&base, &out, true).unwrap();
 }
+
+#[test]
+fn a_config_without_dtype_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = base_with_config("fp8_llama", tmp.path(), |c| {
+        c.as_object_mut().unwrap().remove("dtype");
+    });
+    let err = merge_into(&base, &tmp.path().join("out"), true).unwrap_err();
+    assert!(err.to_string().contains("no dtype"), "{err}");
+}

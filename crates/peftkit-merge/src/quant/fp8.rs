@@ -31,7 +31,7 @@ pub(crate) struct Fp8Format {
     block: Option<(usize, usize)>,
     /// `scale_fmt`.
     kind: ScaleKind,
-    /// The model dtype transformers dequantizes to (`config.json`'s `dtype`, bf16 if absent).
+    /// The model dtype transformers dequantizes to (`config.json`'s `dtype`).
     pub dtype: Dtype,
 }
 
@@ -62,14 +62,21 @@ impl Fp8Format {
             "ue8m0" => ScaleKind::Ue8m0,
             other => return Err(bad(format!("scale_fmt `{other}` is not float or ue8m0"))),
         };
-        let dtype = match config.dtype().unwrap_or("bfloat16") {
-            "bfloat16" => Dtype::BF16,
-            "float16" => Dtype::F16,
-            "float32" => Dtype::F32,
-            other => {
+        // Without a dtype in config.json transformers takes the first floating-point tensor's
+        // dtype in its state dict, which for an FP8 checkpoint depends on its file order.
+        let dtype = match config.dtype() {
+            Some("bfloat16") => Dtype::BF16,
+            Some("float16") => Dtype::F16,
+            Some("float32") => Dtype::F32,
+            Some(other) => {
                 return Err(bad(format!(
-                "the model dtype `{other}` is not a float dtype transformers dequantizes FP8 to"
-            )))
+                    "the model dtype `{other}` is not a float dtype transformers dequantizes FP8 to"
+                )))
+            }
+            None => {
+                return Err(bad(
+                    "config.json has no dtype, the model dtype FP8 weights dequantize to; add \"dtype\": \"bfloat16\" (what the weights were trained in)".into(),
+                ))
             }
         };
         Ok(Fp8Format { block, kind, dtype })
@@ -276,7 +283,7 @@ impl<'a> Fp8Base<'a> {
             .base
             .get(&scale_name)
             .cloned()
-            .unwrap_or_else(|| tensor.clone());
+            .ok_or_else(|| bad(format!("its scale {scale_name} is not in the base")))?;
         let grid = Fp8Grid::new(tensor.shape(), scale.shape()).map_err(|_| {
             bad(format!(
                 "its scale {scale_name} {:?} is not a grid of whole blocks of the weight {:?}; transformers 5.24 cannot dequantize it either",
