@@ -96,16 +96,24 @@ fn block_size(v: &Value) -> Option<(usize, usize)> {
     }
 }
 
-/// The names a weight's inverse scale goes by: transformers' own, then those it renames to it
-/// on load (DeepSeek-V4's `.scale`, Mistral's `.qscale_weight`).
-fn scale_names(weight: &str) -> Vec<String> {
-    match weight.strip_suffix(".weight") {
-        Some(module) => ["weight_scale_inv", "scale", "qscale_weight"]
-            .iter()
-            .map(|s| format!("{module}.{s}"))
-            .collect(),
-        None => vec![format!("{weight}_scale_inv")],
-    }
+/// The names a weight's inverse scale may go by: transformers' own, then those it renames to
+/// it on load (DeepSeek-V4's `.scale`, Mistral's `.qscale_weight`), each with whether it needs
+/// the weight to be F8_E4M3 to count (a norm's `.scale` beside its `.weight` is no FP8 scale).
+/// Only `*.weight` parameters: transformers' CPU load ignores the scale of any other FP8
+/// parameter (fused `experts.gate_up_proj_scale_inv` is an unexpected key, the e4m3 values are
+/// read unscaled), so such tensors have no reference and are refused where decoded.
+fn scale_names(weight: &str) -> Vec<(String, bool)> {
+    let Some(module) = weight.strip_suffix(".weight") else {
+        return vec![];
+    };
+    [
+        ("weight_scale_inv", false),
+        ("scale", true),
+        ("qscale_weight", true),
+    ]
+    .iter()
+    .map(|(s, needs_fp8)| (format!("{module}.{s}"), *needs_fp8))
+    .collect()
 }
 
 /// What the merge writes for one base tensor of an FP8 base.
@@ -142,10 +150,11 @@ impl<'a> Fp8Base<'a> {
     ) -> Self {
         let weight_of = base
             .tensors()
-            .filter_map(|(name, _)| {
-                let scale = scale_names(name)
+            .filter_map(|(name, t)| {
+                let fp8 = t.dtype() == Dtype::F8_E4M3;
+                let (scale, _) = scale_names(name)
                     .into_iter()
-                    .find(|s| base.get(s).is_some())?;
+                    .find(|(s, needs_fp8)| base.get(s).is_some() && (fp8 || !needs_fp8))?;
                 Some((scale, name.to_owned()))
             })
             .collect();
@@ -183,7 +192,8 @@ impl<'a> Fp8Base<'a> {
         }
         let scale = scale_names(name)
             .into_iter()
-            .find(|s| self.weight_of.contains_key(s));
+            .map(|(s, _)| s)
+            .find(|s| self.weight_of.get(s).is_some_and(|w| w == name));
         let touched = steps.get(name);
         let needs_decoding = touched.is_some() || (self.dequantize && scale.is_some());
         if !needs_decoding || (scale.is_none() && tensor.dtype() != Dtype::F8_E4M3) {
@@ -268,10 +278,7 @@ impl<'a> Fp8Base<'a> {
             reason,
         };
         let scale_name = scale.ok_or_else(|| {
-            bad(format!(
-                "an F8_E4M3 weight without a scale ({} or its renamed forms)",
-                scale_names(name)[0]
-            ))
+            bad("an F8_E4M3 tensor without a `<module>.weight_scale_inv` beside its `<module>.weight` (FP8 parameters not named `.weight`, such as fused experts, are loaded unscaled by transformers: no reference to reproduce)".into())
         })?;
         if tensor.dtype() != Dtype::F8_E4M3 {
             return Err(bad(format!(
