@@ -199,9 +199,12 @@ fn merged_state(
         };
         match treatment {
             Treatment::Dropped => continue,
-            Treatment::Computed(lazy) => {
-                count(summary, plan.steps.get(name));
-                state.insert(name.to_owned(), lazy);
+            Treatment::Computed { tensor, changed } => {
+                match plan.steps.get(name) {
+                    None if changed => summary.tensors_merged += 1, // a re-quantized scale
+                    steps => count(summary, steps),
+                }
+                state.insert(name.to_owned(), tensor);
                 continue;
             }
             Treatment::Plain => {}

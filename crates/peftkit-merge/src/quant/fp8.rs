@@ -122,8 +122,9 @@ pub(crate) enum Treatment {
     Plain,
     /// Not written (a scale, with `--dequantize`).
     Dropped,
-    /// Computed when written.
-    Computed(Tensor),
+    /// Computed when written: a dequantized weight, or (`changed`) one the adapters change or
+    /// its re-quantized scale.
+    Computed { tensor: Tensor, changed: bool },
 }
 
 /// An FP8 base's tensors as one merge writes them.
@@ -207,7 +208,10 @@ impl<'a> Fp8Base<'a> {
         let lazy = Tensor::lazy(dtype, tensor.shape().to_vec(), move || {
             weight.weight_bytes()
         })?;
-        Ok(Treatment::Computed(lazy))
+        Ok(Treatment::Computed {
+            tensor: lazy,
+            changed: touched.is_some(),
+        })
     }
 
     /// Scale `name` of `weight`: dropped with `--dequantize`, recomputed with its weight when
@@ -241,7 +245,10 @@ impl<'a> Fp8Base<'a> {
         let lazy = Tensor::lazy(tensor.dtype(), tensor.shape().to_vec(), move || {
             w.scale_bytes(requant)
         })?;
-        Ok(Treatment::Computed(lazy))
+        Ok(Treatment::Computed {
+            tensor: lazy,
+            changed: true,
+        })
     }
 
     /// The FP8 weight `name` with its scale `scale`, checked; one per weight.
