@@ -131,7 +131,10 @@ fn dequantized_merges_equal_transformers_and_peft() {
         // Changed weights are merged, scales dropped, every other tensor copied (dequantized).
         let n = requantized_in_case(case).len();
         let written = Checkpoint::open(&out).unwrap().len();
-        assert_eq!((summary.tensors_merged, summary.tensors_copied), (n, written - n));
+        assert_eq!(
+            (summary.tensors_merged, summary.tensors_copied),
+            (n, written - n)
+        );
         let q = summary.quantization.expect("an FP8 base is reported");
         assert_eq!(
             (q.method.as_str(), q.output.as_str(), q.dtype.as_str()),
@@ -151,8 +154,13 @@ fn kept_merges_requantize_as_fp8quantize_and_report_the_error() {
         assert_same_folder(case, &case_dir(case).join("merged_fp8"), &out);
         // Each re-quantized weight and its scale are merged; the rest is copied.
         let n = requantized_in_case(case).len();
-        let base = Checkpoint::open(&case_dir(case).join("base")).unwrap().len();
-        assert_eq!((summary.tensors_merged, summary.tensors_copied), (2 * n, base - 2 * n));
+        let base = Checkpoint::open(&case_dir(case).join("base"))
+            .unwrap()
+            .len();
+        assert_eq!(
+            (summary.tensors_merged, summary.tensors_copied),
+            (2 * n, base - 2 * n)
+        );
         let q = summary.quantization.expect("an FP8 base is reported");
         assert_eq!(q.output, "kept");
         let reported: BTreeMap<String, f64> = q
