@@ -22,10 +22,10 @@ import shutil
 from pathlib import Path
 
 if __package__:
-    from .common import build_model, generate_cases, write_json
+    from .common import build_model, generate_cases, name_model, write_json
     from .peft_cases import load_peft_model, merge_and_unload, randomize_adapter_params
 else:  # run as a script
-    from common import build_model, generate_cases, write_json
+    from common import build_model, generate_cases, name_model, write_json
     from peft_cases import load_peft_model, merge_and_unload, randomize_adapter_params
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -147,6 +147,7 @@ def fp8_case(out: Path, name: str, *, cls: str, config_cls: str, kw: dict, lora:
     # The adapter is trained (here: randomized) on the base as transformers loads it on CPU.
     loaded = AutoModelForCausalLM.from_pretrained(d / "base")
     assert not hasattr(loaded.config, "quantization_config") and loaded.dtype == torch.bfloat16
+    name_model(loaded, f"peftkit/tiny-{name}")  # what peft records, not the folder it was built in
     peft_model = get_peft_model(loaded, LoraConfig(**lora))
     randomize_adapter_params(peft_model)
     peft_model.save_pretrained(d / "adapter")
