@@ -18,6 +18,7 @@
 
 mod failures;
 mod help;
+mod hub;
 mod json;
 mod quant;
 mod verbs;

@@ -19,6 +19,7 @@ sys.path.insert(0, str(HERE))
 from fixturegen import (  # noqa: E402
     checkpoint_cases,
     convert_cases,
+    hub_cases,
     numerics_cases,
     peft_cases,
     quant_cases,
@@ -33,6 +34,7 @@ GENERATORS = {
     "remap": remap_cases.generate,  # remap/
     "convert": convert_cases.generate,  # convert/
     "reshard": reshard_cases.generate,  # reshard/ (reads peft/mixtral_experts/merged: after peft)
+    "hub": hub_cases.generate,  # hub/: .bin weights, their safetensors re-saves, a Hub cache
     "quant": quant_cases.generate,  # quant/ (FP8 bases and merges into them)
 }
 
