@@ -13,7 +13,14 @@
 //!   merge of adapters into a checkpoint.
 //!
 //! The types most programs start from are also re-exported here, flat
-//! ([`Checkpoint`], [`StateDict`], [`Registry`], ...).
+//! ([`Checkpoint`], [`StateDict`], [`Registry`], [`MergeJob`], [`diff_checkpoints`], ...).
+//! Options structs are built from `Default` (or a constructor) with one chained setter per
+//! field, so a field added later breaks no caller:
+//!
+//! ```
+//! let options = peftkit::SaveOptions::default().variant("fp16").durable(false);
+//! assert_eq!(options.variant.as_deref(), Some("fp16"));
+//! ```
 //!
 //! The `peftkit` binary is a thin command-line layer over these, built with the default `cli`
 //! feature. A library user can turn it off (`default-features = false`) to leave out clap,
@@ -30,8 +37,10 @@ pub use peftkit_checkpoint::{
     resolve_model_path, Checkpoint, CheckpointError, Dtype, HubCache, ModelConfig, RepoSpec,
     SaveOptions, StateDict, Tensor, WeightsKind,
 };
+pub use peftkit_merge::{AdapterInput, MergeJob};
 pub use peftkit_remap::{
-    convert, Mapping, Registry, RemapError, RemapOptions, ReshardOptions, Revert,
+    convert, diff_checkpoints, DiffOptions, Mapping, Registry, RemapError, RemapOptions,
+    ReshardOptions, Revert,
 };
 
 /// The examples of docs/library.md, compiled and run as doc tests so the guide cannot rot.

@@ -8,7 +8,7 @@ use anyhow::Result;
 use peftkit::checkpoint::{self as ckpt, SaveOptions};
 use peftkit::remap::ReshardOptions;
 
-use super::{guess_kind, open_any, progress};
+use super::{guess_kind, human, on_bytes, open_any, progress, summary};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -29,6 +29,9 @@ pub(crate) struct Args {
     /// Do not sync the output to disk before swapping it in (see `merge --no-fsync`).
     #[arg(long)]
     no_fsync: bool,
+    /// Print a JSON report (as `reshard --json`) instead of the summary line.
+    #[arg(long)]
+    json: bool,
 }
 
 pub(crate) fn run(args: Args) -> Result<ExitCode> {
@@ -38,34 +41,36 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         max_shard_size,
         dtype,
         no_fsync,
+        json,
     } = args;
     let input = super::resolve(&input)?;
     let kind = guess_kind(&input);
-    let bar = progress(open_any(&input, None)?.total_bytes());
-    let on_bytes = bar.clone();
+    let bar = progress(open_any(&input, None)?.total_bytes(), !no_fsync);
+    let save = SaveOptions::default()
+        .max_shard_size(ckpt::parse_max_shard_size(&max_shard_size)?)
+        .durable(!no_fsync)
+        .progress(on_bytes(&bar, !no_fsync));
     let options = ReshardOptions {
-        save: SaveOptions {
-            max_shard_size: ckpt::parse_size(&max_shard_size)?,
-            durable: !no_fsync,
-            progress: ckpt::Progress::new(move |n| on_bytes.inc(n)),
-            ..Default::default()
-        },
         dtype,
-        ..Default::default()
+        ..ReshardOptions::default().save(save)
     };
     let report = peftkit::remap::convert(&input, &out, &options)?;
     bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     let save = &report.save;
-    println!(
-        "{}: {} {} tensors, {} bytes in {} file(s){}{}",
+    summary(format!(
+        "{}: {} {}, {} in {}{}{}",
         out.display(),
-        save.tensors,
+        human::count(save.tensors as u64),
         match kind {
-            ckpt::WeightsKind::Adapter => "adapter",
-            _ => "model",
+            ckpt::WeightsKind::Adapter => "adapter tensors",
+            _ => "model tensors",
         },
-        save.total_size,
-        save.weight_files.len(),
+        human::bytes(save.total_size),
+        human::plural(save.weight_files.len(), "file", "files"),
         save.index_file
             .as_ref()
             .map(|i| format!(" + {i}"))
@@ -74,6 +79,6 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
             0 => String::new(),
             n => format!(", {n} tied tensor(s) written once"),
         }
-    );
+    ));
     Ok(ExitCode::SUCCESS)
 }

@@ -40,6 +40,9 @@ pub(crate) struct Args {
     /// Also write the clean base checkpoint (no base_layer, no adapter tensors) here.
     #[arg(long)]
     base_out: Option<PathBuf>,
+    /// Print a JSON report instead of the summary line.
+    #[arg(long)]
+    json: bool,
 }
 
 pub(crate) fn run(args: Args) -> Result<ExitCode> {
@@ -55,6 +58,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         task_type,
         base_config,
         base_out,
+        json,
     } = args;
     let from = super::resolve(&from)?;
     let mut o = ExtractOptions::new(&out);
@@ -67,7 +71,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
     if let Some(p) = &config {
         let (c, warnings) = peft::AdapterConfig::from_file(p)?;
         for w in warnings {
-            eprintln!("warning: {}: {w}", p.display());
+            super::warning(format!("{}: {w}", p.display()));
         }
         o.config = Some(c);
     }
@@ -81,10 +85,14 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         o.model.config = Some(ckpt::ModelConfig::read(p)?);
     }
     let report = extract(&from, &o)?;
-    for note in &report.notes {
-        eprintln!("note: {note}");
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    for note in &report.notes {
+        super::note(note);
+    }
+    super::summary(format!(
         "{}: adapter `{}` ({} config){}",
         out.display(),
         report.adapter_name,
@@ -94,6 +102,6 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
             .as_ref()
             .map(|b| format!(", base in {}", b.dir.display()))
             .unwrap_or_default()
-    );
+    ));
     Ok(ExitCode::SUCCESS)
 }

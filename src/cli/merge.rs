@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use peftkit::checkpoint::{self as ckpt, Checkpoint};
 use peftkit::merge;
 
-use super::progress;
+use super::{human, note, on_bytes, progress, summary, ui};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -77,10 +77,9 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
     };
     let max_shard_size = max_shard_size
         .as_deref()
-        .map(ckpt::parse_size)
+        .map(ckpt::parse_max_shard_size)
         .transpose()?;
-    let bar = progress(Checkpoint::open(&base)?.total_bytes());
-    let on_bytes = bar.clone();
+    let bar = progress(Checkpoint::open(&base)?.total_bytes(), !no_fsync);
     let job = merge::MergeJob::new(base, adapters, out)
         .max_shard_size(max_shard_size)
         .safe_merge(safe_merge)
@@ -88,28 +87,28 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         .durable(!no_fsync)
         .numerics(numerics)
         .dequantize(dequantize)
-        .progress(move |n| on_bytes.inc(n));
-    let summary = merge::merge(&job)?;
+        .progress(on_bytes(&bar, !no_fsync));
+    let report = merge::merge(&job)?;
     bar.finish_and_clear();
     if json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!(
-            "{}: {} tensors merged ({} numerics), {} replaced, {} copied{} in {:.2} s",
+        summary(format!(
+            "{}: {} merged ({} numerics), {} replaced, {} copied{} in {:.2} s",
             job.out.display(),
-            summary.tensors_merged,
-            summary.numerics.mode,
-            summary.tensors_replaced,
-            summary.tensors_copied,
-            if summary.untied_embeddings {
+            human::plural(report.tensors_merged, "tensor", "tensors"),
+            report.numerics.mode,
+            human::count(report.tensors_replaced as u64),
+            human::count(report.tensors_copied as u64),
+            if report.untied_embeddings {
                 ", embeddings untied"
             } else {
                 ""
             },
-            summary.seconds
-        );
-        print_numerics(&summary.numerics);
-        if let Some(q) = &summary.quantization {
+            report.seconds
+        ));
+        print_numerics(&report.numerics);
+        if let Some(q) = &report.quantization {
             print_quantization(q);
         }
     }
@@ -134,39 +133,46 @@ fn base_of(adapter: &std::path::Path) -> Result<PathBuf> {
 }
 
 /// Tells, on stderr, what the merge could not promise bit for bit.
+/// Tells, on stderr, what the merge could not promise bit for bit (and, with `-v`, which
+/// reduction order it used).
 fn print_numerics(n: &merge::NumericsReport) {
     if !n.host_measured {
-        eprintln!(
-            "note: this CPU family was never measured against peft; merged with the {} order",
+        note(format!(
+            "this CPU family was never measured against peft; merged with the {} order",
             n.reduction_order
-        );
+        ));
+    } else if ui().verbose {
+        note(format!(
+            "merged with the {} reduction order, measured on this CPU family",
+            n.reduction_order
+        ));
     }
     if !n.unverified_tensors.is_empty() {
-        eprintln!(
-            "note: {} tensor(s) agree with peft to {} ulp, not bit for bit (products outside the measured domain): {}",
+        note(format!(
+            "{} tensor(s) agree with peft to {} ulp, not bit for bit (products outside the measured domain): {}",
             n.unverified_tensors.len(),
             n.unverified_bound_ulp,
             n.unverified_tensors.join(", ")
-        );
+        ));
     }
 }
 
 /// Tells what the merge did to a quantized base, and each re-quantized weight's error.
 fn print_quantization(q: &merge::QuantizationReport) {
     if q.output == "dequantized" {
-        println!(
+        summary(format!(
             "{} weights dequantized to {}; quantization_config dropped",
             q.method, q.dtype
-        );
+        ));
         return;
     }
-    println!(
+    summary(format!(
         "{} format kept: {} weight(s) re-quantized (max abs error vs the {} merge):",
         q.method,
         q.requantized.len(),
         q.dtype
-    );
+    ));
     for t in &q.requantized {
-        println!("  {}: {:.3e}", t.tensor, t.max_abs_error);
+        summary(format!("  {}: {:.3e}", t.tensor, t.max_abs_error));
     }
 }

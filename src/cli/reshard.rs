@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::resave_options;
+use super::{human, resave_options, summary};
 use anyhow::Result;
 
 #[derive(clap::Args)]
@@ -14,7 +14,7 @@ pub(crate) struct Args {
     /// Where to write (created, or replaced atomically).
     #[arg(long)]
     out: PathBuf,
-    /// Largest shard: bytes or a decimal size such as 5GB, 500MB, 20KB.
+    /// Largest shard: a number of bytes (10000) or a decimal size (5GB, 500MB, 1.5 MB, 20KB).
     #[arg(long, default_value = "50GB")]
     max_shard_size: String,
     /// Variant of the output files (model.VARIANT.safetensors).
@@ -36,6 +36,9 @@ pub(crate) struct Args {
     /// bf16, f16 or f32. config.json's dtype follows.
     #[arg(long, value_parser = super::parse_dtype)]
     dtype: Option<peftkit::Dtype>,
+    /// Print a JSON report instead of the summary line.
+    #[arg(long)]
+    json: bool,
 }
 
 pub(crate) fn run(args: Args) -> Result<ExitCode> {
@@ -49,10 +52,16 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         model_type,
         tables,
         dtype,
+        json,
     } = args;
     let dir = super::resolve(&dir)?;
-    let (mut save, bar) = resave_options(&dir, input_variant.as_deref(), &max_shard_size, variant)?;
-    save.durable = !no_fsync;
+    let (save, bar) = resave_options(
+        &dir,
+        input_variant.as_deref(),
+        &max_shard_size,
+        variant,
+        !no_fsync,
+    )?;
     let options = peftkit::remap::ReshardOptions {
         save,
         src_variant: input_variant,
@@ -62,13 +71,17 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
     };
     let report = peftkit::remap::reshard(&dir, &out, &options)?;
     bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     let save = &report.save;
-    println!(
-        "{}: {} tensors, {} bytes in {} file(s){}{}",
+    summary(format!(
+        "{}: {}, {} in {}{}{}",
         out.display(),
-        save.tensors,
-        save.total_size,
-        save.weight_files.len(),
+        human::plural(save.tensors, "tensor", "tensors"),
+        human::bytes(save.total_size),
+        human::plural(save.weight_files.len(), "file", "files"),
         save.index_file
             .as_ref()
             .map(|i| format!(" + {i}"))
@@ -80,6 +93,6 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
                 report.table.as_deref().unwrap_or("legacy")
             ),
         }
-    );
+    ));
     Ok(ExitCode::SUCCESS)
 }

@@ -74,7 +74,9 @@ fn no_subcommand_prints_the_help_and_exits_2() {
         .assert()
         .code(2)
         .stdout(predicate::str::is_empty())
-        .stderr(predicate::str::contains("Usage: peftkit <COMMAND>"))
+        .stderr(predicate::str::contains(
+            "Usage: peftkit [OPTIONS] <COMMAND>",
+        ))
         .stderr(predicate::str::contains("merge"));
 }
 

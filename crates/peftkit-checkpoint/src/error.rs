@@ -101,7 +101,7 @@ pub enum CheckpointError {
         hint: String,
     },
     /// A `max_shard_size` string that huggingface_hub would reject too.
-    #[error("invalid shard size `{input}`: {reason}; use an integer number of bytes or a decimal size such as \"50GB\", \"500MB\", \"1.5 MB\", \"20KB\" (units KB, MB, GB, TB; powers of 1000)")]
+    #[error("invalid shard size `{input}`: {reason}; accepted: a number of bytes (\"10000\") or a number with a decimal unit KB, MB, GB or TB, powers of 1000, any case, a space allowed (\"50GB\", \"500MB\", \"1.5 MB\", \"20kb\")")]
     InvalidShardSize {
         /// What the caller gave.
         input: String,

@@ -12,6 +12,7 @@
 //!   Hugging Face cache, offline.
 //! * `.bin` weights (`torch.save` pickles) open as checkpoints, read by a restricted unpickler
 //!   that never runs code; [`cast_tensor`] casts dtypes with torch's rounding.
+//! * [`diff_state_dicts`]: how two state dicts differ, tensor by tensor, streaming.
 //! * [`Progress`]: the byte-count callback a long save reports to, held by
 //!   [`SaveOptions::progress`] (and by the options of the crates above this one).
 //!
@@ -27,6 +28,7 @@ mod cast;
 mod checkpoint;
 mod companion;
 mod config;
+mod diff;
 mod error;
 mod hub;
 mod index;
@@ -39,6 +41,7 @@ mod progress;
 mod pyjson;
 mod safetensors_file;
 mod save;
+mod setters;
 mod shard;
 mod tensor;
 
@@ -49,6 +52,7 @@ pub use companion::{companion_files, is_weights_file};
 pub use config::{
     GenerationConfig, ModelConfig, GENERATION_CONFIG_NAME, MODEL_CONFIG_NAME, TRANSFORMERS_VERSION,
 };
+pub use diff::{diff_state_dicts, DtypeDiff, ShapeDiff, StateDictDiff, ValueDiff};
 pub use error::{CheckpointError, Result};
 pub use hub::{resolve_model_path, HubCache, RepoSpec};
 pub use index::WeightIndex;
@@ -67,7 +71,7 @@ pub use safetensors_file::{
 pub use save::{
     plan_save, save_planned, save_pretrained, torch_dtype_name, SaveOptions, SavePlan, SaveReport,
 };
-pub use shard::{parse_size, plan_shards, PlanItem, DEFAULT_MAX_SHARD_SIZE};
+pub use shard::{parse_max_shard_size, parse_size, plan_shards, PlanItem, DEFAULT_MAX_SHARD_SIZE};
 pub use tensor::{
     buffers, byte_len, dtype_name, dtype_size, parse_dtype, Dtype, Producer, SourceFile, StateDict,
     Tensor,

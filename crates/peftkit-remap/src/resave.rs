@@ -88,8 +88,15 @@ pub struct RemapOptions {
     pub tables: Vec<PathBuf>,
 }
 
-/// What [`remap`] did.
-#[derive(Debug, Clone)]
+peftkit_checkpoint::option_setters!(RemapOptions {
+    save: SaveOptions,
+    src_variant: Some(String),
+    revert: Revert,
+    tables: Vec<PathBuf>,
+});
+
+/// What [`remap`] did (`peftkit remap --json`).
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct RemapReport {
     /// The save.
     pub save: SaveReport,
@@ -195,8 +202,16 @@ pub struct ReshardOptions {
     pub dtype: Option<Dtype>,
 }
 
-/// What [`reshard`] did.
-#[derive(Debug, Clone)]
+peftkit_checkpoint::option_setters!(ReshardOptions {
+    save: SaveOptions,
+    src_variant: Some(String),
+    model_type: Some(String),
+    tables: Vec<PathBuf>,
+    dtype: Some(Dtype),
+});
+
+/// What [`reshard`] did (`peftkit reshard --json`).
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ReshardReport {
     /// The save.
     pub save: SaveReport,
