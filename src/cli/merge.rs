@@ -40,6 +40,11 @@ pub(crate) struct Args {
     /// from the exact result, the same bytes on every machine (LoRA and IA3 only).
     #[arg(long, default_value = "peft", value_name = "peft|exact")]
     numerics: merge::Numerics,
+    /// For an FP8 base: write every quantized weight in the model dtype and drop
+    /// quantization_config, as transformers saves the model it loads on CPU. Without it,
+    /// merged weights are re-quantized into the base's FP8 format.
+    #[arg(long)]
+    dequantize: bool,
     /// Print a JSON summary.
     #[arg(long)]
     json: bool,
@@ -55,6 +60,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         unmerge,
         no_fsync,
         numerics,
+        dequantize,
         json,
     } = args;
     let adapters = adapters
@@ -80,6 +86,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         .unmerge(unmerge)
         .durable(!no_fsync)
         .numerics(numerics)
+        .dequantize(dequantize)
         .progress(on_bytes(&bar, !no_fsync));
     let report = merge::merge(&job)?;
     bar.finish_and_clear();
@@ -101,6 +108,9 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
             report.seconds
         ));
         print_numerics(&report.numerics);
+        if let Some(q) = &report.quantization {
+            print_quantization(q);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -144,5 +154,25 @@ fn print_numerics(n: &merge::NumericsReport) {
             n.unverified_bound_ulp,
             n.unverified_tensors.join(", ")
         ));
+    }
+}
+
+/// Tells what the merge did to a quantized base, and each re-quantized weight's error.
+fn print_quantization(q: &merge::QuantizationReport) {
+    if q.output == "dequantized" {
+        summary(format!(
+            "{} weights dequantized to {}; quantization_config dropped",
+            q.method, q.dtype
+        ));
+        return;
+    }
+    summary(format!(
+        "{} format kept: {} weight(s) re-quantized (max abs error vs the {} merge):",
+        q.method,
+        q.requantized.len(),
+        q.dtype
+    ));
+    for t in &q.requantized {
+        summary(format!("  {}: {:.3e}", t.tensor, t.max_abs_error));
     }
 }

@@ -14,13 +14,16 @@
 //!   the examples in docs/cli.md too), values cross-checked against the fixtures;
 //! * `diff`: `peftkit diff` against differences recomputed from the files' raw bytes;
 //! * `ui`: completions, man pages, `-q`, `--max-shard-size` forms;
-//! * `help`: `--help`, `--version` and the flags docs/cli.md lists.
+//! * `help`: `--help`, `--version` and the flags docs/cli.md lists;
+//! * `quant`: FP8 merges against the quant fixtures, packed (GPTQ) checkpoints passed through
+//!   by reshard and inspect and refused by merge.
 
 mod diff;
 mod failures;
 mod help;
 mod hub;
 mod json;
+mod quant;
 mod ui;
 mod verbs;
 

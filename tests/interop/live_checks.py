@@ -161,6 +161,48 @@ def merged_checkpoints_equal_peft_merge_computed_here():
     assert not failures, "\n".join(failures)
 
 
+QUANT_CASES = ["fp8_llama", "fp8_llama_ue8m0", "fp8_qwen3_moe"]
+
+
+@check
+def fp8_merges_equal_transformers_and_peft_computed_here():
+    """On the FP8 fixtures: `merge --dequantize` writes what transformers (the FP8 checkpoint loaded
+    on CPU, dequantized) + peft's merge_and_unload() + save_pretrained() write now, on this host;
+    the default merge writes that merge re-quantized by transformers' own Fp8Quantize, with the
+    base's other tensors and config.json unchanged."""
+    from safetensors.torch import load_file
+
+    from fixturegen.quant_cases import requantized_state
+
+    failures = []
+    for case in QUANT_CASES:
+        d = FIX / "quant" / case
+        meta = json.loads((d / "case.json").read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            deq, kept, ref = Path(tmp) / "dequantized", Path(tmp) / "kept", Path(tmp) / "reference"
+            args = ["--base", d / "base", "--adapter", d / "adapter"]
+            report = merge_report(*args, "--out", deq, "--dequantize")
+            kept_report = merge_report(*args, "--out", kept)
+            pm, _ = load_peft_model(d, ["default"])
+            merge_and_unload(pm).save_pretrained(ref)
+            try:
+                assert_same_weights(deq, ref, f"{case} --dequantize", report)
+                assert (deq / "config.json").read_bytes() == (ref / "config.json").read_bytes(), f"{case}: config"
+                names = [t["tensor"] for t in kept_report["quantization"]["requantized"]]
+                assert names == meta["requantized"], f"{case}: requantized {names}"
+                loose = set(kept_report["numerics"]["unverified_tensors"])
+                theirs = requantized_state(d / "base", ref, meta["quantization"]["scale_fmt"], names)
+                ours = load_file(kept / "model.safetensors")
+                assert sorted(ours) == sorted(theirs), f"{case}: tensor names"
+                differ = [k for k in theirs if k.removesuffix("_scale_inv") not in loose
+                          and not torch.equal(ours[k].view(torch.uint8), theirs[k].view(torch.uint8))]
+                assert not differ, f"{case}: kept FP8 merge differs from Fp8Quantize of peft's merge: {differ}"
+                assert (kept / "config.json").read_bytes() == (d / "base" / "config.json").read_bytes()
+            except AssertionError as e:
+                failures.append(str(e))
+    assert not failures, "\n".join(failures)
+
+
 @check
 def merge_refuses_mismatched_adapter_and_writes_nothing():
     with tempfile.TemporaryDirectory() as tmp:

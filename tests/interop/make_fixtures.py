@@ -16,7 +16,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from fixturegen import checkpoint_cases, convert_cases, hub_cases, numerics_cases, peft_cases, remap_cases, reshard_cases  # noqa: E402
+from fixturegen import (  # noqa: E402
+    checkpoint_cases,
+    convert_cases,
+    hub_cases,
+    numerics_cases,
+    peft_cases,
+    quant_cases,
+    remap_cases,
+    reshard_cases,
+)
 
 GENERATORS = {
     "checkpoint": checkpoint_cases.generate,  # checkpoint/, configs/, json/
@@ -26,6 +35,7 @@ GENERATORS = {
     "convert": convert_cases.generate,  # convert/
     "reshard": reshard_cases.generate,  # reshard/ (reads peft/mixtral_experts/merged: after peft)
     "hub": hub_cases.generate,  # hub/: .bin weights, their safetensors re-saves, a Hub cache
+    "quant": quant_cases.generate,  # quant/ (FP8 bases and merges into them)
 }
 
 

@@ -69,6 +69,10 @@ pub struct MergeJob {
     /// Sync the output to disk before it is swapped in (see
     /// [`peftkit_checkpoint::SaveOptions::durable`]).
     pub durable: bool,
+    /// For a quantized (FP8) base: write every quantized weight in the model dtype and drop
+    /// `quantization_config`, as transformers' `save_pretrained` of the model it loads on CPU
+    /// does. Off: merged weights are re-quantized into the base's format.
+    pub dequantize: bool,
     /// peft's arithmetic, or one correct rounding identical on every machine
     /// ([`Numerics::Exact`]; DoRA, LoHa, LoKr and IA3 unmerges are refused there).
     pub numerics: Numerics,
@@ -93,6 +97,7 @@ impl MergeJob {
             safe_merge: false,
             unmerge: false,
             durable: true,
+            dequantize: false,
             numerics: Numerics::default(),
             progress: Progress::default(),
         }
@@ -119,6 +124,13 @@ impl MergeJob {
     /// Whether the output is synced to disk before it is swapped in.
     pub fn durable(mut self, on: bool) -> Self {
         self.durable = on;
+        self
+    }
+
+    /// Writes a quantized base's weights dequantized (see
+    /// [`MergeJob::dequantize`](#structfield.dequantize)).
+    pub fn dequantize(mut self, on: bool) -> Self {
+        self.dequantize = on;
         self
     }
 

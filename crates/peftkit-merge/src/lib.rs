@@ -16,6 +16,9 @@
 //! * the streaming merge: [`merge`] of a [`MergeJob`] plans every adapter against the base's
 //!   headers, refuses what it cannot merge ([`MergeError`], [`UnsupportedMerge`]) before
 //!   writing anything, then merges each touched tensor lazily as the output is written.
+//!   FP8 block-scaled bases (transformers' fine-grained FP8) are merged through their
+//!   dequantized weights and re-quantized, or written dequantized ([`MergeJob::dequantize`]);
+//!   bases in any other quantization are refused ([`MergeError::QuantizedBase`]).
 //!
 //! ```no_run
 //! use peftkit_merge::{merge, AdapterInput, MergeJob, Numerics};
@@ -39,6 +42,7 @@ mod error;
 mod job;
 mod kernels;
 mod plan;
+mod quant;
 mod report;
 mod stream;
 
@@ -46,5 +50,5 @@ pub use error::{MergeError, UnsupportedMerge};
 pub use job::{AdapterInput, MergeJob};
 pub use kernels::*;
 pub use peftkit_checkpoint::Progress;
-pub use report::{MergeSummary, NumericsReport};
+pub use report::{MergeSummary, NumericsReport, QuantizationReport, RequantizedTensor};
 pub use stream::merge;

@@ -26,8 +26,35 @@ pub struct MergeSummary {
     pub untied_embeddings: bool,
     /// How the merged floats were computed.
     pub numerics: NumericsReport,
+    /// What the merge did with a quantized base (`None` for an unquantized one).
+    pub quantization: Option<QuantizationReport>,
     /// Wall time.
     pub seconds: f64,
+}
+
+/// What a merge into a quantized base wrote.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct QuantizationReport {
+    /// The base's `quant_method` (`"fp8"`).
+    pub method: String,
+    /// `"kept"`: merged weights re-quantized into the base's format, `quantization_config`
+    /// kept; `"dequantized"`: every quantized weight written in [`Self::dtype`],
+    /// `quantization_config` dropped.
+    pub output: String,
+    /// The model dtype weights are dequantized to for the merge (`"bfloat16"`, …).
+    pub dtype: String,
+    /// Every re-quantized weight, with its error against the merge in [`Self::dtype`].
+    pub requantized: Vec<RequantizedTensor>,
+}
+
+/// One re-quantized weight.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RequantizedTensor {
+    /// The weight.
+    pub tensor: String,
+    /// `max |dequantize(requantize(w)) - w|` over its elements, `w` being the merged weight in
+    /// the model dtype (`null` in JSON if an element is NaN).
+    pub max_abs_error: f64,
 }
 
 /// The reduction order a merge used, and which tensors it could not promise bit for bit.

@@ -28,7 +28,8 @@ use crate::error::MergeError;
 use crate::job::MergeJob;
 use crate::kernels::{reduction_order, MergeOptions as KernelOptions, Numerics};
 use crate::plan::{plan, MergePlan};
-use crate::report::{MergeSummary, NumericsReport};
+use crate::quant::{BaseQuant, Fp8Base, Treatment};
+use crate::report::{MergeSummary, NumericsReport, QuantizationReport, RequantizedTensor};
 
 /// Merges `job.adapters` into `job.base` and writes the result to `job.out`, telling
 /// `job.progress` of every write.
@@ -82,6 +83,7 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
         .iter()
         .map(|a| Adapter::open(&a.dir).map(|ad| (ad, a.weight)))
         .collect::<Result<Vec<_>, _>>()?;
+    let quant = BaseQuant::read(&base_dir, config.as_ref(), job.dequantize)?;
     let order = reduction_order()?;
     let plan = plan(&base, config.as_ref(), &adapters)?;
     if job.numerics == Numerics::Exact {
@@ -113,14 +115,30 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
         files: vec![],
         untied_embeddings: false,
         numerics: NumericsReport::of(&plan, order, job.numerics),
+        quantization: None,
         seconds: 0.0,
     };
-    let state = merged_state(&base, &plan, job, &mut summary)?;
+    let fp8 = match &quant {
+        BaseQuant::Fp8 { format, dequantize } => {
+            Some(Fp8Base::new(&base, &base_dir, format.clone(), *dequantize))
+        }
+        BaseQuant::Plain => None,
+    };
+    let state = merged_state(&base, &plan, fp8.as_ref(), job, &mut summary)?;
+    let mut rewrite_config = false;
     if plan.untie {
         if let Some(c) = config.as_mut() {
             c.fields
                 .insert("tie_word_embeddings".into(), serde_json::Value::Bool(false));
             summary.untied_embeddings = true;
+            rewrite_config = true;
+        }
+    }
+    if quant.drops_config() {
+        if let Some(c) = config.as_mut() {
+            // transformers removes it from a model it dequantized on load.
+            c.fields.shift_remove("quantization_config");
+            rewrite_config = true;
         }
     }
     let mut options = SaveOptions {
@@ -134,8 +152,9 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
         ..Default::default()
     };
     // transformers rewrites config.json on save; it is copied unless it changes: untied
-    // embeddings, or a `.bin` base (usually a transformers v4 config).
-    let rewrite_config = summary.untied_embeddings || base.is_pickle();
+    // embeddings, a dropped quantization_config, or a `.bin` base (usually a transformers v4
+    // config).
+    let rewrite_config = rewrite_config || base.is_pickle();
     if base.is_pickle() {
         if let Some(c) = config.as_mut() {
             c.fields.insert(
@@ -154,15 +173,33 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
         options.config = config;
     }
     save(job, &base, &plan, state, resave, options, &mut summary)?;
+    if let (Some(fp8), BaseQuant::Fp8 { format, dequantize }) = (&fp8, &quant) {
+        summary.quantization = Some(QuantizationReport {
+            method: "fp8".into(),
+            output: if *dequantize { "dequantized" } else { "kept" }.into(),
+            dtype: peftkit_checkpoint::torch_dtype_name(format.dtype)
+                .unwrap_or_default()
+                .into(),
+            requantized: fp8
+                .errors()
+                .into_iter()
+                .map(|(tensor, max_abs_error)| RequantizedTensor {
+                    tensor,
+                    max_abs_error,
+                })
+                .collect(),
+        });
+    }
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
 }
 
-/// The output state dict: base tensors as they are, or lazily merged by their steps, and the
-/// added tensors. Counts each kind in `summary`.
+/// The output state dict: base tensors as they are, or lazily merged by their steps (through
+/// `fp8` for an FP8 base), and the added tensors. Counts each kind in `summary`.
 fn merged_state(
     base: &Checkpoint,
     plan: &MergePlan,
+    fp8: Option<&Fp8Base<'_>>,
     job: &MergeJob,
     summary: &mut MergeSummary,
 ) -> Result<StateDict, MergeError> {
@@ -174,16 +211,28 @@ fn merged_state(
     };
     let mut state = StateDict::new();
     for (name, tensor) in base.tensors() {
+        let treatment = match fp8 {
+            Some(fp8) => fp8.treat(name, tensor, &plan.steps, &opts)?,
+            None => Treatment::Plain,
+        };
+        match treatment {
+            Treatment::Dropped => continue,
+            Treatment::Computed { tensor, changed } => {
+                match plan.steps.get(name) {
+                    None if changed => summary.tensors_merged += 1, // a re-quantized scale
+                    steps => count(summary, steps),
+                }
+                state.insert(name.to_owned(), tensor);
+                continue;
+            }
+            Treatment::Plain => {}
+        }
         let Some(steps) = plan.steps.get(name) else {
             summary.tensors_copied += 1;
             state.insert(name.to_owned(), tensor.clone());
             continue;
         };
-        if steps.iter().all(|s| matches!(s.edit, Edit::Replace { .. })) {
-            summary.tensors_replaced += 1;
-        } else {
-            summary.tensors_merged += 1;
-        }
+        count(summary, Some(steps));
         let (base_t, steps, key) = (tensor.clone(), steps.clone(), name.to_owned());
         let lazy = Tensor::lazy(tensor.dtype(), tensor.shape().to_vec(), move || {
             let mut data = base_t.bytes()?.into_owned();
@@ -198,6 +247,17 @@ fn merged_state(
         state.insert(name.clone(), tensor.clone());
     }
     Ok(state)
+}
+
+/// Counts a base tensor in `summary`: merged, replaced whole, or (no `steps`) copied.
+fn count(summary: &mut MergeSummary, steps: Option<&Vec<crate::edit::Step>>) {
+    match steps {
+        None => summary.tensors_copied += 1,
+        Some(s) if s.iter().all(|s| matches!(s.edit, Edit::Replace { .. })) => {
+            summary.tensors_replaced += 1
+        }
+        Some(_) => summary.tensors_merged += 1,
+    }
 }
 
 /// Writes `state` to `job.out`: in the base's layout, or resharded on the layout transformers
@@ -234,12 +294,38 @@ fn save(
                 },
             )?
         }
-        None => with_added(SavePlan::from_checkpoint(base), &plan.added, &state),
+        None => with_added(
+            of_state(SavePlan::from_checkpoint(base), &state),
+            &plan.added,
+            &state,
+        ),
     };
     let report = save_planned(&job.out, &state, &save_plan, &options)?;
     summary.bytes = written.load(Ordering::Relaxed);
     summary.files = report.weight_files;
     Ok(())
+}
+
+/// The base's layout for `state`: tensors it does not hold (the scales of a dequantized FP8
+/// base) dropped, and the index totals recomputed when they change (dequantized weights are
+/// larger), as transformers computes them from the state it saves.
+fn of_state(mut plan: SavePlan, state: &StateDict) -> SavePlan {
+    for (_, names) in &mut plan.shards {
+        names.retain(|n| state.contains_key(n));
+    }
+    let planned = || plan.shards.iter().flat_map(|(_, n)| n).map(|n| &state[n]);
+    let size: u64 = planned().map(|t| t.byte_len() as u64).sum();
+    let params: u64 = planned().map(|t| t.numel() as u64).sum();
+    if size == plan.total_size {
+        return plan;
+    }
+    plan.total_size = size;
+    if let Some((_, index)) = plan.index.as_mut() {
+        index.weight_map.retain(|n, _| state.contains_key(n));
+        index.total_size = index.total_size.map(|_| size);
+        index.total_parameters = index.total_parameters.map(|_| params);
+    }
+    plan
 }
 
 /// Puts added tensors (an untied `lm_head`) into the file of their tie source and the index.
