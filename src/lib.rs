@@ -34,13 +34,13 @@ pub use peftkit_peft as peft;
 pub use peftkit_remap as remap;
 
 pub use peftkit_checkpoint::{
-    resolve_model_path, Checkpoint, CheckpointError, Dtype, HubCache, ModelConfig, RepoSpec,
-    SaveOptions, StateDict, Tensor, WeightsKind,
+    resolve_model_path, save_pretrained_distributed, Barrier, Checkpoint, CheckpointError, Dtype,
+    HubCache, ModelConfig, Rank, RepoSpec, SaveOptions, StateDict, Tensor, WeightsKind,
 };
 pub use peftkit_merge::{AdapterInput, MergeJob};
 pub use peftkit_remap::{
-    convert, diff_checkpoints, DiffOptions, Mapping, Registry, RemapError, RemapOptions,
-    ReshardOptions, Revert,
+    convert, diff_checkpoints, gather, split, DiffOptions, GatherOptions, Mapping, Registry,
+    RemapError, RemapOptions, ReshardOptions, Revert, SplitOptions, TpPlans,
 };
 
 /// The examples of docs/library.md, compiled and run as doc tests so the guide cannot rot.

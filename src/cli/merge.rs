@@ -40,9 +40,10 @@ pub(crate) struct Args {
     /// from the exact result, the same bytes on every machine (LoRA and IA3 only).
     #[arg(long, default_value = "peft", value_name = "peft|exact")]
     numerics: merge::Numerics,
-    /// A bitsandbytes 4-bit base: write every weight dequantized to its dtype and drop
-    /// quantization_config (transformers' dequantize() before peft's merge), instead of
-    /// re-quantizing the merged weights.
+    /// For a quantized base (FP8, bitsandbytes 4-bit): write every quantized weight
+    /// unquantized and drop quantization_config, as transformers saves the model it
+    /// dequantizes (FP8 in the model dtype, 4-bit weights in their own). Without it, merged
+    /// weights are re-quantized into the base's format.
     #[arg(long, conflicts_with = "qlora_base")]
     dequantize: bool,
     /// A 16-bit base the adapter was trained on in 4 bits (QLoRA): merge into bitsandbytes'
@@ -124,34 +125,11 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
             report.seconds
         ));
         print_numerics(&report.numerics);
-        if let Some(b) = &report.bitsandbytes {
-            summary(bnb_line(b));
+        if let Some(q) = &report.quantization {
+            print_quantization(q);
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// What the merge did with a bitsandbytes base.
-fn bnb_line(b: &merge::BnbReport) -> String {
-    let dq = if b.double_quant {
-        " with double quantization"
-    } else {
-        ""
-    };
-    match b.mode {
-        "dequantized" => format!(
-            "bitsandbytes {}{dq} base: {} weights dequantized, quantization_config dropped",
-            b.quant_type, b.tensors_dequantized
-        ),
-        "qlora-base" => format!(
-            "QLoRA base: merged into the bitsandbytes {}{dq} round trip dequantize(quantize(W)) of {} weights",
-            b.quant_type, b.tensors_quantized
-        ),
-        _ => format!(
-            "bitsandbytes {}{dq} base: {} merged weights re-quantized, the others copied",
-            b.quant_type, b.tensors_quantized
-        ),
-    }
 }
 
 /// The base an adapter names in `base_model_name_or_path`, resolved like `--base`.
@@ -193,5 +171,43 @@ fn print_numerics(n: &merge::NumericsReport) {
             n.unverified_bound_ulp,
             n.unverified_tensors.join(", ")
         ));
+    }
+}
+
+/// Tells what the merge did to a quantized base, and each re-quantized weight's error where
+/// it is measured (FP8).
+fn print_quantization(q: &merge::QuantizationReport) {
+    let dq = if q.double_quant {
+        " with double quantization"
+    } else {
+        ""
+    };
+    let format = match q.method.as_str() {
+        "fp8" => "fp8".to_owned(),
+        method => format!("{method} {}{dq}", q.format),
+    };
+    let dtype = q.dtype.as_deref().unwrap_or("its dtype");
+    match q.output.as_str() {
+        "dequantized" => summary(format!(
+            "{format} base: {} weights dequantized to {dtype}; quantization_config dropped",
+            q.tensors_dequantized
+        )),
+        "qlora-base" => summary(format!(
+            "QLoRA base: merged into the {format} round trip dequantize(quantize(W)) of {} weights",
+            q.requantized.len()
+        )),
+        _ => summary(format!(
+            "{format} format kept: {} merged weight(s) re-quantized, the others copied{}",
+            q.requantized.len(),
+            match &q.dtype {
+                Some(dtype) => format!(" (max abs error vs the {dtype} merge):"),
+                None => String::new(),
+            }
+        )),
+    }
+    for t in &q.requantized {
+        if let Some(e) = t.max_abs_error {
+            summary(format!("  {}: {e:.3e}", t.tensor));
+        }
     }
 }

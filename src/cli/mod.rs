@@ -16,11 +16,13 @@ mod convert;
 mod diff;
 mod docs;
 mod extract;
+mod gather;
 mod human;
 mod inspect;
 mod merge;
 mod remap;
 mod reshard;
+mod split;
 mod verify;
 
 /// `0.1.0 (commit abcdef123456)` when built from a git checkout, `0.1.0` otherwise (build.rs).
@@ -112,6 +114,11 @@ enum Command {
     Completions(docs::CompletionsArgs),
     /// Print the man page (roff), or write one page per verb into a folder.
     Man(docs::ManArgs),
+    /// Cut a checkpoint into one folder per tensor-parallel rank (rank0 .. rankN-1), each
+    /// holding that rank's slices by transformers' tp plan for the model type.
+    Split(split::Args),
+    /// Rebuild the full checkpoint from the rank folders of `peftkit split`, byte for byte.
+    Gather(gather::Args),
 }
 
 /// Runs one verb; the exit code is 0, or 1 for a check that found problems or a diff that
@@ -129,6 +136,8 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
         Command::Completions(args) => docs::completions(args),
         Command::Man(args) => docs::man(args),
         Command::Convert(args) => convert::run(args),
+        Command::Split(args) => split::run(args),
+        Command::Gather(args) => gather::run(args),
     }
 }
 

@@ -54,6 +54,9 @@ pub(crate) struct Args {
     /// Print a JSON report instead of the summary line.
     #[arg(long)]
     json: bool,
+    /// Do not sync the output to disk before swapping it in (see `merge --no-fsync`).
+    #[arg(long)]
+    no_fsync: bool,
 }
 
 pub(crate) fn run(mut args: Args) -> Result<ExitCode> {
@@ -75,6 +78,7 @@ pub(crate) fn run(mut args: Args) -> Result<ExitCode> {
         restore_load_only,
         tables,
         json,
+        no_fsync,
         ..
     } = args;
     let (save, bar) = resave_options(
@@ -82,7 +86,7 @@ pub(crate) fn run(mut args: Args) -> Result<ExitCode> {
         input_variant.as_deref(),
         &max_shard_size,
         variant,
-        true,
+        !no_fsync,
     )?;
     let options = RemapOptions {
         save,

@@ -643,12 +643,12 @@ fn bitsandbytes_misuse_is_refused_without_output() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("merged");
     let runs: [(&str, &[&str], &str); 3] = [
-        ("base4", &["--qlora-base", "nf4"], "already 4-bit"),
         (
-            "base16",
-            &["--dequantize"],
-            "--dequantize needs a bitsandbytes 4-bit base",
+            "base4",
+            &["--qlora-base", "nf4"],
+            "already quantized (bitsandbytes)",
         ),
+        ("base16", &["--dequantize"], "is not quantized"),
         ("base16", &["--qlora-base", "int4"], "expected nf4 or fp4"),
     ];
     for (base, flags, says) in runs {
@@ -667,4 +667,39 @@ fn bitsandbytes_misuse_is_refused_without_output() {
         assert!(err.contains(says), "{flags:?}: {err}");
         assert!(!out.exists(), "{flags:?} wrote {}", out.display());
     }
+}
+
+#[test]
+fn split_and_gather_refuse_bad_input_and_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = crate::fixture("checkpoint/llama_untied_3KB/expected");
+    let plan = tmp.path().join("plan.json");
+    std::fs::write(&plan, r#"{"model.layers.*.mlp.up_proj": "sideways"}"#).unwrap();
+    let out = tmp.path().join("ranks");
+    let err = crate::peftkit()
+        .arg("split")
+        .arg(&src)
+        .args(["--world-size", "2", "--tp-plan"])
+        .arg(&plan)
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .code(2);
+    let text = String::from_utf8_lossy(&err.get_output().stderr).into_owned();
+    assert!(
+        text.contains("sideways") && text.contains("plan.json"),
+        "{text}"
+    );
+    assert!(!out.exists());
+    // Gather of a folder that is no rank folder.
+    let err = crate::peftkit()
+        .arg("gather")
+        .arg(&src)
+        .arg("--out")
+        .arg(&out)
+        .assert()
+        .code(2);
+    let text = String::from_utf8_lossy(&err.get_output().stderr).into_owned();
+    assert!(text.contains("tensor_parallel.json"), "{text}");
+    assert!(!out.exists());
 }

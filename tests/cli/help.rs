@@ -14,6 +14,8 @@ const VERBS: &[&str] = &[
     "extract",
     "remap",
     "convert",
+    "split",
+    "gather",
     "completions",
     "man",
 ];

@@ -141,13 +141,18 @@ fn merge_ty() -> Ty {
             ]),
         ),
         (
-            "bitsandbytes",
+            "quantization",
             or_null(Obj(vec![
-                ("mode", Str),
-                ("quant_type", Str),
+                ("method", Str),
+                ("output", Str),
+                ("format", Str),
                 ("double_quant", Bool),
-                ("tensors_quantized", UInt),
+                ("dtype", or_null(Str)),
                 ("tensors_dequantized", UInt),
+                (
+                    "requantized",
+                    list(Obj(vec![("tensor", Str), ("max_abs_error", or_null(Num))])),
+                ),
             ])),
         ),
         ("seconds", Num),
@@ -620,6 +625,29 @@ fn merge_json_files_are_the_shards_written() {
     assert_eq!(v["files"], serde_json::json!(shards));
     let index = read_json(&out.join("model.safetensors.index.json"));
     assert_eq!(v["bytes"], index["metadata"]["total_size"]);
+}
+
+#[test]
+fn merge_json_of_an_fp8_base() {
+    let case = crate::fixture("quant/fp8_llama");
+    for extra in [&[][..], &["--dequantize"][..]] {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = crate::peftkit()
+            .arg("merge")
+            .arg("--base")
+            .arg(case.join("base"))
+            .arg("--adapter")
+            .arg(case.join("adapter"))
+            .arg("--out")
+            .arg(tmp.path().join("out"))
+            .args(["--json", "--no-fsync"])
+            .args(extra)
+            .assert()
+            .success();
+        let v = stdout_json(&run);
+        check(&v, &merge_ty(), "fp8 merge");
+        assert!(v["quantization"].is_object(), "{v}");
+    }
 }
 
 /// The `save` object of every writing verb's `--json`.

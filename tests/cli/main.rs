@@ -7,20 +7,23 @@
 //! and never obtained from peftkit's own libraries.
 //!
 //! * `verbs`: success (exit 0) and byte-identical outputs for inspect, verify, reshard, merge,
-//!   extract and remap;
+//!   extract, remap, and split followed by gather;
 //! * `failures`: exit codes and messages of usage errors, bad inputs and corrupted checkpoints,
 //!   and that a failed command writes nothing;
 //! * `json`: the `--json` outputs of `inspect`, `merge` and `diff`: exact keys and JSON types (those of
 //!   the examples in docs/cli.md too), values cross-checked against the fixtures;
 //! * `diff`: `peftkit diff` against differences recomputed from the files' raw bytes;
 //! * `ui`: completions, man pages, `-q`, `--max-shard-size` forms;
-//! * `help`: `--help`, `--version` and the flags docs/cli.md lists.
+//! * `help`: `--help`, `--version` and the flags docs/cli.md lists;
+//! * `quant`: FP8 merges against the quant fixtures, packed (GPTQ) checkpoints passed through
+//!   by reshard and inspect and refused by merge.
 
 mod diff;
 mod failures;
 mod help;
 mod hub;
 mod json;
+mod quant;
 mod ui;
 mod verbs;
 

@@ -32,7 +32,14 @@ HOST_DEPENDENT = [
     ("convert/*/merged/*.safetensors", 4, "products narrower than MKL's main kernels"),
     # bitsandbytes' CPU dequantizer writes FP4's zero as +0 with AVX-512 and -0 without (equal as floats).
     ("bnb/*/merged_dequantized/*.safetensors", 4, "FP4 zero sign (bitsandbytes' AVX-512 kernel)"),
+    ("quant/*/merged_dequantized/*.safetensors", 4, "LoRA products into FP8 bases (MKL)"),
+    # Re-quantized from the line above: a bf16 ulp of a block's largest value moves its scale by
+    # as much (scales are measured in bf16 ulps, see SCALES_IN_BF16_ULPS) and an e4m3 element by
+    # at most one e4m3 step.
+    ("quant/*/merged_fp8/*.safetensors", 4, "re-quantized LoRA products into FP8 bases (MKL)"),
 ]
+# FP8 scales derive from a bf16 block maximum: their bound is in bf16 ulps of the largest scale.
+SCALES_IN_BF16_ULPS = "_scale_inv"
 NOT_GENERATED = {"README.md", "HOST.json"}  # top level: written by hand / describes the host
 
 
@@ -40,10 +47,12 @@ def bound_for(rel: str):
     return next((b for pat, b, _ in HOST_DEPENDENT if fnmatch.fnmatch(rel, pat)), None)
 
 
-def ulp_of_max(t):
+def ulp_of_max(t, mantissa=None):
     import torch
 
-    mantissa = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7, torch.float64: 52}[t.dtype]
+    if mantissa is None:
+        mantissa = {torch.float32: 23, torch.float16: 10, torch.bfloat16: 7, torch.float64: 52,
+                    torch.float8_e4m3fn: 3, torch.float8_e8m0fnu: 0}[t.dtype]
     m = t.double().abs().max().item()
     return 2.0 ** (math.frexp(m)[1] - 1 - mantissa) if m > 0 else 0.0
 
@@ -72,7 +81,7 @@ def compare_within(ours: Path, theirs: Path, bound: int):
             problems.append(f"{k}: integer tensor differs")
             continue
         d = (a[k].double() - b[k].double()).abs().max().item()
-        allowed = bound * ulp_of_max(b[k])
+        allowed = bound * ulp_of_max(b[k], 7 if k.endswith(SCALES_IN_BF16_ULPS) else None)
         if not d <= allowed:
             problems.append(f"{k}: differs by {d:.3g}, more than {bound} ulp of its largest value ({allowed:.3g})")
     return problems

@@ -161,6 +161,48 @@ def merged_checkpoints_equal_peft_merge_computed_here():
     assert not failures, "\n".join(failures)
 
 
+QUANT_CASES = ["fp8_llama", "fp8_llama_ue8m0", "fp8_qwen3_moe"]
+
+
+@check
+def fp8_merges_equal_transformers_and_peft_computed_here():
+    """On the FP8 fixtures: `merge --dequantize` writes what transformers (the FP8 checkpoint loaded
+    on CPU, dequantized) + peft's merge_and_unload() + save_pretrained() write now, on this host;
+    the default merge writes that merge re-quantized by transformers' own Fp8Quantize, with the
+    base's other tensors and config.json unchanged."""
+    from safetensors.torch import load_file
+
+    from fixturegen.quant_cases import requantized_state
+
+    failures = []
+    for case in QUANT_CASES:
+        d = FIX / "quant" / case
+        meta = json.loads((d / "case.json").read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            deq, kept, ref = Path(tmp) / "dequantized", Path(tmp) / "kept", Path(tmp) / "reference"
+            args = ["--base", d / "base", "--adapter", d / "adapter"]
+            report = merge_report(*args, "--out", deq, "--dequantize")
+            kept_report = merge_report(*args, "--out", kept)
+            pm, _ = load_peft_model(d, ["default"])
+            merge_and_unload(pm).save_pretrained(ref)
+            try:
+                assert_same_weights(deq, ref, f"{case} --dequantize", report)
+                assert (deq / "config.json").read_bytes() == (ref / "config.json").read_bytes(), f"{case}: config"
+                names = [t["tensor"] for t in kept_report["quantization"]["requantized"]]
+                assert names == meta["requantized"], f"{case}: requantized {names}"
+                loose = set(kept_report["numerics"]["unverified_tensors"])
+                theirs = requantized_state(d / "base", ref, meta["quantization"]["scale_fmt"], names)
+                ours = load_file(kept / "model.safetensors")
+                assert sorted(ours) == sorted(theirs), f"{case}: tensor names"
+                differ = [k for k in theirs if k.removesuffix("_scale_inv") not in loose
+                          and not torch.equal(ours[k].view(torch.uint8), theirs[k].view(torch.uint8))]
+                assert not differ, f"{case}: kept FP8 merge differs from Fp8Quantize of peft's merge: {differ}"
+                assert (kept / "config.json").read_bytes() == (d / "base" / "config.json").read_bytes()
+            except AssertionError as e:
+                failures.append(str(e))
+    assert not failures, "\n".join(failures)
+
+
 @check
 def merge_refuses_mismatched_adapter_and_writes_nothing():
     with tempfile.TemporaryDirectory() as tmp:
@@ -367,6 +409,137 @@ def bitsandbytes_merges_equal_the_libraries_computed_here():
                 for f in sorted(p.name for p in (d / ref).iterdir()):
                     same = (out / f).read_bytes() == (d / ref / f).read_bytes()
                     assert same, f"{name}, {ref}: {f} differs from the libraries' file"
+
+
+def tp_placements(model):
+    """Each parameter's tensor-parallel placement, as transformers' styles give it: every rule of the expanded
+    `model.tp_plan` applied with its style's own `shard_param`, `distribute_tensor` recorded instead of run (no process
+    group is needed to know where a rank's slice lies)."""
+    import transformers.distributed.tensor_parallel as tp
+    from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES
+
+    params, modules = dict(model.named_parameters()), dict(model.named_modules())
+    placements, seen = {}, []
+    original = tp.distribute_tensor
+    tp.distribute_tensor = lambda meta, mesh, placement, src_data_rank=None: (seen.append(tuple(placement)), meta)[1]
+    try:
+        for name, style in model._expand_parallel_plan(model.tp_plan).items():
+            if name in params:
+                module, _, param = name.rpartition(".")
+                seen.clear()
+                ALL_PARALLEL_STYLES[style].shard_param(modules[module], param, None)
+                if seen:
+                    placements[name] = seen[0]
+    finally:
+        tp.distribute_tensor = original
+    return placements
+
+
+class OneDimMesh:
+    """What transformers' `DtensorShardOperation` asks of a 1-D tensor-parallel mesh: this rank and the size."""
+
+    ndim = 1
+
+    def __init__(self, rank, size):
+        self.rank, self._size = rank, size
+
+    def get_local_rank(self):
+        return self.rank
+
+    def size(self):
+        return self._size
+
+
+def transformers_rank_slice(source, placements, param_shape, rank, world_size, tensor_idx=None):
+    """The slice of checkpoint tensor `source` that transformers' tensor-parallel loading reads for `rank`
+    (`DtensorShardOperation.shard_tensor`, the shard-on-read of `from_pretrained(distributed_config=...)`)."""
+    from transformers.distributed.sharding_utils import DtensorShardOperation
+
+    assert not any(getattr(p, "dim", None) == 0 for p in placements) or len(param_shape) == 2 or tensor_idx is None
+    op = DtensorShardOperation.__new__(DtensorShardOperation)
+    op.device_mesh, op.placements, op.param_ndim = OneDimMesh(rank, world_size), placements, len(param_shape)
+    # No plan of these models shards the expert axis: every rank owns every expert.
+    op._axis0_offset, op._axis0_local_size, op._axis0_size = 0, param_shape[0], param_shape[0]
+    return op.shard_tensor(source, tensor_idx=tensor_idx)
+
+
+def rank_slices(tensor, placements, param_shape, rank, world_size, tensor_idx, whole_param):
+    """What `rank` should hold of checkpoint tensor `tensor`: transformers' tensor-parallel loading, and for a tensor
+    that is the whole parameter also torch's own placement (`Placement._split_tensor`, what `distribute_tensor` keeps on
+    the rank). transformers' loader fails on a packed weight of which a rank holds nothing (e.g. `gate_up_proj` with 2
+    intermediate rows over 4 ranks: `_slice_and_cat` indexes an empty interval list); torch's placement alone is the
+    reference there."""
+    wants = []
+    try:
+        wants.append(transformers_rank_slice(tensor, placements, param_shape, rank, world_size, tensor_idx))
+    except IndexError:
+        assert whole_param, "transformers' loader failed on a per-expert piece"
+    if whole_param:
+        [placement] = placements
+        wants.append(placement._split_tensor(tensor, world_size, with_padding=False)[0][rank])
+    return wants
+
+
+def per_expert_params(model_type):
+    """(regex, v5 target) of every per-expert source pattern of transformers' conversion mapping for `model_type`."""
+    import re
+
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    out = []
+    for conv in get_checkpoint_conversion_mapping(model_type) or []:
+        sources = conv.source_patterns if isinstance(conv.source_patterns, list) else [conv.source_patterns]
+        targets = conv.target_patterns if isinstance(conv.target_patterns, list) else [conv.target_patterns]
+        for pattern in sources:
+            if "*" in pattern and len(targets) == 1:
+                out.append((re.compile(re.escape(pattern).replace(r"\*", r"(\d+)") + "$"), targets[0]))
+    return out
+
+
+def all_tensors(d):
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@check
+def split_ranks_hold_the_slices_transformers_tp_loading_reads():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sources = [FIX / "checkpoint" / "llama_untied_3KB" / "expected", FIX / "reshard" / "qwen2_moe" / "source_v5",
+               FIX / "reshard" / "qwen2_moe" / "source_original"]
+    for src in sources:
+        config = AutoConfig.from_pretrained(src)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        placements = tp_placements(model)
+        experts = per_expert_params(config.model_type)
+        full = all_tensors(src)
+        sharded = 0
+        for n in (2, 3, 4):
+            with tempfile.TemporaryDirectory() as tmp:
+                peftkit("split", src, "--world-size", n, "--out", Path(tmp) / "ranks")
+                for rank in range(n):
+                    ours = all_tensors(Path(tmp) / "ranks" / f"rank{rank}")
+                    assert ours.keys() == full.keys(), f"{src} rank {rank}: names differ"
+                    for name, tensor in full.items():
+                        param, idx = name, None
+                        for regex, target in experts if name not in shapes else []:
+                            if m := regex.search(name):
+                                param, idx = name[: m.start()] + target, int(m.group(1))
+                        got = ours[name]
+                        if param not in placements:
+                            assert torch.equal(got, tensor), f"{src} rank {rank}: replicated {name} differs"
+                            continue
+                        sharded += 1
+                        for want in rank_slices(tensor, placements[param], shapes[param], rank, n, idx, name == param):
+                            assert got.shape == want.shape and torch.equal(got, want), (
+                                f"{src} rank {rank}/{n}: {name} {tuple(got.shape)} vs {tuple(want.shape)}")
+        assert sharded > 0, f"{src}: nothing sharded"
 
 
 def main():

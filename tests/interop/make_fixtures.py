@@ -16,7 +16,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from fixturegen import bnb_cases, checkpoint_cases, convert_cases, hub_cases, numerics_cases, peft_cases, remap_cases, reshard_cases  # noqa: E402
+from fixturegen import (  # noqa: E402
+    bnb_cases,
+    checkpoint_cases,
+    convert_cases,
+    hub_cases,
+    numerics_cases,
+    peft_cases,
+    quant_cases,
+    remap_cases,
+    reshard_cases,
+)
 
 GENERATORS = {
     "checkpoint": checkpoint_cases.generate,  # checkpoint/, configs/, json/
@@ -27,6 +37,7 @@ GENERATORS = {
     "reshard": reshard_cases.generate,  # reshard/ (reads peft/mixtral_experts/merged: after peft)
     "bnb": bnb_cases.generate,  # bnb/ (bitsandbytes 4-bit bases and merges)
     "hub": hub_cases.generate,  # hub/: .bin weights, their safetensors re-saves, a Hub cache
+    "quant": quant_cases.generate,  # quant/ (FP8 bases and merges into them)
 }
 
 

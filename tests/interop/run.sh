@@ -3,7 +3,8 @@
 #
 #   tests/interop/run.sh           fixture drift check, then build peftkit and let transformers and
 #                                  peft load what it writes, against references computed here
-#   tests/interop/run.sh --regen   regenerate tests/fixtures with the real libraries first
+#   tests/interop/run.sh --regen   regenerate tests/fixtures (and adapters-spec/tp_plans.json) with the
+#                                  real libraries first
 #
 # The venv lives outside the repository (PEFTKIT_VENV, default ~/.cache/peftkit/venv) and holds
 # exactly requirements.lock (every transitive package pinned; requirements.txt says what the
@@ -26,8 +27,11 @@ fi
 export PYTHONHASHSEED=0 CUDA_VISIBLE_DEVICES="" TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 if [ "${1:-}" = "--regen" ]; then
   "$venv/bin/python" "$here/make_fixtures.py"
+  "$venv/bin/python" "$here/tp_plans.py"
 else
   "$venv/bin/python" "$here/drift.py"
+  # adapters-spec/tp_plans.json is what the pinned transformers gives
+  "$venv/bin/python" "$here/tp_plans.py" --check
 fi
 
 cargo build --quiet --release --bin peftkit --manifest-path "$repo/Cargo.toml"

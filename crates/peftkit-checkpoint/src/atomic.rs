@@ -52,6 +52,43 @@ impl DirTransaction {
         })
     }
 
+    /// Starts a save into `target` assembled by several processes: the staging folder has the
+    /// fixed name [`DirTransaction::shared_staging`] gives, so every rank of a distributed save
+    /// finds it without being told. A stale one (a save that crashed) is removed first.
+    pub fn begin_shared(target: &Path) -> Result<Self> {
+        if target.exists() && !target.is_dir() {
+            return Err(CheckpointError::NotADirectory(target.to_owned()));
+        }
+        let staging = Self::shared_staging(target);
+        if let Some(parent) = staging.parent() {
+            fs::create_dir_all(parent).map_err(|e| CheckpointError::io(parent, e))?;
+        }
+        if staging.exists() {
+            fs::remove_dir_all(&staging).map_err(|e| CheckpointError::io(&staging, e))?;
+        }
+        fs::create_dir(&staging).map_err(|e| CheckpointError::io(&staging, e))?;
+        Ok(DirTransaction {
+            target: target.to_owned(),
+            staging,
+            done: false,
+            durable: true,
+        })
+    }
+
+    /// The staging folder of [`DirTransaction::begin_shared`] for `target`: beside it, named
+    /// after it.
+    pub fn shared_staging(target: &Path) -> PathBuf {
+        let parent = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "out".into());
+        parent.join(format!(".{name}.peftkit-staging-ranks"))
+    }
+
     /// Whether folders are synced to disk around the swap (default). Without it the swap is
     /// still atomic for readers, but a power loss may lose the new content.
     pub fn durable(mut self, durable: bool) -> Self {

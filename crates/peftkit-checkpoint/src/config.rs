@@ -97,6 +97,41 @@ impl ModelConfig {
         self.fields.get("model_type").and_then(Value::as_str)
     }
 
+    /// `quantization_config`, if the checkpoint is quantized (its `quant_method` says how:
+    /// `"fp8"`, `"gptq"`, `"awq"`, `"bitsandbytes"`, …).
+    ///
+    /// ```
+    /// use peftkit_checkpoint::ModelConfig;
+    /// let c = ModelConfig::from_json(r#"{"quantization_config":{"quant_method":"gptq","bits":4}}"#).unwrap();
+    /// assert_eq!(c.quant_method(), Some("gptq"));
+    /// assert_eq!(c.quantization_config().unwrap()["bits"], 4);
+    /// ```
+    pub fn quantization_config(&self) -> Option<&Map<String, Value>> {
+        self.fields
+            .get("quantization_config")
+            .and_then(Value::as_object)
+    }
+
+    /// `quantization_config.quant_method` (`"unknown"` for a config without one), or `None`
+    /// for an unquantized checkpoint.
+    pub fn quant_method(&self) -> Option<&str> {
+        let config = self.quantization_config()?;
+        Some(
+            config
+                .get("quant_method")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown"),
+        )
+    }
+
+    /// `dtype` (or the legacy `torch_dtype`), if present.
+    pub fn dtype(&self) -> Option<&str> {
+        self.fields
+            .get("dtype")
+            .or_else(|| self.fields.get("torch_dtype"))
+            .and_then(Value::as_str)
+    }
+
     /// Sets `dtype` (`"float32"`, `"bfloat16"`, …), as `save_pretrained` does. The legacy
     /// `torch_dtype` key is dropped: transformers ≥ 4.56 reads it but never writes it.
     pub fn set_dtype(&mut self, dtype: &str) {

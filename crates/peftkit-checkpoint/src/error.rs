@@ -18,6 +18,27 @@ pub enum CheckpointError {
         /// How.
         overlap: crate::overlap::Overlap,
     },
+    /// The caller's barrier of a distributed save failed (see [`crate::Barrier`]).
+    #[error("rank {rank}: the barrier `{step}` of the distributed save of {dir} failed: {source}")]
+    Barrier {
+        /// The rank that waited.
+        rank: usize,
+        /// The step it waited at (`staging`, `shards`, `commit`).
+        step: String,
+        /// The output folder.
+        dir: PathBuf,
+        /// What the barrier reported.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A distributed save asked of a rank outside its world.
+    #[error("rank {rank} of a world of {world_size}: a rank must be below the world size, which must be at least 1")]
+    BadRank {
+        /// The rank asked for.
+        rank: usize,
+        /// The world size.
+        world_size: usize,
+    },
     /// An operating-system error on a named path.
     #[error("{path}: {source}")]
     Io {

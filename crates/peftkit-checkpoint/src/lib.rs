@@ -6,6 +6,8 @@
 //! * [`Tensor`] and [`StateDict`]: handles on tensors whose bytes are read or computed only
 //!   when written, so no operation holds a model in memory.
 //! * [`save_pretrained`]: the files of transformers' `save_pretrained`, byte for byte.
+//! * [`save_pretrained_distributed`]: the same files written by the ranks of a distributed
+//!   job, each writing the shards it owns, behind the caller's [`Barrier`].
 //! * [`Checkpoint`]: a single-file or sharded checkpoint opened by its headers, validated.
 //! * [`verify`]: every inconsistency of a checkpoint on disk.
 //! * [`HubCache`], [`RepoSpec`], [`resolve_model_path`]: repo ids resolved from the local
@@ -18,8 +20,9 @@
 //!
 //! Every module is private; the items are re-exported here, flat, so a module can be split
 //! or renamed without breaking a caller. Inside, modules depend one way: `error`, `pyjson`,
-//! `natural`, `progress` <- `tensor`, `names`, `shard`, `atomic`, `companion`, `hub` <-
-//! `safetensors_file`, `pickle`, `index`, `config`, `cast` <- `checkpoint` <- `inspect`, `save`.
+//! `natural`, `progress` <- `tensor`, `names`, `shard`, `atomic`, `companion`, `hub`, `direct` <-
+//! `safetensors_file`, `pickle`, `index`, `config`, `cast` <- `checkpoint` <- `inspect`, `save`,
+//! `diff` <- `distributed`.
 
 #![deny(missing_docs)]
 
@@ -29,6 +32,8 @@ mod checkpoint;
 mod companion;
 mod config;
 mod diff;
+mod direct;
+mod distributed;
 mod error;
 mod hub;
 mod index;
@@ -53,6 +58,7 @@ pub use config::{
     GenerationConfig, ModelConfig, GENERATION_CONFIG_NAME, MODEL_CONFIG_NAME, TRANSFORMERS_VERSION,
 };
 pub use diff::{diff_state_dicts, DtypeDiff, ShapeDiff, StateDictDiff, ValueDiff};
+pub use distributed::{save_pretrained_distributed, Barrier, Rank};
 pub use error::{CheckpointError, Result};
 pub use hub::{resolve_model_path, HubCache, RepoSpec};
 pub use index::WeightIndex;

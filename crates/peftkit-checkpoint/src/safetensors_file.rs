@@ -386,6 +386,7 @@ pub fn write_file<'a>(
     let job = FileJob {
         path: path.to_owned(),
         tensors: tensors.into_iter().collect(),
+        direct: true,
     };
     let mut done = None;
     write_files(vec![job], metadata, on_bytes, &mut |_, size, file| {
@@ -402,12 +403,17 @@ pub fn write_file<'a>(
 pub(crate) struct FileJob<'a> {
     pub(crate) path: std::path::PathBuf,
     pub(crate) tensors: Vec<(&'a str, &'a Tensor)>,
+    /// Whether the caller syncs the file: its computed tensors are then written around the
+    /// page cache where the file system allows ([`crate::direct`]).
+    pub(crate) direct: bool,
 }
 
 /// A file being written: its open handle, final size, and tensors with their offsets.
 struct Prepared<'a> {
     path: std::path::PathBuf,
     file: File,
+    /// The `O_DIRECT` handle, for a synced file on a file system that has it.
+    direct: Option<File>,
     size: u64,
     /// `(name, tensor, offset)` in file order.
     items: Vec<(&'a str, &'a Tensor, u64)>,
@@ -469,7 +475,7 @@ pub(crate) fn write_files(
                 };
                 let p = &prepared[f];
                 let (name, t, offset) = p.items[i];
-                let msg = match write_tensor_at(&p.file, t, offset, &p.path) {
+                let msg = match write_tensor_at(p, t, offset) {
                     Ok(n) => Msg::Wrote(n),
                     Err(e) => {
                         failed.store(true, Ordering::Relaxed);
@@ -549,9 +555,20 @@ fn prepare_files<'a>(
             items.push((name, t, size));
             size += t.byte_len() as u64;
         }
+        // Direct writes must not extend the file (ext4 serialises those and updates the size
+        // synchronously): it gets its final length first.
+        let direct = match job.direct {
+            true => {
+                file.set_len(size)
+                    .map_err(|e| CheckpointError::io(&path, e))?;
+                crate::direct::open(&path)
+            }
+            false => None,
+        };
         prepared.push(Prepared {
             path,
             file,
+            direct,
             size,
             items,
         });
@@ -583,23 +600,30 @@ fn work_list(prepared: &[Prepared<'_>], workers: usize) -> Vec<(usize, usize)> {
     work
 }
 
-/// Writes one tensor's bytes at `offset` of `file`; returns how many.
-fn write_tensor_at(file: &File, t: &Tensor, offset: u64, path: &Path) -> Result<u64> {
+/// Writes one tensor's bytes at `offset` of `p`'s file; returns how many. Untouched file-backed
+/// bytes are copied in the kernel; computed ones are written directly when the file has a
+/// direct handle, else through the page cache.
+fn write_tensor_at(p: &Prepared<'_>, t: &Tensor, offset: u64) -> Result<u64> {
+    let (file, path) = (&p.file, &p.path);
     if let Some(n) = copy_in_kernel(file, t, offset, path)? {
         return Ok(n);
     }
     t.for_each_chunk(&mut |at, chunk| {
-        write_all_at(file, chunk, offset + at).map_err(|e| CheckpointError::io(path, e))
+        match &p.direct {
+            Some(direct) => crate::direct::write_all_at(file, direct, chunk, offset + at),
+            None => write_all_at(file, chunk, offset + at),
+        }
+        .map_err(|e| CheckpointError::io(path, e))
     })
 }
 
 #[cfg(unix)]
-fn write_all_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
+pub(crate) fn write_all_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
     std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
 }
 
 #[cfg(windows)]
-fn write_all_at(file: &File, mut buf: &[u8], mut offset: u64) -> std::io::Result<()> {
+pub(crate) fn write_all_at(file: &File, mut buf: &[u8], mut offset: u64) -> std::io::Result<()> {
     use std::os::windows::fs::FileExt;
     while !buf.is_empty() {
         match file.seek_write(buf, offset) {

@@ -354,6 +354,24 @@ pub fn save_planned(
     plan: &SavePlan,
     options: &SaveOptions,
 ) -> Result<SaveReport> {
+    check_plan(dir, state, plan)?;
+    let report = planned_report(dir, plan);
+    if !options.is_main_process {
+        return Ok(SaveReport {
+            weight_files: vec![],
+            index_file: None,
+            ..report
+        });
+    }
+    let tx = DirTransaction::begin(dir)?.durable(options.durable);
+    write_companions(tx.path(), state, options)?;
+    write_shards(tx.path(), state, plan, options, &|_| true)?;
+    finish(tx, plan, options)?;
+    Ok(report)
+}
+
+/// Refuses a plan naming a tensor `state` does not hold, or an output that is a file.
+pub(crate) fn check_plan(dir: &Path, state: &StateDict, plan: &SavePlan) -> Result<()> {
     if dir.exists() && !dir.is_dir() {
         return Err(CheckpointError::NotADirectory(dir.to_owned()));
     }
@@ -365,23 +383,27 @@ pub fn save_planned(
             });
         }
     }
-    let report = SaveReport {
+    Ok(())
+}
+
+/// What saving `plan` into `dir` writes.
+pub(crate) fn planned_report(dir: &Path, plan: &SavePlan) -> SaveReport {
+    SaveReport {
         dir: dir.to_owned(),
         weight_files: plan.shards.iter().map(|(f, _)| f.clone()).collect(),
         index_file: plan.index.as_ref().map(|(f, _)| f.clone()),
         tensors: plan.shards.iter().map(|(_, g)| g.len()).sum(),
         total_size: plan.total_size,
         dropped_ties: plan.dropped_ties.clone(),
-    };
-    if !options.is_main_process {
-        return Ok(SaveReport {
-            weight_files: vec![],
-            index_file: None,
-            ..report
-        });
     }
-    let tx = DirTransaction::begin(dir)?.durable(options.durable);
-    let staging = tx.path().to_owned();
+}
+
+/// Writes the configs and extra files of `options` into `staging`.
+pub(crate) fn write_companions(
+    staging: &Path,
+    state: &StateDict,
+    options: &SaveOptions,
+) -> Result<()> {
     if let Some(c) = &options.config {
         let mut c = c.clone();
         // transformers sets `dtype` to the dtype of the model's first floating-point
@@ -389,30 +411,52 @@ pub fn save_planned(
         if let Some(name) = state.values().find_map(|t| torch_dtype_name(t.dtype())) {
             c.set_dtype(name);
         }
-        c.write(&staging)?;
+        c.write(staging)?;
     }
     if let Some(g) = &options.generation_config {
-        g.write(&staging)?;
+        g.write(staging)?;
     }
     for (name, bytes) in &options.extra_files {
         let p = staging.join(name);
         std::fs::write(&p, bytes).map_err(|e| CheckpointError::io(&p, e))?;
     }
+    Ok(())
+}
+
+/// Writes the shards of `plan` that `owned` selects (by position) into `staging`, each synced
+/// as soon as it is complete when `options.durable`.
+pub(crate) fn write_shards(
+    staging: &Path,
+    state: &StateDict,
+    plan: &SavePlan,
+    options: &SaveOptions,
+    owned: &dyn Fn(usize) -> bool,
+) -> Result<()> {
     // All shards are written by one pool of workers; each finished shard is synced on its own
     // thread while the others are written, and all are synced before the folder is swapped in.
-    let jobs = plan
+    let shards: Vec<&(String, Vec<String>)> = plan
         .shards
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| owned(*i))
+        .map(|(_, s)| s)
+        .collect();
+    if shards.is_empty() {
+        return Ok(());
+    }
+    let jobs = shards
         .iter()
         .map(|(file, group)| FileJob {
             path: staging.join(file),
             tensors: group.iter().map(|n| (n.as_str(), &state[n])).collect(),
+            direct: options.durable,
         })
         .collect();
     let mut syncs = Vec::new();
     let on_bytes = &mut |n| options.progress.report(n);
     let written = write_files(jobs, &options.metadata, on_bytes, &mut |f, _, handle| {
         if options.durable {
-            let path = staging.join(&plan.shards[f].0);
+            let path = staging.join(&shards[f].0);
             syncs.push((path, std::thread::spawn(move || handle.sync_all())));
         }
     });
@@ -431,17 +475,21 @@ pub fn save_planned(
             }
         }
     }
+    Ok(())
+}
+
+/// Writes the index of `plan` and swaps the staging folder in, dropping stale weights.
+pub(crate) fn finish(tx: DirTransaction, plan: &SavePlan, options: &SaveOptions) -> Result<()> {
     if let Some((file, index)) = &plan.index {
-        let path = staging.join(file);
+        let path = tx.path().join(file);
         std::fs::write(&path, index.to_json_string()).map_err(|e| CheckpointError::io(&path, e))?;
     }
     let names = WeightsNames::new(options.kind, options.variant.as_deref())?;
     let (single, index_name) = (names.single(), names.index());
-    tx.commit(|old| {
+    tx.durable(options.durable).commit(|old| {
         old == single
             || old == index_name
             || names.is_shard_of_this_stem(old)
             || plan.shards.iter().any(|(f, _)| f == old)
-    })?;
-    Ok(report)
+    })
 }

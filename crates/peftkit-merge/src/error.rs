@@ -66,7 +66,7 @@ pub enum MergeError {
     Remap(#[from] peftkit_remap::RemapError),
     /// A bitsandbytes base that cannot be merged as asked.
     #[error(transparent)]
-    Bnb(#[from] crate::bnb::BnbError),
+    Bnb(#[from] crate::quant::bnb::BnbError),
     /// Adapter and base shapes disagree.
     #[error("{adapter}: `{key}` has shape {adapter_shape:?}, which does not fit base tensor `{base_key}` {base_shape:?}")]
     Shape {
@@ -80,6 +80,34 @@ pub enum MergeError {
         base_key: String,
         /// Its shape.
         base_shape: Vec<usize>,
+    },
+    /// A base quantized with a method the merge cannot write into (GPTQ, AWQ, …): its packed
+    /// weights would be merged wrongly, so nothing is merged.
+    #[error("the base {base} is quantized with `{method}` (config.json quantization_config); peftkit cannot merge into {method} weights (it merges into these quant_methods only: {supported}). Dequantize the base to 16 bits elsewhere and merge into that, or merge into the original 16-bit model")]
+    QuantizedBase {
+        /// Base folder.
+        base: PathBuf,
+        /// `quantization_config.quant_method`.
+        method: String,
+        /// The methods a merge writes into, comma-separated.
+        supported: String,
+    },
+    /// `--dequantize` on a base that is not quantized.
+    #[error("the base {base} is not quantized (no quantization_config in config.json); merge without --dequantize")]
+    NotQuantized {
+        /// Base folder.
+        base: PathBuf,
+    },
+    /// An FP8 base whose config or tensors do not follow transformers' fine-grained FP8
+    /// layout where the merge needs them.
+    #[error("FP8 base {base}: `{tensor}`: {reason}")]
+    Fp8Layout {
+        /// Base folder.
+        base: PathBuf,
+        /// The tensor (or `quantization_config`).
+        tensor: String,
+        /// What is wrong, and what to do.
+        reason: String,
     },
 }
 

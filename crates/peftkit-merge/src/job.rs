@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use peftkit_checkpoint::Progress;
 
-use crate::bnb::QloraBase;
 use crate::kernels::Numerics;
+use crate::quant::bnb::QloraBase;
 
 /// One adapter to merge and its weight (`--adapter DIR[:WEIGHT]`).
 #[derive(Debug, Clone)]
@@ -70,15 +70,17 @@ pub struct MergeJob {
     /// Sync the output to disk before it is swapped in (see
     /// [`peftkit_checkpoint::SaveOptions::durable`]).
     pub durable: bool,
+    /// For a quantized base (FP8 or bitsandbytes 4-bit): write every quantized weight
+    /// unquantized and drop `quantization_config`, as transformers saves the model it
+    /// dequantizes (FP8: loaded on CPU, in the model dtype; bitsandbytes: `model.dequantize()`
+    /// before peft's merge, in each weight's dtype). Off: merged weights are re-quantized into
+    /// the base's format.
+    pub dequantize: bool,
     /// peft's arithmetic, or one correct rounding identical on every machine
     /// ([`Numerics::Exact`]; DoRA, LoHa, LoKr and IA3 unmerges are refused there).
     pub numerics: Numerics,
     /// Told the byte count of every write of tensor data, as the output is written.
     pub progress: Progress,
-    /// A bitsandbytes 4-bit base: write every weight dequantized to its dtype (transformers'
-    /// `model.dequantize()` before peft's merge) and drop `quantization_config`, instead of
-    /// re-quantizing the merged weights.
-    pub dequantize: bool,
     /// A 16-bit base a QLoRA adapter was trained on in 4 bits: merge into bitsandbytes' round
     /// trip `dequantize(quantize(W))` of each adapted weight rather than into `W`.
     pub qlora_base: Option<QloraBase>,
@@ -101,18 +103,11 @@ impl MergeJob {
             safe_merge: false,
             unmerge: false,
             durable: true,
+            dequantize: false,
             numerics: Numerics::default(),
             progress: Progress::default(),
-            dequantize: false,
             qlora_base: None,
         }
-    }
-
-    /// Dequantizes a bitsandbytes 4-bit base (see
-    /// [`MergeJob::dequantize`](#structfield.dequantize)).
-    pub fn dequantize(mut self, on: bool) -> Self {
-        self.dequantize = on;
-        self
     }
 
     /// Merges into the 4-bit round trip of a 16-bit base (see
@@ -143,6 +138,13 @@ impl MergeJob {
     /// Whether the output is synced to disk before it is swapped in.
     pub fn durable(mut self, on: bool) -> Self {
         self.durable = on;
+        self
+    }
+
+    /// Writes a quantized base's weights dequantized (see
+    /// [`MergeJob::dequantize`](#structfield.dequantize)).
+    pub fn dequantize(mut self, on: bool) -> Self {
+        self.dequantize = on;
         self
     }
 

@@ -13,6 +13,8 @@
 //! * [`methods`]: IA³, LoHa, LoKr, trainable-token rows, and a generic delta add.
 //! * [`bnb`]: bitsandbytes' 4-bit and 8-bit blockwise (de)quantization on the CPU, and
 //!   [`torch_sum`]: torch's `f32` sum order (the mean double quantization subtracts).
+//! * [`fp8`]: FP8 block-scaled weights (e4m3 with `weight_scale_inv`) dequantized and
+//!   re-quantized as transformers' finegrained_fp8 does on CPU.
 //! * [`exact`]: the other [`Numerics`] mode, correctly rounded and identical on every machine
 //!   (selected with [`MergeOptions::numerics`]).
 //!
@@ -23,14 +25,18 @@
 
 mod apply;
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 pub(crate) mod bnb;
 pub(crate) mod dora;
 pub(crate) mod dtype;
 mod error;
 pub(crate) mod exact;
+pub(crate) mod fp8;
 mod fused;
 pub(crate) mod gemm;
+mod isa;
 pub(crate) mod lora;
 pub(crate) mod methods;
 mod order;
@@ -51,6 +57,10 @@ pub use dtype::{
 };
 pub use error::MergeMathError;
 pub use exact::{refusal, refusal_reason, Numerics, ParseNumericsError};
+pub use fp8::{
+    dequantize_fp8, e4m3_to_f32, e8m0_to_f32, f32_to_e4m3, quantize_fp8, ue8m0_round_up, Fp8Grid,
+    Fp8Quantized, ScaleKind, E4M3_MAX,
+};
 pub use gemm::lowrank_product;
 pub use lora::{
     conv_delta, embedding_delta, experts_delta, linear_delta, merge_conv, merge_embedding,

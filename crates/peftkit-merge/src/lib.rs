@@ -16,6 +16,11 @@
 //! * the streaming merge: [`merge`] of a [`MergeJob`] plans every adapter against the base's
 //!   headers, refuses what it cannot merge ([`MergeError`], [`UnsupportedMerge`]) before
 //!   writing anything, then merges each touched tensor lazily as the output is written.
+//!   FP8 block-scaled bases (transformers' fine-grained FP8) and bitsandbytes 4-bit bases are
+//!   merged through their dequantized weights and re-quantized, or written dequantized
+//!   ([`MergeJob::dequantize`]), and reported in [`QuantizationReport`]; a 16-bit base can be
+//!   merged into its 4-bit round trip ([`MergeJob::qlora_base`]); bases in any other
+//!   quantization are refused ([`MergeError::QuantizedBase`]).
 //!
 //! ```no_run
 //! use peftkit_merge::{merge, AdapterInput, MergeJob, Numerics};
@@ -28,25 +33,25 @@
 //! # Ok::<(), peftkit_merge::MergeError>(())
 //! ```
 //!
-//! This is the only crate of the workspace with `unsafe` code: the AVX-512 kernels and the
+//! This is the only crate of the workspace with `unsafe` code: the AVX-512 and AVX2 kernels and the
 //! disjoint row writes of the parallel kernels. It is built on `peftkit-peft` (adapters and
 //! their configs), `peftkit-remap` (on-disk layouts) and `peftkit-checkpoint` (tensors,
 //! safetensors IO, atomic saves).
 #![deny(missing_docs)]
 
-mod bnb;
 mod edit;
 mod error;
 mod job;
 mod kernels;
 mod plan;
+mod quant;
 mod report;
 mod stream;
 
-pub use bnb::{set_bnb_avx512, BnbError, BnbReport, ParseBnb4TypeError, QloraBase};
 pub use error::{MergeError, UnsupportedMerge};
 pub use job::{AdapterInput, MergeJob};
 pub use kernels::*;
 pub use peftkit_checkpoint::Progress;
-pub use report::{MergeSummary, NumericsReport};
+pub use quant::bnb::{set_bnb_avx512, BnbError, ParseBnb4TypeError, QloraBase};
+pub use report::{MergeSummary, NumericsReport, QuantizationReport, RequantizedTensor};
 pub use stream::merge;

@@ -26,10 +26,47 @@ pub struct MergeSummary {
     pub untied_embeddings: bool,
     /// How the merged floats were computed.
     pub numerics: NumericsReport,
-    /// What was done with a bitsandbytes 4-bit base, or a QLoRA base's round trip.
-    pub bitsandbytes: Option<crate::bnb::BnbReport>,
+    /// What the merge did with a quantized base (`None` for an unquantized one).
+    pub quantization: Option<QuantizationReport>,
     /// Wall time.
     pub seconds: f64,
+}
+
+/// What a merge into a quantized base wrote (`quantization` in `merge --json`, see
+/// docs/cli.md): one shape for every method [`MergeJob`](crate::MergeJob) writes into.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct QuantizationReport {
+    /// The base's `quant_method`: `"fp8"` or `"bitsandbytes"`.
+    pub method: String,
+    /// `"kept"`: merged weights re-quantized into the base's format, `quantization_config`
+    /// kept; `"dequantized"`: every quantized weight written unquantized,
+    /// `quantization_config` dropped; `"qlora-base"` (bitsandbytes): a 16-bit base, merged into
+    /// the 4-bit round trip of each adapted weight, written 16-bit.
+    pub output: String,
+    /// The element format: `"e4m3"` (fp8), `"nf4"` or `"fp4"` (bitsandbytes; for a base, that
+    /// of its first 4-bit weight).
+    pub format: String,
+    /// Whether the block scales are themselves quantized (bitsandbytes' double quantization).
+    pub double_quant: bool,
+    /// The model dtype weights are dequantized to for the merge (fp8: `"bfloat16"`, …);
+    /// `None` where each weight keeps its own (bitsandbytes).
+    pub dtype: Option<String>,
+    /// Quantized weights written unquantized (`"dequantized"`; 0 otherwise).
+    pub tensors_dequantized: usize,
+    /// Every merged weight re-quantized (`"kept"`), or rounded through 4 bits
+    /// (`"qlora-base"`), with its error where measured.
+    pub requantized: Vec<RequantizedTensor>,
+}
+
+/// One re-quantized weight.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RequantizedTensor {
+    /// The weight.
+    pub tensor: String,
+    /// fp8: `max |dequantize(requantize(w)) - w|` over its elements, `w` being the merged
+    /// weight in the model dtype (`null` in JSON if an element is NaN). `None` for
+    /// bitsandbytes, whose re-quantization peftkit reproduces as peft runs it.
+    pub max_abs_error: Option<f64>,
 }
 
 /// The reduction order a merge used, and which tensors it could not promise bit for bit.

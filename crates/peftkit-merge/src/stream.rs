@@ -23,12 +23,12 @@ use peftkit_checkpoint::{
 };
 use peftkit_peft::Adapter;
 
-use crate::bnb::BnbMerge;
 use crate::edit::Edit;
 use crate::error::MergeError;
 use crate::job::MergeJob;
 use crate::kernels::{reduction_order, MergeOptions as KernelOptions, Numerics};
 use crate::plan::{plan, MergePlan};
+use crate::quant::{BaseQuant, Fp8Base, Treatment};
 use crate::report::{MergeSummary, NumericsReport};
 
 /// Merges `job.adapters` into `job.base` and writes the result to `job.out`, telling
@@ -83,12 +83,13 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
         .iter()
         .map(|a| Adapter::open(&a.dir).map(|ad| (ad, a.weight)))
         .collect::<Result<Vec<_>, _>>()?;
+    let quant = BaseQuant::read(job, &base, &base_dir, config.as_ref())?;
     let order = reduction_order()?;
-    // A bitsandbytes base is planned and merged on its dequantized view (see `crate::bnb`).
-    let quant = BnbMerge::detect(job, &base, config.as_ref())?;
-    let view = quant.view(&base)?;
+    // A bitsandbytes base is planned and merged on its dequantized view (see `quant::bnb`);
+    // any other base on itself.
+    let view = quant.bnb().view(&base)?;
     let plan = plan(&view, config.as_ref(), &adapters)?;
-    let view = quant.after_plan(view, &plan)?;
+    let view = quant.bnb().after_plan(view, &plan)?;
     if job.numerics == Numerics::Exact {
         plan.check_exact(job.unmerge)?;
     }
@@ -118,21 +119,27 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
         files: vec![],
         untied_embeddings: false,
         numerics: NumericsReport::of(&plan, order, job.numerics),
-        bitsandbytes: quant.report(&plan),
+        quantization: None,
         seconds: 0.0,
     };
-    let state = merged_state(&view, &plan, job, &mut summary)?;
-    let state = quant.finish(state, &base, &plan)?;
-    if quant.drops_quantization_config() {
-        if let Some(c) = config.as_mut() {
-            c.fields.remove("quantization_config");
-        }
-    }
+    // An FP8 base is merged through its FP8 view, tensor by tensor (see `quant::fp8`).
+    let fp8 = quant.fp8(&base, &base_dir);
+    let state = merged_state(&view, &plan, fp8.as_ref(), job, &mut summary)?;
+    let state = quant.bnb().finish(state, &base, &plan)?;
+    let mut rewrite_config = false;
     if plan.untie {
         if let Some(c) = config.as_mut() {
             c.fields
                 .insert("tie_word_embeddings".into(), serde_json::Value::Bool(false));
             summary.untied_embeddings = true;
+            rewrite_config = true;
+        }
+    }
+    if quant.drops_config() {
+        if let Some(c) = config.as_mut() {
+            // transformers removes it from a model it dequantized on load.
+            c.fields.shift_remove("quantization_config");
+            rewrite_config = true;
         }
     }
     let mut options = SaveOptions {
@@ -146,9 +153,9 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
         ..Default::default()
     };
     // transformers rewrites config.json on save; it is copied unless it changes: untied
-    // embeddings, or a `.bin` base (usually a transformers v4 config).
-    let rewrite_config =
-        summary.untied_embeddings || base.is_pickle() || quant.drops_quantization_config();
+    // embeddings, a dropped quantization_config, or a `.bin` base (usually a transformers v4
+    // config).
+    let rewrite_config = rewrite_config || base.is_pickle();
     if base.is_pickle() {
         if let Some(c) = config.as_mut() {
             c.fields.insert(
@@ -168,19 +175,20 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
     }
     let layout = Layout {
         resave,
-        replan: quant.replans(),
-        resize: quant.resizes(),
+        replan: quant.bnb().replans(),
     };
     save(job, &base, &plan, state, layout, options, &mut summary)?;
+    summary.quantization = quant.report(&plan, fp8.as_ref());
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
 }
 
-/// The output state dict: base tensors as they are, or lazily merged by their steps, and the
-/// added tensors. Counts each kind in `summary`.
+/// The output state dict: base tensors as they are, or lazily merged by their steps (through
+/// `fp8` for an FP8 base), and the added tensors. Counts each kind in `summary`.
 fn merged_state(
     base: &Checkpoint,
     plan: &MergePlan,
+    fp8: Option<&Fp8Base<'_>>,
     job: &MergeJob,
     summary: &mut MergeSummary,
 ) -> Result<StateDict, MergeError> {
@@ -192,16 +200,28 @@ fn merged_state(
     };
     let mut state = StateDict::new();
     for (name, tensor) in base.tensors() {
+        let treatment = match fp8 {
+            Some(fp8) => fp8.treat(name, tensor, &plan.steps, &opts)?,
+            None => Treatment::Plain,
+        };
+        match treatment {
+            Treatment::Dropped => continue,
+            Treatment::Computed { tensor, changed } => {
+                match plan.steps.get(name) {
+                    None if changed => summary.tensors_merged += 1, // a re-quantized scale
+                    steps => count(summary, steps),
+                }
+                state.insert(name.to_owned(), tensor);
+                continue;
+            }
+            Treatment::Plain => {}
+        }
         let Some(steps) = plan.steps.get(name) else {
             summary.tensors_copied += 1;
             state.insert(name.to_owned(), tensor.clone());
             continue;
         };
-        if steps.iter().all(|s| matches!(s.edit, Edit::Replace { .. })) {
-            summary.tensors_replaced += 1;
-        } else {
-            summary.tensors_merged += 1;
-        }
+        count(summary, Some(steps));
         let (base_t, steps, key) = (tensor.clone(), steps.clone(), name.to_owned());
         let lazy = Tensor::lazy(tensor.dtype(), tensor.shape().to_vec(), move || {
             let mut data = base_t.bytes()?.into_owned();
@@ -218,14 +238,24 @@ fn merged_state(
     Ok(state)
 }
 
+/// Counts a base tensor in `summary`: merged, replaced whole, or (no `steps`) copied.
+fn count(summary: &mut MergeSummary, steps: Option<&Vec<crate::edit::Step>>) {
+    match steps {
+        None => summary.tensors_copied += 1,
+        Some(s) if s.iter().all(|s| matches!(s.edit, Edit::Replace { .. })) => {
+            summary.tensors_replaced += 1
+        }
+        Some(_) => summary.tensors_merged += 1,
+    }
+}
+
 /// How the output is laid out: the base's files unless resharded (`resave`: the shard size and
 /// the mapping of the layout transformers holds the model in) or planned anew (`replan`: the
-/// tensors are not the base's). `resize`: the tensors are the base's, but some changed size
-/// (the index's total is redone).
+/// tensors are not the base's: a dequantized bitsandbytes base). In the base's layout, the
+/// index totals follow the tensors written (see `of_state`).
 struct Layout {
     resave: Option<(u64, peftkit_remap::Mapping)>,
     replan: bool,
-    resize: bool,
 }
 
 /// Writes `state` to `job.out`: in the base's layout, resharded on the layout transformers
@@ -274,11 +304,11 @@ fn save(
                 },
             )?
         }
-        None if layout.resize => with_sizes(
-            with_added(SavePlan::from_checkpoint(base), &plan.added, &state),
+        None => with_added(
+            of_state(SavePlan::from_checkpoint(base), &state),
+            &plan.added,
             &state,
         ),
-        None => with_added(SavePlan::from_checkpoint(base), &plan.added, &state),
     };
     let report = save_planned(&job.out, &state, &save_plan, &options)?;
     summary.bytes = written.load(Ordering::Relaxed);
@@ -286,12 +316,25 @@ fn save(
     Ok(())
 }
 
-/// The index's `total_size` of `state` (re-quantized weights change the size of their state).
-fn with_sizes(mut plan: SavePlan, state: &StateDict) -> SavePlan {
+/// The base's layout for `state`: tensors it does not hold (the scales of a dequantized FP8
+/// base) dropped, and the index totals recomputed when they change (dequantized FP8 weights
+/// are larger, a re-quantized bitsandbytes weight stores its scales in `f32`), as
+/// transformers computes them from the state it saves.
+fn of_state(mut plan: SavePlan, state: &StateDict) -> SavePlan {
+    for (_, names) in &mut plan.shards {
+        names.retain(|n| state.contains_key(n));
+    }
+    let planned = || plan.shards.iter().flat_map(|(_, n)| n).map(|n| &state[n]);
+    let size: u64 = planned().map(|t| t.byte_len() as u64).sum();
+    let params: u64 = planned().map(|t| t.numel() as u64).sum();
+    if size == plan.total_size {
+        return plan;
+    }
+    plan.total_size = size;
     if let Some((_, index)) = plan.index.as_mut() {
-        if index.total_size.is_some() {
-            index.total_size = Some(state.values().map(|t| t.byte_len() as u64).sum());
-        }
+        index.weight_map.retain(|n, _| state.contains_key(n));
+        index.total_size = index.total_size.map(|_| size);
+        index.total_parameters = index.total_parameters.map(|_| params);
     }
     plan
 }

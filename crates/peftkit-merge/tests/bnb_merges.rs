@@ -88,12 +88,14 @@ fn requantized_merge_equals_peft_on_a_4bit_model() {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("out");
         let summary = merge(&job(name, "base4", &out)).unwrap();
-        let report = summary.bitsandbytes.expect("a bitsandbytes report");
+        let report = summary.quantization.expect("a bitsandbytes report");
         assert_eq!(
-            (report.mode, report.tensors_quantized),
-            ("requantized", 4),
+            (report.method.as_str(), report.output.as_str()),
+            ("bitsandbytes", "kept"),
             "{name}"
         );
+        assert_eq!(report.requantized.len(), 4, "{name}");
+        assert!(report.requantized.iter().all(|t| t.max_abs_error.is_none()));
         assert_same(name, &case(name).join("merged_requantized"), &out);
     }
 }
@@ -105,8 +107,9 @@ fn dequantized_merge_equals_dequantize_then_peft() {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("out");
         let summary = merge(&job(name, "base4", &out).dequantize(true)).unwrap();
-        let report = summary.bitsandbytes.expect("a bitsandbytes report");
-        assert_eq!(report.mode, "dequantized");
+        let report = summary.quantization.expect("a bitsandbytes report");
+        assert_eq!(report.output, "dequantized");
+        assert!(report.tensors_dequantized > 0 && report.requantized.is_empty());
         assert_same(name, &case(name).join("merged_dequantized"), &out);
     }
 }
@@ -127,9 +130,9 @@ fn qlora_base_merge_equals_the_round_trip_plus_peft() {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("out");
         let summary = merge(&job(name, "base16", &out).qlora_base(Some(q))).unwrap();
-        let report = summary.bitsandbytes.expect("a bitsandbytes report");
+        let report = summary.quantization.expect("a bitsandbytes report");
         assert_eq!(
-            (report.mode, report.tensors_quantized),
+            (report.output.as_str(), report.requantized.len()),
             ("qlora-base", 4),
             "{name}"
         );
@@ -148,9 +151,13 @@ fn misuse_is_refused_before_writing() {
     };
     let err = merge(&job(name, "base4", &out).qlora_base(Some(q))).unwrap_err();
     assert!(matches!(err, MergeError::Bnb(_)), "{err}");
-    assert!(err.to_string().contains("already 4-bit"), "{err}");
+    assert!(
+        err.to_string().contains("already quantized (bitsandbytes)"),
+        "{err}"
+    );
+    // The one `--dequantize` refusal of every method: nothing to dequantize.
     let err = merge(&job(name, "base16", &out).dequantize(true)).unwrap_err();
-    assert!(err.to_string().contains("--dequantize needs"), "{err}");
+    assert!(matches!(err, MergeError::NotQuantized { .. }), "{err}");
     assert!(!out.exists());
 }
 

@@ -84,6 +84,14 @@ pub enum RemapError {
         /// Why.
         reason: String,
     },
+    /// A tensor-parallel plan, split or gather that cannot be carried out (see [`crate::split`]).
+    #[error("{what}: {reason}")]
+    TensorParallel {
+        /// What it is about: the plan file, the rank folder, or the tensor (and its file).
+        what: String,
+        /// What is wrong and what to do.
+        reason: String,
+    },
     /// Reading or writing a checkpoint failed.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
@@ -99,6 +107,16 @@ impl RemapError {
         RemapError::Tensor {
             tensor: tensor.to_owned(),
             file: source.and_then(|t| t.file_source().map(|(p, _)| p.to_owned())),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl RemapError {
+    /// A tensor-parallel error about `what`.
+    pub(crate) fn tp(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        RemapError::TensorParallel {
+            what: what.into(),
             reason: reason.into(),
         }
     }

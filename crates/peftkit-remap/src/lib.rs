@@ -25,6 +25,8 @@
 //! * [`diff_checkpoints`]: two checkpoints or adapters compared, through the tables when
 //!   their layouts differ.
 //! * [`Mapping::expert_pieces`]: where one expert's slice of a fused v5 parameter lives on disk.
+//! * [`split`] and [`gather`]: a checkpoint cut into one folder per tensor-parallel rank by
+//!   transformers' tp plans ([`TpPlans`], data in `adapters-spec/tp_plans.json`), and back.
 //!
 //! Dependencies point one way: `peftkit-checkpoint` <- `peftkit-remap` <- PEFT / CLI. Inside,
 //! modules depend one way too: `table` (pure data) <- `pattern` <- `ops` (over `view`, the
@@ -42,6 +44,7 @@ mod pattern;
 mod registry;
 mod resave;
 mod table;
+mod tp;
 mod view;
 
 pub use diff::{diff_checkpoints, CheckpointDiff, DiffLayout, DiffOptions};
@@ -55,4 +58,8 @@ pub use resave::{
 pub use table::{
     Aliases, ConversionTable, ConvertSpec, Op, Patterns, RenameSpec, ReversePolicy, Rule, SizeExpr,
     EMBEDDED_ALIASES, EMBEDDED_TABLES,
+};
+pub use tp::{
+    gather, rank_dir_name, split, GatherOptions, Placement, RankManifest, ShardedTensor,
+    SplitOptions, SplitReport, TpPlan, TpPlans, MANIFEST_NAME,
 };

@@ -356,16 +356,16 @@ pub fn checkpoint_mapping(
 }
 
 /// A checkpoint opened for a re-save: its tensors, and the rules of its model type.
-struct Source {
-    dir: PathBuf,
-    ckpt: Checkpoint,
-    config: Option<ModelConfig>,
-    model_type: Option<String>,
-    mapping: Mapping,
+pub(crate) struct Source {
+    pub(crate) dir: PathBuf,
+    pub(crate) ckpt: Checkpoint,
+    pub(crate) config: Option<ModelConfig>,
+    pub(crate) model_type: Option<String>,
+    pub(crate) mapping: Mapping,
 }
 
 impl Source {
-    fn open(
+    pub(crate) fn open(
         src: &Path,
         src_variant: Option<&str>,
         model_type: Option<&str>,

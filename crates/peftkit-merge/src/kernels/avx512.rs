@@ -44,10 +44,9 @@ impl BaseType {
 }
 
 /// Whether this CPU can run [`add_rows`].
+/// (`PEFTKIT_FORCE_ISA=avx2` says no on an AVX-512 host; see [`super::isa`].)
 pub(crate) fn available() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512vl")
+    super::isa::isa() >= super::isa::Isa::Avx512
 }
 
 /// Adds `scale · left @ right` (`rows × k` times `k × n`, reduced in `blocks`) to `base`, the

@@ -189,6 +189,8 @@ pub fn decode_f32_into(
     check_count(what, dtype, bytes.len(), out.len())?;
     match dtype {
         Dtype::F32 => decode_le(bytes, out, f32::from_le_bytes),
+        #[cfg(target_arch = "x86_64")]
+        Dtype::BF16 if super::avx2::decode_bf16(bytes, out) => {}
         Dtype::BF16 => decode_le(bytes, out, |b| bf16_bits_to_f32(u16::from_le_bytes(b))),
         Dtype::F16 => {
             let mut tmp = [f16::ZERO; CHUNK];
@@ -248,6 +250,8 @@ pub fn encode_f32_into(
     check_count(what, dtype, out.len(), values.len())?;
     match dtype {
         Dtype::F32 => encode_le(values, out, f32::to_le_bytes),
+        #[cfg(target_arch = "x86_64")]
+        Dtype::BF16 if super::avx2::encode_bf16(values, out) => {}
         Dtype::BF16 => encode_le(values, out, |v| f32_to_bf16_bits(v).to_le_bytes()),
         Dtype::F16 => {
             let mut tmp = [f16::ZERO; CHUNK];

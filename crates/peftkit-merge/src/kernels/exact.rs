@@ -317,11 +317,8 @@ fn check_product(what: &'static str, base: &BaseTensorMut<'_>, p: &Product<'_>) 
 /// Dispatches one block of rows to the chosen build.
 fn run_block(kernel: Kernel, p: &Product<'_>, t: Target, first_row: usize, w: &mut [f32]) -> Stats {
     #[cfg(target_arch = "x86_64")]
-    if kernel == Kernel::Auto
-        && std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-    {
-        // SAFETY: the features enabled on `block_avx2` were just detected.
+    if kernel == Kernel::Auto && super::isa::isa() >= super::isa::Isa::Avx2 {
+        // SAFETY: `Isa::Avx2` means the features enabled on `block_avx2` were detected.
         return unsafe { block_avx2(p, t, first_row, w) };
     }
     block(p, t, first_row, w, kernel != Kernel::ExactOnly)

@@ -4,8 +4,8 @@
 //! rows to a scratch buffer, adds, and encodes: four passes over memory per element. For the
 //! common case (Linear/`Conv1D` LoRA, unsafe merge, f32 adapter) this module instead lets the
 //! GEMM kernel add each finished register tile of `Δ` to the base bytes in place: with the
-//! hand-written AVX-512 kernel ([`super::avx512`]) for F32/BF16/F16 bases, else with the
-//! generic kernel and an adding [`Sink`] for F32/BF16 (for F16 the generic version was slower
+//! hand-written AVX-512 kernel ([`super::avx512`]) or, without AVX-512, the AVX2 one
+//! ([`super::avx2`]) for F32/BF16/F16 bases, else with the generic kernel and an adding [`Sink`] for F32/BF16 (for F16 the generic version was slower
 //! than the general path, which it then keeps). The operations on every element are those of
 //! the general path (`Δ = fl32(P · s)`, one add in f32, one rounding), so the bits are the
 //! same; a test checks it.
@@ -32,16 +32,24 @@ pub(crate) fn add_in_place(
     data: &mut [u8],
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if let Some(ty) = super::avx512::BaseType::of(dtype).filter(|_| super::avx512::available()) {
-        for_each_segment(p, ty.size(), data, |left, right, rows, bytes| {
-            super::avx512::add_rows(ty, left, right, (rows, p.k, p.n), blocks, p.scale, bytes)
-        });
-        return true;
+    if let Some(ty) = super::avx512::BaseType::of(dtype) {
+        if super::avx512::available() {
+            for_each_segment(p, ty.size(), data, |left, right, rows, bytes| {
+                super::avx512::add_rows(ty, left, right, (rows, p.k, p.n), blocks, p.scale, bytes)
+            });
+            return true;
+        }
+        if super::avx2::available() {
+            for_each_segment(p, ty.size(), data, |left, right, rows, bytes| {
+                super::avx2::add_rows(ty, left, right, (rows, p.k, p.n), blocks, p.scale, bytes)
+            });
+            return true;
+        }
     }
     add_generic(p, blocks, dtype, data)
 }
 
-/// The fused path without the AVX-512 kernel: F32 and BF16 only.
+/// The fused path without the hand-written kernels: F32 and BF16 only.
 fn add_generic(p: &Product<'_>, blocks: &[Range<usize>], dtype: Dtype, data: &mut [u8]) -> bool {
     match dtype {
         Dtype::BF16 => add_with_sink::<Bf16>(p, blocks, data),
@@ -293,6 +301,22 @@ mod tests {
                         &mut got,
                     );
                     paths.push(("avx512 (one call)", got));
+                }
+                #[cfg(target_arch = "x86_64")]
+                if let Some(ty) = super::super::avx512::BaseType::of(dtype)
+                    .filter(|_| batch == 1 && super::super::avx2::available())
+                {
+                    let mut got = base.clone();
+                    super::super::avx2::add_rows(
+                        ty,
+                        &left,
+                        &right,
+                        (batch * rows, k, n),
+                        &blocks,
+                        0.75,
+                        &mut got,
+                    );
+                    paths.push(("avx2 (one call)", got));
                 }
                 let mut got = base.clone();
                 assert!(add_in_place(&p, &blocks, dtype, &mut got) || dtype == Dtype::F16);

@@ -145,9 +145,8 @@ pub(crate) fn product_into<S: Sink>(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2")
-        {
-            // SAFETY: the two features enabled on `product_avx2` were just detected.
+        if super::isa::isa() >= super::isa::Isa::Avx2 {
+            // SAFETY: `Isa::Avx2` means the two features enabled on `product_avx2` were detected.
             unsafe { product_avx2(left, right, k, n, blocks, scale, sink, rows) };
             return;
         }

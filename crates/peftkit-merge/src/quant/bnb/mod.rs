@@ -1,4 +1,5 @@
-//! Merging into bitsandbytes 4-bit bases, and into the 4-bit round trip of a 16-bit base.
+//! Merging into bitsandbytes 4-bit bases (`quant_method: "bitsandbytes"`, dispatched from
+//! [`super::BaseQuant::read`]), and into the 4-bit round trip of a 16-bit base.
 //!
 //! Three ways, each reproducing what the real libraries do on the CPU ([`BnbMerge`]):
 //!
@@ -31,6 +32,7 @@ use crate::error::MergeError;
 use crate::job::MergeJob;
 use crate::kernels::Bnb4Type;
 use crate::plan::MergePlan;
+use crate::report::{QuantizationReport, RequantizedTensor};
 use weight::Weight4;
 
 /// The 4-bit quantization a QLoRA adapter was trained on (`merge --qlora-base`):
@@ -67,21 +69,6 @@ impl FromStr for Bnb4Type {
     }
 }
 
-/// What a merge did with a quantized base (`MergeSummary::bitsandbytes`).
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct BnbReport {
-    /// `requantized`, `dequantized` or `qlora-base`.
-    pub mode: &'static str,
-    /// `nf4` or `fp4` (for a pre-quantized base, of its first 4-bit weight).
-    pub quant_type: &'static str,
-    /// Whether the block scales are (or were) double-quantized.
-    pub double_quant: bool,
-    /// 4-bit weights the adapters changed (re-quantized, or round-tripped for `qlora-base`).
-    pub tensors_quantized: usize,
-    /// 4-bit weights written in their dtype (`dequantized`).
-    pub tensors_dequantized: usize,
-}
-
 /// How a merge treats a quantized (or to-be-quantized) base.
 pub(crate) enum BnbMerge {
     /// Not a bitsandbytes base, no QLoRA round trip.
@@ -111,17 +98,19 @@ pub enum BnbError {
         /// Base folder.
         base: PathBuf,
     },
-    /// `--dequantize` on a base without 4-bit weights.
-    #[error("{base}: --dequantize needs a bitsandbytes 4-bit base; this one has no `quant_state.bitsandbytes__*` tensor")]
-    NotQuantized {
+    /// A config that says `bitsandbytes` over tensors without a 4-bit weight.
+    #[error("{base}: config.json says quant_method `bitsandbytes`, but the base holds no 4-bit weight (no `*.weight.quant_state.bitsandbytes__nf4|fp4` tensor); was it saved by transformers from a 4-bit model? Merge into the original 16-bit model instead")]
+    NoWeights {
         /// Base folder.
         base: PathBuf,
     },
     /// `--qlora-base` on a base that is already quantized.
-    #[error("{base}: --qlora-base quantizes a 16-bit base; this one is already 4-bit: merge into it directly (or with --dequantize)")]
+    #[error("{base}: --qlora-base quantizes a 16-bit base; this one is already quantized ({method}): merge into it directly (or with --dequantize)")]
     AlreadyQuantized {
         /// Base folder.
         base: PathBuf,
+        /// Its `quant_method`.
+        method: String,
     },
     /// An edit peft does not merge into a 4-bit weight the way it is reproduced here.
     #[error("{tensor}: {what} into a 4-bit weight cannot be reproduced when re-quantizing (peft re-quantizes after every adapter); merge with --dequantize, or one plain LoRA adapter at a time")]
@@ -155,11 +144,17 @@ impl BnbMerge {
             reason: e.reason,
         })?;
         Ok(match (job.qlora_base, job.dequantize, weights.is_empty()) {
-            (Some(_), _, false) => return Err(BnbError::AlreadyQuantized { base: dir() }.into()),
+            (Some(_), _, false) => {
+                return Err(BnbError::AlreadyQuantized {
+                    base: dir(),
+                    method: "bitsandbytes".into(),
+                }
+                .into())
+            }
             (Some(q), _, true) => BnbMerge::Qlora(q),
-            (None, true, true) => return Err(BnbError::NotQuantized { base: dir() }.into()),
+            // No 4-bit weight: `BaseQuant::read` refuses a config that claims some.
+            (None, _, true) => BnbMerge::Plain,
             (None, true, false) => BnbMerge::Dequantize(weights),
-            (None, false, true) => BnbMerge::Plain,
             (None, false, false) => BnbMerge::Requantize(weights),
         })
     }
@@ -207,51 +202,55 @@ impl BnbMerge {
         matches!(self, BnbMerge::Dequantize(_))
     }
 
-    /// Whether some tensors keep their names but change size (a re-quantized weight's state).
-    pub fn resizes(&self) -> bool {
-        matches!(self, BnbMerge::Requantize(_))
-    }
-
     /// Whether `quantization_config` leaves the output's config.json.
     pub fn drops_quantization_config(&self) -> bool {
         matches!(self, BnbMerge::Dequantize(_))
     }
 
-    /// The summary's account of it.
-    pub fn report(&self, plan: &MergePlan) -> Option<BnbReport> {
+    /// The summary's account of it: the re-quantized (or, for a QLoRA base, round-tripped)
+    /// weights, or the count of dequantized ones. bitsandbytes' re-quantization is reproduced
+    /// as peft runs it, so no error is measured (`max_abs_error` is `None`).
+    pub fn report(&self, plan: &MergePlan) -> Option<QuantizationReport> {
         let name = |k: Bnb4Type| match k {
             Bnb4Type::Nf4 => "nf4",
             Bnb4Type::Fp4 => "fp4",
         };
-        let of = |w: &[Weight4], mode| {
+        let listed = |names: Vec<String>| {
+            names
+                .into_iter()
+                .map(|tensor| RequantizedTensor {
+                    tensor,
+                    max_abs_error: None,
+                })
+                .collect()
+        };
+        let of = |w: &[Weight4], output: &str, requantized| {
             let first = w.first()?;
-            Some(BnbReport {
-                mode,
-                quant_type: name(first.state.kind().ok()?),
+            Some(QuantizationReport {
+                method: "bitsandbytes".into(),
+                output: output.into(),
+                format: name(first.state.kind().ok()?).into(),
                 double_quant: first.state.nested(),
-                tensors_quantized: match mode {
-                    "requantized" => w
-                        .iter()
-                        .filter(|w| plan.steps.contains_key(&w.name))
-                        .count(),
-                    _ => 0,
-                },
-                tensors_dequantized: match mode {
-                    "dequantized" => w.len(),
-                    _ => 0,
-                },
+                dtype: None,
+                tensors_dequantized: if output == "dequantized" { w.len() } else { 0 },
+                requantized,
             })
         };
         match self {
             BnbMerge::Plain => None,
-            BnbMerge::Requantize(w) => of(w, "requantized"),
-            BnbMerge::Dequantize(w) => of(w, "dequantized"),
-            BnbMerge::Qlora(q) => Some(BnbReport {
-                mode: "qlora-base",
-                quant_type: name(q.kind),
+            BnbMerge::Requantize(w) => {
+                let touched = w.iter().filter(|w| plan.steps.contains_key(&w.name));
+                of(w, "kept", listed(touched.map(|w| w.name.clone()).collect()))
+            }
+            BnbMerge::Dequantize(w) => of(w, "dequantized", vec![]),
+            BnbMerge::Qlora(q) => Some(QuantizationReport {
+                method: "bitsandbytes".into(),
+                output: "qlora-base".into(),
+                format: name(q.kind).into(),
                 double_quant: q.double_quant,
-                tensors_quantized: view::round_trip_targets(plan).count(),
+                dtype: None,
                 tensors_dequantized: 0,
+                requantized: listed(view::round_trip_targets(plan).cloned().collect()),
             }),
         }
     }

@@ -1,0 +1,463 @@
+//! FP8 block-scaled weights as transformers 5.24's `integrations/finegrained_fp8.py` reads and
+//! writes them on CPU: `float8_e4m3fn` elements, one inverse scale per block
+//! (`weight_scale_inv`, in `f32` or as a UE8M0 power of two).
+//!
+//! * [`dequantize_fp8`] is `Fp8Dequantize._dequantize_one` before its final cast: each element
+//!   widened to `f32` and multiplied by its block's scale, one `f32` rounding;
+//! * [`quantize_fp8`] is `Fp8Quantize._quantize_one`: per-block max-abs, `448 / max` (as
+//!   torch divides a scalar by a tensor: `(1 / max) * 448`), its reciprocal stored, the block multiplied by the scale, clamped to ±448 and cast;
+//! * [`f32_to_e4m3`] and [`e4m3_to_f32`] are torch's (c10's) conversions.
+//!
+//! Every step is an elementwise IEEE operation in the order torch performs it, so the results
+//! are the same bits on every host. Written by hand: no crate reproduces torch 2.15's cast
+//! (round to nearest even, saturating to ±448, NaN kept) together with transformers' block
+//! rules.
+//!
+//! ```
+//! use peftkit_merge::{dequantize_fp8, quantize_fp8, Fp8Grid, ScaleKind};
+//!
+//! let grid = Fp8Grid::new(&[2, 4], &[1, 2]).unwrap(); // blocks of 2 x 2
+//! let w = [1.0f32, -2.0, 0.5, 0.25, 3.0, 4.0, 0.0, 0.125];
+//! let q = quantize_fp8(&w, &grid, ScaleKind::F32)?;
+//! assert_eq!(q.inv_scales, vec![1.0 / 112.0, 1.0 / 896.0]);
+//! assert_eq!(q.weight[5], 0x7e); // 4.0 scales to 448, e4m3's largest finite value
+//! let back = dequantize_fp8(&q.weight, &q.inv_scales, &grid)?;
+//! // Within half an e4m3 step: 3.0 scales to 336, a tie between 320 and 352 (even: 320).
+//! assert!(back.iter().zip(&w).all(|(b, w)| (b - w).abs() <= 16.0 / 112.0));
+//! assert_eq!(q.max_abs_error, f64::from(3.0 - 320.0 * (1.0f32 / 112.0)));
+//! # Ok::<(), peftkit_merge::MergeMathError>(())
+//! ```
+
+use rayon::prelude::*;
+
+use crate::kernels::error::{MergeMathError, Result};
+
+/// torch's `finfo(float8_e4m3fn).max`.
+pub const E4M3_MAX: f32 = 448.0;
+
+/// How a checkpoint stores `weight_scale_inv`: any float (widened to `f32`), or UE8M0 powers of
+/// two (`scale_fmt: "ue8m0"`), as `F8_E8M0` or as raw exponent bytes (`U8`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScaleKind {
+    /// Float scales (`scale_fmt: "float"`), written back as `F32`.
+    F32,
+    /// Power-of-two scales (`scale_fmt: "ue8m0"`): quantization rounds the inverse scale up to
+    /// a power of two first.
+    Ue8m0,
+}
+
+/// torch's `float8_e4m3fn` → `f32` (exact; `0x7f`/`0xff` are NaN).
+pub fn e4m3_to_f32(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0f32 } else { 1.0 };
+    let (exp, mant) = ((b >> 3) & 0x0f, b & 0x07);
+    if exp == 0x0f && mant == 0x07 {
+        return f32::NAN.copysign(sign);
+    }
+    let mag = if exp == 0 {
+        f32::from(mant) * (2.0f32).powi(-9)
+    } else {
+        (1.0 + f32::from(mant) / 8.0) * (2.0f32).powi(i32::from(exp) - 7)
+    };
+    sign * mag
+}
+
+/// torch 2.15's `f32` → `float8_e4m3fn` cast on CPU: round to nearest even; finite values
+/// and infinities beyond the range saturate to ±448; NaN becomes `0x7f` with its sign.
+/// (Measured on every bf16 value and on random `f32`s: `tests/fixtures/quant/conversions`.)
+pub fn f32_to_e4m3(x: f32) -> u8 {
+    const ROUNDS_PAST_MAX: u32 = 1087 << 20; // 480.0 (464 and up round past 448)
+    const DENORM_MASK: u32 = 141 << 23;
+    let bits = x.to_bits();
+    let sign = ((bits & 0x8000_0000) >> 24) as u8;
+    let mag = bits & 0x7fff_ffff;
+    let result = if mag > 0x7f80_0000 {
+        0x7f
+    } else if mag >= ROUNDS_PAST_MAX {
+        0x7e
+    } else if mag < (121 << 23) {
+        // Below e4m3's smallest normal: adding 2^-? shifts the mantissa so the FPU rounds it.
+        let sum = f32::from_bits(mag) + f32::from_bits(DENORM_MASK);
+        (sum.to_bits() - DENORM_MASK) as u8
+    } else {
+        let odd = (mag >> 20) & 1;
+        let rounded = mag
+            .wrapping_add(((7u32).wrapping_sub(127) << 23).wrapping_add(0x7ffff))
+            .wrapping_add(odd);
+        // 464..480 rounds up to the NaN code: saturated like the values above.
+        ((rounded >> 20) as u8).min(0x7e)
+    };
+    result | sign
+}
+
+/// A UE8M0 scale byte as `f32`: `2^(b - 127)`; 255 is NaN (`F8_E8M0`).
+pub fn e8m0_to_f32(b: u8) -> f32 {
+    if b == 0xff {
+        return f32::NAN;
+    }
+    (2.0f64).powi(i32::from(b) - 127) as f32
+}
+
+/// The block geometry of one FP8 tensor: `lead` matrices of `rows x cols` (leading dimensions
+/// such as experts flattened), cut into a `grid_rows x grid_cols` grid of equal blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fp8Grid {
+    /// Product of the leading dimensions (1 for a 2-D weight).
+    pub lead: usize,
+    /// Rows of each matrix.
+    pub rows: usize,
+    /// Columns of each matrix.
+    pub cols: usize,
+    /// Blocks along the rows.
+    pub grid_rows: usize,
+    /// Blocks along the columns.
+    pub grid_cols: usize,
+}
+
+impl Fp8Grid {
+    /// The grid of a weight of shape `weight` whose scales have shape `scales`, derived from the
+    /// scales' last two dimensions as `Fp8Dequantize` does (a scale of fewer than two
+    /// dimensions is one per matrix). Refused, as transformers refuses it, when the grid does
+    /// not divide the weight (partial edge blocks).
+    pub fn new(weight: &[usize], scales: &[usize]) -> Result<Self> {
+        let [lead @ .., rows, cols] = weight else {
+            return Err(MergeMathError::Rank {
+                what: "fp8 weight",
+                expected: "at least 2",
+                got: weight.to_vec(),
+            });
+        };
+        let (grid_rows, grid_cols) = match scales {
+            [.., r, c] => (*r, *c),
+            _ => (1, 1),
+        };
+        let lead: usize = lead.iter().product();
+        let scale_count: usize = scales.iter().product();
+        let fits = grid_rows > 0 && grid_cols > 0 && rows % grid_rows == 0 && cols % grid_cols == 0;
+        if !fits || scale_count != lead * grid_rows * grid_cols {
+            return Err(MergeMathError::ShapeMismatch {
+                what: "weight_scale_inv (a grid of whole blocks of the weight)",
+                expected: weight.to_vec(),
+                got: scales.to_vec(),
+            });
+        }
+        Ok(Fp8Grid {
+            lead,
+            rows: *rows,
+            cols: *cols,
+            grid_rows,
+            grid_cols,
+        })
+    }
+
+    /// The grid `Fp8Quantize` cuts a `weight`-shaped tensor into with `block` (`None`: one
+    /// block per matrix), or `None` where it leaves the tensor unquantized (fewer than two
+    /// dimensions, or a block that does not divide it).
+    pub fn for_block(weight: &[usize], block: Option<(usize, usize)>) -> Option<Self> {
+        let [lead @ .., rows, cols] = weight else {
+            return None;
+        };
+        let (bm, bn) = block.unwrap_or((*rows, *cols));
+        if bm == 0 || bn == 0 || rows % bm != 0 || cols % bn != 0 {
+            return None;
+        }
+        Some(Fp8Grid {
+            lead: lead.iter().product(),
+            rows: *rows,
+            cols: *cols,
+            grid_rows: rows / bm,
+            grid_cols: cols / bn,
+        })
+    }
+
+    /// Elements of the weight.
+    pub fn numel(&self) -> usize {
+        self.lead * self.rows * self.cols
+    }
+
+    /// Number of scales.
+    pub fn scales(&self) -> usize {
+        self.lead * self.grid_rows * self.grid_cols
+    }
+
+    /// The block size `(rows, cols)`.
+    pub fn block(&self) -> (usize, usize) {
+        (self.rows / self.grid_rows, self.cols / self.grid_cols)
+    }
+
+    /// Elements of one band of blocks (`block rows x cols`), the unit the kernels run on in
+    /// parallel.
+    fn band(&self) -> usize {
+        self.block().0 * self.cols
+    }
+
+    /// Checks that `what` holds `len` elements where `expected` are needed.
+    fn check(&self, what: &'static str, expected: usize, len: usize) -> Result<()> {
+        if len == expected {
+            return Ok(());
+        }
+        Err(MergeMathError::ElementCount {
+            what,
+            shape: vec![self.lead, self.rows, self.cols],
+            expected,
+            got: len,
+        })
+    }
+}
+
+/// torch's value of every `float8_e4m3fn` byte.
+fn e4m3_table() -> [f32; 256] {
+    std::array::from_fn(|b| e4m3_to_f32(b as u8))
+}
+
+/// `e4m3(weight) * scale` per element, in `f32` (the caller casts to the model dtype, as
+/// `Fp8Dequantize` does). Refused if `weight` or `scales` do not fit `grid`.
+pub fn dequantize_fp8(weight: &[u8], scales: &[f32], grid: &Fp8Grid) -> Result<Vec<f32>> {
+    grid.check("fp8 weight", grid.numel(), weight.len())?;
+    grid.check("weight_scale_inv", grid.scales(), scales.len())?;
+    let (lut, (cols, (_, bn))) = (e4m3_table(), (grid.cols, grid.block()));
+    let mut out = vec![0.0f32; weight.len()];
+    let bands = out
+        .par_chunks_mut(grid.band())
+        .zip(weight.par_chunks(grid.band()));
+    bands
+        .zip(scales.par_chunks(grid.grid_cols))
+        .for_each(|((out, weight), scales)| {
+            for (o_row, w_row) in out.chunks_mut(cols).zip(weight.chunks(cols)) {
+                let blocks = o_row.chunks_mut(bn).zip(w_row.chunks(bn)).zip(scales);
+                for ((o, w), &s) in blocks {
+                    for (x, &q) in o.iter_mut().zip(w) {
+                        *x = lut[usize::from(q)] * s;
+                    }
+                }
+            }
+        });
+    Ok(out)
+}
+
+/// A tensor quantized by [`quantize_fp8`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fp8Quantized {
+    /// The `float8_e4m3fn` bytes.
+    pub weight: Vec<u8>,
+    /// `weight_scale_inv`, one per block (powers of two for [`ScaleKind::Ue8m0`]).
+    pub inv_scales: Vec<f32>,
+    /// `max |e4m3(q) * inv_scale - w|` over the tensor (the product rounded to `f32`, as
+    /// `Fp8Dequantize` computes it; the difference in `f64`; NaN if an element is).
+    pub max_abs_error: f64,
+}
+
+/// `Fp8Quantize._quantize_one` of `values` (already widened to `f32`) cut by `grid`. Refused if
+/// `values` do not fit `grid`.
+pub fn quantize_fp8(values: &[f32], grid: &Fp8Grid, kind: ScaleKind) -> Result<Fp8Quantized> {
+    grid.check("values", grid.numel(), values.len())?;
+    let mut weight = vec![0u8; values.len()];
+    let mut inv_scales = vec![0.0f32; grid.scales()];
+    let (lut, (cols, (_, bn))) = (e4m3_table(), (grid.cols, grid.block()));
+    let bands = weight
+        .par_chunks_mut(grid.band())
+        .zip(values.par_chunks(grid.band()));
+    let max_abs_error = bands
+        .zip(inv_scales.par_chunks_mut(grid.grid_cols))
+        .map(|((q, v), inv)| quantize_band(v, q, inv, (cols, bn), kind, &lut))
+        .reduce(|| 0.0, nan_max);
+    Ok(Fp8Quantized {
+        weight,
+        inv_scales,
+        max_abs_error,
+    })
+}
+
+/// One band of blocks: per-block max-abs, scales, then the cast; returns the band's error.
+fn quantize_band(
+    values: &[f32],
+    out: &mut [u8],
+    inv: &mut [f32],
+    (cols, bn): (usize, usize),
+    kind: ScaleKind,
+    lut: &[f32; 256],
+) -> f64 {
+    // torch's amax propagates NaN.
+    let mut max_abs = vec![0.0f32; inv.len()];
+    for row in values.chunks(cols) {
+        for (m, block) in max_abs.iter_mut().zip(row.chunks(bn)) {
+            *m = block
+                .iter()
+                .fold(*m, |m, v| match m.is_nan() || v.is_nan() {
+                    true => f32::NAN,
+                    false => m.max(v.abs()),
+                });
+        }
+    }
+    let scales: Vec<f32> = max_abs
+        .iter()
+        .zip(inv.iter_mut())
+        .map(|(&m, inv)| {
+            let (scale, inverse) = block_scales(m, kind);
+            *inv = inverse;
+            scale
+        })
+        .collect();
+    let mut err = 0.0f64;
+    for (q_row, v_row) in out.chunks_mut(cols).zip(values.chunks(cols)) {
+        let blocks = q_row.chunks_mut(bn).zip(v_row.chunks(bn));
+        for (((q, v), &s), &inv) in blocks.zip(&scales).zip(inv.iter()) {
+            for (q, &v) in q.iter_mut().zip(v) {
+                *q = f32_to_e4m3(clamp_e4m3(v * s));
+                let back = lut[usize::from(*q)] * inv;
+                err = nan_max(err, (f64::from(back) - f64::from(v)).abs());
+            }
+        }
+    }
+    err
+}
+
+/// The larger of two errors, NaN if either is.
+fn nan_max(a: f64, b: f64) -> f64 {
+    match a.is_nan() || b.is_nan() {
+        true => f64::NAN,
+        false => a.max(b),
+    }
+}
+
+/// `torch.clamp(x, -448, 448)` (NaN stays NaN).
+fn clamp_e4m3(x: f32) -> f32 {
+    if x.is_nan() {
+        x
+    } else {
+        x.clamp(-E4M3_MAX, E4M3_MAX)
+    }
+}
+
+/// The forward scale and the stored inverse of a block whose max-abs is `max_abs`, in
+/// `Fp8Quantize`'s operations: `448 / max` (1 for an all-zero or NaN block), then `1 / that`;
+/// UE8M0 rounds the inverse up to a power of two and takes the forward scale from it.
+///
+/// torch computes `scalar / tensor` as `tensor.reciprocal() * scalar`: two roundings, so
+/// `448 / max` is `(1 / max) * 448` here too.
+fn block_scales(max_abs: f32, kind: ScaleKind) -> (f32, f32) {
+    let positive = max_abs > 0.0;
+    let safe = if positive { max_abs } else { 1.0 };
+    let scale = if positive {
+        (1.0 / safe) * E4M3_MAX
+    } else {
+        1.0
+    };
+    let inv = 1.0 / scale;
+    match kind {
+        ScaleKind::F32 => (scale, inv),
+        ScaleKind::Ue8m0 => {
+            let inv = ue8m0_round_up(inv);
+            (1.0 / inv, inv)
+        }
+    }
+}
+
+/// The power of two `Fp8Quantize` stores for inverse scale `inv` under `scale_fmt: "ue8m0"`:
+/// `2 ** ceil(log2(inv.clamp(min=tiny)))`, with `log2` rounded to `f32` first as torch computes
+/// it (a value a few ulps above a power of two has a `log2` that rounds to the integer, so it is
+/// not rounded up). NaN stays NaN; infinity stays infinity.
+///
+/// ```
+/// use peftkit_merge::ue8m0_round_up;
+/// assert_eq!(ue8m0_round_up(0.3), 0.5);
+/// assert_eq!(ue8m0_round_up(0.25), 0.25);
+/// assert_eq!(ue8m0_round_up(0.0), f32::MIN_POSITIVE);
+/// ```
+pub fn ue8m0_round_up(inv: f32) -> f32 {
+    let x = if inv.is_nan() {
+        inv
+    } else {
+        inv.max(f32::MIN_POSITIVE)
+    };
+    if !x.is_finite() {
+        return x;
+    }
+    let exp = ((x.to_bits() >> 23) & 0xff) as i32 - 127;
+    let mant = f64::from(f32::from_bits((x.to_bits() & 0x007f_ffff) | (127 << 23)));
+    let log2 = (f64::from(exp) + mant.log2()) as f32;
+    (2.0f64).powi(log2.ceil() as i32) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn e4m3_round_trips_every_finite_code() {
+        for b in 0..=255u8 {
+            let x = e4m3_to_f32(b);
+            if x.is_nan() {
+                assert!(b & 0x7f == 0x7f);
+                continue;
+            }
+            // -0.0 keeps its sign bit.
+            assert_eq!(f32_to_e4m3(x), b, "code {b:#04x} = {x}");
+        }
+        assert_eq!(e4m3_to_f32(0x7e), 448.0);
+        assert_eq!(e4m3_to_f32(0x01), 2f32.powi(-9));
+    }
+
+    #[test]
+    fn e4m3_rounds_ties_to_even_and_saturates() {
+        // Steps of 32 below 448: 432 ties to 448 (even mantissa), 400 to 384.
+        assert_eq!(e4m3_to_f32(f32_to_e4m3(432.0)), 448.0);
+        assert_eq!(e4m3_to_f32(f32_to_e4m3(400.0)), 384.0);
+        assert_eq!(e4m3_to_f32(f32_to_e4m3(440.0)), 448.0);
+        assert_eq!(e4m3_to_f32(f32_to_e4m3(463.9)), 448.0);
+        assert_eq!(f32_to_e4m3(470.0), 0x7e);
+        assert_eq!(f32_to_e4m3(-f32::INFINITY), 0xfe);
+        assert_eq!(f32_to_e4m3(-f32::NAN), 0xff);
+        // Half the smallest subnormal ties to zero; a bit more rounds up.
+        assert_eq!(f32_to_e4m3(2f32.powi(-10)), 0);
+        assert_eq!(f32_to_e4m3(2f32.powi(-10) * 1.01), 1);
+    }
+
+    #[test]
+    fn ue8m0_scales_round_the_inverse_up_to_a_power_of_two() {
+        let (scale, inv) = block_scales(448.0 * 3.0, ScaleKind::Ue8m0);
+        assert_eq!((scale, inv), (0.25, 4.0));
+        let (scale, inv) = block_scales(448.0 * 4.0, ScaleKind::Ue8m0);
+        assert_eq!((scale, inv), (0.25, 4.0));
+        assert_eq!(block_scales(0.0, ScaleKind::F32), (1.0, 1.0));
+        assert_eq!(e8m0_to_f32(127), 1.0);
+        assert_eq!(e8m0_to_f32(0), 2f32.powi(-127));
+        assert!(e8m0_to_f32(255).is_nan());
+    }
+
+    #[test]
+    fn grids_must_divide_the_weight() {
+        assert!(Fp8Grid::new(&[576, 256], &[5, 2]).is_err());
+        assert!(Fp8Grid::new(&[512, 256], &[4, 3]).is_err());
+        let g = Fp8Grid::new(&[4, 512, 256], &[4, 4, 2]).unwrap();
+        assert_eq!((g.lead, g.block()), (4, (128, 128)));
+        assert_eq!(Fp8Grid::new(&[8, 8], &[]).unwrap().block(), (8, 8));
+        assert_eq!(Fp8Grid::for_block(&[576, 256], Some((128, 128))), None);
+        assert_eq!(Fp8Grid::for_block(&[8], None), None);
+    }
+
+    #[test]
+    fn blocks_are_scaled_independently() {
+        let grid = Fp8Grid::new(&[2, 2, 2], &[2, 1, 1]).unwrap();
+        let w = [1.0, 2.0, 0.5, 4.0, 100.0, 0.0, -50.0, 1e-3];
+        let q = quantize_fp8(&w, &grid, ScaleKind::F32).unwrap();
+        assert_eq!(
+            q.inv_scales,
+            vec![1.0 / (448.0 / 4.0), 1.0 / ((1.0 / 100.0) * 448.0)]
+        );
+        let back = dequantize_fp8(&q.weight, &q.inv_scales, &grid).unwrap();
+        assert_eq!(back[..4], [1.0, 2.0, 0.5, 4.0]);
+        assert!(q.max_abs_error > 0.0 && q.max_abs_error < 0.5);
+        assert!(dequantize_fp8(&q.weight[1..], &q.inv_scales, &grid).is_err());
+        assert!(quantize_fp8(&w[1..], &grid, ScaleKind::F32).is_err());
+    }
+
+    #[test]
+    fn a_nan_spreads_to_its_block_only() {
+        let grid = Fp8Grid::new(&[1, 4], &[1, 2]).unwrap();
+        let q = quantize_fp8(&[f32::NAN, 1.0, 2.0, 4.0], &grid, ScaleKind::F32).unwrap();
+        assert_eq!(q.inv_scales[0], 1.0);
+        assert_eq!(q.weight[0] & 0x7f, 0x7f);
+        assert_eq!(q.inv_scales[1], 1.0 / ((1.0 / 4.0) * 448.0));
+        assert!(q.max_abs_error.is_nan());
+    }
+}
