@@ -76,6 +76,14 @@ impl ModuleVisitor for LinearFinder {
         for depth in 1..self.path.len() {
             self.modules.insert(self.path[..depth].join("."));
         }
+        // The factors of an adapted weight come after it: `<module>.weight.lora.a`.
+        let n = self.path.len();
+        if n > 3 && self.path[n - 2] == "lora" && self.path[n - 3] == "weight" {
+            if let Some(layer) = self.found.get_mut(&self.path[..n - 3].join(".")) {
+                layer.adapted = true;
+            }
+            return;
+        }
         let is_linear_weight = D == 2
             && self.path.last().is_some_and(|p| p == "weight")
             && self.containers.last().is_some_and(|c| c == "Struct:Linear");
@@ -89,7 +97,7 @@ impl ModuleVisitor for LinearFinder {
             LinearLayer {
                 d_in: dims[0],
                 d_out: dims[1],
-                adapted: param.adapter().is_some(),
+                adapted: false,
             },
         );
     }
