@@ -9,7 +9,9 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::store::{FloatCastAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
+use burn::store::{
+    FloatCastAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore,
+};
 use burn::tensor::{DType, Device};
 use peftkit_burn::{load_hf, LlamaConfig, LlamaForCausalLM, LoadOptions};
 use peftkit_checkpoint::ModelConfig;
@@ -24,7 +26,10 @@ fn peak_rss_mb() -> u64 {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let Some(dir) = args.first().map(PathBuf::from) else {
         eprintln!("usage: load DIR [peftkit|store]");
         return;
@@ -41,7 +46,11 @@ fn main() {
                 .with_from_adapter(adapter);
             let mut model = model;
             let result = model.load_from(&mut store).unwrap();
-            assert!(result.errors.is_empty() && result.missing.is_empty(), "{:?}", result.errors);
+            assert!(
+                result.errors.is_empty() && result.missing.is_empty(),
+                "{:?}",
+                result.errors
+            );
             model
         }
         _ => load_hf(model, &dir, &LoadOptions::default()).unwrap().0,

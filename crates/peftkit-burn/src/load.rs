@@ -118,10 +118,11 @@ pub fn load_hf<M: ModuleSnapshot>(
         ));
     }
     let result = module.apply(tensors, None, Some(Box::new(PyTorchToBurnAdapter)), false);
-    if let Some(e) = result.errors.first() {
+    if !result.errors.is_empty() {
+        let all: Vec<String> = result.errors.iter().map(ToString::to_string).collect();
         return Err(BurnError::Tensor {
             tensor: dir.display().to_string(),
-            reason: e.to_string(),
+            reason: all.join("; "),
         });
     }
     let report = LoadReport {

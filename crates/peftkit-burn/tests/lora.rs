@@ -224,3 +224,87 @@ fn strict_load_reports_missing_and_unused_keys() {
         "{e}"
     );
 }
+
+mod moe {
+    use super::*;
+    use burn::module::{Module, Param};
+    use burn::tensor::Tensor;
+
+    #[derive(Module, Debug)]
+    struct Experts {
+        gate_up_proj: Param<Tensor<3>>,
+        down_proj: Param<Tensor<3>>,
+    }
+    #[derive(Module, Debug)]
+    struct Mlp {
+        experts: Experts,
+    }
+    #[derive(Module, Debug)]
+    struct Layer {
+        mlp: Mlp,
+    }
+    #[derive(Module, Debug)]
+    struct Inner {
+        layers: Vec<Layer>,
+    }
+    /// The fused experts of a Mixtral, under transformers-v5 names.
+    #[derive(Module, Debug)]
+    struct Moe {
+        model: Inner,
+    }
+
+    fn experts(dir: &Path) -> Vec<Vec<u8>> {
+        let zeros = |s: [usize; 3]| Param::from_tensor(Tensor::zeros(s, &Device::flex()));
+        let layer = || Layer {
+            mlp: Mlp {
+                experts: Experts {
+                    gate_up_proj: zeros([3, 16, 16]),
+                    down_proj: zeros([3, 16, 8]),
+                },
+            },
+        };
+        let module = Moe {
+            model: Inner {
+                layers: vec![layer()],
+            },
+        };
+        let options = LoadOptions {
+            strict: false,
+            ..LoadOptions::default()
+        };
+        let (module, report) = load_hf(module, dir, &options).unwrap();
+        assert!(report.missing.is_empty(), "{:?}", report.missing);
+        module
+            .model
+            .layers
+            .iter()
+            .flat_map(|l| {
+                let e = &l.mlp.experts;
+                [
+                    e.gate_up_proj.val().into_data().into_bytes().to_vec(),
+                    e.down_proj.val().into_data().into_bytes().to_vec(),
+                ]
+            })
+            .collect()
+    }
+
+    /// A per-expert (original layout) checkpoint is fused by the remap tables on the way in:
+    /// the module gets what the v5 checkpoint transformers wrote holds.
+    #[test]
+    fn either_moe_layout_loads_the_same_fused_experts() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/remap/mixtral");
+        let (original, v5) = (experts(&root.join("original")), experts(&root.join("v5")));
+        assert!(
+            original == v5,
+            "original layout fused differently from transformers' v5 file"
+        );
+        let file = Checkpoint::open(&root.join("v5")).unwrap();
+        let want = file
+            .get("model.layers.0.mlp.experts.down_proj")
+            .unwrap()
+            .bytes()
+            .unwrap()
+            .into_owned();
+        assert!(v5[1] == want);
+    }
+}
