@@ -16,28 +16,28 @@ pub enum BurnError {
     },
     /// A checkpoint could not be read or written.
     #[error(transparent)]
-    Checkpoint(#[from] peftkit_checkpoint::CheckpointError),
+    Checkpoint(Box<peftkit_checkpoint::CheckpointError>),
     /// The layout conversion tables failed.
     #[error(transparent)]
-    Remap(#[from] peftkit_remap::RemapError),
+    Remap(Box<peftkit_remap::RemapError>),
     /// An adapter folder could not be read.
     #[error(transparent)]
-    Adapter(#[from] peftkit_peft::AdapterError),
+    Adapter(Box<peftkit_peft::AdapterError>),
     /// An adapter config could not be read or is invalid.
     #[error(transparent)]
-    AdapterConfig(#[from] peftkit_peft::ConfigError),
+    AdapterConfig(Box<peftkit_peft::ConfigError>),
     /// peft's targeting rules failed (a bad pattern, an invalid rank).
     #[error(transparent)]
-    Targeting(#[from] peftkit_peft::TargetingError),
+    Targeting(Box<peftkit_peft::TargetingError>),
     /// The factors could not be classified as an adapter.
     #[error(transparent)]
-    Classify(#[from] Box<peftkit_peft::ClassifyError>),
+    Classify(Box<peftkit_peft::ClassifyError>),
     /// The adapter could not be saved.
     #[error(transparent)]
-    Save(#[from] peftkit_peft::SaveError),
+    Save(Box<peftkit_peft::SaveError>),
     /// The streaming merge failed.
     #[error(transparent)]
-    Merge(#[from] peftkit_merge::MergeError),
+    Merge(Box<peftkit_merge::MergeError>),
     /// A strict load found parameters the checkpoint lacks, or tensors the module lacks.
     #[error(
         "{dir}: {} parameter(s) of the module are not in the checkpoint [{}], {} tensor(s) of \
@@ -80,8 +80,25 @@ pub enum BurnError {
     },
 }
 
-impl From<peftkit_peft::ClassifyError> for BurnError {
-    fn from(e: peftkit_peft::ClassifyError) -> Self {
-        BurnError::Classify(Box::new(e))
-    }
+/// `From` for the errors of the layers below, boxed: they carry paths and names, and would
+/// make every `Result` of this crate large.
+macro_rules! boxed_from {
+    ($($variant:ident($ty:ty)),* $(,)?) => {
+        $(impl From<$ty> for BurnError {
+            fn from(e: $ty) -> Self {
+                BurnError::$variant(Box::new(e))
+            }
+        })*
+    };
 }
+
+boxed_from!(
+    Checkpoint(peftkit_checkpoint::CheckpointError),
+    Remap(peftkit_remap::RemapError),
+    Adapter(peftkit_peft::AdapterError),
+    AdapterConfig(peftkit_peft::ConfigError),
+    Targeting(peftkit_peft::TargetingError),
+    Classify(peftkit_peft::ClassifyError),
+    Save(peftkit_peft::SaveError),
+    Merge(peftkit_merge::MergeError),
+);

@@ -228,7 +228,7 @@ enum Factors {
     /// `a = √5`, i.e. U(±1/√in)), B zero.
     Fresh { gaussian: bool },
     /// Given in burn's layout (`a [in, r]`, `b [r, out]`), e.g. read from a peft adapter.
-    Given { a: TensorData, b: TensorData },
+    Given(Box<(TensorData, TensorData)>),
 }
 
 struct Plan {
@@ -274,9 +274,9 @@ impl Reparameterizer for PeftLora {
                     Tensor::<2>::zeros([r, d_out], &device),
                 )
             }
-            Factors::Given { a, b } => (
-                Tensor::<2>::from_data(a, &device),
-                Tensor::<2>::from_data(b, &device),
+            Factors::Given(ab) => (
+                Tensor::<2>::from_data(ab.0, &device),
+                Tensor::<2>::from_data(ab.1, &device),
             ),
         };
         let adapter = LoraAdapter {
@@ -409,7 +409,7 @@ pub(crate) fn attach_factors<M: Module>(
             let plan = Plan {
                 rank: m.rank,
                 scale: m.scale,
-                factors: Factors::Given { a, b },
+                factors: Factors::Given(Box::new((a, b))),
             };
             (name, plan)
         })
