@@ -15,7 +15,14 @@
 //!   adapters in and out of burn 0.22, with a Llama-family model that trains LoRA.
 //!
 //! The types most programs start from are also re-exported here, flat
-//! ([`Checkpoint`], [`StateDict`], [`Registry`], ...).
+//! ([`Checkpoint`], [`StateDict`], [`Registry`], [`MergeJob`], [`diff_checkpoints`], ...).
+//! Options structs are built from `Default` (or a constructor) with one chained setter per
+//! field, so a field added later breaks no caller:
+//!
+//! ```
+//! let options = peftkit::SaveOptions::default().variant("fp16").durable(false);
+//! assert_eq!(options.variant.as_deref(), Some("fp16"));
+//! ```
 //!
 //! The `peftkit` binary is a thin command-line layer over these, built with the default `cli`
 //! feature. A library user can turn it off (`default-features = false`) to leave out clap,
@@ -33,9 +40,14 @@ pub use peftkit_remap as remap;
 pub use peftkit_burn as burn;
 
 pub use peftkit_checkpoint::{
-    Checkpoint, CheckpointError, Dtype, ModelConfig, SaveOptions, StateDict, Tensor, WeightsKind,
+    resolve_model_path, Checkpoint, CheckpointError, Dtype, HubCache, ModelConfig, RepoSpec,
+    SaveOptions, StateDict, Tensor, WeightsKind,
 };
-pub use peftkit_remap::{Mapping, Registry, RemapError, RemapOptions, ReshardOptions, Revert};
+pub use peftkit_merge::{AdapterInput, MergeJob};
+pub use peftkit_remap::{
+    convert, diff_checkpoints, DiffOptions, Mapping, Registry, RemapError, RemapOptions,
+    ReshardOptions, Revert,
+};
 
 /// The examples of docs/library.md, compiled and run as doc tests so the guide cannot rot.
 #[cfg(doctest)]

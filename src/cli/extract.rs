@@ -9,7 +9,8 @@ use peftkit::peft;
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// A .safetensors file or a checkpoint folder holding a full PEFT state dict.
+    /// A .safetensors or .bin file, or a checkpoint folder (or cached repo id), holding a
+    /// full PEFT state dict.
     #[arg(long)]
     from: PathBuf,
     /// The adapter folder to write.
@@ -39,6 +40,9 @@ pub(crate) struct Args {
     /// Also write the clean base checkpoint (no base_layer, no adapter tensors) here.
     #[arg(long)]
     base_out: Option<PathBuf>,
+    /// Print a JSON report instead of the summary line.
+    #[arg(long)]
+    json: bool,
 }
 
 pub(crate) fn run(args: Args) -> Result<ExitCode> {
@@ -54,7 +58,9 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         task_type,
         base_config,
         base_out,
+        json,
     } = args;
+    let from = super::resolve(&from)?;
     let mut o = ExtractOptions::new(&out);
     o.adapter_name = adapter_name;
     o.use_rslora = use_rslora;
@@ -65,7 +71,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
     if let Some(p) = &config {
         let (c, warnings) = peft::AdapterConfig::from_file(p)?;
         for w in warnings {
-            eprintln!("warning: {}: {w}", p.display());
+            super::warning(format!("{}: {w}", p.display()));
         }
         o.config = Some(c);
     }
@@ -79,10 +85,14 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         o.model.config = Some(ckpt::ModelConfig::read(p)?);
     }
     let report = extract(&from, &o)?;
-    for note in &report.notes {
-        eprintln!("note: {note}");
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    for note in &report.notes {
+        super::note(note);
+    }
+    super::summary(format!(
         "{}: adapter `{}` ({} config){}",
         out.display(),
         report.adapter_name,
@@ -92,6 +102,6 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
             .as_ref()
             .map(|b| format!(", base in {}", b.dir.display()))
             .unwrap_or_default()
-    );
+    ));
     Ok(ExitCode::SUCCESS)
 }

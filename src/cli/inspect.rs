@@ -4,14 +4,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use peftkit::checkpoint::{CheckpointSummary, WeightsKind};
+use peftkit::checkpoint::CheckpointSummary;
 use peftkit::peft;
 
-use super::{guess_kind, open_any};
+use super::{human, open_any};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// A checkpoint folder, a .safetensors file, or an adapter folder.
+    /// A checkpoint folder, a .safetensors or .bin file, an adapter folder, or a repo id
+    /// (org/name[@revision]) in the local Hugging Face cache.
     path: PathBuf,
     /// Print one JSON object instead of a table.
     #[arg(long)]
@@ -27,15 +28,10 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         json,
         variant,
     } = args;
+    let path = super::resolve(&path)?;
     let ckpt = open_any(&path, variant.as_deref())?;
     let summary = CheckpointSummary::of(&ckpt);
-    // summarize_path opens the path again without the variant, which finds no weights
-    // in a folder holding only model.VARIANT.safetensors: use what was opened.
-    let adapters = if variant.is_some() && guess_kind(&path) == WeightsKind::Model {
-        peft::summarize_adapters(&ckpt.state_dict(), None)?
-    } else {
-        peft::summarize_path(&path)?
-    };
+    let adapters = peft::summarize_path_variant(&path, variant.as_deref())?;
     if json {
         let mut v = serde_json::to_value(&summary)?;
         v["adapters"] = serde_json::to_value(&adapters)?;
@@ -58,25 +54,25 @@ fn print_summary(s: &CheckpointSummary) {
         .unwrap_or(4)
         .max(4);
     println!(
-        "{:width$}  {:6}  {:>16}  {:>12}  file",
-        "name", "dtype", "shape", "bytes"
+        "{:width$}  {:6}  {:>16}  {:>10}  file",
+        "name", "dtype", "shape", "size"
     );
     for t in &s.tensors {
         println!(
-            "{:width$}  {:6}  {:>16}  {:>12}  {}",
+            "{:width$}  {:6}  {:>16}  {:>10}  {}",
             t.name,
             t.dtype,
             format!("{:?}", t.shape),
-            t.bytes,
+            human::bytes(t.bytes),
             t.file
         );
     }
     println!(
-        "{} tensors, {} parameters, {} bytes in {} file(s){}",
-        s.total_tensors,
-        s.total_parameters,
-        s.total_size,
-        s.files.len(),
+        "{}, {} parameters, {} in {}{}",
+        human::plural(s.total_tensors, "tensor", "tensors"),
+        human::count(s.total_parameters),
+        human::bytes(s.total_size),
+        human::plural(s.files.len(), "file", "files"),
         s.index
             .as_ref()
             .map(|i| format!(" + {i}"))
@@ -87,11 +83,11 @@ fn print_summary(s: &CheckpointSummary) {
 fn print_adapter(a: &peft::AdapterSummary) {
     let ranks: Vec<String> = a.ranks.iter().map(|(r, n)| format!("r={r} x{n}")).collect();
     println!(
-        "adapter `{}`: {} ({:?}), {} modules, {}{}{}",
+        "adapter `{}`: {} ({}), {}, {}{}{}",
         a.name,
         a.method,
         a.layout,
-        a.modules,
+        human::plural(a.modules, "module", "modules"),
         ranks.join(", "),
         if a.use_dora { ", DoRA" } else { "" },
         if a.lora_bias { ", lora_bias" } else { "" }
@@ -104,8 +100,12 @@ fn print_adapter(a: &peft::AdapterSummary) {
     }
     for s in &a.scaling {
         println!(
-            "  scaling: {}",
-            serde_json::to_string(s).unwrap_or_default()
+            "  scaling: {} (alpha {} / {}r with r={}) on {}",
+            s.scaling,
+            s.alpha,
+            if s.use_rslora { "sqrt " } else { "" },
+            s.r,
+            human::plural(s.modules, "module", "modules")
         );
     }
     for n in &a.notes {

@@ -3,19 +3,21 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use peftkit::checkpoint::{self as ckpt, Checkpoint};
 use peftkit::merge;
 
-use super::progress;
+use super::{human, note, on_bytes, progress, summary, ui};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// The base checkpoint folder.
+    /// The base checkpoint folder (safetensors or .bin), or a repo id (org/name[@revision])
+    /// in the local Hugging Face cache. Default: the first adapter's
+    /// base_model_name_or_path, when it is a folder or a cached repo.
     #[arg(long)]
-    base: PathBuf,
-    /// An adapter folder, optionally with a weight: DIR or DIR:WEIGHT. Repeat to merge
-    /// several, in order.
+    base: Option<PathBuf>,
+    /// An adapter folder or cached repo id, optionally with a weight: DIR or DIR:WEIGHT.
+    /// Repeat to merge several, in order.
     #[arg(long = "adapter", required = true)]
     adapters: Vec<String>,
     /// Output folder (created, or replaced atomically).
@@ -57,59 +59,90 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
     } = args;
     let adapters = adapters
         .iter()
-        .map(|a| merge::AdapterInput::parse(a))
-        .collect();
+        .map(|a| {
+            let mut input = merge::AdapterInput::parse(a);
+            input.dir = super::resolve(&input.dir)?;
+            Ok(input)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let base = match base {
+        Some(b) => super::resolve(&b)?,
+        None => base_of(&adapters[0].dir)?,
+    };
     let max_shard_size = max_shard_size
         .as_deref()
-        .map(ckpt::parse_size)
+        .map(ckpt::parse_max_shard_size)
         .transpose()?;
-    let bar = progress(Checkpoint::open(&base)?.total_bytes());
-    let on_bytes = bar.clone();
+    let bar = progress(Checkpoint::open(&base)?.total_bytes(), !no_fsync);
     let job = merge::MergeJob::new(base, adapters, out)
         .max_shard_size(max_shard_size)
         .safe_merge(safe_merge)
         .unmerge(unmerge)
         .durable(!no_fsync)
         .numerics(numerics)
-        .progress(move |n| on_bytes.inc(n));
-    let summary = merge::merge(&job)?;
+        .progress(on_bytes(&bar, !no_fsync));
+    let report = merge::merge(&job)?;
     bar.finish_and_clear();
     if json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!(
-            "{}: {} tensors merged ({} numerics), {} replaced, {} copied{} in {:.2} s",
+        summary(format!(
+            "{}: {} merged ({} numerics), {} replaced, {} copied{} in {:.2} s",
             job.out.display(),
-            summary.tensors_merged,
-            summary.numerics.mode,
-            summary.tensors_replaced,
-            summary.tensors_copied,
-            if summary.untied_embeddings {
+            human::plural(report.tensors_merged, "tensor", "tensors"),
+            report.numerics.mode,
+            human::count(report.tensors_replaced as u64),
+            human::count(report.tensors_copied as u64),
+            if report.untied_embeddings {
                 ", embeddings untied"
             } else {
                 ""
             },
-            summary.seconds
-        );
-        print_numerics(&summary.numerics);
+            report.seconds
+        ));
+        print_numerics(&report.numerics);
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// The base an adapter names in `base_model_name_or_path`, resolved like `--base`.
+fn base_of(adapter: &std::path::Path) -> Result<PathBuf> {
+    let (config, _) = peftkit::peft::AdapterConfig::from_dir(adapter)?;
+    let Some(name) = config.base_model_name_or_path() else {
+        anyhow::bail!(
+            "{}: adapter_config.json has no base_model_name_or_path: pass --base",
+            adapter.display()
+        );
+    };
+    super::resolve(std::path::Path::new(name)).with_context(|| {
+        format!(
+            "the base model `{name}` named by {}/adapter_config.json (pass --base to use another)",
+            adapter.display()
+        )
+    })
+}
+
 /// Tells, on stderr, what the merge could not promise bit for bit.
+/// Tells, on stderr, what the merge could not promise bit for bit (and, with `-v`, which
+/// reduction order it used).
 fn print_numerics(n: &merge::NumericsReport) {
     if !n.host_measured {
-        eprintln!(
-            "note: this CPU family was never measured against peft; merged with the {} order",
+        note(format!(
+            "this CPU family was never measured against peft; merged with the {} order",
             n.reduction_order
-        );
+        ));
+    } else if ui().verbose {
+        note(format!(
+            "merged with the {} reduction order, measured on this CPU family",
+            n.reduction_order
+        ));
     }
     if !n.unverified_tensors.is_empty() {
-        eprintln!(
-            "note: {} tensor(s) agree with peft to {} ulp, not bit for bit (products outside the measured domain): {}",
+        note(format!(
+            "{} tensor(s) agree with peft to {} ulp, not bit for bit (products outside the measured domain): {}",
             n.unverified_tensors.len(),
             n.unverified_bound_ulp,
             n.unverified_tensors.join(", ")
-        );
+        ));
     }
 }

@@ -8,11 +8,11 @@ use anyhow::Result;
 use peftkit::peft;
 use peftkit::remap::{RemapOptions, Revert, TensorLayout};
 
-use super::resave_options;
+use super::{human, resave_options, summary};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// The checkpoint folder to read.
+    /// The checkpoint folder to read, or a cached repo id (org/name[@revision]).
     dir: PathBuf,
     /// Where to write (created, or replaced atomically).
     #[arg(long)]
@@ -23,7 +23,7 @@ pub(crate) struct Args {
     /// Model type whose table applies (default: config.json's model_type).
     #[arg(long)]
     model_type: Option<String>,
-    /// Largest shard: bytes or a decimal size such as 5GB.
+    /// Largest shard: a number of bytes (10000) or a decimal size (5GB, 500MB, 1.5 MB, 20KB).
     #[arg(long, default_value = "50GB")]
     max_shard_size: String,
     /// Variant of the output files.
@@ -51,9 +51,16 @@ pub(crate) struct Args {
     /// dropout).
     #[arg(long)]
     zero_dropout: bool,
+    /// Print a JSON report instead of the summary line.
+    #[arg(long)]
+    json: bool,
 }
 
-pub(crate) fn run(args: Args) -> Result<ExitCode> {
+pub(crate) fn run(mut args: Args) -> Result<ExitCode> {
+    args.dir = super::resolve(&args.dir)?;
+    if let Some(b) = &args.base {
+        args.base = Some(super::resolve(b)?);
+    }
     if args.dir.join("adapter_config.json").is_file() {
         return legacy_adapter(&args);
     }
@@ -67,9 +74,16 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         input_variant,
         restore_load_only,
         tables,
+        json,
         ..
     } = args;
-    let (save, bar) = resave_options(&dir, input_variant.as_deref(), &max_shard_size, variant)?;
+    let (save, bar) = resave_options(
+        &dir,
+        input_variant.as_deref(),
+        &max_shard_size,
+        variant,
+        true,
+    )?;
     let options = RemapOptions {
         save,
         src_variant: input_variant,
@@ -82,17 +96,21 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
     };
     let report = peftkit::remap::remap(&dir, &out, to, model_type.as_deref(), &options)?;
     bar.finish_and_clear();
-    println!(
-        "{}: model_type {}, table {}, {} tensors converted, {} file(s)",
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    summary(format!(
+        "{}: model_type {}, table {}, {} converted, {}",
         out.display(),
         report.model_type,
         report
             .table
             .as_deref()
             .unwrap_or("none (legacy renames only)"),
-        report.tensors_converted,
-        report.save.weight_files.len()
-    );
+        human::plural(report.tensors_converted, "tensor", "tensors"),
+        human::plural(report.save.weight_files.len(), "file", "files")
+    ));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -108,6 +126,7 @@ fn legacy_adapter(args: &Args) -> Result<ExitCode> {
         base,
         drop_untargeted,
         zero_dropout,
+        json,
         ..
     } = args;
     if *to != TensorLayout::TransformersV5 {
@@ -130,14 +149,18 @@ fn legacy_adapter(args: &Args) -> Result<ExitCode> {
         zero_dropout: *zero_dropout,
     };
     let r = convert_legacy_adapter_dir_with(dir, out, model_type.as_deref(), &options)?;
-    println!(
-        "{}: legacy {} adapter fused with table {}: {} tensors ({} fused), {} dropped",
+    if *json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    summary(format!(
+        "{}: legacy {} adapter fused with table {}: {} ({} fused), {} dropped",
         out.display(),
         r.model_type,
         r.table,
-        r.tensors,
-        r.fused_tensors,
-        r.dropped.len()
-    );
+        human::plural(r.tensors, "tensor", "tensors"),
+        human::count(r.fused_tensors as u64),
+        human::count(r.dropped.len() as u64)
+    ));
     Ok(ExitCode::SUCCESS)
 }

@@ -3,17 +3,18 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::resave_options;
+use super::{human, resave_options, summary};
 use anyhow::Result;
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// The checkpoint folder to read.
+    /// The checkpoint folder to read (safetensors or .bin), or a cached repo id
+    /// (org/name[@revision]).
     dir: PathBuf,
     /// Where to write (created, or replaced atomically).
     #[arg(long)]
     out: PathBuf,
-    /// Largest shard: bytes or a decimal size such as 5GB, 500MB, 20KB.
+    /// Largest shard: a number of bytes (10000) or a decimal size (5GB, 500MB, 1.5 MB, 20KB).
     #[arg(long, default_value = "50GB")]
     max_shard_size: String,
     /// Variant of the output files (model.VARIANT.safetensors).
@@ -31,6 +32,13 @@ pub(crate) struct Args {
     /// Extra conversion table files (JSON, see adapters-spec/conversions/README.md).
     #[arg(long = "table")]
     tables: Vec<PathBuf>,
+    /// Cast floating tensors (torch's rounding), as from_pretrained(dtype=...) does:
+    /// bf16, f16 or f32. config.json's dtype follows.
+    #[arg(long, value_parser = super::parse_dtype)]
+    dtype: Option<peftkit::Dtype>,
+    /// Print a JSON report instead of the summary line.
+    #[arg(long)]
+    json: bool,
 }
 
 pub(crate) fn run(args: Args) -> Result<ExitCode> {
@@ -43,24 +51,37 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         no_fsync,
         model_type,
         tables,
+        dtype,
+        json,
     } = args;
-    let (mut save, bar) = resave_options(&dir, input_variant.as_deref(), &max_shard_size, variant)?;
-    save.durable = !no_fsync;
+    let dir = super::resolve(&dir)?;
+    let (save, bar) = resave_options(
+        &dir,
+        input_variant.as_deref(),
+        &max_shard_size,
+        variant,
+        !no_fsync,
+    )?;
     let options = peftkit::remap::ReshardOptions {
         save,
         src_variant: input_variant,
         model_type,
         tables,
+        dtype,
     };
     let report = peftkit::remap::reshard(&dir, &out, &options)?;
     bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     let save = &report.save;
-    println!(
-        "{}: {} tensors, {} bytes in {} file(s){}{}",
+    summary(format!(
+        "{}: {}, {} in {}{}{}",
         out.display(),
-        save.tensors,
-        save.total_size,
-        save.weight_files.len(),
+        human::plural(save.tensors, "tensor", "tensors"),
+        human::bytes(save.total_size),
+        human::plural(save.weight_files.len(), "file", "files"),
         save.index_file
             .as_ref()
             .map(|i| format!(" + {i}"))
@@ -72,6 +93,6 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
                 report.table.as_deref().unwrap_or("legacy")
             ),
         }
-    );
+    ));
     Ok(ExitCode::SUCCESS)
 }

@@ -1,4 +1,4 @@
-//! `--json` outputs (`inspect` and `merge`, the only verbs that have it): the exact set of keys
+//! `--json` outputs (`inspect`, `merge`, `diff`, `reshard`, `remap` and `extract`): the exact set of keys
 //! and their JSON types, the same for the examples in docs/cli.md, and the values checked
 //! against the fixtures.
 
@@ -144,6 +144,48 @@ fn merge_ty() -> Ty {
     ])
 }
 
+fn diff_ty() -> Ty {
+    let pair = |t: Ty| Obj(vec![("name", Str), ("a", t.clone()), ("b", t)]);
+    Obj(vec![
+        ("kinds", list(Str)),
+        ("layout", Str),
+        ("missing", list(Str)),
+        ("extra", list(Str)),
+        ("dtype_differs", list(pair(Str))),
+        ("shape_differs", list(pair(list(UInt)))),
+        (
+            "value_differs",
+            list(Obj(vec![
+                ("name", Str),
+                ("dtype", Str),
+                ("elements", UInt),
+                ("differing", UInt),
+                ("non_finite", UInt),
+                ("max_abs_diff", or_null(Num)),
+                ("max_ulp", or_null(UInt)),
+            ])),
+        ),
+        ("identical", UInt),
+    ])
+}
+
+/// Asserts that `v` is a `diff --json` object: exactly its keys and types.
+pub fn check_diff_json(v: &Value, at: &str) {
+    check(v, &diff_ty(), at);
+    for (k, allowed) in [
+        ("kinds", &["model", "adapter"][..]),
+        ("layout", &["stored", "transformers-v5"][..]),
+    ] {
+        let values: Vec<&Value> = match &v[k] {
+            Value::Array(items) => items.iter().collect(),
+            one => vec![one],
+        };
+        for x in values {
+            assert!(allowed.contains(&x.as_str().unwrap()), "{at}.{k}: {x}");
+        }
+    }
+}
+
 /// The ```json examples of docs/cli.md's section for `verb`.
 fn doc_examples(verb: &str) -> Vec<Value> {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/cli.md")).unwrap();
@@ -177,6 +219,15 @@ fn docs_examples_have_exactly_the_keys_and_types_of_the_output() {
         .as_array()
         .unwrap()
         .is_empty());
+    let diff = doc_examples("diff");
+    assert_eq!(diff.len(), 1);
+    check_diff_json(&diff[0], "docs diff example");
+    for k in ["dtype_differs", "shape_differs", "value_differs"] {
+        assert!(
+            !diff[0][k].as_array().unwrap().is_empty(),
+            "the example shows {k}"
+        );
+    }
     let merge = doc_examples("merge");
     assert_eq!(merge.len(), 1);
     check(&merge[0], &merge_ty(), "docs merge example");
@@ -559,4 +610,197 @@ fn merge_json_files_are_the_shards_written() {
     assert_eq!(v["files"], serde_json::json!(shards));
     let index = read_json(&out.join("model.safetensors.index.json"));
     assert_eq!(v["bytes"], index["metadata"]["total_size"]);
+}
+
+/// The `save` object of every writing verb's `--json`.
+fn save_ty() -> Ty {
+    Obj(vec![
+        ("dir", Str),
+        ("weight_files", list(Str)),
+        ("index_file", or_null(Str)),
+        ("tensors", UInt),
+        ("total_size", UInt),
+        ("dropped_ties", list(Str)),
+    ])
+}
+
+fn reshard_ty() -> Ty {
+    Obj(vec![
+        ("save", save_ty()),
+        ("model_type", or_null(Str)),
+        ("table", or_null(Str)),
+        ("rules_used", list(Str)),
+    ])
+}
+
+fn remap_ty() -> Ty {
+    Obj(vec![
+        ("save", save_ty()),
+        ("model_type", Str),
+        ("table", or_null(Str)),
+        ("rules_applied", list(Str)),
+        ("tensors_converted", UInt),
+    ])
+}
+
+fn remap_adapter_ty() -> Ty {
+    Obj(vec![
+        ("dir", Str),
+        ("model_type", Str),
+        ("table", Str),
+        ("fused_tensors", UInt),
+        ("tensors", UInt),
+        ("dropped", list(Str)),
+        ("copied", list(Str)),
+        ("save", save_ty()),
+    ])
+}
+
+fn extract_ty() -> Ty {
+    Obj(vec![
+        ("adapter_name", Str),
+        ("layout", Str),
+        ("inferred", Bool),
+        (
+            "adapter",
+            Obj(vec![
+                ("dir", Str),
+                ("weights", save_ty()),
+                ("model_card", or_null(Str)),
+            ]),
+        ),
+        ("base", or_null(save_ty())),
+        ("notes", list(Str)),
+    ])
+}
+
+/// Asserts that a `save` object describes the weight files in `dir` as the real library wrote
+/// them: the same files, tensor count and bytes, read from their headers.
+fn assert_save_matches(save: &Value, dir: &Path, at: &str) {
+    let files: Vec<String> = save["weight_files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap().to_owned())
+        .collect();
+    let on_disk: BTreeSet<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    assert_eq!(
+        files.iter().cloned().collect::<BTreeSet<_>>(),
+        on_disk,
+        "{at}"
+    );
+    let tensors: Vec<HeaderTensor> = files.iter().flat_map(|f| header(&dir.join(f))).collect();
+    assert_eq!(save["tensors"].as_u64(), Some(tensors.len() as u64), "{at}");
+    let bytes: u64 = tensors.iter().map(HeaderTensor::bytes).sum();
+    assert_eq!(save["total_size"].as_u64(), Some(bytes), "{at}");
+}
+
+#[test]
+fn writing_verbs_json_reports_what_transformers_and_peft_wrote() {
+    let tmp = tempfile::tempdir().unwrap();
+    // reshard: against transformers' own re-save.
+    let case = fixture("checkpoint/llama_reloaded_5KB");
+    let out = tmp.path().join("reshard");
+    let v = stdout_json(
+        &peftkit()
+            .arg("reshard")
+            .arg(case.join("source"))
+            .arg("--out")
+            .arg(&out)
+            .args(["--max-shard-size", "5KB", "--json", "--no-fsync"])
+            .assert()
+            .success(),
+    );
+    check(&v, &reshard_ty(), "reshard");
+    assert_save_matches(&v["save"], &case.join("expected"), "reshard");
+    assert_eq!(v["save"]["index_file"], "model.safetensors.index.json");
+
+    // remap: against transformers' v5 save of the same Mixtral.
+    let mixtral = fixture("remap/mixtral");
+    let v = stdout_json(
+        &peftkit()
+            .arg("remap")
+            .arg(mixtral.join("original"))
+            .arg("--out")
+            .arg(tmp.path().join("v5"))
+            .args(["--to", "transformers-v5", "--json"])
+            .assert()
+            .success(),
+    );
+    check(&v, &remap_ty(), "remap");
+    assert_save_matches(&v["save"], &mixtral.join("v5"), "remap");
+    assert_eq!(v["model_type"], "mixtral");
+
+    // remap of a legacy adapter: against peft's conversion.
+    let convert = fixture("convert/mixtral");
+    let v = stdout_json(
+        &peftkit()
+            .arg("remap")
+            .arg(convert.join("legacy_adapter"))
+            .arg("--out")
+            .arg(tmp.path().join("fused"))
+            .args([
+                "--to",
+                "transformers-v5",
+                "--model-type",
+                "mixtral",
+                "--json",
+            ])
+            .assert()
+            .success(),
+    );
+    check(&v, &remap_adapter_ty(), "remap adapter");
+    assert_save_matches(
+        &v["save"],
+        &convert.join("converted_adapter"),
+        "remap adapter",
+    );
+    assert_eq!(v["tensors"], v["save"]["tensors"]);
+
+    // extract: against peft's adapter and the clean base.
+    let case = peft_case("lora_basic");
+    let v = stdout_json(
+        &peftkit()
+            .arg("extract")
+            .arg("--from")
+            .arg(case.join("full_state_dict.safetensors"))
+            .arg("--base-config")
+            .arg(case.join("base/config.json"))
+            .args(["--lora-alpha", "8", "--json"])
+            .arg("--out")
+            .arg(tmp.path().join("adapter"))
+            .arg("--base-out")
+            .arg(tmp.path().join("base"))
+            .assert()
+            .success(),
+    );
+    check(&v, &extract_ty(), "extract");
+    assert_save_matches(
+        &v["adapter"]["weights"],
+        &case.join("adapter"),
+        "extract adapter",
+    );
+    assert_save_matches(&v["base"], &case.join("base"), "extract base");
+    assert_eq!(
+        (v["layout"].as_str(), v["inferred"].as_bool()),
+        (Some("peft_model"), Some(true))
+    );
+}
+
+#[test]
+fn writing_verbs_json_examples_in_the_docs_have_the_output_types() {
+    let reshard = doc_examples("reshard");
+    assert_eq!(reshard.len(), 1);
+    check(&reshard[0], &reshard_ty(), "docs reshard");
+    let remap = doc_examples("remap");
+    assert_eq!(remap.len(), 2, "a checkpoint and a legacy adapter");
+    check(&remap[0], &remap_ty(), "docs remap");
+    check(&remap[1], &remap_adapter_ty(), "docs remap adapter");
+    let extract = doc_examples("extract");
+    assert_eq!(extract.len(), 1);
+    check(&extract[0], &extract_ty(), "docs extract");
 }

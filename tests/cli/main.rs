@@ -10,13 +10,18 @@
 //!   extract and remap;
 //! * `failures`: exit codes and messages of usage errors, bad inputs and corrupted checkpoints,
 //!   and that a failed command writes nothing;
-//! * `json`: the `--json` outputs of `inspect` and `merge`: exact keys and JSON types (those of
+//! * `json`: the `--json` outputs of `inspect`, `merge` and `diff`: exact keys and JSON types (those of
 //!   the examples in docs/cli.md too), values cross-checked against the fixtures;
+//! * `diff`: `peftkit diff` against differences recomputed from the files' raw bytes;
+//! * `ui`: completions, man pages, `-q`, `--max-shard-size` forms;
 //! * `help`: `--help`, `--version` and the flags docs/cli.md lists.
 
+mod diff;
 mod failures;
 mod help;
+mod hub;
 mod json;
+mod ui;
 mod verbs;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -228,6 +233,46 @@ pub fn weight_files(dir: &Path, index: Option<&str>, single: &str) -> Vec<String
 /// The stdout of a successful run, as text.
 pub fn stdout_of(assert: &assert_cmd::assert::Assert) -> String {
     String::from_utf8(assert.get_output().stdout.clone()).unwrap()
+}
+
+/// How the text outputs print a size: bytes below 1000, else two decimals of the largest
+/// decimal unit (`26.94 kB`, `1.50 GB`), the units of `--max-shard-size`.
+pub fn human_bytes(n: u64) -> String {
+    if n < 1000 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64;
+    let mut unit = "B";
+    for u in ["kB", "MB", "GB", "TB", "PB"] {
+        if value < 1000.0 {
+            break;
+        }
+        value /= 1000.0;
+        unit = u;
+    }
+    format!("{value:.2} {unit}")
+}
+
+/// How the text outputs print a count: thousands separated by commas (`6,736`).
+pub fn human_count(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `N thing` or `N things`, the count as [`human_count`] prints it.
+pub fn human_plural(n: usize, one: &str, many: &str) -> String {
+    format!(
+        "{} {}",
+        human_count(n as u64),
+        if n == 1 { one } else { many }
+    )
 }
 
 /// The stderr of a run, as text.

@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use crate::{
-    adapter_dirs, assert_same_adapter, assert_same_dir, entries, fixture, header, peft_case,
-    peftkit, read, stdout_of, weight_files,
+    adapter_dirs, assert_same_adapter, assert_same_dir, entries, fixture, header, human_bytes,
+    human_count, human_plural, peft_case, peftkit, read, stdout_of, weight_files,
 };
 
 /// Low-rank merges whose result does not depend on the host's float arithmetic (no conv, no
@@ -146,10 +146,11 @@ fn reshard_reproduces_transformers_save_pretrained() {
         assert_eq!(
             stdout_of(&ok),
             format!(
-                "{}: {} tensors, {bytes} bytes in {} file(s) + {index}\n",
+                "{}: {}, {} in {} + {index}\n",
                 out.display(),
-                tensors.len(),
-                shards.len()
+                human_plural(tensors.len(), "tensor", "tensors"),
+                human_bytes(bytes),
+                human_plural(shards.len(), "file", "files")
             ),
             "{case}"
         );
@@ -511,16 +512,21 @@ fn inspect_lists_every_tensor_and_the_totals() {
             let words: Vec<&str> = line.split_whitespace().collect();
             assert_eq!(words[0], t.name);
             assert_eq!(words[1], t.dtype);
-            assert!(words.contains(&t.bytes().to_string().as_str()), "{line}");
+            assert!(
+                line.contains(&format!(" {} ", human_bytes(t.bytes()))),
+                "{line}"
+            );
         }
         let params: u64 = tensors.iter().map(|t| t.numel()).sum();
         let bytes: u64 = tensors.iter().map(|t| t.bytes()).sum();
         assert_eq!(
             *lines.last().unwrap(),
             format!(
-                "{} tensors, {params} parameters, {bytes} bytes in {} file(s){}",
-                tensors.len(),
-                files.len(),
+                "{}, {} parameters, {} in {}{}",
+                human_plural(tensors.len(), "tensor", "tensors"),
+                human_count(params),
+                human_bytes(bytes),
+                human_plural(files.len(), "file", "files"),
                 index.map(|i| format!(" + {i}")).unwrap_or_default()
             )
         );
@@ -548,12 +554,22 @@ fn inspect_describes_an_adapter_folder() {
             .filter(|t| t.name.contains(".lora_A."))
             .count();
         let line = format!(
-            "adapter `{name}`: {} (PeftAdapter), {modules} modules, r={r} x{modules}",
+            "adapter `{name}`: {} (adapter file), {modules} modules, r={r} x{modules}",
             config["peft_type"].as_str().unwrap()
         );
         assert!(
             text.lines().any(|l| l == line),
             "no line `{line}` in:\n{text}"
+        );
+        // The scaling peft applies, alpha / r, from the config.
+        let alpha = config["lora_alpha"].as_f64().unwrap();
+        let scaling = format!(
+            "  scaling: {} (alpha {alpha} / r with r={r}) on {modules} modules",
+            (alpha / r as f64) as f32
+        );
+        assert!(
+            text.lines().any(|l| l == scaling),
+            "no `{scaling}` in:\n{text}"
         );
     }
 }

@@ -8,40 +8,53 @@
 //! * [`save_pretrained`]: the files of transformers' `save_pretrained`, byte for byte.
 //! * [`Checkpoint`]: a single-file or sharded checkpoint opened by its headers, validated.
 //! * [`verify`]: every inconsistency of a checkpoint on disk.
+//! * [`HubCache`], [`RepoSpec`], [`resolve_model_path`]: repo ids resolved from the local
+//!   Hugging Face cache, offline.
+//! * `.bin` weights (`torch.save` pickles) open as checkpoints, read by a restricted unpickler
+//!   that never runs code; [`cast_tensor`] casts dtypes with torch's rounding.
+//! * [`diff_state_dicts`]: how two state dicts differ, tensor by tensor, streaming.
 //! * [`Progress`]: the byte-count callback a long save reports to, held by
 //!   [`SaveOptions::progress`] (and by the options of the crates above this one).
 //!
 //! Every module is private; the items are re-exported here, flat, so a module can be split
 //! or renamed without breaking a caller. Inside, modules depend one way: `error`, `pyjson`,
-//! `natural`, `progress` <- `tensor`, `names`, `shard`, `atomic`, `companion` <-
-//! `safetensors_file`, `index`, `config` <- `checkpoint` <- `inspect`, `save`.
+//! `natural`, `progress` <- `tensor`, `names`, `shard`, `atomic`, `companion`, `hub` <-
+//! `safetensors_file`, `pickle`, `index`, `config`, `cast` <- `checkpoint` <- `inspect`, `save`.
 
 #![deny(missing_docs)]
 
 mod atomic;
+mod cast;
 mod checkpoint;
 mod companion;
 mod config;
+mod diff;
 mod error;
+mod hub;
 mod index;
 mod inspect;
 mod names;
 mod natural;
 mod overlap;
+mod pickle;
 mod progress;
 mod pyjson;
 mod safetensors_file;
 mod save;
+mod setters;
 mod shard;
 mod tensor;
 
 pub use atomic::DirTransaction;
-pub use checkpoint::{find_file_layout, verify, Checkpoint, FileLayout, WeightFile};
+pub use cast::{cast_state_dict, cast_tensor, parse_cast_dtype};
+pub use checkpoint::{find_file_layout, verify, Checkpoint, FileLayout, WeightFile, WeightFormat};
 pub use companion::{companion_files, is_weights_file};
 pub use config::{
     GenerationConfig, ModelConfig, GENERATION_CONFIG_NAME, MODEL_CONFIG_NAME, TRANSFORMERS_VERSION,
 };
+pub use diff::{diff_state_dicts, DtypeDiff, ShapeDiff, StateDictDiff, ValueDiff};
 pub use error::{CheckpointError, Result};
+pub use hub::{resolve_model_path, HubCache, RepoSpec};
 pub use index::WeightIndex;
 pub use inspect::{CheckpointSummary, TensorSummary};
 pub use names::{WeightsKind, WeightsNames};
@@ -58,7 +71,7 @@ pub use safetensors_file::{
 pub use save::{
     plan_save, save_planned, save_pretrained, torch_dtype_name, SaveOptions, SavePlan, SaveReport,
 };
-pub use shard::{parse_size, plan_shards, PlanItem, DEFAULT_MAX_SHARD_SIZE};
+pub use shard::{parse_max_shard_size, parse_size, plan_shards, PlanItem, DEFAULT_MAX_SHARD_SIZE};
 pub use tensor::{
     buffers, byte_len, dtype_name, dtype_size, parse_dtype, Dtype, Producer, SourceFile, StateDict,
     Tensor,

@@ -42,6 +42,14 @@ impl Progress {
     }
 }
 
+/// Any byte-count callback is a [`Progress`], so setters taking `impl Into<Progress>` take a
+/// closure.
+impl<F: Fn(u64) + Send + Sync + 'static> From<F> for Progress {
+    fn from(on_bytes: F) -> Self {
+        Progress::new(on_bytes)
+    }
+}
+
 impl fmt::Debug for Progress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self.0 {

@@ -15,6 +15,15 @@ use crate::shard::{plan_shards, PlanItem, DEFAULT_MAX_SHARD_SIZE};
 use crate::tensor::{StateDict, Tensor};
 
 /// Options of [`save_pretrained`], named after transformers' keyword arguments.
+///
+/// Build them from [`Default`] with the chained setters (one per field), or with
+/// `SaveOptions { .., ..Default::default() }`, so a field added later breaks no caller:
+///
+/// ```
+/// use peftkit_checkpoint::{SaveOptions, WeightsKind};
+/// let o = SaveOptions::default().max_shard_size(5_000_000_000u64).variant("fp16").durable(false);
+/// assert_eq!((o.max_shard_size, o.variant.as_deref(), o.kind), (5_000_000_000, Some("fp16"), WeightsKind::Model));
+/// ```
 #[derive(Debug, Clone)]
 pub struct SaveOptions {
     /// Largest shard in bytes (see [`crate::parse_size`] for `"5GB"`-style strings).
@@ -71,8 +80,23 @@ impl Default for SaveOptions {
     }
 }
 
-/// What a save wrote.
-#[derive(Debug, Clone, PartialEq, Eq)]
+crate::option_setters!(SaveOptions {
+    max_shard_size: u64,
+    variant: Some(String),
+    is_main_process: bool,
+    metadata: BTreeMap<String, String>,
+    tied_weights: Vec<(String, String)>,
+    kind: WeightsKind,
+    total_parameters: Some(u64),
+    config: Some(ModelConfig),
+    generation_config: Some(GenerationConfig),
+    extra_files: Vec<(String, Vec<u8>)>,
+    durable: bool,
+    progress: Progress,
+});
+
+/// What a save wrote (serialized as the `save` object of `peftkit reshard --json` and others).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SaveReport {
     /// Final folder.
     pub dir: PathBuf,

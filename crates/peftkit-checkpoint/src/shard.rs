@@ -35,7 +35,7 @@ pub fn parse_size(input: &str) -> Result<u64> {
         "MB" => 1e6,
         "GB" => 1e9,
         "TB" => 1e12,
-        other => return Err(err(&format!("unit `{other}` is not supported"))),
+        _ => return Err(err(&unit_problem(s))),
     };
     let number = number.trim();
     let value: f64 =
@@ -46,6 +46,47 @@ pub fn parse_size(input: &str) -> Result<u64> {
     }
     // Python's int() truncates toward zero.
     Ok(bytes.trunc() as u64)
+}
+
+/// Parses a `max_shard_size` as transformers takes it, `int | str`: an integer is a number of
+/// bytes (`"10000"`), anything else goes through [`parse_size`] (`"5GB"`, `"1.5 MB"`). This is
+/// what the command line's `--max-shard-size` accepts.
+///
+/// ```
+/// use peftkit_checkpoint::parse_max_shard_size;
+/// assert_eq!(parse_max_shard_size("10000").unwrap(), 10_000);
+/// assert_eq!(parse_max_shard_size("5GB").unwrap(), 5_000_000_000);
+/// let e = parse_max_shard_size("5 GiB").unwrap_err().to_string();
+/// assert!(e.contains("`GiB`") && e.contains("10000") && e.contains("50GB"), "{e}");
+/// ```
+pub fn parse_max_shard_size(input: &str) -> Result<u64> {
+    let s = input.trim();
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse().map_err(|_| CheckpointError::InvalidShardSize {
+            input: input.to_owned(),
+            reason: "the number of bytes does not fit in 64 bits".to_owned(),
+        });
+    }
+    parse_size(input)
+}
+
+/// Why the end of `s` is not a unit. huggingface_hub reads the last two characters as the unit
+/// (`"5 GiB"` gives `IB`); the message names the whole trailing word instead, which is what the
+/// user typed.
+fn unit_problem(s: &str) -> String {
+    let word_start = s
+        .char_indices()
+        .rev()
+        .take_while(|(_, c)| c.is_alphabetic())
+        .last()
+        .map_or(s.len(), |(i, _)| i);
+    match &s[word_start..] {
+        "" => "no unit".to_owned(),
+        w if w.len() == 3 && w[1..2].eq_ignore_ascii_case("i") => {
+            format!("`{w}` is a binary unit, which huggingface_hub does not accept")
+        }
+        w => format!("`{w}` is not a unit"),
+    }
 }
 
 /// Accepts what Python's `float()` accepts for plain decimal numbers (no `inf`/`nan`, no
@@ -158,8 +199,29 @@ mod tests {
         }
         let msg = parse_size("5GiB").unwrap_err().to_string();
         assert!(
-            msg.contains("50GB") && msg.contains("KB, MB, GB, TB"),
+            msg.contains("50GB") && msg.contains("KB, MB, GB or TB") && msg.contains("`GiB`"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn max_shard_size_is_an_integer_or_a_size_string() {
+        // transformers takes `int | str`: digits are bytes, the rest is parse_size_to_int.
+        assert_eq!(parse_max_shard_size("10000").unwrap(), 10_000);
+        assert_eq!(parse_max_shard_size(" 7 ").unwrap(), 7);
+        assert_eq!(parse_max_shard_size("1.5 MB").unwrap(), 1_500_000);
+        for (bad, why) in [
+            ("5 GiB", "`GiB` is a binary unit"),
+            ("5 G", "`G` is not a unit"),
+            ("12", ""),
+            ("99999999999999999999999", "64 bits"),
+            ("", "no unit"),
+            ("5 XB", "`XB` is not a unit"),
+        ] {
+            match parse_max_shard_size(bad) {
+                Err(e) => assert!(e.to_string().contains(why), "{bad}: {e}"),
+                Ok(n) => assert!(bad == "12" && n == 12, "{bad} accepted as {n}"),
+            }
+        }
     }
 }

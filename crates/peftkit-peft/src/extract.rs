@@ -145,14 +145,26 @@ impl ExtractOptions {
     }
 }
 
-/// What [`extract`] did.
-#[derive(Debug, Clone)]
+peftkit_checkpoint::option_setters!(ExtractOptions {
+    out: PathBuf,
+    adapter_name: Some(String),
+    lora_alpha: Some(Number),
+    use_rslora: bool,
+    config: Some(AdapterConfig),
+    base_out: Some(PathBuf),
+    model: BaseModelInfo,
+    save: AdapterSaveOptions,
+});
+
+/// What [`extract`] did (`peftkit extract --json`: every field but the config).
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ExtractReport {
     /// The adapter extracted.
     pub adapter_name: String,
     /// Layout of the source.
     pub layout: StateDictLayout,
     /// The config written (before `inference_mode` was forced on).
+    #[serde(skip)]
     pub config: AdapterConfig,
     /// Whether the config was inferred (no `--config`).
     pub inferred: bool,

@@ -43,9 +43,9 @@ pub use adapter::{Adapter, AdapterEntry, AdapterError, AdapterModule, AdapterTen
 pub use classify::{
     check_config, classify_state_dict, clean_base_key, conv1d_table, describe_tensor, infer_config,
     infer_lora_structure, origin_of, summarize_adapters, summarize_classified, summarize_path,
-    AdapterSummary, BaseModelInfo, ClassifiedStateDict, ClassifyError, ClassifyOptions,
-    InferOptions, Inferred, LoraStructure, ScalingSummary, StateDictLayout, TaskTypeChoice,
-    DEFAULT_ADAPTER_NAME, EMBEDDING_LAYER_NAMES, MODEL_PREFIX, PROMPT_BASE_PREFIX,
+    summarize_path_variant, AdapterSummary, BaseModelInfo, ClassifiedStateDict, ClassifyError,
+    ClassifyOptions, InferOptions, Inferred, LoraStructure, ScalingSummary, StateDictLayout,
+    TaskTypeChoice, DEFAULT_ADAPTER_NAME, EMBEDDING_LAYER_NAMES, MODEL_PREFIX, PROMPT_BASE_PREFIX,
 };
 pub use config::{
     AdapterConfig, ConfigError, ConfigWarning, GenericConfig, InitLoraWeights, LoraConfig,

@@ -148,8 +148,18 @@ impl Default for AdapterSaveOptions {
     }
 }
 
+peftkit_checkpoint::option_setters!(AdapterSaveOptions {
+    save_peft_format: bool,
+    max_shard_size: u64,
+    is_main_process: bool,
+    base_model_name_or_path: Some(String),
+    write_model_card: bool,
+    transformers_model: Some(bool),
+    extra_files: Vec<(String, Vec<u8>)>,
+});
+
 /// What [`save_adapter`] wrote.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct AdapterSaveReport {
     /// The adapter's folder (`dir`, or `dir/<name>`).
     pub dir: PathBuf,
@@ -305,7 +315,7 @@ fn adapter_save_options(
 /// `default`, into `dir/<name>` otherwise; the model card (if `dir` has none) into `dir`.
 ///
 /// `tensors` holds the adapter's entries under peft's on-disk keys (see
-/// [`crate::classify::AdapterTensors`]); `config` is written with `inference_mode: true`.
+/// [`crate::AdapterTensors`]); `config` is written with `inference_mode: true`.
 pub fn save_adapter(
     dir: &Path,
     adapter_name: &str,
@@ -373,6 +383,15 @@ pub struct PeftSaveOptions {
     /// Options of the base checkpoint save (`config.json`, ties, shard size, …).
     pub base: SaveOptions,
 }
+
+peftkit_checkpoint::option_setters!(PeftSaveOptions {
+    adapter: AdapterSaveOptions,
+    configs: IndexMap<String, AdapterConfig>,
+    infer: InferOptions,
+    selected_adapters: Some(Vec<String>),
+    save_base: bool,
+    base: SaveOptions,
+});
 
 /// What [`save_pretrained`] wrote.
 #[derive(Debug, Clone)]

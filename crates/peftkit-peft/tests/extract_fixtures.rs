@@ -19,9 +19,9 @@ use std::path::{Path, PathBuf};
 use peftkit_checkpoint::{Checkpoint, Dtype, ModelConfig, StateDict, Tensor};
 use peftkit_peft::{
     classify_state_dict, extract, parse_lora_alpha, save_adapter, save_pretrained,
-    summarize_adapters, summarize_path, AdapterConfig, AdapterSaveOptions, AdapterTensors,
-    BaseModelInfo, ClassifyError, ClassifyOptions, ExtractError, ExtractOptions, PeftSaveOptions,
-    StateDictLayout, TaskTypeChoice,
+    summarize_adapters, summarize_path, summarize_path_variant, AdapterConfig, AdapterSaveOptions,
+    AdapterTensors, BaseModelInfo, ClassifyError, ClassifyOptions, ExtractError, ExtractOptions,
+    PeftSaveOptions, StateDictLayout, TaskTypeChoice,
 };
 use serde_json::Value;
 
@@ -615,6 +615,13 @@ fn summaries_report_method_ranks_targets_and_scaling() {
 
     // A base checkpoint has none.
     assert!(summarize_path(&case_dir("lora_basic").join("base"))
+        .unwrap()
+        .is_empty());
+
+    // A folder holding only model.fp16-*.safetensors is read through its variant.
+    let variant_only = fixture_root("checkpoint").join("llama_variant_fp16/expected");
+    assert!(summarize_path(&variant_only).is_err());
+    assert!(summarize_path_variant(&variant_only, Some("fp16"))
         .unwrap()
         .is_empty());
 }

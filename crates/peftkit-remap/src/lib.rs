@@ -22,16 +22,19 @@
 //!   the shard planner of every re-save ([`reshard`], resharded merges).
 //! * [`remap`]: a whole checkpoint folder converted to the other layout.
 //! * [`reshard`]: a whole checkpoint folder re-saved with other shards, as transformers does.
+//! * [`diff_checkpoints`]: two checkpoints or adapters compared, through the tables when
+//!   their layouts differ.
 //! * [`Mapping::expert_pieces`]: where one expert's slice of a fused v5 parameter lives on disk.
 //!
 //! Dependencies point one way: `peftkit-checkpoint` <- `peftkit-remap` <- PEFT / CLI. Inside,
 //! modules depend one way too: `table` (pure data) <- `pattern` <- `ops` (over `view`, the
 //! strided lazy views) <- `engine` <- `registry` <- `resave` (every
-//! operation that writes a checkpoint folder). Every module is private; the items
+//! operation that writes a checkpoint folder) <- `diff`. Every module is private; the items
 //! are re-exported here, flat.
 
 #![deny(missing_docs)]
 
+mod diff;
 mod engine;
 mod error;
 mod ops;
@@ -41,12 +44,13 @@ mod resave;
 mod table;
 mod view;
 
+pub use diff::{diff_checkpoints, CheckpointDiff, DiffLayout, DiffOptions};
 pub use engine::{Direction, Forward, FusedPiece, Mapping, Revert, RoundTrip, UsedRules};
 pub use error::{RemapError, Result};
 pub use registry::Registry;
 pub use resave::{
-    checkpoint_mapping, remap, reshard, save_pretrained_original, RemapOptions, RemapReport,
-    ReshardOptions, ReshardReport, TensorLayout,
+    checkpoint_mapping, convert, remap, reshard, save_pretrained_original, RemapOptions,
+    RemapReport, ReshardOptions, ReshardReport, TensorLayout,
 };
 pub use table::{
     Aliases, ConversionTable, ConvertSpec, Op, Patterns, RenameSpec, ReversePolicy, Rule, SizeExpr,

@@ -56,6 +56,14 @@ pub struct MergeOptions {
     pub numerics: Numerics,
 }
 
+peftkit_checkpoint::option_setters!(MergeOptions {
+    safe_merge: bool,
+    round_delta_first: bool,
+    unmerge: bool,
+    adapter_dtype: Some(Dtype),
+    numerics: Numerics,
+});
+
 impl MergeOptions {
     fn adapter_round(&self) -> Result<Option<Dtype>> {
         adapter_rounding(self.adapter_dtype)

@@ -30,6 +30,13 @@ pub struct BaseModelInfo {
     pub config: Option<ModelConfig>,
 }
 
+peftkit_checkpoint::option_setters!(BaseModelInfo {
+    name_or_path: Some(String),
+    task_type: TaskTypeChoice,
+    auto_mapping: Some(Value),
+    config: Some(ModelConfig),
+});
+
 impl BaseModelInfo {
     /// `model_type` of the config.
     pub fn model_type(&self) -> Option<&str> {

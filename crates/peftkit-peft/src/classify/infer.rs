@@ -438,6 +438,12 @@ pub struct InferOptions {
     pub model: BaseModelInfo,
 }
 
+peftkit_checkpoint::option_setters!(InferOptions {
+    lora_alpha: Some(Number),
+    use_rslora: bool,
+    model: BaseModelInfo,
+});
+
 /// An inferred config and how it was settled.
 #[derive(Debug, Clone)]
 pub struct Inferred {

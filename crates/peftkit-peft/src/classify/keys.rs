@@ -41,6 +41,24 @@ pub struct ClassifyOptions {
     pub disk_adapter_name: Option<String>,
 }
 
+/// For people: `PEFT model state dict`, `adapter file`, `burn export`, `plain checkpoint` (the
+/// JSON form is the snake_case variant name).
+impl std::fmt::Display for StateDictLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StateDictLayout::PeftModel => "PEFT model state dict",
+            StateDictLayout::PeftAdapter => "adapter file",
+            StateDictLayout::Burn => "burn export",
+            StateDictLayout::Base => "plain checkpoint",
+        })
+    }
+}
+
+peftkit_checkpoint::option_setters!(ClassifyOptions {
+    peft_type: Some(String),
+    disk_adapter_name: Some(String),
+});
+
 /// A classified state dict.
 #[derive(Debug, Clone)]
 pub struct ClassifiedStateDict {

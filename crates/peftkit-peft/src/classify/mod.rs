@@ -73,8 +73,8 @@ pub use keys::{
     classify_state_dict, clean_base_key, ClassifiedStateDict, ClassifyOptions, StateDictLayout,
 };
 pub use summary::{
-    describe_tensor, summarize_adapters, summarize_classified, summarize_path, AdapterSummary,
-    ScalingSummary,
+    describe_tensor, summarize_adapters, summarize_classified, summarize_path,
+    summarize_path_variant, AdapterSummary, ScalingSummary,
 };
 
 use crate::embedded::EMBEDDED_CONV1D_MODULES_JSON;

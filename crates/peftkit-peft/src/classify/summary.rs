@@ -171,6 +171,15 @@ pub fn summarize_classified(
 /// Summaries of the adapters at `path`: an adapter folder (its `adapter_config.json` and
 /// weights, and every named sub-adapter), a checkpoint folder, or a `.safetensors` file.
 pub fn summarize_path(path: &Path) -> Result<Vec<AdapterSummary>, ClassifyError> {
+    summarize_path_variant(path, None)
+}
+
+/// [`summarize_path`] of the `variant` weight files (`model.VARIANT.safetensors`) of a
+/// checkpoint folder; adapter folders have no variants (peft writes none).
+pub fn summarize_path_variant(
+    path: &Path,
+    variant: Option<&str>,
+) -> Result<Vec<AdapterSummary>, ClassifyError> {
     if path.is_dir() && path.join(ADAPTER_CONFIG_NAME).is_file() || has_sub_adapters(path) {
         let mut out = Vec::new();
         for (name, dir) in crate::adapter::Adapter::list(path) {
@@ -187,10 +196,10 @@ pub fn summarize_path(path: &Path) -> Result<Vec<AdapterSummary>, ClassifyError>
         }
         return Ok(out);
     }
-    let ckpt = match Checkpoint::open(path) {
+    let ckpt = match Checkpoint::open_kind(path, WeightsKind::Model, variant) {
         Ok(c) => c,
         Err(CheckpointError::NotACheckpoint { .. }) if path.is_dir() => {
-            Checkpoint::open_kind(path, WeightsKind::Adapter, None)?
+            Checkpoint::open_kind(path, WeightsKind::Adapter, variant)?
         }
         Err(e) => return Err(e.into()),
     };

@@ -256,6 +256,10 @@ pub struct WriteOptions {
     pub set_order: SetOrder,
 }
 
+peftkit_checkpoint::option_setters!(WriteOptions {
+    set_order: SetOrder
+});
+
 pub(super) fn set_list_value(items: &[String], order: SetOrder) -> Value {
     let mut items = items.to_vec();
     if order == SetOrder::Sorted {

@@ -13,8 +13,8 @@ use crate::spec::Spec;
 
 use super::*;
 
-/// What [`convert_legacy_adapter_dir`] wrote.
-#[derive(Debug, Clone)]
+/// What [`convert_legacy_adapter_dir`] wrote (`peftkit remap --json` of a legacy adapter).
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ConvertReport {
     /// The output folder.
     pub dir: PathBuf,

@@ -217,6 +217,11 @@ pub struct ConvertOptions {
     pub zero_dropout: bool,
 }
 
+peftkit_checkpoint::option_setters!(ConvertOptions {
+    untargeted: Untargeted,
+    zero_dropout: bool,
+});
+
 /// The result of [`convert_legacy_experts_with`].
 #[derive(Debug, Clone)]
 pub struct Converted {
