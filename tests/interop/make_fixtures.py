@@ -17,6 +17,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from fixturegen import (  # noqa: E402
+    burn_cases,
     checkpoint_cases,
     convert_cases,
     hub_cases,
@@ -36,6 +37,7 @@ GENERATORS = {
     "reshard": reshard_cases.generate,  # reshard/ (reads peft/mixtral_experts/merged: after peft)
     "hub": hub_cases.generate,  # hub/: .bin weights, their safetensors re-saves, a Hub cache
     "quant": quant_cases.generate,  # quant/ (FP8 bases and merges into them)
+    "burn": burn_cases.generate,  # burn/ (crates/peftkit-burn)
 }
 
 
