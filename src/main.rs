@@ -7,6 +7,7 @@ use clap::Parser;
 mod cli;
 
 fn main() -> ExitCode {
+    cli::handle_signals();
     match cli::run(cli::Cli::parse()) {
         Ok(code) => code,
         Err(e) => {

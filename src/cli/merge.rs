@@ -7,7 +7,7 @@ use anyhow::Result;
 use peftkit::checkpoint::{self as ckpt, Checkpoint};
 use peftkit::merge;
 
-use super::progress;
+use super::{output_folder, progress};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -19,14 +19,26 @@ pub(crate) struct Args {
     #[arg(long = "adapter", required = true)]
     adapters: Vec<String>,
     /// Output folder (created, or replaced atomically).
+    #[arg(
+        long,
+        required_unless_present = "in_place",
+        conflicts_with = "in_place"
+    )]
+    out: Option<PathBuf>,
+    /// Write the merged model over the base folder itself. Still atomic: the old base stays
+    /// until the merged folder is swapped in.
     #[arg(long)]
-    out: PathBuf,
+    in_place: bool,
     /// Reshard the output instead of keeping the base layout.
     #[arg(long)]
     max_shard_size: Option<String>,
     /// Round each delta to the base dtype first and refuse NaN/Inf results (peft's safe_merge).
     #[arg(long)]
     safe_merge: bool,
+    /// Write NaN and infinite values as peft does, instead of refusing an adapter holding them
+    /// or a merge producing them.
+    #[arg(long)]
+    allow_nonfinite: bool,
     /// Subtract the adapters instead of adding them (peft's unmerge).
     #[arg(long)]
     unmerge: bool,
@@ -48,13 +60,16 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         base,
         adapters,
         out,
+        in_place,
         max_shard_size,
         safe_merge,
+        allow_nonfinite,
         unmerge,
         no_fsync,
         numerics,
         json,
     } = args;
+    let out = output_folder(out, &base, in_place)?;
     let adapters = adapters
         .iter()
         .map(|a| merge::AdapterInput::parse(a))
@@ -68,6 +83,8 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
     let job = merge::MergeJob::new(base, adapters, out)
         .max_shard_size(max_shard_size)
         .safe_merge(safe_merge)
+        .allow_nonfinite(allow_nonfinite)
+        .in_place(in_place)
         .unmerge(unmerge)
         .durable(!no_fsync)
         .numerics(numerics)

@@ -8,15 +8,23 @@ use anyhow::Result;
 use peftkit::peft;
 use peftkit::remap::{RemapOptions, Revert, TensorLayout};
 
-use super::resave_options;
+use super::{output_folder, resave_options};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
     /// The checkpoint folder to read.
     dir: PathBuf,
     /// Where to write (created, or replaced atomically).
+    #[arg(
+        long,
+        required_unless_present = "in_place",
+        conflicts_with = "in_place"
+    )]
+    out: Option<PathBuf>,
+    /// Write over the input folder itself. Still atomic: the old content stays until the new
+    /// folder is swapped in.
     #[arg(long)]
-    out: PathBuf,
+    in_place: bool,
     /// Target layout: original | transformers-v5.
     #[arg(long)]
     to: TensorLayout,
@@ -67,8 +75,10 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         input_variant,
         restore_load_only,
         tables,
+        in_place,
         ..
     } = args;
+    let out = output_folder(out, &dir, in_place)?;
     let (save, bar) = resave_options(&dir, input_variant.as_deref(), &max_shard_size, variant)?;
     let options = RemapOptions {
         save,
@@ -79,6 +89,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
             Revert::FromConfig
         },
         tables,
+        in_place,
     };
     let report = peftkit::remap::remap(&dir, &out, to, model_type.as_deref(), &options)?;
     bar.finish_and_clear();
@@ -108,8 +119,16 @@ fn legacy_adapter(args: &Args) -> Result<ExitCode> {
         base,
         drop_untargeted,
         zero_dropout,
+        in_place,
         ..
     } = args;
+    if *in_place {
+        anyhow::bail!(
+            "{} is an adapter: --in-place converts checkpoints only; give --out for the fused adapter",
+            dir.display()
+        );
+    }
+    let out = output_folder(out.clone(), dir, false)?;
     if *to != TensorLayout::TransformersV5 {
         anyhow::bail!(
             "{} is an adapter: adapters are only converted to the transformers-v5 layout (peft saves them that way)",
@@ -129,7 +148,7 @@ fn legacy_adapter(args: &Args) -> Result<ExitCode> {
         },
         zero_dropout: *zero_dropout,
     };
-    let r = convert_legacy_adapter_dir_with(dir, out, model_type.as_deref(), &options)?;
+    let r = convert_legacy_adapter_dir_with(dir, &out, model_type.as_deref(), &options)?;
     println!(
         "{}: legacy {} adapter fused with table {}: {} tensors ({} fused), {} dropped",
         out.display(),

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::resave_options;
+use super::{output_folder, resave_options};
 use anyhow::Result;
 
 #[derive(clap::Args)]
@@ -11,8 +11,16 @@ pub(crate) struct Args {
     /// The checkpoint folder to read.
     dir: PathBuf,
     /// Where to write (created, or replaced atomically).
+    #[arg(
+        long,
+        required_unless_present = "in_place",
+        conflicts_with = "in_place"
+    )]
+    out: Option<PathBuf>,
+    /// Write over the input folder itself. Still atomic: the old content stays until the new
+    /// folder is swapped in.
     #[arg(long)]
-    out: PathBuf,
+    in_place: bool,
     /// Largest shard: bytes or a decimal size such as 5GB, 500MB, 20KB.
     #[arg(long, default_value = "50GB")]
     max_shard_size: String,
@@ -43,7 +51,9 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         no_fsync,
         model_type,
         tables,
+        in_place,
     } = args;
+    let out = output_folder(out, &dir, in_place)?;
     let (mut save, bar) = resave_options(&dir, input_variant.as_deref(), &max_shard_size, variant)?;
     save.durable = !no_fsync;
     let options = peftkit::remap::ReshardOptions {
@@ -51,6 +61,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         src_variant: input_variant,
         model_type,
         tables,
+        in_place,
     };
     let report = peftkit::remap::reshard(&dir, &out, &options)?;
     bar.finish_and_clear();

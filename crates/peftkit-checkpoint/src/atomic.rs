@@ -9,11 +9,17 @@
 //! mix. Where the exchange is not available, the old folder is renamed aside and the new one
 //! renamed into place (a moment without the folder, still never a mix). If anything fails
 //! before the commit, the staging folder is removed and the target is untouched.
+//!
+//! The staging folder carries its owner's process id and lock (see [`crate::remove_stale_staging`]):
+//! a run killed before it could clean up leaves a folder the next save beside it removes.
+//! A full disk or a file-size limit during the save is reported as
+//! [`CheckpointError::NoSpace`], after the partial files are removed.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::error::{CheckpointError, Result};
+use crate::staging;
 
 /// A folder being assembled beside its target.
 #[derive(Debug)]
@@ -22,10 +28,14 @@ pub struct DirTransaction {
     staging: PathBuf,
     done: bool,
     durable: bool,
+    /// The lock that tells other processes this staging folder is in use.
+    _lock: fs::File,
 }
 
 impl DirTransaction {
-    /// Starts a save into `target` (which may or may not exist yet).
+    /// Starts a save into `target` (which may or may not exist yet), after removing the stale
+    /// staging folders of dead processes beside it (call
+    /// [`remove_stale_staging`](crate::remove_stale_staging) first to learn which).
     pub fn begin(target: &Path) -> Result<Self> {
         if target.exists() && !target.is_dir() {
             return Err(CheckpointError::NotADirectory(target.to_owned()));
@@ -35,20 +45,30 @@ impl DirTransaction {
             _ => PathBuf::from("."),
         };
         fs::create_dir_all(&parent).map_err(|e| CheckpointError::io(&parent, e))?;
+        staging::remove_stale_staging(target)?;
         let name = target
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "out".into());
         let staging = tempfile::Builder::new()
-            .prefix(&format!(".{name}.peftkit-staging-"))
+            .prefix(&staging::staging_prefix(&name))
             .tempdir_in(&parent)
             .map_err(|e| CheckpointError::io(&parent, e))?
             .keep();
+        let lock = match staging::lock(&staging) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = fs::remove_dir(&staging);
+                return Err(e);
+            }
+        };
+        staging::register(&staging);
         Ok(DirTransaction {
             target: target.to_owned(),
             staging,
             done: false,
             durable: true,
+            _lock: lock,
         })
     }
 
@@ -72,6 +92,8 @@ impl DirTransaction {
     /// Moves the new folder into place. Entries of the old folder that are neither replaced
     /// by a new file nor selected by `drop_old` are carried over.
     pub fn commit(mut self, drop_old: impl Fn(&str) -> bool) -> Result<()> {
+        // A signal handler waits for the swap to finish (see `abandon_staging`).
+        let mut registry = staging::active();
         if self.target.is_dir() {
             copy_permissions(&self.target, &self.staging)?;
             carry_over(&self.target, &self.staging, &drop_old)?;
@@ -87,6 +109,8 @@ impl DirTransaction {
                     let _ = fs::rename(&aside, &self.target);
                     return Err(CheckpointError::io(&self.target, e));
                 }
+                registry.retain(|d| d != &self.staging);
+                registry.push(aside.clone());
                 self.staging = aside;
             }
             // `self.staging` now names the old content; Drop removes it.
@@ -98,6 +122,7 @@ impl DirTransaction {
                 .map_err(|e| CheckpointError::io(&self.target, e))?;
             self.done = true;
         }
+        drop(registry);
         if let Some(parent) = self.target.parent() {
             if self.durable {
                 let _ = sync_dir(parent);
@@ -112,7 +137,30 @@ impl Drop for DirTransaction {
         if !self.done {
             let _ = fs::remove_dir_all(&self.staging);
         }
+        staging::unregister(&self.staging);
     }
+}
+
+/// An error of a save into `target`, with a full disk or a file-size limit (ENOSPC, EDQUOT,
+/// EFBIG) told as such: the staging folder is removed when the transaction drops, so the
+/// target is as it was.
+pub(crate) fn explain_abort(err: CheckpointError, target: &Path) -> CheckpointError {
+    match err {
+        CheckpointError::Io { path, source } if is_no_space(&source) => CheckpointError::NoSpace {
+            path,
+            target: target.to_owned(),
+            source,
+        },
+        other => other,
+    }
+}
+
+fn is_no_space(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::StorageFull | ErrorKind::FileTooLarge | ErrorKind::QuotaExceeded
+    )
 }
 
 fn copy_permissions(from: &Path, to: &Path) -> Result<()> {

@@ -23,6 +23,7 @@ mod checkpoint;
 mod companion;
 mod config;
 mod error;
+mod finite;
 mod index;
 mod inspect;
 mod names;
@@ -33,20 +34,24 @@ mod pyjson;
 mod safetensors_file;
 mod save;
 mod shard;
+mod staging;
 mod tensor;
 
 pub use atomic::DirTransaction;
-pub use checkpoint::{find_file_layout, verify, Checkpoint, FileLayout, WeightFile};
+pub use checkpoint::{
+    find_file_layout, verify, verify_problems, Checkpoint, FileLayout, Problem, WeightFile,
+};
 pub use companion::{companion_files, is_weights_file};
 pub use config::{
     GenerationConfig, ModelConfig, GENERATION_CONFIG_NAME, MODEL_CONFIG_NAME, TRANSFORMERS_VERSION,
 };
 pub use error::{CheckpointError, Result};
+pub use finite::nonfinite;
 pub use index::WeightIndex;
 pub use inspect::{CheckpointSummary, TensorSummary};
 pub use names::{WeightsKind, WeightsNames};
 pub use natural::{natural_cmp, sort_natural};
-pub use overlap::{ensure_apart, Overlap};
+pub use overlap::{ensure_apart, ensure_output, Overlap};
 pub use progress::Progress;
 pub use pyjson::{
     float_repr, nonfinite_marker, py_json_string, write_py_json, write_py_str, PyJsonStyle,
@@ -59,6 +64,7 @@ pub use save::{
     plan_save, save_planned, save_pretrained, torch_dtype_name, SaveOptions, SavePlan, SaveReport,
 };
 pub use shard::{parse_size, plan_shards, PlanItem, DEFAULT_MAX_SHARD_SIZE};
+pub use staging::{abandon_staging, remove_stale_staging, StaleStaging};
 pub use tensor::{
     buffers, byte_len, dtype_name, dtype_size, parse_dtype, Dtype, Producer, SourceFile, StateDict,
     Tensor,

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use crate::atomic::DirTransaction;
+use crate::atomic::{explain_abort, DirTransaction};
 use crate::config::{GenerationConfig, ModelConfig};
 use crate::error::{CheckpointError, Result};
 use crate::index::WeightIndex;
@@ -357,7 +357,26 @@ pub fn save_planned(
         });
     }
     let tx = DirTransaction::begin(dir)?.durable(options.durable);
-    let staging = tx.path().to_owned();
+    write_staging(tx.path(), state, plan, options).map_err(|e| explain_abort(e, dir))?;
+    let names = WeightsNames::new(options.kind, options.variant.as_deref())?;
+    let (single, index_name) = (names.single(), names.index());
+    tx.commit(|old| {
+        old == single
+            || old == index_name
+            || names.is_shard_of_this_stem(old)
+            || plan.shards.iter().any(|(f, _)| f == old)
+    })
+    .map_err(|e| explain_abort(e, dir))?;
+    Ok(report)
+}
+
+/// Writes the files of a save into the staging folder `staging`.
+fn write_staging(
+    staging: &Path,
+    state: &StateDict,
+    plan: &SavePlan,
+    options: &SaveOptions,
+) -> Result<()> {
     if let Some(c) = &options.config {
         let mut c = c.clone();
         // transformers sets `dtype` to the dtype of the model's first floating-point
@@ -411,13 +430,5 @@ pub fn save_planned(
         let path = staging.join(file);
         std::fs::write(&path, index.to_json_string()).map_err(|e| CheckpointError::io(&path, e))?;
     }
-    let names = WeightsNames::new(options.kind, options.variant.as_deref())?;
-    let (single, index_name) = (names.single(), names.index());
-    tx.commit(|old| {
-        old == single
-            || old == index_name
-            || names.is_shard_of_this_stem(old)
-            || plan.shards.iter().any(|(f, _)| f == old)
-    })?;
-    Ok(report)
+    Ok(())
 }
