@@ -14,9 +14,12 @@
 //!   the examples in docs/cli.md too), values cross-checked against the fixtures;
 //! * `help`: `--help`, `--version` and the flags docs/cli.md lists.
 
+mod crash;
 mod failures;
 mod help;
 mod json;
+mod malformed;
+mod reliability;
 mod verbs;
 
 use std::collections::{BTreeMap, BTreeSet};
