@@ -113,7 +113,10 @@ fn verb(kind: usize, base: &Path, adapter: &Path, out: &Path) -> Command {
             .arg(base)
             .arg("--adapter")
             .arg(adapter),
-        1 => c.arg("reshard").arg(base).args(["--max-shard-size", "40MB"]),
+        1 => c
+            .arg("reshard")
+            .arg(base)
+            .args(["--max-shard-size", "40MB"]),
         _ => c.arg("remap").arg(base).args(["--to", "transformers-v5"]),
     };
     c.arg("--out")
@@ -150,7 +153,10 @@ fn sigkill_at_random_moments_leaves_old_or_new_output_and_no_litter() {
         // A complete run first: its duration bounds the kill times, its files are the
         // "previous output" every later state is compared with.
         let start = Instant::now();
-        assert!(verb(kind, &base, &adapter, &out).status().unwrap().success());
+        assert!(verb(kind, &base, &adapter, &out)
+            .status()
+            .unwrap()
+            .success());
         let full = start.elapsed();
         let complete = files(&out);
         for round in 0..rounds {
@@ -173,12 +179,18 @@ fn sigkill_at_random_moments_leaves_old_or_new_output_and_no_litter() {
         std::thread::sleep(delay);
         let _ = child.kill();
         let _ = child.wait();
-        assert!(!fresh.exists() || files(&fresh) == complete, "verb {kind}: fresh output");
+        assert!(
+            !fresh.exists() || files(&fresh) == complete,
+            "verb {kind}: fresh output"
+        );
     }
     // The next run of each verb removes whatever the killed runs left.
     for kind in 0..3 {
         let out = tmp.path().join(format!("out{kind}"));
-        assert!(verb(kind, &base, &adapter, &out).status().unwrap().success());
+        assert!(verb(kind, &base, &adapter, &out)
+            .status()
+            .unwrap()
+            .success());
     }
     assert!(
         staging_litter(tmp.path()).is_empty(),

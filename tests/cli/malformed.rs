@@ -93,7 +93,10 @@ fn cases() -> Vec<Case> {
             name: "truncated file",
             run: Run::Merge,
             damage: Box::new(|r| {
-                let f = std::fs::OpenOptions::new().write(true).open(base_file(r)).unwrap();
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(base_file(r))
+                    .unwrap();
                 let len = f.metadata().unwrap().len();
                 f.set_len(len - 5).unwrap();
             }),
@@ -205,7 +208,13 @@ fn cases() -> Vec<Case> {
             run: Run::Reshard,
             damage: Box::new(|r| {
                 edit_index(r, |v| {
-                    let k = v["weight_map"].as_object().unwrap().keys().next().unwrap().clone();
+                    let k = v["weight_map"]
+                        .as_object()
+                        .unwrap()
+                        .keys()
+                        .next()
+                        .unwrap()
+                        .clone();
                     v["weight_map"][k] = json!("../base/model.safetensors");
                 })
             }),
@@ -218,7 +227,13 @@ fn cases() -> Vec<Case> {
             damage: Box::new(|r| {
                 let abs = base_file(r).display().to_string();
                 edit_index(r, move |v| {
-                    let k = v["weight_map"].as_object().unwrap().keys().next().unwrap().clone();
+                    let k = v["weight_map"]
+                        .as_object()
+                        .unwrap()
+                        .keys()
+                        .next()
+                        .unwrap()
+                        .clone();
                     v["weight_map"][k] = json!(abs.clone());
                 })
             }),
@@ -249,7 +264,9 @@ fn cases() -> Vec<Case> {
             name: "adapter_config.json with a wrong type",
             run: Run::Merge,
             damage: Box::new(|r| {
-                edit_json(&r.join("adapter/adapter_config.json"), |v| v["r"] = json!("four"))
+                edit_json(&r.join("adapter/adapter_config.json"), |v| {
+                    v["r"] = json!("four")
+                })
             }),
             needles: &["adapter_config.json", "`r`"],
             verify_finds: false,
@@ -315,8 +332,14 @@ fn cases() -> Vec<Case> {
 /// A temporary folder with `base/` and `adapter/` (lora_basic) and `ckpt/` (a sharded llama).
 fn inputs() -> tempfile::TempDir {
     let tmp = tempfile::tempdir().unwrap();
-    copy_tree(&peft_case("lora_basic").join("base"), &tmp.path().join("base"));
-    copy_tree(&peft_case("lora_basic").join("adapter"), &tmp.path().join("adapter"));
+    copy_tree(
+        &peft_case("lora_basic").join("base"),
+        &tmp.path().join("base"),
+    );
+    copy_tree(
+        &peft_case("lora_basic").join("adapter"),
+        &tmp.path().join("adapter"),
+    );
     copy_tree(
         &fixture("checkpoint/llama_tied_5KB/expected"),
         &tmp.path().join("ckpt"),
@@ -364,7 +387,11 @@ fn every_malformed_input_gets_a_specific_error_and_changes_nothing() {
         }
         // Adapter damage: verify of the adapter folder finds config problems.
         if !case.verify_finds && case.needles[0] == "adapter_config.json" {
-            peftkit().arg("verify").arg(root.join("adapter")).assert().code(1);
+            peftkit()
+                .arg("verify")
+                .arg(root.join("adapter"))
+                .assert()
+                .code(1);
         }
     }
 }

@@ -208,7 +208,11 @@ fn stale_staging_folders_of_dead_runs_are_removed_and_reported() {
     let (tmp, base, _, _) = lora_case();
     let dead = tmp.path().join(".out.peftkit-staging-0-abcdef");
     std::fs::create_dir(&dead).unwrap();
-    std::fs::write(dead.join("model-00001-of-00002.safetensors"), vec![0u8; 4096]).unwrap();
+    std::fs::write(
+        dead.join("model-00001-of-00002.safetensors"),
+        vec![0u8; 4096],
+    )
+    .unwrap();
     let legacy = tmp.path().join(".old.peftkit-staging-XYZ123");
     std::fs::create_dir(&legacy).unwrap();
     let alive = tmp
@@ -232,7 +236,10 @@ fn stale_staging_folders_of_dead_runs_are_removed_and_reported() {
         assert!(!d.exists());
     }
     assert!(err.contains("process 0, which no longer runs"), "{err}");
-    assert!(alive.exists(), "a live process's staging folder was removed");
+    assert!(
+        alive.exists(),
+        "a live process's staging folder was removed"
+    );
 }
 
 /// Runs `script` in bash with `$PEFTKIT` set to the binary; returns (code, stdout, stderr).
@@ -281,7 +288,11 @@ fn a_file_size_limit_during_a_save_keeps_the_previous_output() {
     // The cause is printed once, not repeated by the error chain.
     assert_eq!(err.matches("File too large").count(), 1, "{err}");
     assert_eq!(files(&out), before);
-    assert!(staging_litter(tmp.path()).is_empty(), "{:?}", entries(tmp.path()));
+    assert!(
+        staging_litter(tmp.path()).is_empty(),
+        "{:?}",
+        entries(tmp.path())
+    );
 }
 
 /// A full disk (ENOSPC) during a save: reported, partial files removed, previous output
@@ -322,10 +333,16 @@ ls -A '{mnt}'
         small = small.display(),
         base = base.display()
     );
-    let (code, out, err) = bash(&format!("unshare -Urm bash -c '{}'", script.replace('\'', "'\\''")));
+    let (code, out, err) = bash(&format!(
+        "unshare -Urm bash -c '{}'",
+        script.replace('\'', "'\\''")
+    ));
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("code=2"), "{out}\n{err}");
-    assert!(err.contains("No space left on device") && err.contains("is as it was"), "{err}");
+    assert!(
+        err.contains("No space left on device") && err.contains("is as it was"),
+        "{err}"
+    );
     assert!(out.contains("intact"), "{out}");
     let listing: Vec<&str> = out.lines().skip_while(|l| *l != "intact").skip(1).collect();
     assert_eq!(listing, ["out"], "{out}");
@@ -368,7 +385,10 @@ fn sigterm_and_sigint_remove_the_partial_output() {
             let done = child.wait_with_output().unwrap();
             let err = String::from_utf8_lossy(&done.stderr).into_owned();
             if done.status.code() == Some(code) {
-                assert!(err.contains("interrupted: removed the partial output"), "{err}");
+                assert!(
+                    err.contains("interrupted: removed the partial output"),
+                    "{err}"
+                );
                 interrupted = true;
             } else {
                 assert_eq!(done.status.code(), Some(0), "{err}");
@@ -379,7 +399,10 @@ fn sigterm_and_sigint_remove_the_partial_output() {
                 continue;
             }
             assert!(staging_litter(tmp.path()).is_empty(), "{signal}: litter");
-            assert_eq!(entries(&out).into_iter().collect::<Vec<_>>(), ["previous.txt"]);
+            assert_eq!(
+                entries(&out).into_iter().collect::<Vec<_>>(),
+                ["previous.txt"]
+            );
             break;
         }
         assert!(interrupted, "SIG{signal} never arrived during a save");
@@ -404,7 +427,12 @@ fn verify_json_lists_every_problem() {
     let mut config = read_json(&base.join("config.json"));
     config["tie_word_embeddings"] = "yes".into();
     std::fs::write(base.join("config.json"), config.to_string()).unwrap();
-    crate::malformed::set_header_field(&base.join("model.safetensors"), "lm_head.weight", "shape", serde_json::json!([1, 1]));
+    crate::malformed::set_header_field(
+        &base.join("model.safetensors"),
+        "lm_head.weight",
+        "shape",
+        serde_json::json!([1, 1]),
+    );
     let run = peftkit()
         .args(["verify", "--json"])
         .arg(&base)
@@ -422,10 +450,19 @@ fn verify_json_lists_every_problem() {
         assert_eq!(keys, ["file", "tensor", "message"]);
         assert!(p["message"].is_string());
     }
-    assert_eq!(problems[0]["file"], base.join("config.json").to_str().unwrap());
+    assert_eq!(
+        problems[0]["file"],
+        base.join("config.json").to_str().unwrap()
+    );
     assert_eq!(problems[0]["tensor"], serde_json::Value::Null);
-    assert!(problems[0]["message"].as_str().unwrap().contains("tie_word_embeddings"));
-    assert_eq!(problems[1]["file"], base.join("model.safetensors").to_str().unwrap());
+    assert!(problems[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("tie_word_embeddings"));
+    assert_eq!(
+        problems[1]["file"],
+        base.join("model.safetensors").to_str().unwrap()
+    );
     assert_eq!(problems[1]["tensor"], "lm_head.weight");
     // The text form prints the same problems, one line each.
     let text = stdout_of(&peftkit().arg("verify").arg(&base).assert().code(1));

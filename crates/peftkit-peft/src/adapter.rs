@@ -352,11 +352,12 @@ impl Adapter {
         if !config_path.is_file() {
             return Err(AdapterError::NoConfig(dir.to_owned()));
         }
-        let (config, warnings) =
-            AdapterConfig::from_file(&config_path).map_err(|source| AdapterError::InvalidConfig {
+        let (config, warnings) = AdapterConfig::from_file(&config_path).map_err(|source| {
+            AdapterError::InvalidConfig {
                 path: config_path.clone(),
                 source,
-            })?;
+            }
+        })?;
         let weights = Checkpoint::open_kind(dir, WeightsKind::Adapter, None)?;
         let tensors = AdapterTensors::new(name, config.peft_type());
         let mut adapter = Adapter {
