@@ -464,6 +464,17 @@ fn verify_json_lists_every_problem() {
         base.join("model.safetensors").to_str().unwrap()
     );
     assert_eq!(problems[1]["tensor"], "lm_head.weight");
+    // docs/cli.md's example has the same shape.
+    let examples = crate::json::doc_examples("verify");
+    assert_eq!(examples.len(), 1);
+    let ex = &examples[0];
+    assert_eq!(ex.as_object().unwrap().keys().collect::<Vec<_>>(), keys);
+    assert_eq!(ex["problems"][0]["tensor"], serde_json::Value::Null);
+    assert!(ex["problems"][1]["tensor"].is_string() && ex["ok"] == false);
+    for p in ex["problems"].as_array().unwrap() {
+        let k: Vec<&String> = p.as_object().unwrap().keys().collect();
+        assert_eq!(k, ["file", "tensor", "message"]);
+    }
     // The text form prints the same problems, one line each.
     let text = stdout_of(&peftkit().arg("verify").arg(&base).assert().code(1));
     assert_eq!(text.lines().count(), 2);
