@@ -39,7 +39,7 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, &str, Vec<u64>, Vec<u8
         at = end;
     }
     let mut json = serde_json::to_vec(&header).unwrap();
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(b' ');
     }
     let mut out = (json.len() as u64).to_le_bytes().to_vec();

@@ -19,7 +19,7 @@ fn split(path: &Path) -> (serde_json::Map<String, Value>, Vec<u8>) {
 
 /// Writes a header (raw bytes, padded to 8) and data.
 fn join(path: &Path, mut header: Vec<u8>, data: &[u8]) {
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
     let mut out = (header.len() as u64).to_le_bytes().to_vec();

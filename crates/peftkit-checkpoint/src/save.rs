@@ -384,10 +384,10 @@ fn write_staging(
         if let Some(name) = state.values().find_map(|t| torch_dtype_name(t.dtype())) {
             c.set_dtype(name);
         }
-        c.write(&staging)?;
+        c.write(staging)?;
     }
     if let Some(g) = &options.generation_config {
-        g.write(&staging)?;
+        g.write(staging)?;
     }
     for (name, bytes) in &options.extra_files {
         let p = staging.join(name);
