@@ -102,7 +102,11 @@ impl DirTransaction {
             }
             if !exchange(&self.staging, &self.target)? {
                 // No atomic exchange here: move the old folder aside, then the new one in.
-                let aside = self.staging.with_extension("old");
+                // Named like the staging folder, so a crash here leaves a folder the next
+                // save recognises as stale.
+                let mut aside = self.staging.clone().into_os_string();
+                aside.push("-old");
+                let aside = PathBuf::from(aside);
                 fs::rename(&self.target, &aside)
                     .map_err(|e| CheckpointError::io(&self.target, e))?;
                 if let Err(e) = fs::rename(&self.staging, &self.target) {
