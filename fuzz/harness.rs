@@ -121,7 +121,11 @@ pub fn conversion_table(data: &[u8]) {
     let Ok(table) = peftkit::remap::ConversionTable::from_json(text, "fuzz") else {
         return;
     };
-    let mut registry = peftkit::Registry::builtin().expect("built-in tables");
+    // The built-in tables are parsed once; each input is layered over a copy.
+    static BUILTIN: OnceLock<peftkit::Registry> = OnceLock::new();
+    let mut registry = BUILTIN
+        .get_or_init(|| peftkit::Registry::builtin().expect("built-in tables"))
+        .clone();
     if registry.add_table_json(text, "fuzz").is_err() {
         return;
     }
