@@ -27,9 +27,12 @@ pub use peftkit_peft as peft;
 pub use peftkit_remap as remap;
 
 pub use peftkit_checkpoint::{
-    Checkpoint, CheckpointError, Dtype, ModelConfig, SaveOptions, StateDict, Tensor, WeightsKind,
+    resolve_model_path, Checkpoint, CheckpointError, Dtype, HubCache, ModelConfig, RepoSpec,
+    SaveOptions, StateDict, Tensor, WeightsKind,
 };
-pub use peftkit_remap::{Mapping, Registry, RemapError, RemapOptions, ReshardOptions, Revert};
+pub use peftkit_remap::{
+    convert, Mapping, Registry, RemapError, RemapOptions, ReshardOptions, Revert,
+};
 
 /// The examples of docs/library.md, compiled and run as doc tests so the guide cannot rot.
 #[cfg(doctest)]

@@ -9,7 +9,8 @@ use peftkit::peft;
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// A .safetensors file or a checkpoint folder holding a full PEFT state dict.
+    /// A .safetensors or .bin file, or a checkpoint folder (or cached repo id), holding a
+    /// full PEFT state dict.
     #[arg(long)]
     from: PathBuf,
     /// The adapter folder to write.
@@ -55,6 +56,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         base_config,
         base_out,
     } = args;
+    let from = super::resolve(&from)?;
     let out = super::output_folder(Some(out), &from, false)?;
     if let Some(b) = &base_out {
         super::output_folder(Some(b.clone()), &from, false)?;

@@ -11,7 +11,8 @@ use super::{guess_kind, open_any};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// A checkpoint folder, a .safetensors file, or an adapter folder.
+    /// A checkpoint folder, a .safetensors or .bin file, an adapter folder, or a repo id
+    /// (org/name[@revision]) in the local Hugging Face cache.
     path: PathBuf,
     /// Print one JSON object instead of a table.
     #[arg(long)]
@@ -27,6 +28,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         json,
         variant,
     } = args;
+    let path = super::resolve(&path)?;
     let ckpt = open_any(&path, variant.as_deref())?;
     let summary = CheckpointSummary::of(&ckpt);
     // summarize_path opens the path again without the variant, which finds no weights

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use peftkit::checkpoint::{self as ckpt, Checkpoint};
 use peftkit::merge;
 
@@ -11,11 +11,13 @@ use super::{output_folder, progress};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// The base checkpoint folder.
+    /// The base checkpoint folder (safetensors or .bin), or a repo id (org/name[@revision])
+    /// in the local Hugging Face cache. Default: the first adapter's
+    /// base_model_name_or_path, when it is a folder or a cached repo.
     #[arg(long)]
-    base: PathBuf,
-    /// An adapter folder, optionally with a weight: DIR or DIR:WEIGHT. Repeat to merge
-    /// several, in order.
+    base: Option<PathBuf>,
+    /// An adapter folder or cached repo id, optionally with a weight: DIR or DIR:WEIGHT.
+    /// Repeat to merge several, in order.
     #[arg(long = "adapter", required = true)]
     adapters: Vec<String>,
     /// Output folder (created, or replaced atomically).
@@ -69,11 +71,19 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         numerics,
         json,
     } = args;
-    let out = output_folder(out, &base, in_place)?;
     let adapters = adapters
         .iter()
-        .map(|a| merge::AdapterInput::parse(a))
-        .collect();
+        .map(|a| {
+            let mut input = merge::AdapterInput::parse(a);
+            input.dir = super::resolve(&input.dir)?;
+            Ok(input)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let base = match base {
+        Some(b) => super::resolve(&b)?,
+        None => base_of(&adapters[0].dir)?,
+    };
+    let out = output_folder(out, &base, in_place)?;
     let max_shard_size = max_shard_size
         .as_deref()
         .map(ckpt::parse_size)
@@ -111,6 +121,23 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         print_numerics(&summary.numerics);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The base an adapter names in `base_model_name_or_path`, resolved like `--base`.
+fn base_of(adapter: &std::path::Path) -> Result<PathBuf> {
+    let (config, _) = peftkit::peft::AdapterConfig::from_dir(adapter)?;
+    let Some(name) = config.base_model_name_or_path() else {
+        anyhow::bail!(
+            "{}: adapter_config.json has no base_model_name_or_path: pass --base",
+            adapter.display()
+        );
+    };
+    super::resolve(std::path::Path::new(name)).with_context(|| {
+        format!(
+            "the base model `{name}` named by {}/adapter_config.json (pass --base to use another)",
+            adapter.display()
+        )
+    })
 }
 
 /// Tells, on stderr, what the merge could not promise bit for bit.

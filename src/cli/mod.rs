@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use peftkit::checkpoint::{self as ckpt, Checkpoint, SaveOptions, WeightsKind};
 
+mod convert;
 mod extract;
 mod inspect;
 mod merge;
@@ -49,6 +50,10 @@ enum Command {
     /// Merge one or more adapters into a base checkpoint, as peft's merge_and_unload() +
     /// save_pretrained() would, streaming tensor by tensor.
     Merge(merge::Args),
+    /// Convert pickle weights (pytorch_model.bin, sharded or not, or adapter_model.bin) to
+    /// safetensors, as from_pretrained(IN).save_pretrained(OUT) and peft's save would,
+    /// without running the pickle.
+    Convert(convert::Args),
 }
 
 /// Runs one verb; the exit code is 0, or 1 for a check that found problems (errors are 2, in
@@ -61,6 +66,7 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
         Command::Remap(args) => remap::run(args),
         Command::Extract(args) => extract::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Convert(args) => convert::run(args),
     }
 }
 
@@ -105,6 +111,12 @@ fn output_folder(out: Option<PathBuf>, input: &Path, in_place: bool) -> Result<P
     Ok(out)
 }
 
+/// A folder or file argument as given, or, when no such path exists and it reads
+/// `org/name[@revision]`, that repo's snapshot in the local Hugging Face cache.
+fn resolve(path: &Path) -> Result<PathBuf> {
+    Ok(ckpt::resolve_model_path(&path.to_string_lossy())?)
+}
+
 /// A byte progress bar on stderr, hidden when stderr is not a terminal (scripts and tests see
 /// only the result lines).
 fn progress(total: u64) -> ProgressBar {
@@ -142,9 +154,20 @@ fn resave_options(
     Ok((options, bar))
 }
 
+/// A `--dtype` value: bf16, f16 or f32.
+fn parse_dtype(text: &str) -> std::result::Result<peftkit::Dtype, String> {
+    ckpt::parse_cast_dtype(text)
+        .ok_or_else(|| format!("`{text}` is not a dtype peftkit casts to: use bf16, f16 or f32"))
+}
+
 /// An adapter folder (or file) by its file names, a model checkpoint otherwise.
 fn guess_kind(path: &Path) -> WeightsKind {
-    if path.join("adapter_model.safetensors").is_file()
+    let adapter_file = path
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("adapter_model."));
+    if adapter_file
+        || path.join("adapter_model.safetensors").is_file()
+        || path.join("adapter_model.bin").is_file()
         || path.join("adapter_config.json").is_file()
     {
         WeightsKind::Adapter

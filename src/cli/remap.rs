@@ -12,7 +12,7 @@ use super::{output_folder, resave_options};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// The checkpoint folder to read.
+    /// The checkpoint folder to read, or a cached repo id (org/name[@revision]).
     dir: PathBuf,
     /// Where to write (created, or replaced atomically).
     #[arg(
@@ -61,7 +61,11 @@ pub(crate) struct Args {
     zero_dropout: bool,
 }
 
-pub(crate) fn run(args: Args) -> Result<ExitCode> {
+pub(crate) fn run(mut args: Args) -> Result<ExitCode> {
+    args.dir = super::resolve(&args.dir)?;
+    if let Some(b) = &args.base {
+        args.base = Some(super::resolve(b)?);
+    }
     if args.dir.join("adapter_config.json").is_file() {
         return legacy_adapter(&args);
     }

@@ -8,7 +8,8 @@ use anyhow::Result;
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// The checkpoint folder to read.
+    /// The checkpoint folder to read (safetensors or .bin), or a cached repo id
+    /// (org/name[@revision]).
     dir: PathBuf,
     /// Where to write (created, or replaced atomically).
     #[arg(
@@ -39,6 +40,10 @@ pub(crate) struct Args {
     /// Extra conversion table files (JSON, see adapters-spec/conversions/README.md).
     #[arg(long = "table")]
     tables: Vec<PathBuf>,
+    /// Cast floating tensors (torch's rounding), as from_pretrained(dtype=...) does:
+    /// bf16, f16 or f32. config.json's dtype follows.
+    #[arg(long, value_parser = super::parse_dtype)]
+    dtype: Option<peftkit::Dtype>,
 }
 
 pub(crate) fn run(args: Args) -> Result<ExitCode> {
@@ -52,7 +57,9 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         model_type,
         tables,
         in_place,
+        dtype,
     } = args;
+    let dir = super::resolve(&dir)?;
     let out = output_folder(out, &dir, in_place)?;
     let (mut save, bar) = resave_options(&dir, input_variant.as_deref(), &max_shard_size, variant)?;
     save.durable = !no_fsync;
@@ -62,6 +69,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         model_type,
         tables,
         in_place,
+        dtype,
     };
     let report = peftkit::remap::reshard(&dir, &out, &options)?;
     bar.finish_and_clear();

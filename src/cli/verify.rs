@@ -10,7 +10,8 @@ use super::guess_kind;
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
-    /// A checkpoint folder or a .safetensors file.
+    /// A checkpoint folder, a .safetensors or .bin file, or a cached repo id
+    /// (org/name[@revision]).
     path: PathBuf,
     /// Variant of the weight files.
     #[arg(long)]
@@ -26,6 +27,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         variant,
         json,
     } = args;
+    let path = super::resolve(&path)?;
     let kind = guess_kind(&path);
     let mut problems = peftkit::peft::AdapterConfig::problems_in(&path);
     problems.extend(ckpt::verify_problems(&path, kind, variant.as_deref())?);

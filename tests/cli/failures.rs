@@ -26,7 +26,6 @@ fn usage_errors_exit_2_with_a_usage_line() {
         (vec!["reshard", base], "--out"),
         (vec!["reshard", base, "--out"], "--out"),
         (vec!["merge", "--base", base, "--out", "x"], "--adapter"),
-        (vec!["merge", "--adapter", adapter, "--out", "x"], "--base"),
         (vec!["merge", "--base", base, "--adapter", adapter], "--out"),
         (vec!["extract", "--out", "x"], "--from"),
         (
@@ -610,12 +609,12 @@ fn wrong_kinds_of_input_are_named() {
     let cases: Vec<(String, &str)> = vec![
         (
             bins.display().to_string(),
-            "PyTorch pickle weights (pytorch_model.bin)",
+            "not a readable torch.save state dict",
         ),
         (variant.display().to_string(), "pass --variant fp16"),
         (
             "no-such-org/no-such-model".into(),
-            "looks like a Hugging Face repo id",
+            "hf download no-such-org/no-such-model",
         ),
         (
             json.display().to_string(),

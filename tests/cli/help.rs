@@ -4,7 +4,9 @@ use predicates::prelude::*;
 
 use crate::{peftkit, stdout_of};
 
-const VERBS: &[&str] = &["inspect", "verify", "reshard", "merge", "extract", "remap"];
+const VERBS: &[&str] = &[
+    "inspect", "verify", "reshard", "merge", "extract", "remap", "convert",
+];
 
 #[test]
 fn version_exits_0() {

@@ -17,6 +17,7 @@
 mod crash;
 mod failures;
 mod help;
+mod hub;
 mod json;
 mod malformed;
 mod reliability;

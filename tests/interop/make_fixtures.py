@@ -16,7 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from fixturegen import checkpoint_cases, convert_cases, numerics_cases, peft_cases, remap_cases, reshard_cases  # noqa: E402
+from fixturegen import checkpoint_cases, convert_cases, hub_cases, numerics_cases, peft_cases, remap_cases, reshard_cases  # noqa: E402
 
 GENERATORS = {
     "checkpoint": checkpoint_cases.generate,  # checkpoint/, configs/, json/
@@ -25,6 +25,7 @@ GENERATORS = {
     "remap": remap_cases.generate,  # remap/
     "convert": convert_cases.generate,  # convert/
     "reshard": reshard_cases.generate,  # reshard/ (reads peft/mixtral_experts/merged: after peft)
+    "hub": hub_cases.generate,  # hub/: .bin weights, their safetensors re-saves, a Hub cache
 }
 
 

@@ -10,7 +10,9 @@ use crate::config::{GenerationConfig, ModelConfig, GENERATION_CONFIG_NAME, MODEL
 use crate::error::{CheckpointError, Result};
 use crate::index::WeightIndex;
 use crate::names::{WeightsKind, WeightsNames};
-use crate::safetensors_file::{inspect_file, open_file, FileProblem, SafetensorsHeader};
+use crate::safetensors_file::{
+    inspect_file, open_file, FileProblem, SafetensorsHeader, TensorHeader,
+};
 use crate::tensor::{StateDict, Tensor};
 
 /// How the weights of a checkpoint are laid out on disk.
@@ -30,13 +32,26 @@ pub enum FileLayout {
     },
 }
 
+/// How a weight file is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// A safetensors file.
+    Safetensors,
+    /// A `torch.save`d state dict (`pytorch_model.bin`), read by a restricted unpickler.
+    Pickle,
+}
+
 /// One opened weight file.
 #[derive(Debug, Clone)]
 pub struct WeightFile {
     /// Path of the file.
     pub path: PathBuf,
-    /// Its validated header.
+    /// Its validated header. For a pickle file, the header a safetensors file of the same
+    /// tensors would have (no metadata; `data_offsets` are the tensors' sizes laid end to end
+    /// in the state dict's order, not positions in the file).
     pub header: SafetensorsHeader,
+    /// Safetensors or pickle.
+    pub format: WeightFormat,
 }
 
 /// A checkpoint whose headers have been read and validated.
@@ -51,6 +66,7 @@ pub struct Checkpoint {
     /// Every weight file, in shard order.
     pub files: Vec<WeightFile>,
     tensors: IndexMap<String, (Tensor, usize)>,
+    ties: Vec<(String, String)>,
 }
 
 /// Where to look for weights: the file names of a kind and variant.
@@ -68,25 +84,47 @@ pub fn find_file_layout(
         return Ok(FileLayout::Single { file: single });
     }
     if index.is_file() {
-        let idx = WeightIndex::read(&index)?;
-        let mut shards: Vec<PathBuf> = Vec::new();
-        for file in idx.weight_map.values() {
-            let p = resolve_in(dir, file).map_err(|reason| CheckpointError::InvalidIndex {
-                path: index.clone(),
-                reason,
-            })?;
-            if !shards.contains(&p) {
-                shards.push(p);
-            }
-        }
-        shards.sort();
-        return Ok(FileLayout::Sharded { index, shards });
+        return sharded_layout(dir, index);
+    }
+    // Pickle weights, which transformers reads only when no safetensors file is there.
+    let (single, index) = (
+        dir.join(names.pickle_single()),
+        dir.join(names.pickle_index()),
+    );
+    if single.is_file() {
+        return Ok(FileLayout::Single { file: single });
+    }
+    if index.is_file() {
+        return sharded_layout(dir, index);
     }
     Err(CheckpointError::NotACheckpoint {
         path: dir.to_owned(),
-        expected: format!("{} or {}", names.single(), names.index()),
+        expected: format!(
+            "{}, {}, {} or {}",
+            names.single(),
+            names.index(),
+            names.pickle_single(),
+            names.pickle_index()
+        ),
         hint: why_not_a_checkpoint(dir, variant),
     })
+}
+
+/// The shards an index lists, each resolved inside `dir`, sorted.
+fn sharded_layout(dir: &Path, index: PathBuf) -> Result<FileLayout> {
+    let idx = WeightIndex::read(&index)?;
+    let mut shards: Vec<PathBuf> = Vec::new();
+    for file in idx.weight_map.values() {
+        let p = resolve_in(dir, file).map_err(|reason| CheckpointError::InvalidIndex {
+            path: index.clone(),
+            reason,
+        })?;
+        if !shards.contains(&p) {
+            shards.push(p);
+        }
+    }
+    shards.sort();
+    Ok(FileLayout::Sharded { index, shards })
 }
 
 /// What a folder without the expected weight files holds instead, and what to do about it:
@@ -94,25 +132,14 @@ pub fn find_file_layout(
 fn why_not_a_checkpoint(dir: &Path, variant: Option<&str>) -> String {
     let Ok(entries) = std::fs::read_dir(dir) else {
         let text = dir.to_string_lossy();
-        let parts: Vec<&str> = text.split('/').collect();
-        let looks_like_repo = parts.len() == 2
-            && parts
-                .iter()
-                .all(|p| !p.is_empty() && *p != ".." && *p != ".");
-        return if looks_like_repo {
-            format!("; there is no such folder, and `{text}` looks like a Hugging Face repo id: peftkit reads local folders, so download it first (`hf download {text} --local-dir DIR`) and pass DIR")
-        } else {
-            "; there is no such folder".to_owned()
+        return match crate::hub::RepoSpec::parse(&text) {
+            Some(_) => format!("; there is no such folder, and `{text}` looks like a Hugging Face repo id: resolve it from the local Hugging Face cache first (peftkit_checkpoint::resolve_model_path, which every peftkit verb uses)"),
+            None => "; there is no such folder".to_owned(),
         };
     };
     let names: Vec<String> = entries
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .collect();
-    let mut bins: Vec<&String> = names.iter().filter(|n| n.ends_with(".bin")).collect();
-    bins.sort();
-    if let Some(first) = bins.first() {
-        return format!("; it holds PyTorch pickle weights ({first}{}), which peftkit does not read: convert them to safetensors first (transformers' from_pretrained(DIR).save_pretrained(OUT) writes safetensors)", if bins.len() > 1 { ", …" } else { "" });
-    }
     let mut variants: Vec<&str> = names.iter().filter_map(|n| variant_of(n)).collect();
     variants.sort();
     variants.dedup();
@@ -150,7 +177,8 @@ pub(crate) fn resolve_in(dir: &Path, file: &str) -> std::result::Result<PathBuf,
     }
     let path = dir.join(rel);
     if let (Ok(real), Ok(real_dir)) = (path.canonicalize(), dir.canonicalize()) {
-        if !real.starts_with(&real_dir) {
+        let in_blobs = crate::hub::snapshot_blobs(&real_dir).is_some_and(|b| real.starts_with(b));
+        if !real.starts_with(&real_dir) && !in_blobs {
             return Err(format!(
                 "weight_map names `{file}`, a link that leads outside the checkpoint folder to {}",
                 real.display()
@@ -185,6 +213,7 @@ impl Checkpoint {
     fn from_layout(dir: PathBuf, layout: FileLayout) -> Result<Self> {
         let mut files = Vec::new();
         let mut tensors: IndexMap<String, (Tensor, usize)> = IndexMap::new();
+        let mut ties = Vec::new();
         let (paths, index) = match &layout {
             FileLayout::Single { file } => (vec![file.clone()], None),
             FileLayout::Sharded { index, shards } => (
@@ -193,7 +222,8 @@ impl Checkpoint {
             ),
         };
         for (i, path) in paths.iter().enumerate() {
-            let (header, list) = open_file(path)?;
+            let (file, list, file_ties) = open_weight_file(path)?;
+            ties.extend(file_ties);
             for (name, t) in list {
                 if tensors.insert(name.clone(), (t, i)).is_some() {
                     return Err(CheckpointError::InvalidTensor {
@@ -203,10 +233,7 @@ impl Checkpoint {
                     });
                 }
             }
-            files.push(WeightFile {
-                path: path.clone(),
-                header,
-            });
+            files.push(file);
         }
         if let Some((index_path, idx)) = &index {
             let problems = index_problems(&dir, idx, &files);
@@ -223,7 +250,31 @@ impl Checkpoint {
             index: index.map(|(_, i)| i),
             files,
             tensors,
+            ties,
         })
+    }
+
+    /// Tied weights a pickle file stores twice, as `(target, source)`: a later name that is
+    /// the very view of one storage an earlier name is (`torch.save` of a tied model's state
+    /// dict holds both `lm_head.weight` and `model.embed_tokens.weight`). A save declares them
+    /// ([`crate::SaveOptions::tied_weights`]) so that the target is dropped, as transformers
+    /// drops it. Empty for safetensors checkpoints, which never hold a tie twice.
+    pub fn ties(&self) -> &[(String, String)] {
+        &self.ties
+    }
+
+    /// The checkpoint as transformers holds it once loaded: each tie target of [`Self::ties`]
+    /// removed, since the model has one parameter for both names (and a save writes it once).
+    pub fn without_tie_targets(mut self) -> Self {
+        for (target, _) in std::mem::take(&mut self.ties) {
+            self.tensors.shift_remove(&target);
+        }
+        self
+    }
+
+    /// Whether any weight file is a pickle (`.bin`).
+    pub fn is_pickle(&self) -> bool {
+        self.files.iter().any(|f| f.format == WeightFormat::Pickle)
     }
 
     /// Number of tensors.
@@ -282,6 +333,50 @@ impl Checkpoint {
     }
 }
 
+/// A weight file, its tensors and the ties it stores twice.
+type OpenedFile = (WeightFile, Vec<(String, Tensor)>, Vec<(String, String)>);
+
+/// Opens one weight file, safetensors or pickle (by its name), with its tensors.
+fn open_weight_file(path: &Path) -> Result<OpenedFile> {
+    if !crate::pickle::is_pickle_name(path) {
+        let (header, list) = open_file(path)?;
+        let file = WeightFile {
+            path: path.to_owned(),
+            header,
+            format: WeightFormat::Safetensors,
+        };
+        return Ok((file, list, Vec::new()));
+    }
+    let weights = crate::pickle::open_pickle(path)?;
+    let mut at = 0u64;
+    let tensors = weights
+        .tensors
+        .iter()
+        .map(|(name, t)| {
+            let end = at + t.byte_len() as u64;
+            let h = TensorHeader {
+                name: name.clone(),
+                dtype: t.dtype(),
+                shape: t.shape().to_vec(),
+                data_offsets: (at, end),
+            };
+            at = end;
+            h
+        })
+        .collect();
+    let header = SafetensorsHeader {
+        metadata: None,
+        tensors,
+        data_start: 0,
+    };
+    let file = WeightFile {
+        path: path.to_owned(),
+        header,
+        format: WeightFormat::Pickle,
+    };
+    Ok((file, weights.tensors, weights.ties))
+}
+
 /// Everything inconsistent between an index and the headers of its files.
 pub(crate) fn index_problems(dir: &Path, idx: &WeightIndex, files: &[WeightFile]) -> Vec<String> {
     let mut problems = Vec::new();
@@ -328,7 +423,9 @@ pub(crate) fn index_problems(dir: &Path, idx: &WeightIndex, files: &[WeightFile]
             ));
         }
     }
-    if let Some(total) = idx.total_size {
+    // A pickle index counts a tied storage once; its tensors count it per name.
+    let pickle = files.iter().any(|f| f.format == WeightFormat::Pickle);
+    if let (Some(total), false) = (idx.total_size, pickle) {
         let actual: u64 = files
             .iter()
             .flat_map(|f| &f.header.tensors)
@@ -524,6 +621,13 @@ pub fn verify_problems(
             problems.push(Problem::new(p, "listed in the index but missing"));
             continue;
         }
+        if crate::pickle::is_pickle_name(p) {
+            match open_weight_file(p) {
+                Ok((file, _, _)) => files.push(file),
+                Err(e) => problems.push(Problem::from_error(p, &e)),
+            }
+            continue;
+        }
         let (header, file_problems) = inspect_file(p)?;
         problems.extend(
             file_problems
@@ -538,6 +642,7 @@ pub fn verify_problems(
             files.push(WeightFile {
                 path: p.clone(),
                 header,
+                format: WeightFormat::Safetensors,
             });
         }
     }

@@ -81,6 +81,35 @@ pub enum CheckpointError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A pickle weights file names a global that is not a tensor constructor: loading it
+    /// with Python would call it. Nothing was run.
+    #[error("{path}: refused: the pickle calls `{global}`, which is not a tensor constructor (only torch's tensor rebuilders, storage types, collections.OrderedDict and plain containers are allowed; nothing was run). If you trust this file, load it with torch and save it with safetensors")]
+    RefusedGlobal {
+        /// The `.bin` file.
+        path: PathBuf,
+        /// The global, `module.name` (`os.system`).
+        global: String,
+    },
+    /// A pickle weights file that is not a `torch.save`d state dict peftkit can read.
+    #[error("{path}: not a readable torch.save state dict: {reason}")]
+    InvalidPickle {
+        /// The `.bin` file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A repo id that the local Hugging Face cache does not hold.
+    #[error("`{repo}` is not in the Hugging Face cache {cache}: {reason}. peftkit works offline: download it with `{command}` (or set HF_HUB_CACHE / HF_HOME to the cache that holds it, or pass a local folder)")]
+    NotInHubCache {
+        /// The repo id and revision asked for.
+        repo: String,
+        /// The cache searched.
+        cache: PathBuf,
+        /// What is missing.
+        reason: String,
+        /// The `hf download` command that would fetch it.
+        command: String,
+    },
     /// No weights were found where a checkpoint was expected.
     #[error("{path}: no checkpoint found: expected {expected}{hint}")]
     NotACheckpoint {

@@ -8,27 +8,34 @@
 //! * [`save_pretrained`]: the files of transformers' `save_pretrained`, byte for byte.
 //! * [`Checkpoint`]: a single-file or sharded checkpoint opened by its headers, validated.
 //! * [`verify`]: every inconsistency of a checkpoint on disk.
+//! * [`HubCache`], [`RepoSpec`], [`resolve_model_path`]: repo ids resolved from the local
+//!   Hugging Face cache, offline.
+//! * `.bin` weights (`torch.save` pickles) open as checkpoints, read by a restricted unpickler
+//!   that never runs code; [`cast_tensor`] casts dtypes with torch's rounding.
 //! * [`Progress`]: the byte-count callback a long save reports to, held by
 //!   [`SaveOptions::progress`] (and by the options of the crates above this one).
 //!
 //! Every module is private; the items are re-exported here, flat, so a module can be split
 //! or renamed without breaking a caller. Inside, modules depend one way: `error`, `pyjson`,
-//! `natural`, `progress` <- `tensor`, `names`, `shard`, `atomic`, `companion` <-
-//! `safetensors_file`, `index`, `config` <- `checkpoint` <- `inspect`, `save`.
+//! `natural`, `progress` <- `tensor`, `names`, `shard`, `atomic`, `companion`, `hub` <-
+//! `safetensors_file`, `pickle`, `index`, `config`, `cast` <- `checkpoint` <- `inspect`, `save`.
 
 #![deny(missing_docs)]
 
 mod atomic;
+mod cast;
 mod checkpoint;
 mod companion;
 mod config;
 mod error;
 mod finite;
+mod hub;
 mod index;
 mod inspect;
 mod names;
 mod natural;
 mod overlap;
+mod pickle;
 mod progress;
 mod pyjson;
 mod safetensors_file;
@@ -38,8 +45,10 @@ mod staging;
 mod tensor;
 
 pub use atomic::DirTransaction;
+pub use cast::{cast_state_dict, cast_tensor, parse_cast_dtype};
 pub use checkpoint::{
     find_file_layout, verify, verify_problems, Checkpoint, FileLayout, Problem, WeightFile,
+    WeightFormat,
 };
 pub use companion::{companion_files, is_weights_file};
 pub use config::{
@@ -47,6 +56,7 @@ pub use config::{
 };
 pub use error::{CheckpointError, Result};
 pub use finite::nonfinite;
+pub use hub::{resolve_model_path, HubCache, RepoSpec};
 pub use index::WeightIndex;
 pub use inspect::{CheckpointSummary, TensorSummary};
 pub use names::{WeightsKind, WeightsNames};

@@ -67,6 +67,22 @@ impl WeightsNames {
         add_variant("model.safetensors.index.json", self.variant.as_deref())
     }
 
+    /// The pickle (`torch.save`) single file transformers v4 wrote and still reads when no
+    /// safetensors file is there: `pytorch_model.bin`, `pytorch_model.fp16.bin`,
+    /// `adapter_model.bin`.
+    pub fn pickle_single(&self) -> String {
+        match self.kind {
+            WeightsKind::Model => add_variant("pytorch_model.bin", self.variant.as_deref()),
+            WeightsKind::Adapter => "adapter_model.bin".to_owned(),
+        }
+    }
+
+    /// The index of sharded pickle weights: `pytorch_model.bin.index.json`,
+    /// `pytorch_model.bin.index.fp16.json`.
+    pub fn pickle_index(&self) -> String {
+        add_variant("pytorch_model.bin.index.json", self.variant.as_deref())
+    }
+
     /// Whether `file_name` is a shard of this stem (any count): `model-00002-of-00009.safetensors`.
     ///
     /// transformers deletes every file that merely *starts with* the stem and ends in a shard
@@ -110,6 +126,9 @@ mod tests {
         assert_eq!(a.single(), "adapter_model.safetensors");
         assert_eq!(a.shard(2, 3), "adapter_model-00002-of-00003.safetensors");
         assert_eq!(a.index(), "model.safetensors.index.fp16.json");
+        assert_eq!(n.pickle_single(), "pytorch_model.fp16.bin");
+        assert_eq!(n.pickle_index(), "pytorch_model.bin.index.fp16.json");
+        assert_eq!(a.pickle_single(), "adapter_model.bin");
     }
 
     #[test]

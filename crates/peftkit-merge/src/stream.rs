@@ -60,7 +60,13 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
             weight: a.weight,
         });
     }
-    let base = Checkpoint::open(&job.base)?;
+    // A `.bin` base stores tied weights twice; the model peft merges into has them once.
+    let base = Checkpoint::open(&job.base)?.without_tie_targets();
+    // Its layout cannot be kept (the output is safetensors): plan shards as
+    // `save_pretrained` does by default.
+    let max_shard_size = job.max_shard_size.or(base
+        .is_pickle()
+        .then_some(peftkit_checkpoint::DEFAULT_MAX_SHARD_SIZE));
     let base_dir = if job.base.is_dir() {
         job.base.clone()
     } else {
@@ -86,12 +92,15 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
         plan.check_exact(job.unmerge)?;
     }
     // A reshard plans on the layout transformers holds the model in (see `save`).
-    let resave_mapping = match job.max_shard_size {
-        Some(_) => Some(peftkit_remap::checkpoint_mapping(
-            &peftkit_remap::Registry::builtin()?,
-            config.as_ref(),
-            None,
-        )?),
+    let resave = match max_shard_size {
+        Some(size) => Some((
+            size,
+            peftkit_remap::checkpoint_mapping(
+                &peftkit_remap::Registry::builtin()?,
+                config.as_ref(),
+                None,
+            )?,
+        )),
         None => None,
     };
     if job.unmerge {
@@ -120,27 +129,35 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
     }
     let mut options = SaveOptions {
         durable: job.durable,
-        metadata: base.metadata().cloned().unwrap_or_default(),
+        // A `.bin` base has no header metadata: transformers writes `{"format": "pt"}`.
+        metadata: match base.metadata() {
+            Some(m) => m.clone(),
+            None if base.is_pickle() => peftkit_checkpoint::pt_metadata(),
+            None => Default::default(),
+        },
         ..Default::default()
     };
+    // transformers rewrites config.json on save; it is copied unless it changes: untied
+    // embeddings, or a `.bin` base (usually a transformers v4 config).
+    let rewrite_config = summary.untied_embeddings || base.is_pickle();
+    if base.is_pickle() {
+        if let Some(c) = config.as_mut() {
+            c.fields.insert(
+                "transformers_version".into(),
+                peftkit_checkpoint::TRANSFORMERS_VERSION.into(),
+            );
+        }
+    }
     if job.base.is_dir() {
         options.extra_files = companion_files(&base_dir)?
             .into_iter()
-            .filter(|(n, _)| !(summary.untied_embeddings && n == "config.json"))
+            .filter(|(n, _)| !(rewrite_config && n == "config.json"))
             .collect();
     }
-    if summary.untied_embeddings {
+    if rewrite_config {
         options.config = config;
     }
-    save(
-        job,
-        &base,
-        &plan,
-        state,
-        resave_mapping,
-        options,
-        &mut summary,
-    )?;
+    save(job, &base, &plan, state, resave, options, &mut summary)?;
     summary.seconds = start.elapsed().as_secs_f64();
     Ok(summary)
 }
@@ -216,13 +233,13 @@ fn check_finite_adapters(adapters: &[(Adapter, f64)]) -> Result<(), MergeError> 
 }
 
 /// Writes `state` to `job.out`: in the base's layout, or resharded on the layout transformers
-/// holds the model in (`resave_mapping`).
+/// holds the model in (`resave`: the shard size and that layout's mapping).
 fn save(
     job: &MergeJob,
     base: &Checkpoint,
     plan: &MergePlan,
     mut state: StateDict,
-    resave_mapping: Option<peftkit_remap::Mapping>,
+    resave: Option<(u64, peftkit_remap::Mapping)>,
     options: SaveOptions,
     summary: &mut MergeSummary,
 ) -> Result<(), MergeError> {
@@ -236,20 +253,20 @@ fn save(
         }),
         ..options
     };
-    let save_plan = match (job.max_shard_size, &resave_mapping) {
-        (Some(size), Some(mapping)) => {
+    let save_plan = match &resave {
+        Some((size, mapping)) => {
             // transformers saves the merged model as it holds it: in the v5 layout it was
             // loaded into, reverted on save. The shards are planned on that, as in `reshard`.
             state = mapping.round_trip(&state)?.state;
             plan_save(
                 &state,
                 &SaveOptions {
-                    max_shard_size: size,
+                    max_shard_size: *size,
                     ..options.clone()
                 },
             )?
         }
-        _ => with_added(SavePlan::from_checkpoint(base), &plan.added, &state),
+        None => with_added(SavePlan::from_checkpoint(base), &plan.added, &state),
     };
     let report = save_planned(&job.out, &state, &save_plan, &options)?;
     summary.bytes = written.load(Ordering::Relaxed);

@@ -45,8 +45,8 @@ pub use engine::{Direction, Forward, FusedPiece, Mapping, Revert, RoundTrip, Use
 pub use error::{RemapError, Result};
 pub use registry::Registry;
 pub use resave::{
-    checkpoint_mapping, remap, reshard, save_pretrained_original, RemapOptions, RemapReport,
-    ReshardOptions, ReshardReport, TensorLayout,
+    checkpoint_mapping, convert, remap, reshard, save_pretrained_original, RemapOptions,
+    RemapReport, ReshardOptions, ReshardReport, TensorLayout,
 };
 pub use table::{
     Aliases, ConversionTable, ConvertSpec, Op, Patterns, RenameSpec, ReversePolicy, Rule, SizeExpr,

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use peftkit_checkpoint::companion_files;
-use peftkit_checkpoint::MODEL_CONFIG_NAME;
+use peftkit_checkpoint::{cast_state_dict, Dtype, MODEL_CONFIG_NAME, TRANSFORMERS_VERSION};
 use peftkit_checkpoint::{
     save_pretrained, Checkpoint, ModelConfig, SaveOptions, SaveReport, StateDict, WeightsKind,
 };
@@ -196,6 +196,9 @@ pub struct ReshardOptions {
     /// Write over `src` itself (`--in-place`): `out` must then be `src`. The save stays
     /// atomic: the old content is kept until the new folder is swapped in.
     pub in_place: bool,
+    /// Cast every floating tensor to this dtype, as `from_pretrained(src, dtype=...)` does
+    /// (see [`peftkit_checkpoint::cast_tensor`]); `config.json`'s `dtype` follows.
+    pub dtype: Option<Dtype>,
 }
 
 /// What [`reshard`] did.
@@ -243,14 +246,85 @@ pub fn reshard(src: &Path, out: &Path, options: &ReshardOptions) -> Result<Resha
         &options.tables,
     )?;
     let saved = source.mapping.round_trip(&source.ckpt.state_dict())?;
-    let save = source.save_options(src, &options.save)?;
-    let report = save_pretrained(out, &saved.state, &save)?;
+    let state = match options.dtype {
+        Some(d) => cast_state_dict(&saved.state, d)?,
+        None => saved.state,
+    };
+    let mut save = source.save_options(src, &options.save)?;
+    // A `.bin` holds tied weights twice; transformers keeps the tie source only.
+    save.tied_weights.extend(source.ckpt.ties().iter().cloned());
+    if options.dtype.is_some() || source.ckpt.is_pickle() {
+        source.rewrite_config(&mut save);
+    }
+    let report = save_pretrained(out, &state, &save)?;
     Ok(ReshardReport {
         save: report,
         table: source.mapping.table().map(str::to_owned),
         rules_used: source.mapping.rule_labels(&saved.used),
         model_type: source.model_type,
     })
+}
+
+/// Converts the checkpoint or adapter in `src` (`.bin` or safetensors weights) into
+/// safetensors in `out`, as transformers and peft save what they loaded:
+///
+/// * a model checkpoint (`pytorch_model.bin`, sharded or not, or safetensors) is re-saved as
+///   [`reshard`] does, i.e. `from_pretrained(src).save_pretrained(out)`, with `config.json`
+///   rewritten as transformers writes it; tied weights stored twice are written once;
+/// * an adapter (`adapter_model.bin` beside `adapter_config.json`) becomes
+///   `adapter_model.safetensors` as peft's safetensors save writes it, in one file; its other
+///   files are copied. peft loads float16/bfloat16 adapter weights into float32 parameters
+///   (`autocast_adapter_dtype`), so its re-save of such an adapter is `dtype: Some(F32)`.
+///
+/// `options.dtype` casts floating tensors with torch's rounding.
+///
+/// ```no_run
+/// use std::path::Path;
+/// use peftkit_remap::{convert, ReshardOptions};
+/// let report = convert(Path::new("old-model"), Path::new("old-model-st"), &ReshardOptions::default()).unwrap();
+/// println!("{:?}", report.save.weight_files);
+/// ```
+pub fn convert(src: &Path, out: &Path, options: &ReshardOptions) -> Result<ReshardReport> {
+    if !is_adapter(src) {
+        return reshard(src, out, options);
+    }
+    peftkit_checkpoint::ensure_apart(out, &[src])?;
+    let ckpt = Checkpoint::open_kind(src, WeightsKind::Adapter, None)?;
+    let state = match options.dtype {
+        Some(d) => cast_state_dict(&ckpt.state_dict(), d)?,
+        None => ckpt.state_dict(),
+    };
+    let mut save = options.save.clone();
+    save.kind = WeightsKind::Adapter;
+    // peft writes an adapter with one `safe_save_file`, never in shards.
+    save.max_shard_size = u64::MAX;
+    save.tied_weights.extend(ckpt.ties().iter().cloned());
+    if src.is_dir() {
+        let mut files = companion_files(src)?;
+        files.append(&mut save.extra_files);
+        save.extra_files = files;
+    }
+    Ok(ReshardReport {
+        save: save_pretrained(out, &state, &save)?,
+        model_type: None,
+        table: None,
+        rules_used: Vec::new(),
+    })
+}
+
+/// An adapter folder or file, by its file names.
+fn is_adapter(src: &Path) -> bool {
+    let name = |p: &Path| p.file_name().and_then(|n| n.to_str()).map(str::to_owned);
+    if src.is_file() {
+        return name(src).is_some_and(|n| n.starts_with("adapter_model"));
+    }
+    [
+        "adapter_config.json",
+        "adapter_model.bin",
+        "adapter_model.safetensors",
+    ]
+    .iter()
+    .any(|f| src.join(f).is_file())
 }
 
 /// The rules transformers applies to a checkpoint: those of `model_type`, or else of
@@ -276,6 +350,7 @@ pub fn checkpoint_mapping(
 struct Source {
     dir: PathBuf,
     ckpt: Checkpoint,
+    config: Option<ModelConfig>,
     model_type: Option<String>,
     mapping: Mapping,
 }
@@ -310,9 +385,26 @@ impl Source {
         Ok(Source {
             dir,
             ckpt,
+            config,
             model_type,
             mapping,
         })
+    }
+
+    /// Writes `config.json` as transformers re-saves it instead of copying it: `dtype` set
+    /// from the tensors written and `transformers_version` its own (a `.bin` checkpoint's
+    /// config is usually a transformers v4 one, and a cast changes the dtype).
+    fn rewrite_config(&self, save: &mut SaveOptions) {
+        let Some(mut config) = self.config.clone() else {
+            return;
+        };
+        config.fields.insert(
+            "transformers_version".into(),
+            serde_json::Value::String(TRANSFORMERS_VERSION.into()),
+        );
+        save.extra_files
+            .retain(|(name, _)| name != MODEL_CONFIG_NAME);
+        save.config = Some(config);
     }
 
     /// `options` with the source's companion files (before `options.extra_files`) and header
