@@ -195,7 +195,7 @@ fn non_finite_values_are_refused_unless_allowed() {
     let err = stderr_of(&run);
     assert!(
         err.contains("model.layers.0.self_attn.q_proj.weight")
-            && err.contains("NaN or infinite value(s) after merging"),
+            && err.contains("NaN or infinite value(s) after merging that the base did not hold"),
         "{err}"
     );
     assert!(!out.exists() && staging_litter(tmp.path()).is_empty());

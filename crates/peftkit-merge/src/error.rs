@@ -191,11 +191,12 @@ pub enum UnsupportedMerge {
     Scaling(MergeMathError),
 }
 
-/// A merged tensor holding NaN or infinite values the merge produced (or the base held),
+/// A merged tensor holding more NaN or infinite values than its base tensor held (the merge
+/// produced them),
 /// refused unless [`MergeJob::allow_nonfinite`](crate::MergeJob::allow_nonfinite). It arrives
 /// as the source of a [`CheckpointError::TensorCompute`] naming the tensor.
 #[derive(Debug, thiserror::Error)]
-#[error("{count} NaN or infinite value(s) after merging (first at flat index {first}); nothing was written. peft would write them: pass --allow-nonfinite to do the same")]
+#[error("{count} NaN or infinite value(s) after merging that the base did not hold (the first non-finite value is at flat index {first}); nothing was written. peft would write them: pass --allow-nonfinite to do the same")]
 pub struct NonFiniteResult {
     /// How many values are NaN or infinite.
     pub count: usize,
