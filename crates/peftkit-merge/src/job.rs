@@ -78,6 +78,12 @@ pub struct MergeJob {
     pub numerics: Numerics,
     /// Told the byte count of every write of tensor data, as the output is written.
     pub progress: Progress,
+    /// Write the result over the base (`out` is then the base): still atomic, the old base is
+    /// kept until the merged folder is swapped in.
+    pub in_place: bool,
+    /// Write NaN and infinite values as peft does, instead of refusing an adapter holding
+    /// them or a merge producing them.
+    pub allow_nonfinite: bool,
 }
 
 impl MergeJob {
@@ -100,7 +106,26 @@ impl MergeJob {
             dequantize: false,
             numerics: Numerics::default(),
             progress: Progress::default(),
+            in_place: false,
+            allow_nonfinite: false,
         }
+    }
+
+    /// Writes the result over the base (see [`MergeJob::in_place`](#structfield.in_place)):
+    /// sets `out` to the base.
+    pub fn in_place(mut self, on: bool) -> Self {
+        self.in_place = on;
+        if on {
+            self.out = self.base.clone();
+        }
+        self
+    }
+
+    /// Keeps NaN and infinite values (see
+    /// [`MergeJob::allow_nonfinite`](#structfield.allow_nonfinite)).
+    pub fn allow_nonfinite(mut self, on: bool) -> Self {
+        self.allow_nonfinite = on;
+        self
     }
 
     /// Reshards the output to at most `size` bytes per file (`None`: the base's layout).
