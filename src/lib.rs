@@ -11,6 +11,8 @@
 //!   extract.
 //! * [`merge`] (`peftkit-merge`): the merge kernels, bit-identical to peft, and the streaming
 //!   merge of adapters into a checkpoint.
+//! * `burn` (`peftkit-burn`, behind the `burn` feature): Hugging Face checkpoints and peft
+//!   adapters in and out of burn 0.22, with a Llama-family model that trains LoRA.
 //!
 //! The types most programs start from are also re-exported here, flat
 //! ([`Checkpoint`], [`StateDict`], [`Registry`], [`MergeJob`], [`diff_checkpoints`], ...).
@@ -32,6 +34,10 @@ pub use peftkit_checkpoint as checkpoint;
 pub use peftkit_merge as merge;
 pub use peftkit_peft as peft;
 pub use peftkit_remap as remap;
+
+/// Hugging Face checkpoints and peft adapters in and out of burn (the `burn` feature).
+#[cfg(feature = "burn")]
+pub use peftkit_burn as burn;
 
 pub use peftkit_checkpoint::{
     resolve_model_path, save_pretrained_distributed, Barrier, Checkpoint, CheckpointError, Dtype,

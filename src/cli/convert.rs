@@ -44,6 +44,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         json,
     } = args;
     let input = super::resolve(&input)?;
+    let out = super::output_folder(Some(out), &input, false)?;
     let kind = guess_kind(&input);
     let bar = progress(open_any(&input, None)?.total_bytes(), !no_fsync);
     let save = SaveOptions::default()

@@ -61,6 +61,10 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         json,
     } = args;
     let from = super::resolve(&from)?;
+    let out = super::output_folder(Some(out), &from, false)?;
+    if let Some(b) = &base_out {
+        super::output_folder(Some(b.clone()), &from, false)?;
+    }
     let mut o = ExtractOptions::new(&out);
     o.adapter_name = adapter_name;
     o.use_rslora = use_rslora;

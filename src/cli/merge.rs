@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use peftkit::checkpoint::{self as ckpt, Checkpoint};
 use peftkit::merge;
 
-use super::{human, note, on_bytes, progress, summary, ui};
+use super::{human, note, on_bytes, output_folder, progress, summary, ui};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
@@ -21,14 +21,26 @@ pub(crate) struct Args {
     #[arg(long = "adapter", required = true)]
     adapters: Vec<String>,
     /// Output folder (created, or replaced atomically).
+    #[arg(
+        long,
+        required_unless_present = "in_place",
+        conflicts_with = "in_place"
+    )]
+    out: Option<PathBuf>,
+    /// Write the merged model over the base folder itself. Still atomic: the old base stays
+    /// until the merged folder is swapped in.
     #[arg(long)]
-    out: PathBuf,
+    in_place: bool,
     /// Reshard the output instead of keeping the base layout.
     #[arg(long)]
     max_shard_size: Option<String>,
     /// Round each delta to the base dtype first and refuse NaN/Inf results (peft's safe_merge).
     #[arg(long)]
     safe_merge: bool,
+    /// Write NaN and infinite values as peft does, instead of refusing an adapter holding them
+    /// or a merge producing them.
+    #[arg(long)]
+    allow_nonfinite: bool,
     /// Subtract the adapters instead of adding them (peft's unmerge).
     #[arg(long)]
     unmerge: bool,
@@ -65,8 +77,10 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         base,
         adapters,
         out,
+        in_place,
         max_shard_size,
         safe_merge,
+        allow_nonfinite,
         unmerge,
         no_fsync,
         numerics,
@@ -91,6 +105,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         Some(b) => super::resolve(&b)?,
         None => base_of(&adapters[0].dir)?,
     };
+    let out = output_folder(out, &base, in_place)?;
     let max_shard_size = max_shard_size
         .as_deref()
         .map(ckpt::parse_max_shard_size)
@@ -99,6 +114,8 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
     let job = merge::MergeJob::new(base, adapters, out)
         .max_shard_size(max_shard_size)
         .safe_merge(safe_merge)
+        .allow_nonfinite(allow_nonfinite)
+        .in_place(in_place)
         .unmerge(unmerge)
         .durable(!no_fsync)
         .numerics(numerics)

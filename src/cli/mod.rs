@@ -141,6 +141,47 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Installs the binary's signal handling: SIGINT and SIGTERM remove the staging folders of the
+/// running save (the output folder stays as it was) and exit with 128 + the signal's number;
+/// SIGXFSZ (a write past `ulimit -f`) is caught so that the write fails with EFBIG and the save
+/// cleans up and reports, where its default action would kill the process mid-write.
+pub(crate) fn handle_signals() {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGXFSZ};
+    let _ = signal_hook::flag::register(
+        SIGXFSZ,
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    );
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            for dir in ckpt::abandon_staging() {
+                eprintln!(
+                    "interrupted: removed the partial output {}; the output folder is as it was",
+                    dir.display()
+                );
+            }
+            std::process::exit(128 + signal);
+        }
+    });
+}
+
+/// The folder a verb writes: `--out`, or with `--in-place` its input. Removes the stale
+/// staging folders of dead runs beside it first, and says so on stderr.
+fn output_folder(out: Option<PathBuf>, input: &Path, in_place: bool) -> Result<PathBuf> {
+    let out = match (out, in_place) {
+        (Some(out), false) => out,
+        (None, true) => input.to_owned(),
+        // clap's `required_unless_present` / `conflicts_with` make these unreachable.
+        _ => anyhow::bail!("give either --out or --in-place"),
+    };
+    for stale in ckpt::remove_stale_staging(&out)? {
+        eprintln!("note: {stale}");
+    }
+    Ok(out)
+}
+
 /// A folder or file argument as given, or, when no such path exists and it reads
 /// `org/name[@revision]`, that repo's snapshot in the local Hugging Face cache.
 fn resolve(path: &Path) -> Result<PathBuf> {

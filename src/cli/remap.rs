@@ -8,15 +8,23 @@ use anyhow::Result;
 use peftkit::peft;
 use peftkit::remap::{RemapOptions, Revert, TensorLayout};
 
-use super::{human, resave_options, summary};
+use super::{human, output_folder, resave_options, summary};
 
 #[derive(clap::Args)]
 pub(crate) struct Args {
     /// The checkpoint folder to read, or a cached repo id (org/name[@revision]).
     dir: PathBuf,
     /// Where to write (created, or replaced atomically).
+    #[arg(
+        long,
+        required_unless_present = "in_place",
+        conflicts_with = "in_place"
+    )]
+    out: Option<PathBuf>,
+    /// Write over the input folder itself. Still atomic: the old content stays until the new
+    /// folder is swapped in.
     #[arg(long)]
-    out: PathBuf,
+    in_place: bool,
     /// Target layout: original | transformers-v5.
     #[arg(long)]
     to: TensorLayout,
@@ -79,8 +87,10 @@ pub(crate) fn run(mut args: Args) -> Result<ExitCode> {
         tables,
         json,
         no_fsync,
+        in_place,
         ..
     } = args;
+    let out = output_folder(out, &dir, in_place)?;
     let (save, bar) = resave_options(
         &dir,
         input_variant.as_deref(),
@@ -97,6 +107,7 @@ pub(crate) fn run(mut args: Args) -> Result<ExitCode> {
             Revert::FromConfig
         },
         tables,
+        in_place,
     };
     let report = peftkit::remap::remap(&dir, &out, to, model_type.as_deref(), &options)?;
     bar.finish_and_clear();
@@ -131,8 +142,16 @@ fn legacy_adapter(args: &Args) -> Result<ExitCode> {
         drop_untargeted,
         zero_dropout,
         json,
+        in_place,
         ..
     } = args;
+    if *in_place {
+        anyhow::bail!(
+            "{} is an adapter: --in-place converts checkpoints only; give --out for the fused adapter",
+            dir.display()
+        );
+    }
+    let out = output_folder(out.clone(), dir, false)?;
     if *to != TensorLayout::TransformersV5 {
         anyhow::bail!(
             "{} is an adapter: adapters are only converted to the transformers-v5 layout (peft saves them that way)",
@@ -152,7 +171,7 @@ fn legacy_adapter(args: &Args) -> Result<ExitCode> {
         },
         zero_dropout: *zero_dropout,
     };
-    let r = convert_legacy_adapter_dir_with(dir, out, model_type.as_deref(), &options)?;
+    let r = convert_legacy_adapter_dir_with(dir, &out, model_type.as_deref(), &options)?;
     if *json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(ExitCode::SUCCESS);

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::{human, resave_options, summary};
+use super::{human, output_folder, resave_options, summary};
 use anyhow::Result;
 
 #[derive(clap::Args)]
@@ -12,8 +12,16 @@ pub(crate) struct Args {
     /// (org/name[@revision]).
     dir: PathBuf,
     /// Where to write (created, or replaced atomically).
+    #[arg(
+        long,
+        required_unless_present = "in_place",
+        conflicts_with = "in_place"
+    )]
+    out: Option<PathBuf>,
+    /// Write over the input folder itself. Still atomic: the old content stays until the new
+    /// folder is swapped in.
     #[arg(long)]
-    out: PathBuf,
+    in_place: bool,
     /// Largest shard: a number of bytes (10000) or a decimal size (5GB, 500MB, 1.5 MB, 20KB).
     #[arg(long, default_value = "50GB")]
     max_shard_size: String,
@@ -51,10 +59,12 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         no_fsync,
         model_type,
         tables,
+        in_place,
         dtype,
         json,
     } = args;
     let dir = super::resolve(&dir)?;
+    let out = output_folder(out, &dir, in_place)?;
     let (save, bar) = resave_options(
         &dir,
         input_variant.as_deref(),
@@ -67,6 +77,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         src_variant: input_variant,
         model_type,
         tables,
+        in_place,
         dtype,
     };
     let report = peftkit::remap::reshard(&dir, &out, &options)?;

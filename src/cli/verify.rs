@@ -16,22 +16,39 @@ pub(crate) struct Args {
     /// Variant of the weight files.
     #[arg(long)]
     variant: Option<String>,
+    /// Print every problem as JSON (schema in docs/cli.md) instead of one line each.
+    #[arg(long)]
+    json: bool,
 }
 
 pub(crate) fn run(args: Args) -> Result<ExitCode> {
-    let Args { path, variant } = args;
+    let Args {
+        path,
+        variant,
+        json,
+    } = args;
     let path = super::resolve(&path)?;
     let kind = guess_kind(&path);
     let mut problems = peftkit::peft::AdapterConfig::problems_in(&path);
-    problems.extend(ckpt::verify(&path, kind, variant.as_deref())?);
-    if problems.is_empty() {
+    problems.extend(ckpt::verify_problems(&path, kind, variant.as_deref())?);
+    if json {
+        let doc = serde_json::json!({
+            "path": path,
+            "ok": problems.is_empty(),
+            "problems": problems,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else if problems.is_empty() {
         println!("{}: ok", path.display());
     } else {
         for p in &problems {
             println!("{p}");
         }
         eprintln!("{}: {} problem(s)", path.display(), problems.len());
-        return Ok(ExitCode::from(1));
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

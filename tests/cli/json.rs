@@ -202,7 +202,7 @@ pub fn check_diff_json(v: &Value, at: &str) {
 }
 
 /// The ```json examples of docs/cli.md's section for `verb`.
-fn doc_examples(verb: &str) -> Vec<Value> {
+pub fn doc_examples(verb: &str) -> Vec<Value> {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/cli.md")).unwrap();
     let start = doc
         .find(&format!("## `peftkit {verb} "))

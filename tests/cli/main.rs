@@ -18,12 +18,15 @@
 //! * `quant`: FP8 merges against the quant fixtures, packed (GPTQ) checkpoints passed through
 //!   by reshard and inspect and refused by merge.
 
+mod crash;
 mod diff;
 mod failures;
 mod help;
 mod hub;
 mod json;
+mod malformed;
 mod quant;
+mod reliability;
 mod ui;
 mod verbs;
 

@@ -18,6 +18,7 @@ sys.path.insert(0, str(HERE))
 
 from fixturegen import (  # noqa: E402
     bnb_cases,
+    burn_cases,
     checkpoint_cases,
     convert_cases,
     hub_cases,
@@ -38,6 +39,7 @@ GENERATORS = {
     "bnb": bnb_cases.generate,  # bnb/ (bitsandbytes 4-bit bases and merges)
     "hub": hub_cases.generate,  # hub/: .bin weights, their safetensors re-saves, a Hub cache
     "quant": quant_cases.generate,  # quant/ (FP8 bases and merges into them)
+    "burn": burn_cases.generate,  # burn/ (crates/peftkit-burn)
 }
 
 

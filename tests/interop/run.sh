@@ -36,3 +36,8 @@ fi
 
 cargo build --quiet --release --bin peftkit --manifest-path "$repo/Cargo.toml"
 PEFTKIT_BIN="$repo/target/release/peftkit" "$venv/bin/python" "$here/live_checks.py"
+
+# peftkit-burn: its example in the debug profile `cargo test` already built (a release build of
+# burn would add minutes; the tiny models run in about a second either way).
+cargo build --quiet -p peftkit-burn --example finetune_llama --manifest-path "$repo/Cargo.toml"
+BURN_EXAMPLE="$repo/target/debug/examples/finetune_llama" "$venv/bin/python" "$here/burn_checks.py"

@@ -9,11 +9,17 @@
 //! mix. Where the exchange is not available, the old folder is renamed aside and the new one
 //! renamed into place (a moment without the folder, still never a mix). If anything fails
 //! before the commit, the staging folder is removed and the target is untouched.
+//!
+//! The staging folder carries its owner's process id and lock (see [`crate::remove_stale_staging`]):
+//! a run killed before it could clean up leaves a folder the next save beside it removes.
+//! A full disk or a file-size limit during the save is reported as
+//! [`CheckpointError::NoSpace`], after the partial files are removed.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::error::{CheckpointError, Result};
+use crate::staging;
 
 /// A folder being assembled beside its target.
 #[derive(Debug)]
@@ -22,10 +28,14 @@ pub struct DirTransaction {
     staging: PathBuf,
     done: bool,
     durable: bool,
+    /// The lock that tells other processes this staging folder is in use.
+    _lock: fs::File,
 }
 
 impl DirTransaction {
-    /// Starts a save into `target` (which may or may not exist yet).
+    /// Starts a save into `target` (which may or may not exist yet), after removing the stale
+    /// staging folders of dead processes beside it (call
+    /// [`remove_stale_staging`](crate::remove_stale_staging) first to learn which).
     pub fn begin(target: &Path) -> Result<Self> {
         if target.exists() && !target.is_dir() {
             return Err(CheckpointError::NotADirectory(target.to_owned()));
@@ -35,44 +45,92 @@ impl DirTransaction {
             _ => PathBuf::from("."),
         };
         fs::create_dir_all(&parent).map_err(|e| CheckpointError::io(&parent, e))?;
+        staging::remove_stale_staging(target)?;
         let name = target
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "out".into());
         let staging = tempfile::Builder::new()
-            .prefix(&format!(".{name}.peftkit-staging-"))
+            .prefix(&staging::staging_prefix(&name))
             .tempdir_in(&parent)
             .map_err(|e| CheckpointError::io(&parent, e))?
             .keep();
+        let lock = match staging::lock(&staging) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = fs::remove_dir(&staging);
+                return Err(e);
+            }
+        };
+        staging::register(&staging);
         Ok(DirTransaction {
             target: target.to_owned(),
             staging,
             done: false,
             durable: true,
+            _lock: lock,
         })
     }
 
     /// Starts a save into `target` assembled by several processes: the staging folder has the
     /// fixed name [`DirTransaction::shared_staging`] gives, so every rank of a distributed save
-    /// finds it without being told. A stale one (a save that crashed) is removed first.
+    /// finds it without being told. A stale one (a save that crashed: its lock is free) is
+    /// removed first; one still locked belongs to a distributed save that runs, and is refused.
+    ///
+    /// The folder is created under this process's own staging name, locked (shared: every rank
+    /// takes [`lock_shared_staging`](Self::lock_shared_staging) while it writes), then renamed:
+    /// a stale-staging cleaner beside it never sees it unlocked.
     pub fn begin_shared(target: &Path) -> Result<Self> {
         if target.exists() && !target.is_dir() {
             return Err(CheckpointError::NotADirectory(target.to_owned()));
         }
         let staging = Self::shared_staging(target);
-        if let Some(parent) = staging.parent() {
-            fs::create_dir_all(parent).map_err(|e| CheckpointError::io(parent, e))?;
-        }
+        let parent = staging.parent().unwrap_or(Path::new(".")).to_owned();
+        fs::create_dir_all(&parent).map_err(|e| CheckpointError::io(&parent, e))?;
+        staging::remove_stale_staging(target)?;
         if staging.exists() {
-            fs::remove_dir_all(&staging).map_err(|e| CheckpointError::io(&staging, e))?;
+            return Err(CheckpointError::io(
+                &staging,
+                std::io::Error::other(
+                    "another distributed save into this folder is running (its staging folder is locked)",
+                ),
+            ));
         }
-        fs::create_dir(&staging).map_err(|e| CheckpointError::io(&staging, e))?;
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "out".into());
+        let own = tempfile::Builder::new()
+            .prefix(&staging::staging_prefix(&name))
+            .tempdir_in(&parent)
+            .map_err(|e| CheckpointError::io(&parent, e))?
+            .keep();
+        let lock = match staging::lock_shared(&own).and_then(|l| {
+            fs::rename(&own, &staging)
+                .map(|()| l)
+                .map_err(|e| CheckpointError::io(&staging, e))
+        }) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&own);
+                return Err(e);
+            }
+        };
+        staging::register(&staging);
         Ok(DirTransaction {
             target: target.to_owned(),
             staging,
             done: false,
             durable: true,
+            _lock: lock,
         })
+    }
+
+    /// The shared lock a rank of a distributed save holds on the staging folder of
+    /// [`begin_shared`](Self::begin_shared) while it writes its shards, so that no
+    /// stale-staging cleaner removes the folder under it. Released when the file drops.
+    pub fn lock_shared_staging(target: &Path) -> Result<fs::File> {
+        staging::lock_shared(&Self::shared_staging(target))
     }
 
     /// The staging folder of [`DirTransaction::begin_shared`] for `target`: beside it, named
@@ -109,6 +167,8 @@ impl DirTransaction {
     /// Moves the new folder into place. Entries of the old folder that are neither replaced
     /// by a new file nor selected by `drop_old` are carried over.
     pub fn commit(mut self, drop_old: impl Fn(&str) -> bool) -> Result<()> {
+        // A signal handler waits for the swap to finish (see `abandon_staging`).
+        let mut registry = staging::active();
         if self.target.is_dir() {
             copy_permissions(&self.target, &self.staging)?;
             carry_over(&self.target, &self.staging, &drop_old)?;
@@ -117,13 +177,19 @@ impl DirTransaction {
             }
             if !exchange(&self.staging, &self.target)? {
                 // No atomic exchange here: move the old folder aside, then the new one in.
-                let aside = self.staging.with_extension("old");
+                // Named like the staging folder, so a crash here leaves a folder the next
+                // save recognises as stale.
+                let mut aside = self.staging.clone().into_os_string();
+                aside.push("-old");
+                let aside = PathBuf::from(aside);
                 fs::rename(&self.target, &aside)
                     .map_err(|e| CheckpointError::io(&self.target, e))?;
                 if let Err(e) = fs::rename(&self.staging, &self.target) {
                     let _ = fs::rename(&aside, &self.target);
                     return Err(CheckpointError::io(&self.target, e));
                 }
+                registry.retain(|d| d != &self.staging);
+                registry.push(aside.clone());
                 self.staging = aside;
             }
             // `self.staging` now names the old content; Drop removes it.
@@ -135,6 +201,7 @@ impl DirTransaction {
                 .map_err(|e| CheckpointError::io(&self.target, e))?;
             self.done = true;
         }
+        drop(registry);
         if let Some(parent) = self.target.parent() {
             if self.durable {
                 let _ = sync_dir(parent);
@@ -149,7 +216,30 @@ impl Drop for DirTransaction {
         if !self.done {
             let _ = fs::remove_dir_all(&self.staging);
         }
+        staging::unregister(&self.staging);
     }
+}
+
+/// An error of a save into `target`, with a full disk or a file-size limit (ENOSPC, EDQUOT,
+/// EFBIG) told as such: the staging folder is removed when the transaction drops, so the
+/// target is as it was.
+pub(crate) fn explain_abort(err: CheckpointError, target: &Path) -> CheckpointError {
+    match err {
+        CheckpointError::Io { path, source } if is_no_space(&source) => CheckpointError::NoSpace {
+            path,
+            target: target.to_owned(),
+            source,
+        },
+        other => other,
+    }
+}
+
+fn is_no_space(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::StorageFull | ErrorKind::FileTooLarge | ErrorKind::QuotaExceeded
+    )
 }
 
 fn copy_permissions(from: &Path, to: &Path) -> Result<()> {
@@ -242,6 +332,27 @@ fn sync_dir(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A save beside a running distributed save must not take its shared staging folder for
+    /// the litter of a dead run (its name carries no process id).
+    #[test]
+    fn a_running_distributed_staging_survives_a_stale_cleaner() {
+        let root = tempfile::tempdir().unwrap();
+        let target = root.path().join("ckpt");
+        let tx = DirTransaction::begin_shared(&target).unwrap();
+        let rank1 = DirTransaction::lock_shared_staging(&target).unwrap();
+        assert!(crate::remove_stale_staging(&root.path().join("other"))
+            .unwrap()
+            .is_empty());
+        assert!(tx.path().is_dir());
+        assert!(
+            DirTransaction::begin_shared(&target).is_err(),
+            "a second save is refused"
+        );
+        drop(rank1);
+        drop(tx);
+        assert!(!DirTransaction::shared_staging(&target).exists());
+    }
 
     #[test]
     fn commit_keeps_unrelated_files_and_drops_stale_ones() {

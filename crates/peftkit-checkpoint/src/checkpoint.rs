@@ -455,31 +455,129 @@ pub(crate) fn index_problems(dir: &Path, idx: &WeightIndex, files: &[WeightFile]
     problems
 }
 
+/// One problem `verify` found: the file it is in, the tensor if it concerns one, and what is
+/// wrong. Displayed as the line `peftkit verify` prints (`FILE: tensor `T`: MESSAGE`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Problem {
+    /// The file (or, for a folder-level problem, the folder).
+    pub file: PathBuf,
+    /// The tensor concerned, if any.
+    pub tensor: Option<String>,
+    /// What is wrong, and where it helps, what to do.
+    pub message: String,
+}
+
+impl Problem {
+    /// A problem of `file`.
+    pub fn new(file: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Problem {
+            file: file.into(),
+            tensor: None,
+            message: message.into(),
+        }
+    }
+
+    /// A problem of `file` told by an error whose message may start with the file's name
+    /// (which is then not repeated).
+    pub fn from_error(file: impl Into<PathBuf>, err: &dyn std::fmt::Display) -> Self {
+        let file = file.into();
+        let text = err.to_string();
+        let prefix = format!("{}: ", file.display());
+        let message = text.strip_prefix(&prefix).unwrap_or(&text).to_owned();
+        Problem::new(file, message)
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: ", self.file.display())?;
+        if let Some(t) = &self.tensor {
+            write!(f, "tensor `{t}`: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// The JSON types a loader relies on in `config.json`: (field, what it must be, check).
+type FieldCheck = (&'static str, &'static str, fn(&serde_json::Value) -> bool);
+const CONFIG_FIELD_TYPES: &[FieldCheck] = &[
+    ("model_type", "a string", |v| v.is_string()),
+    ("architectures", "a list of strings or null", |v| {
+        v.is_null()
+            || v.as_array()
+                .is_some_and(|a| a.iter().all(|x| x.is_string()))
+    }),
+    ("tie_word_embeddings", "true or false", |v| v.is_boolean()),
+    ("dtype", "a string or null", |v| {
+        v.is_null() || v.is_string()
+    }),
+    ("torch_dtype", "a string or null", |v| {
+        v.is_null() || v.is_string()
+    }),
+];
+
 /// Problems with the model configs of folder `path`: a `config.json` or
-/// `generation_config.json` that is present but not a JSON object, which every loader (and
-/// every other verb) would refuse.
-fn config_problems(path: &Path) -> Vec<String> {
+/// `generation_config.json` that is present but not a JSON object, or a `config.json` field a
+/// loader reads with the wrong JSON type. Every loader (and every other verb) would refuse them.
+fn config_problems(path: &Path) -> Vec<Problem> {
     let mut problems = Vec::new();
     if !path.is_dir() {
         return problems;
     }
-    if path.join(MODEL_CONFIG_NAME).is_file() {
-        if let Err(e) = ModelConfig::read(&path.join(MODEL_CONFIG_NAME)) {
-            problems.push(e.to_string());
+    let config = path.join(MODEL_CONFIG_NAME);
+    if config.is_file() {
+        match ModelConfig::read(&config) {
+            Err(e) => problems.push(Problem::from_error(&config, &e)),
+            Ok(c) => {
+                for (field, want, ok) in CONFIG_FIELD_TYPES {
+                    match c.fields.get(*field) {
+                        Some(v) if !ok(v) => problems.push(Problem::new(
+                            &config,
+                            format!("`{field}` is {v}, but loaders read it as {want}"),
+                        )),
+                        _ => {}
+                    }
+                }
+            }
         }
     }
-    if path.join(GENERATION_CONFIG_NAME).is_file() {
-        if let Err(e) = GenerationConfig::read(&path.join(GENERATION_CONFIG_NAME)) {
-            problems.push(e.to_string());
+    let generation = path.join(GENERATION_CONFIG_NAME);
+    if generation.is_file() {
+        if let Err(e) = GenerationConfig::read(&generation) {
+            problems.push(Problem::from_error(&generation, &e));
         }
     }
     problems
 }
 
-/// Every problem of a checkpoint folder or file, for `peftkit verify`: unreadable or
-/// inconsistent headers, index entries that are missing, duplicated, misplaced or escape the
-/// folder, and a stale single file that shadows an index.
+/// Every problem of a checkpoint folder or file, for `peftkit verify`, as lines (see
+/// [`verify_problems`]).
 pub fn verify(path: &Path, kind: WeightsKind, variant: Option<&str>) -> Result<Vec<String>> {
+    Ok(verify_problems(path, kind, variant)?
+        .iter()
+        .map(Problem::to_string)
+        .collect())
+}
+
+/// Every problem of a checkpoint folder or file: configs a loader would refuse, unreadable or
+/// inconsistent headers (offsets, dtype × shape, truncation), index entries that are missing,
+/// duplicated across shards, misplaced or escape the folder, and a stale single file that
+/// shadows an index.
+///
+/// ```
+/// use peftkit_checkpoint::{verify_problems, WeightsKind};
+/// let dir = tempfile::tempdir().unwrap();
+/// let problems = verify_problems(dir.path(), WeightsKind::Model, None).unwrap();
+/// assert!(problems[0].message.contains("no checkpoint found"));
+/// ```
+///
+/// # Errors
+/// An I/O error reading a file that exists, or an invalid `variant`.
+pub fn verify_problems(
+    path: &Path,
+    kind: WeightsKind,
+    variant: Option<&str>,
+) -> Result<Vec<Problem>> {
     let mut problems = config_problems(path);
     let (dir, layout) = if path.is_file() {
         (
@@ -492,16 +590,20 @@ pub fn verify(path: &Path, kind: WeightsKind, variant: Option<&str>) -> Result<V
         let names = WeightsNames::new(kind, variant)?;
         let (single, index) = (path.join(names.single()), path.join(names.index()));
         if single.is_file() && index.is_file() {
-            problems.push(format!(
+            problems.push(Problem::new(path, format!(
                 "both {} and {} exist: loaders read the single file and ignore the shards; delete the stale one",
                 names.single(),
                 names.index()
-            ));
+            )));
         }
         match find_file_layout(path, kind, variant) {
             Ok(l) => (path.to_owned(), l),
             Err(e) => {
-                problems.push(e.to_string());
+                let file = match &e {
+                    CheckpointError::InvalidIndex { path, .. } => path.clone(),
+                    _ => path.to_owned(),
+                };
+                problems.push(Problem::from_error(file, &e));
                 return Ok(problems);
             }
         }
@@ -516,9 +618,9 @@ pub fn verify(path: &Path, kind: WeightsKind, variant: Option<&str>) -> Result<V
                     Ok(p) if !paths.contains(&p) => paths.push(p),
                     Ok(_) => {}
                     Err(reason) => {
-                        let msg = format!("{}: {reason}", index.display());
-                        if !problems.contains(&msg) {
-                            problems.push(msg);
+                        let p = Problem::new(index, reason);
+                        if !problems.contains(&p) {
+                            problems.push(p);
                         }
                     }
                 }
@@ -530,23 +632,26 @@ pub fn verify(path: &Path, kind: WeightsKind, variant: Option<&str>) -> Result<V
     let mut files = Vec::new();
     for p in &paths {
         if !p.is_file() {
-            problems.push(format!("{}: listed in the index but missing", p.display()));
+            problems.push(Problem::new(p, "listed in the index but missing"));
             continue;
         }
         if crate::pickle::is_pickle_name(p) {
             match open_weight_file(p) {
                 Ok((file, _, _)) => files.push(file),
-                Err(e) => problems.push(e.to_string()),
+                Err(e) => problems.push(Problem::from_error(p, &e)),
             }
             continue;
         }
         let (header, file_problems) = inspect_file(p)?;
-        problems.extend(file_problems.into_iter().map(
-            |FileProblem { tensor, reason }| match tensor {
-                Some(t) => format!("{}: tensor `{t}`: {reason}", p.display()),
-                None => format!("{}: {reason}", p.display()),
-            },
-        ));
+        problems.extend(
+            file_problems
+                .into_iter()
+                .map(|FileProblem { tensor, reason }| Problem {
+                    file: p.clone(),
+                    tensor,
+                    message: reason,
+                }),
+        );
         if let Some(header) = header {
             files.push(WeightFile {
                 path: p.clone(),
@@ -559,7 +664,7 @@ pub fn verify(path: &Path, kind: WeightsKind, variant: Option<&str>) -> Result<V
         problems.extend(
             index_problems(&dir, &idx, &files)
                 .into_iter()
-                .map(|p| format!("{}: {p}", index_path.display())),
+                .map(|p| Problem::new(&index_path, p)),
         );
     }
     Ok(problems)

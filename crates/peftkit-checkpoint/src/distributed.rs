@@ -102,7 +102,10 @@ pub fn save_pretrained_distributed(
     };
     wait("staging")?;
     let staging = DirTransaction::shared_staging(dir);
+    // Held until this rank's shards are written: a stale-staging cleaner leaves the folder be.
+    let lock = DirTransaction::lock_shared_staging(dir)?;
     write_shards(&staging, state, &plan, options, &|i| rank.owns(i))?;
+    drop(lock);
     wait("shards")?;
     if let Some(tx) = tx {
         write_companions(tx.path(), state, options)?;

@@ -39,12 +39,32 @@ pub enum CheckpointError {
         /// The world size.
         world_size: usize,
     },
+    /// An in-place save whose output is not the input it replaces.
+    #[error("an in-place save writes over its input: the output {out} is not the input {input}")]
+    NotInPlace {
+        /// The output asked for.
+        out: PathBuf,
+        /// The input to write over.
+        input: PathBuf,
+    },
     /// An operating-system error on a named path.
     #[error("{path}: {source}")]
     Io {
         /// The file or folder being read or written.
         path: PathBuf,
         /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The disk filled up, or the file-size limit (`ulimit -f`) was reached, during a save. The
+    /// partial output was removed and the target folder is as it was.
+    #[error("{path}: {source}; the save was abandoned and its partial files removed, {target} is as it was: free some space (or raise the file-size limit) and run again")]
+    NoSpace {
+        /// The file being written.
+        path: PathBuf,
+        /// The folder the save would have replaced.
+        target: PathBuf,
+        /// The underlying error (ENOSPC, EDQUOT or EFBIG).
         #[source]
         source: std::io::Error,
     },

@@ -35,6 +35,7 @@ mod diff;
 mod direct;
 mod distributed;
 mod error;
+mod finite;
 mod hub;
 mod index;
 mod inspect;
@@ -48,11 +49,15 @@ mod safetensors_file;
 mod save;
 mod setters;
 mod shard;
+mod staging;
 mod tensor;
 
 pub use atomic::DirTransaction;
 pub use cast::{cast_state_dict, cast_tensor, parse_cast_dtype};
-pub use checkpoint::{find_file_layout, verify, Checkpoint, FileLayout, WeightFile, WeightFormat};
+pub use checkpoint::{
+    find_file_layout, verify, verify_problems, Checkpoint, FileLayout, Problem, WeightFile,
+    WeightFormat,
+};
 pub use companion::{companion_files, is_weights_file};
 pub use config::{
     GenerationConfig, ModelConfig, GENERATION_CONFIG_NAME, MODEL_CONFIG_NAME, TRANSFORMERS_VERSION,
@@ -60,12 +65,13 @@ pub use config::{
 pub use diff::{diff_state_dicts, DtypeDiff, ShapeDiff, StateDictDiff, ValueDiff};
 pub use distributed::{save_pretrained_distributed, Barrier, Rank};
 pub use error::{CheckpointError, Result};
+pub use finite::nonfinite;
 pub use hub::{resolve_model_path, HubCache, RepoSpec};
 pub use index::WeightIndex;
 pub use inspect::{CheckpointSummary, TensorSummary};
 pub use names::{WeightsKind, WeightsNames};
 pub use natural::{natural_cmp, sort_natural};
-pub use overlap::{ensure_apart, Overlap};
+pub use overlap::{ensure_apart, ensure_output, Overlap};
 pub use progress::Progress;
 pub use pyjson::{
     float_repr, nonfinite_marker, py_json_string, write_py_json, write_py_str, PyJsonStyle,
@@ -78,6 +84,7 @@ pub use save::{
     plan_save, save_planned, save_pretrained, torch_dtype_name, SaveOptions, SavePlan, SaveReport,
 };
 pub use shard::{parse_max_shard_size, parse_size, plan_shards, PlanItem, DEFAULT_MAX_SHARD_SIZE};
+pub use staging::{abandon_staging, remove_stale_staging, StaleStaging};
 pub use tensor::{
     buffers, byte_len, dtype_name, dtype_size, parse_dtype, Dtype, Producer, SourceFile, StateDict,
     Tensor,

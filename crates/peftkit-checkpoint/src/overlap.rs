@@ -70,6 +70,43 @@ pub fn ensure_apart(out: &Path, inputs: &[&Path]) -> Result<()> {
     Ok(())
 }
 
+/// The output check of a verb with an `--in-place` mode: with `in_place = Some(input)`, `out`
+/// must be that input itself (the save replaces it atomically) and apart from every other
+/// input; with `None`, it must be apart from all of them ([`ensure_apart`]).
+///
+/// ```
+/// use peftkit_checkpoint::ensure_output;
+/// let dir = tempfile::tempdir().unwrap();
+/// let base = dir.path().join("base");
+/// std::fs::create_dir(&base).unwrap();
+/// assert!(ensure_output(&base, &[&base], Some(&base)).is_ok());
+/// assert!(ensure_output(&base, &[&base], None).is_err());
+/// assert!(ensure_output(&dir.path().join("x"), &[&base], Some(&base)).is_err());
+/// ```
+///
+/// # Errors
+/// [`CheckpointError::NotInPlace`] or [`CheckpointError::OutputOverlapsInput`], or an I/O
+/// error resolving the paths.
+pub fn ensure_output(out: &Path, inputs: &[&Path], in_place: Option<&Path>) -> Result<()> {
+    let Some(target) = in_place else {
+        return ensure_apart(out, inputs);
+    };
+    if resolve(out)? != resolve(target)? {
+        return Err(CheckpointError::NotInPlace {
+            out: out.to_path_buf(),
+            input: target.to_path_buf(),
+        });
+    }
+    let target_real = resolve(target)?;
+    let mut others = Vec::new();
+    for i in inputs {
+        if resolve(i)? != target_real {
+            others.push(*i);
+        }
+    }
+    ensure_apart(out, &others)
+}
+
 /// `path` with symlinks and `.`/`..` resolved; the part below its nearest existing ancestor is
 /// appended as written (it cannot hold a symlink, since it does not exist).
 fn resolve(path: &Path) -> Result<PathBuf> {

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use crate::atomic::DirTransaction;
+use crate::atomic::{explain_abort, DirTransaction};
 use crate::config::{GenerationConfig, ModelConfig};
 use crate::error::{CheckpointError, Result};
 use crate::index::WeightIndex;
@@ -364,9 +364,10 @@ pub fn save_planned(
         });
     }
     let tx = DirTransaction::begin(dir)?.durable(options.durable);
-    write_companions(tx.path(), state, options)?;
-    write_shards(tx.path(), state, plan, options, &|_| true)?;
-    finish(tx, plan, options)?;
+    let staged = write_companions(tx.path(), state, options)
+        .and_then(|()| write_shards(tx.path(), state, plan, options, &|_| true));
+    staged.map_err(|e| explain_abort(e, dir))?;
+    finish(tx, plan, options).map_err(|e| explain_abort(e, dir))?;
     Ok(report)
 }
 

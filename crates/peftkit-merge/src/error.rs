@@ -38,6 +38,19 @@ pub enum MergeError {
         /// The weight given.
         weight: f64,
     },
+    /// An adapter tensor holding NaN or infinite values (refused unless
+    /// [`MergeJob::allow_nonfinite`](crate::MergeJob::allow_nonfinite)).
+    #[error("{adapter}: tensor `{key}` holds {count} NaN or infinite value(s) (first at flat index {first}); the merged model would too. Retrain or repair the adapter, or pass --allow-nonfinite to merge it as peft does")]
+    NonFiniteAdapter {
+        /// Adapter folder.
+        adapter: PathBuf,
+        /// The adapter tensor.
+        key: String,
+        /// How many values are NaN or infinite.
+        count: usize,
+        /// Flat (row-major) index of the first.
+        first: usize,
+    },
     /// An adapter tensor whose module has no tensor in the base.
     #[error("{adapter}: `{key}` adapts `{module}`, but the base {base} has no tensor `{expected}`; the adapter was trained on another model or its names need remapping")]
     NoBaseTensor {
@@ -207,4 +220,17 @@ pub enum UnsupportedMerge {
     /// A scaling that cannot be computed (rank 0).
     #[error(transparent)]
     Scaling(MergeMathError),
+}
+
+/// A merged tensor holding more NaN or infinite values than its base tensor held (the merge
+/// produced them),
+/// refused unless [`MergeJob::allow_nonfinite`](crate::MergeJob::allow_nonfinite). It arrives
+/// as the source of a [`CheckpointError::TensorCompute`] naming the tensor.
+#[derive(Debug, thiserror::Error)]
+#[error("{count} NaN or infinite value(s) after merging that the base did not hold (the first non-finite value is at flat index {first}); nothing was written. peft would write them: pass --allow-nonfinite to do the same")]
+pub struct NonFiniteResult {
+    /// How many values are NaN or infinite.
+    pub count: usize,
+    /// Flat (row-major) index of the first.
+    pub first: usize,
 }

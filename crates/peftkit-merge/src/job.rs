@@ -84,6 +84,12 @@ pub struct MergeJob {
     /// A 16-bit base a QLoRA adapter was trained on in 4 bits: merge into bitsandbytes' round
     /// trip `dequantize(quantize(W))` of each adapted weight rather than into `W`.
     pub qlora_base: Option<QloraBase>,
+    /// Write the result over the base (`out` is then the base): still atomic, the old base is
+    /// kept until the merged folder is swapped in.
+    pub in_place: bool,
+    /// Write NaN and infinite values as peft does, instead of refusing an adapter holding
+    /// them or a merge producing them.
+    pub allow_nonfinite: bool,
 }
 
 impl MergeJob {
@@ -107,6 +113,8 @@ impl MergeJob {
             numerics: Numerics::default(),
             progress: Progress::default(),
             qlora_base: None,
+            in_place: false,
+            allow_nonfinite: false,
         }
     }
 
@@ -114,6 +122,23 @@ impl MergeJob {
     /// [`MergeJob::qlora_base`](#structfield.qlora_base)).
     pub fn qlora_base(mut self, quantization: Option<QloraBase>) -> Self {
         self.qlora_base = quantization;
+        self
+    }
+
+    /// Writes the result over the base (see [`MergeJob::in_place`](#structfield.in_place)):
+    /// sets `out` to the base.
+    pub fn in_place(mut self, on: bool) -> Self {
+        self.in_place = on;
+        if on {
+            self.out = self.base.clone();
+        }
+        self
+    }
+
+    /// Keeps NaN and infinite values (see
+    /// [`MergeJob::allow_nonfinite`](#structfield.allow_nonfinite)).
+    pub fn allow_nonfinite(mut self, on: bool) -> Self {
+        self.allow_nonfinite = on;
         self
     }
 

@@ -48,7 +48,7 @@ mod quant;
 mod report;
 mod stream;
 
-pub use error::{MergeError, UnsupportedMerge};
+pub use error::{MergeError, NonFiniteResult, UnsupportedMerge};
 pub use job::{AdapterInput, MergeJob};
 pub use kernels::*;
 pub use peftkit_checkpoint::Progress;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use indexmap::IndexMap;
-use peftkit_checkpoint::companion_files;
+use peftkit_checkpoint::{companion_files, nonfinite, CheckpointError};
 use peftkit_checkpoint::{
     plan_save, save_planned, Checkpoint, ModelConfig, Progress, SaveOptions, SavePlan, StateDict,
     Tensor,
@@ -24,7 +24,7 @@ use peftkit_checkpoint::{
 use peftkit_peft::Adapter;
 
 use crate::edit::Edit;
-use crate::error::MergeError;
+use crate::error::{MergeError, NonFiniteResult};
 use crate::job::MergeJob;
 use crate::kernels::{reduction_order, MergeOptions as KernelOptions, Numerics};
 use crate::plan::{plan, MergePlan};
@@ -53,7 +53,8 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
     let inputs: Vec<&std::path::Path> = std::iter::once(job.base.as_path())
         .chain(job.adapters.iter().map(|a| a.dir.as_path()))
         .collect();
-    peftkit_checkpoint::ensure_apart(&job.out, &inputs)?;
+    let in_place = job.in_place.then_some(job.base.as_path());
+    peftkit_checkpoint::ensure_output(&job.out, &inputs, in_place)?;
     if let Some(a) = job.adapters.iter().find(|a| !a.weight.is_finite()) {
         return Err(MergeError::NonFiniteWeight {
             adapter: a.dir.clone(),
@@ -83,6 +84,9 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
         .iter()
         .map(|a| Adapter::open(&a.dir).map(|ad| (ad, a.weight)))
         .collect::<Result<Vec<_>, _>>()?;
+    if !job.allow_nonfinite {
+        check_finite_adapters(&adapters)?;
+    }
     let quant = BaseQuant::read(job, &base, &base_dir, config.as_ref())?;
     let order = reduction_order()?;
     // A bitsandbytes base is planned and merged on its dequantized view (see `quant::bnb`);
@@ -223,10 +227,28 @@ fn merged_state(
         };
         count(summary, Some(steps));
         let (base_t, steps, key) = (tensor.clone(), steps.clone(), name.to_owned());
+        let check = !job.allow_nonfinite;
         let lazy = Tensor::lazy(tensor.dtype(), tensor.shape().to_vec(), move || {
             let mut data = base_t.bytes()?.into_owned();
+            // Values the base already held are not the merge's doing: count them first.
+            let count = |d: &[u8]| nonfinite(base_t.dtype(), d).unwrap_or((0, 0));
+            let held = if check { count(&data).0 } else { 0 };
             for step in &steps {
                 step.apply(&key, base_t.dtype(), base_t.shape(), &mut data, &opts)?;
+            }
+            // One pass over the merged bytes, while they are still in cache from the kernel.
+            if check {
+                let (after, first) = count(&data);
+                if after > held {
+                    return Err(CheckpointError::TensorCompute {
+                        tensor: key.clone(),
+                        context: "merged".into(),
+                        source: Box::new(NonFiniteResult {
+                            count: after - held,
+                            first,
+                        }),
+                    });
+                }
             }
             Ok(data)
         })?;
@@ -247,6 +269,24 @@ fn count(summary: &mut MergeSummary, steps: Option<&Vec<crate::edit::Step>>) {
         }
         Some(_) => summary.tensors_merged += 1,
     }
+}
+
+/// Refuses an adapter tensor holding NaN or infinite values, naming it, before anything is
+/// written. Adapters are small next to the base: reading them once more costs little.
+fn check_finite_adapters(adapters: &[(Adapter, f64)]) -> Result<(), MergeError> {
+    for (ad, _) in adapters {
+        for (key, t) in ad.weights.tensors() {
+            if let Some((count, first)) = nonfinite(t.dtype(), &t.bytes()?) {
+                return Err(MergeError::NonFiniteAdapter {
+                    adapter: ad.dir.clone(),
+                    key: key.to_owned(),
+                    count,
+                    first,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// How the output is laid out: the base's files unless resharded (`resave`: the shard size and

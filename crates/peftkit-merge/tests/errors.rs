@@ -41,7 +41,10 @@ fn a_kernel_error_is_the_typed_source_of_the_merge_error() {
     broken_adapter(&bad);
     let base = case_dir("lora_basic").join("base");
     let adapters = vec![AdapterInput::parse(bad.to_str().unwrap())];
-    let job = MergeJob::new(base, adapters, tmp.path().join("merged")).safe_merge(true);
+    // Non-finite values allowed, so that peft's own check (`safe_merge`, in the kernel) fires.
+    let job = MergeJob::new(base, adapters, tmp.path().join("merged"))
+        .safe_merge(true)
+        .allow_nonfinite(true);
     let err = merge(&job).unwrap_err();
     let source = std::error::Error::source(&err).expect("a source");
     let math = source
@@ -83,4 +86,31 @@ fn progress_is_told_every_byte_written() {
     let summary = merge(&job).unwrap();
     assert!(summary.bytes > 0);
     assert_eq!(total.load(Ordering::Relaxed), summary.bytes);
+}
+
+/// By default the infinity is refused before anything is computed, naming the adapter tensor.
+#[test]
+fn a_non_finite_adapter_tensor_is_refused_by_default() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("bad_adapter");
+    broken_adapter(&bad);
+    let adapters = vec![AdapterInput::parse(bad.to_str().unwrap())];
+    let job = MergeJob::new(
+        case_dir("lora_basic").join("base"),
+        adapters,
+        tmp.path().join("m"),
+    );
+    match merge(&job).unwrap_err() {
+        MergeError::NonFiniteAdapter {
+            key, count, first, ..
+        } => {
+            assert_eq!(
+                key,
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+            );
+            assert_eq!((count, first), (1, 0));
+        }
+        other => panic!("{other}"),
+    }
+    assert!(!tmp.path().join("m").exists());
 }

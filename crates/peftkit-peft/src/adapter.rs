@@ -29,6 +29,14 @@ pub enum AdapterError {
     /// The weights could not be read.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// The adapter config could not be read or is invalid, with the file named.
+    #[error("{path}: {source}")]
+    InvalidConfig {
+        /// The `adapter_config.json`.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: ConfigError,
+    },
     /// The folder has no adapter config.
     #[error("{0}: no adapter_config.json; pass the folder peft's save_pretrained wrote")]
     NoConfig(PathBuf),
@@ -344,7 +352,12 @@ impl Adapter {
         if !config_path.is_file() {
             return Err(AdapterError::NoConfig(dir.to_owned()));
         }
-        let (config, warnings) = AdapterConfig::from_file(&config_path)?;
+        let (config, warnings) = AdapterConfig::from_file(&config_path).map_err(|source| {
+            AdapterError::InvalidConfig {
+                path: config_path.clone(),
+                source,
+            }
+        })?;
         let weights = Checkpoint::open_kind(dir, WeightsKind::Adapter, None)?;
         let tensors = AdapterTensors::new(name, config.peft_type());
         let mut adapter = Adapter {

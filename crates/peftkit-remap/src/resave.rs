@@ -86,6 +86,9 @@ pub struct RemapOptions {
     /// Conversion table files added to the embedded ones (a table of the same name replaces
     /// the embedded one; its `model_types` become aliases).
     pub tables: Vec<PathBuf>,
+    /// Write over `src` itself (`--in-place`): `out` must then be `src`. The save stays
+    /// atomic: the old content is kept until the new folder is swapped in.
+    pub in_place: bool,
 }
 
 peftkit_checkpoint::option_setters!(RemapOptions {
@@ -138,7 +141,7 @@ pub fn remap(
     model_type: Option<&str>,
     options: &RemapOptions,
 ) -> Result<RemapReport> {
-    peftkit_checkpoint::ensure_apart(out, &[src])?;
+    peftkit_checkpoint::ensure_output(out, &[src], options.in_place.then_some(src))?;
     let source = Source::open(
         src,
         options.src_variant.as_deref(),
@@ -197,6 +200,9 @@ pub struct ReshardOptions {
     pub model_type: Option<String>,
     /// Conversion table files added to the embedded ones.
     pub tables: Vec<PathBuf>,
+    /// Write over `src` itself (`--in-place`): `out` must then be `src`. The save stays
+    /// atomic: the old content is kept until the new folder is swapped in.
+    pub in_place: bool,
     /// Cast every floating tensor to this dtype, as `from_pretrained(src, dtype=...)` does
     /// (see [`peftkit_checkpoint::cast_tensor`]); `config.json`'s `dtype` follows.
     pub dtype: Option<Dtype>,
@@ -247,7 +253,7 @@ pub struct ReshardReport {
 /// println!("{} files, table {:?}", report.save.weight_files.len(), report.table);
 /// ```
 pub fn reshard(src: &Path, out: &Path, options: &ReshardOptions) -> Result<ReshardReport> {
-    peftkit_checkpoint::ensure_apart(out, &[src])?;
+    peftkit_checkpoint::ensure_output(out, &[src], options.in_place.then_some(src))?;
     let source = Source::open(
         src,
         options.src_variant.as_deref(),

@@ -311,7 +311,7 @@ impl AdapterConfig {
     /// verify`: not JSON, an unknown or missing `peft_type`, wrong field types, or a check peft
     /// makes when it loads the adapter (a non-positive `r`, target patterns that do not compile,
     /// …). Empty when the file is absent or fine.
-    pub fn problems_in(dir: &Path) -> Vec<String> {
+    pub fn problems_in(dir: &Path) -> Vec<peftkit_checkpoint::Problem> {
         let path = dir.join(ADAPTER_CONFIG_NAME);
         if !path.is_file() {
             return Vec::new();
@@ -319,7 +319,7 @@ impl AdapterConfig {
         let checked = Self::from_file(&path).and_then(|(config, _)| config.validate());
         match checked {
             Ok(()) => Vec::new(),
-            Err(e) => vec![format!("{}: {e}", path.display())],
+            Err(e) => vec![peftkit_checkpoint::Problem::new(path, e.to_string())],
         }
     }
 
