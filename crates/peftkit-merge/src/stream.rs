@@ -230,15 +230,16 @@ fn merged_state(
         let check = !job.allow_nonfinite;
         let lazy = Tensor::lazy(tensor.dtype(), tensor.shape().to_vec(), move || {
             let mut data = base_t.bytes()?.into_owned();
-            // Values the base already held are not the merge's doing: count them first.
-            let count = |d: &[u8]| nonfinite(base_t.dtype(), d).unwrap_or((0, 0));
-            let held = if check { count(&data).0 } else { 0 };
             for step in &steps {
                 step.apply(&key, base_t.dtype(), base_t.shape(), &mut data, &opts)?;
             }
             // One pass over the merged bytes, while they are still in cache from the kernel.
-            if check {
-                let (after, first) = count(&data);
+            // Values the base already held are not the merge's doing: only when the merged
+            // tensor holds some is the base read again to count its own (rare, so the common
+            // case pays one pass, not two).
+            if let Some((after, first)) = check.then(|| nonfinite(base_t.dtype(), &data)).flatten()
+            {
+                let held = nonfinite(base_t.dtype(), &base_t.bytes()?).map_or(0, |(n, _)| n);
                 if after > held {
                     return Err(CheckpointError::TensorCompute {
                         tensor: key.clone(),
