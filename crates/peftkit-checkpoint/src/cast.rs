@@ -150,13 +150,31 @@ fn f16_to_f32(h: u16) -> u32 {
     }
 }
 
-/// float32 bits → bfloat16 bits as torch's vectorised CPU cast does: every NaN becomes
-/// `0xFFFF`, the rest round to nearest even.
+/// float32 bits → bfloat16 bits as torch's vectorised CPU cast does.
 fn f32_to_bf16(x: u32) -> u16 {
-    if f32::from_bits(x).is_nan() {
+    f32_to_bf16_bits(f32::from_bits(x))
+}
+
+/// Rounds an `f32` to BF16 bits the way torch's CPU cast does: round to nearest even, and any
+/// NaN becomes `0xFFFF`. The one home of this rule: `--dtype` casts here, and the merge
+/// kernels of `peftkit-merge` round their results with it.
+///
+/// ```
+/// use peftkit_checkpoint::f32_to_bf16_bits;
+/// assert_eq!(f32_to_bf16_bits(1.0), 0x3F80);
+/// assert_eq!(f32_to_bf16_bits(f32::from_bits(0x3F80_8000)), 0x3F80); // a tie rounds to even
+/// assert_eq!(f32_to_bf16_bits(-f32::NAN), 0xFFFF);
+/// ```
+#[inline(always)]
+pub fn f32_to_bf16_bits(x: f32) -> u16 {
+    let u = x.to_bits();
+    // Branch-free so that slice loops vectorise: the NaN case is a select on the rounded
+    // value, since the rounding add could carry a NaN payload into the exponent.
+    let rounded = (u.wrapping_add(0x7FFF + ((u >> 16) & 1)) >> 16) as u16;
+    if x.is_nan() {
         0xFFFF
     } else {
-        round_bf16(x)
+        rounded
     }
 }
 

@@ -47,19 +47,9 @@ pub fn element_count(what: &'static str, dtype: Dtype, bytes: usize) -> Result<u
     Ok(bytes / size)
 }
 
-/// Rounds an `f32` to BF16 bits the way torch does (RNE; any NaN → `0xFFFF`).
-#[inline(always)]
-pub fn f32_to_bf16_bits(x: f32) -> u16 {
-    let u = x.to_bits();
-    // Branch-free so that slice loops vectorise; the NaN test has to come first because the
-    // rounding add could carry a NaN payload into the exponent.
-    let rounded = (u.wrapping_add(0x7FFF + ((u >> 16) & 1)) >> 16) as u16;
-    if x.is_nan() {
-        0xFFFF
-    } else {
-        rounded
-    }
-}
+/// Rounds an `f32` to BF16 bits the way torch does (RNE; any NaN → `0xFFFF`); the rule lives
+/// with the checkpoint crate's dtype casts.
+pub use peftkit_checkpoint::f32_to_bf16_bits;
 
 /// Widens BF16 bits to `f32` (exact).
 #[inline(always)]
