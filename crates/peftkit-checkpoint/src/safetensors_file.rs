@@ -414,6 +414,9 @@ struct Prepared<'a> {
     file: File,
     /// The `O_DIRECT` handle, for a synced file on a file system that has it.
     direct: Option<File>,
+    /// Whether edited tensors are edited where they lie in the file (buffered output on a
+    /// file system where that is safe; see [`crate::in_file::edits_in_file`]).
+    edit_in_file: bool,
     size: u64,
     /// `(name, tensor, offset)` in file order.
     items: Vec<(&'a str, &'a Tensor, u64)>,
@@ -547,7 +550,14 @@ fn prepare_files<'a>(
         }
         let header = header_bytes(metadata, &ordered)?;
         let path = job.path;
-        let file = File::create(&path).map_err(|e| CheckpointError::io(&path, e))?;
+        // Readable too: edits in the file map it (`InPlaceEdit::apply_in_file`).
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| CheckpointError::io(&path, e))?;
         write_all_at(&file, &header, 0).map_err(|e| CheckpointError::io(&path, e))?;
         let mut size = header.len() as u64;
         let mut items = Vec::with_capacity(ordered.len());
@@ -565,10 +575,12 @@ fn prepare_files<'a>(
             }
             false => None,
         };
+        let edit_in_file = direct.is_none() && crate::in_file::edits_in_file(&file);
         prepared.push(Prepared {
             path,
             file,
             direct,
+            edit_in_file,
             size,
             items,
         });
@@ -608,6 +620,16 @@ fn write_tensor_at(p: &Prepared<'_>, t: &Tensor, offset: u64) -> Result<u64> {
     if let Some(n) = copy_in_kernel(file, t, offset, path)? {
         return Ok(n);
     }
+    if p.edit_in_file {
+        if let Some((src, src_offset, edit)) = t.edited_file_region() {
+            let len = t.byte_len();
+            if copy_range_in_kernel(file, src, src_offset, offset, len, path)?.is_some()
+                && edit.apply_in_file(file, offset, len)?
+            {
+                return Ok(len as u64);
+            }
+        }
+    }
     t.for_each_chunk(&mut |at, chunk| {
         match &p.direct {
             Some(direct) => crate::direct::write_all_at(file, direct, chunk, offset + at),
@@ -643,12 +665,27 @@ pub(crate) fn write_all_at(file: &File, mut buf: &[u8], mut offset: u64) -> std:
 /// (no trip through user memory; reflinks where the file system has them). `None` when the
 /// kernel or file system cannot, before anything was written: the caller then copies through
 /// memory.
-#[cfg(target_os = "linux")]
 fn copy_in_kernel(out: &File, t: &Tensor, offset: u64, path: &Path) -> Result<Option<u64>> {
-    let Some((src, src_offset)) = t.file_region() else {
-        return Ok(None);
-    };
-    let (mut off_in, mut off_out, mut left) = (src_offset, offset, t.byte_len());
+    match t.file_region() {
+        Some((src, src_offset)) => {
+            copy_range_in_kernel(out, src, src_offset, offset, t.byte_len(), path)
+        }
+        None => Ok(None),
+    }
+}
+
+/// Copies `len` bytes at `src_offset` of `src` to `offset` of `out` inside the kernel; `None`
+/// when it cannot (see [`copy_in_kernel`]).
+#[cfg(target_os = "linux")]
+fn copy_range_in_kernel(
+    out: &File,
+    src: &SourceFile,
+    src_offset: u64,
+    offset: u64,
+    len: usize,
+    path: &Path,
+) -> Result<Option<u64>> {
+    let (mut off_in, mut off_out, mut left) = (src_offset, offset, len);
     let mut first = true;
     while left > 0 {
         let r = rustix::fs::copy_file_range(
@@ -672,11 +709,18 @@ fn copy_in_kernel(out: &File, t: &Tensor, offset: u64, path: &Path) -> Result<Op
         }
         first = false;
     }
-    Ok(Some(t.byte_len() as u64))
+    Ok(Some(len as u64))
 }
 
 #[cfg(not(target_os = "linux"))]
-fn copy_in_kernel(_out: &File, _t: &Tensor, _offset: u64, _path: &Path) -> Result<Option<u64>> {
+fn copy_range_in_kernel(
+    _out: &File,
+    _src: &SourceFile,
+    _src_offset: u64,
+    _offset: u64,
+    _len: usize,
+    _path: &Path,
+) -> Result<Option<u64>> {
     Ok(None)
 }
 

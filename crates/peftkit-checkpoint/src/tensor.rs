@@ -179,6 +179,28 @@ pub mod buffers {
 /// A closure that produces a tensor's bytes when they are needed.
 pub type Producer = dyn Fn() -> Result<Vec<u8>> + Send + Sync;
 
+/// A change made in place to the bytes of a source tensor: a merge into a base weight.
+///
+/// A tensor built by [`Tensor::edited`] has the source's dtype, shape and length. Whoever reads
+/// it gets the source's bytes after [`InPlaceEdit::apply`]. The writer can do better when its
+/// output goes through the page cache: it copies the source into the output file inside the
+/// kernel, as it copies untouched tensors, and lets [`InPlaceEdit::apply_in_file`] change the
+/// bytes where they lie, so they never cross user space on their way in or out (see
+/// docs/architecture.md, "Output IO").
+pub trait InPlaceEdit: Send + Sync {
+    /// Turns `bytes`, the source tensor's bytes, into the edited tensor's.
+    fn apply(&self, bytes: &mut [u8]) -> Result<()>;
+
+    /// Does what [`InPlaceEdit::apply`] does to the `len` bytes at `offset` of `file`, an
+    /// output file the writer opened for reading and writing and copied the source's bytes
+    /// into. Returns `Ok(false)`, having changed nothing, when it cannot (the writer then
+    /// writes the bytes of `apply` over them). The default cannot: this crate has no unsafe
+    /// code, and changing a file's bytes where they lie means mapping it.
+    fn apply_in_file(&self, _file: &File, _offset: u64, _len: usize) -> Result<bool> {
+        Ok(false)
+    }
+}
+
 #[derive(Clone)]
 enum Data {
     /// A byte range of a shared buffer. Two tensors on the same buffer alias when their
@@ -191,6 +213,11 @@ enum Data {
     File { file: Arc<SourceFile>, offset: u64 },
     /// Bytes computed on demand (a merge, a dtype cast, a remap op).
     Lazy(Arc<Producer>),
+    /// The bytes of a source tensor, changed in place when needed (a merge).
+    Edited {
+        source: Box<Tensor>,
+        edit: Arc<dyn InPlaceEdit>,
+    },
 }
 
 /// Where a tensor's bytes live, for alias detection: two tensors with the same key and
@@ -225,6 +252,7 @@ impl fmt::Debug for Tensor {
             Data::Buffer { .. } => "buffer".to_owned(),
             Data::File { file, offset } => format!("{}@{offset}", file.path.display()),
             Data::Lazy(_) => "lazy".to_owned(),
+            Data::Edited { source, .. } => format!("edited {source:?}"),
         };
         f.debug_struct("Tensor")
             .field("dtype", &self.dtype)
@@ -316,6 +344,36 @@ impl Tensor {
         })
     }
 
+    /// `source`, changed by `edit` when its bytes are needed (see [`InPlaceEdit`]).
+    ///
+    /// ```
+    /// use peftkit_checkpoint::{Dtype, InPlaceEdit, Result, Tensor};
+    ///
+    /// struct Negate;
+    /// impl InPlaceEdit for Negate {
+    ///     fn apply(&self, bytes: &mut [u8]) -> Result<()> {
+    ///         bytes.chunks_exact_mut(4).for_each(|c| c[3] ^= 0x80); // f32 sign bits
+    ///         Ok(())
+    ///     }
+    /// }
+    /// let t = Tensor::from_bytes(Dtype::F32, vec![1], 2.0f32.to_le_bytes().to_vec())?;
+    /// let negated = Tensor::edited(t, Negate);
+    /// assert_eq!(&*negated.bytes()?, &(-2.0f32).to_le_bytes());
+    /// # Ok::<(), peftkit_checkpoint::CheckpointError>(())
+    /// ```
+    pub fn edited(source: Tensor, edit: impl InPlaceEdit + 'static) -> Self {
+        Tensor {
+            dtype: source.dtype,
+            shape: source.shape.clone(),
+            len: source.len,
+            family: None,
+            data: Data::Edited {
+                source: Box::new(source),
+                edit: Arc::new(edit),
+            },
+        }
+    }
+
     /// Marks this tensor as a member of a storage family: tensors that transformers would hold
     /// as views of one storage (the per-expert weights split from a fused expert tensor). The
     /// shard planner places a family as one unit at its first member, like huggingface_hub.
@@ -372,6 +430,11 @@ impl Tensor {
                 }
                 Ok(Cow::Owned(out))
             }
+            Data::Edited { source, edit } => {
+                let mut out = source.bytes()?.into_owned();
+                edit.apply(&mut out)?;
+                Ok(Cow::Owned(out))
+            }
         }
     }
 
@@ -423,9 +486,21 @@ impl Tensor {
         }
     }
 
-    /// Whether the bytes are computed by a closure (worth computing ahead of the writer).
+    /// The file region of an edited tensor's source and its edit, for edits in the output file.
+    pub(crate) fn edited_file_region(&self) -> Option<(&SourceFile, u64, &dyn InPlaceEdit)> {
+        match &self.data {
+            Data::Edited { source, edit } => {
+                let (file, offset) = source.file_region()?;
+                Some((file, offset, edit.as_ref()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the bytes are computed (by a closure or an edit): worth computing ahead of the
+    /// writer.
     pub fn is_computed(&self) -> bool {
-        matches!(self.data, Data::Lazy(_))
+        matches!(self.data, Data::Lazy(_) | Data::Edited { .. })
     }
 
     /// Where the bytes live, for alias detection; `None` for computed tensors, which never
@@ -442,7 +517,7 @@ impl Tensor {
                 start: *offset,
                 end: offset + self.len as u64,
             }),
-            Data::Lazy(_) => None,
+            Data::Lazy(_) | Data::Edited { .. } => None,
         }
     }
 

@@ -217,7 +217,7 @@ impl Step {
         name: &str,
         dtype: Dtype,
         shape: &[usize],
-        data: &mut Vec<u8>,
+        data: &mut [u8],
         opts: &KernelOptions,
     ) -> Result<(), CheckpointError> {
         let site = Site {
@@ -226,7 +226,15 @@ impl Step {
         };
         if let Edit::Replace { source } = &self.edit {
             let values = site.f32s("replacement", source)?;
-            *data = encode_f32("replacement", dtype, &values).map_err(|e| site.math(e))?;
+            let bytes = encode_f32("replacement", dtype, &values).map_err(|e| site.math(e))?;
+            if bytes.len() != data.len() {
+                return Err(site.missing(format!(
+                    "replacement of {} bytes for a tensor of {}",
+                    bytes.len(),
+                    data.len()
+                )));
+            }
+            data.copy_from_slice(&bytes);
             return Ok(());
         }
         let base = BaseTensorMut::new(dtype, shape, data);

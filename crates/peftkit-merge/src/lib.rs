@@ -43,6 +43,7 @@ mod edit;
 mod error;
 mod job;
 mod kernels;
+mod mapped;
 mod plan;
 mod quant;
 mod report;
