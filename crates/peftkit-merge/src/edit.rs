@@ -9,6 +9,7 @@ use peftkit_checkpoint::{CheckpointError, Dtype, Tensor};
 use peftkit_peft::AdapterModule;
 use std::collections::BTreeMap;
 
+use crate::kernels::FiniteProbe;
 use crate::kernels::{
     decode_f32, dora, encode_f32, lora, methods, BaseTensorMut, F32Tensor, MergeMathError,
     MergeOptions as KernelOptions, ReductionOrder,
@@ -211,7 +212,9 @@ impl Site<'_> {
 type Loaded = Option<(Vec<f32>, Vec<usize>)>;
 
 impl Step {
-    /// Applies this step to `data`, the bytes of base tensor `name` (`dtype`, `shape`).
+    /// Applies this step to `data`, the bytes of base tensor `name` (`dtype`, `shape`). A
+    /// kernel that checks its output as it writes it tells `probe` what it found (see
+    /// [`FiniteProbe`]); others leave it as it was.
     pub(crate) fn apply(
         &self,
         name: &str,
@@ -219,6 +222,7 @@ impl Step {
         shape: &[usize],
         data: &mut [u8],
         opts: &KernelOptions,
+        probe: Option<&FiniteProbe>,
     ) -> Result<(), CheckpointError> {
         let site = Site {
             name,
@@ -238,6 +242,10 @@ impl Step {
             return Ok(());
         }
         let base = BaseTensorMut::new(dtype, shape, data);
+        let base = match probe {
+            Some(p) => base.with_probe(p),
+            None => base,
+        };
         let opts = *opts;
         let vector = |what, t: &Tensor| -> Result<(Vec<f32>, Vec<usize>), CheckpointError> {
             Ok((site.f32s(what, t)?, t.shape().to_vec()))

@@ -27,7 +27,7 @@ use peftkit_peft::Adapter;
 use crate::edit::Edit;
 use crate::error::{MergeError, NonFiniteResult};
 use crate::job::MergeJob;
-use crate::kernels::{reduction_order, MergeOptions as KernelOptions, Numerics};
+use crate::kernels::{reduction_order, FiniteProbe, MergeOptions as KernelOptions, Numerics};
 use crate::plan::{plan, MergePlan};
 use crate::quant::{BaseQuant, Fp8Base, Treatment};
 use crate::report::{MergeSummary, NumericsReport};
@@ -257,16 +257,19 @@ struct MergeEdit {
 impl InPlaceEdit for MergeEdit {
     fn apply(&self, data: &mut [u8]) -> Result<(), CheckpointError> {
         let (dtype, shape) = (self.base.dtype(), self.base.shape());
+        let probe = FiniteProbe::default();
         for step in &self.steps {
-            step.apply(&self.key, dtype, shape, data, &self.opts)?;
+            probe.reset();
+            step.apply(&self.key, dtype, shape, data, &self.opts, Some(&probe))?;
         }
-        if !self.check {
+        // The fused kernel tests what it writes block by block, in cache: when the last step
+        // ran it and found every value finite, the tensor is not read again.
+        if !self.check || probe.all_finite() {
             return Ok(());
         }
-        // One pass over the merged bytes, while they are still in cache from the kernel.
-        // Values the base already held are not the merge's doing: only when the merged
-        // tensor holds some is the base read again to count its own (rare, so the common
-        // case pays one pass, not two).
+        // Else one pass over the merged bytes. Values the base already held are not the
+        // merge's doing: only when the merged tensor holds some is the base read again to
+        // count its own (rare, so the common case pays one pass, not two).
         let Some((after, first)) = nonfinite(dtype, data) else {
             return Ok(());
         };
