@@ -620,6 +620,17 @@ fn write_tensor_at(p: &Prepared<'_>, t: &Tensor, offset: u64) -> Result<u64> {
     if let Some(n) = copy_in_kernel(file, t, offset, path)? {
         return Ok(n);
     }
+    if let (Some(direct), Some((src, src_offset, edit))) = (&p.direct, t.edited_file_region()) {
+        // Read where the bytes can go to the disk from (see `direct::same_phase`), edit, write.
+        let len = t.byte_len();
+        let (mut buf, range) = crate::direct::same_phase(len, offset);
+        src.read_exact_at(&mut buf[range.clone()], src_offset)?;
+        edit.apply(&mut buf[range.clone()])?;
+        crate::direct::write_all_at(file, direct, &buf[range], offset)
+            .map_err(|e| CheckpointError::io(path, e))?;
+        crate::tensor::buffers::give(buf);
+        return Ok(len as u64);
+    }
     if p.edit_in_file {
         if let Some((src, src_offset, edit)) = t.edited_file_region() {
             let len = t.byte_len();
