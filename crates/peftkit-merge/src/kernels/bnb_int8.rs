@@ -30,7 +30,7 @@ const DEQUANT_SCALE: f32 = 7.874015718698502e-3_f64 as f32;
 fn rows_cols(shape: &[usize]) -> (usize, usize) {
     let cols = shape.last().copied().unwrap_or(1);
     let numel: usize = shape.iter().product();
-    (if cols == 0 { 0 } else { numel / cols }, cols)
+    (numel.checked_div(cols).unwrap_or(0), cols)
 }
 
 /// `int8_vectorwise_dequant(weight, SCB)`: the `f32` values of an int8 weight of `shape`
