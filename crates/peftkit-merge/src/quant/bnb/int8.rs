@@ -130,8 +130,7 @@ impl Int8Merge {
             let weight = Tensor::lazy(Dtype::I8, w.shape().to_vec(), move || {
                 Ok(q1()?.weight.iter().map(|&q| q as u8).collect())
             })?;
-            let scb_shape = base.get(w.scb_name()).map(|t| t.shape().to_vec());
-            let scb = Tensor::lazy(Dtype::F32, scb_shape.unwrap_or_default(), move || {
+            let scb = Tensor::lazy(Dtype::F32, w.scb_shape().to_vec(), move || {
                 Ok(q2()?.scb.iter().flat_map(|s| s.to_le_bytes()).collect())
             })?;
             out.insert(name.clone(), weight);

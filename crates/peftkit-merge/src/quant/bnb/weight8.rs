@@ -108,6 +108,11 @@ impl Weight8 {
         &self.scb_key
     }
 
+    /// The shape of the stored row scales.
+    pub fn scb_shape(&self) -> &[usize] {
+        self.scb.shape()
+    }
+
     /// The name of the `weight_format` tensor, if stored.
     pub fn format_name(&self) -> Option<&str> {
         self.format_key.as_deref()
