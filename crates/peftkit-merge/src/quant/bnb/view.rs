@@ -23,7 +23,7 @@ const QLORA_BLOCKSIZE: usize = 64;
 /// bitsandbytes' block size for the double-quantized scales.
 const QLORA_NESTED_BLOCKSIZE: usize = 256;
 
-fn compute_error(tensor: &str, context: &str, source: BoxError) -> CheckpointError {
+pub(super) fn compute_error(tensor: &str, context: &str, source: BoxError) -> CheckpointError {
     CheckpointError::TensorCompute {
         tensor: tensor.to_owned(),
         context: context.to_owned(),
@@ -61,9 +61,13 @@ pub(super) fn dequantized(
 
 /// Refuses what a re-quantizing merge cannot reproduce: peft dequantizes, adds one plain LoRA
 /// delta and re-quantizes, adapter by adapter.
-pub(super) fn check_requantizable(weights: &[Weight4], plan: &MergePlan) -> Result<(), MergeError> {
-    for w in weights {
-        let Some(steps) = plan.steps.get(&w.name) else {
+pub(super) fn check_requantizable<'a>(
+    weights: impl IntoIterator<Item = &'a str>,
+    plan: &MergePlan,
+    bits: u8,
+) -> Result<(), MergeError> {
+    for name in weights {
+        let Some(steps) = plan.steps.get(name) else {
             continue;
         };
         let what = match steps.as_slice() {
@@ -79,8 +83,8 @@ pub(super) fn check_requantizable(weights: &[Weight4], plan: &MergePlan) -> Resu
             },
             _ => "more than one adapter",
         };
-        let tensor = w.name.clone();
-        return Err(BnbError::Requantize { tensor, what }.into());
+        let tensor = name.to_owned();
+        return Err(BnbError::Requantize { tensor, what, bits }.into());
     }
     Ok(())
 }
