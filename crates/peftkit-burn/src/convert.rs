@@ -52,7 +52,9 @@ pub(crate) fn read_as(name: &str, t: &Tensor, to: Option<DType>) -> Result<Tenso
     let from = to_burn_dtype(t.dtype())
         .ok_or_else(|| format!("dtype {:?} has no burn equivalent", t.dtype()))?;
     let to = to.filter(|to| from.is_float() && *to != from);
-    let fast = to.and_then(from_burn_dtype).filter(|d| sliced(t.dtype(), *d));
+    let fast = to
+        .and_then(from_burn_dtype)
+        .filter(|d| sliced(t.dtype(), *d));
     if let Some(target) = fast {
         let cast = cast_tensor(name, t, target).map_err(|e| e.to_string())?;
         let bytes = cast.bytes().map_err(|e| e.to_string())?.into_owned();

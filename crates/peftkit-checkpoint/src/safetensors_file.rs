@@ -617,6 +617,9 @@ fn work_list(prepared: &[Prepared<'_>], workers: usize) -> Vec<(usize, usize)> {
 /// direct handle, else through the page cache.
 fn write_tensor_at(p: &Prepared<'_>, t: &Tensor, offset: u64) -> Result<u64> {
     let (file, path) = (&p.file, &p.path);
+    if let Some(parts) = t.parts() {
+        return write_parts_at(p, parts, offset);
+    }
     if let Some(n) = copy_in_kernel(file, t, offset, path)? {
         return Ok(n);
     }
@@ -634,20 +637,45 @@ fn write_tensor_at(p: &Prepared<'_>, t: &Tensor, offset: u64) -> Result<u64> {
     if p.edit_in_file {
         if let Some((src, src_offset, edit)) = t.edited_file_region() {
             let len = t.byte_len();
-            if copy_range_in_kernel(file, src, src_offset, offset, len, path)?.is_some()
+            if copy_range_in_kernel(file, src, src_offset, len, offset, path)?.is_some()
                 && edit.apply_in_file(file, offset, len)?
             {
                 return Ok(len as u64);
             }
         }
     }
-    t.for_each_chunk(&mut |at, chunk| {
-        match &p.direct {
-            Some(direct) => crate::direct::write_all_at(file, direct, chunk, offset + at),
-            None => write_all_at(file, chunk, offset + at),
+    t.for_each_chunk(&mut |at, chunk| write_chunk_at(p, chunk, offset + at))
+}
+
+/// Writes computed or read bytes at `offset` of `p`'s file: directly when the file has a
+/// direct handle, else through the page cache.
+fn write_chunk_at(p: &Prepared<'_>, chunk: &[u8], offset: u64) -> Result<()> {
+    match &p.direct {
+        Some(direct) => crate::direct::write_all_at(&p.file, direct, chunk, offset),
+        None => write_all_at(&p.file, chunk, offset),
+    }
+    .map_err(|e| CheckpointError::io(&p.path, e))
+}
+
+/// Writes a tensor made of parts at `offset`, part by part: file ranges inside the kernel (or
+/// in 8 MB chunks where it cannot), computed parts one at a time.
+fn write_parts_at(p: &Prepared<'_>, parts: &[crate::tensor::Part], offset: u64) -> Result<u64> {
+    let mut at = offset;
+    for part in parts {
+        let copied = match part {
+            crate::Part::File {
+                file: src,
+                offset: from,
+                len,
+            } => copy_range_in_kernel(&p.file, src, *from, *len, at, &p.path)?.is_some(),
+            crate::Part::Computed { .. } => false,
+        };
+        if !copied {
+            part.for_each_chunk(&mut |o, chunk| write_chunk_at(p, chunk, at + o))?;
         }
-        .map_err(|e| CheckpointError::io(path, e))
-    })
+        at += part.len() as u64;
+    }
+    Ok(at - offset)
 }
 
 #[cfg(unix)]
@@ -677,23 +705,21 @@ pub(crate) fn write_all_at(file: &File, mut buf: &[u8], mut offset: u64) -> std:
 /// kernel or file system cannot, before anything was written: the caller then copies through
 /// memory.
 fn copy_in_kernel(out: &File, t: &Tensor, offset: u64, path: &Path) -> Result<Option<u64>> {
-    match t.file_region() {
-        Some((src, src_offset)) => {
-            copy_range_in_kernel(out, src, src_offset, offset, t.byte_len(), path)
-        }
-        None => Ok(None),
-    }
+    let Some((src, src_offset)) = t.file_region() else {
+        return Ok(None);
+    };
+    copy_range_in_kernel(out, src, src_offset, t.byte_len(), offset, path)
 }
 
-/// Copies `len` bytes at `src_offset` of `src` to `offset` of `out` inside the kernel; `None`
-/// when it cannot (see [`copy_in_kernel`]).
+/// Copies `len` bytes of `src` from `src_offset` to `offset` of `out` inside the kernel;
+/// `None` as for [`copy_in_kernel`].
 #[cfg(target_os = "linux")]
 fn copy_range_in_kernel(
     out: &File,
-    src: &SourceFile,
+    src: &crate::SourceFile,
     src_offset: u64,
-    offset: u64,
     len: usize,
+    offset: u64,
     path: &Path,
 ) -> Result<Option<u64>> {
     let (mut off_in, mut off_out, mut left) = (src_offset, offset, len);
@@ -726,10 +752,10 @@ fn copy_range_in_kernel(
 #[cfg(not(target_os = "linux"))]
 fn copy_range_in_kernel(
     _out: &File,
-    _src: &SourceFile,
+    _src: &crate::SourceFile,
     _src_offset: u64,
-    _offset: u64,
     _len: usize,
+    _offset: u64,
     _path: &Path,
 ) -> Result<Option<u64>> {
     Ok(None)

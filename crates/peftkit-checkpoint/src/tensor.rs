@@ -201,6 +201,98 @@ pub trait InPlaceEdit: Send + Sync {
     }
 }
 
+/// One piece of a tensor assembled from pieces ([`Tensor::from_parts`]), in the tensor's byte
+/// order.
+///
+/// A tensor whose bytes are, in order, ranges of source files (a fused expert tensor is its
+/// experts' tensors one after the other) is written range by range inside the kernel, the way
+/// an untouched tensor is; only the parts that must be computed pass through memory, each on
+/// its own, so the memory a write needs is one part, whatever the tensor's size.
+#[derive(Clone)]
+pub enum Part {
+    /// `len` bytes of `file` from absolute byte `offset`.
+    File {
+        /// The file read (see [`Tensor::source_file`]).
+        file: Arc<SourceFile>,
+        /// Absolute byte offset in the file.
+        offset: u64,
+        /// Number of bytes.
+        len: usize,
+    },
+    /// `len` bytes computed by `produce` when written.
+    Computed {
+        /// Number of bytes `produce` returns.
+        len: usize,
+        /// The closure; it may be called more than once.
+        produce: Arc<Producer>,
+    },
+}
+
+impl Part {
+    /// Number of bytes of the part.
+    pub fn len(&self) -> usize {
+        match self {
+            Part::File { len, .. } | Part::Computed { len, .. } => *len,
+        }
+    }
+
+    /// Whether the part holds no byte.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Calls `f(position in the part, bytes)` over the part's bytes in order: 8 MB chunks of
+    /// a file range, one call for a computed part (its buffer then goes back to the pool).
+    pub(crate) fn for_each_chunk(&self, f: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {
+        match self {
+            Part::File { file, offset, len } => for_each_file_chunk(file, *offset, *len, f),
+            Part::Computed { .. } => {
+                let bytes = self.bytes()?;
+                f(0, &bytes)?;
+                buffers::give(bytes);
+                Ok(())
+            }
+        }
+    }
+
+    /// The part's bytes, read or computed: a pooled buffer (see [`buffers`]).
+    fn bytes(&self) -> Result<Vec<u8>> {
+        match self {
+            Part::File { file, offset, len } => {
+                let mut out = buffers::take(*len);
+                file.read_exact_at(&mut out, *offset)?;
+                Ok(out)
+            }
+            Part::Computed { len, produce } => {
+                let out = produce()?;
+                check_produced(out.len(), *len)?;
+                Ok(out)
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Part {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Part::File { file, offset, len } => {
+                write!(f, "{}@{offset}+{len}", file.path.display())
+            }
+            Part::Computed { len, .. } => write!(f, "computed+{len}"),
+        }
+    }
+}
+
+fn check_produced(got: usize, expected: usize) -> Result<()> {
+    if got == expected {
+        return Ok(());
+    }
+    Err(CheckpointError::TensorData {
+        tensor: String::new(),
+        reason: format!("producer returned {got} bytes, {expected} expected"),
+    })
+}
+
 #[derive(Clone)]
 enum Data {
     /// A byte range of a shared buffer. Two tensors on the same buffer alias when their
@@ -218,6 +310,8 @@ enum Data {
         source: Box<Tensor>,
         edit: Arc<dyn InPlaceEdit>,
     },
+    /// Pieces one after the other (a remapped tensor: file ranges and computed chunks).
+    Parts(Arc<[Part]>),
 }
 
 /// Where a tensor's bytes live, for alias detection: two tensors with the same key and
@@ -253,6 +347,7 @@ impl fmt::Debug for Tensor {
             Data::File { file, offset } => format!("{}@{offset}", file.path.display()),
             Data::Lazy(_) => "lazy".to_owned(),
             Data::Edited { source, .. } => format!("edited {source:?}"),
+            Data::Parts(parts) => format!("{} parts", parts.len()),
         };
         f.debug_struct("Tensor")
             .field("dtype", &self.dtype)
@@ -374,6 +469,37 @@ impl Tensor {
         }
     }
 
+    /// A tensor whose bytes are `parts` one after the other (see [`Part`]). The parts must add
+    /// up to `byte_len(dtype, shape)` bytes. Such a tensor never aliases another one.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use peftkit_checkpoint::{Dtype, Part, Tensor};
+    /// let half = |v: u8| Part::Computed { len: 4, produce: Arc::new(move || Ok(vec![v; 4])) };
+    /// let t = Tensor::from_parts(Dtype::F32, vec![2], vec![half(1), half(2)]).unwrap();
+    /// assert_eq!(&*t.bytes().unwrap(), &[1, 1, 1, 1, 2, 2, 2, 2]);
+    /// ```
+    pub fn from_parts(dtype: Dtype, shape: Vec<usize>, parts: Vec<Part>) -> Result<Self> {
+        let len = checked_len(dtype, &shape)?;
+        let total: usize = parts.iter().map(Part::len).sum();
+        if total != len {
+            return Err(CheckpointError::TensorData {
+                tensor: String::new(),
+                reason: format!(
+                    "parts of {total} bytes for {} {shape:?} ({len} bytes)",
+                    dtype_name(dtype)
+                ),
+            });
+        }
+        Ok(Tensor {
+            dtype,
+            shape,
+            len,
+            data: Data::Parts(parts.into()),
+            family: None,
+        })
+    }
+
     /// Marks this tensor as a member of a storage family: tensors that transformers would hold
     /// as views of one storage (the per-expert weights split from a fused expert tensor). The
     /// shard planner places a family as one unit at its first member, like huggingface_hub.
@@ -418,15 +544,17 @@ impl Tensor {
             }
             Data::Lazy(produce) => {
                 let out = produce()?;
-                if out.len() != self.len {
-                    return Err(CheckpointError::TensorData {
-                        tensor: String::new(),
-                        reason: format!(
-                            "producer returned {} bytes, {} expected",
-                            out.len(),
-                            self.len
-                        ),
-                    });
+                check_produced(out.len(), self.len)?;
+                Ok(Cow::Owned(out))
+            }
+            Data::Parts(parts) => {
+                let mut out = buffers::take(self.len);
+                let mut at = 0usize;
+                for part in parts.iter() {
+                    let bytes = part.bytes()?;
+                    out[at..at + bytes.len()].copy_from_slice(&bytes);
+                    at += bytes.len();
+                    buffers::give(bytes);
                 }
                 Ok(Cow::Owned(out))
             }
@@ -448,24 +576,22 @@ impl Tensor {
     }
 
     /// Calls `f(position in the tensor, bytes)` over the tensor's bytes in order: 8 MB chunks
-    /// for file-backed tensors (never in memory whole), one call otherwise. Buffers go back to
-    /// the pool. Returns the number of bytes.
+    /// for file-backed tensors and file parts (never in memory whole), one call per computed
+    /// part, one call otherwise. Buffers go back to the pool. Returns the number of bytes.
     pub(crate) fn for_each_chunk(
         &self,
         f: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<u64> {
-        const CHUNK: usize = 8 << 20;
         match &self.data {
             Data::File { file, offset } => {
-                let mut buf = buffers::take(CHUNK.min(self.len));
-                let mut done = 0usize;
-                while done < self.len {
-                    let n = CHUNK.min(self.len - done);
-                    file.read_exact_at(&mut buf[..n], offset + done as u64)?;
-                    f(done as u64, &buf[..n])?;
-                    done += n;
+                for_each_file_chunk(file, *offset, self.len, &mut |at, c| f(at, c))?;
+            }
+            Data::Parts(parts) => {
+                let mut at = 0u64;
+                for part in parts.iter() {
+                    part.for_each_chunk(&mut |o, c| f(at + o, c))?;
+                    at += part.len() as u64;
                 }
-                buffers::give(buf);
             }
             _ => {
                 let bytes = self.bytes()?;
@@ -476,6 +602,14 @@ impl Tensor {
             }
         }
         Ok(self.len as u64)
+    }
+
+    /// The parts of a tensor made of parts ([`Tensor::from_parts`]).
+    pub(crate) fn parts(&self) -> Option<&[Part]> {
+        match &self.data {
+            Data::Parts(parts) => Some(parts),
+            _ => None,
+        }
     }
 
     /// The open file and absolute offset of a file-backed tensor, for in-kernel copies.
@@ -497,10 +631,14 @@ impl Tensor {
         }
     }
 
-    /// Whether the bytes are computed (by a closure or an edit): worth computing ahead of the
-    /// writer.
+    /// Whether some of the bytes are computed (by a closure or an edit): worth computing ahead
+    /// of the writer.
     pub fn is_computed(&self) -> bool {
-        matches!(self.data, Data::Lazy(_) | Data::Edited { .. })
+        match &self.data {
+            Data::Lazy(_) | Data::Edited { .. } => true,
+            Data::Parts(parts) => parts.iter().any(|p| matches!(p, Part::Computed { .. })),
+            _ => false,
+        }
     }
 
     /// Where the bytes live, for alias detection; `None` for computed tensors, which never
@@ -517,7 +655,7 @@ impl Tensor {
                 start: *offset,
                 end: offset + self.len as u64,
             }),
-            Data::Lazy(_) | Data::Edited { .. } => None,
+            Data::Lazy(_) | Data::Edited { .. } | Data::Parts(_) => None,
         }
     }
 
@@ -528,6 +666,36 @@ impl Tensor {
             _ => None,
         }
     }
+
+    /// The open file and absolute offset a file-backed tensor is read from, to build
+    /// [`Part::File`]s of it or read parts of it ([`SourceFile::read_exact_at`]).
+    pub fn source_file(&self) -> Option<(&Arc<SourceFile>, u64)> {
+        match &self.data {
+            Data::File { file, offset } => Some((file, *offset)),
+            _ => None,
+        }
+    }
+}
+
+/// Calls `f(position, bytes)` over `len` bytes of `file` from `offset`, in 8 MB chunks read
+/// into one pooled buffer.
+fn for_each_file_chunk(
+    file: &SourceFile,
+    offset: u64,
+    len: usize,
+    f: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<()> {
+    const CHUNK: usize = 8 << 20;
+    let mut buf = buffers::take(CHUNK.min(len));
+    let mut done = 0usize;
+    while done < len {
+        let n = CHUNK.min(len - done);
+        file.read_exact_at(&mut buf[..n], offset + done as u64)?;
+        f(done as u64, &buf[..n])?;
+        done += n;
+    }
+    buffers::give(buf);
+    Ok(())
 }
 
 /// An ordered map of tensor names to tensors, like a Python `state_dict`: the order is the
