@@ -593,18 +593,24 @@ fn prepare_files<'a>(
 /// Files are taken in groups of `workers`, round-robin inside a group, so that workers mostly
 /// write different files: two writes to one file serialise on its inode lock (and spin on it).
 /// Groups keep early files finishing early, so their syncs overlap the writing of later ones.
+/// Inside a file, tensors go in file order, those that asked for it last
+/// ([`Tensor::written_last`]).
 fn work_list(prepared: &[Prepared<'_>], workers: usize) -> Vec<(usize, usize)> {
+    let order: Vec<Vec<usize>> = prepared
+        .iter()
+        .map(|p| {
+            let last = |i: &usize| p.items[*i].1.is_written_last();
+            let (late, early): (Vec<usize>, Vec<usize>) = (0..p.items.len()).partition(last);
+            early.into_iter().chain(late).collect()
+        })
+        .collect();
     let mut work: Vec<(usize, usize)> = Vec::new();
     for group in (0..prepared.len()).collect::<Vec<_>>().chunks(workers) {
-        let longest = group
-            .iter()
-            .map(|&f| prepared[f].items.len())
-            .max()
-            .unwrap_or(0);
+        let longest = group.iter().map(|&f| order[f].len()).max().unwrap_or(0);
         for i in 0..longest {
             for &f in group {
-                if i < prepared[f].items.len() {
-                    work.push((f, i));
+                if let Some(&item) = order[f].get(i) {
+                    work.push((f, item));
                 }
             }
         }
@@ -777,4 +783,37 @@ pub(crate) fn with_tensor_name(e: CheckpointError, name: &str) -> CheckpointErro
 /// The metadata transformers and peft write: `{"format": "pt"}`.
 pub fn pt_metadata() -> BTreeMap<String, String> {
     BTreeMap::from([("format".to_owned(), "pt".to_owned())])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tensors asked to be written last come after the rest of their file, whose order (and
+    /// the round-robin between files) is unchanged.
+    #[test]
+    fn tensors_written_last_close_their_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = |dtype| Tensor::from_bytes(dtype, vec![2], vec![0; 8]).unwrap();
+        let (scale, weight, norm) = (t(Dtype::F32).written_last(), t(Dtype::F32), t(Dtype::F32));
+        let jobs = vec![
+            FileJob {
+                path: dir.path().join("a"),
+                tensors: vec![("a.scale", &scale), ("b.weight", &weight), ("c", &norm)],
+                direct: false,
+            },
+            FileJob {
+                path: dir.path().join("b"),
+                tensors: vec![("x", &norm), ("y", &norm)],
+                direct: false,
+            },
+        ];
+        let prepared = prepare_files(jobs, &BTreeMap::new()).unwrap();
+        let names: Vec<&str> = work_list(&prepared, 2)
+            .into_iter()
+            .map(|(f, i)| prepared[f].items[i].0)
+            .collect();
+        assert_eq!(names, ["b.weight", "x", "c", "y", "a.scale"]);
+        assert_eq!(prepared[0].items[0].0, "a.scale", "file order is kept");
+    }
 }

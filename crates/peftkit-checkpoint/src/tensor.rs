@@ -338,6 +338,8 @@ pub struct Tensor {
     len: usize,
     data: Data,
     family: Option<u64>,
+    /// Written after the other tensors of its file ([`Tensor::written_last`]).
+    last: bool,
 }
 
 impl fmt::Debug for Tensor {
@@ -402,6 +404,7 @@ impl Tensor {
             len,
             data: Data::Buffer { buf, range },
             family: None,
+            last: false,
         })
     }
 
@@ -419,6 +422,7 @@ impl Tensor {
             len,
             data: Data::File { file, offset },
             family: None,
+            last: false,
         })
     }
 
@@ -436,6 +440,7 @@ impl Tensor {
             len,
             data: Data::Lazy(Arc::new(produce)),
             family: None,
+            last: false,
         })
     }
 
@@ -462,6 +467,7 @@ impl Tensor {
             shape: source.shape.clone(),
             len: source.len,
             family: None,
+            last: false,
             data: Data::Edited {
                 source: Box::new(source),
                 edit: Arc::new(edit),
@@ -497,6 +503,7 @@ impl Tensor {
             len,
             data: Data::Parts(parts.into()),
             family: None,
+            last: false,
         })
     }
 
@@ -506,6 +513,21 @@ impl Tensor {
     pub fn in_family(mut self, family: u64) -> Self {
         self.family = Some(family);
         self
+    }
+
+    /// Asks the writer to write this tensor after the other tensors of its file. For a tensor
+    /// whose bytes are a by-product of another's computation (the scales of a re-quantized FP8
+    /// weight, which precede the weight in file order): the other is computed first and leaves
+    /// them behind, instead of the by-product computing the other too. Only the order in which
+    /// workers take tensors changes, never where they lie in the file.
+    pub fn written_last(mut self) -> Self {
+        self.last = true;
+        self
+    }
+
+    /// Whether [`Tensor::written_last`] was asked for.
+    pub fn is_written_last(&self) -> bool {
+        self.last
     }
 
     /// The storage family, if any (see [`Tensor::in_family`]).

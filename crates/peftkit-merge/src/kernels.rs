@@ -36,6 +36,7 @@ pub(crate) mod dtype;
 mod error;
 pub(crate) mod exact;
 pub(crate) mod fp8;
+mod fp8_rows;
 mod fused;
 pub(crate) mod gemm;
 mod isa;
@@ -62,8 +63,8 @@ pub use dtype::{
 pub use error::MergeMathError;
 pub use exact::{refusal, refusal_reason, Numerics, ParseNumericsError};
 pub use fp8::{
-    dequantize_fp8, e4m3_to_f32, e8m0_to_f32, f32_to_e4m3, quantize_fp8, ue8m0_round_up, Fp8Grid,
-    Fp8Quantized, ScaleKind, E4M3_MAX,
+    dequantize_fp8, dequantize_fp8_into, e4m3_to_f32, e8m0_to_f32, f32_to_e4m3, quantize_fp8,
+    quantize_fp8_into, ue8m0_round_up, Fp8Grid, Fp8Quantized, ScaleKind, E4M3_MAX,
 };
 pub use gemm::lowrank_product;
 pub use lora::{

@@ -29,7 +29,10 @@
 //! ```
 
 use rayon::prelude::*;
+use safetensors::Dtype;
 
+use super::dtype::{decode_f32_into, element_size, encode_f32_into};
+use super::fp8_rows as rows;
 use crate::kernels::error::{MergeMathError, Result};
 
 /// torch's `finfo(float8_e4m3fn).max`.
@@ -47,46 +50,50 @@ pub enum ScaleKind {
 }
 
 /// torch's `float8_e4m3fn` → `f32` (exact; `0x7f`/`0xff` are NaN).
+///
+/// Branch-free, so that the loops over whole rows vectorise: the subnormal and NaN cases are
+/// selects. Equal to the table of every code that c10 converts (a unit test holds all 256
+/// codes to the scalar definition).
+#[inline(always)]
 pub fn e4m3_to_f32(b: u8) -> f32 {
-    let sign = if b & 0x80 != 0 { -1.0f32 } else { 1.0 };
-    let (exp, mant) = ((b >> 3) & 0x0f, b & 0x07);
-    if exp == 0x0f && mant == 0x07 {
-        return f32::NAN.copysign(sign);
-    }
-    let mag = if exp == 0 {
-        f32::from(mant) * (2.0f32).powi(-9)
-    } else {
-        (1.0 + f32::from(mant) / 8.0) * (2.0f32).powi(i32::from(exp) - 7)
-    };
-    sign * mag
+    let b = u32::from(b);
+    let sign = (b & 0x80) << 24;
+    let mag = b & 0x7f;
+    // Normal: the exponent rebiased from 7 to 127, the mantissa moved to f32's top bits.
+    let normal = f32::from_bits((mag << 20) + (120 << 23));
+    // Subnormal (exponent 0): mantissa · 2^-9, exact.
+    let subnormal = (mag as f32) * (1.0 / 512.0);
+    let value = if mag < 8 { subnormal } else { normal };
+    let value = if mag == 0x7f { f32::NAN } else { value };
+    f32::from_bits(value.to_bits() | sign)
 }
 
 /// torch 2.15's `f32` → `float8_e4m3fn` cast on CPU: round to nearest even; finite values
 /// and infinities beyond the range saturate to ±448; NaN becomes `0x7f` with its sign.
 /// (Measured on every bf16 value and on random `f32`s: `tests/fixtures/quant/conversions`.)
+///
+/// Every case is computed and the result selected, so that the loops over whole rows
+/// vectorise (a unit test holds it to the branchy scalar form on edge values).
+#[inline(always)]
 pub fn f32_to_e4m3(x: f32) -> u8 {
     const ROUNDS_PAST_MAX: u32 = 1087 << 20; // 480.0 (464 and up round past 448)
     const DENORM_MASK: u32 = 141 << 23;
     let bits = x.to_bits();
-    let sign = ((bits & 0x8000_0000) >> 24) as u8;
+    let sign = (bits & 0x8000_0000) >> 24;
     let mag = bits & 0x7fff_ffff;
-    let result = if mag > 0x7f80_0000 {
-        0x7f
-    } else if mag >= ROUNDS_PAST_MAX {
-        0x7e
-    } else if mag < (121 << 23) {
-        // Below e4m3's smallest normal: adding 2^-? shifts the mantissa so the FPU rounds it.
-        let sum = f32::from_bits(mag) + f32::from_bits(DENORM_MASK);
-        (sum.to_bits() - DENORM_MASK) as u8
-    } else {
-        let odd = (mag >> 20) & 1;
-        let rounded = mag
-            .wrapping_add(((7u32).wrapping_sub(127) << 23).wrapping_add(0x7ffff))
-            .wrapping_add(odd);
-        // 464..480 rounds up to the NaN code: saturated like the values above.
-        ((rounded >> 20) as u8).min(0x7e)
-    };
-    result | sign
+    // Below e4m3's smallest normal: adding 2^-? shifts the mantissa so the FPU rounds it.
+    let sum = f32::from_bits(mag) + f32::from_bits(DENORM_MASK);
+    let subnormal = sum.to_bits().wrapping_sub(DENORM_MASK);
+    let odd = (mag >> 20) & 1;
+    let rounded = mag
+        .wrapping_add(((7u32).wrapping_sub(127) << 23).wrapping_add(0x7ffff))
+        .wrapping_add(odd);
+    // 464..480 rounds up to the NaN code: saturated like the values above.
+    let normal = ((rounded >> 20) & 0xff).min(0x7e);
+    let result = if mag < (121 << 23) { subnormal } else { normal };
+    let result = if mag >= ROUNDS_PAST_MAX { 0x7e } else { result };
+    let result = if mag > 0x7f80_0000 { 0x7f } else { result };
+    ((result & 0xff) | sign) as u8
 }
 
 /// A UE8M0 scale byte as `f32`: `2^(b - 127)`; 255 is NaN (`F8_E8M0`).
@@ -204,18 +211,16 @@ impl Fp8Grid {
     }
 }
 
-/// torch's value of every `float8_e4m3fn` byte.
-fn e4m3_table() -> [f32; 256] {
-    std::array::from_fn(|b| e4m3_to_f32(b as u8))
-}
-
 /// `e4m3(weight) * scale` per element, in `f32` (the caller casts to the model dtype, as
 /// `Fp8Dequantize` does). Refused if `weight` or `scales` do not fit `grid`.
 pub fn dequantize_fp8(weight: &[u8], scales: &[f32], grid: &Fp8Grid) -> Result<Vec<f32>> {
     grid.check("fp8 weight", grid.numel(), weight.len())?;
     grid.check("weight_scale_inv", grid.scales(), scales.len())?;
-    let (lut, (cols, (_, bn))) = (e4m3_table(), (grid.cols, grid.block()));
     let mut out = vec![0.0f32; weight.len()];
+    if out.is_empty() {
+        return Ok(out);
+    }
+    let (cols, (_, bn)) = (grid.cols, grid.block());
     let bands = out
         .par_chunks_mut(grid.band())
         .zip(weight.par_chunks(grid.band()));
@@ -223,15 +228,56 @@ pub fn dequantize_fp8(weight: &[u8], scales: &[f32], grid: &Fp8Grid) -> Result<V
         .zip(scales.par_chunks(grid.grid_cols))
         .for_each(|((out, weight), scales)| {
             for (o_row, w_row) in out.chunks_mut(cols).zip(weight.chunks(cols)) {
-                let blocks = o_row.chunks_mut(bn).zip(w_row.chunks(bn)).zip(scales);
-                for ((o, w), &s) in blocks {
-                    for (x, &q) in o.iter_mut().zip(w) {
-                        *x = lut[usize::from(q)] * s;
-                    }
-                }
+                rows::dequantize_row(w_row, scales, bn, o_row);
             }
         });
     Ok(out)
+}
+
+/// [`dequantize_fp8`] cast to `dtype` (`Fp8Dequantize`'s final cast, with torch's rounding)
+/// into `out`, little-endian, one row at a time: no `f32` copy of the tensor is made. Refused
+/// if the slices do not fit `grid` or `dtype` is not a float dtype.
+///
+/// ```
+/// use peftkit_merge::{dequantize_fp8, dequantize_fp8_into, encode_f32, Fp8Grid};
+/// use safetensors::Dtype;
+///
+/// let grid = Fp8Grid::new(&[2, 4], &[1, 2]).unwrap();
+/// let (q, scales) = ([0x38u8, 0x40, 0xb8, 0x7e, 0, 1, 0x7f, 0x80], [0.5f32, 3.0]);
+/// let mut bf16 = vec![0u8; 16];
+/// dequantize_fp8_into(&q, &scales, &grid, Dtype::BF16, &mut bf16)?;
+/// let f32s = dequantize_fp8(&q, &scales, &grid)?;
+/// assert_eq!(bf16, encode_f32("w", Dtype::BF16, &f32s)?);
+/// # Ok::<(), peftkit_merge::MergeMathError>(())
+/// ```
+pub fn dequantize_fp8_into(
+    weight: &[u8],
+    scales: &[f32],
+    grid: &Fp8Grid,
+    dtype: Dtype,
+    out: &mut [u8],
+) -> Result<()> {
+    let size = element_size(dtype)?;
+    grid.check("fp8 weight", grid.numel(), weight.len())?;
+    grid.check("weight_scale_inv", grid.scales(), scales.len())?;
+    grid.check("dequantized weight bytes", grid.numel() * size, out.len())?;
+    if weight.is_empty() {
+        return Ok(());
+    }
+    let (cols, (_, bn)) = (grid.cols, grid.block());
+    let bands = out
+        .par_chunks_mut(grid.band() * size)
+        .zip(weight.par_chunks(grid.band()));
+    bands
+        .zip(scales.par_chunks(grid.grid_cols))
+        .try_for_each(|((out, weight), scales)| {
+            let mut row = vec![0.0f32; cols];
+            for (o_row, w_row) in out.chunks_mut(cols * size).zip(weight.chunks(cols)) {
+                rows::dequantize_row(w_row, scales, bn, &mut row);
+                encode_f32_into("dequantized fp8 weight", dtype, &row, o_row)?;
+            }
+            Ok(())
+        })
 }
 
 /// A tensor quantized by [`quantize_fp8`].
@@ -252,14 +298,13 @@ pub fn quantize_fp8(values: &[f32], grid: &Fp8Grid, kind: ScaleKind) -> Result<F
     grid.check("values", grid.numel(), values.len())?;
     let mut weight = vec![0u8; values.len()];
     let mut inv_scales = vec![0.0f32; grid.scales()];
-    let (lut, (cols, (_, bn))) = (e4m3_table(), (grid.cols, grid.block()));
-    let bands = weight
-        .par_chunks_mut(grid.band())
-        .zip(values.par_chunks(grid.band()));
-    let max_abs_error = bands
-        .zip(inv_scales.par_chunks_mut(grid.grid_cols))
-        .map(|((q, v), inv)| quantize_band(v, q, inv, (cols, bn), kind, &lut))
-        .reduce(|| 0.0, nan_max);
+    let max_abs_error = quantize(
+        Values::F32(values),
+        grid,
+        kind,
+        &mut weight,
+        &mut inv_scales,
+    )?;
     Ok(Fp8Quantized {
         weight,
         inv_scales,
@@ -267,48 +312,124 @@ pub fn quantize_fp8(values: &[f32], grid: &Fp8Grid, kind: ScaleKind) -> Result<F
     })
 }
 
+/// [`quantize_fp8`] of `values`, little-endian `dtype` (widened a row at a time: no `f32`
+/// copy of the tensor is made), into `out` (the `float8_e4m3fn` bytes) and `inv_scales`;
+/// returns [`Fp8Quantized::max_abs_error`]. Refused if the slices do not fit `grid` or `dtype`
+/// is not a float dtype.
+///
+/// ```
+/// use peftkit_merge::{encode_f32, quantize_fp8, quantize_fp8_into, Fp8Grid, ScaleKind};
+/// use safetensors::Dtype;
+///
+/// let grid = Fp8Grid::new(&[2, 4], &[1, 2]).unwrap();
+/// let w = [1.0f32, -2.0, 0.5, 0.25, 3.0, 4.0, 0.0, 0.125];
+/// let (mut q, mut inv) = (vec![0u8; 8], vec![0f32; 2]);
+/// let bf16 = encode_f32("w", Dtype::BF16, &w)?;
+/// let err = quantize_fp8_into(&bf16, Dtype::BF16, &grid, ScaleKind::F32, &mut q, &mut inv)?;
+/// let want = quantize_fp8(&w, &grid, ScaleKind::F32)?;
+/// assert_eq!((q, inv, err), (want.weight, want.inv_scales, want.max_abs_error));
+/// # Ok::<(), peftkit_merge::MergeMathError>(())
+/// ```
+pub fn quantize_fp8_into(
+    values: &[u8],
+    dtype: Dtype,
+    grid: &Fp8Grid,
+    kind: ScaleKind,
+    out: &mut [u8],
+    inv_scales: &mut [f32],
+) -> Result<f64> {
+    let size = element_size(dtype)?;
+    grid.check("values bytes", grid.numel() * size, values.len())?;
+    quantize(Values::Encoded(dtype, values), grid, kind, out, inv_scales)
+}
+
+/// The values a quantization reads: `f32`s, or little-endian bytes of a float dtype.
+#[derive(Clone, Copy)]
+enum Values<'a> {
+    F32(&'a [f32]),
+    Encoded(Dtype, &'a [u8]),
+}
+
+impl<'a> Values<'a> {
+    /// Elements `range` (bytes of those elements, when encoded).
+    fn slice(self, range: std::ops::Range<usize>) -> Result<Values<'a>> {
+        Ok(match self {
+            Values::F32(v) => Values::F32(&v[range]),
+            Values::Encoded(dtype, b) => {
+                let size = element_size(dtype)?;
+                Values::Encoded(dtype, &b[range.start * size..range.end * size])
+            }
+        })
+    }
+
+    /// Row `r` of `cols` elements as `f32`: borrowed, or widened into `scratch`.
+    fn row<'s>(&'s self, r: usize, scratch: &'s mut [f32]) -> Result<&'s [f32]> {
+        let cols = scratch.len();
+        match *self {
+            Values::F32(v) => Ok(&v[r * cols..(r + 1) * cols]),
+            Values::Encoded(dtype, b) => {
+                let size = element_size(dtype)?;
+                let bytes = &b[r * cols * size..(r + 1) * cols * size];
+                decode_f32_into("values", dtype, bytes, scratch)?;
+                Ok(scratch)
+            }
+        }
+    }
+}
+
+/// [`quantize_fp8`] and [`quantize_fp8_into`]: bands of blocks in parallel.
+fn quantize(
+    values: Values<'_>,
+    grid: &Fp8Grid,
+    kind: ScaleKind,
+    out: &mut [u8],
+    inv_scales: &mut [f32],
+) -> Result<f64> {
+    grid.check("fp8 weight", grid.numel(), out.len())?;
+    grid.check("weight_scale_inv", grid.scales(), inv_scales.len())?;
+    if out.is_empty() {
+        return Ok(0.0);
+    }
+    let (band, (cols, (_, bn))) = (grid.band(), (grid.cols, grid.block()));
+    let bands = out.par_chunks_mut(band).enumerate();
+    bands
+        .zip(inv_scales.par_chunks_mut(grid.grid_cols))
+        .map(|((i, q), inv)| {
+            let v = values.slice(i * band..(i + 1) * band)?;
+            quantize_band(v, q, inv, (cols, bn), kind)
+        })
+        .try_reduce(|| 0.0, |a, b| Ok(nan_max(a, b)))
+}
+
 /// One band of blocks: per-block max-abs, scales, then the cast; returns the band's error.
+/// Each row is read twice (widened again for the cast), so that only one row is ever widened.
 fn quantize_band(
-    values: &[f32],
+    values: Values<'_>,
     out: &mut [u8],
     inv: &mut [f32],
     (cols, bn): (usize, usize),
     kind: ScaleKind,
-    lut: &[f32; 256],
-) -> f64 {
-    // torch's amax propagates NaN.
-    let mut max_abs = vec![0.0f32; inv.len()];
-    for row in values.chunks(cols) {
-        for (m, block) in max_abs.iter_mut().zip(row.chunks(bn)) {
-            *m = block
-                .iter()
-                .fold(*m, |m, v| match m.is_nan() || v.is_nan() {
-                    true => f32::NAN,
-                    false => m.max(v.abs()),
-                });
-        }
+) -> Result<f64> {
+    let mut row = vec![0.0f32; cols];
+    let mut max_abs = rows::BlockMax::new(inv.len());
+    for r in 0..out.len() / cols {
+        rows::max_abs_row(values.row(r, &mut row)?, bn, &mut max_abs);
     }
     let scales: Vec<f32> = max_abs
-        .iter()
+        .values()
         .zip(inv.iter_mut())
-        .map(|(&m, inv)| {
+        .map(|(m, inv)| {
             let (scale, inverse) = block_scales(m, kind);
             *inv = inverse;
             scale
         })
         .collect();
-    let mut err = 0.0f64;
-    for (q_row, v_row) in out.chunks_mut(cols).zip(values.chunks(cols)) {
-        let blocks = q_row.chunks_mut(bn).zip(v_row.chunks(bn));
-        for (((q, v), &s), &inv) in blocks.zip(&scales).zip(inv.iter()) {
-            for (q, &v) in q.iter_mut().zip(v) {
-                *q = f32_to_e4m3(clamp_e4m3(v * s));
-                let back = lut[usize::from(*q)] * inv;
-                err = nan_max(err, (f64::from(back) - f64::from(v)).abs());
-            }
-        }
+    let mut err = rows::MaxError::default();
+    for (r, q_row) in out.chunks_mut(cols).enumerate() {
+        let v = values.row(r, &mut row)?;
+        rows::quantize_row(v, &scales, inv, bn, q_row, &mut err);
     }
-    err
+    Ok(err.value())
 }
 
 /// The larger of two errors, NaN if either is.
@@ -316,15 +437,6 @@ fn nan_max(a: f64, b: f64) -> f64 {
     match a.is_nan() || b.is_nan() {
         true => f64::NAN,
         false => a.max(b),
-    }
-}
-
-/// `torch.clamp(x, -448, 448)` (NaN stays NaN).
-fn clamp_e4m3(x: f32) -> f32 {
-    if x.is_nan() {
-        x
-    } else {
-        x.clamp(-E4M3_MAX, E4M3_MAX)
     }
 }
 
@@ -377,6 +489,10 @@ pub fn ue8m0_round_up(inv: f32) -> f32 {
     let log2 = (f64::from(exp) + mant.log2()) as f32;
     (2.0f64).powi(log2.ceil() as i32) as f32
 }
+
+#[cfg(test)]
+#[path = "fp8_tests.rs"]
+mod vector_tests;
 
 #[cfg(test)]
 mod tests {

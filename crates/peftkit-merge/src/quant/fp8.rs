@@ -19,7 +19,7 @@ use serde_json::Value;
 use crate::edit::Step;
 use crate::error::MergeError;
 use crate::kernels::{Fp8Grid, MergeOptions as KernelOptions, ScaleKind};
-use crate::quant::fp8_weight::{Fp8Weight, Requant, Shared};
+use crate::quant::fp8_weight::{Fp8Weight, Requant, RequantEdit, Shared};
 
 /// `FineGrainedFP8Config`'s default `weight_block_size`, used when the config omits it.
 const DEFAULT_BLOCK: (usize, usize) = (128, 128);
@@ -206,15 +206,15 @@ impl<'a> Fp8Base<'a> {
             return Ok(Treatment::Plain);
         }
         let weight = self.weight(name, tensor, scale, touched, opts)?;
-        let dtype = match self.dequantize {
-            true => self.format.dtype,
-            false => Dtype::F8_E4M3,
+        let computed = match weight.requant {
+            // Re-quantized over its own base bytes, where the writer copied them.
+            Some(requant) => Tensor::edited(tensor.clone(), RequantEdit { weight, requant }),
+            None => Tensor::lazy(self.format.dtype, tensor.shape().to_vec(), move || {
+                weight.merged()
+            })?,
         };
-        let lazy = Tensor::lazy(dtype, tensor.shape().to_vec(), move || {
-            weight.weight_bytes()
-        })?;
         Ok(Treatment::Computed {
-            tensor: lazy,
+            tensor: computed,
             changed: touched.is_some(),
         })
     }
@@ -247,9 +247,11 @@ impl<'a> Fp8Base<'a> {
             kind: self.format.kind,
             scale_dtype: tensor.dtype(),
         });
+        // After its weight, which leaves the scales behind (see `fp8_weight`).
         let lazy = Tensor::lazy(tensor.dtype(), tensor.shape().to_vec(), move || {
             w.scale_bytes(requant)
-        })?;
+        })?
+        .written_last();
         Ok(Treatment::Computed {
             tensor: lazy,
             changed: true,

@@ -2,22 +2,29 @@
 //! together with its `weight_scale_inv`.
 //!
 //! The weight and its scale are two tensors of the output, written by whichever worker reaches
-//! each first, in file order, and a file lists its `F32` scales before its `F8_E4M3` weights.
-//! Both come from one computation: the first to run computes it and leaves what the other
-//! needs in a shared slot (the scales: a few bytes; the quantized weight: one byte per element,
-//! kept only within [`KEEP_BUDGET`] bytes for the whole merge, beyond which the weight's own
-//! write computes the merge again), so memory stays bounded whatever the layout.
+//! each, and both come from one computation. The weight is an edited tensor ([`RequantEdit`]):
+//! its base bytes, copied into the output file by the writer, are dequantized into one buffer
+//! in the model dtype, merged there, and re-quantized back over themselves, where they lie in
+//! the file when the writer allows it. Its scales (a few bytes) are left in a shared slot for
+//! the scale's write, which the writer takes after the rest of the file
+//! ([`Tensor::written_last`]: a file lists its `F32` scales before its `F8_E4M3` weights) and
+//! which waits for a computation under way. Should a scale still come first (its weight in a
+//! later file), it computes the weight and leaves the quantized bytes for the weight's write,
+//! within [`KEEP_BUDGET`] bytes for the whole merge, beyond which the weight computes the merge
+//! again; memory stays bounded whatever the layout.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use peftkit_checkpoint::{CheckpointError, Dtype, Tensor};
+use peftkit_checkpoint::{buffers, CheckpointError, Dtype, InPlaceEdit, Tensor};
 
 use crate::edit::Step;
 use crate::kernels::{
-    decode_f32, dequantize_fp8, e8m0_to_f32, encode_f32, quantize_fp8, Fp8Grid, Fp8Quantized,
-    MergeMathError, MergeOptions as KernelOptions, ScaleKind,
+    decode_f32, dequantize_fp8_into, e8m0_to_f32, element_size, encode_f32, quantize_fp8_into,
+    Fp8Grid, Fp8Quantized, MergeMathError, MergeOptions as KernelOptions, ScaleKind,
 };
 
 /// Bytes of re-quantized weights a merge keeps for their later write.
@@ -63,6 +70,9 @@ pub(crate) struct Fp8Weight {
     pub steps: Vec<Step>,
     pub opts: KernelOptions,
     pub shared: Arc<Shared>,
+    /// Held while the weight or its scale computes, so that the second waits for the first and
+    /// takes what it left instead of computing the weight again.
+    turn: Mutex<()>,
     /// The result of the first computation, for the other tensor (see the module docs).
     slot: Mutex<Option<Fp8Quantized>>,
 }
@@ -90,6 +100,7 @@ impl Fp8Weight {
             steps,
             opts,
             shared,
+            turn: Mutex::new(()),
             slot: Mutex::new(None),
         }
     }
@@ -102,34 +113,67 @@ impl Fp8Weight {
         }
     }
 
-    /// The weight in the model dtype, as transformers loads it on CPU.
-    fn dequantized(&self) -> Result<Vec<u8>, CheckpointError> {
+    /// Bytes of the weight in the model dtype.
+    fn merged_len(&self) -> Result<usize, CheckpointError> {
+        let size = element_size(self.dtype).map_err(|e| self.math(e))?;
+        Ok(self.grid.numel() * size)
+    }
+
+    /// Dequantizes `fp8`, the weight's e4m3 bytes, into `out` in the model dtype as
+    /// transformers loads it on CPU, and applies the plan's edits there (peft's merge in the
+    /// model dtype).
+    fn merge_into(&self, fp8: &[u8], out: &mut [u8]) -> Result<(), CheckpointError> {
         let scale_bytes = self.scale.bytes()?;
         let scales = decode_scales(self.scale.dtype(), &scale_bytes).map_err(|e| self.math(e))?;
-        let weight = self.weight.bytes()?;
-        let values = dequantize_fp8(&weight, &scales, &self.grid).map_err(|e| self.math(e))?;
-        encode_f32("fp8 weight", self.dtype, &values).map_err(|e| self.math(e))
-    }
-
-    /// The dequantized weight with the plan's edits applied (peft's merge in the model dtype).
-    fn merged(&self) -> Result<Vec<u8>, CheckpointError> {
-        let mut data = self.dequantized()?;
+        dequantize_fp8_into(fp8, &scales, &self.grid, self.dtype, out).map_err(|e| self.math(e))?;
         let shape = self.weight.shape();
         for step in &self.steps {
-            step.apply(&self.key, self.dtype, shape, &mut data, &self.opts, None)?;
+            step.apply(&self.key, self.dtype, shape, out, &self.opts, None)?;
         }
-        Ok(data)
+        Ok(())
     }
 
-    /// The merged weight re-quantized as `Fp8Quantize` does; its error is recorded.
-    fn requantized(&self, requant: Requant) -> Result<Fp8Quantized, CheckpointError> {
-        let merged = self.merged()?;
-        let values = decode_f32("merged weight", self.dtype, &merged).map_err(|e| self.math(e))?;
-        let q = quantize_fp8(&values, &self.grid, requant.kind).map_err(|e| self.math(e))?;
-        if let Ok(mut errors) = self.shared.errors.lock() {
-            errors.insert(self.key.clone(), q.max_abs_error);
+    /// The merged weight in the model dtype (`--dequantize`), in a pooled buffer.
+    pub(crate) fn merged(&self) -> Result<Vec<u8>, CheckpointError> {
+        let fp8 = self.weight.bytes()?;
+        let mut out = buffers::take(self.merged_len()?);
+        self.merge_into(&fp8, &mut out)?;
+        if let Cow::Owned(buf) = fp8 {
+            buffers::give(buf);
         }
-        Ok(q)
+        Ok(out)
+    }
+
+    /// Turns `fp8`, the base weight's e4m3 bytes, into the merged weight's, re-quantized as
+    /// `Fp8Quantize` does, through one buffer in the model dtype; returns its scales (and no
+    /// weight bytes: they are in `fp8`). The error is recorded.
+    fn requantize(
+        &self,
+        requant: Requant,
+        fp8: &mut [u8],
+    ) -> Result<Fp8Quantized, CheckpointError> {
+        let mut merged = buffers::take(self.merged_len()?);
+        let mut inv_scales = vec![0.0f32; self.grid.scales()];
+        let done = self.merge_into(fp8, &mut merged).and_then(|()| {
+            let (dtype, grid, kind) = (self.dtype, &self.grid, requant.kind);
+            quantize_fp8_into(&merged, dtype, grid, kind, fp8, &mut inv_scales)
+                .map_err(|e| self.math(e))
+        });
+        buffers::give(merged);
+        let max_abs_error = done?;
+        if let Ok(mut errors) = self.shared.errors.lock() {
+            errors.insert(self.key.clone(), max_abs_error);
+        }
+        Ok(Fp8Quantized {
+            weight: Vec::new(),
+            inv_scales,
+            max_abs_error,
+        })
+    }
+
+    /// Waits for a computation of this weight under way (see [`Fp8Weight::turn`]).
+    fn wait_turn(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.turn.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// What the slot holds, taken out (its bytes leave the keep budget).
@@ -157,32 +201,50 @@ impl Fp8Weight {
         }
     }
 
-    /// The bytes written for the weight.
-    pub(crate) fn weight_bytes(&self) -> Result<Vec<u8>, CheckpointError> {
-        let Some(requant) = self.requant else {
-            return self.merged();
-        };
-        if let Some(q) = self.take().filter(|q| !q.weight.is_empty()) {
-            return Ok(q.weight);
+    /// The weight's edit: `bytes`, the base weight's, become the merged and re-quantized ones.
+    fn edit_weight(&self, requant: Requant, bytes: &mut [u8]) -> Result<(), CheckpointError> {
+        let _turn = self.wait_turn();
+        if let Some(q) = self.take().filter(|q| q.weight.len() == bytes.len()) {
+            bytes.copy_from_slice(&q.weight);
+            return Ok(());
         }
-        let mut q = self.requantized(requant)?;
-        let weight = std::mem::take(&mut q.weight);
+        let q = self.requantize(requant, bytes)?;
         self.keep(q); // the scales, for the scale's write
-        Ok(weight)
+        Ok(())
     }
 
     /// The bytes written for the scale, encoded as `requant` says.
     pub(crate) fn scale_bytes(&self, requant: Requant) -> Result<Vec<u8>, CheckpointError> {
+        let _turn = self.wait_turn();
         let inv = match self.take() {
             Some(q) => q.inv_scales,
             None => {
-                let q = self.requantized(requant)?;
+                let mut weight = self.weight.bytes()?.into_owned();
+                let mut q = self.requantize(requant, &mut weight)?;
+                q.weight = weight;
                 let inv = q.inv_scales.clone();
                 self.keep(q); // the weight, for the weight's write
                 inv
             }
         };
         encode_scales(requant.scale_dtype, &inv).map_err(|e| self.math(e))
+    }
+}
+
+/// The edit that makes a kept-FP8 weight of the output out of its base bytes (see the module
+/// docs): in memory, or where the writer copied them in the output file.
+pub(crate) struct RequantEdit {
+    pub weight: Arc<Fp8Weight>,
+    pub requant: Requant,
+}
+
+impl InPlaceEdit for RequantEdit {
+    fn apply(&self, bytes: &mut [u8]) -> Result<(), CheckpointError> {
+        self.weight.edit_weight(self.requant, bytes)
+    }
+
+    fn apply_in_file(&self, file: &File, offset: u64, len: usize) -> Result<bool, CheckpointError> {
+        crate::mapped::edit_file_range(file, offset, len, |bytes| self.apply(bytes))
     }
 }
 
@@ -247,13 +309,35 @@ mod tests {
         Fp8Weight::new("w", parts, Some(requant), Dtype::BF16, vec![], opts, shared)
     }
 
+    /// The weight's bytes as the writer makes them: its base bytes, edited.
+    fn weight_bytes(w: &Fp8Weight) -> Vec<u8> {
+        let mut bytes = w.weight.bytes().unwrap().into_owned();
+        w.edit_weight(w.requant.unwrap(), &mut bytes).unwrap();
+        bytes
+    }
+
     #[test]
     fn weight_and_scale_agree_in_either_order_and_budget() {
         let requant = |w: &Fp8Weight| w.requant.unwrap();
         // Weight first (the scales are kept for the scale), then scale first, kept or not.
         let reference = weight(Arc::default());
-        let w_first = reference.weight_bytes().unwrap();
+        let w_first = weight_bytes(&reference);
+        assert_eq!(
+            reference
+                .slot
+                .lock()
+                .unwrap()
+                .as_ref()
+                .unwrap()
+                .weight
+                .len(),
+            0
+        );
         let s_second = reference.scale_bytes(requant(&reference)).unwrap();
+        assert!(
+            reference.slot.lock().unwrap().is_none(),
+            "the scales were taken"
+        );
         for budget in [0, KEEP_BUDGET] {
             let shared = Arc::new(Shared {
                 budget,
@@ -263,10 +347,7 @@ mod tests {
             let s = w.scale_bytes(requant(&w)).unwrap();
             let kept = shared.kept.load(Ordering::Relaxed);
             assert_eq!(kept, if budget == 0 { 0 } else { 16 });
-            assert_eq!(
-                (w.weight_bytes().unwrap(), s),
-                (w_first.clone(), s_second.clone())
-            );
+            assert_eq!((weight_bytes(&w), s), (w_first.clone(), s_second.clone()));
             assert_eq!(
                 shared.kept.load(Ordering::Relaxed),
                 0,
