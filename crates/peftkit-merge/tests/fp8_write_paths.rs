@@ -64,7 +64,12 @@ fn scales_apart(case: &str, dir: &Path) -> PathBuf {
         .map(|(n, t)| (n.to_owned(), t.clone()))
         .collect();
     let out = dir.join("base");
-    save_pretrained(&out, &state, &SaveOptions::default().max_shard_size(4096u64)).unwrap();
+    save_pretrained(
+        &out,
+        &state,
+        &SaveOptions::default().max_shard_size(4096u64),
+    )
+    .unwrap();
     for f in ["config.json", "generation_config.json"] {
         fs::copy(base.join(f), out.join(f)).unwrap();
     }
