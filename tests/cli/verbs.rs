@@ -625,9 +625,16 @@ fn merge_into_bitsandbytes_bases() {
 
 #[test]
 fn split_then_gather_gives_back_the_checkpoint_byte_for_byte() {
-    for (src, n) in [
-        ("checkpoint/llama_untied_3KB/expected", "2"),
-        ("reshard/qwen2_moe/source_original_sharded", "4"),
+    // A variant checkpoint: `--variant` reads it, the ranks keep its file names, and gather
+    // finds them from the rank manifests.
+    for (src, n, variant) in [
+        ("checkpoint/llama_untied_3KB/expected", "2", &[][..]),
+        ("reshard/qwen2_moe/source_original_sharded", "4", &[]),
+        (
+            "checkpoint/llama_variant_fp16/expected",
+            "3",
+            &["--variant", "fp16"],
+        ),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let ranks = tmp.path().join("ranks");
@@ -636,6 +643,7 @@ fn split_then_gather_gives_back_the_checkpoint_byte_for_byte() {
             .arg(fixture(src))
             .args(["--world-size", n, "--out"])
             .arg(&ranks)
+            .args(variant)
             .assert()
             .success();
         let line = stdout_of(&ok);
@@ -647,7 +655,12 @@ fn split_then_gather_gives_back_the_checkpoint_byte_for_byte() {
         let dirs: Vec<_> = (0..n).map(|r| ranks.join(format!("rank{r}"))).collect();
         assert_eq!(entries(&ranks).len(), n);
         for dir in &dirs {
-            peftkit().arg("verify").arg(dir).assert().success();
+            peftkit()
+                .arg("verify")
+                .arg(dir)
+                .args(variant)
+                .assert()
+                .success();
         }
         let out = tmp.path().join("full");
         peftkit()

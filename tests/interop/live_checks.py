@@ -509,9 +509,11 @@ def all_tensors(d):
 def split_ranks_hold_the_slices_transformers_tp_loading_reads():
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    sources = [FIX / "checkpoint" / "llama_untied_3KB" / "expected", FIX / "reshard" / "qwen2_moe" / "source_v5",
-               FIX / "reshard" / "qwen2_moe" / "source_original"]
-    for src in sources:
+    # A variant checkpoint (model.fp16-*.safetensors) is split with --variant: its ranks hold the same slices.
+    sources = [(FIX / "checkpoint" / "llama_untied_3KB" / "expected", []),
+               (FIX / "checkpoint" / "llama_variant_fp16" / "expected", ["--variant", "fp16"]),
+               (FIX / "reshard" / "qwen2_moe" / "source_v5", []), (FIX / "reshard" / "qwen2_moe" / "source_original", [])]
+    for src, flags in sources:
         config = AutoConfig.from_pretrained(src)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -522,7 +524,7 @@ def split_ranks_hold_the_slices_transformers_tp_loading_reads():
         sharded = 0
         for n in (2, 3, 4):
             with tempfile.TemporaryDirectory() as tmp:
-                peftkit("split", src, "--world-size", n, "--out", Path(tmp) / "ranks")
+                peftkit("split", src, "--world-size", n, "--out", Path(tmp) / "ranks", *flags)
                 for rank in range(n):
                     ours = all_tensors(Path(tmp) / "ranks" / f"rank{rank}")
                     assert ours.keys() == full.keys(), f"{src} rank {rank}: names differ"
