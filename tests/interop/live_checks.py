@@ -411,6 +411,35 @@ def bitsandbytes_merges_equal_the_libraries_computed_here():
                     assert same, f"{name}, {ref}: {f} differs from the libraries' file"
 
 
+@check
+def several_adapters_and_dora_into_quantized_bases_equal_the_libraries_computed_here():
+    """Kept-format merges of several adapters (4-bit: re-quantized after each, in order; FP8: merged in bf16, then
+    quantized once) and of DoRA into a 4-bit base write what bitsandbytes / transformers + peft write here, for every
+    quant_multi fixture case rebuilt on this host; the FP8 case's --dequantize too."""
+    from fixturegen import quant_multi_cases as qm
+
+    def same_files(out, ref, what):
+        for f in sorted(p.name for p in ref.iterdir()):
+            assert (out / f).read_bytes() == (ref / f).read_bytes(), f"{what}: {f} differs from the libraries' file"
+
+    def adapters(d, order):
+        return [a for n in order for a in ("--adapter", d / f"adapter_{n}")]
+
+    for name, case in qm.CASES.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp)
+            qm.make_case(d, case)
+            for ref, order in case["merges"].items():
+                peftkit("merge", "--base", d / "base4", *adapters(d, order), "--out", d / f"peftkit_{ref}")
+                same_files(d / f"peftkit_{ref}", d / ref, f"{name}, {ref}")
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        qm.make_fp8_case(d)
+        for ref, flags in (("merged_fp8", []), ("merged_dequantized", ["--dequantize"])):
+            peftkit("merge", "--base", d / "base", *adapters(d, qm.FP8_ORDER), "--out", d / f"peftkit_{ref}", *flags)
+            same_files(d / f"peftkit_{ref}", d / ref, f"{qm.FP8_CASE}, {ref}")
+
+
 def tp_placements(model):
     """Each parameter's tensor-parallel placement, as transformers' styles give it: every rule of the expanded
     `model.tp_plan` applied with its style's own `shard_param`, `distribute_tensor` recorded instead of run (no process

@@ -25,6 +25,7 @@ from fixturegen import (  # noqa: E402
     numerics_cases,
     peft_cases,
     quant_cases,
+    quant_multi_cases,
     remap_cases,
     reshard_cases,
 )
@@ -39,6 +40,7 @@ GENERATORS = {
     "bnb": bnb_cases.generate,  # bnb/ (bitsandbytes 4-bit bases and merges)
     "hub": hub_cases.generate,  # hub/: .bin weights, their safetensors re-saves, a Hub cache
     "quant": quant_cases.generate,  # quant/ (FP8 bases and merges into them)
+    "quant_multi": quant_multi_cases.generate,  # quant_multi/ (several adapters, DoRA: 4-bit and FP8 kept)
     "burn": burn_cases.generate,  # burn/ (crates/peftkit-burn)
 }
 
