@@ -222,7 +222,7 @@ fn requantizing_refuses_what_it_does_not_reproduce() {
     let name = CASES[0];
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let late = multi_job(name, &["b".to_owned(), "dora".to_owned()], &out);
+    let late = multi_job(name, &["y".to_owned(), "dora".to_owned()], &out);
     let err = merge(&late).unwrap_err();
     assert!(
         err.to_string().contains("DoRA after another adapter"),

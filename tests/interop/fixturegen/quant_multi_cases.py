@@ -7,7 +7,7 @@ dequantized dtype). Each such case folder holds:
 
     base4/          a tiny Llama (the bnb fixtures' model) loaded with `BitsAndBytesConfig(load_in_4bit=True, ...)`
                     from its 16-bit `save_pretrained` and saved again
-    adapter_a/ ...  LoRA (or DoRA) adapters made on the 16-bit model, factors randomized, targets overlapping
+    adapter_x/ ...  LoRA (or DoRA) adapters made on the 16-bit model, factors randomized, targets overlapping
     <merged>/       for each merge of `case.json`'s "merges": base4 loaded in 4-bit, `PeftModel.from_pretrained` of
                     the first adapter and `load_adapter` of the others, `base_model.set_adapter(order)`,
                     `merge_and_unload()`, `save_pretrained(save_original_format=False)` (what
@@ -18,8 +18,8 @@ FP8 (`fp8_llama`, made as quant_cases.py makes its cases): transformers loads an
 bf16, so peft merges several adapters as into any bf16 model (one rounding per adapter) and the FP8 format is applied
 once, by `Fp8Quantize`, to the result:
 
-    base/ adapter_a/ adapter_b/
-    merged_dequantized/   from_pretrained(base) on CPU, both adapters active (a, b), merge_and_unload(), save_pretrained
+    base/ adapter_x/ adapter_y/
+    merged_dequantized/   from_pretrained(base) on CPU, both adapters active (x, y), merge_and_unload(), save_pretrained
     merged_fp8/           base with every changed weight replaced by Fp8Quantize._quantize_one of merged_dequantized's
 
 Must run on the CPU with bitsandbytes' native CPU library loaded (its C++ kernels are the reference).
@@ -33,29 +33,30 @@ from . import bnb_cases
 from .common import build_model, fresh_dir, quiet, write_json
 
 # (name, LoraConfig kwargs, seed): overlapping targets, so that some weights get one adapter and some two or three.
+# Names are not substrings of peft's "lora_" prefix (peft warns that such a name may reinitialize the adapter).
 ADAPTERS = {
-    "a": (dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"]), 11),
-    "b": (dict(r=2, lora_alpha=16, target_modules=["q_proj", "down_proj", "gate_proj"]), 22),
-    "c": (dict(r=8, lora_alpha=8, target_modules=["q_proj", "o_proj"]), 33),
+    "x": (dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"]), 11),
+    "y": (dict(r=2, lora_alpha=16, target_modules=["q_proj", "down_proj", "gate_proj"]), 22),
+    "z": (dict(r=8, lora_alpha=8, target_modules=["q_proj", "o_proj"]), 33),
     "dora": (dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"]), 44),
 }
 CASES = {
     # QLoRA's recipe (NF4, double quantization, bf16): two adapters in both orders, and three.
     "nf4_nested_bf16": dict(
         spec=bnb_cases.CASES["nf4_nested_bf16"],
-        adapters=["a", "b", "c", "dora"],
-        merges={"merged_ab": ["a", "b"], "merged_ba": ["b", "a"], "merged_abc": ["a", "b", "c"],
-                "merged_dora": ["dora"], "merged_dora_b": ["dora", "b"]},
+        adapters=["x", "y", "z", "dora"],
+        merges={"merged_xy": ["x", "y"], "merged_yx": ["y", "x"], "merged_xyz": ["x", "y", "z"],
+                "merged_dora": ["dora"], "merged_dora_y": ["dora", "y"]},
     ),
     # FP4 with f32 absmax, f16 weights.
     "fp4_f16": dict(
         spec=bnb_cases.CASES["fp4_f16"],
-        adapters=["a", "b", "dora"],
-        merges={"merged_ab": ["a", "b"], "merged_dora": ["dora"]},
+        adapters=["x", "y", "dora"],
+        merges={"merged_xy": ["x", "y"], "merged_dora": ["dora"]},
     ),
 }
 FP8_CASE = "fp8_llama"
-FP8_ORDER = ["a", "b"]
+FP8_ORDER = ["x", "y"]
 
 
 def make_adapter(base16: Path, dest: Path, name: str, dtype=None) -> None:
