@@ -73,24 +73,11 @@ pub(super) fn sequence_requantized(
         let Some(steps) = plan.steps.get_mut(&w.name) else {
             continue;
         };
-        for (i, step) in steps.iter().enumerate() {
-            let what = match &step.edit {
-                Edit::Lora {
-                    dora: false,
-                    kind: LoraKind::Linear { .. },
-                    round_first: false,
-                    ..
-                } => continue,
-                Edit::Lora {
-                    dora: true,
-                    kind: LoraKind::Linear { .. },
-                    round_first: false,
-                    ..
-                } if i == 0 => continue,
-                Edit::Lora { dora: true, .. } if i > 0 => "DoRA after another adapter",
-                Edit::Lora { dora: true, .. } => "DoRA",
-                _ => "an edit other than a LoRA pair",
-            };
+        if let Some(what) = steps
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| refusal(i, &s.edit))
+        {
             let tensor = w.name.clone();
             return Err(BnbError::Requantize { tensor, what }.into());
         }
@@ -119,6 +106,21 @@ pub(super) fn sequence_requantized(
         *steps = sequenced;
     }
     Ok(())
+}
+
+/// Why the `i`-th edit of a 4-bit weight cannot be re-quantized as peft does, if it cannot.
+fn refusal(i: usize, edit: &Edit) -> Option<&'static str> {
+    match edit {
+        Edit::Lora {
+            kind: LoraKind::Linear { .. },
+            round_first: false,
+            dora,
+            ..
+        } if !*dora || i == 0 => None,
+        Edit::Lora { dora: true, .. } if i > 0 => Some("DoRA after another adapter"),
+        Edit::Lora { dora: true, .. } => Some("DoRA"),
+        _ => Some("an edit other than a LoRA pair"),
+    }
 }
 
 /// The dtype peft's `Params4bit` holds `w` in after `steps`: the weight's own at first; `f32`
