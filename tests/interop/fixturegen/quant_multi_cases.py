@@ -30,7 +30,7 @@ import json
 from pathlib import Path
 
 from . import bnb_cases
-from .common import build_model, fresh_dir, quiet, write_json
+from .common import build_model, fresh_dir, name_model, quiet, write_json
 
 # (name, LoraConfig kwargs, seed): overlapping targets, so that some weights get one adapter and some two or three.
 # Names are not substrings of peft's "lora_" prefix (peft warns that such a name may reinitialize the adapter).
@@ -59,13 +59,14 @@ FP8_CASE = "fp8_llama"
 FP8_ORDER = ["x", "y"]
 
 
-def make_adapter(base16: Path, dest: Path, name: str, dtype=None) -> None:
+def make_adapter(base16: Path, dest: Path, name: str, model_name: str, dtype=None) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     kw, seed = ADAPTERS[name]
     model = AutoModelForCausalLM.from_pretrained(base16, **({} if dtype is None else {"dtype": dtype}))
+    name_model(model, model_name)  # what peft records, not the (temporary) folder it was loaded from
     pm = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **kw))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -97,7 +98,7 @@ def make_case(d: Path, case) -> dict:
         del model
         bnb_cases.load4(base16, spec).save_pretrained(d / "base4")
         for name in case["adapters"]:
-            make_adapter(base16, d / f"adapter_{name}", name, dtype)
+            make_adapter(base16, d / f"adapter_{name}", name, "tiny-llama-bnb", dtype)
     for out, order in case["merges"].items():
         merged(d, spec, order, d / out)
     return {
@@ -132,7 +133,7 @@ def make_fp8_case(d: Path) -> dict:
                         f"peftkit/tiny-{FP8_CASE}", qc.BASE_SEED)
     qc.write_fp8_base(model.to(torch.bfloat16), d, "float")
     for name in FP8_ORDER:
-        make_adapter(d / "base", d / f"adapter_{name}", name)
+        make_adapter(d / "base", d / f"adapter_{name}", name, f"peftkit/tiny-{FP8_CASE}")
     pm = with_adapters(AutoModelForCausalLM.from_pretrained(d / "base"), d, FP8_ORDER)
     pm.merge_and_unload().save_pretrained(d / "merged_dequantized")
     touched = qc.changed_weights(d)
