@@ -52,10 +52,10 @@ pub(crate) struct Args {
     /// from the exact result, the same bytes on every machine (LoRA and IA3 only).
     #[arg(long, default_value = "peft", value_name = "peft|exact")]
     numerics: merge::Numerics,
-    /// For a quantized base (FP8, bitsandbytes 4-bit): write every quantized weight
+    /// For a quantized base (FP8, bitsandbytes 4-bit or int8): write every quantized weight
     /// unquantized and drop quantization_config, as transformers saves the model it
-    /// dequantizes (FP8 in the model dtype, 4-bit weights in their own). Without it, merged
-    /// weights are re-quantized into the base's format.
+    /// dequantizes (FP8 and int8 in the model dtype, 4-bit weights in their own). Without it,
+    /// merged weights are re-quantized into the base's format.
     #[arg(long, conflicts_with = "qlora_base")]
     dequantize: bool,
     /// A 16-bit base the adapter was trained on in 4 bits (QLoRA): merge into bitsandbytes'
@@ -192,7 +192,7 @@ fn print_numerics(n: &merge::NumericsReport) {
 }
 
 /// Tells what the merge did to a quantized base, and each re-quantized weight's error where
-/// it is measured (FP8).
+/// it is measured (FP8, bitsandbytes int8).
 fn print_quantization(q: &merge::QuantizationReport) {
     let dq = if q.double_quant {
         " with double quantization"

@@ -577,33 +577,47 @@ fn inspect_describes_an_adapter_folder() {
 }
 
 /// `peftkit merge` into the NF4 bitsandbytes fixture (tests/fixtures/bnb/nf4_nested_bf16):
-/// re-quantized by default, `--dequantize`, and `--qlora-base` on the 16-bit original, each
-/// byte for byte what transformers + bitsandbytes + peft wrote (rows are whole blocks and the
-/// rank is 4, so the bytes do not depend on the host).
+/// re-quantized by default, `--dequantize`, and `--qlora-base` on the 16-bit original; and into
+/// the int8 one (tests/fixtures/bnb8/int8_bf16), re-quantized and `--dequantize`. Each is byte
+/// for byte what transformers + bitsandbytes + peft wrote (rows are whole blocks and the rank
+/// is 4, so the bytes do not depend on the host).
 #[test]
 fn merge_into_bitsandbytes_bases() {
-    let case = fixture("bnb/nf4_nested_bf16");
-    let runs: [(&str, &[&str], &str, &str); 3] = [
+    let (nf4, int8) = ("bnb/nf4_nested_bf16", "bnb8/int8_bf16");
+    let kept = "int8 format kept: 4 merged weight(s) re-quantized, the others copied (max abs error vs the float32 merge)";
+    let runs: [(&str, &str, &[&str], &str, &str); 5] = [
         (
+            nf4,
             "base4",
             &[],
             "merged_requantized",
             "merged weight(s) re-quantized",
         ),
         (
+            nf4,
             "base4",
             &["--dequantize"],
             "merged_dequantized",
             "weights dequantized",
         ),
         (
+            nf4,
             "base16",
             &["--qlora-base", "nf4", "--qlora-double-quant"],
             "merged_qlora",
             "round trip dequantize(quantize(W)) of 4 weights",
         ),
+        (int8, "base8", &[], "merged_requantized", kept),
+        (
+            int8,
+            "base8",
+            &["--dequantize"],
+            "merged_dequantized",
+            "int8 base: 7 weights dequantized to bfloat16",
+        ),
     ];
-    for (base, flags, want, says) in runs {
+    for (case, base, flags, want, says) in runs {
+        let case = fixture(case);
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("merged");
         let ok = peftkit()

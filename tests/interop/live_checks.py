@@ -440,6 +440,28 @@ def several_adapters_and_dora_into_quantized_bases_equal_the_libraries_computed_
             same_files(d / f"peftkit_{ref}", d / ref, f"{qm.FP8_CASE}, {ref}")
 
 
+@check
+def bitsandbytes_int8_merges_equal_the_libraries_computed_here():
+    """`merge` into an 8-bit (LLM.int8) base, re-quantized and with `--dequantize`, writes what transformers +
+    bitsandbytes + peft write here, for every bnb8 fixture case rebuilt on this host (same seeds and calls as
+    tests/fixtures/bnb8); `--json` reports an error per re-quantized weight."""
+    from fixturegen import bnb8_cases
+
+    for name, spec in bnb8_cases.CASES.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp)
+            bnb8_cases.make_case(d, spec)
+            for flags, ref in [([], "merged_requantized"), (["--dequantize"], "merged_dequantized")]:
+                out = d / f"peftkit_{ref}"
+                report = json.loads(peftkit("merge", "--base", d / "base8", "--adapter", d / "adapter", "--out", out,
+                                            "--json", *flags))["quantization"]
+                assert report["format"] == "int8", report
+                if not flags:
+                    assert all(t["max_abs_error"] > 0 for t in report["requantized"]), report
+                for f in sorted(p.name for p in (d / ref).iterdir()):
+                    same = (out / f).read_bytes() == (d / ref / f).read_bytes()
+                    assert same, f"{name}, {ref}: {f} differs from the libraries' file"
+
 def tp_placements(model):
     """Each parameter's tensor-parallel placement, as transformers' styles give it: every rule of the expanded
     `model.tp_plan` applied with its style's own `shard_param`, `distribute_tensor` recorded instead of run (no process

@@ -70,11 +70,11 @@ pub struct MergeJob {
     /// Sync the output to disk before it is swapped in (see
     /// [`peftkit_checkpoint::SaveOptions::durable`]).
     pub durable: bool,
-    /// For a quantized base (FP8 or bitsandbytes 4-bit): write every quantized weight
+    /// For a quantized base (FP8 or bitsandbytes 4-bit or int8): write every quantized weight
     /// unquantized and drop `quantization_config`, as transformers saves the model it
     /// dequantizes (FP8: loaded on CPU, in the model dtype; bitsandbytes: `model.dequantize()`
-    /// before peft's merge, in each weight's dtype). Off: merged weights are re-quantized into
-    /// the base's format.
+    /// before peft's merge, 4-bit weights in their own dtype, int8 ones in the model dtype).
+    /// Off: merged weights are re-quantized into the base's format.
     pub dequantize: bool,
     /// peft's arithmetic, or one correct rounding identical on every machine
     /// ([`Numerics::Exact`]; DoRA, LoHa, LoKr and IA3 unmerges are refused there).

@@ -11,7 +11,8 @@
 //!   `safe_merge`.
 //! * [`dora`]: DoRA for Linear / `Conv1D`, Embedding, Conv, with torch's norm reduction order.
 //! * [`methods`]: IA³, LoHa, LoKr, trainable-token rows, and a generic delta add.
-//! * [`bnb`]: bitsandbytes' 4-bit and 8-bit blockwise (de)quantization on the CPU, and
+//! * [`bnb`]: bitsandbytes' 4-bit and 8-bit blockwise (de)quantization on the CPU,
+//!   [`bnb_int8`]: its 8-bit (LLM.int8) row-wise quantization, and
 //!   [`torch_sum`]: torch's `f32` sum order (the mean double quantization subtracts).
 //! * [`fp8`]: FP8 block-scaled weights (e4m3 with `weight_scale_inv`) dequantized and
 //!   re-quantized as transformers' finegrained_fp8 does on CPU.
@@ -29,6 +30,7 @@ mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 pub(crate) mod bnb;
+pub(crate) mod bnb_int8;
 pub(crate) mod dora;
 pub(crate) mod dtype;
 mod error;
@@ -47,6 +49,7 @@ pub use bnb::{
     bnb_dequantize_4bit, bnb_dequantize_blockwise, bnb_quantize_4bit, bnb_quantize_blockwise,
     Bnb4Type, Code4,
 };
+pub use bnb_int8::{bnb_int8_dequantize, bnb_int8_quantize, Int8Quantized};
 pub use dora::{
     merge_dora_conv, merge_dora_embedding, merge_dora_linear, torch_column_norms, torch_row_norm,
 };

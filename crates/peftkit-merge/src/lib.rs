@@ -16,8 +16,8 @@
 //! * the streaming merge: [`merge`] of a [`MergeJob`] plans every adapter against the base's
 //!   headers, refuses what it cannot merge ([`MergeError`], [`UnsupportedMerge`]) before
 //!   writing anything, then merges each touched tensor lazily as the output is written.
-//!   FP8 block-scaled bases (transformers' fine-grained FP8) and bitsandbytes 4-bit bases are
-//!   merged through their dequantized weights and re-quantized, or written dequantized
+//!   FP8 block-scaled bases (transformers' fine-grained FP8) and bitsandbytes 4-bit and 8-bit
+//!   bases are merged through their dequantized weights and re-quantized, or written dequantized
 //!   ([`MergeJob::dequantize`]), and reported in [`QuantizationReport`]; a 16-bit base can be
 //!   merged into its 4-bit round trip ([`MergeJob::qlora_base`]); bases in any other
 //!   quantization are refused ([`MergeError::QuantizedBase`]).
@@ -52,6 +52,6 @@ pub use error::{MergeError, NonFiniteResult, UnsupportedMerge};
 pub use job::{AdapterInput, MergeJob};
 pub use kernels::*;
 pub use peftkit_checkpoint::Progress;
-pub use quant::bnb::{set_bnb_avx512, BnbError, ParseBnb4TypeError, QloraBase};
+pub use quant::bnb::{set_bnb_avx512, BnbError, Int8RangeError, ParseBnb4TypeError, QloraBase};
 pub use report::{MergeSummary, NumericsReport, QuantizationReport, RequantizedTensor};
 pub use stream::merge;

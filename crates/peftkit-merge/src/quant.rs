@@ -7,8 +7,9 @@
 //!
 //! * [`fp8`] (transformers' fine-grained FP8, e4m3 with block `weight_scale_inv`): merged
 //!   through a dequantized copy of each touched weight, then re-quantized;
-//! * [`bnb`] (bitsandbytes 4-bit NF4/FP4, `quant_method: "bitsandbytes"`): planned and merged
-//!   on a dequantized view of the base, then re-quantized as peft's `Linear4bit.merge` does.
+//! * [`bnb`] (bitsandbytes 4-bit NF4/FP4 and 8-bit LLM.int8, `quant_method: "bitsandbytes"`):
+//!   planned and merged on a dequantized view of the base, then re-quantized as peft's
+//!   `Linear4bit.merge` / `Linear8bitLt.merge` do.
 //!   It also serves a 16-bit base a QLoRA adapter was trained on in 4 bits
 //!   ([`crate::MergeJob::qlora_base`]).
 //!
@@ -48,8 +49,8 @@ pub(crate) enum BaseQuant {
         /// Write the model dtype instead of FP8.
         dequantize: bool,
     },
-    /// bitsandbytes 4-bit (re-quantized or dequantized), or the 4-bit round trip of a 16-bit
-    /// QLoRA base. Never [`BnbMerge::Plain`].
+    /// bitsandbytes 4-bit or 8-bit (re-quantized or dequantized), or the 4-bit round trip of a
+    /// 16-bit QLoRA base. Never [`BnbMerge::Plain`].
     Bnb(BnbMerge),
 }
 

@@ -43,13 +43,14 @@ pub struct QuantizationReport {
     /// `quantization_config` dropped; `"qlora-base"` (bitsandbytes): a 16-bit base, merged into
     /// the 4-bit round trip of each adapted weight, written 16-bit.
     pub output: String,
-    /// The element format: `"e4m3"` (fp8), `"nf4"` or `"fp4"` (bitsandbytes; for a base, that
-    /// of its first 4-bit weight).
+    /// The element format: `"e4m3"` (fp8), `"nf4"`, `"fp4"` or `"int8"` (bitsandbytes; for a
+    /// 4-bit base, that of its first 4-bit weight).
     pub format: String,
     /// Whether the block scales are themselves quantized (bitsandbytes' double quantization).
     pub double_quant: bool,
-    /// The model dtype weights are dequantized to for the merge (fp8: `"bfloat16"`, …);
-    /// `None` where each weight keeps its own (bitsandbytes).
+    /// The dtype weights are dequantized to for the merge: fp8 and int8 `--dequantize`, the
+    /// model dtype (`"bfloat16"`, …); a kept int8 merge, `"float32"` (peft adds the delta to the
+    /// `f32` dequantization); `None` where each weight keeps its own (bitsandbytes 4-bit).
     pub dtype: Option<String>,
     /// Quantized weights written unquantized (`"dequantized"`; 0 otherwise).
     pub tensors_dequantized: usize,
@@ -63,9 +64,10 @@ pub struct QuantizationReport {
 pub struct RequantizedTensor {
     /// The weight.
     pub tensor: String,
-    /// fp8: `max |dequantize(requantize(w)) - w|` over its elements, `w` being the merged
-    /// weight in the model dtype (`null` in JSON if an element is NaN). `None` for
-    /// bitsandbytes, whose re-quantization peftkit reproduces as peft runs it.
+    /// `max |dequantize(requantize(w)) - w|` over its elements, `w` being the merged weight
+    /// (fp8: in the model dtype; bitsandbytes int8: peft's `f32` sum), `null` in JSON if an
+    /// element is NaN. `None` for bitsandbytes 4-bit, whose re-quantization peftkit
+    /// reproduces as peft runs it without measuring it.
     pub max_abs_error: Option<f64>,
 }
 

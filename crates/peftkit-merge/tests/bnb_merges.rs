@@ -8,11 +8,7 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use peftkit_checkpoint::Checkpoint;
-use peftkit_merge::{
-    merge, set_bnb_avx512, set_reduction_order, AdapterInput, Bnb4Type, HostOrder, MergeError,
-    MergeJob, QloraBase,
-};
+use peftkit_merge::{merge, AdapterInput, Bnb4Type, MergeError, MergeJob, QloraBase};
 use serde_json::Value;
 
 const CASES: &[&str] = &["nf4_nested_bf16", "fp4_f16"];
@@ -25,20 +21,6 @@ fn case_json(name: &str) -> Value {
     serde_json::from_str(&fs::read_to_string(case(name).join("case.json")).unwrap()).unwrap()
 }
 
-/// This process merges as the fixtures' host did.
-fn as_fixture_host() {
-    let text = fs::read_to_string(common::fixture_root("HOST.json")).unwrap();
-    let host: Value = serde_json::from_str(&text).unwrap();
-    let avx512 = host["isa"]["avx512f"].as_bool().unwrap();
-    let made_on = HostOrder::for_cpu(host["vendor_id"].as_str().unwrap(), avx512);
-    assert!(
-        made_on.measured,
-        "fixtures made on an unmeasured CPU: {text}"
-    );
-    set_reduction_order(Some(made_on.order));
-    set_bnb_avx512(Some(avx512));
-}
-
 fn job(name: &str, base: &str, out: &Path) -> MergeJob {
     let adapter = AdapterInput {
         dir: case(name).join("adapter"),
@@ -47,43 +29,9 @@ fn job(name: &str, base: &str, out: &Path) -> MergeJob {
     MergeJob::new(case(name).join(base), vec![adapter], out).durable(false)
 }
 
-/// Every file of `expected` equals the one in `actual` byte for byte (tensors first, for a
-/// readable failure).
-fn assert_same(what: &str, expected: &Path, actual: &Path) {
-    let names = |d: &Path| {
-        let mut v: Vec<String> = fs::read_dir(d)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    };
-    assert_eq!(names(expected), names(actual), "{what}: files");
-    let (e, a) = (
-        Checkpoint::open(expected).unwrap(),
-        Checkpoint::open(actual).unwrap(),
-    );
-    let mut bad = vec![];
-    for (name, et) in e.tensors() {
-        let at = a
-            .get(name)
-            .unwrap_or_else(|| panic!("{what}: {name} missing"));
-        if (et.dtype(), et.shape()) != (at.dtype(), at.shape())
-            || et.bytes().unwrap() != at.bytes().unwrap()
-        {
-            bad.push(name.to_owned());
-        }
-    }
-    assert!(bad.is_empty(), "{what}: tensors differ: {bad:#?}");
-    for f in names(expected) {
-        let same = fs::read(expected.join(&f)).unwrap() == fs::read(actual.join(&f)).unwrap();
-        assert!(same, "{what}: {f} differs");
-    }
-}
-
 #[test]
 fn requantized_merge_equals_peft_on_a_4bit_model() {
-    as_fixture_host();
+    common::as_fixture_host();
     for name in CASES {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("out");
@@ -96,13 +44,13 @@ fn requantized_merge_equals_peft_on_a_4bit_model() {
         );
         assert_eq!(report.requantized.len(), 4, "{name}");
         assert!(report.requantized.iter().all(|t| t.max_abs_error.is_none()));
-        assert_same(name, &case(name).join("merged_requantized"), &out);
+        common::assert_same(name, &case(name).join("merged_requantized"), &out);
     }
 }
 
 #[test]
 fn dequantized_merge_equals_dequantize_then_peft() {
-    as_fixture_host();
+    common::as_fixture_host();
     for name in CASES {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("out");
@@ -110,13 +58,13 @@ fn dequantized_merge_equals_dequantize_then_peft() {
         let report = summary.quantization.expect("a bitsandbytes report");
         assert_eq!(report.output, "dequantized");
         assert!(report.tensors_dequantized > 0 && report.requantized.is_empty());
-        assert_same(name, &case(name).join("merged_dequantized"), &out);
+        common::assert_same(name, &case(name).join("merged_dequantized"), &out);
     }
 }
 
 #[test]
 fn qlora_base_merge_equals_the_round_trip_plus_peft() {
-    as_fixture_host();
+    common::as_fixture_host();
     for name in CASES {
         let c = case_json(name);
         let q = QloraBase {
@@ -136,7 +84,7 @@ fn qlora_base_merge_equals_the_round_trip_plus_peft() {
             ("qlora-base", 4),
             "{name}"
         );
-        assert_same(name, &case(name).join("merged_qlora"), &out);
+        common::assert_same(name, &case(name).join("merged_qlora"), &out);
     }
 }
 

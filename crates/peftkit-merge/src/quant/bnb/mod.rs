@@ -1,7 +1,8 @@
-//! Merging into bitsandbytes 4-bit bases (`quant_method: "bitsandbytes"`, dispatched from
-//! [`super::BaseQuant::read`]), and into the 4-bit round trip of a 16-bit base.
+//! Merging into bitsandbytes 4-bit and 8-bit bases (`quant_method: "bitsandbytes"`,
+//! dispatched from [`super::BaseQuant::read`]), and into the 4-bit round trip of a 16-bit base.
 //!
-//! Three ways, each reproducing what the real libraries do on the CPU ([`BnbMerge`]):
+//! Three ways for 4-bit bases, each reproducing what the real libraries do on the CPU
+//! ([`BnbMerge`]):
 //!
 //! * **re-quantized** (a pre-quantized base, the default): peft's `Linear4bit.merge`, adapter
 //!   by adapter in order: `dequantize_4bit(W)` in the weight's dtype, `+ Δ` in `f32` (or DoRA,
@@ -16,18 +17,21 @@
 //!   into is replaced by `dequantize_4bit(quantize_4bit(W))` first, the weights a QLoRA adapter
 //!   was trained against; the other tensors are kept as they are.
 //!
-//! The 8-bit format (`SCB` row scales) is refused: see docs/formats.md.
+//! 8-bit (LLM.int8, `SCB` row scales) bases are merged re-quantized or dequantized too, in
+//! [`int8`].
 
 mod codes;
+mod int8;
 mod state;
 mod view;
 mod weight;
+mod weight8;
 
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use peftkit_checkpoint::{Checkpoint, ModelConfig, StateDict};
+use peftkit_checkpoint::{Checkpoint, Dtype, ModelConfig, StateDict};
 use serde::Serialize;
 
 use crate::error::MergeError;
@@ -35,7 +39,10 @@ use crate::job::MergeJob;
 use crate::kernels::Bnb4Type;
 use crate::plan::MergePlan;
 use crate::report::{QuantizationReport, RequantizedTensor};
+use int8::Int8Merge;
+pub use int8::Int8RangeError;
 use weight::Weight4;
+use weight8::Weight8;
 
 /// The 4-bit quantization a QLoRA adapter was trained on (`merge --qlora-base`):
 /// bitsandbytes with transformers' settings (blocks of 64, uint8 storage).
@@ -78,6 +85,8 @@ pub(crate) enum BnbMerge {
     Requantize(Vec<Weight4>),
     Dequantize(Vec<Weight4>),
     Qlora(QloraBase),
+    /// An 8-bit base, re-quantized or dequantized.
+    Int8(Int8Merge),
 }
 
 /// A bitsandbytes base that cannot be merged as asked.
@@ -94,14 +103,28 @@ pub enum BnbError {
         /// What is wrong.
         reason: String,
     },
-    /// An 8-bit (LLM.int8) base.
-    #[error("{base}: bitsandbytes 8-bit (LLM.int8, `SCB` row scales) bases are not supported: merge into the original 16-bit base, or dequantize it with transformers first")]
-    Int8 {
+    /// int8 weights (`SCB` row scales) without a bitsandbytes `quantization_config`.
+    #[error("{base}: holds bitsandbytes int8 weights (`*.SCB` row scales) but config.json has no bitsandbytes quantization_config; restore the config.json transformers saved with them")]
+    Int8WithoutConfig {
         /// Base folder.
         base: PathBuf,
     },
-    /// A config that says `bitsandbytes` over tensors without a 4-bit weight.
-    #[error("{base}: config.json says quant_method `bitsandbytes`, but the base holds no 4-bit weight (no `*.weight.quant_state.bitsandbytes__nf4|fp4` tensor); was it saved by transformers from a 4-bit model? Merge into the original 16-bit model instead")]
+    /// Both 4-bit and 8-bit weights in one base (transformers writes one or the other).
+    #[error("{base}: holds both bitsandbytes 4-bit and 8-bit weights; transformers writes one kind per model, so which merge reproduces it is unknown")]
+    MixedBits {
+        /// Base folder.
+        base: PathBuf,
+    },
+    /// An int8 base dequantized without a model dtype to dequantize to.
+    #[error("{base}: config.json's dtype {found:?} is not the float dtype `model.dequantize()` rounds int8 weights to; set \"dtype\" to the model's (\"bfloat16\", \"float16\" or \"float32\")")]
+    Int8Dtype {
+        /// Base folder.
+        base: PathBuf,
+        /// What config.json says (`None`: no dtype).
+        found: Option<String>,
+    },
+    /// A config that says `bitsandbytes` over tensors without a quantized weight.
+    #[error("{base}: config.json says quant_method `bitsandbytes`, but the base holds no quantized weight (no `*.weight.quant_state.bitsandbytes__nf4|fp4` or `*.SCB` tensor); was it saved by transformers from a quantized model (int8 with llm_int8_has_fp16_weight keeps 16-bit weights)? Merge into it as a 16-bit model after removing quantization_config, or into the original 16-bit model")]
     NoWeights {
         /// Base folder.
         base: PathBuf,
@@ -114,13 +137,15 @@ pub enum BnbError {
         /// Its `quant_method`.
         method: String,
     },
-    /// An edit peft does not merge into a 4-bit weight the way it is reproduced here.
-    #[error("{tensor}: {what} into a 4-bit weight cannot be reproduced when re-quantizing (only LoRA pairs of Linear layers are, one re-quantization per adapter as peft does); merge with --dequantize")]
+    /// An edit peft does not merge into a quantized weight the way it is reproduced here.
+    #[error("{tensor}: {what} into a {bits}-bit weight cannot be reproduced when re-quantizing (see docs/formats.md, \"What is refused\"); merge with --dequantize")]
     Requantize {
-        /// The 4-bit weight.
+        /// The quantized weight.
         tensor: String,
         /// The edit.
         what: &'static str,
+        /// 4 or 8.
+        bits: u8,
     },
 }
 
@@ -132,19 +157,33 @@ impl BnbMerge {
         config: Option<&ModelConfig>,
     ) -> Result<Self, MergeError> {
         let dir = || base.dir.clone();
-        let int8 = config
-            .and_then(|c| c.fields.get("quantization_config"))
-            .and_then(|q| q.get("load_in_8bit"))
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false);
-        if int8 || base.tensors().any(|(k, _)| k.ends_with(".SCB")) {
-            return Err(BnbError::Int8 { base: dir() }.into());
-        }
-        let weights = Weight4::find_all(base).map_err(|e| BnbError::Weight {
+        let part_error = |e: weight::PartError| BnbError::Weight {
             base: dir(),
             tensor: e.tensor,
             reason: e.reason,
-        })?;
+        };
+        let weights = Weight4::find_all(base).map_err(part_error)?;
+        let int8 = Weight8::find_all(base).map_err(part_error)?;
+        if !int8.is_empty() {
+            let Some(config) = config else {
+                return Err(BnbError::Int8WithoutConfig { base: dir() }.into());
+            };
+            if !weights.is_empty() {
+                return Err(BnbError::MixedBits { base: dir() }.into());
+            }
+            let dtype = match job.dequantize {
+                true => Some(
+                    model_dtype(config)
+                        .map_err(|found| BnbError::Int8Dtype { base: dir(), found })?,
+                ),
+                false => None,
+            };
+            return Ok(BnbMerge::Int8(Int8Merge::new(
+                int8,
+                dtype,
+                job.allow_nonfinite,
+            )));
+        }
         Ok(match (job.qlora_base, job.dequantize, weights.is_empty()) {
             (Some(_), _, false) => {
                 return Err(BnbError::AlreadyQuantized {
@@ -168,6 +207,7 @@ impl BnbMerge {
         match self {
             BnbMerge::Requantize(w) => view::dequantized(base, w, true),
             BnbMerge::Dequantize(w) => view::dequantized(base, w, false),
+            BnbMerge::Int8(m) => m.view(base),
             BnbMerge::Plain | BnbMerge::Qlora(_) => Ok(base.clone()),
         }
     }
@@ -185,6 +225,10 @@ impl BnbMerge {
                 view::sequence_requantized(w, plan)?;
                 Ok(view)
             }
+            BnbMerge::Int8(m) => {
+                m.check(plan)?;
+                Ok(view)
+            }
             BnbMerge::Qlora(q) => view::round_tripped(view, plan, *q),
             _ => Ok(view),
         }
@@ -200,23 +244,33 @@ impl BnbMerge {
     ) -> Result<StateDict, MergeError> {
         match self {
             BnbMerge::Requantize(w) => view::requantized(state, base, w, plan),
+            BnbMerge::Int8(m) => m.finish(state, base, plan),
             _ => Ok(state),
         }
     }
 
     /// Whether the output is planned anew (its tensors are not the base's).
     pub fn replans(&self) -> bool {
-        matches!(self, BnbMerge::Dequantize(_))
+        self.dequantizes()
     }
 
     /// Whether `quantization_config` leaves the output's config.json.
     pub fn drops_quantization_config(&self) -> bool {
-        matches!(self, BnbMerge::Dequantize(_))
+        self.dequantizes()
+    }
+
+    fn dequantizes(&self) -> bool {
+        match self {
+            BnbMerge::Dequantize(_) => true,
+            BnbMerge::Int8(m) => m.dequantizes(),
+            _ => false,
+        }
     }
 
     /// The summary's account of it: the re-quantized (or, for a QLoRA base, round-tripped)
-    /// weights, or the count of dequantized ones. bitsandbytes' re-quantization is reproduced
-    /// as peft runs it, so no error is measured (`max_abs_error` is `None`).
+    /// weights, or the count of dequantized ones. The 4-bit re-quantization is reproduced as
+    /// peft runs it and no error is measured (`max_abs_error` is `None`); the int8 one reports
+    /// each weight's error (see [`int8`]).
     pub fn report(&self, plan: &MergePlan) -> Option<QuantizationReport> {
         let name = |k: Bnb4Type| match k {
             Bnb4Type::Nf4 => "nf4",
@@ -245,6 +299,7 @@ impl BnbMerge {
         };
         match self {
             BnbMerge::Plain => None,
+            BnbMerge::Int8(m) => Some(m.report(plan)),
             BnbMerge::Requantize(w) => {
                 let touched = w.iter().filter(|w| plan.steps.contains_key(&w.name));
                 of(w, "kept", listed(touched.map(|w| w.name.clone()).collect()))
@@ -261,6 +316,14 @@ impl BnbMerge {
             }),
         }
     }
+}
+
+/// The dtype `model.dequantize()` rounds to: config.json's `dtype` (or `torch_dtype`), or
+/// what it says instead.
+fn model_dtype(config: &ModelConfig) -> Result<Dtype, Option<String>> {
+    let name = config.dtype();
+    name.and_then(state::torch_dtype)
+        .ok_or_else(|| name.map(Into::into))
 }
 
 /// 0: detect; 1: no AVX-512; 2: AVX-512 (see [`set_bnb_avx512`]).

@@ -20,7 +20,7 @@ const QLORA_BLOCKSIZE: usize = 64;
 /// bitsandbytes' block size for the double-quantized scales.
 const QLORA_NESTED_BLOCKSIZE: usize = 256;
 
-fn compute_error(tensor: &str, context: &str, source: BoxError) -> CheckpointError {
+pub(super) fn compute_error(tensor: &str, context: &str, source: BoxError) -> CheckpointError {
     CheckpointError::TensorCompute {
         tensor: tensor.to_owned(),
         context: context.to_owned(),
@@ -79,7 +79,12 @@ pub(super) fn sequence_requantized(
             .find_map(|(i, s)| refusal(i, &s.edit))
         {
             let tensor = w.name.clone();
-            return Err(BnbError::Requantize { tensor, what }.into());
+            return Err(BnbError::Requantize {
+                tensor,
+                what,
+                bits: 4,
+            }
+            .into());
         }
         let (count, mut sequenced) = (steps.len(), Vec::with_capacity(2 * steps.len()));
         for (i, step) in steps.drain(..).enumerate() {
@@ -104,6 +109,37 @@ pub(super) fn sequence_requantized(
             }
         }
         *steps = sequenced;
+    }
+    Ok(())
+}
+
+/// Refuses what a re-quantizing merge of an 8-bit base does not reproduce: more than one plain
+/// LoRA pair per weight (peft re-quantizes after each adapter; 4-bit weights do that, see
+/// [`sequence_requantized`]).
+pub(super) fn check_requantizable<'a>(
+    weights: impl IntoIterator<Item = &'a str>,
+    plan: &MergePlan,
+    bits: u8,
+) -> Result<(), MergeError> {
+    for name in weights {
+        let Some(steps) = plan.steps.get(name) else {
+            continue;
+        };
+        let what = match steps.as_slice() {
+            [step] => match &step.edit {
+                Edit::Lora {
+                    dora: false,
+                    kind: LoraKind::Linear { .. },
+                    round_first: false,
+                    ..
+                } => continue,
+                Edit::Lora { dora: true, .. } => "DoRA",
+                _ => "an edit other than a LoRA pair",
+            },
+            _ => "more than one adapter",
+        };
+        let tensor = name.to_owned();
+        return Err(BnbError::Requantize { tensor, what, bits }.into());
     }
     Ok(())
 }

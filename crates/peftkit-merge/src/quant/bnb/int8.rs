@@ -1,0 +1,218 @@
+//! Merging into bitsandbytes 8-bit (LLM.int8) bases: the two ways, as the real libraries run
+//! them on the CPU (see docs/formats.md, "bitsandbytes 8-bit").
+//!
+//! * **re-quantized** (the default): peft's `Linear8bitLt.merge`: `int8_vectorwise_dequant(W)`
+//!   (`f32`, not rounded to the model dtype), `+ Δ` in `f32`, then `Int8Params` quantizes the
+//!   sum again (through `float16`). Weight and `SCB` of merged weights are written anew (same
+//!   dtypes and shapes, so the base's layout and index are kept), every other tensor is copied,
+//!   `quantization_config` is kept. Each merged weight's error `max |dequant(requant(w)) − w|`
+//!   against peft's `f32` sum is recorded for the report;
+//! * **dequantized** (`MergeJob::dequantize`): transformers' `model.dequantize()` (the `f32`
+//!   dequantization rounded to config.json's `dtype`) then peft's plain merge;
+//!   `quantization_config`, `SCB` and `weight_format` are dropped and the output planned anew.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use peftkit_checkpoint::{Checkpoint, CheckpointError, Dtype, StateDict, Tensor};
+
+use super::view::{check_requantizable, compute_error};
+use super::weight8::Weight8;
+use crate::error::MergeError;
+use crate::kernels::bnb_int8::max_abs_error;
+use crate::kernels::{decode_f32, encode_f32, round_slice_to, Int8Quantized};
+use crate::plan::MergePlan;
+use crate::report::{QuantizationReport, RequantizedTensor};
+
+/// A merged int8 weight whose re-quantization stores non-finite row scales the base did not
+/// hold: values beyond `float16`'s range (bitsandbytes casts to `float16` before quantizing).
+#[derive(Debug, thiserror::Error)]
+#[error("{rows} row(s) of the merged weight exceed float16's range (±65504; bitsandbytes quantizes to int8 through float16), the first is row {first}: they would be stored as zeros with an infinite scale; nothing was written. Merge with --dequantize, or pass --allow-nonfinite to write what peft writes")]
+pub struct Int8RangeError {
+    /// Rows whose scale is not finite.
+    pub rows: usize,
+    /// The first of them.
+    pub first: usize,
+}
+
+/// A merge into an int8 base.
+pub(crate) struct Int8Merge {
+    weights: Vec<Weight8>,
+    /// `Some(model dtype)` with `--dequantize`; `None` when re-quantizing.
+    dequantize: Option<Dtype>,
+    allow_nonfinite: bool,
+    /// Each re-quantized weight's error, recorded as it is written.
+    errors: Arc<Mutex<BTreeMap<String, f64>>>,
+}
+
+impl Int8Merge {
+    pub fn new(weights: Vec<Weight8>, dequantize: Option<Dtype>, allow_nonfinite: bool) -> Self {
+        Int8Merge {
+            weights,
+            dequantize,
+            allow_nonfinite,
+            errors: Arc::default(),
+        }
+    }
+
+    /// Whether every int8 weight is written in the model dtype.
+    pub fn dequantizes(&self) -> bool {
+        self.dequantize.is_some()
+    }
+
+    /// `base` with every int8 weight as a lazily dequantized float tensor (`f32` when
+    /// re-quantizing, the model dtype with `--dequantize`) and its `SCB` and `weight_format`
+    /// removed.
+    pub fn view(&self, base: &Checkpoint) -> Result<Checkpoint, MergeError> {
+        let mut view = base.clone();
+        let out = self.dequantize.unwrap_or(Dtype::F32);
+        for w in &self.weights {
+            for part in w.part_names() {
+                view.remove_tensor(&part);
+            }
+            let weight = w.clone();
+            let lazy = Tensor::lazy(out, w.shape().to_vec(), move || {
+                let err =
+                    |e| compute_error(&weight.name, "dequantizing a bitsandbytes int8 weight", e);
+                let mut values = weight.dequantize().map_err(err)?;
+                round_slice_to(out, &mut values).map_err(|e| err(e.into()))?;
+                encode_f32("dequantized weight", out, &values).map_err(|e| err(e.into()))
+            })?;
+            view.replace_tensor(&w.name, lazy);
+        }
+        Ok(view)
+    }
+
+    /// Refuses, when re-quantizing, what peft would re-quantize after each of several edits.
+    pub fn check(&self, plan: &MergePlan) -> Result<(), MergeError> {
+        match self.dequantize {
+            Some(_) => Ok(()),
+            None => check_requantizable(self.weights.iter().map(|w| w.name.as_str()), plan, 8),
+        }
+    }
+
+    /// The output state: when re-quantizing, each merged weight and its `SCB` quantized from
+    /// the merged `f32` values (computed once for each of the two tensors, when written: holding
+    /// one for the other would keep whole weights in memory), `weight_format` and every
+    /// untouched weight's tensors as stored. With `--dequantize`, `state` as it is.
+    pub fn finish(
+        &self,
+        state: StateDict,
+        base: &Checkpoint,
+        plan: &MergePlan,
+    ) -> Result<StateDict, MergeError> {
+        if self.dequantizes() {
+            return Ok(state);
+        }
+        let by_name: HashMap<&str, &Weight8> =
+            self.weights.iter().map(|w| (w.name.as_str(), w)).collect();
+        let stored = |name: &str| {
+            base.get(name).cloned().ok_or_else(|| {
+                let e = compute_error(name, "copying an int8 weight", "missing".into());
+                MergeError::from(e)
+            })
+        };
+        let mut out = StateDict::new();
+        for (name, merged) in state {
+            let Some(w) = by_name.get(name.as_str()) else {
+                out.insert(name, merged);
+                continue;
+            };
+            if !plan.steps.contains_key(&name) {
+                out.insert(name.clone(), stored(&name)?);
+                for part in w.part_names() {
+                    out.insert(part.clone(), stored(&part)?);
+                }
+                continue;
+            }
+            let quantize = self.quantizer((*w).clone(), merged);
+            let (q1, q2) = (quantize.clone(), quantize);
+            let weight = Tensor::lazy(Dtype::I8, w.shape().to_vec(), move || {
+                Ok(q1()?.weight.iter().map(|&q| q as u8).collect())
+            })?;
+            let scb = Tensor::lazy(Dtype::F32, w.scb_shape().to_vec(), move || {
+                Ok(q2()?.scb.iter().flat_map(|s| s.to_le_bytes()).collect())
+            })?;
+            out.insert(name.clone(), weight);
+            out.insert(w.scb_name().to_owned(), scb);
+            if let Some(format) = w.format_name() {
+                out.insert(format.to_owned(), stored(format)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The closure that re-quantizes `w`'s merged values, checks its row scales and records
+    /// its error.
+    fn quantizer(
+        &self,
+        w: Weight8,
+        merged: Tensor,
+    ) -> Arc<dyn Fn() -> Result<Int8Quantized, CheckpointError> + Send + Sync> {
+        let (errors, allow_nonfinite) = (self.errors.clone(), self.allow_nonfinite);
+        Arc::new(move || {
+            let err = |e| compute_error(&w.name, "re-quantizing a merged int8 weight", e);
+            let values =
+                decode_f32("merged", Dtype::F32, &merged.bytes()?).map_err(|e| err(e.into()))?;
+            let q = w.requantize(&values).map_err(err)?;
+            if !allow_nonfinite {
+                let held = w
+                    .scb()
+                    .map_err(err)?
+                    .iter()
+                    .filter(|s| !s.is_finite())
+                    .count();
+                let bad: Vec<usize> = (0..q.scb.len())
+                    .filter(|&r| !q.scb[r].is_finite())
+                    .collect();
+                if bad.len() > held {
+                    let (rows, first) = (bad.len() - held, bad[0]);
+                    return Err(err(Box::new(Int8RangeError { rows, first })));
+                }
+            }
+            let e = max_abs_error(&q, &values, w.shape()).map_err(|e| err(e.into()))?;
+            if let Ok(mut errors) = errors.lock() {
+                errors.insert(w.name.clone(), e);
+            }
+            Ok(q)
+        })
+    }
+
+    /// The summary's account: the merged weights with their re-quantization errors, or the
+    /// count of dequantized ones.
+    pub fn report(&self, plan: &MergePlan) -> QuantizationReport {
+        let errors = self.errors.lock().map(|e| e.clone()).unwrap_or_default();
+        let requantized = match self.dequantize {
+            Some(_) => vec![],
+            None => self
+                .weights
+                .iter()
+                .filter(|w| plan.steps.contains_key(&w.name))
+                .map(|w| RequantizedTensor {
+                    tensor: w.name.clone(),
+                    max_abs_error: errors.get(&w.name).copied(),
+                })
+                .collect(),
+        };
+        QuantizationReport {
+            method: "bitsandbytes".into(),
+            output: if self.dequantizes() {
+                "dequantized"
+            } else {
+                "kept"
+            }
+            .into(),
+            format: "int8".into(),
+            double_quant: false,
+            // peft merges into the f32 dequantization; `--dequantize` rounds to the model dtype.
+            dtype: peftkit_checkpoint::torch_dtype_name(self.dequantize.unwrap_or(Dtype::F32))
+                .map(Into::into),
+            tensors_dequantized: if self.dequantizes() {
+                self.weights.len()
+            } else {
+                0
+            },
+            requantized,
+        }
+    }
+}

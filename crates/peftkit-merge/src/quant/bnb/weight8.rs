@@ -1,0 +1,142 @@
+//! An 8-bit (LLM.int8) weight of a pre-quantized bitsandbytes checkpoint: the tensors
+//! transformers writes for it, found by name, dequantized and re-quantized.
+//!
+//! For a quantized Linear `<m>` (weight `<m>.weight`), transformers 5.24 writes (through
+//! bitsandbytes' `Linear8bitLt._save_to_state_dict`) `<m>.weight` (I8, the weight's shape),
+//! `<m>.SCB` (F32 `(rows)`, each row's absmax) and `<m>.weight_format` (U8 scalar, `0`: row-major,
+//! the only layout bitsandbytes still loads).
+
+use peftkit_checkpoint::{Checkpoint, Dtype, Tensor};
+
+use super::weight::PartError;
+use crate::kernels::{bnb_int8_dequantize, bnb_int8_quantize, decode_f32, Int8Quantized};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The suffix of a module's row scales.
+pub(crate) const SCB: &str = ".SCB";
+const WEIGHT: &str = ".weight";
+const WEIGHT_FORMAT: &str = ".weight_format";
+
+/// One int8 weight and the handles of its tensors.
+#[derive(Clone)]
+pub(crate) struct Weight8 {
+    /// The weight's name (`<m>.weight`), which holds the int8 codes.
+    pub name: String,
+    scb_key: String,
+    format_key: Option<String>,
+    weight: Tensor,
+    scb: Tensor,
+}
+
+impl Weight8 {
+    /// Every int8 weight of `base` (those with an `SCB` tensor), in file order.
+    pub fn find_all(base: &Checkpoint) -> Result<Vec<Weight8>, PartError> {
+        base.tensors()
+            .filter_map(|(key, _)| Some((key, key.strip_suffix(SCB)?)))
+            .map(|(key, module)| Self::open(base, key, module))
+            .collect()
+    }
+
+    fn open(base: &Checkpoint, scb_key: &str, module: &str) -> Result<Self, PartError> {
+        let err = |tensor: &str, reason: String| PartError {
+            tensor: tensor.to_owned(),
+            reason,
+        };
+        let name = format!("{module}{WEIGHT}");
+        let weight = base.get(&name).cloned().ok_or_else(|| {
+            err(
+                &name,
+                format!("missing: an int8 weight needs it beside its `{scb_key}`"),
+            )
+        })?;
+        let scb = base
+            .get(scb_key)
+            .cloned()
+            .ok_or_else(|| err(scb_key, "missing".into()))?;
+        if weight.dtype() != Dtype::I8 || weight.shape().is_empty() {
+            let why = format!(
+                "dtype {:?}, shape {:?}: an int8 weight beside `{scb_key}` must be I8 with at least one dimension",
+                weight.dtype(),
+                weight.shape()
+            );
+            return Err(err(&name, why));
+        }
+        let rows = weight.numel() / weight.shape().last().copied().unwrap_or(1).max(1);
+        if scb.dtype() != Dtype::F32 || scb.numel() != rows {
+            let why = format!(
+                "dtype {:?}, shape {:?}: expected F32 with one scale per row of `{name}` ({rows})",
+                scb.dtype(),
+                scb.shape()
+            );
+            return Err(err(scb_key, why));
+        }
+        let format_key = format!("{module}{WEIGHT_FORMAT}");
+        let format_key = match base.get(&format_key) {
+            None => None,
+            Some(t) => {
+                let bytes = t.bytes().map_err(|e| err(&format_key, e.to_string()))?;
+                if t.dtype() != Dtype::U8 || bytes.as_ref() != [0] {
+                    let why = format!(
+                        "dtype {:?}, bytes {:?}: only the row-major format (a U8 0) is supported, as bitsandbytes itself loads no other",
+                        t.dtype(),
+                        bytes.as_ref()
+                    );
+                    return Err(err(&format_key, why));
+                }
+                Some(format_key)
+            }
+        };
+        Ok(Weight8 {
+            name,
+            scb_key: scb_key.to_owned(),
+            format_key,
+            weight,
+            scb,
+        })
+    }
+
+    /// The names of the tensors stored beside the weight (not the weight itself).
+    pub fn part_names(&self) -> Vec<String> {
+        let mut names = vec![self.scb_key.clone()];
+        names.extend(self.format_key.clone());
+        names
+    }
+
+    /// The name of the row scales.
+    pub fn scb_name(&self) -> &str {
+        &self.scb_key
+    }
+
+    /// The shape of the stored row scales.
+    pub fn scb_shape(&self) -> &[usize] {
+        self.scb.shape()
+    }
+
+    /// The name of the `weight_format` tensor, if stored.
+    pub fn format_name(&self) -> Option<&str> {
+        self.format_key.as_deref()
+    }
+
+    /// The weight's shape.
+    pub fn shape(&self) -> &[usize] {
+        self.weight.shape()
+    }
+
+    /// The stored row scales.
+    pub fn scb(&self) -> Result<Vec<f32>, BoxError> {
+        Ok(decode_f32("SCB", Dtype::F32, &self.scb.bytes()?)?)
+    }
+
+    /// `int8_vectorwise_dequant`: the weight's values as `f32`.
+    pub fn dequantize(&self) -> Result<Vec<f32>, BoxError> {
+        let bytes = self.weight.bytes()?;
+        let codes: Vec<i8> = bytes.iter().map(|&b| b as i8).collect();
+        Ok(bnb_int8_dequantize(&codes, &self.scb()?, self.shape())?)
+    }
+
+    /// What `Int8Params` stores for `values` (the merged weight, `f32`).
+    pub fn requantize(&self, values: &[f32]) -> Result<Int8Quantized, BoxError> {
+        Ok(bnb_int8_quantize(values, self.shape())?)
+    }
+}
