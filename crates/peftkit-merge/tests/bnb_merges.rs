@@ -145,7 +145,7 @@ fn multi_job(case_name: &str, order: &[String], out: &Path) -> MergeJob {
 /// which the re-quantized state keeps).
 #[test]
 fn several_adapters_and_dora_are_requantized_one_after_another_as_peft_does() {
-    as_fixture_host();
+    common::as_fixture_host();
     let mut runs = 0;
     for name in CASES {
         for (want, order) in multi_merges(name) {
@@ -155,7 +155,7 @@ fn several_adapters_and_dora_are_requantized_one_after_another_as_peft_does() {
             let report = summary.quantization.expect("a bitsandbytes report");
             assert_eq!(report.output, "kept", "{name} {want}");
             let dir = common::fixture_root("quant_multi").join(name);
-            assert_same(&format!("{name} {want}"), &dir.join(want), &out);
+            common::assert_same(&format!("{name} {want}"), &dir.join(want), &out);
             runs += 1;
         }
     }
