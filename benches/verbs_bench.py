@@ -16,11 +16,18 @@ Cases (inputs are built once in `--work`, default /tmp/peftkit-bench, and reused
   saved by transformers in the original per-expert layout) to the transformers-v5 layout (fused
   experts) and back;
 * `extract`: `peftkit extract --base-out` of a full PEFT state dict (the 1 GB Llama wrapped by
-  peft with the LoRA, `PeftModel.state_dict()` saved in one file): the adapter and the clean base.
+  peft with the LoRA, `PeftModel.state_dict()` saved in one file): the adapter and the clean base;
+* `convert`: `peftkit convert` of the 1 GB Llama as a `.bin` checkpoint (its state dict written
+  by `torch.save` into `pytorch_model.bin`, as transformers v4 wrote single-file checkpoints) to
+  safetensors;
+* `merge-fp8`, `merge-fp8-dequantize`: `peftkit merge` into the 0.97 GB FP8 block-scaled Llama
+  of benches/fp8_merge_bench.py (its builder, with transformers' own FP8 quantizer and peft),
+  FP8 kept and with `--dequantize` (bf16 out: the projections take twice the bytes).
 
-To add a verb (`convert`, the FP8 merge, ...): give `CASES` an entry with a data builder (a
-function of the work folder returning the input folder and any other paths) and a command
-builder (`cmd(inputs, out, synced)`), and set `no_fsync` if the verb has `--no-fsync`.
+To add a verb: give `CASES` an entry with a data builder (a function of the work folder
+returning the input folder and any other paths) and a command builder
+(`cmd(inputs, out, synced)`), and set `no_fsync` if the verb has `--no-fsync`; `--cases` then
+selects it by its key.
 
 Method. The contenders of a case are `cp -r` of its input, `cp -r` + `sync` of the copy, the
 verb synced (peftkit's default) and, where the verb has it, with `--no-fsync`; on an AVX-512
@@ -56,6 +63,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import merge_bench as mb  # noqa: E402  (the data builders and the measurement)
+import fp8_merge_bench as fp8  # noqa: E402  (the FP8 base and its adapter)
 
 REPO = mb.REPO
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -138,6 +146,32 @@ def peft_state_dict(work):
     return {"input": d}
 
 
+def bin_checkpoint(work):
+    """The 1 GB Llama as a `.bin` checkpoint: `torch.save(state_dict)` in `pytorch_model.bin`."""
+    src = llama(work, "1gb")
+
+    def make(d):
+        import torch
+        from safetensors.torch import load_file
+
+        state = {}
+        for f in sorted(src["input"].glob("*.safetensors")):
+            state.update(load_file(f))
+        torch.save(state, d / "pytorch_model.bin")
+        for f in ("config.json", "generation_config.json"):
+            if (src["input"] / f).exists():
+                shutil.copy2(src["input"] / f, d / f)
+
+    d = work / "bin-1gb"
+    built(d, make)
+    return {"input": d}
+
+
+def fp8_model(work):
+    d = fp8.ensure_data(work, fp8.MODEL["num_hidden_layers"])
+    return {"input": d / "base", "adapter": d / "adapter"}
+
+
 # ---------------------------------------------------------------------------------------------
 # cases: data, command, whether the verb has --no-fsync
 
@@ -175,13 +209,27 @@ CASES = {
     "extract": dict(
         data=lambda w, p: peft_state_dict(w),
         cmd=lambda p, i, o, s: [str(p), "extract", "--from", str(i["input"]), "--out", str(o / "adapter"),
-                                "--lora-alpha", "32", "--base-out", str(o / "base")],
-        no_fsync=False,
+                                "--lora-alpha", "32", "--base-out", str(o / "base")] + ([] if s else ["--no-fsync"]),
+        no_fsync=True,
         size="1gb",
         out_is_parent=True,
     ),
+    "convert": dict(
+        data=lambda w, p: bin_checkpoint(w),
+        cmd=lambda p, i, o, s: [str(p), "convert", str(i["input"]), "--out", str(o)] + ([] if s else ["--no-fsync"]),
+        no_fsync=True,
+        size="1gb",
+    ),
+    "merge-fp8": dict(data=lambda w, p: fp8_model(w), cmd=merge_cmd, no_fsync=True, size="1gb"),
+    "merge-fp8-dequantize": dict(
+        data=lambda w, p: fp8_model(w),
+        cmd=lambda p, i, o, s: merge_cmd(p, i, o, s) + ["--dequantize"],
+        no_fsync=True,
+        size="1gb",
+    ),
 }
-QUICK = ["merge-1gb", "reshard", "remap-v5", "remap-original", "extract"]
+QUICK = ["merge-1gb", "reshard", "remap-v5", "remap-original", "extract", "convert", "merge-fp8",
+         "merge-fp8-dequantize"]
 RSS_LIMIT_MIB = {"1gb": 64, "7b": 256}
 
 # ---------------------------------------------------------------------------------------------
@@ -492,7 +540,7 @@ def main():
     update_doc(key, rec)
     print(section(key, rec))
     if a.clean:
-        for sub in ("1gb", "7b", "moe", "peft-state-dict"):
+        for sub in ("1gb", "7b", "moe", "peft-state-dict", "bin-1gb", f"fp8-{fp8.MODEL['num_hidden_layers']}l"):
             shutil.rmtree(a.work / sub, ignore_errors=True)
 
 

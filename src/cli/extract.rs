@@ -43,6 +43,9 @@ pub(crate) struct Args {
     /// Print a JSON report instead of the summary line.
     #[arg(long)]
     json: bool,
+    /// Do not sync the outputs to disk before swapping them in (see `merge --no-fsync`).
+    #[arg(long)]
+    no_fsync: bool,
 }
 
 pub(crate) fn run(args: Args) -> Result<ExitCode> {
@@ -59,6 +62,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         base_config,
         base_out,
         json,
+        no_fsync,
     } = args;
     let from = super::resolve(&from)?;
     let out = super::output_folder(Some(out), &from, false)?;
@@ -69,6 +73,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
     o.adapter_name = adapter_name;
     o.use_rslora = use_rslora;
     o.base_out = base_out;
+    o.save.durable = !no_fsync;
     if let Some(a) = &lora_alpha {
         o.lora_alpha = Some(parse_lora_alpha(a)?);
     }

@@ -260,6 +260,36 @@ fn extract_with_peft_config_reproduces_every_adapter_folder() {
 }
 
 #[test]
+fn extract_no_fsync_writes_the_same_adapter_and_base() {
+    // --no-fsync skips the syncs of both outputs and changes no byte of either.
+    let case = peft_case("lora_basic");
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |tag: &str, flags: &[&str]| {
+        let (out, base) = (tmp.path().join(tag), tmp.path().join(format!("{tag}-base")));
+        peftkit()
+            .arg("extract")
+            .arg("--from")
+            .arg(case.join("full_state_dict.safetensors"))
+            .arg("--config")
+            .arg(case.join("adapter/adapter_config.json"))
+            .arg("--out")
+            .arg(&out)
+            .arg("--base-out")
+            .arg(&base)
+            .args(flags)
+            .assert()
+            .success();
+        (out, base)
+    };
+    let (synced, synced_base) = run("synced", &[]);
+    let (unsynced, unsynced_base) = run("unsynced", &["--no-fsync"]);
+    assert_same_adapter(&unsynced, &case.join("adapter"));
+    assert_same_dir(&unsynced, &synced);
+    assert_same_dir(&unsynced_base, &synced_base);
+    assert!(unsynced_base.join("model.safetensors").is_file());
+}
+
+#[test]
 fn extract_infers_peft_config_from_the_tensors() {
     // What the tensors cannot say is given on the command line, the rest is inferred.
     for (case, alpha, rslora, name_or_path) in [

@@ -23,16 +23,17 @@ pub fn nonfinite(dtype: Dtype, bytes: &[u8]) -> Option<(usize, usize)> {
         Dtype::F64 => scan::<8>(bytes, |b| {
             u64::from_le_bytes(b) & 0x7FF0_0000_0000_0000 == 0x7FF0_0000_0000_0000
         }),
-        // The common float dtypes are counted a word at a time (the merge checks every merged
-        // tensor, so this runs over most of a model's bytes); the scalar scan finds the first.
-        Dtype::F32 => exponent_all_ones(bytes, 0x7F80_0000, 32).then(|| {
+        // The common float dtypes are first tested with a vectorised pass (the merge checks
+        // every merged tensor, so this runs over most of a model's bytes); only when one holds
+        // a NaN or infinity does the scalar scan count them and find the first.
+        Dtype::F32 => any_all_ones_32(bytes, 0x7F80_0000).then(|| {
             scan::<4>(bytes, |b| {
                 u32::from_le_bytes(b) & 0x7F80_0000 == 0x7F80_0000
             })
         })?,
-        Dtype::BF16 => exponent_all_ones(bytes, 0x7F80, 16)
+        Dtype::BF16 => any_all_ones_16(bytes, 0x7F80)
             .then(|| scan::<2>(bytes, |b| u16::from_le_bytes(b) & 0x7F80 == 0x7F80))?,
-        Dtype::F16 => exponent_all_ones(bytes, 0x7C00, 16)
+        Dtype::F16 => any_all_ones_16(bytes, 0x7C00)
             .then(|| scan::<2>(bytes, |b| u16::from_le_bytes(b) & 0x7C00 == 0x7C00))?,
         Dtype::F8_E5M2 => scan::<1>(bytes, |b| b[0] & 0x7C == 0x7C),
         Dtype::F8_E4M3 => scan::<1>(bytes, |b| b[0] & 0x7F == 0x7F),
@@ -40,35 +41,25 @@ pub fn nonfinite(dtype: Dtype, bytes: &[u8]) -> Option<(usize, usize)> {
     }
 }
 
-/// Whether any little-endian element of `bits` bits in `bytes` has all the bits of `mask` set
-/// (`mask` never holds an element's top bit). Eight bytes at a time without a branch (SWAR):
-/// per lane, `t = (w & mask) ^ mask` is zero exactly for such an element and stays below the
-/// lane's top bit, so `t + low` (low = all bits under the top one) sets the top bit exactly when
-/// `t` is non-zero, with no carry into the next lane. The tail is checked element by element.
-fn exponent_all_ones(bytes: &[u8], mask: u64, bits: u32) -> bool {
-    let lanes = 64 / bits;
-    let spread = |lane: u64| (0..lanes).fold(0u64, |acc, i| acc | lane << (i * bits));
-    let (mask_w, low, high) = (
-        spread(mask),
-        spread((1 << (bits - 1)) - 1),
-        spread(1 << (bits - 1)),
-    );
-    let words = bytes.chunks_exact(8);
-    let tail = words.remainder();
-    let non_zero_lanes: u64 = words
-        .map(|w| {
-            let w = u64::from_le_bytes(<[u8; 8]>::try_from(w).unwrap_or_default());
-            let t = (w & mask_w) ^ mask_w;
-            u64::from((t.wrapping_add(low) & high).count_ones())
-        })
-        .sum();
-    let words = (bytes.len() / 8) as u64;
-    let lane_bytes = (bits / 8) as usize;
-    non_zero_lanes < words * u64::from(lanes)
-        || tail.chunks_exact(lane_bytes).any(|e| {
-            let v = e.iter().rev().fold(0u64, |acc, b| acc << 8 | u64::from(*b));
-            v & mask == mask
-        })
+/// Whether any little-endian 16-bit element of `bytes` has all the bits of `mask` set. An
+/// OR of flags with no branch and no early exit, which the compiler vectorises: the merge runs
+/// this over every merged byte (10–14 GB/s measured; a word-at-a-time count with `count_ones`
+/// ran at about 1 GB/s).
+fn any_all_ones_16(bytes: &[u8], mask: u16) -> bool {
+    let flags = bytes.chunks_exact(2).fold(0u16, |acc, c| {
+        let v = u16::from_le_bytes([c[0], c[1]]);
+        acc | u16::from(v & mask == mask)
+    });
+    flags != 0
+}
+
+/// [`any_all_ones_16`] for 32-bit elements.
+fn any_all_ones_32(bytes: &[u8], mask: u32) -> bool {
+    let flags = bytes.chunks_exact(4).fold(0u32, |acc, c| {
+        let v = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        acc | u32::from(v & mask == mask)
+    });
+    flags != 0
 }
 
 /// Counts the elements of size `N` that `bad` flags; the count loop has no branch on the
@@ -109,10 +100,10 @@ mod tests {
         assert_eq!(nonfinite(Dtype::F32, &1.0f32.to_le_bytes()), None);
     }
 
-    /// The word-at-a-time test agrees with the element scan on every 16-bit pattern and on
-    /// f32 exponent edges, at every position of a word and in the tail.
+    /// The vectorised test agrees with the element scan on every 16-bit pattern and on f32
+    /// exponent edges, at several positions and lengths.
     #[test]
-    fn the_word_test_agrees_with_the_element_scan() {
+    fn the_vector_test_agrees_with_the_element_scan() {
         for bits in 0..=u16::MAX {
             for (dtype, mask) in [(Dtype::BF16, 0x7F80u16), (Dtype::F16, 0x7C00)] {
                 for (len, at) in [(4, bits as usize % 4), (7, 6), (1, 0)] {

@@ -414,6 +414,9 @@ struct Prepared<'a> {
     file: File,
     /// The `O_DIRECT` handle, for a synced file on a file system that has it.
     direct: Option<File>,
+    /// Whether edited tensors are edited where they lie in the file (buffered output on a
+    /// file system where that is safe; see [`crate::in_file::edits_in_file`]).
+    edit_in_file: bool,
     size: u64,
     /// `(name, tensor, offset)` in file order.
     items: Vec<(&'a str, &'a Tensor, u64)>,
@@ -547,7 +550,14 @@ fn prepare_files<'a>(
         }
         let header = header_bytes(metadata, &ordered)?;
         let path = job.path;
-        let file = File::create(&path).map_err(|e| CheckpointError::io(&path, e))?;
+        // Readable too: edits in the file map it (`InPlaceEdit::apply_in_file`).
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| CheckpointError::io(&path, e))?;
         write_all_at(&file, &header, 0).map_err(|e| CheckpointError::io(&path, e))?;
         let mut size = header.len() as u64;
         let mut items = Vec::with_capacity(ordered.len());
@@ -565,10 +575,12 @@ fn prepare_files<'a>(
             }
             false => None,
         };
+        let edit_in_file = direct.is_none() && crate::in_file::edits_in_file(&file);
         prepared.push(Prepared {
             path,
             file,
             direct,
+            edit_in_file,
             size,
             items,
         });
@@ -605,16 +617,65 @@ fn work_list(prepared: &[Prepared<'_>], workers: usize) -> Vec<(usize, usize)> {
 /// direct handle, else through the page cache.
 fn write_tensor_at(p: &Prepared<'_>, t: &Tensor, offset: u64) -> Result<u64> {
     let (file, path) = (&p.file, &p.path);
+    if let Some(parts) = t.parts() {
+        return write_parts_at(p, parts, offset);
+    }
     if let Some(n) = copy_in_kernel(file, t, offset, path)? {
         return Ok(n);
     }
-    t.for_each_chunk(&mut |at, chunk| {
-        match &p.direct {
-            Some(direct) => crate::direct::write_all_at(file, direct, chunk, offset + at),
-            None => write_all_at(file, chunk, offset + at),
+    if let (Some(direct), Some((src, src_offset, edit))) = (&p.direct, t.edited_file_region()) {
+        // Read where the bytes can go to the disk from (see `direct::same_phase`), edit, write.
+        let len = t.byte_len();
+        let (mut buf, range) = crate::direct::same_phase(len, offset);
+        src.read_exact_at(&mut buf[range.clone()], src_offset)?;
+        edit.apply(&mut buf[range.clone()])?;
+        crate::direct::write_all_at(file, direct, &buf[range], offset)
+            .map_err(|e| CheckpointError::io(path, e))?;
+        crate::tensor::buffers::give(buf);
+        return Ok(len as u64);
+    }
+    if p.edit_in_file {
+        if let Some((src, src_offset, edit)) = t.edited_file_region() {
+            let len = t.byte_len();
+            if copy_range_in_kernel(file, src, src_offset, len, offset, path)?.is_some()
+                && edit.apply_in_file(file, offset, len)?
+            {
+                return Ok(len as u64);
+            }
         }
-        .map_err(|e| CheckpointError::io(path, e))
-    })
+    }
+    t.for_each_chunk(&mut |at, chunk| write_chunk_at(p, chunk, offset + at))
+}
+
+/// Writes computed or read bytes at `offset` of `p`'s file: directly when the file has a
+/// direct handle, else through the page cache.
+fn write_chunk_at(p: &Prepared<'_>, chunk: &[u8], offset: u64) -> Result<()> {
+    match &p.direct {
+        Some(direct) => crate::direct::write_all_at(&p.file, direct, chunk, offset),
+        None => write_all_at(&p.file, chunk, offset),
+    }
+    .map_err(|e| CheckpointError::io(&p.path, e))
+}
+
+/// Writes a tensor made of parts at `offset`, part by part: file ranges inside the kernel (or
+/// in 8 MB chunks where it cannot), computed parts one at a time.
+fn write_parts_at(p: &Prepared<'_>, parts: &[crate::tensor::Part], offset: u64) -> Result<u64> {
+    let mut at = offset;
+    for part in parts {
+        let copied = match part {
+            crate::Part::File {
+                file: src,
+                offset: from,
+                len,
+            } => copy_range_in_kernel(&p.file, src, *from, *len, at, &p.path)?.is_some(),
+            crate::Part::Computed { .. } => false,
+        };
+        if !copied {
+            part.for_each_chunk(&mut |o, chunk| write_chunk_at(p, chunk, at + o))?;
+        }
+        at += part.len() as u64;
+    }
+    Ok(at - offset)
 }
 
 #[cfg(unix)]
@@ -643,12 +704,25 @@ pub(crate) fn write_all_at(file: &File, mut buf: &[u8], mut offset: u64) -> std:
 /// (no trip through user memory; reflinks where the file system has them). `None` when the
 /// kernel or file system cannot, before anything was written: the caller then copies through
 /// memory.
-#[cfg(target_os = "linux")]
 fn copy_in_kernel(out: &File, t: &Tensor, offset: u64, path: &Path) -> Result<Option<u64>> {
     let Some((src, src_offset)) = t.file_region() else {
         return Ok(None);
     };
-    let (mut off_in, mut off_out, mut left) = (src_offset, offset, t.byte_len());
+    copy_range_in_kernel(out, src, src_offset, t.byte_len(), offset, path)
+}
+
+/// Copies `len` bytes of `src` from `src_offset` to `offset` of `out` inside the kernel;
+/// `None` as for [`copy_in_kernel`].
+#[cfg(target_os = "linux")]
+fn copy_range_in_kernel(
+    out: &File,
+    src: &crate::SourceFile,
+    src_offset: u64,
+    len: usize,
+    offset: u64,
+    path: &Path,
+) -> Result<Option<u64>> {
+    let (mut off_in, mut off_out, mut left) = (src_offset, offset, len);
     let mut first = true;
     while left > 0 {
         let r = rustix::fs::copy_file_range(
@@ -672,11 +746,18 @@ fn copy_in_kernel(out: &File, t: &Tensor, offset: u64, path: &Path) -> Result<Op
         }
         first = false;
     }
-    Ok(Some(t.byte_len() as u64))
+    Ok(Some(len as u64))
 }
 
 #[cfg(not(target_os = "linux"))]
-fn copy_in_kernel(_out: &File, _t: &Tensor, _offset: u64, _path: &Path) -> Result<Option<u64>> {
+fn copy_range_in_kernel(
+    _out: &File,
+    _src: &crate::SourceFile,
+    _src_offset: u64,
+    _len: usize,
+    _offset: u64,
+    _path: &Path,
+) -> Result<Option<u64>> {
     Ok(None)
 }
 

@@ -179,6 +179,120 @@ pub mod buffers {
 /// A closure that produces a tensor's bytes when they are needed.
 pub type Producer = dyn Fn() -> Result<Vec<u8>> + Send + Sync;
 
+/// A change made in place to the bytes of a source tensor: a merge into a base weight.
+///
+/// A tensor built by [`Tensor::edited`] has the source's dtype, shape and length. Whoever reads
+/// it gets the source's bytes after [`InPlaceEdit::apply`]. The writer can do better when its
+/// output goes through the page cache: it copies the source into the output file inside the
+/// kernel, as it copies untouched tensors, and lets [`InPlaceEdit::apply_in_file`] change the
+/// bytes where they lie, so they never cross user space on their way in or out (see
+/// docs/architecture.md, "Output IO").
+pub trait InPlaceEdit: Send + Sync {
+    /// Turns `bytes`, the source tensor's bytes, into the edited tensor's.
+    fn apply(&self, bytes: &mut [u8]) -> Result<()>;
+
+    /// Does what [`InPlaceEdit::apply`] does to the `len` bytes at `offset` of `file`, an
+    /// output file the writer opened for reading and writing and copied the source's bytes
+    /// into. Returns `Ok(false)`, having changed nothing, when it cannot (the writer then
+    /// writes the bytes of `apply` over them). The default cannot: this crate has no unsafe
+    /// code, and changing a file's bytes where they lie means mapping it.
+    fn apply_in_file(&self, _file: &File, _offset: u64, _len: usize) -> Result<bool> {
+        Ok(false)
+    }
+}
+
+/// One piece of a tensor assembled from pieces ([`Tensor::from_parts`]), in the tensor's byte
+/// order.
+///
+/// A tensor whose bytes are, in order, ranges of source files (a fused expert tensor is its
+/// experts' tensors one after the other) is written range by range inside the kernel, the way
+/// an untouched tensor is; only the parts that must be computed pass through memory, each on
+/// its own, so the memory a write needs is one part, whatever the tensor's size.
+#[derive(Clone)]
+pub enum Part {
+    /// `len` bytes of `file` from absolute byte `offset`.
+    File {
+        /// The file read (see [`Tensor::source_file`]).
+        file: Arc<SourceFile>,
+        /// Absolute byte offset in the file.
+        offset: u64,
+        /// Number of bytes.
+        len: usize,
+    },
+    /// `len` bytes computed by `produce` when written.
+    Computed {
+        /// Number of bytes `produce` returns.
+        len: usize,
+        /// The closure; it may be called more than once.
+        produce: Arc<Producer>,
+    },
+}
+
+impl Part {
+    /// Number of bytes of the part.
+    pub fn len(&self) -> usize {
+        match self {
+            Part::File { len, .. } | Part::Computed { len, .. } => *len,
+        }
+    }
+
+    /// Whether the part holds no byte.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Calls `f(position in the part, bytes)` over the part's bytes in order: 8 MB chunks of
+    /// a file range, one call for a computed part (its buffer then goes back to the pool).
+    pub(crate) fn for_each_chunk(&self, f: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {
+        match self {
+            Part::File { file, offset, len } => for_each_file_chunk(file, *offset, *len, f),
+            Part::Computed { .. } => {
+                let bytes = self.bytes()?;
+                f(0, &bytes)?;
+                buffers::give(bytes);
+                Ok(())
+            }
+        }
+    }
+
+    /// The part's bytes, read or computed: a pooled buffer (see [`buffers`]).
+    fn bytes(&self) -> Result<Vec<u8>> {
+        match self {
+            Part::File { file, offset, len } => {
+                let mut out = buffers::take(*len);
+                file.read_exact_at(&mut out, *offset)?;
+                Ok(out)
+            }
+            Part::Computed { len, produce } => {
+                let out = produce()?;
+                check_produced(out.len(), *len)?;
+                Ok(out)
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Part {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Part::File { file, offset, len } => {
+                write!(f, "{}@{offset}+{len}", file.path.display())
+            }
+            Part::Computed { len, .. } => write!(f, "computed+{len}"),
+        }
+    }
+}
+
+fn check_produced(got: usize, expected: usize) -> Result<()> {
+    if got == expected {
+        return Ok(());
+    }
+    Err(CheckpointError::TensorData {
+        tensor: String::new(),
+        reason: format!("producer returned {got} bytes, {expected} expected"),
+    })
+}
+
 #[derive(Clone)]
 enum Data {
     /// A byte range of a shared buffer. Two tensors on the same buffer alias when their
@@ -191,6 +305,13 @@ enum Data {
     File { file: Arc<SourceFile>, offset: u64 },
     /// Bytes computed on demand (a merge, a dtype cast, a remap op).
     Lazy(Arc<Producer>),
+    /// The bytes of a source tensor, changed in place when needed (a merge).
+    Edited {
+        source: Box<Tensor>,
+        edit: Arc<dyn InPlaceEdit>,
+    },
+    /// Pieces one after the other (a remapped tensor: file ranges and computed chunks).
+    Parts(Arc<[Part]>),
 }
 
 /// Where a tensor's bytes live, for alias detection: two tensors with the same key and
@@ -225,6 +346,8 @@ impl fmt::Debug for Tensor {
             Data::Buffer { .. } => "buffer".to_owned(),
             Data::File { file, offset } => format!("{}@{offset}", file.path.display()),
             Data::Lazy(_) => "lazy".to_owned(),
+            Data::Edited { source, .. } => format!("edited {source:?}"),
+            Data::Parts(parts) => format!("{} parts", parts.len()),
         };
         f.debug_struct("Tensor")
             .field("dtype", &self.dtype)
@@ -316,6 +439,67 @@ impl Tensor {
         })
     }
 
+    /// `source`, changed by `edit` when its bytes are needed (see [`InPlaceEdit`]).
+    ///
+    /// ```
+    /// use peftkit_checkpoint::{Dtype, InPlaceEdit, Result, Tensor};
+    ///
+    /// struct Negate;
+    /// impl InPlaceEdit for Negate {
+    ///     fn apply(&self, bytes: &mut [u8]) -> Result<()> {
+    ///         bytes.chunks_exact_mut(4).for_each(|c| c[3] ^= 0x80); // f32 sign bits
+    ///         Ok(())
+    ///     }
+    /// }
+    /// let t = Tensor::from_bytes(Dtype::F32, vec![1], 2.0f32.to_le_bytes().to_vec())?;
+    /// let negated = Tensor::edited(t, Negate);
+    /// assert_eq!(&*negated.bytes()?, &(-2.0f32).to_le_bytes());
+    /// # Ok::<(), peftkit_checkpoint::CheckpointError>(())
+    /// ```
+    pub fn edited(source: Tensor, edit: impl InPlaceEdit + 'static) -> Self {
+        Tensor {
+            dtype: source.dtype,
+            shape: source.shape.clone(),
+            len: source.len,
+            family: None,
+            data: Data::Edited {
+                source: Box::new(source),
+                edit: Arc::new(edit),
+            },
+        }
+    }
+
+    /// A tensor whose bytes are `parts` one after the other (see [`Part`]). The parts must add
+    /// up to `byte_len(dtype, shape)` bytes. Such a tensor never aliases another one.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use peftkit_checkpoint::{Dtype, Part, Tensor};
+    /// let half = |v: u8| Part::Computed { len: 4, produce: Arc::new(move || Ok(vec![v; 4])) };
+    /// let t = Tensor::from_parts(Dtype::F32, vec![2], vec![half(1), half(2)]).unwrap();
+    /// assert_eq!(&*t.bytes().unwrap(), &[1, 1, 1, 1, 2, 2, 2, 2]);
+    /// ```
+    pub fn from_parts(dtype: Dtype, shape: Vec<usize>, parts: Vec<Part>) -> Result<Self> {
+        let len = checked_len(dtype, &shape)?;
+        let total: usize = parts.iter().map(Part::len).sum();
+        if total != len {
+            return Err(CheckpointError::TensorData {
+                tensor: String::new(),
+                reason: format!(
+                    "parts of {total} bytes for {} {shape:?} ({len} bytes)",
+                    dtype_name(dtype)
+                ),
+            });
+        }
+        Ok(Tensor {
+            dtype,
+            shape,
+            len,
+            data: Data::Parts(parts.into()),
+            family: None,
+        })
+    }
+
     /// Marks this tensor as a member of a storage family: tensors that transformers would hold
     /// as views of one storage (the per-expert weights split from a fused expert tensor). The
     /// shard planner places a family as one unit at its first member, like huggingface_hub.
@@ -360,16 +544,23 @@ impl Tensor {
             }
             Data::Lazy(produce) => {
                 let out = produce()?;
-                if out.len() != self.len {
-                    return Err(CheckpointError::TensorData {
-                        tensor: String::new(),
-                        reason: format!(
-                            "producer returned {} bytes, {} expected",
-                            out.len(),
-                            self.len
-                        ),
-                    });
+                check_produced(out.len(), self.len)?;
+                Ok(Cow::Owned(out))
+            }
+            Data::Parts(parts) => {
+                let mut out = buffers::take(self.len);
+                let mut at = 0usize;
+                for part in parts.iter() {
+                    let bytes = part.bytes()?;
+                    out[at..at + bytes.len()].copy_from_slice(&bytes);
+                    at += bytes.len();
+                    buffers::give(bytes);
                 }
+                Ok(Cow::Owned(out))
+            }
+            Data::Edited { source, edit } => {
+                let mut out = source.bytes()?.into_owned();
+                edit.apply(&mut out)?;
                 Ok(Cow::Owned(out))
             }
         }
@@ -385,24 +576,22 @@ impl Tensor {
     }
 
     /// Calls `f(position in the tensor, bytes)` over the tensor's bytes in order: 8 MB chunks
-    /// for file-backed tensors (never in memory whole), one call otherwise. Buffers go back to
-    /// the pool. Returns the number of bytes.
+    /// for file-backed tensors and file parts (never in memory whole), one call per computed
+    /// part, one call otherwise. Buffers go back to the pool. Returns the number of bytes.
     pub(crate) fn for_each_chunk(
         &self,
         f: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<u64> {
-        const CHUNK: usize = 8 << 20;
         match &self.data {
             Data::File { file, offset } => {
-                let mut buf = buffers::take(CHUNK.min(self.len));
-                let mut done = 0usize;
-                while done < self.len {
-                    let n = CHUNK.min(self.len - done);
-                    file.read_exact_at(&mut buf[..n], offset + done as u64)?;
-                    f(done as u64, &buf[..n])?;
-                    done += n;
+                for_each_file_chunk(file, *offset, self.len, &mut |at, c| f(at, c))?;
+            }
+            Data::Parts(parts) => {
+                let mut at = 0u64;
+                for part in parts.iter() {
+                    part.for_each_chunk(&mut |o, c| f(at + o, c))?;
+                    at += part.len() as u64;
                 }
-                buffers::give(buf);
             }
             _ => {
                 let bytes = self.bytes()?;
@@ -415,6 +604,14 @@ impl Tensor {
         Ok(self.len as u64)
     }
 
+    /// The parts of a tensor made of parts ([`Tensor::from_parts`]).
+    pub(crate) fn parts(&self) -> Option<&[Part]> {
+        match &self.data {
+            Data::Parts(parts) => Some(parts),
+            _ => None,
+        }
+    }
+
     /// The open file and absolute offset of a file-backed tensor, for in-kernel copies.
     pub(crate) fn file_region(&self) -> Option<(&SourceFile, u64)> {
         match &self.data {
@@ -423,9 +620,25 @@ impl Tensor {
         }
     }
 
-    /// Whether the bytes are computed by a closure (worth computing ahead of the writer).
+    /// The file region of an edited tensor's source and its edit, for edits in the output file.
+    pub(crate) fn edited_file_region(&self) -> Option<(&SourceFile, u64, &dyn InPlaceEdit)> {
+        match &self.data {
+            Data::Edited { source, edit } => {
+                let (file, offset) = source.file_region()?;
+                Some((file, offset, edit.as_ref()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether some of the bytes are computed (by a closure or an edit): worth computing ahead
+    /// of the writer.
     pub fn is_computed(&self) -> bool {
-        matches!(self.data, Data::Lazy(_))
+        match &self.data {
+            Data::Lazy(_) | Data::Edited { .. } => true,
+            Data::Parts(parts) => parts.iter().any(|p| matches!(p, Part::Computed { .. })),
+            _ => false,
+        }
     }
 
     /// Where the bytes live, for alias detection; `None` for computed tensors, which never
@@ -442,7 +655,7 @@ impl Tensor {
                 start: *offset,
                 end: offset + self.len as u64,
             }),
-            Data::Lazy(_) => None,
+            Data::Lazy(_) | Data::Edited { .. } | Data::Parts(_) => None,
         }
     }
 
@@ -453,6 +666,36 @@ impl Tensor {
             _ => None,
         }
     }
+
+    /// The open file and absolute offset a file-backed tensor is read from, to build
+    /// [`Part::File`]s of it or read parts of it ([`SourceFile::read_exact_at`]).
+    pub fn source_file(&self) -> Option<(&Arc<SourceFile>, u64)> {
+        match &self.data {
+            Data::File { file, offset } => Some((file, *offset)),
+            _ => None,
+        }
+    }
+}
+
+/// Calls `f(position, bytes)` over `len` bytes of `file` from `offset`, in 8 MB chunks read
+/// into one pooled buffer.
+fn for_each_file_chunk(
+    file: &SourceFile,
+    offset: u64,
+    len: usize,
+    f: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+) -> Result<()> {
+    const CHUNK: usize = 8 << 20;
+    let mut buf = buffers::take(CHUNK.min(len));
+    let mut done = 0usize;
+    while done < len {
+        let n = CHUNK.min(len - done);
+        file.read_exact_at(&mut buf[..n], offset + done as u64)?;
+        f(done as u64, &buf[..n])?;
+        done += n;
+    }
+    buffers::give(buf);
+    Ok(())
 }
 
 /// An ordered map of tensor names to tensors, like a Python `state_dict`: the order is the

@@ -351,3 +351,57 @@ fn with_several_failures_the_report_does_not_depend_on_timing() {
         );
     }
 }
+
+/// A tensor of parts (file ranges copied in the kernel, computed parts) lands byte for byte,
+/// synced (computed parts partly written around the page cache) or not, and a failing part
+/// is reported with the tensor's name.
+#[test]
+fn tensors_of_parts_are_written_part_by_part() {
+    use peftkit_checkpoint::{Part, SourceFile};
+    let dir = tempfile::tempdir().unwrap();
+    // A source file of 3 MB + 5 bytes, so ranges start and end unaligned.
+    let src: Vec<u8> = (0..(3 << 20) + 5).map(|i| (i * 7 % 251) as u8).collect();
+    let path = dir.path().join("src.bin");
+    fs::write(&path, &src).unwrap();
+    let file = SourceFile::open(&path).unwrap();
+    let range = |offset: usize, len: usize| Part::File {
+        file: Arc::clone(&file),
+        offset: offset as u64,
+        len,
+    };
+    let computed = |len: usize, byte: u8| Part::Computed {
+        len,
+        produce: Arc::new(move || Ok(vec![byte; len])),
+    };
+    let parts = vec![
+        range(3, 1 << 20),
+        computed((2 << 20) + 1, 0xAB),
+        range(5, (2 << 20) + 3),
+        computed(7, 1),
+    ];
+    let mut expected = src[3..3 + (1 << 20)].to_vec();
+    expected.extend(vec![0xAB; (2 << 20) + 1]);
+    expected.extend(&src[5..5 + (2 << 20) + 3]);
+    expected.extend([1; 7]);
+    let t = Tensor::from_parts(Dtype::U8, vec![expected.len()], parts).unwrap();
+    for durable in [true, false] {
+        let out = dir.path().join(format!("out-{durable}"));
+        let state = sd(vec![("a", f32s(&[1.0])), ("w", t.clone())]);
+        save_pretrained(&out, &state, &SaveOptions::default().durable(durable)).unwrap();
+        let ckpt = peftkit_checkpoint::Checkpoint::open(&out).unwrap();
+        assert!(*ckpt.get("w").unwrap().bytes().unwrap() == expected[..]);
+    }
+    let failing = Part::Computed {
+        len: 4,
+        produce: Arc::new(|| Ok(vec![0; 3])),
+    };
+    let bad = Tensor::from_parts(Dtype::U8, vec![4], vec![failing]).unwrap();
+    let e = save_pretrained(
+        &dir.path().join("bad"),
+        &sd(vec![("bad", bad)]),
+        &SaveOptions::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("bad"), "{e}");
+    assert!(Tensor::from_parts(Dtype::U8, vec![5], vec![computed(4, 0)]).is_err());
+}

@@ -9,6 +9,7 @@ use peftkit_checkpoint::{CheckpointError, Dtype, Tensor};
 use peftkit_peft::AdapterModule;
 use std::collections::BTreeMap;
 
+use crate::kernels::FiniteProbe;
 use crate::kernels::{
     decode_f32, dora, encode_f32, lora, methods, BaseTensorMut, F32Tensor, MergeMathError,
     MergeOptions as KernelOptions, ReductionOrder,
@@ -225,14 +226,17 @@ impl Site<'_> {
 type Loaded = Option<(Vec<f32>, Vec<usize>)>;
 
 impl Step {
-    /// Applies this step to `data`, the bytes of base tensor `name` (`dtype`, `shape`).
+    /// Applies this step to `data`, the bytes of base tensor `name` (`dtype`, `shape`). A
+    /// kernel that checks its output as it writes it tells `probe` what it found (see
+    /// [`FiniteProbe`]); others leave it as it was.
     pub(crate) fn apply(
         &self,
         name: &str,
         dtype: Dtype,
         shape: &[usize],
-        data: &mut Vec<u8>,
+        data: &mut [u8],
         opts: &KernelOptions,
+        probe: Option<&FiniteProbe>,
     ) -> Result<(), CheckpointError> {
         let site = Site {
             name,
@@ -240,7 +244,15 @@ impl Step {
         };
         if let Edit::Replace { source } = &self.edit {
             let values = site.f32s("replacement", source)?;
-            *data = encode_f32("replacement", dtype, &values).map_err(|e| site.math(e))?;
+            let bytes = encode_f32("replacement", dtype, &values).map_err(|e| site.math(e))?;
+            if bytes.len() != data.len() {
+                return Err(site.missing(format!(
+                    "replacement of {} bytes for a tensor of {}",
+                    bytes.len(),
+                    data.len()
+                )));
+            }
+            data.copy_from_slice(&bytes);
             return Ok(());
         }
         if let Edit::Requantize(q) = &self.edit {
@@ -256,6 +268,10 @@ impl Step {
             return Ok(());
         }
         let base = BaseTensorMut::new(dtype, shape, data);
+        let base = match probe {
+            Some(p) => base.with_probe(p),
+            None => base,
+        };
         let opts = *opts;
         let vector = |what, t: &Tensor| -> Result<(Vec<f32>, Vec<usize>), CheckpointError> {
             Ok((site.f32s(what, t)?, t.shape().to_vec()))

@@ -44,6 +44,7 @@ pub(crate) mod methods;
 mod order;
 mod torch_sum;
 
+pub(crate) use apply::FiniteProbe;
 pub use apply::{BaseTensorMut, F32Tensor};
 pub use bnb::{
     bnb_dequantize_4bit, bnb_dequantize_blockwise, bnb_quantize_4bit, bnb_quantize_blockwise,

@@ -33,8 +33,9 @@
 //! # Ok::<(), peftkit_merge::MergeError>(())
 //! ```
 //!
-//! This is the only crate of the workspace with `unsafe` code: the AVX-512 and AVX2 kernels and the
-//! disjoint row writes of the parallel kernels. It is built on `peftkit-peft` (adapters and
+//! This is the only crate of the workspace with `unsafe` code: the AVX-512 and AVX2 kernels, the
+//! disjoint row writes of the parallel kernels, and the shared mapping through which an unsynced
+//! merge changes its output file in place. It is built on `peftkit-peft` (adapters and
 //! their configs), `peftkit-remap` (on-disk layouts) and `peftkit-checkpoint` (tensors,
 //! safetensors IO, atomic saves).
 #![deny(missing_docs)]
@@ -43,6 +44,7 @@ mod edit;
 mod error;
 mod job;
 mod kernels;
+mod mapped;
 mod plan;
 mod quant;
 mod report;

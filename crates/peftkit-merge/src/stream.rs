@@ -11,12 +11,13 @@
 //! while computing (a NaN with `safe_merge`) aborts the atomic save, so the output folder
 //! either holds the complete merge or is left as it was.
 
+use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use indexmap::IndexMap;
-use peftkit_checkpoint::{companion_files, nonfinite, CheckpointError};
+use peftkit_checkpoint::{companion_files, nonfinite, CheckpointError, InPlaceEdit};
 use peftkit_checkpoint::{
     plan_save, save_planned, Checkpoint, ModelConfig, Progress, SaveOptions, SavePlan, StateDict,
     Tensor,
@@ -26,7 +27,7 @@ use peftkit_peft::Adapter;
 use crate::edit::Edit;
 use crate::error::{MergeError, NonFiniteResult};
 use crate::job::MergeJob;
-use crate::kernels::{reduction_order, MergeOptions as KernelOptions, Numerics};
+use crate::kernels::{reduction_order, FiniteProbe, MergeOptions as KernelOptions, Numerics};
 use crate::plan::{plan, MergePlan};
 use crate::quant::{BaseQuant, Fp8Base, Treatment};
 use crate::report::{MergeSummary, NumericsReport};
@@ -226,39 +227,69 @@ fn merged_state(
             continue;
         };
         count(summary, Some(steps));
-        let (base_t, steps, key) = (tensor.clone(), steps.clone(), name.to_owned());
-        let check = !job.allow_nonfinite;
-        let lazy = Tensor::lazy(tensor.dtype(), tensor.shape().to_vec(), move || {
-            let mut data = base_t.bytes()?.into_owned();
-            for step in &steps {
-                step.apply(&key, base_t.dtype(), base_t.shape(), &mut data, &opts)?;
-            }
-            // One pass over the merged bytes, while they are still in cache from the kernel.
-            // Values the base already held are not the merge's doing: only when the merged
-            // tensor holds some is the base read again to count its own (rare, so the common
-            // case pays one pass, not two).
-            if let Some((after, first)) = check.then(|| nonfinite(base_t.dtype(), &data)).flatten()
-            {
-                let held = nonfinite(base_t.dtype(), &base_t.bytes()?).map_or(0, |(n, _)| n);
-                if after > held {
-                    return Err(CheckpointError::TensorCompute {
-                        tensor: key.clone(),
-                        context: "merged".into(),
-                        source: Box::new(NonFiniteResult {
-                            count: after - held,
-                            first,
-                        }),
-                    });
-                }
-            }
-            Ok(data)
-        })?;
+        let edit = MergeEdit {
+            key: name.to_owned(),
+            base: tensor.clone(),
+            steps: steps.clone(),
+            opts,
+            check: !job.allow_nonfinite,
+        };
+        let lazy = Tensor::edited(tensor.clone(), edit);
         state.insert(name.to_owned(), lazy);
     }
     for (name, (tensor, _)) in &plan.added {
         state.insert(name.clone(), tensor.clone());
     }
     Ok(state)
+}
+
+/// A base tensor's merge steps, applied to its bytes in place: in memory, or where the writer
+/// copied them in the output file (see [`crate::mapped`]).
+struct MergeEdit {
+    key: String,
+    base: Tensor,
+    steps: Vec<crate::edit::Step>,
+    opts: KernelOptions,
+    /// Refuse a result with more NaN/Inf than the base (no `--allow-nonfinite`).
+    check: bool,
+}
+
+impl InPlaceEdit for MergeEdit {
+    fn apply(&self, data: &mut [u8]) -> Result<(), CheckpointError> {
+        let (dtype, shape) = (self.base.dtype(), self.base.shape());
+        let probe = FiniteProbe::default();
+        for step in &self.steps {
+            probe.reset();
+            step.apply(&self.key, dtype, shape, data, &self.opts, Some(&probe))?;
+        }
+        // The fused kernel tests what it writes block by block, in cache: when the last step
+        // ran it and found every value finite, the tensor is not read again.
+        if !self.check || probe.all_finite() {
+            return Ok(());
+        }
+        // Else one pass over the merged bytes. Values the base already held are not the
+        // merge's doing: only when the merged tensor holds some is the base read again to
+        // count its own (rare, so the common case pays one pass, not two).
+        let Some((after, first)) = nonfinite(dtype, data) else {
+            return Ok(());
+        };
+        let held = nonfinite(dtype, &self.base.bytes()?).map_or(0, |(n, _)| n);
+        if after > held {
+            return Err(CheckpointError::TensorCompute {
+                tensor: self.key.clone(),
+                context: "merged".into(),
+                source: Box::new(NonFiniteResult {
+                    count: after - held,
+                    first,
+                }),
+            });
+        }
+        Ok(())
+    }
+
+    fn apply_in_file(&self, file: &File, offset: u64, len: usize) -> Result<bool, CheckpointError> {
+        crate::mapped::edit_file_range(file, offset, len, |bytes| self.apply(bytes))
+    }
 }
 
 /// Counts a base tensor in `summary`: merged, replaced whole, or (no `steps`) copied.

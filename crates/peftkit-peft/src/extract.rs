@@ -125,7 +125,8 @@ pub struct ExtractOptions {
     pub base_out: Option<PathBuf>,
     /// The base model: name, task, `config.json` (read from the source folder when not given).
     pub model: BaseModelInfo,
-    /// How the adapter is written.
+    /// How the adapter is written; its `durable` (`--no-fsync` when `false`) also applies to
+    /// the base.
     pub save: AdapterSaveOptions,
 }
 
@@ -311,7 +312,16 @@ pub fn extract_from(
     };
     let tensors = classified.adapter_for_save(&name, &config)?;
     let base_plan = match &options.base_out {
-        Some(dir) => Some((dir, base_save(&classified, source, &model, &mut notes)?)),
+        Some(dir) => Some((
+            dir,
+            base_save(
+                &classified,
+                source,
+                &model,
+                options.save.durable,
+                &mut notes,
+            )?,
+        )),
         None => None,
     };
     // The base first: it is the larger write, and a failure leaves no adapter claiming it.
@@ -346,6 +356,7 @@ fn base_save(
     classified: &ClassifiedStateDict,
     source: &Source,
     model: &BaseModelInfo,
+    durable: bool,
     notes: &mut Vec<String>,
 ) -> Result<(StateDict, SaveOptions), ExtractError> {
     if classified.base.is_empty() {
@@ -355,6 +366,7 @@ fn base_save(
     state.sort_by(|a, _, b, _| natural_cmp(a, b));
     let mut options = SaveOptions {
         extra_files: source.companions.clone(),
+        durable,
         ..SaveOptions::default()
     };
     let has_config_file = source

@@ -132,6 +132,9 @@ pub struct AdapterSaveOptions {
     /// Other files (name, bytes) written into the adapter's folder by the same atomic save:
     /// a converted adapter's tokenizer files and model card. Default none.
     pub extra_files: Vec<(String, Vec<u8>)>,
+    /// Sync the files to disk before the folder is swapped in (default `true`); `false` is
+    /// `--no-fsync` (see [`SaveOptions::durable`]).
+    pub durable: bool,
 }
 
 impl Default for AdapterSaveOptions {
@@ -144,6 +147,7 @@ impl Default for AdapterSaveOptions {
             write_model_card: true,
             transformers_model: None,
             extra_files: Vec::new(),
+            durable: true,
         }
     }
 }
@@ -156,6 +160,7 @@ peftkit_checkpoint::option_setters!(AdapterSaveOptions {
     write_model_card: bool,
     transformers_model: Some(bool),
     extra_files: Vec<(String, Vec<u8>)>,
+    durable: bool,
 });
 
 /// What [`save_adapter`] wrote.
@@ -307,6 +312,7 @@ fn adapter_save_options(
         max_shard_size: options.max_shard_size,
         is_main_process: options.is_main_process,
         extra_files: extra,
+        durable: options.durable,
         ..SaveOptions::default()
     }
 }

@@ -43,6 +43,7 @@ mod ops;
 mod pattern;
 mod registry;
 mod resave;
+mod stream;
 mod table;
 mod tp;
 mod view;

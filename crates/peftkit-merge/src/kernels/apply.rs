@@ -22,6 +22,40 @@ pub(crate) enum Rows<'a> {
     F64(&'a mut [f64]),
 }
 
+/// What a kernel found out about the finiteness of the bytes it wrote, for the merge's
+/// non-finite check (`stream::MergeEdit`): the fused kernel tests each block of rows right
+/// after writing it, while it is in cache, so the merge need not read the tensor once more.
+#[derive(Debug, Default)]
+pub(crate) struct FiniteProbe(std::sync::atomic::AtomicU8);
+
+impl FiniteProbe {
+    const UNKNOWN: u8 = 0;
+    const FINITE: u8 = 1;
+    const NOT_FINITE: u8 = 2;
+
+    /// Forgets what an earlier kernel found (each step rewrites the tensor).
+    pub(crate) fn reset(&self) {
+        self.0
+            .store(Self::UNKNOWN, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Records that the kernel wrote every byte and checked them: `finite` when none is NaN
+    /// or infinite.
+    pub(crate) fn record(&self, finite: bool) {
+        let v = if finite {
+            Self::FINITE
+        } else {
+            Self::NOT_FINITE
+        };
+        self.0.store(v, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the last kernel checked every byte it wrote and found them all finite.
+    pub(crate) fn all_finite(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed) == Self::FINITE
+    }
+}
+
 /// A base tensor to update in place: raw little-endian bytes of `dtype` with `shape`.
 #[derive(Debug)]
 pub struct BaseTensorMut<'a> {
@@ -31,12 +65,26 @@ pub struct BaseTensorMut<'a> {
     pub shape: &'a [usize],
     /// The tensor's bytes, updated in place.
     pub data: &'a mut [u8],
+    /// Where a kernel that checks its output as it writes says what it found.
+    pub(crate) probe: Option<&'a FiniteProbe>,
 }
 
 impl<'a> BaseTensorMut<'a> {
     /// Bundles the three parts; nothing is checked until a kernel uses it.
     pub fn new(dtype: Dtype, shape: &'a [usize], data: &'a mut [u8]) -> Self {
-        BaseTensorMut { dtype, shape, data }
+        BaseTensorMut {
+            dtype,
+            shape,
+            data,
+            probe: None,
+        }
+    }
+
+    /// The same, telling `probe` whether the bytes written are finite, where the kernel
+    /// checks as it writes.
+    pub(crate) fn with_probe(mut self, probe: &'a FiniteProbe) -> Self {
+        self.probe = Some(probe);
+        self
     }
 
     /// Checks dtype support and that the byte length matches the shape; returns `numel`.

@@ -20,9 +20,9 @@ use super::dtype::{bf16_bits_to_f32, decode_le, encode_le, f32_to_bf16_bits};
 use super::gemm::{product_into, Product, Sink};
 
 /// Adds `Δ` (reduced over the rank in `blocks`, MKL's order) to `data` (the base tensor's
-/// little-endian bytes) in place. Returns `false`, having
-/// done nothing, when the base dtype has no fused path on this CPU (the caller then takes the
-/// general one).
+/// little-endian bytes) in place. Returns whether every merged value is finite (each block is
+/// tested right after it is written, while it is in cache), or `None`, having done nothing,
+/// when the base dtype has no fused path on this CPU (the caller then takes the general one).
 ///
 /// The caller has checked the shapes: `data` holds `batch·rows × n` elements.
 pub(crate) fn add_in_place(
@@ -30,44 +30,64 @@ pub(crate) fn add_in_place(
     blocks: &[Range<usize>],
     dtype: Dtype,
     data: &mut [u8],
-) -> bool {
+) -> Option<bool> {
     #[cfg(target_arch = "x86_64")]
     if let Some(ty) = super::avx512::BaseType::of(dtype) {
         if super::avx512::available() {
-            for_each_segment(p, ty.size(), data, |left, right, rows, bytes| {
-                super::avx512::add_rows(ty, left, right, (rows, p.k, p.n), blocks, p.scale, bytes)
-            });
-            return true;
+            return Some(for_each_segment(
+                p,
+                dtype,
+                data,
+                |left, right, rows, bytes| {
+                    super::avx512::add_rows(
+                        ty,
+                        left,
+                        right,
+                        (rows, p.k, p.n),
+                        blocks,
+                        p.scale,
+                        bytes,
+                    )
+                },
+            ));
         }
         if super::avx2::available() {
-            for_each_segment(p, ty.size(), data, |left, right, rows, bytes| {
-                super::avx2::add_rows(ty, left, right, (rows, p.k, p.n), blocks, p.scale, bytes)
-            });
-            return true;
+            return Some(for_each_segment(
+                p,
+                dtype,
+                data,
+                |left, right, rows, bytes| {
+                    super::avx2::add_rows(ty, left, right, (rows, p.k, p.n), blocks, p.scale, bytes)
+                },
+            ));
         }
     }
     add_generic(p, blocks, dtype, data)
 }
 
 /// The fused path without the hand-written kernels: F32 and BF16 only.
-fn add_generic(p: &Product<'_>, blocks: &[Range<usize>], dtype: Dtype, data: &mut [u8]) -> bool {
+fn add_generic(
+    p: &Product<'_>,
+    blocks: &[Range<usize>],
+    dtype: Dtype,
+    data: &mut [u8],
+) -> Option<bool> {
     match dtype {
-        Dtype::BF16 => add_with_sink::<Bf16>(p, blocks, data),
-        Dtype::F32 => add_with_sink::<F32>(p, blocks, data),
-        _ => return false,
+        Dtype::BF16 => Some(add_with_sink::<Bf16>(p, blocks, data)),
+        Dtype::F32 => Some(add_with_sink::<F32>(p, blocks, data)),
+        _ => None,
     }
-    true
 }
 
-fn add_with_sink<E: Elem>(p: &Product<'_>, blocks: &[Range<usize>], data: &mut [u8]) {
-    for_each_segment(p, E::SIZE, data, |left, right, rows, bytes| {
+fn add_with_sink<E: Elem>(p: &Product<'_>, blocks: &[Range<usize>], data: &mut [u8]) -> bool {
+    for_each_segment(p, E::DTYPE, data, |left, right, rows, bytes| {
         let mut sink = AddInto::<E> {
             bytes,
             n: p.n,
             elem: PhantomData,
         };
         product_into(left, right, p.k, p.n, blocks, p.scale, &mut sink, rows);
-    });
+    })
 }
 
 /// Base bytes per rayon task: about 1 MiB, so that each column panel of the right factor is
@@ -76,20 +96,22 @@ const BLOCK_BYTES: usize = 1 << 20;
 
 /// Splits `data` into blocks of whole rows run in parallel, and each block at batch-entry
 /// boundaries (experts); calls `f(left rows, right factor, row count, base bytes)` per piece.
-fn for_each_segment<F>(p: &Product<'_>, elem_size: usize, data: &mut [u8], f: F)
+/// Returns whether every value written is finite, testing each block as soon as it is done.
+fn for_each_segment<F>(p: &Product<'_>, dtype: Dtype, data: &mut [u8], f: F) -> bool
 where
     F: Fn(&[f32], &[f32], usize, &mut [u8]) + Sync,
 {
+    let elem_size = dtype.bitsize() / 8;
     let row_bytes = p.n * elem_size;
     if row_bytes == 0 {
-        return;
+        return true;
     }
     // Multiples of 8 rows keep the kernels' row tiles whole.
     let rows_per_block = (BLOCK_BYTES / row_bytes).max(1).div_ceil(8) * 8;
     let (k, n) = (p.k, p.n);
     data.par_chunks_mut(rows_per_block * row_bytes)
         .enumerate()
-        .for_each(|(bi, bytes)| {
+        .map(|(bi, bytes)| {
             let first = bi * rows_per_block;
             let end = first + bytes.len() / row_bytes;
             let mut g = first;
@@ -104,12 +126,15 @@ where
                 );
                 g = seg_end;
             }
-        });
+            peftkit_checkpoint::nonfinite(dtype, bytes).is_none()
+        })
+        .reduce(|| true, |a, b| a && b)
 }
 
 /// A base element type the generic sink adds into.
 trait Elem {
     const SIZE: usize;
+    const DTYPE: Dtype;
     /// Decodes `out.len()` little-endian elements from `bytes`.
     fn decode(bytes: &[u8], out: &mut [f32]);
     /// Encodes `vals` into `bytes`, rounding as torch does.
@@ -121,6 +146,7 @@ struct Bf16;
 
 impl Elem for F32 {
     const SIZE: usize = 4;
+    const DTYPE: Dtype = Dtype::F32;
     #[inline(always)]
     fn decode(bytes: &[u8], out: &mut [f32]) {
         decode_le(bytes, out, f32::from_le_bytes);
@@ -133,6 +159,7 @@ impl Elem for F32 {
 
 impl Elem for Bf16 {
     const SIZE: usize = 2;
+    const DTYPE: Dtype = Dtype::BF16;
     #[inline(always)]
     fn decode(bytes: &[u8], out: &mut [f32]) {
         decode_le(bytes, out, |b| bf16_bits_to_f32(u16::from_le_bytes(b)));
@@ -282,7 +309,7 @@ mod tests {
                 let want = reference(&p, &blocks, batch, dtype, &base);
                 let mut paths: Vec<(&str, Vec<u8>)> = Vec::new();
                 let mut got = base.clone();
-                if add_generic(&p, &blocks, dtype, &mut got) {
+                if add_generic(&p, &blocks, dtype, &mut got).is_some() {
                     paths.push(("generic", got));
                 }
                 // One kernel call over all rows (no rayon split) is only valid for one entry.
@@ -319,7 +346,12 @@ mod tests {
                     paths.push(("avx2 (one call)", got));
                 }
                 let mut got = base.clone();
-                assert!(add_in_place(&p, &blocks, dtype, &mut got) || dtype == Dtype::F16);
+                let fused = add_in_place(&p, &blocks, dtype, &mut got);
+                assert!(fused.is_some() || dtype == Dtype::F16);
+                if let Some(finite) = fused {
+                    let scan = peftkit_checkpoint::nonfinite(dtype, &got).is_none();
+                    assert_eq!(finite, scan, "{dtype:?}: what the blocks found");
+                }
                 if got != base {
                     paths.push(("dispatched", got));
                 }

@@ -201,12 +201,11 @@ impl<'a> LowRank<'a> {
             return Ok(false);
         }
         let product = self.as_product(false);
-        Ok(fused::add_in_place(
-            &product,
-            &self.blocks,
-            base.dtype,
-            base.data,
-        ))
+        let fused = fused::add_in_place(&product, &self.blocks, base.dtype, base.data);
+        if let (Some(finite), Some(probe)) = (fused, base.probe) {
+            probe.record(finite);
+        }
+        Ok(fused.is_some())
     }
 
     /// The product as the fused and exact kernels take it; `negate` for an unmerge.

@@ -116,7 +116,7 @@ impl Fp8Weight {
         let mut data = self.dequantized()?;
         let shape = self.weight.shape();
         for step in &self.steps {
-            step.apply(&self.key, self.dtype, shape, &mut data, &self.opts)?;
+            step.apply(&self.key, self.dtype, shape, &mut data, &self.opts, None)?;
         }
         Ok(data)
     }

@@ -284,8 +284,9 @@ impl Output {
 }
 
 /// A value as a tensor: the source tensor's own handle when the value is all of it unchanged
-/// (a renamed tensor, or one taken apart and put back together), else a lazy tensor gathering
-/// the value's bytes when written; errors name the tensor.
+/// (a renamed tensor, or one taken apart and put back together); else, when its sources are
+/// files, a tensor of parts (file ranges and bounded computed chunks, see `stream`); else a
+/// lazy tensor gathering the value's bytes when written. Errors name the tensor.
 pub(super) fn to_tensor(name: &str, val: Val) -> Result<Tensor> {
     let data = val.data.resolve();
     if let Some(t) = data.whole_tensor() {
@@ -295,7 +296,11 @@ pub(super) fn to_tensor(name: &str, val: Val) -> Result<Tensor> {
     }
     let shape = val.shape();
     let dtype = val.dtype;
-    crate::view::elt_size(dtype).map_err(|e| RemapError::tensor(name, None, e.to_string()))?;
+    let elt =
+        crate::view::elt_size(dtype).map_err(|e| RemapError::tensor(name, None, e.to_string()))?;
+    if let Some(parts) = crate::stream::parts(&data, elt) {
+        return Ok(Tensor::from_parts(dtype, shape, parts)?);
+    }
     let owned = name.to_owned();
     Ok(Tensor::lazy(dtype, shape, move || {
         data.materialize(dtype).map_err(|e| match e {
