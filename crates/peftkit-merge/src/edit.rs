@@ -264,7 +264,12 @@ impl Step {
                         context: format!("re-quantizing after merging {}", site.adapter.display()),
                         source,
                     })?;
-            *data = encode_f32("weight", dtype, &values).map_err(|e| site.math(e))?;
+            // The round trip keeps the shape: the bytes are the same length, written in place.
+            let bytes = encode_f32("weight", dtype, &values).map_err(|e| site.math(e))?;
+            if bytes.len() != data.len() {
+                return Err(site.missing("a re-quantized weight of another size"));
+            }
+            data.copy_from_slice(&bytes);
             return Ok(());
         }
         let base = BaseTensorMut::new(dtype, shape, data);
