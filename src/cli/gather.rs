@@ -4,8 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use peftkit::checkpoint::Checkpoint;
-use peftkit::remap::GatherOptions;
+use peftkit::remap::{open_rank, GatherOptions};
 
 use super::{human, on_bytes, progress, summary};
 
@@ -28,7 +27,7 @@ pub(crate) struct Args {
 pub(crate) fn run(args: Args) -> Result<ExitCode> {
     let mut total = 0;
     for dir in &args.ranks {
-        total += Checkpoint::open(dir)?.total_bytes();
+        total += open_rank(dir)?.1.total_bytes();
     }
     let bar = progress(total, !args.no_fsync);
     let options = GatherOptions {

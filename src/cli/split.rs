@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use peftkit::checkpoint::Checkpoint;
+use peftkit::checkpoint::{Checkpoint, WeightsKind};
 use peftkit::remap::{SplitOptions, TpPlans};
 
 use super::{human, on_bytes, progress, summary};
@@ -29,6 +29,10 @@ pub(crate) struct Args {
     /// Extra conversion table files (JSON, see adapters-spec/conversions/README.md).
     #[arg(long = "table")]
     tables: Vec<PathBuf>,
+    /// Variant of the input files (model.VARIANT.safetensors); the rank folders keep its
+    /// file names.
+    #[arg(long)]
+    variant: Option<String>,
     /// Do not sync the output to disk before swapping it in (see `merge --no-fsync`).
     #[arg(long)]
     no_fsync: bool,
@@ -43,13 +47,15 @@ pub(crate) fn run(mut args: Args) -> Result<ExitCode> {
         Some(file) => Some(TpPlans::builtin()?.plan_from_file(file)?),
         None => None,
     };
-    let total = Checkpoint::open(&args.dir)?.total_bytes();
+    let total = Checkpoint::open_kind(&args.dir, WeightsKind::Model, args.variant.as_deref())?
+        .total_bytes();
     let bar = progress(total * args.world_size as u64, !args.no_fsync);
     let options = SplitOptions {
         world_size: args.world_size,
         plan,
         model_type: args.model_type,
         tables: args.tables,
+        variant: args.variant,
         durable: !args.no_fsync,
         progress: on_bytes(&bar, !args.no_fsync).into(),
     };

@@ -667,11 +667,39 @@ fn merge_into_bitsandbytes_bases() {
     }
 }
 
+/// Two adapters, then DoRA followed by a LoRA, into the NF4 base of
+/// tests/fixtures/quant_multi: `--adapter` order is peft's adapter order, each adapter
+/// re-quantized in turn, byte for byte what bitsandbytes + peft wrote.
+#[test]
+fn merge_of_several_adapters_into_a_4bit_base_requantizes_after_each() {
+    let case = fixture("quant_multi/nf4_nested_bf16");
+    for (order, want) in [(["x", "y"], "merged_xy"), (["dora", "y"], "merged_dora_y")] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged");
+        let mut cmd = peftkit();
+        cmd.arg("merge").arg("--base").arg(case.join("base4"));
+        for name in order {
+            cmd.arg("--adapter")
+                .arg(case.join(format!("adapter_{name}")));
+        }
+        let ok = cmd.arg("--out").arg(&out).assert().success();
+        assert!(stdout_of(&ok).contains("re-quantized"), "{want}");
+        assert_same_dir(&out, &case.join(want));
+    }
+}
+
 #[test]
 fn split_then_gather_gives_back_the_checkpoint_byte_for_byte() {
-    for (src, n) in [
-        ("checkpoint/llama_untied_3KB/expected", "2"),
-        ("reshard/qwen2_moe/source_original_sharded", "4"),
+    // A variant checkpoint: `--variant` reads it, the ranks keep its file names, and gather
+    // finds them from the rank manifests.
+    for (src, n, variant) in [
+        ("checkpoint/llama_untied_3KB/expected", "2", &[][..]),
+        ("reshard/qwen2_moe/source_original_sharded", "4", &[]),
+        (
+            "checkpoint/llama_variant_fp16/expected",
+            "3",
+            &["--variant", "fp16"],
+        ),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let ranks = tmp.path().join("ranks");
@@ -680,6 +708,7 @@ fn split_then_gather_gives_back_the_checkpoint_byte_for_byte() {
             .arg(fixture(src))
             .args(["--world-size", n, "--out"])
             .arg(&ranks)
+            .args(variant)
             .assert()
             .success();
         let line = stdout_of(&ok);
@@ -691,7 +720,12 @@ fn split_then_gather_gives_back_the_checkpoint_byte_for_byte() {
         let dirs: Vec<_> = (0..n).map(|r| ranks.join(format!("rank{r}"))).collect();
         assert_eq!(entries(&ranks).len(), n);
         for dir in &dirs {
-            peftkit().arg("verify").arg(dir).assert().success();
+            peftkit()
+                .arg("verify")
+                .arg(dir)
+                .args(variant)
+                .assert()
+                .success();
         }
         let out = tmp.path().join("full");
         peftkit()

@@ -37,6 +37,8 @@ HOST_DEPENDENT = [
     # as much (scales are measured in bf16 ulps, see SCALES_IN_BF16_ULPS) and an e4m3 element by
     # at most one e4m3 step.
     ("quant/*/merged_fp8/*.safetensors", 4, "re-quantized LoRA products into FP8 bases (MKL)"),
+    ("quant_multi/fp8_*/merged_dequantized/*.safetensors", 4, "LoRA products into FP8 bases (MKL)"),
+    ("quant_multi/fp8_*/merged_fp8/*.safetensors", 4, "re-quantized LoRA products into FP8 bases (MKL)"),
 ]
 # FP8 scales derive from a bf16 block maximum: their bound is in bf16 ulps of the largest scale.
 SCALES_IN_BF16_ULPS = "_scale_inv"

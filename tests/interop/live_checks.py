@@ -411,6 +411,34 @@ def bitsandbytes_merges_equal_the_libraries_computed_here():
                     assert same, f"{name}, {ref}: {f} differs from the libraries' file"
 
 
+@check
+def several_adapters_and_dora_into_quantized_bases_equal_the_libraries_computed_here():
+    """Kept-format merges of several adapters (4-bit: re-quantized after each, in order; FP8: merged in bf16, then
+    quantized once) and of DoRA into a 4-bit base write what bitsandbytes / transformers + peft write here, for every
+    quant_multi fixture case rebuilt on this host; the FP8 case's --dequantize too."""
+    from fixturegen import quant_multi_cases as qm
+
+    def same_files(out, ref, what):
+        for f in sorted(p.name for p in ref.iterdir()):
+            assert (out / f).read_bytes() == (ref / f).read_bytes(), f"{what}: {f} differs from the libraries' file"
+
+    def adapters(d, order):
+        return [a for n in order for a in ("--adapter", d / f"adapter_{n}")]
+
+    for name, case in qm.CASES.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp)
+            qm.make_case(d, case)
+            for ref, order in case["merges"].items():
+                peftkit("merge", "--base", d / "base4", *adapters(d, order), "--out", d / f"peftkit_{ref}")
+                same_files(d / f"peftkit_{ref}", d / ref, f"{name}, {ref}")
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        qm.make_fp8_case(d)
+        for ref, flags in (("merged_fp8", []), ("merged_dequantized", ["--dequantize"])):
+            peftkit("merge", "--base", d / "base", *adapters(d, qm.FP8_ORDER), "--out", d / f"peftkit_{ref}", *flags)
+            same_files(d / f"peftkit_{ref}", d / ref, f"{qm.FP8_CASE}, {ref}")
+
 
 @check
 def bitsandbytes_int8_merges_equal_the_libraries_computed_here():
@@ -532,9 +560,11 @@ def all_tensors(d):
 def split_ranks_hold_the_slices_transformers_tp_loading_reads():
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    sources = [FIX / "checkpoint" / "llama_untied_3KB" / "expected", FIX / "reshard" / "qwen2_moe" / "source_v5",
-               FIX / "reshard" / "qwen2_moe" / "source_original"]
-    for src in sources:
+    # A variant checkpoint (model.fp16-*.safetensors) is split with --variant: its ranks hold the same slices.
+    sources = [(FIX / "checkpoint" / "llama_untied_3KB" / "expected", []),
+               (FIX / "checkpoint" / "llama_variant_fp16" / "expected", ["--variant", "fp16"]),
+               (FIX / "reshard" / "qwen2_moe" / "source_v5", []), (FIX / "reshard" / "qwen2_moe" / "source_original", [])]
+    for src, flags in sources:
         config = AutoConfig.from_pretrained(src)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -545,7 +575,7 @@ def split_ranks_hold_the_slices_transformers_tp_loading_reads():
         sharded = 0
         for n in (2, 3, 4):
             with tempfile.TemporaryDirectory() as tmp:
-                peftkit("split", src, "--world-size", n, "--out", Path(tmp) / "ranks")
+                peftkit("split", src, "--world-size", n, "--out", Path(tmp) / "ranks", *flags)
                 for rank in range(n):
                     ours = all_tensors(Path(tmp) / "ranks" / f"rank{rank}")
                     assert ours.keys() == full.keys(), f"{src} rank {rank}: names differ"

@@ -26,6 +26,7 @@ from fixturegen import (  # noqa: E402
     numerics_cases,
     peft_cases,
     quant_cases,
+    quant_multi_cases,
     remap_cases,
     reshard_cases,
 )
@@ -41,6 +42,7 @@ GENERATORS = {
     "bnb8": bnb8_cases.generate,  # bnb8/ (bitsandbytes 8-bit bases and merges)
     "hub": hub_cases.generate,  # hub/: .bin weights, their safetensors re-saves, a Hub cache
     "quant": quant_cases.generate,  # quant/ (FP8 bases and merges into them)
+    "quant_multi": quant_multi_cases.generate,  # quant_multi/ (several adapters, DoRA: 4-bit and FP8 kept)
     "burn": burn_cases.generate,  # burn/ (crates/peftkit-burn)
 }
 

@@ -49,6 +49,20 @@ pub(crate) enum Edit {
     Experts { a: Tensor, b: Tensor, scale: f32 },
     /// LoRA on one expert of a fused parameter whose experts are stored per expert on disk.
     ExpertPiece(ExpertPiece),
+    /// The weight of a quantized layer stored in its format and read back: peft re-quantizes
+    /// a quantized layer's weight after each adapter it merges, so the next adapter starts
+    /// from what the quantized weight holds (inserted between adapters by `quant`).
+    Requantize(Arc<dyn Requantizer>),
+}
+
+/// A quantized layer's weight stored after one adapter's edit and read back for the next.
+pub(crate) trait Requantizer: Send + Sync {
+    /// What the layer holds once `values` (the weight, widened to `f32`) are stored in it: cast
+    /// to the dtype it keeps, quantized and dequantized again.
+    fn round_trip(
+        &self,
+        values: &[f32],
+    ) -> Result<Vec<f32>, Box<dyn std::error::Error + Send + Sync>>;
 }
 
 /// A module's adapter tensors by role as an edit keeps them: handles cloned out of the
@@ -241,6 +255,23 @@ impl Step {
             data.copy_from_slice(&bytes);
             return Ok(());
         }
+        if let Edit::Requantize(q) = &self.edit {
+            let values = decode_f32("weight", dtype, data).map_err(|e| site.math(e))?;
+            let values =
+                q.round_trip(&values)
+                    .map_err(|source| CheckpointError::TensorCompute {
+                        tensor: name.to_owned(),
+                        context: format!("re-quantizing after merging {}", site.adapter.display()),
+                        source,
+                    })?;
+            // The round trip keeps the shape: the bytes are the same length, written in place.
+            let bytes = encode_f32("weight", dtype, &values).map_err(|e| site.math(e))?;
+            if bytes.len() != data.len() {
+                return Err(site.missing("a re-quantized weight of another size"));
+            }
+            data.copy_from_slice(&bytes);
+            return Ok(());
+        }
         let base = BaseTensorMut::new(dtype, shape, data);
         let base = match probe {
             Some(p) => base.with_probe(p),
@@ -251,7 +282,7 @@ impl Step {
             Ok((site.f32s(what, t)?, t.shape().to_vec()))
         };
         let done = match &self.edit {
-            Edit::Replace { .. } => unreachable!("handled above"),
+            Edit::Replace { .. } | Edit::Requantize(_) => unreachable!("handled above"),
             Edit::Lora {
                 module,
                 kind,

@@ -93,8 +93,8 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
     // A bitsandbytes base is planned and merged on its dequantized view (see `quant::bnb`);
     // any other base on itself.
     let view = quant.bnb().view(&base)?;
-    let plan = plan(&view, config.as_ref(), &adapters)?;
-    let view = quant.bnb().after_plan(view, &plan)?;
+    let mut plan = plan(&view, config.as_ref(), &adapters)?;
+    let view = quant.bnb().after_plan(view, &mut plan)?;
     if job.numerics == Numerics::Exact {
         plan.check_exact(job.unmerge)?;
     }

@@ -182,6 +182,47 @@ fn kept_merges_requantize_as_fp8quantize_and_report_the_error() {
     }
 }
 
+/// Several adapters into an FP8 base (`tests/fixtures/quant_multi/fp8_llama`, made by
+/// quant_multi_cases.py): transformers dequantizes the base on CPU, so peft merges them one after
+/// another in bf16 as into any bf16 model, and the kept format is `Fp8Quantize` applied once to
+/// that merge. Both outputs equal the references; each changed weight is re-quantized once.
+#[test]
+fn several_adapters_into_fp8_merge_in_bf16_then_requantize_once() {
+    use_fixture_host_order();
+    let dir = common::fixture_root("quant_multi").join("fp8_llama");
+    let meta: Value = serde_json::from_slice(&fs::read(dir.join("case.json")).unwrap()).unwrap();
+    let adapters: Vec<AdapterInput> = meta["order"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| AdapterInput {
+            dir: dir.join(format!("adapter_{}", n.as_str().unwrap())),
+            weight: 1.0,
+        })
+        .collect();
+    assert_eq!(adapters.len(), 2);
+    for (dequantize, want) in [(false, "merged_fp8"), (true, "merged_dequantized")] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged");
+        let job = MergeJob::new(dir.join("base"), adapters.clone(), &out)
+            .durable(false)
+            .dequantize(dequantize);
+        let summary = merge(&job).unwrap_or_else(|e| panic!("{want}: {e}"));
+        assert_same_folder(want, &dir.join(want), &out);
+        let q = summary.quantization.expect("an FP8 base is reported");
+        if !dequantize {
+            let names: Vec<&str> = q.requantized.iter().map(|t| t.tensor.as_str()).collect();
+            let want: Vec<&str> = meta["requantized"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            assert_eq!(names, want);
+        }
+    }
+}
+
 /// The fixture's tensor `name` of `conversions.safetensors`, as bytes.
 fn conversion(name: &str) -> (Dtype, Vec<u8>) {
     let c =

@@ -61,6 +61,6 @@ pub use table::{
     EMBEDDED_ALIASES, EMBEDDED_TABLES,
 };
 pub use tp::{
-    gather, rank_dir_name, split, GatherOptions, Placement, RankManifest, ShardedTensor,
+    gather, open_rank, rank_dir_name, split, GatherOptions, Placement, RankManifest, ShardedTensor,
     SplitOptions, SplitReport, TpPlan, TpPlans, MANIFEST_NAME,
 };

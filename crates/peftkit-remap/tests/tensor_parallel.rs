@@ -211,3 +211,68 @@ fn a_plan_file_replaces_the_model_types_plan() {
         "{err}"
     );
 }
+
+/// A variant checkpoint (`model.fp16-…` shards and `model.safetensors.index.fp16.json`, or one
+/// `model.fp16.safetensors`, as transformers' `save_pretrained(variant="fp16")` writes them):
+/// split reads it only when told the variant, every rank keeps the variant's file names, and
+/// gather finds them from the manifest alone and gives back the source byte for byte.
+#[test]
+fn a_variant_is_read_kept_in_every_rank_and_gathered_back() {
+    let ckpt = fixture_root("checkpoint");
+    for (case, files) in [
+        ("llama_variant_fp16", "model.safetensors.index.fp16.json"),
+        ("llama_variant_single", "model.fp16.safetensors"),
+    ] {
+        let src = ckpt.join(case).join("expected");
+        let tmp = tempfile::tempdir().unwrap();
+        // Without the variant there is no checkpoint to read, and the error says what to pass.
+        let err = split(&src, &tmp.path().join("plain"), &options(2))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--variant fp16"), "{case}: {err}");
+        assert!(!tmp.path().join("plain").exists());
+        let variant = || SplitOptions {
+            variant: Some("fp16".into()),
+            ..options(2)
+        };
+        let report = split(&src, &tmp.path().join("ranks"), &variant()).unwrap();
+        for (r, dir) in report.ranks.iter().enumerate() {
+            assert!(dir.join(files).is_file(), "{case} rank {r}");
+            assert!(!dir.join("model.safetensors").exists());
+            let manifest = RankManifest::read(dir).unwrap();
+            assert_eq!(manifest.variant.as_deref(), Some("fp16"));
+            let (_, opened) = peftkit_remap::open_rank(dir).unwrap();
+            assert_eq!(opened.total_bytes(), report.rank_bytes[r]);
+            let problems = peftkit_checkpoint::verify(
+                dir,
+                peftkit_checkpoint::WeightsKind::Model,
+                Some("fp16"),
+            )
+            .unwrap();
+            assert!(problems.is_empty(), "{}: {problems:?}", dir.display());
+        }
+        assert!(report.sharded > 0);
+        let out = tmp.path().join("gathered");
+        let opts = GatherOptions {
+            durable: false,
+            ..Default::default()
+        };
+        gather(&report.ranks, &out, &opts).unwrap();
+        assert_same_dir(&format!("gather(split({case}))"), &out, &src);
+        // Ranks of a variant split and of a plain one are not one split.
+        let plain_src = ckpt.join("llama_tied_5KB/expected");
+        let plain = split(&plain_src, &tmp.path().join("p"), &options(2)).unwrap();
+        let mixed = vec![report.ranks[0].clone(), plain.ranks[1].clone()];
+        assert!(gather(&mixed, &tmp.path().join("mixed"), &opts).is_err());
+    }
+}
+
+/// A manifest without a variant is written without the key, so plain splits are unchanged.
+#[test]
+fn a_plain_manifest_has_no_variant_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixture_root("checkpoint").join("llama_bf16_single/expected");
+    let report = split(&src, &tmp.path().join("r"), &options(2)).unwrap();
+    let text = std::fs::read_to_string(report.ranks[0].join(peftkit_remap::MANIFEST_NAME)).unwrap();
+    assert!(!text.contains("variant"), "{text}");
+}

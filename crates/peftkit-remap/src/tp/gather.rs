@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use peftkit_checkpoint::{
     companion_files, ensure_apart, save_planned, Checkpoint, Progress, SaveOptions, SavePlan,
-    SaveReport, StateDict, WeightIndex,
+    SaveReport, StateDict, WeightIndex, WeightsKind,
 };
 
 use super::manifest::{RankManifest, MANIFEST_NAME};
@@ -45,7 +45,8 @@ struct Rank {
 /// any order; every rank exactly once). The files, tensors, index and companion files are the
 /// source's, byte for byte, when the source was written in safetensors' canonical form (as
 /// transformers, safetensors and peftkit write). Sharded tensors are assembled from every rank
-/// when written; replicated ones are copied from rank 0. `out` changes atomically.
+/// when written; replicated ones are copied from rank 0. `out` changes atomically. The ranks of
+/// a variant source hold that variant's files (the manifest says which), and so does `out`.
 pub fn gather(ranks: &[PathBuf], out: &Path, options: &GatherOptions) -> Result<SaveReport> {
     let inputs: Vec<&Path> = ranks.iter().map(PathBuf::as_path).collect();
     ensure_apart(out, &inputs)?;
@@ -120,6 +121,7 @@ pub fn gather(ranks: &[PathBuf], out: &Path, options: &GatherOptions) -> Result<
         .collect();
     let save = SaveOptions {
         metadata: first.ckpt.metadata().cloned().unwrap_or_default(),
+        variant: first.manifest.variant.clone(),
         durable: options.durable,
         progress: options.progress.clone(),
         extra_files,
@@ -133,8 +135,7 @@ pub fn gather(ranks: &[PathBuf], out: &Path, options: &GatherOptions) -> Result<
 fn open_ranks(dirs: &[PathBuf]) -> Result<Vec<Rank>> {
     let mut ranks = Vec::with_capacity(dirs.len());
     for dir in dirs {
-        let manifest = RankManifest::read(dir)?;
-        let ckpt = Checkpoint::open(dir)?;
+        let (manifest, ckpt) = open_rank(dir)?;
         ranks.push(Rank {
             dir: dir.clone(),
             manifest,
@@ -164,6 +165,7 @@ fn open_ranks(dirs: &[PathBuf]) -> Result<Vec<Rank>> {
     for r in &ranks[1..] {
         let agree = r.manifest.world_size == n
             && r.manifest.plan == first.manifest.plan
+            && r.manifest.variant == first.manifest.variant
             && r.manifest.source_index_metadata == first.manifest.source_index_metadata
             && r.manifest.tensors.keys().eq(first.manifest.tensors.keys())
             && same_files(&r.ckpt, &first.ckpt);
@@ -178,6 +180,19 @@ fn open_ranks(dirs: &[PathBuf]) -> Result<Vec<Rank>> {
         }
     }
     Ok(ranks)
+}
+
+/// A rank folder of [`crate::split`]: its manifest, and its weights (of the variant the manifest
+/// names).
+///
+/// ```no_run
+/// let (manifest, ckpt) = peftkit_remap::open_rank(std::path::Path::new("llama-tp2/rank1")).unwrap();
+/// println!("rank {} of {}: {} bytes", manifest.rank, manifest.world_size, ckpt.total_bytes());
+/// ```
+pub fn open_rank(dir: &Path) -> Result<(RankManifest, Checkpoint)> {
+    let manifest = RankManifest::read(dir)?;
+    let ckpt = Checkpoint::open_kind(dir, WeightsKind::Model, manifest.variant.as_deref())?;
+    Ok((manifest, ckpt))
 }
 
 /// The source's index: rank 0's weight map with the metadata the split recorded, whose total

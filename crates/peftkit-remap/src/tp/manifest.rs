@@ -32,6 +32,11 @@ pub struct RankManifest {
     pub plan: String,
     /// The `metadata` of the source's index (sharded sources), restored by `gather`.
     pub source_index_metadata: Option<Map<String, Value>>,
+    /// The weights variant of the source's files (`model.VARIANT.safetensors`), which the
+    /// rank folders keep; absent (not `null`) for a source without one, so manifests of
+    /// plain splits are unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
     /// The sharded tensors, by on-disk name; every other tensor is replicated (whole in every
     /// rank).
     pub tensors: BTreeMap<String, ShardedTensor>,
@@ -67,6 +72,7 @@ impl RankManifest {
             world_size,
             plan: plan.to_owned(),
             source_index_metadata: None,
+            variant: None,
             tensors: BTreeMap::new(),
         }
     }

@@ -13,7 +13,7 @@ mod plan;
 mod slice;
 mod split;
 
-pub use gather::{gather, GatherOptions};
+pub use gather::{gather, open_rank, GatherOptions};
 pub use manifest::{RankManifest, ShardedTensor, MANIFEST_NAME};
 pub use plan::{Placement, TpPlan, TpPlans};
 pub use split::{rank_dir_name, split, SplitOptions, SplitReport};

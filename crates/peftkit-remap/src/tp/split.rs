@@ -31,6 +31,9 @@ pub struct SplitOptions {
     pub model_type: Option<String>,
     /// Conversion table files added to the embedded ones.
     pub tables: Vec<PathBuf>,
+    /// The weights variant to read (`model.VARIANT.safetensors`, as `from_pretrained(variant=…)`);
+    /// the rank folders keep the source's file names, so they hold that variant too.
+    pub variant: Option<String>,
     /// Sync the output to disk before it is swapped in (default `true`).
     pub durable: bool,
     /// Told the bytes written.
@@ -44,6 +47,7 @@ impl Default for SplitOptions {
             plan: None,
             model_type: None,
             tables: Vec::new(),
+            variant: None,
             durable: true,
             progress: Progress::default(),
         }
@@ -55,6 +59,7 @@ peftkit_checkpoint::option_setters!(SplitOptions {
     plan: Some(TpPlan),
     model_type: Some(String),
     tables: Vec<PathBuf>,
+    variant: Some(String),
     durable: bool,
     progress: Progress,
 });
@@ -99,6 +104,8 @@ fn is_rank_dir_name(name: &str) -> bool {
 /// last ranks shorter or empty when it does not divide; a packed `gate_up_proj` gives each rank
 /// its chunk of the gate and of the up half); the index with the rank's totals; the source's
 /// other files (`config.json`, tokenizer) unchanged; and [`RankManifest`] (`tensor_parallel.json`).
+/// A variant source (`options.variant`) keeps its variant's file names in every rank, and the
+/// manifest records it for [`crate::gather`].
 /// On-disk tensors of a fused parameter (per-expert MoE weights) are cut as transformers' loader
 /// cuts them, each along the dim that maps to the sharded one. Streams: each slice is read from
 /// the source when written. `out` changes atomically.
@@ -116,7 +123,12 @@ pub fn split(src: &Path, out: &Path, options: &SplitOptions) -> Result<SplitRepo
     if n == 0 {
         return Err(RemapError::tp("world_size", "must be at least 1"));
     }
-    let source = Source::open(src, None, options.model_type.as_deref(), &options.tables)?;
+    let source = Source::open(
+        src,
+        options.variant.as_deref(),
+        options.model_type.as_deref(),
+        &options.tables,
+    )?;
     if source.dir.join(MANIFEST_NAME).is_file() {
         return Err(RemapError::tp(
             src.display().to_string(),
@@ -147,6 +159,7 @@ pub fn split(src: &Path, out: &Path, options: &SplitOptions) -> Result<SplitRepo
         let mut rank_state = StateDict::with_capacity(state.len());
         let mut manifest = RankManifest::new(rank, n, plan.origin());
         manifest.source_index_metadata = source.ckpt.index.as_ref().map(index_metadata);
+        manifest.variant = options.variant.clone();
         for (name, t) in &state {
             let Some(cut) = cuts.get(name) else {
                 rank_state.insert(name.clone(), t.clone());
@@ -169,6 +182,7 @@ pub fn split(src: &Path, out: &Path, options: &SplitOptions) -> Result<SplitRepo
         }
         let mut save = SaveOptions {
             metadata: source.ckpt.metadata().cloned().unwrap_or_default(),
+            variant: options.variant.clone(),
             durable: options.durable,
             progress: options.progress.clone(),
             extra_files: companions.clone(),

@@ -4,10 +4,12 @@
 //! Three ways for 4-bit bases, each reproducing what the real libraries do on the CPU
 //! ([`BnbMerge`]):
 //!
-//! * **re-quantized** (a pre-quantized base, the default): peft's `Linear4bit.merge`:
-//!   `dequantize_4bit(W)` in the weight's dtype, `+ Δ` in `f32`, quantized again with the
-//!   weight's settings (its stored dtype becomes `float32`). Untouched weights keep their bytes;
-//!   the base's layout and `quantization_config` are kept;
+//! * **re-quantized** (a pre-quantized base, the default): peft's `Linear4bit.merge`, adapter
+//!   by adapter in order: `dequantize_4bit(W)` in the weight's dtype, `+ Δ` in `f32` (or DoRA,
+//!   cast back to that dtype), quantized again with the weight's settings (its stored dtype
+//!   becomes that of the sum). The round trip between adapters is an
+//!   [`crate::edit::Edit::Requantize`] step the plan gets after planning. Untouched weights keep
+//!   their bytes; the base's layout and `quantization_config` are kept;
 //! * **dequantized** (`MergeJob::dequantize`): transformers' `model.dequantize()` then peft's
 //!   plain merge: every 4-bit weight becomes its dtype, `quantization_config` is dropped, the
 //!   output planned anew as `save_pretrained` plans it;
@@ -136,7 +138,7 @@ pub enum BnbError {
         method: String,
     },
     /// An edit peft does not merge into a quantized weight the way it is reproduced here.
-    #[error("{tensor}: {what} into a {bits}-bit weight cannot be reproduced when re-quantizing (peft re-quantizes after every adapter); merge with --dequantize, or one plain LoRA adapter at a time")]
+    #[error("{tensor}: {what} into a {bits}-bit weight cannot be reproduced when re-quantizing (see docs/formats.md, \"What is refused\"); merge with --dequantize")]
     Requantize {
         /// The quantized weight.
         tensor: String,
@@ -210,12 +212,17 @@ impl BnbMerge {
         }
     }
 
-    /// Checks the plan against the mode, and for a QLoRA base returns the view with every
-    /// weight the plan merges into replaced by its 4-bit round trip.
-    pub fn after_plan(&self, view: Checkpoint, plan: &MergePlan) -> Result<Checkpoint, MergeError> {
+    /// Checks the plan against the mode (re-quantizing: the 4-bit round trip between adapters
+    /// added to it), and for a QLoRA base returns the view with every weight the plan merges
+    /// into replaced by its 4-bit round trip.
+    pub fn after_plan(
+        &self,
+        view: Checkpoint,
+        plan: &mut MergePlan,
+    ) -> Result<Checkpoint, MergeError> {
         match self {
             BnbMerge::Requantize(w) => {
-                view::check_requantizable(w.iter().map(|w| w.name.as_str()), plan, 4)?;
+                view::sequence_requantized(w, plan)?;
                 Ok(view)
             }
             BnbMerge::Int8(m) => {

@@ -6,14 +6,11 @@ use std::collections::HashMap;
 use peftkit_checkpoint::{Checkpoint, CheckpointError, Dtype, StateDict, Tensor};
 
 use super::codes;
-use super::weight::{Part, Weight4};
+use super::weight::{Part, Requantize4, RoundTrip4, Weight4};
 use super::{host_avx512, torch_threads, BnbError, QloraBase};
-use crate::edit::{Edit, LoraKind};
+use crate::edit::{Edit, LoraKind, Step};
 use crate::error::MergeError;
-use crate::kernels::{
-    bnb_dequantize_4bit, bnb_dequantize_blockwise, bnb_quantize_4bit, bnb_quantize_blockwise,
-    decode_f32, encode_f32, round_slice_to, torch_mean_f32, Bnb4Type, Code4,
-};
+use crate::kernels::{decode_f32, encode_f32, round_slice_to, Bnb4Type, Code4};
 use crate::plan::MergePlan;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -59,8 +56,66 @@ pub(super) fn dequantized(
     Ok(view)
 }
 
-/// Refuses what a re-quantizing merge cannot reproduce: peft dequantizes, adds one plain LoRA
-/// delta and re-quantizes, adapter by adapter.
+/// Makes `plan` re-quantize as peft's `Linear4bit.merge` does, adapter by adapter: it
+/// dequantizes the weight, merges one adapter and stores the result in 4 bits again, so after
+/// every adapter but the last the weight goes through 4 bits once more (the last quantization
+/// is the output's, [`requantized`]). A plain LoRA pair gives an `f32` sum (`bf16 + f32`
+/// promotes), stored as `float32`; DoRA casts its result back to the dtype it dequantized to,
+/// so that dtype stays ([`stored_dtype`]). Refuses what is not reproduced: an edit other than
+/// a LoRA pair of a Linear layer, and DoRA after another adapter of the same weight (peft then
+/// unmerges and re-merges the earlier adapters, each through 4 bits, to find DoRA's norm).
+pub(super) fn sequence_requantized(
+    weights: &[Weight4],
+    plan: &mut MergePlan,
+) -> Result<(), MergeError> {
+    let (threads, avx512) = (torch_threads(), host_avx512());
+    for w in weights {
+        let Some(steps) = plan.steps.get_mut(&w.name) else {
+            continue;
+        };
+        if let Some(what) = steps
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| refusal(i, &s.edit))
+        {
+            let tensor = w.name.clone();
+            return Err(BnbError::Requantize {
+                tensor,
+                what,
+                bits: 4,
+            }
+            .into());
+        }
+        let (count, mut sequenced) = (steps.len(), Vec::with_capacity(2 * steps.len()));
+        for (i, step) in steps.drain(..).enumerate() {
+            sequenced.push(step);
+            let dtype = stored_dtype(w, &sequenced);
+            let round_trip = i + 1 < count;
+            // The last adapter's sum is quantized by the output itself; before that, only a
+            // DoRA result needs its cast.
+            if round_trip || dtype != Dtype::F32 {
+                let adapter = sequenced[sequenced.len() - 1].adapter.clone();
+                let stored = Requantize4 {
+                    weight: w.clone(),
+                    dtype,
+                    round_trip,
+                    threads,
+                    avx512,
+                };
+                sequenced.push(Step {
+                    adapter,
+                    edit: Edit::Requantize(std::sync::Arc::new(stored)),
+                });
+            }
+        }
+        *steps = sequenced;
+    }
+    Ok(())
+}
+
+/// Refuses what a re-quantizing merge of an 8-bit base does not reproduce: more than one plain
+/// LoRA pair per weight (peft re-quantizes after each adapter; 4-bit weights do that, see
+/// [`sequence_requantized`]).
 pub(super) fn check_requantizable<'a>(
     weights: impl IntoIterator<Item = &'a str>,
     plan: &MergePlan,
@@ -87,6 +142,31 @@ pub(super) fn check_requantizable<'a>(
         return Err(BnbError::Requantize { tensor, what, bits }.into());
     }
     Ok(())
+}
+
+/// Why the `i`-th edit of a 4-bit weight cannot be re-quantized as peft does, if it cannot.
+fn refusal(i: usize, edit: &Edit) -> Option<&'static str> {
+    match edit {
+        Edit::Lora {
+            kind: LoraKind::Linear { .. },
+            round_first: false,
+            dora,
+            ..
+        } if !*dora || i == 0 => None,
+        Edit::Lora { dora: true, .. } if i > 0 => Some("DoRA after another adapter"),
+        Edit::Lora { dora: true, .. } => Some("DoRA"),
+        _ => Some("an edit other than a LoRA pair"),
+    }
+}
+
+/// The dtype peft's `Params4bit` holds `w` in after `steps`: the weight's own at first; `f32`
+/// after a plain LoRA pair (its `f32` delta promotes the sum); unchanged after DoRA (which
+/// casts back to the dequantized dtype).
+pub(super) fn stored_dtype(w: &Weight4, steps: &[Step]) -> Dtype {
+    steps.iter().fold(w.dtype(), |dtype, s| match &s.edit {
+        Edit::Lora { dora: true, .. } | Edit::Requantize(_) => dtype,
+        _ => Dtype::F32,
+    })
 }
 
 /// The weights a QLoRA round trip replaces: those a LoRA pair of a Linear layer merges into
@@ -149,23 +229,13 @@ fn round_trip(
             Bnb4Type::Fp4 => codes::values(&codes::FP4),
         },
     );
-    let (packed, mut absmax) = bnb_quantize_4bit(values, QLORA_BLOCKSIZE, &code);
-    if q.double_quant {
-        let dynamic = codes::values(&codes::DYNAMIC);
-        let offset = torch_mean_f32(&absmax, threads);
-        let centred: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
-        let (codes8, scales) = bnb_quantize_blockwise(&centred, &dynamic, QLORA_NESTED_BLOCKSIZE);
-        absmax = bnb_dequantize_blockwise(&codes8, &scales, &dynamic, QLORA_NESTED_BLOCKSIZE)?;
-        absmax.iter_mut().for_each(|a| *a += offset);
-    }
-    Ok(bnb_dequantize_4bit(
-        &packed,
-        &absmax,
-        &code,
-        QLORA_BLOCKSIZE,
-        shape,
-        avx512,
-    )?)
+    let dynamic = codes::values(&codes::DYNAMIC);
+    let settings = RoundTrip4 {
+        code,
+        blocksize: QLORA_BLOCKSIZE,
+        nested: q.double_quant.then_some((&dynamic, QLORA_NESTED_BLOCKSIZE)),
+    };
+    settings.run(values, shape, threads, avx512)
 }
 
 /// The output of a re-quantizing merge: each merged 4-bit weight quantized again (its state
@@ -204,13 +274,14 @@ pub(super) fn requantized(
         }
         // The state's length (its JSON holds the new offset) is needed before anything is
         // written: the weight is merged and quantized once now, and again for each stored part.
+        let dtype = stored_dtype(w, &plan.steps[&name]);
         let requantize = {
             let (w, merged) = ((*w).clone(), tensor.clone());
             move || -> Result<_, CheckpointError> {
                 let err = |e| compute_error(&w.name, "re-quantizing a merged 4-bit weight", e);
                 let values = decode_f32("merged", Dtype::F32, &merged.bytes()?)
                     .map_err(|e| err(e.into()))?;
-                w.requantize(&values, threads).map_err(err)
+                w.requantize(&values, dtype, threads).map_err(err)
             }
         };
         let state_bytes = requantize()?.state;

@@ -9,9 +9,10 @@
 use peftkit_checkpoint::{Checkpoint, CheckpointError, Dtype, Tensor};
 
 use super::state::{torch_name, QuantState};
+use crate::edit::Requantizer;
 use crate::kernels::{
     bnb_dequantize_4bit, bnb_dequantize_blockwise, bnb_quantize_4bit, bnb_quantize_blockwise,
-    decode_f32, encode_f32, torch_mean_f32, Code4,
+    decode_f32, encode_f32, round_slice_to, torch_mean_f32, Code4,
 };
 
 /// The prefix of the quantization-state tensor's suffix; the 4-bit type follows it.
@@ -171,18 +172,22 @@ impl Weight4 {
         )?)
     }
 
-    /// The tensors bitsandbytes writes when it quantizes `values` (a merged weight, `f32`) with
-    /// this weight's settings: peft's merge hands it `W + Δ` in `f32`, so the stored dtype
-    /// becomes `float32`. `threads` is torch's thread count (for the nested mean).
+    /// The tensors bitsandbytes writes when it quantizes `values` (a merged weight of `dtype`,
+    /// widened to `f32`) with this weight's settings: peft's merge hands it `W + Δ` in `f32`
+    /// (a DoRA result in the dequantized dtype), which the stored dtype becomes. `threads` is
+    /// torch's thread count (for the nested mean).
     pub fn requantize(
         &self,
         values: &[f32],
+        dtype: Dtype,
         threads: usize,
     ) -> Result<Requantized, Box<dyn std::error::Error + Send + Sync>> {
         let code = self.code()?;
         let (packed, absmax) = bnb_quantize_4bit(values, self.state.blocksize, &code);
         let mut state = self.state.clone();
-        state.dtype = torch_name(Dtype::F32).unwrap_or("float32").to_owned();
+        state.dtype = torch_name(dtype)
+            .ok_or_else(|| format!("{dtype:?} is not a dtype bitsandbytes stores"))?
+            .to_owned();
         let (absmax, nested_absmax) = match (self.nested_code()?, state.nested_blocksize) {
             (Some(nested_code), Some(bs)) => {
                 let offset = torch_mean_f32(&absmax, threads);
@@ -199,6 +204,25 @@ impl Weight4 {
             nested_absmax,
             state: state.to_json(),
         })
+    }
+
+    /// What this weight holds after peft re-quantizes `values` into it and dequantizes it
+    /// again for the next adapter: bitsandbytes' round trip with the weight's own settings and
+    /// code tables, in `f32` (the re-quantized weight's dtype).
+    pub fn round_trip(
+        &self,
+        values: &[f32],
+        threads: usize,
+        avx512: bool,
+    ) -> Result<Vec<f32>, Box<dyn std::error::Error + Send + Sync>> {
+        let nested_code = self.nested_code()?;
+        let nested = nested_code.as_ref().zip(self.state.nested_blocksize);
+        let settings = RoundTrip4 {
+            code: self.code()?,
+            blocksize: self.state.blocksize,
+            nested,
+        };
+        settings.run(values, &self.state.shape, threads, avx512)
     }
 
     /// The name, dtype and shape of each tensor [`Requantized`] holds, and which part it is.
@@ -226,6 +250,70 @@ impl Weight4 {
                 .unwrap_or_default(),
             Part::State => vec![],
         }
+    }
+}
+
+/// How bitsandbytes quantizes a weight to 4 bits: the code, the block size, and with double
+/// quantization the 8-bit code of the block scales and its block size.
+pub(super) struct RoundTrip4<'a> {
+    pub code: Code4,
+    pub blocksize: usize,
+    pub nested: Option<(&'a [f32; 256], usize)>,
+}
+
+impl RoundTrip4<'_> {
+    /// `dequantize_4bit(quantize_4bit(values))` in `f32`, before any rounding to a dtype: with
+    /// double quantization the block scales, less their torch mean (`threads`: torch's), go
+    /// through the 8-bit code too. `avx512`: the dequantizer's host rule.
+    pub fn run(
+        &self,
+        values: &[f32],
+        shape: &[usize],
+        threads: usize,
+        avx512: bool,
+    ) -> Result<Vec<f32>, Box<dyn std::error::Error + Send + Sync>> {
+        let (packed, mut absmax) = bnb_quantize_4bit(values, self.blocksize, &self.code);
+        if let Some((nested_code, bs)) = self.nested {
+            let offset = torch_mean_f32(&absmax, threads);
+            let centred: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
+            let (codes8, scales) = bnb_quantize_blockwise(&centred, nested_code, bs);
+            absmax = bnb_dequantize_blockwise(&codes8, &scales, nested_code, bs)?;
+            absmax.iter_mut().for_each(|a| *a += offset);
+        }
+        Ok(bnb_dequantize_4bit(
+            &packed,
+            &absmax,
+            &self.code,
+            self.blocksize,
+            shape,
+            avx512,
+        )?)
+    }
+}
+
+/// A 4-bit weight after peft stored one adapter's result in it (`Params4bit(w_data)`): the
+/// result cast to the `dtype` it is stored as, and (`round_trip`, another adapter follows)
+/// quantized and dequantized again, in that dtype ([`Weight4::round_trip`]).
+pub(crate) struct Requantize4 {
+    pub weight: Weight4,
+    pub dtype: Dtype,
+    pub round_trip: bool,
+    pub threads: usize,
+    pub avx512: bool,
+}
+
+impl Requantizer for Requantize4 {
+    fn round_trip(
+        &self,
+        values: &[f32],
+    ) -> Result<Vec<f32>, Box<dyn std::error::Error + Send + Sync>> {
+        let mut values = values.to_vec();
+        round_slice_to(self.dtype, &mut values)?;
+        if self.round_trip {
+            values = self.weight.round_trip(&values, self.threads, self.avx512)?;
+            round_slice_to(self.dtype, &mut values)?;
+        }
+        Ok(values)
     }
 }
 
