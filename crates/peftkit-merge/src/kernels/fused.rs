@@ -20,9 +20,10 @@ use super::dtype::{bf16_bits_to_f32, decode_le, encode_le, f32_to_bf16_bits};
 use super::gemm::{product_into, Product, Sink};
 
 /// Adds `Δ` (reduced over the rank in `blocks`, MKL's order) to `data` (the base tensor's
-/// little-endian bytes) in place. Returns whether every merged value is finite (each block is
-/// tested right after it is written, while it is in cache), or `None`, having done nothing,
-/// when the base dtype has no fused path on this CPU (the caller then takes the general one).
+/// little-endian bytes) in place. With `check`, each block is tested for NaN and infinity right
+/// after it is written, while it is in cache. Returns `Some(false)` when a tested block holds
+/// one, `Some(true)` otherwise, or `None`, having done nothing, when the base dtype has no fused
+/// path on this CPU (the caller then takes the general one).
 ///
 /// The caller has checked the shapes: `data` holds `batch·rows × n` elements.
 pub(crate) fn add_in_place(
@@ -30,13 +31,16 @@ pub(crate) fn add_in_place(
     blocks: &[Range<usize>],
     dtype: Dtype,
     data: &mut [u8],
+    check: bool,
 ) -> Option<bool> {
+    let test = check.then_some(dtype);
     #[cfg(target_arch = "x86_64")]
     if let Some(ty) = super::avx512::BaseType::of(dtype) {
         if super::avx512::available() {
             return Some(for_each_segment(
                 p,
                 dtype,
+                test,
                 data,
                 |left, right, rows, bytes| {
                     super::avx512::add_rows(
@@ -55,6 +59,7 @@ pub(crate) fn add_in_place(
             return Some(for_each_segment(
                 p,
                 dtype,
+                test,
                 data,
                 |left, right, rows, bytes| {
                     super::avx2::add_rows(ty, left, right, (rows, p.k, p.n), blocks, p.scale, bytes)
@@ -62,7 +67,7 @@ pub(crate) fn add_in_place(
             ));
         }
     }
-    add_generic(p, blocks, dtype, data)
+    add_generic(p, blocks, dtype, data, test)
 }
 
 /// The fused path without the hand-written kernels: F32 and BF16 only.
@@ -71,16 +76,22 @@ fn add_generic(
     blocks: &[Range<usize>],
     dtype: Dtype,
     data: &mut [u8],
+    test: Option<Dtype>,
 ) -> Option<bool> {
     match dtype {
-        Dtype::BF16 => Some(add_with_sink::<Bf16>(p, blocks, data)),
-        Dtype::F32 => Some(add_with_sink::<F32>(p, blocks, data)),
+        Dtype::BF16 => Some(add_with_sink::<Bf16>(p, blocks, data, test)),
+        Dtype::F32 => Some(add_with_sink::<F32>(p, blocks, data, test)),
         _ => None,
     }
 }
 
-fn add_with_sink<E: Elem>(p: &Product<'_>, blocks: &[Range<usize>], data: &mut [u8]) -> bool {
-    for_each_segment(p, E::DTYPE, data, |left, right, rows, bytes| {
+fn add_with_sink<E: Elem>(
+    p: &Product<'_>,
+    blocks: &[Range<usize>],
+    data: &mut [u8],
+    test: Option<Dtype>,
+) -> bool {
+    for_each_segment(p, E::DTYPE, test, data, |left, right, rows, bytes| {
         let mut sink = AddInto::<E> {
             bytes,
             n: p.n,
@@ -96,8 +107,15 @@ const BLOCK_BYTES: usize = 1 << 20;
 
 /// Splits `data` into blocks of whole rows run in parallel, and each block at batch-entry
 /// boundaries (experts); calls `f(left rows, right factor, row count, base bytes)` per piece.
-/// Returns whether every value written is finite, testing each block as soon as it is done.
-fn for_each_segment<F>(p: &Product<'_>, dtype: Dtype, data: &mut [u8], f: F) -> bool
+/// With `test`, checks each block for NaN and infinity as soon as it is done; returns `false`
+/// when one holds some.
+fn for_each_segment<F>(
+    p: &Product<'_>,
+    dtype: Dtype,
+    test: Option<Dtype>,
+    data: &mut [u8],
+    f: F,
+) -> bool
 where
     F: Fn(&[f32], &[f32], usize, &mut [u8]) + Sync,
 {
@@ -126,7 +144,7 @@ where
                 );
                 g = seg_end;
             }
-            peftkit_checkpoint::nonfinite(dtype, bytes).is_none()
+            test.is_none_or(|d| peftkit_checkpoint::nonfinite(d, bytes).is_none())
         })
         .reduce(|| true, |a, b| a && b)
 }
@@ -309,7 +327,7 @@ mod tests {
                 let want = reference(&p, &blocks, batch, dtype, &base);
                 let mut paths: Vec<(&str, Vec<u8>)> = Vec::new();
                 let mut got = base.clone();
-                if add_generic(&p, &blocks, dtype, &mut got).is_some() {
+                if add_generic(&p, &blocks, dtype, &mut got, None).is_some() {
                     paths.push(("generic", got));
                 }
                 // One kernel call over all rows (no rayon split) is only valid for one entry.
@@ -346,7 +364,7 @@ mod tests {
                     paths.push(("avx2 (one call)", got));
                 }
                 let mut got = base.clone();
-                let fused = add_in_place(&p, &blocks, dtype, &mut got);
+                let fused = add_in_place(&p, &blocks, dtype, &mut got, true);
                 assert!(fused.is_some() || dtype == Dtype::F16);
                 if let Some(finite) = fused {
                     let scan = peftkit_checkpoint::nonfinite(dtype, &got).is_none();

@@ -201,7 +201,13 @@ impl<'a> LowRank<'a> {
             return Ok(false);
         }
         let product = self.as_product(false);
-        let fused = fused::add_in_place(&product, &self.blocks, base.dtype, base.data);
+        let fused = fused::add_in_place(
+            &product,
+            &self.blocks,
+            base.dtype,
+            base.data,
+            base.probe.is_some(),
+        );
         if let (Some(finite), Some(probe)) = (fused, base.probe) {
             probe.record(finite);
         }
