@@ -80,38 +80,131 @@ pub fn cast_state_dict(state: &StateDict, to: Dtype) -> Result<StateDict> {
         .collect()
 }
 
+/// Casts a run of consecutive elements of a floating tensor, as [`cast_tensor`] casts the
+/// whole tensor, into `out`: `src` holds elements `first..` of a tensor of `numel` elements,
+/// and `out` has room for as many elements of `to`. For callers that cast a tensor a piece at
+/// a time (peftkit-burn casts a band of rows and transposes it while it is in cache); the
+/// position matters because torch's float16 → float32 cast treats a NaN in the last
+/// `numel % 16` elements differently.
+///
+/// ```
+/// use peftkit_checkpoint::{cast_slice_into, Dtype};
+/// let src: Vec<u8> = [1.0f32, 2.5].iter().flat_map(|v| v.to_le_bytes()).collect();
+/// let mut out = [0u8; 2];
+/// // The second element of a two-element tensor.
+/// cast_slice_into("w", &src[4..], Dtype::F32, Dtype::BF16, 1, 2, &mut out).unwrap();
+/// assert_eq!(out, [0x20, 0x40]);
+/// ```
+pub fn cast_slice_into(
+    name: &str,
+    src: &[u8],
+    from: Dtype,
+    to: Dtype,
+    first: usize,
+    numel: usize,
+    out: &mut [u8],
+) -> Result<()> {
+    let fail = |reason: String| CheckpointError::TensorData {
+        tensor: name.to_owned(),
+        reason,
+    };
+    if !is_castable(from) || !is_castable(to) {
+        return Err(fail(format!(
+            "casting {} to {} is not supported (only F32, F16 and BF16 are cast)",
+            dtype_name(from),
+            dtype_name(to)
+        )));
+    }
+    let n = src.len() / width(from);
+    let fits = src.len() % width(from) == 0
+        && out.len() == n * width(to)
+        && first.checked_add(n).is_some_and(|end| end <= numel);
+    if !fits {
+        return Err(fail(format!(
+            "cannot cast {} bytes of {} at element {first} of {numel} into {} bytes of {}",
+            src.len(),
+            dtype_name(from),
+            out.len(),
+            dtype_name(to)
+        )));
+    }
+    cast_into(src, from, to, first, numel, out);
+    Ok(())
+}
+
 fn cast_bytes(src: &[u8], from: Dtype, to: Dtype) -> Vec<u8> {
-    let (inw, outw) = (width(from), width(to));
-    let numel = src.len() / inw;
+    let numel = src.len() / width(from);
+    let mut out = vec![0u8; numel * width(to)];
+    cast_into(src, from, to, 0, numel, &mut out);
+    out
+}
+
+/// The casts, one loop per pair of dtypes so that each compiles to straight-line code (a
+/// `match` per element kept bf16 → f32 at a fraction of memory speed). `src` holds elements
+/// `first..` of a tensor of `numel`; lengths are the caller's to check.
+fn cast_into(src: &[u8], from: Dtype, to: Dtype, first: usize, numel: usize, out: &mut [u8]) {
     let vectorised = numel - numel % TORCH_VECTOR;
-    let mut out = Vec::with_capacity(numel * outw);
-    for (i, c) in src.chunks_exact(inw).enumerate() {
-        let half = || u16::from_le_bytes([c[0], c[1]]);
-        match (from, to) {
-            (Dtype::F32, _) => {
-                let x = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                match to {
-                    Dtype::BF16 => push16(&mut out, f32_to_bf16(x)),
-                    _ => push16(&mut out, f16::from_f32(f32::from_bits(x)).to_bits()),
-                }
+    let halves = || {
+        src.as_chunks::<2>()
+            .0
+            .iter()
+            .map(|c| u16::from_le_bytes(*c))
+    };
+    let words = || {
+        src.as_chunks::<4>()
+            .0
+            .iter()
+            .map(|c| u32::from_le_bytes(*c))
+    };
+    match (from, to) {
+        _ if from == to => out.copy_from_slice(src),
+        (Dtype::F32, Dtype::BF16) => {
+            for (o, x) in out.as_chunks_mut::<2>().0.iter_mut().zip(words()) {
+                *o = f32_to_bf16(x).to_le_bytes();
             }
-            (Dtype::F16, Dtype::F32) => {
-                let x = match f16_to_f32(half()) {
-                    NAN_F32 if i < vectorised => widen_nan(half()),
+        }
+        (Dtype::F32, _) => {
+            for (o, x) in out.as_chunks_mut::<2>().0.iter_mut().zip(words()) {
+                *o = f16::from_f32(f32::from_bits(x)).to_bits().to_le_bytes();
+            }
+        }
+        (Dtype::F16, Dtype::F32) => {
+            for (i, (o, h)) in out
+                .as_chunks_mut::<4>()
+                .0
+                .iter_mut()
+                .zip(halves())
+                .enumerate()
+            {
+                let x = match f16_to_f32(h) {
+                    NAN_F32 if first + i < vectorised => widen_nan(h),
                     x => x,
                 };
-                out.extend_from_slice(&x.to_le_bytes())
+                *o = x.to_le_bytes();
             }
-            (Dtype::F16, _) if f16::from_bits(half()).is_nan() => push16(&mut out, 0x7FC0),
-            (Dtype::F16, _) => push16(&mut out, round_bf16(f16_to_f32(half()))),
-            (_, Dtype::F32) => out.extend_from_slice(&(u32::from(half()) << 16).to_le_bytes()),
-            _ => {
-                let x = f32::from_bits(u32::from(half()) << 16);
-                push16(&mut out, f16::from_f32(x).to_bits())
+        }
+        (Dtype::F16, _) => {
+            for (o, h) in out.as_chunks_mut::<2>().0.iter_mut().zip(halves()) {
+                let bf = if f16::from_bits(h).is_nan() {
+                    0x7FC0
+                } else {
+                    round_bf16(f16_to_f32(h))
+                };
+                *o = bf.to_le_bytes();
+            }
+        }
+        (_, Dtype::F32) => {
+            for (o, h) in out.as_chunks_mut::<4>().0.iter_mut().zip(halves()) {
+                *o = (u32::from(h) << 16).to_le_bytes();
+            }
+        }
+        _ => {
+            for (o, h) in out.as_chunks_mut::<2>().0.iter_mut().zip(halves()) {
+                let x = f32::from_bits(u32::from(h) << 16);
+                *o = f16::from_f32(x).to_bits().to_le_bytes();
             }
         }
     }
-    out
 }
 
 fn width(d: Dtype) -> usize {
@@ -120,10 +213,6 @@ fn width(d: Dtype) -> usize {
     } else {
         2
     }
-}
-
-fn push16(out: &mut Vec<u8>, v: u16) {
-    out.extend_from_slice(&v.to_le_bytes());
 }
 
 /// Elements per vector of torch's float16 → float32 loop (AVX-512); the rest take the scalar
@@ -182,4 +271,71 @@ pub fn f32_to_bf16_bits(x: f32) -> u16 {
 fn round_bf16(x: u32) -> u16 {
     let lsb = (x >> 16) & 1;
     ((x + 0x7FFF + lsb) >> 16) as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// float16 bits with NaNs (quiet, signalling, negative) spread over the tensor, the last
+    /// `numel % 16` elements included, and ordinary values.
+    fn f16_sample(numel: usize) -> Vec<u8> {
+        (0..numel)
+            .map(|i| match i % 7 {
+                0 => 0x7E00u16 | i as u16 & 0x1FF,
+                3 => 0xFD01,
+                _ => f16::from_f32(i as f32 * 0.37 - 5.0).to_bits(),
+            })
+            .flat_map(u16::to_le_bytes)
+            .collect()
+    }
+
+    /// Cast piece by piece at their positions, every pair of dtypes gives the bytes of the
+    /// whole-tensor cast, float16 NaNs of the scalar tail included.
+    #[test]
+    fn pieces_cast_as_the_whole_tensor() {
+        let numel = 16 * 5 + 11;
+        let f16s = f16_sample(numel);
+        let floats = [Dtype::F32, Dtype::F16, Dtype::BF16];
+        for from in floats {
+            let src = if from == Dtype::F16 {
+                f16s.clone()
+            } else {
+                cast_bytes(&f16s, Dtype::F16, from)
+            };
+            for to in floats {
+                let whole = if from == to {
+                    src.clone()
+                } else {
+                    cast_bytes(&src, from, to)
+                };
+                let mut pieces = vec![0u8; whole.len()];
+                let (inw, outw) = (width(from), width(to));
+                for (start, end) in [(0, 7), (7, 64), (64, 85), (85, numel)] {
+                    cast_slice_into(
+                        "t",
+                        &src[start * inw..end * inw],
+                        from,
+                        to,
+                        start,
+                        numel,
+                        &mut pieces[start * outw..end * outw],
+                    )
+                    .unwrap();
+                }
+                assert_eq!(pieces, whole, "{from:?} -> {to:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_piece_that_does_not_fit_is_refused() {
+        let src = [0u8; 8];
+        let mut out = [0u8; 16];
+        let err = cast_slice_into("w", &src, Dtype::BF16, Dtype::F32, 1, 4, &mut out);
+        assert!(err.unwrap_err().to_string().contains("w"));
+        let err = cast_slice_into("w", &src, Dtype::I64, Dtype::F32, 0, 1, &mut out[..4]);
+        assert!(err.is_err());
+        assert!(cast_slice_into("w", &src, Dtype::BF16, Dtype::F32, 0, 4, &mut out).is_ok());
+    }
 }

@@ -54,7 +54,7 @@ mod staging;
 mod tensor;
 
 pub use atomic::DirTransaction;
-pub use cast::{cast_state_dict, cast_tensor, f32_to_bf16_bits, parse_cast_dtype};
+pub use cast::{cast_slice_into, cast_state_dict, cast_tensor, f32_to_bf16_bits, parse_cast_dtype};
 pub use checkpoint::{
     find_file_layout, verify, verify_problems, Checkpoint, FileLayout, Problem, WeightFile,
     WeightFormat,
