@@ -177,21 +177,10 @@ fn unsupported_tensor(key: &str, why: &str) -> BurnError {
 }
 
 /// A peft factor (`[rows, cols]`) in burn's layout (`[cols, rows]`), dtype kept. Transposed
-/// on the host: the factors are small, and no backend is needed to read them.
+/// on the host: no backend is needed to read it.
 fn transposed(module: &str, t: &Tensor) -> Result<TensorData, BurnError> {
-    let data = read_as(module, t, None).map_err(|reason| BurnError::Tensor {
+    read_as(module, t, None, true).map_err(|reason| BurnError::Tensor {
         tensor: module.to_owned(),
         reason,
-    })?;
-    let (rows, cols, dtype) = (t.shape()[0], t.shape()[1], data.dtype());
-    let elem = dtype.size();
-    let bytes = data.as_bytes();
-    let mut out = vec![0u8; bytes.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            let (from, to) = ((r * cols + c) * elem, (c * rows + r) * elem);
-            out[to..to + elem].copy_from_slice(&bytes[from..from + elem]);
-        }
-    }
-    Ok(TensorData::from_bytes_vec(out, [cols, rows], dtype))
+    })
 }

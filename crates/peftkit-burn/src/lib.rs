@@ -15,7 +15,7 @@
 //! `flex`, the pure-Rust CPU backend).
 //!
 //! Modules are private and every item is re-exported here. They depend one way: `error`,
-//! `convert` <- `llama`, `load`, `lora` <- `adapter` <- `save`.
+//! `layout` <- `convert` <- `llama`, `lora` <- `linear`, `adapter` <- `load`, `save`.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -23,6 +23,8 @@
 mod adapter;
 mod convert;
 mod error;
+mod layout;
+mod linear;
 mod llama;
 mod load;
 mod lora;

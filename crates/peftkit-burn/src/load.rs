@@ -6,12 +6,13 @@
 use std::path::Path;
 
 use burn::tensor::{DType, Shape};
-use burn_store::{bridge, ModuleSnapshot, PyTorchToBurnAdapter};
+use burn_store::{bridge, ModuleSnapshot};
 use peftkit_checkpoint::{Checkpoint, ModelConfig, StateDict, WeightsKind, MODEL_CONFIG_NAME};
 use peftkit_remap::{checkpoint_mapping, Registry};
 
 use crate::convert::{read_as, to_burn_dtype};
 use crate::error::BurnError;
+use crate::linear::{linear_weights, TorchLayout};
 
 /// Options of [`load_hf`].
 #[derive(Debug, Clone, PartialEq)]
@@ -76,8 +77,8 @@ pub(crate) fn open_v5(
 
 /// Loads the Hugging Face checkpoint in `dir` into `module`, whose parameter paths are the
 /// checkpoint's (transformers-v5) names. Linear weights are transposed to burn's `[in, out]`;
-/// floats are cast to `options.dtype`. Each tensor is read when it is applied, so peak memory
-/// is the module plus one tensor.
+/// floats are cast to `options.dtype`, in the same pass. Each tensor is read when it is
+/// applied, so peak memory is the module plus one tensor (as stored and as loaded).
 ///
 /// Strict by default: every missing and every unused key is reported in one error.
 ///
@@ -99,6 +100,8 @@ pub fn load_hf<M: ModuleSnapshot>(
     options: &LoadOptions,
 ) -> Result<(M, LoadReport), BurnError> {
     let (state, rules_used) = open_v5(dir, options)?;
+    // Linear weights are transposed here, with the cast; burn-store's adapter does the rest.
+    let linear = linear_weights(&module);
     let mut tensors = Vec::with_capacity(state.len());
     for (name, t) in &state {
         let from = to_burn_dtype(t.dtype()).ok_or_else(|| BurnError::Tensor {
@@ -106,18 +109,25 @@ pub fn load_hf<M: ModuleSnapshot>(
             reason: format!("dtype {:?} cannot be loaded into burn", t.dtype()),
         })?;
         let to = options.dtype.filter(|_| from.is_float()).unwrap_or(from);
+        let transposed = t.shape().len() == 2 && linear.contains(name);
+        let mut shape = t.shape().to_vec();
+        if transposed {
+            shape.reverse();
+        }
         let (key, handle, cast) = (name.clone(), t.clone(), options.dtype);
         tensors.push(bridge::deferred(
             name.clone(),
             to,
-            Shape::from(t.shape().to_vec()),
+            Shape::from(shape),
             None,
             move || {
-                read_as(&key, &handle, cast).map_err(burn_store::burn_pack::Error::ValidationError)
+                read_as(&key, &handle, cast, transposed)
+                    .map_err(burn_store::burn_pack::Error::ValidationError)
             },
         ));
     }
-    let result = module.apply(tensors, None, Some(Box::new(PyTorchToBurnAdapter)), false);
+    let adapter = TorchLayout::to_burn(linear);
+    let result = module.apply(tensors, None, Some(Box::new(adapter)), false);
     if !result.errors.is_empty() {
         let all: Vec<String> = result.errors.iter().map(ToString::to_string).collect();
         return Err(BurnError::Tensor {

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use burn_store::{bridge, BurnToPyTorchAdapter, ModuleSnapshot};
+use burn_store::{bridge, ModuleSnapshot};
 use peftkit_checkpoint::{
     torch_dtype_name, CheckpointError, Dtype, GenerationConfig, ModelConfig, SaveOptions,
     SaveReport, StateDict, Tensor, GENERATION_CONFIG_NAME, MODEL_CONFIG_NAME,
@@ -16,6 +16,7 @@ use peftkit_remap::{checkpoint_mapping, save_pretrained_original, Registry, Reve
 use crate::adapter::save_peft_adapter;
 use crate::convert::{bytes_as, from_burn_dtype};
 use crate::error::BurnError;
+use crate::linear::{linear_weights, TorchLayout};
 use crate::lora::AppliedLora;
 
 /// Options of [`save_hf`]: what transformers' model carries besides its weights.
@@ -65,11 +66,13 @@ fn config_dtype(config: &ModelConfig) -> Option<Dtype> {
 }
 
 /// The module's parameters under their Hugging Face names, in module order, Linear weights
-/// transposed back to `[out, in]` and floats cast to `dtype`; each read from the device when
-/// the writer reaches it.
+/// transposed back to `[out, in]` and floats cast to `dtype` in one pass; each read from the
+/// device when the writer reaches it.
 fn hf_state<M: ModuleSnapshot>(module: &M, dtype: Option<Dtype>) -> Result<StateDict, BurnError> {
     let mut state = StateDict::new();
-    for t in module.collect(None, Some(Box::new(BurnToPyTorchAdapter)), false) {
+    let linear = linear_weights(module);
+    let adapter = TorchLayout::to_torch(linear.clone());
+    for t in module.collect(None, Some(Box::new(adapter)), false) {
         let name = t.name.clone();
         if name.contains(".lora.") {
             return Err(BurnError::Tensor {
@@ -85,14 +88,19 @@ fn hf_state<M: ModuleSnapshot>(module: &M, dtype: Option<Dtype>) -> Result<State
         })?;
         let is_float = matches!(held, Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16);
         let to = dtype.filter(|_| is_float).unwrap_or(held);
+        let transposed = t.shape.len() == 2 && linear.contains(&name);
+        let mut shape = t.shape.to_vec();
+        if transposed {
+            shape.reverse();
+        }
         let key = name.clone();
-        let lazy = Tensor::lazy(to, t.shape.to_vec(), move || {
+        let lazy = Tensor::lazy(to, shape, move || {
             let fail = |reason: String| CheckpointError::TensorData {
                 tensor: key.clone(),
                 reason,
             };
             let data = bridge::to_data(&t).map_err(|e| fail(e.to_string()))?;
-            bytes_as(data, to).map_err(fail)
+            bytes_as(&key, data, to, transposed).map_err(fail)
         })?;
         state.insert(name, lazy);
     }

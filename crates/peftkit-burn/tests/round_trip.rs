@@ -4,7 +4,10 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::Device;
+use burn::tensor::{DType, Device};
+use burn_store::{
+    bridge, FloatCastAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore,
+};
 use peftkit_burn::{
     load_hf, load_peft_adapter, save_hf, save_peft_adapter, HfSaveOptions, LlamaConfig,
     LlamaForCausalLM, LoadOptions,
@@ -111,5 +114,47 @@ fn peft_to_burn_to_peft_gives_identical_files() {
             len(&theirs),
             "{name}: same JSON, different formatting"
         );
+    }
+}
+
+/// Every parameter of a module: path, dtype, shape and bytes.
+fn parameters(model: &LlamaForCausalLM) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
+    model
+        .collect(None, None, false)
+        .iter()
+        .map(|t| {
+            let data = bridge::to_data(t).unwrap();
+            let (dtype, shape) = (format!("{:?}", data.dtype()), data.shape().to_vec());
+            (t.name.clone(), dtype, shape, data.into_bytes().to_vec())
+        })
+        .collect()
+}
+
+/// `load_hf` (peftkit's own transpose and cast) puts the same values in every parameter as
+/// burn-store's own loader with its PyTorch adapter (one transpose per Linear weight; bf16 →
+/// f32 is exact), square weights (q_proj, o_proj) included, where a missing or doubled
+/// transpose keeps the shape.
+#[test]
+fn load_hf_loads_what_burn_stores_own_loader_loads() {
+    for name in CASES.iter().filter(|n| **n != "llama_theta_sharded") {
+        let base = case(name).join("base");
+        let config = ModelConfig::read(&base.join("config.json")).unwrap();
+        let fresh =
+            || LlamaForCausalLM::new(&LlamaConfig::from_hf(&config).unwrap(), &Device::flex());
+        let adapter = PyTorchToBurnAdapter.chain(FloatCastAdapter::to(DType::F32));
+        let mut store =
+            SafetensorsStore::from_file(base.join("model.safetensors")).with_from_adapter(adapter);
+        let mut theirs = fresh();
+        let result = theirs.load_from(&mut store).unwrap();
+        assert!(
+            result.errors.is_empty() && result.unused.is_empty(),
+            "{name}: {result:?}"
+        );
+        let ours = parameters(&loaded(&base));
+        assert!(
+            ours.iter().any(|(_, _, s, _)| s.len() == 2 && s[0] == s[1]),
+            "{name}"
+        );
+        assert_eq!(ours, parameters(&theirs), "{name}");
     }
 }
