@@ -116,7 +116,7 @@ pub fn cast_slice_into(
         )));
     }
     let n = src.len() / width(from);
-    let fits = src.len() % width(from) == 0
+    let fits = src.len().is_multiple_of(width(from))
         && out.len() == n * width(to)
         && first.checked_add(n).is_some_and(|end| end <= numel);
     if !fits {
