@@ -37,6 +37,8 @@ mod error;
 pub(crate) mod exact;
 pub(crate) mod fp8;
 mod fp8_rows;
+#[cfg(target_arch = "x86_64")]
+mod fp8_x86;
 mod fused;
 pub(crate) mod gemm;
 mod isa;

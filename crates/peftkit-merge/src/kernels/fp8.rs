@@ -271,8 +271,14 @@ pub fn dequantize_fp8_into(
     bands
         .zip(scales.par_chunks(grid.grid_cols))
         .try_for_each(|((out, weight), scales)| {
+            let rows = out.chunks_mut(cols * size).zip(weight.chunks(cols));
+            if dtype == Dtype::BF16 {
+                // Straight into BF16, the common model dtype: no `f32` row in between.
+                rows.for_each(|(o, w)| rows::dequantize_row_bf16(w, scales, bn, o));
+                return Ok(());
+            }
             let mut row = vec![0.0f32; cols];
-            for (o_row, w_row) in out.chunks_mut(cols * size).zip(weight.chunks(cols)) {
+            for (o_row, w_row) in rows {
                 rows::dequantize_row(w_row, scales, bn, &mut row);
                 encode_f32_into("dequantized fp8 weight", dtype, &row, o_row)?;
             }
@@ -362,16 +368,20 @@ impl<'a> Values<'a> {
         })
     }
 
-    /// Row `r` of `cols` elements as `f32`: borrowed, or widened into `scratch`.
-    fn row<'s>(&'s self, r: usize, scratch: &'s mut [f32]) -> Result<&'s [f32]> {
+    /// Row `r` of `cols` elements: borrowed (`f32`s, or BF16 bytes where the row kernels read
+    /// them as they are), or widened to `f32` into `scratch`.
+    fn row<'s>(&'s self, r: usize, scratch: &'s mut [f32]) -> Result<rows::Row<'s>> {
         let cols = scratch.len();
         match *self {
-            Values::F32(v) => Ok(&v[r * cols..(r + 1) * cols]),
+            Values::F32(v) => Ok(rows::Row::F32(&v[r * cols..(r + 1) * cols])),
+            Values::Encoded(Dtype::BF16, b) if rows::reads_bf16() => {
+                Ok(rows::Row::Bf16(&b[r * cols * 2..(r + 1) * cols * 2]))
+            }
             Values::Encoded(dtype, b) => {
                 let size = element_size(dtype)?;
                 let bytes = &b[r * cols * size..(r + 1) * cols * size];
                 decode_f32_into("values", dtype, bytes, scratch)?;
-                Ok(scratch)
+                Ok(rows::Row::F32(scratch))
             }
         }
     }
