@@ -66,7 +66,8 @@ pub use error::MergeMathError;
 pub use exact::{refusal, refusal_reason, Numerics, ParseNumericsError};
 pub use fp8::{
     dequantize_fp8, dequantize_fp8_into, e4m3_to_f32, e8m0_to_f32, f32_to_e4m3, quantize_fp8,
-    quantize_fp8_into, ue8m0_round_up, Fp8Grid, Fp8Quantized, ScaleKind, E4M3_MAX,
+    quantize_fp8_into, requantize_fp8_bands, ue8m0_round_up, Fp8Grid, Fp8Quantized, ScaleKind,
+    E4M3_MAX,
 };
 pub use gemm::lowrank_product;
 pub use lora::{

@@ -21,10 +21,11 @@ use std::sync::{Arc, Mutex};
 
 use peftkit_checkpoint::{buffers, CheckpointError, Dtype, InPlaceEdit, Tensor};
 
-use crate::edit::Step;
+use crate::edit::{RowBanded, Step};
 use crate::kernels::{
     decode_f32, dequantize_fp8_into, e8m0_to_f32, element_size, encode_f32, quantize_fp8_into,
-    Fp8Grid, Fp8Quantized, MergeMathError, MergeOptions as KernelOptions, ScaleKind,
+    requantize_fp8_bands, Fp8Grid, Fp8Quantized, MergeMathError, MergeOptions as KernelOptions,
+    ScaleKind,
 };
 
 /// Bytes of re-quantized weights a merge keeps for their later write.
@@ -152,15 +153,20 @@ impl Fp8Weight {
         requant: Requant,
         fp8: &mut [u8],
     ) -> Result<Fp8Quantized, CheckpointError> {
-        let mut merged = buffers::take(self.merged_len()?);
         let mut inv_scales = vec![0.0f32; self.grid.scales()];
-        let done = self.merge_into(fp8, &mut merged).and_then(|()| {
-            let (dtype, grid, kind) = (self.dtype, &self.grid, requant.kind);
-            quantize_fp8_into(&merged, dtype, grid, kind, fp8, &mut inv_scales)
-                .map_err(|e| self.math(e))
-        });
-        buffers::give(merged);
-        let max_abs_error = done?;
+        let max_abs_error = match self.row_banded()? {
+            Some(steps) => self.requantize_bands(&steps, requant, fp8, &mut inv_scales)?,
+            None => {
+                let mut merged = buffers::take(self.merged_len()?);
+                let done = self.merge_into(fp8, &mut merged).and_then(|()| {
+                    let (dtype, grid, kind) = (self.dtype, &self.grid, requant.kind);
+                    quantize_fp8_into(&merged, dtype, grid, kind, fp8, &mut inv_scales)
+                        .map_err(|e| self.math(e))
+                });
+                buffers::give(merged);
+                done?
+            }
+        };
         if let Ok(mut errors) = self.shared.errors.lock() {
             errors.insert(self.key.clone(), max_abs_error);
         }
@@ -169,6 +175,48 @@ impl Fp8Weight {
             inv_scales,
             max_abs_error,
         })
+    }
+
+    /// The steps as [`RowBanded`] ones, if the weight is 2-D and every step is one.
+    fn row_banded(&self) -> Result<Option<Vec<RowBanded>>, CheckpointError> {
+        if self.grid.lead != 1 {
+            return Ok(None);
+        }
+        let mut banded = Vec::with_capacity(self.steps.len());
+        for step in &self.steps {
+            match step.row_banded(&self.key, self.weight.shape(), &self.opts)? {
+                Some(b) => banded.push(b),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(banded))
+    }
+
+    /// [`Fp8Weight::requantize`] one band of blocks at a time (see
+    /// [`requantize_fp8_bands`]): a band in the model dtype per worker instead of the weight.
+    fn requantize_bands(
+        &self,
+        steps: &[RowBanded],
+        requant: Requant,
+        fp8: &mut [u8],
+        inv_scales: &mut [f32],
+    ) -> Result<f64, CheckpointError> {
+        let scale_bytes = self.scale.bytes()?;
+        let scales = decode_scales(self.scale.dtype(), &scale_bytes).map_err(|e| self.math(e))?;
+        let (dtype, cols) = (self.dtype, self.grid.cols);
+        let merge = |rows: std::ops::Range<usize>, band: &mut [u8]| {
+            for step in steps {
+                step.apply(&self.key, dtype, (rows.clone(), cols), band)?;
+            }
+            Ok(())
+        };
+        let (grid, kind) = (&self.grid, requant.kind);
+        requantize_fp8_bands(fp8, &scales, grid, dtype, kind, inv_scales, merge).map_err(
+            |e: Banded| match e {
+                Banded::Merge(e) => e,
+                Banded::Math(e) => self.math(e),
+            },
+        )
     }
 
     /// Waits for a computation of this weight under way (see [`Fp8Weight::turn`]).
@@ -228,6 +276,24 @@ impl Fp8Weight {
             }
         };
         encode_scales(requant.scale_dtype, &inv).map_err(|e| self.math(e))
+    }
+}
+
+/// An error of [`Fp8Weight::requantize_bands`]: of a step, or of the FP8 kernels.
+enum Banded {
+    Merge(CheckpointError),
+    Math(MergeMathError),
+}
+
+impl From<MergeMathError> for Banded {
+    fn from(e: MergeMathError) -> Self {
+        Banded::Math(e)
+    }
+}
+
+impl From<CheckpointError> for Banded {
+    fn from(e: CheckpointError) -> Self {
+        Banded::Merge(e)
     }
 }
 
