@@ -156,16 +156,7 @@ impl Fp8Weight {
         let mut inv_scales = vec![0.0f32; self.grid.scales()];
         let max_abs_error = match self.row_banded()? {
             Some(steps) => self.requantize_bands(&steps, requant, fp8, &mut inv_scales)?,
-            None => {
-                let mut merged = buffers::take(self.merged_len()?);
-                let done = self.merge_into(fp8, &mut merged).and_then(|()| {
-                    let (dtype, grid, kind) = (self.dtype, &self.grid, requant.kind);
-                    quantize_fp8_into(&merged, dtype, grid, kind, fp8, &mut inv_scales)
-                        .map_err(|e| self.math(e))
-                });
-                buffers::give(merged);
-                done?
-            }
+            None => self.requantize_whole(requant, fp8, &mut inv_scales)?,
         };
         if let Ok(mut errors) = self.shared.errors.lock() {
             errors.insert(self.key.clone(), max_abs_error);
@@ -175,6 +166,22 @@ impl Fp8Weight {
             inv_scales,
             max_abs_error,
         })
+    }
+
+    /// [`Fp8Weight::requantize`] through one buffer of the whole weight in the model dtype.
+    fn requantize_whole(
+        &self,
+        requant: Requant,
+        fp8: &mut [u8],
+        inv_scales: &mut [f32],
+    ) -> Result<f64, CheckpointError> {
+        let mut merged = buffers::take(self.merged_len()?);
+        let done = self.merge_into(fp8, &mut merged).and_then(|()| {
+            let (dtype, grid, kind) = (self.dtype, &self.grid, requant.kind);
+            quantize_fp8_into(&merged, dtype, grid, kind, fp8, inv_scales).map_err(|e| self.math(e))
+        });
+        buffers::give(merged);
+        done
     }
 
     /// The steps as [`RowBanded`] ones, if the weight is 2-D and every step is one.
@@ -421,6 +428,81 @@ mod tests {
             );
         }
         assert_eq!(reference.shared.errors.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_lora_merged_band_by_band_is_the_whole_weight_merged() {
+        use crate::edit::{Edit, LoraKind, ModuleTensors};
+        // 384 x 256 (three bands of two 128 x 128 blocks), rank 4; factors large enough to move
+        // the block maxima, so that every scale changes.
+        let (rows, cols, r) = (384, 256, 4);
+        let f32s = |n: usize, k: u32| -> Vec<u8> {
+            (0..n as u32)
+                .flat_map(|i| (((i * k) % 97) as f32 / 97.0 - 0.5).to_le_bytes())
+                .collect()
+        };
+        let q: Vec<u8> = (0..rows * cols)
+            .map(|i| (i * 37 % 251) as u8 & 0xf7)
+            .collect();
+        let inv: Vec<u8> = (0..6)
+            .flat_map(|i| (0.01f32 * (i + 1) as f32).to_le_bytes())
+            .collect();
+        let weight = Tensor::from_bytes(Dtype::F8_E4M3, vec![rows, cols], q).unwrap();
+        let scale = Tensor::from_bytes(Dtype::F32, vec![3, 2], inv).unwrap();
+        let a = Tensor::from_bytes(Dtype::F32, vec![r, cols], f32s(r * cols, 13)).unwrap();
+        let b = Tensor::from_bytes(Dtype::F32, vec![rows, r], f32s(rows * r, 29)).unwrap();
+        let step = Step {
+            adapter: std::path::Path::new("adapter").into(),
+            edit: Edit::Lora {
+                module: ModuleTensors::from_roles([("a", &a), ("b", &b)]),
+                kind: LoraKind::Linear {
+                    fan_in_fan_out: false,
+                },
+                scale: 2.0,
+                dora: false,
+                round_first: false,
+            },
+        };
+        let grid = Fp8Grid::new(&[rows, cols], &[3, 2]).unwrap();
+        let requant = Requant {
+            kind: ScaleKind::F32,
+            scale_dtype: Dtype::F32,
+        };
+        let w = Fp8Weight::new(
+            "w",
+            (weight.clone(), scale, grid),
+            Some(requant),
+            Dtype::BF16,
+            vec![step.clone(); 2],
+            KernelOptions::default(),
+            Arc::default(),
+        );
+        let steps = w
+            .row_banded()
+            .unwrap()
+            .expect("plain Linear LoRA steps run by bands");
+        let base = weight.bytes().unwrap().into_owned();
+        let (mut banded, mut whole) = (base.clone(), base.clone());
+        let (mut inv_b, mut inv_w) = (vec![0f32; 6], vec![0f32; 6]);
+        let err_b = w
+            .requantize_bands(&steps, requant, &mut banded, &mut inv_b)
+            .unwrap();
+        let err_w = w.requantize_whole(requant, &mut whole, &mut inv_w).unwrap();
+        assert!(banded != base && inv_w.iter().all(|&x| x != 0.0));
+        assert_eq!(
+            (banded, inv_b, err_b.to_bits()),
+            (whole, inv_w, err_w.to_bits())
+        );
+        // A DoRA step is not run by bands.
+        let mut dora = step;
+        if let Edit::Lora { dora: d, .. } = &mut dora.edit {
+            *d = true;
+        }
+        let opts = KernelOptions::default();
+        assert!(dora
+            .row_banded("w", &[rows, cols], &opts)
+            .unwrap()
+            .is_none());
     }
 
     #[test]
