@@ -172,19 +172,36 @@ unsafe fn quantize512<const BF16: bool>(
             }
             j += 16;
         }
-        for j in start + full..start + bn {
-            // SAFETY: `j < (b + 1) · bn`, within the row and `out`.
-            let x = unsafe { load_one::<BF16>(v, j) };
-            let (q, e) = quantize_one(x, s, inv);
-            out[j] = q;
-            tail.fold(e);
-        }
+        // SAFETY: the range lies within the block, inside the row and `out`.
+        unsafe { quantize_tail::<BF16>(v, (s, inv), start + full..start + bn, out, &mut tail) };
     }
     let max = select_max(_mm512_reduce_max_pd(lo), _mm512_reduce_max_pd(hi));
     err.fold(max);
     err.merge(tail);
     if nans != 0 {
         err.fold(f64::NAN);
+    }
+}
+
+/// Elements `range` of a row (`v`) quantized one at a time into `out`, their error folded into
+/// `err`: the end of a block short of a whole vector.
+///
+/// # Safety
+/// `range` lies within the row `v` points to; `out` is as long as the row.
+unsafe fn quantize_tail<const BF16: bool>(
+    v: *const u8,
+    (s, inv): (f32, f32),
+    range: std::ops::Range<usize>,
+    out: &mut [u8],
+    err: &mut MaxError,
+) {
+    let start = range.start;
+    for (j, q) in out[range].iter_mut().enumerate() {
+        // SAFETY: the caller's contract.
+        let x = unsafe { load_one::<BF16>(v, start + j) };
+        let (byte, e) = quantize_one(x, s, inv);
+        *q = byte;
+        err.fold(e);
     }
 }
 
@@ -417,13 +434,8 @@ unsafe fn quantize256<const BF16: bool>(
             }
             j += 8;
         }
-        for j in start + full..start + bn {
-            // SAFETY: `j < (b + 1) · bn`, within the row and `out`.
-            let x = unsafe { load_one::<BF16>(v, j) };
-            let (q, e) = quantize_one(x, s, inv);
-            out[j] = q;
-            tail.fold(e);
-        }
+        // SAFETY: the range lies within the block, inside the row and `out`.
+        unsafe { quantize_tail::<BF16>(v, (s, inv), start + full..start + bn, out, &mut tail) };
     }
     let mut lanes = [0.0f64; 4];
     // SAFETY: `lanes` holds 4 `f64`.
