@@ -61,29 +61,45 @@ unsafe fn load16<const BF16: bool>(p: *const u8, at: usize) -> __m512 {
     }
 }
 
-/// The e4m3 codes of 16 lanes, as the magnitude code (`0..=0x7f`) and the sign bit (`0x80`).
+/// The e4m3 bytes of 16 lanes (in the low byte of each) and their values (`e4m3_to_f32` of
+/// them), taken from the cast's own steps rather than decoded again: a normal code's value is
+/// its bits moved back into place, a subnormal's is the cast's sum less the shift it added
+/// (exact), a saturated one's 448, a NaN's NaN.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
 #[inline]
-fn cast16(y: __m512) -> (__m512i, __m512i) {
+fn cast16(y: __m512) -> (__m512i, __m512) {
+    let set = _mm512_set1_epi32;
     let bits = _mm512_castps_si512(y);
-    let sign = _mm512_and_si512(_mm512_srli_epi32::<24>(bits), _mm512_set1_epi32(0x80));
-    let mag = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff_ffff));
-    let sum = _mm512_add_ps(
-        _mm512_castsi512_ps(mag),
-        _mm512_castsi512_ps(_mm512_set1_epi32(DENORM)),
-    );
-    let subnormal = _mm512_sub_epi32(_mm512_castps_si512(sum), _mm512_set1_epi32(DENORM));
-    let odd = _mm512_and_si512(_mm512_srli_epi32::<20>(mag), _mm512_set1_epi32(1));
-    let rounded = _mm512_add_epi32(_mm512_add_epi32(mag, _mm512_set1_epi32(REBIAS)), odd);
-    let normal = _mm512_and_si512(_mm512_srli_epi32::<20>(rounded), _mm512_set1_epi32(0xff));
-    let normal = _mm512_min_epu32(normal, _mm512_set1_epi32(0x7e));
-    let small = _mm512_cmplt_epu32_mask(mag, _mm512_set1_epi32(SMALLEST_NORMAL));
+    let sign = _mm512_and_si512(bits, set(i32::MIN));
+    let mag = _mm512_and_si512(bits, set(i32::MAX));
+    let sum = _mm512_add_ps(_mm512_castsi512_ps(mag), _mm512_castsi512_ps(set(DENORM)));
+    let subnormal = _mm512_sub_epi32(_mm512_castps_si512(sum), set(DENORM));
+    let odd = _mm512_and_si512(_mm512_srli_epi32::<20>(mag), set(1));
+    let rounded = _mm512_add_epi32(_mm512_add_epi32(mag, set(REBIAS)), odd);
+    let normal = _mm512_and_si512(_mm512_srli_epi32::<20>(rounded), set(0xff));
+    // 464..480 rounds up to the NaN code: saturated like the values above.
+    let normal = _mm512_min_epu32(normal, set(0x7e));
+    let past = _mm512_cmpge_epu32_mask(mag, set(ROUNDS_PAST_MAX));
+    let normal = _mm512_mask_mov_epi32(normal, past, set(0x7e));
+    let small = _mm512_cmplt_epu32_mask(mag, set(SMALLEST_NORMAL));
+    let nan = _mm512_cmpgt_epu32_mask(mag, set(0x7f80_0000));
     let code = _mm512_mask_blend_epi32(small, normal, subnormal);
-    let past = _mm512_cmpge_epu32_mask(mag, _mm512_set1_epi32(ROUNDS_PAST_MAX));
-    let code = _mm512_mask_mov_epi32(code, past, _mm512_set1_epi32(0x7e));
-    let nan = _mm512_cmpgt_epu32_mask(mag, _mm512_set1_epi32(0x7f80_0000));
-    let code = _mm512_mask_mov_epi32(code, nan, _mm512_set1_epi32(0x7f));
-    (code, sign)
+    let code = _mm512_mask_mov_epi32(code, nan, set(0x7f));
+    let q = _mm512_or_si512(code, _mm512_srli_epi32::<24>(sign));
+    let value = _mm512_castsi512_ps(_mm512_add_epi32(
+        _mm512_slli_epi32::<20>(normal),
+        set(120 << 23),
+    ));
+    let value = _mm512_mask_blend_ps(
+        small,
+        value,
+        _mm512_sub_ps(sum, _mm512_castsi512_ps(set(DENORM))),
+    );
+    let value = _mm512_mask_mov_ps(value, nan, _mm512_set1_ps(f32::NAN));
+    (
+        q,
+        _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(value), sign)),
+    )
 }
 
 /// `e4m3_to_f32` of 16 codes given as magnitude (`0..=0x7f`) and sign bit (`0x80`).
@@ -146,6 +162,7 @@ unsafe fn quantize512<const BF16: bool>(
     err: &mut MaxError,
 ) {
     let (mut lo, mut hi) = (_mm512_setzero_pd(), _mm512_setzero_pd());
+    let mut exact = _mm512_setzero_ps();
     let mut nans: __mmask8 = 0;
     let mut tail = MaxError::default();
     let full = whole(bn, 16);
@@ -158,10 +175,23 @@ unsafe fn quantize512<const BF16: bool>(
             // SAFETY: `j + 16 ≤ (b + 1) · bn`, within the row and `out` (the caller's contract).
             unsafe {
                 let x = load16::<BF16>(v, j);
-                let (code, sign) = cast16(_mm512_mul_ps(x, sv));
-                let q = _mm512_or_si512(code, sign);
+                let (q, value) = cast16(_mm512_mul_ps(x, sv));
                 _mm_storeu_si128(op.add(j) as *mut __m128i, _mm512_cvtepi32_epi8(q));
-                let back = _mm512_mul_ps(decode16(code, sign), iv);
+                let back = _mm512_mul_ps(value, iv);
+                // The difference in `f32` with its rounding error (TwoSum): where every lane's
+                // is exact (zero), it is the `f64` difference, and the `f64` steps are skipped.
+                let d = _mm512_sub_ps(back, x);
+                let bb = _mm512_sub_ps(d, back);
+                let t = _mm512_sub_ps(
+                    _mm512_sub_ps(back, _mm512_sub_ps(d, bb)),
+                    _mm512_add_ps(x, bb),
+                );
+                if _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(t, _mm512_setzero_ps()) == 0 {
+                    // No NaN here: a NaN difference has a NaN error term.
+                    exact = _mm512_max_ps(_mm512_abs_ps(d), exact);
+                    j += 16;
+                    continue;
+                }
                 let ((blo, bhi), (xlo, xhi)) = (widen16(back), widen16(x));
                 let dlo = _mm512_abs_pd(_mm512_sub_pd(blo, xlo));
                 let dhi = _mm512_abs_pd(_mm512_sub_pd(bhi, xhi));
@@ -177,6 +207,7 @@ unsafe fn quantize512<const BF16: bool>(
     }
     let max = select_max(_mm512_reduce_max_pd(lo), _mm512_reduce_max_pd(hi));
     err.fold(max);
+    err.fold(f64::from(_mm512_reduce_max_ps(exact)));
     err.merge(tail);
     if nans != 0 {
         err.fold(f64::NAN);
@@ -273,6 +304,7 @@ pub(super) unsafe fn dequantize_bf16_avx512(w: &[u8], scales: &[f32], bn: usize,
         while j < start + full {
             // SAFETY: `j + 16 ≤ (b + 1) · bn`, within `w` and (two bytes each) `out`.
             unsafe {
+                _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(j + 1024) as *const i8);
                 let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(wp.add(j) as *const __m128i));
                 let mag = _mm512_and_si512(q, _mm512_set1_epi32(0x7f));
                 let sign = _mm512_and_si512(q, _mm512_set1_epi32(0x80));
@@ -322,23 +354,32 @@ unsafe fn load8<const BF16: bool>(p: *const u8, at: usize) -> __m256 {
 /// [`cast16`] on 8 lanes. Magnitudes fit in 31 bits, so signed compares order them.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-fn cast8(y: __m256) -> (__m256i, __m256i) {
+fn cast8(y: __m256) -> (__m256i, __m256) {
     let set = _mm256_set1_epi32;
     let bits = _mm256_castps_si256(y);
-    let sign = _mm256_and_si256(_mm256_srli_epi32::<24>(bits), set(0x80));
-    let mag = _mm256_and_si256(bits, set(0x7fff_ffff));
+    let sign = _mm256_and_si256(bits, set(i32::MIN));
+    let mag = _mm256_and_si256(bits, set(i32::MAX));
     let sum = _mm256_add_ps(_mm256_castsi256_ps(mag), _mm256_castsi256_ps(set(DENORM)));
     let subnormal = _mm256_sub_epi32(_mm256_castps_si256(sum), set(DENORM));
     let odd = _mm256_and_si256(_mm256_srli_epi32::<20>(mag), set(1));
     let rounded = _mm256_add_epi32(_mm256_add_epi32(mag, set(REBIAS)), odd);
     let normal = _mm256_and_si256(_mm256_srli_epi32::<20>(rounded), set(0xff));
     let normal = _mm256_min_epu32(normal, set(0x7e));
-    let small = _mm256_cmpgt_epi32(set(SMALLEST_NORMAL), mag);
-    let code = _mm256_blendv_epi8(normal, subnormal, small);
     let past = _mm256_cmpgt_epi32(mag, set(ROUNDS_PAST_MAX - 1));
-    let code = _mm256_blendv_epi8(code, set(0x7e), past);
+    let normal = _mm256_blendv_epi8(normal, set(0x7e), past);
+    let small = _mm256_cmpgt_epi32(set(SMALLEST_NORMAL), mag);
     let nan = _mm256_cmpgt_epi32(mag, set(0x7f80_0000));
-    (_mm256_blendv_epi8(code, set(0x7f), nan), sign)
+    let code = _mm256_blendv_epi8(normal, subnormal, small);
+    let code = _mm256_blendv_epi8(code, set(0x7f), nan);
+    let q = _mm256_or_si256(code, _mm256_srli_epi32::<24>(sign));
+    let value = _mm256_add_epi32(_mm256_slli_epi32::<20>(normal), set(120 << 23));
+    let sub = _mm256_sub_ps(sum, _mm256_castsi256_ps(set(DENORM)));
+    let value = _mm256_blendv_ps(_mm256_castsi256_ps(value), sub, _mm256_castsi256_ps(small));
+    let value = _mm256_blendv_ps(value, _mm256_set1_ps(f32::NAN), _mm256_castsi256_ps(nan));
+    (
+        q,
+        _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(value), sign)),
+    )
 }
 
 /// [`decode16`] on 8 lanes.
@@ -404,6 +445,8 @@ unsafe fn quantize256<const BF16: bool>(
     err: &mut MaxError,
 ) {
     let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+    let mut exact = _mm256_setzero_ps();
+    let abs32 = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
     let mut nans = _mm256_setzero_pd();
     let abs = _mm256_castsi256_pd(_mm256_set1_epi64x(i64::MAX));
     let mut tail = MaxError::default();
@@ -417,10 +460,22 @@ unsafe fn quantize256<const BF16: bool>(
             // SAFETY: `j + 8 ≤ (b + 1) · bn`, within the row and `out` (the caller's contract).
             unsafe {
                 let x = load8::<BF16>(v, j);
-                let (code, sign) = cast8(_mm256_mul_ps(x, sv));
-                let q = _mm256_or_si256(code, sign);
+                let (q, value) = cast8(_mm256_mul_ps(x, sv));
                 _mm_storel_epi64(op.add(j) as *mut __m128i, bytes8(q));
-                let back = _mm256_mul_ps(decode8(code, sign), iv);
+                let back = _mm256_mul_ps(value, iv);
+                // As in `quantize512`: exact `f32` differences skip the `f64` steps.
+                let d = _mm256_sub_ps(back, x);
+                let bb = _mm256_sub_ps(d, back);
+                let t = _mm256_sub_ps(
+                    _mm256_sub_ps(back, _mm256_sub_ps(d, bb)),
+                    _mm256_add_ps(x, bb),
+                );
+                let inexact = _mm256_cmp_ps::<_CMP_NEQ_UQ>(t, _mm256_setzero_ps());
+                if _mm256_movemask_ps(inexact) == 0 {
+                    exact = _mm256_max_ps(_mm256_and_ps(d, abs32), exact);
+                    j += 8;
+                    continue;
+                }
                 let blo = _mm256_cvtps_pd(_mm256_castps256_ps128(back));
                 let bhi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(back));
                 let xlo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
@@ -441,6 +496,10 @@ unsafe fn quantize256<const BF16: bool>(
     // SAFETY: `lanes` holds 4 `f64`.
     unsafe { _mm256_storeu_pd(lanes.as_mut_ptr(), _mm256_max_pd(lo, hi)) };
     err.fold(lanes.iter().fold(0.0, |m, &l| select_max(l, m)));
+    let mut lanes = [0.0f32; 8];
+    // SAFETY: `lanes` holds 8 `f32`.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), exact) };
+    err.fold(f64::from(lanes.iter().fold(0.0, |m, &l| select_max(l, m))));
     err.merge(tail);
     if _mm256_movemask_pd(nans) != 0 {
         err.fold(f64::NAN);
