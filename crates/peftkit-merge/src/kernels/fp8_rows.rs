@@ -1,5 +1,7 @@
-//! The per-row loops of the FP8 block kernels ([`super::fp8`]), written so that the compiler
-//! vectorises them, and built twice: for the baseline CPU and for AVX2, chosen at run time.
+//! The per-row loops of the FP8 block kernels ([`super::fp8`]): the hand-written AVX-512 and
+//! AVX2 kernels of [`super::fp8_x86`] where the CPU has them, otherwise loops written so that
+//! the compiler vectorises them (`dequantize_row` and the `f32` block maxima are also built a
+//! second time for AVX2, chosen at run time). Every path gives the same bits.
 //!
 //! The per-element operations are those of the scalar definitions (the casts of
 //! [`super::fp8`], one `f32` multiply, torch's clamp, the error in `f64`), so the results are
@@ -310,38 +312,37 @@ pub(super) fn dequantize_row_bf16(w: &[u8], scales: &[f32], bn: usize, out: &mut
     }
 }
 
-with_avx2! {
-    /// The baseline [`quantize_row`] of `f32`s: the loop written for the compiler to vectorise.
-    fn quantize_f32(
-        v: &[f32],
-        scales: &[f32],
-        invs: &[f32],
-        bn: usize,
-        out: &mut [u8],
-        err: &mut MaxError,
-    ) {
-        let mut lanes = [0.0f64; LANES];
-        let mut nans = [0u64; LANES];
-        let blocks = out.chunks_mut(bn).zip(v.chunks(bn)).zip(scales).zip(invs);
-        for (((q, v), &s), &inv) in blocks {
-            let mut qs = q.chunks_exact_mut(LANES);
-            let mut vs = v.chunks_exact(LANES);
-            for (q, v) in (&mut qs).zip(&mut vs) {
-                for i in 0..LANES {
-                    let (b, e) = quantize_one(v[i], s, inv);
-                    q[i] = b;
-                    lanes[i] = select_max(e, lanes[i]);
-                    nans[i] |= u64::from(e.is_nan());
-                }
-            }
-            for (q, &v) in qs.into_remainder().iter_mut().zip(vs.remainder()) {
-                let (b, e) = quantize_one(v, s, inv);
-                *q = b;
-                lanes[0] = select_max(e, lanes[0]);
-                nans[0] |= u64::from(e.is_nan());
+/// The baseline [`quantize_row`] of `f32`s: the loop written for the compiler to vectorise
+/// (CPUs without AVX2 only: the others run [`super::fp8_x86`]).
+fn quantize_f32(
+    v: &[f32],
+    scales: &[f32],
+    invs: &[f32],
+    bn: usize,
+    out: &mut [u8],
+    err: &mut MaxError,
+) {
+    let mut lanes = [0.0f64; LANES];
+    let mut nans = [0u64; LANES];
+    let blocks = out.chunks_mut(bn).zip(v.chunks(bn)).zip(scales).zip(invs);
+    for (((q, v), &s), &inv) in blocks {
+        let mut qs = q.chunks_exact_mut(LANES);
+        let mut vs = v.chunks_exact(LANES);
+        for (q, v) in (&mut qs).zip(&mut vs) {
+            for i in 0..LANES {
+                let (b, e) = quantize_one(v[i], s, inv);
+                q[i] = b;
+                lanes[i] = select_max(e, lanes[i]);
+                nans[i] |= u64::from(e.is_nan());
             }
         }
-        err.max = lanes.iter().fold(err.max, |m, &l| select_max(l, m));
-        err.nan |= nans.iter().any(|&n| n != 0);
+        for (q, &v) in qs.into_remainder().iter_mut().zip(vs.remainder()) {
+            let (b, e) = quantize_one(v, s, inv);
+            *q = b;
+            lanes[0] = select_max(e, lanes[0]);
+            nans[0] |= u64::from(e.is_nan());
+        }
     }
+    err.max = lanes.iter().fold(err.max, |m, &l| select_max(l, m));
+    err.nan |= nans.iter().any(|&n| n != 0);
 }
