@@ -15,11 +15,12 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use peftkit_checkpoint::{buffers, CheckpointError, Dtype, InPlaceEdit, Tensor};
+use peftkit_checkpoint::{
+    buffers, CheckpointError, Dtype, InPlaceEdit, OutputRegion, SourceRegion, Tensor,
+};
 
 use crate::edit::{RowBanded, Step};
 use crate::kernels::{
@@ -316,8 +317,18 @@ impl InPlaceEdit for RequantEdit {
         self.weight.edit_weight(self.requant, bytes)
     }
 
-    fn apply_in_file(&self, file: &File, offset: u64, len: usize) -> Result<bool, CheckpointError> {
-        crate::mapped::edit_file_range(file, offset, len, |bytes| self.apply(bytes))
+    fn apply_in_file(
+        &self,
+        source: SourceRegion<'_>,
+        out: &OutputRegion<'_>,
+    ) -> Result<bool, CheckpointError> {
+        let Some((file, offset)) = out.mappable()? else {
+            return Ok(false);
+        };
+        crate::mapped::edit_file_range(file, offset, out.len(), |bytes| {
+            source.read_at(0, bytes)?;
+            self.apply(bytes)
+        })
     }
 }
 
