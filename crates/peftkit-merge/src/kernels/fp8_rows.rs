@@ -51,17 +51,26 @@ macro_rules! with_avx2 {
     };
 }
 
+/// The widest instruction set a test lets the row kernels use ([`with_isa`]), as
+/// `Isa as u8`. Process-wide, because the kernels run on rayon's threads: a test that lowers
+/// it changes only the speed of the others running at the same time (every path gives the
+/// same bits; a caller that asked [`reads_bf16`] before the change is served by the fallback).
 #[cfg(test)]
-thread_local! {
-    static CAP: std::cell::Cell<Isa> = const { std::cell::Cell::new(Isa::Avx512) };
-}
+static CAP: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(Isa::Avx512 as u8);
 
-/// The instruction set the row kernels use on this thread: the process's ([`super::isa`]),
-/// less what a test withholds ([`with_isa`]).
+/// The instruction set the row kernels use: the process's ([`super::isa`]), less what a test
+/// withholds ([`with_isa`]).
 #[inline(always)]
 fn isa() -> Isa {
     #[cfg(test)]
-    return super::isa::isa().min(CAP.with(|c| c.get()));
+    {
+        let cap = match CAP.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => Isa::Portable,
+            1 => Isa::Avx2,
+            _ => Isa::Avx512,
+        };
+        super::isa::isa().min(cap)
+    }
     #[cfg(not(test))]
     super::isa::isa()
 }
@@ -72,13 +81,15 @@ fn forced_portable() -> bool {
     isa() == Isa::Portable
 }
 
-/// Runs `f` with the row kernels of this thread limited to `cap`, so that a test can hold every
-/// path to the same bits.
+/// Runs `f` with the row kernels limited to `cap` (on every thread, one test at a time), so
+/// that a test can hold every path to the same bits.
 #[cfg(test)]
 pub(super) fn with_isa<R>(cap: Isa, f: impl FnOnce() -> R) -> R {
-    let before = CAP.with(|c| c.replace(cap));
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    CAP.store(cap as u8, std::sync::atomic::Ordering::Relaxed);
     let r = f();
-    CAP.with(|c| c.set(before));
+    CAP.store(Isa::Avx512 as u8, std::sync::atomic::Ordering::Relaxed);
     r
 }
 
