@@ -372,6 +372,95 @@ impl Step {
     }
 }
 
+/// A step that runs on bands of rows of a 2-D weight, its factors decoded once: a plain LoRA
+/// on a Linear (`Δ` rows depend only on the same rows of `lora_B`, and the rank's reduction
+/// order only on the rank, so a band's result is the whole weight's on those rows). The FP8
+/// merge runs it band by band, so that a weight is never whole in the model dtype.
+pub(crate) struct RowBanded {
+    adapter: Arc<Path>,
+    a: (Vec<f32>, Vec<usize>),
+    b: Vec<f32>,
+    rank: usize,
+    scale: f32,
+    opts: KernelOptions,
+}
+
+impl Step {
+    /// This step on weight `name` of `shape` as a [`RowBanded`] one, if it is one, its factors
+    /// decoded; `None` for any other edit, and for factors that do not fit the weight (the
+    /// whole-tensor path refuses them with the kernel's error).
+    pub(crate) fn row_banded(
+        &self,
+        name: &str,
+        shape: &[usize],
+        opts: &KernelOptions,
+    ) -> Result<Option<RowBanded>, CheckpointError> {
+        let Edit::Lora {
+            module,
+            kind: LoraKind::Linear {
+                fan_in_fan_out: false,
+            },
+            scale,
+            dora: false,
+            round_first,
+        } = &self.edit
+        else {
+            return Ok(None);
+        };
+        let (Some(ta), Some(tb)) = (module.get("a"), module.get("b")) else {
+            return Ok(None);
+        };
+        let (&[rank, ac], &[br, rb], &[rows, cols]) = (ta.shape(), tb.shape(), shape) else {
+            return Ok(None);
+        };
+        if rank != rb || br != rows || ac != cols {
+            return Ok(None);
+        }
+        let site = Site {
+            name,
+            adapter: &self.adapter,
+        };
+        Ok(Some(RowBanded {
+            adapter: self.adapter.clone(),
+            a: (site.f32s("lora_A", ta)?, ta.shape().to_vec()),
+            b: site.f32s("lora_B", tb)?,
+            rank,
+            scale: *scale,
+            opts: KernelOptions {
+                round_delta_first: opts.round_delta_first || *round_first,
+                ..*opts
+            },
+        }))
+    }
+}
+
+impl RowBanded {
+    /// Applies the step to `data`, rows `rows` of the 2-D weight `name` (`dtype`, `cols`
+    /// columns).
+    pub(crate) fn apply(
+        &self,
+        name: &str,
+        dtype: Dtype,
+        (rows, cols): (Range<usize>, usize),
+        data: &mut [u8],
+    ) -> Result<(), CheckpointError> {
+        let site = Site {
+            name,
+            adapter: &self.adapter,
+        };
+        let b = self
+            .b
+            .get(rows.start * self.rank..rows.end * self.rank)
+            .ok_or_else(|| site.missing("lora_B has fewer rows than the weight"))?;
+        let shape = [rows.len(), cols];
+        let base = BaseTensorMut::new(dtype, &shape, data);
+        let a = F32Tensor::new(&self.a.1, &self.a.0);
+        let b_shape = [rows.len(), self.rank];
+        let b = F32Tensor::new(&b_shape, b);
+        lora::merge_linear(base, a, b, self.scale, false, &self.opts).map_err(|e| site.math(e))
+    }
+}
+
 /// A LoRA (or DoRA) pair into a Linear, Embedding or Conv weight.
 fn apply_lora(
     site: &Site<'_>,

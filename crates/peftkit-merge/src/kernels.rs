@@ -37,6 +37,8 @@ mod error;
 pub(crate) mod exact;
 pub(crate) mod fp8;
 mod fp8_rows;
+#[cfg(target_arch = "x86_64")]
+mod fp8_x86;
 mod fused;
 pub(crate) mod gemm;
 mod isa;
@@ -64,7 +66,8 @@ pub use error::MergeMathError;
 pub use exact::{refusal, refusal_reason, Numerics, ParseNumericsError};
 pub use fp8::{
     dequantize_fp8, dequantize_fp8_into, e4m3_to_f32, e8m0_to_f32, f32_to_e4m3, quantize_fp8,
-    quantize_fp8_into, ue8m0_round_up, Fp8Grid, Fp8Quantized, ScaleKind, E4M3_MAX,
+    quantize_fp8_into, requantize_fp8_bands, ue8m0_round_up, Fp8Grid, Fp8Quantized, ScaleKind,
+    E4M3_MAX,
 };
 pub use gemm::lowrank_product;
 pub(crate) use lora::StreamedBase;

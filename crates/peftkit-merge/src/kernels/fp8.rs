@@ -271,8 +271,14 @@ pub fn dequantize_fp8_into(
     bands
         .zip(scales.par_chunks(grid.grid_cols))
         .try_for_each(|((out, weight), scales)| {
+            let rows = out.chunks_mut(cols * size).zip(weight.chunks(cols));
+            if dtype == Dtype::BF16 {
+                // Straight into BF16, the common model dtype: no `f32` row in between.
+                rows.for_each(|(o, w)| rows::dequantize_row_bf16(w, scales, bn, o));
+                return Ok(());
+            }
             let mut row = vec![0.0f32; cols];
-            for (o_row, w_row) in out.chunks_mut(cols * size).zip(weight.chunks(cols)) {
+            for (o_row, w_row) in rows {
                 rows::dequantize_row(w_row, scales, bn, &mut row);
                 encode_f32_into("dequantized fp8 weight", dtype, &row, o_row)?;
             }
@@ -343,6 +349,97 @@ pub fn quantize_fp8_into(
     quantize(Values::Encoded(dtype, values), grid, kind, out, inv_scales)
 }
 
+/// Merges an FP8 weight band by band and re-quantizes it, in place: each band of blocks of
+/// `weight` (e4m3, inverse scales `scales`) is dequantized into a buffer in `dtype` as
+/// [`dequantize_fp8_into`] does, `merge(rows, band)` edits it there, and it is quantized back
+/// over its own bytes as [`quantize_fp8_into`] does, its new inverse scales into
+/// `inv_scales`. Returns [`Fp8Quantized::max_abs_error`]. The same bits as the three calls on
+/// the whole tensor when `merge` treats rows independently, with one band per worker in memory
+/// (and in cache) instead of the whole weight in `dtype`. Refused if the slices do not fit
+/// `grid`, the grid has leading dimensions, or `dtype` is not a float dtype.
+///
+/// ```
+/// use peftkit_merge::{
+///     dequantize_fp8_into, quantize_fp8_into, requantize_fp8_bands, Fp8Grid, MergeMathError,
+///     ScaleKind,
+/// };
+/// use safetensors::Dtype;
+///
+/// let grid = Fp8Grid::new(&[4, 4], &[2, 2]).unwrap();
+/// let (w, scales) = ([0x38u8, 0x40, 0xb8, 0x7e, 0, 1, 0x30, 0x80, 9, 0x44, 0x50, 0x51, 0xc0, 2, 3, 4], [0.5f32, 3.0, 1.0, 0.25]);
+/// // Every element doubled (in bf16, exactly): a merge that treats rows independently.
+/// let double = |band: &mut [u8]| {
+///     for c in band.chunks_exact_mut(2) {
+///         let x = f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16) * 2.0;
+///         c.copy_from_slice(&((x.to_bits() >> 16) as u16).to_le_bytes());
+///     }
+/// };
+/// let (mut banded, mut inv) = (w, [0f32; 4]);
+/// let err = requantize_fp8_bands(&mut banded, &scales, &grid, Dtype::BF16, ScaleKind::F32, &mut inv, |_rows, band| {
+///     double(band);
+///     Ok::<(), MergeMathError>(())
+/// })?;
+/// let mut whole = vec![0u8; 32];
+/// dequantize_fp8_into(&w, &scales, &grid, Dtype::BF16, &mut whole)?;
+/// double(&mut whole);
+/// let (mut q, mut want_inv) = ([0u8; 16], [0f32; 4]);
+/// let want = quantize_fp8_into(&whole, Dtype::BF16, &grid, ScaleKind::F32, &mut q, &mut want_inv)?;
+/// assert_eq!((banded, inv, err.to_bits()), (q, want_inv, want.to_bits()));
+/// # Ok::<(), MergeMathError>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn requantize_fp8_bands<E, F>(
+    weight: &mut [u8],
+    scales: &[f32],
+    grid: &Fp8Grid,
+    dtype: Dtype,
+    kind: ScaleKind,
+    inv_scales: &mut [f32],
+    merge: F,
+) -> std::result::Result<f64, E>
+where
+    E: From<MergeMathError> + Send,
+    F: Fn(std::ops::Range<usize>, &mut [u8]) -> std::result::Result<(), E> + Sync,
+{
+    let size = element_size(dtype)?;
+    grid.check("fp8 weight", grid.numel(), weight.len())?;
+    grid.check("weight_scale_inv", grid.scales(), scales.len())?;
+    grid.check("new weight_scale_inv", grid.scales(), inv_scales.len())?;
+    if grid.lead != 1 {
+        return Err(MergeMathError::Rank {
+            what: "fp8 weight merged by bands",
+            expected: "2",
+            got: vec![grid.lead, grid.rows, grid.cols],
+        }
+        .into());
+    }
+    if weight.is_empty() {
+        return Ok(0.0);
+    }
+    let (band, (cols, (bm, bn))) = (grid.band(), (grid.cols, grid.block()));
+    let bands = weight.par_chunks_mut(band).enumerate();
+    let bands = bands.zip(scales.par_chunks(grid.grid_cols));
+    bands
+        .zip(inv_scales.par_chunks_mut(grid.grid_cols))
+        .map_init(
+            || vec![0u8; band * size],
+            |buf, (((i, q), scales), inv)| {
+                let one = Fp8Grid {
+                    lead: 1,
+                    rows: bm,
+                    cols,
+                    grid_rows: 1,
+                    grid_cols: grid.grid_cols,
+                };
+                dequantize_fp8_into(q, scales, &one, dtype, buf)?;
+                merge(i * bm..(i + 1) * bm, buf)?;
+                let values = Values::Encoded(dtype, buf);
+                Ok(quantize_band(values, q, inv, (cols, bn), kind)?)
+            },
+        )
+        .try_reduce(|| 0.0, |a, b| Ok(nan_max(a, b)))
+}
+
 /// The values a quantization reads: `f32`s, or little-endian bytes of a float dtype.
 #[derive(Clone, Copy)]
 enum Values<'a> {
@@ -362,16 +459,20 @@ impl<'a> Values<'a> {
         })
     }
 
-    /// Row `r` of `cols` elements as `f32`: borrowed, or widened into `scratch`.
-    fn row<'s>(&'s self, r: usize, scratch: &'s mut [f32]) -> Result<&'s [f32]> {
+    /// Row `r` of `cols` elements: borrowed (`f32`s, or BF16 bytes where the row kernels read
+    /// them as they are), or widened to `f32` into `scratch`.
+    fn row<'s>(&'s self, r: usize, scratch: &'s mut [f32]) -> Result<rows::Row<'s>> {
         let cols = scratch.len();
         match *self {
-            Values::F32(v) => Ok(&v[r * cols..(r + 1) * cols]),
+            Values::F32(v) => Ok(rows::Row::F32(&v[r * cols..(r + 1) * cols])),
+            Values::Encoded(Dtype::BF16, b) if rows::reads_bf16() => {
+                Ok(rows::Row::Bf16(&b[r * cols * 2..(r + 1) * cols * 2]))
+            }
             Values::Encoded(dtype, b) => {
                 let size = element_size(dtype)?;
                 let bytes = &b[r * cols * size..(r + 1) * cols * size];
                 decode_f32_into("values", dtype, bytes, scratch)?;
-                Ok(scratch)
+                Ok(rows::Row::F32(scratch))
             }
         }
     }

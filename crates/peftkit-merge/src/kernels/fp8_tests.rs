@@ -6,8 +6,9 @@
 //! UE8M0 and float scales; widths that are not a multiple of the lanes.
 
 use super::*;
-use crate::kernels::dtype::{decode_f32, encode_f32};
+use crate::kernels::dtype::{decode_f32, encode_f32, f32_to_bf16_bits};
 use crate::kernels::fp8_rows as rows;
+use crate::kernels::isa::Isa;
 
 /// The scalar definitions the kernels had before they were vectorised.
 mod scalar {
@@ -50,7 +51,7 @@ mod scalar {
         result | sign
     }
 
-    fn clamp_e4m3(x: f32) -> f32 {
+    pub fn clamp_e4m3(x: f32) -> f32 {
         if x.is_nan() {
             x
         } else {
@@ -268,25 +269,196 @@ fn a_finite_tensor_has_a_finite_error_and_zero_blocks_keep_unit_scales() {
     assert!(q.max_abs_error.is_finite() && q.max_abs_error > 0.0);
 }
 
+/// The instruction sets this CPU can run, each a path of the row kernels.
+fn isas() -> Vec<Isa> {
+    let all = [Isa::Portable, Isa::Avx2, Isa::Avx512];
+    all.into_iter()
+        .filter(|&i| i <= crate::kernels::isa::isa())
+        .collect()
+}
+
+/// `values` as little-endian BF16 bytes (each value's top half: the values must be BF16).
+fn bf16_bytes(values: &[f32]) -> Vec<u8> {
+    values
+        .iter()
+        .flat_map(|x| ((x.to_bits() >> 16) as u16).to_le_bytes())
+        .collect()
+}
+
 #[test]
 fn the_row_kernels_give_the_same_bits_on_every_instruction_set() {
-    let (cols, bn) = (80, 40);
-    let w = edge_weight(1, 2, cols, (2, bn));
-    let run = || {
-        let mut max = rows::BlockMax::new(2);
-        rows::max_abs_row(&w[..cols], bn, &mut max);
-        rows::max_abs_row(&w[cols..], bn, &mut max);
-        let m: Vec<u32> = max.values().map(f32::to_bits).collect();
-        let (scales, invs) = ([3.5f32, f32::INFINITY], [1.0 / 3.5f32, 0.0]);
-        let mut q = vec![0u8; cols];
-        let mut err = rows::MaxError::default();
-        rows::quantize_row(&w[..cols], &scales, &invs, bn, &mut q, &mut err);
-        let mut back = vec![0.0f32; cols];
-        rows::dequantize_row(&q, &invs, bn, &mut back);
-        let back: Vec<u32> = back.iter().map(|x| x.to_bits()).collect();
-        (m, q, err.value().to_bits(), back)
-    };
-    let native = run();
-    let portable = rows::portable_only(run);
-    assert_eq!(native, portable);
+    // Blocks of 40 (no whole AVX-512 vector of BF16 maxima, a tail of 8 and 24 elements) and
+    // of 128 (whole vectors only).
+    for (cols, bn) in [(80, 40), (256, 128), (21, 7)] {
+        let w = edge_weight(1, 2, cols, (2, bn));
+        let bf16 = encode_f32("w", Dtype::BF16, &w).unwrap();
+        let blocks = cols / bn;
+        let run = |bf: bool| {
+            let row = |r: usize| match bf {
+                true => rows::Row::Bf16(&bf16[r * cols * 2..(r + 1) * cols * 2]),
+                false => rows::Row::F32(&w[r * cols..(r + 1) * cols]),
+            };
+            let mut max = rows::BlockMax::new(blocks);
+            rows::max_abs_row(row(0), bn, &mut max);
+            rows::max_abs_row(row(1), bn, &mut max);
+            let m: Vec<u32> = max.values().map(f32::to_bits).collect();
+            let scales = [3.5f32, f32::INFINITY, 0.25][..blocks].to_vec();
+            let invs = [1.0 / 3.5f32, 0.0, 4.0][..blocks].to_vec();
+            let mut q = vec![0u8; cols];
+            let mut err = rows::MaxError::default();
+            rows::quantize_row(row(0), &scales, &invs, bn, &mut q, &mut err);
+            let mut back = vec![0.0f32; cols];
+            rows::dequantize_row(&q, &invs, bn, &mut back);
+            let back: Vec<u32> = back.iter().map(|x| x.to_bits()).collect();
+            let mut back16 = vec![0u8; cols * 2];
+            rows::dequantize_row_bf16(&q, &invs, bn, &mut back16);
+            (m, q, err.value().to_bits(), back, back16)
+        };
+        let want = rows::portable_only(|| run(false));
+        for isa in isas() {
+            for bf in [false, true] {
+                let got = rows::with_isa(isa, || run(bf));
+                if bf {
+                    // The BF16 row is the f32 one rounded: compare with the baseline on it.
+                    let w16 = decode_f32("w", Dtype::BF16, &bf16).unwrap();
+                    let mut max = rows::BlockMax::new(blocks);
+                    rows::portable_only(|| {
+                        rows::max_abs_row(rows::Row::F32(&w16[..cols]), bn, &mut max);
+                        rows::max_abs_row(rows::Row::F32(&w16[cols..]), bn, &mut max);
+                    });
+                    let m: Vec<u32> = max.values().map(f32::to_bits).collect();
+                    assert_eq!(got.0, m, "{isa:?} bf16 {cols}/{bn}: block maxima");
+                    continue;
+                }
+                assert_eq!(got, want, "{isa:?} {cols}/{bn}");
+            }
+        }
+    }
+}
+
+/// The scalar definition of one row's quantization: bytes and error.
+fn scalar_row(v: &[f32], scales: &[f32], invs: &[f32], bn: usize) -> (Vec<u8>, f64) {
+    let mut err = 0.0f64;
+    let mut q = vec![0u8; v.len()];
+    let blocks = q.chunks_mut(bn).zip(v.chunks(bn)).zip(scales).zip(invs);
+    for (((q, v), &s), &inv) in blocks {
+        for (q, &v) in q.iter_mut().zip(v) {
+            *q = scalar::f32_to_e4m3(scalar::clamp_e4m3(v * s));
+            let back = scalar::e4m3_to_f32(*q) * inv;
+            err = nan_max(err, (f64::from(back) - f64::from(v)).abs());
+        }
+    }
+    (q, err)
+}
+
+#[test]
+fn every_path_casts_edge_values_and_every_bf16_pattern_as_the_scalar_definition() {
+    // Scales that leave values as they are, shrink them into the subnormals, blow them past
+    // 448, or are the infinite / zero ones of degenerate blocks.
+    let bn = 128;
+    let scale_sets: [(f32, f32); 5] = [
+        (1.0, 1.0),
+        (448.0 / 3.0, 3.0 / 448.0),
+        (2f32.powi(-20), 2f32.powi(20)),
+        (f32::INFINITY, 0.0),
+        (0.0, f32::INFINITY),
+    ];
+    let mut all = edge_floats();
+    all.resize(all.len().div_ceil(bn) * bn, 0.0);
+    let bf16_all: Vec<f32> = (0..=u16::MAX)
+        .map(|h| f32::from_bits(u32::from(h) << 16))
+        .collect();
+    let finite: Vec<f32> = all.iter().copied().filter(|x| !x.is_nan()).collect();
+    let mut finite = finite;
+    finite.truncate(finite.len() / bn * bn);
+    for (s, inv) in scale_sets {
+        for (what, v) in [("edge", &all), ("no NaN", &finite), ("bf16", &bf16_all)] {
+            let blocks = v.len() / bn;
+            let (scales, invs) = (vec![s; blocks], vec![inv; blocks]);
+            let want = scalar_row(v, &scales, &invs, bn);
+            for isa in isas() {
+                let run = |row: rows::Row<'_>| {
+                    let mut q = vec![0u8; v.len()];
+                    let mut err = rows::MaxError::default();
+                    rows::quantize_row(row, &scales, &invs, bn, &mut q, &mut err);
+                    (q, err.value())
+                };
+                let got = rows::with_isa(isa, || run(rows::Row::F32(v)));
+                let at = format!("{isa:?} {what} scale {s}");
+                assert!(got.0 == want.0, "{at}: bytes");
+                assert_eq!(got.1.to_bits(), want.1.to_bits(), "{at}: error {}", got.1);
+                if what == "bf16" {
+                    let bytes = bf16_bytes(v);
+                    let got = rows::with_isa(isa, || run(rows::Row::Bf16(&bytes)));
+                    assert!(got.0 == want.0, "{at}: bytes from BF16");
+                    assert_eq!(got.1.to_bits(), want.1.to_bits(), "{at}: error from BF16");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_path_dequantizes_every_code_to_bf16_as_the_scalar_definition() {
+    // All 256 codes in blocks of 16 (two AVX2 vectors, one AVX-512), and in blocks of 9 (tails).
+    let codes: Vec<u8> = (0..=255u8).collect();
+    let scales = [
+        1.0f32,
+        3.0 / 448.0,
+        2f32.powi(-130),
+        1e30,
+        f32::INFINITY,
+        0.0,
+        f32::NAN,
+    ];
+    for bn in [16, 32, 9] {
+        let w: Vec<u8> = codes
+            .iter()
+            .cycle()
+            .take(256 / bn * bn * 7)
+            .copied()
+            .collect();
+        let s: Vec<f32> = scales.iter().cycle().take(w.len() / bn).copied().collect();
+        let want: Vec<u8> = w
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &q)| {
+                let x = scalar::e4m3_to_f32(q) * s[i / bn];
+                f32_to_bf16_bits(x).to_le_bytes()
+            })
+            .collect();
+        for isa in isas() {
+            let mut got = vec![0u8; w.len() * 2];
+            rows::with_isa(isa, || rows::dequantize_row_bf16(&w, &s, bn, &mut got));
+            assert!(got == want, "{isa:?} blocks of {bn}");
+        }
+    }
+}
+
+#[test]
+fn whole_quantizations_agree_on_every_instruction_set() {
+    let (lead, r, c, block) = (2, 32, 80, (16, 40));
+    let w = edge_weight(lead, r, c, block);
+    let grid = Fp8Grid::for_block(&[lead, r, c], Some(block)).unwrap();
+    let bf16 = encode_f32("w", Dtype::BF16, &w).unwrap();
+    for kind in [ScaleKind::F32, ScaleKind::Ue8m0] {
+        let want = scalar::quantize(&decode_f32("w", Dtype::BF16, &bf16).unwrap(), &grid, kind);
+        for isa in isas() {
+            let (mut out, mut inv) = (vec![0u8; w.len()], vec![0.0f32; grid.scales()]);
+            let err = rows::with_isa(isa, || {
+                quantize_fp8_into(&bf16, Dtype::BF16, &grid, kind, &mut out, &mut inv)
+            });
+            assert_same(
+                (&out, &inv, err.unwrap()),
+                &want,
+                &format!("{isa:?} {kind:?}"),
+            );
+            let mut back = vec![0u8; w.len() * 2];
+            rows::with_isa(isa, || {
+                dequantize_fp8_into(&out, &inv, &grid, Dtype::BF16, &mut back).unwrap()
+            });
+            let want_back = scalar::dequantize(&out, &inv, &grid);
+            assert!(back == encode_f32("w", Dtype::BF16, &want_back).unwrap());
+        }
+    }
 }

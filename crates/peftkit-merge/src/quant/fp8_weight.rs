@@ -22,10 +22,11 @@ use peftkit_checkpoint::{
     buffers, CheckpointError, Dtype, InPlaceEdit, OutputRegion, SourceRegion, Tensor,
 };
 
-use crate::edit::Step;
+use crate::edit::{RowBanded, Step};
 use crate::kernels::{
     decode_f32, dequantize_fp8_into, e8m0_to_f32, element_size, encode_f32, quantize_fp8_into,
-    Fp8Grid, Fp8Quantized, MergeMathError, MergeOptions as KernelOptions, ScaleKind,
+    requantize_fp8_bands, Fp8Grid, Fp8Quantized, MergeMathError, MergeOptions as KernelOptions,
+    ScaleKind,
 };
 
 /// Bytes of re-quantized weights a merge keeps for their later write.
@@ -153,15 +154,11 @@ impl Fp8Weight {
         requant: Requant,
         fp8: &mut [u8],
     ) -> Result<Fp8Quantized, CheckpointError> {
-        let mut merged = buffers::take(self.merged_len()?);
         let mut inv_scales = vec![0.0f32; self.grid.scales()];
-        let done = self.merge_into(fp8, &mut merged).and_then(|()| {
-            let (dtype, grid, kind) = (self.dtype, &self.grid, requant.kind);
-            quantize_fp8_into(&merged, dtype, grid, kind, fp8, &mut inv_scales)
-                .map_err(|e| self.math(e))
-        });
-        buffers::give(merged);
-        let max_abs_error = done?;
+        let max_abs_error = match self.row_banded()? {
+            Some(steps) => self.requantize_bands(&steps, requant, fp8, &mut inv_scales)?,
+            None => self.requantize_whole(requant, fp8, &mut inv_scales)?,
+        };
         if let Ok(mut errors) = self.shared.errors.lock() {
             errors.insert(self.key.clone(), max_abs_error);
         }
@@ -170,6 +167,64 @@ impl Fp8Weight {
             inv_scales,
             max_abs_error,
         })
+    }
+
+    /// [`Fp8Weight::requantize`] through one buffer of the whole weight in the model dtype.
+    fn requantize_whole(
+        &self,
+        requant: Requant,
+        fp8: &mut [u8],
+        inv_scales: &mut [f32],
+    ) -> Result<f64, CheckpointError> {
+        let mut merged = buffers::take(self.merged_len()?);
+        let done = self.merge_into(fp8, &mut merged).and_then(|()| {
+            let (dtype, grid, kind) = (self.dtype, &self.grid, requant.kind);
+            quantize_fp8_into(&merged, dtype, grid, kind, fp8, inv_scales).map_err(|e| self.math(e))
+        });
+        buffers::give(merged);
+        done
+    }
+
+    /// The steps as [`RowBanded`] ones, if the weight is 2-D and every step is one.
+    fn row_banded(&self) -> Result<Option<Vec<RowBanded>>, CheckpointError> {
+        if self.grid.lead != 1 {
+            return Ok(None);
+        }
+        let mut banded = Vec::with_capacity(self.steps.len());
+        for step in &self.steps {
+            match step.row_banded(&self.key, self.weight.shape(), &self.opts)? {
+                Some(b) => banded.push(b),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(banded))
+    }
+
+    /// [`Fp8Weight::requantize`] one band of blocks at a time (see
+    /// [`requantize_fp8_bands`]): a band in the model dtype per worker instead of the weight.
+    fn requantize_bands(
+        &self,
+        steps: &[RowBanded],
+        requant: Requant,
+        fp8: &mut [u8],
+        inv_scales: &mut [f32],
+    ) -> Result<f64, CheckpointError> {
+        let scale_bytes = self.scale.bytes()?;
+        let scales = decode_scales(self.scale.dtype(), &scale_bytes).map_err(|e| self.math(e))?;
+        let (dtype, cols) = (self.dtype, self.grid.cols);
+        let merge = |rows: std::ops::Range<usize>, band: &mut [u8]| {
+            for step in steps {
+                step.apply(&self.key, dtype, (rows.clone(), cols), band)?;
+            }
+            Ok(())
+        };
+        let (grid, kind) = (&self.grid, requant.kind);
+        requantize_fp8_bands(fp8, &scales, grid, dtype, kind, inv_scales, merge).map_err(
+            |e: Banded| match e {
+                Banded::Merge(e) => e,
+                Banded::Math(e) => self.math(e),
+            },
+        )
     }
 
     /// Waits for a computation of this weight under way (see [`Fp8Weight::turn`]).
@@ -229,6 +284,24 @@ impl Fp8Weight {
             }
         };
         encode_scales(requant.scale_dtype, &inv).map_err(|e| self.math(e))
+    }
+}
+
+/// An error of [`Fp8Weight::requantize_bands`]: of a step, or of the FP8 kernels.
+enum Banded {
+    Merge(CheckpointError),
+    Math(MergeMathError),
+}
+
+impl From<MergeMathError> for Banded {
+    fn from(e: MergeMathError) -> Self {
+        Banded::Math(e)
+    }
+}
+
+impl From<CheckpointError> for Banded {
+    fn from(e: CheckpointError) -> Self {
+        Banded::Merge(e)
     }
 }
 
@@ -366,6 +439,81 @@ mod tests {
             );
         }
         assert_eq!(reference.shared.errors.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_lora_merged_band_by_band_is_the_whole_weight_merged() {
+        use crate::edit::{Edit, LoraKind, ModuleTensors};
+        // 384 x 256 (three bands of two 128 x 128 blocks), rank 4; factors large enough to move
+        // the block maxima, so that every scale changes.
+        let (rows, cols, r) = (384, 256, 4);
+        let f32s = |n: usize, k: u32| -> Vec<u8> {
+            (0..n as u32)
+                .flat_map(|i| (((i * k) % 97) as f32 / 97.0 - 0.5).to_le_bytes())
+                .collect()
+        };
+        let q: Vec<u8> = (0..rows * cols)
+            .map(|i| (i * 37 % 251) as u8 & 0xf7)
+            .collect();
+        let inv: Vec<u8> = (0..6)
+            .flat_map(|i| (0.01f32 * (i + 1) as f32).to_le_bytes())
+            .collect();
+        let weight = Tensor::from_bytes(Dtype::F8_E4M3, vec![rows, cols], q).unwrap();
+        let scale = Tensor::from_bytes(Dtype::F32, vec![3, 2], inv).unwrap();
+        let a = Tensor::from_bytes(Dtype::F32, vec![r, cols], f32s(r * cols, 13)).unwrap();
+        let b = Tensor::from_bytes(Dtype::F32, vec![rows, r], f32s(rows * r, 29)).unwrap();
+        let step = Step {
+            adapter: std::path::Path::new("adapter").into(),
+            edit: Edit::Lora {
+                module: ModuleTensors::from_roles([("a", &a), ("b", &b)]),
+                kind: LoraKind::Linear {
+                    fan_in_fan_out: false,
+                },
+                scale: 2.0,
+                dora: false,
+                round_first: false,
+            },
+        };
+        let grid = Fp8Grid::new(&[rows, cols], &[3, 2]).unwrap();
+        let requant = Requant {
+            kind: ScaleKind::F32,
+            scale_dtype: Dtype::F32,
+        };
+        let w = Fp8Weight::new(
+            "w",
+            (weight.clone(), scale, grid),
+            Some(requant),
+            Dtype::BF16,
+            vec![step.clone(); 2],
+            KernelOptions::default(),
+            Arc::default(),
+        );
+        let steps = w
+            .row_banded()
+            .unwrap()
+            .expect("plain Linear LoRA steps run by bands");
+        let base = weight.bytes().unwrap().into_owned();
+        let (mut banded, mut whole) = (base.clone(), base.clone());
+        let (mut inv_b, mut inv_w) = (vec![0f32; 6], vec![0f32; 6]);
+        let err_b = w
+            .requantize_bands(&steps, requant, &mut banded, &mut inv_b)
+            .unwrap();
+        let err_w = w.requantize_whole(requant, &mut whole, &mut inv_w).unwrap();
+        assert!(banded != base && inv_w.iter().all(|&x| x != 0.0));
+        assert_eq!(
+            (banded, inv_b, err_b.to_bits()),
+            (whole, inv_w, err_w.to_bits())
+        );
+        // A DoRA step is not run by bands.
+        let mut dora = step;
+        if let Edit::Lora { dora: d, .. } = &mut dora.edit {
+            *d = true;
+        }
+        let opts = KernelOptions::default();
+        assert!(dora
+            .row_banded("w", &[rows, cols], &opts)
+            .unwrap()
+            .is_none());
     }
 
     #[test]

@@ -1,0 +1,570 @@
+//! The FP8 row kernels of [`super::fp8_rows`] written with AVX-512 and AVX2 intrinsics
+//! (x86-64 only): the cast to e4m3 with its error, the block max-abs of a BF16 row, and the
+//! dequantization of a row straight into BF16.
+//!
+//! Each lane performs the operations of the scalar definitions in [`super::fp8`] and
+//! [`super::fp8_rows`], in the same order and precision (one `f32` multiply by the scale, the
+//! integer steps of the cast, the decode, one `f32` multiply by the inverse, the difference in
+//! `f64`), so the results are the same bits; `fp8_tests.rs` holds every path to them. What
+//! differs is only what cannot change a result:
+//!
+//! * torch's clamp to ±448 before the cast is left out: the cast saturates every value past
+//!   448 to ±448 itself and keeps NaN (a test holds the two to the same byte on edge values);
+//! * the value of each e4m3 byte (to measure the error) is taken from the cast's own steps
+//!   instead of decoding the byte again;
+//! * the error `|f64(back) - f64(v)|` is computed in `f32` with its rounding error (TwoSum):
+//!   where the error term of every lane of a vector is zero, the `f32` difference is the exact
+//!   one, hence the `f64` one, and the widening is skipped; any other vector (NaN, infinity,
+//!   saturation, far-apart values: the error term is then non-zero or NaN) takes the `f64`
+//!   steps. Almost every vector of a real weight is exact (a value and its e4m3 rounding are
+//!   within a factor of two), and the `f64` steps were most of the kernel's cycles;
+//! * the error's maximum is taken lane-wise (the maximum of non-NaN values does not depend on
+//!   its order), NaN tracked in a separate mask;
+//! * a BF16 row is read as is: its block max-abs is the integer maximum of the bit patterns
+//!   without sign, which orders non-NaN values as their magnitudes do and is above `0x7f80`
+//!   exactly when a NaN is present.
+//!
+//! Written by hand because the compiler vectorised the `f64` error only in part (with spills):
+//! perf put `quantize_row` at 41 % of a kept-FP8 merge's cycles (docs/architecture.md, "The FP8
+//! merge").
+
+use std::arch::x86_64::*;
+
+use super::avx2::f32x8_to_bf16;
+use super::dtype::{bf16_bits_to_f32, f32_to_bf16_bits};
+use super::fp8::e4m3_to_f32;
+use super::fp8_rows::{quantize_one, select_max, BlockMax, MaxError, Row};
+
+/// `f32::from_bits(DENORM)` shifts a value below e4m3's smallest normal so that the add rounds
+/// its mantissa to e4m3's subnormal step (see [`super::fp8::f32_to_e4m3`]).
+const DENORM: i32 = 141 << 23;
+/// Magnitudes at and above this (480.0) saturate.
+const ROUNDS_PAST_MAX: i32 = 1087 << 20;
+/// Magnitudes below this (2^-6) take the subnormal path.
+const SMALLEST_NORMAL: i32 = 121 << 23;
+/// Added to a normal magnitude to rebias the exponent and round half to even (plus the odd bit).
+const REBIAS: i32 = ((7u32.wrapping_sub(127) << 23).wrapping_add(0x7ffff)) as i32;
+
+/// Elements of one block of `bn` columns handled by whole vectors of `lanes`.
+fn whole(bn: usize, lanes: usize) -> usize {
+    bn / lanes * lanes
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512
+// ---------------------------------------------------------------------------------------------
+
+/// 16 elements at `at` of a row, widened to `f32`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+#[inline]
+unsafe fn load16<const BF16: bool>(p: *const u8, at: usize) -> __m512 {
+    // SAFETY: the caller passes `at + 16` within the row `p` points to.
+    unsafe {
+        if BF16 {
+            let h = _mm256_loadu_si256(p.add(at * 2) as *const __m256i);
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        } else {
+            _mm512_loadu_ps(p.add(at * 4) as *const f32)
+        }
+    }
+}
+
+/// The e4m3 bytes of 16 lanes (in the low byte of each) and their values (`e4m3_to_f32` of
+/// them), taken from the cast's own steps rather than decoded again: a normal code's value is
+/// its bits moved back into place, a subnormal's is the cast's sum less the shift it added
+/// (exact), a saturated one's 448, a NaN's NaN.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+#[inline]
+fn cast16(y: __m512) -> (__m512i, __m512) {
+    let set = _mm512_set1_epi32;
+    let bits = _mm512_castps_si512(y);
+    let sign = _mm512_and_si512(bits, set(i32::MIN));
+    let mag = _mm512_and_si512(bits, set(i32::MAX));
+    let sum = _mm512_add_ps(_mm512_castsi512_ps(mag), _mm512_castsi512_ps(set(DENORM)));
+    let subnormal = _mm512_sub_epi32(_mm512_castps_si512(sum), set(DENORM));
+    let odd = _mm512_and_si512(_mm512_srli_epi32::<20>(mag), set(1));
+    let rounded = _mm512_add_epi32(_mm512_add_epi32(mag, set(REBIAS)), odd);
+    let normal = _mm512_and_si512(_mm512_srli_epi32::<20>(rounded), set(0xff));
+    // 464..480 rounds up to the NaN code: saturated like the values above.
+    let normal = _mm512_min_epu32(normal, set(0x7e));
+    let past = _mm512_cmpge_epu32_mask(mag, set(ROUNDS_PAST_MAX));
+    let normal = _mm512_mask_mov_epi32(normal, past, set(0x7e));
+    let small = _mm512_cmplt_epu32_mask(mag, set(SMALLEST_NORMAL));
+    let nan = _mm512_cmpgt_epu32_mask(mag, set(0x7f80_0000));
+    let code = _mm512_mask_blend_epi32(small, normal, subnormal);
+    let code = _mm512_mask_mov_epi32(code, nan, set(0x7f));
+    let q = _mm512_or_si512(code, _mm512_srli_epi32::<24>(sign));
+    let value = _mm512_castsi512_ps(_mm512_add_epi32(
+        _mm512_slli_epi32::<20>(normal),
+        set(120 << 23),
+    ));
+    let value = _mm512_mask_blend_ps(
+        small,
+        value,
+        _mm512_sub_ps(sum, _mm512_castsi512_ps(set(DENORM))),
+    );
+    let value = _mm512_mask_mov_ps(value, nan, _mm512_set1_ps(f32::NAN));
+    (
+        q,
+        _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(value), sign)),
+    )
+}
+
+/// `e4m3_to_f32` of 16 codes given as magnitude (`0..=0x7f`) and sign bit (`0x80`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+#[inline]
+fn decode16(mag: __m512i, sign: __m512i) -> __m512 {
+    let normal = _mm512_add_epi32(_mm512_slli_epi32::<20>(mag), _mm512_set1_epi32(120 << 23));
+    let subnormal = _mm512_mul_ps(_mm512_cvtepi32_ps(mag), _mm512_set1_ps(1.0 / 512.0));
+    let small = _mm512_cmplt_epu32_mask(mag, _mm512_set1_epi32(8));
+    let value = _mm512_mask_blend_ps(small, _mm512_castsi512_ps(normal), subnormal);
+    let nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f));
+    let value = _mm512_mask_mov_ps(value, nan, _mm512_set1_ps(f32::NAN));
+    let sign = _mm512_slli_epi32::<24>(sign);
+    _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(value), sign))
+}
+
+/// The low and high 8 lanes of `x` widened to `f64`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+#[inline]
+fn widen16(x: __m512) -> (__m512d, __m512d) {
+    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x)));
+    (
+        _mm512_cvtps_pd(_mm512_castps512_ps256(x)),
+        _mm512_cvtps_pd(hi),
+    )
+}
+
+/// [`super::fp8_rows::quantize_row`] with AVX-512.
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW/VL and AVX2; `v` and `out` hold `scales.len() * bn`
+/// elements and `invs` as many as `scales`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+pub(super) unsafe fn quantize_row_avx512(
+    v: Row<'_>,
+    scales: &[f32],
+    invs: &[f32],
+    bn: usize,
+    out: &mut [u8],
+    err: &mut MaxError,
+) {
+    // SAFETY: forwarded.
+    unsafe {
+        match v {
+            Row::F32(v) => {
+                quantize512::<false>(v.as_ptr() as *const u8, scales, invs, bn, out, err)
+            }
+            Row::Bf16(b) => quantize512::<true>(b.as_ptr(), scales, invs, bn, out, err),
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+unsafe fn quantize512<const BF16: bool>(
+    v: *const u8,
+    scales: &[f32],
+    invs: &[f32],
+    bn: usize,
+    out: &mut [u8],
+    err: &mut MaxError,
+) {
+    let (mut lo, mut hi) = (_mm512_setzero_pd(), _mm512_setzero_pd());
+    let mut exact = _mm512_setzero_ps();
+    let mut nans: __mmask8 = 0;
+    let mut tail = MaxError::default();
+    let full = whole(bn, 16);
+    let op = out.as_mut_ptr();
+    for (b, (&s, &inv)) in scales.iter().zip(invs).enumerate() {
+        let (sv, iv) = (_mm512_set1_ps(s), _mm512_set1_ps(inv));
+        let start = b * bn;
+        let mut j = start;
+        while j < start + full {
+            // SAFETY: `j + 16 ≤ (b + 1) · bn`, within the row and `out` (the caller's contract).
+            unsafe {
+                let x = load16::<BF16>(v, j);
+                let (q, value) = cast16(_mm512_mul_ps(x, sv));
+                _mm_storeu_si128(op.add(j) as *mut __m128i, _mm512_cvtepi32_epi8(q));
+                let back = _mm512_mul_ps(value, iv);
+                // The difference in `f32` with its rounding error (TwoSum): where every lane's
+                // is exact (zero), it is the `f64` difference, and the `f64` steps are skipped.
+                let d = _mm512_sub_ps(back, x);
+                let bb = _mm512_sub_ps(d, back);
+                let t = _mm512_sub_ps(
+                    _mm512_sub_ps(back, _mm512_sub_ps(d, bb)),
+                    _mm512_add_ps(x, bb),
+                );
+                if _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(t, _mm512_setzero_ps()) == 0 {
+                    // No NaN here: a NaN difference has a NaN error term.
+                    exact = _mm512_max_ps(_mm512_abs_ps(d), exact);
+                    j += 16;
+                    continue;
+                }
+                let ((blo, bhi), (xlo, xhi)) = (widen16(back), widen16(x));
+                let dlo = _mm512_abs_pd(_mm512_sub_pd(blo, xlo));
+                let dhi = _mm512_abs_pd(_mm512_sub_pd(bhi, xhi));
+                // `max(d, acc)` keeps `acc` when `d` is NaN; the mask records it.
+                lo = _mm512_max_pd(dlo, lo);
+                hi = _mm512_max_pd(dhi, hi);
+                nans |= _mm512_cmp_pd_mask::<_CMP_UNORD_Q>(dlo, dhi);
+            }
+            j += 16;
+        }
+        // SAFETY: the range lies within the block, inside the row and `out`.
+        unsafe { quantize_tail::<BF16>(v, (s, inv), start + full..start + bn, out, &mut tail) };
+    }
+    let max = select_max(_mm512_reduce_max_pd(lo), _mm512_reduce_max_pd(hi));
+    err.fold(max);
+    err.fold(f64::from(_mm512_reduce_max_ps(exact)));
+    err.merge(tail);
+    if nans != 0 {
+        err.fold(f64::NAN);
+    }
+}
+
+/// Elements `range` of a row (`v`) quantized one at a time into `out`, their error folded into
+/// `err`: the end of a block short of a whole vector.
+///
+/// # Safety
+/// `range` lies within the row `v` points to; `out` is as long as the row.
+unsafe fn quantize_tail<const BF16: bool>(
+    v: *const u8,
+    (s, inv): (f32, f32),
+    range: std::ops::Range<usize>,
+    out: &mut [u8],
+    err: &mut MaxError,
+) {
+    let start = range.start;
+    for (j, q) in out[range].iter_mut().enumerate() {
+        // SAFETY: the caller's contract.
+        let x = unsafe { load_one::<BF16>(v, start + j) };
+        let (byte, e) = quantize_one(x, s, inv);
+        *q = byte;
+        err.fold(e);
+    }
+}
+
+/// Element `at` of a row, widened to `f32`.
+///
+/// # Safety
+/// `at` lies within the row `p` points to.
+#[inline(always)]
+unsafe fn load_one<const BF16: bool>(p: *const u8, at: usize) -> f32 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if BF16 {
+            bf16_bits_to_f32(u16::from_le_bytes(*(p.add(at * 2) as *const [u8; 2])))
+        } else {
+            f32::from_le_bytes(*(p.add(at * 4) as *const [u8; 4]))
+        }
+    }
+}
+
+/// [`super::fp8_rows::max_abs_row`] of a BF16 row with AVX-512: the integer maximum of the
+/// magnitudes' bit patterns, 32 at a time.
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW/VL and AVX2; `row` holds `max`'s blocks of `bn` elements.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+pub(super) unsafe fn max_abs_bf16_avx512(row: &[u8], bn: usize, max: &mut BlockMax) {
+    let full = whole(bn, 32);
+    let p = row.as_ptr();
+    for b in 0..max.len() {
+        let start = b * bn;
+        let mut acc = _mm512_setzero_si512();
+        let mut j = start;
+        while j < start + full {
+            // SAFETY: `j + 32 ≤ (b + 1) · bn`: inside `row` (two bytes per element).
+            let h = unsafe { _mm512_loadu_si512(p.add(j * 2) as *const __m512i) };
+            acc = _mm512_max_epu16(acc, _mm512_and_si512(h, _mm512_set1_epi16(0x7fff)));
+            j += 32;
+        }
+        let lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(acc));
+        let hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(acc));
+        let m = _mm512_reduce_max_epu32(_mm512_max_epu32(lo, hi));
+        max.fold_bf16(b, [m, bf16_tail(row, start + full, start + bn)]);
+    }
+}
+
+/// The largest magnitude bit pattern of BF16 elements `from..to` of `row`.
+fn bf16_tail(row: &[u8], from: usize, to: usize) -> u32 {
+    row[from * 2..to * 2]
+        .chunks_exact(2)
+        .map(|c| u32::from(u16::from_le_bytes([c[0], c[1]]) & 0x7fff))
+        .max()
+        .unwrap_or(0)
+}
+
+/// `f32_to_bf16_bits(e4m3_to_f32(w) * scale)` of one row into `out` (BF16 bytes) with
+/// AVX-512: [`super::fp8_rows::dequantize_row`] and the encode fused.
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW/VL and AVX2; `w` holds `scales.len() * bn` elements and
+/// `out` two bytes for each.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+pub(super) unsafe fn dequantize_bf16_avx512(w: &[u8], scales: &[f32], bn: usize, out: &mut [u8]) {
+    let full = whole(bn, 16);
+    let (wp, op) = (w.as_ptr(), out.as_mut_ptr());
+    for (b, &s) in scales.iter().enumerate() {
+        let sv = _mm512_set1_ps(s);
+        let start = b * bn;
+        let mut j = start;
+        while j < start + full {
+            // SAFETY: `j + 16 ≤ (b + 1) · bn`, within `w` and (two bytes each) `out`.
+            unsafe {
+                // The e4m3 bytes were last touched by the writer's copy: fetch them ahead
+                // (perf put half of this loop's cycles on the load before).
+                _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(j + 1024) as *const i8);
+                let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(wp.add(j) as *const __m128i));
+                let mag = _mm512_and_si512(q, _mm512_set1_epi32(0x7f));
+                let sign = _mm512_and_si512(q, _mm512_set1_epi32(0x80));
+                let x = _mm512_mul_ps(decode16(mag, sign), sv);
+                // Round to nearest even on the bits, as `f32_to_bf16_bits`; any NaN → 0xFFFF.
+                let u = _mm512_castps_si512(x);
+                let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(u), _mm512_set1_epi32(1));
+                let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
+                let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(u, bias));
+                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+                let r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0xffff));
+                _mm256_storeu_si256(op.add(j * 2) as *mut __m256i, _mm512_cvtepi32_epi16(r));
+            }
+            j += 16;
+        }
+        dequantize_bf16_tail(w, s, start + full..start + bn, out);
+    }
+}
+
+/// Elements `range` of [`dequantize_bf16_avx512`] and [`dequantize_bf16_avx2`], one at a time.
+fn dequantize_bf16_tail(w: &[u8], s: f32, range: std::ops::Range<usize>, out: &mut [u8]) {
+    for j in range {
+        let h = f32_to_bf16_bits(e4m3_to_f32(w[j]) * s);
+        out[j * 2..j * 2 + 2].copy_from_slice(&h.to_le_bytes());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2
+// ---------------------------------------------------------------------------------------------
+
+/// 8 elements at `at` of a row, widened to `f32`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn load8<const BF16: bool>(p: *const u8, at: usize) -> __m256 {
+    // SAFETY: the caller passes `at + 8` within the row `p` points to.
+    unsafe {
+        if BF16 {
+            let h = _mm_loadu_si128(p.add(at * 2) as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        } else {
+            _mm256_loadu_ps(p.add(at * 4) as *const f32)
+        }
+    }
+}
+
+/// [`cast16`] on 8 lanes. Magnitudes fit in 31 bits, so signed compares order them.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn cast8(y: __m256) -> (__m256i, __m256) {
+    let set = _mm256_set1_epi32;
+    let bits = _mm256_castps_si256(y);
+    let sign = _mm256_and_si256(bits, set(i32::MIN));
+    let mag = _mm256_and_si256(bits, set(i32::MAX));
+    let sum = _mm256_add_ps(_mm256_castsi256_ps(mag), _mm256_castsi256_ps(set(DENORM)));
+    let subnormal = _mm256_sub_epi32(_mm256_castps_si256(sum), set(DENORM));
+    let odd = _mm256_and_si256(_mm256_srli_epi32::<20>(mag), set(1));
+    let rounded = _mm256_add_epi32(_mm256_add_epi32(mag, set(REBIAS)), odd);
+    let normal = _mm256_and_si256(_mm256_srli_epi32::<20>(rounded), set(0xff));
+    let normal = _mm256_min_epu32(normal, set(0x7e));
+    let past = _mm256_cmpgt_epi32(mag, set(ROUNDS_PAST_MAX - 1));
+    let normal = _mm256_blendv_epi8(normal, set(0x7e), past);
+    let small = _mm256_cmpgt_epi32(set(SMALLEST_NORMAL), mag);
+    let nan = _mm256_cmpgt_epi32(mag, set(0x7f80_0000));
+    let code = _mm256_blendv_epi8(normal, subnormal, small);
+    let code = _mm256_blendv_epi8(code, set(0x7f), nan);
+    let q = _mm256_or_si256(code, _mm256_srli_epi32::<24>(sign));
+    let value = _mm256_add_epi32(_mm256_slli_epi32::<20>(normal), set(120 << 23));
+    let sub = _mm256_sub_ps(sum, _mm256_castsi256_ps(set(DENORM)));
+    let value = _mm256_blendv_ps(_mm256_castsi256_ps(value), sub, _mm256_castsi256_ps(small));
+    let value = _mm256_blendv_ps(value, _mm256_set1_ps(f32::NAN), _mm256_castsi256_ps(nan));
+    (
+        q,
+        _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(value), sign)),
+    )
+}
+
+/// [`decode16`] on 8 lanes.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn decode8(mag: __m256i, sign: __m256i) -> __m256 {
+    let set = _mm256_set1_epi32;
+    let normal = _mm256_add_epi32(_mm256_slli_epi32::<20>(mag), set(120 << 23));
+    let subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(mag), _mm256_set1_ps(1.0 / 512.0));
+    let small = _mm256_castsi256_ps(_mm256_cmpgt_epi32(set(8), mag));
+    let value = _mm256_blendv_ps(_mm256_castsi256_ps(normal), subnormal, small);
+    let nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, set(0x7f)));
+    let value = _mm256_blendv_ps(value, _mm256_set1_ps(f32::NAN), nan);
+    let sign = _mm256_slli_epi32::<24>(sign);
+    _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(value), sign))
+}
+
+/// The low byte of each of 8 `i32` lanes, packed into the low 8 bytes.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn bytes8(q: __m256i) -> __m128i {
+    let pick = _mm256_setr_epi8(
+        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, //
+        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+    );
+    let q = _mm256_shuffle_epi8(q, pick);
+    let q = _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));
+    _mm256_castsi256_si128(q)
+}
+
+/// [`super::fp8_rows::quantize_row`] with AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `v` and `out` hold `scales.len() * bn` elements and `invs`
+/// as many as `scales`.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn quantize_row_avx2(
+    v: Row<'_>,
+    scales: &[f32],
+    invs: &[f32],
+    bn: usize,
+    out: &mut [u8],
+    err: &mut MaxError,
+) {
+    // SAFETY: forwarded.
+    unsafe {
+        match v {
+            Row::F32(v) => {
+                quantize256::<false>(v.as_ptr() as *const u8, scales, invs, bn, out, err)
+            }
+            Row::Bf16(b) => quantize256::<true>(b.as_ptr(), scales, invs, bn, out, err),
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize256<const BF16: bool>(
+    v: *const u8,
+    scales: &[f32],
+    invs: &[f32],
+    bn: usize,
+    out: &mut [u8],
+    err: &mut MaxError,
+) {
+    let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
+    let mut exact = _mm256_setzero_ps();
+    let abs32 = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
+    let mut nans = _mm256_setzero_pd();
+    let abs = _mm256_castsi256_pd(_mm256_set1_epi64x(i64::MAX));
+    let mut tail = MaxError::default();
+    let full = whole(bn, 8);
+    let op = out.as_mut_ptr();
+    for (b, (&s, &inv)) in scales.iter().zip(invs).enumerate() {
+        let (sv, iv) = (_mm256_set1_ps(s), _mm256_set1_ps(inv));
+        let start = b * bn;
+        let mut j = start;
+        while j < start + full {
+            // SAFETY: `j + 8 ≤ (b + 1) · bn`, within the row and `out` (the caller's contract).
+            unsafe {
+                let x = load8::<BF16>(v, j);
+                let (q, value) = cast8(_mm256_mul_ps(x, sv));
+                _mm_storel_epi64(op.add(j) as *mut __m128i, bytes8(q));
+                let back = _mm256_mul_ps(value, iv);
+                // As in `quantize512`: exact `f32` differences skip the `f64` steps.
+                let d = _mm256_sub_ps(back, x);
+                let bb = _mm256_sub_ps(d, back);
+                let t = _mm256_sub_ps(
+                    _mm256_sub_ps(back, _mm256_sub_ps(d, bb)),
+                    _mm256_add_ps(x, bb),
+                );
+                let inexact = _mm256_cmp_ps::<_CMP_NEQ_UQ>(t, _mm256_setzero_ps());
+                if _mm256_movemask_ps(inexact) == 0 {
+                    exact = _mm256_max_ps(_mm256_and_ps(d, abs32), exact);
+                    j += 8;
+                    continue;
+                }
+                let blo = _mm256_cvtps_pd(_mm256_castps256_ps128(back));
+                let bhi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(back));
+                let xlo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
+                let xhi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(x));
+                let dlo = _mm256_and_pd(_mm256_sub_pd(blo, xlo), abs);
+                let dhi = _mm256_and_pd(_mm256_sub_pd(bhi, xhi), abs);
+                // `max(d, acc)` keeps `acc` when `d` is NaN; `nans` records it.
+                lo = _mm256_max_pd(dlo, lo);
+                hi = _mm256_max_pd(dhi, hi);
+                nans = _mm256_or_pd(nans, _mm256_cmp_pd::<_CMP_UNORD_Q>(dlo, dhi));
+            }
+            j += 8;
+        }
+        // SAFETY: the range lies within the block, inside the row and `out`.
+        unsafe { quantize_tail::<BF16>(v, (s, inv), start + full..start + bn, out, &mut tail) };
+    }
+    let mut lanes = [0.0f64; 4];
+    // SAFETY: `lanes` holds 4 `f64`.
+    unsafe { _mm256_storeu_pd(lanes.as_mut_ptr(), _mm256_max_pd(lo, hi)) };
+    err.fold(lanes.iter().fold(0.0, |m, &l| select_max(l, m)));
+    let mut lanes = [0.0f32; 8];
+    // SAFETY: `lanes` holds 8 `f32`.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), exact) };
+    err.fold(f64::from(lanes.iter().fold(0.0, |m, &l| select_max(l, m))));
+    err.merge(tail);
+    if _mm256_movemask_pd(nans) != 0 {
+        err.fold(f64::NAN);
+    }
+}
+
+/// [`max_abs_bf16_avx512`] with AVX2, 16 at a time.
+///
+/// # Safety
+/// The CPU must have AVX2; `row` holds `max`'s blocks of `bn` elements.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn max_abs_bf16_avx2(row: &[u8], bn: usize, max: &mut BlockMax) {
+    let full = whole(bn, 16);
+    let p = row.as_ptr();
+    for b in 0..max.len() {
+        let start = b * bn;
+        let mut acc = _mm256_setzero_si256();
+        let mut j = start;
+        while j < start + full {
+            // SAFETY: `j + 16 ≤ (b + 1) · bn`: inside `row` (two bytes per element).
+            let h = unsafe { _mm256_loadu_si256(p.add(j * 2) as *const __m256i) };
+            acc = _mm256_max_epu16(acc, _mm256_and_si256(h, _mm256_set1_epi16(0x7fff)));
+            j += 16;
+        }
+        let mut lanes = [0u16; 16];
+        // SAFETY: `lanes` holds 32 bytes.
+        unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc) };
+        let m = lanes.iter().map(|&l| u32::from(l)).max().unwrap_or(0);
+        max.fold_bf16(b, [m, bf16_tail(row, start + full, start + bn)]);
+    }
+}
+
+/// [`dequantize_bf16_avx512`] with AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2; `w` holds `scales.len() * bn` elements and `out` two bytes for each.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn dequantize_bf16_avx2(w: &[u8], scales: &[f32], bn: usize, out: &mut [u8]) {
+    let full = whole(bn, 8);
+    let (wp, op) = (w.as_ptr(), out.as_mut_ptr());
+    for (b, &s) in scales.iter().enumerate() {
+        let sv = _mm256_set1_ps(s);
+        let start = b * bn;
+        let mut j = start;
+        while j < start + full {
+            // SAFETY: `j + 8 ≤ (b + 1) · bn`, within `w` and (two bytes each) `out`.
+            unsafe {
+                let q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(wp.add(j) as *const __m128i));
+                let mag = _mm256_and_si256(q, _mm256_set1_epi32(0x7f));
+                let sign = _mm256_and_si256(q, _mm256_set1_epi32(0x80));
+                let x = _mm256_mul_ps(decode8(mag, sign), sv);
+                _mm_storeu_si128(op.add(j * 2) as *mut __m128i, f32x8_to_bf16(x));
+            }
+            j += 8;
+        }
+        dequantize_bf16_tail(w, s, start + full..start + bn, out);
+    }
+}
