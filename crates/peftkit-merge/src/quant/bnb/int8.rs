@@ -22,6 +22,7 @@ use crate::error::MergeError;
 use crate::kernels::bnb_int8::max_abs_error;
 use crate::kernels::{decode_f32, encode_f32, round_slice_to, Int8Quantized};
 use crate::plan::MergePlan;
+use crate::quant::joint::{main_tensor, part_tensor, Joint, JointSlot, KeepBudget};
 use crate::report::{QuantizationReport, RequantizedTensor};
 
 /// A merged int8 weight whose re-quantization stores non-finite row scales the base did not
@@ -43,6 +44,8 @@ pub(crate) struct Int8Merge {
     allow_nonfinite: bool,
     /// Each re-quantized weight's error, recorded as it is written.
     errors: Arc<Mutex<BTreeMap<String, f64>>>,
+    /// What the re-quantized weights may hold for later writes (see `joint`).
+    budget: Arc<KeepBudget>,
 }
 
 impl Int8Merge {
@@ -52,6 +55,7 @@ impl Int8Merge {
             dequantize,
             allow_nonfinite,
             errors: Arc::default(),
+            budget: Arc::default(),
         }
     }
 
@@ -92,9 +96,9 @@ impl Int8Merge {
     }
 
     /// The output state: when re-quantizing, each merged weight and its `SCB` quantized from
-    /// the merged `f32` values (computed once for each of the two tensors, when written: holding
-    /// one for the other would keep whole weights in memory), `weight_format` and every
-    /// untouched weight's tensors as stored. With `--dequantize`, `state` as it is.
+    /// the merged `f32` values by one computation (see `joint`: the weight computes, its `SCB`
+    /// is written after the rest of the file), `weight_format` and every untouched weight's
+    /// tensors as stored. With `--dequantize`, `state` as it is.
     pub fn finish(
         &self,
         state: StateDict,
@@ -125,57 +129,22 @@ impl Int8Merge {
                 }
                 continue;
             }
-            let quantize = self.quantizer((*w).clone(), merged);
-            let (q1, q2) = (quantize.clone(), quantize);
-            let weight = Tensor::lazy(Dtype::I8, w.shape().to_vec(), move || {
-                Ok(q1()?.weight.iter().map(|&q| q as u8).collect())
-            })?;
-            let scb = Tensor::lazy(Dtype::F32, w.scb_shape().to_vec(), move || {
-                Ok(q2()?.scb.iter().flat_map(|s| s.to_le_bytes()).collect())
-            })?;
-            out.insert(name.clone(), weight);
+            let requant = Arc::new(Requant8 {
+                weight: (*w).clone(),
+                base: stored(&name)?,
+                merged,
+                errors: self.errors.clone(),
+                allow_nonfinite: self.allow_nonfinite,
+                slot: JointSlot::new(self.budget.clone()),
+            });
+            let scb = part_tensor(&requant, 0, Dtype::F32, w.scb_shape().to_vec())?;
+            out.insert(name.clone(), main_tensor(&requant));
             out.insert(w.scb_name().to_owned(), scb);
             if let Some(format) = w.format_name() {
                 out.insert(format.to_owned(), stored(format)?);
             }
         }
         Ok(out)
-    }
-
-    /// The closure that re-quantizes `w`'s merged values, checks its row scales and records
-    /// its error.
-    fn quantizer(
-        &self,
-        w: Weight8,
-        merged: Tensor,
-    ) -> Arc<dyn Fn() -> Result<Int8Quantized, CheckpointError> + Send + Sync> {
-        let (errors, allow_nonfinite) = (self.errors.clone(), self.allow_nonfinite);
-        Arc::new(move || {
-            let err = |e| compute_error(&w.name, "re-quantizing a merged int8 weight", e);
-            let values =
-                decode_f32("merged", Dtype::F32, &merged.bytes()?).map_err(|e| err(e.into()))?;
-            let q = w.requantize(&values).map_err(err)?;
-            if !allow_nonfinite {
-                let held = w
-                    .scb()
-                    .map_err(err)?
-                    .iter()
-                    .filter(|s| !s.is_finite())
-                    .count();
-                let bad: Vec<usize> = (0..q.scb.len())
-                    .filter(|&r| !q.scb[r].is_finite())
-                    .collect();
-                if bad.len() > held {
-                    let (rows, first) = (bad.len() - held, bad[0]);
-                    return Err(err(Box::new(Int8RangeError { rows, first })));
-                }
-            }
-            let e = max_abs_error(&q, &values, w.shape()).map_err(|e| err(e.into()))?;
-            if let Ok(mut errors) = errors.lock() {
-                errors.insert(w.name.clone(), e);
-            }
-            Ok(q)
-        })
     }
 
     /// The summary's account: the merged weights with their re-quantization errors, or the
@@ -214,5 +183,74 @@ impl Int8Merge {
             },
             requantized,
         }
+    }
+}
+
+/// One merged int8 weight re-quantized: the codes (the main tensor, written over the base
+/// weight's) and its `SCB` (the one part) from one computation.
+struct Requant8 {
+    weight: Weight8,
+    /// The stored int8 weight.
+    base: Tensor,
+    /// The merged weight in `f32` (the dequantized view, edited by the plan's steps).
+    merged: Tensor,
+    errors: Arc<Mutex<BTreeMap<String, f64>>>,
+    allow_nonfinite: bool,
+    slot: JointSlot,
+}
+
+impl Requant8 {
+    /// Re-quantizes the merged values, checks the row scales and records the error.
+    fn quantize(&self) -> Result<Int8Quantized, CheckpointError> {
+        let w = &self.weight;
+        let err = |e| compute_error(&w.name, "re-quantizing a merged int8 weight", e);
+        let values =
+            decode_f32("merged", Dtype::F32, &self.merged.bytes()?).map_err(|e| err(e.into()))?;
+        let q = w.requantize(&values).map_err(err)?;
+        if !self.allow_nonfinite {
+            let held = w
+                .scb()
+                .map_err(err)?
+                .iter()
+                .filter(|s| !s.is_finite())
+                .count();
+            let bad: Vec<usize> = (0..q.scb.len())
+                .filter(|&r| !q.scb[r].is_finite())
+                .collect();
+            if bad.len() > held {
+                let (rows, first) = (bad.len() - held, bad[0]);
+                return Err(err(Box::new(Int8RangeError { rows, first })));
+            }
+        }
+        let e = max_abs_error(&q, &values, w.shape()).map_err(|e| err(e.into()))?;
+        if let Ok(mut errors) = self.errors.lock() {
+            errors.insert(w.name.clone(), e);
+        }
+        Ok(q)
+    }
+}
+
+/// The codes overwrite the base weight's bytes (computed from the merged view, which reads
+/// them itself); the part is the `SCB`.
+impl Joint for Requant8 {
+    fn shared(&self) -> &JointSlot {
+        &self.slot
+    }
+
+    fn base(&self) -> &Tensor {
+        &self.base
+    }
+
+    fn compute(&self, main: &mut [u8]) -> Result<Vec<Vec<u8>>, CheckpointError> {
+        let q = self.quantize()?;
+        if q.weight.len() != main.len() {
+            let reason = format!("{} codes for {} bytes", q.weight.len(), main.len());
+            let e = compute_error(&self.weight.name, "re-quantizing", reason.into());
+            return Err(e);
+        }
+        main.iter_mut()
+            .zip(&q.weight)
+            .for_each(|(b, &c)| *b = c as u8);
+        Ok(vec![q.scb.iter().flat_map(|s| s.to_le_bytes()).collect()])
     }
 }
