@@ -3,8 +3,9 @@
 //!
 //! * **re-quantized** (the default): peft's `Linear8bitLt.merge`: `int8_vectorwise_dequant(W)`
 //!   (`f32`, not rounded to the model dtype), `+ Δ` in `f32`, then `Int8Params` quantizes the
-//!   sum again (through `float16`). Weight and `SCB` of merged weights are written anew (same
-//!   dtypes and shapes, so the base's layout and index are kept), every other tensor is copied,
+//!   sum again (through `float16`), adapter by adapter (an [`Edit::Requantize`] round trip
+//!   between two). Weight and `SCB` of merged weights are written anew (same dtypes and shapes,
+//!   so the base's layout and index are kept), every other tensor is copied,
 //!   `quantization_config` is kept. Each merged weight's error `max |dequant(requant(w)) − w|`
 //!   against peft's `f32` sum is recorded for the report;
 //! * **dequantized** (`MergeJob::dequantize`): transformers' `model.dequantize()` (the `f32`
@@ -16,8 +17,10 @@ use std::sync::{Arc, Mutex};
 
 use peftkit_checkpoint::{Checkpoint, CheckpointError, Dtype, StateDict, Tensor};
 
-use super::view::{check_requantizable, compute_error};
-use super::weight8::Weight8;
+use super::view::compute_error;
+use super::weight8::{Requantize8, Weight8};
+use super::BnbError;
+use crate::edit::{Edit, LoraKind, Step};
 use crate::error::MergeError;
 use crate::kernels::bnb_int8::max_abs_error;
 use crate::kernels::{decode_f32, encode_f32, round_slice_to, Int8Quantized};
@@ -87,12 +90,43 @@ impl Int8Merge {
         Ok(view)
     }
 
-    /// Refuses, when re-quantizing, what peft would re-quantize after each of several edits.
-    pub fn check(&self, plan: &MergePlan) -> Result<(), MergeError> {
-        match self.dequantize {
-            Some(_) => Ok(()),
-            None => check_requantizable(self.weights.iter().map(|w| w.name.as_str()), plan, 8),
+    /// Makes `plan` re-quantize as peft's `Linear8bitLt.merge` does, adapter by adapter: it
+    /// dequantizes the weight to `f32`, adds one adapter's delta and stores the sum as a new
+    /// `Int8Params`, so after every adapter but the last the weight goes through int8 once more
+    /// (an [`Edit::Requantize`] step; the last quantization is the output's). Refuses, when
+    /// re-quantizing, what is not reproduced: DoRA, and edits other than a LoRA pair of a
+    /// Linear layer.
+    pub fn sequence(&self, plan: &mut MergePlan) -> Result<(), MergeError> {
+        if self.dequantizes() {
+            return Ok(());
         }
+        for w in &self.weights {
+            let Some(steps) = plan.steps.get_mut(&w.name) else {
+                continue;
+            };
+            if let Some(what) = steps.iter().find_map(|s| refusal(&s.edit)) {
+                let tensor = w.name.clone();
+                return Err(BnbError::Requantize {
+                    tensor,
+                    what,
+                    bits: 8,
+                }
+                .into());
+            }
+            let count = steps.len();
+            let mut sequenced = Vec::with_capacity(2 * count);
+            for (i, step) in steps.drain(..).enumerate() {
+                let adapter = step.adapter.clone();
+                sequenced.push(step);
+                if i + 1 < count {
+                    let stored = Requantize8 { weight: w.clone() };
+                    let edit = Edit::Requantize(Arc::new(stored));
+                    sequenced.push(Step { adapter, edit });
+                }
+            }
+            *steps = sequenced;
+        }
+        Ok(())
     }
 
     /// The output state: when re-quantizing, each merged weight and its `SCB` quantized from
@@ -183,6 +217,20 @@ impl Int8Merge {
             },
             requantized,
         }
+    }
+}
+
+/// Why an edit of an int8 weight cannot be re-quantized as peft does, if it cannot.
+fn refusal(edit: &Edit) -> Option<&'static str> {
+    match edit {
+        Edit::Lora {
+            dora: false,
+            kind: LoraKind::Linear { .. },
+            round_first: false,
+            ..
+        } => None,
+        Edit::Lora { dora: true, .. } => Some("DoRA"),
+        _ => Some("an edit other than a LoRA pair"),
     }
 }
 

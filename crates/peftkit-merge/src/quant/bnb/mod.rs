@@ -212,9 +212,9 @@ impl BnbMerge {
         }
     }
 
-    /// Checks the plan against the mode (re-quantizing: the 4-bit round trip between adapters
-    /// added to it), and for a QLoRA base returns the view with every weight the plan merges
-    /// into replaced by its 4-bit round trip.
+    /// Checks the plan against the mode (re-quantizing: the 4-bit or int8 round trip between
+    /// adapters added to it), and for a QLoRA base returns the view with every weight the plan
+    /// merges into replaced by its 4-bit round trip.
     pub fn after_plan(
         &self,
         view: Checkpoint,
@@ -226,7 +226,7 @@ impl BnbMerge {
                 Ok(view)
             }
             BnbMerge::Int8(m) => {
-                m.check(plan)?;
+                m.sequence(plan)?;
                 Ok(view)
             }
             BnbMerge::Qlora(q) => view::round_tripped(view, plan, *q),

@@ -116,37 +116,6 @@ pub(super) fn sequence_requantized(
     Ok(())
 }
 
-/// Refuses what a re-quantizing merge of an 8-bit base does not reproduce: more than one plain
-/// LoRA pair per weight (peft re-quantizes after each adapter; 4-bit weights do that, see
-/// [`sequence_requantized`]).
-pub(super) fn check_requantizable<'a>(
-    weights: impl IntoIterator<Item = &'a str>,
-    plan: &MergePlan,
-    bits: u8,
-) -> Result<(), MergeError> {
-    for name in weights {
-        let Some(steps) = plan.steps.get(name) else {
-            continue;
-        };
-        let what = match steps.as_slice() {
-            [step] => match &step.edit {
-                Edit::Lora {
-                    dora: false,
-                    kind: LoraKind::Linear { .. },
-                    round_first: false,
-                    ..
-                } => continue,
-                Edit::Lora { dora: true, .. } => "DoRA",
-                _ => "an edit other than a LoRA pair",
-            },
-            _ => "more than one adapter",
-        };
-        let tensor = name.to_owned();
-        return Err(BnbError::Requantize { tensor, what, bits }.into());
-    }
-    Ok(())
-}
-
 /// Why the `i`-th edit of a 4-bit weight cannot be re-quantized as peft does, if it cannot.
 fn refusal(i: usize, edit: &Edit) -> Option<&'static str> {
     match edit {
