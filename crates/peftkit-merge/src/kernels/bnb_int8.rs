@@ -69,6 +69,26 @@ pub struct Int8Quantized {
 /// `Int8Params(values).to("cpu")`: `values` (a weight of `shape`, widened to `f32`)
 /// quantized row by row to int8 through `float16`, as described in the module documentation.
 pub fn bnb_int8_quantize(values: &[f32], shape: &[usize]) -> Result<Int8Quantized> {
+    quantize_rows(values, shape, None)
+}
+
+/// [`bnb_int8_quantize`] and `max |dequantize(q) - values|` (the error a merge reports, see
+/// [`MaxError`]), each row's error taken while the row is in cache.
+pub(crate) fn bnb_int8_quantize_with_error(
+    values: &[f32],
+    shape: &[usize],
+) -> Result<(Int8Quantized, f64)> {
+    let mut error = MaxError::default();
+    let q = quantize_rows(values, shape, Some(&mut error))?;
+    Ok((q, error.value()))
+}
+
+/// [`bnb_int8_quantize`], adding each row's error to `error` if given.
+fn quantize_rows(
+    values: &[f32],
+    shape: &[usize],
+    mut error: Option<&mut MaxError>,
+) -> Result<Int8Quantized> {
     check_len("weight", shape, values.len())?;
     let (rows, cols) = rows_cols(shape);
     let mut weight = Vec::with_capacity(values.len());
@@ -82,7 +102,11 @@ pub fn bnb_int8_quantize(values: &[f32], shape: &[usize]) -> Result<Int8Quantize
         half16.convert_to_f32_slice(half);
         let m = nan_max_abs(half);
         let scale = (1.0 / m) * 127.0;
+        let start = weight.len();
         weight.extend(half.iter().map(|h| round_ties_even(h * scale) as i8));
+        if let Some(error) = error.as_deref_mut() {
+            error.add_row(&weight[start..], row, m);
+        }
         scb.push(m);
     }
     Ok(Int8Quantized { weight, scb })
@@ -95,18 +119,28 @@ fn nan_max_abs(xs: &[f32]) -> f32 {
     let (mut lanes, mut nan) = ([0f32; 8], false);
     let chunks = xs.chunks_exact(8);
     for x in chunks.remainder() {
-        lanes[0] = lanes[0].max(x.abs());
+        lanes[0] = greater(lanes[0], x.abs());
         nan |= x.is_nan();
     }
     for c in chunks {
         for (lane, x) in lanes.iter_mut().zip(c) {
-            *lane = lane.max(x.abs());
+            *lane = greater(*lane, x.abs());
             nan |= x.is_nan();
         }
     }
     match nan {
         true => f32::NAN,
         false => lanes.iter().fold(0f32, |m, l| m.max(*l)),
+    }
+}
+
+/// The greater of `m` and `x`, `m` if `x` is NaN: one compare and select (the CPU's `max`), where
+/// `f32::max` / `f64::max` also test `m` for NaN. The callers flag NaN apart.
+fn greater<T: PartialOrd>(m: T, x: T) -> T {
+    if x > m {
+        x
+    } else {
+        m
     }
 }
 
@@ -126,37 +160,40 @@ fn round_ties_even(x: f32) -> f32 {
 }
 
 /// `max |dequantize(q) - values|`, in `f64` over the `f32` values (NaN if either side holds
-/// NaN): the re-quantization error a merge reports. Dequantized row by row as
-/// [`bnb_int8_dequantize`] does, without holding the result.
-pub(crate) fn max_abs_error(q: &Int8Quantized, values: &[f32], shape: &[usize]) -> Result<f64> {
-    check_len("int8 weight", shape, q.weight.len())?;
-    check_len("weight", shape, values.len())?;
-    let (rows, cols) = rows_cols(shape);
-    check_len("SCB", &[rows], q.scb.len())?;
-    // Kept in 8 lanes with NaN flagged apart, as in `nan_max_abs`.
-    let (mut lanes, mut nan) = ([0f64; 8], false);
-    let rows = q.weight.chunks(cols.max(1)).zip(values.chunks(cols.max(1)));
-    for ((codes, row), &s) in rows.zip(&q.scb) {
+/// NaN), dequantized row by row as [`bnb_int8_dequantize`] does. Kept in 8 lanes with NaN
+/// flagged apart, as in `nan_max_abs`.
+#[derive(Default)]
+struct MaxError {
+    lanes: [f64; 8],
+    nan: bool,
+}
+
+impl MaxError {
+    /// Adds one row: its `codes`, its scale `s` and the `values` they stand for.
+    fn add_row(&mut self, codes: &[i8], values: &[f32], s: f32) {
         let error =
             |c: i8, v: f32| (f64::from(f32::from(c) * s * DEQUANT_SCALE) - f64::from(v)).abs();
-        let (codes8, row8) = (codes.chunks_exact(8), row.chunks_exact(8));
-        for (&c, &v) in codes8.remainder().iter().zip(row8.remainder()) {
+        let (codes8, values8) = (codes.chunks_exact(8), values.chunks_exact(8));
+        for (&c, &v) in codes8.remainder().iter().zip(values8.remainder()) {
             let d = error(c, v);
-            lanes[0] = lanes[0].max(d);
-            nan |= d.is_nan();
+            self.lanes[0] = greater(self.lanes[0], d);
+            self.nan |= d.is_nan();
         }
-        for (c, v) in codes8.zip(row8) {
-            for ((lane, &c), &v) in lanes.iter_mut().zip(c).zip(v) {
+        for (c, v) in codes8.zip(values8) {
+            for ((lane, &c), &v) in self.lanes.iter_mut().zip(c).zip(v) {
                 let d = error(c, v);
-                *lane = lane.max(d);
-                nan |= d.is_nan();
+                *lane = greater(*lane, d);
+                self.nan |= d.is_nan();
             }
         }
     }
-    Ok(match nan {
-        true => f64::NAN,
-        false => lanes.iter().fold(0f64, |m, l| m.max(*l)),
-    })
+
+    fn value(&self) -> f64 {
+        match self.nan {
+            true => f64::NAN,
+            false => self.lanes.iter().fold(0f64, |m, l| m.max(*l)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -206,12 +243,20 @@ mod tests {
         let xs: Vec<f32> = (0..21).map(|i| (i as f32 - 10.0) * 0.25).collect();
         assert_eq!(nan_max_abs(&xs), 2.5);
         assert_eq!(nan_max_abs(&[]), 0.0);
+        // The error against a dequantization made apart.
+        let (q, e) = bnb_int8_quantize_with_error(&xs, &[3, 7]).unwrap();
+        let back = bnb_int8_dequantize(&q.weight, &q.scb, &[3, 7]).unwrap();
+        let apart = back
+            .iter()
+            .zip(&xs)
+            .map(|(b, x)| f64::from(*b) - f64::from(*x));
+        assert_eq!(e, apart.fold(0f64, |m, d| m.max(d.abs())));
+        assert!(e > 0.0);
         for at in [0, 7, 8, 20] {
             let mut with_nan = xs.clone();
             with_nan[at] = f32::NAN;
             assert!(nan_max_abs(&with_nan).is_nan(), "{at}");
-            let q = bnb_int8_quantize(&xs, &[3, 7]).unwrap();
-            let e = max_abs_error(&q, &with_nan, &[3, 7]).unwrap();
+            let (_, e) = bnb_int8_quantize_with_error(&with_nan, &[3, 7]).unwrap();
             assert!(e.is_nan(), "{at}");
         }
     }

@@ -17,13 +17,12 @@ use std::sync::{Arc, Mutex};
 
 use peftkit_checkpoint::{Checkpoint, CheckpointError, Dtype, StateDict, Tensor};
 
-use super::view::compute_error;
+use super::view::{compute_error, encoded, merged_values};
 use super::weight8::{Requantize8, Weight8};
 use super::BnbError;
 use crate::edit::{Edit, LoraKind, Step};
 use crate::error::MergeError;
-use crate::kernels::bnb_int8::max_abs_error;
-use crate::kernels::{decode_f32, encode_f32, round_slice_to, Int8Quantized};
+use crate::kernels::{round_slice_to, Int8Quantized};
 use crate::plan::MergePlan;
 use crate::quant::joint::{main_tensor, part_tensor, Joint, JointSlot, KeepBudget};
 use crate::report::{QuantizationReport, RequantizedTensor};
@@ -83,7 +82,7 @@ impl Int8Merge {
                     |e| compute_error(&weight.name, "dequantizing a bitsandbytes int8 weight", e);
                 let mut values = weight.dequantize().map_err(err)?;
                 round_slice_to(out, &mut values).map_err(|e| err(e.into()))?;
-                encode_f32("dequantized weight", out, &values).map_err(|e| err(e.into()))
+                encoded(out, &values).map_err(|e| err(e.into()))
             })?;
             view.replace_tensor(&w.name, lazy);
         }
@@ -252,9 +251,8 @@ impl Requant8 {
     fn quantize(&self) -> Result<Int8Quantized, CheckpointError> {
         let w = &self.weight;
         let err = |e| compute_error(&w.name, "re-quantizing a merged int8 weight", e);
-        let values =
-            decode_f32("merged", Dtype::F32, &self.merged.bytes()?).map_err(|e| err(e.into()))?;
-        let q = w.requantize(&values).map_err(err)?;
+        let values = merged_values(&self.merged).map_err(err)?;
+        let (q, e) = w.requantize_with_error(&values).map_err(err)?;
         if !self.allow_nonfinite {
             let held = w
                 .scb()
@@ -270,7 +268,6 @@ impl Requant8 {
                 return Err(err(Box::new(Int8RangeError { rows, first })));
             }
         }
-        let e = max_abs_error(&q, &values, w.shape()).map_err(|e| err(e.into()))?;
         if let Ok(mut errors) = self.errors.lock() {
             errors.insert(w.name.clone(), e);
         }

@@ -3,16 +3,20 @@
 
 use std::collections::HashMap;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
-use peftkit_checkpoint::{Checkpoint, CheckpointError, Dtype, StateDict, Tensor};
+use peftkit_checkpoint::{buffers, Checkpoint, CheckpointError, Dtype, StateDict, Tensor};
 
 use super::codes;
 use super::weight::{Part, Requantize4, Requantized, RoundTrip4, Weight4};
 use super::{host_avx512, torch_threads, BnbError, QloraBase};
 use crate::edit::{Edit, LoraKind, Step};
 use crate::error::MergeError;
-use crate::kernels::{decode_f32, encode_f32, round_slice_to, Bnb4Type, Code4};
+use crate::kernels::{
+    decode_f32, element_size, encode_f32, encode_f32_into, round_slice_to, Bnb4Type, Code4,
+    MergeMathError,
+};
 use crate::plan::MergePlan;
 use crate::quant::joint::{main_tensor, part_tensor, Joint, JointSlot, KeepBudget};
 
@@ -29,6 +33,25 @@ pub(super) fn compute_error(tensor: &str, context: &str, source: BoxError) -> Ch
         context: context.to_owned(),
         source,
     }
+}
+
+/// A dequantized weight's `values` as `dtype` bytes, in a pooled buffer: a merge that
+/// re-quantizes it gives the buffer back once decoded ([`merged_values`]), so the next weight
+/// reuses its pages.
+pub(super) fn encoded(dtype: Dtype, values: &[f32]) -> Result<Vec<u8>, MergeMathError> {
+    let mut out = buffers::take(values.len() * element_size(dtype)?);
+    encode_f32_into("dequantized weight", dtype, values, &mut out)?;
+    Ok(out)
+}
+
+/// The `f32` values of a merged weight (the dequantized view, edited), its bytes given back.
+pub(super) fn merged_values(merged: &Tensor) -> Result<Vec<f32>, BoxError> {
+    let bytes = merged.bytes()?;
+    let values = decode_f32("merged", Dtype::F32, &bytes)?;
+    if let Cow::Owned(buf) = bytes {
+        buffers::give(buf);
+    }
+    Ok(values)
 }
 
 /// `base` with every 4-bit weight as a lazily dequantized float tensor (`f32` if `widen`, its
@@ -52,7 +75,7 @@ pub(super) fn dequantized(
                 |e| compute_error(&weight.name, "dequantizing a bitsandbytes 4-bit weight", e);
             let mut values = weight.dequantize(avx512).map_err(err)?;
             round_slice_to(dtype, &mut values).map_err(|e| err(e.into()))?;
-            encode_f32("dequantized weight", out, &values).map_err(|e| err(e.into()))
+            encoded(out, &values).map_err(|e| err(e.into()))
         })?;
         view.replace_tensor(&w.name, lazy);
     }
@@ -299,8 +322,7 @@ impl Requant4 {
     fn quantize(&self) -> Result<Requantized, CheckpointError> {
         let w = &self.weight;
         let err = |e| compute_error(&w.name, "re-quantizing a merged 4-bit weight", e);
-        let values =
-            decode_f32("merged", Dtype::F32, &self.merged.bytes()?).map_err(|e| err(e.into()))?;
+        let values = merged_values(&self.merged).map_err(err)?;
         w.requantize(&values, self.dtype, self.threads).map_err(err)
     }
 
