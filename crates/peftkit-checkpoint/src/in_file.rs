@@ -1,18 +1,21 @@
-//! Where an edited tensor may be changed in the output file itself.
+//! Where an edited tensor may be written in the output file where it lies.
 //!
 //! An unsynced merge used to read each targeted base tensor into memory (`pread`), merge it
 //! there and write it back (`pwrite`): two copies through user space, the second into fresh
 //! page-cache pages, which was most of its time (docs/architecture.md, "Output IO"). Instead,
-//! the writer copies the base bytes into the output inside the kernel, as it copies untouched
-//! tensors, and the merge maps that range and changes it in place ([`crate::InPlaceEdit`]).
+//! the writer allocates the tensor's range of the output file, and the merge maps that range
+//! and writes the merged bytes there, reading the base into each block of the mapping right
+//! before merging it, while it is in cache ([`crate::InPlaceEdit::apply_in_file`]).
 //!
 //! Writing through a shared mapping has one hazard: a page fault that the file system cannot
-//! serve (no space for a copy-on-write block) is a `SIGBUS`, not an error. The merge populates
-//! its mapping for writing first, which reports such failures as errors, but a page written
-//! back meanwhile may fault again. That is safe only where a block, once written by the
-//! kernel copy, needs no new space to be written again: ext4 (no reflinks, so the copy
-//! allocated real blocks) and tmpfs (no writeback). XFS and btrfs share extents on
-//! `copy_file_range` and must allocate on the first write; they keep the copy through memory.
+//! serve (no space for a block) is a `SIGBUS`, not an error. The writer therefore allocates
+//! the range first with `fallocate`, which reports a full disk as an error, and the merge
+//! populates its mapping for writing, which reports any other failure of the first fault as an
+//! error. A page written back meanwhile may fault again; that is safe only where a block, once
+//! allocated, needs no new space to be written again: ext4 (blocks are written in place; the
+//! conversion of an allocated-but-unwritten extent draws on ext4's reserved pool) and tmpfs (no
+//! writeback). XFS and btrfs may allocate anew on a write to a shared or copy-on-write extent;
+//! they keep the copy through memory.
 
 use std::fs::File;
 
@@ -39,4 +42,35 @@ pub(crate) fn edits_in_file(file: &File) -> bool {
 #[cfg(not(target_os = "linux"))]
 pub(crate) fn edits_in_file(_file: &File) -> bool {
     false
+}
+
+/// Allocates the `len` bytes at `offset` of `file` (extending it if needed), for an edit
+/// written there through a mapping. `Ok(false)` when the file system cannot (the writer then
+/// writes the bytes itself); a full disk is an error naming `path`.
+#[cfg(target_os = "linux")]
+pub(crate) fn allocate(
+    file: &File,
+    offset: u64,
+    len: usize,
+    path: &std::path::Path,
+) -> crate::Result<bool> {
+    use rustix::fs::{fallocate, FallocateFlags};
+    if len == 0 {
+        return Ok(false);
+    }
+    match fallocate(file, FallocateFlags::empty(), offset, len as u64) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => Ok(false),
+        Err(e) => Err(crate::CheckpointError::io(path, e.into())),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn allocate(
+    _file: &File,
+    _offset: u64,
+    _len: usize,
+    _path: &std::path::Path,
+) -> crate::Result<bool> {
+    Ok(false)
 }

@@ -87,6 +87,6 @@ pub use save::{
 pub use shard::{parse_max_shard_size, parse_size, plan_shards, PlanItem, DEFAULT_MAX_SHARD_SIZE};
 pub use staging::{abandon_staging, remove_stale_staging, StaleStaging};
 pub use tensor::{
-    buffers, byte_len, dtype_name, dtype_size, parse_dtype, Dtype, InPlaceEdit, Part, Producer,
-    SourceFile, StateDict, Tensor,
+    buffers, byte_len, dtype_name, dtype_size, parse_dtype, Dtype, InPlaceEdit, OutputRegion, Part,
+    Producer, SourceFile, SourceRegion, StateDict, Tensor,
 };

@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
@@ -420,6 +420,20 @@ struct Prepared<'a> {
     size: u64,
     /// `(name, tensor, offset)` in file order.
     items: Vec<(&'a str, &'a Tensor, u64)>,
+    /// Held by each write through the page cache (see [`Prepared::buffered`]).
+    writing: Mutex<()>,
+}
+
+impl Prepared<'_> {
+    /// Runs `write`, a write through the page cache, while no other worker writes this file
+    /// that way. ext4 (like most file systems) serialises buffered writes to a file on its
+    /// inode lock, and a writer waiting there spins on the CPU while the holder copies (the
+    /// kernel's optimistic spinning: a core burnt for every contended copy of an untouched
+    /// tensor). Waiting here sleeps instead.
+    fn buffered<T>(&self, write: impl FnOnce() -> T) -> T {
+        let _one = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        write()
+    }
 }
 
 /// Writes several safetensors files with one pool of workers, unsynced.
@@ -583,6 +597,7 @@ fn prepare_files<'a>(
             edit_in_file,
             size,
             items,
+            writing: Mutex::new(()),
         });
     }
     Ok(prepared)
@@ -626,7 +641,7 @@ fn write_tensor_at(p: &Prepared<'_>, t: &Tensor, offset: u64) -> Result<u64> {
     if let Some(parts) = t.parts() {
         return write_parts_at(p, parts, offset);
     }
-    if let Some(n) = copy_in_kernel(file, t, offset, path)? {
+    if let Some(n) = p.buffered(|| copy_in_kernel(file, t, offset, path))? {
         return Ok(n);
     }
     if let (Some(direct), Some((src, src_offset, edit))) = (&p.direct, t.edited_file_region()) {
@@ -640,14 +655,18 @@ fn write_tensor_at(p: &Prepared<'_>, t: &Tensor, offset: u64) -> Result<u64> {
         crate::tensor::buffers::give(buf);
         return Ok(len as u64);
     }
-    if p.edit_in_file {
-        if let Some((src, src_offset, edit)) = t.edited_file_region() {
-            let len = t.byte_len();
-            if copy_range_in_kernel(file, src, src_offset, len, offset, path)?.is_some()
-                && edit.apply_in_file(file, offset, len)?
-            {
-                return Ok(len as u64);
-            }
+    if let (None, Some((src, src_offset, edit))) = (&p.direct, t.edited_file_region()) {
+        // Buffered output: the edit writes the file itself, reading the source as it goes.
+        let out = crate::OutputRegion {
+            file,
+            path,
+            offset,
+            len: t.byte_len(),
+            mappable: p.edit_in_file,
+            writing: &p.writing,
+        };
+        if edit.apply_in_file(crate::SourceRegion::new(src, src_offset), &out)? {
+            return Ok(out.len as u64);
         }
     }
     t.for_each_chunk(&mut |at, chunk| write_chunk_at(p, chunk, offset + at))
@@ -658,7 +677,7 @@ fn write_tensor_at(p: &Prepared<'_>, t: &Tensor, offset: u64) -> Result<u64> {
 fn write_chunk_at(p: &Prepared<'_>, chunk: &[u8], offset: u64) -> Result<()> {
     match &p.direct {
         Some(direct) => crate::direct::write_all_at(&p.file, direct, chunk, offset),
-        None => write_all_at(&p.file, chunk, offset),
+        None => p.buffered(|| write_all_at(&p.file, chunk, offset)),
     }
     .map_err(|e| CheckpointError::io(&p.path, e))
 }
@@ -673,7 +692,9 @@ fn write_parts_at(p: &Prepared<'_>, parts: &[crate::tensor::Part], offset: u64) 
                 file: src,
                 offset: from,
                 len,
-            } => copy_range_in_kernel(&p.file, src, *from, *len, at, &p.path)?.is_some(),
+            } => p
+                .buffered(|| copy_range_in_kernel(&p.file, src, *from, *len, at, &p.path))?
+                .is_some(),
             crate::Part::Computed { .. } => false,
         };
         if !copied {

@@ -183,21 +183,90 @@ pub type Producer = dyn Fn() -> Result<Vec<u8>> + Send + Sync;
 ///
 /// A tensor built by [`Tensor::edited`] has the source's dtype, shape and length. Whoever reads
 /// it gets the source's bytes after [`InPlaceEdit::apply`]. The writer can do better when its
-/// output goes through the page cache: it copies the source into the output file inside the
-/// kernel, as it copies untouched tensors, and lets [`InPlaceEdit::apply_in_file`] change the
-/// bytes where they lie, so they never cross user space on their way in or out (see
-/// docs/architecture.md, "Output IO").
+/// output goes through the page cache: it lets [`InPlaceEdit::apply_in_file`] write the edited
+/// bytes into the output file itself, reading the source as it goes, so that no buffer holds
+/// the whole tensor (see docs/architecture.md, "Output IO").
 pub trait InPlaceEdit: Send + Sync {
     /// Turns `bytes`, the source tensor's bytes, into the edited tensor's.
     fn apply(&self, bytes: &mut [u8]) -> Result<()>;
 
-    /// Does what [`InPlaceEdit::apply`] does to the `len` bytes at `offset` of `file`, an
-    /// output file the writer opened for reading and writing and copied the source's bytes
-    /// into. Returns `Ok(false)`, having changed nothing, when it cannot (the writer then
-    /// writes the bytes of `apply` over them). The default cannot: this crate has no unsafe
-    /// code, and changing a file's bytes where they lie means mapping it.
-    fn apply_in_file(&self, _file: &File, _offset: u64, _len: usize) -> Result<bool> {
+    /// Writes what [`InPlaceEdit::apply`] makes of `source`'s bytes into `out`, a range of an
+    /// output file that nothing has written yet. Returns `Ok(false)`, having written nothing,
+    /// when it cannot (the writer then writes the bytes of `apply` there). The default cannot.
+    fn apply_in_file(&self, _source: SourceRegion<'_>, _out: &OutputRegion<'_>) -> Result<bool> {
         Ok(false)
+    }
+}
+
+/// Where an edited tensor goes in an output file ([`InPlaceEdit::apply_in_file`]): `len` bytes
+/// at `offset` of a file opened for reading and writing.
+pub struct OutputRegion<'a> {
+    pub(crate) file: &'a File,
+    pub(crate) path: &'a Path,
+    pub(crate) offset: u64,
+    pub(crate) len: usize,
+    /// Whether the file system lets the range be written through a shared mapping
+    /// (`in_file::edits_in_file`).
+    pub(crate) mappable: bool,
+    /// Held by each write through the page cache into the file (see `Prepared::buffered`).
+    pub(crate) writing: &'a std::sync::Mutex<()>,
+}
+
+impl OutputRegion<'_> {
+    /// The region's length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the region is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Writes `bytes` at byte `at` of the region, through the page cache.
+    pub fn write_at(&self, at: usize, bytes: &[u8]) -> Result<()> {
+        let _one = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        crate::safetensors_file::write_all_at(self.file, bytes, self.offset + at as u64)
+            .map_err(|e| CheckpointError::io(self.path, e))
+    }
+
+    /// Reads byte `at..at + buf.len()` of the region back.
+    pub fn read_at(&self, at: usize, buf: &mut [u8]) -> Result<()> {
+        read_exact_at(self.file, buf, self.offset + at as u64)
+            .map_err(|e| CheckpointError::io(self.path, e))
+    }
+
+    /// The file and the region's offset in it, allocated, for an edit written through a
+    /// shared mapping of the region; `None` where that is not safe (see
+    /// docs/architecture.md, "Output IO") or the file system cannot allocate ahead. A full
+    /// disk is an error.
+    pub fn mappable(&self) -> Result<Option<(&File, u64)>> {
+        if !self.mappable || !crate::in_file::allocate(self.file, self.offset, self.len, self.path)?
+        {
+            return Ok(None);
+        }
+        Ok(Some((self.file, self.offset)))
+    }
+}
+
+/// Where an edited tensor's source bytes lie: a byte offset in a [`SourceFile`]. An edit made
+/// in the output file ([`InPlaceEdit::apply_in_file`]) reads them from here, in pieces, as it
+/// goes.
+#[derive(Clone, Copy)]
+pub struct SourceRegion<'a> {
+    file: &'a SourceFile,
+    offset: u64,
+}
+
+impl<'a> SourceRegion<'a> {
+    /// The source tensor's bytes from absolute byte `offset` of `file`.
+    pub fn new(file: &'a SourceFile, offset: u64) -> Self {
+        SourceRegion { file, offset }
+    }
+
+    /// Reads the source tensor's bytes `at..at + buf.len()` into `buf`.
+    pub fn read_at(&self, at: usize, buf: &mut [u8]) -> Result<()> {
+        self.file.read_exact_at(buf, self.offset + at as u64)
     }
 }
 

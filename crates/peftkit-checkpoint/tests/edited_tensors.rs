@@ -1,20 +1,21 @@
-//! Edited tensors (`Tensor::edited`): the writer copies the source in the kernel and lets the
-//! edit change the bytes in the output file, or writes the edited bytes itself; either way the
-//! file holds the source's bytes after `InPlaceEdit::apply`.
+//! Edited tensors (`Tensor::edited`): the writer lets the edit write the tensor's range of a
+//! buffered output file from the source, or writes the edited bytes itself; either way the file
+//! holds the source's bytes after `InPlaceEdit::apply`.
 
-use std::fs::File;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use peftkit_checkpoint::{
-    save_pretrained, Checkpoint, CheckpointError, Dtype, InPlaceEdit, Result, SaveOptions,
-    StateDict, Tensor,
+    save_pretrained, Checkpoint, Dtype, InPlaceEdit, OutputRegion, Result, SaveOptions,
+    SourceRegion, StateDict, Tensor,
 };
 
 /// Adds one to every byte; in the file when `in_file`, through positioned reads and writes.
 struct AddOne {
     in_file: bool,
     calls: Arc<AtomicUsize>,
+    /// How many regions were offered for writing through a mapping.
+    mapped: Arc<AtomicUsize>,
 }
 
 impl InPlaceEdit for AddOne {
@@ -23,17 +24,30 @@ impl InPlaceEdit for AddOne {
         Ok(())
     }
 
-    fn apply_in_file(&self, file: &File, offset: u64, len: usize) -> Result<bool> {
-        use std::os::unix::fs::FileExt;
+    fn apply_in_file(&self, source: SourceRegion<'_>, out: &OutputRegion<'_>) -> Result<bool> {
         if !self.in_file {
             return Ok(false);
         }
+        if let Some((file, offset)) = out.mappable()? {
+            // Allocated: the file reaches the region's end, which a mapping may cover.
+            let end = offset + out.len() as u64;
+            assert!(file.metadata().unwrap().len() >= end);
+            self.mapped.fetch_add(1, Ordering::Relaxed);
+        }
         self.calls.fetch_add(1, Ordering::Relaxed);
-        let io = |e| CheckpointError::io(std::path::Path::new("out"), e);
-        let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, offset).map_err(io)?;
+        // The range is empty: the source is read and the result written in two pieces, as a
+        // kernel streaming block by block would.
+        let mut buf = vec![0u8; out.len()];
+        let half = buf.len() / 2;
+        source.read_at(0, &mut buf[..half])?;
+        source.read_at(half, &mut buf[half..])?;
         self.apply(&mut buf)?;
-        file.write_all_at(&buf, offset).map_err(io)?;
+        out.write_at(half, &buf[half..])?;
+        out.write_at(0, &buf[..half])?;
+        // What was written reads back.
+        let mut back = vec![0u8; buf.len()];
+        out.read_at(0, &mut back)?;
+        assert!(back == buf);
         Ok(true)
     }
 }
@@ -69,6 +83,7 @@ fn edited_tensors_are_written_edited_in_the_file_or_from_memory() {
     let src = source(&tmp.path().join("src"));
     for (in_file, durable) in [(true, false), (false, false), (true, true)] {
         let calls = Arc::new(AtomicUsize::new(0));
+        let mapped = Arc::new(AtomicUsize::new(0));
         let mut state = StateDict::new();
         for (i, (name, t)) in src.tensors().enumerate() {
             let t = match i % 2 {
@@ -78,6 +93,7 @@ fn edited_tensors_are_written_edited_in_the_file_or_from_memory() {
                     AddOne {
                         in_file,
                         calls: calls.clone(),
+                        mapped: mapped.clone(),
                     },
                 ),
             };
@@ -94,11 +110,14 @@ fn edited_tensors_are_written_edited_in_the_file_or_from_memory() {
             let got = written.get(name).unwrap().bytes().unwrap().into_owned();
             assert!(got == want, "{name}, in_file {in_file}, durable {durable}");
         }
-        // In the file only for buffered output where that is safe (see `in_file`); a synced
-        // save writes around the page cache where the file system allows, else buffered.
+        // Every buffered save lets the edit write the file (a synced one writes around the
+        // page cache where the file system allows, else buffered); a mapping is offered only
+        // where it is safe (see `in_file`).
         let used = calls.load(Ordering::Relaxed);
-        if in_file && !durable && edits_in_file_here(tmp.path()) {
-            assert_eq!(used, 2, "both edited tensors edited in the file");
+        if in_file && !durable {
+            assert_eq!(used, 2, "both edited tensors written by the edit");
+            let offered = mapped.load(Ordering::Relaxed);
+            assert_eq!(offered, if edits_in_file_here(tmp.path()) { 2 } else { 0 });
         }
         if !in_file {
             assert_eq!(used, 0);
@@ -118,6 +137,7 @@ fn reading_an_edited_tensor_applies_the_edit() {
         AddOne {
             in_file: true,
             calls,
+            mapped: Default::default(),
         },
     );
     assert!(e.is_computed());

@@ -9,11 +9,11 @@ use peftkit_checkpoint::{CheckpointError, Dtype, Tensor};
 use peftkit_peft::AdapterModule;
 use std::collections::BTreeMap;
 
-use crate::kernels::FiniteProbe;
 use crate::kernels::{
     decode_f32, dora, encode_f32, lora, methods, BaseTensorMut, F32Tensor, MergeMathError,
     MergeOptions as KernelOptions, ReductionOrder,
 };
+use crate::kernels::{BaseSource, FiniteProbe};
 
 /// One change to a base tensor.
 #[derive(Clone)]
@@ -225,6 +225,13 @@ impl Site<'_> {
 /// A decoded adapter tensor and its shape, if the module has it.
 type Loaded = Option<(Vec<f32>, Vec<usize>)>;
 
+/// The base tensor a step writes: its dtype, shape and bytes.
+pub(crate) struct Base<'a> {
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    pub data: &'a mut [u8],
+}
+
 impl Step {
     /// Applies this step to `data`, the bytes of base tensor `name` (`dtype`, `shape`). A
     /// kernel that checks its output as it writes it tells `probe` what it found (see
@@ -238,9 +245,72 @@ impl Step {
         opts: &KernelOptions,
         probe: Option<&FiniteProbe>,
     ) -> Result<(), CheckpointError> {
+        let base = Base { dtype, shape, data };
+        self.apply_from(name, base, None, opts, probe)
+    }
+
+    /// Applies this step to a base that is in no buffer, streaming it through `base.io` block
+    /// by block (see [`lora::stream_linear`]), when it is a plain linear LoRA merge with a
+    /// fused kernel. `Ok(None)`, having read and written nothing, otherwise; else whether every
+    /// merged value is finite (when `base.check`).
+    pub(crate) fn stream(
+        &self,
+        name: &str,
+        base: lora::StreamedBase<'_>,
+        opts: &KernelOptions,
+    ) -> Result<Option<bool>, CheckpointError> {
+        let Edit::Lora {
+            module,
+            kind: kind @ LoraKind::Linear { fan_in_fan_out },
+            scale,
+            dora: false,
+            round_first,
+        } = &self.edit
+        else {
+            return Ok(None);
+        };
         let site = Site {
             name,
             adapter: &self.adapter,
+        };
+        let pair = LoraPair::read(&site, module, *kind)?;
+        let (a, b) = pair.tensors();
+        let opts = KernelOptions {
+            round_delta_first: opts.round_delta_first || *round_first,
+            ..*opts
+        };
+        lora::stream_linear(base, a, b, *scale, *fan_in_fan_out, &opts).map_err(|e| site.math(e))
+    }
+
+    /// Applies this step with `base.data` not holding the base yet: `source` has its bytes. A
+    /// plain LoRA step reads them block by block as its kernel merges them (see
+    /// [`BaseSource`]); any other step reads them all first. A failed read is the kernel error
+    /// [`MergeMathError::BaseUnread`]; the source keeps the cause.
+    pub(crate) fn apply_from(
+        &self,
+        name: &str,
+        base: Base<'_>,
+        source: Option<&dyn BaseSource>,
+        opts: &KernelOptions,
+        probe: Option<&FiniteProbe>,
+    ) -> Result<(), CheckpointError> {
+        let Base { dtype, shape, data } = base;
+        let site = Site {
+            name,
+            adapter: &self.adapter,
+        };
+        let source = match (&self.edit, source) {
+            (Edit::Lora { dora: false, .. }, source) => source,
+            (_, Some(source)) => {
+                if !source.fill(0, data) {
+                    let unread = MergeMathError::BaseUnread {
+                        what: "base tensor",
+                    };
+                    return Err(site.math(unread));
+                }
+                None
+            }
+            (_, None) => None,
         };
         if let Edit::Replace { source } = &self.edit {
             let values = site.f32s("replacement", source)?;
@@ -275,6 +345,10 @@ impl Step {
         let base = BaseTensorMut::new(dtype, shape, data);
         let base = match probe {
             Some(p) => base.with_probe(p),
+            None => base,
+        };
+        let base = match source {
+            Some(s) => base.with_source(s),
             None => base,
         };
         let opts = *opts;
@@ -341,15 +415,8 @@ fn apply_lora(
     use_dora: bool,
     opts: &KernelOptions,
 ) -> Result<(), CheckpointError> {
-    let (ra, rb) = kind.roles();
-    let (Some(ta), Some(tb)) = (module.get(ra), module.get(rb)) else {
-        return Err(site.missing("incomplete LoRA pair"));
-    };
-    let (a, b) = (site.f32s("lora_A", ta)?, site.f32s("lora_B", tb)?);
-    let (a, b) = (
-        F32Tensor::new(ta.shape(), &a),
-        F32Tensor::new(tb.shape(), &b),
-    );
+    let pair = LoraPair::read(site, module, kind)?;
+    let (a, b) = pair.tensors();
     let done = if use_dora {
         let mt = module
             .get("magnitude")
@@ -373,6 +440,38 @@ fn apply_lora(
         }
     };
     done.map_err(|e| site.math(e))
+}
+
+/// A LoRA module's `lora_A` and `lora_B` tensors, widened to `f32`.
+struct LoraPair<'m> {
+    a: (&'m Tensor, Vec<f32>),
+    b: (&'m Tensor, Vec<f32>),
+}
+
+impl<'m> LoraPair<'m> {
+    /// Reads the pair of `module` by `kind`'s role names.
+    fn read(
+        site: &Site<'_>,
+        module: &'m ModuleTensors,
+        kind: LoraKind,
+    ) -> Result<Self, CheckpointError> {
+        let (ra, rb) = kind.roles();
+        let (Some(ta), Some(tb)) = (module.get(ra), module.get(rb)) else {
+            return Err(site.missing("incomplete LoRA pair"));
+        };
+        Ok(LoraPair {
+            a: (ta, site.f32s("lora_A", ta)?),
+            b: (tb, site.f32s("lora_B", tb)?),
+        })
+    }
+
+    /// `(lora_A, lora_B)` as the kernels take them.
+    fn tensors(&self) -> (F32Tensor<'_>, F32Tensor<'_>) {
+        (
+            F32Tensor::new(self.a.0.shape(), &self.a.1),
+            F32Tensor::new(self.b.0.shape(), &self.b.1),
+        )
+    }
 }
 
 /// A LoHa module: the Hadamard product of two low-rank products.

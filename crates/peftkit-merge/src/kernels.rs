@@ -45,7 +45,7 @@ pub(crate) mod methods;
 mod order;
 mod torch_sum;
 
-pub(crate) use apply::FiniteProbe;
+pub(crate) use apply::{BaseSource, BlockIo, FiniteProbe};
 pub use apply::{BaseTensorMut, F32Tensor};
 pub use bnb::{
     bnb_dequantize_4bit, bnb_dequantize_blockwise, bnb_quantize_4bit, bnb_quantize_blockwise,
@@ -67,6 +67,7 @@ pub use fp8::{
     quantize_fp8_into, ue8m0_round_up, Fp8Grid, Fp8Quantized, ScaleKind, E4M3_MAX,
 };
 pub use gemm::lowrank_product;
+pub(crate) use lora::StreamedBase;
 pub use lora::{
     conv_delta, embedding_delta, experts_delta, linear_delta, merge_conv, merge_embedding,
     merge_experts, merge_linear, merge_lora_bias, ExpertLayout, MergeOptions,

@@ -42,6 +42,7 @@
 
 mod edit;
 mod error;
+mod file_io;
 mod job;
 mod kernels;
 mod mapped;

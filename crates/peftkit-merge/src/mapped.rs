@@ -1,10 +1,9 @@
-//! Changing a range of an output file where it lies, through a shared mapping.
+//! Writing a range of an output file where it lies, through a shared mapping.
 //!
-//! The writer has copied a base tensor's bytes into the output file inside the kernel; the
-//! merge then changes them in the page cache directly, so merged bytes never cross user space
-//! through `pread`/`pwrite` (the copy into fresh page-cache pages was most of an unsynced
-//! merge's time: docs/architecture.md, "Output IO"). peftkit-checkpoint decides on which file
-//! systems this is safe (`in_file`); this module only maps.
+//! For edits that cannot stream block by block (`file_io`): several adapters on one weight,
+//! DoRA, FP8 re-quantization. The range, allocated by peftkit-checkpoint where that is safe
+//! (`OutputRegion::mappable`), is mapped and the edit writes it in place, so the merged bytes
+//! need no buffer of their size and no `pwrite` (docs/architecture.md, "Output IO").
 
 use std::fs::File;
 

@@ -11,23 +11,28 @@
 //! while computing (a NaN with `safe_merge`) aborts the atomic save, so the output folder
 //! either holds the complete merge or is left as it was.
 
-use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use indexmap::IndexMap;
-use peftkit_checkpoint::{companion_files, nonfinite, CheckpointError, InPlaceEdit};
+use peftkit_checkpoint::{
+    companion_files, nonfinite, CheckpointError, InPlaceEdit, OutputRegion, SourceRegion,
+};
 use peftkit_checkpoint::{
     plan_save, save_planned, Checkpoint, ModelConfig, Progress, SaveOptions, SavePlan, StateDict,
     Tensor,
 };
 use peftkit_peft::Adapter;
 
-use crate::edit::Edit;
+use crate::edit::{Base, Edit};
 use crate::error::{MergeError, NonFiniteResult};
+use crate::file_io::{FileBlocks, FileSource};
 use crate::job::MergeJob;
-use crate::kernels::{reduction_order, FiniteProbe, MergeOptions as KernelOptions, Numerics};
+use crate::kernels::StreamedBase;
+use crate::kernels::{
+    reduction_order, BaseSource, FiniteProbe, MergeOptions as KernelOptions, Numerics,
+};
 use crate::plan::{plan, MergePlan};
 use crate::quant::{BaseQuant, Fp8Base, Treatment};
 use crate::report::{MergeSummary, NumericsReport};
@@ -254,25 +259,75 @@ struct MergeEdit {
     check: bool,
 }
 
-impl InPlaceEdit for MergeEdit {
-    fn apply(&self, data: &mut [u8]) -> Result<(), CheckpointError> {
+impl MergeEdit {
+    /// Runs the steps on `data`. With `source`, `data` does not hold the base yet: the first
+    /// step reads it from there (block by block, for a plain LoRA).
+    fn run(&self, data: &mut [u8], source: Option<&FileSource<'_>>) -> Result<(), CheckpointError> {
         let (dtype, shape) = (self.base.dtype(), self.base.shape());
         let probe = FiniteProbe::default();
+        let mut source = source;
         for step in &self.steps {
             probe.reset();
             // Only a checked merge asks the kernels to test what they write.
             let probe = self.check.then_some(&probe);
-            step.apply(&self.key, dtype, shape, data, &self.opts, probe)?;
+            let base = Base { dtype, shape, data };
+            let from = source.map(|s| s as &dyn BaseSource);
+            let done = step.apply_from(&self.key, base, from, &self.opts, probe);
+            // A failed read is reported as itself, not as the kernel's stop.
+            if let Some(e) = source.and_then(FileSource::take_error) {
+                return Err(e);
+            }
+            done?;
+            source = None;
         }
         // The fused kernel tests what it writes block by block, in cache: when the last step
         // ran it and found every value finite, the tensor is not read again.
         if !self.check || probe.all_finite() {
             return Ok(());
         }
-        // Else one pass over the merged bytes. Values the base already held are not the
-        // merge's doing: only when the merged tensor holds some is the base read again to
-        // count its own (rare, so the common case pays one pass, not two).
-        let Some((after, first)) = nonfinite(dtype, data) else {
+        self.check_merged(data)
+    }
+
+    /// Streams the one step of this edit from the base file to `out` (see `file_io`): `None`,
+    /// having written nothing, when it cannot stream.
+    fn stream(
+        &self,
+        source: SourceRegion<'_>,
+        out: &OutputRegion<'_>,
+    ) -> Result<Option<()>, CheckpointError> {
+        let [step] = self.steps.as_slice() else {
+            return Ok(None);
+        };
+        let io = FileBlocks::new(source, out);
+        let base = StreamedBase {
+            dtype: self.base.dtype(),
+            shape: self.base.shape(),
+            len: out.len(),
+            io: &io,
+            check: self.check,
+        };
+        let done = step.stream(&self.key, base, &self.opts);
+        if let Some(e) = io.source.take_error() {
+            return Err(e);
+        }
+        match done? {
+            None => Ok(None),
+            Some(finite) if !self.check || finite => Ok(Some(())),
+            Some(_) => {
+                // A block holds NaN or infinity: read what was written to count them (rare).
+                let mut merged = vec![0u8; out.len()];
+                out.read_at(0, &mut merged)?;
+                self.check_merged(&merged).map(Some)
+            }
+        }
+    }
+
+    /// Refuses `merged` when it holds more NaN/Inf than the base. Values the base already held
+    /// are not the merge's doing: only when the merged tensor holds some is the base read
+    /// again to count its own (rare, so the common case pays one pass, not two).
+    fn check_merged(&self, merged: &[u8]) -> Result<(), CheckpointError> {
+        let dtype = self.base.dtype();
+        let Some((after, first)) = nonfinite(dtype, merged) else {
             return Ok(());
         };
         let held = nonfinite(dtype, &self.base.bytes()?).map_or(0, |(n, _)| n);
@@ -288,9 +343,30 @@ impl InPlaceEdit for MergeEdit {
         }
         Ok(())
     }
+}
 
-    fn apply_in_file(&self, file: &File, offset: u64, len: usize) -> Result<bool, CheckpointError> {
-        crate::mapped::edit_file_range(file, offset, len, |bytes| self.apply(bytes))
+impl InPlaceEdit for MergeEdit {
+    fn apply(&self, data: &mut [u8]) -> Result<(), CheckpointError> {
+        self.run(data, None)
+    }
+
+    /// Streams a single plain LoRA step block by block; writes other edits through a mapping
+    /// of the output where that is safe (`mapped`).
+    fn apply_in_file(
+        &self,
+        source: SourceRegion<'_>,
+        out: &OutputRegion<'_>,
+    ) -> Result<bool, CheckpointError> {
+        if self.stream(source, out)?.is_some() {
+            return Ok(true);
+        }
+        let Some((file, offset)) = out.mappable()? else {
+            return Ok(false);
+        };
+        let source = FileSource::new(source);
+        crate::mapped::edit_file_range(file, offset, out.len(), |bytes| {
+            self.run(bytes, Some(&source))
+        })
     }
 }
 

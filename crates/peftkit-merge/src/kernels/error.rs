@@ -8,6 +8,12 @@ use safetensors::Dtype;
 /// layers can report which one was wrong without adding context of its own.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum MergeMathError {
+    /// The base tensor's bytes could not be read while merging (the reader reports why).
+    #[error("{what}: the base tensor could not be read")]
+    BaseUnread {
+        /// The tensor being merged.
+        what: &'static str,
+    },
     /// A tensor's shape does not fit the others (e.g. `lora_A` columns ≠ base in-features).
     #[error("{what}: expected shape {expected:?}, got {got:?}")]
     ShapeMismatch {

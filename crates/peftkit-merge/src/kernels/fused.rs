@@ -16,33 +16,34 @@ use std::ops::Range;
 use rayon::prelude::*;
 use safetensors::Dtype;
 
+use super::apply::{BaseSource, BlockIo};
 use super::dtype::{bf16_bits_to_f32, decode_le, encode_le, f32_to_bf16_bits};
 use super::gemm::{product_into, Product, Sink};
 
-/// Adds `Δ` (reduced over the rank in `blocks`, MKL's order) to `data` (the base tensor's
-/// little-endian bytes) in place. With `check`, each block is tested for NaN and infinity right
-/// after it is written, while it is in cache. Returns `Some(false)` when a tested block holds
-/// one, `Some(true)` otherwise, or `None`, having done nothing, when the base dtype has no fused
-/// path on this CPU (the caller then takes the general one).
+/// Adds `Δ` (reduced over the rank in `blocks`, MKL's order) to the base in `target`, block of
+/// rows by block of rows (see [`Target`]). With `check`, each block is tested for NaN and
+/// infinity right after it is written, while it is in cache. Returns `Some(false)` when a
+/// tested block holds one, `Some(true)` otherwise, or `None`, having done nothing, when the
+/// base dtype has no fused path on this CPU (the caller then takes the general one).
 ///
-/// The caller has checked the shapes: `data` holds `batch·rows × n` elements.
+/// The caller has checked the shapes: the base holds `batch·rows × n` elements.
 pub(crate) fn add_in_place(
     p: &Product<'_>,
     blocks: &[Range<usize>],
     dtype: Dtype,
-    data: &mut [u8],
+    target: Target<'_>,
     check: bool,
-) -> Option<bool> {
-    let test = check.then_some(dtype);
+) -> Result<Option<bool>, Unread> {
+    let seg = Segments {
+        p,
+        dtype,
+        test: check.then_some(dtype),
+    };
     #[cfg(target_arch = "x86_64")]
     if let Some(ty) = super::avx512::BaseType::of(dtype) {
         if super::avx512::available() {
-            return Some(for_each_segment(
-                p,
-                dtype,
-                test,
-                data,
-                |left, right, rows, bytes| {
+            return seg
+                .run(target, |left, right, rows, bytes| {
                     super::avx512::add_rows(
                         ty,
                         left,
@@ -52,107 +53,169 @@ pub(crate) fn add_in_place(
                         p.scale,
                         bytes,
                     )
-                },
-            ));
+                })
+                .map(Some);
         }
         if super::avx2::available() {
-            return Some(for_each_segment(
-                p,
-                dtype,
-                test,
-                data,
-                |left, right, rows, bytes| {
+            return seg
+                .run(target, |left, right, rows, bytes| {
                     super::avx2::add_rows(ty, left, right, (rows, p.k, p.n), blocks, p.scale, bytes)
-                },
-            ));
+                })
+                .map(Some);
         }
     }
-    add_generic(p, blocks, dtype, data, test)
-}
-
-/// The fused path without the hand-written kernels: F32 and BF16 only.
-fn add_generic(
-    p: &Product<'_>,
-    blocks: &[Range<usize>],
-    dtype: Dtype,
-    data: &mut [u8],
-    test: Option<Dtype>,
-) -> Option<bool> {
     match dtype {
-        Dtype::BF16 => Some(add_with_sink::<Bf16>(p, blocks, data, test)),
-        Dtype::F32 => Some(add_with_sink::<F32>(p, blocks, data, test)),
-        _ => None,
+        Dtype::BF16 => seg.add_with_sink::<Bf16>(blocks, target).map(Some),
+        Dtype::F32 => seg.add_with_sink::<F32>(blocks, target).map(Some),
+        _ => Ok(None),
     }
 }
 
-fn add_with_sink<E: Elem>(
-    p: &Product<'_>,
-    blocks: &[Range<usize>],
-    data: &mut [u8],
-    test: Option<Dtype>,
-) -> bool {
-    for_each_segment(p, E::DTYPE, test, data, |left, right, rows, bytes| {
-        let mut sink = AddInto::<E> {
-            bytes,
-            n: p.n,
-            elem: PhantomData,
-        };
-        product_into(left, right, p.k, p.n, blocks, p.scale, &mut sink, rows);
-    })
+/// Where a fused add finds the base and leaves the result.
+pub(crate) enum Target<'a> {
+    /// In `data`, which holds the base, or (with `from`) is filled from `from` block by block
+    /// right before the block is merged.
+    Memory {
+        data: &'a mut [u8],
+        from: Option<&'a dyn BaseSource>,
+    },
+    /// Nowhere in memory: each block of `len` base bytes is read from `io` into a small
+    /// buffer, merged there and written back to `io` while it is in cache, so a tensor costs
+    /// two copies in cache and no buffer of its size (docs/architecture.md, "Output IO").
+    Streamed { len: usize, io: &'a dyn BlockIo },
 }
+
+#[cfg(test)]
+impl<'a> Target<'a> {
+    /// `data`, holding the base.
+    pub(crate) fn memory(data: &'a mut [u8]) -> Self {
+        Target::Memory { data, from: None }
+    }
+}
+
+/// The base could not be read from, or the result written to, its [`BaseSource`] or
+/// [`BlockIo`] (which keeps the cause).
+#[derive(Debug)]
+pub(crate) struct Unread;
 
 /// Base bytes per rayon task: about 1 MiB, so that each column panel of the right factor is
 /// reused by many rows and big tensors still make several tasks.
 const BLOCK_BYTES: usize = 1 << 20;
 
-/// Splits `data` into blocks of whole rows run in parallel, and each block at batch-entry
-/// boundaries (experts); calls `f(left rows, right factor, row count, base bytes)` per piece.
-/// With `test`, checks each block for NaN and infinity as soon as it is done; returns `false`
-/// when one holds some.
-fn for_each_segment<F>(
-    p: &Product<'_>,
+thread_local! {
+    /// A streamed block (see [`Target::Streamed`]), one per thread.
+    static BLOCK: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// How a fused add walks the base: the product, the base dtype and whether blocks are tested
+/// for NaN/Inf (`test`).
+struct Segments<'a> {
+    p: &'a Product<'a>,
     dtype: Dtype,
     test: Option<Dtype>,
-    data: &mut [u8],
-    f: F,
-) -> bool
-where
-    F: Fn(&[f32], &[f32], usize, &mut [u8]) + Sync,
-{
-    let elem_size = dtype.bitsize() / 8;
-    let row_bytes = p.n * elem_size;
-    if row_bytes == 0 {
-        return true;
-    }
-    // Multiples of 8 rows keep the kernels' row tiles whole.
-    let rows_per_block = (BLOCK_BYTES / row_bytes).max(1).div_ceil(8) * 8;
-    let (k, n) = (p.k, p.n);
-    data.par_chunks_mut(rows_per_block * row_bytes)
-        .enumerate()
-        .map(|(bi, bytes)| {
-            let first = bi * rows_per_block;
-            let end = first + bytes.len() / row_bytes;
-            let mut g = first;
-            while g < end {
-                let e = g / p.rows.max(1);
-                let seg_end = end.min((e + 1) * p.rows);
-                f(
-                    &p.left[g * k..seg_end * k],
-                    &p.right[e * k * n..(e + 1) * k * n],
-                    seg_end - g,
-                    &mut bytes[(g - first) * row_bytes..(seg_end - first) * row_bytes],
-                );
-                g = seg_end;
-            }
-            test.is_none_or(|d| peftkit_checkpoint::nonfinite(d, bytes).is_none())
+}
+
+impl Segments<'_> {
+    /// The fused path without the hand-written kernels: F32 and BF16 only.
+    fn add_with_sink<E: Elem>(
+        &self,
+        blocks: &[Range<usize>],
+        target: Target<'_>,
+    ) -> Result<bool, Unread> {
+        let p = self.p;
+        self.run(target, |left, right, rows, bytes| {
+            let mut sink = AddInto::<E> {
+                bytes,
+                n: p.n,
+                elem: PhantomData,
+            };
+            product_into(left, right, p.k, p.n, blocks, p.scale, &mut sink, rows);
         })
-        .reduce(|| true, |a, b| a && b)
+    }
+
+    /// Splits the base into blocks of whole rows run in parallel (filled or read and written
+    /// back as `target` says), and each block at batch-entry boundaries (experts); calls
+    /// `f(left rows, right factor, row count, base bytes)` per piece. With `test`, checks each
+    /// block for NaN and infinity as soon as it is done; returns `Ok(false)` when one holds
+    /// some.
+    fn run<F>(&self, target: Target<'_>, f: F) -> Result<bool, Unread>
+    where
+        F: Fn(&[f32], &[f32], usize, &mut [u8]) + Sync,
+    {
+        let row_bytes = self.p.n * (self.dtype.bitsize() / 8);
+        if row_bytes == 0 {
+            return Ok(true);
+        }
+        // Multiples of 8 rows keep the kernels' row tiles whole.
+        let block = (BLOCK_BYTES / row_bytes).max(1).div_ceil(8) * 8 * row_bytes;
+        let merge =
+            |first_row: usize, bytes: &mut [u8]| self.block(first_row, row_bytes, bytes, &f);
+        match target {
+            Target::Memory { data, from } => data
+                .par_chunks_mut(block)
+                .enumerate()
+                .map(|(bi, bytes)| {
+                    if from.is_some_and(|from| !from.fill(bi * block, bytes)) {
+                        return Err(Unread);
+                    }
+                    Ok(merge(bi * block / row_bytes, bytes))
+                })
+                .try_reduce(|| true, |a, b| Ok(a && b)),
+            Target::Streamed { len, io } => (0..len.div_ceil(block))
+                .into_par_iter()
+                .map(|bi| {
+                    let at = bi * block;
+                    // One buffer per thread, kept: rayon's `map_init` would make (and zero) one
+                    // per split of the work.
+                    BLOCK.with_borrow_mut(|buf| {
+                        let n = block.min(len - at);
+                        if buf.len() < n {
+                            buf.resize(n, 0);
+                        }
+                        let buf = &mut buf[..n];
+                        if !io.fill(at, buf) {
+                            return Err(Unread);
+                        }
+                        let finite = merge(at / row_bytes, buf);
+                        if !io.flush(at, buf) {
+                            return Err(Unread);
+                        }
+                        Ok(finite)
+                    })
+                })
+                .try_reduce(|| true, |a, b| Ok(a && b)),
+        }
+    }
+
+    /// Merges one block of whole rows, `bytes`, whose first row is `first`; whether it is
+    /// finite (when tested).
+    fn block<F>(&self, first: usize, row_bytes: usize, bytes: &mut [u8], f: &F) -> bool
+    where
+        F: Fn(&[f32], &[f32], usize, &mut [u8]),
+    {
+        let p = self.p;
+        let (k, n) = (p.k, p.n);
+        let end = first + bytes.len() / row_bytes;
+        let mut g = first;
+        while g < end {
+            let e = g / p.rows.max(1);
+            let seg_end = end.min((e + 1) * p.rows);
+            f(
+                &p.left[g * k..seg_end * k],
+                &p.right[e * k * n..(e + 1) * k * n],
+                seg_end - g,
+                &mut bytes[(g - first) * row_bytes..(seg_end - first) * row_bytes],
+            );
+            g = seg_end;
+        }
+        self.test
+            .is_none_or(|d| peftkit_checkpoint::nonfinite(d, bytes).is_none())
+    }
 }
 
 /// A base element type the generic sink adds into.
 trait Elem {
     const SIZE: usize;
-    const DTYPE: Dtype;
     /// Decodes `out.len()` little-endian elements from `bytes`.
     fn decode(bytes: &[u8], out: &mut [f32]);
     /// Encodes `vals` into `bytes`, rounding as torch does.
@@ -164,7 +227,6 @@ struct Bf16;
 
 impl Elem for F32 {
     const SIZE: usize = 4;
-    const DTYPE: Dtype = Dtype::F32;
     #[inline(always)]
     fn decode(bytes: &[u8], out: &mut [f32]) {
         decode_le(bytes, out, f32::from_le_bytes);
@@ -177,7 +239,6 @@ impl Elem for F32 {
 
 impl Elem for Bf16 {
     const SIZE: usize = 2;
-    const DTYPE: Dtype = Dtype::BF16;
     #[inline(always)]
     fn decode(bytes: &[u8], out: &mut [f32]) {
         decode_le(bytes, out, |b| bf16_bits_to_f32(u16::from_le_bytes(b)));
@@ -327,8 +388,47 @@ mod tests {
                 let want = reference(&p, &blocks, batch, dtype, &base);
                 let mut paths: Vec<(&str, Vec<u8>)> = Vec::new();
                 let mut got = base.clone();
-                if add_generic(&p, &blocks, dtype, &mut got, None).is_some() {
+                let seg = Segments {
+                    p: &p,
+                    dtype,
+                    test: None,
+                };
+                let generic = match dtype {
+                    Dtype::BF16 => {
+                        Some(seg.add_with_sink::<Bf16>(&blocks, Target::memory(&mut got)))
+                    }
+                    Dtype::F32 => Some(seg.add_with_sink::<F32>(&blocks, Target::memory(&mut got))),
+                    _ => None,
+                };
+                if let Some(done) = generic {
+                    done.unwrap();
                     paths.push(("generic", got));
+                }
+                // Writing into a buffer that does not hold the base (the output file), reading
+                // it block by block from its source.
+                let mut got = vec![0xA5; base.len()];
+                let source = Bytes::new(&base);
+                let target = Target::Memory {
+                    data: &mut got,
+                    from: Some(&source),
+                };
+                if add_in_place(&p, &blocks, dtype, target, false)
+                    .unwrap()
+                    .is_some()
+                {
+                    paths.push(("from a source", got));
+                }
+                // Streamed: read, merged and written back block by block.
+                let io = Bytes::new(&base);
+                let target = Target::Streamed {
+                    len: base.len(),
+                    io: &io,
+                };
+                if add_in_place(&p, &blocks, dtype, target, false)
+                    .unwrap()
+                    .is_some()
+                {
+                    paths.push(("streamed", io.written()));
                 }
                 // One kernel call over all rows (no rayon split) is only valid for one entry.
                 #[cfg(target_arch = "x86_64")]
@@ -364,7 +464,8 @@ mod tests {
                     paths.push(("avx2 (one call)", got));
                 }
                 let mut got = base.clone();
-                let fused = add_in_place(&p, &blocks, dtype, &mut got, true);
+                let fused =
+                    add_in_place(&p, &blocks, dtype, Target::memory(&mut got), true).unwrap();
                 assert!(fused.is_some() || dtype == Dtype::F16);
                 if let Some(finite) = fused {
                     let scan = peftkit_checkpoint::nonfinite(dtype, &got).is_none();
@@ -382,6 +483,78 @@ mod tests {
                     assert_eq!(differ, 0, "{name} {dtype:?} {batch}x{rows}x{k}x{n}");
                 }
             }
+        }
+    }
+
+    /// A base held in memory, as a [`BaseSource`] and a [`BlockIo`] that collects the blocks
+    /// written back.
+    struct Bytes<'a> {
+        base: &'a [u8],
+        out: std::sync::Mutex<Vec<u8>>,
+    }
+
+    impl<'a> Bytes<'a> {
+        fn new(base: &'a [u8]) -> Self {
+            let out = std::sync::Mutex::new(vec![0x5A; base.len()]);
+            Bytes { base, out }
+        }
+
+        fn written(self) -> Vec<u8> {
+            self.out.into_inner().unwrap()
+        }
+    }
+
+    impl BaseSource for Bytes<'_> {
+        fn fill(&self, at: usize, into: &mut [u8]) -> bool {
+            into.copy_from_slice(&self.base[at..at + into.len()]);
+            true
+        }
+    }
+
+    impl BlockIo for Bytes<'_> {
+        fn flush(&self, at: usize, bytes: &[u8]) -> bool {
+            self.out.lock().unwrap()[at..at + bytes.len()].copy_from_slice(bytes);
+            true
+        }
+    }
+
+    /// A source that cannot be read, or written back to, stops the kernel with `Unread`.
+    #[test]
+    fn an_unreadable_or_unwritable_source_stops_the_add() {
+        struct Broken(bool);
+        impl BaseSource for Broken {
+            fn fill(&self, _: usize, _: &mut [u8]) -> bool {
+                self.0
+            }
+        }
+        impl BlockIo for Broken {
+            fn flush(&self, _: usize, _: &[u8]) -> bool {
+                false
+            }
+        }
+        let (left, right) = (factor(8 * 4, 1), factor(4 * 16, 2));
+        let p = Product {
+            left: &left,
+            right: &right,
+            rows: 8,
+            k: 4,
+            n: 16,
+            scale: 1.0,
+        };
+        let blocks = active_k_blocks(4);
+        let mut data = vec![0u8; 8 * 16 * 4];
+        let target = Target::Memory {
+            data: &mut data,
+            from: Some(&Broken(false)),
+        };
+        assert!(add_in_place(&p, &blocks, Dtype::F32, target, false).is_err());
+        for readable in [false, true] {
+            let io = Broken(readable);
+            let target = Target::Streamed {
+                len: 8 * 16 * 4,
+                io: &io,
+            };
+            assert!(add_in_place(&p, &blocks, Dtype::F32, target, false).is_err());
         }
     }
 }

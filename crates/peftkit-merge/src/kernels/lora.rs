@@ -21,9 +21,10 @@ use std::ops::{AddAssign, Range, SubAssign};
 
 use safetensors::Dtype;
 
-use super::apply::{update_rows, BaseTensorMut, F32Tensor, Rows};
+use super::apply::{update_rows, BaseTensorMut, BlockIo, F32Tensor, Rows};
+use super::dtype::element_size;
 use super::dtype::round_slice_to;
-use super::error::{check_rank, check_shape, MergeMathError, Result};
+use super::error::{check_rank, check_shape, numel, MergeMathError, Result};
 use super::exact::{self, Numerics};
 use super::fused;
 use super::gemm::{product_rows, Product};
@@ -193,25 +194,42 @@ impl<'a> LowRank<'a> {
         Ok(d)
     }
 
-    /// Adds `Δ` to `base` through the fused kernel (see [`super::fused`]); `Ok(false)`, with
-    /// `base` untouched, when its dtype has no fused path.
+    /// Adds `Δ` to `base` through the fused kernel (see [`super::fused`]), reading the base
+    /// from its source block by block when `data` does not hold it; `Ok(false)`, with `base`
+    /// untouched, when its dtype has no fused path.
     fn try_add_fused(&self, what: &'static str, base: &mut BaseTensorMut<'_>) -> Result<bool> {
         let total = base.validate(what, true)?;
         if self.n == 0 || total != self.left.len() / self.r.max(1) * self.n {
             return Ok(false);
         }
         let product = self.as_product(false);
+        let target = fused::Target::Memory {
+            data: base.data,
+            from: base.source,
+        };
         let fused = fused::add_in_place(
             &product,
             &self.blocks,
             base.dtype,
-            base.data,
+            target,
             base.probe.is_some(),
-        );
+        )
+        .map_err(|_| MergeMathError::BaseUnread { what })?;
+        if fused.is_some() {
+            base.source = None;
+        }
         if let (Some(finite), Some(probe)) = (fused, base.probe) {
             probe.record(finite);
         }
         Ok(fused.is_some())
+    }
+
+    /// Whether merging this product takes the fused kernel: the plain merge (peft's numerics,
+    /// one rounding, f32 adapter; `always_round_first` for layers peft rounds `Δ` for first).
+    fn fuses(&self, opts: &MergeOptions, always_round_first: bool) -> bool {
+        let round_first =
+            always_round_first || opts.safe_merge || opts.round_delta_first || opts.unmerge;
+        opts.numerics != Numerics::Exact && !round_first && self.adapter_round.is_none()
     }
 
     /// The product as the fused and exact kernels take it; `negate` for an unmerge.
@@ -244,6 +262,7 @@ fn apply_lowrank(
     always_round_first: bool,
 ) -> Result<()> {
     if opts.numerics == Numerics::Exact {
+        base.materialize(what)?;
         let check = opts.safe_merge && !opts.unmerge;
         exact::merge_lowrank(what, base, &lr.as_product(opts.unmerge), check)?;
         return Ok(());
@@ -254,9 +273,11 @@ fn apply_lowrank(
     let sign_sub = opts.unmerge;
     let check = opts.safe_merge && !opts.unmerge;
     // The plain merge (one rounding, f32 adapter) has a fused kernel.
-    if !round_first && lr.adapter_round.is_none() && lr.try_add_fused(what, base)? {
+    if lr.fuses(opts, always_round_first) && lr.try_add_fused(what, base)? {
         return Ok(());
     }
+    // The other paths read the whole base first.
+    base.materialize(what)?;
     update_rows(
         what,
         base,
@@ -411,6 +432,56 @@ pub fn merge_linear(
     let round = opts.adapter_round()?;
     let lr = linear_lowrank(base.shape, &a, &b, scale, fan_in_fan_out, round)?;
     apply_lowrank("linear weight", &mut base, &lr, opts, false)
+}
+
+/// A base tensor that is in no buffer: streamed through a kernel block by block (see
+/// [`fused::Target::Streamed`]).
+pub(crate) struct StreamedBase<'a> {
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    /// Its length in bytes.
+    pub len: usize,
+    pub io: &'a dyn BlockIo,
+    /// Test each merged block for NaN and infinity.
+    pub check: bool,
+}
+
+/// [`merge_linear`] on a streamed base: each block is read, merged and written back while in
+/// cache. `Ok(None)`, having read and written nothing, when this merge has no fused path (the
+/// caller then merges in memory); else `Some(false)` when a tested block holds NaN or
+/// infinity. A failed read or write is [`MergeMathError::BaseUnread`]; `io` keeps the cause.
+pub(crate) fn stream_linear(
+    base: StreamedBase<'_>,
+    a: F32Tensor<'_>,
+    b: F32Tensor<'_>,
+    scale: f32,
+    fan_in_fan_out: bool,
+    opts: &MergeOptions,
+) -> Result<Option<bool>> {
+    let what = "linear weight";
+    let lr = linear_lowrank(
+        base.shape,
+        &a,
+        &b,
+        scale,
+        fan_in_fan_out,
+        opts.adapter_round()?,
+    )?;
+    let elems = base.len / element_size(base.dtype)?;
+    if !lr.fuses(opts, false)
+        || lr.n == 0
+        || elems != numel(what, base.shape)?
+        || elems != lr.left.len() / lr.r.max(1) * lr.n
+    {
+        return Ok(None);
+    }
+    let target = fused::Target::Streamed {
+        len: base.len,
+        io: base.io,
+    };
+    let product = lr.as_product(false);
+    fused::add_in_place(&product, &lr.blocks, base.dtype, target, base.check)
+        .map_err(|_| MergeMathError::BaseUnread { what })
 }
 
 /// Checks embedding factors against the base `(num_embeddings, dim)`; returns the producer.

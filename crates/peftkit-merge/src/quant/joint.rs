@@ -24,7 +24,9 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use peftkit_checkpoint::{buffers, CheckpointError, Dtype, InPlaceEdit, Tensor};
+use peftkit_checkpoint::{
+    buffers, CheckpointError, Dtype, InPlaceEdit, OutputRegion, SourceRegion, Tensor,
+};
 
 /// Bytes a merge holds for later writes (see [`KeepBudget`]).
 pub(crate) const KEEP_BUDGET: usize = 128 << 20;
@@ -84,6 +86,12 @@ pub(crate) trait Joint: Send + Sync + 'static {
     /// Turns `main`, the base tensor's bytes, into the main output tensor's, and returns the
     /// bytes of every part, by index.
     fn compute(&self, main: &mut [u8]) -> Result<Vec<Vec<u8>>, CheckpointError>;
+
+    /// Whether [`Joint::compute`] reads the base bytes in `main` (`false`: it overwrites them
+    /// whole, having read what it needs elsewhere), so that they need not be read for it.
+    fn reads_base(&self) -> bool {
+        true
+    }
 }
 
 /// What the tensors of one [`Joint`] computation share.
@@ -190,7 +198,10 @@ impl JointSlot {
                 return Ok(bytes);
             }
         }
-        let mut main = joint.base().bytes()?.into_owned();
+        let mut main = match joint.reads_base() {
+            true => joint.base().bytes()?.into_owned(),
+            false => buffers::take(joint.base().byte_len()),
+        };
         let mut parts = joint.compute(&mut main)?;
         let Some(mine) = parts.get_mut(index).map(std::mem::take) else {
             return Err(CheckpointError::TensorData {
@@ -253,11 +264,18 @@ impl<J: Joint> InPlaceEdit for MainEdit<J> {
 
     fn apply_in_file(
         &self,
-        file: &std::fs::File,
-        offset: u64,
-        len: usize,
+        source: SourceRegion<'_>,
+        out: &OutputRegion<'_>,
     ) -> Result<bool, CheckpointError> {
-        crate::mapped::edit_file_range(file, offset, len, |bytes| self.apply(bytes))
+        let Some((file, offset)) = out.mappable()? else {
+            return Ok(false);
+        };
+        crate::mapped::edit_file_range(file, offset, out.len(), |bytes| {
+            if self.0.reads_base() {
+                source.read_at(0, bytes)?;
+            }
+            self.apply(bytes)
+        })
     }
 }
 

@@ -298,4 +298,8 @@ impl Joint for Requant8 {
             .for_each(|(b, &c)| *b = c as u8);
         Ok(vec![q.scb.iter().flat_map(|s| s.to_le_bytes()).collect()])
     }
+
+    fn reads_base(&self) -> bool {
+        false
+    }
 }

@@ -361,4 +361,8 @@ impl Joint for Requant4 {
         main.copy_from_slice(&q.packed);
         Ok(std::iter::once(q.absmax).chain(q.nested_absmax).collect())
     }
+
+    fn reads_base(&self) -> bool {
+        false
+    }
 }
