@@ -175,7 +175,10 @@ impl DirTransaction {
             if self.durable {
                 sync_dir(&self.staging)?;
             }
-            if !exchange(&self.staging, &self.target)? {
+            if exchange(&self.staging, &self.target)? {
+                let old = self.staging.clone();
+                registry.swapped(&self.staging, &old);
+            } else {
                 // No atomic exchange here: move the old folder aside, then the new one in.
                 // Named like the staging folder, so a crash here leaves a folder the next
                 // save recognises as stale.
@@ -188,8 +191,7 @@ impl DirTransaction {
                     let _ = fs::rename(&aside, &self.target);
                     return Err(CheckpointError::io(&self.target, e));
                 }
-                registry.retain(|d| d != &self.staging);
-                registry.push(aside.clone());
+                registry.swapped(&self.staging, &aside);
                 self.staging = aside;
             }
             // `self.staging` now names the old content; Drop removes it.
@@ -199,6 +201,7 @@ impl DirTransaction {
             }
             fs::rename(&self.staging, &self.target)
                 .map_err(|e| CheckpointError::io(&self.target, e))?;
+            registry.forget(&self.staging);
             self.done = true;
         }
         drop(registry);

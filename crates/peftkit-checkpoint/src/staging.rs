@@ -149,19 +149,46 @@ pub fn remove_stale_staging(target: &Path) -> Result<Vec<StaleStaging>> {
 }
 
 /// The staging folders of this process's running saves.
-static ACTIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+pub(crate) struct Registry {
+    /// Folders being written: a save's partial output.
+    partial: Vec<PathBuf>,
+    /// Folders holding a target's old content after its save swapped the new one in, about
+    /// to be removed.
+    old: Vec<PathBuf>,
+}
+
+impl Registry {
+    /// `dir` is no staging folder any more (it was renamed to its target).
+    pub(crate) fn forget(&mut self, dir: &Path) {
+        self.partial.retain(|d| d != dir);
+    }
+
+    /// `dir`, a partial output until now, holds the old content of its target (the swap is
+    /// done): a signal now removes it without calling it a partial output.
+    pub(crate) fn swapped(&mut self, dir: &Path, old: &Path) {
+        self.partial.retain(|d| d != dir);
+        self.old.push(old.to_owned());
+    }
+}
+
+static ACTIVE: Mutex<Registry> = Mutex::new(Registry {
+    partial: Vec::new(),
+    old: Vec::new(),
+});
 
 /// The registry, also after a panic elsewhere (it is a plain list).
-pub(crate) fn active() -> MutexGuard<'static, Vec<PathBuf>> {
+pub(crate) fn active() -> MutexGuard<'static, Registry> {
     ACTIVE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub(crate) fn register(dir: &Path) {
-    active().push(dir.to_owned());
+    active().partial.push(dir.to_owned());
 }
 
 pub(crate) fn unregister(dir: &Path) {
-    active().retain(|d| d != dir);
+    let mut registry = active();
+    registry.partial.retain(|d| d != dir);
+    registry.old.retain(|d| d != dir);
 }
 
 /// Removes the staging folders of every save this process is running, for a signal handler
@@ -169,11 +196,18 @@ pub(crate) fn unregister(dir: &Path) {
 /// other threads then fail; the caller is expected to exit at once. The registry stays locked
 /// until the process exits, so that no save can swap its folder in after this call.
 ///
-/// Returns the folders removed.
+/// Returns the partial outputs removed; the old content of a target whose save had already
+/// swapped the new one in is removed too, but is not one (that target holds the new output).
 pub fn abandon_staging() -> Vec<PathBuf> {
     let mut guard = active();
     let mut removed = Vec::new();
-    for dir in guard.drain(..) {
+    let old: Vec<PathBuf> = guard.old.drain(..).collect();
+    for (dir, partial) in guard
+        .partial
+        .drain(..)
+        .map(|d| (d, true))
+        .chain(old.into_iter().map(|d| (d, false)))
+    {
         // Writers may still create files while the tree is removed: try a few times.
         for _ in 0..5 {
             match fs::remove_dir_all(&dir) {
@@ -181,7 +215,9 @@ pub fn abandon_staging() -> Vec<PathBuf> {
                 _ => break,
             }
         }
-        removed.push(dir);
+        if partial {
+            removed.push(dir);
+        }
     }
     std::mem::forget(guard);
     removed
@@ -229,8 +265,8 @@ mod tests {
         // Not through `abandon_staging` (it keeps the registry locked for good): the same
         // removal and registry handling, observed.
         register(&s);
-        assert!(active().contains(&s));
+        assert!(active().partial.contains(&s));
         unregister(&s);
-        assert!(!active().contains(&s));
+        assert!(!active().partial.contains(&s));
     }
 }

@@ -249,39 +249,6 @@ impl Step {
         self.apply_from(name, base, None, opts, probe)
     }
 
-    /// Applies this step to a base that is in no buffer, streaming it through `base.io` block
-    /// by block (see [`lora::stream_linear`]), when it is a plain linear LoRA merge with a
-    /// fused kernel. `Ok(None)`, having read and written nothing, otherwise; else whether every
-    /// merged value is finite (when `base.check`).
-    pub(crate) fn stream(
-        &self,
-        name: &str,
-        base: lora::StreamedBase<'_>,
-        opts: &KernelOptions,
-    ) -> Result<Option<bool>, CheckpointError> {
-        let Edit::Lora {
-            module,
-            kind: kind @ LoraKind::Linear { fan_in_fan_out },
-            scale,
-            dora: false,
-            round_first,
-        } = &self.edit
-        else {
-            return Ok(None);
-        };
-        let site = Site {
-            name,
-            adapter: &self.adapter,
-        };
-        let pair = LoraPair::read(&site, module, *kind)?;
-        let (a, b) = pair.tensors();
-        let opts = KernelOptions {
-            round_delta_first: opts.round_delta_first || *round_first,
-            ..*opts
-        };
-        lora::stream_linear(base, a, b, *scale, *fan_in_fan_out, &opts).map_err(|e| site.math(e))
-    }
-
     /// Applies this step with `base.data` not holding the base yet: `source` has its bytes. A
     /// plain LoRA step reads them block by block as its kernel merges them (see
     /// [`BaseSource`]); any other step reads them all first. A failed read is the kernel error
@@ -440,6 +407,64 @@ fn apply_lora(
         }
     };
     done.map_err(|e| site.math(e))
+}
+
+/// Applies `steps`, in order, to a base tensor (`name`) that is in no buffer, streaming it
+/// through `base.io` block by block (see [`lora::stream_linear`]), when every step is a plain
+/// linear LoRA merge with a fused kernel. `Ok(None)`, having read and written nothing,
+/// otherwise; else whether every merged value is finite (when `base.check`).
+pub(crate) fn stream_steps(
+    steps: &[Step],
+    name: &str,
+    base: lora::StreamedBase<'_>,
+    opts: &KernelOptions,
+) -> Result<Option<bool>, CheckpointError> {
+    let mut pairs = Vec::with_capacity(steps.len());
+    for step in steps {
+        let Edit::Lora {
+            module,
+            kind: kind @ LoraKind::Linear { fan_in_fan_out },
+            scale,
+            dora: false,
+            round_first,
+        } = &step.edit
+        else {
+            return Ok(None);
+        };
+        let site = Site {
+            name,
+            adapter: &step.adapter,
+        };
+        let opts = KernelOptions {
+            round_delta_first: opts.round_delta_first || *round_first,
+            ..*opts
+        };
+        let pair = LoraPair::read(&site, module, *kind)?;
+        pairs.push((pair, *scale, *fan_in_fan_out, opts));
+    }
+    let chain: Vec<lora::LinearLora<'_>> = pairs
+        .iter()
+        .map(|(pair, scale, fan_in_fan_out, opts)| {
+            let (a, b) = pair.tensors();
+            lora::LinearLora {
+                a,
+                b,
+                scale: *scale,
+                fan_in_fan_out: *fan_in_fan_out,
+                opts: *opts,
+            }
+        })
+        .collect();
+    // Shapes were checked when planning: an error here is the base's IO or a broken invariant,
+    // reported against the last adapter.
+    let Some(last) = steps.last() else {
+        return Ok(None);
+    };
+    let site = Site {
+        name,
+        adapter: &last.adapter,
+    };
+    lora::stream_linear(base, &chain).map_err(|e| site.math(e))
 }
 
 /// A LoRA module's `lora_A` and `lora_B` tensors, widened to `f32`.

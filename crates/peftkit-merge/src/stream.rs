@@ -288,16 +288,13 @@ impl MergeEdit {
         self.check_merged(data)
     }
 
-    /// Streams the one step of this edit from the base file to `out` (see `file_io`): `None`,
-    /// having written nothing, when it cannot stream.
+    /// Streams this edit's steps from the base file to `out` (see `file_io`): `None`, having
+    /// written nothing, when they cannot stream (only plain linear LoRA steps can).
     fn stream(
         &self,
         source: SourceRegion<'_>,
         out: &OutputRegion<'_>,
     ) -> Result<Option<()>, CheckpointError> {
-        let [step] = self.steps.as_slice() else {
-            return Ok(None);
-        };
         let io = FileBlocks::new(source, out);
         let base = StreamedBase {
             dtype: self.base.dtype(),
@@ -306,7 +303,7 @@ impl MergeEdit {
             io: &io,
             check: self.check,
         };
-        let done = step.stream(&self.key, base, &self.opts);
+        let done = crate::edit::stream_steps(&self.steps, &self.key, base, &self.opts);
         if let Some(e) = io.source.take_error() {
             return Err(e);
         }
@@ -350,8 +347,8 @@ impl InPlaceEdit for MergeEdit {
         self.run(data, None)
     }
 
-    /// Streams a single plain LoRA step block by block; writes other edits through a mapping
-    /// of the output where that is safe (`mapped`).
+    /// Streams plain linear LoRA steps block by block; writes other edits through a mapping of
+    /// the output where that is safe (`mapped`).
     fn apply_in_file(
         &self,
         source: SourceRegion<'_>,

@@ -112,6 +112,38 @@ fn merges_are_bit_identical_to_peft() {
     }
 }
 
+/// Several adapters on the same weights: an unsynced save streams each weight through all of
+/// them block by block (one pass), a synced one applies them to the whole tensor in turn (the
+/// path the fixtures above hold to peft, one adapter at a time); the bytes are the same. The
+/// adapter is merged twice, the second time with weight -0.5.
+#[test]
+fn several_adapters_stream_as_they_merge_in_memory() {
+    for case in ["lora_bf16", "lora_basic", "lora_f16"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let adapter = case_dir(case).join("adapter");
+        let adapters = vec![
+            AdapterInput {
+                dir: adapter.clone(),
+                weight: 1.0,
+            },
+            AdapterInput {
+                dir: adapter,
+                weight: -0.5,
+            },
+        ];
+        let mut outs = Vec::new();
+        for durable in [false, true] {
+            let out = tmp.path().join(format!("merged-{durable}"));
+            let mut j = MergeJob::new(case_dir(case).join("base"), adapters.clone(), &out);
+            j.durable = durable;
+            let summary = merge(&j).unwrap_or_else(|e| panic!("{case}: {e}"));
+            assert!(summary.tensors_merged > 0, "{case}");
+            outs.push(out);
+        }
+        assert_same_merge(case, &outs[1], &outs[0]);
+    }
+}
+
 /// The conv2d fixture is deliberately tiny (6x4x3x3, r=4): for such sizes oneDNN and MKL
 /// switch to kernels whose summation order is not the sequential FMA peft uses on realistic
 /// shapes (realistic convs are exact, see tests/fixtures/numerics). The merged weights agree

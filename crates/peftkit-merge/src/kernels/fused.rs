@@ -20,22 +20,35 @@ use super::apply::{BaseSource, BlockIo};
 use super::dtype::{bf16_bits_to_f32, decode_le, encode_le, f32_to_bf16_bits};
 use super::gemm::{product_into, Product, Sink};
 
-/// Adds `Δ` (reduced over the rank in `blocks`, MKL's order) to the base in `target`, block of
-/// rows by block of rows (see [`Target`]). With `check`, each block is tested for NaN and
-/// infinity right after it is written, while it is in cache. Returns `Some(false)` when a
-/// tested block holds one, `Some(true)` otherwise, or `None`, having done nothing, when the
-/// base dtype has no fused path on this CPU (the caller then takes the general one).
+/// One low-rank update of a fused add: `Δ` of `product`, reduced over the rank in `blocks`
+/// (MKL's order).
+pub(crate) struct Fused<'a> {
+    pub product: Product<'a>,
+    pub blocks: &'a [Range<usize>],
+}
+
+/// Adds the `Δ` of each update of `chain`, in order, to the base in `target`, block of rows by
+/// block of rows (see [`Target`]): each block gets every update while it is in cache, with the
+/// same operations per element as updating the whole tensor once per update. With `check`,
+/// each block is tested for NaN and infinity right after its last update. Returns
+/// `Some(false)` when a tested block holds one, `Some(true)` otherwise, or `None`, having done
+/// nothing, when the base dtype has no fused path on this CPU or `chain` is empty (the caller
+/// then takes the general path).
 ///
-/// The caller has checked the shapes: the base holds `batch·rows × n` elements.
+/// The caller has checked the shapes: the base holds `batch·rows × n` elements for every
+/// update, all with the same `n`.
 pub(crate) fn add_in_place(
-    p: &Product<'_>,
-    blocks: &[Range<usize>],
+    chain: &[Fused<'_>],
     dtype: Dtype,
     target: Target<'_>,
     check: bool,
 ) -> Result<Option<bool>, Unread> {
+    let Some(first) = chain.first() else {
+        return Ok(None);
+    };
     let seg = Segments {
-        p,
+        chain,
+        n: first.product.n,
         dtype,
         test: check.then_some(dtype),
     };
@@ -43,30 +56,26 @@ pub(crate) fn add_in_place(
     if let Some(ty) = super::avx512::BaseType::of(dtype) {
         if super::avx512::available() {
             return seg
-                .run(target, |left, right, rows, bytes| {
-                    super::avx512::add_rows(
-                        ty,
-                        left,
-                        right,
-                        (rows, p.k, p.n),
-                        blocks,
-                        p.scale,
-                        bytes,
-                    )
+                .run(target, |u, left, right, rows, bytes| {
+                    let p = &u.product;
+                    let shape = (rows, p.k, p.n);
+                    super::avx512::add_rows(ty, left, right, shape, u.blocks, p.scale, bytes)
                 })
                 .map(Some);
         }
         if super::avx2::available() {
             return seg
-                .run(target, |left, right, rows, bytes| {
-                    super::avx2::add_rows(ty, left, right, (rows, p.k, p.n), blocks, p.scale, bytes)
+                .run(target, |u, left, right, rows, bytes| {
+                    let p = &u.product;
+                    let shape = (rows, p.k, p.n);
+                    super::avx2::add_rows(ty, left, right, shape, u.blocks, p.scale, bytes)
                 })
                 .map(Some);
         }
     }
     match dtype {
-        Dtype::BF16 => seg.add_with_sink::<Bf16>(blocks, target).map(Some),
-        Dtype::F32 => seg.add_with_sink::<F32>(blocks, target).map(Some),
+        Dtype::BF16 => seg.add_with_sink::<Bf16>(target).map(Some),
+        Dtype::F32 => seg.add_with_sink::<F32>(target).map(Some),
         _ => Ok(None),
     }
 }
@@ -107,42 +116,39 @@ thread_local! {
     static BLOCK: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// How a fused add walks the base: the product, the base dtype and whether blocks are tested
-/// for NaN/Inf (`test`).
+/// How a fused add walks the base: the updates, the row length, the base dtype and whether
+/// blocks are tested for NaN/Inf (`test`).
 struct Segments<'a> {
-    p: &'a Product<'a>,
+    chain: &'a [Fused<'a>],
+    n: usize,
     dtype: Dtype,
     test: Option<Dtype>,
 }
 
 impl Segments<'_> {
     /// The fused path without the hand-written kernels: F32 and BF16 only.
-    fn add_with_sink<E: Elem>(
-        &self,
-        blocks: &[Range<usize>],
-        target: Target<'_>,
-    ) -> Result<bool, Unread> {
-        let p = self.p;
-        self.run(target, |left, right, rows, bytes| {
+    fn add_with_sink<E: Elem>(&self, target: Target<'_>) -> Result<bool, Unread> {
+        self.run(target, |u, left, right, rows, bytes| {
+            let p = &u.product;
             let mut sink = AddInto::<E> {
                 bytes,
                 n: p.n,
                 elem: PhantomData,
             };
-            product_into(left, right, p.k, p.n, blocks, p.scale, &mut sink, rows);
+            product_into(left, right, p.k, p.n, u.blocks, p.scale, &mut sink, rows);
         })
     }
 
     /// Splits the base into blocks of whole rows run in parallel (filled or read and written
-    /// back as `target` says), and each block at batch-entry boundaries (experts); calls
-    /// `f(left rows, right factor, row count, base bytes)` per piece. With `test`, checks each
-    /// block for NaN and infinity as soon as it is done; returns `Ok(false)` when one holds
-    /// some.
+    /// back as `target` says); for each update, splits each block at batch-entry boundaries
+    /// (experts) and calls `f(update, left rows, right factor, row count, base bytes)` per
+    /// piece. With `test`, checks each block for NaN and infinity as soon as it is done;
+    /// returns `Ok(false)` when one holds some.
     fn run<F>(&self, target: Target<'_>, f: F) -> Result<bool, Unread>
     where
-        F: Fn(&[f32], &[f32], usize, &mut [u8]) + Sync,
+        F: Fn(&Fused<'_>, &[f32], &[f32], usize, &mut [u8]) + Sync,
     {
-        let row_bytes = self.p.n * (self.dtype.bitsize() / 8);
+        let row_bytes = self.n * (self.dtype.bitsize() / 8);
         if row_bytes == 0 {
             return Ok(true);
         }
@@ -187,26 +193,29 @@ impl Segments<'_> {
         }
     }
 
-    /// Merges one block of whole rows, `bytes`, whose first row is `first`; whether it is
-    /// finite (when tested).
+    /// Applies every update to one block of whole rows, `bytes`, whose first row is `first`;
+    /// whether it is finite (when tested).
     fn block<F>(&self, first: usize, row_bytes: usize, bytes: &mut [u8], f: &F) -> bool
     where
-        F: Fn(&[f32], &[f32], usize, &mut [u8]),
+        F: Fn(&Fused<'_>, &[f32], &[f32], usize, &mut [u8]),
     {
-        let p = self.p;
-        let (k, n) = (p.k, p.n);
         let end = first + bytes.len() / row_bytes;
-        let mut g = first;
-        while g < end {
-            let e = g / p.rows.max(1);
-            let seg_end = end.min((e + 1) * p.rows);
-            f(
-                &p.left[g * k..seg_end * k],
-                &p.right[e * k * n..(e + 1) * k * n],
-                seg_end - g,
-                &mut bytes[(g - first) * row_bytes..(seg_end - first) * row_bytes],
-            );
-            g = seg_end;
+        for u in self.chain {
+            let p = &u.product;
+            let (k, n) = (p.k, p.n);
+            let mut g = first;
+            while g < end {
+                let e = g / p.rows.max(1);
+                let seg_end = end.min((e + 1) * p.rows);
+                f(
+                    u,
+                    &p.left[g * k..seg_end * k],
+                    &p.right[e * k * n..(e + 1) * k * n],
+                    seg_end - g,
+                    &mut bytes[(g - first) * row_bytes..(seg_end - first) * row_bytes],
+                );
+                g = seg_end;
+            }
         }
         self.test
             .is_none_or(|d| peftkit_checkpoint::nonfinite(d, bytes).is_none())
@@ -375,29 +384,32 @@ mod tests {
             let left = factor(batch * rows * k, 1);
             let right = factor(batch * k * n, 2);
             let blocks = active_k_blocks(k);
-            let p = Product {
-                left: &left,
-                right: &right,
-                rows,
-                k,
-                n,
-                scale: 0.75,
-            };
+            let update = [Fused {
+                product: Product {
+                    left: &left,
+                    right: &right,
+                    rows,
+                    k,
+                    n,
+                    scale: 0.75,
+                },
+                blocks: &blocks,
+            }];
+            let p = &update[0].product;
             for dtype in [Dtype::F32, Dtype::BF16, Dtype::F16] {
                 let base = encode_f32("base", dtype, &base_values(batch * rows * n)).unwrap();
-                let want = reference(&p, &blocks, batch, dtype, &base);
+                let want = reference(p, &blocks, batch, dtype, &base);
                 let mut paths: Vec<(&str, Vec<u8>)> = Vec::new();
                 let mut got = base.clone();
                 let seg = Segments {
-                    p: &p,
+                    chain: &update,
+                    n,
                     dtype,
                     test: None,
                 };
                 let generic = match dtype {
-                    Dtype::BF16 => {
-                        Some(seg.add_with_sink::<Bf16>(&blocks, Target::memory(&mut got)))
-                    }
-                    Dtype::F32 => Some(seg.add_with_sink::<F32>(&blocks, Target::memory(&mut got))),
+                    Dtype::BF16 => Some(seg.add_with_sink::<Bf16>(Target::memory(&mut got))),
+                    Dtype::F32 => Some(seg.add_with_sink::<F32>(Target::memory(&mut got))),
                     _ => None,
                 };
                 if let Some(done) = generic {
@@ -412,7 +424,7 @@ mod tests {
                     data: &mut got,
                     from: Some(&source),
                 };
-                if add_in_place(&p, &blocks, dtype, target, false)
+                if add_in_place(&update, dtype, target, false)
                     .unwrap()
                     .is_some()
                 {
@@ -424,7 +436,7 @@ mod tests {
                     len: base.len(),
                     io: &io,
                 };
-                if add_in_place(&p, &blocks, dtype, target, false)
+                if add_in_place(&update, dtype, target, false)
                     .unwrap()
                     .is_some()
                 {
@@ -464,8 +476,7 @@ mod tests {
                     paths.push(("avx2 (one call)", got));
                 }
                 let mut got = base.clone();
-                let fused =
-                    add_in_place(&p, &blocks, dtype, Target::memory(&mut got), true).unwrap();
+                let fused = add_in_place(&update, dtype, Target::memory(&mut got), true).unwrap();
                 assert!(fused.is_some() || dtype == Dtype::F16);
                 if let Some(finite) = fused {
                     let scan = peftkit_checkpoint::nonfinite(dtype, &got).is_none();
@@ -533,28 +544,89 @@ mod tests {
             }
         }
         let (left, right) = (factor(8 * 4, 1), factor(4 * 16, 2));
-        let p = Product {
-            left: &left,
-            right: &right,
-            rows: 8,
-            k: 4,
-            n: 16,
-            scale: 1.0,
-        };
         let blocks = active_k_blocks(4);
+        let update = [Fused {
+            product: Product {
+                left: &left,
+                right: &right,
+                rows: 8,
+                k: 4,
+                n: 16,
+                scale: 1.0,
+            },
+            blocks: &blocks,
+        }];
         let mut data = vec![0u8; 8 * 16 * 4];
         let target = Target::Memory {
             data: &mut data,
             from: Some(&Broken(false)),
         };
-        assert!(add_in_place(&p, &blocks, Dtype::F32, target, false).is_err());
+        assert!(add_in_place(&update, Dtype::F32, target, false).is_err());
         for readable in [false, true] {
             let io = Broken(readable);
             let target = Target::Streamed {
                 len: 8 * 16 * 4,
                 io: &io,
             };
-            assert!(add_in_place(&p, &blocks, Dtype::F32, target, false).is_err());
+            assert!(add_in_place(&update, Dtype::F32, target, false).is_err());
+        }
+    }
+
+    /// Several updates applied block by block in one pass (a streamed merge of several
+    /// adapters) give the bytes of applying each to the whole tensor in turn.
+    #[test]
+    fn a_chain_of_updates_equals_one_pass_per_update() {
+        let (rows, n) = (600, 1000);
+        let (l1, r1) = (factor(rows * 16, 3), factor(16 * n, 4));
+        let (l2, r2) = (factor(rows * 5, 5), factor(5 * n, 6));
+        let (b1, b2) = (active_k_blocks(16), active_k_blocks(5));
+        let product = |left, right, k, scale| Product {
+            left,
+            right,
+            rows,
+            k,
+            n,
+            scale,
+        };
+        let chain = [
+            Fused {
+                product: product(&l1, &r1, 16, 0.5),
+                blocks: &b1,
+            },
+            Fused {
+                product: product(&l2, &r2, 5, -2.0),
+                blocks: &b2,
+            },
+        ];
+        for dtype in [Dtype::F32, Dtype::BF16, Dtype::F16] {
+            let base = encode_f32("base", dtype, &base_values(rows * n)).unwrap();
+            let mut want = base.clone();
+            let mut fused = true;
+            for u in &chain {
+                let one = [Fused {
+                    product: product(
+                        u.product.left,
+                        u.product.right,
+                        u.product.k,
+                        u.product.scale,
+                    ),
+                    blocks: u.blocks,
+                }];
+                let target = Target::memory(&mut want);
+                fused &= add_in_place(&one, dtype, target, false).unwrap().is_some();
+            }
+            if !fused {
+                continue; // F16 without the hand-written kernels
+            }
+            let io = Bytes::new(&base);
+            let target = Target::Streamed {
+                len: base.len(),
+                io: &io,
+            };
+            assert!(add_in_place(&chain, dtype, target, false)
+                .unwrap()
+                .is_some());
+            assert!(io.written() == want, "{dtype:?}");
         }
     }
 }

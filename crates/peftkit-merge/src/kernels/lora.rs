@@ -202,19 +202,12 @@ impl<'a> LowRank<'a> {
         if self.n == 0 || total != self.left.len() / self.r.max(1) * self.n {
             return Ok(false);
         }
-        let product = self.as_product(false);
         let target = fused::Target::Memory {
             data: base.data,
             from: base.source,
         };
-        let fused = fused::add_in_place(
-            &product,
-            &self.blocks,
-            base.dtype,
-            target,
-            base.probe.is_some(),
-        )
-        .map_err(|_| MergeMathError::BaseUnread { what })?;
+        let fused = fused::add_in_place(&[self.fused()], base.dtype, target, base.probe.is_some())
+            .map_err(|_| MergeMathError::BaseUnread { what })?;
         if fused.is_some() {
             base.source = None;
         }
@@ -230,6 +223,14 @@ impl<'a> LowRank<'a> {
         let round_first =
             always_round_first || opts.safe_merge || opts.round_delta_first || opts.unmerge;
         opts.numerics != Numerics::Exact && !round_first && self.adapter_round.is_none()
+    }
+
+    /// The update as the fused kernel takes it (a merge, never an unmerge: see `fuses`).
+    fn fused(&self) -> fused::Fused<'_> {
+        fused::Fused {
+            product: self.as_product(false),
+            blocks: &self.blocks,
+        }
     }
 
     /// The product as the fused and exact kernels take it; `negate` for an unmerge.
@@ -446,41 +447,46 @@ pub(crate) struct StreamedBase<'a> {
     pub check: bool,
 }
 
-/// [`merge_linear`] on a streamed base: each block is read, merged and written back while in
-/// cache. `Ok(None)`, having read and written nothing, when this merge has no fused path (the
-/// caller then merges in memory); else `Some(false)` when a tested block holds NaN or
-/// infinity. A failed read or write is [`MergeMathError::BaseUnread`]; `io` keeps the cause.
+/// A linear LoRA update, as [`merge_linear`] takes it.
+pub(crate) struct LinearLora<'a> {
+    pub a: F32Tensor<'a>,
+    pub b: F32Tensor<'a>,
+    pub scale: f32,
+    pub fan_in_fan_out: bool,
+    pub opts: MergeOptions,
+}
+
+/// [`merge_linear`] of each update of `chain` in order, on a streamed base: each block is read,
+/// gets every update and is written back while in cache, with the bits of merging the whole
+/// tensor once per update. `Ok(None)`, having read and written nothing, when some update has no
+/// fused path (the caller then merges in memory); else `Some(false)` when a tested block holds
+/// NaN or infinity. A failed read or write is [`MergeMathError::BaseUnread`]; `io` keeps the
+/// cause.
 pub(crate) fn stream_linear(
     base: StreamedBase<'_>,
-    a: F32Tensor<'_>,
-    b: F32Tensor<'_>,
-    scale: f32,
-    fan_in_fan_out: bool,
-    opts: &MergeOptions,
+    chain: &[LinearLora<'_>],
 ) -> Result<Option<bool>> {
     let what = "linear weight";
-    let lr = linear_lowrank(
-        base.shape,
-        &a,
-        &b,
-        scale,
-        fan_in_fan_out,
-        opts.adapter_round()?,
-    )?;
     let elems = base.len / element_size(base.dtype)?;
-    if !lr.fuses(opts, false)
-        || lr.n == 0
-        || elems != numel(what, base.shape)?
-        || elems != lr.left.len() / lr.r.max(1) * lr.n
-    {
-        return Ok(None);
+    let mut ranks = Vec::with_capacity(chain.len());
+    for u in chain {
+        let round = u.opts.adapter_round()?;
+        let lr = linear_lowrank(base.shape, &u.a, &u.b, u.scale, u.fan_in_fan_out, round)?;
+        if !lr.fuses(&u.opts, false)
+            || lr.n == 0
+            || elems != numel(what, base.shape)?
+            || elems != lr.left.len() / lr.r.max(1) * lr.n
+        {
+            return Ok(None);
+        }
+        ranks.push(lr);
     }
+    let updates: Vec<fused::Fused<'_>> = ranks.iter().map(LowRank::fused).collect();
     let target = fused::Target::Streamed {
         len: base.len,
         io: base.io,
     };
-    let product = lr.as_product(false);
-    fused::add_in_place(&product, &lr.blocks, base.dtype, target, base.check)
+    fused::add_in_place(&updates, base.dtype, target, base.check)
         .map_err(|_| MergeMathError::BaseUnread { what })
 }
 
