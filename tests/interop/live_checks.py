@@ -444,8 +444,9 @@ def several_adapters_and_dora_into_quantized_bases_equal_the_libraries_computed_
 def bitsandbytes_int8_merges_equal_the_libraries_computed_here():
     """`merge` into an 8-bit (LLM.int8) base, re-quantized and with `--dequantize`, writes what transformers +
     bitsandbytes + peft write here, for every bnb8 fixture case rebuilt on this host (same seeds and calls as
-    tests/fixtures/bnb8); `--json` reports an error per re-quantized weight."""
-    from fixturegen import bnb8_cases
+    tests/fixtures/bnb8); `--json` reports an error per re-quantized weight. Several adapters too (re-quantized after
+    each, in order), for every bnb8_multi case."""
+    from fixturegen import bnb8_cases, bnb8_multi_cases
 
     for name, spec in bnb8_cases.CASES.items():
         with tempfile.TemporaryDirectory() as tmp:
@@ -458,6 +459,17 @@ def bitsandbytes_int8_merges_equal_the_libraries_computed_here():
                 assert report["format"] == "int8", report
                 if not flags:
                     assert all(t["max_abs_error"] > 0 for t in report["requantized"]), report
+                for f in sorted(p.name for p in (d / ref).iterdir()):
+                    same = (out / f).read_bytes() == (d / ref / f).read_bytes()
+                    assert same, f"{name}, {ref}: {f} differs from the libraries' file"
+    for name, case in bnb8_multi_cases.CASES.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp)
+            bnb8_multi_cases.make_case(d, case)
+            for ref, order in case["merges"].items():
+                out = d / f"peftkit_{ref}"
+                adapters = [a for n in order for a in ("--adapter", d / f"adapter_{n}")]
+                peftkit("merge", "--base", d / "base8", *adapters, "--out", out)
                 for f in sorted(p.name for p in (d / ref).iterdir()):
                     same = (out / f).read_bytes() == (d / ref / f).read_bytes()
                     assert same, f"{name}, {ref}: {f} differs from the libraries' file"

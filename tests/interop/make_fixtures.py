@@ -18,6 +18,7 @@ sys.path.insert(0, str(HERE))
 
 from fixturegen import (  # noqa: E402
     bnb8_cases,
+    bnb8_multi_cases,
     bnb_cases,
     burn_cases,
     checkpoint_cases,
@@ -40,6 +41,7 @@ GENERATORS = {
     "reshard": reshard_cases.generate,  # reshard/ (reads peft/mixtral_experts/merged: after peft)
     "bnb": bnb_cases.generate,  # bnb/ (bitsandbytes 4-bit bases and merges)
     "bnb8": bnb8_cases.generate,  # bnb8/ (bitsandbytes 8-bit bases and merges)
+    "bnb8_multi": bnb8_multi_cases.generate,  # bnb8_multi/ (several adapters into an int8 base, kept)
     "hub": hub_cases.generate,  # hub/: .bin weights, their safetensors re-saves, a Hub cache
     "quant": quant_cases.generate,  # quant/ (FP8 bases and merges into them)
     "quant_multi": quant_multi_cases.generate,  # quant_multi/ (several adapters, DoRA: 4-bit and FP8 kept)

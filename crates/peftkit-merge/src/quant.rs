@@ -20,6 +20,7 @@
 pub(crate) mod bnb;
 mod fp8;
 mod fp8_weight;
+mod joint;
 
 use std::path::Path;
 

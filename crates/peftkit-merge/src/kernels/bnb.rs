@@ -64,7 +64,14 @@ impl Code4 {
 
     /// The nibble `torch.bucketize(x, bounds)` picks (the number of midpoints below `x`).
     fn nibble(&self, x: f32) -> u8 {
-        self.order[self.bounds.partition_point(|b| *b < x)]
+        // The bounds ascend, so the count of those below `x` is the partition point; counting
+        // all 15 is branch-free (a binary search mispredicts on every value).
+        let below = self
+            .bounds
+            .iter()
+            .map(|b| usize::from(*b < x))
+            .sum::<usize>();
+        self.order[below]
     }
 }
 
@@ -132,27 +139,35 @@ pub fn bnb_dequantize_4bit(
     if kernel == Kernel::Scalar && code.kind == Bnb4Type::Fp4 {
         table[8] = -0.0;
     }
-    let last = shape.last().copied().unwrap_or(1).max(1);
+    let (last, blocksize) = (shape.last().copied().unwrap_or(1).max(1), blocksize.max(1));
     let per_row = last / blocksize;
-    let scale_of = |i: usize| match kernel {
-        Kernel::Rows16 => (i / last) * per_row + (i % last - i % 16) / blocksize,
-        _ => i / blocksize,
+    // Elements come in runs that share one scale: 16 columns for the per-row kernel (its last
+    // dimension is a multiple of 16), a block otherwise. `(length, scale index)`.
+    let runs: Box<dyn Iterator<Item = (usize, usize)>> = match kernel {
+        Kernel::Rows16 => Box::new(
+            (0..numel)
+                .step_by(16)
+                .map(|i| (16, (i / last) * per_row + (i % last) / blocksize)),
+        ),
+        _ => Box::new(
+            (0..numel)
+                .step_by(blocksize)
+                .map(|i| (blocksize.min(numel - i), i / blocksize)),
+        ),
     };
-    (0..numel)
-        .map(|i| {
-            let byte = packed[i / 2];
-            let nibble = if i % 2 == 0 { byte >> 4 } else { byte & 0xF };
-            let scale = absmax
-                .get(scale_of(i))
-                .ok_or(MergeMathError::ElementCount {
-                    what: "absmax",
-                    shape: shape.to_vec(),
-                    expected: scale_of(i) + 1,
-                    got: absmax.len(),
-                })?;
-            Ok(table[usize::from(nibble)] * scale)
-        })
-        .collect()
+    let mut nibbles = packed.iter().flat_map(|&b| [b >> 4, b & 0xF]);
+    let mut out = Vec::with_capacity(numel);
+    for (len, at) in runs {
+        let scale = *absmax.get(at).ok_or_else(|| MergeMathError::ElementCount {
+            what: "absmax",
+            shape: shape.to_vec(),
+            expected: at + 1,
+            got: absmax.len(),
+        })?;
+        let values = nibbles.by_ref().take(len);
+        out.extend(values.map(|n| table[usize::from(n)] * scale));
+    }
+    Ok(out)
 }
 
 /// `quantize_4bit` of `values` (the weight widened to `f32`): the packed nibbles (two per
@@ -265,5 +280,65 @@ fn check_len(what: &'static str, got: usize, expected: usize, shape: &[usize]) -
             expected,
             got,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `dequantize_4bit` element by element, as the module documentation states it.
+    fn reference(
+        packed: &[u8],
+        absmax: &[f32],
+        code: &Code4,
+        bs: usize,
+        shape: &[usize],
+        avx512: bool,
+    ) -> Vec<f32> {
+        let (numel, last) = (shape.iter().product::<usize>(), shape[shape.len() - 1]);
+        let rows16 = kernel(shape, bs, avx512) == Kernel::Rows16;
+        (0..numel)
+            .map(|i| {
+                let byte = packed[i / 2];
+                let nibble = if i % 2 == 0 { byte >> 4 } else { byte & 0xF };
+                let at = match rows16 {
+                    true => (i / last) * (last / bs) + (i % last - i % 16) / bs,
+                    false => i / bs,
+                };
+                absmax
+                    .get(at)
+                    .map_or(f32::NAN, |s| code.values[usize::from(nibble)] * s)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dequantization_reads_scales_per_block_or_per_row_of_16() {
+        let code = Code4::new(Bnb4Type::Nf4, std::array::from_fn(|i| i as f32 / 8.0 - 1.0));
+        // Rows of whole blocks, rows that are not (the per-row kernel then reads across
+        // rows), odd sizes, a partial last block.
+        for (shape, bs) in [
+            (vec![4, 128], 64),
+            (vec![3, 48], 32),
+            (vec![5, 80], 64),
+            (vec![7, 9], 16),
+            (vec![131], 64),
+        ] {
+            let numel: usize = shape.iter().product();
+            let packed: Vec<u8> = (0..numel.div_ceil(2))
+                .map(|i| (i * 37 % 256) as u8)
+                .collect();
+            let absmax: Vec<f32> = (0..numel.div_ceil(bs)).map(|i| 0.5 + i as f32).collect();
+            for avx512 in [false, true] {
+                let got = bnb_dequantize_4bit(&packed, &absmax, &code, bs, &shape, avx512);
+                let want = reference(&packed, &absmax, &code, bs, &shape, avx512);
+                match (got, want.iter().any(|v| v.is_nan())) {
+                    (Ok(got), false) => assert_eq!(got, want, "{shape:?} {bs} {avx512}"),
+                    (Err(_), true) => {}
+                    (got, _) => panic!("{shape:?} {bs} {avx512}: {got:?}"),
+                }
+            }
+        }
     }
 }

@@ -15,7 +15,7 @@
 //!
 //! Checked against the real library in `tests/fixtures/bnb8/kernels.safetensors`.
 
-use half::f16;
+use half::{f16, slice::HalfFloatSliceExt};
 
 use super::error::{check_len, MergeMathError};
 
@@ -69,42 +69,131 @@ pub struct Int8Quantized {
 /// `Int8Params(values).to("cpu")`: `values` (a weight of `shape`, widened to `f32`)
 /// quantized row by row to int8 through `float16`, as described in the module documentation.
 pub fn bnb_int8_quantize(values: &[f32], shape: &[usize]) -> Result<Int8Quantized> {
+    quantize_rows(values, shape, None)
+}
+
+/// [`bnb_int8_quantize`] and `max |dequantize(q) - values|` (the error a merge reports, see
+/// [`MaxError`]), each row's error taken while the row is in cache.
+pub(crate) fn bnb_int8_quantize_with_error(
+    values: &[f32],
+    shape: &[usize],
+) -> Result<(Int8Quantized, f64)> {
+    let mut error = MaxError::default();
+    let q = quantize_rows(values, shape, Some(&mut error))?;
+    Ok((q, error.value()))
+}
+
+/// [`bnb_int8_quantize`], adding each row's error to `error` if given.
+fn quantize_rows(
+    values: &[f32],
+    shape: &[usize],
+    mut error: Option<&mut MaxError>,
+) -> Result<Int8Quantized> {
     check_len("weight", shape, values.len())?;
     let (rows, cols) = rows_cols(shape);
     let mut weight = Vec::with_capacity(values.len());
     let mut scb = Vec::with_capacity(rows);
-    let mut half = vec![0f32; cols];
+    let (mut half16, mut half) = (vec![f16::ZERO; cols], vec![0f32; cols]);
     for row in values.chunks(cols.max(1)).take(rows) {
-        for (h, &v) in half.iter_mut().zip(row) {
-            *h = f16::from_f32(v).to_f32();
-        }
-        // torch.max propagates NaN.
-        let m = half.iter().fold(0f32, |m, h| {
-            if m.is_nan() || h.is_nan() {
-                f32::NAN
-            } else {
-                m.max(h.abs())
-            }
-        });
+        // A row at a time, with the CPU's conversions where it has them (F16C), which round
+        // as `f16::from_f32` does.
+        let (half16, half) = (&mut half16[..row.len()], &mut half[..row.len()]);
+        half16.convert_from_f32_slice(row);
+        half16.convert_to_f32_slice(half);
+        let m = nan_max_abs(half);
         let scale = (1.0 / m) * 127.0;
-        weight.extend(half.iter().map(|h| (h * scale).round_ties_even() as i8));
+        let start = weight.len();
+        weight.extend(half.iter().map(|h| round_ties_even(h * scale) as i8));
+        if let Some(error) = error.as_deref_mut() {
+            error.add_row(&weight[start..], row, m);
+        }
         scb.push(m);
     }
     Ok(Int8Quantized { weight, scb })
 }
 
-/// `max |dequantize(q) - values|`, in `f64` over the `f32` values (NaN if either side holds
-/// NaN): the re-quantization error a merge reports.
-pub(crate) fn max_abs_error(q: &Int8Quantized, values: &[f32], shape: &[usize]) -> Result<f64> {
-    let back = bnb_int8_dequantize(&q.weight, &q.scb, shape)?;
-    Ok(back.iter().zip(values).fold(0f64, |m, (b, v)| {
-        let d = (f64::from(*b) - f64::from(*v)).abs();
-        if m.is_nan() || d.is_nan() {
-            f64::NAN
-        } else {
-            m.max(d)
+/// `max |x|` over `xs` (0 if empty), NaN if any is NaN, as `torch.max` of `abs` gives it. Kept in
+/// 8 lanes with NaN flagged apart, so that the loop vectorises (a maximum of non-NaN values
+/// does not depend on the order).
+fn nan_max_abs(xs: &[f32]) -> f32 {
+    let (mut lanes, mut nan) = ([0f32; 8], false);
+    let chunks = xs.chunks_exact(8);
+    for x in chunks.remainder() {
+        lanes[0] = greater(lanes[0], x.abs());
+        nan |= x.is_nan();
+    }
+    for c in chunks {
+        for (lane, x) in lanes.iter_mut().zip(c) {
+            *lane = greater(*lane, x.abs());
+            nan |= x.is_nan();
         }
-    }))
+    }
+    match nan {
+        true => f32::NAN,
+        false => lanes.iter().fold(0f32, |m, l| m.max(*l)),
+    }
+}
+
+/// The greater of `m` and `x`, `m` if `x` is NaN: one compare and select (the CPU's `max`), where
+/// `f32::max` / `f64::max` also test `m` for NaN. The callers flag NaN apart.
+fn greater<T: PartialOrd>(m: T, x: T) -> T {
+    if x > m {
+        x
+    } else {
+        m
+    }
+}
+
+/// `x` rounded to the nearest integer, ties to even, as `f32::round_ties_even` (bit for bit,
+/// NaN and infinities kept) without its call to `rintf`, which x86-64's baseline has no
+/// instruction for: below 2^23 in magnitude, adding and subtracting 2^23 leaves the integer
+/// the FPU's round-to-nearest-even chose (the ulp at 2^23 is 1); from 2^23 on, `x` is one.
+fn round_ties_even(x: f32) -> f32 {
+    const TWO_23: f32 = 8_388_608.0;
+    let a = x.abs();
+    let rounded = ((a + TWO_23) - TWO_23).copysign(x);
+    if a < TWO_23 {
+        rounded
+    } else {
+        x
+    }
+}
+
+/// `max |dequantize(q) - values|`, in `f64` over the `f32` values (NaN if either side holds
+/// NaN), dequantized row by row as [`bnb_int8_dequantize`] does. Kept in 8 lanes with NaN
+/// flagged apart, as in `nan_max_abs`.
+#[derive(Default)]
+struct MaxError {
+    lanes: [f64; 8],
+    nan: bool,
+}
+
+impl MaxError {
+    /// Adds one row: its `codes`, its scale `s` and the `values` they stand for.
+    fn add_row(&mut self, codes: &[i8], values: &[f32], s: f32) {
+        let error =
+            |c: i8, v: f32| (f64::from(f32::from(c) * s * DEQUANT_SCALE) - f64::from(v)).abs();
+        let (codes8, values8) = (codes.chunks_exact(8), values.chunks_exact(8));
+        for (&c, &v) in codes8.remainder().iter().zip(values8.remainder()) {
+            let d = error(c, v);
+            self.lanes[0] = greater(self.lanes[0], d);
+            self.nan |= d.is_nan();
+        }
+        for (c, v) in codes8.zip(values8) {
+            for ((lane, &c), &v) in self.lanes.iter_mut().zip(c).zip(v) {
+                let d = error(c, v);
+                *lane = greater(*lane, d);
+                self.nan |= d.is_nan();
+            }
+        }
+    }
+
+    fn value(&self) -> f64 {
+        match self.nan {
+            true => f64::NAN,
+            false => self.lanes.iter().fold(0f64, |m, l| m.max(*l)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -118,5 +207,57 @@ mod tests {
         assert_eq!(q.scb[0], 0.0);
         assert!(q.scb[1].is_infinite());
         assert!(bnb_int8_quantize(&[1.0], &[2, 2]).is_err());
+    }
+
+    #[test]
+    fn rounding_equals_round_ties_even_everywhere_it_matters() {
+        // Every f32 up to 2^24 in magnitude by a stride (ties among them), the boundaries, the
+        // specials.
+        let special = [
+            0.5f32,
+            1.5,
+            2.5,
+            -0.5,
+            -2.5,
+            0.0,
+            -0.0,
+            8_388_607.5,
+            8_388_608.0,
+        ];
+        let special = special
+            .into_iter()
+            .chain([f32::INFINITY, -f32::INFINITY, f32::MAX]);
+        let strided = (0..0x4b80_0000u32).step_by(997).map(f32::from_bits);
+        let halves = (0..100_000).map(|i| i as f32 + 0.5);
+        for x in special.chain(strided).chain(halves) {
+            for x in [x, -x] {
+                let (got, want) = (round_ties_even(x), x.round_ties_even());
+                assert_eq!(got.to_bits(), want.to_bits(), "{x}");
+            }
+        }
+        assert!(round_ties_even(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn maxima_propagate_nan_in_any_position() {
+        let xs: Vec<f32> = (0..21).map(|i| (i as f32 - 10.0) * 0.25).collect();
+        assert_eq!(nan_max_abs(&xs), 2.5);
+        assert_eq!(nan_max_abs(&[]), 0.0);
+        // The error against a dequantization made apart.
+        let (q, e) = bnb_int8_quantize_with_error(&xs, &[3, 7]).unwrap();
+        let back = bnb_int8_dequantize(&q.weight, &q.scb, &[3, 7]).unwrap();
+        let apart = back
+            .iter()
+            .zip(&xs)
+            .map(|(b, x)| f64::from(*b) - f64::from(*x));
+        assert_eq!(e, apart.fold(0f64, |m, d| m.max(d.abs())));
+        assert!(e > 0.0);
+        for at in [0, 7, 8, 20] {
+            let mut with_nan = xs.clone();
+            with_nan[at] = f32::NAN;
+            assert!(nan_max_abs(&with_nan).is_nan(), "{at}");
+            let (_, e) = bnb_int8_quantize_with_error(&with_nan, &[3, 7]).unwrap();
+            assert!(e.is_nan(), "{at}");
+        }
     }
 }

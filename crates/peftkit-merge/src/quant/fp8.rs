@@ -19,7 +19,8 @@ use serde_json::Value;
 use crate::edit::Step;
 use crate::error::MergeError;
 use crate::kernels::{Fp8Grid, MergeOptions as KernelOptions, ScaleKind};
-use crate::quant::fp8_weight::{Fp8Weight, Requant, RequantEdit, Shared};
+use crate::quant::fp8_weight::{Fp8Weight, Requant, Shared};
+use crate::quant::joint::{main_tensor, part_tensor};
 
 /// `FineGrainedFP8Config`'s default `weight_block_size`, used when the config omits it.
 const DEFAULT_BLOCK: (usize, usize) = (128, 128);
@@ -208,7 +209,7 @@ impl<'a> Fp8Base<'a> {
         let weight = self.weight(name, tensor, scale, touched, opts)?;
         let computed = match weight.requant {
             // Re-quantized over its own base bytes, where the writer copied them.
-            Some(requant) => Tensor::edited(tensor.clone(), RequantEdit { weight, requant }),
+            Some(_) => main_tensor(&weight),
             None => Tensor::lazy(self.format.dtype, tensor.shape().to_vec(), move || {
                 weight.merged()
             })?,
@@ -243,17 +244,10 @@ impl<'a> Fp8Base<'a> {
             Some(touched),
             opts,
         )?;
-        let requant = w.requant.unwrap_or(Requant {
-            kind: self.format.kind,
-            scale_dtype: tensor.dtype(),
-        });
-        // After its weight, which leaves the scales behind (see `fp8_weight`).
-        let lazy = Tensor::lazy(tensor.dtype(), tensor.shape().to_vec(), move || {
-            w.scale_bytes(requant)
-        })?
-        .written_last();
+        // After its weight, which leaves the scales behind (see `joint`).
+        let scale = part_tensor(&w, 0, tensor.dtype(), tensor.shape().to_vec())?;
         Ok(Treatment::Computed {
-            tensor: lazy,
+            tensor: scale,
             changed: true,
         })
     }

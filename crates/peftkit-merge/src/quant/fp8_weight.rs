@@ -1,36 +1,24 @@
 //! One FP8 weight of a merge's output: dequantized, merged, and (format kept) re-quantized
 //! together with its `weight_scale_inv`.
 //!
-//! The weight and its scale are two tensors of the output, written by whichever worker reaches
-//! each, and both come from one computation. The weight is an edited tensor ([`RequantEdit`]):
-//! its base bytes, copied into the output file by the writer, are dequantized into one buffer
-//! in the model dtype, merged there, and re-quantized back over themselves, where they lie in
-//! the file when the writer allows it. Its scales (a few bytes) are left in a shared slot for
-//! the scale's write, which the writer takes after the rest of the file
-//! ([`Tensor::written_last`]: a file lists its `F32` scales before its `F8_E4M3` weights) and
-//! which waits for a computation under way. Should a scale still come first (its weight in a
-//! later file), it computes the weight and leaves the quantized bytes for the weight's write,
-//! within [`KEEP_BUDGET`] bytes for the whole merge, beyond which the weight computes the merge
-//! again; memory stays bounded whatever the layout.
+//! The weight and its scale are two tensors of the output that come from one computation, a
+//! [`Joint`] one (see `joint`): the weight is an edit of its base bytes, which are dequantized
+//! into one buffer in the model dtype, merged there, and re-quantized back over themselves,
+//! where they lie in the file when the writer allows it; its scales are the computation's one
+//! part.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use peftkit_checkpoint::{
-    buffers, CheckpointError, Dtype, InPlaceEdit, OutputRegion, SourceRegion, Tensor,
-};
+use peftkit_checkpoint::{buffers, CheckpointError, Dtype, Tensor};
 
+use super::joint::{Joint, JointSlot, KeepBudget};
 use crate::edit::{RowBanded, Step};
 use crate::kernels::{
     decode_f32, dequantize_fp8_into, e8m0_to_f32, element_size, encode_f32, quantize_fp8_into,
-    requantize_fp8_bands, Fp8Grid, Fp8Quantized, MergeMathError, MergeOptions as KernelOptions,
-    ScaleKind,
+    requantize_fp8_bands, Fp8Grid, MergeMathError, MergeOptions as KernelOptions, ScaleKind,
 };
-
-/// Bytes of re-quantized weights a merge keeps for their later write.
-pub(crate) const KEEP_BUDGET: usize = 128 << 20;
 
 /// How a merged weight is written back in FP8.
 #[derive(Debug, Clone, Copy)]
@@ -42,23 +30,12 @@ pub(crate) struct Requant {
 }
 
 /// What one merge shares between its FP8 weights: their errors and the keep budget.
+#[derive(Default)]
 pub(crate) struct Shared {
     /// Re-quantization error of each weight, recorded when computed.
     pub errors: Mutex<BTreeMap<String, f64>>,
-    /// Bytes of the keep budget in use.
-    kept: AtomicUsize,
-    /// The budget ([`KEEP_BUDGET`]).
-    budget: usize,
-}
-
-impl Default for Shared {
-    fn default() -> Self {
-        Shared {
-            errors: Mutex::default(),
-            kept: AtomicUsize::new(0),
-            budget: KEEP_BUDGET,
-        }
-    }
+    /// What the weights may hold for later writes (see `joint`).
+    pub budget: Arc<KeepBudget>,
 }
 
 /// One FP8 weight of the output and everything needed to compute it.
@@ -72,11 +49,8 @@ pub(crate) struct Fp8Weight {
     pub steps: Vec<Step>,
     pub opts: KernelOptions,
     pub shared: Arc<Shared>,
-    /// Held while the weight or its scale computes, so that the second waits for the first and
-    /// takes what it left instead of computing the weight again.
-    turn: Mutex<()>,
-    /// The result of the first computation, for the other tensor (see the module docs).
-    slot: Mutex<Option<Fp8Quantized>>,
+    /// What the weight and its scale share (see `joint`).
+    slot: JointSlot,
 }
 
 impl Fp8Weight {
@@ -101,9 +75,8 @@ impl Fp8Weight {
             dtype,
             steps,
             opts,
+            slot: JointSlot::new(shared.budget.clone()),
             shared,
-            turn: Mutex::new(()),
-            slot: Mutex::new(None),
         }
     }
 
@@ -147,13 +120,9 @@ impl Fp8Weight {
     }
 
     /// Turns `fp8`, the base weight's e4m3 bytes, into the merged weight's, re-quantized as
-    /// `Fp8Quantize` does, through one buffer in the model dtype; returns its scales (and no
-    /// weight bytes: they are in `fp8`). The error is recorded.
-    fn requantize(
-        &self,
-        requant: Requant,
-        fp8: &mut [u8],
-    ) -> Result<Fp8Quantized, CheckpointError> {
+    /// `Fp8Quantize` does, through the model dtype (band by band where the steps allow);
+    /// returns its inverse scales. The error is recorded.
+    fn requantize(&self, requant: Requant, fp8: &mut [u8]) -> Result<Vec<f32>, CheckpointError> {
         let mut inv_scales = vec![0.0f32; self.grid.scales()];
         let max_abs_error = match self.row_banded()? {
             Some(steps) => self.requantize_bands(&steps, requant, fp8, &mut inv_scales)?,
@@ -162,11 +131,7 @@ impl Fp8Weight {
         if let Ok(mut errors) = self.shared.errors.lock() {
             errors.insert(self.key.clone(), max_abs_error);
         }
-        Ok(Fp8Quantized {
-            weight: Vec::new(),
-            inv_scales,
-            max_abs_error,
-        })
+        Ok(inv_scales)
     }
 
     /// [`Fp8Weight::requantize`] through one buffer of the whole weight in the model dtype.
@@ -226,65 +191,6 @@ impl Fp8Weight {
             },
         )
     }
-
-    /// Waits for a computation of this weight under way (see [`Fp8Weight::turn`]).
-    fn wait_turn(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.turn.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// What the slot holds, taken out (its bytes leave the keep budget).
-    fn take(&self) -> Option<Fp8Quantized> {
-        let q = self.slot.lock().ok()?.take()?;
-        self.shared
-            .kept
-            .fetch_sub(q.weight.len(), Ordering::Relaxed);
-        Some(q)
-    }
-
-    /// Leaves `q` for the other tensor if the budget allows its weight bytes.
-    fn keep(&self, q: Fp8Quantized) {
-        let n = q.weight.len();
-        let budget = &self.shared.kept;
-        if budget.fetch_add(n, Ordering::Relaxed) + n > self.shared.budget {
-            budget.fetch_sub(n, Ordering::Relaxed);
-            return;
-        }
-        match self.slot.lock() {
-            Ok(mut slot) if slot.is_none() => *slot = Some(q),
-            _ => {
-                budget.fetch_sub(n, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// The weight's edit: `bytes`, the base weight's, become the merged and re-quantized ones.
-    fn edit_weight(&self, requant: Requant, bytes: &mut [u8]) -> Result<(), CheckpointError> {
-        let _turn = self.wait_turn();
-        if let Some(q) = self.take().filter(|q| q.weight.len() == bytes.len()) {
-            bytes.copy_from_slice(&q.weight);
-            return Ok(());
-        }
-        let q = self.requantize(requant, bytes)?;
-        self.keep(q); // the scales, for the scale's write
-        Ok(())
-    }
-
-    /// The bytes written for the scale, encoded as `requant` says.
-    pub(crate) fn scale_bytes(&self, requant: Requant) -> Result<Vec<u8>, CheckpointError> {
-        let _turn = self.wait_turn();
-        let inv = match self.take() {
-            Some(q) => q.inv_scales,
-            None => {
-                let mut weight = self.weight.bytes()?.into_owned();
-                let mut q = self.requantize(requant, &mut weight)?;
-                q.weight = weight;
-                let inv = q.inv_scales.clone();
-                self.keep(q); // the weight, for the weight's write
-                inv
-            }
-        };
-        encode_scales(requant.scale_dtype, &inv).map_err(|e| self.math(e))
-    }
 }
 
 /// An error of [`Fp8Weight::requantize_bands`]: of a step, or of the FP8 kernels.
@@ -305,37 +211,25 @@ impl From<CheckpointError> for Banded {
     }
 }
 
-/// The edit that makes a kept-FP8 weight of the output out of its base bytes (see the module
-/// docs): in memory, or where the writer copied them in the output file.
-pub(crate) struct RequantEdit {
-    pub weight: Arc<Fp8Weight>,
-    pub requant: Requant,
-}
-
-impl InPlaceEdit for RequantEdit {
-    fn apply(&self, bytes: &mut [u8]) -> Result<(), CheckpointError> {
-        self.weight.edit_weight(self.requant, bytes)
+/// A kept-FP8 weight is re-quantized over its base bytes; its one part is the scale, encoded
+/// as the base stores it.
+impl Joint for Fp8Weight {
+    fn shared(&self) -> &JointSlot {
+        &self.slot
     }
 
-    fn apply_in_file(
-        &self,
-        source: SourceRegion<'_>,
-        out: &OutputRegion<'_>,
-    ) -> Result<bool, CheckpointError> {
-        let Some((file, offset)) = out.mappable()? else {
-            return Ok(false);
-        };
-        crate::mapped::edit_file_range(file, offset, out.len(), |bytes| {
-            source.read_at(0, bytes)?;
-            self.apply(bytes)
-        })
+    fn base(&self) -> &Tensor {
+        &self.weight
     }
-}
 
-impl Drop for Fp8Weight {
-    fn drop(&mut self) {
-        // A result nobody took (both tensors computed it at once) leaves the budget.
-        self.take();
+    fn compute(&self, fp8: &mut [u8]) -> Result<Vec<Vec<u8>>, CheckpointError> {
+        let requant = self.requant.ok_or_else(|| CheckpointError::TensorData {
+            tensor: self.key.clone(),
+            reason: "re-quantized, but written dequantized".into(),
+        })?;
+        let inv = self.requantize(requant, fp8)?;
+        let scale = encode_scales(requant.scale_dtype, &inv).map_err(|e| self.math(e))?;
+        Ok(vec![scale])
     }
 }
 
@@ -393,52 +287,32 @@ mod tests {
         Fp8Weight::new("w", parts, Some(requant), Dtype::BF16, vec![], opts, shared)
     }
 
-    /// The weight's bytes as the writer makes them: its base bytes, edited.
-    fn weight_bytes(w: &Fp8Weight) -> Vec<u8> {
-        let mut bytes = w.weight.bytes().unwrap().into_owned();
-        w.edit_weight(w.requant.unwrap(), &mut bytes).unwrap();
-        bytes
+    /// The weight's and the scale's bytes as the writer makes them, in either order.
+    fn written(w: Fp8Weight, scale_first: bool) -> (Vec<u8>, Vec<u8>) {
+        let w = Arc::new(w);
+        let weight = super::super::joint::main_tensor(&w);
+        let scale = super::super::joint::part_tensor(&w, 0, Dtype::F32, vec![2, 2]).unwrap();
+        let bytes = |t: &Tensor| t.bytes().unwrap().into_owned();
+        match scale_first {
+            true => {
+                let s = bytes(&scale);
+                (bytes(&weight), s)
+            }
+            false => (bytes(&weight), bytes(&scale)),
+        }
     }
 
     #[test]
     fn weight_and_scale_agree_in_either_order_and_budget() {
-        let requant = |w: &Fp8Weight| w.requant.unwrap();
-        // Weight first (the scales are kept for the scale), then scale first, kept or not.
-        let reference = weight(Arc::default());
-        let w_first = weight_bytes(&reference);
-        assert_eq!(
-            reference
-                .slot
-                .lock()
-                .unwrap()
-                .as_ref()
-                .unwrap()
-                .weight
-                .len(),
-            0
-        );
-        let s_second = reference.scale_bytes(requant(&reference)).unwrap();
-        assert!(
-            reference.slot.lock().unwrap().is_none(),
-            "the scales were taken"
-        );
-        for budget in [0, KEEP_BUDGET] {
+        let reference = written(weight(Arc::default()), false);
+        for budget in [0, super::super::joint::KEEP_BUDGET] {
             let shared = Arc::new(Shared {
-                budget,
+                budget: Arc::new(KeepBudget::new(budget)),
                 ..Shared::default()
             });
-            let w = weight(shared.clone());
-            let s = w.scale_bytes(requant(&w)).unwrap();
-            let kept = shared.kept.load(Ordering::Relaxed);
-            assert_eq!(kept, if budget == 0 { 0 } else { 16 });
-            assert_eq!((weight_bytes(&w), s), (w_first.clone(), s_second.clone()));
-            assert_eq!(
-                shared.kept.load(Ordering::Relaxed),
-                0,
-                "taken out of the budget"
-            );
+            assert_eq!(written(weight(shared.clone()), true), reference);
+            assert_eq!(shared.errors.lock().unwrap().len(), 1);
         }
-        assert_eq!(reference.shared.errors.lock().unwrap().len(), 1);
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //!
 //! * **re-quantized** (the default): peft's `Linear8bitLt.merge`: `int8_vectorwise_dequant(W)`
 //!   (`f32`, not rounded to the model dtype), `+ Δ` in `f32`, then `Int8Params` quantizes the
-//!   sum again (through `float16`). Weight and `SCB` of merged weights are written anew (same
-//!   dtypes and shapes, so the base's layout and index are kept), every other tensor is copied,
+//!   sum again (through `float16`), adapter by adapter (an [`Edit::Requantize`] round trip
+//!   between two). Weight and `SCB` of merged weights are written anew (same dtypes and shapes,
+//!   so the base's layout and index are kept), every other tensor is copied,
 //!   `quantization_config` is kept. Each merged weight's error `max |dequant(requant(w)) − w|`
 //!   against peft's `f32` sum is recorded for the report;
 //! * **dequantized** (`MergeJob::dequantize`): transformers' `model.dequantize()` (the `f32`
@@ -16,12 +17,14 @@ use std::sync::{Arc, Mutex};
 
 use peftkit_checkpoint::{Checkpoint, CheckpointError, Dtype, StateDict, Tensor};
 
-use super::view::{check_requantizable, compute_error};
-use super::weight8::Weight8;
+use super::view::{compute_error, encoded, merged_values};
+use super::weight8::{Requantize8, Weight8};
+use super::BnbError;
+use crate::edit::{Edit, LoraKind, Step};
 use crate::error::MergeError;
-use crate::kernels::bnb_int8::max_abs_error;
-use crate::kernels::{decode_f32, encode_f32, round_slice_to, Int8Quantized};
+use crate::kernels::{round_slice_to, Int8Quantized};
 use crate::plan::MergePlan;
+use crate::quant::joint::{main_tensor, part_tensor, Joint, JointSlot, KeepBudget};
 use crate::report::{QuantizationReport, RequantizedTensor};
 
 /// A merged int8 weight whose re-quantization stores non-finite row scales the base did not
@@ -43,6 +46,8 @@ pub(crate) struct Int8Merge {
     allow_nonfinite: bool,
     /// Each re-quantized weight's error, recorded as it is written.
     errors: Arc<Mutex<BTreeMap<String, f64>>>,
+    /// What the re-quantized weights may hold for later writes (see `joint`).
+    budget: Arc<KeepBudget>,
 }
 
 impl Int8Merge {
@@ -52,6 +57,7 @@ impl Int8Merge {
             dequantize,
             allow_nonfinite,
             errors: Arc::default(),
+            budget: Arc::default(),
         }
     }
 
@@ -76,25 +82,56 @@ impl Int8Merge {
                     |e| compute_error(&weight.name, "dequantizing a bitsandbytes int8 weight", e);
                 let mut values = weight.dequantize().map_err(err)?;
                 round_slice_to(out, &mut values).map_err(|e| err(e.into()))?;
-                encode_f32("dequantized weight", out, &values).map_err(|e| err(e.into()))
+                encoded(out, &values).map_err(|e| err(e.into()))
             })?;
             view.replace_tensor(&w.name, lazy);
         }
         Ok(view)
     }
 
-    /// Refuses, when re-quantizing, what peft would re-quantize after each of several edits.
-    pub fn check(&self, plan: &MergePlan) -> Result<(), MergeError> {
-        match self.dequantize {
-            Some(_) => Ok(()),
-            None => check_requantizable(self.weights.iter().map(|w| w.name.as_str()), plan, 8),
+    /// Makes `plan` re-quantize as peft's `Linear8bitLt.merge` does, adapter by adapter: it
+    /// dequantizes the weight to `f32`, adds one adapter's delta and stores the sum as a new
+    /// `Int8Params`, so after every adapter but the last the weight goes through int8 once more
+    /// (an [`Edit::Requantize`] step; the last quantization is the output's). Refuses, when
+    /// re-quantizing, what is not reproduced: DoRA, and edits other than a LoRA pair of a
+    /// Linear layer.
+    pub fn sequence(&self, plan: &mut MergePlan) -> Result<(), MergeError> {
+        if self.dequantizes() {
+            return Ok(());
         }
+        for w in &self.weights {
+            let Some(steps) = plan.steps.get_mut(&w.name) else {
+                continue;
+            };
+            if let Some(what) = steps.iter().find_map(|s| refusal(&s.edit)) {
+                let tensor = w.name.clone();
+                return Err(BnbError::Requantize {
+                    tensor,
+                    what,
+                    bits: 8,
+                }
+                .into());
+            }
+            let count = steps.len();
+            let mut sequenced = Vec::with_capacity(2 * count);
+            for (i, step) in steps.drain(..).enumerate() {
+                let adapter = step.adapter.clone();
+                sequenced.push(step);
+                if i + 1 < count {
+                    let stored = Requantize8 { weight: w.clone() };
+                    let edit = Edit::Requantize(Arc::new(stored));
+                    sequenced.push(Step { adapter, edit });
+                }
+            }
+            *steps = sequenced;
+        }
+        Ok(())
     }
 
     /// The output state: when re-quantizing, each merged weight and its `SCB` quantized from
-    /// the merged `f32` values (computed once for each of the two tensors, when written: holding
-    /// one for the other would keep whole weights in memory), `weight_format` and every
-    /// untouched weight's tensors as stored. With `--dequantize`, `state` as it is.
+    /// the merged `f32` values by one computation (see `joint`: the weight computes, its `SCB`
+    /// is written after the rest of the file), `weight_format` and every untouched weight's
+    /// tensors as stored. With `--dequantize`, `state` as it is.
     pub fn finish(
         &self,
         state: StateDict,
@@ -125,57 +162,22 @@ impl Int8Merge {
                 }
                 continue;
             }
-            let quantize = self.quantizer((*w).clone(), merged);
-            let (q1, q2) = (quantize.clone(), quantize);
-            let weight = Tensor::lazy(Dtype::I8, w.shape().to_vec(), move || {
-                Ok(q1()?.weight.iter().map(|&q| q as u8).collect())
-            })?;
-            let scb = Tensor::lazy(Dtype::F32, w.scb_shape().to_vec(), move || {
-                Ok(q2()?.scb.iter().flat_map(|s| s.to_le_bytes()).collect())
-            })?;
-            out.insert(name.clone(), weight);
+            let requant = Arc::new(Requant8 {
+                weight: (*w).clone(),
+                base: stored(&name)?,
+                merged,
+                errors: self.errors.clone(),
+                allow_nonfinite: self.allow_nonfinite,
+                slot: JointSlot::new(self.budget.clone()),
+            });
+            let scb = part_tensor(&requant, 0, Dtype::F32, w.scb_shape().to_vec())?;
+            out.insert(name.clone(), main_tensor(&requant));
             out.insert(w.scb_name().to_owned(), scb);
             if let Some(format) = w.format_name() {
                 out.insert(format.to_owned(), stored(format)?);
             }
         }
         Ok(out)
-    }
-
-    /// The closure that re-quantizes `w`'s merged values, checks its row scales and records
-    /// its error.
-    fn quantizer(
-        &self,
-        w: Weight8,
-        merged: Tensor,
-    ) -> Arc<dyn Fn() -> Result<Int8Quantized, CheckpointError> + Send + Sync> {
-        let (errors, allow_nonfinite) = (self.errors.clone(), self.allow_nonfinite);
-        Arc::new(move || {
-            let err = |e| compute_error(&w.name, "re-quantizing a merged int8 weight", e);
-            let values =
-                decode_f32("merged", Dtype::F32, &merged.bytes()?).map_err(|e| err(e.into()))?;
-            let q = w.requantize(&values).map_err(err)?;
-            if !allow_nonfinite {
-                let held = w
-                    .scb()
-                    .map_err(err)?
-                    .iter()
-                    .filter(|s| !s.is_finite())
-                    .count();
-                let bad: Vec<usize> = (0..q.scb.len())
-                    .filter(|&r| !q.scb[r].is_finite())
-                    .collect();
-                if bad.len() > held {
-                    let (rows, first) = (bad.len() - held, bad[0]);
-                    return Err(err(Box::new(Int8RangeError { rows, first })));
-                }
-            }
-            let e = max_abs_error(&q, &values, w.shape()).map_err(|e| err(e.into()))?;
-            if let Ok(mut errors) = errors.lock() {
-                errors.insert(w.name.clone(), e);
-            }
-            Ok(q)
-        })
     }
 
     /// The summary's account: the merged weights with their re-quantization errors, or the
@@ -214,5 +216,90 @@ impl Int8Merge {
             },
             requantized,
         }
+    }
+}
+
+/// Why an edit of an int8 weight cannot be re-quantized as peft does, if it cannot.
+fn refusal(edit: &Edit) -> Option<&'static str> {
+    match edit {
+        Edit::Lora {
+            dora: false,
+            kind: LoraKind::Linear { .. },
+            round_first: false,
+            ..
+        } => None,
+        Edit::Lora { dora: true, .. } => Some("DoRA"),
+        _ => Some("an edit other than a LoRA pair"),
+    }
+}
+
+/// One merged int8 weight re-quantized: the codes (the main tensor, written over the base
+/// weight's) and its `SCB` (the one part) from one computation.
+struct Requant8 {
+    weight: Weight8,
+    /// The stored int8 weight.
+    base: Tensor,
+    /// The merged weight in `f32` (the dequantized view, edited by the plan's steps).
+    merged: Tensor,
+    errors: Arc<Mutex<BTreeMap<String, f64>>>,
+    allow_nonfinite: bool,
+    slot: JointSlot,
+}
+
+impl Requant8 {
+    /// Re-quantizes the merged values, checks the row scales and records the error.
+    fn quantize(&self) -> Result<Int8Quantized, CheckpointError> {
+        let w = &self.weight;
+        let err = |e| compute_error(&w.name, "re-quantizing a merged int8 weight", e);
+        let values = merged_values(&self.merged).map_err(err)?;
+        let (q, e) = w.requantize_with_error(&values).map_err(err)?;
+        if !self.allow_nonfinite {
+            let held = w
+                .scb()
+                .map_err(err)?
+                .iter()
+                .filter(|s| !s.is_finite())
+                .count();
+            let bad: Vec<usize> = (0..q.scb.len())
+                .filter(|&r| !q.scb[r].is_finite())
+                .collect();
+            if bad.len() > held {
+                let (rows, first) = (bad.len() - held, bad[0]);
+                return Err(err(Box::new(Int8RangeError { rows, first })));
+            }
+        }
+        if let Ok(mut errors) = self.errors.lock() {
+            errors.insert(w.name.clone(), e);
+        }
+        Ok(q)
+    }
+}
+
+/// The codes overwrite the base weight's bytes (computed from the merged view, which reads
+/// them itself); the part is the `SCB`.
+impl Joint for Requant8 {
+    fn shared(&self) -> &JointSlot {
+        &self.slot
+    }
+
+    fn base(&self) -> &Tensor {
+        &self.base
+    }
+
+    fn compute(&self, main: &mut [u8]) -> Result<Vec<Vec<u8>>, CheckpointError> {
+        let q = self.quantize()?;
+        if q.weight.len() != main.len() {
+            let reason = format!("{} codes for {} bytes", q.weight.len(), main.len());
+            let e = compute_error(&self.weight.name, "re-quantizing", reason.into());
+            return Err(e);
+        }
+        main.iter_mut()
+            .zip(&q.weight)
+            .for_each(|(b, &c)| *b = c as u8);
+        Ok(vec![q.scb.iter().flat_map(|s| s.to_le_bytes()).collect()])
+    }
+
+    fn reads_base(&self) -> bool {
+        false
     }
 }

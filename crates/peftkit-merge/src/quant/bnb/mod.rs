@@ -212,9 +212,9 @@ impl BnbMerge {
         }
     }
 
-    /// Checks the plan against the mode (re-quantizing: the 4-bit round trip between adapters
-    /// added to it), and for a QLoRA base returns the view with every weight the plan merges
-    /// into replaced by its 4-bit round trip.
+    /// Checks the plan against the mode (re-quantizing: the 4-bit or int8 round trip between
+    /// adapters added to it), and for a QLoRA base returns the view with every weight the plan
+    /// merges into replaced by its 4-bit round trip.
     pub fn after_plan(
         &self,
         view: Checkpoint,
@@ -226,7 +226,7 @@ impl BnbMerge {
                 Ok(view)
             }
             BnbMerge::Int8(m) => {
-                m.check(plan)?;
+                m.sequence(plan)?;
                 Ok(view)
             }
             BnbMerge::Qlora(q) => view::round_tripped(view, plan, *q),
@@ -360,4 +360,80 @@ pub(crate) fn torch_threads() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use indexmap::IndexMap;
+    use peftkit_checkpoint::{plan_save, save_planned, SaveOptions, Tensor};
+
+    use super::*;
+    use crate::edit::{Edit, Step};
+
+    fn fixture(case: &str) -> Checkpoint {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+        Checkpoint::open(&root.join(case)).unwrap()
+    }
+
+    /// Saves what `bnb.finish` makes of `base` when every quantized weight is merged, each
+    /// merged weight a lazy `f32` tensor counting its computations; returns how many ran.
+    fn computations(bnb: &BnbMerge, base: &Checkpoint, names: &[String]) -> usize {
+        let view = bnb.view(base).unwrap();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let mut state = StateDict::new();
+        let mut steps = IndexMap::new();
+        for (name, t) in view.tensors() {
+            let t = match names.contains(&name.to_owned()) {
+                true => {
+                    let (view, runs) = (t.clone(), runs.clone());
+                    Tensor::lazy(t.dtype(), t.shape().to_vec(), move || {
+                        runs.fetch_add(1, Ordering::Relaxed);
+                        Ok(view.bytes()?.into_owned())
+                    })
+                    .unwrap()
+                }
+                false => t.clone(),
+            };
+            state.insert(name.to_owned(), t);
+        }
+        for name in names {
+            let bias = Tensor::from_bytes(Dtype::F32, vec![1], vec![0; 4]).unwrap();
+            let edit = Edit::LoraBias { bias, scale: 1.0 };
+            let adapter: Arc<Path> = PathBuf::from("adapter").into();
+            steps.insert(name.clone(), vec![Step { adapter, edit }]);
+        }
+        let plan = MergePlan {
+            steps,
+            added: IndexMap::new(),
+            untie: false,
+        };
+        let out = bnb.finish(state, base, &plan).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let options = SaveOptions::default();
+        let save = plan_save(&out, &options).unwrap();
+        save_planned(&dir.path().join("out"), &out, &save, &options).unwrap();
+        runs.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn each_merged_weight_is_computed_once_for_all_its_tensors() {
+        let base = fixture("bnb8/int8_bf16/base8");
+        let weights = Weight8::find_all(&base).ok().unwrap();
+        let names: Vec<String> = weights.iter().map(|w| w.name.clone()).collect();
+        let int8 = BnbMerge::Int8(Int8Merge::new(weights, None, true));
+        assert_eq!(computations(&int8, &base, &names), names.len());
+        for (case, per_weight) in [("fp4_f16", 1), ("nf4_nested_bf16", 2)] {
+            let base = fixture(&format!("bnb/{case}/base4"));
+            let weights = Weight4::find_all(&base).ok().unwrap();
+            let names: Vec<String> = weights.iter().map(|w| w.name.clone()).collect();
+            let runs = computations(&BnbMerge::Requantize(weights), &base, &names);
+            // A double-quantized weight is computed once more, before the header, for the
+            // length of its quantization state (see `view::requantized`).
+            assert_eq!(runs, per_weight * names.len(), "{case}");
+        }
+    }
 }

@@ -3,15 +3,22 @@
 
 use std::collections::HashMap;
 
-use peftkit_checkpoint::{Checkpoint, CheckpointError, Dtype, StateDict, Tensor};
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use peftkit_checkpoint::{buffers, Checkpoint, CheckpointError, Dtype, StateDict, Tensor};
 
 use super::codes;
-use super::weight::{Part, Requantize4, RoundTrip4, Weight4};
+use super::weight::{Part, Requantize4, Requantized, RoundTrip4, Weight4};
 use super::{host_avx512, torch_threads, BnbError, QloraBase};
 use crate::edit::{Edit, LoraKind, Step};
 use crate::error::MergeError;
-use crate::kernels::{decode_f32, encode_f32, round_slice_to, Bnb4Type, Code4};
+use crate::kernels::{
+    decode_f32, element_size, encode_f32, encode_f32_into, round_slice_to, Bnb4Type, Code4,
+    MergeMathError,
+};
 use crate::plan::MergePlan;
+use crate::quant::joint::{main_tensor, part_tensor, Joint, JointSlot, KeepBudget};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -26,6 +33,25 @@ pub(super) fn compute_error(tensor: &str, context: &str, source: BoxError) -> Ch
         context: context.to_owned(),
         source,
     }
+}
+
+/// A dequantized weight's `values` as `dtype` bytes, in a pooled buffer: a merge that
+/// re-quantizes it gives the buffer back once decoded ([`merged_values`]), so the next weight
+/// reuses its pages.
+pub(super) fn encoded(dtype: Dtype, values: &[f32]) -> Result<Vec<u8>, MergeMathError> {
+    let mut out = buffers::take(values.len() * element_size(dtype)?);
+    encode_f32_into("dequantized weight", dtype, values, &mut out)?;
+    Ok(out)
+}
+
+/// The `f32` values of a merged weight (the dequantized view, edited), its bytes given back.
+pub(super) fn merged_values(merged: &Tensor) -> Result<Vec<f32>, BoxError> {
+    let bytes = merged.bytes()?;
+    let values = decode_f32("merged", Dtype::F32, &bytes)?;
+    if let Cow::Owned(buf) = bytes {
+        buffers::give(buf);
+    }
+    Ok(values)
 }
 
 /// `base` with every 4-bit weight as a lazily dequantized float tensor (`f32` if `widen`, its
@@ -49,7 +75,7 @@ pub(super) fn dequantized(
                 |e| compute_error(&weight.name, "dequantizing a bitsandbytes 4-bit weight", e);
             let mut values = weight.dequantize(avx512).map_err(err)?;
             round_slice_to(dtype, &mut values).map_err(|e| err(e.into()))?;
-            encode_f32("dequantized weight", out, &values).map_err(|e| err(e.into()))
+            encoded(out, &values).map_err(|e| err(e.into()))
         })?;
         view.replace_tensor(&w.name, lazy);
     }
@@ -104,42 +130,11 @@ pub(super) fn sequence_requantized(
                 };
                 sequenced.push(Step {
                     adapter,
-                    edit: Edit::Requantize(std::sync::Arc::new(stored)),
+                    edit: Edit::Requantize(Arc::new(stored)),
                 });
             }
         }
         *steps = sequenced;
-    }
-    Ok(())
-}
-
-/// Refuses what a re-quantizing merge of an 8-bit base does not reproduce: more than one plain
-/// LoRA pair per weight (peft re-quantizes after each adapter; 4-bit weights do that, see
-/// [`sequence_requantized`]).
-pub(super) fn check_requantizable<'a>(
-    weights: impl IntoIterator<Item = &'a str>,
-    plan: &MergePlan,
-    bits: u8,
-) -> Result<(), MergeError> {
-    for name in weights {
-        let Some(steps) = plan.steps.get(name) else {
-            continue;
-        };
-        let what = match steps.as_slice() {
-            [step] => match &step.edit {
-                Edit::Lora {
-                    dora: false,
-                    kind: LoraKind::Linear { .. },
-                    round_first: false,
-                    ..
-                } => continue,
-                Edit::Lora { dora: true, .. } => "DoRA",
-                _ => "an edit other than a LoRA pair",
-            },
-            _ => "more than one adapter",
-        };
-        let tensor = name.to_owned();
-        return Err(BnbError::Requantize { tensor, what, bits }.into());
     }
     Ok(())
 }
@@ -238,9 +233,10 @@ fn round_trip(
     settings.run(values, shape, threads, avx512)
 }
 
-/// The output of a re-quantizing merge: each merged 4-bit weight quantized again (its state
-/// computed now, its other tensors when written, from the merged `f32` values), every other
-/// 4-bit weight with its stored tensors, and the rest of `state` as it is.
+/// The output of a re-quantizing merge: each merged 4-bit weight quantized again, every other
+/// 4-bit weight with its stored tensors, and the rest of `state` as it is. A merged weight's
+/// packed bytes, `absmax` and `nested_absmax` come from one computation when written (see
+/// `joint`); its quantization state is known before (see [`Requant4`]).
 pub(super) fn requantized(
     state: StateDict,
     base: &Checkpoint,
@@ -248,7 +244,7 @@ pub(super) fn requantized(
     plan: &MergePlan,
 ) -> Result<StateDict, MergeError> {
     let by_name: HashMap<&str, &Weight4> = weights.iter().map(|w| (w.name.as_str(), w)).collect();
-    let threads = torch_threads();
+    let (threads, budget) = (torch_threads(), Arc::new(KeepBudget::default()));
     let stored = |name: &str| {
         base.get(name).cloned().ok_or_else(|| {
             let e = compute_error(
@@ -272,41 +268,101 @@ pub(super) fn requantized(
             }
             continue;
         }
-        // The state's length (its JSON holds the new offset) is needed before anything is
-        // written: the weight is merged and quantized once now, and again for each stored part.
-        let dtype = stored_dtype(w, &plan.steps[&name]);
-        let requantize = {
-            let (w, merged) = ((*w).clone(), tensor.clone());
-            move || -> Result<_, CheckpointError> {
-                let err = |e| compute_error(&w.name, "re-quantizing a merged 4-bit weight", e);
-                let values = decode_f32("merged", Dtype::F32, &merged.bytes()?)
-                    .map_err(|e| err(e.into()))?;
-                w.requantize(&values, dtype, threads).map_err(err)
-            }
+        let mut requant = Requant4 {
+            weight: (*w).clone(),
+            base: stored(&name)?,
+            merged: tensor,
+            dtype: stored_dtype(w, &plan.steps[&name]),
+            threads,
+            state: vec![],
+            slot: JointSlot::new(budget.clone()),
         };
-        let state_bytes = requantize()?.state;
+        requant.state = requant.state_bytes()?;
+        let requant = Arc::new(requant);
         for part in w.part_names() {
             out.insert(part.clone(), stored(&part)?);
         }
         for (part_name, part) in w.requantized_parts() {
             let tensor = match part {
+                Part::Packed => main_tensor(&requant),
                 Part::State => {
-                    Tensor::from_bytes(Dtype::U8, vec![state_bytes.len()], state_bytes.clone())?
+                    let bytes = requant.state.clone();
+                    Tensor::from_bytes(Dtype::U8, vec![bytes.len()], bytes)?
                 }
-                _ => {
-                    let dtype = match part {
-                        Part::Absmax if !w.state.nested() => Dtype::F32,
-                        Part::NestedAbsmax => Dtype::F32,
-                        _ => Dtype::U8,
-                    };
-                    let requantize = requantize.clone();
-                    Tensor::lazy(dtype, w.shape_of(part), move || {
-                        Ok(requantize()?.take(part).1)
-                    })?
+                Part::Absmax if w.state.nested() => {
+                    part_tensor(&requant, 0, Dtype::U8, w.shape_of(part))?
                 }
+                Part::Absmax => part_tensor(&requant, 0, Dtype::F32, w.shape_of(part))?,
+                Part::NestedAbsmax => part_tensor(&requant, 1, Dtype::F32, w.shape_of(part))?,
             };
             out.insert(part_name, tensor);
         }
     }
     Ok(out)
+}
+
+/// One merged 4-bit weight re-quantized: the packed codes (the main tensor, written over the
+/// base weight's), `absmax` and, with double quantization, `nested_absmax` (parts 0 and 1)
+/// from one computation.
+struct Requant4 {
+    weight: Weight4,
+    /// The stored packed weight.
+    base: Tensor,
+    /// The merged weight in `f32` (the dequantized view, edited by the plan's steps).
+    merged: Tensor,
+    /// The dtype the sum is stored as ([`stored_dtype`]).
+    dtype: Dtype,
+    threads: usize,
+    /// The quantization state's JSON, fixed before anything is written.
+    state: Vec<u8>,
+    slot: JointSlot,
+}
+
+impl Requant4 {
+    fn quantize(&self) -> Result<Requantized, CheckpointError> {
+        let w = &self.weight;
+        let err = |e| compute_error(&w.name, "re-quantizing a merged 4-bit weight", e);
+        let values = merged_values(&self.merged).map_err(err)?;
+        w.requantize(&values, self.dtype, self.threads).map_err(err)
+    }
+
+    /// The quantization state's JSON. Its length must be known before the header is written:
+    /// without double quantization it follows from the settings; with it, it holds the mean of
+    /// the new block absmax, so the weight is computed once for it now (and again when
+    /// written: keeping it would hold every merged weight until its write).
+    fn state_bytes(&self) -> Result<Vec<u8>, CheckpointError> {
+        if self.weight.state.nested() {
+            return Ok(self.quantize()?.state);
+        }
+        let w = &self.weight;
+        let err = |e| compute_error(&w.name, "re-quantizing a merged 4-bit weight", e);
+        w.requantized_state(self.dtype, None).map_err(err)
+    }
+}
+
+/// The packed codes overwrite the base weight's bytes (computed from the merged view, which
+/// reads them itself).
+impl Joint for Requant4 {
+    fn shared(&self) -> &JointSlot {
+        &self.slot
+    }
+
+    fn base(&self) -> &Tensor {
+        &self.base
+    }
+
+    fn compute(&self, main: &mut [u8]) -> Result<Vec<Vec<u8>>, CheckpointError> {
+        let q = self.quantize()?;
+        let name = &self.weight.name;
+        if q.packed.len() != main.len() || q.state != self.state {
+            let reason = "the re-quantized weight differs in size or state from the one planned";
+            return Err(compute_error(name, "re-quantizing", reason.into()));
+        }
+        main.copy_from_slice(&q.packed);
+        Ok(std::iter::once(q.absmax).chain(q.nested_absmax).collect())
+    }
+
+    fn reads_base(&self) -> bool {
+        false
+    }
 }

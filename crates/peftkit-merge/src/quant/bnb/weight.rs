@@ -184,26 +184,40 @@ impl Weight4 {
     ) -> Result<Requantized, Box<dyn std::error::Error + Send + Sync>> {
         let code = self.code()?;
         let (packed, absmax) = bnb_quantize_4bit(values, self.state.blocksize, &code);
-        let mut state = self.state.clone();
-        state.dtype = torch_name(dtype)
-            .ok_or_else(|| format!("{dtype:?} is not a dtype bitsandbytes stores"))?
-            .to_owned();
-        let (absmax, nested_absmax) = match (self.nested_code()?, state.nested_blocksize) {
-            (Some(nested_code), Some(bs)) => {
-                let offset = torch_mean_f32(&absmax, threads);
-                let centred: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
-                let (q, scales) = bnb_quantize_blockwise(&centred, &nested_code, bs);
-                state.nested_offset = Some(f64::from(offset));
-                (q, Some(encode_f32("nested_absmax", Dtype::F32, &scales)?))
-            }
-            _ => (encode_f32("absmax", Dtype::F32, &absmax)?, None),
-        };
+        let (absmax, nested_absmax, offset) =
+            match (self.nested_code()?, self.state.nested_blocksize) {
+                (Some(nested_code), Some(bs)) => {
+                    let offset = torch_mean_f32(&absmax, threads);
+                    let centred: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
+                    let (q, scales) = bnb_quantize_blockwise(&centred, &nested_code, bs);
+                    let nested = encode_f32("nested_absmax", Dtype::F32, &scales)?;
+                    (q, Some(nested), Some(f64::from(offset)))
+                }
+                _ => (encode_f32("absmax", Dtype::F32, &absmax)?, None, None),
+            };
         Ok(Requantized {
             packed,
             absmax,
             nested_absmax,
-            state: state.to_json(),
+            state: self.requantized_state(dtype, offset)?,
         })
+    }
+
+    /// The quantization state's JSON once this weight holds a re-quantized `dtype` sum whose
+    /// block absmax have the mean `offset` (double quantization; `None` without).
+    pub fn requantized_state(
+        &self,
+        dtype: Dtype,
+        offset: Option<f64>,
+    ) -> Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>> {
+        let mut state = self.state.clone();
+        state.dtype = torch_name(dtype)
+            .ok_or_else(|| format!("{dtype:?} is not a dtype bitsandbytes stores"))?
+            .to_owned();
+        if state.nested() {
+            state.nested_offset = Some(offset.ok_or("a nested state without its offset")?);
+        }
+        Ok(state.to_json())
     }
 
     /// What this weight holds after peft re-quantizes `values` into it and dequantizes it
@@ -332,19 +346,6 @@ pub(crate) enum Part {
     Absmax,
     NestedAbsmax,
     State,
-}
-
-impl Requantized {
-    /// The bytes and dtype of `part`.
-    pub fn take(self, part: Part) -> (Dtype, Vec<u8>) {
-        match part {
-            Part::Packed => (Dtype::U8, self.packed),
-            Part::Absmax if self.nested_absmax.is_some() => (Dtype::U8, self.absmax),
-            Part::Absmax => (Dtype::F32, self.absmax),
-            Part::NestedAbsmax => (Dtype::F32, self.nested_absmax.unwrap_or_default()),
-            Part::State => (Dtype::U8, self.state),
-        }
-    }
 }
 
 /// A float tensor's values as `f32`.

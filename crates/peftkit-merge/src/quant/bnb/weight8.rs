@@ -9,6 +9,8 @@
 use peftkit_checkpoint::{Checkpoint, Dtype, Tensor};
 
 use super::weight::PartError;
+use crate::edit::Requantizer;
+use crate::kernels::bnb_int8::bnb_int8_quantize_with_error;
 use crate::kernels::{bnb_int8_dequantize, bnb_int8_quantize, decode_f32, Int8Quantized};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -138,5 +140,23 @@ impl Weight8 {
     /// What `Int8Params` stores for `values` (the merged weight, `f32`).
     pub fn requantize(&self, values: &[f32]) -> Result<Int8Quantized, BoxError> {
         Ok(bnb_int8_quantize(values, self.shape())?)
+    }
+
+    /// [`Weight8::requantize`] and its error `max |dequantize(requantized) - values|`.
+    pub fn requantize_with_error(&self, values: &[f32]) -> Result<(Int8Quantized, f64), BoxError> {
+        Ok(bnb_int8_quantize_with_error(values, self.shape())?)
+    }
+}
+
+/// An int8 weight after peft stored one adapter's result in it (`Int8Params(w_data)`, quantized
+/// through `float16`), read back by the next adapter (`int8_vectorwise_dequant`, `f32`).
+pub(crate) struct Requantize8 {
+    pub weight: Weight8,
+}
+
+impl Requantizer for Requantize8 {
+    fn round_trip(&self, values: &[f32]) -> Result<Vec<f32>, BoxError> {
+        let q = self.weight.requantize(values)?;
+        Ok(bnb_int8_dequantize(&q.weight, &q.scb, self.weight.shape())?)
     }
 }

@@ -1,0 +1,368 @@
+//! One computation, several output tensors: a re-quantized weight and what is stored beside it.
+//!
+//! Re-quantizing a merged weight (FP8, bitsandbytes int8 or 4-bit) yields, from one
+//! computation, the weight's bytes and a few small tensors stored beside it (FP8's
+//! `weight_scale_inv`, int8's `SCB`, 4-bit's `absmax` and `nested_absmax`). Each is a tensor of
+//! the output, written by whichever worker reaches it. A [`Joint`] computation lets them share
+//! the work:
+//!
+//! * the **main** tensor (the weight, [`main_tensor`]) is an edit of its base tensor, of its
+//!   dtype and shape: the writer hands it the base bytes (in memory, or where it copied them
+//!   in the output file) and [`Joint::compute`] turns them into the output's, leaving the
+//!   **parts** (the small tensors) in a slot;
+//! * each part ([`part_tensor`]) is [`Tensor::written_last`]: a safetensors file lists `F32`
+//!   scales before `I8`/`U8`/`F8_E4M3` weights, and the writer takes such a tensor after the
+//!   rest of its file, when its weight is written; a part whose weight is being computed waits
+//!   for it (one `turn` per computation) instead of starting a second computation;
+//! * a part that still comes first (its weight in a later file) runs the computation itself on
+//!   a copy of the base bytes and leaves the main tensor's bytes for the main tensor's write.
+//!
+//! Memory stays bounded: whatever is held for a later write (parts, and a main tensor computed
+//! by a part) counts against one [`KeepBudget`] per merge; what does not fit is dropped and
+//! computed again by its own write, so the result never depends on the budget.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use peftkit_checkpoint::{
+    buffers, CheckpointError, Dtype, InPlaceEdit, OutputRegion, SourceRegion, Tensor,
+};
+
+/// Bytes a merge holds for later writes (see [`KeepBudget`]).
+pub(crate) const KEEP_BUDGET: usize = 128 << 20;
+
+/// The bytes one merge may hold for later writes, shared by all its joint computations.
+pub(crate) struct KeepBudget {
+    held: AtomicUsize,
+    limit: usize,
+}
+
+impl Default for KeepBudget {
+    fn default() -> Self {
+        KeepBudget::new(KEEP_BUDGET)
+    }
+}
+
+impl KeepBudget {
+    /// A budget of `limit` bytes.
+    pub(crate) fn new(limit: usize) -> Self {
+        KeepBudget {
+            held: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// Reserves `n` bytes if they fit.
+    fn reserve(&self, n: usize) -> bool {
+        let reserved = self
+            .held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                (held + n <= self.limit).then_some(held + n)
+            });
+        reserved.is_ok()
+    }
+
+    /// Gives back `n` reserved bytes.
+    fn release(&self, n: usize) {
+        self.held.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Bytes held now.
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
+}
+
+/// A computation that makes a main output tensor out of its base tensor's bytes and, on the
+/// way, the bytes of some parts (see the module docs).
+pub(crate) trait Joint: Send + Sync + 'static {
+    /// The slot and turn the computation's tensors share.
+    fn shared(&self) -> &JointSlot;
+
+    /// The base tensor the main output tensor is an edit of (same dtype and shape).
+    fn base(&self) -> &Tensor;
+
+    /// Turns `main`, the base tensor's bytes, into the main output tensor's, and returns the
+    /// bytes of every part, by index.
+    fn compute(&self, main: &mut [u8]) -> Result<Vec<Vec<u8>>, CheckpointError>;
+
+    /// Whether [`Joint::compute`] reads the base bytes in `main` (`false`: it overwrites them
+    /// whole, having read what it needs elsewhere), so that they need not be read for it.
+    fn reads_base(&self) -> bool {
+        true
+    }
+}
+
+/// What the tensors of one [`Joint`] computation share.
+pub(crate) struct JointSlot {
+    budget: Arc<KeepBudget>,
+    /// Held while the computation runs, so that another tensor of it waits and takes what it
+    /// left instead of computing again.
+    turn: Mutex<()>,
+    held: Mutex<Held>,
+}
+
+/// What a computation left for the tensors not yet written.
+#[derive(Default)]
+struct Held {
+    /// The main tensor's bytes, computed by a part's write.
+    main: Option<Vec<u8>>,
+    /// Whether the main tensor was computed by its own write.
+    main_written: bool,
+    /// Each part's bytes, until its write takes them.
+    parts: Vec<Option<Vec<u8>>>,
+    /// Which parts were written.
+    parts_written: Vec<bool>,
+}
+
+impl JointSlot {
+    /// An empty slot whose held bytes count against `budget`.
+    pub(crate) fn new(budget: Arc<KeepBudget>) -> Self {
+        JointSlot {
+            budget,
+            turn: Mutex::new(()),
+            held: Mutex::default(),
+        }
+    }
+
+    fn turn(&self) -> MutexGuard<'_, ()> {
+        self.turn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn held(&self) -> MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps `bytes` in `slot` if the budget allows.
+    fn keep(&self, slot: &mut Option<Vec<u8>>, bytes: Vec<u8>) {
+        if slot.is_none() && self.budget.reserve(bytes.len()) {
+            *slot = Some(bytes);
+        } else {
+            buffers::give(bytes);
+        }
+    }
+
+    /// Takes `slot`'s bytes out of the budget.
+    fn take(&self, slot: &mut Option<Vec<u8>>) -> Option<Vec<u8>> {
+        let bytes = slot.take()?;
+        self.budget.release(bytes.len());
+        Some(bytes)
+    }
+
+    /// Leaves the parts not yet written (but `except`) for their writes.
+    fn leave_parts(&self, held: &mut Held, parts: Vec<Vec<u8>>, except: Option<usize>) {
+        let n = parts.len();
+        held.parts.resize_with(n.max(held.parts.len()), || None);
+        held.parts_written
+            .resize(n.max(held.parts_written.len()), false);
+        for (i, bytes) in parts.into_iter().enumerate() {
+            if Some(i) != except && !held.parts_written[i] {
+                let mut slot = held.parts[i].take();
+                self.keep(&mut slot, bytes);
+                held.parts[i] = slot;
+            }
+        }
+    }
+
+    /// The main tensor's edit: `bytes`, the base tensor's, become the output's.
+    fn write_main(&self, joint: &dyn Joint, bytes: &mut [u8]) -> Result<(), CheckpointError> {
+        let _turn = self.turn();
+        let kept = {
+            let mut held = self.held();
+            self.take(&mut held.main)
+        };
+        if let Some(kept) = kept {
+            if kept.len() == bytes.len() {
+                bytes.copy_from_slice(&kept);
+                buffers::give(kept);
+                self.held().main_written = true;
+                return Ok(());
+            }
+        }
+        let parts = joint.compute(bytes)?;
+        let mut held = self.held();
+        held.main_written = true;
+        self.leave_parts(&mut held, parts, None);
+        Ok(())
+    }
+
+    /// The bytes of part `index`: left by the computation, or computed now.
+    fn write_part(&self, joint: &dyn Joint, index: usize) -> Result<Vec<u8>, CheckpointError> {
+        let _turn = self.turn();
+        {
+            let mut held = self.held();
+            let slot = held.parts.get_mut(index).and_then(|s| self.take(s));
+            if let Some(bytes) = slot {
+                held.parts_written[index] = true;
+                return Ok(bytes);
+            }
+        }
+        let mut main = match joint.reads_base() {
+            true => joint.base().bytes()?.into_owned(),
+            false => buffers::take(joint.base().byte_len()),
+        };
+        let mut parts = joint.compute(&mut main)?;
+        let Some(mine) = parts.get_mut(index).map(std::mem::take) else {
+            return Err(CheckpointError::TensorData {
+                tensor: String::new(),
+                reason: format!(
+                    "a joint computation made {} parts, not {}",
+                    parts.len(),
+                    index + 1
+                ),
+            });
+        };
+        let mut held = self.held();
+        self.leave_parts(&mut held, parts, Some(index));
+        held.parts_written[index] = true;
+        if held.main_written {
+            buffers::give(main);
+        } else {
+            let mut slot = held.main.take();
+            self.keep(&mut slot, main);
+            held.main = slot;
+        }
+        Ok(mine)
+    }
+}
+
+impl Drop for JointSlot {
+    fn drop(&mut self) {
+        // Bytes nobody took (a tensor computed twice, or a failed save) leave the budget.
+        let held = std::mem::take(self.held.get_mut().unwrap_or_else(|e| e.into_inner()));
+        let bytes = held.main.iter().chain(held.parts.iter().flatten());
+        self.budget.release(bytes.map(Vec::len).sum());
+    }
+}
+
+/// The main output tensor of `joint`: its base tensor, edited by the computation.
+pub(crate) fn main_tensor<J: Joint>(joint: &Arc<J>) -> Tensor {
+    Tensor::edited(joint.base().clone(), MainEdit(joint.clone()))
+}
+
+/// Part `index` of `joint`, of `dtype` and `shape`, written after the rest of its file.
+pub(crate) fn part_tensor<J: Joint>(
+    joint: &Arc<J>,
+    index: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+) -> Result<Tensor, CheckpointError> {
+    let joint = joint.clone();
+    let produce = move || joint.shared().write_part(joint.as_ref(), index);
+    Ok(Tensor::lazy(dtype, shape, produce)?.written_last())
+}
+
+/// The edit of a main tensor (see [`main_tensor`]): in memory, or where the writer copied the
+/// base bytes in the output file.
+struct MainEdit<J>(Arc<J>);
+
+impl<J: Joint> InPlaceEdit for MainEdit<J> {
+    fn apply(&self, bytes: &mut [u8]) -> Result<(), CheckpointError> {
+        self.0.shared().write_main(self.0.as_ref(), bytes)
+    }
+
+    fn apply_in_file(
+        &self,
+        source: SourceRegion<'_>,
+        out: &OutputRegion<'_>,
+    ) -> Result<bool, CheckpointError> {
+        let Some((file, offset)) = out.mappable()? else {
+            return Ok(false);
+        };
+        crate::mapped::edit_file_range(file, offset, out.len(), |bytes| {
+            if self.0.reads_base() {
+                source.read_at(0, bytes)?;
+            }
+            self.apply(bytes)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Negates a 4-byte base and reports its sum and its first byte as parts; counts its runs.
+    struct Toy {
+        slot: JointSlot,
+        base: Tensor,
+        runs: AtomicUsize,
+    }
+
+    impl Joint for Toy {
+        fn shared(&self) -> &JointSlot {
+            &self.slot
+        }
+        fn base(&self) -> &Tensor {
+            &self.base
+        }
+        fn compute(&self, main: &mut [u8]) -> Result<Vec<Vec<u8>>, CheckpointError> {
+            self.runs.fetch_add(1, Ordering::Relaxed);
+            let sum = main.iter().map(|&b| u32::from(b)).sum::<u32>();
+            main.iter_mut().for_each(|b| *b = b.wrapping_neg());
+            Ok(vec![sum.to_le_bytes().to_vec(), vec![main[0]]])
+        }
+    }
+
+    fn toy(budget: usize) -> (Arc<Toy>, Arc<KeepBudget>) {
+        let budget = Arc::new(KeepBudget::new(budget));
+        let base = Tensor::from_bytes(Dtype::U8, vec![4], vec![1, 2, 3, 4]).unwrap();
+        let slot = JointSlot::new(budget.clone());
+        let runs = AtomicUsize::new(0);
+        (Arc::new(Toy { slot, base, runs }), budget)
+    }
+
+    /// Writes the tensors of `joint` in `order` (0: main, 1 and 2: parts); returns their bytes
+    /// in tensor order.
+    fn write(joint: &Arc<Toy>, order: &[usize]) -> Vec<Vec<u8>> {
+        let tensors = [
+            main_tensor(joint),
+            part_tensor(joint, 0, Dtype::U32, vec![1]).unwrap(),
+            part_tensor(joint, 1, Dtype::U8, vec![1]).unwrap(),
+        ];
+        assert!(tensors[1].is_written_last() && !tensors[0].is_written_last());
+        let mut out = vec![vec![]; 3];
+        for &i in order {
+            out[i] = tensors[i].bytes().unwrap().into_owned();
+        }
+        out
+    }
+
+    #[test]
+    fn one_computation_in_any_order_within_the_budget() {
+        let expected = vec![
+            vec![255, 254, 253, 252],
+            10u32.to_le_bytes().to_vec(),
+            vec![255],
+        ];
+        for order in [[0, 1, 2], [1, 0, 2], [2, 1, 0], [1, 2, 0]] {
+            let (joint, budget) = toy(KEEP_BUDGET);
+            assert_eq!(write(&joint, &order), expected, "{order:?}");
+            assert_eq!(joint.runs.load(Ordering::Relaxed), 1, "{order:?}");
+            assert_eq!(budget.held(), 0, "everything taken: {order:?}");
+        }
+    }
+
+    #[test]
+    fn what_does_not_fit_the_budget_is_computed_again() {
+        // Room for one byte: the parts left behind and the main tensor computed by a part do
+        // not fit, so each write computes.
+        let (joint, budget) = toy(1);
+        let expected = vec![
+            vec![255, 254, 253, 252],
+            10u32.to_le_bytes().to_vec(),
+            vec![255],
+        ];
+        assert_eq!(write(&joint, &[2, 1, 0]), expected);
+        assert_eq!(joint.runs.load(Ordering::Relaxed), 3);
+        assert_eq!(budget.held(), 0);
+        // A part left behind and never written leaves the budget with its computation.
+        let (joint, budget) = toy(KEEP_BUDGET);
+        write(&joint, &[0]);
+        assert_eq!(budget.held(), 5);
+        drop(joint);
+        assert_eq!(budget.held(), 0);
+    }
+}
