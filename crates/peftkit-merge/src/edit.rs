@@ -9,11 +9,11 @@ use peftkit_checkpoint::{CheckpointError, Dtype, Tensor};
 use peftkit_peft::AdapterModule;
 use std::collections::BTreeMap;
 
+use crate::kernels::FiniteProbe;
 use crate::kernels::{
     decode_f32, dora, encode_f32, lora, methods, BaseTensorMut, F32Tensor, MergeMathError,
     MergeOptions as KernelOptions, ReductionOrder,
 };
-use crate::kernels::{BaseSource, FiniteProbe};
 
 /// One change to a base tensor.
 #[derive(Clone)]
@@ -225,13 +225,6 @@ impl Site<'_> {
 /// A decoded adapter tensor and its shape, if the module has it.
 type Loaded = Option<(Vec<f32>, Vec<usize>)>;
 
-/// The base tensor a step writes: its dtype, shape and bytes.
-pub(crate) struct Base<'a> {
-    pub dtype: Dtype,
-    pub shape: &'a [usize],
-    pub data: &'a mut [u8],
-}
-
 impl Step {
     /// Applies this step to `data`, the bytes of base tensor `name` (`dtype`, `shape`). A
     /// kernel that checks its output as it writes it tells `probe` what it found (see
@@ -245,39 +238,9 @@ impl Step {
         opts: &KernelOptions,
         probe: Option<&FiniteProbe>,
     ) -> Result<(), CheckpointError> {
-        let base = Base { dtype, shape, data };
-        self.apply_from(name, base, None, opts, probe)
-    }
-
-    /// Applies this step with `base.data` not holding the base yet: `source` has its bytes. A
-    /// plain LoRA step reads them block by block as its kernel merges them (see
-    /// [`BaseSource`]); any other step reads them all first. A failed read is the kernel error
-    /// [`MergeMathError::BaseUnread`]; the source keeps the cause.
-    pub(crate) fn apply_from(
-        &self,
-        name: &str,
-        base: Base<'_>,
-        source: Option<&dyn BaseSource>,
-        opts: &KernelOptions,
-        probe: Option<&FiniteProbe>,
-    ) -> Result<(), CheckpointError> {
-        let Base { dtype, shape, data } = base;
         let site = Site {
             name,
             adapter: &self.adapter,
-        };
-        let source = match (&self.edit, source) {
-            (Edit::Lora { dora: false, .. }, source) => source,
-            (_, Some(source)) => {
-                if !source.fill(0, data) {
-                    let unread = MergeMathError::BaseUnread {
-                        what: "base tensor",
-                    };
-                    return Err(site.math(unread));
-                }
-                None
-            }
-            (_, None) => None,
         };
         if let Edit::Replace { source } = &self.edit {
             let values = site.f32s("replacement", source)?;
@@ -312,10 +275,6 @@ impl Step {
         let base = BaseTensorMut::new(dtype, shape, data);
         let base = match probe {
             Some(p) => base.with_probe(p),
-            None => base,
-        };
-        let base = match source {
-            Some(s) => base.with_source(s),
             None => base,
         };
         let opts = *opts;

@@ -25,14 +25,12 @@ use peftkit_checkpoint::{
 };
 use peftkit_peft::Adapter;
 
-use crate::edit::{Base, Edit};
+use crate::edit::Edit;
 use crate::error::{MergeError, NonFiniteResult};
-use crate::file_io::{FileBlocks, FileSource};
+use crate::file_io::FileBlocks;
 use crate::job::MergeJob;
 use crate::kernels::StreamedBase;
-use crate::kernels::{
-    reduction_order, BaseSource, FiniteProbe, MergeOptions as KernelOptions, Numerics,
-};
+use crate::kernels::{reduction_order, FiniteProbe, MergeOptions as KernelOptions, Numerics};
 use crate::plan::{plan, MergePlan};
 use crate::quant::{BaseQuant, Fp8Base, Treatment};
 use crate::report::{MergeSummary, NumericsReport};
@@ -260,25 +258,15 @@ struct MergeEdit {
 }
 
 impl MergeEdit {
-    /// Runs the steps on `data`. With `source`, `data` does not hold the base yet: the first
-    /// step reads it from there (block by block, for a plain LoRA).
-    fn run(&self, data: &mut [u8], source: Option<&FileSource<'_>>) -> Result<(), CheckpointError> {
+    /// Runs the steps on `data`, the base's bytes.
+    fn run(&self, data: &mut [u8]) -> Result<(), CheckpointError> {
         let (dtype, shape) = (self.base.dtype(), self.base.shape());
         let probe = FiniteProbe::default();
-        let mut source = source;
         for step in &self.steps {
             probe.reset();
             // Only a checked merge asks the kernels to test what they write.
             let probe = self.check.then_some(&probe);
-            let base = Base { dtype, shape, data };
-            let from = source.map(|s| s as &dyn BaseSource);
-            let done = step.apply_from(&self.key, base, from, &self.opts, probe);
-            // A failed read is reported as itself, not as the kernel's stop.
-            if let Some(e) = source.and_then(FileSource::take_error) {
-                return Err(e);
-            }
-            done?;
-            source = None;
+            step.apply(&self.key, dtype, shape, data, &self.opts, probe)?;
         }
         // The fused kernel tests what it writes block by block, in cache: when the last step
         // ran it and found every value finite, the tensor is not read again.
@@ -344,7 +332,7 @@ impl MergeEdit {
 
 impl InPlaceEdit for MergeEdit {
     fn apply(&self, data: &mut [u8]) -> Result<(), CheckpointError> {
-        self.run(data, None)
+        self.run(data)
     }
 
     /// Streams plain linear LoRA steps block by block; writes other edits through a mapping of
@@ -360,9 +348,9 @@ impl InPlaceEdit for MergeEdit {
         let Some((file, offset)) = out.mappable()? else {
             return Ok(false);
         };
-        let source = FileSource::new(source);
         crate::mapped::edit_file_range(file, offset, out.len(), |bytes| {
-            self.run(bytes, Some(&source))
+            source.read_at(0, bytes)?;
+            self.run(bytes)
         })
     }
 }

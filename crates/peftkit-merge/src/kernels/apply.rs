@@ -56,10 +56,9 @@ impl FiniteProbe {
     }
 }
 
-/// Where a base tensor's bytes are read from when the buffer a kernel updates does not hold
-/// them yet: the merge writes into the output file where it lies, and reads the base block by
-/// block right before the kernel updates that block, so each block is read while the kernel
-/// runs on it, in cache (docs/architecture.md, "Output IO").
+/// Where a streamed base tensor's bytes are read from (see [`BlockIo`]): block by block, right
+/// before the kernel updates the block, so each block is read while it is in cache
+/// (docs/architecture.md, "Output IO").
 pub(crate) trait BaseSource: Sync {
     /// Reads the base bytes `at..at + into.len()` into `into`. `false` when they could not be
     /// read; the source keeps the cause for its owner, and the kernel stops with
@@ -77,6 +76,7 @@ pub(crate) trait BlockIo: BaseSource {
 }
 
 /// A base tensor to update in place: raw little-endian bytes of `dtype` with `shape`.
+#[derive(Debug)]
 pub struct BaseTensorMut<'a> {
     /// Element type of `data`: F32, BF16, F16 or (where a kernel says so) F64.
     pub dtype: Dtype,
@@ -86,21 +86,6 @@ pub struct BaseTensorMut<'a> {
     pub data: &'a mut [u8],
     /// Where a kernel that checks its output as it writes says what it found.
     pub(crate) probe: Option<&'a FiniteProbe>,
-    /// When set, `data` does not hold the base yet and these are its bytes: the low-rank merge
-    /// (`lora::apply_lowrank`, the only kernel given one) fills each block from it before
-    /// updating it, or calls [`BaseTensorMut::materialize`] first.
-    pub(crate) source: Option<&'a dyn BaseSource>,
-}
-
-impl std::fmt::Debug for BaseTensorMut<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BaseTensorMut")
-            .field("dtype", &self.dtype)
-            .field("shape", &self.shape)
-            .field("bytes", &self.data.len())
-            .field("from_source", &self.source.is_some())
-            .finish()
-    }
 }
 
 impl<'a> BaseTensorMut<'a> {
@@ -111,22 +96,6 @@ impl<'a> BaseTensorMut<'a> {
             shape,
             data,
             probe: None,
-            source: None,
-        }
-    }
-
-    /// The same, with `data` not holding the base yet: `source` has its bytes.
-    pub(crate) fn with_source(mut self, source: &'a dyn BaseSource) -> Self {
-        self.source = Some(source);
-        self
-    }
-
-    /// Reads the whole base from its source into `data`, for a kernel that does not read it
-    /// block by block. Does nothing when `data` already holds it.
-    pub(crate) fn materialize(&mut self, what: &'static str) -> Result<()> {
-        match self.source.take() {
-            Some(source) if !source.fill(0, self.data) => Err(MergeMathError::BaseUnread { what }),
-            _ => Ok(()),
         }
     }
 

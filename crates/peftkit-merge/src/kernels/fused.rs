@@ -16,7 +16,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 use safetensors::Dtype;
 
-use super::apply::{BaseSource, BlockIo};
+use super::apply::BlockIo;
 use super::dtype::{bf16_bits_to_f32, decode_le, encode_le, f32_to_bf16_bits};
 use super::gemm::{product_into, Product, Sink};
 
@@ -82,28 +82,15 @@ pub(crate) fn add_in_place(
 
 /// Where a fused add finds the base and leaves the result.
 pub(crate) enum Target<'a> {
-    /// In `data`, which holds the base, or (with `from`) is filled from `from` block by block
-    /// right before the block is merged.
-    Memory {
-        data: &'a mut [u8],
-        from: Option<&'a dyn BaseSource>,
-    },
+    /// In memory, where the base is updated in place.
+    Memory(&'a mut [u8]),
     /// Nowhere in memory: each block of `len` base bytes is read from `io` into a small
     /// buffer, merged there and written back to `io` while it is in cache, so a tensor costs
     /// two copies in cache and no buffer of its size (docs/architecture.md, "Output IO").
     Streamed { len: usize, io: &'a dyn BlockIo },
 }
 
-#[cfg(test)]
-impl<'a> Target<'a> {
-    /// `data`, holding the base.
-    pub(crate) fn memory(data: &'a mut [u8]) -> Self {
-        Target::Memory { data, from: None }
-    }
-}
-
-/// The base could not be read from, or the result written to, its [`BaseSource`] or
-/// [`BlockIo`] (which keeps the cause).
+/// The base could not be read from, or the result written to, its [`BlockIo`] (which keeps the cause).
 #[derive(Debug)]
 pub(crate) struct Unread;
 
@@ -157,16 +144,11 @@ impl Segments<'_> {
         let merge =
             |first_row: usize, bytes: &mut [u8]| self.block(first_row, row_bytes, bytes, &f);
         match target {
-            Target::Memory { data, from } => data
+            Target::Memory(data) => Ok(data
                 .par_chunks_mut(block)
                 .enumerate()
-                .map(|(bi, bytes)| {
-                    if from.is_some_and(|from| !from.fill(bi * block, bytes)) {
-                        return Err(Unread);
-                    }
-                    Ok(merge(bi * block / row_bytes, bytes))
-                })
-                .try_reduce(|| true, |a, b| Ok(a && b)),
+                .map(|(bi, bytes)| merge(bi * block / row_bytes, bytes))
+                .reduce(|| true, |a, b| a && b)),
             Target::Streamed { len, io } => (0..len.div_ceil(block))
                 .into_par_iter()
                 .map(|bi| {
@@ -291,6 +273,7 @@ impl<E: Elem> Sink for AddInto<'_, E> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::apply::BaseSource;
     use super::super::dtype::{decode_f32, encode_f32};
     use super::super::gemm::product_rows;
     use super::super::order::active_k_blocks;
@@ -408,27 +391,13 @@ mod tests {
                     test: None,
                 };
                 let generic = match dtype {
-                    Dtype::BF16 => Some(seg.add_with_sink::<Bf16>(Target::memory(&mut got))),
-                    Dtype::F32 => Some(seg.add_with_sink::<F32>(Target::memory(&mut got))),
+                    Dtype::BF16 => Some(seg.add_with_sink::<Bf16>(Target::Memory(&mut got))),
+                    Dtype::F32 => Some(seg.add_with_sink::<F32>(Target::Memory(&mut got))),
                     _ => None,
                 };
                 if let Some(done) = generic {
                     done.unwrap();
                     paths.push(("generic", got));
-                }
-                // Writing into a buffer that does not hold the base (the output file), reading
-                // it block by block from its source.
-                let mut got = vec![0xA5; base.len()];
-                let source = Bytes::new(&base);
-                let target = Target::Memory {
-                    data: &mut got,
-                    from: Some(&source),
-                };
-                if add_in_place(&update, dtype, target, false)
-                    .unwrap()
-                    .is_some()
-                {
-                    paths.push(("from a source", got));
                 }
                 // Streamed: read, merged and written back block by block.
                 let io = Bytes::new(&base);
@@ -476,7 +445,7 @@ mod tests {
                     paths.push(("avx2 (one call)", got));
                 }
                 let mut got = base.clone();
-                let fused = add_in_place(&update, dtype, Target::memory(&mut got), true).unwrap();
+                let fused = add_in_place(&update, dtype, Target::Memory(&mut got), true).unwrap();
                 assert!(fused.is_some() || dtype == Dtype::F16);
                 if let Some(finite) = fused {
                     let scan = peftkit_checkpoint::nonfinite(dtype, &got).is_none();
@@ -556,12 +525,6 @@ mod tests {
             },
             blocks: &blocks,
         }];
-        let mut data = vec![0u8; 8 * 16 * 4];
-        let target = Target::Memory {
-            data: &mut data,
-            from: Some(&Broken(false)),
-        };
-        assert!(add_in_place(&update, Dtype::F32, target, false).is_err());
         for readable in [false, true] {
             let io = Broken(readable);
             let target = Target::Streamed {
@@ -612,7 +575,7 @@ mod tests {
                     ),
                     blocks: u.blocks,
                 }];
-                let target = Target::memory(&mut want);
+                let target = Target::Memory(&mut want);
                 fused &= add_in_place(&one, dtype, target, false).unwrap().is_some();
             }
             if !fused {

@@ -194,23 +194,16 @@ impl<'a> LowRank<'a> {
         Ok(d)
     }
 
-    /// Adds `Δ` to `base` through the fused kernel (see [`super::fused`]), reading the base
-    /// from its source block by block when `data` does not hold it; `Ok(false)`, with `base`
-    /// untouched, when its dtype has no fused path.
+    /// Adds `Δ` to `base` through the fused kernel (see [`super::fused`]); `Ok(false)`, with
+    /// `base` untouched, when its dtype has no fused path.
     fn try_add_fused(&self, what: &'static str, base: &mut BaseTensorMut<'_>) -> Result<bool> {
         let total = base.validate(what, true)?;
         if self.n == 0 || total != self.left.len() / self.r.max(1) * self.n {
             return Ok(false);
         }
-        let target = fused::Target::Memory {
-            data: base.data,
-            from: base.source,
-        };
+        let target = fused::Target::Memory(base.data);
         let fused = fused::add_in_place(&[self.fused()], base.dtype, target, base.probe.is_some())
             .map_err(|_| MergeMathError::BaseUnread { what })?;
-        if fused.is_some() {
-            base.source = None;
-        }
         if let (Some(finite), Some(probe)) = (fused, base.probe) {
             probe.record(finite);
         }
@@ -263,7 +256,6 @@ fn apply_lowrank(
     always_round_first: bool,
 ) -> Result<()> {
     if opts.numerics == Numerics::Exact {
-        base.materialize(what)?;
         let check = opts.safe_merge && !opts.unmerge;
         exact::merge_lowrank(what, base, &lr.as_product(opts.unmerge), check)?;
         return Ok(());
@@ -277,8 +269,6 @@ fn apply_lowrank(
     if lr.fuses(opts, always_round_first) && lr.try_add_fused(what, base)? {
         return Ok(());
     }
-    // The other paths read the whole base first.
-    base.materialize(what)?;
     update_rows(
         what,
         base,
