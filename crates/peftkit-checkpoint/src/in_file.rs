@@ -3,9 +3,9 @@
 //! An unsynced merge used to read each targeted base tensor into memory (`pread`), merge it
 //! there and write it back (`pwrite`): two copies through user space, the second into fresh
 //! page-cache pages, which was most of its time (docs/architecture.md, "Output IO"). Instead,
-//! the writer allocates the tensor's range of the output file, and the merge maps that range
-//! and writes the merged bytes there, reading the base into each block of the mapping right
-//! before merging it, while it is in cache ([`crate::InPlaceEdit::apply_in_file`]).
+//! the writer allocates the tensor's range of the output file, and an edit that cannot stream
+//! block by block maps that range, reads the base into it and edits it there
+//! ([`crate::InPlaceEdit::apply_in_file`]).
 //!
 //! Writing through a shared mapping has one hazard: a page fault that the file system cannot
 //! serve (no space for a block) is a `SIGBUS`, not an error. The writer therefore allocates
@@ -27,11 +27,15 @@ const EXT4_SUPER_MAGIC: i64 = 0xEF53;
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 
 /// Whether edits may be made in `file` (see the module documentation).
-#[cfg(target_os = "linux")]
 pub(crate) fn edits_in_file(file: &File) -> bool {
-    if std::env::var_os("PEFTKIT_NO_EDIT_IN_FILE").is_some() {
-        return false;
-    }
+    std::env::var_os("PEFTKIT_NO_EDIT_IN_FILE").is_none() && ext4_or_tmpfs(file)
+}
+
+/// Whether `file` is on ext4 or tmpfs: blocks written in place, and no copy the file system
+/// makes itself (no reflinks, no server-side copies), so `copy_file_range` is a copy through
+/// the page cache like any other (see also [`crate::kernel_copy`]).
+#[cfg(target_os = "linux")]
+pub(crate) fn ext4_or_tmpfs(file: &File) -> bool {
     rustix::fs::fstatfs(file).is_ok_and(|s| {
         #[allow(clippy::unnecessary_cast)] // f_type is i64 or u32 depending on the target
         let ty = s.f_type as i64;
@@ -40,7 +44,7 @@ pub(crate) fn edits_in_file(file: &File) -> bool {
 }
 
 #[cfg(not(target_os = "linux"))]
-pub(crate) fn edits_in_file(_file: &File) -> bool {
+pub(crate) fn ext4_or_tmpfs(_file: &File) -> bool {
     false
 }
 

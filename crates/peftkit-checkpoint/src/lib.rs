@@ -40,6 +40,7 @@ mod hub;
 mod in_file;
 mod index;
 mod inspect;
+mod kernel_copy;
 mod names;
 mod natural;
 mod overlap;

@@ -417,6 +417,8 @@ struct Prepared<'a> {
     /// Whether edited tensors are edited where they lie in the file (buffered output on a
     /// file system where that is safe; see [`crate::in_file::edits_in_file`]).
     edit_in_file: bool,
+    /// Whether untouched ranges may be copied through our own pipe ([`crate::kernel_copy`]).
+    splices: bool,
     size: u64,
     /// `(name, tensor, offset)` in file order.
     items: Vec<(&'a str, &'a Tensor, u64)>,
@@ -608,11 +610,13 @@ fn prepare_files<'a>(
         };
         let synced = job.direct;
         let edit_in_file = direct.is_none() && crate::in_file::edits_in_file(&file);
+        let splices = crate::kernel_copy::splices(&file);
         prepared.push(Prepared {
             path,
             file,
             direct,
             edit_in_file,
+            splices,
             size,
             items,
             writing: Mutex::new(()),
@@ -660,7 +664,7 @@ fn write_tensor_at(p: &Prepared<'_>, t: &Tensor, offset: u64) -> Result<u64> {
     if let Some(parts) = t.parts() {
         return write_parts_at(p, parts, offset);
     }
-    if let Some(n) = p.buffered(|| copy_in_kernel(file, t, offset, path))? {
+    if let Some(n) = p.buffered(|| copy_in_kernel(p, t, offset))? {
         p.start_writeback(offset, n);
         return Ok(n);
     }
@@ -713,8 +717,7 @@ fn write_parts_at(p: &Prepared<'_>, parts: &[crate::tensor::Part], offset: u64) 
                 offset: from,
                 len,
             } => {
-                let copied =
-                    p.buffered(|| copy_range_in_kernel(&p.file, src, *from, *len, at, &p.path))?;
+                let copied = p.buffered(|| copy_range_in_kernel(p, src, *from, *len, at))?;
                 if let Some(n) = copied {
                     p.start_writeback(at, n);
                 }
@@ -752,65 +755,27 @@ pub(crate) fn write_all_at(file: &File, mut buf: &[u8], mut offset: u64) -> std:
     Ok(())
 }
 
-/// Copies a file-backed tensor to `offset` of `out` with `copy_file_range`, inside the kernel
-/// (no trip through user memory; reflinks where the file system has them). `None` when the
-/// kernel or file system cannot, before anything was written: the caller then copies through
-/// memory.
-fn copy_in_kernel(out: &File, t: &Tensor, offset: u64, path: &Path) -> Result<Option<u64>> {
+/// Copies a file-backed tensor to `offset` of `p`'s file inside the kernel
+/// ([`crate::kernel_copy`]). `None` when the kernel or file system cannot, before anything was
+/// written: the caller then copies through memory.
+fn copy_in_kernel(p: &Prepared<'_>, t: &Tensor, offset: u64) -> Result<Option<u64>> {
     let Some((src, src_offset)) = t.file_region() else {
         return Ok(None);
     };
-    copy_range_in_kernel(out, src, src_offset, t.byte_len(), offset, path)
+    copy_range_in_kernel(p, src, src_offset, t.byte_len(), offset)
 }
 
-/// Copies `len` bytes of `src` from `src_offset` to `offset` of `out` inside the kernel;
+/// Copies `len` bytes of `src` from `src_offset` to `offset` of `p`'s file inside the kernel;
 /// `None` as for [`copy_in_kernel`].
-#[cfg(target_os = "linux")]
 fn copy_range_in_kernel(
-    out: &File,
+    p: &Prepared<'_>,
     src: &crate::SourceFile,
     src_offset: u64,
     len: usize,
     offset: u64,
-    path: &Path,
 ) -> Result<Option<u64>> {
-    let (mut off_in, mut off_out, mut left) = (src_offset, offset, len);
-    let mut first = true;
-    while left > 0 {
-        let r = rustix::fs::copy_file_range(
-            &src.file,
-            Some(&mut off_in),
-            out,
-            Some(&mut off_out),
-            left,
-        );
-        match r {
-            Ok(0) if first => return Ok(None),
-            Ok(0) => {
-                return Err(CheckpointError::io(
-                    path,
-                    std::io::ErrorKind::UnexpectedEof.into(),
-                ))
-            }
-            Ok(n) => left -= n,
-            Err(_) if first => return Ok(None),
-            Err(e) => return Err(CheckpointError::io(path, e.into())),
-        }
-        first = false;
-    }
-    Ok(Some(len as u64))
-}
-
-#[cfg(not(target_os = "linux"))]
-fn copy_range_in_kernel(
-    _out: &File,
-    _src: &crate::SourceFile,
-    _src_offset: u64,
-    _len: usize,
-    _offset: u64,
-    _path: &Path,
-) -> Result<Option<u64>> {
-    Ok(None)
+    let (out, path) = (&p.file, &p.path);
+    crate::kernel_copy::copy_range(out, src, src_offset, len, offset, path, p.splices)
 }
 
 /// Fills in the tensor name of errors raised by anonymous tensor operations.
