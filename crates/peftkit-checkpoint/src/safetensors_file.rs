@@ -664,6 +664,21 @@ fn write_tensor_at(p: &Prepared<'_>, t: &Tensor, offset: u64) -> Result<u64> {
         p.start_writeback(offset, n);
         return Ok(n);
     }
+    if let Some(streamed) = t.streamed_computation() {
+        // It writes itself, piece by piece, around the page cache when the file is synced.
+        let out = crate::OutputRegion {
+            file,
+            path,
+            offset,
+            len: t.byte_len(),
+            mappable: false,
+            writing: &p.writing,
+            direct: p.direct.as_ref(),
+        };
+        if streamed.write_in_file(&out)? {
+            return Ok(out.len as u64);
+        }
+    }
     if let (Some(direct), Some((src, src_offset, edit))) = (&p.direct, t.edited_file_region()) {
         // Read where the bytes can go to the disk from (see `direct::same_phase`), edit, write.
         let len = t.byte_len();
@@ -684,6 +699,7 @@ fn write_tensor_at(p: &Prepared<'_>, t: &Tensor, offset: u64) -> Result<u64> {
             len: t.byte_len(),
             mappable: p.edit_in_file,
             writing: &p.writing,
+            direct: None,
         };
         if edit.apply_in_file(crate::SourceRegion::new(src, src_offset), &out)? {
             return Ok(out.len as u64);

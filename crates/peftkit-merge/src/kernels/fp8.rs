@@ -191,6 +191,18 @@ impl Fp8Grid {
         (self.rows / self.grid_rows, self.cols / self.grid_cols)
     }
 
+    /// The grid of block rows `blocks` of a 2-D weight's grid: the rows of those blocks, as a
+    /// weight of their own.
+    pub(crate) fn block_rows(&self, blocks: std::ops::Range<usize>) -> Fp8Grid {
+        Fp8Grid {
+            lead: 1,
+            rows: blocks.len() * self.block().0,
+            cols: self.cols,
+            grid_rows: blocks.len(),
+            grid_cols: self.grid_cols,
+        }
+    }
+
     /// Elements of one band of blocks (`block rows x cols`), the unit the kernels run on in
     /// parallel.
     fn band(&self) -> usize {
@@ -401,7 +413,7 @@ where
     E: From<MergeMathError> + Send,
     F: Fn(std::ops::Range<usize>, &mut [u8]) -> std::result::Result<(), E> + Sync,
 {
-    let size = element_size(dtype)?;
+    element_size(dtype)?;
     grid.check("fp8 weight", grid.numel(), weight.len())?;
     grid.check("weight_scale_inv", grid.scales(), scales.len())?;
     grid.check("new weight_scale_inv", grid.scales(), inv_scales.len())?;
@@ -416,28 +428,60 @@ where
     if weight.is_empty() {
         return Ok(0.0);
     }
-    let (band, (cols, (bm, bn))) = (grid.band(), (grid.cols, grid.block()));
+    let (band, bm) = (grid.band(), grid.block().0);
     let bands = weight.par_chunks_mut(band).enumerate();
     let bands = bands.zip(scales.par_chunks(grid.grid_cols));
     bands
         .zip(inv_scales.par_chunks_mut(grid.grid_cols))
-        .map_init(
-            || vec![0u8; band * size],
-            |buf, (((i, q), scales), inv)| {
-                let one = Fp8Grid {
-                    lead: 1,
-                    rows: bm,
-                    cols,
-                    grid_rows: 1,
-                    grid_cols: grid.grid_cols,
-                };
-                dequantize_fp8_into(q, scales, &one, dtype, buf)?;
-                merge(i * bm..(i + 1) * bm, buf)?;
-                let values = Values::Encoded(dtype, buf);
-                Ok(quantize_band(values, q, inv, (cols, bn), kind)?)
-            },
-        )
+        .map_init(Vec::new, |buf, (((i, q), scales), inv)| {
+            let chunk = Fp8Chunk {
+                q,
+                scales,
+                inv,
+                grid: grid.block_rows(i..i + 1),
+                first_row: i * bm,
+            };
+            requantize_fp8_chunk(chunk, (dtype, kind), buf, &merge)
+        })
         .try_reduce(|| 0.0, |a, b| Ok(nan_max(a, b)))
+}
+
+/// Whole block rows of a 2-D FP8 weight, re-quantized in place by [`requantize_fp8_chunk`].
+pub(crate) struct Fp8Chunk<'a> {
+    /// The rows' e4m3 bytes.
+    pub q: &'a mut [u8],
+    /// Their blocks' inverse scales.
+    pub scales: &'a [f32],
+    /// Their blocks' new inverse scales.
+    pub inv: &'a mut [f32],
+    /// Their grid ([`Fp8Grid::block_rows`]).
+    pub grid: Fp8Grid,
+    /// The index of their first row in the weight.
+    pub first_row: usize,
+}
+
+/// One step of [`requantize_fp8_bands`] (and of the FP8 merge streamed from file to file):
+/// `chunk` dequantized into `buf` (grown as needed) in `dtype`, `merge(rows, bytes)` run
+/// there, and quantized back over `chunk.q` as `kind` says, its new inverse scales into
+/// `chunk.inv`. Returns the chunk's [`Fp8Quantized::max_abs_error`].
+pub(crate) fn requantize_fp8_chunk<E, F>(
+    chunk: Fp8Chunk<'_>,
+    (dtype, kind): (Dtype, ScaleKind),
+    buf: &mut Vec<u8>,
+    merge: &F,
+) -> std::result::Result<f64, E>
+where
+    E: From<MergeMathError>,
+    F: Fn(std::ops::Range<usize>, &mut [u8]) -> std::result::Result<(), E>,
+{
+    let grid = chunk.grid;
+    let len = grid.numel() * element_size(dtype)?;
+    buf.resize(buf.len().max(len), 0);
+    let band = &mut buf[..len];
+    dequantize_fp8_into(chunk.q, chunk.scales, &grid, dtype, band)?;
+    merge(chunk.first_row..chunk.first_row + grid.rows, band)?;
+    let values = Values::Encoded(dtype, band);
+    Ok(quantize(values, &grid, kind, chunk.q, chunk.inv)?)
 }
 
 /// The values a quantization reads: `f32`s, or little-endian bytes of a float dtype.
@@ -534,7 +578,7 @@ fn quantize_band(
 }
 
 /// The larger of two errors, NaN if either is.
-fn nan_max(a: f64, b: f64) -> f64 {
+pub(crate) fn nan_max(a: f64, b: f64) -> f64 {
     match a.is_nan() || b.is_nan() {
         true => f64::NAN,
         false => a.max(b),
