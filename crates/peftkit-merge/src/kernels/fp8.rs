@@ -28,6 +28,8 @@
 //! # Ok::<(), peftkit_merge::MergeMathError>(())
 //! ```
 
+use std::cell::Cell;
+
 use rayon::prelude::*;
 use safetensors::Dtype;
 
@@ -433,7 +435,7 @@ where
     let bands = bands.zip(scales.par_chunks(grid.grid_cols));
     bands
         .zip(inv_scales.par_chunks_mut(grid.grid_cols))
-        .map_init(Vec::new, |buf, (((i, q), scales), inv)| {
+        .map(|(((i, q), scales), inv)| {
             let chunk = Fp8Chunk {
                 q,
                 scales,
@@ -441,7 +443,7 @@ where
                 grid: grid.block_rows(i..i + 1),
                 first_row: i * bm,
             };
-            requantize_fp8_chunk(chunk, (dtype, kind), buf, &merge)
+            requantize_fp8_chunk(chunk, (dtype, kind), &merge)
         })
         .try_reduce(|| 0.0, |a, b| Ok(nan_max(a, b)))
 }
@@ -460,14 +462,37 @@ pub(crate) struct Fp8Chunk<'a> {
     pub first_row: usize,
 }
 
+thread_local! {
+    /// This thread's band in the model dtype ([`with_band`]).
+    static BAND: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's buffer `kept`, kept from call to call: rayon's `map_init` would
+/// make (and zero, and fault in) one per split of the work. Taken and put back rather than
+/// borrowed, because a thread waiting inside a nested parallel loop may start another chunk
+/// (which then takes an empty buffer).
+pub(crate) fn with_kept<R>(
+    kept: &'static std::thread::LocalKey<Cell<Vec<u8>>>,
+    f: impl FnOnce(&mut Vec<u8>) -> R,
+) -> R {
+    let mut buf = kept.take();
+    let result = f(&mut buf);
+    kept.set(buf);
+    result
+}
+
+/// Runs `f` on this thread's band buffer (see [`with_kept`]).
+pub(crate) fn with_band<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    with_kept(&BAND, f)
+}
+
 /// One step of [`requantize_fp8_bands`] (and of the FP8 merge streamed from file to file):
-/// `chunk` dequantized into `buf` (grown as needed) in `dtype`, `merge(rows, bytes)` run
+/// `chunk` dequantized into this thread's band buffer in `dtype`, `merge(rows, bytes)` run
 /// there, and quantized back over `chunk.q` as `kind` says, its new inverse scales into
 /// `chunk.inv`. Returns the chunk's [`Fp8Quantized::max_abs_error`].
 pub(crate) fn requantize_fp8_chunk<E, F>(
     chunk: Fp8Chunk<'_>,
     (dtype, kind): (Dtype, ScaleKind),
-    buf: &mut Vec<u8>,
     merge: &F,
 ) -> std::result::Result<f64, E>
 where
@@ -476,8 +501,26 @@ where
 {
     let grid = chunk.grid;
     let len = grid.numel() * element_size(dtype)?;
-    buf.resize(buf.len().max(len), 0);
-    let band = &mut buf[..len];
+    with_band(|buf| {
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        requantize_band(chunk, (dtype, kind), &mut buf[..len], merge)
+    })
+}
+
+/// [`requantize_fp8_chunk`] with its band buffer `band`.
+fn requantize_band<E, F>(
+    chunk: Fp8Chunk<'_>,
+    (dtype, kind): (Dtype, ScaleKind),
+    band: &mut [u8],
+    merge: &F,
+) -> std::result::Result<f64, E>
+where
+    E: From<MergeMathError>,
+    F: Fn(std::ops::Range<usize>, &mut [u8]) -> std::result::Result<(), E>,
+{
+    let grid = chunk.grid;
     dequantize_fp8_into(chunk.q, chunk.scales, &grid, dtype, band)?;
     merge(chunk.first_row..chunk.first_row + grid.rows, band)?;
     let values = Values::Encoded(dtype, band);

@@ -9,6 +9,7 @@
 //! computed in cache and copied once into the output; no buffer holds a whole weight
 //! (docs/architecture.md, "The FP8 merge").
 
+use std::cell::Cell;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -18,7 +19,8 @@ use rayon::prelude::*;
 use super::fp8_weight::{Banded, Fp8Weight, Requant};
 use crate::edit::RowBanded;
 use crate::kernels::{
-    dequantize_fp8_into, element_size, nan_max, requantize_fp8_chunk, Fp8Chunk, Fp8Grid,
+    dequantize_fp8_into, element_size, nan_max, requantize_fp8_chunk, with_band, with_kept,
+    Fp8Chunk, Fp8Grid,
 };
 
 /// One weight's stream: its merge steps, scales, source and output, and its chunking.
@@ -32,11 +34,10 @@ pub(super) struct Stream<'a> {
     blocks: usize,
 }
 
-/// A worker's buffers: the e4m3 rows of a chunk, and the chunk in the model dtype.
-#[derive(Default)]
-struct Scratch {
-    fp8: Vec<u8>,
-    band: Vec<u8>,
+thread_local! {
+    /// This thread's e4m3 rows of a chunk (see `kernels::with_kept`); the chunk in the model
+    /// dtype goes to the kernels' band buffer (`kernels::with_band`).
+    static FP8: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
 }
 
 impl<'a> Stream<'a> {
@@ -62,19 +63,19 @@ impl<'a> Stream<'a> {
         }))
     }
 
-    /// Runs `chunk` on every chunk of block rows, in parallel, each worker with its buffers;
+    /// Runs `chunk` on every chunk of block rows, in parallel, with this thread's e4m3 buffer;
     /// returns the results in row order.
     fn run<T: Send>(
         &self,
-        chunk: impl Fn(&Self, Range<usize>, &mut Scratch) -> Result<T, CheckpointError> + Sync,
+        chunk: impl Fn(&Self, Range<usize>, &mut Vec<u8>) -> Result<T, CheckpointError> + Sync,
     ) -> Result<Vec<T>, CheckpointError> {
         let n = self.w.grid.grid_rows;
         let chunks = n.div_ceil(self.blocks);
         (0..chunks)
             .into_par_iter()
-            .map_init(Scratch::default, |scratch, i| {
+            .map(|i| {
                 let blocks = i * self.blocks..((i + 1) * self.blocks).min(n);
-                chunk(self, blocks, scratch)
+                with_kept(&FP8, |fp8| chunk(self, blocks, fp8))
             })
             .collect()
     }
@@ -95,26 +96,30 @@ impl<'a> Stream<'a> {
     fn dequantize_chunk(
         &self,
         blocks: Range<usize>,
-        s: &mut Scratch,
+        fp8: &mut Vec<u8>,
     ) -> Result<(), CheckpointError> {
         let (grid, rows, scales) = self.chunk(blocks);
         let (w, cols) = (self.w, grid.cols);
         let size = element_size(w.dtype).map_err(|e| w.math(e))?;
-        s.fp8.resize(grid.numel(), 0);
-        let fp8 = &mut s.fp8[..grid.numel()];
+        if fp8.len() < grid.numel() {
+            fp8.resize(grid.numel(), 0);
+        }
+        let fp8 = &mut fp8[..grid.numel()];
         self.source.read_at(rows.start * cols, fp8)?;
         let at = rows.start * cols * size;
-        let range = self.out.place(at, grid.numel() * size, &mut s.band);
-        let band = &mut s.band[range];
-        dequantize_fp8_into(fp8, scales, &grid, w.dtype, band).map_err(|e| w.math(e))?;
-        w.merge_rows(&self.steps, rows, band)?;
-        self.out.write_at(at, band)
+        with_band(|buf| {
+            let range = self.out.place(at, grid.numel() * size, buf);
+            let band = &mut buf[range];
+            dequantize_fp8_into(fp8, scales, &grid, w.dtype, band).map_err(|e| w.math(e))?;
+            w.merge_rows(&self.steps, rows, band)?;
+            self.out.write_at(at, band)
+        })
     }
 
     /// Format kept: every chunk dequantized, merged, re-quantized as `requant` says and
     /// written; returns the new inverse scales and the largest re-quantization error.
     pub(super) fn requantize(&self, requant: Requant) -> Result<(Vec<f32>, f64), CheckpointError> {
-        let chunks = self.run(|me, blocks, s| me.requantize_chunk(requant, blocks, s))?;
+        let chunks = self.run(|me, blocks, fp8| me.requantize_chunk(requant, blocks, fp8))?;
         let mut inv = Vec::with_capacity(self.w.grid.scales());
         let mut error = 0.0;
         for (chunk_inv, chunk_error) in chunks {
@@ -128,13 +133,13 @@ impl<'a> Stream<'a> {
         &self,
         requant: Requant,
         blocks: Range<usize>,
-        s: &mut Scratch,
+        fp8: &mut Vec<u8>,
     ) -> Result<(Vec<f32>, f64), CheckpointError> {
         let (grid, rows, scales) = self.chunk(blocks);
         let w = self.w;
         let at = rows.start * grid.cols;
-        let range = self.out.place(at, grid.numel(), &mut s.fp8);
-        let q = &mut s.fp8[range];
+        let range = self.out.place(at, grid.numel(), fp8);
+        let q = &mut fp8[range];
         self.source.read_at(at, q)?;
         let mut inv = vec![0.0f32; grid.scales()];
         let chunk = Fp8Chunk {
@@ -148,8 +153,7 @@ impl<'a> Stream<'a> {
             Ok(w.merge_rows(&self.steps, rows, band)?)
         };
         let kinds = (w.dtype, requant.kind);
-        let error =
-            requantize_fp8_chunk(chunk, kinds, &mut s.band, &merge).map_err(|e| w.banded(e))?;
+        let error = requantize_fp8_chunk(chunk, kinds, &merge).map_err(|e| w.banded(e))?;
         self.out.write_at(at, q)?;
         Ok((inv, error))
     }
