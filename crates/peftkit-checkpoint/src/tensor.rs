@@ -185,7 +185,8 @@ pub type Producer = dyn Fn() -> Result<Vec<u8>> + Send + Sync;
 /// it gets the source's bytes after [`InPlaceEdit::apply`]. The writer can do better when its
 /// output goes through the page cache: it lets [`InPlaceEdit::apply_in_file`] write the edited
 /// bytes into the output file itself, reading the source as it goes, so that no buffer holds
-/// the whole tensor (see docs/architecture.md, "Output IO").
+/// the whole tensor (see docs/architecture.md, "Output IO"). In a synced save the region
+/// writes around the page cache ([`OutputRegion::is_direct`]).
 pub trait InPlaceEdit: Send + Sync {
     /// Turns `bytes`, the source tensor's bytes, into the edited tensor's.
     fn apply(&self, bytes: &mut [u8]) -> Result<()>;
@@ -268,6 +269,11 @@ impl OutputRegion<'_> {
         let phase = ((self.offset + at as u64) % align as u64) as usize;
         let skip = (phase + align - buf.as_ptr() as usize % align) % align;
         skip..skip + len
+    }
+
+    /// Whether writes go around the page cache (a synced save: see [`OutputRegion::write_at`]).
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
     }
 
     /// Bytes per write that suit the region: about 1 MiB through the page cache (a block

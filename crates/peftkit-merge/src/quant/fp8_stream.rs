@@ -41,18 +41,18 @@ thread_local! {
 }
 
 impl<'a> Stream<'a> {
-    /// The stream of `w` from `source` to `out`, or `None` when it cannot stream: a weight
-    /// with leading dimensions, or a step that is not a plain Linear LoRA.
+    /// The stream of `w` from `source` to `out`, which gets `written` bytes per element, or
+    /// `None` when it cannot stream: a weight with leading dimensions, or a step that is not a
+    /// plain Linear LoRA.
     pub(super) fn new(
         w: &'a Fp8Weight,
-        source: SourceRegion<'a>,
-        out: &'a OutputRegion<'a>,
+        (source, out): (SourceRegion<'a>, &'a OutputRegion<'a>),
+        written: usize,
     ) -> Result<Option<Self>, CheckpointError> {
         let Some(steps) = w.row_banded()? else {
             return Ok(None);
         };
-        let size = element_size(w.dtype).map_err(|e| w.math(e))?;
-        let band = w.grid.block().0 * w.grid.cols * size;
+        let band = w.grid.block().0 * w.grid.cols * written;
         Ok(Some(Stream {
             w,
             steps,
@@ -172,7 +172,8 @@ impl StreamedTensor for Dequantized {
             return Ok(false);
         };
         let source = SourceRegion::new(file, offset);
-        match Stream::new(&self.0, source, out)? {
+        let size = element_size(self.0.dtype).map_err(|e| self.0.math(e))?;
+        match Stream::new(&self.0, (source, out), size)? {
             Some(stream) => stream.dequantize().map(|()| true),
             None => Ok(false),
         }

@@ -267,7 +267,8 @@ impl Joint for Fp8Weight {
         out: &OutputRegion<'_>,
     ) -> Result<Option<Vec<Vec<u8>>>, CheckpointError> {
         let requant = self.requant()?;
-        let Some(stream) = Stream::new(self, source, out)? else {
+        // The output is e4m3: one byte per element.
+        let Some(stream) = Stream::new(self, (source, out), 1)? else {
             return Ok(None);
         };
         let (inv, max_abs_error) = stream.requantize(requant)?;
