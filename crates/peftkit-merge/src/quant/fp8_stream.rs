@@ -30,9 +30,15 @@ pub(super) struct Stream<'a> {
     scales: Vec<f32>,
     source: SourceRegion<'a>,
     out: &'a OutputRegion<'a>,
-    /// Block rows per chunk.
+    /// Block rows per chunk: what one write takes.
     blocks: usize,
+    /// Block rows per band: what is computed at a time (about [`BAND_BYTES`] in the model
+    /// dtype, so that it stays in cache from dequantization to quantization).
+    band: usize,
 }
+
+/// Bytes of a band in the model dtype.
+const BAND_BYTES: usize = 1 << 20;
 
 thread_local! {
     /// This thread's e4m3 rows of a chunk (see `kernels::with_kept`); the chunk in the model
@@ -52,14 +58,18 @@ impl<'a> Stream<'a> {
         let Some(steps) = w.row_banded()? else {
             return Ok(None);
         };
-        let band = w.grid.block().0 * w.grid.cols * written;
+        let row = w.grid.block().0 * w.grid.cols;
+        let size = element_size(w.dtype).map_err(|e| w.math(e))?;
+        let blocks = (out.write_size() / (row * written).max(1)).max(1);
+        let band = (BAND_BYTES / (row * size).max(1)).clamp(1, blocks);
         Ok(Some(Stream {
             w,
             steps,
             scales: w.scales()?,
             source,
             out,
-            blocks: (out.write_size() / band.max(1)).max(1),
+            blocks,
+            band,
         }))
     }
 
@@ -88,6 +98,19 @@ impl<'a> Stream<'a> {
         (grid, blocks.start * bm..blocks.end * bm, scales)
     }
 
+    /// The bands of chunk `blocks`: block rows, and their element range in the chunk.
+    fn bands(
+        &self,
+        blocks: Range<usize>,
+    ) -> impl Iterator<Item = (Range<usize>, Range<usize>)> + use<> {
+        let (first, last, band) = (blocks.start, blocks.end, self.band);
+        let per_block = self.w.grid.block().0 * self.w.grid.cols;
+        blocks.step_by(band).map(move |b| {
+            let end = (b + band).min(last);
+            (b..end, (b - first) * per_block..(end - first) * per_block)
+        })
+    }
+
     /// `--dequantize`: every chunk dequantized, merged and written in the model dtype.
     pub(super) fn dequantize(&self) -> Result<(), CheckpointError> {
         self.run(Self::dequantize_chunk).map(drop)
@@ -98,7 +121,7 @@ impl<'a> Stream<'a> {
         blocks: Range<usize>,
         fp8: &mut Vec<u8>,
     ) -> Result<(), CheckpointError> {
-        let (grid, rows, scales) = self.chunk(blocks);
+        let (grid, rows, _) = self.chunk(blocks.clone());
         let (w, cols) = (self.w, grid.cols);
         let size = element_size(w.dtype).map_err(|e| w.math(e))?;
         if fp8.len() < grid.numel() {
@@ -109,10 +132,15 @@ impl<'a> Stream<'a> {
         let at = rows.start * cols * size;
         with_band(|buf| {
             let range = self.out.place(at, grid.numel() * size, buf);
-            let band = &mut buf[range];
-            dequantize_fp8_into(fp8, scales, &grid, w.dtype, band).map_err(|e| w.math(e))?;
-            w.merge_rows(&self.steps, rows, band)?;
-            self.out.write_at(at, band)
+            let chunk = &mut buf[range];
+            for (blocks, elems) in self.bands(blocks) {
+                let (grid, rows, scales) = self.chunk(blocks);
+                let band = &mut chunk[elems.start * size..elems.end * size];
+                let fp8 = &fp8[elems];
+                dequantize_fp8_into(fp8, scales, &grid, w.dtype, band).map_err(|e| w.math(e))?;
+                w.merge_rows(&self.steps, rows, band)?;
+            }
+            self.out.write_at(at, chunk)
         })
     }
 
@@ -135,25 +163,31 @@ impl<'a> Stream<'a> {
         blocks: Range<usize>,
         fp8: &mut Vec<u8>,
     ) -> Result<(Vec<f32>, f64), CheckpointError> {
-        let (grid, rows, scales) = self.chunk(blocks);
+        let (grid, rows, _) = self.chunk(blocks.clone());
         let w = self.w;
         let at = rows.start * grid.cols;
         let range = self.out.place(at, grid.numel(), fp8);
         let q = &mut fp8[range];
         self.source.read_at(at, q)?;
-        let mut inv = vec![0.0f32; grid.scales()];
-        let chunk = Fp8Chunk {
-            q,
-            scales,
-            inv: &mut inv,
-            grid,
-            first_row: rows.start,
-        };
         let merge = |rows, band: &mut [u8]| -> Result<(), Banded> {
             Ok(w.merge_rows(&self.steps, rows, band)?)
         };
         let kinds = (w.dtype, requant.kind);
-        let error = requantize_fp8_chunk(chunk, kinds, &merge).map_err(|e| w.banded(e))?;
+        let (mut inv, mut error) = (vec![0.0f32; grid.scales()], 0.0);
+        let (gc, start) = (grid.grid_cols, blocks.start);
+        for (blocks, elems) in self.bands(blocks) {
+            let first = blocks.start - start;
+            let (grid, rows, scales) = self.chunk(blocks);
+            let band = Fp8Chunk {
+                q: &mut q[elems],
+                scales,
+                inv: &mut inv[first * gc..(first + grid.grid_rows) * gc],
+                grid,
+                first_row: rows.start,
+            };
+            let e = requantize_fp8_chunk(band, kinds, &merge).map_err(|e| w.banded(e))?;
+            error = nan_max(error, e);
+        }
         self.out.write_at(at, q)?;
         Ok((inv, error))
     }
