@@ -3,9 +3,10 @@
 //!
 //! The weight and its scale are two tensors of the output that come from one computation, a
 //! [`Joint`] one (see `joint`): the weight is an edit of its base bytes, which are dequantized
-//! into one buffer in the model dtype, merged there, and re-quantized back over themselves,
-//! where they lie in the file when the writer allows it; its scales are the computation's one
-//! part.
+//! band by band into the model dtype, merged there, and re-quantized back over themselves:
+//! streamed from the base file to the output when the writer allows it and the steps are
+//! plain Linear LoRA merges (`fp8_stream`), in memory otherwise; its scales are the
+//! computation's one part.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
