@@ -18,7 +18,7 @@ use std::fs::File;
 use std::path::Path;
 
 /// Alignment of offsets, lengths and memory: 4 KiB covers every common block device.
-const ALIGN: usize = 4096;
+pub(crate) const ALIGN: usize = 4096;
 /// Bytes per direct write (and size of each worker's bounce buffer).
 const BOUNCE: usize = 2 << 20;
 /// Writes whose aligned middle is smaller than this stay buffered.

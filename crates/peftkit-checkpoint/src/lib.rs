@@ -89,5 +89,5 @@ pub use shard::{parse_max_shard_size, parse_size, plan_shards, PlanItem, DEFAULT
 pub use staging::{abandon_staging, remove_stale_staging, StaleStaging};
 pub use tensor::{
     buffers, byte_len, dtype_name, dtype_size, parse_dtype, Dtype, InPlaceEdit, OutputRegion, Part,
-    Producer, SourceFile, SourceRegion, StateDict, Tensor,
+    Producer, SourceFile, SourceRegion, StateDict, StreamedTensor, Tensor,
 };

@@ -668,9 +668,22 @@ fn write_tensor_at(p: &Prepared<'_>, t: &Tensor, offset: u64) -> Result<u64> {
         p.start_writeback(offset, n);
         return Ok(n);
     }
+    let len = t.byte_len();
+    if let Some(streamed) = t.streamed_computation() {
+        // It writes itself, piece by piece (around the page cache when the file is synced).
+        if streamed.write_in_file(&region(p, offset, len))? {
+            return Ok(len as u64);
+        }
+    }
+    if let Some((src, src_offset, edit)) = t.edited_file_region() {
+        // The edit writes the file itself, reading the source as it goes.
+        let source = crate::SourceRegion::new(src, src_offset);
+        if edit.apply_in_file(source, &region(p, offset, len))? {
+            return Ok(len as u64);
+        }
+    }
     if let (Some(direct), Some((src, src_offset, edit))) = (&p.direct, t.edited_file_region()) {
         // Read where the bytes can go to the disk from (see `direct::same_phase`), edit, write.
-        let len = t.byte_len();
         let (mut buf, range) = crate::direct::same_phase(len, offset);
         src.read_exact_at(&mut buf[range.clone()], src_offset)?;
         edit.apply(&mut buf[range.clone()])?;
@@ -679,21 +692,20 @@ fn write_tensor_at(p: &Prepared<'_>, t: &Tensor, offset: u64) -> Result<u64> {
         crate::tensor::buffers::give(buf);
         return Ok(len as u64);
     }
-    if let (None, Some((src, src_offset, edit))) = (&p.direct, t.edited_file_region()) {
-        // Buffered output: the edit writes the file itself, reading the source as it goes.
-        let out = crate::OutputRegion {
-            file,
-            path,
-            offset,
-            len: t.byte_len(),
-            mappable: p.edit_in_file,
-            writing: &p.writing,
-        };
-        if edit.apply_in_file(crate::SourceRegion::new(src, src_offset), &out)? {
-            return Ok(out.len as u64);
-        }
-    }
     t.for_each_chunk(&mut |at, chunk| write_chunk_at(p, chunk, offset + at))
+}
+
+/// The `len` bytes at `offset` of `p`'s file, for a tensor that writes itself there.
+fn region<'a>(p: &'a Prepared<'_>, offset: u64, len: usize) -> crate::OutputRegion<'a> {
+    crate::OutputRegion {
+        file: &p.file,
+        path: &p.path,
+        offset,
+        len,
+        mappable: p.edit_in_file,
+        writing: &p.writing,
+        direct: p.direct.as_ref(),
+    }
 }
 
 /// Writes computed or read bytes at `offset` of `p`'s file: directly when the file has a

@@ -185,7 +185,8 @@ pub type Producer = dyn Fn() -> Result<Vec<u8>> + Send + Sync;
 /// it gets the source's bytes after [`InPlaceEdit::apply`]. The writer can do better when its
 /// output goes through the page cache: it lets [`InPlaceEdit::apply_in_file`] write the edited
 /// bytes into the output file itself, reading the source as it goes, so that no buffer holds
-/// the whole tensor (see docs/architecture.md, "Output IO").
+/// the whole tensor (see docs/architecture.md, "Output IO"). In a synced save the region
+/// writes around the page cache ([`OutputRegion::is_direct`]).
 pub trait InPlaceEdit: Send + Sync {
     /// Turns `bytes`, the source tensor's bytes, into the edited tensor's.
     fn apply(&self, bytes: &mut [u8]) -> Result<()>;
@@ -198,8 +199,23 @@ pub trait InPlaceEdit: Send + Sync {
     }
 }
 
-/// Where an edited tensor goes in an output file ([`InPlaceEdit::apply_in_file`]): `len` bytes
-/// at `offset` of a file opened for reading and writing.
+/// A tensor computed when written that can write itself into its range of the output file piece
+/// by piece, so that no buffer holds it whole: a tensor of another dtype or length than the
+/// one it is computed from, such as a dequantized FP8 weight ([`Tensor::streamed`]).
+pub trait StreamedTensor: Send + Sync {
+    /// The tensor's bytes, whole (for readers other than the writer, or where streaming
+    /// cannot be done).
+    fn bytes(&self) -> Result<Vec<u8>>;
+
+    /// Writes the tensor's bytes into `out`, a range of an output file that nothing has
+    /// written yet, piece by piece. Returns `Ok(false)`, having written nothing, when it
+    /// cannot (the writer then writes the bytes of [`StreamedTensor::bytes`] there).
+    fn write_in_file(&self, out: &OutputRegion<'_>) -> Result<bool>;
+}
+
+/// Where an edited or streamed tensor goes in an output file ([`InPlaceEdit::apply_in_file`],
+/// [`StreamedTensor::write_in_file`]): `len` bytes at `offset` of a file opened for reading and
+/// writing.
 pub struct OutputRegion<'a> {
     pub(crate) file: &'a File,
     pub(crate) path: &'a Path,
@@ -210,6 +226,8 @@ pub struct OutputRegion<'a> {
     pub(crate) mappable: bool,
     /// Held by each write through the page cache into the file (see `Prepared::buffered`).
     pub(crate) writing: &'a std::sync::Mutex<()>,
+    /// The file's handle for writes around the page cache, in a synced save (`direct`).
+    pub(crate) direct: Option<&'a File>,
 }
 
 impl OutputRegion<'_> {
@@ -223,11 +241,50 @@ impl OutputRegion<'_> {
         self.len == 0
     }
 
-    /// Writes `bytes` at byte `at` of the region, through the page cache.
+    /// Writes `bytes` at byte `at` of the region: through the page cache, or, in a synced save,
+    /// their 4 KiB-aligned middle around it (`O_DIRECT`, see docs/architecture.md, "Output
+    /// IO"; bytes placed by [`OutputRegion::place`] need no bounce copy).
     pub fn write_at(&self, at: usize, bytes: &[u8]) -> Result<()> {
-        let _one = self.writing.lock().unwrap_or_else(|e| e.into_inner());
-        crate::safetensors_file::write_all_at(self.file, bytes, self.offset + at as u64)
-            .map_err(|e| CheckpointError::io(self.path, e))
+        let offset = self.offset + at as u64;
+        match self.direct {
+            Some(direct) => crate::direct::write_all_at(self.file, direct, bytes, offset),
+            None => {
+                let _one = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+                crate::safetensors_file::write_all_at(self.file, bytes, offset)
+            }
+        }
+        .map_err(|e| CheckpointError::io(self.path, e))
+    }
+
+    /// The range of `buf` (grown as needed) where to compute `len` bytes bound for byte `at` of
+    /// the region, so that [`OutputRegion::write_at`] sends them to the disk from there: at an
+    /// address aligned as their file offset is, in a synced save; at the start otherwise.
+    pub fn place(&self, at: usize, len: usize, buf: &mut Vec<u8>) -> Range<usize> {
+        let Some(_) = self.direct else {
+            buf.resize(buf.len().max(len), 0);
+            return 0..len;
+        };
+        let align = crate::direct::ALIGN;
+        buf.resize(buf.len().max(len + align), 0);
+        let phase = ((self.offset + at as u64) % align as u64) as usize;
+        let skip = (phase + align - buf.as_ptr() as usize % align) % align;
+        skip..skip + len
+    }
+
+    /// Whether writes go around the page cache (a synced save: see [`OutputRegion::write_at`]).
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// Bytes per write that suit the region: about 1 MiB through the page cache (a block
+    /// computed in cache is copied from cache), more where writes go around it (each write's
+    /// unaligned edges go through the page cache, and a middle under 1 MiB is not worth a
+    /// direct write).
+    pub fn write_size(&self) -> usize {
+        match self.direct {
+            Some(_) => 2 << 20,
+            None => 1 << 20,
+        }
     }
 
     /// Reads byte `at..at + buf.len()` of the region back.
@@ -374,6 +431,8 @@ enum Data {
     File { file: Arc<SourceFile>, offset: u64 },
     /// Bytes computed on demand (a merge, a dtype cast, a remap op).
     Lazy(Arc<Producer>),
+    /// Bytes computed on demand, streamed into the output file by the writer.
+    Streamed(Arc<dyn StreamedTensor>),
     /// The bytes of a source tensor, changed in place when needed (a merge).
     Edited {
         source: Box<Tensor>,
@@ -417,6 +476,7 @@ impl fmt::Debug for Tensor {
             Data::Buffer { .. } => "buffer".to_owned(),
             Data::File { file, offset } => format!("{}@{offset}", file.path.display()),
             Data::Lazy(_) => "lazy".to_owned(),
+            Data::Streamed(_) => "streamed".to_owned(),
             Data::Edited { source, .. } => format!("edited {source:?}"),
             Data::Parts(parts) => format!("{} parts", parts.len()),
         };
@@ -508,6 +568,45 @@ impl Tensor {
             shape,
             len,
             data: Data::Lazy(Arc::new(produce)),
+            family: None,
+            last: false,
+        })
+    }
+
+    /// A tensor computed by `streamed` when it is needed, which the writer lets write itself
+    /// into the output file piece by piece (see [`StreamedTensor`]). Its bytes must be exactly
+    /// `byte_len(dtype, shape)`.
+    ///
+    /// ```
+    /// use peftkit_checkpoint::{Dtype, OutputRegion, Result, StreamedTensor, Tensor};
+    ///
+    /// struct Ones(usize);
+    /// impl StreamedTensor for Ones {
+    ///     fn bytes(&self) -> Result<Vec<u8>> {
+    ///         Ok(vec![1; self.0])
+    ///     }
+    ///     fn write_in_file(&self, out: &OutputRegion<'_>) -> Result<bool> {
+    ///         for at in (0..self.0).step_by(2) {
+    ///             out.write_at(at, &[1, 1])?; // two bytes at a time
+    ///         }
+    ///         Ok(true)
+    ///     }
+    /// }
+    /// let t = Tensor::streamed(Dtype::U8, vec![4], Ones(4))?;
+    /// assert_eq!(&*t.bytes()?, &[1, 1, 1, 1]);
+    /// # Ok::<(), peftkit_checkpoint::CheckpointError>(())
+    /// ```
+    pub fn streamed(
+        dtype: Dtype,
+        shape: Vec<usize>,
+        streamed: impl StreamedTensor + 'static,
+    ) -> Result<Self> {
+        let len = checked_len(dtype, &shape)?;
+        Ok(Tensor {
+            dtype,
+            shape,
+            len,
+            data: Data::Streamed(Arc::new(streamed)),
             family: None,
             last: false,
         })
@@ -638,6 +737,11 @@ impl Tensor {
                 check_produced(out.len(), self.len)?;
                 Ok(Cow::Owned(out))
             }
+            Data::Streamed(streamed) => {
+                let out = streamed.bytes()?;
+                check_produced(out.len(), self.len)?;
+                Ok(Cow::Owned(out))
+            }
             Data::Parts(parts) => {
                 let mut out = buffers::take(self.len);
                 let mut at = 0usize;
@@ -722,11 +826,19 @@ impl Tensor {
         }
     }
 
+    /// The computation of a streamed tensor ([`Tensor::streamed`]), for the writer.
+    pub(crate) fn streamed_computation(&self) -> Option<&dyn StreamedTensor> {
+        match &self.data {
+            Data::Streamed(s) => Some(s.as_ref()),
+            _ => None,
+        }
+    }
+
     /// Whether some of the bytes are computed (by a closure or an edit): worth computing ahead
     /// of the writer.
     pub fn is_computed(&self) -> bool {
         match &self.data {
-            Data::Lazy(_) | Data::Edited { .. } => true,
+            Data::Lazy(_) | Data::Streamed(_) | Data::Edited { .. } => true,
             Data::Parts(parts) => parts.iter().any(|p| matches!(p, Part::Computed { .. })),
             _ => false,
         }
@@ -746,7 +858,7 @@ impl Tensor {
                 start: *offset,
                 end: offset + self.len as u64,
             }),
-            Data::Lazy(_) | Data::Edited { .. } | Data::Parts(_) => None,
+            Data::Lazy(_) | Data::Streamed(_) | Data::Edited { .. } | Data::Parts(_) => None,
         }
     }
 

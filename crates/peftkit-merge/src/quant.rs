@@ -19,6 +19,7 @@
 
 pub(crate) mod bnb;
 mod fp8;
+mod fp8_stream;
 mod fp8_weight;
 mod joint;
 

@@ -336,12 +336,16 @@ impl InPlaceEdit for MergeEdit {
     }
 
     /// Streams plain linear LoRA steps block by block; writes other edits through a mapping of
-    /// the output where that is safe (`mapped`).
+    /// the output where that is safe (`mapped`). Not in a synced save: the writer's one direct
+    /// write of the whole merged tensor (docs/architecture.md, "Output IO") is kept there.
     fn apply_in_file(
         &self,
         source: SourceRegion<'_>,
         out: &OutputRegion<'_>,
     ) -> Result<bool, CheckpointError> {
+        if out.is_direct() {
+            return Ok(false);
+        }
         if self.stream(source, out)?.is_some() {
             return Ok(true);
         }

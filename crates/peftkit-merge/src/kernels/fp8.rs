@@ -28,6 +28,8 @@
 //! # Ok::<(), peftkit_merge::MergeMathError>(())
 //! ```
 
+use std::cell::Cell;
+
 use rayon::prelude::*;
 use safetensors::Dtype;
 
@@ -189,6 +191,18 @@ impl Fp8Grid {
     /// The block size `(rows, cols)`.
     pub fn block(&self) -> (usize, usize) {
         (self.rows / self.grid_rows, self.cols / self.grid_cols)
+    }
+
+    /// The grid of block rows `blocks` of a 2-D weight's grid: the rows of those blocks, as a
+    /// weight of their own.
+    pub(crate) fn block_rows(&self, blocks: std::ops::Range<usize>) -> Fp8Grid {
+        Fp8Grid {
+            lead: 1,
+            rows: blocks.len() * self.block().0,
+            cols: self.cols,
+            grid_rows: blocks.len(),
+            grid_cols: self.grid_cols,
+        }
     }
 
     /// Elements of one band of blocks (`block rows x cols`), the unit the kernels run on in
@@ -401,7 +415,7 @@ where
     E: From<MergeMathError> + Send,
     F: Fn(std::ops::Range<usize>, &mut [u8]) -> std::result::Result<(), E> + Sync,
 {
-    let size = element_size(dtype)?;
+    element_size(dtype)?;
     grid.check("fp8 weight", grid.numel(), weight.len())?;
     grid.check("weight_scale_inv", grid.scales(), scales.len())?;
     grid.check("new weight_scale_inv", grid.scales(), inv_scales.len())?;
@@ -416,28 +430,101 @@ where
     if weight.is_empty() {
         return Ok(0.0);
     }
-    let (band, (cols, (bm, bn))) = (grid.band(), (grid.cols, grid.block()));
+    let (band, bm) = (grid.band(), grid.block().0);
     let bands = weight.par_chunks_mut(band).enumerate();
     let bands = bands.zip(scales.par_chunks(grid.grid_cols));
     bands
         .zip(inv_scales.par_chunks_mut(grid.grid_cols))
-        .map_init(
-            || vec![0u8; band * size],
-            |buf, (((i, q), scales), inv)| {
-                let one = Fp8Grid {
-                    lead: 1,
-                    rows: bm,
-                    cols,
-                    grid_rows: 1,
-                    grid_cols: grid.grid_cols,
-                };
-                dequantize_fp8_into(q, scales, &one, dtype, buf)?;
-                merge(i * bm..(i + 1) * bm, buf)?;
-                let values = Values::Encoded(dtype, buf);
-                Ok(quantize_band(values, q, inv, (cols, bn), kind)?)
-            },
-        )
+        .map(|(((i, q), scales), inv)| {
+            let chunk = Fp8Chunk {
+                q,
+                scales,
+                inv,
+                grid: grid.block_rows(i..i + 1),
+                first_row: i * bm,
+            };
+            requantize_fp8_chunk(chunk, (dtype, kind), &merge)
+        })
         .try_reduce(|| 0.0, |a, b| Ok(nan_max(a, b)))
+}
+
+/// Whole block rows of a 2-D FP8 weight, re-quantized in place by [`requantize_fp8_chunk`].
+pub(crate) struct Fp8Chunk<'a> {
+    /// The rows' e4m3 bytes.
+    pub q: &'a mut [u8],
+    /// Their blocks' inverse scales.
+    pub scales: &'a [f32],
+    /// Their blocks' new inverse scales.
+    pub inv: &'a mut [f32],
+    /// Their grid ([`Fp8Grid::block_rows`]).
+    pub grid: Fp8Grid,
+    /// The index of their first row in the weight.
+    pub first_row: usize,
+}
+
+thread_local! {
+    /// This thread's band in the model dtype ([`with_band`]).
+    static BAND: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's buffer `kept`, kept from call to call: rayon's `map_init` would
+/// make (and zero, and fault in) one per split of the work. Taken and put back rather than
+/// borrowed, because a thread waiting inside a nested parallel loop may start another chunk
+/// (which then takes an empty buffer).
+pub(crate) fn with_kept<R>(
+    kept: &'static std::thread::LocalKey<Cell<Vec<u8>>>,
+    f: impl FnOnce(&mut Vec<u8>) -> R,
+) -> R {
+    let mut buf = kept.take();
+    let result = f(&mut buf);
+    kept.set(buf);
+    result
+}
+
+/// Runs `f` on this thread's band buffer (see [`with_kept`]).
+pub(crate) fn with_band<R>(f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+    with_kept(&BAND, f)
+}
+
+/// One step of [`requantize_fp8_bands`] (and of the FP8 merge streamed from file to file):
+/// `chunk` dequantized into this thread's band buffer in `dtype`, `merge(rows, bytes)` run
+/// there, and quantized back over `chunk.q` as `kind` says, its new inverse scales into
+/// `chunk.inv`. Returns the chunk's [`Fp8Quantized::max_abs_error`].
+pub(crate) fn requantize_fp8_chunk<E, F>(
+    chunk: Fp8Chunk<'_>,
+    (dtype, kind): (Dtype, ScaleKind),
+    merge: &F,
+) -> std::result::Result<f64, E>
+where
+    E: From<MergeMathError>,
+    F: Fn(std::ops::Range<usize>, &mut [u8]) -> std::result::Result<(), E>,
+{
+    let grid = chunk.grid;
+    let len = grid.numel() * element_size(dtype)?;
+    with_band(|buf| {
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        requantize_band(chunk, (dtype, kind), &mut buf[..len], merge)
+    })
+}
+
+/// [`requantize_fp8_chunk`] with its band buffer `band`.
+fn requantize_band<E, F>(
+    chunk: Fp8Chunk<'_>,
+    (dtype, kind): (Dtype, ScaleKind),
+    band: &mut [u8],
+    merge: &F,
+) -> std::result::Result<f64, E>
+where
+    E: From<MergeMathError>,
+    F: Fn(std::ops::Range<usize>, &mut [u8]) -> std::result::Result<(), E>,
+{
+    let grid = chunk.grid;
+    dequantize_fp8_into(chunk.q, chunk.scales, &grid, dtype, band)?;
+    merge(chunk.first_row..chunk.first_row + grid.rows, band)?;
+    let values = Values::Encoded(dtype, band);
+    Ok(quantize(values, &grid, kind, chunk.q, chunk.inv)?)
 }
 
 /// The values a quantization reads: `f32`s, or little-endian bytes of a float dtype.
@@ -534,7 +621,7 @@ fn quantize_band(
 }
 
 /// The larger of two errors, NaN if either is.
-fn nan_max(a: f64, b: f64) -> f64 {
+pub(crate) fn nan_max(a: f64, b: f64) -> f64 {
     match a.is_nan() || b.is_nan() {
         true => f64::NAN,
         false => a.max(b),

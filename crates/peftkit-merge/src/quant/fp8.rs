@@ -19,6 +19,7 @@ use serde_json::Value;
 use crate::edit::Step;
 use crate::error::MergeError;
 use crate::kernels::{Fp8Grid, MergeOptions as KernelOptions, ScaleKind};
+use crate::quant::fp8_stream::Dequantized;
 use crate::quant::fp8_weight::{Fp8Weight, Requant, Shared};
 use crate::quant::joint::{main_tensor, part_tensor};
 
@@ -210,9 +211,12 @@ impl<'a> Fp8Base<'a> {
         let computed = match weight.requant {
             // Re-quantized over its own base bytes, where the writer copied them.
             Some(_) => main_tensor(&weight),
-            None => Tensor::lazy(self.format.dtype, tensor.shape().to_vec(), move || {
-                weight.merged()
-            })?,
+            // Another dtype: computed where it is written, chunk by chunk (`fp8_stream`).
+            None => Tensor::streamed(
+                self.format.dtype,
+                tensor.shape().to_vec(),
+                Dequantized(weight),
+            )?,
         };
         Ok(Treatment::Computed {
             tensor: computed,

@@ -3,16 +3,18 @@
 //!
 //! The weight and its scale are two tensors of the output that come from one computation, a
 //! [`Joint`] one (see `joint`): the weight is an edit of its base bytes, which are dequantized
-//! into one buffer in the model dtype, merged there, and re-quantized back over themselves,
-//! where they lie in the file when the writer allows it; its scales are the computation's one
-//! part.
+//! band by band into the model dtype, merged there, and re-quantized back over themselves:
+//! streamed from the base file to the output when the writer allows it and the steps are
+//! plain Linear LoRA merges (`fp8_stream`), in memory otherwise; its scales are the
+//! computation's one part.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use peftkit_checkpoint::{buffers, CheckpointError, Dtype, Tensor};
+use peftkit_checkpoint::{buffers, CheckpointError, Dtype, OutputRegion, SourceRegion, Tensor};
 
+use super::fp8_stream::Stream;
 use super::joint::{Joint, JointSlot, KeepBudget};
 use crate::edit::{RowBanded, Step};
 use crate::kernels::{
@@ -98,8 +100,7 @@ impl Fp8Weight {
     /// transformers loads it on CPU, and applies the plan's edits there (peft's merge in the
     /// model dtype).
     fn merge_into(&self, fp8: &[u8], out: &mut [u8]) -> Result<(), CheckpointError> {
-        let scale_bytes = self.scale.bytes()?;
-        let scales = decode_scales(self.scale.dtype(), &scale_bytes).map_err(|e| self.math(e))?;
+        let scales = self.scales()?;
         dequantize_fp8_into(fp8, &scales, &self.grid, self.dtype, out).map_err(|e| self.math(e))?;
         let shape = self.weight.shape();
         for step in &self.steps {
@@ -128,9 +129,7 @@ impl Fp8Weight {
             Some(steps) => self.requantize_bands(&steps, requant, fp8, &mut inv_scales)?,
             None => self.requantize_whole(requant, fp8, &mut inv_scales)?,
         };
-        if let Ok(mut errors) = self.shared.errors.lock() {
-            errors.insert(self.key.clone(), max_abs_error);
-        }
+        self.record_error(max_abs_error);
         Ok(inv_scales)
     }
 
@@ -150,8 +149,30 @@ impl Fp8Weight {
         done
     }
 
+    /// Runs `steps` on `band`, rows `rows` of the weight in the model dtype.
+    pub(super) fn merge_rows(
+        &self,
+        steps: &[RowBanded],
+        rows: std::ops::Range<usize>,
+        band: &mut [u8],
+    ) -> Result<(), CheckpointError> {
+        for step in steps {
+            step.apply(&self.key, self.dtype, (rows.clone(), self.grid.cols), band)?;
+        }
+        Ok(())
+    }
+
+    /// [`Fp8Weight::requantize`] through the whole weight in the model dtype, for tests to hold
+    /// the other paths to: `fp8` becomes the re-quantized bytes; returns the inverse scales.
+    #[cfg(test)]
+    pub(super) fn requantize_whole_for_test(&self, requant: Requant, fp8: &mut [u8]) -> Vec<f32> {
+        let mut inv = vec![0.0f32; self.grid.scales()];
+        self.requantize_whole(requant, fp8, &mut inv).unwrap();
+        inv
+    }
+
     /// The steps as [`RowBanded`] ones, if the weight is 2-D and every step is one.
-    fn row_banded(&self) -> Result<Option<Vec<RowBanded>>, CheckpointError> {
+    pub(super) fn row_banded(&self) -> Result<Option<Vec<RowBanded>>, CheckpointError> {
         if self.grid.lead != 1 {
             return Ok(None);
         }
@@ -174,27 +195,39 @@ impl Fp8Weight {
         fp8: &mut [u8],
         inv_scales: &mut [f32],
     ) -> Result<f64, CheckpointError> {
-        let scale_bytes = self.scale.bytes()?;
-        let scales = decode_scales(self.scale.dtype(), &scale_bytes).map_err(|e| self.math(e))?;
-        let (dtype, cols) = (self.dtype, self.grid.cols);
-        let merge = |rows: std::ops::Range<usize>, band: &mut [u8]| {
-            for step in steps {
-                step.apply(&self.key, dtype, (rows.clone(), cols), band)?;
-            }
-            Ok(())
+        let scales = self.scales()?;
+        let merge = |rows, band: &mut [u8]| -> Result<(), Banded> {
+            Ok(self.merge_rows(steps, rows, band)?)
         };
         let (grid, kind) = (&self.grid, requant.kind);
-        requantize_fp8_bands(fp8, &scales, grid, dtype, kind, inv_scales, merge).map_err(
-            |e: Banded| match e {
-                Banded::Merge(e) => e,
-                Banded::Math(e) => self.math(e),
-            },
-        )
+        requantize_fp8_bands(fp8, &scales, grid, self.dtype, kind, inv_scales, merge)
+            .map_err(|e| self.banded(e))
+    }
+
+    /// The error of a step, or of the FP8 kernels, of a banded re-quantization.
+    pub(super) fn banded(&self, e: Banded) -> CheckpointError {
+        match e {
+            Banded::Merge(e) => e,
+            Banded::Math(e) => self.math(e),
+        }
+    }
+
+    /// The weight's inverse scales, as `f32`.
+    pub(super) fn scales(&self) -> Result<Vec<f32>, CheckpointError> {
+        let bytes = self.scale.bytes()?;
+        decode_scales(self.scale.dtype(), &bytes).map_err(|e| self.math(e))
+    }
+
+    /// Records the re-quantization error of the weight.
+    pub(super) fn record_error(&self, max_abs_error: f64) {
+        if let Ok(mut errors) = self.shared.errors.lock() {
+            errors.insert(self.key.clone(), max_abs_error);
+        }
     }
 }
 
 /// An error of [`Fp8Weight::requantize_bands`]: of a step, or of the FP8 kernels.
-enum Banded {
+pub(super) enum Banded {
     Merge(CheckpointError),
     Math(MergeMathError),
 }
@@ -223,12 +256,41 @@ impl Joint for Fp8Weight {
     }
 
     fn compute(&self, fp8: &mut [u8]) -> Result<Vec<Vec<u8>>, CheckpointError> {
-        let requant = self.requant.ok_or_else(|| CheckpointError::TensorData {
+        let requant = self.requant()?;
+        let inv = self.requantize(requant, fp8)?;
+        self.parts(requant, &inv)
+    }
+
+    /// Band by band from the base file to the output (`fp8_stream`), where the steps allow.
+    fn stream(
+        &self,
+        source: SourceRegion<'_>,
+        out: &OutputRegion<'_>,
+    ) -> Result<Option<Vec<Vec<u8>>>, CheckpointError> {
+        let requant = self.requant()?;
+        // The output is e4m3: one byte per element.
+        let Some(stream) = Stream::new(self, (source, out), 1)? else {
+            return Ok(None);
+        };
+        let (inv, max_abs_error) = stream.requantize(requant)?;
+        self.record_error(max_abs_error);
+        self.parts(requant, &inv).map(Some)
+    }
+}
+
+impl Fp8Weight {
+    /// How the weight is re-quantized; an error for a weight written dequantized.
+    fn requant(&self) -> Result<Requant, CheckpointError> {
+        self.requant.ok_or_else(|| CheckpointError::TensorData {
             tensor: self.key.clone(),
             reason: "re-quantized, but written dequantized".into(),
-        })?;
-        let inv = self.requantize(requant, fp8)?;
-        let scale = encode_scales(requant.scale_dtype, &inv).map_err(|e| self.math(e))?;
+        })
+    }
+
+    /// The parts of the joint computation: the inverse scales `inv`, encoded as the base
+    /// stores them.
+    fn parts(&self, requant: Requant, inv: &[f32]) -> Result<Vec<Vec<u8>>, CheckpointError> {
+        let scale = encode_scales(requant.scale_dtype, inv).map_err(|e| self.math(e))?;
         Ok(vec![scale])
     }
 }

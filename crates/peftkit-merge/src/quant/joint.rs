@@ -87,6 +87,17 @@ pub(crate) trait Joint: Send + Sync + 'static {
     /// bytes of every part, by index.
     fn compute(&self, main: &mut [u8]) -> Result<Vec<Vec<u8>>, CheckpointError>;
 
+    /// Writes the main output tensor into `out` piece by piece, reading the base tensor from
+    /// `source` as it goes, and returns the bytes of every part; `None`, having written
+    /// nothing, when it cannot (the default).
+    fn stream(
+        &self,
+        _source: SourceRegion<'_>,
+        _out: &OutputRegion<'_>,
+    ) -> Result<Option<Vec<Vec<u8>>>, CheckpointError> {
+        Ok(None)
+    }
+
     /// Whether [`Joint::compute`] reads the base bytes in `main` (`false`: it overwrites them
     /// whole, having read what it needs elsewhere), so that they need not be read for it.
     fn reads_base(&self) -> bool {
@@ -165,26 +176,56 @@ impl JointSlot {
         }
     }
 
-    /// The main tensor's edit: `bytes`, the base tensor's, become the output's.
-    fn write_main(&self, joint: &dyn Joint, bytes: &mut [u8]) -> Result<(), CheckpointError> {
-        let _turn = self.turn();
-        let kept = {
-            let mut held = self.held();
-            self.take(&mut held.main)
-        };
-        if let Some(kept) = kept {
-            if kept.len() == bytes.len() {
-                bytes.copy_from_slice(&kept);
-                buffers::give(kept);
-                self.held().main_written = true;
-                return Ok(());
-            }
+    /// The main tensor's bytes, computed by a part's write, of length `len`.
+    fn kept_main(&self, len: usize) -> Option<Vec<u8>> {
+        let mut held = self.held();
+        let kept = self.take(&mut held.main)?;
+        if kept.len() == len {
+            held.main_written = true;
+            return Some(kept);
         }
-        let parts = joint.compute(bytes)?;
+        buffers::give(kept);
+        None
+    }
+
+    /// Records the main tensor as written, and the `parts` its computation made.
+    fn main_done(&self, parts: Vec<Vec<u8>>) {
         let mut held = self.held();
         held.main_written = true;
         self.leave_parts(&mut held, parts, None);
+    }
+
+    /// The main tensor's edit: `bytes`, the base tensor's, become the output's.
+    fn write_main(&self, joint: &dyn Joint, bytes: &mut [u8]) -> Result<(), CheckpointError> {
+        let _turn = self.turn();
+        if let Some(kept) = self.kept_main(bytes.len()) {
+            bytes.copy_from_slice(&kept);
+            buffers::give(kept);
+            return Ok(());
+        }
+        self.main_done(joint.compute(bytes)?);
         Ok(())
+    }
+
+    /// The main tensor written into `out` by [`Joint::stream`] (or from what a part's write
+    /// left); `false`, having written nothing, when it cannot stream.
+    fn stream_main(
+        &self,
+        joint: &dyn Joint,
+        source: SourceRegion<'_>,
+        out: &OutputRegion<'_>,
+    ) -> Result<bool, CheckpointError> {
+        let _turn = self.turn();
+        if let Some(kept) = self.kept_main(out.len()) {
+            out.write_at(0, &kept)?;
+            buffers::give(kept);
+            return Ok(true);
+        }
+        let Some(parts) = joint.stream(source, out)? else {
+            return Ok(false);
+        };
+        self.main_done(parts);
+        Ok(true)
     }
 
     /// The bytes of part `index`: left by the computation, or computed now.
@@ -267,6 +308,9 @@ impl<J: Joint> InPlaceEdit for MainEdit<J> {
         source: SourceRegion<'_>,
         out: &OutputRegion<'_>,
     ) -> Result<bool, CheckpointError> {
+        if self.0.shared().stream_main(self.0.as_ref(), source, out)? {
+            return Ok(true);
+        }
         let Some((file, offset)) = out.mappable()? else {
             return Ok(false);
         };
