@@ -103,7 +103,7 @@ unsafe fn kernel<const T: u8>(
         while j0 < n {
             let j1 = n.min(j0 + panel);
             let full_end = j0 + (j1 - j0) / NR * NR;
-            pack::<T>(rp, pp, k, n, j0..full_end);
+            pack(rp, pp, (k, n), j0..full_end, T == 1);
             let mut q = 0;
             while q + MR <= rows {
                 tile::<T, MR>(lp, pp, bp, k, n, q, j0..full_end, blocks, scale);
@@ -146,12 +146,18 @@ thread_local! {
     static PACKED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// Copies columns `cols` of `right` strip by strip: for each 16 columns, `k` rows of 16
-/// contiguous values. For BF16 (`T` = 1) each row of a strip holds its 8 even columns, then
-/// its 8 odd ones, the order in which [`add16`] widens the base.
-#[target_feature(enable = "avx2,fma,f16c")]
+/// Copies columns `cols` of `right` (`k` × `n`, from `rp`) to `pp` strip by strip: for each
+/// 16 columns, `k` rows of 16 contiguous values. With `split` (BF16) each row of a strip holds
+/// its 8 even columns, then its 8 odd ones, the order in which [`add16`] widens the base.
+#[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn pack<const T: u8>(rp: *const f32, pp: *mut f32, k: usize, n: usize, cols: Range<usize>) {
+unsafe fn pack(
+    rp: *const f32,
+    pp: *mut f32,
+    (k, n): (usize, usize),
+    cols: Range<usize>,
+    split: bool,
+) {
     // SAFETY: `kernel` passes 16-wide steps of `cols` ⊆ 0..n, so the loads stay inside `right`
     // (k × n), and a buffer of `k` values per column of the panel.
     unsafe {
@@ -161,20 +167,7 @@ unsafe fn pack<const T: u8>(rp: *const f32, pp: *mut f32, k: usize, n: usize, co
             for kk in 0..k {
                 let src = rp.add(kk * n + j);
                 let (a, b) = (_mm256_loadu_ps(src), _mm256_loadu_ps(src.add(8)));
-                let (a, b) = if T == 1 {
-                    // Within each 128-bit half, the even (odd) columns of `a` then `b`; the
-                    // permute puts the halves' quarters in the order 0, 2, 1, 3.
-                    let e = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
-                    let o = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
-                    let fix = |v: __m256| {
-                        _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(
-                            v,
-                        )))
-                    };
-                    (fix(e), fix(o))
-                } else {
-                    (a, b)
-                };
+                let (a, b) = if split { even_odd(a, b) } else { (a, b) };
                 _mm256_storeu_ps(dst, a);
                 _mm256_storeu_ps(dst.add(8), b);
                 dst = dst.add(NR);
@@ -182,6 +175,19 @@ unsafe fn pack<const T: u8>(rp: *const f32, pp: *mut f32, k: usize, n: usize, co
             j += NR;
         }
     }
+}
+
+/// The even elements of `a` then `b`, and the odd ones.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn even_odd(a: __m256, b: __m256) -> (__m256, __m256) {
+    // The shuffles pick within each 128-bit half (even or odd of `a`'s half, then of `b`'s),
+    // so the permute puts the quarters in the order 0, 2, 1, 3.
+    let e = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+    let o = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
+    let fix =
+        |v: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)));
+    (fix(e), fix(o))
 }
 
 /// Rows `row0..row0 + Q`, columns `cols` (a multiple of 16 wide).
