@@ -115,28 +115,46 @@ unsafe fn kernel<const T: u8>(
                 ($($r:literal)*) => {
                     match rows - q {
                         $($r => tile::<T, $r>(lp, pp, bp, k, n, q, j0..full_end, blocks, scale),)*
-                        _ => {} // none (fewer than `MR` remain)
+                        _ => {} // none left (always fewer than `MR`)
                     }
                 };
             }
             last_rows!(1 2 3 4 5);
-            // Column tail (fewer than 16 columns): the same operations, one element at a time.
-            for j in full_end..j1 {
-                for row in 0..rows {
-                    let mut tot = 0f32;
-                    for (bi, blk) in blocks.iter().enumerate() {
-                        let mut acc = 0f32;
-                        for kk in blk.clone() {
-                            acc = (*lp.add(row * k + kk)).mul_add(*rp.add(kk * n + j), acc);
-                        }
-                        tot = if bi == 0 { acc } else { tot + acc };
-                    }
-                    add_one::<T>(bp, row * n + j, tot * scale);
-                }
-            }
+            column_tail::<T>(lp, rp, bp, (rows, k, n), full_end..j1, blocks, scale);
             j0 = j1;
         }
         PACKED.set(packed);
+    }
+}
+
+/// Columns `cols` (fewer than 16, at the end of a panel) of every row: the same operations,
+/// one element at a time.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn column_tail<const T: u8>(
+    lp: *const f32,
+    rp: *const f32,
+    bp: *mut u8,
+    (rows, k, n): (usize, usize, usize),
+    cols: Range<usize>,
+    blocks: &[Range<usize>],
+    scale: f32,
+) {
+    // SAFETY: `kernel` passes `cols` ⊆ 0..n and the checked slices' pointers.
+    unsafe {
+        for j in cols {
+            for row in 0..rows {
+                let mut tot = 0f32;
+                for (bi, blk) in blocks.iter().enumerate() {
+                    let mut acc = 0f32;
+                    for kk in blk.clone() {
+                        acc = (*lp.add(row * k + kk)).mul_add(*rp.add(kk * n + j), acc);
+                    }
+                    tot = if bi == 0 { acc } else { tot + acc };
+                }
+                add_one::<T>(bp, row * n + j, tot * scale);
+            }
+        }
     }
 }
 
