@@ -3,9 +3,10 @@
 //! row-block path (`round_delta_first`, which must decode, materialise Δ and encode) and exact
 //! numerics (`Numerics::Exact`, see `merge::exact`).
 //!
-//! Run: `cargo bench -p peftkit-merge --bench merge_kernels [-- RANK] [-- OUTxIN]` (one shape,
-//! e.g. `4096x4096`, instead of the default three). Prints the median of 7
-//! runs per case in ms and in GB/s of base bytes; nothing here asserts a time. Results go in
+//! Run: `cargo bench -p peftkit-merge --bench merge_kernels [-- RANK] [-- OUTxIN] [-- PATH]`
+//! (one shape, e.g. `4096x4096`, instead of the default three; one path, `fused`, `general`
+//! or `exact`, instead of all three). Prints the median of 7
+//! runs per case in ms and in GB/s of base bytes, and the fastest run; nothing here asserts a time. Results go in
 //! docs/benchmarks.md.
 
 use std::time::Instant;
@@ -44,6 +45,10 @@ fn main() {
     } else {
         shapes
     };
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| ["fused", "general", "exact"].contains(&a.as_str()))
+        .collect();
     println!("rank {r}, {} rayon threads", rayon::current_num_threads());
     for (out, inp) in shapes {
         let a = values(r * inp, 1);
@@ -68,6 +73,9 @@ fn main() {
                     },
                 ),
             ] {
+                if !only.is_empty() && !only.iter().any(|o| o == path) {
+                    continue;
+                }
                 let mut times = Vec::new();
                 for _ in 0..7 {
                     let mut data = base.clone();
@@ -88,9 +96,10 @@ fn main() {
                 times.sort_by(f64::total_cmp);
                 let med = times[times.len() / 2];
                 println!(
-                    "{out:>5}x{inp:<5} {dtype:?} {path:<8} {:8.2} ms {:6.2} GB/s",
+                    "{out:>5}x{inp:<5} {dtype:?} {path:<8} {:8.2} ms {:6.2} GB/s (fastest {:.2} ms)",
                     med * 1e3,
-                    base.len() as f64 / med / 1e9
+                    base.len() as f64 / med / 1e9,
+                    times[0] * 1e3
                 );
             }
         }

@@ -9,7 +9,16 @@
 //!
 //! A register tile is 6 rows × 16 columns (two `ymm` per row: 12 accumulators of the 16
 //! registers); each rank step loads two vectors of the right factor and broadcasts 6 elements
-//! of the left one.
+//! of the left one. The rows left over make one narrower tile.
+//!
+//! With rank 16 a BF16 element costs 16 FMAs and about 20 other operations (widen, scale, add,
+//! round, narrow). On Intel cores the FMAs and the shifts, multiplies and compares share two
+//! ports, so what the FMA ports must also do sets the time. Hence: each column panel of the
+//! right factor is first copied into contiguous strips (`pack`), in the order in which BF16
+//! rows widen without a shift (even columns, then odd ones); BF16 is widened, rounded and
+//! narrowed sixteen at a time with byte shuffles and blends, which run on another port; a NaN
+//! is marked with an `or`, not a blend. The copy also removes the large power-of-two stride
+//! between the rank rows of the right factor, whose loads fell in one L1 set.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -62,8 +71,8 @@ pub(crate) fn add_rows(
 const MR: usize = 6;
 /// Columns per register tile.
 const NR: usize = 16;
-/// Elements of `right` per column panel (≈128 KiB): the panel stays in L2 while the rows of the
-/// block stream past it.
+/// Elements of `right` per column panel (≈128 KiB): the packed panel stays in L2 while the rows
+/// of the block stream past it.
 const PANEL_ELEMS: usize = 32 * 1024;
 
 /// `T` selects the base type: 0 = F32, 1 = BF16, 2 = F16.
@@ -87,36 +96,116 @@ unsafe fn kernel<const T: u8>(
         }
         let panel = ((PANEL_ELEMS / k.max(1)).max(NR) / NR * NR).min(n.div_ceil(NR) * NR);
         let (lp, rp, bp) = (left.as_ptr(), right.as_ptr(), base.as_mut_ptr());
+        let mut packed = PACKED.take();
+        packed.resize(k * panel, 0.0);
+        let pp = packed.as_mut_ptr();
         let mut j0 = 0;
         while j0 < n {
             let j1 = n.min(j0 + panel);
             let full_end = j0 + (j1 - j0) / NR * NR;
+            pack(rp, pp, (k, n), j0..full_end, T == 1);
             let mut q = 0;
             while q + MR <= rows {
-                tile::<T, MR>(lp, rp, bp, k, n, q, j0..full_end, blocks, scale);
+                tile::<T, MR>(lp, pp, bp, k, n, q, j0..full_end, blocks, scale);
                 q += MR;
             }
-            while q < rows {
-                tile::<T, 1>(lp, rp, bp, k, n, q, j0..full_end, blocks, scale);
-                q += 1;
-            }
-            // Column tail (fewer than 16 columns): the same operations, one element at a time.
-            for j in full_end..j1 {
-                for row in 0..rows {
-                    let mut tot = 0f32;
-                    for (bi, blk) in blocks.iter().enumerate() {
-                        let mut acc = 0f32;
-                        for kk in blk.clone() {
-                            acc = (*lp.add(row * k + kk)).mul_add(*rp.add(kk * n + j), acc);
-                        }
-                        tot = if bi == 0 { acc } else { tot + acc };
+            // The last rows in one narrower tile: a tile of one row would leave the FMA units
+            // waiting on its two chains of dependent adds.
+            macro_rules! last_rows {
+                ($($r:literal)*) => {
+                    match rows - q {
+                        $($r => tile::<T, $r>(lp, pp, bp, k, n, q, j0..full_end, blocks, scale),)*
+                        _ => {} // none left (always fewer than `MR`)
                     }
-                    add_one::<T>(bp, row * n + j, tot * scale);
-                }
+                };
             }
+            last_rows!(1 2 3 4 5);
+            column_tail::<T>(lp, rp, bp, (rows, k, n), full_end..j1, blocks, scale);
             j0 = j1;
         }
+        PACKED.set(packed);
     }
+}
+
+/// Columns `cols` (fewer than 16, at the end of a panel) of every row: the same operations,
+/// one element at a time.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn column_tail<const T: u8>(
+    lp: *const f32,
+    rp: *const f32,
+    bp: *mut u8,
+    (rows, k, n): (usize, usize, usize),
+    cols: Range<usize>,
+    blocks: &[Range<usize>],
+    scale: f32,
+) {
+    // SAFETY: `kernel` passes `cols` ⊆ 0..n and the checked slices' pointers.
+    unsafe {
+        for j in cols {
+            for row in 0..rows {
+                let mut tot = 0f32;
+                for (bi, blk) in blocks.iter().enumerate() {
+                    let mut acc = 0f32;
+                    for kk in blk.clone() {
+                        acc = (*lp.add(row * k + kk)).mul_add(*rp.add(kk * n + j), acc);
+                    }
+                    tot = if bi == 0 { acc } else { tot + acc };
+                }
+                add_one::<T>(bp, row * n + j, tot * scale);
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// The packed column panel of the right factor (see `pack`), one per thread, kept between
+    /// calls (at most `PANEL_ELEMS` values, or `16 k` for very high ranks).
+    static PACKED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Copies columns `cols` of `right` (`k` × `n`, from `rp`) to `pp` strip by strip: for each
+/// 16 columns, `k` rows of 16 contiguous values. With `split` (BF16) each row of a strip holds
+/// its 8 even columns, then its 8 odd ones, the order in which [`add16`] widens the base.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn pack(
+    rp: *const f32,
+    pp: *mut f32,
+    (k, n): (usize, usize),
+    cols: Range<usize>,
+    split: bool,
+) {
+    // SAFETY: `kernel` passes 16-wide steps of `cols` ⊆ 0..n, so the loads stay inside `right`
+    // (k × n), and a buffer of `k` values per column of the panel.
+    unsafe {
+        let mut dst = pp;
+        let mut j = cols.start;
+        while j < cols.end {
+            for kk in 0..k {
+                let src = rp.add(kk * n + j);
+                let (a, b) = (_mm256_loadu_ps(src), _mm256_loadu_ps(src.add(8)));
+                let (a, b) = if split { even_odd(a, b) } else { (a, b) };
+                _mm256_storeu_ps(dst, a);
+                _mm256_storeu_ps(dst.add(8), b);
+                dst = dst.add(NR);
+            }
+            j += NR;
+        }
+    }
+}
+
+/// The even elements of `a` then `b`, and the odd ones.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn even_odd(a: __m256, b: __m256) -> (__m256, __m256) {
+    // The shuffles pick within each 128-bit half (even or odd of `a`'s half, then of `b`'s),
+    // so the permute puts the quarters in the order 0, 2, 1, 3.
+    let e = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+    let o = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
+    let fix =
+        |v: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(v)));
+    (fix(e), fix(o))
 }
 
 /// Rows `row0..row0 + Q`, columns `cols` (a multiple of 16 wide).
@@ -138,62 +227,98 @@ unsafe fn tile<const T: u8, const Q: usize>(
     // steps inside `cols` ⊆ 0..n, so every load and store stays inside the checked slices.
     unsafe {
         let vscale = _mm256_set1_ps(scale);
+        // Opaque to the compiler, which would otherwise turn these byte shuffles back into
+        // shifts (see `add16`).
+        let masks = std::hint::black_box([EVEN_UP, HIGH_DOWN, BYTE2_DOWN]);
         let mut j = cols.start;
+        let mut rp = rp;
         while j < cols.end {
-            let mut tot = [[_mm256_setzero_ps(); 2]; Q];
-            for (bi, blk) in blocks.iter().enumerate() {
-                let mut acc = [[_mm256_setzero_ps(); 2]; Q];
-                for kk in blk.clone() {
-                    let r0 = _mm256_loadu_ps(rp.add(kk * n + j));
-                    let r1 = _mm256_loadu_ps(rp.add(kk * n + j + 8));
-                    for (q, a) in acc.iter_mut().enumerate() {
-                        let c = _mm256_broadcast_ss(&*lp.add((row0 + q) * k + kk));
-                        a[0] = _mm256_fmadd_ps(c, r0, a[0]);
-                        a[1] = _mm256_fmadd_ps(c, r1, a[1]);
-                    }
-                }
-                if bi == 0 {
-                    tot = acc;
-                } else {
-                    for (t, a) in tot.iter_mut().zip(&acc) {
-                        t[0] = _mm256_add_ps(t[0], a[0]);
-                        t[1] = _mm256_add_ps(t[1], a[1]);
-                    }
+            // The first block's sums are the totals, without a copy: with one block (ranks up
+            // to 192 or 384) the accumulators then stay in registers.
+            let (first, rest) = blocks.split_first().unwrap_or((&(0..0), &[]));
+            let mut tot = rank_block::<Q>(lp.add(row0 * k), rp, k, first.clone());
+            for blk in rest {
+                let acc = rank_block::<Q>(lp.add(row0 * k), rp, k, blk.clone());
+                for (t, a) in tot.iter_mut().zip(&acc) {
+                    t[0] = _mm256_add_ps(t[0], a[0]);
+                    t[1] = _mm256_add_ps(t[1], a[1]);
                 }
             }
             for (q, t) in tot.iter().enumerate() {
-                let at = (row0 + q) * n + j;
-                add8::<T>(bp, at, _mm256_mul_ps(t[0], vscale));
-                add8::<T>(bp, at + 8, _mm256_mul_ps(t[1], vscale));
+                let d = [_mm256_mul_ps(t[0], vscale), _mm256_mul_ps(t[1], vscale)];
+                add16::<T>(bp, (row0 + q) * n + j, d, &masks);
             }
             j += NR;
+            rp = rp.add(k * NR);
         }
     }
 }
 
-/// `base[at..at + 8] = round(f32(base[at..at + 8]) + d)`.
+/// The sums over the rank indices `blk` of `Q` rows of `left` (from `lp`, `k` apart) times a
+/// strip of the packed right factor (`rp`, 16 values per rank index): one `fma` per index, in
+/// increasing order, from zero.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn add8<const T: u8>(bp: *mut u8, at: usize, d: __m256) {
-    // SAFETY: the caller passes `at + 8 ≤ rows · n`, so the 8 elements at `at` lie inside `base`.
+unsafe fn rank_block<const Q: usize>(
+    lp: *const f32,
+    rp: *const f32,
+    k: usize,
+    blk: Range<usize>,
+) -> [[__m256; 2]; Q] {
+    // SAFETY: `tile` passes `blk` within the rank, `lp` at a row of the tile and `rp` at a
+    // strip of `k` × 16 packed values.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); 2]; Q];
+        for kk in blk {
+            let r0 = _mm256_loadu_ps(rp.add(kk * NR));
+            let r1 = _mm256_loadu_ps(rp.add(kk * NR + 8));
+            for (q, a) in acc.iter_mut().enumerate() {
+                let c = _mm256_broadcast_ss(&*lp.add(q * k + kk));
+                a[0] = _mm256_fmadd_ps(c, r0, a[0]);
+                a[1] = _mm256_fmadd_ps(c, r1, a[1]);
+            }
+        }
+        acc
+    }
+}
+
+/// `base[at..at + 16] = round(f32(base[at..at + 16]) + d)`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn add16<const T: u8>(bp: *mut u8, at: usize, d: [__m256; 2], masks: &[__m256i; 3]) {
+    // SAFETY: the caller passes `at + 16 ≤ rows · n`, so the 16 elements at `at` lie inside `base`.
     unsafe {
         match T {
             0 => {
                 let p = bp.add(at * 4) as *mut f32;
-                _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), d));
+                _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), d[0]));
+                let p = p.add(8);
+                _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), d[1]));
             }
             1 => {
-                let p = bp.add(at * 2) as *mut __m128i;
-                let x = _mm256_add_ps(bf16x8_to_f32(_mm_loadu_si128(p)), d);
-                _mm_storeu_si128(p, f32x8_to_bf16(x));
+                // Sixteen at a time, even elements in `d[0]`, odd ones in `d[1]` (see `pack`):
+                // one shuffle and one `and` widen them, one shuffle and one blend narrow them.
+                let p = bp.add(at * 2) as *mut __m256i;
+                let h = _mm256_loadu_si256(p);
+                // Byte shuffles, not shifts: on Intel cores shifts share the two ports of the
+                // FMAs, which the product keeps busy, and shuffles have a port of their own.
+                let [up, down, lsb] = *masks;
+                let even = _mm256_shuffle_epi8(h, up);
+                let odd = _mm256_and_si256(h, _mm256_set1_epi32(0xFFFF_0000u32 as i32));
+                let e = bf16_biased(_mm256_add_ps(_mm256_castsi256_ps(even), d[0]), lsb);
+                let o = bf16_biased(_mm256_add_ps(_mm256_castsi256_ps(odd), d[1]), lsb);
+                let e = _mm256_shuffle_epi8(e, down);
+                _mm256_storeu_si256(p, _mm256_blend_epi16::<0b1010_1010>(e, o));
             }
             _ => {
-                let p = bp.add(at * 2) as *mut __m128i;
-                let x = _mm256_add_ps(_mm256_cvtph_ps(_mm_loadu_si128(p)), d);
-                // F16C rounding: nearest even (VCVTPS2PH takes no exception bit); NaN keeps sign and
-                // top payload, quiet bit set.
-                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x);
-                _mm_storeu_si128(p, h);
+                for (h, d) in d.into_iter().enumerate() {
+                    let p = bp.add((at + 8 * h) * 2) as *mut __m128i;
+                    let x = _mm256_add_ps(_mm256_cvtph_ps(_mm_loadu_si128(p)), d);
+                    // F16C rounding: nearest even (VCVTPS2PH takes no exception bit); NaN keeps
+                    // sign and top payload, quiet bit set.
+                    let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x);
+                    _mm_storeu_si128(p, h);
+                }
             }
         }
     }
@@ -206,24 +331,51 @@ pub(crate) fn bf16x8_to_f32(h: __m128i) -> __m256 {
     _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
 }
 
+/// `_mm256_shuffle_epi8` indices moving the low 16 bits of each 32-bit lane to its high 16
+/// bits, zeroing the low ones (the indices count bytes within each 128-bit half).
+const EVEN_UP: __m256i = lanes([0x0100_8080, 0x0504_8080, 0x0908_8080, 0x0D0C_8080]);
+/// `_mm256_shuffle_epi8` indices moving the high 16 bits of each 32-bit lane to its low 16
+/// bits, zeroing the high ones.
+const HIGH_DOWN: __m256i = lanes([0x8080_0302, 0x8080_0706, 0x8080_0B0A, 0x8080_0F0E]);
+/// `_mm256_shuffle_epi8` indices moving byte 2 of each 32-bit lane (bits 16–23) to byte 0,
+/// zeroing the others.
+const BYTE2_DOWN: __m256i = lanes([0x8080_8002, 0x8080_8006, 0x8080_800A, 0x8080_800E]);
+
+/// A vector of the four 32-bit lanes `q` in each 128-bit half.
+const fn lanes(q: [u32; 4]) -> __m256i {
+    // SAFETY: `__m256i` is 32 plain bytes; any bit pattern is a valid value.
+    unsafe { std::mem::transmute([q, q]) }
+}
+
+/// `x` rounded to BF16 as [`f32_to_bf16_bits`] does (nearest even on the bits; any NaN →
+/// `0xFFFF`), in the high 16 bits of each 32-bit lane (the low ones are left over).
+/// `byte2_down` is [`BYTE2_DOWN`], passed in so that a caller can hide it from the compiler.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn bf16_biased(x: __m256, byte2_down: __m256i) -> __m256i {
+    let u = _mm256_castps_si256(x);
+    // Bit 16 (the lowest kept bit) moved to bit 0 by the shuffle `byte2_down` (`BYTE2_DOWN`).
+    let lsb = _mm256_and_si256(_mm256_shuffle_epi8(u, byte2_down), _mm256_set1_epi32(1));
+    let t = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+    // A NaN lane of the comparison is all ones, and so is its lane after the `or`: its high
+    // half is 0xFFFF. One `or` where a blend costs up to three micro-ops.
+    let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
+    _mm256_or_si256(t, nan)
+}
+
 /// Rounds 8 `f32` to BF16 as [`f32_to_bf16_bits`] does (nearest even on the bits; any NaN →
 /// `0xFFFF`).
 #[target_feature(enable = "avx2")]
 #[inline]
 pub(crate) fn f32x8_to_bf16(x: __m256) -> __m128i {
-    let u = _mm256_castps_si256(x);
-    let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(u), _mm256_set1_epi32(1));
-    let bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
-    let r = _mm256_srli_epi32::<16>(_mm256_add_epi32(u, bias));
-    let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
-    let r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0xFFFF), nan);
+    let r = _mm256_srli_epi32::<16>(bf16_biased(x, BYTE2_DOWN));
     // Every lane is ≤ 0xFFFF, so the unsigned saturating pack is exact; it packs within each
     // 128-bit half, and the permute brings the two halves' results together.
     let packed = _mm256_packus_epi32(r, r);
     _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b1000>(packed))
 }
 
-/// One element of [`add8`].
+/// One element of [`add16`].
 #[inline(always)]
 unsafe fn add_one<const T: u8>(bp: *mut u8, at: usize, d: f32) {
     // SAFETY: the caller passes `at < rows · n`, so the element at `at` lies inside `base`.

@@ -356,8 +356,12 @@ mod tests {
     fn fused_paths_equal_the_general_arithmetic() {
         // Rows not a multiple of the row tile, columns with a tail, one and three rank blocks,
         // two experts whose boundary falls inside a rayon block, and a tensor big enough to be
-        // split into several rayon blocks.
+        // split into several rayon blocks. Row counts leave every remainder of the AVX2 kernel's
+        // 6-row tile (one call) and of the AVX-512 kernel's 8-row one.
         for &(batch, rows, k, n) in &[
+            (1, 8, 16, 48),
+            (1, 10, 16, 32),
+            (1, 11, 16, 64),
             (1, 13, 20, 45),
             (2, 11, 7, 64),
             (1, 9, 400, 33),
