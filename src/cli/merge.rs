@@ -194,6 +194,12 @@ fn print_numerics(n: &merge::NumericsReport) {
 /// Tells what the merge did to a quantized base, and each re-quantized weight's error where
 /// it is measured (FP8, bitsandbytes int8).
 fn print_quantization(q: &merge::QuantizationReport) {
+    quantization_lines(q).into_iter().for_each(summary);
+}
+
+/// The lines of [`print_quantization`]: what was done, then the errors, the largest
+/// [`SHOWN_ERRORS`] of them when there are more.
+fn quantization_lines(q: &merge::QuantizationReport) -> Vec<String> {
     let dq = if q.double_quant {
         " with double quantization"
     } else {
@@ -204,27 +210,98 @@ fn print_quantization(q: &merge::QuantizationReport) {
         method => format!("{method} {}{dq}", q.format),
     };
     let dtype = q.dtype.as_deref().unwrap_or("its dtype");
-    match q.output.as_str() {
-        "dequantized" => summary(format!(
+    let mut errors = measured(q);
+    let head = match q.output.as_str() {
+        "dequantized" => format!(
             "{format} base: {} weights dequantized to {dtype}; quantization_config dropped",
             q.tensors_dequantized
-        )),
-        "qlora-base" => summary(format!(
+        ),
+        "qlora-base" => format!(
             "QLoRA base: merged into the {format} round trip dequantize(quantize(W)) of {} weights",
             q.requantized.len()
-        )),
-        _ => summary(format!(
+        ),
+        _ => format!(
             "{format} format kept: {} merged weight(s) re-quantized, the others copied{}",
             q.requantized.len(),
             match &q.dtype {
+                Some(_) if errors.len() > SHOWN_ERRORS => format!(
+                    " (max abs error vs the {dtype} merge, the {SHOWN_ERRORS} largest; --json lists each):"
+                ),
                 Some(dtype) => format!(" (max abs error vs the {dtype} merge):"),
                 None => String::new(),
             }
-        )),
+        ),
+    };
+    if errors.len() > SHOWN_ERRORS {
+        // A large model has hundreds: the worst say what the user needs to know (NaN first).
+        errors.sort_by(|a, b| b.1.total_cmp(&a.1));
+        errors.truncate(SHOWN_ERRORS);
     }
-    for t in &q.requantized {
-        if let Some(e) = t.max_abs_error {
-            summary(format!("  {}: {e:.3e}", t.tensor));
+    let errors = errors.into_iter().map(|(t, e)| format!("  {t}: {e:.3e}"));
+    std::iter::once(head).chain(errors).collect()
+}
+
+/// Re-quantized weights listed one per line at most; `--json` has every one.
+const SHOWN_ERRORS: usize = 8;
+
+/// Each re-quantized weight's measured error, in the report's order.
+fn measured(q: &merge::QuantizationReport) -> Vec<(&str, f64)> {
+    let e = q.requantized.iter();
+    e.filter_map(|t| Some((t.tensor.as_str(), t.max_abs_error?)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(errors: &[f64]) -> merge::QuantizationReport {
+        merge::QuantizationReport {
+            method: "fp8".into(),
+            output: "kept".into(),
+            format: "e4m3".into(),
+            double_quant: false,
+            dtype: Some("bfloat16".into()),
+            tensors_dequantized: 0,
+            requantized: errors
+                .iter()
+                .enumerate()
+                .map(|(i, &e)| merge::RequantizedTensor {
+                    tensor: format!("w{i}"),
+                    max_abs_error: Some(e),
+                })
+                .collect(),
         }
+    }
+
+    #[test]
+    fn a_few_errors_are_listed_in_order() {
+        let lines = quantization_lines(&report(&[3e-3, 1e-3]));
+        assert_eq!(
+            lines,
+            [
+                "fp8 format kept: 2 merged weight(s) re-quantized, the others copied (max abs error vs the bfloat16 merge):",
+                "  w0: 3.000e-3",
+                "  w1: 1.000e-3",
+            ]
+        );
+    }
+
+    #[test]
+    fn many_errors_show_the_largest_nan_first() {
+        let mut errors: Vec<f64> = (0..20).map(|i| f64::from(i) * 1e-4).collect();
+        errors[3] = f64::NAN;
+        let lines = quantization_lines(&report(&errors));
+        assert_eq!(lines.len(), 1 + SHOWN_ERRORS);
+        assert!(
+            lines[0].contains("20 merged weight(s)")
+                && lines[0].contains("the 8 largest; --json lists each")
+        );
+        assert_eq!(lines[1], "  w3: NaN");
+        let shown: Vec<&str> = lines[2..]
+            .iter()
+            .map(|l| l.trim().split(':').next().unwrap())
+            .collect();
+        assert_eq!(shown, ["w19", "w18", "w17", "w16", "w15", "w14", "w13"]);
     }
 }
