@@ -53,6 +53,7 @@ mod setters;
 mod shard;
 mod staging;
 mod tensor;
+mod write_behind;
 
 pub use atomic::DirTransaction;
 pub use cast::{cast_slice_into, cast_state_dict, cast_tensor, f32_to_bf16_bits, parse_cast_dtype};
@@ -91,3 +92,4 @@ pub use tensor::{
     buffers, byte_len, dtype_name, dtype_size, parse_dtype, Dtype, InPlaceEdit, OutputRegion, Part,
     Producer, SourceFile, SourceRegion, StateDict, StreamedTensor, Tensor,
 };
+pub use write_behind::WriteBehind;

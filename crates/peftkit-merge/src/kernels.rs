@@ -69,7 +69,7 @@ pub use fp8::{
     quantize_fp8_into, requantize_fp8_bands, ue8m0_round_up, Fp8Grid, Fp8Quantized, ScaleKind,
     E4M3_MAX,
 };
-pub(crate) use fp8::{nan_max, requantize_fp8_chunk, with_band, with_kept, Fp8Chunk};
+pub(crate) use fp8::{nan_max, requantize_fp8_chunk, with_kept, Fp8Chunk};
 pub use gemm::lowrank_product;
 pub(crate) use lora::StreamedBase;
 pub use lora::{

@@ -1,26 +1,28 @@
 //! An FP8 weight streamed from the base file to the output file, a chunk of whole block rows
 //! at a time, as plain LoRA merges stream (`file_io`).
 //!
-//! For each chunk (about [`OutputRegion::write_size`] bytes of output): `pread` its e4m3 rows
-//! into a per-thread buffer, dequantize them into a second one in the model dtype, merge the
-//! adapters' rows there ([`RowBanded`]: a plain Linear LoRA's rows are independent), and
-//! either write that band (`--dequantize`) or re-quantize it over the e4m3 rows and write
-//! those (format kept), its new scales kept for the scale tensor (`joint`). Every byte is
-//! computed in cache and copied once into the output; no buffer holds a whole weight
-//! (docs/architecture.md, "The FP8 merge").
+//! For each chunk (about [`OutputRegion::write_size`] bytes of output): `pread` its e4m3 rows,
+//! dequantize them into a band buffer in the model dtype, merge the adapters' rows there
+//! ([`RowBanded`]: a plain Linear LoRA's rows are independent), and either write that band
+//! (`--dequantize`) or re-quantize it over the e4m3 rows and write those (format kept), its new
+//! scales kept for the scale tensor (`joint`). Every byte is computed in cache and copied once
+//! into the output; no buffer holds a whole weight. The writes go through
+//! [`OutputRegion::write_behind`]: in a synced save a thread of their own makes them while the
+//! next chunks are computed (docs/architecture.md, "The FP8 merge").
 
 use std::cell::Cell;
 use std::ops::Range;
 use std::sync::Arc;
 
-use peftkit_checkpoint::{CheckpointError, OutputRegion, SourceRegion, StreamedTensor};
+use peftkit_checkpoint::{
+    CheckpointError, OutputRegion, SourceRegion, StreamedTensor, WriteBehind,
+};
 use rayon::prelude::*;
 
 use super::fp8_weight::{Banded, Fp8Weight, Requant};
 use crate::edit::RowBanded;
 use crate::kernels::{
-    dequantize_fp8_into, element_size, nan_max, requantize_fp8_chunk, with_band, with_kept,
-    Fp8Chunk, Fp8Grid,
+    dequantize_fp8_into, element_size, nan_max, requantize_fp8_chunk, with_kept, Fp8Chunk, Fp8Grid,
 };
 
 /// One weight's stream: its merge steps, scales, source and output, and its chunking.
@@ -41,8 +43,8 @@ pub(super) struct Stream<'a> {
 const BAND_BYTES: usize = 1 << 20;
 
 thread_local! {
-    /// This thread's e4m3 rows of a chunk (see `kernels::with_kept`); the chunk in the model
-    /// dtype goes to the kernels' band buffer (`kernels::with_band`).
+    /// This thread's e4m3 rows of a chunk read for `--dequantize` (see `kernels::with_kept`);
+    /// the output of a chunk is computed in a buffer of its writes ([`WriteBehind::buffer`]).
     static FP8: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
 }
 
@@ -73,21 +75,30 @@ impl<'a> Stream<'a> {
         }))
     }
 
-    /// Runs `chunk` on every chunk of block rows, in parallel, with this thread's e4m3 buffer;
-    /// returns the results in row order.
+    /// Runs `chunk` on every chunk of block rows, in parallel, with this thread's e4m3 buffer
+    /// and the region's writes (made behind the computation in a synced save); returns the
+    /// results in row order.
     fn run<T: Send>(
         &self,
-        chunk: impl Fn(&Self, Range<usize>, &mut Vec<u8>) -> Result<T, CheckpointError> + Sync,
+        chunk: impl Fn(
+                &Self,
+                Range<usize>,
+                &mut Vec<u8>,
+                &WriteBehind<'_, '_>,
+            ) -> Result<T, CheckpointError>
+            + Sync,
     ) -> Result<Vec<T>, CheckpointError> {
         let n = self.w.grid.grid_rows;
         let chunks = n.div_ceil(self.blocks);
-        (0..chunks)
-            .into_par_iter()
-            .map(|i| {
-                let blocks = i * self.blocks..((i + 1) * self.blocks).min(n);
-                with_kept(&FP8, |fp8| chunk(self, blocks, fp8))
-            })
-            .collect()
+        self.out.write_behind(|writes| {
+            (0..chunks)
+                .into_par_iter()
+                .map(|i| {
+                    let blocks = i * self.blocks..((i + 1) * self.blocks).min(n);
+                    with_kept(&FP8, |fp8| chunk(self, blocks, fp8, writes))
+                })
+                .collect()
+        })
     }
 
     /// The grid, rows and scales of block rows `blocks`.
@@ -120,6 +131,7 @@ impl<'a> Stream<'a> {
         &self,
         blocks: Range<usize>,
         fp8: &mut Vec<u8>,
+        writes: &WriteBehind<'_, '_>,
     ) -> Result<(), CheckpointError> {
         let (grid, rows, _) = self.chunk(blocks.clone());
         let (w, cols) = (self.w, grid.cols);
@@ -130,24 +142,23 @@ impl<'a> Stream<'a> {
         let fp8 = &mut fp8[..grid.numel()];
         self.source.read_at(rows.start * cols, fp8)?;
         let at = rows.start * cols * size;
-        with_band(|buf| {
-            let range = self.out.place(at, grid.numel() * size, buf);
-            let chunk = &mut buf[range];
-            for (blocks, elems) in self.bands(blocks) {
-                let (grid, rows, scales) = self.chunk(blocks);
-                let band = &mut chunk[elems.start * size..elems.end * size];
-                let fp8 = &fp8[elems];
-                dequantize_fp8_into(fp8, scales, &grid, w.dtype, band).map_err(|e| w.math(e))?;
-                w.merge_rows(&self.steps, rows, band)?;
-            }
-            self.out.write_at(at, chunk)
-        })
+        let (mut buf, range) = writes.buffer(at, grid.numel() * size);
+        let chunk = &mut buf[range.clone()];
+        for (blocks, elems) in self.bands(blocks) {
+            let (grid, rows, scales) = self.chunk(blocks);
+            let band = &mut chunk[elems.start * size..elems.end * size];
+            let fp8 = &fp8[elems];
+            dequantize_fp8_into(fp8, scales, &grid, w.dtype, band).map_err(|e| w.math(e))?;
+            w.merge_rows(&self.steps, rows, band)?;
+        }
+        writes.write(at, buf, range)
     }
 
     /// Format kept: every chunk dequantized, merged, re-quantized as `requant` says and
     /// written; returns the new inverse scales and the largest re-quantization error.
     pub(super) fn requantize(&self, requant: Requant) -> Result<(Vec<f32>, f64), CheckpointError> {
-        let chunks = self.run(|me, blocks, fp8| me.requantize_chunk(requant, blocks, fp8))?;
+        let chunks =
+            self.run(|me, blocks, _, writes| me.requantize_chunk(requant, blocks, writes))?;
         let mut inv = Vec::with_capacity(self.w.grid.scales());
         let mut error = 0.0;
         for (chunk_inv, chunk_error) in chunks {
@@ -161,13 +172,13 @@ impl<'a> Stream<'a> {
         &self,
         requant: Requant,
         blocks: Range<usize>,
-        fp8: &mut Vec<u8>,
+        writes: &WriteBehind<'_, '_>,
     ) -> Result<(Vec<f32>, f64), CheckpointError> {
         let (grid, rows, _) = self.chunk(blocks.clone());
         let w = self.w;
         let at = rows.start * grid.cols;
-        let range = self.out.place(at, grid.numel(), fp8);
-        let q = &mut fp8[range];
+        let (mut buf, range) = writes.buffer(at, grid.numel());
+        let q = &mut buf[range.clone()];
         self.source.read_at(at, q)?;
         let merge = |rows, band: &mut [u8]| -> Result<(), Banded> {
             Ok(w.merge_rows(&self.steps, rows, band)?)
@@ -188,7 +199,7 @@ impl<'a> Stream<'a> {
             let e = requantize_fp8_chunk(band, kinds, &merge).map_err(|e| w.banded(e))?;
             error = nan_max(error, e);
         }
-        self.out.write_at(at, q)?;
+        writes.write(at, buf, range)?;
         Ok((inv, error))
     }
 }
