@@ -398,6 +398,21 @@ def section(key, rec):
         "",
         f"![verbs on {key}](benchmarks/verbs-{key}.svg)",
         "",
+    ]
+    # A run of some cases keeps the others' earlier figures: say which, and from when.
+    def when(c):
+        if "commit" not in c:  # recorded before cases kept their own date and commit
+            return f"{c['rounds']} rounds; date and commit in the git history of the raw runs"
+        return f"{c['date']}, {c['commit'][:10]}, `{c['command']}`, {c['rounds']} rounds"
+
+    older = [
+        f"{name} ({when(c)})"
+        for name, c in rec["cases"].items()
+        if (c.get("commit"), c.get("date"), c.get("command")) != (rec["commit"], rec["date"], rec["command"])
+    ]
+    if older:
+        lines += ["Kept from an earlier run: " + "; ".join(older) + ".", ""]
+    lines += [
         "| case | contender | fastest | median (slowest) | vs `cp -r` fastest / median | CPU user + sys | peak RSS |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -532,7 +547,8 @@ def main():
                 continue
         rounds = a.rounds or (3 if a.quick or name == "merge-7b" else 7)
         s, fs = run_case(name, case, peftkit, a.work, rounds, settle, avx512, not a.quick)
-        rec["cases"][name] = {"contenders": s, "targets": targets(name, case, s), "rounds": rounds}
+        rec["cases"][name] = {"contenders": s, "targets": targets(name, case, s), "rounds": rounds,
+                              "commit": rec["commit"], "date": rec["date"], "command": rec["command"]}
         rec["rounds"] = rounds
         rec["filesystem"] = fs
         json_path.write_text(json.dumps(rec, indent=1) + "\n")
