@@ -834,8 +834,8 @@ impl Tensor {
         }
     }
 
-    /// Whether some of the bytes are computed (by a closure or an edit): worth computing ahead
-    /// of the writer.
+    /// Whether some of the bytes are computed (by a closure, a stream or an edit) rather than
+    /// held or read as they are.
     pub fn is_computed(&self) -> bool {
         match &self.data {
             Data::Lazy(_) | Data::Streamed(_) | Data::Edited { .. } => true,
