@@ -220,11 +220,12 @@ CASES = {
         no_fsync=True,
         size="1gb",
     ),
-    "merge-fp8": dict(data=lambda w, p: fp8_model(w), cmd=merge_cmd, no_fsync=True, size="1gb"),
+    "merge-fp8": dict(data=lambda w, p: fp8_model(w), cmd=merge_cmd, no_fsync=True, arith=True, size="1gb"),
     "merge-fp8-dequantize": dict(
         data=lambda w, p: fp8_model(w),
         cmd=lambda p, i, o, s: merge_cmd(p, i, o, s) + ["--dequantize"],
         no_fsync=True,
+        arith=True,
         size="1gb",
     ),
 }
