@@ -75,18 +75,11 @@ impl<'a> Stream<'a> {
         }))
     }
 
-    /// Runs `chunk` on every chunk of block rows, in parallel, with this thread's e4m3 buffer
-    /// and the region's writes (made behind the computation in a synced save); returns the
-    /// results in row order.
+    /// Runs `chunk` on every chunk of block rows, in parallel, with the region's writes (made
+    /// behind the computation in a synced save); returns the results in row order.
     fn run<T: Send>(
         &self,
-        chunk: impl Fn(
-                &Self,
-                Range<usize>,
-                &mut Vec<u8>,
-                &WriteBehind<'_, '_>,
-            ) -> Result<T, CheckpointError>
-            + Sync,
+        chunk: impl Fn(&Self, Range<usize>, &WriteBehind<'_, '_>) -> Result<T, CheckpointError> + Sync,
     ) -> Result<Vec<T>, CheckpointError> {
         let n = self.w.grid.grid_rows;
         let chunks = n.div_ceil(self.blocks);
@@ -94,8 +87,11 @@ impl<'a> Stream<'a> {
             (0..chunks)
                 .into_par_iter()
                 .map(|i| {
-                    let blocks = i * self.blocks..((i + 1) * self.blocks).min(n);
-                    with_kept(&FP8, |fp8| chunk(self, blocks, fp8, writes))
+                    chunk(
+                        self,
+                        i * self.blocks..((i + 1) * self.blocks).min(n),
+                        writes,
+                    )
                 })
                 .collect()
         })
@@ -124,7 +120,10 @@ impl<'a> Stream<'a> {
 
     /// `--dequantize`: every chunk dequantized, merged and written in the model dtype.
     pub(super) fn dequantize(&self) -> Result<(), CheckpointError> {
-        self.run(Self::dequantize_chunk).map(drop)
+        self.run(|me, blocks, writes| {
+            with_kept(&FP8, |fp8| me.dequantize_chunk(blocks, fp8, writes))
+        })
+        .map(drop)
     }
 
     fn dequantize_chunk(
@@ -157,8 +156,7 @@ impl<'a> Stream<'a> {
     /// Format kept: every chunk dequantized, merged, re-quantized as `requant` says and
     /// written; returns the new inverse scales and the largest re-quantization error.
     pub(super) fn requantize(&self, requant: Requant) -> Result<(Vec<f32>, f64), CheckpointError> {
-        let chunks =
-            self.run(|me, blocks, _, writes| me.requantize_chunk(requant, blocks, writes))?;
+        let chunks = self.run(|me, blocks, writes| me.requantize_chunk(requant, blocks, writes))?;
         let mut inv = Vec::with_capacity(self.w.grid.scales());
         let mut error = 0.0;
         for (chunk_inv, chunk_error) in chunks {
