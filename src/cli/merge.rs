@@ -234,7 +234,7 @@ fn quantization_lines(q: &merge::QuantizationReport) -> Vec<String> {
     };
     if errors.len() > SHOWN_ERRORS {
         // A large model has hundreds: the worst say what the user needs to know (NaN first).
-        errors.sort_by(|a, b| b.1.total_cmp(&a.1));
+        errors.sort_by(|a, b| b.1.is_nan().cmp(&a.1.is_nan()).then(b.1.total_cmp(&a.1)));
         errors.truncate(SHOWN_ERRORS);
     }
     let errors = errors.into_iter().map(|(t, e)| format!("  {t}: {e:.3e}"));
@@ -290,7 +290,8 @@ mod tests {
     #[test]
     fn many_errors_show_the_largest_nan_first() {
         let mut errors: Vec<f64> = (0..20).map(|i| f64::from(i) * 1e-4).collect();
-        errors[3] = f64::NAN;
+        // A NaN of either sign (total_cmp alone would put a negative one last).
+        errors[3] = -f64::NAN;
         let lines = quantization_lines(&report(&errors));
         assert_eq!(lines.len(), 1 + SHOWN_ERRORS);
         assert!(
