@@ -114,9 +114,15 @@ fn write_middle(buffered: &File, direct: &File, middle: &[u8], offset: u64) -> s
 /// then goes to the disk from there, without the bounce copy.
 pub(crate) fn same_phase(len: usize, offset: u64) -> (Vec<u8>, std::ops::Range<usize>) {
     let buf = crate::tensor::buffers::take(len + ALIGN);
-    let phase = (offset % ALIGN as u64) as usize;
-    let skip = (phase + ALIGN - buf.as_ptr() as usize % ALIGN) % ALIGN;
+    let skip = phase_skip(&buf, offset);
     (buf, skip..skip + len)
+}
+
+/// How many bytes into `buf` (at least `ALIGN` longer than what it will hold) bytes bound for
+/// file `offset` must start for their address and their offset to be aligned alike.
+pub(crate) fn phase_skip(buf: &[u8], offset: u64) -> usize {
+    let phase = (offset % ALIGN as u64) as usize;
+    (phase + ALIGN - buf.as_ptr() as usize % ALIGN) % ALIGN
 }
 
 thread_local! {

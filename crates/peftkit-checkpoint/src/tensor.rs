@@ -264,10 +264,8 @@ impl OutputRegion<'_> {
             buf.resize(buf.len().max(len), 0);
             return 0..len;
         };
-        let align = crate::direct::ALIGN;
-        buf.resize(buf.len().max(len + align), 0);
-        let phase = ((self.offset + at as u64) % align as u64) as usize;
-        let skip = (phase + align - buf.as_ptr() as usize % align) % align;
+        buf.resize(buf.len().max(len + crate::direct::ALIGN), 0);
+        let skip = crate::direct::phase_skip(buf, self.offset + at as u64);
         skip..skip + len
     }
 
