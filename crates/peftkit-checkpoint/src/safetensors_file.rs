@@ -664,8 +664,7 @@ fn write_tensor_at(p: &Prepared<'_>, t: &Tensor, offset: u64) -> Result<u64> {
     if let Some(parts) = t.parts() {
         return write_parts_at(p, parts, offset);
     }
-    if let Some(n) = p.buffered(|| copy_in_kernel(p, t, offset))? {
-        p.start_writeback(offset, n);
+    if let Some(n) = copy_in_kernel(p, t, offset)? {
         return Ok(n);
     }
     let len = t.byte_len();
@@ -728,13 +727,7 @@ fn write_parts_at(p: &Prepared<'_>, parts: &[crate::tensor::Part], offset: u64) 
                 file: src,
                 offset: from,
                 len,
-            } => {
-                let copied = p.buffered(|| copy_range_in_kernel(p, src, *from, *len, at))?;
-                if let Some(n) = copied {
-                    p.start_writeback(at, n);
-                }
-                copied.is_some()
-            }
+            } => copy_range_in_kernel(p, src, *from, *len, at)?.is_some(),
             crate::Part::Computed { .. } => false,
         };
         if !copied {
@@ -768,8 +761,8 @@ pub(crate) fn write_all_at(file: &File, mut buf: &[u8], mut offset: u64) -> std:
 }
 
 /// Copies a file-backed tensor to `offset` of `p`'s file inside the kernel
-/// ([`crate::kernel_copy`]). `None` when the kernel or file system cannot, before anything was
-/// written: the caller then copies through memory.
+/// ([`crate::kernel_copy`]). `None` when the kernel or file system cannot: the caller then
+/// copies through memory.
 fn copy_in_kernel(p: &Prepared<'_>, t: &Tensor, offset: u64) -> Result<Option<u64>> {
     let Some((src, src_offset)) = t.file_region() else {
         return Ok(None);
@@ -777,8 +770,17 @@ fn copy_in_kernel(p: &Prepared<'_>, t: &Tensor, offset: u64) -> Result<Option<u6
     copy_range_in_kernel(p, src, src_offset, t.byte_len(), offset)
 }
 
-/// Copies `len` bytes of `src` from `src_offset` to `offset` of `p`'s file inside the kernel;
-/// `None` as for [`copy_in_kernel`].
+/// Bytes copied per hold of a file's write lock ([`Prepared::buffered`]) and per start of
+/// writeback. A 128 MiB embedding copied whole held the lock for 70 ms, and the other workers'
+/// next tensors in that file (norms of a few KiB, queued before the FP8 weights) waited for it
+/// with the cores idle; its writeback, started in one call, took 80 ms more. In pieces, the
+/// small writes slip in between and the disk gets the copy as it is made (docs/architecture.md,
+/// "Output IO").
+const COPY_PIECE: usize = 8 << 20;
+
+/// Copies `len` bytes of `src` from `src_offset` to `offset` of `p`'s file inside the kernel,
+/// [`COPY_PIECE`] at a time, starting each piece's writeback in a synced save; `None` as for
+/// [`copy_in_kernel`], the caller then writing the whole range.
 fn copy_range_in_kernel(
     p: &Prepared<'_>,
     src: &crate::SourceFile,
@@ -787,7 +789,20 @@ fn copy_range_in_kernel(
     offset: u64,
 ) -> Result<Option<u64>> {
     let (out, path) = (&p.file, &p.path);
-    crate::kernel_copy::copy_range(out, src, src_offset, len, offset, path, p.splices)
+    let mut done = 0;
+    while done < len {
+        let n = COPY_PIECE.min(len - done);
+        let (from, at) = (src_offset + done as u64, offset + done as u64);
+        let copy = || crate::kernel_copy::copy_range(out, src, from, n, at, path, p.splices);
+        // A refusal after the first piece (none is known: the kernel refuses at the first
+        // call) hands the whole range back too; the caller's copy rewrites the same bytes.
+        if p.buffered(copy)?.is_none() {
+            return Ok(None);
+        }
+        p.start_writeback(at, n as u64);
+        done += n;
+    }
+    Ok(Some(len as u64))
 }
 
 /// Fills in the tensor name of errors raised by anonymous tensor operations.
@@ -838,5 +853,41 @@ mod tests {
             .collect();
         assert_eq!(names, ["b.weight", "x", "c", "y", "a.scale"]);
         assert_eq!(prepared[0].items[0].0, "a.scale", "file order is kept");
+    }
+
+    /// A file-backed tensor longer than a [`COPY_PIECE`], copied in pieces to an offset in
+    /// the same place of a page as its source (`copy_file_range`) and in another place (the
+    /// pipe), synced and not, is its bytes.
+    #[test]
+    fn a_tensor_copied_in_pieces_is_its_bytes() {
+        use crate::{save_pretrained, Checkpoint, SaveOptions, StateDict};
+        let dir = tempfile::tempdir().unwrap();
+        let n = 2 * COPY_PIECE + 4099;
+        let bytes: Vec<u8> = (0..n).map(|i| (i * 31 % 251) as u8).collect();
+        // `a` comes first in the file: its length moves `big`.
+        let state = |a: usize, big: Tensor| {
+            let a = Tensor::from_bytes(Dtype::U8, vec![a], vec![7; a]).unwrap();
+            StateDict::from([("a".into(), a), ("big".into(), big)])
+        };
+        let big = Tensor::from_bytes(Dtype::U8, vec![n], bytes.clone()).unwrap();
+        let options = SaveOptions::default().durable(false);
+        save_pretrained(&dir.path().join("in"), &state(5, big), &options).unwrap();
+        let source = Checkpoint::open(&dir.path().join("in")).unwrap();
+        let big = source.get("big").unwrap();
+        let phase = |t: &Tensor| t.file_region().unwrap().1 % 4096;
+        for (a, same_phase) in [(5, true), (8, false)] {
+            for durable in [false, true] {
+                let out = dir.path().join(format!("out-{a}-{durable}"));
+                let options = SaveOptions::default().durable(durable);
+                save_pretrained(&out, &state(a, big.clone()), &options).unwrap();
+                let got = Checkpoint::open(&out).unwrap();
+                let got = got.get("big").unwrap();
+                assert_eq!(phase(got) == phase(big), same_phase);
+                assert!(
+                    *got.bytes().unwrap() == bytes[..],
+                    "a {a}, durable {durable}"
+                );
+            }
+        }
     }
 }
