@@ -20,6 +20,11 @@
 //!   within a factor of two), and the `f64` steps were most of the kernel's cycles;
 //! * the error's maximum is taken lane-wise (the maximum of non-NaN values does not depend on
 //!   its order), NaN tracked in a separate mask;
+//! * the dequantization multiplies the byte's bits, moved into an `f32`'s places, by
+//!   `scale · 2^120` ([`E4M3_BITS`]): the same exact product as the decoded value times the
+//!   scale, so the same rounding, in 3 operations instead of the decode's 10 (user time of a
+//!   kept FP8 merge on the AVX2 path 1.17 → 1.07 s, AVX-512 0.69 → 0.63 s, 7 interleaved
+//!   rounds, medians);
 //! * a BF16 row is read as is: its block max-abs is the integer maximum of the bit patterns
 //!   without sign, which orders non-NaN values as their magnitudes do and is above `0x7f80`
 //!   exactly when a NaN is present.
@@ -44,6 +49,20 @@ const ROUNDS_PAST_MAX: i32 = 1087 << 20;
 const SMALLEST_NORMAL: i32 = 121 << 23;
 /// Added to a normal magnitude to rebias the exponent and round half to even (plus the odd bit).
 const REBIAS: i32 = ((7u32.wrapping_sub(127) << 23).wrapping_add(0x7ffff)) as i32;
+
+/// A sign-extended e4m3 byte shifted left by 20, masked with this, has the byte's sign,
+/// exponent and mantissa in an `f32`'s places: read as an `f32`, it is the e4m3 value times
+/// 2^-120, subnormals included (they land on `f32` subnormals, whose step is as fine).
+const E4M3_BITS: i32 = 0x87f0_0000_u32 as i32;
+
+/// The block scale `s` times 2^120, the factor that takes [`E4M3_BITS`] to `e4m3 × s` in one
+/// multiply; `None` when it is not finite (`|s| ≥ 2^8`, or `s` not finite), and the block takes
+/// the scalar steps. A power-of-two scaling is exact, so `bits × (s · 2^120)` is the same exact
+/// product as `e4m3_to_f32(w) × s` and rounds to the same `f32`.
+fn scaled_by_2_120(s: f32) -> Option<f32> {
+    let s = s * f32::from_bits((127 + 120) << 23);
+    s.is_finite().then_some(s)
+}
 
 /// Elements of one block of `bn` columns handled by whole vectors of `lanes`.
 fn whole(bn: usize, lanes: usize) -> usize {
@@ -108,20 +127,6 @@ fn cast16(y: __m512) -> (__m512i, __m512) {
         q,
         _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(value), sign)),
     )
-}
-
-/// `e4m3_to_f32` of 16 codes given as magnitude (`0..=0x7f`) and sign bit (`0x80`).
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
-#[inline]
-fn decode16(mag: __m512i, sign: __m512i) -> __m512 {
-    let normal = _mm512_add_epi32(_mm512_slli_epi32::<20>(mag), _mm512_set1_epi32(120 << 23));
-    let subnormal = _mm512_mul_ps(_mm512_cvtepi32_ps(mag), _mm512_set1_ps(1.0 / 512.0));
-    let small = _mm512_cmplt_epu32_mask(mag, _mm512_set1_epi32(8));
-    let value = _mm512_mask_blend_ps(small, _mm512_castsi512_ps(normal), subnormal);
-    let nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f));
-    let value = _mm512_mask_mov_ps(value, nan, _mm512_set1_ps(f32::NAN));
-    let sign = _mm512_slli_epi32::<24>(sign);
-    _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(value), sign))
 }
 
 /// The low and high 8 lanes of `x` widened to `f64`.
@@ -306,8 +311,12 @@ pub(super) unsafe fn dequantize_bf16_avx512(w: &[u8], scales: &[f32], bn: usize,
     let full = whole(bn, 16);
     let (wp, op) = (w.as_ptr(), out.as_mut_ptr());
     for (b, &s) in scales.iter().enumerate() {
-        let sv = _mm512_set1_ps(s);
         let start = b * bn;
+        let Some(s) = scaled_by_2_120(s) else {
+            dequantize_bf16_tail(w, s, start..start + bn, out);
+            continue;
+        };
+        let sv = _mm512_set1_ps(s);
         let mut j = start;
         while j < start + full {
             // SAFETY: `j + 16 ≤ (b + 1) · bn`, within `w` and (two bytes each) `out`.
@@ -315,22 +324,24 @@ pub(super) unsafe fn dequantize_bf16_avx512(w: &[u8], scales: &[f32], bn: usize,
                 // The e4m3 bytes were last touched by the writer's copy: fetch them ahead
                 // (perf put half of this loop's cycles on the load before).
                 _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(j + 1024) as *const i8);
-                let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(wp.add(j) as *const __m128i));
-                let mag = _mm512_and_si512(q, _mm512_set1_epi32(0x7f));
-                let sign = _mm512_and_si512(q, _mm512_set1_epi32(0x80));
-                let x = _mm512_mul_ps(decode16(mag, sign), sv);
-                // Round to nearest even on the bits, as `f32_to_bf16_bits`; any NaN → 0xFFFF.
+                let bytes = _mm_loadu_si128(wp.add(j) as *const __m128i);
+                let q = _mm512_slli_epi32::<20>(_mm512_cvtepi8_epi32(bytes));
+                let bits = _mm512_and_si512(q, _mm512_set1_epi32(E4M3_BITS));
+                let x = _mm512_mul_ps(_mm512_castsi512_ps(bits), sv);
+                // Round to nearest even on the bits, as `f32_to_bf16_bits`; a NaN code (the
+                // only NaN here: `x` is finite otherwise) → 0xFFFF.
                 let u = _mm512_castps_si512(x);
                 let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(u), _mm512_set1_epi32(1));
                 let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
                 let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(u, bias));
-                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+                let mag = _mm_and_si128(bytes, _mm_set1_epi8(0x7f));
+                let nan = _mm_cmpeq_epi8_mask(mag, _mm_set1_epi8(0x7f));
                 let r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0xffff));
                 _mm256_storeu_si256(op.add(j * 2) as *mut __m256i, _mm512_cvtepi32_epi16(r));
             }
             j += 16;
         }
-        dequantize_bf16_tail(w, s, start + full..start + bn, out);
+        dequantize_bf16_tail(w, scales[b], start + full..start + bn, out);
     }
 }
 
@@ -390,21 +401,6 @@ fn cast8(y: __m256) -> (__m256i, __m256) {
         q,
         _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(value), sign)),
     )
-}
-
-/// [`decode16`] on 8 lanes.
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-fn decode8(mag: __m256i, sign: __m256i) -> __m256 {
-    let set = _mm256_set1_epi32;
-    let normal = _mm256_add_epi32(_mm256_slli_epi32::<20>(mag), set(120 << 23));
-    let subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(mag), _mm256_set1_ps(1.0 / 512.0));
-    let small = _mm256_castsi256_ps(_mm256_cmpgt_epi32(set(8), mag));
-    let value = _mm256_blendv_ps(_mm256_castsi256_ps(normal), subnormal, small);
-    let nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, set(0x7f)));
-    let value = _mm256_blendv_ps(value, _mm256_set1_ps(f32::NAN), nan);
-    let sign = _mm256_slli_epi32::<24>(sign);
-    _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(value), sign))
 }
 
 /// The low byte of each of 8 `i32` lanes, packed into the low 8 bytes.
@@ -551,20 +547,28 @@ pub(super) unsafe fn dequantize_bf16_avx2(w: &[u8], scales: &[f32], bn: usize, o
     let full = whole(bn, 8);
     let (wp, op) = (w.as_ptr(), out.as_mut_ptr());
     for (b, &s) in scales.iter().enumerate() {
-        let sv = _mm256_set1_ps(s);
         let start = b * bn;
+        let Some(s) = scaled_by_2_120(s) else {
+            dequantize_bf16_tail(w, s, start..start + bn, out);
+            continue;
+        };
+        let sv = _mm256_set1_ps(s);
         let mut j = start;
         while j < start + full {
             // SAFETY: `j + 8 ≤ (b + 1) · bn`, within `w` and (two bytes each) `out`.
             unsafe {
-                let q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(wp.add(j) as *const __m128i));
+                let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(wp.add(j) as *const __m128i));
+                let bits =
+                    _mm256_and_si256(_mm256_slli_epi32::<20>(q), _mm256_set1_epi32(E4M3_BITS));
+                let x = _mm256_mul_ps(_mm256_castsi256_ps(bits), sv);
+                // A NaN code's lanes all ones: a NaN, which the rounding turns into 0xFFFF.
                 let mag = _mm256_and_si256(q, _mm256_set1_epi32(0x7f));
-                let sign = _mm256_and_si256(q, _mm256_set1_epi32(0x80));
-                let x = _mm256_mul_ps(decode8(mag, sign), sv);
+                let nan = _mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7f));
+                let x = _mm256_or_ps(x, _mm256_castsi256_ps(nan));
                 _mm_storeu_si128(op.add(j * 2) as *mut __m128i, f32x8_to_bf16(x));
             }
             j += 8;
         }
-        dequantize_bf16_tail(w, s, start + full..start + bn, out);
+        dequantize_bf16_tail(w, scales[b], start + full..start + bn, out);
     }
 }
