@@ -354,14 +354,20 @@ fn scalar_row(v: &[f32], scales: &[f32], invs: &[f32], bn: usize) -> (Vec<u8>, f
 #[test]
 fn every_path_casts_edge_values_and_every_bf16_pattern_as_the_scalar_definition() {
     // Scales that leave values as they are, shrink them into the subnormals, blow them past
-    // 448, or are the infinite / zero ones of degenerate blocks.
+    // 448, or are the infinite / zero ones of degenerate blocks; pairs that are not inverses,
+    // a zero scale with a finite inverse (infinity times it is a NaN code), and inverses on
+    // each side of 2^8, where the kernels' one multiply by `inv · 2^120` stops being finite.
     let bn = 128;
-    let scale_sets: [(f32, f32); 5] = [
+    let scale_sets: [(f32, f32); 9] = [
         (1.0, 1.0),
         (448.0 / 3.0, 3.0 / 448.0),
         (2f32.powi(-20), 2f32.powi(20)),
         (f32::INFINITY, 0.0),
         (0.0, f32::INFINITY),
+        (0.0, 1.0),
+        (3.0, 0.5),
+        (1.0 / 255.9, 255.9),
+        (1.0 / 256.0, 256.0),
     ];
     let mut all = edge_floats();
     all.resize(all.len().div_ceil(bn) * bn, 0.0);
@@ -396,6 +402,41 @@ fn every_path_casts_edge_values_and_every_bf16_pattern_as_the_scalar_definition(
             }
         }
     }
+}
+
+/// Rows of an ordinary block (finite, inside the range, both signs): an error taken from a
+/// wrong sign or value is not hidden behind the infinite errors of the edge rows above.
+#[test]
+fn every_path_measures_an_ordinary_rows_error_as_the_scalar_definition() {
+    let bn = 128;
+    let v: Vec<f32> = (0..4 * bn)
+        .map(|i| bf16_round((i as f32 - 200.5) * 0.37))
+        .collect();
+    let m = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let (scales, invs) = (vec![448.0 / m; 4], vec![m / 448.0; 4]);
+    let want = scalar_row(&v, &scales, &invs, bn);
+    assert!(
+        want.1 > 0.0 && want.1 < f64::from(m) / 8.0,
+        "an ordinary error: {}",
+        want.1
+    );
+    let bytes = bf16_bytes(&v);
+    for isa in isas() {
+        for row in [rows::Row::F32(&v), rows::Row::Bf16(&bytes)] {
+            let mut q = vec![0u8; v.len()];
+            let mut err = rows::MaxError::default();
+            rows::with_isa(isa, || {
+                rows::quantize_row(row, &scales, &invs, bn, &mut q, &mut err)
+            });
+            assert!(q == want.0, "{isa:?}: bytes");
+            assert_eq!(err.value().to_bits(), want.1.to_bits(), "{isa:?}: error");
+        }
+    }
+}
+
+/// `x` rounded to the nearest BF16 (ties away from zero: any BF16 will do).
+fn bf16_round(x: f32) -> f32 {
+    f32::from_bits((x.to_bits() + 0x8000) & 0xffff_0000)
 }
 
 #[test]

@@ -174,56 +174,117 @@ unsafe fn quantize512<const BF16: bool>(
     out: &mut [u8],
     err: &mut MaxError,
 ) {
-    let (mut lo, mut hi) = (_mm512_setzero_pd(), _mm512_setzero_pd());
-    let mut exact = _mm512_setzero_ps();
-    let mut nans: __mmask8 = 0;
+    let mut acc = Acc512 {
+        lo: _mm512_setzero_pd(),
+        hi: _mm512_setzero_pd(),
+        exact: _mm512_setzero_ps(),
+        nans: 0,
+    };
     let mut tail = MaxError::default();
     let full = whole(bn, 16);
     let op = out.as_mut_ptr();
     for (b, (&s, &inv)) in scales.iter().zip(invs).enumerate() {
-        let (sv, iv) = (_mm512_set1_ps(s), _mm512_set1_ps(inv));
         let start = b * bn;
-        let mut j = start;
-        while j < start + full {
-            // SAFETY: `j + 16 ≤ (b + 1) · bn`, within the row and `out` (the caller's contract).
-            unsafe {
-                let x = load16::<BF16>(v, j);
-                let (q, value) = cast16(_mm512_mul_ps(x, sv));
-                _mm_storeu_si128(op.add(j) as *mut __m128i, _mm512_cvtepi32_epi8(q));
-                let back = _mm512_mul_ps(value, iv);
-                // The difference in `f32` with its rounding error (TwoSum): where every lane's
-                // is exact (zero), it is the `f64` difference, and the `f64` steps are skipped.
-                let d = _mm512_sub_ps(back, x);
-                let bb = _mm512_sub_ps(d, back);
-                let t = _mm512_sub_ps(
-                    _mm512_sub_ps(back, _mm512_sub_ps(d, bb)),
-                    _mm512_add_ps(x, bb),
-                );
-                if _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(t, _mm512_setzero_ps()) == 0 {
-                    // No NaN here: a NaN difference has a NaN error term.
-                    exact = _mm512_max_ps(_mm512_abs_ps(d), exact);
-                    j += 16;
-                    continue;
-                }
-                let ((blo, bhi), (xlo, xhi)) = (widen16(back), widen16(x));
-                let dlo = _mm512_abs_pd(_mm512_sub_pd(blo, xlo));
-                let dhi = _mm512_abs_pd(_mm512_sub_pd(bhi, xhi));
-                // `max(d, acc)` keeps `acc` when `d` is NaN; the mask records it.
-                lo = _mm512_max_pd(dlo, lo);
-                hi = _mm512_max_pd(dhi, hi);
-                nans |= _mm512_cmp_pd_mask::<_CMP_UNORD_Q>(dlo, dhi);
+        let range = start..start + full;
+        // SAFETY: the ranges lie within the block, inside the row and `out`.
+        unsafe {
+            match back_factor(s, inv) {
+                Some(iv) => block512::<BF16, true>(v, range, (s, iv), op, &mut acc),
+                None => block512::<BF16, false>(v, range, (s, inv), op, &mut acc),
             }
-            j += 16;
+            quantize_tail::<BF16>(v, (s, inv), start + full..start + bn, out, &mut tail);
         }
-        // SAFETY: the range lies within the block, inside the row and `out`.
-        unsafe { quantize_tail::<BF16>(v, (s, inv), start + full..start + bn, out, &mut tail) };
     }
-    let max = select_max(_mm512_reduce_max_pd(lo), _mm512_reduce_max_pd(hi));
+    let max = select_max(_mm512_reduce_max_pd(acc.lo), _mm512_reduce_max_pd(acc.hi));
     err.fold(max);
-    err.fold(f64::from(_mm512_reduce_max_ps(exact)));
+    err.fold(f64::from(_mm512_reduce_max_ps(acc.exact)));
     err.merge(tail);
-    if nans != 0 {
+    if acc.nans != 0 {
         err.fold(f64::NAN);
+    }
+}
+
+/// The running error of [`quantize512`]: `f64` maxima of the inexact vectors' low and high
+/// halves, the `f32` maximum of the exact ones, and which `f64` lanes saw a NaN.
+struct Acc512 {
+    lo: __m512d,
+    hi: __m512d,
+    exact: __m512,
+    nans: __mmask8,
+}
+
+/// Whole vectors `range` of one block of [`quantize512`], scale `s`. With `SCALED` the value of
+/// each e4m3 byte times the inverse scale is `bits × iv`, `iv` the inverse times 2^120
+/// ([`back_factor`]); otherwise `value × iv`, `iv` the inverse.
+///
+/// # Safety
+/// `range` lies within the row `v` points to and `out`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+#[inline]
+unsafe fn block512<const BF16: bool, const SCALED: bool>(
+    v: *const u8,
+    range: std::ops::Range<usize>,
+    (s, iv): (f32, f32),
+    op: *mut u8,
+    acc: &mut Acc512,
+) {
+    let (sv, iv) = (_mm512_set1_ps(s), _mm512_set1_ps(iv));
+    for j in range.step_by(16) {
+        // SAFETY: `j + 16 ≤ range.end`, within the row and `out` (the caller's contract).
+        unsafe {
+            let x = load16::<BF16>(v, j);
+            let (q, value) = cast16(_mm512_mul_ps(x, sv));
+            _mm_storeu_si128(op.add(j) as *mut __m128i, _mm512_cvtepi32_epi8(q));
+            let value = match SCALED {
+                true => e4m3_bits16(q),
+                false => value,
+            };
+            let back = _mm512_mul_ps(value, iv);
+            // The difference in `f32` with its rounding error (TwoSum): where every lane's
+            // is exact (zero), it is the `f64` difference, and the `f64` steps are skipped.
+            let d = _mm512_sub_ps(back, x);
+            let bb = _mm512_sub_ps(d, back);
+            let t = _mm512_sub_ps(
+                _mm512_sub_ps(back, _mm512_sub_ps(d, bb)),
+                _mm512_add_ps(x, bb),
+            );
+            if _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(t, _mm512_setzero_ps()) == 0 {
+                // No NaN here: a NaN difference has a NaN error term.
+                acc.exact = _mm512_max_ps(_mm512_abs_ps(d), acc.exact);
+                continue;
+            }
+            let ((blo, bhi), (xlo, xhi)) = (widen16(back), widen16(x));
+            let dlo = _mm512_abs_pd(_mm512_sub_pd(blo, xlo));
+            let dhi = _mm512_abs_pd(_mm512_sub_pd(bhi, xhi));
+            // `max(d, acc)` keeps `acc` when `d` is NaN; the mask records it.
+            acc.lo = _mm512_max_pd(dlo, acc.lo);
+            acc.hi = _mm512_max_pd(dhi, acc.hi);
+            acc.nans |= _mm512_cmp_pd_mask::<_CMP_UNORD_Q>(dlo, dhi);
+        }
+    }
+}
+
+/// The e4m3 bytes `q` of 16 lanes (sign at bit 7) as [`E4M3_BITS`] in an `f32`: the value
+/// times 2^-120. A NaN code reads as 480 · 2^-120: see [`back_factor`] for why no NaN code
+/// reaches it.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
+#[inline]
+fn e4m3_bits16(q: __m512i) -> __m512 {
+    let bits = _mm512_srai_epi32::<4>(_mm512_slli_epi32::<24>(q));
+    _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(E4M3_BITS)))
+}
+
+/// The factor that takes a cast's e4m3 bits ([`E4M3_BITS`]) to its value times the block's
+/// inverse scale `inv` in one multiply (`inv · 2^120`, exact), when no lane can hold a NaN code
+/// that its input does not explain: `None` when `inv · 2^120` is not finite, or the scale `s`
+/// is zero or not finite. Otherwise a lane's `v · s` is NaN only where `v` is, and its error is
+/// NaN from `v` alone, as it is from the decoded NaN. (`block_scales` gives such scales only
+/// for blocks with an infinite or tiny maximum; they take the decoded values.)
+fn back_factor(s: f32, inv: f32) -> Option<f32> {
+    if s.is_finite() && s != 0.0 {
+        scaled_by_2_120(inv)
+    } else {
+        None
     }
 }
 
@@ -450,65 +511,102 @@ unsafe fn quantize256<const BF16: bool>(
     out: &mut [u8],
     err: &mut MaxError,
 ) {
-    let (mut lo, mut hi) = (_mm256_setzero_pd(), _mm256_setzero_pd());
-    let mut exact = _mm256_setzero_ps();
-    let abs32 = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
-    let mut nans = _mm256_setzero_pd();
-    let abs = _mm256_castsi256_pd(_mm256_set1_epi64x(i64::MAX));
+    let mut acc = Acc256 {
+        lo: _mm256_setzero_pd(),
+        hi: _mm256_setzero_pd(),
+        exact: _mm256_setzero_ps(),
+        nans: _mm256_setzero_pd(),
+    };
     let mut tail = MaxError::default();
     let full = whole(bn, 8);
     let op = out.as_mut_ptr();
     for (b, (&s, &inv)) in scales.iter().zip(invs).enumerate() {
-        let (sv, iv) = (_mm256_set1_ps(s), _mm256_set1_ps(inv));
         let start = b * bn;
-        let mut j = start;
-        while j < start + full {
-            // SAFETY: `j + 8 ≤ (b + 1) · bn`, within the row and `out` (the caller's contract).
-            unsafe {
-                let x = load8::<BF16>(v, j);
-                let (q, value) = cast8(_mm256_mul_ps(x, sv));
-                _mm_storel_epi64(op.add(j) as *mut __m128i, bytes8(q));
-                let back = _mm256_mul_ps(value, iv);
-                // As in `quantize512`: exact `f32` differences skip the `f64` steps.
-                let d = _mm256_sub_ps(back, x);
-                let bb = _mm256_sub_ps(d, back);
-                let t = _mm256_sub_ps(
-                    _mm256_sub_ps(back, _mm256_sub_ps(d, bb)),
-                    _mm256_add_ps(x, bb),
-                );
-                let inexact = _mm256_cmp_ps::<_CMP_NEQ_UQ>(t, _mm256_setzero_ps());
-                if _mm256_movemask_ps(inexact) == 0 {
-                    exact = _mm256_max_ps(_mm256_and_ps(d, abs32), exact);
-                    j += 8;
-                    continue;
-                }
-                let blo = _mm256_cvtps_pd(_mm256_castps256_ps128(back));
-                let bhi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(back));
-                let xlo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
-                let xhi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(x));
-                let dlo = _mm256_and_pd(_mm256_sub_pd(blo, xlo), abs);
-                let dhi = _mm256_and_pd(_mm256_sub_pd(bhi, xhi), abs);
-                // `max(d, acc)` keeps `acc` when `d` is NaN; `nans` records it.
-                lo = _mm256_max_pd(dlo, lo);
-                hi = _mm256_max_pd(dhi, hi);
-                nans = _mm256_or_pd(nans, _mm256_cmp_pd::<_CMP_UNORD_Q>(dlo, dhi));
+        let range = start..start + full;
+        // SAFETY: the ranges lie within the block, inside the row and `out`.
+        unsafe {
+            match back_factor(s, inv) {
+                Some(iv) => block256::<BF16, true>(v, range, (s, iv), op, &mut acc),
+                None => block256::<BF16, false>(v, range, (s, inv), op, &mut acc),
             }
-            j += 8;
+            quantize_tail::<BF16>(v, (s, inv), start + full..start + bn, out, &mut tail);
         }
-        // SAFETY: the range lies within the block, inside the row and `out`.
-        unsafe { quantize_tail::<BF16>(v, (s, inv), start + full..start + bn, out, &mut tail) };
     }
     let mut lanes = [0.0f64; 4];
     // SAFETY: `lanes` holds 4 `f64`.
-    unsafe { _mm256_storeu_pd(lanes.as_mut_ptr(), _mm256_max_pd(lo, hi)) };
+    unsafe { _mm256_storeu_pd(lanes.as_mut_ptr(), _mm256_max_pd(acc.lo, acc.hi)) };
     err.fold(lanes.iter().fold(0.0, |m, &l| select_max(l, m)));
     let mut lanes = [0.0f32; 8];
     // SAFETY: `lanes` holds 8 `f32`.
-    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), exact) };
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc.exact) };
     err.fold(f64::from(lanes.iter().fold(0.0, |m, &l| select_max(l, m))));
     err.merge(tail);
-    if _mm256_movemask_pd(nans) != 0 {
+    if _mm256_movemask_pd(acc.nans) != 0 {
         err.fold(f64::NAN);
+    }
+}
+
+/// [`Acc512`] on AVX2, the NaN lanes as a mask vector.
+struct Acc256 {
+    lo: __m256d,
+    hi: __m256d,
+    exact: __m256,
+    nans: __m256d,
+}
+
+/// [`block512`] with AVX2.
+///
+/// # Safety
+/// `range` lies within the row `v` points to and `out`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn block256<const BF16: bool, const SCALED: bool>(
+    v: *const u8,
+    range: std::ops::Range<usize>,
+    (s, iv): (f32, f32),
+    op: *mut u8,
+    acc: &mut Acc256,
+) {
+    let (sv, iv) = (_mm256_set1_ps(s), _mm256_set1_ps(iv));
+    let abs32 = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
+    let abs = _mm256_castsi256_pd(_mm256_set1_epi64x(i64::MAX));
+    for j in range.step_by(8) {
+        // SAFETY: `j + 8 ≤ range.end`, within the row and `out` (the caller's contract).
+        unsafe {
+            let x = load8::<BF16>(v, j);
+            let (q, value) = cast8(_mm256_mul_ps(x, sv));
+            _mm_storel_epi64(op.add(j) as *mut __m128i, bytes8(q));
+            let value = match SCALED {
+                true => {
+                    let bits = _mm256_srai_epi32::<4>(_mm256_slli_epi32::<24>(q));
+                    _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(E4M3_BITS)))
+                }
+                false => value,
+            };
+            let back = _mm256_mul_ps(value, iv);
+            // As in `block512`: exact `f32` differences skip the `f64` steps.
+            let d = _mm256_sub_ps(back, x);
+            let bb = _mm256_sub_ps(d, back);
+            let t = _mm256_sub_ps(
+                _mm256_sub_ps(back, _mm256_sub_ps(d, bb)),
+                _mm256_add_ps(x, bb),
+            );
+            let inexact = _mm256_cmp_ps::<_CMP_NEQ_UQ>(t, _mm256_setzero_ps());
+            if _mm256_movemask_ps(inexact) == 0 {
+                acc.exact = _mm256_max_ps(_mm256_and_ps(d, abs32), acc.exact);
+                continue;
+            }
+            let blo = _mm256_cvtps_pd(_mm256_castps256_ps128(back));
+            let bhi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(back));
+            let xlo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
+            let xhi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(x));
+            let dlo = _mm256_and_pd(_mm256_sub_pd(blo, xlo), abs);
+            let dhi = _mm256_and_pd(_mm256_sub_pd(bhi, xhi), abs);
+            // `max(d, acc)` keeps `acc` when `d` is NaN; `nans` records it.
+            acc.lo = _mm256_max_pd(dlo, acc.lo);
+            acc.hi = _mm256_max_pd(dhi, acc.hi);
+            acc.nans = _mm256_or_pd(acc.nans, _mm256_cmp_pd::<_CMP_UNORD_Q>(dlo, dhi));
+        }
     }
 }
 
