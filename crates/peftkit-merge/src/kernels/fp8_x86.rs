@@ -10,8 +10,9 @@
 //!
 //! * torch's clamp to ±448 before the cast is left out: the cast saturates every value past
 //!   448 to ±448 itself and keeps NaN (a test holds the two to the same byte on edge values);
-//! * the value of each e4m3 byte (to measure the error) is taken from the cast's own steps
-//!   instead of decoding the byte again;
+//! * the value of each e4m3 byte times the inverse scale (to measure the error) is the byte's
+//!   bits times `inv · 2^120` ([`back_factor`]), or, in blocks where that is not exact, the
+//!   value taken from the cast's own steps; the byte is never decoded again;
 //! * the error `|f64(back) - f64(v)|` is computed in `f32` with its rounding error (TwoSum):
 //!   where the error term of every lane of a vector is zero, the `f32` difference is the exact
 //!   one, hence the `f64` one, and the widening is skipped; any other vector (NaN, infinity,
