@@ -578,10 +578,7 @@ unsafe fn block256<const BF16: bool, const SCALED: bool>(
             let (q, value) = cast8(_mm256_mul_ps(x, sv));
             _mm_storel_epi64(op.add(j) as *mut __m128i, bytes8(q));
             let value = match SCALED {
-                true => {
-                    let bits = _mm256_srai_epi32::<4>(_mm256_slli_epi32::<24>(q));
-                    _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(E4M3_BITS)))
-                }
+                true => e4m3_bits8(q),
                 false => value,
             };
             let back = _mm256_mul_ps(value, iv);
@@ -609,6 +606,14 @@ unsafe fn block256<const BF16: bool, const SCALED: bool>(
             acc.nans = _mm256_or_pd(acc.nans, _mm256_cmp_pd::<_CMP_UNORD_Q>(dlo, dhi));
         }
     }
+}
+
+/// [`e4m3_bits16`] on 8 lanes.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn e4m3_bits8(q: __m256i) -> __m256 {
+    let bits = _mm256_srai_epi32::<4>(_mm256_slli_epi32::<24>(q));
+    _mm256_castsi256_ps(_mm256_and_si256(bits, _mm256_set1_epi32(E4M3_BITS)))
 }
 
 /// [`max_abs_bf16_avx512`] with AVX2, 16 at a time.
