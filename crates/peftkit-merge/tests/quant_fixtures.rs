@@ -116,7 +116,7 @@ fn reference_error(case: &str, name: &str) -> f64 {
     let merged = decode_f32("merged", t.dtype(), &t.bytes().unwrap()).unwrap();
     back.iter()
         .zip(&merged)
-        .map(|(b, m)| (f64::from(*b) - f64::from(*m)).abs())
+        .map(|(b, m)| f64::from((b - m).abs()))
         .fold(0.0, f64::max)
 }
 

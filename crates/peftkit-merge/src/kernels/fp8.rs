@@ -308,7 +308,8 @@ pub struct Fp8Quantized {
     /// `weight_scale_inv`, one per block (powers of two for [`ScaleKind::Ue8m0`]).
     pub inv_scales: Vec<f32>,
     /// `max |e4m3(q) * inv_scale - w|` over the tensor (the product rounded to `f32`, as
-    /// `Fp8Dequantize` computes it; the difference in `f64`; NaN if an element is).
+    /// `Fp8Dequantize` computes it; the difference rounded to `f32`, then widened; NaN if an
+    /// element is).
     pub max_abs_error: f64,
 }
 

@@ -1,7 +1,8 @@
 //! The vectorised FP8 kernels against their earlier scalar definitions, kept here verbatim as
 //! the reference: branchy casts, a table for e4m3 → f32, per-element NaN tests in the block
-//! max-abs, the error folded serially in `f64`. Edge values: every e4m3 code, every bf16
-//! pattern, ties between e4m3 neighbours, the saturation bounds, NaN payloads, subnormals;
+//! max-abs, the error folded serially (each difference rounded to `f32`, as now defined). Edge
+//! values: every e4m3 code, every bf16 pattern, ties between e4m3 neighbours, the saturation
+//! bounds, NaN payloads, subnormals;
 //! blocks that are zero, hold a NaN, saturate, or have a subnormal max (an infinite scale);
 //! UE8M0 and float scales; widths that are not a multiple of the lanes.
 
@@ -105,7 +106,7 @@ mod scalar {
                     for (q, &v) in q.iter_mut().zip(v) {
                         *q = f32_to_e4m3(clamp_e4m3(v * s));
                         let back = lut[usize::from(*q)] * inv;
-                        err = nan_max(err, (f64::from(back) - f64::from(v)).abs());
+                        err = nan_max(err, f64::from((back - v).abs()));
                     }
                 }
             }
@@ -345,7 +346,7 @@ fn scalar_row(v: &[f32], scales: &[f32], invs: &[f32], bn: usize) -> (Vec<u8>, f
         for (q, &v) in q.iter_mut().zip(v) {
             *q = scalar::f32_to_e4m3(scalar::clamp_e4m3(v * s));
             let back = scalar::e4m3_to_f32(*q) * inv;
-            err = nan_max(err, (f64::from(back) - f64::from(v)).abs());
+            err = nan_max(err, f64::from((back - v).abs()));
         }
     }
     (q, err)
@@ -408,21 +409,34 @@ fn every_path_casts_edge_values_and_every_bf16_pattern_as_the_scalar_definition(
 /// wrong sign or value is not hidden behind the infinite errors of the edge rows above.
 #[test]
 fn every_path_measures_an_ordinary_rows_error_as_the_scalar_definition() {
-    let bn = 128;
-    let v: Vec<f32> = (0..4 * bn)
-        .map(|i| bf16_round((i as f32 - 200.5) * 0.37))
+    // Scattered values (no two errors alike), and their negations: one of the two rows has
+    // its largest error below zero.
+    let mut state = 0x2545_f491u32;
+    let scattered: Vec<f32> = (0..4 * 128)
+        .map(|_| {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            bf16_round((state >> 8) as f32 / (1 << 24) as f32 * 150.0 - 60.0)
+        })
         .collect();
+    for sign in [1.0f32, -1.0] {
+        let bn = 128;
+        let v: Vec<f32> = scattered.iter().map(|x| sign * x).collect();
+        ordinary_row_error_as_the_scalar_definition(&v, bn);
+    }
+}
+
+fn ordinary_row_error_as_the_scalar_definition(v: &[f32], bn: usize) {
     let m = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
     let (scales, invs) = (vec![448.0 / m; 4], vec![m / 448.0; 4]);
-    let want = scalar_row(&v, &scales, &invs, bn);
+    let want = scalar_row(v, &scales, &invs, bn);
     assert!(
         want.1 > 0.0 && want.1 < f64::from(m) / 8.0,
         "an ordinary error: {}",
         want.1
     );
-    let bytes = bf16_bytes(&v);
+    let bytes = bf16_bytes(v);
     for isa in isas() {
-        for row in [rows::Row::F32(&v), rows::Row::Bf16(&bytes)] {
+        for row in [rows::Row::F32(v), rows::Row::Bf16(&bytes)] {
             let mut q = vec![0u8; v.len()];
             let mut err = rows::MaxError::default();
             rows::with_isa(isa, || {

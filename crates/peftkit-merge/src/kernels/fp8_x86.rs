@@ -5,7 +5,7 @@
 //! Each lane performs the operations of the scalar definitions in [`super::fp8`] and
 //! [`super::fp8_rows`], in the same order and precision (one `f32` multiply by the scale, the
 //! integer steps of the cast, the decode, one `f32` multiply by the inverse, the difference in
-//! `f64`), so the results are the same bits; `fp8_tests.rs` holds every path to them. What
+//! `f32`), so the results are the same bits; `fp8_tests.rs` holds every path to them. What
 //! differs is only what cannot change a result:
 //!
 //! * torch's clamp to ±448 before the cast is left out: the cast saturates every value past
@@ -13,12 +13,6 @@
 //! * the value of each e4m3 byte times the inverse scale (to measure the error) is the byte's
 //!   bits times `inv · 2^120` ([`back_factor`]), or, in blocks where that is not exact, the
 //!   value taken from the cast's own steps; the byte is never decoded again;
-//! * the error `|f64(back) - f64(v)|` is computed in `f32` with its rounding error (TwoSum):
-//!   where the error term of every lane of a vector is zero, the `f32` difference is the exact
-//!   one, hence the `f64` one, and the widening is skipped; any other vector (NaN, infinity,
-//!   saturation, far-apart values: the error term is then non-zero or NaN) takes the `f64`
-//!   steps. Almost every vector of a real weight is exact (a value and its e4m3 rounding are
-//!   within a factor of two), and the `f64` steps were most of the kernel's cycles;
 //! * the error's maximum is taken lane-wise (the maximum of non-NaN values does not depend on
 //!   its order), NaN tracked in a separate mask;
 //! * the dequantization multiplies the byte's bits, moved into an `f32`'s places, by
@@ -30,9 +24,9 @@
 //!   without sign, which orders non-NaN values as their magnitudes do and is above `0x7f80`
 //!   exactly when a NaN is present.
 //!
-//! Written by hand because the compiler vectorised the `f64` error only in part (with spills):
-//! perf put `quantize_row` at 41 % of a kept-FP8 merge's cycles (docs/architecture.md, "The FP8
-//! merge").
+//! Written by hand because the compiler vectorised the error, then kept in `f64`, only in part
+//! (with spills): perf put `quantize_row` at 41 % of a kept-FP8 merge's cycles
+//! (docs/architecture.md, "The FP8 merge").
 
 use std::arch::x86_64::*;
 
@@ -130,17 +124,6 @@ fn cast16(y: __m512) -> (__m512i, __m512) {
     )
 }
 
-/// The low and high 8 lanes of `x` widened to `f64`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2")]
-#[inline]
-fn widen16(x: __m512) -> (__m512d, __m512d) {
-    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(x)));
-    (
-        _mm512_cvtps_pd(_mm512_castps512_ps256(x)),
-        _mm512_cvtps_pd(hi),
-    )
-}
-
 /// [`super::fp8_rows::quantize_row`] with AVX-512.
 ///
 /// # Safety
@@ -176,9 +159,7 @@ unsafe fn quantize512<const BF16: bool>(
     err: &mut MaxError,
 ) {
     let mut acc = Acc512 {
-        lo: _mm512_setzero_pd(),
-        hi: _mm512_setzero_pd(),
-        exact: _mm512_setzero_ps(),
+        max: _mm512_setzero_ps(),
         nans: 0,
     };
     let mut tail = MaxError::default();
@@ -196,22 +177,17 @@ unsafe fn quantize512<const BF16: bool>(
             quantize_tail::<BF16>(v, (s, inv), start + full..start + bn, out, &mut tail);
         }
     }
-    let max = select_max(_mm512_reduce_max_pd(acc.lo), _mm512_reduce_max_pd(acc.hi));
-    err.fold(max);
-    err.fold(f64::from(_mm512_reduce_max_ps(acc.exact)));
+    err.fold(f64::from(_mm512_reduce_max_ps(acc.max)));
     err.merge(tail);
     if acc.nans != 0 {
         err.fold(f64::NAN);
     }
 }
 
-/// The running error of [`quantize512`]: `f64` maxima of the inexact vectors' low and high
-/// halves, the `f32` maximum of the exact ones, and which `f64` lanes saw a NaN.
+/// The running error of [`quantize512`]: the lanes' maxima, and which lanes saw a NaN.
 struct Acc512 {
-    lo: __m512d,
-    hi: __m512d,
-    exact: __m512,
-    nans: __mmask8,
+    max: __m512,
+    nans: __mmask16,
 }
 
 /// Whole vectors `range` of one block of [`quantize512`], scale `s`. With `SCALED` the value of
@@ -241,26 +217,10 @@ unsafe fn block512<const BF16: bool, const SCALED: bool>(
                 false => value,
             };
             let back = _mm512_mul_ps(value, iv);
-            // The difference in `f32` with its rounding error (TwoSum): where every lane's
-            // is exact (zero), it is the `f64` difference, and the `f64` steps are skipped.
-            let d = _mm512_sub_ps(back, x);
-            let bb = _mm512_sub_ps(d, back);
-            let t = _mm512_sub_ps(
-                _mm512_sub_ps(back, _mm512_sub_ps(d, bb)),
-                _mm512_add_ps(x, bb),
-            );
-            if _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(t, _mm512_setzero_ps()) == 0 {
-                // No NaN here: a NaN difference has a NaN error term.
-                acc.exact = _mm512_max_ps(_mm512_abs_ps(d), acc.exact);
-                continue;
-            }
-            let ((blo, bhi), (xlo, xhi)) = (widen16(back), widen16(x));
-            let dlo = _mm512_abs_pd(_mm512_sub_pd(blo, xlo));
-            let dhi = _mm512_abs_pd(_mm512_sub_pd(bhi, xhi));
             // `max(d, acc)` keeps `acc` when `d` is NaN; the mask records it.
-            acc.lo = _mm512_max_pd(dlo, acc.lo);
-            acc.hi = _mm512_max_pd(dhi, acc.hi);
-            acc.nans |= _mm512_cmp_pd_mask::<_CMP_UNORD_Q>(dlo, dhi);
+            let d = _mm512_abs_ps(_mm512_sub_ps(back, x));
+            acc.nans |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(d, d);
+            acc.max = _mm512_max_ps(d, acc.max);
         }
     }
 }
@@ -513,10 +473,8 @@ unsafe fn quantize256<const BF16: bool>(
     err: &mut MaxError,
 ) {
     let mut acc = Acc256 {
-        lo: _mm256_setzero_pd(),
-        hi: _mm256_setzero_pd(),
-        exact: _mm256_setzero_ps(),
-        nans: _mm256_setzero_pd(),
+        max: _mm256_setzero_ps(),
+        nans: _mm256_setzero_ps(),
     };
     let mut tail = MaxError::default();
     let full = whole(bn, 8);
@@ -533,26 +491,20 @@ unsafe fn quantize256<const BF16: bool>(
             quantize_tail::<BF16>(v, (s, inv), start + full..start + bn, out, &mut tail);
         }
     }
-    let mut lanes = [0.0f64; 4];
-    // SAFETY: `lanes` holds 4 `f64`.
-    unsafe { _mm256_storeu_pd(lanes.as_mut_ptr(), _mm256_max_pd(acc.lo, acc.hi)) };
-    err.fold(lanes.iter().fold(0.0, |m, &l| select_max(l, m)));
     let mut lanes = [0.0f32; 8];
     // SAFETY: `lanes` holds 8 `f32`.
-    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc.exact) };
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc.max) };
     err.fold(f64::from(lanes.iter().fold(0.0, |m, &l| select_max(l, m))));
     err.merge(tail);
-    if _mm256_movemask_pd(acc.nans) != 0 {
+    if _mm256_movemask_ps(acc.nans) != 0 {
         err.fold(f64::NAN);
     }
 }
 
 /// [`Acc512`] on AVX2, the NaN lanes as a mask vector.
 struct Acc256 {
-    lo: __m256d,
-    hi: __m256d,
-    exact: __m256,
-    nans: __m256d,
+    max: __m256,
+    nans: __m256,
 }
 
 /// [`block512`] with AVX2.
@@ -569,8 +521,7 @@ unsafe fn block256<const BF16: bool, const SCALED: bool>(
     acc: &mut Acc256,
 ) {
     let (sv, iv) = (_mm256_set1_ps(s), _mm256_set1_ps(iv));
-    let abs32 = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
-    let abs = _mm256_castsi256_pd(_mm256_set1_epi64x(i64::MAX));
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
     for j in range.step_by(8) {
         // SAFETY: `j + 8 ≤ range.end`, within the row and `out` (the caller's contract).
         unsafe {
@@ -582,28 +533,9 @@ unsafe fn block256<const BF16: bool, const SCALED: bool>(
                 false => value,
             };
             let back = _mm256_mul_ps(value, iv);
-            // As in `block512`: exact `f32` differences skip the `f64` steps.
-            let d = _mm256_sub_ps(back, x);
-            let bb = _mm256_sub_ps(d, back);
-            let t = _mm256_sub_ps(
-                _mm256_sub_ps(back, _mm256_sub_ps(d, bb)),
-                _mm256_add_ps(x, bb),
-            );
-            let inexact = _mm256_cmp_ps::<_CMP_NEQ_UQ>(t, _mm256_setzero_ps());
-            if _mm256_movemask_ps(inexact) == 0 {
-                acc.exact = _mm256_max_ps(_mm256_and_ps(d, abs32), acc.exact);
-                continue;
-            }
-            let blo = _mm256_cvtps_pd(_mm256_castps256_ps128(back));
-            let bhi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(back));
-            let xlo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
-            let xhi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(x));
-            let dlo = _mm256_and_pd(_mm256_sub_pd(blo, xlo), abs);
-            let dhi = _mm256_and_pd(_mm256_sub_pd(bhi, xhi), abs);
-            // `max(d, acc)` keeps `acc` when `d` is NaN; `nans` records it.
-            acc.lo = _mm256_max_pd(dlo, acc.lo);
-            acc.hi = _mm256_max_pd(dhi, acc.hi);
-            acc.nans = _mm256_or_pd(acc.nans, _mm256_cmp_pd::<_CMP_UNORD_Q>(dlo, dhi));
+            let d = _mm256_and_ps(_mm256_sub_ps(back, x), abs);
+            acc.nans = _mm256_or_ps(acc.nans, _mm256_cmp_ps::<_CMP_UNORD_Q>(d, d));
+            acc.max = _mm256_max_ps(d, acc.max);
         }
     }
 }
