@@ -30,7 +30,6 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::f32x8_to_bf16;
 use super::dtype::{bf16_bits_to_f32, f32_to_bf16_bits};
 use super::fp8::e4m3_to_f32;
 use super::fp8_rows::{quantize_one, select_max, BlockMax, MaxError, Row};
@@ -306,11 +305,27 @@ pub(super) unsafe fn max_abs_bf16_avx512(row: &[u8], bn: usize, max: &mut BlockM
             acc = _mm512_max_epu16(acc, _mm512_and_si512(h, _mm512_set1_epi16(0x7fff)));
             j += 32;
         }
-        let lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(acc));
-        let hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(acc));
-        let m = _mm512_reduce_max_epu32(_mm512_max_epu32(lo, hi));
+        let acc = _mm256_max_epu16(
+            _mm512_castsi512_si256(acc),
+            _mm512_extracti64x4_epi64::<1>(acc),
+        );
+        let m = max_epu16(_mm_max_epu16(
+            _mm256_castsi256_si128(acc),
+            _mm256_extracti128_si256::<1>(acc),
+        ));
         max.fold_bf16(b, [m, bf16_tail(row, start + full, start + bn)]);
     }
+}
+
+/// The largest of 8 `u16` lanes, by the one horizontal instruction there is (`phminposuw`, the
+/// smallest) on their complements: a row's block is 8 vectors, and storing the lanes to fold
+/// them one by one took as long as the vectors.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn max_epu16(x: __m128i) -> u32 {
+    let ones = _mm_set1_epi32(-1);
+    let smallest = _mm_minpos_epu16(_mm_xor_si128(x, ones));
+    u32::from(!(_mm_cvtsi128_si32(smallest) as u16))
 }
 
 /// The largest magnitude bit pattern of BF16 elements `from..to` of `row`.
@@ -566,21 +581,22 @@ pub(super) unsafe fn max_abs_bf16_avx2(row: &[u8], bn: usize, max: &mut BlockMax
             acc = _mm256_max_epu16(acc, _mm256_and_si256(h, _mm256_set1_epi16(0x7fff)));
             j += 16;
         }
-        let mut lanes = [0u16; 16];
-        // SAFETY: `lanes` holds 32 bytes.
-        unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, acc) };
-        let m = lanes.iter().map(|&l| u32::from(l)).max().unwrap_or(0);
+        let m = max_epu16(_mm_max_epu16(
+            _mm256_castsi256_si128(acc),
+            _mm256_extracti128_si256::<1>(acc),
+        ));
         max.fold_bf16(b, [m, bf16_tail(row, start + full, start + bn)]);
     }
 }
 
-/// [`dequantize_bf16_avx512`] with AVX2.
+/// [`dequantize_bf16_avx512`] with AVX2, 16 elements at a time (one load of bytes, one pack of
+/// the two halves' BF16, and one test for NaN codes, which real weights do not hold).
 ///
 /// # Safety
 /// The CPU must have AVX2; `w` holds `scales.len() * bn` elements and `out` two bytes for each.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn dequantize_bf16_avx2(w: &[u8], scales: &[f32], bn: usize, out: &mut [u8]) {
-    let full = whole(bn, 8);
+    let full = whole(bn, 16);
     let (wp, op) = (w.as_ptr(), out.as_mut_ptr());
     for (b, &s) in scales.iter().enumerate() {
         let start = b * bn;
@@ -591,20 +607,40 @@ pub(super) unsafe fn dequantize_bf16_avx2(w: &[u8], scales: &[f32], bn: usize, o
         let sv = _mm256_set1_ps(s);
         let mut j = start;
         while j < start + full {
-            // SAFETY: `j + 8 ≤ (b + 1) · bn`, within `w` and (two bytes each) `out`.
+            // SAFETY: `j + 16 ≤ (b + 1) · bn`, within `w` and (two bytes each) `out`.
             unsafe {
-                let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(wp.add(j) as *const __m128i));
-                let bits =
-                    _mm256_and_si256(_mm256_slli_epi32::<20>(q), _mm256_set1_epi32(E4M3_BITS));
-                let x = _mm256_mul_ps(_mm256_castsi256_ps(bits), sv);
-                // A NaN code's lanes all ones: a NaN, which the rounding turns into 0xFFFF.
-                let mag = _mm256_and_si256(q, _mm256_set1_epi32(0x7f));
-                let nan = _mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7f));
-                let x = _mm256_or_ps(x, _mm256_castsi256_ps(nan));
-                _mm_storeu_si128(op.add(j * 2) as *mut __m128i, f32x8_to_bf16(x));
+                let bytes = _mm_loadu_si128(wp.add(j) as *const __m128i);
+                let mut lo = bf16_rounding8(_mm256_cvtepi8_epi32(bytes), sv);
+                let mut hi =
+                    bf16_rounding8(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(bytes, bytes)), sv);
+                // A NaN code's lanes all ones, so 0xFFFF once shifted.
+                let mag = _mm_and_si128(bytes, _mm_set1_epi8(0x7f));
+                let nan = _mm_cmpeq_epi8(mag, _mm_set1_epi8(0x7f));
+                if _mm_movemask_epi8(nan) != 0 {
+                    lo = _mm256_or_si256(lo, _mm256_cvtepi8_epi32(nan));
+                    let nan_hi = _mm_unpackhi_epi64(nan, nan);
+                    hi = _mm256_or_si256(hi, _mm256_cvtepi8_epi32(nan_hi));
+                }
+                let (lo, hi) = (_mm256_srli_epi32::<16>(lo), _mm256_srli_epi32::<16>(hi));
+                // Every lane is ≤ 0xFFFF, so the unsigned pack is exact; it packs within each
+                // 128-bit half, and the permute puts the quarters back in order.
+                let packed = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(lo, hi));
+                _mm256_storeu_si256(op.add(j * 2) as *mut __m256i, packed);
             }
-            j += 8;
+            j += 16;
         }
         dequantize_bf16_tail(w, scales[b], start + full..start + bn, out);
     }
+}
+
+/// 8 e4m3 bytes (sign-extended into `i32` lanes) times `sv` (the scale times 2^120), rounded to
+/// BF16 to nearest even on the bits: the BF16 in the high half of each lane. The product is
+/// finite (`scaled_by_2_120`); a NaN code reads as a finite value here, and its caller marks it.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn bf16_rounding8(q: __m256i, sv: __m256) -> __m256i {
+    let bits = _mm256_and_si256(_mm256_slli_epi32::<20>(q), _mm256_set1_epi32(E4M3_BITS));
+    let u = _mm256_castps_si256(_mm256_mul_ps(_mm256_castsi256_ps(bits), sv));
+    let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(u), _mm256_set1_epi32(1));
+    _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)))
 }
