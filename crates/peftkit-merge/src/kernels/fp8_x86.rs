@@ -37,11 +37,16 @@ use super::fp8_rows::{quantize_one, select_max, BlockMax, MaxError, Row};
 /// `f32::from_bits(DENORM)` shifts a value below e4m3's smallest normal so that the add rounds
 /// its mantissa to e4m3's subnormal step (see [`super::fp8::f32_to_e4m3`]).
 const DENORM: i32 = 141 << 23;
-/// Magnitudes at and above this (480.0) saturate.
-const ROUNDS_PAST_MAX: i32 = 1087 << 20;
 /// Magnitudes below this (2^-6) take the subnormal path.
 const SMALLEST_NORMAL: i32 = 121 << 23;
 /// Added to a normal magnitude to rebias the exponent and round half to even (plus the odd bit).
+///
+/// The casts saturate with one unsigned `min` of the sum's shifted bits against 0x7e (448), with
+/// no mask and no test for the values past 480: from the smallest normal up, `magnitude + REBIAS
+/// + odd` never wraps and grows with the magnitude, so every magnitude that rounds past 448 (464
+/// rounds up to the NaN code 0x7f; infinity gives 0x438) shifts to 0x7f or more; below the
+/// smallest normal the subnormal path replaces the lane. `fp8_tests.rs` holds the saturation
+/// bounds to the scalar definition.
 const REBIAS: i32 = ((7u32.wrapping_sub(127) << 23).wrapping_add(0x7ffff)) as i32;
 
 /// A sign-extended e4m3 byte shifted left by 20, masked with this, has the byte's sign,
@@ -97,11 +102,8 @@ fn cast16(y: __m512) -> (__m512i, __m512) {
     let subnormal = _mm512_sub_epi32(_mm512_castps_si512(sum), set(DENORM));
     let odd = _mm512_and_si512(_mm512_srli_epi32::<20>(mag), set(1));
     let rounded = _mm512_add_epi32(_mm512_add_epi32(mag, set(REBIAS)), odd);
-    let normal = _mm512_and_si512(_mm512_srli_epi32::<20>(rounded), set(0xff));
-    // 464..480 rounds up to the NaN code: saturated like the values above.
-    let normal = _mm512_min_epu32(normal, set(0x7e));
-    let past = _mm512_cmpge_epu32_mask(mag, set(ROUNDS_PAST_MAX));
-    let normal = _mm512_mask_mov_epi32(normal, past, set(0x7e));
+    // Saturation in one `min`: see `REBIAS`.
+    let normal = _mm512_min_epu32(_mm512_srli_epi32::<20>(rounded), set(0x7e));
     let small = _mm512_cmplt_epu32_mask(mag, set(SMALLEST_NORMAL));
     let nan = _mm512_cmpgt_epu32_mask(mag, set(0x7f80_0000));
     let code = _mm512_mask_blend_epi32(small, normal, subnormal);
@@ -394,21 +396,6 @@ fn dequantize_bf16_tail(w: &[u8], s: f32, range: std::ops::Range<usize>, out: &m
 // AVX2
 // ---------------------------------------------------------------------------------------------
 
-/// 8 elements at `at` of a row, widened to `f32`.
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-unsafe fn load8<const BF16: bool>(p: *const u8, at: usize) -> __m256 {
-    // SAFETY: the caller passes `at + 8` within the row `p` points to.
-    unsafe {
-        if BF16 {
-            let h = _mm_loadu_si128(p.add(at * 2) as *const __m128i);
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
-        } else {
-            _mm256_loadu_ps(p.add(at * 4) as *const f32)
-        }
-    }
-}
-
 /// [`cast16`] on 8 lanes. Magnitudes fit in 31 bits, so signed compares order them.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
@@ -421,10 +408,8 @@ fn cast8(y: __m256) -> (__m256i, __m256) {
     let subnormal = _mm256_sub_epi32(_mm256_castps_si256(sum), set(DENORM));
     let odd = _mm256_and_si256(_mm256_srli_epi32::<20>(mag), set(1));
     let rounded = _mm256_add_epi32(_mm256_add_epi32(mag, set(REBIAS)), odd);
-    let normal = _mm256_and_si256(_mm256_srli_epi32::<20>(rounded), set(0xff));
-    let normal = _mm256_min_epu32(normal, set(0x7e));
-    let past = _mm256_cmpgt_epi32(mag, set(ROUNDS_PAST_MAX - 1));
-    let normal = _mm256_blendv_epi8(normal, set(0x7e), past);
+    // Saturation in one `min`: see `REBIAS`.
+    let normal = _mm256_min_epu32(_mm256_srli_epi32::<20>(rounded), set(0x7e));
     let small = _mm256_cmpgt_epi32(set(SMALLEST_NORMAL), mag);
     let nan = _mm256_cmpgt_epi32(mag, set(0x7f80_0000));
     let code = _mm256_blendv_epi8(normal, subnormal, small);
@@ -438,19 +423,6 @@ fn cast8(y: __m256) -> (__m256i, __m256) {
         q,
         _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(value), sign)),
     )
-}
-
-/// The low byte of each of 8 `i32` lanes, packed into the low 8 bytes.
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-fn bytes8(q: __m256i) -> __m128i {
-    let pick = _mm256_setr_epi8(
-        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, //
-        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-    );
-    let q = _mm256_shuffle_epi8(q, pick);
-    let q = _mm256_permutevar8x32_epi32(q, _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));
-    _mm256_castsi256_si128(q)
 }
 
 /// [`super::fp8_rows::quantize_row`] with AVX2.
@@ -487,12 +459,14 @@ unsafe fn quantize256<const BF16: bool>(
     out: &mut [u8],
     err: &mut MaxError,
 ) {
-    let mut acc = Acc256 {
+    let zero = Acc256 {
         max: _mm256_setzero_ps(),
         nans: _mm256_setzero_ps(),
     };
+    // One per half of a 16-element step, so that the two maxima do not wait on each other.
+    let mut acc = [zero, zero];
     let mut tail = MaxError::default();
-    let full = whole(bn, 8);
+    let full = whole(bn, 16);
     let op = out.as_mut_ptr();
     for (b, (&s, &inv)) in scales.iter().zip(invs).enumerate() {
         let start = b * bn;
@@ -508,24 +482,27 @@ unsafe fn quantize256<const BF16: bool>(
     }
     let mut lanes = [0.0f32; 8];
     // SAFETY: `lanes` holds 8 `f32`.
-    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc.max) };
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_max_ps(acc[0].max, acc[1].max)) };
     err.fold(f64::from(lanes.iter().fold(0.0, |m, &l| select_max(l, m))));
     err.merge(tail);
-    if _mm256_movemask_ps(acc.nans) != 0 {
+    if _mm256_movemask_ps(_mm256_or_ps(acc[0].nans, acc[1].nans)) != 0 {
         err.fold(f64::NAN);
     }
 }
 
 /// [`Acc512`] on AVX2, the NaN lanes as a mask vector.
+#[derive(Clone, Copy)]
 struct Acc256 {
     max: __m256,
     nans: __m256,
 }
 
-/// [`block512`] with AVX2.
+/// [`block512`] with AVX2, 16 elements a step: one load of a BF16 row's 32 bytes, widened in
+/// two halves within each 128-bit lane (elements 0–3 and 8–11, then 4–7 and 12–15), whose
+/// bytes [`bytes16`] puts back in order.
 ///
 /// # Safety
-/// `range` lies within the row `v` points to and `out`.
+/// `range` lies within the row `v` points to and `out`; its length is a multiple of 16.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn block256<const BF16: bool, const SCALED: bool>(
@@ -533,26 +510,81 @@ unsafe fn block256<const BF16: bool, const SCALED: bool>(
     range: std::ops::Range<usize>,
     (s, iv): (f32, f32),
     op: *mut u8,
-    acc: &mut Acc256,
+    acc: &mut [Acc256; 2],
 ) {
     let (sv, iv) = (_mm256_set1_ps(s), _mm256_set1_ps(iv));
-    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
-    for j in range.step_by(8) {
-        // SAFETY: `j + 8 ≤ range.end`, within the row and `out` (the caller's contract).
+    for j in range.step_by(16) {
+        // SAFETY: `j + 16 ≤ range.end`, within the row and `out` (the caller's contract).
         unsafe {
-            let x = load8::<BF16>(v, j);
-            let (q, value) = cast8(_mm256_mul_ps(x, sv));
-            _mm_storel_epi64(op.add(j) as *mut __m128i, bytes8(q));
-            let value = match SCALED {
-                true => e4m3_bits8(q),
-                false => value,
-            };
-            let back = _mm256_mul_ps(value, iv);
-            let d = _mm256_and_ps(_mm256_sub_ps(back, x), abs);
-            acc.nans = _mm256_or_ps(acc.nans, _mm256_cmp_ps::<_CMP_UNORD_Q>(d, d));
-            acc.max = _mm256_max_ps(d, acc.max);
+            let (xa, xb) = load8x2::<BF16>(v, j);
+            let qa = cast_measured::<SCALED>(xa, (sv, iv), &mut acc[0]);
+            let qb = cast_measured::<SCALED>(xb, (sv, iv), &mut acc[1]);
+            _mm_storeu_si128(op.add(j) as *mut __m128i, bytes16::<BF16>(qa, qb));
         }
     }
+}
+
+/// 8 values `x` cast to e4m3 with scale `sv` (the bytes in the low byte of each lane), their
+/// error against `iv` ([`block512`]'s `iv`) folded into `acc`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn cast_measured<const SCALED: bool>(
+    x: __m256,
+    (sv, iv): (__m256, __m256),
+    acc: &mut Acc256,
+) -> __m256i {
+    let (q, value) = cast8(_mm256_mul_ps(x, sv));
+    let value = match SCALED {
+        true => e4m3_bits8(q),
+        false => value,
+    };
+    let back = _mm256_mul_ps(value, iv);
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX));
+    let d = _mm256_and_ps(_mm256_sub_ps(back, x), abs);
+    // `max(d, acc)` keeps `acc` when `d` is NaN; the mask records it.
+    acc.nans = _mm256_or_ps(acc.nans, _mm256_cmp_ps::<_CMP_UNORD_Q>(d, d));
+    acc.max = _mm256_max_ps(d, acc.max);
+    q
+}
+
+/// 16 elements at `at` of a row, widened to `f32` in two vectors: for BF16, elements 0–3 and
+/// 8–11, then 4–7 and 12–15 (the halves `unpack` gives); for `f32`, 0–7 then 8–15.
+///
+/// # Safety
+/// `at + 16` lies within the row `p` points to.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn load8x2<const BF16: bool>(p: *const u8, at: usize) -> (__m256, __m256) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if BF16 {
+            let h = _mm256_loadu_si256(p.add(at * 2) as *const __m256i);
+            let zero = _mm256_setzero_si256();
+            (
+                _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, h)),
+                _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, h)),
+            )
+        } else {
+            let p = p.add(at * 4) as *const f32;
+            (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+        }
+    }
+}
+
+/// The bytes of [`load8x2`]'s two vectors' codes (each in the low byte of an `i32` lane), in
+/// element order. The two packs keep each 128-bit lane's values apart; the permute picks the
+/// 4-byte groups in the order [`load8x2`] took the elements.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn bytes16<const BF16: bool>(qa: __m256i, qb: __m256i) -> __m128i {
+    // Codes are 0..=255, so the unsigned saturating packs are exact.
+    let words = _mm256_packus_epi32(qa, qb);
+    let bytes = _mm256_packus_epi16(words, words);
+    let order = match BF16 {
+        true => _mm256_setr_epi32(0, 1, 4, 5, 0, 0, 0, 0),
+        false => _mm256_setr_epi32(0, 4, 1, 5, 0, 0, 0, 0),
+    };
+    _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(bytes, order))
 }
 
 /// [`e4m3_bits16`] on 8 lanes.
