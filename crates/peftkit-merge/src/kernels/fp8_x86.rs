@@ -42,11 +42,11 @@ const SMALLEST_NORMAL: i32 = 121 << 23;
 /// Added to a normal magnitude to rebias the exponent and round half to even (plus the odd bit).
 ///
 /// The casts saturate with one unsigned `min` of the sum's shifted bits against 0x7e (448), with
-/// no mask and no test for the values past 480: from the smallest normal up, `magnitude + REBIAS
-/// + odd` never wraps and grows with the magnitude, so every magnitude that rounds past 448 (464
-/// rounds up to the NaN code 0x7f; infinity gives 0x438) shifts to 0x7f or more; below the
-/// smallest normal the subnormal path replaces the lane. `fp8_tests.rs` holds the saturation
-/// bounds to the scalar definition.
+/// no mask and no test for the values past 480: from the smallest normal up, the magnitude plus
+/// `REBIAS` and the odd bit never wraps and grows with the magnitude, so every magnitude that
+/// rounds past 448 (464 rounds up to the NaN code 0x7f; infinity gives 0x438) shifts to 0x7f or
+/// more; below the smallest normal the subnormal path replaces the lane. `fp8_tests.rs` holds
+/// the saturation bounds to the scalar definition.
 const REBIAS: i32 = ((7u32.wrapping_sub(127) << 23).wrapping_add(0x7ffff)) as i32;
 
 /// A sign-extended e4m3 byte shifted left by 20, masked with this, has the byte's sign,
