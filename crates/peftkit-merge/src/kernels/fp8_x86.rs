@@ -175,7 +175,10 @@ unsafe fn quantize512<const BF16: bool>(
                 Some(iv) => block512::<BF16, true>(v, range, (s, iv), op, &mut acc),
                 None => block512::<BF16, false>(v, range, (s, inv), op, &mut acc),
             }
-            quantize_tail::<BF16>(v, (s, inv), start + full..start + bn, out, &mut tail);
+            // Most widths leave no tail; the call alone cost more than a step of the loop.
+            if full < bn {
+                quantize_tail::<BF16>(v, (s, inv), start + full..start + bn, out, &mut tail);
+            }
         }
     }
     err.fold(f64::from(_mm512_reduce_max_ps(acc.max)));
@@ -315,7 +318,12 @@ pub(super) unsafe fn max_abs_bf16_avx512(row: &[u8], bn: usize, max: &mut BlockM
             _mm256_castsi256_si128(acc),
             _mm256_extracti128_si256::<1>(acc),
         ));
-        max.fold_bf16(b, [m, bf16_tail(row, start + full, start + bn)]);
+        let tail = if full < bn {
+            bf16_tail(row, start + full, start + bn)
+        } else {
+            0
+        };
+        max.fold_bf16(b, [m, tail]);
     }
 }
 
@@ -380,7 +388,9 @@ pub(super) unsafe fn dequantize_bf16_avx512(w: &[u8], scales: &[f32], bn: usize,
             }
             j += 16;
         }
-        dequantize_bf16_tail(w, scales[b], start + full..start + bn, out);
+        if full < bn {
+            dequantize_bf16_tail(w, scales[b], start + full..start + bn, out);
+        }
     }
 }
 
@@ -477,7 +487,10 @@ unsafe fn quantize256<const BF16: bool>(
                 Some(iv) => block256::<BF16, true>(v, range, (s, iv), op, &mut acc),
                 None => block256::<BF16, false>(v, range, (s, inv), op, &mut acc),
             }
-            quantize_tail::<BF16>(v, (s, inv), start + full..start + bn, out, &mut tail);
+            // Most widths leave no tail; the call alone cost more than a step of the loop.
+            if full < bn {
+                quantize_tail::<BF16>(v, (s, inv), start + full..start + bn, out, &mut tail);
+            }
         }
     }
     let mut lanes = [0.0f32; 8];
@@ -617,7 +630,12 @@ pub(super) unsafe fn max_abs_bf16_avx2(row: &[u8], bn: usize, max: &mut BlockMax
             _mm256_castsi256_si128(acc),
             _mm256_extracti128_si256::<1>(acc),
         ));
-        max.fold_bf16(b, [m, bf16_tail(row, start + full, start + bn)]);
+        let tail = if full < bn {
+            bf16_tail(row, start + full, start + bn)
+        } else {
+            0
+        };
+        max.fold_bf16(b, [m, tail]);
     }
 }
 
@@ -661,7 +679,9 @@ pub(super) unsafe fn dequantize_bf16_avx2(w: &[u8], scales: &[f32], bn: usize, o
             }
             j += 16;
         }
-        dequantize_bf16_tail(w, scales[b], start + full..start + bn, out);
+        if full < bn {
+            dequantize_bf16_tail(w, scales[b], start + full..start + bn, out);
+        }
     }
 }
 
