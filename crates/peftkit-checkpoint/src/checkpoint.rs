@@ -171,7 +171,7 @@ fn variant_of(name: &str) -> Option<&str> {
 /// The files an index names, each resolved once to a path inside `dir` ([`resolve_under`]):
 /// an index has one entry per tensor, thousands in a large model, and resolving follows every
 /// link of the path (a `realpath` per entry, four times over while a merge opened its base,
-/// took 4 ms of its start).
+/// took 2–3 ms of its start).
 fn resolve_index(
     dir: &Path,
     idx: &WeightIndex,

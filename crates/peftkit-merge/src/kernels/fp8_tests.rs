@@ -2,9 +2,9 @@
 //! the reference: branchy casts, a table for e4m3 → f32, per-element NaN tests in the block
 //! max-abs, the error folded serially (each difference rounded to `f32`, as now defined). Edge
 //! values: every e4m3 code, every bf16 pattern, ties between e4m3 neighbours, the saturation
-//! bounds, NaN payloads, subnormals;
-//! blocks that are zero, hold a NaN, saturate, or have a subnormal max (an infinite scale);
-//! UE8M0 and float scales; widths that are not a multiple of the lanes.
+//! bounds, NaN payloads, subnormals; blocks that are zero, hold a NaN, saturate, or have a
+//! subnormal max (an infinite scale); UE8M0 and float scales; widths that are not a multiple of
+//! the lanes.
 
 use super::*;
 use crate::kernels::dtype::{decode_f32, encode_f32, f32_to_bf16_bits};
