@@ -363,12 +363,20 @@ fn bf16_biased(x: __m256, byte2_down: __m256i) -> __m256i {
     _mm256_or_si256(t, nan)
 }
 
+/// 8 `f32` rounded to BF16 as [`f32_to_bf16_bits`] does, in the high 16 bits of each lane
+/// ([`bf16_biased`]), for callers that pack lanes themselves.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(crate) fn bf16_high(x: __m256) -> __m256i {
+    bf16_biased(x, BYTE2_DOWN)
+}
+
 /// Rounds 8 `f32` to BF16 as [`f32_to_bf16_bits`] does (nearest even on the bits; any NaN →
 /// `0xFFFF`).
 #[target_feature(enable = "avx2")]
 #[inline]
 pub(crate) fn f32x8_to_bf16(x: __m256) -> __m128i {
-    let r = _mm256_srli_epi32::<16>(bf16_biased(x, BYTE2_DOWN));
+    let r = _mm256_srli_epi32::<16>(bf16_high(x));
     // Every lane is ≤ 0xFFFF, so the unsigned saturating pack is exact; it packs within each
     // 128-bit half, and the permute brings the two halves' results together.
     let packed = _mm256_packus_epi32(r, r);

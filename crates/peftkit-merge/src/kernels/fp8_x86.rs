@@ -30,6 +30,7 @@
 
 use std::arch::x86_64::*;
 
+use super::avx2::bf16_high;
 use super::dtype::{bf16_bits_to_f32, f32_to_bf16_bits};
 use super::fp8::e4m3_to_f32;
 use super::fp8_rows::{quantize_one, select_max, BlockMax, MaxError, Row};
@@ -688,13 +689,11 @@ pub(super) unsafe fn dequantize_bf16_avx2(w: &[u8], scales: &[f32], bn: usize, o
 }
 
 /// 8 e4m3 bytes (sign-extended into `i32` lanes) times `sv` (the scale times 2^120), rounded to
-/// BF16 to nearest even on the bits: the BF16 in the high half of each lane. The product is
-/// finite (`scaled_by_2_120`); a NaN code reads as a finite value here, and its caller marks it.
+/// BF16 by [`bf16_high`]: the BF16 in the high half of each lane. The product is finite
+/// (`scaled_by_2_120`); a NaN code reads as a finite value here, and its caller marks it.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 fn bf16_rounding8(q: __m256i, sv: __m256) -> __m256i {
     let bits = _mm256_and_si256(_mm256_slli_epi32::<20>(q), _mm256_set1_epi32(E4M3_BITS));
-    let u = _mm256_castps_si256(_mm256_mul_ps(_mm256_castsi256_ps(bits), sv));
-    let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(u), _mm256_set1_epi32(1));
-    _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)))
+    bf16_high(_mm256_mul_ps(_mm256_castsi256_ps(bits), sv))
 }
