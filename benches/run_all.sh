@@ -4,7 +4,7 @@
 # contenders in interleaved rounds, records the host, and writes docs/benchmarks/verbs-HOST.json,
 # docs/benchmarks/verbs-HOST.svg and this host's section of docs/benchmarks.md.
 #
-#   benches/run_all.sh            # every case, 7B included (about 1 h; ~30 GB free for 7B)
+#   benches/run_all.sh            # every case, 7B included (1–1.5 h; ~30 GB free for 7B)
 #   benches/run_all.sh --quick    # 1 GB cases only, 3 rounds (about 25 min; the FP8 merges are slow)
 #   benches/run_all.sh --label "quiet machine" --cases merge-1gb,reshard --rounds 11
 #
