@@ -170,6 +170,7 @@ mod tests {
             mappable: false,
             writing,
             direct: Some(direct),
+            synced: true,
         }
     }
 
