@@ -443,27 +443,16 @@ impl Prepared<'_> {
     /// For a synced file, starts writing the `len` bytes at `offset`, just copied into the page
     /// cache, to the disk without waiting: the disk then works while the rest of the file is
     /// copied, instead of all of it at the file's sync (a single-file `extract` or `convert`
-    /// otherwise copies first and writes after).
+    /// otherwise copies first and writes after). `POSIX_FADV_DONTNEED` starts writeback of the
+    /// dirty range; it drops only pages already clean. Advice, so a failure changes nothing.
     fn start_writeback(&self, offset: u64, len: u64) {
-        if self.synced {
-            start_writeback(&self.file, offset, len);
+        #[cfg(target_os = "linux")]
+        if self.synced && std::env::var_os("PEFTKIT_NO_EARLY_WRITEBACK").is_none() {
+            let len = std::num::NonZeroU64::new(len);
+            let advice = rustix::fs::Advice::DontNeed;
+            let _ = rustix::fs::fadvise(&self.file, offset, len, advice);
         }
     }
-}
-
-/// Starts writing the `len` bytes at `offset` of `file`, just written through the page cache,
-/// to the disk without waiting (a synced save's copied tensors, and its merged tensors written
-/// in blocks: [`crate::OutputRegion::in_blocks`]). `POSIX_FADV_DONTNEED` starts writeback of
-/// the dirty range; it drops only pages already clean. Advice, so a failure changes nothing.
-/// `PEFTKIT_NO_EARLY_WRITEBACK` (a switch for benchmarks) leaves it all to the file's sync.
-pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
-    #[cfg(target_os = "linux")]
-    if std::env::var_os("PEFTKIT_NO_EARLY_WRITEBACK").is_none() {
-        let len = std::num::NonZeroU64::new(len);
-        let _ = rustix::fs::fadvise(file, offset, len, rustix::fs::Advice::DontNeed);
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (file, offset, len);
 }
 
 /// Writes several safetensors files with one pool of workers, unsynced.
@@ -715,7 +704,6 @@ fn region<'a>(p: &'a Prepared<'_>, offset: u64, len: usize) -> crate::OutputRegi
         mappable: p.edit_in_file,
         writing: &p.writing,
         direct: p.direct.as_ref(),
-        synced: p.synced,
     }
 }
 

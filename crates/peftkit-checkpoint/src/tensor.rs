@@ -228,12 +228,9 @@ pub struct OutputRegion<'a> {
     pub(crate) writing: &'a std::sync::Mutex<()>,
     /// The file's handle for writes around the page cache, in a synced save (`direct`).
     pub(crate) direct: Option<&'a File>,
-    /// Whether the save is synced: writes through the page cache then start their writeback
-    /// at once.
-    pub(crate) synced: bool,
 }
 
-impl<'a> OutputRegion<'a> {
+impl OutputRegion<'_> {
     /// The region's length in bytes.
     pub fn len(&self) -> usize {
         self.len
@@ -244,44 +241,19 @@ impl<'a> OutputRegion<'a> {
         self.len == 0
     }
 
-    /// Writes `bytes` at byte `at` of the region: their 4 KiB-aligned middle around the page
-    /// cache where the region has a direct handle (a synced save: `O_DIRECT`, see
-    /// docs/architecture.md, "Output IO"; bytes placed by [`OutputRegion::place`] need no
-    /// bounce copy), else through the page cache, their writeback started at once in a synced
-    /// save.
+    /// Writes `bytes` at byte `at` of the region: through the page cache, or, in a synced save,
+    /// their 4 KiB-aligned middle around it (`O_DIRECT`, see docs/architecture.md, "Output
+    /// IO"; bytes placed by [`OutputRegion::place`] need no bounce copy).
     pub fn write_at(&self, at: usize, bytes: &[u8]) -> Result<()> {
         let offset = self.offset + at as u64;
-        let written = match self.direct {
+        match self.direct {
             Some(direct) => crate::direct::write_all_at(self.file, direct, bytes, offset),
             None => {
                 let _one = self.writing.lock().unwrap_or_else(|e| e.into_inner());
                 crate::safetensors_file::write_all_at(self.file, bytes, offset)
             }
-        };
-        written.map_err(|e| CheckpointError::io(self.path, e))?;
-        if self.direct.is_none() && self.synced {
-            crate::safetensors_file::start_writeback(self.file, offset, bytes.len() as u64);
         }
-        Ok(())
-    }
-
-    /// The region written block by block through the page cache, for a tensor computed a block
-    /// at a time in cache (a merged weight streamed from its base). In a synced save each
-    /// block's writeback starts as soon as it is written, so the disk works beside the next
-    /// blocks' arithmetic; one direct write of the whole tensor made its worker wait for the
-    /// device instead (measured in docs/architecture.md, "Output IO").
-    ///
-    /// `None` in a synced save when `PEFTKIT_WHOLE_DIRECT` is set, a switch for benchmarks: the
-    /// caller then computes the tensor whole and the writer writes it around the page cache,
-    /// as before.
-    pub fn in_blocks(&self) -> Option<OutputRegion<'a>> {
-        if self.direct.is_some() && std::env::var_os("PEFTKIT_WHOLE_DIRECT").is_some() {
-            return None;
-        }
-        Some(OutputRegion {
-            direct: None,
-            ..*self
-        })
+        .map_err(|e| CheckpointError::io(self.path, e))
     }
 
     /// The range of `buf` (grown as needed) where to compute `len` bytes bound for byte `at` of

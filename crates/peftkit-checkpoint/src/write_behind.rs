@@ -170,7 +170,6 @@ mod tests {
             mappable: false,
             writing,
             direct: Some(direct),
-            synced: true,
         }
     }
 
