@@ -1,0 +1,99 @@
+//! Both ways a plain LoRA merge writes a merged weight (docs/architecture.md, "Output IO"):
+//! synced, the weight is merged whole in a buffer and its aligned middle written around the
+//! page cache; unsynced, it is streamed block by block through the page cache. Both must give
+//! the weight merged in memory ([`merge_linear`]), for a weight of several blocks that starts at
+//! an offset not aligned to the disk's blocks (so that the direct write has unaligned edges).
+
+use std::path::Path;
+
+use peftkit_checkpoint::{
+    save_pretrained, Checkpoint, Dtype, SaveOptions, StateDict, Tensor, WeightsKind,
+};
+use peftkit_merge::{
+    encode_f32, merge, merge_linear, AdapterInput, BaseTensorMut, F32Tensor, MergeJob,
+    MergeOptions,
+};
+
+const MODULE: &str = "model.layers.0.self_attn.q_proj";
+/// 4 KiB rows of BF16: 3 blocks of 512 rows and a short one.
+const ROWS: usize = 1544;
+const COLS: usize = 2048;
+const RANK: usize = 8;
+const ALPHA: u32 = 16;
+
+fn values(n: usize, k: usize) -> Vec<f32> {
+    (0..n).map(|i| ((i * k) % 251) as f32 / 251.0 - 0.5).collect()
+}
+
+fn f32_tensor(shape: Vec<usize>, vals: &[f32]) -> Tensor {
+    let bytes = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+    Tensor::from_bytes(Dtype::F32, shape, bytes).unwrap()
+}
+
+fn save(dir: &Path, sd: &StateDict, kind: WeightsKind) {
+    let opts = SaveOptions {
+        kind,
+        durable: false,
+        ..Default::default()
+    };
+    save_pretrained(dir, sd, &opts).unwrap();
+}
+
+/// The adapter config peft writes for `lora_basic`, targeting `q_proj` with this rank.
+fn adapter_config() -> String {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/peft/lora_basic/adapter/adapter_config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture).unwrap()).unwrap();
+    v["r"] = RANK.into();
+    v["lora_alpha"] = ALPHA.into();
+    v["target_modules"] = serde_json::json!(["q_proj"]);
+    v.to_string()
+}
+
+fn weight(dir: &Path) -> Vec<u8> {
+    let ckpt = Checkpoint::open(dir).unwrap();
+    let t = ckpt.get(&format!("{MODULE}.weight")).unwrap();
+    t.bytes().unwrap().into_owned()
+}
+
+#[test]
+fn a_merged_weight_synced_or_not_is_the_weight_merged_in_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (base, adapter) = (tmp.path().join("base"), tmp.path().join("adapter"));
+    let w = encode_f32("w", Dtype::BF16, &values(ROWS * COLS, 7)).unwrap();
+    let mut sd = StateDict::new();
+    sd.insert(
+        format!("{MODULE}.weight"),
+        Tensor::from_bytes(Dtype::BF16, vec![ROWS, COLS], w.clone()).unwrap(),
+    );
+    // Written before the weight (F32 sorts first): the weight starts 12 bytes further on.
+    sd.insert("a.bias".into(), f32_tensor(vec![3], &[1.0, 2.0, 3.0]));
+    save(&base, &sd, WeightsKind::Model);
+    let (a, b) = (values(RANK * COLS, 13), values(ROWS * RANK, 29));
+    let mut ad = StateDict::new();
+    let key = |m: &str| format!("base_model.model.{MODULE}.{m}.weight");
+    ad.insert(key("lora_A"), f32_tensor(vec![RANK, COLS], &a));
+    ad.insert(key("lora_B"), f32_tensor(vec![ROWS, RANK], &b));
+    save(&adapter, &ad, WeightsKind::Adapter);
+    std::fs::write(adapter.join("adapter_config.json"), adapter_config()).unwrap();
+
+    let mut want = w.clone();
+    merge_linear(
+        BaseTensorMut::new(Dtype::BF16, &[ROWS, COLS], &mut want),
+        F32Tensor::new(&[RANK, COLS], &a),
+        F32Tensor::new(&[ROWS, RANK], &b),
+        ALPHA as f32 / RANK as f32,
+        false,
+        &MergeOptions::default(),
+    )
+    .unwrap();
+    assert!(want != w, "the adapter changes the weight");
+    for durable in [true, false] {
+        let out = tmp.path().join(format!("merged-{durable}"));
+        let input = vec![AdapterInput::parse(adapter.to_str().unwrap())];
+        let summary = merge(&MergeJob::new(&base, input, &out).durable(durable)).unwrap();
+        assert_eq!(summary.tensors_merged, 1);
+        assert!(weight(&out) == want, "durable {durable}");
+    }
+}
