@@ -75,16 +75,26 @@ pub fn find_file_layout(
     kind: WeightsKind,
     variant: Option<&str>,
 ) -> Result<FileLayout> {
+    locate(dir, kind, variant).map(|(layout, _)| layout)
+}
+
+/// [`find_file_layout`], with the index it read to find the shards (so that opening a
+/// checkpoint reads it once).
+fn locate(
+    dir: &Path,
+    kind: WeightsKind,
+    variant: Option<&str>,
+) -> Result<(FileLayout, Option<WeightIndex>)> {
     let names = WeightsNames::new(kind, variant)?;
     let single = dir.join(names.single());
     let index = dir.join(names.index());
     // transformers looks for the single file before the index; `verify` reports the case
     // where both exist (the single file then shadows the shards).
     if single.is_file() {
-        return Ok(FileLayout::Single { file: single });
+        return Ok((FileLayout::Single { file: single }, None));
     }
     if index.is_file() {
-        return sharded_layout(dir, index);
+        return sharded_layout(dir, index).map(|(layout, idx)| (layout, Some(idx)));
     }
     // Pickle weights, which transformers reads only when no safetensors file is there.
     let (single, index) = (
@@ -92,10 +102,10 @@ pub fn find_file_layout(
         dir.join(names.pickle_index()),
     );
     if single.is_file() {
-        return Ok(FileLayout::Single { file: single });
+        return Ok((FileLayout::Single { file: single }, None));
     }
     if index.is_file() {
-        return sharded_layout(dir, index);
+        return sharded_layout(dir, index).map(|(layout, idx)| (layout, Some(idx)));
     }
     Err(CheckpointError::NotACheckpoint {
         path: dir.to_owned(),
@@ -110,8 +120,8 @@ pub fn find_file_layout(
     })
 }
 
-/// The shards an index lists, each resolved inside `dir`, sorted.
-fn sharded_layout(dir: &Path, index: PathBuf) -> Result<FileLayout> {
+/// The shards an index lists, each resolved inside `dir`, sorted; and the index.
+fn sharded_layout(dir: &Path, index: PathBuf) -> Result<(FileLayout, WeightIndex)> {
     let idx = WeightIndex::read(&index)?;
     let mut shards: Vec<PathBuf> = Vec::new();
     for p in resolve_index(dir, &idx).into_values() {
@@ -124,7 +134,7 @@ fn sharded_layout(dir: &Path, index: PathBuf) -> Result<FileLayout> {
         }
     }
     shards.sort();
-    Ok(FileLayout::Sharded { index, shards })
+    Ok((FileLayout::Sharded { index, shards }, idx))
 }
 
 /// What a folder without the expected weight files holds instead, and what to do about it:
@@ -223,27 +233,32 @@ impl Checkpoint {
     pub fn open_kind(path: &Path, kind: WeightsKind, variant: Option<&str>) -> Result<Self> {
         if path.is_file() {
             let dir = path.parent().map(Path::to_owned).unwrap_or_default();
-            return Self::from_layout(
-                dir,
-                FileLayout::Single {
-                    file: path.to_owned(),
-                },
-            );
+            let layout = FileLayout::Single {
+                file: path.to_owned(),
+            };
+            return Self::from_layout(dir, layout, None);
         }
-        let layout = find_file_layout(path, kind, variant)?;
-        Self::from_layout(path.to_owned(), layout)
+        let (layout, index) = locate(path, kind, variant)?;
+        Self::from_layout(path.to_owned(), layout, index)
     }
 
-    fn from_layout(dir: PathBuf, layout: FileLayout) -> Result<Self> {
+    /// The checkpoint of `layout`, whose index (when sharded) is `index` if already read.
+    fn from_layout(dir: PathBuf, layout: FileLayout, index: Option<WeightIndex>) -> Result<Self> {
         let mut files = Vec::new();
         let mut tensors: IndexMap<String, (Tensor, usize)> = IndexMap::new();
         let mut ties = Vec::new();
         let (paths, index) = match &layout {
             FileLayout::Single { file } => (vec![file.clone()], None),
-            FileLayout::Sharded { index, shards } => (
-                shards.clone(),
-                Some((index.clone(), WeightIndex::read(index)?)),
-            ),
+            FileLayout::Sharded {
+                index: path,
+                shards,
+            } => {
+                let idx = match index {
+                    Some(idx) => idx,
+                    None => WeightIndex::read(path)?,
+                };
+                (shards.clone(), Some((path.clone(), idx)))
+            }
         };
         for (i, path) in paths.iter().enumerate() {
             let (file, list, file_ties) = open_weight_file(path)?;
