@@ -46,7 +46,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
     let input = super::resolve(&input)?;
     let out = super::output_folder(Some(out), &input, false)?;
     let kind = guess_kind(&input);
-    let bar = progress(open_any(&input, None)?.total_bytes(), !no_fsync);
+    let bar = progress(|| Ok(open_any(&input, None)?.total_bytes()), !no_fsync)?;
     let save = SaveOptions::default()
         .max_shard_size(ckpt::parse_max_shard_size(&max_shard_size)?)
         .durable(!no_fsync)

@@ -25,11 +25,14 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(args: Args) -> Result<ExitCode> {
-    let mut total = 0;
-    for dir in &args.ranks {
-        total += open_rank(dir)?.1.total_bytes();
-    }
-    let bar = progress(total, !args.no_fsync);
+    let total = || {
+        let mut total = 0;
+        for dir in &args.ranks {
+            total += open_rank(dir)?.1.total_bytes();
+        }
+        Ok(total)
+    };
+    let bar = progress(total, !args.no_fsync)?;
     let options = GatherOptions {
         durable: !args.no_fsync,
         progress: on_bytes(&bar, !args.no_fsync).into(),

@@ -110,7 +110,7 @@ pub(crate) fn run(args: Args) -> Result<ExitCode> {
         .as_deref()
         .map(ckpt::parse_max_shard_size)
         .transpose()?;
-    let bar = progress(Checkpoint::open(&base)?.total_bytes(), !no_fsync);
+    let bar = progress(|| Ok(Checkpoint::open(&base)?.total_bytes()), !no_fsync)?;
     let job = merge::MergeJob::new(base, adapters, out)
         .max_shard_size(max_shard_size)
         .safe_merge(safe_merge)

@@ -188,16 +188,16 @@ fn resolve(path: &Path) -> Result<PathBuf> {
     Ok(ckpt::resolve_model_path(&path.to_string_lossy())?)
 }
 
-/// A byte progress bar on stderr over `total` bytes of tensor data, hidden with `-q`,
+/// A byte progress bar on stderr over `total()` bytes of tensor data, hidden with `-q`,
 /// `--no-progress` or when stderr is not a terminal (scripts and tests see only the result
-/// lines). Once every byte is written, it says what the save still does: `durable` saves sync
+/// lines; `total`, which opens the input a first time, is then not called). Once every byte is written, it says what the save still does: `durable` saves sync
 /// every file before the swap, which can take as long as the writing.
-fn progress(total: u64, durable: bool) -> ProgressBar {
+fn progress(total: impl FnOnce() -> Result<u64>, durable: bool) -> Result<ProgressBar> {
     let ui = ui();
     if ui.quiet || ui.no_progress || !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
+        return Ok(ProgressBar::hidden());
     }
-    let bar = ProgressBar::new(total);
+    let bar = ProgressBar::new(total()?);
     if let Ok(style) = ProgressStyle::with_template(
         "{bar:40} {decimal_bytes}/{decimal_total_bytes} {decimal_bytes_per_sec} eta {eta} {msg}",
     ) {
@@ -208,7 +208,7 @@ fn progress(total: u64, durable: bool) -> ProgressBar {
     } else {
         "writing (no sync)"
     });
-    bar
+    Ok(bar)
 }
 
 /// The progress callback of a save reporting to `bar`: it counts bytes and, once all are
@@ -239,8 +239,8 @@ fn resave_options(
     durable: bool,
 ) -> Result<(SaveOptions, ProgressBar)> {
     let max_shard_size = ckpt::parse_max_shard_size(max_shard_size)?;
-    let total = Checkpoint::open_kind(dir, WeightsKind::Model, input_variant)?.total_bytes();
-    let bar = progress(total, durable);
+    let total = || Ok(Checkpoint::open_kind(dir, WeightsKind::Model, input_variant)?.total_bytes());
+    let bar = progress(total, durable)?;
     let mut options = SaveOptions::default()
         .max_shard_size(max_shard_size)
         .durable(durable)

@@ -47,9 +47,11 @@ pub(crate) fn run(mut args: Args) -> Result<ExitCode> {
         Some(file) => Some(TpPlans::builtin()?.plan_from_file(file)?),
         None => None,
     };
-    let total = Checkpoint::open_kind(&args.dir, WeightsKind::Model, args.variant.as_deref())?
-        .total_bytes();
-    let bar = progress(total * args.world_size as u64, !args.no_fsync);
+    let total = || {
+        let ckpt = Checkpoint::open_kind(&args.dir, WeightsKind::Model, args.variant.as_deref())?;
+        Ok(ckpt.total_bytes() * args.world_size as u64)
+    };
+    let bar = progress(total, !args.no_fsync)?;
     let options = SplitOptions {
         world_size: args.world_size,
         plan,
