@@ -10,8 +10,7 @@ use peftkit_checkpoint::{
     save_pretrained, Checkpoint, Dtype, SaveOptions, StateDict, Tensor, WeightsKind,
 };
 use peftkit_merge::{
-    encode_f32, merge, merge_linear, AdapterInput, BaseTensorMut, F32Tensor, MergeJob,
-    MergeOptions,
+    encode_f32, merge, merge_linear, AdapterInput, BaseTensorMut, F32Tensor, MergeJob, MergeOptions,
 };
 
 const MODULE: &str = "model.layers.0.self_attn.q_proj";
@@ -22,7 +21,9 @@ const RANK: usize = 8;
 const ALPHA: u32 = 16;
 
 fn values(n: usize, k: usize) -> Vec<f32> {
-    (0..n).map(|i| ((i * k) % 251) as f32 / 251.0 - 0.5).collect()
+    (0..n)
+        .map(|i| ((i * k) % 251) as f32 / 251.0 - 0.5)
+        .collect()
 }
 
 fn f32_tensor(shape: Vec<usize>, vals: &[f32]) -> Tensor {
