@@ -190,8 +190,9 @@ fn resolve(path: &Path) -> Result<PathBuf> {
 
 /// A byte progress bar on stderr over `total()` bytes of tensor data, hidden with `-q`,
 /// `--no-progress` or when stderr is not a terminal (scripts and tests see only the result
-/// lines; `total`, which opens the input a first time, is then not called). Once every byte is written, it says what the save still does: `durable` saves sync
-/// every file before the swap, which can take as long as the writing.
+/// lines; `total`, which opens the input a first time, is then not called). Once every byte
+/// is written, it says what the save still does: `durable` saves sync every file before the
+/// swap, which can take as long as the writing.
 fn progress(total: impl FnOnce() -> Result<u64>, durable: bool) -> Result<ProgressBar> {
     let ui = ui();
     if ui.quiet || ui.no_progress || !std::io::stderr().is_terminal() {
