@@ -80,8 +80,8 @@ pub use pyjson::{
     float_repr, nonfinite_marker, py_json_string, write_py_json, write_py_str, PyJsonStyle,
 };
 pub use safetensors_file::{
-    file_order, inspect_file, open_file, pt_metadata, read_header, write_file, FileProblem,
-    SafetensorsHeader, TensorHeader, MAX_HEADER_SIZE,
+    file_order, inspect_file, open_file, pt_metadata, read_header, save_workers, write_file,
+    FileProblem, SafetensorsHeader, TensorHeader, MAX_HEADER_SIZE,
 };
 pub use save::{
     plan_save, save_planned, save_pretrained, torch_dtype_name, SaveOptions, SavePlan, SaveReport,

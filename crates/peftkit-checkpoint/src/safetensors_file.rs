@@ -455,6 +455,15 @@ impl Prepared<'_> {
     }
 }
 
+/// How many tensors a save writes (and computes) at once: 2 to 4 workers, as the cores allow.
+/// Each may hold a computed tensor in memory, so the count bounds a save's memory as well as
+/// its parallelism; work that computes tensors ahead of a save should run as many at a time.
+pub fn save_workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, 4)
+}
+
 /// Writes several safetensors files with one pool of workers, unsynced.
 ///
 /// Every header is written first; it fixes every tensor's offset, so tensors need not be
@@ -477,10 +486,7 @@ pub(crate) fn write_files(
     on_file: &mut dyn FnMut(usize, u64, File),
 ) -> Result<()> {
     let prepared = prepare_files(jobs, metadata)?;
-    let workers = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .clamp(2, 4)
-        .min(prepared.iter().map(|p| p.items.len()).sum::<usize>().max(1));
+    let workers = save_workers().min(prepared.iter().map(|p| p.items.len()).sum::<usize>().max(1));
     let work = work_list(&prepared, workers);
     let left: Vec<AtomicUsize> = prepared
         .iter()

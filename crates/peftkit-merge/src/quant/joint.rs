@@ -176,6 +176,21 @@ impl JointSlot {
         }
     }
 
+    /// Keeps what a computation made before any of its tensors was written (the main tensor's
+    /// bytes and the parts) for their writes to take, as far as the budget allows: the small
+    /// parts first, then the main tensor. What does not fit is computed again when written.
+    pub(crate) fn leave(&self, main: Vec<u8>, parts: Vec<Vec<u8>>) {
+        let mut held = self.held();
+        self.leave_parts(&mut held, parts, None);
+        if held.main_written {
+            buffers::give(main);
+            return;
+        }
+        let mut slot = held.main.take();
+        self.keep(&mut slot, main);
+        held.main = slot;
+    }
+
     /// The main tensor's bytes, computed by a part's write, of length `len`.
     fn kept_main(&self, len: usize) -> Option<Vec<u8>> {
         let mut held = self.held();
@@ -407,6 +422,37 @@ mod tests {
         write(&joint, &[0]);
         assert_eq!(budget.held(), 5);
         drop(joint);
+        assert_eq!(budget.held(), 0);
+    }
+
+    /// What a computation made before any write (`JointSlot::leave`), as the first computation.
+    fn computed_before(joint: &Toy) {
+        let mut main = joint.base.bytes().unwrap().into_owned();
+        let parts = joint.compute(&mut main).unwrap();
+        joint.slot.leave(main, parts);
+    }
+
+    #[test]
+    fn a_computation_made_before_the_writes_serves_them_within_the_budget() {
+        let expected = vec![
+            vec![255, 254, 253, 252],
+            10u32.to_le_bytes().to_vec(),
+            vec![255],
+        ];
+        for order in [[0, 1, 2], [2, 1, 0]] {
+            let (joint, budget) = toy(KEEP_BUDGET);
+            computed_before(&joint);
+            assert_eq!(budget.held(), 9);
+            assert_eq!(write(&joint, &order), expected, "{order:?}");
+            assert_eq!(joint.runs.load(Ordering::Relaxed), 1, "{order:?}");
+            assert_eq!(budget.held(), 0, "{order:?}");
+        }
+        // Room for the parts only: the main tensor is computed again by its write.
+        let (joint, budget) = toy(5);
+        computed_before(&joint);
+        assert_eq!(budget.held(), 5);
+        assert_eq!(write(&joint, &[1, 2, 0]), expected);
+        assert_eq!(joint.runs.load(Ordering::Relaxed), 2);
         assert_eq!(budget.held(), 0);
     }
 }

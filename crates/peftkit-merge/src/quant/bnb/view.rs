@@ -4,9 +4,12 @@
 use std::collections::HashMap;
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-use peftkit_checkpoint::{buffers, Checkpoint, CheckpointError, Dtype, StateDict, Tensor};
+use peftkit_checkpoint::{
+    buffers, save_workers, Checkpoint, CheckpointError, Dtype, StateDict, Tensor,
+};
 
 use super::codes;
 use super::weight::{Part, Requantize4, Requantized, RoundTrip4, Weight4};
@@ -236,7 +239,8 @@ fn round_trip(
 /// The output of a re-quantizing merge: each merged 4-bit weight quantized again, every other
 /// 4-bit weight with its stored tensors, and the rest of `state` as it is. A merged weight's
 /// packed bytes, `absmax` and `nested_absmax` come from one computation when written (see
-/// `joint`); its quantization state is known before (see [`Requant4`]).
+/// `joint`); its quantization state is known before (see [`Requant4::state_bytes`]), computed
+/// for all weights before any is written, as many at a time as the save will compute.
 pub(super) fn requantized(
     state: StateDict,
     base: &Checkpoint,
@@ -255,20 +259,21 @@ pub(super) fn requantized(
             MergeError::from(e)
         })
     };
-    let mut out = StateDict::new();
+    let mut entries = Vec::with_capacity(state.len());
     for (name, tensor) in state {
         let Some(w) = by_name.get(name.as_str()) else {
-            out.insert(name, tensor);
+            entries.push(Entry::Kept(name, tensor));
             continue;
         };
         if !plan.steps.contains_key(&name) {
-            out.insert(name.clone(), stored(&name)?);
+            entries.push(Entry::Kept(name.clone(), stored(&name)?));
             for part in w.part_names() {
-                out.insert(part.clone(), stored(&part)?);
+                let tensor = stored(&part)?;
+                entries.push(Entry::Kept(part, tensor));
             }
             continue;
         }
-        let mut requant = Requant4 {
+        entries.push(Entry::Merged(Box::new(Requant4 {
             weight: (*w).clone(),
             base: stored(&name)?,
             merged: tensor,
@@ -276,29 +281,105 @@ pub(super) fn requantized(
             threads,
             state: vec![],
             slot: JointSlot::new(budget.clone()),
-        };
-        requant.state = requant.state_bytes()?;
-        let requant = Arc::new(requant);
-        for part in w.part_names() {
-            out.insert(part.clone(), stored(&part)?);
-        }
-        for (part_name, part) in w.requantized_parts() {
-            let tensor = match part {
-                Part::Packed => main_tensor(&requant),
-                Part::State => {
-                    let bytes = requant.state.clone();
-                    Tensor::from_bytes(Dtype::U8, vec![bytes.len()], bytes)?
-                }
-                Part::Absmax if w.state.nested() => {
-                    part_tensor(&requant, 0, Dtype::U8, w.shape_of(part))?
-                }
-                Part::Absmax => part_tensor(&requant, 0, Dtype::F32, w.shape_of(part))?,
-                Part::NestedAbsmax => part_tensor(&requant, 1, Dtype::F32, w.shape_of(part))?,
-            };
-            out.insert(part_name, tensor);
+        })));
+    }
+    plan_states(&mut entries)?;
+    let mut out = StateDict::new();
+    for entry in entries {
+        match entry {
+            Entry::Kept(name, tensor) => {
+                out.insert(name, tensor);
+            }
+            Entry::Merged(requant) => insert_requantized(Arc::from(requant), &stored, &mut out)?,
         }
     }
     Ok(out)
+}
+
+/// A tensor of [`requantized`]'s output, or a merged weight to re-quantize.
+enum Entry {
+    Kept(String, Tensor),
+    Merged(Box<Requant4>),
+}
+
+/// [`Requant4::state_bytes`] of every merged weight in `entries`, at most
+/// [`save_workers`] at a time: a double-quantized weight is computed for its state, and each
+/// computation holds the weight's `f32` copies, as each of the save's workers will.
+fn plan_states(entries: &mut [Entry]) -> Result<(), CheckpointError> {
+    let merged = entries.iter_mut().filter_map(|e| match e {
+        Entry::Merged(r) => Some(&mut **r),
+        Entry::Kept(..) => None,
+    });
+    each_at_most(save_workers(), merged.collect(), |r| {
+        r.state = r.state_bytes()?;
+        Ok(())
+    })
+}
+
+/// Runs `f` on every item, on at most `workers` scoped threads; stops starting items after a
+/// failure and returns the error of the first failing item in `items` order, whatever the
+/// threads' timing. (rayon would run as many at a time as the pool has threads.)
+fn each_at_most<T: Send, E: Send>(
+    workers: usize,
+    mut items: Vec<&mut T>,
+    f: impl Fn(&mut T) -> Result<(), E> + Sync,
+) -> Result<(), E> {
+    let next = Mutex::new(items.iter_mut().enumerate());
+    let errors = Mutex::new(Vec::new());
+    let failed = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for _ in 0..workers.max(1) {
+            scope.spawn(|| {
+                while !failed.load(Ordering::Relaxed) {
+                    let Some((i, item)) = next.lock().unwrap_or_else(|e| e.into_inner()).next()
+                    else {
+                        return;
+                    };
+                    if let Err(e) = f(item) {
+                        failed.store(true, Ordering::Relaxed);
+                        errors
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((i, e));
+                    }
+                }
+            });
+        }
+    });
+    let errors = errors.into_inner().unwrap_or_else(|e| e.into_inner());
+    match errors.into_iter().min_by_key(|(i, _)| *i) {
+        Some((_, e)) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Inserts the tensors of one merged weight into `out`: its stored tensors, then those the
+/// re-quantization replaces (in their places) or adds.
+fn insert_requantized(
+    requant: Arc<Requant4>,
+    stored: &dyn Fn(&str) -> Result<Tensor, MergeError>,
+    out: &mut StateDict,
+) -> Result<(), MergeError> {
+    let w = &requant.weight;
+    for part in w.part_names() {
+        out.insert(part.clone(), stored(&part)?);
+    }
+    for (part_name, part) in w.requantized_parts() {
+        let tensor = match part {
+            Part::Packed => main_tensor(&requant),
+            Part::State => {
+                let bytes = requant.state.clone();
+                Tensor::from_bytes(Dtype::U8, vec![bytes.len()], bytes)?
+            }
+            Part::Absmax if w.state.nested() => {
+                part_tensor(&requant, 0, Dtype::U8, w.shape_of(part))?
+            }
+            Part::Absmax => part_tensor(&requant, 0, Dtype::F32, w.shape_of(part))?,
+            Part::NestedAbsmax => part_tensor(&requant, 1, Dtype::F32, w.shape_of(part))?,
+        };
+        out.insert(part_name, tensor);
+    }
+    Ok(())
 }
 
 /// One merged 4-bit weight re-quantized: the packed codes (the main tensor, written over the
@@ -328,11 +409,16 @@ impl Requant4 {
 
     /// The quantization state's JSON. Its length must be known before the header is written:
     /// without double quantization it follows from the settings; with it, it holds the mean of
-    /// the new block absmax, so the weight is computed once for it now (and again when
-    /// written: keeping it would hold every merged weight until its write).
+    /// the new block absmax, so the weight is computed now. What that computation made is left
+    /// in the slot for the writes, within the merge's budget (`joint`): holding every merged
+    /// weight until its write would not be bounded, so those past the budget are computed
+    /// again when written.
     fn state_bytes(&self) -> Result<Vec<u8>, CheckpointError> {
         if self.weight.state.nested() {
-            return Ok(self.quantize()?.state);
+            let q = self.quantize()?;
+            let parts = std::iter::once(q.absmax).chain(q.nested_absmax).collect();
+            self.slot.leave(q.packed, parts);
+            return Ok(q.state);
         }
         let w = &self.weight;
         let err = |e| compute_error(&w.name, "re-quantizing a merged 4-bit weight", e);
@@ -364,5 +450,32 @@ impl Joint for Requant4 {
 
     fn reads_base(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_at_most_runs_every_item_and_reports_the_first_failure_in_order() {
+        let mut items: Vec<u32> = (0..64).collect();
+        each_at_most(3, items.iter_mut().collect(), |x| {
+            *x += 100;
+            Ok::<(), u32>(())
+        })
+        .unwrap();
+        assert!(items.iter().zip(100..).all(|(&x, want)| x == want));
+        // Item 40 fails at once, item 5 (started before it) only later: 5 is reported.
+        let mut items: Vec<u32> = (0..64).collect();
+        let failed = each_at_most(4, items.iter_mut().collect(), |x| match *x {
+            5 => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                Err(5)
+            }
+            40 => Err(40),
+            _ => Ok(()),
+        });
+        assert_eq!(failed, Err(5));
     }
 }
