@@ -7,7 +7,7 @@
 //! header ourselves instead of calling `serialize_to_file` keeps the data pull lazy and lets
 //! the output go to any sink (a staging folder, a progress counter).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
@@ -495,12 +495,12 @@ pub(crate) fn write_files(
     enum Msg {
         Wrote(u64),
         FileDone(usize),
-        Failed(usize, CheckpointError),
+        Failed((usize, usize), CheckpointError),
     }
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let (tx, rx) = std::sync::mpsc::channel::<Msg>();
-    let mut errors: Vec<(usize, CheckpointError)> = Vec::new();
+    let mut errors: Vec<((usize, usize), CheckpointError)> = Vec::new();
     let mut finished = vec![false; prepared.len()];
     std::thread::scope(|scope| {
         for _ in 0..workers {
@@ -512,27 +512,29 @@ pub(crate) fn write_files(
                     return;
                 }
                 let w = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&(f, i)) = work.get(w) else {
+                let Some(job) = work.get(w) else {
                     return;
                 };
-                let p = &prepared[f];
-                let (name, t, offset) = p.items[i];
-                let msg = match write_tensor_at(p, t, offset) {
-                    Ok(n) => Msg::Wrote(n),
-                    Err(e) => {
-                        failed.store(true, Ordering::Relaxed);
-                        Msg::Failed(w, with_tensor_name(e, name))
+                let p = &prepared[job.file];
+                let items = std::iter::once(job.item).chain(job.followers.iter().copied());
+                for (k, i) in items.enumerate() {
+                    let (name, t, offset) = p.items[i];
+                    let msg = match write_tensor_at(p, t, offset) {
+                        Ok(n) => Msg::Wrote(n),
+                        Err(e) => {
+                            failed.store(true, Ordering::Relaxed);
+                            Msg::Failed((w, k), with_tensor_name(e, name))
+                        }
+                    };
+                    let ok = matches!(msg, Msg::Wrote(_));
+                    if tx.send(msg).is_err() || !ok {
+                        return;
                     }
-                };
-                let ok = matches!(msg, Msg::Wrote(_));
-                if tx.send(msg).is_err() {
-                    return;
-                }
-                if ok
-                    && left[f].fetch_sub(1, Ordering::AcqRel) == 1
-                    && tx.send(Msg::FileDone(f)).is_err()
-                {
-                    return;
+                    if left[job.file].fetch_sub(1, Ordering::AcqRel) == 1
+                        && tx.send(Msg::FileDone(job.file)).is_err()
+                    {
+                        return;
+                    }
                 }
             });
         }
@@ -560,8 +562,9 @@ pub(crate) fn write_files(
             }
         }
     });
-    // Report the failure that comes first in the work list: every tensor before it was taken
-    // before it and has finished, so the choice does not depend on thread timing.
+    // Report the failure that comes first in the work list (a work item, then its followers in
+    // order): every tensor before it was taken before it and has finished, so the choice does
+    // not depend on thread timing.
     if let Some((_, e)) = errors.into_iter().min_by_key(|(w, _)| *w) {
         return Err(e);
     }
@@ -632,33 +635,66 @@ fn prepare_files<'a>(
     Ok(prepared)
 }
 
-/// The global work list of [`write_files`]: `(file index, item index)`.
+/// The global work list of [`write_files`]: `(file index, item index)`, each with the items
+/// its worker writes right after it ([`Tensor::written_after`]).
 ///
 /// Files are taken in groups of `workers`, round-robin inside a group, so that workers mostly
 /// write different files: two writes to one file serialise on its inode lock (and spin on it).
 /// Groups keep early files finishing early, so their syncs overlap the writing of later ones.
 /// Inside a file, tensors go in file order, those that asked for it last
-/// ([`Tensor::written_last`]).
-fn work_list(prepared: &[Prepared<'_>], workers: usize) -> Vec<(usize, usize)> {
-    let order: Vec<Vec<usize>> = prepared
-        .iter()
-        .map(|p| {
-            let last = |i: &usize| p.items[*i].1.is_written_last();
-            let (late, early): (Vec<usize>, Vec<usize>) = (0..p.items.len()).partition(last);
-            early.into_iter().chain(late).collect()
-        })
-        .collect();
-    let mut work: Vec<(usize, usize)> = Vec::new();
+/// ([`Tensor::written_last`]) at the end, unless they follow a tensor of the file.
+fn work_list(prepared: &[Prepared<'_>], workers: usize) -> Vec<Work> {
+    let order: Vec<Vec<Work>> = prepared.iter().enumerate().map(file_work).collect();
+    let mut order: Vec<std::vec::IntoIter<Work>> = order.into_iter().map(Vec::into_iter).collect();
+    let mut work = Vec::new();
     for group in (0..prepared.len()).collect::<Vec<_>>().chunks(workers) {
         let longest = group.iter().map(|&f| order[f].len()).max().unwrap_or(0);
-        for i in 0..longest {
+        for _ in 0..longest {
             for &f in group {
-                if let Some(&item) = order[f].get(i) {
-                    work.push((f, item));
-                }
+                work.extend(order[f].next());
             }
         }
     }
+    work
+}
+
+/// One item of the work list, and the items of its file written right after it.
+#[derive(Debug)]
+struct Work {
+    file: usize,
+    item: usize,
+    followers: Vec<usize>,
+}
+
+/// The work of file `f` (see [`work_list`]).
+fn file_work((f, p): (usize, &Prepared<'_>)) -> Vec<Work> {
+    let last = |i: &usize| p.items[*i].1.is_written_last();
+    let (late, early): (Vec<usize>, Vec<usize>) = (0..p.items.len()).partition(last);
+    let mut work: Vec<Work> = early
+        .iter()
+        .map(|&item| Work {
+            file: f,
+            item,
+            followers: vec![],
+        })
+        .collect();
+    let at: HashMap<&str, usize> = early
+        .iter()
+        .enumerate()
+        .map(|(w, &i)| (p.items[i].0, w))
+        .collect();
+    let mut tail = Vec::new();
+    for i in late {
+        match p.items[i].1.follows().and_then(|name| at.get(name)) {
+            Some(&w) => work[w].followers.push(i),
+            None => tail.push(Work {
+                file: f,
+                item: i,
+                followers: vec![],
+            }),
+        }
+    }
+    work.extend(tail);
     work
 }
 
@@ -855,10 +891,100 @@ mod tests {
         let prepared = prepare_files(jobs, &BTreeMap::new()).unwrap();
         let names: Vec<&str> = work_list(&prepared, 2)
             .into_iter()
-            .map(|(f, i)| prepared[f].items[i].0)
+            .map(|w| prepared[w.file].items[w.item].0)
             .collect();
         assert_eq!(names, ["b.weight", "x", "c", "y", "a.scale"]);
         assert_eq!(prepared[0].items[0].0, "a.scale", "file order is kept");
+    }
+
+    /// A tensor written after another of its file follows it in the same work item; one that
+    /// follows a tensor of another file is written last in its own.
+    #[test]
+    fn tensors_written_after_another_follow_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = |dtype| Tensor::from_bytes(dtype, vec![2], vec![0; 8]).unwrap();
+        let scale = t(Dtype::F32).written_after("b.weight");
+        let elsewhere = t(Dtype::F32).written_after("x");
+        let (weight, norm) = (t(Dtype::F32), t(Dtype::F32));
+        let jobs = vec![
+            FileJob {
+                path: dir.path().join("a"),
+                tensors: vec![
+                    ("a.scale", &scale),
+                    ("a.z", &elsewhere),
+                    ("b.weight", &weight),
+                    ("c", &norm),
+                ],
+                direct: false,
+            },
+            FileJob {
+                path: dir.path().join("b"),
+                tensors: vec![("x", &norm)],
+                direct: false,
+            },
+        ];
+        let prepared = prepare_files(jobs, &BTreeMap::new()).unwrap();
+        let work: Vec<(&str, Vec<&str>)> = work_list(&prepared, 2)
+            .into_iter()
+            .map(|w| {
+                let items = &prepared[w.file].items;
+                let followers = w.followers.iter().map(|&i| items[i].0).collect();
+                (items[w.item].0, followers)
+            })
+            .collect();
+        let want = [
+            ("b.weight", vec!["a.scale"]),
+            ("x", vec![]),
+            ("c", vec![]),
+            ("a.z", vec![]),
+        ];
+        assert_eq!(work, want);
+    }
+
+    /// Followers are written, by the worker of the tensor they follow, right after it: a
+    /// follower's producer sees its tensor's producer as the last one run on its thread.
+    #[test]
+    fn followers_are_written_by_their_tensors_worker_right_after_it() {
+        use std::cell::RefCell;
+        thread_local!(static LAST: RefCell<String> = const { RefCell::new(String::new()) });
+        let dir = tempfile::tempdir().unwrap();
+        let n = 16;
+        let names: Vec<(String, String)> = (0..n)
+            .map(|i| (format!("a{i:02}.scale"), format!("w{i:02}.weight")))
+            .collect();
+        let mut tensors = Vec::new();
+        for (scale, weight) in &names {
+            let (s, w, want) = (scale.clone(), weight.clone(), weight.clone());
+            let produce_scale = move || {
+                let last = LAST.with(|l| l.replace(s.clone()));
+                assert_eq!(last, want, "{s} written right after its weight");
+                Ok(vec![0u8; 8])
+            };
+            let produce_weight = move || {
+                LAST.with(|l| *l.borrow_mut() = w.clone());
+                Ok(vec![0u8; 8])
+            };
+            let scale_t = Tensor::lazy(Dtype::F32, vec![2], produce_scale).unwrap();
+            tensors.push((scale.as_str(), scale_t.written_after(weight)));
+            tensors.push((
+                weight.as_str(),
+                Tensor::lazy(Dtype::F32, vec![2], produce_weight).unwrap(),
+            ));
+        }
+        let jobs = vec![FileJob {
+            path: dir.path().join("a"),
+            tensors: tensors.iter().map(|(n, t)| (*n, t)).collect(),
+            direct: false,
+        }];
+        let mut wrote = 0;
+        write_files(
+            jobs,
+            &BTreeMap::new(),
+            &mut |b| wrote += b,
+            &mut |_, _, _| {},
+        )
+        .unwrap();
+        assert_eq!(wrote, 16 * n as u64);
     }
 
     /// A file-backed tensor longer than a [`COPY_PIECE`], copied in pieces to an offset in

@@ -466,6 +466,8 @@ pub struct Tensor {
     family: Option<u64>,
     /// Written after the other tensors of its file ([`Tensor::written_last`]).
     last: bool,
+    /// Written right after this tensor of its file ([`Tensor::written_after`]).
+    after: Option<Arc<str>>,
 }
 
 impl fmt::Debug for Tensor {
@@ -532,6 +534,7 @@ impl Tensor {
             data: Data::Buffer { buf, range },
             family: None,
             last: false,
+            after: None,
         })
     }
 
@@ -550,6 +553,7 @@ impl Tensor {
             data: Data::File { file, offset },
             family: None,
             last: false,
+            after: None,
         })
     }
 
@@ -568,6 +572,7 @@ impl Tensor {
             data: Data::Lazy(Arc::new(produce)),
             family: None,
             last: false,
+            after: None,
         })
     }
 
@@ -607,6 +612,7 @@ impl Tensor {
             data: Data::Streamed(Arc::new(streamed)),
             family: None,
             last: false,
+            after: None,
         })
     }
 
@@ -634,6 +640,7 @@ impl Tensor {
             len: source.len,
             family: None,
             last: false,
+            after: None,
             data: Data::Edited {
                 source: Box::new(source),
                 edit: Arc::new(edit),
@@ -670,6 +677,7 @@ impl Tensor {
             data: Data::Parts(parts.into()),
             family: None,
             last: false,
+            after: None,
         })
     }
 
@@ -691,9 +699,25 @@ impl Tensor {
         self
     }
 
-    /// Whether [`Tensor::written_last`] was asked for.
+    /// Whether [`Tensor::written_last`] (or [`Tensor::written_after`]) was asked for.
     pub fn is_written_last(&self) -> bool {
         self.last
+    }
+
+    /// [`Tensor::written_last`], refined: when tensor `name` lies in the same file, this one is
+    /// written right after it, by the worker that wrote it. For a by-product that precedes
+    /// its tensor in file order (a re-quantized weight's scales): it is taken from what the
+    /// computation left as soon as it is made, instead of waiting for the end of the file
+    /// (holding the by-products of every weight of a file would not be bounded).
+    pub fn written_after(mut self, name: &str) -> Self {
+        self.last = true;
+        self.after = Some(name.into());
+        self
+    }
+
+    /// The tensor named by [`Tensor::written_after`], if any.
+    pub fn follows(&self) -> Option<&str> {
+        self.after.as_deref()
     }
 
     /// The storage family, if any (see [`Tensor::in_family`]).

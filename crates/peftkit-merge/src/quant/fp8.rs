@@ -249,7 +249,7 @@ impl<'a> Fp8Base<'a> {
             opts,
         )?;
         // After its weight, which leaves the scales behind (see `joint`).
-        let scale = part_tensor(&w, 0, tensor.dtype(), tensor.shape().to_vec())?;
+        let scale = part_tensor(&w, weight, 0, tensor.dtype(), tensor.shape().to_vec())?;
         Ok(Treatment::Computed {
             tensor: scale,
             changed: true,

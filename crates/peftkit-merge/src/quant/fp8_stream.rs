@@ -345,7 +345,7 @@ mod tests {
         assert!(whole != *w.bytes().unwrap());
         let mut state = StateDict::new();
         state.insert("w".into(), main_tensor(&weight));
-        let scale = part_tensor(&weight, 0, Dtype::F32, GRID.to_vec()).unwrap();
+        let scale = part_tensor(&weight, "w", 0, Dtype::F32, GRID.to_vec()).unwrap();
         state.insert("w_scale_inv".into(), scale);
         let inv: Vec<u8> = inv.iter().flat_map(|x| x.to_le_bytes()).collect();
         for durable in [false, true] {

@@ -353,7 +353,7 @@ mod tests {
     fn written(w: Fp8Weight, scale_first: bool) -> (Vec<u8>, Vec<u8>) {
         let w = Arc::new(w);
         let weight = super::super::joint::main_tensor(&w);
-        let scale = super::super::joint::part_tensor(&w, 0, Dtype::F32, vec![2, 2]).unwrap();
+        let scale = super::super::joint::part_tensor(&w, "w", 0, Dtype::F32, vec![2, 2]).unwrap();
         let bytes = |t: &Tensor| t.bytes().unwrap().into_owned();
         match scale_first {
             true => {
@@ -369,7 +369,7 @@ mod tests {
         let reference = written(weight(Arc::default()), false);
         for budget in [0, super::super::joint::KEEP_BUDGET] {
             let shared = Arc::new(Shared {
-                budget: Arc::new(KeepBudget::new(budget)),
+                budget: Arc::new(KeepBudget::new(budget, budget)),
                 ..Shared::default()
             });
             assert_eq!(written(weight(shared.clone()), true), reference);

@@ -10,16 +10,18 @@
 //!   dtype and shape: the writer hands it the base bytes (in memory, or where it copied them
 //!   in the output file) and [`Joint::compute`] turns them into the output's, leaving the
 //!   **parts** (the small tensors) in a slot;
-//! * each part ([`part_tensor`]) is [`Tensor::written_last`]: a safetensors file lists `F32`
-//!   scales before `I8`/`U8`/`F8_E4M3` weights, and the writer takes such a tensor after the
-//!   rest of its file, when its weight is written; a part whose weight is being computed waits
-//!   for it (one `turn` per computation) instead of starting a second computation;
+//! * each part ([`part_tensor`]) is [`Tensor::written_after`] its main tensor: a safetensors
+//!   file lists `F32` scales before `I8`/`U8`/`F8_E4M3` weights, and the writer takes such a
+//!   tensor right after its weight, on the weight's worker (after the rest of its file when the
+//!   weight lies in another); a part whose weight is being computed waits for it (one `turn`
+//!   per computation) instead of starting a second computation;
 //! * a part that still comes first (its weight in a later file) runs the computation itself on
 //!   a copy of the base bytes and leaves the main tensor's bytes for the main tensor's write.
 //!
-//! Memory stays bounded: whatever is held for a later write (parts, and a main tensor computed
-//! by a part) counts against one [`KeepBudget`] per merge; what does not fit is dropped and
-//! computed again by its own write, so the result never depends on the budget.
+//! Memory stays bounded: whatever is held for a later write (parts, a main tensor computed by a
+//! part or ahead of the writes, [`JointSlot::leave`]) counts against one [`KeepBudget`] per
+//! merge; what does not fit is dropped and computed again by its own write, so the result
+//! never depends on the budget.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,25 +30,52 @@ use peftkit_checkpoint::{
     buffers, CheckpointError, Dtype, InPlaceEdit, OutputRegion, SourceRegion, Tensor,
 };
 
-/// Bytes a merge holds for later writes (see [`KeepBudget`]).
+/// Bytes a merge holds for later writes (see [`KeepBudget`]): main tensors computed ahead of
+/// their writes, and parts.
 pub(crate) const KEEP_BUDGET: usize = 128 << 20;
+/// The share of [`KEEP_BUDGET`] kept for parts. A part written right after its main tensor
+/// ([`part_tensor`]) is held only between the two writes, but it must find room then: main
+/// tensors computed ahead (a double-quantized weight's, while planning) may fill theirs.
+const PARTS_BUDGET: usize = 32 << 20;
 
-/// The bytes one merge may hold for later writes, shared by all its joint computations.
+/// The bytes one merge may hold for later writes, shared by all its joint computations: one
+/// pool for main tensors, one for parts.
 pub(crate) struct KeepBudget {
-    held: AtomicUsize,
-    limit: usize,
+    mains: Pool,
+    parts: Pool,
 }
 
 impl Default for KeepBudget {
     fn default() -> Self {
-        KeepBudget::new(KEEP_BUDGET)
+        KeepBudget::new(KEEP_BUDGET - PARTS_BUDGET, PARTS_BUDGET)
     }
 }
 
 impl KeepBudget {
-    /// A budget of `limit` bytes.
-    pub(crate) fn new(limit: usize) -> Self {
+    /// A budget of `mains` bytes for main tensors and `parts` for parts.
+    pub(crate) fn new(mains: usize, parts: usize) -> Self {
         KeepBudget {
+            mains: Pool::new(mains),
+            parts: Pool::new(parts),
+        }
+    }
+
+    /// Bytes held now.
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
+        self.mains.held.load(Ordering::Acquire) + self.parts.held.load(Ordering::Acquire)
+    }
+}
+
+/// Bytes held against a limit.
+struct Pool {
+    held: AtomicUsize,
+    limit: usize,
+}
+
+impl Pool {
+    fn new(limit: usize) -> Self {
+        Pool {
             held: AtomicUsize::new(0),
             limit,
         }
@@ -67,10 +96,20 @@ impl KeepBudget {
         self.held.fetch_sub(n, Ordering::AcqRel);
     }
 
-    /// Bytes held now.
-    #[cfg(test)]
-    pub(crate) fn held(&self) -> usize {
-        self.held.load(Ordering::Acquire)
+    /// Keeps `bytes` in `slot` if they fit.
+    fn keep(&self, slot: &mut Option<Vec<u8>>, bytes: Vec<u8>) {
+        if slot.is_none() && self.reserve(bytes.len()) {
+            *slot = Some(bytes);
+        } else {
+            buffers::give(bytes);
+        }
+    }
+
+    /// Takes `slot`'s bytes out of the pool.
+    fn take(&self, slot: &mut Option<Vec<u8>>) -> Option<Vec<u8>> {
+        let bytes = slot.take()?;
+        self.release(bytes.len());
+        Some(bytes)
     }
 }
 
@@ -145,22 +184,6 @@ impl JointSlot {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Keeps `bytes` in `slot` if the budget allows.
-    fn keep(&self, slot: &mut Option<Vec<u8>>, bytes: Vec<u8>) {
-        if slot.is_none() && self.budget.reserve(bytes.len()) {
-            *slot = Some(bytes);
-        } else {
-            buffers::give(bytes);
-        }
-    }
-
-    /// Takes `slot`'s bytes out of the budget.
-    fn take(&self, slot: &mut Option<Vec<u8>>) -> Option<Vec<u8>> {
-        let bytes = slot.take()?;
-        self.budget.release(bytes.len());
-        Some(bytes)
-    }
-
     /// Leaves the parts not yet written (but `except`) for their writes.
     fn leave_parts(&self, held: &mut Held, parts: Vec<Vec<u8>>, except: Option<usize>) {
         let n = parts.len();
@@ -170,15 +193,15 @@ impl JointSlot {
         for (i, bytes) in parts.into_iter().enumerate() {
             if Some(i) != except && !held.parts_written[i] {
                 let mut slot = held.parts[i].take();
-                self.keep(&mut slot, bytes);
+                self.budget.parts.keep(&mut slot, bytes);
                 held.parts[i] = slot;
             }
         }
     }
 
     /// Keeps what a computation made before any of its tensors was written (the main tensor's
-    /// bytes and the parts) for their writes to take, as far as the budget allows: the small
-    /// parts first, then the main tensor. What does not fit is computed again when written.
+    /// bytes and the parts) for their writes to take, as far as the budget allows. What does
+    /// not fit is computed again when written.
     pub(crate) fn leave(&self, main: Vec<u8>, parts: Vec<Vec<u8>>) {
         let mut held = self.held();
         self.leave_parts(&mut held, parts, None);
@@ -187,14 +210,14 @@ impl JointSlot {
             return;
         }
         let mut slot = held.main.take();
-        self.keep(&mut slot, main);
+        self.budget.mains.keep(&mut slot, main);
         held.main = slot;
     }
 
     /// The main tensor's bytes, computed by a part's write, of length `len`.
     fn kept_main(&self, len: usize) -> Option<Vec<u8>> {
         let mut held = self.held();
-        let kept = self.take(&mut held.main)?;
+        let kept = self.budget.mains.take(&mut held.main)?;
         if kept.len() == len {
             held.main_written = true;
             return Some(kept);
@@ -248,7 +271,8 @@ impl JointSlot {
         let _turn = self.turn();
         {
             let mut held = self.held();
-            let slot = held.parts.get_mut(index).and_then(|s| self.take(s));
+            let slot = held.parts.get_mut(index);
+            let slot = slot.and_then(|s| self.budget.parts.take(s));
             if let Some(bytes) = slot {
                 held.parts_written[index] = true;
                 return Ok(bytes);
@@ -276,7 +300,7 @@ impl JointSlot {
             buffers::give(main);
         } else {
             let mut slot = held.main.take();
-            self.keep(&mut slot, main);
+            self.budget.mains.keep(&mut slot, main);
             held.main = slot;
         }
         Ok(mine)
@@ -287,8 +311,10 @@ impl Drop for JointSlot {
     fn drop(&mut self) {
         // Bytes nobody took (a tensor computed twice, or a failed save) leave the budget.
         let held = std::mem::take(self.held.get_mut().unwrap_or_else(|e| e.into_inner()));
-        let bytes = held.main.iter().chain(held.parts.iter().flatten());
-        self.budget.release(bytes.map(Vec::len).sum());
+        let len = |bytes: Option<&Vec<u8>>| bytes.map_or(0, Vec::len);
+        self.budget.mains.release(len(held.main.as_ref()));
+        let parts = held.parts.iter().flatten();
+        self.budget.parts.release(parts.map(Vec::len).sum());
     }
 }
 
@@ -297,16 +323,19 @@ pub(crate) fn main_tensor<J: Joint>(joint: &Arc<J>) -> Tensor {
     Tensor::edited(joint.base().clone(), MainEdit(joint.clone()))
 }
 
-/// Part `index` of `joint`, of `dtype` and `shape`, written after the rest of its file.
+/// Part `index` of `joint`, of `dtype` and `shape`, written right after the main tensor, named
+/// `main` in the output, when that lies in the same file, else after the rest of its file
+/// ([`Tensor::written_after`]).
 pub(crate) fn part_tensor<J: Joint>(
     joint: &Arc<J>,
+    main: &str,
     index: usize,
     dtype: Dtype,
     shape: Vec<usize>,
 ) -> Result<Tensor, CheckpointError> {
     let joint = joint.clone();
     let produce = move || joint.shared().write_part(joint.as_ref(), index);
-    Ok(Tensor::lazy(dtype, shape, produce)?.written_last())
+    Ok(Tensor::lazy(dtype, shape, produce)?.written_after(main))
 }
 
 /// The edit of a main tensor (see [`main_tensor`]): in memory, or where the writer copied the
@@ -365,8 +394,9 @@ mod tests {
         }
     }
 
-    fn toy(budget: usize) -> (Arc<Toy>, Arc<KeepBudget>) {
-        let budget = Arc::new(KeepBudget::new(budget));
+    /// A toy with room for `mains` bytes of main tensors and `parts` of parts.
+    fn toy((mains, parts): (usize, usize)) -> (Arc<Toy>, Arc<KeepBudget>) {
+        let budget = Arc::new(KeepBudget::new(mains, parts));
         let base = Tensor::from_bytes(Dtype::U8, vec![4], vec![1, 2, 3, 4]).unwrap();
         let slot = JointSlot::new(budget.clone());
         let runs = AtomicUsize::new(0);
@@ -378,8 +408,8 @@ mod tests {
     fn write(joint: &Arc<Toy>, order: &[usize]) -> Vec<Vec<u8>> {
         let tensors = [
             main_tensor(joint),
-            part_tensor(joint, 0, Dtype::U32, vec![1]).unwrap(),
-            part_tensor(joint, 1, Dtype::U8, vec![1]).unwrap(),
+            part_tensor(joint, "main", 0, Dtype::U32, vec![1]).unwrap(),
+            part_tensor(joint, "main", 1, Dtype::U8, vec![1]).unwrap(),
         ];
         assert!(tensors[1].is_written_last() && !tensors[0].is_written_last());
         let mut out = vec![vec![]; 3];
@@ -397,7 +427,7 @@ mod tests {
             vec![255],
         ];
         for order in [[0, 1, 2], [1, 0, 2], [2, 1, 0], [1, 2, 0]] {
-            let (joint, budget) = toy(KEEP_BUDGET);
+            let (joint, budget) = toy((KEEP_BUDGET, KEEP_BUDGET));
             assert_eq!(write(&joint, &order), expected, "{order:?}");
             assert_eq!(joint.runs.load(Ordering::Relaxed), 1, "{order:?}");
             assert_eq!(budget.held(), 0, "everything taken: {order:?}");
@@ -406,9 +436,9 @@ mod tests {
 
     #[test]
     fn what_does_not_fit_the_budget_is_computed_again() {
-        // Room for one byte: the parts left behind and the main tensor computed by a part do
-        // not fit, so each write computes.
-        let (joint, budget) = toy(1);
+        // Room for one byte of each: the parts left behind and the main tensor computed by a
+        // part do not fit, so each write computes.
+        let (joint, budget) = toy((1, 1));
         let expected = vec![
             vec![255, 254, 253, 252],
             10u32.to_le_bytes().to_vec(),
@@ -418,7 +448,7 @@ mod tests {
         assert_eq!(joint.runs.load(Ordering::Relaxed), 3);
         assert_eq!(budget.held(), 0);
         // A part left behind and never written leaves the budget with its computation.
-        let (joint, budget) = toy(KEEP_BUDGET);
+        let (joint, budget) = toy((KEEP_BUDGET, KEEP_BUDGET));
         write(&joint, &[0]);
         assert_eq!(budget.held(), 5);
         drop(joint);
@@ -440,7 +470,7 @@ mod tests {
             vec![255],
         ];
         for order in [[0, 1, 2], [2, 1, 0]] {
-            let (joint, budget) = toy(KEEP_BUDGET);
+            let (joint, budget) = toy((KEEP_BUDGET, KEEP_BUDGET));
             computed_before(&joint);
             assert_eq!(budget.held(), 9);
             assert_eq!(write(&joint, &order), expected, "{order:?}");
@@ -448,7 +478,7 @@ mod tests {
             assert_eq!(budget.held(), 0, "{order:?}");
         }
         // Room for the parts only: the main tensor is computed again by its write.
-        let (joint, budget) = toy(5);
+        let (joint, budget) = toy((0, 5));
         computed_before(&joint);
         assert_eq!(budget.held(), 5);
         assert_eq!(write(&joint, &[1, 2, 0]), expected);

@@ -170,7 +170,7 @@ impl Int8Merge {
                 allow_nonfinite: self.allow_nonfinite,
                 slot: JointSlot::new(self.budget.clone()),
             });
-            let scb = part_tensor(&requant, 0, Dtype::F32, w.scb_shape().to_vec())?;
+            let scb = part_tensor(&requant, &name, 0, Dtype::F32, w.scb_shape().to_vec())?;
             out.insert(name.clone(), main_tensor(&requant));
             out.insert(w.scb_name().to_owned(), scb);
             if let Some(format) = w.format_name() {

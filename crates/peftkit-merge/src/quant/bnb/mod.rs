@@ -30,6 +30,7 @@ mod weight8;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 
 use peftkit_checkpoint::{Checkpoint, Dtype, ModelConfig, StateDict};
 use serde::Serialize;
@@ -243,7 +244,7 @@ impl BnbMerge {
         plan: &MergePlan,
     ) -> Result<StateDict, MergeError> {
         match self {
-            BnbMerge::Requantize(w) => view::requantized(state, base, w, plan),
+            BnbMerge::Requantize(w) => view::requantized(state, base, w, plan, Arc::default()),
             BnbMerge::Int8(m) => m.finish(state, base, plan),
             _ => Ok(state),
         }
@@ -373,6 +374,7 @@ mod tests {
 
     use super::*;
     use crate::edit::{Edit, Step};
+    use crate::quant::joint::KeepBudget;
 
     fn fixture(case: &str) -> Checkpoint {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
@@ -382,6 +384,16 @@ mod tests {
     /// Saves what `bnb.finish` makes of `base` when every quantized weight is merged, each
     /// merged weight a lazy `f32` tensor counting its computations; returns how many ran.
     fn computations(bnb: &BnbMerge, base: &Checkpoint, names: &[String]) -> usize {
+        computations_within(bnb, base, names, None)
+    }
+
+    /// [`computations`], a 4-bit merge's budget `budget` when given.
+    fn computations_within(
+        bnb: &BnbMerge,
+        base: &Checkpoint,
+        names: &[String],
+        budget: Option<KeepBudget>,
+    ) -> usize {
         let view = bnb.view(base).unwrap();
         let runs = Arc::new(AtomicUsize::new(0));
         let mut state = StateDict::new();
@@ -411,7 +423,12 @@ mod tests {
             added: IndexMap::new(),
             untie: false,
         };
-        let out = bnb.finish(state, base, &plan).unwrap();
+        let out = match (bnb, budget) {
+            (BnbMerge::Requantize(w), Some(b)) => {
+                view::requantized(state, base, w.as_slice(), &plan, Arc::new(b)).unwrap()
+            }
+            _ => bnb.finish(state, base, &plan).unwrap(),
+        };
         let dir = tempfile::tempdir().unwrap();
         let options = SaveOptions::default();
         let save = plan_save(&out, &options).unwrap();
@@ -435,6 +452,35 @@ mod tests {
             // quantization state, and what that made is kept for the writes (see
             // `view::Requant4::state_bytes`).
             assert_eq!(runs, names.len(), "{case}");
+        }
+    }
+
+    /// With no room for weights computed ahead and room for only one weight's parts per
+    /// worker, a 4-bit weight is still computed once when written: its parts are written right
+    /// after it, by its worker. (A double-quantized one is also computed while planning.)
+    #[test]
+    fn parts_written_after_their_weight_need_room_for_one_weight_per_worker() {
+        for (case, per_weight) in [("fp4_f16", 1), ("nf4_nested_bf16", 2)] {
+            let base = fixture(&format!("bnb/{case}/base4"));
+            let weights = Weight4::find_all(&base).ok().unwrap();
+            let names: Vec<String> = weights.iter().map(|w| w.name.clone()).collect();
+            let parts = |w: &Weight4| -> usize {
+                let names = w.part_names().into_iter();
+                names
+                    .map(|n| base.get(&n).map_or(0, |t| t.byte_len()))
+                    .sum()
+            };
+            let largest = weights.iter().map(parts).max().unwrap();
+            let total: usize = weights.iter().map(parts).sum();
+            let room = largest * peftkit_checkpoint::save_workers();
+            assert!(
+                total > room,
+                "{case}: the parts of all weights must not fit"
+            );
+            let budget = KeepBudget::new(0, room);
+            let bnb = BnbMerge::Requantize(weights);
+            let runs = computations_within(&bnb, &base, &names, Some(budget));
+            assert_eq!(runs, per_weight * names.len(), "{case}");
         }
     }
 }

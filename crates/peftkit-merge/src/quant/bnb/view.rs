@@ -239,16 +239,18 @@ fn round_trip(
 /// The output of a re-quantizing merge: each merged 4-bit weight quantized again, every other
 /// 4-bit weight with its stored tensors, and the rest of `state` as it is. A merged weight's
 /// packed bytes, `absmax` and `nested_absmax` come from one computation when written (see
-/// `joint`); its quantization state is known before (see [`Requant4::state_bytes`]), computed
-/// for all weights before any is written, as many at a time as the save will compute.
+/// `joint`, within `budget`); its quantization state is known before (see
+/// [`Requant4::state_bytes`]), computed for all weights before any is written, as many at a
+/// time as the save will compute.
 pub(super) fn requantized(
     state: StateDict,
     base: &Checkpoint,
     weights: &[Weight4],
     plan: &MergePlan,
+    budget: Arc<KeepBudget>,
 ) -> Result<StateDict, MergeError> {
     let by_name: HashMap<&str, &Weight4> = weights.iter().map(|w| (w.name.as_str(), w)).collect();
-    let (threads, budget) = (torch_threads(), Arc::new(KeepBudget::default()));
+    let threads = torch_threads();
     let stored = |name: &str| {
         base.get(name).cloned().ok_or_else(|| {
             let e = compute_error(
@@ -372,10 +374,10 @@ fn insert_requantized(
                 Tensor::from_bytes(Dtype::U8, vec![bytes.len()], bytes)?
             }
             Part::Absmax if w.state.nested() => {
-                part_tensor(&requant, 0, Dtype::U8, w.shape_of(part))?
+                part_tensor(&requant, &w.name, 0, Dtype::U8, w.shape_of(part))?
             }
-            Part::Absmax => part_tensor(&requant, 0, Dtype::F32, w.shape_of(part))?,
-            Part::NestedAbsmax => part_tensor(&requant, 1, Dtype::F32, w.shape_of(part))?,
+            Part::Absmax => part_tensor(&requant, &w.name, 0, Dtype::F32, w.shape_of(part))?,
+            Part::NestedAbsmax => part_tensor(&requant, &w.name, 1, Dtype::F32, w.shape_of(part))?,
         };
         out.insert(part_name, tensor);
     }
