@@ -22,6 +22,7 @@ mod fp8;
 mod fp8_stream;
 mod fp8_weight;
 mod joint;
+mod spill;
 
 use std::path::Path;
 

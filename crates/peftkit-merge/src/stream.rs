@@ -133,7 +133,12 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
     // An FP8 base is merged through its FP8 view, tensor by tensor (see `quant::fp8`).
     let fp8 = quant.fp8(&base, &base_dir);
     let state = merged_state(&view, &plan, fp8.as_ref(), job, &mut summary)?;
-    let state = quant.bnb().finish(state, &base, &plan)?;
+    // The staging folder is made beside the output: so is a spill file (without a name).
+    let beside_out = match job.out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let state = quant.bnb().finish(state, &base, &plan, beside_out)?;
     let mut rewrite_config = false;
     if plan.untie {
         if let Some(c) = config.as_mut() {

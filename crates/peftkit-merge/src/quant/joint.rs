@@ -30,6 +30,9 @@ use peftkit_checkpoint::{
     buffers, CheckpointError, Dtype, InPlaceEdit, OutputRegion, SourceRegion, Tensor,
 };
 
+pub(crate) use super::spill::Spill;
+use super::spill::Spilled;
+
 /// Bytes a merge holds for later writes (see [`KeepBudget`]): main tensors computed ahead of
 /// their writes, and parts.
 pub(crate) const KEEP_BUDGET: usize = 128 << 20;
@@ -39,10 +42,12 @@ pub(crate) const KEEP_BUDGET: usize = 128 << 20;
 const PARTS_BUDGET: usize = 32 << 20;
 
 /// The bytes one merge may hold for later writes, shared by all its joint computations: one
-/// pool for main tensors, one for parts.
+/// pool for main tensors, one for parts, and optionally a file for what does not fit them
+/// ([`KeepBudget::spilling`]).
 pub(crate) struct KeepBudget {
     mains: Pool,
     parts: Pool,
+    spill: Option<Spill>,
 }
 
 impl Default for KeepBudget {
@@ -57,6 +62,57 @@ impl KeepBudget {
         KeepBudget {
             mains: Pool::new(mains),
             parts: Pool::new(parts),
+            spill: None,
+        }
+    }
+
+    /// This budget, with what does not fit its pools written to `spill` instead of dropped.
+    pub(crate) fn spilling(self, spill: Option<Spill>) -> Self {
+        KeepBudget { spill, ..self }
+    }
+
+    /// The pool of main tensors (`main`) or of parts.
+    fn pool(&self, main: bool) -> &Pool {
+        match main {
+            true => &self.mains,
+            false => &self.parts,
+        }
+    }
+
+    /// Keeps `bytes` in `slot` (a main tensor's if `main`): in memory if its pool allows, else
+    /// in the spill file if there is one and it takes them; else they are dropped.
+    fn keep(&self, main: bool, slot: &mut Option<Kept>, bytes: Vec<u8>) {
+        if slot.is_some() {
+            buffers::give(bytes);
+        } else if self.pool(main).reserve(bytes.len()) {
+            *slot = Some(Kept::Memory(bytes));
+        } else {
+            *slot = self
+                .spill
+                .as_ref()
+                .and_then(|s| s.put(&bytes))
+                .map(Kept::Spilled);
+            buffers::give(bytes);
+        }
+    }
+
+    /// Takes the bytes out of `slot` (and out of their pool or the file).
+    fn take(&self, main: bool, slot: &mut Option<Kept>) -> Option<Vec<u8>> {
+        match slot.take()? {
+            Kept::Memory(bytes) => {
+                self.pool(main).release(bytes.len());
+                Some(bytes)
+            }
+            Kept::Spilled(at) => self.spill.as_ref()?.take(at),
+        }
+    }
+
+    /// Drops what `slot` holds.
+    fn discard(&self, main: bool, slot: &mut Option<Kept>) {
+        match slot.take() {
+            Some(Kept::Memory(bytes)) => self.pool(main).release(bytes.len()),
+            Some(Kept::Spilled(at)) => self.spill.iter().for_each(|s| s.discard(at)),
+            None => {}
         }
     }
 
@@ -65,6 +121,12 @@ impl KeepBudget {
     pub(crate) fn held(&self) -> usize {
         self.mains.held.load(Ordering::Acquire) + self.parts.held.load(Ordering::Acquire)
     }
+}
+
+/// A tensor's bytes held for its write.
+enum Kept {
+    Memory(Vec<u8>),
+    Spilled(Spilled),
 }
 
 /// Bytes held against a limit.
@@ -94,22 +156,6 @@ impl Pool {
     /// Gives back `n` reserved bytes.
     fn release(&self, n: usize) {
         self.held.fetch_sub(n, Ordering::AcqRel);
-    }
-
-    /// Keeps `bytes` in `slot` if they fit.
-    fn keep(&self, slot: &mut Option<Vec<u8>>, bytes: Vec<u8>) {
-        if slot.is_none() && self.reserve(bytes.len()) {
-            *slot = Some(bytes);
-        } else {
-            buffers::give(bytes);
-        }
-    }
-
-    /// Takes `slot`'s bytes out of the pool.
-    fn take(&self, slot: &mut Option<Vec<u8>>) -> Option<Vec<u8>> {
-        let bytes = slot.take()?;
-        self.release(bytes.len());
-        Some(bytes)
     }
 }
 
@@ -156,12 +202,12 @@ pub(crate) struct JointSlot {
 /// What a computation left for the tensors not yet written.
 #[derive(Default)]
 struct Held {
-    /// The main tensor's bytes, computed by a part's write.
-    main: Option<Vec<u8>>,
+    /// The main tensor's bytes, computed by a part's write or ahead of the writes.
+    main: Option<Kept>,
     /// Whether the main tensor was computed by its own write.
     main_written: bool,
     /// Each part's bytes, until its write takes them.
-    parts: Vec<Option<Vec<u8>>>,
+    parts: Vec<Option<Kept>>,
     /// Which parts were written.
     parts_written: Vec<bool>,
 }
@@ -192,9 +238,7 @@ impl JointSlot {
             .resize(n.max(held.parts_written.len()), false);
         for (i, bytes) in parts.into_iter().enumerate() {
             if Some(i) != except && !held.parts_written[i] {
-                let mut slot = held.parts[i].take();
-                self.budget.parts.keep(&mut slot, bytes);
-                held.parts[i] = slot;
+                self.budget.keep(false, &mut held.parts[i], bytes);
             }
         }
     }
@@ -209,15 +253,13 @@ impl JointSlot {
             buffers::give(main);
             return;
         }
-        let mut slot = held.main.take();
-        self.budget.mains.keep(&mut slot, main);
-        held.main = slot;
+        self.budget.keep(true, &mut held.main, main);
     }
 
     /// The main tensor's bytes, computed by a part's write, of length `len`.
     fn kept_main(&self, len: usize) -> Option<Vec<u8>> {
         let mut held = self.held();
-        let kept = self.budget.mains.take(&mut held.main)?;
+        let kept = self.budget.take(true, &mut held.main)?;
         if kept.len() == len {
             held.main_written = true;
             return Some(kept);
@@ -272,7 +314,7 @@ impl JointSlot {
         {
             let mut held = self.held();
             let slot = held.parts.get_mut(index);
-            let slot = slot.and_then(|s| self.budget.parts.take(s));
+            let slot = slot.and_then(|s| self.budget.take(false, s));
             if let Some(bytes) = slot {
                 held.parts_written[index] = true;
                 return Ok(bytes);
@@ -299,9 +341,7 @@ impl JointSlot {
         if held.main_written {
             buffers::give(main);
         } else {
-            let mut slot = held.main.take();
-            self.budget.mains.keep(&mut slot, main);
-            held.main = slot;
+            self.budget.keep(true, &mut held.main, main);
         }
         Ok(mine)
     }
@@ -310,11 +350,11 @@ impl JointSlot {
 impl Drop for JointSlot {
     fn drop(&mut self) {
         // Bytes nobody took (a tensor computed twice, or a failed save) leave the budget.
-        let held = std::mem::take(self.held.get_mut().unwrap_or_else(|e| e.into_inner()));
-        let len = |bytes: Option<&Vec<u8>>| bytes.map_or(0, Vec::len);
-        self.budget.mains.release(len(held.main.as_ref()));
-        let parts = held.parts.iter().flatten();
-        self.budget.parts.release(parts.map(Vec::len).sum());
+        let mut held = std::mem::take(self.held.get_mut().unwrap_or_else(|e| e.into_inner()));
+        self.budget.discard(true, &mut held.main);
+        for part in &mut held.parts {
+            self.budget.discard(false, part);
+        }
     }
 }
 

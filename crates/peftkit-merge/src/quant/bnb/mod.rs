@@ -27,7 +27,7 @@ mod view;
 mod weight;
 mod weight8;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -39,6 +39,7 @@ use crate::error::MergeError;
 use crate::job::MergeJob;
 use crate::kernels::Bnb4Type;
 use crate::plan::MergePlan;
+use crate::quant::joint::{KeepBudget, Spill};
 use crate::report::{QuantizationReport, RequantizedTensor};
 use int8::Int8Merge;
 pub use int8::Int8RangeError;
@@ -236,15 +237,21 @@ impl BnbMerge {
     }
 
     /// The output state: re-quantized weights (and the stored tensors of the others) when
-    /// re-quantizing, the merged state as it is otherwise.
+    /// re-quantizing, the merged state as it is otherwise. `spill_dir`, on the output's file
+    /// system, takes the double-quantized weights computed while planning past the memory
+    /// budget (`quant::spill`).
     pub fn finish(
         &self,
         state: StateDict,
         base: &Checkpoint,
         plan: &MergePlan,
+        spill_dir: &Path,
     ) -> Result<StateDict, MergeError> {
         match self {
-            BnbMerge::Requantize(w) => view::requantized(state, base, w, plan, Arc::default()),
+            BnbMerge::Requantize(w) => {
+                let budget = KeepBudget::default().spilling(spill(w, base, spill_dir));
+                view::requantized(state, base, w, plan, Arc::new(budget))
+            }
             BnbMerge::Int8(m) => m.finish(state, base, plan),
             _ => Ok(state),
         }
@@ -363,6 +370,17 @@ pub(crate) fn torch_threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
+/// The spill file of a re-quantizing merge into `base` when any of its `weights` is
+/// double-quantized (only those are computed ahead of their writes), in `dir`. It leaves the
+/// output's room free: the base's size and an eighth more.
+fn spill(weights: &[Weight4], base: &Checkpoint, dir: &Path) -> Option<Spill> {
+    if !weights.iter().any(|w| w.state.nested()) {
+        return None;
+    }
+    let output = base.total_bytes();
+    Spill::in_dir(dir, output + output / 8)
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::{Path, PathBuf};
@@ -374,7 +392,6 @@ mod tests {
 
     use super::*;
     use crate::edit::{Edit, Step};
-    use crate::quant::joint::KeepBudget;
 
     fn fixture(case: &str) -> Checkpoint {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
@@ -427,7 +444,7 @@ mod tests {
             (BnbMerge::Requantize(w), Some(b)) => {
                 view::requantized(state, base, w.as_slice(), &plan, Arc::new(b)).unwrap()
             }
-            _ => bnb.finish(state, base, &plan).unwrap(),
+            _ => bnb.finish(state, base, &plan, Path::new(".")).unwrap(),
         };
         let dir = tempfile::tempdir().unwrap();
         let options = SaveOptions::default();
@@ -482,5 +499,30 @@ mod tests {
             let runs = computations_within(&bnb, &base, &names, Some(budget));
             assert_eq!(runs, per_weight * names.len(), "{case}");
         }
+    }
+
+    /// With no room in memory, a double-quantized weight computed while planning (its packed
+    /// bytes and its parts) goes to the spill file and is not computed again; the file has no
+    /// name.
+    #[test]
+    fn weights_computed_while_planning_spill_to_an_unnamed_file() {
+        let base = fixture("bnb/nf4_nested_bf16/base4");
+        let weights = Weight4::find_all(&base).ok().unwrap();
+        let names: Vec<String> = weights.iter().map(|w| w.name.clone()).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let file = spill(&weights, &base, dir.path());
+        assert!(file.is_some(), "double quantization spills");
+        let budget = KeepBudget::new(0, 0).spilling(file);
+        let bnb = BnbMerge::Requantize(weights);
+        let runs = computations_within(&bnb, &base, &names, Some(budget));
+        assert_eq!(runs, names.len());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let plain = Weight4::find_all(&fixture("bnb/fp4_f16/base4"))
+            .ok()
+            .unwrap();
+        assert!(
+            spill(&plain, &base, dir.path()).is_none(),
+            "nothing computed ahead"
+        );
     }
 }
