@@ -23,6 +23,8 @@
 
 use std::cmp::Ordering;
 
+use rayon::prelude::*;
+
 use super::error::MergeMathError;
 
 type Result<T> = std::result::Result<T, MergeMathError>;
@@ -63,6 +65,20 @@ impl Code4 {
     }
 
     /// The nibble `torch.bucketize(x, bounds)` picks (the number of midpoints below `x`).
+    /// [`Code4::nibble`] of each of `xs`, appended to `out`; `below` (as long as `xs`) is
+    /// scratch. The same counts, taken bound by bound over the whole block, so that the
+    /// compares run many values at a time (one value at a time, the 15 compares and their sum
+    /// were most of a kept 4-bit merge's time).
+    fn nibbles(&self, xs: &[f32], below: &mut [u8], out: &mut Vec<u8>) {
+        below.fill(0);
+        for b in &self.bounds {
+            for (n, x) in below.iter_mut().zip(xs) {
+                *n += u8::from(*b < *x);
+            }
+        }
+        out.extend(below.iter().map(|&n| self.order[usize::from(n)]));
+    }
+
     fn nibble(&self, x: f32) -> u8 {
         // The bounds ascend, so the count of those below `x` is the partition point; counting
         // all 15 is branch-free (a binary search mispredicts on every value).
@@ -172,34 +188,67 @@ pub fn bnb_dequantize_4bit(
 
 /// `quantize_4bit` of `values` (the weight widened to `f32`): the packed nibbles (two per
 /// byte, the first high) and one absmax per block of `blocksize`.
+///
+/// Blocks are independent, so chunks of whole blocks run in parallel (rayon): each chunk holds
+/// an even number of values (blocks are even in bitsandbytes; an odd block size makes one
+/// chunk), so it packs into its own bytes. Before, one weight's quantization ran on one core:
+/// 38 % of a kept 4-bit merge's samples.
 pub fn bnb_quantize_4bit(values: &[f32], blocksize: usize, code: &Code4) -> (Vec<u8>, Vec<f32>) {
+    let blocksize = blocksize.max(1);
+    let blocks = values.len().div_ceil(blocksize);
+    let mut packed = vec![0u8; values.len().div_ceil(2)];
+    let mut absmax = vec![0f32; blocks];
+    let per = match blocksize % 2 {
+        0 => (QUANTIZE_CHUNK / blocksize).max(1),
+        _ => blocks.max(1),
+    };
+    let chunk = per * blocksize;
+    values
+        .par_chunks(chunk)
+        .zip(packed.par_chunks_mut(chunk.div_ceil(2)))
+        .zip(absmax.par_chunks_mut(per))
+        .for_each(|((v, p), a)| quantize_4bit_chunk(v, blocksize, code, p, a));
+    (packed, absmax)
+}
+
+/// Values per parallel task of [`bnb_quantize_4bit`].
+const QUANTIZE_CHUNK: usize = 1 << 16;
+
+/// [`bnb_quantize_4bit`] of whole blocks `values` (the last may be partial) into `packed` and
+/// `absmax`; an odd count of values ends with the nibble of 0 in the low half.
+fn quantize_4bit_chunk(
+    values: &[f32],
+    blocksize: usize,
+    code: &Code4,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+) {
     let mut nibbles = Vec::with_capacity(values.len() + 1);
-    let mut absmax = Vec::with_capacity(values.len().div_ceil(blocksize));
-    for block in values.chunks(blocksize) {
+    let (mut scaled, mut below) = (vec![0f32; blocksize], vec![0u8; blocksize]);
+    for (block, a) in values.chunks(blocksize).zip(absmax) {
         let m = block.iter().fold(0.0f32, |m, x| m.max(x.abs()));
         let clamped = m.max(1e-38);
+        let scaled = &mut scaled[..block.len()];
         if block.len() == blocksize {
             let recip = 1.0 / clamped;
-            absmax.push(m);
-            nibbles.extend(
-                block
-                    .iter()
-                    .map(|x| code.nibble((x * recip).clamp(-1.0, 1.0))),
-            );
+            *a = m;
+            for (s, x) in scaled.iter_mut().zip(block) {
+                *s = (x * recip).clamp(-1.0, 1.0);
+            }
         } else {
-            absmax.push(clamped);
-            nibbles.extend(
-                block
-                    .iter()
-                    .map(|x| code.nibble((x / clamped).clamp(-1.0, 1.0))),
-            );
+            *a = clamped;
+            for (s, x) in scaled.iter_mut().zip(block) {
+                *s = (x / clamped).clamp(-1.0, 1.0);
+            }
         }
+        code.nibbles(scaled, &mut below[..block.len()], &mut nibbles);
     }
     if nibbles.len() % 2 == 1 {
         nibbles.push(code.nibble(0.0));
     }
-    let packed = nibbles.chunks(2).map(|p| (p[0] << 4) | p[1]).collect();
-    (packed, absmax)
+    for (b, pair) in packed.iter_mut().zip(nibbles.chunks(2)) {
+        *b = (pair[0] << 4) | pair[1];
+    }
 }
 
 /// `quantize_blockwise` of `values` with a 256-value `code` (bitsandbytes' C++ kernel): one
@@ -311,6 +360,41 @@ mod tests {
                     .map_or(f32::NAN, |s| code.values[usize::from(nibble)] * s)
             })
             .collect()
+    }
+
+    /// The fixtures (checked against bitsandbytes) hold one chunk; past one, the chunks in
+    /// parallel are the whole run as one chunk: odd lengths, partial last blocks, odd blocks.
+    #[test]
+    fn quantization_by_chunks_is_one_run() {
+        let code = Code4::new(Bnb4Type::Nf4, std::array::from_fn(|i| i as f32 / 8.0 - 1.0));
+        for (len, bs) in [
+            (3 * QUANTIZE_CHUNK + 7, 64),
+            (QUANTIZE_CHUNK * 2 + 1, 63),
+            (5, 64),
+        ] {
+            let values: Vec<f32> = (0..len)
+                .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 37.0)
+                .collect();
+            let (mut packed, mut absmax) = (vec![0; len.div_ceil(2)], vec![0.0; len.div_ceil(bs)]);
+            quantize_4bit_chunk(&values, bs, &code, &mut packed, &mut absmax);
+            let got = bnb_quantize_4bit(&values, bs, &code);
+            assert!(got == (packed, absmax), "{len} values, blocks of {bs}");
+        }
+    }
+
+    /// The block-wide counts are the value-by-value search, bounds, zeros and NaN included.
+    #[test]
+    fn nibbles_of_a_block_are_each_value_s() {
+        for kind in [Bnb4Type::Nf4, Bnb4Type::Fp4] {
+            let code = Code4::new(kind, std::array::from_fn(|i| (i as f32 - 7.5) / 7.5));
+            let mut xs = vec![f32::NAN, -0.0, 0.0, -1.0, 1.0, f32::MIN_POSITIVE];
+            xs.extend(code.bounds);
+            xs.extend(code.bounds.iter().map(|b| f32::from_bits(b.to_bits() + 1)));
+            let mut got = vec![];
+            code.nibbles(&xs, &mut vec![0; xs.len()], &mut got);
+            let want: Vec<u8> = xs.iter().map(|&x| code.nibble(x)).collect();
+            assert_eq!(got, want, "{kind:?}");
+        }
     }
 
     #[test]
