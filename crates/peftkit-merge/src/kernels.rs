@@ -49,6 +49,7 @@ mod torch_sum;
 
 pub(crate) use apply::{BaseSource, BlockIo, FiniteProbe};
 pub use apply::{BaseTensorMut, F32Tensor};
+pub(crate) use bnb::bnb_dequantize_4bit_into;
 pub use bnb::{
     bnb_dequantize_4bit, bnb_dequantize_blockwise, bnb_quantize_4bit, bnb_quantize_blockwise,
     Bnb4Type, Code4,

@@ -137,6 +137,20 @@ pub fn bnb_dequantize_4bit(
     shape: &[usize],
     avx512: bool,
 ) -> Result<Vec<f32>> {
+    let mut out = Vec::new();
+    bnb_dequantize_4bit_into(packed, absmax, code, (blocksize, shape, avx512), &mut out)?;
+    Ok(out)
+}
+
+/// [`bnb_dequantize_4bit`] into `out` (cleared first), whose allocation a caller may reuse
+/// from weight to weight: a fresh one is paged in and zeroed by the kernel each time.
+pub(crate) fn bnb_dequantize_4bit_into(
+    packed: &[u8],
+    absmax: &[f32],
+    code: &Code4,
+    (blocksize, shape, avx512): (usize, &[usize], bool),
+    out: &mut Vec<f32>,
+) -> Result<()> {
     let numel: usize = shape.iter().product();
     check_len(
         "packed 4-bit weight",
@@ -172,7 +186,8 @@ pub fn bnb_dequantize_4bit(
         ),
     };
     let mut nibbles = packed.iter().flat_map(|&b| [b >> 4, b & 0xF]);
-    let mut out = Vec::with_capacity(numel);
+    out.clear();
+    out.reserve(numel);
     for (len, at) in runs {
         let scale = *absmax.get(at).ok_or_else(|| MergeMathError::ElementCount {
             what: "absmax",
@@ -183,7 +198,7 @@ pub fn bnb_dequantize_4bit(
         let values = nibbles.by_ref().take(len);
         out.extend(values.map(|n| table[usize::from(n)] * scale));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// `quantize_4bit` of `values` (the weight widened to `f32`): the packed nibbles (two per

@@ -472,9 +472,9 @@ thread_local! {
 /// make (and zero, and fault in) one per split of the work. Taken and put back rather than
 /// borrowed, because a thread waiting inside a nested parallel loop may start another chunk
 /// (which then takes an empty buffer).
-pub(crate) fn with_kept<R>(
-    kept: &'static std::thread::LocalKey<Cell<Vec<u8>>>,
-    f: impl FnOnce(&mut Vec<u8>) -> R,
+pub(crate) fn with_kept<T, R>(
+    kept: &'static std::thread::LocalKey<Cell<Vec<T>>>,
+    f: impl FnOnce(&mut Vec<T>) -> R,
 ) -> R {
     let mut buf = kept.take();
     let result = f(&mut buf);

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use peftkit_checkpoint::{Checkpoint, CheckpointError, Dtype, StateDict, Tensor};
 
-use super::view::{compute_error, encoded, merged_values};
+use super::view::{compute_error, encoded, with_merged_values};
 use super::weight8::{Requantize8, Weight8};
 use super::BnbError;
 use crate::edit::{Edit, LoraKind, Step};
@@ -251,8 +251,8 @@ impl Requant8 {
     fn quantize(&self) -> Result<Int8Quantized, CheckpointError> {
         let w = &self.weight;
         let err = |e| compute_error(&w.name, "re-quantizing a merged int8 weight", e);
-        let values = merged_values(&self.merged).map_err(err)?;
-        let (q, e) = w.requantize_with_error(&values).map_err(err)?;
+        let requantize = |values: &[f32]| w.requantize_with_error(values);
+        let (q, e) = with_merged_values(&self.merged, requantize).map_err(err)?;
         if !self.allow_nonfinite {
             let held = w
                 .scb()

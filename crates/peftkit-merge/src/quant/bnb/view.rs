@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -17,8 +18,8 @@ use super::{host_avx512, torch_threads, BnbError, QloraBase};
 use crate::edit::{Edit, LoraKind, Step};
 use crate::error::MergeError;
 use crate::kernels::{
-    decode_f32, element_size, encode_f32, encode_f32_into, round_slice_to, Bnb4Type, Code4,
-    MergeMathError,
+    decode_f32, decode_f32_into, element_size, encode_f32, encode_f32_into, round_slice_to,
+    with_kept, Bnb4Type, Code4, MergeMathError,
 };
 use crate::plan::MergePlan;
 use crate::quant::joint::{main_tensor, part_tensor, Joint, JointSlot, KeepBudget};
@@ -47,14 +48,30 @@ pub(super) fn encoded(dtype: Dtype, values: &[f32]) -> Result<Vec<u8>, MergeMath
     Ok(out)
 }
 
-/// The `f32` values of a merged weight (the dequantized view, edited), its bytes given back.
-pub(super) fn merged_values(merged: &Tensor) -> Result<Vec<f32>, BoxError> {
+thread_local! {
+    /// This thread's `f32` copy of a weight (see `kernels::with_kept`): dequantized, or merged
+    /// and decoded. A fresh one per weight was paged in and zeroed by the kernel each time,
+    /// most of a kept 4-bit merge's system time.
+    static VALUES: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
+
+/// Runs `f` on the `f32` values of a merged weight (the dequantized view, edited), its bytes
+/// given back.
+pub(super) fn with_merged_values<R>(
+    merged: &Tensor,
+    f: impl FnOnce(&[f32]) -> Result<R, BoxError>,
+) -> Result<R, BoxError> {
     let bytes = merged.bytes()?;
-    let values = decode_f32("merged", Dtype::F32, &bytes)?;
+    let result = with_kept(&VALUES, |values| {
+        values.clear();
+        values.resize(bytes.len() / 4, 0.0);
+        decode_f32_into("merged", Dtype::F32, &bytes, values)?;
+        f(values)
+    });
     if let Cow::Owned(buf) = bytes {
         buffers::give(buf);
     }
-    Ok(values)
+    result
 }
 
 /// `base` with every 4-bit weight as a lazily dequantized float tensor (`f32` if `widen`, its
@@ -76,9 +93,11 @@ pub(super) fn dequantized(
         let lazy = Tensor::lazy(out, w.state.shape.clone(), move || {
             let err =
                 |e| compute_error(&weight.name, "dequantizing a bitsandbytes 4-bit weight", e);
-            let mut values = weight.dequantize(avx512).map_err(err)?;
-            round_slice_to(dtype, &mut values).map_err(|e| err(e.into()))?;
-            encoded(out, &values).map_err(|e| err(e.into()))
+            with_kept(&VALUES, |values| {
+                weight.dequantize_into(avx512, values).map_err(err)?;
+                round_slice_to(dtype, values).map_err(|e| err(e.into()))?;
+                encoded(out, values).map_err(|e| err(e.into()))
+            })
         })?;
         view.replace_tensor(&w.name, lazy);
     }
@@ -405,8 +424,8 @@ impl Requant4 {
     fn quantize(&self) -> Result<Requantized, CheckpointError> {
         let w = &self.weight;
         let err = |e| compute_error(&w.name, "re-quantizing a merged 4-bit weight", e);
-        let values = merged_values(&self.merged).map_err(err)?;
-        w.requantize(&values, self.dtype, self.threads).map_err(err)
+        let requantize = |values: &[f32]| w.requantize(values, self.dtype, self.threads);
+        with_merged_values(&self.merged, requantize).map_err(err)
     }
 
     /// The quantization state's JSON. Its length must be known before the header is written:

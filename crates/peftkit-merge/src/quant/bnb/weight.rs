@@ -11,8 +11,8 @@ use peftkit_checkpoint::{Checkpoint, CheckpointError, Dtype, Tensor};
 use super::state::{torch_name, QuantState};
 use crate::edit::Requantizer;
 use crate::kernels::{
-    bnb_dequantize_4bit, bnb_dequantize_blockwise, bnb_quantize_4bit, bnb_quantize_blockwise,
-    decode_f32, encode_f32, round_slice_to, torch_mean_f32, Code4,
+    bnb_dequantize_4bit, bnb_dequantize_4bit_into, bnb_dequantize_blockwise, bnb_quantize_4bit,
+    bnb_quantize_blockwise, decode_f32, encode_f32, round_slice_to, torch_mean_f32, Code4,
 };
 
 /// The prefix of the quantization-state tensor's suffix; the 4-bit type follows it.
@@ -154,21 +154,19 @@ impl Weight4 {
         Ok(absmax)
     }
 
-    /// `dequantize_4bit`: the weight's values as `f32`, before the rounding to [`Self::dtype`].
-    pub fn dequantize(
+    /// `dequantize_4bit`: the weight's values as `f32`, before the rounding to [`Self::dtype`],
+    /// into `out` (cleared first; its allocation reused).
+    pub fn dequantize_into(
         &self,
         avx512: bool,
-    ) -> Result<Vec<f32>, Box<dyn std::error::Error + Send + Sync>> {
+        out: &mut Vec<f32>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let packed = self.packed.bytes()?;
         let absmax = self.absmax()?;
         let code = self.code()?;
-        Ok(bnb_dequantize_4bit(
-            &packed,
-            &absmax,
-            &code,
-            self.state.blocksize,
-            &self.state.shape,
-            avx512,
+        let geometry = (self.state.blocksize, self.state.shape.as_slice(), avx512);
+        Ok(bnb_dequantize_4bit_into(
+            &packed, &absmax, &code, geometry, out,
         )?)
     }
 
