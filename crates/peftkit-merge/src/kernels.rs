@@ -54,6 +54,7 @@ pub use bnb::{
     bnb_dequantize_4bit, bnb_dequantize_blockwise, bnb_quantize_4bit, bnb_quantize_blockwise,
     Bnb4Type, Code4,
 };
+pub(crate) use bnb_int8::bnb_int8_dequantize_bytes_into;
 pub use bnb_int8::{bnb_int8_dequantize, bnb_int8_quantize, Int8Quantized};
 pub use dora::{
     merge_dora_conv, merge_dora_embedding, merge_dora_linear, torch_column_norms, torch_row_norm,

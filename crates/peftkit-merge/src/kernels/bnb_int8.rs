@@ -47,14 +47,39 @@ fn rows_cols(shape: &[usize]) -> (usize, usize) {
 /// # Ok::<(), peftkit_merge::MergeMathError>(())
 /// ```
 pub fn bnb_int8_dequantize(weight: &[i8], scb: &[f32], shape: &[usize]) -> Result<Vec<f32>> {
+    let mut out = Vec::new();
+    dequantize_into(weight, |q| q, scb, shape, &mut out)?;
+    Ok(out)
+}
+
+/// [`bnb_int8_dequantize`] of the codes' stored bytes into `out` (cleared first), whose
+/// allocation a caller may reuse from weight to weight.
+pub(crate) fn bnb_int8_dequantize_bytes_into(
+    weight: &[u8],
+    scb: &[f32],
+    shape: &[usize],
+    out: &mut Vec<f32>,
+) -> Result<()> {
+    dequantize_into(weight, |b| b as i8, scb, shape, out)
+}
+
+/// [`bnb_int8_dequantize`] of codes `weight`, each read as `code` says, into `out`.
+fn dequantize_into<T: Copy>(
+    weight: &[T],
+    code: impl Fn(T) -> i8,
+    scb: &[f32],
+    shape: &[usize],
+    out: &mut Vec<f32>,
+) -> Result<()> {
     check_len("int8 weight", shape, weight.len())?;
     let (rows, cols) = rows_cols(shape);
     check_len("SCB", &[rows], scb.len())?;
-    let mut out = Vec::with_capacity(weight.len());
+    out.clear();
+    out.reserve(weight.len());
     for (row, s) in weight.chunks(cols.max(1)).zip(scb) {
-        out.extend(row.iter().map(|&q| f32::from(q) * s * DEQUANT_SCALE));
+        out.extend(row.iter().map(|&q| f32::from(code(q)) * s * DEQUANT_SCALE));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// What `Int8Params` stores for a weight.

@@ -55,6 +55,11 @@ thread_local! {
     static VALUES: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
 }
 
+/// Runs `f` on this thread's kept `f32` buffer ([`VALUES`]).
+pub(super) fn with_values<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+    with_kept(&VALUES, f)
+}
+
 /// Runs `f` on the `f32` values of a merged weight (the dequantized view, edited), its bytes
 /// given back.
 pub(super) fn with_merged_values<R>(
@@ -62,7 +67,7 @@ pub(super) fn with_merged_values<R>(
     f: impl FnOnce(&[f32]) -> Result<R, BoxError>,
 ) -> Result<R, BoxError> {
     let bytes = merged.bytes()?;
-    let result = with_kept(&VALUES, |values| {
+    let result = with_values(|values| {
         values.clear();
         values.resize(bytes.len() / 4, 0.0);
         decode_f32_into("merged", Dtype::F32, &bytes, values)?;
@@ -93,7 +98,7 @@ pub(super) fn dequantized(
         let lazy = Tensor::lazy(out, w.state.shape.clone(), move || {
             let err =
                 |e| compute_error(&weight.name, "dequantizing a bitsandbytes 4-bit weight", e);
-            with_kept(&VALUES, |values| {
+            with_values(|values| {
                 weight.dequantize_into(avx512, values).map_err(err)?;
                 round_slice_to(dtype, values).map_err(|e| err(e.into()))?;
                 encoded(out, values).map_err(|e| err(e.into()))

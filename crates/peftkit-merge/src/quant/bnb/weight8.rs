@@ -11,7 +11,10 @@ use peftkit_checkpoint::{Checkpoint, Dtype, Tensor};
 use super::weight::PartError;
 use crate::edit::Requantizer;
 use crate::kernels::bnb_int8::bnb_int8_quantize_with_error;
-use crate::kernels::{bnb_int8_dequantize, bnb_int8_quantize, decode_f32, Int8Quantized};
+use crate::kernels::{
+    bnb_int8_dequantize, bnb_int8_dequantize_bytes_into, bnb_int8_quantize, decode_f32,
+    Int8Quantized,
+};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -130,11 +133,16 @@ impl Weight8 {
         Ok(decode_f32("SCB", Dtype::F32, &self.scb.bytes()?)?)
     }
 
-    /// `int8_vectorwise_dequant`: the weight's values as `f32`.
-    pub fn dequantize(&self) -> Result<Vec<f32>, BoxError> {
+    /// `int8_vectorwise_dequant`: the weight's values as `f32`, into `out` (cleared first; its
+    /// allocation reused).
+    pub fn dequantize_into(&self, out: &mut Vec<f32>) -> Result<(), BoxError> {
         let bytes = self.weight.bytes()?;
-        let codes: Vec<i8> = bytes.iter().map(|&b| b as i8).collect();
-        Ok(bnb_int8_dequantize(&codes, &self.scb()?, self.shape())?)
+        Ok(bnb_int8_dequantize_bytes_into(
+            &bytes,
+            &self.scb()?,
+            self.shape(),
+            out,
+        )?)
     }
 
     /// What `Int8Params` stores for `values` (the merged weight, `f32`).
