@@ -22,7 +22,10 @@ Cases (inputs are built once in `--work`, default /tmp/peftkit-bench, and reused
   safetensors;
 * `merge-fp8`, `merge-fp8-dequantize`: `peftkit merge` into the 0.97 GB FP8 block-scaled Llama
   of benches/fp8_merge_bench.py (its builder, with transformers' own FP8 quantizer and peft),
-  FP8 kept and with `--dequantize` (bf16 out: the projections take twice the bytes).
+  FP8 kept and with `--dequantize` (bf16 out: the projections take twice the bytes);
+* `merge-nf4`, `merge-int8`: `peftkit merge` (format kept) into the 1 GB Llama quantized by
+  transformers + bitsandbytes on the CPU, NF4 with double quantization (QLoRA's setting) and
+  int8, with its LoRA. No target: a bitsandbytes merge dequantizes each merged weight whole.
 
 To add a verb: give `CASES` an entry with a data builder (a function of the work folder
 returning the input folder and any other paths) and a command builder
@@ -169,6 +172,32 @@ def bin_checkpoint(work):
     return {"input": d}
 
 
+# bitsandbytes settings of the quantized bases: NF4 with double quantization (QLoRA's), int8.
+BNB = {
+    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+    "int8": dict(load_in_8bit=True),
+}
+
+
+def bnb_model(work, kind):
+    """The 1 GB Llama quantized by transformers + bitsandbytes on the CPU (`BNB[kind]`), and
+    its LoRA."""
+    src = llama(work, "1gb")
+
+    def make(d):
+        import torch
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        q = BitsAndBytesConfig(**BNB[kind], bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(
+            src["input"], quantization_config=q, dtype=torch.bfloat16, device_map="cpu")
+        model.save_pretrained(d)
+
+    d = work / f"bnb-{kind}-1gb"
+    built(d, make)
+    return {"input": d, "adapter": src["adapter"]}
+
+
 def fp8_model(work):
     d = fp8.ensure_data(work, fp8.MODEL["num_hidden_layers"])
     return {"input": d / "base", "adapter": d / "adapter"}
@@ -231,9 +260,15 @@ CASES = {
         arith=True,
         size="1gb",
     ),
+    # Kept-format merges into bitsandbytes bases: each merged weight is dequantized to `f32`
+    # whole (bitsandbytes quantizes whole weights), so they are reported with no target.
+    "merge-nf4": dict(data=lambda w, p: bnb_model(w, "nf4"), cmd=merge_cmd, no_fsync=True, size="1gb",
+                      no_target=True),
+    "merge-int8": dict(data=lambda w, p: bnb_model(w, "int8"), cmd=merge_cmd, no_fsync=True, size="1gb",
+                       no_target=True),
 }
 QUICK = ["merge-1gb", "reshard", "remap-v5", "remap-original", "extract", "convert", "merge-fp8",
-         "merge-fp8-dequantize"]
+         "merge-fp8-dequantize", "merge-nf4", "merge-int8"]
 RSS_LIMIT_MIB = {"1gb": 64, "7b": 256}
 # The label of a contender run with PEFTKIT_NO_DIRECT=1 (see `contenders`).
 PAGE_CACHE = "[page cache]"
@@ -370,6 +405,8 @@ def ratio(s, a, b):
 
 def targets(name, case, s):
     rows = []
+    if case.get("no_target"):
+        return rows
 
     def check(what, r, limit):
         f, m = r["fastest_s"], r["median_s"]
@@ -567,7 +604,8 @@ def main():
     update_doc(key, rec)
     print(section(key, rec))
     if a.clean:
-        for sub in ("1gb", "7b", "moe", "peft-state-dict", "bin-1gb", f"fp8-{fp8.MODEL['num_hidden_layers']}l"):
+        for sub in ("1gb", "7b", "moe", "peft-state-dict", "bin-1gb", f"fp8-{fp8.MODEL['num_hidden_layers']}l",
+                    "bnb-nf4-1gb", "bnb-int8-1gb"):
             shutil.rmtree(a.work / sub, ignore_errors=True)
 
 
