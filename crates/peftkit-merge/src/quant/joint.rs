@@ -20,8 +20,8 @@
 //!
 //! Memory stays bounded: whatever is held for a later write (parts, a main tensor computed by a
 //! part or ahead of the writes, [`JointSlot::leave`]) counts against one [`KeepBudget`] per
-//! merge; what does not fit is dropped and computed again by its own write, so the result
-//! never depends on the budget.
+//! merge; what does not fit goes to its spill file when it has one (`quant::spill`), or is
+//! dropped and computed again by its own write, so the result never depends on the budget.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -71,20 +71,20 @@ impl KeepBudget {
         KeepBudget { spill, ..self }
     }
 
-    /// The pool of main tensors (`main`) or of parts.
-    fn pool(&self, main: bool) -> &Pool {
-        match main {
-            true => &self.mains,
-            false => &self.parts,
+    /// The pool of `of`'s bytes.
+    fn pool(&self, of: Of) -> &Pool {
+        match of {
+            Of::Main => &self.mains,
+            Of::Part => &self.parts,
         }
     }
 
-    /// Keeps `bytes` in `slot` (a main tensor's if `main`): in memory if its pool allows, else
-    /// in the spill file if there is one and it takes them; else they are dropped.
-    fn keep(&self, main: bool, slot: &mut Option<Kept>, bytes: Vec<u8>) {
+    /// Keeps `bytes` (of `of`) in `slot`: in memory if its pool allows, else in the spill file
+    /// if there is one and it takes them; else they are dropped.
+    fn keep(&self, of: Of, slot: &mut Option<Kept>, bytes: Vec<u8>) {
         if slot.is_some() {
             buffers::give(bytes);
-        } else if self.pool(main).reserve(bytes.len()) {
+        } else if self.pool(of).reserve(bytes.len()) {
             *slot = Some(Kept::Memory(bytes));
         } else {
             *slot = self
@@ -96,21 +96,21 @@ impl KeepBudget {
         }
     }
 
-    /// Takes the bytes out of `slot` (and out of their pool or the file).
-    fn take(&self, main: bool, slot: &mut Option<Kept>) -> Option<Vec<u8>> {
+    /// Takes the bytes (of `of`) out of `slot`, and out of their pool or the file.
+    fn take(&self, of: Of, slot: &mut Option<Kept>) -> Option<Vec<u8>> {
         match slot.take()? {
             Kept::Memory(bytes) => {
-                self.pool(main).release(bytes.len());
+                self.pool(of).release(bytes.len());
                 Some(bytes)
             }
             Kept::Spilled(at) => self.spill.as_ref()?.take(at),
         }
     }
 
-    /// Drops what `slot` holds.
-    fn discard(&self, main: bool, slot: &mut Option<Kept>) {
+    /// Drops what `slot` (of `of`) holds.
+    fn discard(&self, of: Of, slot: &mut Option<Kept>) {
         match slot.take() {
-            Some(Kept::Memory(bytes)) => self.pool(main).release(bytes.len()),
+            Some(Kept::Memory(bytes)) => self.pool(of).release(bytes.len()),
             Some(Kept::Spilled(at)) => self.spill.iter().for_each(|s| s.discard(at)),
             None => {}
         }
@@ -121,6 +121,13 @@ impl KeepBudget {
     pub(crate) fn held(&self) -> usize {
         self.mains.held.load(Ordering::Acquire) + self.parts.held.load(Ordering::Acquire)
     }
+}
+
+/// Whose bytes a slot holds: a main tensor's or a part's (they have a pool each).
+#[derive(Clone, Copy)]
+enum Of {
+    Main,
+    Part,
 }
 
 /// A tensor's bytes held for its write.
@@ -238,7 +245,7 @@ impl JointSlot {
             .resize(n.max(held.parts_written.len()), false);
         for (i, bytes) in parts.into_iter().enumerate() {
             if Some(i) != except && !held.parts_written[i] {
-                self.budget.keep(false, &mut held.parts[i], bytes);
+                self.budget.keep(Of::Part, &mut held.parts[i], bytes);
             }
         }
     }
@@ -253,13 +260,13 @@ impl JointSlot {
             buffers::give(main);
             return;
         }
-        self.budget.keep(true, &mut held.main, main);
+        self.budget.keep(Of::Main, &mut held.main, main);
     }
 
     /// The main tensor's bytes, computed by a part's write, of length `len`.
     fn kept_main(&self, len: usize) -> Option<Vec<u8>> {
         let mut held = self.held();
-        let kept = self.budget.take(true, &mut held.main)?;
+        let kept = self.budget.take(Of::Main, &mut held.main)?;
         if kept.len() == len {
             held.main_written = true;
             return Some(kept);
@@ -314,7 +321,7 @@ impl JointSlot {
         {
             let mut held = self.held();
             let slot = held.parts.get_mut(index);
-            let slot = slot.and_then(|s| self.budget.take(false, s));
+            let slot = slot.and_then(|s| self.budget.take(Of::Part, s));
             if let Some(bytes) = slot {
                 held.parts_written[index] = true;
                 return Ok(bytes);
@@ -341,7 +348,7 @@ impl JointSlot {
         if held.main_written {
             buffers::give(main);
         } else {
-            self.budget.keep(true, &mut held.main, main);
+            self.budget.keep(Of::Main, &mut held.main, main);
         }
         Ok(mine)
     }
@@ -351,9 +358,9 @@ impl Drop for JointSlot {
     fn drop(&mut self) {
         // Bytes nobody took (a tensor computed twice, or a failed save) leave the budget.
         let mut held = std::mem::take(self.held.get_mut().unwrap_or_else(|e| e.into_inner()));
-        self.budget.discard(true, &mut held.main);
+        self.budget.discard(Of::Main, &mut held.main);
         for part in &mut held.parts {
-            self.budget.discard(false, part);
+            self.budget.discard(Of::Part, part);
         }
     }
 }
