@@ -35,8 +35,9 @@ selects it by its key.
 Method. The contenders of a case are `cp -r` of its input, `cp -r` + `sync` of the copy, the
 verb synced (peftkit's default) and, where the verb has it, with `--no-fsync`; on an AVX-512
 host the merges also run with `PEFTKIT_FORCE_ISA=avx2`, the path of AVX2-only CPUs, and the
-1 GB merge also runs synced with `PEFTKIT_NO_DIRECT=1` ("[page cache]": its merged tensors
-written through the page cache and synced, a comparison with no target). They run
+1 GB merge also runs synced with `PEFTKIT_WHOLE_DIRECT=1` ("[whole direct]": each merged
+tensor computed whole and written with one direct write, the default before 2026-12-04, a
+comparison with no target). They run
 interleaved: one warm-up round, then `--rounds` rounds, each contender once per round in a
 rotating order. Before each run the output is removed, `sync` flushes dirty pages, the inputs
 are read (warm cache) and fresh memory is touched (see merge_bench.pretouch); `--quick` skips
@@ -215,7 +216,7 @@ def merge_cmd(p, i, o, synced):
 
 CASES = {
     "merge-1gb": dict(data=lambda w, p: llama(w, "1gb"), cmd=merge_cmd, no_fsync=True, arith=True, size="1gb",
-                      page_cache=True),
+                      whole_direct=True),
     "merge-7b": dict(data=lambda w, p: llama(w, "7b"), cmd=merge_cmd, no_fsync=True, arith=True, size="7b"),
     "reshard": dict(
         data=lambda w, p: llama(w, "1gb"),
@@ -270,8 +271,8 @@ CASES = {
 QUICK = ["merge-1gb", "reshard", "remap-v5", "remap-original", "extract", "convert", "merge-fp8",
          "merge-fp8-dequantize", "merge-nf4", "merge-int8"]
 RSS_LIMIT_MIB = {"1gb": 64, "7b": 256}
-# The label of a contender run with PEFTKIT_NO_DIRECT=1 (see `contenders`).
-PAGE_CACHE = "[page cache]"
+# The label of a contender run with PEFTKIT_WHOLE_DIRECT=1 (see `contenders`).
+WHOLE_DIRECT = "[whole direct]"
 
 # ---------------------------------------------------------------------------------------------
 # host
@@ -335,11 +336,11 @@ def contenders(name, case, peftkit, inputs, avx512):
     c["peftkit"] = verb(True)
     if case["no_fsync"]:
         c["peftkit --no-fsync"] = verb(False)
-    if case.get("page_cache"):
-        # The synced merge with its merged tensors written through the page cache and synced,
-        # instead of with O_DIRECT: which of the two is faster differs by host
-        # (docs/architecture.md, "On a second host"); a comparison only, with no target.
-        c[f"peftkit {PAGE_CACHE}"] = verb(True, ["PEFTKIT_NO_DIRECT=1"])
+    if case.get("whole_direct"):
+        # The synced merge with each merged tensor written whole with O_DIRECT instead of in
+        # blocks through the page cache, the earlier default: the choice was made on one host
+        # (docs/architecture.md, "Output IO"); a comparison only, with no target.
+        c[f"peftkit {WHOLE_DIRECT}"] = verb(True, ["PEFTKIT_WHOLE_DIRECT=1"])
     if case.get("arith") and avx512:
         c["peftkit [avx2]"] = verb(True, ["PEFTKIT_FORCE_ISA=avx2"])
         if case["no_fsync"]:
@@ -414,7 +415,7 @@ def targets(name, case, s):
         rows.append({"target": what, "fastest": f, "median": m, "limit": limit, "met": verdict})
 
     for k in s:
-        if not k.startswith("peftkit") or PAGE_CACHE in k:
+        if not k.startswith("peftkit") or WHOLE_DIRECT in k:
             continue
         if "--no-fsync" in k:
             check(f"`{k}` ≤ 1.2× `cp -r`", ratio(s, k, "cp -r"), 1.2)

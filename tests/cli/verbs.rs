@@ -49,6 +49,23 @@ fn merge_writes_peft_merged_checkpoint_byte_for_byte() {
     }
 }
 
+/// A synced merge streams its merged tensors block by block through the page cache when its
+/// output fits in free memory (every fixture does), and otherwise computes each whole and
+/// writes it around the page cache, applying several adapters in turn.
+/// `PEFTKIT_WHOLE_DIRECT` forces the second path here: both write peft's bytes.
+#[test]
+fn both_synced_write_paths_write_peft_merged_checkpoint() {
+    for case in EXACT_MERGES {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged");
+        merge_cmd(case, &out)
+            .env("PEFTKIT_WHOLE_DIRECT", "1")
+            .assert()
+            .success();
+        assert_same_dir(&out, &peft_case(case).join("merged"));
+    }
+}
+
 #[test]
 fn merge_no_fsync_and_safe_merge_of_f32_give_the_same_bytes() {
     // --no-fsync skips syncs only. peft's safe_merge rounds the delta to the base dtype before

@@ -427,6 +427,9 @@ struct Prepared<'a> {
     /// Whether the caller syncs the file: bytes copied through the page cache are then sent
     /// to the disk at once ([`start_writeback`]).
     synced: bool,
+    /// Whether this synced save's tensors computed block by block go through the page cache
+    /// (its output fits in free memory: [`crate::direct::blocks_in_cache`]).
+    blocks_in_cache: bool,
 }
 
 impl Prepared<'_> {
@@ -443,16 +446,27 @@ impl Prepared<'_> {
     /// For a synced file, starts writing the `len` bytes at `offset`, just copied into the page
     /// cache, to the disk without waiting: the disk then works while the rest of the file is
     /// copied, instead of all of it at the file's sync (a single-file `extract` or `convert`
-    /// otherwise copies first and writes after). `POSIX_FADV_DONTNEED` starts writeback of the
-    /// dirty range; it drops only pages already clean. Advice, so a failure changes nothing.
+    /// otherwise copies first and writes after).
     fn start_writeback(&self, offset: u64, len: u64) {
-        #[cfg(target_os = "linux")]
-        if self.synced && std::env::var_os("PEFTKIT_NO_EARLY_WRITEBACK").is_none() {
-            let len = std::num::NonZeroU64::new(len);
-            let advice = rustix::fs::Advice::DontNeed;
-            let _ = rustix::fs::fadvise(&self.file, offset, len, advice);
+        if self.synced {
+            start_writeback(&self.file, offset, len);
         }
     }
+}
+
+/// Starts writing the `len` bytes at `offset` of `file`, just written through the page cache,
+/// to the disk without waiting (a synced save's copied tensors, and its merged tensors written
+/// in blocks: [`crate::OutputRegion::in_blocks`]). `POSIX_FADV_DONTNEED` starts writeback of
+/// the dirty range; it drops only pages already clean. Advice, so a failure changes nothing.
+/// `PEFTKIT_NO_EARLY_WRITEBACK` (a switch for benchmarks) leaves it all to the file's sync.
+pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    if std::env::var_os("PEFTKIT_NO_EARLY_WRITEBACK").is_none() {
+        let len = std::num::NonZeroU64::new(len);
+        let _ = rustix::fs::fadvise(file, offset, len, rustix::fs::Advice::DontNeed);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
 }
 
 /// How many tensors a save writes (and computes) at once: 2 to 4 workers, as the cores allow.
@@ -630,7 +644,12 @@ fn prepare_files<'a>(
             items,
             writing: Mutex::new(()),
             synced,
+            blocks_in_cache: false,
         });
+    }
+    let bytes = prepared.iter().map(|p| p.size).sum();
+    if prepared.iter().any(|p| p.direct.is_some()) && crate::direct::blocks_in_cache(bytes) {
+        prepared.iter_mut().for_each(|p| p.blocks_in_cache = true);
     }
     Ok(prepared)
 }
@@ -746,6 +765,8 @@ fn region<'a>(p: &'a Prepared<'_>, offset: u64, len: usize) -> crate::OutputRegi
         mappable: p.edit_in_file,
         writing: &p.writing,
         direct: p.direct.as_ref(),
+        synced: p.synced,
+        blocks_in_cache: p.blocks_in_cache,
     }
 }
 

@@ -228,9 +228,15 @@ pub struct OutputRegion<'a> {
     pub(crate) writing: &'a std::sync::Mutex<()>,
     /// The file's handle for writes around the page cache, in a synced save (`direct`).
     pub(crate) direct: Option<&'a File>,
+    /// Whether the save is synced: writes through the page cache then start their writeback
+    /// at once.
+    pub(crate) synced: bool,
+    /// Whether, in a synced save, a tensor computed block by block goes through the page cache
+    /// rather than whole around it ([`OutputRegion::in_blocks`]).
+    pub(crate) blocks_in_cache: bool,
 }
 
-impl OutputRegion<'_> {
+impl<'a> OutputRegion<'a> {
     /// The region's length in bytes.
     pub fn len(&self) -> usize {
         self.len
@@ -241,19 +247,45 @@ impl OutputRegion<'_> {
         self.len == 0
     }
 
-    /// Writes `bytes` at byte `at` of the region: through the page cache, or, in a synced save,
-    /// their 4 KiB-aligned middle around it (`O_DIRECT`, see docs/architecture.md, "Output
-    /// IO"; bytes placed by [`OutputRegion::place`] need no bounce copy).
+    /// Writes `bytes` at byte `at` of the region: their 4 KiB-aligned middle around the page
+    /// cache where the region has a direct handle (a synced save: `O_DIRECT`, see
+    /// docs/architecture.md, "Output IO"; bytes placed by [`OutputRegion::place`] need no
+    /// bounce copy), else through the page cache, their writeback started at once in a synced
+    /// save.
     pub fn write_at(&self, at: usize, bytes: &[u8]) -> Result<()> {
         let offset = self.offset + at as u64;
-        match self.direct {
+        let written = match self.direct {
             Some(direct) => crate::direct::write_all_at(self.file, direct, bytes, offset),
             None => {
                 let _one = self.writing.lock().unwrap_or_else(|e| e.into_inner());
                 crate::safetensors_file::write_all_at(self.file, bytes, offset)
             }
+        };
+        written.map_err(|e| CheckpointError::io(self.path, e))?;
+        if self.direct.is_none() && self.synced {
+            crate::safetensors_file::start_writeback(self.file, offset, bytes.len() as u64);
         }
-        .map_err(|e| CheckpointError::io(self.path, e))
+        Ok(())
+    }
+
+    /// The region written block by block through the page cache, for a tensor computed a block
+    /// at a time in cache (a merged weight streamed from its base), or `None` where the caller
+    /// should compute it whole for the writer to write around the page cache.
+    ///
+    /// An unsynced save always streams. A synced one streams when its whole output fits in
+    /// the memory the kernel has free (`direct::blocks_in_cache`): each block's writeback then
+    /// starts as soon as it is written, and the disk works beside the next blocks' arithmetic,
+    /// where one direct write of a whole tensor makes its worker wait for the device. An
+    /// output that does not fit would make every page written wait for another to be
+    /// reclaimed; there direct writes are faster (docs/architecture.md, "Output IO").
+    pub fn in_blocks(&self) -> Option<OutputRegion<'a>> {
+        if self.direct.is_some() && !self.blocks_in_cache {
+            return None;
+        }
+        Some(OutputRegion {
+            direct: None,
+            ..*self
+        })
     }
 
     /// The range of `buf` (grown as needed) where to compute `len` bytes bound for byte `at` of

@@ -170,6 +170,8 @@ mod tests {
             mappable: false,
             writing,
             direct: Some(direct),
+            synced: true,
+            blocks_in_cache: false,
         }
     }
 

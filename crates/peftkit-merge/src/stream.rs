@@ -340,19 +340,22 @@ impl InPlaceEdit for MergeEdit {
         self.run(data)
     }
 
-    /// Streams plain linear LoRA steps block by block; writes other edits through a mapping of
-    /// the output where that is safe (`mapped`). Not in a synced save: the writer's one direct
-    /// write of the whole merged tensor (docs/architecture.md, "Output IO") is kept there.
+    /// Streams plain linear LoRA steps block by block, through the page cache (each block's
+    /// writeback started at once in a synced save: [`OutputRegion::in_blocks`]); writes other
+    /// edits through a mapping of the output where that is safe (`mapped`). In a synced save
+    /// those are computed whole and written around the page cache by the writer.
     fn apply_in_file(
         &self,
         source: SourceRegion<'_>,
         out: &OutputRegion<'_>,
     ) -> Result<bool, CheckpointError> {
+        if let Some(blocks) = out.in_blocks() {
+            if self.stream(source, &blocks)?.is_some() {
+                return Ok(true);
+            }
+        }
         if out.is_direct() {
             return Ok(false);
-        }
-        if self.stream(source, out)?.is_some() {
-            return Ok(true);
         }
         let Some((file, offset)) = out.mappable()? else {
             return Ok(false);

@@ -112,10 +112,10 @@ fn merges_are_bit_identical_to_peft() {
     }
 }
 
-/// Several adapters on the same weights: an unsynced save streams each weight through all of
-/// them block by block (one pass), a synced one applies them to the whole tensor in turn (the
-/// path the fixtures above hold to peft, one adapter at a time); the bytes are the same. The
-/// adapter is merged twice, the second time with weight -0.5.
+/// Several adapters on the same weights, streamed through all of them block by block (one
+/// pass), synced and not; the bytes are the same. (A synced save whose output does not fit in
+/// free memory applies them to the whole tensor in turn instead: `tests/cli/verbs.rs` holds
+/// that path to peft.) The adapter is merged twice, the second time with weight -0.5.
 #[test]
 fn several_adapters_stream_as_they_merge_in_memory() {
     for case in ["lora_bf16", "lora_basic", "lora_f16"] {
