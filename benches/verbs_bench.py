@@ -440,9 +440,15 @@ def section(key, rec):
     ]
     if rec.get("label"):
         lines += [f"**{rec['label']}**", ""]
+    # This run's cases and their rounds (merge-7b runs fewer than the others).
+    this_run = {n: c["rounds"] for n, c in rec["cases"].items()
+                if (c.get("commit"), c.get("date"), c.get("command")) == (rec["commit"], rec["date"], rec["command"])}
+    rounds = max(this_run.values(), default=rec["rounds"])
+    fewer = ", ".join(f"{n}: {r}" for n, r in this_run.items() if r != rounds)
     lines += [
-        f"{rec['date']}, peftkit {rec['commit'][:10]}, `{rec['command']}`: {rec['rounds']} interleaved rounds "
-        "after a warm-up; wall times fastest / median (slowest); CPU is the median user + sys. "
+        f"{rec['date']}, peftkit {rec['commit'][:10]}, `{rec['command']}`: {rounds} interleaved rounds "
+        + (f"({fewer}) " if fewer else "")
+        + "after a warm-up; wall times fastest / median (slowest); CPU is the median user + sys. "
         f"Raw runs: [verbs-{key}.json](benchmarks/verbs-{key}.json).",
         "",
         f"![verbs on {key}](benchmarks/verbs-{key}.svg)",
