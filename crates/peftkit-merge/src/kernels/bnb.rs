@@ -137,21 +137,23 @@ pub fn bnb_dequantize_4bit(
     shape: &[usize],
     avx512: bool,
 ) -> Result<Vec<f32>> {
-    let mut out = Vec::new();
+    let mut out = vec![0.0; shape.iter().product()];
     bnb_dequantize_4bit_into(packed, absmax, code, (blocksize, shape, avx512), &mut out)?;
     Ok(out)
 }
 
-/// [`bnb_dequantize_4bit`] into `out` (cleared first), whose allocation a caller may reuse
-/// from weight to weight: a fresh one is paged in and zeroed by the kernel each time.
+/// [`bnb_dequantize_4bit`] into `out`, which holds exactly the weight's element count: memory
+/// a caller reuses from weight to weight (a fresh allocation is paged in and zeroed by the
+/// kernel each time), or the `f32` bytes of the tensor it returns.
 pub(crate) fn bnb_dequantize_4bit_into(
     packed: &[u8],
     absmax: &[f32],
     code: &Code4,
     (blocksize, shape, avx512): (usize, &[usize], bool),
-    out: &mut Vec<f32>,
+    out: &mut [f32],
 ) -> Result<()> {
     let numel: usize = shape.iter().product();
+    check_len("dequantized 4-bit weight", out.len(), numel, shape)?;
     check_len(
         "packed 4-bit weight",
         packed.len(),
@@ -186,8 +188,7 @@ pub(crate) fn bnb_dequantize_4bit_into(
         ),
     };
     let mut nibbles = packed.iter().flat_map(|&b| [b >> 4, b & 0xF]);
-    out.clear();
-    out.reserve(numel);
+    let mut rest = out;
     for (len, at) in runs {
         let scale = *absmax.get(at).ok_or_else(|| MergeMathError::ElementCount {
             what: "absmax",
@@ -195,8 +196,11 @@ pub(crate) fn bnb_dequantize_4bit_into(
             expected: at + 1,
             got: absmax.len(),
         })?;
-        let values = nibbles.by_ref().take(len);
-        out.extend(values.map(|n| table[usize::from(n)] * scale));
+        let (run, after) = std::mem::take(&mut rest).split_at_mut(len);
+        for (o, n) in run.iter_mut().zip(nibbles.by_ref()) {
+            *o = table[usize::from(n)] * scale;
+        }
+        rest = after;
     }
     Ok(())
 }

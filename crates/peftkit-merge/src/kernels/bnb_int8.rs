@@ -47,18 +47,19 @@ fn rows_cols(shape: &[usize]) -> (usize, usize) {
 /// # Ok::<(), peftkit_merge::MergeMathError>(())
 /// ```
 pub fn bnb_int8_dequantize(weight: &[i8], scb: &[f32], shape: &[usize]) -> Result<Vec<f32>> {
-    let mut out = Vec::new();
+    let mut out = vec![0.0; weight.len()];
     dequantize_into(weight, |q| q, scb, shape, &mut out)?;
     Ok(out)
 }
 
-/// [`bnb_int8_dequantize`] of the codes' stored bytes into `out` (cleared first), whose
-/// allocation a caller may reuse from weight to weight.
+/// [`bnb_int8_dequantize`] of the codes' stored bytes into `out`, which holds exactly as many
+/// values (memory a caller reuses from weight to weight, or the bytes of the tensor it
+/// returns).
 pub(crate) fn bnb_int8_dequantize_bytes_into(
     weight: &[u8],
     scb: &[f32],
     shape: &[usize],
-    out: &mut Vec<f32>,
+    out: &mut [f32],
 ) -> Result<()> {
     dequantize_into(weight, |b| b as i8, scb, shape, out)
 }
@@ -69,15 +70,17 @@ fn dequantize_into<T: Copy>(
     code: impl Fn(T) -> i8,
     scb: &[f32],
     shape: &[usize],
-    out: &mut Vec<f32>,
+    out: &mut [f32],
 ) -> Result<()> {
     check_len("int8 weight", shape, weight.len())?;
+    check_len("dequantized int8 weight", shape, out.len())?;
     let (rows, cols) = rows_cols(shape);
     check_len("SCB", &[rows], scb.len())?;
-    out.clear();
-    out.reserve(weight.len());
-    for (row, s) in weight.chunks(cols.max(1)).zip(scb) {
-        out.extend(row.iter().map(|&q| f32::from(code(q)) * s * DEQUANT_SCALE));
+    let rows = weight.chunks(cols.max(1)).zip(out.chunks_mut(cols.max(1)));
+    for ((row, out), s) in rows.zip(scb) {
+        for (o, &q) in out.iter_mut().zip(row) {
+            *o = f32::from(code(q)) * s * DEQUANT_SCALE;
+        }
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use peftkit_checkpoint::{Checkpoint, CheckpointError, Dtype, StateDict, Tensor};
 
-use super::view::{compute_error, encoded, with_merged_values, with_values};
+use super::view::{compute_error, dequantized_bytes, with_merged_values};
 use super::weight8::{Requantize8, Weight8};
 use super::BnbError;
 use crate::edit::{Edit, LoraKind, Step};
@@ -80,11 +80,12 @@ impl Int8Merge {
             let lazy = Tensor::lazy(out, w.shape().to_vec(), move || {
                 let err =
                     |e| compute_error(&weight.name, "dequantizing a bitsandbytes int8 weight", e);
-                with_values(|values| {
-                    weight.dequantize_into(values).map_err(err)?;
-                    round_slice_to(out, values).map_err(|e| err(e.into()))?;
-                    encoded(out, values).map_err(|e| err(e.into()))
+                let numel = weight.shape().iter().product();
+                dequantized_bytes(out, numel, |values| {
+                    weight.dequantize_into(values)?;
+                    Ok(round_slice_to(out, values)?)
                 })
+                .map_err(err)
             })?;
             view.replace_tensor(&w.name, lazy);
         }

@@ -19,7 +19,7 @@ use crate::edit::{Edit, LoraKind, Step};
 use crate::error::MergeError;
 use crate::kernels::{
     decode_f32, decode_f32_into, element_size, encode_f32, encode_f32_into, round_slice_to,
-    with_kept, Bnb4Type, Code4, MergeMathError,
+    with_kept, Bnb4Type, Code4,
 };
 use crate::plan::MergePlan;
 use crate::quant::joint::{main_tensor, part_tensor, Joint, JointSlot, KeepBudget};
@@ -39,13 +39,46 @@ pub(super) fn compute_error(tensor: &str, context: &str, source: BoxError) -> Ch
     }
 }
 
-/// A dequantized weight's `values` as `dtype` bytes, in a pooled buffer: a merge that
-/// re-quantizes it gives the buffer back once decoded ([`merged_values`]), so the next weight
-/// reuses its pages.
-pub(super) fn encoded(dtype: Dtype, values: &[f32]) -> Result<Vec<u8>, MergeMathError> {
-    let mut out = buffers::take(values.len() * element_size(dtype)?);
-    encode_f32_into("dequantized weight", dtype, values, &mut out)?;
-    Ok(out)
+/// A dequantized weight's `numel` values as `dtype` bytes, in a pooled buffer (a merge that
+/// re-quantizes it gives the buffer back once read: [`with_merged_values`], so the next weight
+/// reuses its pages). `fill` writes the values as `f32`: straight into the buffer when `dtype`
+/// is `f32` (a kept merge's view), else into this thread's kept `f32` buffer, which is then
+/// encoded. A weight's `f32` copy in each place was twice the memory and a pass more.
+pub(super) fn dequantized_bytes(
+    dtype: Dtype,
+    numel: usize,
+    fill: impl FnOnce(&mut [f32]) -> Result<(), BoxError>,
+) -> Result<Vec<u8>, BoxError> {
+    let mut out = buffers::take(numel * element_size(dtype)?);
+    if let Some(values) = as_f32s_mut(dtype, &mut out) {
+        fill(values)?;
+        return Ok(out);
+    }
+    with_values(|values| {
+        values.clear();
+        values.resize(numel, 0.0);
+        fill(values)?;
+        encode_f32_into("dequantized weight", dtype, values, &mut out)?;
+        Ok(out)
+    })
+}
+
+/// `bytes` of `dtype` as the `f32` values they hold, read in place (no copy) where they can
+/// be: `f32` bytes on a little-endian host (safetensors' byte order) at an address aligned
+/// for `f32` (large buffers always are).
+fn as_f32s(dtype: Dtype, bytes: &[u8]) -> Option<&[f32]> {
+    let in_place = dtype == Dtype::F32 && cfg!(target_endian = "little");
+    in_place
+        .then(|| bytemuck::try_cast_slice(bytes).ok())
+        .flatten()
+}
+
+/// [`as_f32s`], to write.
+fn as_f32s_mut(dtype: Dtype, bytes: &mut [u8]) -> Option<&mut [f32]> {
+    let in_place = dtype == Dtype::F32 && cfg!(target_endian = "little");
+    in_place
+        .then(|| bytemuck::try_cast_slice_mut(bytes).ok())
+        .flatten()
 }
 
 thread_local! {
@@ -56,23 +89,26 @@ thread_local! {
 }
 
 /// Runs `f` on this thread's kept `f32` buffer ([`VALUES`]).
-pub(super) fn with_values<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+fn with_values<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
     with_kept(&VALUES, f)
 }
 
-/// Runs `f` on the `f32` values of a merged weight (the dequantized view, edited), its bytes
-/// given back.
+/// Runs `f` on the `f32` values of a merged weight (the dequantized view, edited), read in
+/// place where they can be ([`as_f32s`]), its bytes given back.
 pub(super) fn with_merged_values<R>(
     merged: &Tensor,
     f: impl FnOnce(&[f32]) -> Result<R, BoxError>,
 ) -> Result<R, BoxError> {
     let bytes = merged.bytes()?;
-    let result = with_values(|values| {
-        values.clear();
-        values.resize(bytes.len() / 4, 0.0);
-        decode_f32_into("merged", Dtype::F32, &bytes, values)?;
-        f(values)
-    });
+    let result = match as_f32s(merged.dtype(), &bytes) {
+        Some(values) => f(values),
+        None => with_values(|values| {
+            values.clear();
+            values.resize(bytes.len() / element_size(merged.dtype())?, 0.0);
+            decode_f32_into("merged", merged.dtype(), &bytes, values)?;
+            f(values)
+        }),
+    };
     if let Cow::Owned(buf) = bytes {
         buffers::give(buf);
     }
@@ -98,11 +134,12 @@ pub(super) fn dequantized(
         let lazy = Tensor::lazy(out, w.state.shape.clone(), move || {
             let err =
                 |e| compute_error(&weight.name, "dequantizing a bitsandbytes 4-bit weight", e);
-            with_values(|values| {
-                weight.dequantize_into(avx512, values).map_err(err)?;
-                round_slice_to(dtype, values).map_err(|e| err(e.into()))?;
-                encoded(out, values).map_err(|e| err(e.into()))
+            let numel = weight.state.shape.iter().product();
+            dequantized_bytes(out, numel, |values| {
+                weight.dequantize_into(avx512, values)?;
+                Ok(round_slice_to(dtype, values)?)
             })
+            .map_err(err)
         })?;
         view.replace_tensor(&w.name, lazy);
     }

@@ -155,11 +155,11 @@ impl Weight4 {
     }
 
     /// `dequantize_4bit`: the weight's values as `f32`, before the rounding to [`Self::dtype`],
-    /// into `out` (cleared first; its allocation reused).
+    /// into `out` (which holds exactly as many).
     pub fn dequantize_into(
         &self,
         avx512: bool,
-        out: &mut Vec<f32>,
+        out: &mut [f32],
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let packed = self.packed.bytes()?;
         let absmax = self.absmax()?;

@@ -133,9 +133,9 @@ impl Weight8 {
         Ok(decode_f32("SCB", Dtype::F32, &self.scb.bytes()?)?)
     }
 
-    /// `int8_vectorwise_dequant`: the weight's values as `f32`, into `out` (cleared first; its
-    /// allocation reused).
-    pub fn dequantize_into(&self, out: &mut Vec<f32>) -> Result<(), BoxError> {
+    /// `int8_vectorwise_dequant`: the weight's values as `f32`, into `out` (which holds exactly
+    /// as many).
+    pub fn dequantize_into(&self, out: &mut [f32]) -> Result<(), BoxError> {
         let bytes = self.weight.bytes()?;
         Ok(bnb_int8_dequantize_bytes_into(
             &bytes,
