@@ -26,6 +26,8 @@ use std::cmp::Ordering;
 use rayon::prelude::*;
 
 use super::error::MergeMathError;
+#[cfg(target_arch = "x86_64")]
+use super::isa::{isa, Isa};
 
 type Result<T> = std::result::Result<T, MergeMathError>;
 
@@ -69,14 +71,31 @@ impl Code4 {
     /// scratch. The same counts, taken bound by bound over the whole block, so that the
     /// compares run many values at a time (one value at a time, the 15 compares and their sum
     /// were most of a kept 4-bit merge's time).
+    #[inline(always)] // into each instruction set's build of `quantize_4bit_chunk`
     fn nibbles(&self, xs: &[f32], below: &mut [u8], out: &mut Vec<u8>) {
-        below.fill(0);
-        for b in &self.bounds {
-            for (n, x) in below.iter_mut().zip(xs) {
-                *n += u8::from(*b < *x);
+        // Sixteen values at a time, their counts kept in registers across the 15 bounds (a
+        // pass over the block per bound loaded and stored the counts 15 times).
+        let mut chunks = xs.chunks_exact(16);
+        let mut counts = below.chunks_exact_mut(16);
+        for (chunk, below) in (&mut chunks).zip(&mut counts) {
+            let mut n = [0u32; 16];
+            for b in &self.bounds {
+                for (n, x) in n.iter_mut().zip(chunk) {
+                    *n += u32::from(*b < *x);
+                }
+            }
+            for (o, n) in below.iter_mut().zip(n) {
+                *o = n as u8;
             }
         }
-        out.extend(below.iter().map(|&n| self.order[usize::from(n)]));
+        for (o, x) in counts.into_remainder().iter_mut().zip(chunks.remainder()) {
+            *o = self.bounds.iter().map(|b| u8::from(*b < *x)).sum();
+        }
+        // NF4's values ascend, so its counts are its nibbles; a count is at most 15.
+        match self.order == IDENTITY {
+            true => out.extend_from_slice(below),
+            false => out.extend(below.iter().map(|&n| self.order[usize::from(n & 0xF)])),
+        }
     }
 
     fn nibble(&self, x: f32) -> u8 {
@@ -89,6 +108,28 @@ impl Code4 {
             .sum::<usize>();
         self.order[below]
     }
+}
+
+/// The nibbles in their own order: the order of a code whose values ascend.
+const IDENTITY: [u8; 16] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
+
+/// The largest `|x|` of `block` and 0, NaN ignored (as `f32::max` ignores it). Sixteen running
+/// maxima, which the compiler vectorises: a maximum does not depend on the order the values
+/// are taken in, and one chain of dependent `max`es cost a few cycles per value.
+#[inline(always)] // into each instruction set's build of `quantize_4bit_chunk`
+fn abs_max(block: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let mut chunks = block.chunks_exact(16);
+    for chunk in &mut chunks {
+        for (m, x) in lanes.iter_mut().zip(chunk) {
+            *m = m.max(x.abs());
+        }
+    }
+    let rest = chunks
+        .remainder()
+        .iter()
+        .fold(0.0f32, |m, x| m.max(x.abs()));
+    lanes.iter().fold(rest, |m, l| m.max(*l))
 }
 
 /// Which of bitsandbytes' CPU dequantization kernels runs for a weight.
@@ -235,7 +276,36 @@ const QUANTIZE_CHUNK: usize = 1 << 16;
 
 /// [`bnb_quantize_4bit`] of whole blocks `values` (the last may be partial) into `packed` and
 /// `absmax`; an odd count of values ends with the nibble of 0 in the low half.
+///
+/// Compiled for AVX2 too: the portable build's compares run 4 values at a time (SSE2), AVX2's
+/// 8. The same operations in the same order on every value, so the same bits (no operation
+/// is fused: Rust never contracts a multiply and an add). AVX-512 hosts run the AVX2 build:
+/// compiled for AVX-512 the body took 3.1 s of CPU in a kept NF4 merge of 0.42 G parameters
+/// where the AVX2 build took 1.5 s and the SSE2 one 1.7 s (AMD Zen 4).
 fn quantize_4bit_chunk(
+    values: &[f32],
+    blocksize: usize,
+    code: &Code4,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() >= Isa::Avx2 {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { quantize_4bit_avx2(values, blocksize, code, packed, absmax) };
+    }
+    quantize_4bit_body(values, blocksize, code, packed, absmax)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn quantize_4bit_avx2(v: &[f32], bs: usize, code: &Code4, packed: &mut [u8], absmax: &mut [f32]) {
+    quantize_4bit_body(v, bs, code, packed, absmax)
+}
+
+/// The body of [`quantize_4bit_chunk`], inlined into each instruction set's build.
+#[inline(always)]
+fn quantize_4bit_body(
     values: &[f32],
     blocksize: usize,
     code: &Code4,
@@ -245,7 +315,7 @@ fn quantize_4bit_chunk(
     let mut nibbles = Vec::with_capacity(values.len() + 1);
     let (mut scaled, mut below) = (vec![0f32; blocksize], vec![0u8; blocksize]);
     for (block, a) in values.chunks(blocksize).zip(absmax) {
-        let m = block.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let m = abs_max(block);
         let clamped = m.max(1e-38);
         let scaled = &mut scaled[..block.len()];
         if block.len() == blocksize {
@@ -265,7 +335,7 @@ fn quantize_4bit_chunk(
     if nibbles.len() % 2 == 1 {
         nibbles.push(code.nibble(0.0));
     }
-    for (b, pair) in packed.iter_mut().zip(nibbles.chunks(2)) {
+    for (b, pair) in packed.iter_mut().zip(nibbles.chunks_exact(2)) {
         *b = (pair[0] << 4) | pair[1];
     }
 }
