@@ -47,6 +47,8 @@ pub struct Code4 {
     kind: Bnb4Type,
     values: [f32; 16],
     order: [u8; 16],
+    /// Whether `order` is the identity (the values ascend, as NF4's do): counts are nibbles.
+    ascending: bool,
     bounds: [f32; 15],
 }
 
@@ -62,6 +64,7 @@ impl Code4 {
             kind,
             values,
             order,
+            ascending: order == IDENTITY,
             bounds,
         }
     }
@@ -91,8 +94,8 @@ impl Code4 {
         for (o, x) in counts.into_remainder().iter_mut().zip(chunks.remainder()) {
             *o = self.bounds.iter().map(|b| u8::from(*b < *x)).sum();
         }
-        // NF4's values ascend, so its counts are its nibbles; a count is at most 15.
-        match self.order == IDENTITY {
+        // A code whose values ascend (NF4) has its counts for nibbles; a count is at most 15.
+        match self.ascending {
             true => out.extend_from_slice(below),
             false => out.extend(below.iter().map(|&n| self.order[usize::from(n & 0xF)])),
         }

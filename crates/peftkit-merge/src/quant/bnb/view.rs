@@ -64,21 +64,25 @@ pub(super) fn dequantized_bytes(
 }
 
 /// `bytes` of `dtype` as the `f32` values they hold, read in place (no copy) where they can
-/// be: `f32` bytes on a little-endian host (safetensors' byte order) at an address aligned
-/// for `f32` (large buffers always are).
+/// be ([`readable_in_place`]).
 fn as_f32s(dtype: Dtype, bytes: &[u8]) -> Option<&[f32]> {
-    let in_place = dtype == Dtype::F32 && cfg!(target_endian = "little");
-    in_place
+    readable_in_place(dtype)
         .then(|| bytemuck::try_cast_slice(bytes).ok())
         .flatten()
 }
 
 /// [`as_f32s`], to write.
 fn as_f32s_mut(dtype: Dtype, bytes: &mut [u8]) -> Option<&mut [f32]> {
-    let in_place = dtype == Dtype::F32 && cfg!(target_endian = "little");
-    in_place
+    readable_in_place(dtype)
         .then(|| bytemuck::try_cast_slice_mut(bytes).ok())
         .flatten()
+}
+
+/// Whether bytes of `dtype` are `f32` values as they lie: `f32` on a little-endian host
+/// (safetensors' byte order), where an aligned address is all a cast needs (large buffers
+/// always are aligned).
+fn readable_in_place(dtype: Dtype) -> bool {
+    dtype == Dtype::F32 && cfg!(target_endian = "little")
 }
 
 thread_local! {
