@@ -395,13 +395,14 @@ impl Step {
 
 impl RowBanded {
     /// Applies the step to `data`, rows `rows` of the 2-D weight `name` (`dtype`, `cols`
-    /// columns).
+    /// columns). A kernel that checks what it writes tells `probe` (see [`Step::apply`]).
     pub(crate) fn apply(
         &self,
         name: &str,
         dtype: Dtype,
         (rows, cols): (Range<usize>, usize),
         data: &mut [u8],
+        probe: Option<&FiniteProbe>,
     ) -> Result<(), CheckpointError> {
         let site = Site {
             name,
@@ -413,6 +414,10 @@ impl RowBanded {
             .ok_or_else(|| site.missing("lora_B has fewer rows than the weight"))?;
         let shape = [rows.len(), cols];
         let base = BaseTensorMut::new(dtype, &shape, data);
+        let base = match probe {
+            Some(p) => base.with_probe(p),
+            None => base,
+        };
         let a = F32Tensor::new(&self.a.1, &self.a.0);
         let b_shape = [rows.len(), self.rank];
         let b = F32Tensor::new(&b_shape, b);

@@ -138,7 +138,10 @@ pub fn merge(job: &MergeJob) -> Result<MergeSummary, MergeError> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => std::path::Path::new("."),
     };
-    let state = quant.bnb().finish(state, &base, &plan, beside_out)?;
+    let checks = (&kernel_options(job), !job.allow_nonfinite);
+    let state = quant
+        .bnb()
+        .finish(state, (&base, &plan), beside_out, checks)?;
     let mut rewrite_config = false;
     if plan.untie {
         if let Some(c) = config.as_mut() {
@@ -205,12 +208,7 @@ fn merged_state(
     job: &MergeJob,
     summary: &mut MergeSummary,
 ) -> Result<StateDict, MergeError> {
-    let opts = KernelOptions {
-        safe_merge: job.safe_merge,
-        unmerge: job.unmerge,
-        numerics: job.numerics,
-        ..KernelOptions::default()
-    };
+    let opts = kernel_options(job);
     let mut state = StateDict::new();
     for (name, tensor) in base.tensors() {
         let treatment = match fp8 {
@@ -249,6 +247,16 @@ fn merged_state(
         state.insert(name.clone(), tensor.clone());
     }
     Ok(state)
+}
+
+/// The kernels' options for `job`'s merge.
+fn kernel_options(job: &MergeJob) -> KernelOptions {
+    KernelOptions {
+        safe_merge: job.safe_merge,
+        unmerge: job.unmerge,
+        numerics: job.numerics,
+        ..KernelOptions::default()
+    }
 }
 
 /// A base tensor's merge steps, applied to its bytes in place: in memory, or where the writer

@@ -275,10 +275,41 @@ pub(crate) fn bnb_dequantize_4bit_into(
 /// chunk), so it packs into its own bytes. Before, one weight's quantization ran on one core:
 /// 38 % of a kept 4-bit merge's samples.
 pub fn bnb_quantize_4bit(values: &[f32], blocksize: usize, code: &Code4) -> (Vec<u8>, Vec<f32>) {
-    let blocksize = blocksize.max(1);
-    let blocks = values.len().div_ceil(blocksize);
+    let blocks = values.len().div_ceil(blocksize.max(1));
     let mut packed = vec![0u8; values.len().div_ceil(2)];
     let mut absmax = vec![0f32; blocks];
+    quantize_4bit_chunks(values, blocksize, code, &mut packed, &mut absmax);
+    (packed, absmax)
+}
+
+/// [`bnb_quantize_4bit`] into `packed` and `absmax` (the output tensor's own buffer, say,
+/// rather than a vector copied into it), which must hold exactly its bytes and blocks.
+pub(crate) fn bnb_quantize_4bit_into(
+    values: &[f32],
+    blocksize: usize,
+    code: &Code4,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+) -> Result<()> {
+    let shape = [values.len()];
+    let bytes = values.len().div_ceil(2);
+    check_len("packed 4-bit weight", packed.len(), bytes, &shape)?;
+    let blocks = values.len().div_ceil(blocksize.max(1));
+    check_len("absmax", absmax.len(), blocks, &shape)?;
+    quantize_4bit_chunks(values, blocksize, code, packed, absmax);
+    Ok(())
+}
+
+/// The chunks of whole blocks of [`bnb_quantize_4bit`], in parallel.
+fn quantize_4bit_chunks(
+    values: &[f32],
+    blocksize: usize,
+    code: &Code4,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+) {
+    let blocksize = blocksize.max(1);
+    let blocks = values.len().div_ceil(blocksize);
     let per = match blocksize % 2 {
         0 => (QUANTIZE_CHUNK / blocksize).max(1),
         _ => blocks.max(1),
@@ -289,21 +320,22 @@ pub fn bnb_quantize_4bit(values: &[f32], blocksize: usize, code: &Code4) -> (Vec
         .zip(packed.par_chunks_mut(chunk.div_ceil(2)))
         .zip(absmax.par_chunks_mut(per))
         .for_each(|((v, p), a)| quantize_4bit_chunk(v, blocksize, code, p, a));
-    (packed, absmax)
 }
 
 /// Values per parallel task of [`bnb_quantize_4bit`].
 const QUANTIZE_CHUNK: usize = 1 << 16;
 
 /// [`bnb_quantize_4bit`] of whole blocks `values` (the last may be partial) into `packed` and
-/// `absmax`; an odd count of values ends with the nibble of 0 in the low half.
+/// `absmax`, on this thread; an odd count of values ends with the nibble of 0 in the low half.
+/// Blocks are independent, so any run of whole blocks (a parallel chunk, a band of a merged
+/// weight's rows) quantizes to the bytes the whole weight would give there.
 ///
 /// Compiled for AVX2 too: the portable build's compares run 4 values at a time (SSE2), AVX2's
 /// 8. The same operations in the same order on every value, so the same bits (no operation
 /// is fused: Rust never contracts a multiply and an add). AVX-512 hosts run the AVX2 build:
 /// compiled for AVX-512 the body took 3.1 s of CPU in a kept NF4 merge of 0.42 G parameters
 /// where the AVX2 build took 1.5 s and the SSE2 one 1.7 s (AMD Zen 4).
-fn quantize_4bit_chunk(
+pub(crate) fn quantize_4bit_chunk(
     values: &[f32],
     blocksize: usize,
     code: &Code4,

@@ -113,6 +113,27 @@ pub(crate) fn bnb_int8_quantize_with_error(
     Ok((q, error.value()))
 }
 
+/// [`bnb_int8_quantize_with_error`] of whole rows `values` (`cols` each) into `codes` and
+/// `scb`, which hold exactly their codes and rows (a band of a merged weight, written into the
+/// output's bytes); returns the error. Rows are independent: a band gives the bytes the whole
+/// weight gives there.
+pub(crate) fn bnb_int8_quantize_rows_into(
+    values: &[f32],
+    cols: usize,
+    (codes, scb): (&mut [i8], &mut [f32]),
+) -> Result<f64> {
+    let rows = values.len().checked_div(cols).unwrap_or(0);
+    let shape = [rows, cols];
+    check_len("int8 weight", &shape, values.len())?;
+    check_len("int8 codes", &shape, codes.len())?;
+    check_len("SCB", &[rows], scb.len())?;
+    let mut error = MaxError::default();
+    if cols > 0 {
+        quantize_into(values, cols, codes, scb, Some(&mut error));
+    }
+    Ok(error.value())
+}
+
 /// [`bnb_int8_quantize`], adding each row's error to `error` if given.
 fn quantize_rows(
     values: &[f32],

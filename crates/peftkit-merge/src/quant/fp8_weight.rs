@@ -157,7 +157,13 @@ impl Fp8Weight {
         band: &mut [u8],
     ) -> Result<(), CheckpointError> {
         for step in steps {
-            step.apply(&self.key, self.dtype, (rows.clone(), self.grid.cols), band)?;
+            step.apply(
+                &self.key,
+                self.dtype,
+                (rows.clone(), self.grid.cols),
+                band,
+                None,
+            )?;
         }
         Ok(())
     }

@@ -12,17 +12,21 @@
 //!   dequantization rounded to config.json's `dtype`) then peft's plain merge;
 //!   `quantization_config`, `SCB` and `weight_format` are dropped and the output planned anew.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use peftkit_checkpoint::{Checkpoint, CheckpointError, Dtype, StateDict, Tensor};
+use peftkit_checkpoint::{buffers, Checkpoint, CheckpointError, Dtype, StateDict, Tensor};
 
+use super::banded::{BandRows, Bands, BAND_BYTES};
 use super::view::{compute_error, dequantized_bytes, with_merged_values};
 use super::weight8::{Requantize8, Weight8};
 use super::BnbError;
 use crate::edit::{Edit, LoraKind, Step};
 use crate::error::MergeError;
-use crate::kernels::{round_slice_to, Int8Quantized};
+use crate::kernels::{
+    bnb_int8_dequantize_bytes_into, bnb_int8_quantize_rows_into, round_slice_to, MergeOptions,
+};
 use crate::plan::MergePlan;
 use crate::quant::joint::{main_tensor, part_tensor, Joint, JointSlot, KeepBudget};
 use crate::report::{QuantizationReport, RequantizedTensor};
@@ -135,11 +139,13 @@ impl Int8Merge {
     /// the merged `f32` values by one computation (see `joint`: the weight computes, its `SCB`
     /// is written after the rest of the file), `weight_format` and every untouched weight's
     /// tensors as stored. With `--dequantize`, `state` as it is.
+    /// A weight whose steps allow it is computed band by band (see `banded`, with the
+    /// merge's kernel `opts`), the others from the merged view.
     pub fn finish(
         &self,
         state: StateDict,
-        base: &Checkpoint,
-        plan: &MergePlan,
+        (base, plan): (&Checkpoint, &MergePlan),
+        opts: &MergeOptions,
     ) -> Result<StateDict, MergeError> {
         if self.dequantizes() {
             return Ok(state);
@@ -165,10 +171,17 @@ impl Int8Merge {
                 }
                 continue;
             }
+            let bands = Bands::of(
+                (&name, w.shape()),
+                w.band_rows(BAND_BYTES),
+                &plan.steps[&name],
+                (opts, !self.allow_nonfinite),
+            )?;
             let requant = Arc::new(Requant8 {
                 weight: (*w).clone(),
                 base: stored(&name)?,
                 merged,
+                bands,
                 errors: self.errors.clone(),
                 allow_nonfinite: self.allow_nonfinite,
                 slot: JointSlot::new(self.budget.clone()),
@@ -244,18 +257,32 @@ struct Requant8 {
     base: Tensor,
     /// The merged weight in `f32` (the dequantized view, edited by the plan's steps).
     merged: Tensor,
+    /// The steps by bands of rows, when they allow it: then `merged` is not read.
+    bands: Option<Bands>,
     errors: Arc<Mutex<BTreeMap<String, f64>>>,
     allow_nonfinite: bool,
     slot: JointSlot,
 }
 
 impl Requant8 {
-    /// Re-quantizes the merged values, checks the row scales and records the error.
-    fn quantize(&self) -> Result<Int8Quantized, CheckpointError> {
+    /// Re-quantizes the merged values, the codes into `codes` (band by band where the steps
+    /// allow), checks the row scales, records the error and returns the scales.
+    fn quantize_into(&self, codes: &mut [i8]) -> Result<Vec<f32>, CheckpointError> {
         let w = &self.weight;
         let err = |e| compute_error(&w.name, "re-quantizing a merged int8 weight", e);
-        let requantize = |values: &[f32]| w.requantize_with_error(values);
-        let (q, e) = with_merged_values(&self.merged, requantize).map_err(err)?;
+        let (scb, e) = match &self.bands {
+            Some(bands) => self.requantize_bands(bands, codes)?,
+            None => {
+                let requantize = |values: &[f32]| w.requantize_with_error(values);
+                let (q, e) = with_merged_values(&self.merged, requantize).map_err(err)?;
+                if q.weight.len() != codes.len() {
+                    let reason = format!("{} codes for {} bytes", q.weight.len(), codes.len());
+                    return Err(err(reason.into()));
+                }
+                codes.copy_from_slice(&q.weight);
+                (q.scb, e)
+            }
+        };
         if !self.allow_nonfinite {
             let held = w
                 .scb()
@@ -263,9 +290,7 @@ impl Requant8 {
                 .iter()
                 .filter(|s| !s.is_finite())
                 .count();
-            let bad: Vec<usize> = (0..q.scb.len())
-                .filter(|&r| !q.scb[r].is_finite())
-                .collect();
+            let bad: Vec<usize> = (0..scb.len()).filter(|&r| !scb[r].is_finite()).collect();
             if bad.len() > held {
                 let (rows, first) = (bad.len() - held, bad[0]);
                 return Err(err(Box::new(Int8RangeError { rows, first })));
@@ -274,7 +299,52 @@ impl Requant8 {
         if let Ok(mut errors) = self.errors.lock() {
             errors.insert(w.name.clone(), e);
         }
-        Ok(q)
+        Ok(scb)
+    }
+
+    /// The codes and scales band by band (see `banded`), and the error (NaN if any band's is).
+    fn requantize_bands(
+        &self,
+        bands: &Bands,
+        codes: &mut [i8],
+    ) -> Result<(Vec<f32>, f64), CheckpointError> {
+        let w = &self.weight;
+        let err = |e| compute_error(&w.name, "re-quantizing a merged int8 weight", e);
+        let (rows, cols) = (w.shape()[0], w.shape()[1]);
+        if codes.len() != rows * cols {
+            return Err(err("the codes differ in size from the weight's".into()));
+        }
+        let (base, base_scb) = (w.codes().map_err(err)?, w.scb().map_err(err)?);
+        let mut scb = vec![0f32; rows];
+        let outs = codes
+            .chunks_mut(bands.rows * cols)
+            .zip(scb.chunks_mut(bands.rows));
+        let dequantize = |r: BandRows, values: &mut [f32]| {
+            let (codes, scales) = (&base[r.start * cols..r.end * cols], &base_scb[r.clone()]);
+            bnb_int8_dequantize_bytes_into(codes, scales, &[r.len(), cols], values).map_err(|e| {
+                compute_error(&w.name, "dequantizing a bitsandbytes int8 weight", e.into())
+            })
+        };
+        let quantize = |values: &[f32], out: (&mut [i8], &mut [f32])| {
+            bnb_int8_quantize_rows_into(values, cols, out).map_err(|e| err(e.into()))
+        };
+        let errors = bands.run(
+            (&w.name, rows, cols),
+            outs.collect(),
+            &dequantize,
+            &quantize,
+        )?;
+        if let Cow::Owned(buf) = base {
+            buffers::give(buf);
+        }
+        // A maximum does not depend on the order; NaN wins, as in the whole weight's.
+        let error = errors
+            .into_iter()
+            .fold(0f64, |m, e| match m.is_nan() || e.is_nan() {
+                true => f64::NAN,
+                false => m.max(e),
+            });
+        Ok((scb, error))
     }
 }
 
@@ -290,19 +360,88 @@ impl Joint for Requant8 {
     }
 
     fn compute(&self, main: &mut [u8]) -> Result<Vec<Vec<u8>>, CheckpointError> {
-        let q = self.quantize()?;
-        if q.weight.len() != main.len() {
-            let reason = format!("{} codes for {} bytes", q.weight.len(), main.len());
-            let e = compute_error(&self.weight.name, "re-quantizing", reason.into());
-            return Err(e);
-        }
-        main.iter_mut()
-            .zip(&q.weight)
-            .for_each(|(b, &c)| *b = c as u8);
-        Ok(vec![q.scb.iter().flat_map(|s| s.to_le_bytes()).collect()])
+        let scb = self.quantize_into(bytemuck::cast_slice_mut(main))?;
+        Ok(vec![scb.iter().flat_map(|s| s.to_le_bytes()).collect()])
     }
 
     fn reads_base(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use peftkit_checkpoint::nonfinite;
+
+    use super::*;
+    use crate::quant::bnb::banded::tests::{lora_step, refused};
+
+    /// `w` of `base` merged (`merged`, its `f32` bytes), re-quantized by `bands` or (`None`)
+    /// from the merged bytes: its codes, scales and error.
+    fn run(
+        w: &Weight8,
+        base: &Checkpoint,
+        merged: &[u8],
+        bands: Option<Bands>,
+    ) -> Result<(Vec<i8>, Vec<f32>, u64), CheckpointError> {
+        let errors = Arc::<Mutex<BTreeMap<String, f64>>>::default();
+        let r = Requant8 {
+            weight: w.clone(),
+            base: base.get(&w.name).unwrap().clone(),
+            merged: Tensor::from_bytes(Dtype::F32, w.shape().to_vec(), merged.to_vec()).unwrap(),
+            bands,
+            errors: errors.clone(),
+            allow_nonfinite: true,
+            slot: JointSlot::new(Arc::default()),
+        };
+        let mut codes = vec![0i8; w.shape().iter().product()];
+        let scb = r.quantize_into(&mut codes)?;
+        let error = errors.lock().unwrap()[&w.name].to_bits();
+        Ok((codes, scb, error))
+    }
+
+    /// Every weight of the int8 fixture merged and re-quantized by bands of 1, 3 and 7 rows
+    /// (the last band short) gives the codes, scales and reported error of the whole weight
+    /// dequantized, merged and re-quantized; a merge that makes values infinite is refused
+    /// with the whole weight's count and first index.
+    #[test]
+    fn a_weight_requantized_by_bands_is_the_weight_requantized_whole() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/bnb8");
+        let base = Checkpoint::open(&root.join("int8_bf16/base8")).unwrap();
+        let weights = Weight8::find_all(&base).ok().unwrap();
+        let merge = Int8Merge::new(weights.clone(), None, true);
+        let view = merge.view(&base).unwrap();
+        let opts = MergeOptions::default();
+        for w in &weights {
+            let shape = w.shape().to_vec();
+            for blow_up in [false, true] {
+                let step = lora_step(shape[0], shape[1], blow_up);
+                let mut merged = view.get(&w.name).unwrap().bytes().unwrap().into_owned();
+                step.apply(&w.name, Dtype::F32, &shape, &mut merged, &opts, None)
+                    .unwrap();
+                let whole = run(w, &base, &merged, None).unwrap();
+                let stored = base.get(&w.name).unwrap().bytes().unwrap().into_owned();
+                assert!(bytemuck::cast_slice::<i8, u8>(&whole.0) != stored);
+                let expected = nonfinite(Dtype::F32, &merged);
+                assert_eq!(expected.is_some(), blow_up);
+                for rows in [1, 3, 7] {
+                    let steps = [step.clone()];
+                    let bands = Bands::of((&w.name, &shape), Some(rows), &steps, (&opts, true));
+                    let bands = bands.unwrap();
+                    assert!(bands.is_some());
+                    match expected {
+                        None => {
+                            let got = run(w, &base, &merged, bands).unwrap();
+                            assert!(got == whole, "{} {rows}", w.name);
+                        }
+                        Some(e) => {
+                            assert_eq!(refused(run(w, &base, &merged, bands).unwrap_err()), e)
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -20,6 +20,7 @@
 //! 8-bit (LLM.int8, `SCB` row scales) bases are merged re-quantized or dequantized too, in
 //! [`int8`].
 
+mod banded;
 mod codes;
 mod int8;
 mod state;
@@ -37,7 +38,7 @@ use serde::Serialize;
 
 use crate::error::MergeError;
 use crate::job::MergeJob;
-use crate::kernels::Bnb4Type;
+use crate::kernels::{Bnb4Type, MergeOptions};
 use crate::plan::MergePlan;
 use crate::quant::joint::{KeepBudget, Spill};
 use crate::report::{QuantizationReport, RequantizedTensor};
@@ -240,19 +241,22 @@ impl BnbMerge {
     /// re-quantizing, the merged state as it is otherwise. `spill_dir`, on the output's file
     /// system, takes the double-quantized weights computed while planning past the memory
     /// budget (`quant::spill`).
+    /// `opts` and `check` (refuse new NaN/Inf) are the merge's, for the weights a 4-bit
+    /// re-quantization computes itself band by band.
     pub fn finish(
         &self,
         state: StateDict,
-        base: &Checkpoint,
-        plan: &MergePlan,
+        (base, plan): (&Checkpoint, &MergePlan),
         spill_dir: &Path,
+        (opts, check): (&MergeOptions, bool),
     ) -> Result<StateDict, MergeError> {
         match self {
             BnbMerge::Requantize(w) => {
                 let budget = KeepBudget::default().spilling(spill(w, base, spill_dir));
-                view::requantized(state, base, w, plan, Arc::new(budget))
+                let settings = (Arc::new(budget), opts, check);
+                view::requantized(state, base, w, plan, settings)
             }
-            BnbMerge::Int8(m) => m.finish(state, base, plan),
+            BnbMerge::Int8(m) => m.finish(state, (base, plan), opts),
             _ => Ok(state),
         }
     }
@@ -442,9 +446,14 @@ mod tests {
         };
         let out = match (bnb, budget) {
             (BnbMerge::Requantize(w), Some(b)) => {
-                view::requantized(state, base, w.as_slice(), &plan, Arc::new(b)).unwrap()
+                let settings = (Arc::new(b), &MergeOptions::default(), true);
+                view::requantized(state, base, w.as_slice(), &plan, settings).unwrap()
             }
-            _ => bnb.finish(state, base, &plan, Path::new(".")).unwrap(),
+            _ => {
+                let settings = (&MergeOptions::default(), true);
+                bnb.finish(state, (base, &plan), Path::new("."), settings)
+                    .unwrap()
+            }
         };
         let dir = tempfile::tempdir().unwrap();
         let options = SaveOptions::default();

@@ -12,14 +12,15 @@ use peftkit_checkpoint::{
     buffers, save_workers, Checkpoint, CheckpointError, Dtype, StateDict, Tensor,
 };
 
+use super::banded::{Bands, BAND_BYTES};
 use super::codes;
-use super::weight::{Part, Requantize4, Requantized, RoundTrip4, Weight4};
+use super::weight::{Part, Requantize4, RoundTrip4, Scales4, Weight4};
 use super::{host_avx512, torch_threads, BnbError, QloraBase};
 use crate::edit::{Edit, LoraKind, Step};
 use crate::error::MergeError;
 use crate::kernels::{
-    decode_f32, decode_f32_into, element_size, encode_f32, encode_f32_into, round_slice_to,
-    with_kept, Bnb4Type, Code4,
+    decode_f32, decode_f32_into, element_size, encode_f32, encode_f32_into, quantize_4bit_chunk,
+    round_slice_to, with_kept, Bnb4Type, Code4, MergeOptions,
 };
 use crate::plan::MergePlan;
 use crate::quant::joint::{main_tensor, part_tensor, Joint, JointSlot, KeepBudget};
@@ -93,7 +94,7 @@ thread_local! {
 }
 
 /// Runs `f` on this thread's kept `f32` buffer ([`VALUES`]).
-fn with_values<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
+pub(super) fn with_values<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
     with_kept(&VALUES, f)
 }
 
@@ -306,13 +307,15 @@ fn round_trip(
 /// packed bytes, `absmax` and `nested_absmax` come from one computation when written (see
 /// `joint`, within `budget`); its quantization state is known before (see
 /// [`Requant4::state_bytes`]), computed for all weights before any is written, as many at a
-/// time as the save will compute.
+/// time as the save will compute. A weight whose steps allow it is computed band by band
+/// ([`Bands`], with the merge's kernel options and non-finite `check`), the others from the
+/// merged view.
 pub(super) fn requantized(
     state: StateDict,
     base: &Checkpoint,
     weights: &[Weight4],
     plan: &MergePlan,
-    budget: Arc<KeepBudget>,
+    (budget, opts, check): (Arc<KeepBudget>, &MergeOptions, bool),
 ) -> Result<StateDict, MergeError> {
     let by_name: HashMap<&str, &Weight4> = weights.iter().map(|w| (w.name.as_str(), w)).collect();
     let threads = torch_threads();
@@ -340,11 +343,18 @@ pub(super) fn requantized(
             }
             continue;
         }
+        let steps = &plan.steps[&name];
         entries.push(Entry::Merged(Box::new(Requant4 {
             weight: (*w).clone(),
             base: stored(&name)?,
             merged: tensor,
-            dtype: stored_dtype(w, &plan.steps[&name]),
+            bands: Bands::of(
+                (&w.name, &w.state.shape),
+                w.band_rows(BAND_BYTES),
+                steps,
+                (opts, check),
+            )?,
+            dtype: stored_dtype(w, steps),
             threads,
             state: vec![],
             slot: JointSlot::new(budget.clone()),
@@ -458,6 +468,8 @@ struct Requant4 {
     base: Tensor,
     /// The merged weight in `f32` (the dequantized view, edited by the plan's steps).
     merged: Tensor,
+    /// The steps by bands of rows, when they allow it: then `merged` is not read.
+    bands: Option<Bands>,
     /// The dtype the sum is stored as ([`stored_dtype`]).
     dtype: Dtype,
     threads: usize,
@@ -467,11 +479,64 @@ struct Requant4 {
 }
 
 impl Requant4 {
-    fn quantize(&self) -> Result<Requantized, CheckpointError> {
+    /// Re-quantizes the merged weight, its packed bytes into `packed` (band by band where its
+    /// steps allow), and returns the tensors stored beside them.
+    fn quantize_into(&self, packed: &mut [u8]) -> Result<Scales4, CheckpointError> {
         let w = &self.weight;
         let err = |e| compute_error(&w.name, "re-quantizing a merged 4-bit weight", e);
-        let requantize = |values: &[f32]| w.requantize(values, self.dtype, self.threads);
-        with_merged_values(&self.merged, requantize).map_err(err)
+        let settings = (self.dtype, self.threads);
+        let Some(bands) = &self.bands else {
+            let requantize = |values: &[f32]| w.requantize_into(values, settings, packed);
+            return with_merged_values(&self.merged, requantize).map_err(err);
+        };
+        let absmax = self.requantize_bands(bands, packed)?;
+        w.scales(absmax, self.dtype, self.threads).map_err(err)
+    }
+
+    /// [`Requant4::quantize_into`] band by band (see `banded`); returns the block maxima.
+    fn requantize_bands(
+        &self,
+        bands: &Bands,
+        packed: &mut [u8],
+    ) -> Result<Vec<f32>, CheckpointError> {
+        let w = &self.weight;
+        let err = |e| compute_error(&w.name, "re-quantizing a merged 4-bit weight", e);
+        let stored = w.stored(host_avx512()).map_err(err)?;
+        let (rows, cols, bs) = (w.state.shape[0], w.state.shape[1], stored.blocksize);
+        if packed.len() != (rows * cols).div_ceil(2) {
+            return Err(err(
+                "the packed output differs in size from the weight's".into()
+            ));
+        }
+        let mut absmax = vec![0f32; (rows * cols).div_ceil(bs)];
+        // Rows are whole blocks of an even size (`Weight4::band_rows`): a band's codes and
+        // block maxima are whole pieces of the weight's.
+        let per = bands.rows * cols;
+        let outs = packed.chunks_mut(per / 2).zip(absmax.chunks_mut(per / bs));
+        let dequantize = |rows, values: &mut [f32]| {
+            let dequantize = || {
+                stored.dequantize_rows(rows, values)?;
+                Ok(round_slice_to(w.dtype(), values)?)
+            };
+            dequantize()
+                .map_err(|e| compute_error(&w.name, "dequantizing a bitsandbytes 4-bit weight", e))
+        };
+        let quantize = |values: &[f32], (p, a): (&mut [u8], &mut [f32])| {
+            quantize_4bit_chunk(values, bs, &stored.code, p, a);
+            Ok(())
+        };
+        bands.run(
+            (&w.name, rows, cols),
+            outs.collect(),
+            &dequantize,
+            &quantize,
+        )?;
+        Ok(absmax)
+    }
+
+    /// The packed weight's length in bytes.
+    fn packed_len(&self) -> usize {
+        self.base.byte_len()
     }
 
     /// The quantization state's JSON. Its length must be known before the header is written:
@@ -482,9 +547,10 @@ impl Requant4 {
     /// again when written.
     fn state_bytes(&self) -> Result<Vec<u8>, CheckpointError> {
         if self.weight.state.nested() {
-            let q = self.quantize()?;
+            let mut packed = vec![0u8; self.packed_len()];
+            let q = self.quantize_into(&mut packed)?;
             let parts = std::iter::once(q.absmax).chain(q.nested_absmax).collect();
-            self.slot.leave(q.packed, parts);
+            self.slot.leave(packed, parts);
             return Ok(q.state);
         }
         let w = &self.weight;
@@ -505,13 +571,15 @@ impl Joint for Requant4 {
     }
 
     fn compute(&self, main: &mut [u8]) -> Result<Vec<Vec<u8>>, CheckpointError> {
-        let q = self.quantize()?;
-        let name = &self.weight.name;
-        if q.packed.len() != main.len() || q.state != self.state {
-            let reason = "the re-quantized weight differs in size or state from the one planned";
-            return Err(compute_error(name, "re-quantizing", reason.into()));
+        let q = self.quantize_into(main)?;
+        if q.state != self.state {
+            let reason = "the re-quantized weight's state differs from the one planned";
+            return Err(compute_error(
+                &self.weight.name,
+                "re-quantizing",
+                reason.into(),
+            ));
         }
-        main.copy_from_slice(&q.packed);
         Ok(std::iter::once(q.absmax).chain(q.nested_absmax).collect())
     }
 
@@ -544,5 +612,82 @@ mod tests {
             _ => Ok(()),
         });
         assert_eq!(failed, Err(5));
+    }
+}
+
+#[cfg(test)]
+mod band_tests {
+    use std::path::Path;
+
+    use peftkit_checkpoint::nonfinite;
+
+    use super::*;
+    use crate::quant::bnb::banded::tests::{lora_step, refused};
+
+    fn fixture(case: &str) -> Checkpoint {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/bnb");
+        Checkpoint::open(&root.join(case).join("base4")).unwrap()
+    }
+
+    /// `w` of `base` merged (`merged`, its `f32` bytes), re-quantized by bands of `band` rows
+    /// or (`None`) from the merged bytes.
+    fn requant(w: &Weight4, base: &Checkpoint, merged: &[u8], bands: Option<Bands>) -> Requant4 {
+        let shape = w.state.shape.clone();
+        Requant4 {
+            weight: w.clone(),
+            base: base.get(&w.name).unwrap().clone(),
+            merged: Tensor::from_bytes(Dtype::F32, shape, merged.to_vec()).unwrap(),
+            bands,
+            dtype: Dtype::F32,
+            threads: 1,
+            state: vec![],
+            slot: JointSlot::new(Arc::default()),
+        }
+    }
+
+    type Output = (Vec<u8>, Vec<u8>, Option<Vec<u8>>, Vec<u8>);
+
+    fn run(r: &Requant4) -> Result<Output, CheckpointError> {
+        let mut packed = vec![0u8; r.packed_len()];
+        let s = r.quantize_into(&mut packed)?;
+        Ok((packed, s.absmax, s.nested_absmax, s.state))
+    }
+
+    /// Every weight of the 4-bit fixtures (FP4 in float16, NF4 with double quantization in
+    /// bfloat16), merged and re-quantized by bands of 1, 3 and 7 rows (the last band short),
+    /// gives the bytes of the whole weight dequantized, merged and re-quantized; and a merge
+    /// that makes values infinite is refused with the whole weight's count and first index.
+    #[test]
+    fn a_weight_requantized_by_bands_is_the_weight_requantized_whole() {
+        let opts = MergeOptions::default();
+        for case in ["fp4_f16", "nf4_nested_bf16"] {
+            let base = fixture(case);
+            let weights = Weight4::find_all(&base).ok().unwrap();
+            let view = dequantized(&base, &weights, true).unwrap();
+            for w in &weights {
+                let shape = w.state.shape.clone();
+                for blow_up in [false, true] {
+                    let step = lora_step(shape[0], shape[1], blow_up);
+                    let mut merged = view.get(&w.name).unwrap().bytes().unwrap().into_owned();
+                    step.apply(&w.name, Dtype::F32, &shape, &mut merged, &opts, None)
+                        .unwrap();
+                    let whole = run(&requant(w, &base, &merged, None)).unwrap();
+                    let stored = base.get(&w.name).unwrap().bytes().unwrap().into_owned();
+                    assert!(whole.0 != stored, "{case} {}: the step moves it", w.name);
+                    let expected = nonfinite(Dtype::F32, &merged);
+                    assert_eq!(expected.is_some(), blow_up);
+                    for rows in [1, 3, 7] {
+                        let steps = [step.clone()];
+                        let bands = Bands::of((&w.name, &shape), Some(rows), &steps, (&opts, true));
+                        let r = requant(w, &base, &merged, bands.unwrap());
+                        assert!(r.bands.is_some());
+                        match expected {
+                            None => assert!(run(&r).unwrap() == whole, "{case} {} {rows}", w.name),
+                            Some(e) => assert_eq!(refused(run(&r).unwrap_err()), e),
+                        }
+                    }
+                }
+            }
+        }
     }
 }

@@ -6,13 +6,17 @@
 //! code), with double quantization `W.nested_absmax` and `W.nested_quant_map`, and
 //! `W.quant_state.bitsandbytes__nf4|fp4` (the JSON of [`QuantState`]).
 
-use peftkit_checkpoint::{Checkpoint, CheckpointError, Dtype, Tensor};
+use std::borrow::Cow;
+use std::ops::Range;
+
+use peftkit_checkpoint::{buffers, Checkpoint, CheckpointError, Dtype, Tensor};
 
 use super::state::{torch_name, QuantState};
 use crate::edit::Requantizer;
 use crate::kernels::{
     bnb_dequantize_4bit, bnb_dequantize_4bit_into, bnb_dequantize_blockwise, bnb_quantize_4bit,
-    bnb_quantize_blockwise, decode_f32, encode_f32, round_slice_to, torch_mean_f32, Code4,
+    bnb_quantize_4bit_into, bnb_quantize_blockwise, decode_f32, encode_f32, round_slice_to,
+    torch_mean_f32, Code4,
 };
 
 /// The prefix of the quantization-state tensor's suffix; the 4-bit type follows it.
@@ -170,18 +174,33 @@ impl Weight4 {
         )?)
     }
 
-    /// The tensors bitsandbytes writes when it quantizes `values` (a merged weight of `dtype`,
-    /// widened to `f32`) with this weight's settings: peft's merge hands it `W + Δ` in `f32`
-    /// (a DoRA result in the dequantized dtype), which the stored dtype becomes. `threads` is
-    /// torch's thread count (for the nested mean).
-    pub fn requantize(
+    /// The packed bytes bitsandbytes writes when it quantizes `values` (a merged weight of
+    /// `dtype`, widened to `f32`) with this weight's settings, into `packed`, and the tensors
+    /// stored beside them: peft's merge hands it `W + Δ` in `f32` (a DoRA result in the
+    /// dequantized dtype), which the stored dtype becomes. `threads` is torch's thread count
+    /// (for the nested mean).
+    pub fn requantize_into(
         &self,
         values: &[f32],
+        (dtype, threads): (Dtype, usize),
+        packed: &mut [u8],
+    ) -> Result<Scales4, Box<dyn std::error::Error + Send + Sync>> {
+        let code = self.code()?;
+        let mut absmax = vec![0f32; values.len().div_ceil(self.state.blocksize.max(1))];
+        bnb_quantize_4bit_into(values, self.state.blocksize, &code, packed, &mut absmax)?;
+        self.scales(absmax, dtype, threads)
+    }
+
+    /// The tensors stored beside the packed bytes of this weight re-quantized to `dtype`, from
+    /// its new block maxima: `absmax` as they are or, with double quantization, as 8-bit codes
+    /// of their difference from their torch mean (`threads`: torch's thread count), with
+    /// `nested_absmax`; and the quantization state.
+    pub fn scales(
+        &self,
+        absmax: Vec<f32>,
         dtype: Dtype,
         threads: usize,
-    ) -> Result<Requantized, Box<dyn std::error::Error + Send + Sync>> {
-        let code = self.code()?;
-        let (packed, absmax) = bnb_quantize_4bit(values, self.state.blocksize, &code);
+    ) -> Result<Scales4, Box<dyn std::error::Error + Send + Sync>> {
         let (absmax, nested_absmax, offset) =
             match (self.nested_code()?, self.state.nested_blocksize) {
                 (Some(nested_code), Some(bs)) => {
@@ -193,11 +212,39 @@ impl Weight4 {
                 }
                 _ => (encode_f32("absmax", Dtype::F32, &absmax)?, None, None),
             };
-        Ok(Requantized {
-            packed,
+        Ok(Scales4 {
             absmax,
             nested_absmax,
             state: self.requantized_state(dtype, offset)?,
+        })
+    }
+
+    /// Rows per band of about `bytes` of `f32` values, if this weight can be merged band by
+    /// band ([`Stored4`]): 2-D, each row whole blocks of an even size. Then every one of
+    /// bitsandbytes' dequantization kernels reads a band's scales at the band's own blocks (the
+    /// per-row AVX-512 kernel included), and a band quantizes to its own bytes and blocks.
+    pub fn band_rows(&self, bytes: usize) -> Option<usize> {
+        let (&[_, cols], bs) = (self.state.shape.as_slice(), self.state.blocksize) else {
+            return None;
+        };
+        let whole_blocks = bs > 0 && bs % 2 == 0 && cols > 0 && cols % bs == 0;
+        whole_blocks.then(|| (bytes / (cols * 4)).max(1))
+    }
+
+    /// The stored codes and scales, read once for [`Stored4::dequantize_rows`]. `avx512`: the
+    /// dequantizer's host rule.
+    pub fn stored(
+        &self,
+        avx512: bool,
+    ) -> Result<Stored4<'_>, Box<dyn std::error::Error + Send + Sync>> {
+        let cols = self.state.shape.last().copied().unwrap_or(1).max(1);
+        Ok(Stored4 {
+            packed: self.packed.bytes()?,
+            absmax: self.absmax()?,
+            code: self.code()?,
+            blocksize: self.state.blocksize,
+            cols,
+            avx512,
         })
     }
 
@@ -237,7 +284,8 @@ impl Weight4 {
         settings.run(values, &self.state.shape, threads, avx512)
     }
 
-    /// The name, dtype and shape of each tensor [`Requantized`] holds, and which part it is.
+    /// The name of each tensor a re-quantization writes (the packed weight, [`Scales4`]), and
+    /// which part it is.
     pub fn requantized_parts(&self) -> Vec<(String, Part)> {
         let mut parts = vec![
             (self.name.clone(), Part::Packed),
@@ -329,12 +377,54 @@ impl Requantizer for Requantize4 {
     }
 }
 
-/// The tensors of a re-quantized weight, as bytes.
-pub(crate) struct Requantized {
-    pub packed: Vec<u8>,
+/// The tensors stored beside a re-quantized weight's packed bytes, as bytes.
+pub(crate) struct Scales4 {
     pub absmax: Vec<u8>,
     pub nested_absmax: Option<Vec<u8>>,
     pub state: Vec<u8>,
+}
+
+/// A 4-bit weight's stored codes and block scales (double quantization undone), read once and
+/// dequantized a band of rows at a time (see [`Weight4::band_rows`]).
+pub(crate) struct Stored4<'a> {
+    packed: Cow<'a, [u8]>,
+    absmax: Vec<f32>,
+    pub code: Code4,
+    pub blocksize: usize,
+    cols: usize,
+    avx512: bool,
+}
+
+impl Stored4<'_> {
+    /// `dequantize_4bit` of rows `rows` into `out` (their values, before the rounding to the
+    /// weight's dtype): for a weight of [`Weight4::band_rows`], the values the whole weight's
+    /// dequantization gives there.
+    pub fn dequantize_rows(
+        &self,
+        rows: Range<usize>,
+        out: &mut [f32],
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let (start, end) = (rows.start * self.cols, rows.end * self.cols);
+        let bs = self.blocksize.max(1);
+        let packed = self.packed.get(start / 2..end.div_ceil(2));
+        let absmax = self.absmax.get(start / bs..end.div_ceil(bs));
+        let (Some(packed), Some(absmax)) = (packed, absmax) else {
+            return Err(format!("rows {rows:?} lie past the stored weight").into());
+        };
+        let geometry = (self.blocksize, &[rows.len(), self.cols][..], self.avx512);
+        Ok(bnb_dequantize_4bit_into(
+            packed, absmax, &self.code, geometry, out,
+        )?)
+    }
+}
+
+/// The packed bytes go back to the pool for the next weight.
+impl Drop for Stored4<'_> {
+    fn drop(&mut self) {
+        if let Cow::Owned(buf) = std::mem::take(&mut self.packed) {
+            buffers::give(buf);
+        }
+    }
 }
 
 /// One tensor of a re-quantized weight.

@@ -6,6 +6,8 @@
 //! `<m>.SCB` (F32 `(rows)`, each row's absmax) and `<m>.weight_format` (U8 scalar, `0`: row-major,
 //! the only layout bitsandbytes still loads).
 
+use std::borrow::Cow;
+
 use peftkit_checkpoint::{Checkpoint, Dtype, Tensor};
 
 use super::weight::PartError;
@@ -131,6 +133,20 @@ impl Weight8 {
     /// The stored row scales.
     pub fn scb(&self) -> Result<Vec<f32>, BoxError> {
         Ok(decode_f32("SCB", Dtype::F32, &self.scb.bytes()?)?)
+    }
+
+    /// The stored codes' bytes.
+    pub fn codes(&self) -> Result<Cow<'_, [u8]>, BoxError> {
+        Ok(self.weight.bytes()?)
+    }
+
+    /// Rows per band of about `bytes` of `f32` values, if this weight can be merged band by
+    /// band (see `banded`): 2-D, whose rows are quantized each on its own.
+    pub fn band_rows(&self, bytes: usize) -> Option<usize> {
+        let &[_, cols] = self.shape() else {
+            return None;
+        };
+        (cols > 0).then(|| (bytes / (cols * 4)).max(1))
     }
 
     /// `int8_vectorwise_dequant`: the weight's values as `f32`, into `out` (which holds exactly
