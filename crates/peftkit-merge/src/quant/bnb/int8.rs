@@ -25,7 +25,8 @@ use super::BnbError;
 use crate::edit::{Edit, LoraKind, Step};
 use crate::error::MergeError;
 use crate::kernels::{
-    bnb_int8_dequantize_bytes_into, bnb_int8_quantize_rows_into, round_slice_to, MergeOptions,
+    bnb_int8_dequantize_bytes_into, bnb_int8_quantize_rows_into, nan_max, round_slice_to,
+    MergeOptions,
 };
 use crate::plan::MergePlan;
 use crate::quant::joint::{main_tensor, part_tensor, Joint, JointSlot, KeepBudget};
@@ -320,10 +321,13 @@ impl Requant8 {
             .chunks_mut(bands.rows * cols)
             .zip(scb.chunks_mut(bands.rows));
         let dequantize = |r: BandRows, values: &mut [f32]| {
-            let (codes, scales) = (&base[r.start * cols..r.end * cols], &base_scb[r.clone()]);
-            bnb_int8_dequantize_bytes_into(codes, scales, &[r.len(), cols], values).map_err(|e| {
-                compute_error(&w.name, "dequantizing a bitsandbytes int8 weight", e.into())
-            })
+            let err = |e| compute_error(&w.name, "dequantizing a bitsandbytes int8 weight", e);
+            let codes = base.get(r.start * cols..r.end * cols);
+            let (Some(codes), Some(scales)) = (codes, base_scb.get(r.clone())) else {
+                return Err(err(format!("rows {r:?} lie past the stored weight").into()));
+            };
+            bnb_int8_dequantize_bytes_into(codes, scales, &[r.len(), cols], values)
+                .map_err(|e| err(e.into()))
         };
         let quantize = |values: &[f32], out: (&mut [i8], &mut [f32])| {
             bnb_int8_quantize_rows_into(values, cols, out).map_err(|e| err(e.into()))
@@ -338,12 +342,7 @@ impl Requant8 {
             buffers::give(buf);
         }
         // A maximum does not depend on the order; NaN wins, as in the whole weight's.
-        let error = errors
-            .into_iter()
-            .fold(0f64, |m, e| match m.is_nan() || e.is_nan() {
-                true => f64::NAN,
-                false => m.max(e),
-            });
+        let error = errors.into_iter().fold(0f64, nan_max);
         Ok((scb, error))
     }
 }
