@@ -16,11 +16,16 @@ use rayon::prelude::*;
 use super::view::with_values;
 use crate::edit::{RowBanded, Step};
 use crate::error::NonFiniteResult;
-use crate::kernels::{FiniteProbe, MergeOptions};
+use crate::kernels::{encode_f32_into, FiniteProbe, MergeMathError, MergeOptions};
 
 /// About this many bytes of `f32` values per band: with its codes it stays in a core's L2
 /// (1 MiB on AMD Zen 4, 2 MiB on Intel Sapphire Rapids).
-pub(super) const BAND_BYTES: usize = 512 << 10;
+const BAND_BYTES: usize = 512 << 10;
+
+/// Rows per band of a weight of `cols` columns: about [`BAND_BYTES`] of `f32` values.
+pub(super) fn rows_per_band(cols: usize) -> usize {
+    (BAND_BYTES / (cols * 4).max(1)).max(1)
+}
 
 /// The plan's steps on one quantized weight, as steps on bands of its rows.
 pub(super) struct Bands {
@@ -38,6 +43,13 @@ pub(super) type BandRows = Range<usize>;
 /// Fills a band's `f32` values as the dequantized view holds them.
 pub(super) type Dequantize<'a> =
     dyn Fn(BandRows, &mut [f32]) -> Result<(), CheckpointError> + Sync + 'a;
+
+/// A quantized weight whose rows can be dequantized a band at a time: 4-bit or int8.
+pub(super) trait BandSource: Send + Sync {
+    /// The weight's stored tensors read once, as a [`Dequantize`] of its rows rounded to
+    /// `dtype` (the dequantized view's values).
+    fn rows_in(&self, dtype: Dtype) -> Result<Box<Dequantize<'_>>, CheckpointError>;
+}
 
 /// Quantizes a merged band into its piece of the output.
 pub(super) type Quantize<'a, O, R> = dyn Fn(&[f32], O) -> Result<R, CheckpointError> + Sync + 'a;
@@ -88,42 +100,100 @@ impl Bands {
                 let rows = i * self.rows..((i + 1) * self.rows).min(total);
                 with_values(|buf| {
                     let values = band_of(buf, rows.len() * cols);
-                    let found = self.band((name, cols), rows, values, dequantize)?;
+                    let band = Band {
+                        at: (name, cols, rows),
+                        values,
+                        out: None,
+                    };
+                    let found = self.merge(band, dequantize)?;
                     Ok((found, quantize(values, out)?))
                 })
             })
             .collect::<Result<Vec<(NonFinite, R)>, CheckpointError>>()?;
         let (found, results): (Vec<NonFinite>, Vec<R>) = found.into_iter().unzip();
-        if self.check {
-            check_bands(name, &found)?;
-        }
+        self.check(name, &found)?;
         Ok(results)
     }
 
-    /// One band, rows `rows`: dequantized into `values` and merged; returns what it holds
-    /// that is not finite.
-    fn band(
+    /// Rows `rows` of the weight `name` (`cols` columns) merged in `dtype` in `out`, their
+    /// bytes in the output (the dequantized view's dtype): dequantized into this thread's `f32`
+    /// buffer, encoded into `out`, merged there. Returns what [`Bands::check`] takes.
+    pub fn merge_into(
         &self,
-        (name, cols): (&str, usize),
-        rows: BandRows,
-        values: &mut [f32],
+        (name, cols, rows): (&str, usize, BandRows),
+        (dtype, out): (Dtype, &mut [u8]),
         dequantize: &Dequantize<'_>,
     ) -> Result<NonFinite, CheckpointError> {
+        with_values(|buf| {
+            let values = band_of(buf, rows.len() * cols);
+            let band = Band {
+                at: (name, cols, rows),
+                values,
+                out: Some((dtype, out)),
+            };
+            self.merge(band, dequantize)
+        })
+    }
+
+    /// The whole-weight merge's check over the bands of weight `name` (when checked): more NaN
+    /// or infinite values after the merge than the base held is refused, naming the first.
+    pub fn check(&self, name: &str, bands: &[NonFinite]) -> Result<(), CheckpointError> {
+        match self.check {
+            true => check_bands(name, bands),
+            false => Ok(()),
+        }
+    }
+
+    /// One band: dequantized, encoded where it is merged, and merged; returns what it holds
+    /// that is not finite.
+    fn merge(
+        &self,
+        band: Band<'_, '_>,
+        dequantize: &Dequantize<'_>,
+    ) -> Result<NonFinite, CheckpointError> {
+        let Band {
+            at: (name, cols, rows),
+            values,
+            out,
+        } = band;
         dequantize(rows.clone(), values)?;
+        let (dtype, bytes) = match out {
+            Some((dtype, out)) => {
+                encode_f32_into("dequantized weight", dtype, values, out)
+                    .map_err(|e| encode_error(name, e))?;
+                (dtype, out)
+            }
+            None => (Dtype::F32, bytemuck::cast_slice_mut(values)),
+        };
         let probe = FiniteProbe::default();
         for step in &self.steps {
             probe.reset();
             let probe = self.check.then_some(&probe);
-            let bytes = bytemuck::cast_slice_mut(&mut *values);
-            step.apply(name, Dtype::F32, (rows.clone(), cols), bytes, probe)?;
+            step.apply(name, dtype, (rows.clone(), cols), bytes, probe)?;
         }
         // A NaN or infinity of the base stays one after a finite delta is added, so a band
         // whose merged values are all finite held none: only other bands need counting.
-        let found = match self.check && !probe.all_finite() {
-            true => NonFinite::of((rows, cols), values, dequantize)?,
-            false => NonFinite::default(),
-        };
-        Ok(found)
+        match self.check && !probe.all_finite() {
+            true => NonFinite::of((rows, cols), (dtype, bytes), dequantize),
+            false => Ok(NonFinite::default()),
+        }
+    }
+}
+
+/// One band of [`Bands::merge`]: the weight's name and columns and the band's rows; the
+/// thread's `f32` buffer for its values; where it is merged when not in that buffer (the
+/// view's dtype and the band's bytes in the output).
+struct Band<'v, 'o> {
+    at: (&'v str, usize, BandRows),
+    values: &'v mut [f32],
+    out: Option<(Dtype, &'o mut [u8])>,
+}
+
+fn encode_error(name: &str, e: MergeMathError) -> CheckpointError {
+    CheckpointError::TensorCompute {
+        tensor: name.to_owned(),
+        context: "encoding a dequantized band".into(),
+        source: Box::new(e),
     }
 }
 
@@ -138,7 +208,7 @@ fn band_of(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
 
 /// The NaN and infinite values of one merged band, and of the same rows of the base.
 #[derive(Default)]
-struct NonFinite {
+pub(super) struct NonFinite {
     /// In the merged band.
     after: usize,
     /// Flat index (in the weight) of the merged band's first.
@@ -148,17 +218,18 @@ struct NonFinite {
 }
 
 impl NonFinite {
-    /// What the merged `values` of rows `rows` hold; the base's rows are dequantized again
-    /// only when the band holds any (they rarely do).
+    /// What the merged `bytes` (of `dtype`) of rows `rows` hold; the base's rows are
+    /// dequantized again only when the band holds any (they rarely do). The dequantized values
+    /// are already rounded to the view's dtype, so they are finite where its bytes are.
     fn of(
         (rows, cols): (BandRows, usize),
-        values: &[f32],
+        (dtype, bytes): (Dtype, &[u8]),
         dequantize: &Dequantize<'_>,
     ) -> Result<Self, CheckpointError> {
-        let Some((after, first)) = nonfinite(Dtype::F32, bytemuck::cast_slice(values)) else {
+        let Some((after, first)) = nonfinite(dtype, bytes) else {
             return Ok(NonFinite::default());
         };
-        let mut base = vec![0f32; values.len()];
+        let mut base = vec![0f32; rows.len() * cols];
         let at = rows.start * cols;
         dequantize(rows, &mut base)?;
         let held = nonfinite(Dtype::F32, bytemuck::cast_slice(&base)).map_or(0, |(n, _)| n);
@@ -170,8 +241,7 @@ impl NonFinite {
     }
 }
 
-/// The whole-weight merge's check over the bands of weight `name`: more NaN or infinite values
-/// after the merge than the base held is refused, naming the first.
+/// [`Bands::check`].
 fn check_bands(name: &str, bands: &[NonFinite]) -> Result<(), CheckpointError> {
     let after: usize = bands.iter().map(|b| b.after).sum();
     let held: usize = bands.iter().map(|b| b.held).sum();

@@ -12,22 +12,19 @@
 //!   dequantization rounded to config.json's `dtype`) then peft's plain merge;
 //!   `quantization_config`, `SCB` and `weight_format` are dropped and the output planned anew.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
-use peftkit_checkpoint::{buffers, Checkpoint, CheckpointError, Dtype, StateDict, Tensor};
+use peftkit_checkpoint::{Checkpoint, CheckpointError, Dtype, StateDict, Tensor};
 
-use super::banded::{BandRows, Bands, BAND_BYTES};
+use super::banded::{BandSource, Bands};
+use super::streamed::stream_dequantized;
 use super::view::{compute_error, dequantized_bytes, with_merged_values};
 use super::weight8::{Requantize8, Weight8};
 use super::BnbError;
 use crate::edit::{Edit, LoraKind, Step};
 use crate::error::MergeError;
-use crate::kernels::{
-    bnb_int8_dequantize_bytes_into, bnb_int8_quantize_rows_into, nan_max, round_slice_to,
-    MergeOptions,
-};
+use crate::kernels::{bnb_int8_quantize_rows_into, nan_max, round_slice_to, MergeOptions};
 use crate::plan::MergePlan;
 use crate::quant::joint::{main_tensor, part_tensor, Joint, JointSlot, KeepBudget};
 use crate::report::{QuantizationReport, RequantizedTensor};
@@ -141,15 +138,20 @@ impl Int8Merge {
     /// is written after the rest of the file), `weight_format` and every untouched weight's
     /// tensors as stored. With `--dequantize`, `state` as it is.
     /// A weight whose steps allow it is computed band by band (see `banded`, with the
-    /// merge's kernel `opts`), the others from the merged view.
+    /// merge's kernel `opts` and non-finite `check`), the others from the merged view; with
+    /// `--dequantize` such a weight is streamed band by band (`streamed`).
     pub fn finish(
         &self,
         state: StateDict,
         (base, plan): (&Checkpoint, &MergePlan),
-        opts: &MergeOptions,
+        (opts, check): (&MergeOptions, bool),
     ) -> Result<StateDict, MergeError> {
         if self.dequantizes() {
-            return Ok(state);
+            let weights = self.weights.iter().map(|w| {
+                let (shape, rows) = (w.shape().to_vec(), w.band_rows());
+                (w.name.clone(), shape, rows, w.clone())
+            });
+            return Ok(stream_dequantized(state, weights, plan, (opts, check))?);
         }
         let by_name: HashMap<&str, &Weight8> =
             self.weights.iter().map(|w| (w.name.as_str(), w)).collect();
@@ -174,9 +176,9 @@ impl Int8Merge {
             }
             let bands = Bands::of(
                 (&name, w.shape()),
-                w.band_rows(BAND_BYTES),
+                w.band_rows(),
                 &plan.steps[&name],
-                (opts, !self.allow_nonfinite),
+                (opts, check),
             )?;
             let requant = Arc::new(Requant8 {
                 weight: (*w).clone(),
@@ -315,32 +317,15 @@ impl Requant8 {
         if codes.len() != rows * cols {
             return Err(err("the codes differ in size from the weight's".into()));
         }
-        let (base, base_scb) = (w.codes().map_err(err)?, w.scb().map_err(err)?);
         let mut scb = vec![0f32; rows];
         let outs = codes
             .chunks_mut(bands.rows * cols)
             .zip(scb.chunks_mut(bands.rows));
-        let dequantize = |r: BandRows, values: &mut [f32]| {
-            let err = |e| compute_error(&w.name, "dequantizing a bitsandbytes int8 weight", e);
-            let codes = base.get(r.start * cols..r.end * cols);
-            let (Some(codes), Some(scales)) = (codes, base_scb.get(r.clone())) else {
-                return Err(err(format!("rows {r:?} lie past the stored weight").into()));
-            };
-            bnb_int8_dequantize_bytes_into(codes, scales, &[r.len(), cols], values)
-                .map_err(|e| err(e.into()))
-        };
         let quantize = |values: &[f32], out: (&mut [i8], &mut [f32])| {
             bnb_int8_quantize_rows_into(values, cols, out).map_err(|e| err(e.into()))
         };
-        let errors = bands.run(
-            (&w.name, rows, cols),
-            outs.collect(),
-            &dequantize,
-            &quantize,
-        )?;
-        if let Cow::Owned(buf) = base {
-            buffers::give(buf);
-        }
+        let read = w.rows_in(Dtype::F32)?;
+        let errors = bands.run((&w.name, rows, cols), outs.collect(), &*read, &quantize)?;
         // A maximum does not depend on the order; NaN wins, as in the whole weight's.
         let error = errors.into_iter().fold(0f64, nan_max);
         Ok((scb, error))

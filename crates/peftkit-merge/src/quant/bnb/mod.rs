@@ -24,6 +24,7 @@ mod banded;
 mod codes;
 mod int8;
 mod state;
+mod streamed;
 mod view;
 mod weight;
 mod weight8;
@@ -256,7 +257,19 @@ impl BnbMerge {
                 let settings = (Arc::new(budget), opts, check);
                 view::requantized(state, base, w, plan, settings)
             }
-            BnbMerge::Int8(m) => m.finish(state, (base, plan), opts),
+            BnbMerge::Dequantize(w) => {
+                let weights = w.iter().map(|w| {
+                    let (shape, rows) = (w.state.shape.clone(), w.band_rows());
+                    (w.name.clone(), shape, rows, w.clone())
+                });
+                Ok(streamed::stream_dequantized(
+                    state,
+                    weights,
+                    plan,
+                    (opts, check),
+                )?)
+            }
+            BnbMerge::Int8(m) => m.finish(state, (base, plan), (opts, check)),
             _ => Ok(state),
         }
     }

@@ -12,7 +12,7 @@ use peftkit_checkpoint::{
     buffers, save_workers, Checkpoint, CheckpointError, Dtype, StateDict, Tensor,
 };
 
-use super::banded::{Bands, BAND_BYTES};
+use super::banded::{BandSource, Bands};
 use super::codes;
 use super::weight::{Part, Requantize4, RoundTrip4, Scales4, Weight4};
 use super::{host_avx512, torch_threads, BnbError, QloraBase};
@@ -350,7 +350,7 @@ pub(super) fn requantized(
             merged: tensor,
             bands: Bands::of(
                 (&w.name, &w.state.shape),
-                w.band_rows(BAND_BYTES),
+                w.band_rows(),
                 steps,
                 (opts, check),
             )?,
@@ -501,36 +501,24 @@ impl Requant4 {
     ) -> Result<Vec<f32>, CheckpointError> {
         let w = &self.weight;
         let err = |e| compute_error(&w.name, "re-quantizing a merged 4-bit weight", e);
-        let stored = w.stored(host_avx512()).map_err(err)?;
-        let (rows, cols, bs) = (w.state.shape[0], w.state.shape[1], stored.blocksize);
+        let (rows, cols, bs) = (w.state.shape[0], w.state.shape[1], w.state.blocksize);
         if packed.len() != (rows * cols).div_ceil(2) {
             return Err(err(
                 "the packed output differs in size from the weight's".into()
             ));
         }
+        let code = w.code().map_err(err)?;
         let mut absmax = vec![0f32; (rows * cols).div_ceil(bs)];
         // Rows are whole blocks of an even size (`Weight4::band_rows`): a band's codes and
         // block maxima are whole pieces of the weight's.
         let per = bands.rows * cols;
         let outs = packed.chunks_mut(per / 2).zip(absmax.chunks_mut(per / bs));
-        let dequantize = |rows, values: &mut [f32]| {
-            let dequantize = || {
-                stored.dequantize_rows(rows, values)?;
-                Ok(round_slice_to(w.dtype(), values)?)
-            };
-            dequantize()
-                .map_err(|e| compute_error(&w.name, "dequantizing a bitsandbytes 4-bit weight", e))
-        };
         let quantize = |values: &[f32], (p, a): (&mut [u8], &mut [f32])| {
-            quantize_4bit_chunk(values, bs, &stored.code, p, a);
+            quantize_4bit_chunk(values, bs, &code, p, a);
             Ok(())
         };
-        bands.run(
-            (&w.name, rows, cols),
-            outs.collect(),
-            &dequantize,
-            &quantize,
-        )?;
+        let read = w.rows_in(w.dtype())?;
+        bands.run((&w.name, rows, cols), outs.collect(), &*read, &quantize)?;
         Ok(absmax)
     }
 

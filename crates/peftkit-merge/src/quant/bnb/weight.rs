@@ -11,7 +11,10 @@ use std::ops::Range;
 
 use peftkit_checkpoint::{buffers, Checkpoint, CheckpointError, Dtype, Tensor};
 
+use super::banded::{rows_per_band, BandSource, Dequantize};
+use super::host_avx512;
 use super::state::{torch_name, QuantState};
+use super::view::compute_error;
 use crate::edit::Requantizer;
 use crate::kernels::{
     bnb_dequantize_4bit, bnb_dequantize_4bit_into, bnb_dequantize_blockwise, bnb_quantize_4bit,
@@ -219,16 +222,16 @@ impl Weight4 {
         })
     }
 
-    /// Rows per band of about `bytes` of `f32` values, if this weight can be merged band by
-    /// band ([`Stored4`]): 2-D, each row whole blocks of an even size. Then every one of
+    /// Rows per band ([`rows_per_band`]), if this weight can be merged band by band
+    /// ([`Stored4`]): 2-D, each row whole blocks of an even size. Then every one of
     /// bitsandbytes' dequantization kernels reads a band's scales at the band's own blocks (the
     /// per-row AVX-512 kernel included), and a band quantizes to its own bytes and blocks.
-    pub fn band_rows(&self, bytes: usize) -> Option<usize> {
+    pub fn band_rows(&self) -> Option<usize> {
         let (&[_, cols], bs) = (self.state.shape.as_slice(), self.state.blocksize) else {
             return None;
         };
         let whole_blocks = bs > 0 && bs % 2 == 0 && cols > 0 && cols % bs == 0;
-        whole_blocks.then(|| (bytes / (cols * 4)).max(1))
+        whole_blocks.then(|| rows_per_band(cols))
     }
 
     /// The stored codes and scales, read once for [`Stored4::dequantize_rows`]. `avx512`: the
@@ -415,6 +418,18 @@ impl Stored4<'_> {
         Ok(bnb_dequantize_4bit_into(
             packed, absmax, &self.code, geometry, out,
         )?)
+    }
+}
+
+/// Bands of rows as the dequantized view holds them: dequantized, rounded to its dtype.
+impl BandSource for Weight4 {
+    fn rows_in(&self, dtype: Dtype) -> Result<Box<Dequantize<'_>>, CheckpointError> {
+        let err = |e| compute_error(&self.name, "dequantizing a bitsandbytes 4-bit weight", e);
+        let stored = self.stored(host_avx512()).map_err(err)?;
+        Ok(Box::new(move |rows, values: &mut [f32]| {
+            stored.dequantize_rows(rows, values).map_err(err)?;
+            round_slice_to(dtype, values).map_err(|e| err(e.into()))
+        }))
     }
 }
 

@@ -8,14 +8,16 @@
 
 use std::borrow::Cow;
 
-use peftkit_checkpoint::{Checkpoint, Dtype, Tensor};
+use peftkit_checkpoint::{Checkpoint, CheckpointError, Dtype, Tensor};
 
+use super::banded::{rows_per_band, BandRows, BandSource, Dequantize};
+use super::view::compute_error;
 use super::weight::PartError;
 use crate::edit::Requantizer;
 use crate::kernels::bnb_int8::bnb_int8_quantize_with_error;
 use crate::kernels::{
     bnb_int8_dequantize, bnb_int8_dequantize_bytes_into, bnb_int8_quantize, decode_f32,
-    Int8Quantized,
+    round_slice_to, Int8Quantized,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -140,13 +142,13 @@ impl Weight8 {
         Ok(self.weight.bytes()?)
     }
 
-    /// Rows per band of about `bytes` of `f32` values, if this weight can be merged band by
-    /// band (see `banded`): 2-D, whose rows are quantized each on its own.
-    pub fn band_rows(&self, bytes: usize) -> Option<usize> {
+    /// Rows per band ([`rows_per_band`]), if this weight can be merged band by band (see
+    /// `banded`): 2-D, whose rows are quantized each on its own.
+    pub fn band_rows(&self) -> Option<usize> {
         let &[_, cols] = self.shape() else {
             return None;
         };
-        (cols > 0).then(|| (bytes / (cols * 4)).max(1))
+        (cols > 0).then(|| rows_per_band(cols))
     }
 
     /// `int8_vectorwise_dequant`: the weight's values as `f32`, into `out` (which holds exactly
@@ -169,6 +171,24 @@ impl Weight8 {
     /// [`Weight8::requantize`] and its error `max |dequantize(requantized) - values|`.
     pub fn requantize_with_error(&self, values: &[f32]) -> Result<(Int8Quantized, f64), BoxError> {
         Ok(bnb_int8_quantize_with_error(values, self.shape())?)
+    }
+}
+
+/// Bands of rows as the dequantized view holds them: dequantized, rounded to its dtype.
+impl BandSource for Weight8 {
+    fn rows_in(&self, dtype: Dtype) -> Result<Box<Dequantize<'_>>, CheckpointError> {
+        let err = |e| compute_error(&self.name, "dequantizing a bitsandbytes int8 weight", e);
+        let (codes, scb) = (self.codes().map_err(err)?, self.scb().map_err(err)?);
+        let cols = self.shape().last().copied().unwrap_or(1);
+        Ok(Box::new(move |r: BandRows, values: &mut [f32]| {
+            let codes = codes.get(r.start * cols..r.end * cols);
+            let (Some(codes), Some(scales)) = (codes, scb.get(r.clone())) else {
+                return Err(err(format!("rows {r:?} lie past the stored weight").into()));
+            };
+            bnb_int8_dequantize_bytes_into(codes, scales, &[r.len(), cols], values)
+                .map_err(|e| err(e.into()))?;
+            round_slice_to(dtype, values).map_err(|e| err(e.into()))
+        }))
     }
 }
 
