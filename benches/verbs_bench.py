@@ -23,9 +23,11 @@ Cases (inputs are built once in `--work`, default /tmp/peftkit-bench, and reused
 * `merge-fp8`, `merge-fp8-dequantize`: `peftkit merge` into the 0.97 GB FP8 block-scaled Llama
   of benches/fp8_merge_bench.py (its builder, with transformers' own FP8 quantizer and peft),
   FP8 kept and with `--dequantize` (bf16 out: the projections take twice the bytes);
-* `merge-nf4`, `merge-int8`: `peftkit merge` (format kept) into the 1 GB Llama quantized by
+* `merge-nf4`, `merge-int8`, `merge-nf4-dequantize`: `peftkit merge` (format kept, and NF4 with
+  `--dequantize`: bf16 out, the 1 GB model's bytes) into the 1 GB Llama quantized by
   transformers + bitsandbytes on the CPU, NF4 with double quantization (QLoRA's setting) and
-  int8, with its LoRA. No target: a bitsandbytes merge dequantizes each merged weight whole.
+  int8, with its LoRA. No target: each merged weight is dequantized (and, format kept,
+  quantized again) on the CPU, work `cp` does not do, and `--dequantize` writes more bytes.
 
 To add a verb: give `CASES` an entry with a data builder (a function of the work folder
 returning the input folder and any other paths) and a command builder
@@ -261,15 +263,22 @@ CASES = {
         arith=True,
         size="1gb",
     ),
-    # Kept-format merges into bitsandbytes bases: each merged weight is dequantized to `f32`
-    # whole (bitsandbytes quantizes whole weights), so they are reported with no target.
+    # Merges into bitsandbytes bases: each merged weight is dequantized (and, format kept,
+    # quantized again) on the CPU, so they are reported with no target.
     "merge-nf4": dict(data=lambda w, p: bnb_model(w, "nf4"), cmd=merge_cmd, no_fsync=True, size="1gb",
                       no_target=True),
     "merge-int8": dict(data=lambda w, p: bnb_model(w, "int8"), cmd=merge_cmd, no_fsync=True, size="1gb",
                        no_target=True),
+    "merge-nf4-dequantize": dict(
+        data=lambda w, p: bnb_model(w, "nf4"),
+        cmd=lambda p, i, o, s: merge_cmd(p, i, o, s) + ["--dequantize"],
+        no_fsync=True,
+        size="1gb",
+        no_target=True,
+    ),
 }
 QUICK = ["merge-1gb", "reshard", "remap-v5", "remap-original", "extract", "convert", "merge-fp8",
-         "merge-fp8-dequantize", "merge-nf4", "merge-int8"]
+         "merge-fp8-dequantize", "merge-nf4", "merge-int8", "merge-nf4-dequantize"]
 RSS_LIMIT_MIB = {"1gb": 64, "7b": 256}
 # The label of a contender run with PEFTKIT_WHOLE_DIRECT=1 (see `contenders`).
 WHOLE_DIRECT = "[whole direct]"
