@@ -49,11 +49,13 @@ mod torch_sum;
 
 pub(crate) use apply::{BaseSource, BlockIo, FiniteProbe};
 pub use apply::{BaseTensorMut, F32Tensor};
+pub(crate) use bnb::{
+    bnb_block_absmax, bnb_dequantize_4bit_into, bnb_quantize_4bit_into, quantize_4bit_chunk,
+};
 pub use bnb::{
     bnb_dequantize_4bit, bnb_dequantize_blockwise, bnb_quantize_4bit, bnb_quantize_blockwise,
     Bnb4Type, Code4,
 };
-pub(crate) use bnb::{bnb_dequantize_4bit_into, bnb_quantize_4bit_into, quantize_4bit_chunk};
 pub use bnb_int8::{bnb_int8_dequantize, bnb_int8_quantize, Int8Quantized};
 pub(crate) use bnb_int8::{bnb_int8_dequantize_bytes_into, bnb_int8_quantize_rows_into};
 pub use dora::{

@@ -322,6 +322,23 @@ fn quantize_4bit_chunks(
         .for_each(|((v, p), a)| quantize_4bit_chunk(v, blocksize, code, p, a));
 }
 
+/// The `absmax` [`bnb_quantize_4bit`] stores for each block of `values` into `out`, without
+/// the codes: a block's largest magnitude, a last partial block's clamped to `1e-38` (for a
+/// mean of the block maxima before any block is quantized).
+pub(crate) fn bnb_block_absmax(values: &[f32], blocksize: usize, out: &mut [f32]) -> Result<()> {
+    let blocksize = blocksize.max(1);
+    let blocks = values.len().div_ceil(blocksize);
+    check_len("absmax", out.len(), blocks, &[values.len()])?;
+    for (block, a) in values.chunks(blocksize).zip(out) {
+        let m = abs_max(block);
+        *a = match block.len() == blocksize {
+            true => m,
+            false => m.max(1e-38),
+        };
+    }
+    Ok(())
+}
+
 /// Values per parallel task of [`bnb_quantize_4bit`].
 const QUANTIZE_CHUNK: usize = 1 << 16;
 
@@ -521,6 +538,27 @@ mod tests {
             quantize_4bit_chunk(&values, bs, &code, &mut packed, &mut absmax);
             let got = bnb_quantize_4bit(&values, bs, &code);
             assert!(got == (packed, absmax), "{len} values, blocks of {bs}");
+        }
+    }
+
+    /// The block maxima alone are the quantizer's: full blocks, a partial last one (clamped),
+    /// an all-zero block and a NaN.
+    #[test]
+    fn block_maxima_alone_are_the_quantizer_s() {
+        let code = Code4::new(Bnb4Type::Nf4, std::array::from_fn(|i| i as f32 / 8.0 - 1.0));
+        for (len, bs) in [(64 * 5usize, 64usize), (64 * 3 + 17, 64), (40, 16)] {
+            let mut values: Vec<f32> = (0..len)
+                .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 37.0)
+                .collect();
+            values[..bs].iter_mut().for_each(|v| *v = 0.0);
+            values[bs + 3] = f32::NAN;
+            // A partial last block of zeros: the quantizer clamps its maximum.
+            values[len - len % bs..].iter_mut().for_each(|v| *v = 0.0);
+            let (_, want) = bnb_quantize_4bit(&values, bs, &code);
+            let mut got = vec![0.0; len.div_ceil(bs)];
+            bnb_block_absmax(&values, bs, &mut got).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{len} values, blocks of {bs}");
         }
     }
 

@@ -23,6 +23,7 @@
 mod banded;
 mod codes;
 mod int8;
+mod qlora;
 mod state;
 mod streamed;
 mod view;
@@ -270,6 +271,19 @@ impl BnbMerge {
                 )?)
             }
             BnbMerge::Int8(m) => m.finish(state, (base, plan), (opts, check)),
+            BnbMerge::Qlora(q) => {
+                let weights = view::round_trip_targets(plan).filter_map(|name| {
+                    let (rows, band) = qlora::QloraRows::new(name, base.get(name)?, *q)?;
+                    let shape = base.get(name)?.shape().to_vec();
+                    Some((name.clone(), shape, Some(band), rows))
+                });
+                Ok(streamed::stream_dequantized(
+                    state,
+                    weights,
+                    plan,
+                    (opts, check),
+                )?)
+            }
             _ => Ok(state),
         }
     }

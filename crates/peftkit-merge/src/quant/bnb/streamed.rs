@@ -217,6 +217,57 @@ mod tests {
         }
     }
 
+    /// The QLoRA round trip of every weight of the 4-bit fixtures' 16-bit base and of a
+    /// 1536 x 1024 bfloat16 weight (several chunks), NF4 and FP4, with and without double
+    /// quantization (whose block maxima are taken over the whole weight first).
+    #[test]
+    fn a_qlora_weight_streamed_is_the_weight_round_tripped_whole() {
+        use super::super::qlora::QloraRows;
+        use super::super::view::round_tripped;
+        use super::super::QloraBase;
+        use crate::kernels::Bnb4Type;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/bnb");
+        let fixture = Checkpoint::open(&root.join("nf4_nested_bf16/base16")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = StateDict::new();
+        let values: Vec<u8> = (0..1536 * 1024usize)
+            .flat_map(|i| {
+                half::bf16::from_f32(((i * 37 % 251) as f32 - 125.0) / 64.0).to_le_bytes()
+            })
+            .collect();
+        let t = Tensor::from_bytes(Dtype::BF16, vec![1536, 1024], values).unwrap();
+        state.insert("big.weight".into(), t);
+        save_pretrained(dir.path(), &state, &SaveOptions::default().durable(false)).unwrap();
+        let big = Checkpoint::open(dir.path()).unwrap();
+        for base in [&fixture, &big] {
+            let names: Vec<String> = base
+                .tensors()
+                .filter(|(n, t)| n.ends_with("proj.weight") || t.numel() == 1536 * 1024)
+                .map(|(n, _)| n.to_owned())
+                .collect();
+            let mut steps = indexmap::IndexMap::new();
+            for name in &names {
+                let shape = base.get(name).unwrap().shape();
+                steps.insert(name.clone(), vec![lora_step(shape[0], shape[1], false)]);
+            }
+            let plan = MergePlan {
+                steps,
+                added: indexmap::IndexMap::new(),
+                untie: false,
+            };
+            for kind in [Bnb4Type::Nf4, Bnb4Type::Fp4] {
+                for double_quant in [false, true] {
+                    let q = QloraBase { kind, double_quant };
+                    let view = round_tripped(base.clone(), &plan, q).unwrap();
+                    for name in &names {
+                        let (rows, _) = QloraRows::new(name, base.get(name).unwrap(), q).unwrap();
+                        check_streams(&view, name, &rows);
+                    }
+                }
+            }
+        }
+    }
+
     /// An int8 weight of 1536 x 1024 in bfloat16 (3 MiB): several chunks of output, through
     /// the page cache and around it.
     #[test]

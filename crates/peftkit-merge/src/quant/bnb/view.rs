@@ -28,7 +28,7 @@ use crate::quant::joint::{main_tensor, part_tensor, Joint, JointSlot, KeepBudget
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// transformers' `Params4bit` block size.
-const QLORA_BLOCKSIZE: usize = 64;
+pub(super) const QLORA_BLOCKSIZE: usize = 64;
 /// bitsandbytes' block size for the double-quantized scales.
 const QLORA_NESTED_BLOCKSIZE: usize = 256;
 
@@ -286,6 +286,14 @@ fn round_trip(
     avx512: bool,
     threads: usize,
 ) -> Result<Vec<f32>, BoxError> {
+    let dynamic = codes::values(&codes::DYNAMIC);
+    qlora_settings(q, &dynamic).run(values, shape, threads, avx512)
+}
+
+/// How transformers quantizes a weight for QLoRA with `q`: blocks of 64 in its 4-bit code
+/// and, with double quantization, block scales in `dynamic` (bitsandbytes' 8-bit dynamic code)
+/// in blocks of 256.
+pub(super) fn qlora_settings(q: QloraBase, dynamic: &[f32; 256]) -> RoundTrip4<'_> {
     let code = Code4::new(
         q.kind,
         match q.kind {
@@ -293,13 +301,11 @@ fn round_trip(
             Bnb4Type::Fp4 => codes::values(&codes::FP4),
         },
     );
-    let dynamic = codes::values(&codes::DYNAMIC);
-    let settings = RoundTrip4 {
+    RoundTrip4 {
         code,
         blocksize: QLORA_BLOCKSIZE,
-        nested: q.double_quant.then_some((&dynamic, QLORA_NESTED_BLOCKSIZE)),
-    };
-    settings.run(values, shape, threads, avx512)
+        nested: q.double_quant.then_some((dynamic, QLORA_NESTED_BLOCKSIZE)),
+    }
 }
 
 /// The output of a re-quantizing merge: each merged 4-bit weight quantized again, every other

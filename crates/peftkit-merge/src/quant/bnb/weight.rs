@@ -335,14 +335,8 @@ impl RoundTrip4<'_> {
         threads: usize,
         avx512: bool,
     ) -> Result<Vec<f32>, Box<dyn std::error::Error + Send + Sync>> {
-        let (packed, mut absmax) = bnb_quantize_4bit(values, self.blocksize, &self.code);
-        if let Some((nested_code, bs)) = self.nested {
-            let offset = torch_mean_f32(&absmax, threads);
-            let centred: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
-            let (codes8, scales) = bnb_quantize_blockwise(&centred, nested_code, bs);
-            absmax = bnb_dequantize_blockwise(&codes8, &scales, nested_code, bs)?;
-            absmax.iter_mut().for_each(|a| *a += offset);
-        }
+        let (packed, absmax) = bnb_quantize_4bit(values, self.blocksize, &self.code);
+        let absmax = self.stored_absmax(absmax, threads)?;
         Ok(bnb_dequantize_4bit(
             &packed,
             &absmax,
@@ -351,6 +345,27 @@ impl RoundTrip4<'_> {
             shape,
             avx512,
         )?)
+    }
+}
+
+impl RoundTrip4<'_> {
+    /// The block maxima dequantization reads back for `absmax` (a weight's, as quantized):
+    /// as they are, or with double quantization through the 8-bit code, less their torch mean
+    /// (`threads`: torch's) and plus it again.
+    pub fn stored_absmax(
+        &self,
+        mut absmax: Vec<f32>,
+        threads: usize,
+    ) -> Result<Vec<f32>, Box<dyn std::error::Error + Send + Sync>> {
+        let Some((nested_code, bs)) = self.nested else {
+            return Ok(absmax);
+        };
+        let offset = torch_mean_f32(&absmax, threads);
+        let centred: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
+        let (codes8, scales) = bnb_quantize_blockwise(&centred, nested_code, bs);
+        absmax = bnb_dequantize_blockwise(&codes8, &scales, nested_code, bs)?;
+        absmax.iter_mut().for_each(|a| *a += offset);
+        Ok(absmax)
     }
 }
 
