@@ -27,7 +27,9 @@ Cases (inputs are built once in `--work`, default /tmp/peftkit-bench, and reused
   `--dequantize`: bf16 out, the 1 GB model's bytes) into the 1 GB Llama quantized by
   transformers + bitsandbytes on the CPU, NF4 with double quantization (QLoRA's setting) and
   int8, with its LoRA. No target: each merged weight is dequantized (and, format kept,
-  quantized again) on the CPU, work `cp` does not do, and `--dequantize` writes more bytes.
+  quantized again) on the CPU, work `cp` does not do, and `--dequantize` writes more bytes;
+* `merge-qlora`: the 1 GB merge with `--qlora-base nf4 --qlora-double-quant` (each merged
+  weight replaced by its QLoRA round trip first). No target, for the same reason.
 
 To add a verb: give `CASES` an entry with a data builder (a function of the work folder
 returning the input folder and any other paths) and a command builder
@@ -276,9 +278,18 @@ CASES = {
         size="1gb",
         no_target=True,
     ),
+    # The 1 GB merge into the QLoRA round trip of its base (NF4, double quantization): every
+    # merged weight quantized and dequantized on the CPU, so no target either.
+    "merge-qlora": dict(
+        data=lambda w, p: llama(w, "1gb"),
+        cmd=lambda p, i, o, s: merge_cmd(p, i, o, s) + ["--qlora-base", "nf4", "--qlora-double-quant"],
+        no_fsync=True,
+        size="1gb",
+        no_target=True,
+    ),
 }
 QUICK = ["merge-1gb", "reshard", "remap-v5", "remap-original", "extract", "convert", "merge-fp8",
-         "merge-fp8-dequantize", "merge-nf4", "merge-int8", "merge-nf4-dequantize"]
+         "merge-fp8-dequantize", "merge-nf4", "merge-int8", "merge-nf4-dequantize", "merge-qlora"]
 RSS_LIMIT_MIB = {"1gb": 64, "7b": 256}
 # The label of a contender run with PEFTKIT_WHOLE_DIRECT=1 (see `contenders`).
 WHOLE_DIRECT = "[whole direct]"
