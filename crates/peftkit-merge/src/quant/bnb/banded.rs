@@ -8,15 +8,17 @@
 //! ([`super::weight::Weight4::band_rows`]), so a band gives the bytes the whole weight gives
 //! there: the same operations on the same values.
 
+use std::borrow::Cow;
+use std::cell::Cell;
 use std::ops::Range;
 
-use peftkit_checkpoint::{nonfinite, CheckpointError, Dtype};
+use peftkit_checkpoint::{buffers, nonfinite, CheckpointError, Dtype, SourceFile, Tensor};
 use rayon::prelude::*;
 
-use super::view::with_values;
+use super::view::{compute_error, with_values};
 use crate::edit::{RowBanded, Step};
 use crate::error::NonFiniteResult;
-use crate::kernels::{encode_f32_into, FiniteProbe, MergeMathError, MergeOptions};
+use crate::kernels::{encode_f32_into, with_kept, FiniteProbe, MergeMathError, MergeOptions};
 
 /// About this many bytes of `f32` values per band: with its codes it stays in a core's L2
 /// (1 MiB on AMD Zen 4, 2 MiB on Intel Sapphire Rapids).
@@ -49,6 +51,66 @@ pub(super) trait BandSource: Send + Sync {
     /// The weight's stored tensors read once, as a [`Dequantize`] of its rows rounded to
     /// `dtype` (the dequantized view's values).
     fn rows_in(&self, dtype: Dtype) -> Result<Box<Dequantize<'_>>, CheckpointError>;
+}
+
+/// A stored tensor's bytes, read a range at a time: from its file where it lies in one (a
+/// `pread` of the range into this thread's buffer: no buffer of the weight), else from its
+/// bytes, read once.
+pub(super) struct StoredBytes<'a> {
+    name: &'a str,
+    source: Source<'a>,
+}
+
+enum Source<'a> {
+    File(&'a SourceFile, u64),
+    Held(Cow<'a, [u8]>),
+}
+
+thread_local! {
+    /// This thread's bytes of a band read from a file (see `kernels::with_kept`).
+    static BYTES: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
+
+impl<'a> StoredBytes<'a> {
+    /// The bytes of `tensor` (named `name`, for errors).
+    pub fn of(name: &'a str, tensor: &'a Tensor) -> Result<Self, CheckpointError> {
+        let source = match tensor.source_file() {
+            Some((file, offset)) => Source::File(file, offset),
+            None => Source::Held(tensor.bytes()?),
+        };
+        Ok(StoredBytes { name, source })
+    }
+
+    /// Runs `f` on bytes `range`.
+    pub fn with<R>(
+        &self,
+        range: Range<usize>,
+        f: impl FnOnce(&[u8]) -> Result<R, CheckpointError>,
+    ) -> Result<R, CheckpointError> {
+        match &self.source {
+            Source::Held(held) => match held.get(range.clone()) {
+                Some(bytes) => f(bytes),
+                None => {
+                    let reason = format!("bytes {range:?} lie past the stored tensor");
+                    Err(compute_error(self.name, "reading a band", reason.into()))
+                }
+            },
+            Source::File(file, offset) => with_kept(&BYTES, |buf| {
+                buf.resize(range.len(), 0);
+                file.read_exact_at(buf, offset + range.start as u64)?;
+                f(buf)
+            }),
+        }
+    }
+}
+
+/// Bytes read whole go back to the pool for the next weight.
+impl Drop for StoredBytes<'_> {
+    fn drop(&mut self) {
+        if let Source::Held(Cow::Owned(buf)) = &mut self.source {
+            buffers::give(std::mem::take(buf));
+        }
+    }
 }
 
 /// Quantizes a merged band into its piece of the output.
@@ -294,6 +356,35 @@ pub(super) mod tests {
                 dora: false,
                 round_first: false,
             },
+        }
+    }
+
+    /// A tensor's bytes by ranges are its bytes, read from its file or held in memory; a range
+    /// past the end is an error naming the tensor.
+    #[test]
+    fn stored_bytes_by_ranges_are_the_tensor_s() {
+        let bytes: Vec<u8> = (0..5000u32).map(|i| (i * 31 % 251) as u8).collect();
+        let held = Tensor::from_bytes(Dtype::U8, vec![5000], bytes.clone()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = peftkit_checkpoint::StateDict::new();
+        state.insert("t".into(), held.clone());
+        let options = peftkit_checkpoint::SaveOptions::default().durable(false);
+        peftkit_checkpoint::save_pretrained(dir.path(), &state, &options).unwrap();
+        let ckpt = peftkit_checkpoint::Checkpoint::open(dir.path()).unwrap();
+        let in_file = ckpt.get("t").unwrap();
+        assert!(in_file.source_file().is_some() && held.source_file().is_none());
+        for t in [&held, in_file] {
+            let stored = super::StoredBytes::of("t", t).unwrap();
+            for range in [0..5000, 17..4093, 4999..5000, 100..100] {
+                let got = stored.with(range.clone(), |b| Ok(b.to_vec())).unwrap();
+                assert!(got == bytes[range.clone()], "{range:?}");
+            }
+            let past = stored.with(4990..5010, |b| Ok(b.len())).unwrap_err();
+            let said = past.to_string();
+            assert!(
+                said.contains("`t`") || said.contains("model.safetensors"),
+                "{said}"
+            );
         }
     }
 

@@ -7,27 +7,20 @@
 //! through the 8-bit code less their mean over the whole weight, so they are all taken first,
 //! in a pass over the weight that quantizes nothing.
 
-use std::borrow::Cow;
-use std::cell::Cell;
 use std::ops::Range;
 
-use peftkit_checkpoint::{CheckpointError, Dtype, SourceFile, Tensor};
+use peftkit_checkpoint::{CheckpointError, Dtype, Tensor};
 
-use super::banded::{rows_per_band, BandRows, BandSource, Dequantize};
+use super::banded::{rows_per_band, BandRows, BandSource, Dequantize, StoredBytes};
 use super::codes;
 use super::view::{compute_error, qlora_settings, with_values, QLORA_BLOCKSIZE};
 use super::{host_avx512, torch_threads, QloraBase};
 use crate::kernels::{
     bnb_block_absmax, bnb_dequantize_4bit_into, decode_f32_into, element_size, quantize_4bit_chunk,
-    round_slice_to, with_kept,
+    round_slice_to,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-thread_local! {
-    /// This thread's stored bytes of a band (see `kernels::with_kept`).
-    static BYTES: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
-}
 
 /// One 16-bit weight of a QLoRA base, to be round-tripped band by band.
 #[derive(Clone)]
@@ -117,31 +110,21 @@ impl BandSource for QloraRows {
     }
 }
 
-/// A 16-bit weight's rows read as `f32`: from its file a band at a time where it lies in one,
-/// else from its bytes read once.
+/// A 16-bit weight's rows read as `f32`, a band at a time ([`StoredBytes`]).
 struct Rows<'a> {
     name: &'a str,
     dtype: Dtype,
-    source: Source<'a>,
+    bytes: StoredBytes<'a>,
     row_bytes: usize,
-}
-
-enum Source<'a> {
-    File(&'a SourceFile, u64),
-    Held(Cow<'a, [u8]>),
 }
 
 impl<'a> Rows<'a> {
     fn of(name: &'a str, tensor: &'a Tensor) -> Result<Self, CheckpointError> {
         let size = element_size(tensor.dtype()).unwrap_or(1);
-        let source = match tensor.source_file() {
-            Some((file, offset)) => Source::File(file, offset),
-            None => Source::Held(tensor.bytes()?),
-        };
         Ok(Rows {
             name,
             dtype: tensor.dtype(),
-            source,
+            bytes: StoredBytes::of(name, tensor)?,
             row_bytes: tensor.shape().last().copied().unwrap_or(1) * size,
         })
     }
@@ -149,21 +132,9 @@ impl<'a> Rows<'a> {
     /// Rows `rows` decoded into `values`.
     fn read_f32(&self, rows: Range<usize>, values: &mut [f32]) -> Result<(), CheckpointError> {
         let range = rows.start * self.row_bytes..rows.end * self.row_bytes;
-        let err = |e: BoxError| compute_error(self.name, "reading the QLoRA base's rows", e);
-        let mut decode = |bytes: &[u8]| {
+        self.bytes.with(range, |bytes| {
             decode_f32_into("QLoRA base weight", self.dtype, bytes, values)
-                .map_err(|e| err(e.into()))
-        };
-        match &self.source {
-            Source::Held(held) => match held.get(range.clone()) {
-                Some(bytes) => decode(bytes),
-                None => Err(err(format!("bytes {range:?} lie past the tensor").into())),
-            },
-            Source::File(file, offset) => with_kept(&BYTES, |buf| {
-                buf.resize(range.len(), 0);
-                file.read_exact_at(buf, offset + range.start as u64)?;
-                decode(buf)
-            }),
-        }
+                .map_err(|e| compute_error(self.name, "reading the QLoRA base's rows", e.into()))
+        })
     }
 }

@@ -6,12 +6,11 @@
 //! code), with double quantization `W.nested_absmax` and `W.nested_quant_map`, and
 //! `W.quant_state.bitsandbytes__nf4|fp4` (the JSON of [`QuantState`]).
 
-use std::borrow::Cow;
 use std::ops::Range;
 
-use peftkit_checkpoint::{buffers, Checkpoint, CheckpointError, Dtype, Tensor};
+use peftkit_checkpoint::{Checkpoint, CheckpointError, Dtype, Tensor};
 
-use super::banded::{rows_per_band, BandSource, Dequantize};
+use super::banded::{rows_per_band, BandSource, Dequantize, StoredBytes};
 use super::host_avx512;
 use super::state::{torch_name, QuantState};
 use super::view::compute_error;
@@ -234,15 +233,16 @@ impl Weight4 {
         whole_blocks.then(|| rows_per_band(cols))
     }
 
-    /// The stored codes and scales, read once for [`Stored4::dequantize_rows`]. `avx512`: the
-    /// dequantizer's host rule.
+    /// The stored codes (read a band at a time) and scales, for
+    /// [`Stored4::dequantize_rows`]. `avx512`: the dequantizer's host rule.
     pub fn stored(
         &self,
         avx512: bool,
     ) -> Result<Stored4<'_>, Box<dyn std::error::Error + Send + Sync>> {
         let cols = self.state.shape.last().copied().unwrap_or(1).max(1);
         Ok(Stored4 {
-            packed: self.packed.bytes()?,
+            name: &self.name,
+            packed: StoredBytes::of(&self.name, &self.packed)?,
             absmax: self.absmax()?,
             code: self.code()?,
             blocksize: self.state.blocksize,
@@ -402,10 +402,11 @@ pub(crate) struct Scales4 {
     pub state: Vec<u8>,
 }
 
-/// A 4-bit weight's stored codes and block scales (double quantization undone), read once and
-/// dequantized a band of rows at a time (see [`Weight4::band_rows`]).
+/// A 4-bit weight's stored codes and block scales (double quantization undone), dequantized a
+/// band of rows at a time (see [`Weight4::band_rows`]).
 pub(crate) struct Stored4<'a> {
-    packed: Cow<'a, [u8]>,
+    name: &'a str,
+    packed: StoredBytes<'a>,
     absmax: Vec<f32>,
     pub code: Code4,
     pub blocksize: usize,
@@ -421,18 +422,20 @@ impl Stored4<'_> {
         &self,
         rows: Range<usize>,
         out: &mut [f32],
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<(), CheckpointError> {
+        let err = |e| compute_error(self.name, "dequantizing a bitsandbytes 4-bit weight", e);
         let (start, end) = (rows.start * self.cols, rows.end * self.cols);
         let bs = self.blocksize.max(1);
-        let packed = self.packed.get(start / 2..end.div_ceil(2));
-        let absmax = self.absmax.get(start / bs..end.div_ceil(bs));
-        let (Some(packed), Some(absmax)) = (packed, absmax) else {
-            return Err(format!("rows {rows:?} lie past the stored weight").into());
+        let Some(absmax) = self.absmax.get(start / bs..end.div_ceil(bs)) else {
+            return Err(err(
+                format!("rows {rows:?} lie past the stored weight").into()
+            ));
         };
         let geometry = (self.blocksize, &[rows.len(), self.cols][..], self.avx512);
-        Ok(bnb_dequantize_4bit_into(
-            packed, absmax, &self.code, geometry, out,
-        )?)
+        self.packed.with(start / 2..end.div_ceil(2), |packed| {
+            bnb_dequantize_4bit_into(packed, absmax, &self.code, geometry, out)
+                .map_err(|e| err(e.into()))
+        })
     }
 }
 
@@ -442,18 +445,9 @@ impl BandSource for Weight4 {
         let err = |e| compute_error(&self.name, "dequantizing a bitsandbytes 4-bit weight", e);
         let stored = self.stored(host_avx512()).map_err(err)?;
         Ok(Box::new(move |rows, values: &mut [f32]| {
-            stored.dequantize_rows(rows, values).map_err(err)?;
+            stored.dequantize_rows(rows, values)?;
             round_slice_to(dtype, values).map_err(|e| err(e.into()))
         }))
-    }
-}
-
-/// The packed bytes go back to the pool for the next weight.
-impl Drop for Stored4<'_> {
-    fn drop(&mut self) {
-        if let Cow::Owned(buf) = std::mem::take(&mut self.packed) {
-            buffers::give(buf);
-        }
     }
 }
 

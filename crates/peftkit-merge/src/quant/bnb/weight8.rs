@@ -6,11 +6,9 @@
 //! `<m>.SCB` (F32 `(rows)`, each row's absmax) and `<m>.weight_format` (U8 scalar, `0`: row-major,
 //! the only layout bitsandbytes still loads).
 
-use std::borrow::Cow;
-
 use peftkit_checkpoint::{Checkpoint, CheckpointError, Dtype, Tensor};
 
-use super::banded::{rows_per_band, BandRows, BandSource, Dequantize};
+use super::banded::{rows_per_band, BandRows, BandSource, Dequantize, StoredBytes};
 use super::view::compute_error;
 use super::weight::PartError;
 use crate::edit::Requantizer;
@@ -137,11 +135,6 @@ impl Weight8 {
         Ok(decode_f32("SCB", Dtype::F32, &self.scb.bytes()?)?)
     }
 
-    /// The stored codes' bytes.
-    pub fn codes(&self) -> Result<Cow<'_, [u8]>, BoxError> {
-        Ok(self.weight.bytes()?)
-    }
-
     /// Rows per band ([`rows_per_band`]), if this weight can be merged band by band (see
     /// `banded`): 2-D, whose rows are quantized each on its own.
     pub fn band_rows(&self) -> Option<usize> {
@@ -178,15 +171,17 @@ impl Weight8 {
 impl BandSource for Weight8 {
     fn rows_in(&self, dtype: Dtype) -> Result<Box<Dequantize<'_>>, CheckpointError> {
         let err = |e| compute_error(&self.name, "dequantizing a bitsandbytes int8 weight", e);
-        let (codes, scb) = (self.codes().map_err(err)?, self.scb().map_err(err)?);
+        let codes = StoredBytes::of(&self.name, &self.weight)?;
+        let scb = self.scb().map_err(err)?;
         let cols = self.shape().last().copied().unwrap_or(1);
         Ok(Box::new(move |r: BandRows, values: &mut [f32]| {
-            let codes = codes.get(r.start * cols..r.end * cols);
-            let (Some(codes), Some(scales)) = (codes, scb.get(r.clone())) else {
+            let Some(scales) = scb.get(r.clone()) else {
                 return Err(err(format!("rows {r:?} lie past the stored weight").into()));
             };
-            bnb_int8_dequantize_bytes_into(codes, scales, &[r.len(), cols], values)
-                .map_err(|e| err(e.into()))?;
+            codes.with(r.start * cols..r.end * cols, |codes| {
+                bnb_int8_dequantize_bytes_into(codes, scales, &[r.len(), cols], values)
+                    .map_err(|e| err(e.into()))
+            })?;
             round_slice_to(dtype, values).map_err(|e| err(e.into()))
         }))
     }
