@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{entries, files, peft_case, peftkit, read_json, stderr_of, stdout_json, stdout_of};
+use crate::{
+    entries, files, fixture, peft_case, peftkit, read_json, stderr_of, stdout_json, stdout_of,
+};
 
 /// A copy of a fixture folder (recursively).
 pub fn copy_tree(src: &Path, dest: &Path) {
@@ -199,6 +201,54 @@ fn non_finite_values_are_refused_unless_allowed() {
         "{err}"
     );
     assert!(!out.exists() && staging_litter(tmp.path()).is_empty());
+}
+
+/// A merge into a bitsandbytes base (kept, `--dequantize`) or into the QLoRA round trip of a
+/// 16-bit one that overflows is refused naming a merged weight, and writes nothing: the merged
+/// weights there are computed band by band, and the check spans the whole weight.
+/// `--allow-nonfinite` writes what peft would.
+#[test]
+fn bitsandbytes_merges_that_overflow_are_refused_unless_allowed() {
+    let (nf4, int8) = (fixture("bnb/nf4_nested_bf16"), fixture("bnb8/int8_bf16"));
+    let runs: [(PathBuf, PathBuf, &[&str]); 5] = [
+        (nf4.join("base4"), nf4.join("adapter"), &[]),
+        (nf4.join("base4"), nf4.join("adapter"), &["--dequantize"]),
+        (
+            nf4.join("base16"),
+            nf4.join("adapter"),
+            &["--qlora-base", "nf4"],
+        ),
+        (int8.join("base8"), int8.join("adapter"), &[]),
+        (int8.join("base8"), int8.join("adapter"), &["--dequantize"]),
+    ];
+    for (base, adapter, flags) in runs {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let merge = || {
+            let mut c = peftkit();
+            c.args(["merge", "--no-fsync", "--base"])
+                .arg(&base)
+                .arg("--adapter")
+                .arg(format!("{}:3e38", adapter.display()))
+                .arg("--out")
+                .arg(&out)
+                .args(flags);
+            c
+        };
+        let err = stderr_of(&merge().assert().code(2));
+        assert!(
+            err.contains("proj.weight")
+                && err
+                    .contains("NaN or infinite value(s) after merging that the base did not hold"),
+            "{flags:?}: {err}"
+        );
+        assert!(
+            !out.exists() && staging_litter(tmp.path()).is_empty(),
+            "{flags:?}"
+        );
+        merge().arg("--allow-nonfinite").assert().code(0);
+        assert!(out.join("config.json").exists(), "{flags:?}");
+    }
 }
 
 /// A staging folder of a dead process beside the output is removed before the run, which
