@@ -240,9 +240,12 @@ pub(crate) fn bnb_dequantize_4bit_into(
     let (last, blocksize) = (shape.last().copied().unwrap_or(1).max(1), blocksize.max(1));
     let per_row = last / blocksize;
     // Elements come in runs that share one scale: 16 columns for the per-row kernel (its last
-    // dimension is a multiple of 16), a block otherwise. `(length, scale index)`.
+    // dimension is a multiple of 16), a block otherwise. `(length, scale index)`. Where rows
+    // are whole blocks the per-row kernel's index, `(i / last) * per_row + (i % last) /
+    // blocksize`, is the block's, `i / blocksize`: whole blocks then, a call per block rather
+    // than per 16 values (4.5 % of a kept NF4 merge's samples).
     let runs: Box<dyn Iterator<Item = (usize, usize)>> = match kernel {
-        Kernel::Rows16 => Box::new(
+        Kernel::Rows16 if !last.is_multiple_of(blocksize) => Box::new(
             (0..numel)
                 .step_by(16)
                 .map(|i| (16, (i / last) * per_row + (i % last) / blocksize)),
