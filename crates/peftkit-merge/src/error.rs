@@ -234,3 +234,22 @@ pub struct NonFiniteResult {
     /// Flat (row-major) index of the first.
     pub first: usize,
 }
+
+impl NonFiniteResult {
+    /// The refusal of merged tensor `tensor`, which holds `after` NaN/Inf values, the first at
+    /// `first`, where its base held `held`; `None` when the merge made none.
+    pub(crate) fn refusal(
+        tensor: &str,
+        (after, first): (usize, usize),
+        held: usize,
+    ) -> Option<CheckpointError> {
+        (after > held).then(|| CheckpointError::TensorCompute {
+            tensor: tensor.to_owned(),
+            context: "merged".into(),
+            source: Box::new(NonFiniteResult {
+                count: after - held,
+                first,
+            }),
+        })
+    }
+}

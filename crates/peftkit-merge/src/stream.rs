@@ -329,17 +329,10 @@ impl MergeEdit {
             return Ok(());
         };
         let held = nonfinite(dtype, &self.base.bytes()?).map_or(0, |(n, _)| n);
-        if after > held {
-            return Err(CheckpointError::TensorCompute {
-                tensor: self.key.clone(),
-                context: "merged".into(),
-                source: Box::new(NonFiniteResult {
-                    count: after - held,
-                    first,
-                }),
-            });
+        match NonFiniteResult::refusal(&self.key, (after, first), held) {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 

@@ -307,16 +307,13 @@ impl NonFinite {
 fn check_bands(name: &str, bands: &[NonFinite]) -> Result<(), CheckpointError> {
     let after: usize = bands.iter().map(|b| b.after).sum();
     let held: usize = bands.iter().map(|b| b.held).sum();
-    match bands.iter().find_map(|b| b.first) {
-        Some(first) if after > held => Err(CheckpointError::TensorCompute {
-            tensor: name.to_owned(),
-            context: "merged".into(),
-            source: Box::new(NonFiniteResult {
-                count: after - held,
-                first,
-            }),
-        }),
-        _ => Ok(()),
+    let refused = bands
+        .iter()
+        .find_map(|b| b.first)
+        .and_then(|first| NonFiniteResult::refusal(name, (after, first), held));
+    match refused {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 
