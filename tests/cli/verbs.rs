@@ -627,7 +627,9 @@ fn inspect_describes_an_adapter_folder() {
 /// re-quantized by default, `--dequantize`, and `--qlora-base` on the 16-bit original; and into
 /// the int8 one (tests/fixtures/bnb8/int8_bf16), re-quantized and `--dequantize`. Each is byte
 /// for byte what transformers + bitsandbytes + peft wrote (rows are whole blocks and the rank
-/// is 4, so the bytes do not depend on the host).
+/// is 4, so the bytes do not depend on the host). Each runs synced twice: through the page
+/// cache (these outputs fit in free memory) and, with `PEFTKIT_WHOLE_DIRECT`, around it (the
+/// streamed weights from a writer thread).
 #[test]
 fn merge_into_bitsandbytes_bases() {
     let (nf4, int8) = ("bnb/nf4_nested_bf16", "bnb8/int8_bf16");
@@ -663,11 +665,17 @@ fn merge_into_bitsandbytes_bases() {
             "int8 base: 7 weights dequantized to bfloat16",
         ),
     ];
-    for (case, base, flags, want, says) in runs {
+    for ((case, base, flags, want, says), direct) in
+        runs.iter().flat_map(|r| [(r, false), (r, true)])
+    {
         let case = fixture(case);
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("merged");
-        let ok = peftkit()
+        let mut merge = peftkit();
+        if direct {
+            merge.env("PEFTKIT_WHOLE_DIRECT", "1");
+        }
+        let ok = merge
             .arg("merge")
             .arg("--base")
             .arg(case.join(base))
@@ -675,7 +683,7 @@ fn merge_into_bitsandbytes_bases() {
             .arg(case.join("adapter"))
             .arg("--out")
             .arg(&out)
-            .args(flags)
+            .args(*flags)
             .assert()
             .success();
         let text = stdout_of(&ok);
