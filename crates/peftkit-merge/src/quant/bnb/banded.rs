@@ -12,7 +12,7 @@ use std::borrow::Cow;
 use std::cell::Cell;
 use std::ops::Range;
 
-use peftkit_checkpoint::{buffers, nonfinite, CheckpointError, Dtype, SourceFile, Tensor};
+use peftkit_checkpoint::{buffers, nonfinite, CheckpointError, Dtype, SourceRegion, Tensor};
 use rayon::prelude::*;
 
 use super::view::{compute_error, with_values};
@@ -62,7 +62,7 @@ pub(super) struct StoredBytes<'a> {
 }
 
 enum Source<'a> {
-    File(&'a SourceFile, u64),
+    File(SourceRegion<'a>),
     Held(Cow<'a, [u8]>),
 }
 
@@ -75,7 +75,7 @@ impl<'a> StoredBytes<'a> {
     /// The bytes of `tensor` (named `name`, for errors).
     pub fn of(name: &'a str, tensor: &'a Tensor) -> Result<Self, CheckpointError> {
         let source = match tensor.source_file() {
-            Some((file, offset)) => Source::File(file, offset),
+            Some((file, offset)) => Source::File(SourceRegion::new(file, offset)),
             None => Source::Held(tensor.bytes()?),
         };
         Ok(StoredBytes { name, source })
@@ -95,9 +95,9 @@ impl<'a> StoredBytes<'a> {
                     Err(compute_error(self.name, "reading a band", reason.into()))
                 }
             },
-            Source::File(file, offset) => with_kept(&BYTES, |buf| {
+            Source::File(region) => with_kept(&BYTES, |buf| {
                 buf.resize(range.len(), 0);
-                file.read_exact_at(buf, offset + range.start as u64)?;
+                region.read_at(range.start, buf)?;
                 f(buf)
             }),
         }

@@ -42,6 +42,9 @@ impl QloraRows {
             return None;
         };
         let float = matches!(base.dtype(), Dtype::BF16 | Dtype::F16 | Dtype::F32);
+        if !float || cols == 0 || cols % QLORA_BLOCKSIZE != 0 {
+            return None;
+        }
         let rows = QloraRows {
             name: name.to_owned(),
             base: base.clone(),
@@ -49,8 +52,7 @@ impl QloraRows {
             q,
             dynamic: codes::values(&codes::DYNAMIC),
         };
-        let whole_blocks = cols > 0 && cols % QLORA_BLOCKSIZE == 0;
-        (float && whole_blocks).then(|| (rows, rows_per_band(cols)))
+        Some((rows, rows_per_band(cols)))
     }
 
     fn error(&self, e: BoxError) -> CheckpointError {
