@@ -9,6 +9,10 @@ use peftkit_checkpoint::{CheckpointError, Dtype, Tensor};
 use peftkit_peft::AdapterModule;
 use std::collections::BTreeMap;
 
+mod banded;
+
+pub(crate) use banded::RowBanded;
+
 use crate::kernels::FiniteProbe;
 use crate::kernels::{
     decode_f32, dora, encode_f32, lora, methods, BaseTensorMut, F32Tensor, MergeMathError,
@@ -331,100 +335,6 @@ impl Step {
     }
 }
 
-/// A step that runs on bands of rows of a 2-D weight, its factors decoded once: a plain LoRA
-/// on a Linear (`Δ` rows depend only on the same rows of `lora_B`, and the rank's reduction
-/// order only on the rank, so a band's result is the whole weight's on those rows). The FP8
-/// merge runs it band by band, so that a weight is never whole in the model dtype.
-pub(crate) struct RowBanded {
-    adapter: Arc<Path>,
-    a: (Vec<f32>, Vec<usize>),
-    b: Vec<f32>,
-    rank: usize,
-    scale: f32,
-    opts: KernelOptions,
-}
-
-impl Step {
-    /// This step on weight `name` of `shape` as a [`RowBanded`] one, if it is one, its factors
-    /// decoded; `None` for any other edit, and for factors that do not fit the weight (the
-    /// whole-tensor path refuses them with the kernel's error).
-    pub(crate) fn row_banded(
-        &self,
-        name: &str,
-        shape: &[usize],
-        opts: &KernelOptions,
-    ) -> Result<Option<RowBanded>, CheckpointError> {
-        let Edit::Lora {
-            module,
-            kind: LoraKind::Linear {
-                fan_in_fan_out: false,
-            },
-            scale,
-            dora: false,
-            round_first,
-        } = &self.edit
-        else {
-            return Ok(None);
-        };
-        let (Some(ta), Some(tb)) = (module.get("a"), module.get("b")) else {
-            return Ok(None);
-        };
-        let (&[rank, ac], &[br, rb], &[rows, cols]) = (ta.shape(), tb.shape(), shape) else {
-            return Ok(None);
-        };
-        if rank != rb || br != rows || ac != cols {
-            return Ok(None);
-        }
-        let site = Site {
-            name,
-            adapter: &self.adapter,
-        };
-        Ok(Some(RowBanded {
-            adapter: self.adapter.clone(),
-            a: (site.f32s("lora_A", ta)?, ta.shape().to_vec()),
-            b: site.f32s("lora_B", tb)?,
-            rank,
-            scale: *scale,
-            opts: KernelOptions {
-                round_delta_first: opts.round_delta_first || *round_first,
-                ..*opts
-            },
-        }))
-    }
-}
-
-impl RowBanded {
-    /// Applies the step to `data`, rows `rows` of the 2-D weight `name` (`dtype`, `cols`
-    /// columns). A kernel that checks what it writes tells `probe` (see [`Step::apply`]).
-    pub(crate) fn apply(
-        &self,
-        name: &str,
-        dtype: Dtype,
-        (rows, cols): (Range<usize>, usize),
-        data: &mut [u8],
-        probe: Option<&FiniteProbe>,
-    ) -> Result<(), CheckpointError> {
-        let site = Site {
-            name,
-            adapter: &self.adapter,
-        };
-        let b = self
-            .b
-            .get(rows.start * self.rank..rows.end * self.rank)
-            .ok_or_else(|| site.missing("lora_B has fewer rows than the weight"))?;
-        let shape = [rows.len(), cols];
-        let base = BaseTensorMut::new(dtype, &shape, data);
-        let base = match probe {
-            Some(p) => base.with_probe(p),
-            None => base,
-        };
-        let a = F32Tensor::new(&self.a.1, &self.a.0);
-        let b_shape = [rows.len(), self.rank];
-        let b = F32Tensor::new(&b_shape, b);
-        lora::merge_linear(base, a, b, self.scale, false, &self.opts).map_err(|e| site.math(e))
-    }
-}
-
 /// A LoRA (or DoRA) pair into a Linear, Embedding or Conv weight.
 fn apply_lora(
     site: &Site<'_>,
@@ -463,15 +373,22 @@ fn apply_lora(
 }
 
 /// Applies `steps`, in order, to a base tensor (`name`) that is in no buffer, streaming it
-/// through `base.io` block by block (see [`lora::stream_linear`]), when every step is a plain
-/// linear LoRA merge with a fused kernel. `Ok(None)`, having read and written nothing,
-/// otherwise; else whether every merged value is finite (when `base.check`).
+/// through `base.io` block by block, when every step is a plain linear LoRA merge with a fused
+/// kernel (see [`lora::stream_linear`]) or, with a DoRA among them, when every step runs by
+/// bands of rows (see [`RowBanded`]). `Ok(None)`, having read and written nothing, otherwise;
+/// else whether every merged value is finite (when `base.check`).
 pub(crate) fn stream_steps(
     steps: &[Step],
     name: &str,
     base: lora::StreamedBase<'_>,
     opts: &KernelOptions,
 ) -> Result<Option<bool>, CheckpointError> {
+    if steps
+        .iter()
+        .any(|s| matches!(s.edit, Edit::Lora { dora: true, .. }))
+    {
+        return banded::stream_banded(steps, name, base, opts);
+    }
     let mut pairs = Vec::with_capacity(steps.len());
     for step in steps {
         let Edit::Lora {

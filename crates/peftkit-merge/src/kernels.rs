@@ -47,7 +47,11 @@ pub(crate) mod methods;
 mod order;
 mod torch_sum;
 
-pub(crate) use apply::{BaseSource, BlockIo, FiniteProbe};
+#[cfg(test)]
+pub(crate) use apply::MemoryBlocks;
+pub(crate) use apply::{
+    stream_blocks, with_kept, BaseSource, BlockIo, FiniteProbe, STREAM_BLOCK_BYTES,
+};
 pub use apply::{BaseTensorMut, F32Tensor};
 pub(crate) use bnb::{
     bnb_block_absmax, bnb_dequantize_4bit_into, bnb_quantize_4bit_into, quantize_4bit_chunk,
@@ -73,7 +77,7 @@ pub use fp8::{
     quantize_fp8_into, requantize_fp8_bands, ue8m0_round_up, Fp8Grid, Fp8Quantized, ScaleKind,
     E4M3_MAX,
 };
-pub(crate) use fp8::{nan_max, requantize_fp8_chunk, with_kept, Fp8Chunk};
+pub(crate) use fp8::{nan_max, requantize_fp8_chunk, Fp8Chunk};
 pub use gemm::lowrank_product;
 pub(crate) use lora::StreamedBase;
 pub use lora::{

@@ -1,8 +1,9 @@
-//! Both ways a plain LoRA merge writes a merged weight (docs/architecture.md, "Output IO"):
-//! synced, the weight is merged whole in a buffer and its aligned middle written around the
-//! page cache; unsynced, it is streamed block by block through the page cache. Both must give
-//! the weight merged in memory ([`merge_linear`]), for a weight of several blocks that starts at
-//! an offset not aligned to the disk's blocks (so that the direct write has unaligned edges).
+//! Both ways a LoRA or DoRA merge writes a merged weight (docs/architecture.md, "Output IO"):
+//! synced, through the page cache or around it (the weight merged whole in a buffer and its
+//! aligned middle written directly); unsynced, streamed block by block through the page cache.
+//! Both must give the weight merged in memory ([`merge_linear`], [`merge_dora_linear`]), for a
+//! weight of several blocks that starts at an offset not aligned to the disk's blocks (so that
+//! the direct write has unaligned edges).
 
 use std::path::Path;
 
@@ -10,7 +11,8 @@ use peftkit_checkpoint::{
     save_pretrained, Checkpoint, Dtype, SaveOptions, StateDict, Tensor, WeightsKind,
 };
 use peftkit_merge::{
-    encode_f32, merge, merge_linear, AdapterInput, BaseTensorMut, F32Tensor, MergeJob, MergeOptions,
+    encode_f32, merge, merge_dora_linear, merge_linear, AdapterInput, BaseTensorMut, F32Tensor,
+    MergeJob, MergeOptions,
 };
 
 const MODULE: &str = "model.layers.0.self_attn.q_proj";
@@ -40,8 +42,9 @@ fn save(dir: &Path, sd: &StateDict, kind: WeightsKind) {
     save_pretrained(dir, sd, &opts).unwrap();
 }
 
-/// The adapter config peft writes for `lora_basic`, targeting `q_proj` with this rank.
-fn adapter_config() -> String {
+/// The adapter config peft writes for `lora_basic`, targeting `q_proj` with this rank (and
+/// DoRA when `dora`).
+fn adapter_config(dora: bool) -> String {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/peft/lora_basic/adapter/adapter_config.json");
     let mut v: serde_json::Value =
@@ -49,6 +52,7 @@ fn adapter_config() -> String {
     v["r"] = RANK.into();
     v["lora_alpha"] = ALPHA.into();
     v["target_modules"] = serde_json::json!(["q_proj"]);
+    v["use_dora"] = dora.into();
     v.to_string()
 }
 
@@ -60,6 +64,16 @@ fn weight(dir: &Path) -> Vec<u8> {
 
 #[test]
 fn a_merged_weight_synced_or_not_is_the_weight_merged_in_memory() {
+    merged_both_ways(false);
+}
+
+/// DoRA's norm is taken per row, so its merge streams by bands of rows too.
+#[test]
+fn a_dora_merged_weight_synced_or_not_is_the_weight_merged_in_memory() {
+    merged_both_ways(true);
+}
+
+fn merged_both_ways(dora: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let (base, adapter) = (tmp.path().join("base"), tmp.path().join("adapter"));
     let w = encode_f32("w", Dtype::BF16, &values(ROWS * COLS, 7)).unwrap();
@@ -72,22 +86,29 @@ fn a_merged_weight_synced_or_not_is_the_weight_merged_in_memory() {
     sd.insert("a.bias".into(), f32_tensor(vec![3], &[1.0, 2.0, 3.0]));
     save(&base, &sd, WeightsKind::Model);
     let (a, b) = (values(RANK * COLS, 13), values(ROWS * RANK, 29));
+    let m: Vec<f32> = values(ROWS, 3).iter().map(|v| v + 20.0).collect();
     let mut ad = StateDict::new();
     let key = |m: &str| format!("base_model.model.{MODULE}.{m}.weight");
     ad.insert(key("lora_A"), f32_tensor(vec![RANK, COLS], &a));
     ad.insert(key("lora_B"), f32_tensor(vec![ROWS, RANK], &b));
+    if dora {
+        let key = format!("base_model.model.{MODULE}.lora_magnitude_vector");
+        ad.insert(key, f32_tensor(vec![ROWS], &m));
+    }
     save(&adapter, &ad, WeightsKind::Adapter);
-    std::fs::write(adapter.join("adapter_config.json"), adapter_config()).unwrap();
+    std::fs::write(adapter.join("adapter_config.json"), adapter_config(dora)).unwrap();
 
     let mut want = w.clone();
-    merge_linear(
-        BaseTensorMut::new(Dtype::BF16, &[ROWS, COLS], &mut want),
+    let into = BaseTensorMut::new(Dtype::BF16, &[ROWS, COLS], &mut want);
+    let (a, b) = (
         F32Tensor::new(&[RANK, COLS], &a),
         F32Tensor::new(&[ROWS, RANK], &b),
-        ALPHA as f32 / RANK as f32,
-        false,
-        &MergeOptions::default(),
-    )
+    );
+    let (scale, opts) = (ALPHA as f32 / RANK as f32, MergeOptions::default());
+    match dora {
+        true => merge_dora_linear(into, a, b, F32Tensor::new(&[ROWS], &m), scale, false, &opts),
+        false => merge_linear(into, a, b, scale, false, &opts),
+    }
     .unwrap();
     assert!(want != w, "the adapter changes the weight");
     for durable in [true, false] {
@@ -95,6 +116,6 @@ fn a_merged_weight_synced_or_not_is_the_weight_merged_in_memory() {
         let input = vec![AdapterInput::parse(adapter.to_str().unwrap())];
         let summary = merge(&MergeJob::new(&base, input, &out).durable(durable)).unwrap();
         assert_eq!(summary.tensors_merged, 1);
-        assert!(weight(&out) == want, "durable {durable}");
+        assert!(weight(&out) == want, "dora {dora}, durable {durable}");
     }
 }

@@ -75,6 +75,63 @@ pub(crate) trait BlockIo: BaseSource {
     fn flush(&self, at: usize, bytes: &[u8]) -> bool;
 }
 
+/// Base bytes a streamed block holds: about 1 MiB, so that a block is merged and written back
+/// while it is in cache and each column panel of a low-rank factor is reused by many rows.
+pub(crate) const STREAM_BLOCK_BYTES: usize = 1 << 20;
+
+thread_local! {
+    /// A streamed block, one per thread ([`with_kept`]).
+    static BLOCK: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's buffer `kept`, kept from call to call: rayon's `map_init` would
+/// make (and zero, and fault in) one per split of the work. Taken and put back rather than
+/// borrowed, because a thread waiting inside a nested parallel loop may start another chunk
+/// (which then takes an empty buffer).
+pub(crate) fn with_kept<T, R>(
+    kept: &'static std::thread::LocalKey<std::cell::Cell<Vec<T>>>,
+    f: impl FnOnce(&mut Vec<T>) -> R,
+) -> R {
+    let mut buf = kept.take();
+    let result = f(&mut buf);
+    kept.set(buf);
+    result
+}
+
+/// Streams a base tensor of `len` bytes through `merge` in blocks of `block` bytes, in
+/// parallel: each block is read from `io` into a per-thread buffer, merged there
+/// (`merge(offset, bytes)` says whether it is finite) and written back to `io` while it is in
+/// cache, so no buffer of the tensor's size is ever held (docs/architecture.md, "Output IO").
+/// A failed read or write is `unread()` (`io` keeps the cause).
+pub(crate) fn stream_blocks<E: Send>(
+    io: &dyn BlockIo,
+    (len, block): (usize, usize),
+    unread: impl Fn() -> E + Sync,
+    merge: impl Fn(usize, &mut [u8]) -> std::result::Result<bool, E> + Sync,
+) -> std::result::Result<bool, E> {
+    (0..len.div_ceil(block.max(1)))
+        .into_par_iter()
+        .map(|bi| {
+            let at = bi * block;
+            with_kept(&BLOCK, |buf| {
+                let n = block.min(len - at);
+                if buf.len() < n {
+                    buf.resize(n, 0);
+                }
+                let buf = &mut buf[..n];
+                if !io.fill(at, buf) {
+                    return Err(unread());
+                }
+                let finite = merge(at, buf)?;
+                if !io.flush(at, buf) {
+                    return Err(unread());
+                }
+                Ok(finite)
+            })
+        })
+        .try_reduce(|| true, |a, b| Ok(a && b))
+}
+
 /// A base tensor to update in place: raw little-endian bytes of `dtype` with `shape`.
 #[derive(Debug)]
 pub struct BaseTensorMut<'a> {
@@ -250,5 +307,43 @@ where
     match first {
         Some(first) => Err(MergeMathError::NonFinite { what, count, first }),
         None => Ok(()),
+    }
+}
+
+/// A base held in memory, as a [`BaseSource`] and a [`BlockIo`] that collects the blocks
+/// written back (over bytes that no merge writes), for tests of the streamed paths.
+#[cfg(test)]
+pub(crate) struct MemoryBlocks<'a> {
+    base: &'a [u8],
+    out: std::sync::Mutex<Vec<u8>>,
+}
+
+#[cfg(test)]
+impl<'a> MemoryBlocks<'a> {
+    pub(crate) fn new(base: &'a [u8]) -> Self {
+        let out = std::sync::Mutex::new(vec![0x5A; base.len()]);
+        MemoryBlocks { base, out }
+    }
+
+    /// What was written back.
+    pub(crate) fn written(self) -> Vec<u8> {
+        self.out.into_inner().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+impl BaseSource for MemoryBlocks<'_> {
+    fn fill(&self, at: usize, into: &mut [u8]) -> bool {
+        into.copy_from_slice(&self.base[at..at + into.len()]);
+        true
+    }
+}
+
+#[cfg(test)]
+impl BlockIo for MemoryBlocks<'_> {
+    fn flush(&self, at: usize, bytes: &[u8]) -> bool {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        out[at..at + bytes.len()].copy_from_slice(bytes);
+        true
     }
 }

@@ -33,6 +33,7 @@ use std::cell::Cell;
 use rayon::prelude::*;
 use safetensors::Dtype;
 
+use super::apply::with_kept;
 use super::dtype::{decode_f32_into, element_size, encode_f32_into};
 use super::fp8_rows as rows;
 use crate::kernels::error::{MergeMathError, Result};
@@ -466,20 +467,6 @@ pub(crate) struct Fp8Chunk<'a> {
 thread_local! {
     /// This thread's band in the model dtype ([`with_band`]).
     static BAND: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
-}
-
-/// Runs `f` on this thread's buffer `kept`, kept from call to call: rayon's `map_init` would
-/// make (and zero, and fault in) one per split of the work. Taken and put back rather than
-/// borrowed, because a thread waiting inside a nested parallel loop may start another chunk
-/// (which then takes an empty buffer).
-pub(crate) fn with_kept<T, R>(
-    kept: &'static std::thread::LocalKey<Cell<Vec<T>>>,
-    f: impl FnOnce(&mut Vec<T>) -> R,
-) -> R {
-    let mut buf = kept.take();
-    let result = f(&mut buf);
-    kept.set(buf);
-    result
 }
 
 /// Runs `f` on this thread's band buffer (see [`with_kept`]).

@@ -16,7 +16,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 use safetensors::Dtype;
 
-use super::apply::BlockIo;
+use super::apply::{stream_blocks, BlockIo, STREAM_BLOCK_BYTES};
 use super::dtype::{bf16_bits_to_f32, decode_le, encode_le, f32_to_bf16_bits};
 use super::gemm::{product_into, Product, Sink};
 
@@ -94,15 +94,6 @@ pub(crate) enum Target<'a> {
 #[derive(Debug)]
 pub(crate) struct Unread;
 
-/// Base bytes per rayon task: about 1 MiB, so that each column panel of the right factor is
-/// reused by many rows and big tensors still make several tasks.
-const BLOCK_BYTES: usize = 1 << 20;
-
-thread_local! {
-    /// A streamed block (see [`Target::Streamed`]), one per thread.
-    static BLOCK: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// How a fused add walks the base: the updates, the row length, the base dtype and whether
 /// blocks are tested for NaN/Inf (`test`).
 struct Segments<'a> {
@@ -140,7 +131,7 @@ impl Segments<'_> {
             return Ok(true);
         }
         // Multiples of 8 rows keep the kernels' row tiles whole.
-        let block = (BLOCK_BYTES / row_bytes).max(1).div_ceil(8) * 8 * row_bytes;
+        let block = (STREAM_BLOCK_BYTES / row_bytes).max(1).div_ceil(8) * 8 * row_bytes;
         let merge =
             |first_row: usize, bytes: &mut [u8]| self.block(first_row, row_bytes, bytes, &f);
         match target {
@@ -149,29 +140,12 @@ impl Segments<'_> {
                 .enumerate()
                 .map(|(bi, bytes)| merge(bi * block / row_bytes, bytes))
                 .reduce(|| true, |a, b| a && b)),
-            Target::Streamed { len, io } => (0..len.div_ceil(block))
-                .into_par_iter()
-                .map(|bi| {
-                    let at = bi * block;
-                    // One buffer per thread, kept: rayon's `map_init` would make (and zero) one
-                    // per split of the work.
-                    BLOCK.with_borrow_mut(|buf| {
-                        let n = block.min(len - at);
-                        if buf.len() < n {
-                            buf.resize(n, 0);
-                        }
-                        let buf = &mut buf[..n];
-                        if !io.fill(at, buf) {
-                            return Err(Unread);
-                        }
-                        let finite = merge(at / row_bytes, buf);
-                        if !io.flush(at, buf) {
-                            return Err(Unread);
-                        }
-                        Ok(finite)
-                    })
-                })
-                .try_reduce(|| true, |a, b| Ok(a && b)),
+            Target::Streamed { len, io } => stream_blocks(
+                io,
+                (len, block),
+                || Unread,
+                |at, buf| Ok(merge(at / row_bytes, buf)),
+            ),
         }
     }
 
@@ -273,7 +247,7 @@ impl<E: Elem> Sink for AddInto<'_, E> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::apply::BaseSource;
+    use super::super::apply::{BaseSource, MemoryBlocks};
     use super::super::dtype::{decode_f32, encode_f32};
     use super::super::gemm::product_rows;
     use super::super::order::active_k_blocks;
@@ -404,7 +378,7 @@ mod tests {
                     paths.push(("generic", got));
                 }
                 // Streamed: read, merged and written back block by block.
-                let io = Bytes::new(&base);
+                let io = MemoryBlocks::new(&base);
                 let target = Target::Streamed {
                     len: base.len(),
                     io: &io,
@@ -467,38 +441,6 @@ mod tests {
                     assert_eq!(differ, 0, "{name} {dtype:?} {batch}x{rows}x{k}x{n}");
                 }
             }
-        }
-    }
-
-    /// A base held in memory, as a [`BaseSource`] and a [`BlockIo`] that collects the blocks
-    /// written back.
-    struct Bytes<'a> {
-        base: &'a [u8],
-        out: std::sync::Mutex<Vec<u8>>,
-    }
-
-    impl<'a> Bytes<'a> {
-        fn new(base: &'a [u8]) -> Self {
-            let out = std::sync::Mutex::new(vec![0x5A; base.len()]);
-            Bytes { base, out }
-        }
-
-        fn written(self) -> Vec<u8> {
-            self.out.into_inner().unwrap()
-        }
-    }
-
-    impl BaseSource for Bytes<'_> {
-        fn fill(&self, at: usize, into: &mut [u8]) -> bool {
-            into.copy_from_slice(&self.base[at..at + into.len()]);
-            true
-        }
-    }
-
-    impl BlockIo for Bytes<'_> {
-        fn flush(&self, at: usize, bytes: &[u8]) -> bool {
-            self.out.lock().unwrap()[at..at + bytes.len()].copy_from_slice(bytes);
-            true
         }
     }
 
@@ -585,7 +527,7 @@ mod tests {
             if !fused {
                 continue; // F16 without the hand-written kernels
             }
-            let io = Bytes::new(&base);
+            let io = MemoryBlocks::new(&base);
             let target = Target::Streamed {
                 len: base.len(),
                 io: &io,

@@ -384,7 +384,7 @@ mod tests {
     }
 
     #[test]
-    fn a_lora_merged_band_by_band_is_the_whole_weight_merged() {
+    fn a_lora_or_dora_merged_band_by_band_is_the_whole_weight_merged() {
         use crate::edit::{Edit, LoraKind, ModuleTensors};
         // 384 x 256 (three bands of two 128 x 128 blocks), rank 4; factors large enough to move
         // the block maxima, so that every scale changes.
@@ -421,41 +421,44 @@ mod tests {
             kind: ScaleKind::F32,
             scale_dtype: Dtype::F32,
         };
-        let w = Fp8Weight::new(
-            "w",
-            (weight.clone(), scale, grid),
-            Some(requant),
-            Dtype::BF16,
-            vec![step.clone(); 2],
-            KernelOptions::default(),
-            Arc::default(),
-        );
-        let steps = w
-            .row_banded()
-            .unwrap()
-            .expect("plain Linear LoRA steps run by bands");
-        let base = weight.bytes().unwrap().into_owned();
-        let (mut banded, mut whole) = (base.clone(), base.clone());
-        let (mut inv_b, mut inv_w) = (vec![0f32; 6], vec![0f32; 6]);
-        let err_b = w
-            .requantize_bands(&steps, requant, &mut banded, &mut inv_b)
-            .unwrap();
-        let err_w = w.requantize_whole(requant, &mut whole, &mut inv_w).unwrap();
-        assert!(banded != base && inv_w.iter().all(|&x| x != 0.0));
-        assert_eq!(
-            (banded, inv_b, err_b.to_bits()),
-            (whole, inv_w, err_w.to_bits())
-        );
-        // A DoRA step is not run by bands.
-        let mut dora = step;
-        if let Edit::Lora { dora: d, .. } = &mut dora.edit {
+        // Two plain steps, then a DoRA step (whose norm is taken per row, so it runs by bands
+        // too), each against the whole weight.
+        let m = Tensor::from_bytes(Dtype::F32, vec![rows], f32s(rows, 7)).unwrap();
+        let mut dora = step.clone();
+        if let Edit::Lora {
+            dora: d, module, ..
+        } = &mut dora.edit
+        {
             *d = true;
+            *module = ModuleTensors::from_roles([("a", &a), ("b", &b), ("magnitude", &m)]);
         }
-        let opts = KernelOptions::default();
-        assert!(dora
-            .row_banded("w", &[rows, cols], &opts)
-            .unwrap()
-            .is_none());
+        for steps in [vec![step.clone(); 2], vec![dora]] {
+            let w = Fp8Weight::new(
+                "w",
+                (weight.clone(), scale.clone(), grid),
+                Some(requant),
+                Dtype::BF16,
+                steps,
+                KernelOptions::default(),
+                Arc::default(),
+            );
+            let steps = w
+                .row_banded()
+                .unwrap()
+                .expect("Linear LoRA and DoRA steps run by bands");
+            let base = weight.bytes().unwrap().into_owned();
+            let (mut banded, mut whole) = (base.clone(), base.clone());
+            let (mut inv_b, mut inv_w) = (vec![0f32; 6], vec![0f32; 6]);
+            let err_b = w
+                .requantize_bands(&steps, requant, &mut banded, &mut inv_b)
+                .unwrap();
+            let err_w = w.requantize_whole(requant, &mut whole, &mut inv_w).unwrap();
+            assert!(banded != base && inv_w.iter().all(|&x| x != 0.0));
+            assert_eq!(
+                (banded, inv_b, err_b.to_bits()),
+                (whole, inv_w, err_w.to_bits())
+            );
+        }
     }
 
     #[test]
