@@ -127,11 +127,8 @@ fn merge_row_channels(
         opts.safe_merge,
         |first_row, rows, scratch| {
             let w = f32_rows(what, rows)?;
-            let d = lr.delta_block(first_row, w.len(), scratch)?;
-            for (q, (wr, dr)) in w.chunks_exact_mut(n).zip(d.chunks_exact(n)).enumerate() {
-                for (x, y) in wr.iter_mut().zip(dr) {
-                    *x += *y;
-                }
+            lr.add_rows_f32(what, first_row, w, scratch)?;
+            for (q, wr) in w.chunks_exact_mut(n).enumerate() {
                 let f = magnitude[first_row + q] / torch_row_norm(wr);
                 for x in wr.iter_mut() {
                     *x *= f;

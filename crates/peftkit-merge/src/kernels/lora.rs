@@ -194,6 +194,49 @@ impl<'a> LowRank<'a> {
         Ok(d)
     }
 
+    /// Adds `Δ` rows `first_row..` to `rows` (whole rows of `f32` values, as DoRA adds them
+    /// before taking its norm): through the fused kernel on an `f32` target where it runs (one
+    /// add in `f32` per element, `Δ` never written to memory), else from `scratch`. The same
+    /// bits either way, `Δ = fl32(P · s)` then one `f32` add (see [`super::fused`]).
+    pub(crate) fn add_rows_f32(
+        &self,
+        what: &'static str,
+        first_row: usize,
+        rows: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) -> Result<()> {
+        let (r, n) = (self.r, self.n);
+        let k = rows.len().checked_div(n).unwrap_or(0);
+        let left = self.left.get(first_row * r..(first_row + k) * r);
+        // One product (no expert batch) and no rounding of `Δ` before the add.
+        let single = self.right.len() == r * n && self.adapter_round.is_none();
+        if let (Some(left), true) = (left, single && n > 0) {
+            let product = Product {
+                left,
+                right: &self.right,
+                rows: k,
+                k: r,
+                n,
+                scale: self.scale,
+            };
+            let chain = [fused::Fused {
+                product,
+                blocks: &self.blocks,
+            }];
+            let target = fused::Target::Memory(bytemuck::cast_slice_mut(rows));
+            let added = fused::add_in_place(&chain, Dtype::F32, target, false)
+                .map_err(|_| MergeMathError::BaseUnread { what })?;
+            if added.is_some() {
+                return Ok(());
+            }
+        }
+        let d = self.delta_block(first_row, rows.len(), scratch)?;
+        for (x, y) in rows.iter_mut().zip(d.iter()) {
+            *x += *y;
+        }
+        Ok(())
+    }
+
     /// Adds `Δ` to `base` through the fused kernel (see [`super::fused`]); `Ok(false)`, with
     /// `base` untouched, when its dtype has no fused path.
     fn try_add_fused(&self, what: &'static str, base: &mut BaseTensorMut<'_>) -> Result<bool> {
@@ -772,6 +815,39 @@ mod tests {
     use super::*;
     use crate::kernels::dtype::{decode_f32, encode_f32};
     use peftkit_peft::lora_scaling;
+
+    /// DoRA's add through the fused kernel gives the bits of `Δ` materialised and added, for
+    /// row counts and widths that leave partial tiles and at offsets inside the product.
+    #[test]
+    fn rows_added_in_f32_by_the_fused_kernel_are_the_delta_added() {
+        let vals = |n: usize, k: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * k) % 257) as f32 / 97.0 - 1.3)
+                .collect()
+        };
+        for (rows, r, n) in [(37, 16, 83), (64, 8, 256), (9, 5, 16), (130, 32, 1030)] {
+            let (a, b) = (vals(r * n, 13), vals(rows * r, 29));
+            let (sa, sb) = ([r, n], [rows, r]);
+            let (a, b) = (F32Tensor::new(&sa, &a), F32Tensor::new(&sb, &b));
+            let lr = linear_lowrank(&[rows, n], &a, &b, 0.37, false, None).unwrap();
+            for (first, k) in [(0, rows), (1, rows - 1), (rows / 2, rows - rows / 2)] {
+                let base = vals(k * n, 7);
+                let (mut fused, mut scratch) = (base.clone(), Vec::new());
+                lr.add_rows_f32("w", first, &mut fused, &mut scratch)
+                    .unwrap();
+                let mut d = vec![0f32; k * n];
+                lr.delta_rows(first, &mut d).unwrap();
+                let want: Vec<u32> = base
+                    .iter()
+                    .zip(&d)
+                    .map(|(x, y)| (x + y).to_bits())
+                    .collect();
+                let got: Vec<u32> = fused.iter().map(|x| x.to_bits()).collect();
+                assert!(got == want, "{rows}x{n} r{r}, rows {first}..+{k}");
+                assert!(fused != base, "the delta is not zero");
+            }
+        }
+    }
 
     #[test]
     fn scaling_is_f64_then_f32() {
