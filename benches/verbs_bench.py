@@ -11,6 +11,8 @@ Cases (inputs are built once in `--work`, default /tmp/peftkit-bench, and reused
 * `merge-1gb`: `peftkit merge` of the 0.97 GB Llama and its r=16 all-linear LoRA (built by
   benches/merge_bench.py's builders, with transformers and peft);
 * `merge-7b`: the same on the 13.5 GB Llama-2-7B shape (full runs only; needs about 30 GB free);
+* `merge-dora`: the 1 GB merge with an r=16 all-linear DoRA adapter made by peft
+  (`use_dora=True`) instead of the LoRA;
 * `reshard`: `peftkit reshard` of the 1 GB Llama into 200 MB shards;
 * `remap-v5`, `remap-original`: `peftkit remap` of a 0.9 GB Mixtral-shaped MoE (8 experts,
   saved by transformers in the original per-expert layout) to the transformers-v5 layout (fused
@@ -177,6 +179,34 @@ def bin_checkpoint(work):
     return {"input": d}
 
 
+def dora_adapter(work):
+    """The 1 GB Llama and an r=16 all-linear DoRA made by peft (`use_dora=True`): its A and B
+    seeded as the LoRA's are, and its magnitudes (peft's weight norms) scaled by seeded values
+    near 1, so that every factor moves the weights."""
+    src = llama(work, "1gb")
+
+    def make(d):
+        import torch
+        from peft import get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(src["input"], dtype=torch.bfloat16)
+        config = mb.lora_config(src["input"], "all-linear")
+        config.use_dora = True
+        pm = get_peft_model(model, config)
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    p.data.mul_(1.0 + 0.01 * torch.randn(p.shape, generator=mb.seeded(name)))
+                elif "lora_" in name:
+                    mb.fill_lora(name, p.data)
+        pm.save_pretrained(d)
+
+    d = work / "dora-1gb"
+    built(d, make)
+    return {"input": src["input"], "adapter": d}
+
+
 # bitsandbytes settings of the quantized bases: NF4 with double quantization (QLoRA's), int8.
 BNB = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
@@ -222,6 +252,7 @@ CASES = {
     "merge-1gb": dict(data=lambda w, p: llama(w, "1gb"), cmd=merge_cmd, no_fsync=True, arith=True, size="1gb",
                       whole_direct=True),
     "merge-7b": dict(data=lambda w, p: llama(w, "7b"), cmd=merge_cmd, no_fsync=True, arith=True, size="7b"),
+    "merge-dora": dict(data=lambda w, p: dora_adapter(w), cmd=merge_cmd, no_fsync=True, arith=True, size="1gb"),
     "reshard": dict(
         data=lambda w, p: llama(w, "1gb"),
         cmd=lambda p, i, o, s: [str(p), "reshard", str(i["input"]), "--out", str(o), "--max-shard-size", "200MB"]
@@ -288,7 +319,7 @@ CASES = {
         no_target=True,
     ),
 }
-QUICK = ["merge-1gb", "reshard", "remap-v5", "remap-original", "extract", "convert", "merge-fp8",
+QUICK = ["merge-1gb", "merge-dora", "reshard", "remap-v5", "remap-original", "extract", "convert", "merge-fp8",
          "merge-fp8-dequantize", "merge-nf4", "merge-int8", "merge-nf4-dequantize", "merge-qlora"]
 RSS_LIMIT_MIB = {"1gb": 64, "7b": 256}
 # The label of a contender run with PEFTKIT_WHOLE_DIRECT=1 (see `contenders`).
