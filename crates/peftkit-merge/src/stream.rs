@@ -302,7 +302,8 @@ impl MergeEdit {
             shape: self.base.shape(),
             len: out.len(),
             io: &io,
-            check: self.check,
+            // `safe_merge` refuses any NaN or infinity, `--allow-nonfinite` or not.
+            check: self.check || self.opts.safe_merge,
         };
         let done = crate::edit::stream_steps(&self.steps, &self.key, base, &self.opts);
         if let Some(e) = io.source.take_error() {
@@ -310,8 +311,15 @@ impl MergeEdit {
         }
         match done? {
             None => Ok(None),
-            Some(finite) if !self.check || finite => Ok(Some(())),
-            Some(_) => {
+            Some(true) => Ok(Some(())),
+            Some(false) if self.opts.safe_merge => {
+                // peft refuses at the first adapter whose result holds one, counting over the
+                // whole tensor: the steps run again in memory to say which, and how many (rare).
+                let mut data = self.base.bytes()?.into_owned();
+                self.run(&mut data).map(Some)
+            }
+            Some(false) if !self.check => Ok(Some(())),
+            Some(false) => {
                 // A block holds NaN or infinity: read what was written to count them (rare).
                 let mut merged = vec![0u8; out.len()];
                 out.read_at(0, &mut merged)?;

@@ -10,7 +10,7 @@ use std::path::Path;
 use common::peft_case as case_dir;
 use peftkit_checkpoint::dtype_name;
 use peftkit_checkpoint::Checkpoint;
-use peftkit_merge::{merge, AdapterInput, MergeError, MergeJob};
+use peftkit_merge::{merge, AdapterInput, MergeError, MergeJob, MergeMathError};
 
 fn job(case: &str, out: &Path) -> MergeJob {
     let dir = case_dir(case);
@@ -321,21 +321,36 @@ fn safe_merge_rejects_non_finite_results_and_writes_nothing() {
         ..Default::default()
     };
     save_pretrained(&bad, &sd, &opts).unwrap();
-    let out = tmp.path().join("merged");
-    let mut j = job("lora_basic", &out);
-    j.adapters = vec![AdapterInput {
-        dir: bad,
-        weight: 1.0,
-    }];
-    j.safe_merge = true;
-    // peft's own check (in the kernel), not the default refusal of the adapter tensor.
-    j.allow_nonfinite = true;
-    let err = merge(&j).unwrap_err().to_string();
-    assert!(
-        err.contains("model.layers.0.self_attn.q_proj.weight"),
-        "{err}"
-    );
-    assert!(!out.exists());
+    // Row 0 of B holds the infinity: the whole first row of q_proj is non-finite.
+    let cols = ck.state_dict()["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+        .shape()[1];
+    // Streamed (synced through the page cache, or not) and in memory (`allow_nonfinite` off:
+    // the adapter is refused first, by name).
+    for (durable, allow) in [(true, true), (false, true), (false, false)] {
+        let out = tmp.path().join(format!("merged-{durable}-{allow}"));
+        let mut j = job("lora_basic", &out);
+        j.adapters = vec![AdapterInput {
+            dir: bad.clone(),
+            weight: 1.0,
+        }];
+        j.safe_merge = true;
+        j.durable = durable;
+        j.allow_nonfinite = allow;
+        let err = merge(&j).unwrap_err();
+        let source = std::error::Error::source(&err).map(|s| s.to_string());
+        let text = format!("{err} / {source:?}");
+        assert!(text.contains("q_proj"), "{text}");
+        if allow {
+            // peft's own check (in the kernel), which counts the whole tensor.
+            let kernel = MergeMathError::NonFinite {
+                what: "linear weight",
+                count: cols,
+                first: 0,
+            };
+            assert!(text.contains(&kernel.to_string()), "{text}");
+        }
+        assert!(!out.exists());
+    }
 }
 
 #[test]

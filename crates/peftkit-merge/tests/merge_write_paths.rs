@@ -64,16 +64,22 @@ fn weight(dir: &Path) -> Vec<u8> {
 
 #[test]
 fn a_merged_weight_synced_or_not_is_the_weight_merged_in_memory() {
-    merged_both_ways(false);
+    merged_both_ways(false, false);
+}
+
+/// `--safe-merge` rounds `Δ` to the base dtype before the add, streamed as in memory.
+#[test]
+fn a_safe_merged_weight_synced_or_not_is_the_weight_merged_in_memory() {
+    merged_both_ways(false, true);
 }
 
 /// DoRA's norm is taken per row, so its merge streams by bands of rows too.
 #[test]
 fn a_dora_merged_weight_synced_or_not_is_the_weight_merged_in_memory() {
-    merged_both_ways(true);
+    merged_both_ways(true, false);
 }
 
-fn merged_both_ways(dora: bool) {
+fn merged_both_ways(dora: bool, safe_merge: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let (base, adapter) = (tmp.path().join("base"), tmp.path().join("adapter"));
     let w = encode_f32("w", Dtype::BF16, &values(ROWS * COLS, 7)).unwrap();
@@ -104,7 +110,11 @@ fn merged_both_ways(dora: bool) {
         F32Tensor::new(&[RANK, COLS], &a),
         F32Tensor::new(&[ROWS, RANK], &b),
     );
-    let (scale, opts) = (ALPHA as f32 / RANK as f32, MergeOptions::default());
+    let scale = ALPHA as f32 / RANK as f32;
+    let opts = MergeOptions {
+        safe_merge,
+        ..MergeOptions::default()
+    };
     match dora {
         true => merge_dora_linear(into, a, b, F32Tensor::new(&[ROWS], &m), scale, false, &opts),
         false => merge_linear(into, a, b, scale, false, &opts),
@@ -114,8 +124,13 @@ fn merged_both_ways(dora: bool) {
     for durable in [true, false] {
         let out = tmp.path().join(format!("merged-{durable}"));
         let input = vec![AdapterInput::parse(adapter.to_str().unwrap())];
-        let summary = merge(&MergeJob::new(&base, input, &out).durable(durable)).unwrap();
-        assert_eq!(summary.tensors_merged, 1);
-        assert!(weight(&out) == want, "dora {dora}, durable {durable}");
+        let job = MergeJob::new(&base, input, &out)
+            .durable(durable)
+            .safe_merge(safe_merge);
+        assert_eq!(merge(&job).unwrap().tensors_merged, 1);
+        assert!(
+            weight(&out) == want,
+            "dora {dora}, safe {safe_merge}, durable {durable}"
+        );
     }
 }

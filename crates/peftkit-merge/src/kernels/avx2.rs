@@ -46,6 +46,7 @@ pub(crate) fn add_rows(
     (rows, k, n): (usize, usize, usize),
     blocks: &[Range<usize>],
     scale: f32,
+    round_first: bool,
     base: &mut [u8],
 ) {
     assert!(available(), "the AVX2 kernel needs avx2, fma and f16c");
@@ -60,9 +61,15 @@ pub(crate) fn add_rows(
     // slices whose lengths were just checked (rows < `rows`, columns < `n`, rank < `k`).
     unsafe {
         match ty {
-            BaseType::F32 => kernel::<0>(left, right, rows, k, n, blocks, scale, base),
-            BaseType::Bf16 => kernel::<1>(left, right, rows, k, n, blocks, scale, base),
-            BaseType::F16 => kernel::<2>(left, right, rows, k, n, blocks, scale, base),
+            BaseType::F32 => {
+                kernel::<0>(left, right, rows, k, n, blocks, (scale, round_first), base)
+            }
+            BaseType::Bf16 => {
+                kernel::<1>(left, right, rows, k, n, blocks, (scale, round_first), base)
+            }
+            BaseType::F16 => {
+                kernel::<2>(left, right, rows, k, n, blocks, (scale, round_first), base)
+            }
         }
     }
 }
@@ -85,7 +92,7 @@ unsafe fn kernel<const T: u8>(
     k: usize,
     n: usize,
     blocks: &[Range<usize>],
-    scale: f32,
+    (scale, round_first): (f32, bool),
     base: &mut [u8],
 ) {
     // SAFETY: every offset stays inside `left` (rows × k), `right` (k × n) and `base` (rows × n
@@ -106,7 +113,17 @@ unsafe fn kernel<const T: u8>(
             pack(rp, pp, (k, n), j0..full_end, T == 1);
             let mut q = 0;
             while q + MR <= rows {
-                tile::<T, MR>(lp, pp, bp, k, n, q, j0..full_end, blocks, scale);
+                tile::<T, MR>(
+                    lp,
+                    pp,
+                    bp,
+                    k,
+                    n,
+                    q,
+                    j0..full_end,
+                    blocks,
+                    (scale, round_first),
+                );
                 q += MR;
             }
             // The last rows in one narrower tile: a tile of one row would leave the FMA units
@@ -114,13 +131,21 @@ unsafe fn kernel<const T: u8>(
             macro_rules! last_rows {
                 ($($r:literal)*) => {
                     match rows - q {
-                        $($r => tile::<T, $r>(lp, pp, bp, k, n, q, j0..full_end, blocks, scale),)*
+                        $($r => tile::<T, $r>(lp, pp, bp, k, n, q, j0..full_end, blocks, (scale, round_first)),)*
                         _ => {} // none left (always fewer than `MR`)
                     }
                 };
             }
             last_rows!(1 2 3 4 5);
-            column_tail::<T>(lp, rp, bp, (rows, k, n), full_end..j1, blocks, scale);
+            column_tail::<T>(
+                lp,
+                rp,
+                bp,
+                (rows, k, n),
+                full_end..j1,
+                blocks,
+                (scale, round_first),
+            );
             j0 = j1;
         }
         PACKED.set(packed);
@@ -138,7 +163,7 @@ unsafe fn column_tail<const T: u8>(
     (rows, k, n): (usize, usize, usize),
     cols: Range<usize>,
     blocks: &[Range<usize>],
-    scale: f32,
+    (scale, round_first): (f32, bool),
 ) {
     // SAFETY: `kernel` passes `cols` ⊆ 0..n and the checked slices' pointers.
     unsafe {
@@ -152,7 +177,11 @@ unsafe fn column_tail<const T: u8>(
                     }
                     tot = if bi == 0 { acc } else { tot + acc };
                 }
-                add_one::<T>(bp, row * n + j, tot * scale);
+                add_one::<T>(
+                    bp,
+                    row * n + j,
+                    super::avx512::rounded::<T>(tot * scale, round_first),
+                );
             }
         }
     }
@@ -221,7 +250,7 @@ unsafe fn tile<const T: u8, const Q: usize>(
     row0: usize,
     cols: Range<usize>,
     blocks: &[Range<usize>],
-    scale: f32,
+    (scale, round_first): (f32, bool),
 ) {
     // SAFETY: the caller (`kernel`) passes rows `row0..row0 + Q` < rows and 16-wide column
     // steps inside `cols` ⊆ 0..n, so every load and store stays inside the checked slices.
@@ -246,6 +275,10 @@ unsafe fn tile<const T: u8, const Q: usize>(
             }
             for (q, t) in tot.iter().enumerate() {
                 let d = [_mm256_mul_ps(t[0], vscale), _mm256_mul_ps(t[1], vscale)];
+                let d = match round_first {
+                    true => d.map(|d| rounded8::<T>(d, masks[2])),
+                    false => d,
+                };
                 add16::<T>(bp, (row0 + q) * n + j, d, &masks);
             }
             j += NR;
@@ -381,6 +414,23 @@ pub(crate) fn f32x8_to_bf16(x: __m256) -> __m128i {
     // 128-bit half, and the permute brings the two halves' results together.
     let packed = _mm256_packus_epi32(r, r);
     _mm256_castsi256_si128(_mm256_permute4x64_epi64::<0b1000>(packed))
+}
+
+/// `d` rounded to the base type and widened back (exact), as the general path rounds `Δ` for a
+/// merge that rounds it first (`safe_merge`; see `lora::apply_lowrank`). `byte2_down` is
+/// [`BYTE2_DOWN`] (see [`bf16_biased`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn rounded8<const T: u8>(d: __m256, byte2_down: __m256i) -> __m256 {
+    match T {
+        0 => d,
+        // A NaN lane is all ones, so 0xFFFF_0000 once the low half is cleared.
+        1 => _mm256_castsi256_ps(_mm256_and_si256(
+            bf16_biased(d, byte2_down),
+            _mm256_set1_epi32(0xFFFF_0000u32 as i32),
+        )),
+        _ => _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(d)),
+    }
 }
 
 /// One element of [`add16`].

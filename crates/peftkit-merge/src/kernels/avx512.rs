@@ -63,6 +63,7 @@ pub(crate) fn add_rows(
     (rows, k, n): (usize, usize, usize),
     blocks: &[Range<usize>],
     scale: f32,
+    round_first: bool,
     base: &mut [u8],
 ) {
     assert!(
@@ -80,9 +81,15 @@ pub(crate) fn add_rows(
     // slices whose lengths were just checked (rows < `rows`, columns < `n`, rank < `k`).
     unsafe {
         match ty {
-            BaseType::F32 => kernel::<0>(left, right, rows, k, n, blocks, scale, base),
-            BaseType::Bf16 => kernel::<1>(left, right, rows, k, n, blocks, scale, base),
-            BaseType::F16 => kernel::<2>(left, right, rows, k, n, blocks, scale, base),
+            BaseType::F32 => {
+                kernel::<0>(left, right, rows, k, n, blocks, (scale, round_first), base)
+            }
+            BaseType::Bf16 => {
+                kernel::<1>(left, right, rows, k, n, blocks, (scale, round_first), base)
+            }
+            BaseType::F16 => {
+                kernel::<2>(left, right, rows, k, n, blocks, (scale, round_first), base)
+            }
         }
     }
 }
@@ -105,7 +112,7 @@ unsafe fn kernel<const T: u8>(
     k: usize,
     n: usize,
     blocks: &[Range<usize>],
-    scale: f32,
+    (scale, round_first): (f32, bool),
     base: &mut [u8],
 ) {
     // SAFETY: every offset stays inside `left` (rows × k), `right` (k × n) and `base` (rows × n
@@ -122,11 +129,31 @@ unsafe fn kernel<const T: u8>(
             let full_end = j0 + (j1 - j0) / NR * NR;
             let mut q = 0;
             while q + MR <= rows {
-                tile::<T, MR>(lp, rp, bp, k, n, q, j0..full_end, blocks, scale);
+                tile::<T, MR>(
+                    lp,
+                    rp,
+                    bp,
+                    k,
+                    n,
+                    q,
+                    j0..full_end,
+                    blocks,
+                    (scale, round_first),
+                );
                 q += MR;
             }
             while q < rows {
-                tile::<T, 1>(lp, rp, bp, k, n, q, j0..full_end, blocks, scale);
+                tile::<T, 1>(
+                    lp,
+                    rp,
+                    bp,
+                    k,
+                    n,
+                    q,
+                    j0..full_end,
+                    blocks,
+                    (scale, round_first),
+                );
                 q += 1;
             }
             // Column tail (fewer than 32 columns): the same operations, one element at a time.
@@ -140,7 +167,7 @@ unsafe fn kernel<const T: u8>(
                         }
                         tot = if bi == 0 { acc } else { tot + acc };
                     }
-                    add_one::<T>(bp, row * n + j, tot * scale);
+                    add_one::<T>(bp, row * n + j, rounded::<T>(tot * scale, round_first));
                 }
             }
             j0 = j1;
@@ -161,7 +188,7 @@ unsafe fn tile<const T: u8, const Q: usize>(
     row0: usize,
     cols: Range<usize>,
     blocks: &[Range<usize>],
-    scale: f32,
+    (scale, round_first): (f32, bool),
 ) {
     // SAFETY: the caller (`kernel`) passes rows `row0..row0 + Q` < rows and 32-wide column
     // steps inside `cols` ⊆ 0..n, so every load and store stays inside the checked slices.
@@ -192,8 +219,13 @@ unsafe fn tile<const T: u8, const Q: usize>(
             }
             for (q, t) in tot.iter().enumerate() {
                 let at = (row0 + q) * n + j;
-                add16::<T>(bp, at, _mm512_mul_ps(t[0], vscale));
-                add16::<T>(bp, at + 16, _mm512_mul_ps(t[1], vscale));
+                let d = [_mm512_mul_ps(t[0], vscale), _mm512_mul_ps(t[1], vscale)];
+                let d = match round_first {
+                    true => d.map(|d| rounded16::<T>(d)),
+                    false => d,
+                };
+                add16::<T>(bp, at, d[0]);
+                add16::<T>(bp, at + 16, d[1]);
             }
             j += NR;
         }
@@ -232,6 +264,39 @@ unsafe fn add16<const T: u8>(bp: *mut u8, at: usize, d: __m512) {
                 _mm256_storeu_si256(p, h);
             }
         }
+    }
+}
+
+/// `d` rounded to the base type and widened back (exact), as the general path rounds `Δ` for a
+/// merge that rounds it first (`safe_merge`; see `lora::apply_lowrank`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+fn rounded16<const T: u8>(d: __m512) -> __m512 {
+    match T {
+        0 => d,
+        1 => {
+            // The rounding of `add16`, its bits kept in place: any NaN → 0xFFFF_0000.
+            let u = _mm512_castps_si512(d);
+            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(u), _mm512_set1_epi32(1));
+            let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
+            let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+            let r = _mm512_and_si512(_mm512_add_epi32(u, bias), high);
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(d, d);
+            _mm512_castsi512_ps(_mm512_mask_mov_epi32(r, nan, high))
+        }
+        _ => _mm512_cvtph_ps(_mm512_cvtps_ph::<
+            { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+        >(d)),
+    }
+}
+
+/// One element of [`rounded16`].
+#[inline(always)]
+pub(crate) fn rounded<const T: u8>(d: f32, round_first: bool) -> f32 {
+    match (T, round_first) {
+        (1, true) => bf16_bits_to_f32(f32_to_bf16_bits(d)),
+        (2, true) => f16_bits_to_f32(f32_to_f16_bits(d)),
+        _ => d,
     }
 }
 

@@ -21,10 +21,12 @@ use super::dtype::{bf16_bits_to_f32, decode_le, encode_le, f32_to_bf16_bits};
 use super::gemm::{product_into, Product, Sink};
 
 /// One low-rank update of a fused add: `Δ` of `product`, reduced over the rank in `blocks`
-/// (MKL's order).
+/// (MKL's order), rounded to the base dtype before the add when `round_first` (as peft's
+/// `safe_merge` and some layers round it).
 pub(crate) struct Fused<'a> {
     pub product: Product<'a>,
     pub blocks: &'a [Range<usize>],
+    pub round_first: bool,
 }
 
 /// Adds the `Δ` of each update of `chain`, in order, to the base in `target`, block of rows by
@@ -59,7 +61,16 @@ pub(crate) fn add_in_place(
                 .run(target, |u, left, right, rows, bytes| {
                     let p = &u.product;
                     let shape = (rows, p.k, p.n);
-                    super::avx512::add_rows(ty, left, right, shape, u.blocks, p.scale, bytes)
+                    super::avx512::add_rows(
+                        ty,
+                        left,
+                        right,
+                        shape,
+                        u.blocks,
+                        p.scale,
+                        u.round_first,
+                        bytes,
+                    )
                 })
                 .map(Some);
         }
@@ -68,7 +79,16 @@ pub(crate) fn add_in_place(
                 .run(target, |u, left, right, rows, bytes| {
                     let p = &u.product;
                     let shape = (rows, p.k, p.n);
-                    super::avx2::add_rows(ty, left, right, shape, u.blocks, p.scale, bytes)
+                    super::avx2::add_rows(
+                        ty,
+                        left,
+                        right,
+                        shape,
+                        u.blocks,
+                        p.scale,
+                        u.round_first,
+                        bytes,
+                    )
                 })
                 .map(Some);
         }
@@ -111,6 +131,7 @@ impl Segments<'_> {
             let mut sink = AddInto::<E> {
                 bytes,
                 n: p.n,
+                round_first: u.round_first,
                 elem: PhantomData,
             };
             product_into(left, right, p.k, p.n, u.blocks, p.scale, &mut sink, rows);
@@ -185,6 +206,8 @@ trait Elem {
     fn decode(bytes: &[u8], out: &mut [f32]);
     /// Encodes `vals` into `bytes`, rounding as torch does.
     fn encode(vals: &[f32], bytes: &mut [u8]);
+    /// `v` rounded to this type and widened back (exact).
+    fn round(v: f32) -> f32;
 }
 
 struct F32;
@@ -200,6 +223,10 @@ impl Elem for F32 {
     fn encode(vals: &[f32], bytes: &mut [u8]) {
         encode_le(vals, bytes, f32::to_le_bytes);
     }
+    #[inline(always)]
+    fn round(v: f32) -> f32 {
+        v
+    }
 }
 
 impl Elem for Bf16 {
@@ -212,36 +239,50 @@ impl Elem for Bf16 {
     fn encode(vals: &[f32], bytes: &mut [u8]) {
         encode_le(vals, bytes, |v| f32_to_bf16_bits(v).to_le_bytes());
     }
+    #[inline(always)]
+    fn round(v: f32) -> f32 {
+        bf16_bits_to_f32(f32_to_bf16_bits(v))
+    }
 }
 
 /// Adds finished product elements into row-major base bytes of element type `E`.
 struct AddInto<'a, E> {
     bytes: &'a mut [u8],
     n: usize,
+    round_first: bool,
     elem: PhantomData<E>,
 }
 
 impl<E: Elem> Sink for AddInto<'_, E> {
     #[inline(always)]
     fn put<const W: usize>(&mut self, row: usize, col: usize, vals: &[f32; W]) {
-        let at = (row * self.n + col) * E::SIZE;
+        let (at, round) = ((row * self.n + col) * E::SIZE, self.round_first);
         let dst = &mut self.bytes[at..at + W * E::SIZE];
         let mut w = [0f32; W];
         E::decode(dst, &mut w);
         for (x, d) in w.iter_mut().zip(vals) {
-            *x += *d;
+            *x += delta::<E>(*d, round);
         }
         E::encode(&w, dst);
     }
 
     #[inline(always)]
     fn put_one(&mut self, row: usize, col: usize, val: f32) {
-        let at = (row * self.n + col) * E::SIZE;
+        let (at, round) = ((row * self.n + col) * E::SIZE, self.round_first);
         let dst = &mut self.bytes[at..at + E::SIZE];
         let mut w = [0f32; 1];
         E::decode(dst, &mut w);
-        w[0] += val;
+        w[0] += delta::<E>(val, round);
         E::encode(&w, dst);
+    }
+}
+
+/// `d` as [`AddInto`] adds it: rounded to the base type first when `round_first`.
+#[inline(always)]
+fn delta<E: Elem>(d: f32, round_first: bool) -> f32 {
+    match round_first {
+        true => E::round(d),
+        false => d,
     }
 }
 
@@ -299,10 +340,11 @@ mod tests {
             .collect()
     }
 
-    /// The general path's arithmetic: decode, `Δ` into a buffer, add, encode.
+    /// The general path's arithmetic: decode, `Δ` into a buffer (rounded to `dtype` when
+    /// `round_first`), add, encode.
     fn reference(
         p: &Product<'_>,
-        blocks: &[Range<usize>],
+        (blocks, round_first): (&[Range<usize>], bool),
         batch: usize,
         dtype: Dtype,
         base: &[u8],
@@ -319,6 +361,9 @@ mod tests {
                 p.scale,
                 &mut delta[e * p.rows * p.n..(e + 1) * p.rows * p.n],
             );
+        }
+        if round_first {
+            super::super::dtype::round_slice_to(dtype, &mut delta).unwrap();
         }
         for (x, d) in w.iter_mut().zip(&delta) {
             *x += *d;
@@ -342,6 +387,15 @@ mod tests {
             (3, 5, 16, 100),
             (1, 600, 16, 1000),
         ] {
+            for round_first in [false, true] {
+                fused_paths_agree((batch, rows, k, n), round_first);
+            }
+        }
+    }
+
+    /// [`fused_paths_equal_the_general_arithmetic`] for one shape.
+    fn fused_paths_agree((batch, rows, k, n): (usize, usize, usize, usize), round_first: bool) {
+        {
             let left = factor(batch * rows * k, 1);
             let right = factor(batch * k * n, 2);
             let blocks = active_k_blocks(k);
@@ -355,11 +409,12 @@ mod tests {
                     scale: 0.75,
                 },
                 blocks: &blocks,
+                round_first,
             }];
             let p = &update[0].product;
             for dtype in [Dtype::F32, Dtype::BF16, Dtype::F16] {
                 let base = encode_f32("base", dtype, &base_values(batch * rows * n)).unwrap();
-                let want = reference(p, &blocks, batch, dtype, &base);
+                let want = reference(p, (&blocks, round_first), batch, dtype, &base);
                 let mut paths: Vec<(&str, Vec<u8>)> = Vec::new();
                 let mut got = base.clone();
                 let seg = Segments {
@@ -402,6 +457,7 @@ mod tests {
                         (batch * rows, k, n),
                         &blocks,
                         0.75,
+                        round_first,
                         &mut got,
                     );
                     paths.push(("avx512 (one call)", got));
@@ -418,6 +474,7 @@ mod tests {
                         (batch * rows, k, n),
                         &blocks,
                         0.75,
+                        round_first,
                         &mut got,
                     );
                     paths.push(("avx2 (one call)", got));
@@ -470,6 +527,7 @@ mod tests {
                 scale: 1.0,
             },
             blocks: &blocks,
+            round_first: false,
         }];
         for readable in [false, true] {
             let io = Broken(readable);
@@ -501,10 +559,13 @@ mod tests {
             Fused {
                 product: product(&l1, &r1, 16, 0.5),
                 blocks: &b1,
+                round_first: false,
             },
+            // Rounded first, as a `safe_merge` step is.
             Fused {
                 product: product(&l2, &r2, 5, -2.0),
                 blocks: &b2,
+                round_first: true,
             },
         ];
         for dtype in [Dtype::F32, Dtype::BF16, Dtype::F16] {
@@ -520,6 +581,7 @@ mod tests {
                         u.product.scale,
                     ),
                     blocks: u.blocks,
+                    round_first: u.round_first,
                 }];
                 let target = Target::Memory(&mut want);
                 fused &= add_in_place(&one, dtype, target, false).unwrap().is_some();

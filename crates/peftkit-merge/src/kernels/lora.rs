@@ -222,6 +222,7 @@ impl<'a> LowRank<'a> {
             let chain = [fused::Fused {
                 product,
                 blocks: &self.blocks,
+                round_first: false,
             }];
             let target = fused::Target::Memory(bytemuck::cast_slice_mut(rows));
             let added = fused::add_in_place(&chain, Dtype::F32, target, false)
@@ -237,35 +238,50 @@ impl<'a> LowRank<'a> {
         Ok(())
     }
 
-    /// Adds `Δ` to `base` through the fused kernel (see [`super::fused`]); `Ok(false)`, with
-    /// `base` untouched, when its dtype has no fused path.
-    fn try_add_fused(&self, what: &'static str, base: &mut BaseTensorMut<'_>) -> Result<bool> {
+    /// Adds `Δ` to `base` through the fused kernel (see [`super::fused`]), rounded to the base
+    /// dtype first when `round_first`; `Ok(false)`, with `base` untouched, when its dtype has
+    /// no fused path. With `check` (`safe_merge`), a result holding NaN or infinity is
+    /// [`MergeMathError::NonFinite`], counted over the whole tensor as the general path counts.
+    fn try_add_fused(
+        &self,
+        what: &'static str,
+        base: &mut BaseTensorMut<'_>,
+        (round_first, check): (bool, bool),
+    ) -> Result<bool> {
         let total = base.validate(what, true)?;
         if self.n == 0 || total != self.left.len() / self.r.max(1) * self.n {
             return Ok(false);
         }
         let target = fused::Target::Memory(base.data);
-        let fused = fused::add_in_place(&[self.fused()], base.dtype, target, base.probe.is_some())
+        let test = base.probe.is_some() || check;
+        let update = [self.fused(round_first)];
+        let fused = fused::add_in_place(&update, base.dtype, target, test)
             .map_err(|_| MergeMathError::BaseUnread { what })?;
         if let (Some(finite), Some(probe)) = (fused, base.probe) {
             probe.record(finite);
         }
+        if let (Some(false), true) = (fused, check) {
+            if let Some((count, first)) = peftkit_checkpoint::nonfinite(base.dtype, base.data) {
+                return Err(MergeMathError::NonFinite { what, count, first });
+            }
+        }
         Ok(fused.is_some())
     }
 
-    /// Whether merging this product takes the fused kernel: the plain merge (peft's numerics,
-    /// one rounding, f32 adapter; `always_round_first` for layers peft rounds `Δ` for first).
-    fn fuses(&self, opts: &MergeOptions, always_round_first: bool) -> bool {
-        let round_first =
-            always_round_first || opts.safe_merge || opts.round_delta_first || opts.unmerge;
-        opts.numerics != Numerics::Exact && !round_first && self.adapter_round.is_none()
+    /// Whether merging this product takes the fused kernel: peft's numerics, an f32 adapter,
+    /// and a merge (an unmerge subtracts `Δ` rounded first, whose NaN signs an added `-Δ` would
+    /// not keep).
+    fn fuses(&self, opts: &MergeOptions) -> bool {
+        opts.numerics != Numerics::Exact && !opts.unmerge && self.adapter_round.is_none()
     }
 
-    /// The update as the fused kernel takes it (a merge, never an unmerge: see `fuses`).
-    fn fused(&self) -> fused::Fused<'_> {
+    /// The update as the fused kernel takes it (a merge, never an unmerge: see `fuses`), `Δ`
+    /// rounded to the base dtype before the add when `round_first`.
+    fn fused(&self, round_first: bool) -> fused::Fused<'_> {
         fused::Fused {
             product: self.as_product(false),
             blocks: &self.blocks,
+            round_first,
         }
     }
 
@@ -308,8 +324,8 @@ fn apply_lowrank(
         always_round_first || opts.safe_merge || opts.round_delta_first || opts.unmerge;
     let sign_sub = opts.unmerge;
     let check = opts.safe_merge && !opts.unmerge;
-    // The plain merge (one rounding, f32 adapter) has a fused kernel.
-    if lr.fuses(opts, always_round_first) && lr.try_add_fused(what, base)? {
+    // A merge with an f32 adapter has a fused kernel, rounding `Δ` first or not.
+    if lr.fuses(opts) && lr.try_add_fused(what, base, (round_first, check))? {
         return Ok(());
     }
     update_rows(
@@ -505,7 +521,7 @@ pub(crate) fn stream_linear(
     for u in chain {
         let round = u.opts.adapter_round()?;
         let lr = linear_lowrank(base.shape, &u.a, &u.b, u.scale, u.fan_in_fan_out, round)?;
-        if !lr.fuses(&u.opts, false)
+        if !lr.fuses(&u.opts)
             || lr.n == 0
             || elems != numel(what, base.shape)?
             || elems != lr.left.len() / lr.r.max(1) * lr.n
@@ -514,7 +530,9 @@ pub(crate) fn stream_linear(
         }
         ranks.push(lr);
     }
-    let updates: Vec<fused::Fused<'_>> = ranks.iter().map(LowRank::fused).collect();
+    let updates: Vec<fused::Fused<'_>> = (ranks.iter().zip(chain))
+        .map(|(lr, u)| lr.fused(u.opts.round_delta_first || u.opts.safe_merge))
+        .collect();
     let target = fused::Target::Streamed {
         len: base.len,
         io: base.io,
