@@ -1,14 +1,16 @@
-//! The plain merge `W ← fl(f32(W) + Δ)` with `Δ` never written to memory.
+//! The merge `W ← fl(f32(W) + Δ)` with `Δ` never written to memory.
 //!
 //! The general path ([`super::apply`]) decodes a block of base rows to `f32`, writes the delta
-//! rows to a scratch buffer, adds, and encodes: four passes over memory per element. For the
-//! common case (Linear/`Conv1D` LoRA, unsafe merge, f32 adapter) this module instead lets the
-//! GEMM kernel add each finished register tile of `Δ` to the base bytes in place: with the
-//! hand-written AVX-512 kernel ([`super::avx512`]) or, without AVX-512, the AVX2 one
-//! ([`super::avx2`]) for F32/BF16/F16 bases, else with the generic kernel and an adding [`Sink`] for F32/BF16 (for F16 the generic version was slower
-//! than the general path, which it then keeps). The operations on every element are those of
-//! the general path (`Δ = fl32(P · s)`, one add in f32, one rounding), so the bits are the
-//! same; a test checks it.
+//! rows to a scratch buffer, adds, and encodes: four passes over memory per element. For a merge
+//! with an f32 adapter (LoRA on a Linear, `Conv1D`, embedding or experts) this module instead
+//! lets the GEMM kernel add each finished register tile of `Δ` to the base bytes in place: with
+//! the hand-written AVX-512 kernel ([`super::avx512`]) or, without AVX-512, the AVX2 one
+//! ([`super::avx2`]) for F32/BF16/F16 bases, else with the generic kernel and an adding
+//! [`Sink`] for F32/BF16 (for F16 the generic version was slower than the general path, which
+//! it then keeps). The operations on every element are those of the general path
+//! (`Δ = fl32(P · s)`, rounded to the base dtype first where peft rounds it
+//! ([`Fused::round_first`]: `safe_merge`, embeddings, experts, 2-D `target_parameters`), one add
+//! in f32, one rounding), so the bits are the same; a test checks it.
 
 use std::marker::PhantomData;
 use std::ops::Range;
