@@ -13,6 +13,8 @@ Cases (inputs are built once in `--work`, default /tmp/peftkit-bench, and reused
 * `merge-7b`: the same on the 13.5 GB Llama-2-7B shape (full runs only; needs about 30 GB free);
 * `merge-dora`: the 1 GB merge with an r=16 all-linear DoRA adapter made by peft
   (`use_dora=True`) instead of the LoRA;
+* `merge-safe`: the 1 GB merge with `--safe-merge` (peft's `safe_merge=True`: the delta rounded
+  to bf16 before the add, a NaN or infinity refused);
 * `reshard`: `peftkit reshard` of the 1 GB Llama into 200 MB shards;
 * `remap-v5`, `remap-original`: `peftkit remap` of a 0.9 GB Mixtral-shaped MoE (8 experts,
   saved by transformers in the original per-expert layout) to the transformers-v5 layout (fused
@@ -253,6 +255,13 @@ CASES = {
                       whole_direct=True),
     "merge-7b": dict(data=lambda w, p: llama(w, "7b"), cmd=merge_cmd, no_fsync=True, arith=True, size="7b"),
     "merge-dora": dict(data=lambda w, p: dora_adapter(w), cmd=merge_cmd, no_fsync=True, arith=True, size="1gb"),
+    "merge-safe": dict(
+        data=lambda w, p: llama(w, "1gb"),
+        cmd=lambda p, i, o, s: merge_cmd(p, i, o, s) + ["--safe-merge"],
+        no_fsync=True,
+        arith=True,
+        size="1gb",
+    ),
     "reshard": dict(
         data=lambda w, p: llama(w, "1gb"),
         cmd=lambda p, i, o, s: [str(p), "reshard", str(i["input"]), "--out", str(o), "--max-shard-size", "200MB"]
@@ -319,7 +328,7 @@ CASES = {
         no_target=True,
     ),
 }
-QUICK = ["merge-1gb", "merge-dora", "reshard", "remap-v5", "remap-original", "extract", "convert", "merge-fp8",
+QUICK = ["merge-1gb", "merge-dora", "merge-safe", "reshard", "remap-v5", "remap-original", "extract", "convert", "merge-fp8",
          "merge-fp8-dequantize", "merge-nf4", "merge-int8", "merge-nf4-dequantize", "merge-qlora"]
 RSS_LIMIT_MIB = {"1gb": 64, "7b": 256}
 # The label of a contender run with PEFTKIT_WHOLE_DIRECT=1 (see `contenders`).
