@@ -84,6 +84,24 @@ impl Step {
 }
 
 impl RowBanded {
+    /// Every step of `steps` on weight `name` of `shape` as a [`RowBanded`] one
+    /// ([`Step::row_banded`]), or `None` when one is not.
+    pub(crate) fn all(
+        steps: &[Step],
+        name: &str,
+        shape: &[usize],
+        opts: &KernelOptions,
+    ) -> Result<Option<Vec<RowBanded>>, CheckpointError> {
+        let mut banded = Vec::with_capacity(steps.len());
+        for step in steps {
+            match step.row_banded(name, shape, opts)? {
+                Some(b) => banded.push(b),
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(banded))
+    }
+
     /// Applies the step to `data`, rows `rows` of the 2-D weight `name` (`dtype`, `cols`
     /// columns). A kernel that checks what it writes tells `probe` (see [`Step::apply`]).
     pub(crate) fn apply(
@@ -143,13 +161,9 @@ pub(super) fn stream_banded(
     if row_bytes == 0 || base.len != rows * row_bytes {
         return Ok(None);
     }
-    let mut banded = Vec::with_capacity(steps.len());
-    for step in steps {
-        match step.row_banded(name, base.shape, opts)? {
-            Some(b) => banded.push(b),
-            None => return Ok(None),
-        }
-    }
+    let Some(banded) = RowBanded::all(steps, name, base.shape, opts)? else {
+        return Ok(None);
+    };
     // Multiples of 8 rows keep the kernels' row tiles whole.
     let block = (STREAM_BLOCK_BYTES / row_bytes).max(1).div_ceil(8) * 8 * row_bytes;
     let site = Site {

@@ -69,6 +69,13 @@ impl MergeOptions {
     fn adapter_round(&self) -> Result<Option<Dtype>> {
         adapter_rounding(self.adapter_dtype)
     }
+
+    /// Whether `Δ` is rounded to the base dtype before the add: as peft's `safe_merge` and
+    /// unmerge do, where asked (`round_delta_first`), and for layers peft always rounds it for
+    /// (`layer_rounds`: embeddings, experts).
+    fn rounds_delta_first(&self, layer_rounds: bool) -> bool {
+        layer_rounds || self.safe_merge || self.round_delta_first || self.unmerge
+    }
 }
 
 /// The dtype Δ is rounded to for an `adapter_dtype` (see [`MergeOptions::adapter_dtype`]):
@@ -213,11 +220,8 @@ impl<'a> LowRank<'a> {
         if let (Some(left), true) = (left, single && n > 0) {
             let product = Product {
                 left,
-                right: &self.right,
                 rows: k,
-                k: r,
-                n,
-                scale: self.scale,
+                ..self.as_product(false)
             };
             let chain = [fused::Fused {
                 product,
@@ -320,8 +324,7 @@ fn apply_lowrank(
         return Ok(());
     }
     let dtype = base.dtype;
-    let round_first =
-        always_round_first || opts.safe_merge || opts.round_delta_first || opts.unmerge;
+    let round_first = opts.rounds_delta_first(always_round_first);
     let sign_sub = opts.unmerge;
     let check = opts.safe_merge && !opts.unmerge;
     // A merge with an f32 adapter has a fused kernel, rounding `Δ` first or not.
@@ -531,7 +534,7 @@ pub(crate) fn stream_linear(
         ranks.push(lr);
     }
     let updates: Vec<fused::Fused<'_>> = (ranks.iter().zip(chain))
-        .map(|(lr, u)| lr.fused(u.opts.round_delta_first || u.opts.safe_merge))
+        .map(|(lr, u)| lr.fused(u.opts.rounds_delta_first(false)))
         .collect();
     let target = fused::Target::Streamed {
         len: base.len,

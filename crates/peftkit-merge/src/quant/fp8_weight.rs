@@ -182,14 +182,7 @@ impl Fp8Weight {
         if self.grid.lead != 1 {
             return Ok(None);
         }
-        let mut banded = Vec::with_capacity(self.steps.len());
-        for step in &self.steps {
-            match step.row_banded(&self.key, self.weight.shape(), &self.opts)? {
-                Some(b) => banded.push(b),
-                None => return Ok(None),
-            }
-        }
-        Ok(Some(banded))
+        RowBanded::all(&self.steps, &self.key, self.weight.shape(), &self.opts)
     }
 
     /// [`Fp8Weight::requantize`] one band of blocks at a time (see

@@ -118,8 +118,9 @@ pub(super) type Quantize<'a, O, R> = dyn Fn(&[f32], O) -> Result<R, CheckpointEr
 
 impl Bands {
     /// `steps` on the weight `name` of `shape` by bands of `rows` rows (`None`: its format
-    /// cannot be cut in bands), if every step is a plain Linear LoRA (peft's kept merge of one
-    /// adapter; between two adapters the weight goes through its format whole).
+    /// cannot be cut in bands), if every step runs by bands, a LoRA or DoRA on a Linear (peft's
+    /// kept merge of one adapter; between two adapters, or after a DoRA cast back, the weight
+    /// goes through its format whole).
     pub fn of(
         (name, shape): (&str, &[usize]),
         rows: Option<usize>,
@@ -129,13 +130,9 @@ impl Bands {
         let Some(rows) = rows else {
             return Ok(None);
         };
-        let mut banded = Vec::with_capacity(steps.len());
-        for step in steps {
-            match step.row_banded(name, shape, opts)? {
-                Some(b) => banded.push(b),
-                None => return Ok(None),
-            }
-        }
+        let Some(banded) = RowBanded::all(steps, name, shape, opts)? else {
+            return Ok(None);
+        };
         Ok((!banded.is_empty()).then_some(Bands {
             steps: banded,
             rows,
