@@ -247,13 +247,7 @@ unsafe fn add16<const T: u8>(bp: *mut u8, at: usize, d: __m512) {
                 let p = bp.add(at * 2) as *mut __m256i;
                 let w = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p)));
                 let x = _mm512_add_ps(_mm512_castsi512_ps(w), d);
-                // Round to nearest even on the bits, as `f32_to_bf16_bits`; any NaN → 0xFFFF.
-                let u = _mm512_castps_si512(x);
-                let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(u), _mm512_set1_epi32(1));
-                let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
-                let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(u, bias));
-                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
-                let r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0xFFFF));
+                let r = _mm512_srli_epi32::<16>(bf16_biased(x));
                 _mm256_storeu_si256(p, _mm512_cvtepi32_epi16(r));
             }
             _ => {
@@ -275,19 +269,25 @@ fn rounded16<const T: u8>(d: __m512) -> __m512 {
     match T {
         0 => d,
         1 => {
-            // The rounding of `add16`, its bits kept in place: any NaN → 0xFFFF_0000.
-            let u = _mm512_castps_si512(d);
-            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(u), _mm512_set1_epi32(1));
-            let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
             let high = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-            let r = _mm512_and_si512(_mm512_add_epi32(u, bias), high);
-            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(d, d);
-            _mm512_castsi512_ps(_mm512_mask_mov_epi32(r, nan, high))
+            _mm512_castsi512_ps(_mm512_and_si512(bf16_biased(d), high))
         }
         _ => _mm512_cvtph_ps(_mm512_cvtps_ph::<
             { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
         >(d)),
     }
+}
+
+/// `x` rounded to BF16 as [`f32_to_bf16_bits`] does (nearest even on the bits; any NaN →
+/// `0xFFFF`), in the high 16 bits of each 32-bit lane (the low ones are left over).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[inline]
+fn bf16_biased(x: __m512) -> __m512i {
+    let u = _mm512_castps_si512(x);
+    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(u), _mm512_set1_epi32(1));
+    let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+    _mm512_mask_mov_epi32(_mm512_add_epi32(u, bias), nan, _mm512_set1_epi32(-1))
 }
 
 /// One element of [`rounded16`].
