@@ -189,7 +189,8 @@ pub(super) fn stream_banded(
                 base.check.then_some(&probe),
             )?;
         }
-        // DoRA's kernel does not test what it writes: the block is tested here, in cache.
+        // Both kernels test what they write (`probe`); should one not, the block is tested
+        // here, in cache.
         Ok(!base.check || probe.all_finite() || nonfinite(base.dtype, bytes).is_none())
     })?;
     Ok(Some(finite))
@@ -302,6 +303,10 @@ mod tests {
         let want = whole(&steps, dtype, &shape, &base);
         assert_eq!(stream(&steps, true), (Some(false), want.clone()));
         assert_eq!(stream(&steps, false), (Some(true), want));
+        // So it is when the DoRA is the last step, whose kernel tests what it writes.
+        let dora = &steps[..1];
+        let want = whole(dora, dtype, &shape, &base);
+        assert_eq!(stream(dora, true), (Some(false), want));
     }
 
     #[test]

@@ -7,9 +7,11 @@
 use rayon::prelude::*;
 use safetensors::Dtype;
 
+use peftkit_checkpoint::nonfinite;
+
 use super::dtype::{
     decode_f32_into, decode_f64_into, element_size, encode_f32_into, encode_f64_into,
-    round_slice_to,
+    encode_scaled_into,
 };
 use super::error::{check_len, numel, MergeMathError, Result};
 
@@ -88,9 +90,9 @@ thread_local! {
 /// make (and zero, and fault in) one per split of the work. Taken and put back rather than
 /// borrowed, because a thread waiting inside a nested parallel loop may start another chunk
 /// (which then takes an empty buffer).
-pub(crate) fn with_kept<T, R>(
-    kept: &'static std::thread::LocalKey<std::cell::Cell<Vec<T>>>,
-    f: impl FnOnce(&mut Vec<T>) -> R,
+pub(crate) fn with_kept<T: Default, R>(
+    kept: &'static std::thread::LocalKey<std::cell::Cell<T>>,
+    f: impl FnOnce(&mut T) -> R,
 ) -> R {
     let mut buf = kept.take();
     let result = f(&mut buf);
@@ -228,9 +230,146 @@ pub(crate) fn update_rows<F>(
 where
     F: Fn(usize, Rows<'_>, &mut Vec<f32>) -> Result<()> + Sync,
 {
-    let total = base.validate(what, true)?;
+    let dtype = base.dtype;
+    let blocks = row_blocks(what, base, row_len, true, |first_row, bytes, buffers| {
+        let RowBuffers {
+            vals: vals32,
+            vals64,
+            scratch,
+            ..
+        } = buffers;
+        let n = bytes.len() / element_size(dtype)?;
+        if dtype == Dtype::F64 {
+            vals64.resize(n, 0.0);
+            let vals = &mut vals64[..n];
+            decode_f64_into(what, dtype, bytes, vals)?;
+            update(first_row, Rows::F64(vals), scratch)?;
+            encode_f64_into(what, dtype, vals, bytes)?;
+        } else {
+            vals32.resize(n, 0.0);
+            let vals = &mut vals32[..n];
+            decode_f32_into(what, dtype, bytes, vals)?;
+            update(first_row, Rows::F32(vals), scratch)?;
+            encode_f32_into(what, dtype, vals, bytes)?;
+        }
+        // The stored bytes are what is checked: rounding can overflow to Inf (e.g. above the
+        // BF16 maximum).
+        Ok(check_finite.then(|| nonfinite(dtype, bytes)).flatten())
+    })?;
+    blocks.refuse(what)
+}
+
+/// Like [`update_rows`] for F32, BF16 and F16 bases, where the update also leaves one factor
+/// per row in `factors` (its third argument): each row is written back multiplied by its
+/// factor, `fl_dtype(fl32(f · x))`, the multiply, the rounding and the finiteness test in one
+/// pass (DoRA's `m / ‖W + Δ‖`; see `dora.rs`). Tells the base's probe whether every value
+/// written is finite.
+pub(crate) fn update_rows_scaled<F>(
+    what: &'static str,
+    base: &mut BaseTensorMut<'_>,
+    row_len: usize,
+    check_finite: bool,
+    update: F,
+) -> Result<()>
+where
+    F: Fn(usize, &mut [f32], &mut Vec<f32>, &mut Vec<f32>) -> Result<()> + Sync,
+{
+    let dtype = base.dtype;
+    let blocks = row_blocks(what, base, row_len, false, |first_row, bytes, buffers| {
+        let RowBuffers {
+            vals,
+            factors,
+            scratch,
+            ..
+        } = buffers;
+        let n = bytes.len() / element_size(dtype)?;
+        vals.resize(n, 0.0);
+        let vals = &mut vals[..n];
+        decode_f32_into(what, dtype, bytes, vals)?;
+        factors.clear();
+        update(first_row, vals, factors, scratch)?;
+        if factors.len() * row_len != n {
+            return Err(MergeMathError::Invalid {
+                what,
+                reason: format!("{} row factors for {} rows", factors.len(), n / row_len),
+            });
+        }
+        let finite = encode_scaled_into(what, dtype, (vals, row_len), factors, bytes)?;
+        // The scan counts and finds the first only where the pass found one.
+        Ok((!finite).then(|| nonfinite(dtype, bytes)).flatten())
+    })?;
+    if let Some(probe) = base.probe {
+        probe.record(blocks.first.is_none());
+    }
+    match check_finite {
+        true => blocks.refuse(what),
+        false => Ok(()),
+    }
+}
+
+/// What [`row_blocks`] found: how many stored values are NaN or infinite, and the flat index of
+/// the first (for the blocks whose body looked).
+struct NonFinite {
+    count: usize,
+    first: Option<usize>,
+}
+
+impl NonFinite {
+    /// [`MergeMathError::NonFinite`] when any value was.
+    fn refuse(self, what: &'static str) -> Result<()> {
+        match self.first {
+            Some(first) => Err(MergeMathError::NonFinite {
+                what,
+                count: self.count,
+                first,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The per-thread buffers of [`row_blocks`]: decoded rows, a kernel's scratch and
+/// [`update_rows_scaled`]'s row factors.
+#[derive(Default)]
+struct RowBuffers {
+    vals: Vec<f32>,
+    vals64: Vec<f64>,
+    scratch: Vec<f32>,
+    factors: Vec<f32>,
+}
+
+thread_local! {
+    /// [`RowBuffers`], one per thread, kept from block to block ([`with_kept`]).
+    static ROW_BUFFERS: std::cell::Cell<RowBuffers> = const {
+        std::cell::Cell::new(RowBuffers {
+            vals: Vec::new(),
+            vals64: Vec::new(),
+            scratch: Vec::new(),
+            factors: Vec::new(),
+        })
+    };
+}
+
+/// Runs `body(first_row, bytes, buffers)` in parallel over blocks of whole rows of `base`
+/// (`buffers` this thread's), each returning the count of non-finite values it stored and the
+/// index of the first within its block; sums them after every block ran.
+fn row_blocks<B>(
+    what: &'static str,
+    base: &mut BaseTensorMut<'_>,
+    row_len: usize,
+    allow_f64: bool,
+    body: B,
+) -> Result<NonFinite>
+where
+    B: Fn(usize, &mut [u8], &mut RowBuffers) -> Result<Option<(usize, usize)>> + Sync,
+{
+    let total = base.validate(what, allow_f64)?;
+    let mut found = NonFinite {
+        count: 0,
+        first: None,
+    };
     if total == 0 || row_len == 0 {
-        return Ok(());
+        return Ok(found);
     }
     if total % row_len != 0 {
         return Err(MergeMathError::Invalid {
@@ -238,76 +377,26 @@ where
             reason: format!("{total} elements do not split into rows of {row_len}"),
         });
     }
-    let dtype = base.dtype;
-    let size = element_size(dtype)?;
     // Multiples of 4 rows keep the GEMM's 4-row tiles whole.
     let rows_per_block = (BLOCK_ELEMS / row_len).max(1).div_ceil(4) * 4;
-    let block_bytes = rows_per_block * row_len * size;
-
+    let block_bytes = rows_per_block * row_len * element_size(base.dtype)?;
     let results: Vec<Result<Option<(usize, usize)>>> = base
         .data
         .par_chunks_mut(block_bytes)
         .enumerate()
-        .map_init(
-            || (Vec::<f32>::new(), Vec::<f64>::new(), Vec::<f32>::new()),
-            |(vals32, vals64, scratch), (bi, bytes)| {
-                let first_row = bi * rows_per_block;
-                let n = bytes.len() / size;
-                let mut bad: Option<(usize, usize)> = None;
-                let mut note = |i: usize| {
-                    let flat = first_row * row_len + i;
-                    bad = Some(match bad {
-                        None => (1, flat),
-                        Some((c, f)) => (c + 1, f),
-                    });
-                };
-                if dtype == Dtype::F64 {
-                    vals64.resize(n, 0.0);
-                    let vals = &mut vals64[..n];
-                    decode_f64_into(what, dtype, bytes, vals)?;
-                    update(first_row, Rows::F64(vals), scratch)?;
-                    if check_finite {
-                        for (i, v) in vals.iter().enumerate() {
-                            if !v.is_finite() {
-                                note(i);
-                            }
-                        }
-                    }
-                    encode_f64_into(what, dtype, vals, bytes)?;
-                } else {
-                    vals32.resize(n, 0.0);
-                    let vals = &mut vals32[..n];
-                    decode_f32_into(what, dtype, bytes, vals)?;
-                    update(first_row, Rows::F32(vals), scratch)?;
-                    if check_finite {
-                        // Rounding can overflow to Inf (e.g. above the BF16 maximum), so check the
-                        // value that will be stored.
-                        round_slice_to(dtype, vals)?;
-                        for (i, v) in vals.iter().enumerate() {
-                            if !v.is_finite() {
-                                note(i);
-                            }
-                        }
-                    }
-                    encode_f32_into(what, dtype, vals, bytes)?;
-                }
-                Ok(bad)
-            },
-        )
+        .map(|(bi, bytes)| {
+            let first_row = bi * rows_per_block;
+            let bad = with_kept(&ROW_BUFFERS, |buffers| body(first_row, bytes, buffers))?;
+            Ok(bad.map(|(count, at)| (count, first_row * row_len + at)))
+        })
         .collect();
-
-    let mut count = 0usize;
-    let mut first = None;
     for r in results {
-        if let Some((c, f)) = r? {
-            count += c;
-            first.get_or_insert(f);
+        if let Some((count, at)) = r? {
+            found.count += count;
+            found.first.get_or_insert(at);
         }
     }
-    match first {
-        Some(first) => Err(MergeMathError::NonFinite { what, count, first }),
-        None => Ok(()),
-    }
+    Ok(found)
 }
 
 /// A base held in memory, as a [`BaseSource`] and a [`BlockIo`] that collects the blocks
@@ -345,5 +434,58 @@ impl BlockIo for MemoryBlocks<'_> {
         let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
         out[at..at + bytes.len()].copy_from_slice(bytes);
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::dtype::{decode_f32, encode_f32};
+
+    /// Over several blocks, the refusal counts every stored non-finite value and names the
+    /// first, including a finite `f32` that rounds to infinity in BF16; without the check the
+    /// rows are written back all the same.
+    #[test]
+    fn update_rows_counts_what_it_stores() {
+        // Rows of 1024: blocks of 256 rows, so the three marks lie in three blocks.
+        let (rows, cols) = (600, 1024);
+        let marks: [(usize, usize, f32); 3] = [
+            (300, 5, f32::NAN),
+            (550, 0, 3.4e38),
+            (599, 1023, f32::NEG_INFINITY),
+        ];
+        let update = |first_row: usize, rows: Rows<'_>, _: &mut Vec<f32>| {
+            let Rows::F32(w) = rows else { unreachable!() };
+            for (r, c, v) in marks {
+                if let Some(x) = r
+                    .checked_sub(first_row)
+                    .and_then(|r| w.get_mut(r * cols + c))
+                {
+                    *x = v;
+                }
+            }
+            Ok(())
+        };
+        for (dtype, count) in [(Dtype::BF16, 3), (Dtype::F32, 2)] {
+            let vals: Vec<f32> = (0..rows * cols).map(|i| (i % 97) as f32).collect();
+            let mut data = encode_f32("w", dtype, &vals).unwrap();
+            let shape = [rows, cols];
+            let mut base = BaseTensorMut::new(dtype, &shape, &mut data);
+            let err = update_rows("w", &mut base, cols, true, update).unwrap_err();
+            let first = 300 * cols + 5;
+            assert_eq!(
+                err,
+                MergeMathError::NonFinite {
+                    what: "w",
+                    count,
+                    first
+                }
+            );
+            let mut base = BaseTensorMut::new(dtype, &shape, &mut data);
+            update_rows("w", &mut base, cols, false, update).unwrap();
+            let got = decode_f32("w", dtype, &data).unwrap();
+            assert!(got[first].is_nan());
+            assert_eq!(got[599 * cols + 1023], f32::NEG_INFINITY);
+        }
     }
 }

@@ -519,6 +519,151 @@ unsafe fn encode_bf16_avx2(values: &[f32], out: &mut [u8]) {
     }
 }
 
+/// DoRA's norm of each row of `values` (rows of `row_len`), as `dora::torch_row_norm` takes it,
+/// pushed to `norms`: eight lanes of separate multiplies and adds, four rows at a time so that
+/// four chains of additions overlap. `false`, having done nothing, without AVX2.
+pub(crate) fn row_norms(values: &[f32], row_len: usize, norms: &mut Vec<f32>) -> bool {
+    if !available() || row_len == 0 || !values.len().is_multiple_of(row_len) {
+        return false;
+    }
+    let mut quads = values.chunks_exact(row_len * 4);
+    for quad in &mut quads {
+        // SAFETY: AVX2 is available, and each row lies inside `quad`.
+        norms.extend(unsafe { lane_sums::<4>(quad, row_len) });
+    }
+    for row in quads.remainder().chunks_exact(row_len) {
+        // SAFETY: as above.
+        norms.extend(unsafe { lane_sums::<1>(row, row_len) });
+    }
+    true
+}
+
+/// [`row_norms`] of the `R` rows of `rows`.
+#[target_feature(enable = "avx2")]
+unsafe fn lane_sums<const R: usize>(rows: &[f32], row_len: usize) -> [f32; R] {
+    let full = row_len / 8 * 8;
+    let mut acc = [_mm256_setzero_ps(); R];
+    let p = rows.as_ptr();
+    let mut i = 0;
+    while i < full {
+        for (r, a) in acc.iter_mut().enumerate() {
+            // SAFETY: `i + 8 ≤ row_len` and `rows` holds `R` rows of `row_len`.
+            let x = unsafe { _mm256_loadu_ps(p.add(r * row_len + i)) };
+            // torch's order: a separate multiply and add per lane, never an FMA.
+            *a = _mm256_add_ps(*a, _mm256_mul_ps(x, x));
+        }
+        i += 8;
+    }
+    std::array::from_fn(|r| {
+        // SAFETY: `__m256` is eight `f32`s.
+        let lanes: [f32; 8] = unsafe { std::mem::transmute(acc[r]) };
+        super::dora::finish_row_norm(lanes, &rows[r * row_len + full..(r + 1) * row_len])
+    })
+}
+
+/// [`super::dtype::encode_scaled_into`] in one pass, eight values at a time: each row of
+/// `values` times its factor, rounded to `dtype` and stored in `out`, each stored value tested
+/// for NaN or infinity in registers. `Some(all finite)`, or `None`, having done nothing, without
+/// AVX2 or for another dtype (the caller has checked the lengths).
+pub(crate) fn encode_scaled(
+    dtype: safetensors::Dtype,
+    (values, row_len): (&[f32], usize),
+    factors: &[f32],
+    out: &mut [u8],
+) -> Option<bool> {
+    let ty = BaseType::of(dtype)?;
+    let fits = factors.len().checked_mul(row_len) == Some(values.len())
+        && out.len() == values.len() * ty.size();
+    if !available() || !fits || row_len == 0 {
+        return None;
+    }
+    // SAFETY: AVX2 (and F16C, which every AVX2 CPU has) is available, and the loops stay
+    // inside the slices (lengths checked above).
+    Some(unsafe {
+        match ty {
+            BaseType::F32 => encode_scaled_avx2::<0>(values, row_len, factors, out),
+            BaseType::Bf16 => encode_scaled_avx2::<1>(values, row_len, factors, out),
+            BaseType::F16 => encode_scaled_avx2::<2>(values, row_len, factors, out),
+        }
+    })
+}
+
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn encode_scaled_avx2<const T: u8>(
+    values: &[f32],
+    row_len: usize,
+    factors: &[f32],
+    out: &mut [u8],
+) -> bool {
+    let size = if T == 0 { 4 } else { 2 };
+    // Exponent bits of the stored type: a value is NaN or infinite when all are set.
+    let (exp32, exp16) = (
+        _mm256_set1_epi32(0x7F80_0000),
+        match T {
+            1 => _mm_set1_epi16(0x7F80),
+            _ => _mm_set1_epi16(0x7C00),
+        },
+    );
+    let mut bad32 = _mm256_setzero_si256();
+    let mut bad16 = _mm_setzero_si128();
+    let mut bad_tail = false;
+    let full = row_len / 8 * 8;
+    let rows = values
+        .chunks_exact(row_len)
+        .zip(out.chunks_exact_mut(row_len * size));
+    for ((row, o), f) in rows.zip(factors) {
+        let (vp, op, fv) = (row.as_ptr(), o.as_mut_ptr(), _mm256_set1_ps(*f));
+        let mut i = 0;
+        while i < full {
+            // SAFETY: `i + 8 ≤ row_len`, and `o` holds `size` bytes per value of `row`.
+            unsafe {
+                let y = _mm256_mul_ps(_mm256_loadu_ps(vp.add(i)), fv);
+                match T {
+                    0 => {
+                        _mm256_storeu_ps(op.add(i * 4) as *mut f32, y);
+                        let e = _mm256_and_si256(_mm256_castps_si256(y), exp32);
+                        bad32 = _mm256_or_si256(bad32, _mm256_cmpeq_epi32(e, exp32));
+                    }
+                    _ => {
+                        let h = match T {
+                            1 => f32x8_to_bf16(y),
+                            _ => _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y),
+                        };
+                        _mm_storeu_si128(op.add(i * 2) as *mut __m128i, h);
+                        let e = _mm_and_si128(h, exp16);
+                        bad16 = _mm_or_si128(bad16, _mm_cmpeq_epi16(e, exp16));
+                    }
+                }
+            }
+            i += 8;
+        }
+        for (x, c) in row[full..]
+            .iter()
+            .zip(o[full * size..].chunks_exact_mut(size))
+        {
+            let y = x * f;
+            let finite = match T {
+                0 => {
+                    c.copy_from_slice(&y.to_le_bytes());
+                    y.is_finite()
+                }
+                1 => {
+                    let b = f32_to_bf16_bits(y);
+                    c.copy_from_slice(&b.to_le_bytes());
+                    bf16_bits_to_f32(b).is_finite()
+                }
+                _ => {
+                    let b = f32_to_f16_bits(y);
+                    c.copy_from_slice(&b.to_le_bytes());
+                    f16_bits_to_f32(b).is_finite()
+                }
+            };
+            bad_tail |= !finite;
+        }
+    }
+    _mm256_testz_si256(bad32, bad32) == 1 && _mm_testz_si128(bad16, bad16) == 1 && !bad_tail
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -561,5 +706,116 @@ mod tests {
                 "{v:e}"
             );
         }
+    }
+
+    /// Random `f32` bit patterns (NaNs, infinities, subnormals among them) with ties for the
+    /// BF16 rounding, from a fixed seed.
+    fn patterns(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|i| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let r = (s >> 32) as u32;
+                match i % 5 {
+                    0 => f32::from_bits((r & 0xFFFF_0000) | 0x8000),
+                    // Values near 1 whose products neither overflow nor underflow.
+                    1 | 2 => {
+                        f32::from_bits(0x3F80_0000 | (r & 0x007F_FFFF))
+                            * if r & 1 == 0 { 1.0 } else { -1.0 }
+                    }
+                    _ => f32::from_bits(r),
+                }
+            })
+            .collect()
+    }
+
+    /// The one-pass scaled encode stores what the multiply, the encode and the scan store and
+    /// find, in every type: rows with and without a tail of fewer than eight, factors that
+    /// overflow, underflow to subnormals, are zero, infinite or NaN, and blocks all finite.
+    #[test]
+    fn scaled_encodes_equal_the_portable_definition() {
+        if !available() {
+            return;
+        }
+        use safetensors::Dtype;
+        let factors = [
+            1.0,
+            0.75,
+            3.0e38,
+            1.0e-39,
+            0.0,
+            -2.5,
+            f32::INFINITY,
+            f32::NAN,
+            1.0 + f32::EPSILON,
+        ];
+        for dtype in [Dtype::F32, Dtype::BF16, Dtype::F16] {
+            let size = if dtype == Dtype::F32 { 4 } else { 2 };
+            for row_len in [1, 5, 8, 13, 16, 27] {
+                for finite in [false, true] {
+                    let mut values = patterns(row_len * factors.len(), row_len as u64);
+                    let mut factors = factors.to_vec();
+                    if finite {
+                        values
+                            .iter_mut()
+                            .for_each(|v| *v = (*v % 7.0).abs().min(7.0));
+                        factors
+                            .iter_mut()
+                            .for_each(|f| *f = (*f % 5.0).abs().min(5.0));
+                    }
+                    let mut got = vec![0x5Au8; values.len() * size];
+                    let ok = encode_scaled(dtype, (&values, row_len), &factors, &mut got);
+                    let mut want = vec![0u8; got.len()];
+                    let want_ok = super::super::dtype::encode_scaled_portable(
+                        "w",
+                        dtype,
+                        (&mut values.clone(), row_len),
+                        &factors,
+                        &mut want,
+                    )
+                    .unwrap();
+                    assert_eq!(got, want, "{dtype:?}, rows of {row_len}");
+                    assert_eq!(ok, Some(want_ok), "{dtype:?}, rows of {row_len}");
+                    assert_eq!(want_ok, finite, "{dtype:?}, rows of {row_len}");
+                }
+            }
+        }
+        let mut out = [0u8; 8];
+        assert_eq!(
+            encode_scaled(Dtype::F32, (&[1.0; 2], 1), &[1.0], &mut out),
+            None
+        );
+        assert_eq!(
+            encode_scaled(Dtype::F64, (&[1.0], 1), &[1.0], &mut out),
+            None
+        );
+    }
+
+    /// Norms four rows at a time equal `torch_row_norm` of each row, bit for bit, for row
+    /// counts that leave every remainder and lengths with every tail.
+    #[test]
+    fn row_norms_equal_torch_row_norm() {
+        if !available() {
+            return;
+        }
+        for row_len in 1..=35 {
+            for rows in [1, 3, 4, 7, 9] {
+                let values: Vec<f32> = patterns(row_len * rows, 7 + row_len as u64)
+                    .iter()
+                    .map(|v| if v.is_finite() { v % 1.0e19 } else { 0.5 })
+                    .collect();
+                let mut got = vec![];
+                assert!(row_norms(&values, row_len, &mut got));
+                let want: Vec<u32> = values
+                    .chunks_exact(row_len)
+                    .map(|r| super::super::dora::torch_row_norm(r).to_bits())
+                    .collect();
+                let got: Vec<u32> = got.iter().map(|n| n.to_bits()).collect();
+                assert_eq!(got, want, "{rows} rows of {row_len}");
+            }
+        }
+        assert!(!row_norms(&[1.0; 3], 2, &mut vec![]));
     }
 }

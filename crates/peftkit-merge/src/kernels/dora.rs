@@ -26,7 +26,7 @@
 
 use safetensors::Dtype;
 
-use super::apply::{update_rows, BaseTensorMut, F32Tensor, Rows};
+use super::apply::{update_rows, update_rows_scaled, BaseTensorMut, F32Tensor, Rows};
 use super::dtype::decode_f32;
 use super::error::{check_rank, check_shape, MergeMathError, Result};
 use super::exact::{refusal, Numerics};
@@ -42,11 +42,16 @@ pub fn torch_row_norm(x: &[f32]) -> f32 {
             lanes[j] += c[j] * c[j];
         }
     }
+    finish_row_norm(lanes, chunks.remainder())
+}
+
+/// The end of [`torch_row_norm`], given its eight lanes' sums over the row but its `tail`
+/// (the last `len % 8` elements): the lanes summed in order, the tail, then `sqrt`.
+pub(crate) fn finish_row_norm(lanes: [f32; 8], tail: &[f32]) -> f32 {
     let mut s = lanes[0];
     for lane in &lanes[1..] {
         s += *lane;
     }
-    let tail = chunks.remainder();
     let (four, rest) = tail.split_at(if tail.len() >= 4 { 4 } else { 0 });
     for v in four {
         s += v * v;
@@ -55,6 +60,17 @@ pub fn torch_row_norm(x: &[f32]) -> f32 {
         s = v.mul_add(*v, s);
     }
     s.sqrt()
+}
+
+/// [`torch_row_norm`] of each row of `values` (rows of `row_len`), pushed to `norms`: with
+/// AVX2 several rows at a time, whose chains of additions overlap (one row's sums form a
+/// single chain, bound by the latency of the add).
+fn row_norms(values: &[f32], row_len: usize, norms: &mut Vec<f32>) {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2::row_norms(values, row_len, norms) {
+        return;
+    }
+    norms.extend(values.chunks_exact(row_len).map(torch_row_norm));
 }
 
 /// torch's f32 `linalg.norm(Xᵀ, dim=1)` for a row-major `rows × cols` matrix `X`: one norm
@@ -111,7 +127,8 @@ fn f32_rows<'r>(what: &'static str, rows: Rows<'r>) -> Result<&'r mut [f32]> {
     }
 }
 
-/// Row-norm variant: each base row is one output channel (Linear, Conv).
+/// Row-norm variant: each base row is one output channel (Linear, Conv). The factors scale
+/// the rows as they are rounded and stored ([`update_rows_scaled`]).
 fn merge_row_channels(
     what: &'static str,
     base: &mut BaseTensorMut<'_>,
@@ -120,19 +137,16 @@ fn merge_row_channels(
     opts: &MergeOptions,
 ) -> Result<()> {
     let n = lr.row_len();
-    update_rows(
+    update_rows_scaled(
         what,
         base,
         n,
         opts.safe_merge,
-        |first_row, rows, scratch| {
-            let w = f32_rows(what, rows)?;
+        |first_row, w, factors, scratch| {
             lr.add_rows_f32(what, first_row, w, scratch)?;
-            for (q, wr) in w.chunks_exact_mut(n).enumerate() {
-                let f = magnitude[first_row + q] / torch_row_norm(wr);
-                for x in wr.iter_mut() {
-                    *x *= f;
-                }
+            row_norms(w, n, factors);
+            for (f, m) in factors.iter_mut().zip(&magnitude[first_row..]) {
+                *f = m / *f;
             }
             Ok(())
         },

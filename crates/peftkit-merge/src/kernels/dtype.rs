@@ -257,6 +257,51 @@ pub fn encode_f32_into(
     Ok(())
 }
 
+/// Encodes each row of `values` (`row_len` wide) multiplied by its entry of `factors` as
+/// little-endian `dtype` (F32, BF16 or F16) into `out`: `fl_dtype(fl32(f · x))`, the `f32`
+/// product rounded once more as torch's `(f * w).to(dtype)` rounds it. Returns whether every
+/// value stored is finite.
+///
+/// With AVX2 one pass does the multiply, the rounding and the test in registers; otherwise
+/// `values` are multiplied in place, encoded ([`encode_f32_into`]) and the bytes scanned.
+pub(crate) fn encode_scaled_into(
+    what: &'static str,
+    dtype: Dtype,
+    (values, row_len): (&mut [f32], usize),
+    factors: &[f32],
+    out: &mut [u8],
+) -> Result<bool> {
+    check_count(what, dtype, out.len(), values.len())?;
+    if factors.len().checked_mul(row_len) != Some(values.len()) {
+        return Err(MergeMathError::Invalid {
+            what,
+            reason: format!("{} row factors for rows of {row_len}", factors.len()),
+        });
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let Some(finite) = super::avx2::encode_scaled(dtype, (values, row_len), factors, out) {
+        return Ok(finite);
+    }
+    encode_scaled_portable(what, dtype, (values, row_len), factors, out)
+}
+
+/// [`encode_scaled_into`] without SIMD, the definition the AVX2 pass is tested against.
+pub(crate) fn encode_scaled_portable(
+    what: &'static str,
+    dtype: Dtype,
+    (values, row_len): (&mut [f32], usize),
+    factors: &[f32],
+    out: &mut [u8],
+) -> Result<bool> {
+    for (row, f) in values.chunks_exact_mut(row_len.max(1)).zip(factors) {
+        for x in row {
+            *x *= *f;
+        }
+    }
+    encode_f32_into(what, dtype, values, out)?;
+    Ok(peftkit_checkpoint::nonfinite(dtype, out).is_none())
+}
+
 /// Encodes `values` as little-endian `dtype` into a new buffer (see [`encode_f32_into`]).
 ///
 /// ```
