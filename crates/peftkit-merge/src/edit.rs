@@ -14,6 +14,7 @@ mod banded;
 pub(crate) use banded::RowBanded;
 
 use crate::kernels::FiniteProbe;
+pub(crate) use crate::kernels::LoraKind;
 use crate::kernels::{
     decode_f32, dora, encode_f32, lora, methods, BaseTensorMut, F32Tensor, MergeMathError,
     MergeOptions as KernelOptions, ReductionOrder,
@@ -111,14 +112,6 @@ pub(crate) struct ExpertPiece {
     pub cols: Range<usize>,
     pub transposed: bool,
     pub scale: f32,
-}
-
-/// The layer type a LoRA pair adapts, which decides the kernel.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum LoraKind {
-    Linear { fan_in_fan_out: bool },
-    Embedding,
-    Conv,
 }
 
 impl LoraKind {
@@ -373,10 +366,10 @@ fn apply_lora(
 }
 
 /// Applies `steps`, in order, to a base tensor (`name`) that is in no buffer, streaming it
-/// through `base.io` block by block, when every step is a plain linear LoRA merge with a fused
-/// kernel (see [`lora::stream_linear`]) or, with a DoRA among them, when every step runs by
-/// bands of rows (see [`RowBanded`]). `Ok(None)`, having read and written nothing, otherwise;
-/// else whether every merged value is finite (when `base.check`).
+/// through `base.io` block by block, when every step is a plain LoRA merge (Linear, Embedding
+/// or Conv) with a fused kernel (see [`lora::stream_lora`]) or, with a DoRA among them, when
+/// every step runs by bands of rows (see [`RowBanded`]). `Ok(None)`, having read and written
+/// nothing, otherwise; else whether every merged value is finite (when `base.check`).
 pub(crate) fn stream_steps(
     steps: &[Step],
     name: &str,
@@ -393,7 +386,7 @@ pub(crate) fn stream_steps(
     for step in steps {
         let Edit::Lora {
             module,
-            kind: kind @ LoraKind::Linear { fan_in_fan_out },
+            kind,
             scale,
             dora: false,
             round_first,
@@ -410,17 +403,17 @@ pub(crate) fn stream_steps(
             ..*opts
         };
         let pair = LoraPair::read(&site, module, *kind)?;
-        pairs.push((pair, *scale, *fan_in_fan_out, opts));
+        pairs.push((pair, *scale, *kind, opts));
     }
-    let chain: Vec<lora::LinearLora<'_>> = pairs
+    let chain: Vec<lora::StreamedLora<'_>> = pairs
         .iter()
-        .map(|(pair, scale, fan_in_fan_out, opts)| {
+        .map(|(pair, scale, kind, opts)| {
             let (a, b) = pair.tensors();
-            lora::LinearLora {
+            lora::StreamedLora {
                 a,
                 b,
                 scale: *scale,
-                fan_in_fan_out: *fan_in_fan_out,
+                kind: *kind,
                 opts: *opts,
             }
         })
@@ -434,7 +427,7 @@ pub(crate) fn stream_steps(
         name,
         adapter: &last.adapter,
     };
-    lora::stream_linear(base, &chain).map_err(|e| site.math(e))
+    lora::stream_lora(base, &chain).map_err(|e| site.math(e))
 }
 
 /// A LoRA module's `lora_A` and `lora_B` tensors, widened to `f32`.

@@ -79,11 +79,11 @@ pub use fp8::{
 };
 pub(crate) use fp8::{nan_max, requantize_fp8_chunk, Fp8Chunk};
 pub use gemm::lowrank_product;
-pub(crate) use lora::StreamedBase;
 pub use lora::{
     conv_delta, embedding_delta, experts_delta, linear_delta, merge_conv, merge_embedding,
     merge_experts, merge_linear, merge_lora_bias, ExpertLayout, MergeOptions,
 };
+pub(crate) use lora::{LoraKind, StreamedBase};
 // The scale lives with the adapter rules in peftkit-peft (one home for planners, kernels and
 // summaries); it stays reachable here under the name merge users know.
 pub use methods::{

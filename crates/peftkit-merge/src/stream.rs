@@ -290,7 +290,8 @@ impl MergeEdit {
     }
 
     /// Streams this edit's steps from the base file to `out` (see `file_io`): `None`, having
-    /// written nothing, when they cannot stream (only plain linear LoRA steps can).
+    /// written nothing, when they cannot stream (see `edit::stream_steps`: LoRA on Linear,
+    /// Embedding and Conv weights, and DoRA on Linear ones).
     fn stream(
         &self,
         source: SourceRegion<'_>,
@@ -349,7 +350,8 @@ impl InPlaceEdit for MergeEdit {
         self.run(data)
     }
 
-    /// Streams plain linear LoRA steps block by block, through the page cache (each block's
+    /// Streams LoRA and DoRA steps block by block where they can ([`Self::stream`]), through
+    /// the page cache (each block's
     /// writeback started at once in a synced save: [`OutputRegion::in_blocks`]); writes other
     /// edits through a mapping of the output where that is safe (`mapped`). In a synced save
     /// those are computed whole and written around the page cache by the writer.

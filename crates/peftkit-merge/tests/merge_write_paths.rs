@@ -1,9 +1,9 @@
 //! Both ways a LoRA or DoRA merge writes a merged weight (docs/architecture.md, "Output IO"):
 //! synced, through the page cache or around it (the weight merged whole in a buffer and its
 //! aligned middle written directly); unsynced, streamed block by block through the page cache.
-//! Both must give the weight merged in memory ([`merge_linear`], [`merge_dora_linear`]), for a
-//! weight of several blocks that starts at an offset not aligned to the disk's blocks (so that
-//! the direct write has unaligned edges).
+//! Both must give the weight merged in memory ([`merge_linear`], [`merge_dora_linear`],
+//! [`merge_embedding`]), for a weight of several blocks that starts at an offset not aligned to
+//! the disk's blocks (so that the direct write has unaligned edges).
 
 use std::path::Path;
 
@@ -11,11 +11,27 @@ use peftkit_checkpoint::{
     save_pretrained, Checkpoint, Dtype, SaveOptions, StateDict, Tensor, WeightsKind,
 };
 use peftkit_merge::{
-    encode_f32, merge, merge_dora_linear, merge_linear, AdapterInput, BaseTensorMut, F32Tensor,
-    MergeJob, MergeOptions,
+    encode_f32, merge, merge_dora_linear, merge_embedding, merge_linear, AdapterInput,
+    BaseTensorMut, F32Tensor, MergeJob, MergeOptions,
 };
 
-const MODULE: &str = "model.layers.0.self_attn.q_proj";
+/// What the adapter adapts.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Layer {
+    Linear,
+    Dora,
+    /// A `ROWS`-token embedding of width `COLS`.
+    Embedding,
+}
+
+impl Layer {
+    fn module(self) -> &'static str {
+        match self {
+            Layer::Embedding => "model.embed_tokens",
+            _ => "model.layers.0.self_attn.q_proj",
+        }
+    }
+}
 /// 4 KiB rows of BF16: 3 blocks of 512 rows and a short one.
 const ROWS: usize = 1544;
 const COLS: usize = 2048;
@@ -42,50 +58,57 @@ fn save(dir: &Path, sd: &StateDict, kind: WeightsKind) {
     save_pretrained(dir, sd, &opts).unwrap();
 }
 
-/// The adapter config peft writes for `lora_basic`, targeting `q_proj` with this rank (and
-/// DoRA when `dora`).
-fn adapter_config(dora: bool) -> String {
+/// The adapter config peft writes for `lora_basic`, targeting `layer` with this rank.
+fn adapter_config(layer: Layer) -> String {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/peft/lora_basic/adapter/adapter_config.json");
     let mut v: serde_json::Value =
         serde_json::from_slice(&std::fs::read(fixture).unwrap()).unwrap();
     v["r"] = RANK.into();
     v["lora_alpha"] = ALPHA.into();
-    v["target_modules"] = serde_json::json!(["q_proj"]);
-    v["use_dora"] = dora.into();
+    let target = layer.module().rsplit('.').next().unwrap();
+    v["target_modules"] = serde_json::json!([target]);
+    v["use_dora"] = (layer == Layer::Dora).into();
     v.to_string()
 }
 
-fn weight(dir: &Path) -> Vec<u8> {
+fn weight(dir: &Path, layer: Layer) -> Vec<u8> {
     let ckpt = Checkpoint::open(dir).unwrap();
-    let t = ckpt.get(&format!("{MODULE}.weight")).unwrap();
+    let t = ckpt.get(&format!("{}.weight", layer.module())).unwrap();
     t.bytes().unwrap().into_owned()
 }
 
 #[test]
 fn a_merged_weight_synced_or_not_is_the_weight_merged_in_memory() {
-    merged_both_ways(false, false);
+    merged_both_ways(Layer::Linear, false);
 }
 
 /// `--safe-merge` rounds `Δ` to the base dtype before the add, streamed as in memory.
 #[test]
 fn a_safe_merged_weight_synced_or_not_is_the_weight_merged_in_memory() {
-    merged_both_ways(false, true);
+    merged_both_ways(Layer::Linear, true);
 }
 
 /// DoRA's norm is taken per row, so its merge streams by bands of rows too.
 #[test]
 fn a_dora_merged_weight_synced_or_not_is_the_weight_merged_in_memory() {
-    merged_both_ways(true, false);
+    merged_both_ways(Layer::Dora, false);
 }
 
-fn merged_both_ways(dora: bool, safe_merge: bool) {
+/// An embedding's `Δ` is rounded to the base dtype before the add, streamed as in memory.
+#[test]
+fn a_merged_embedding_synced_or_not_is_the_embedding_merged_in_memory() {
+    merged_both_ways(Layer::Embedding, false);
+}
+
+fn merged_both_ways(layer: Layer, safe_merge: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let (base, adapter) = (tmp.path().join("base"), tmp.path().join("adapter"));
     let w = encode_f32("w", Dtype::BF16, &values(ROWS * COLS, 7)).unwrap();
     let mut sd = StateDict::new();
+    let module = layer.module();
     sd.insert(
-        format!("{MODULE}.weight"),
+        format!("{module}.weight"),
         Tensor::from_bytes(Dtype::BF16, vec![ROWS, COLS], w.clone()).unwrap(),
     );
     // Written before the weight (F32 sorts first): the weight starts 12 bytes further on.
@@ -94,30 +117,43 @@ fn merged_both_ways(dora: bool, safe_merge: bool) {
     let (a, b) = (values(RANK * COLS, 13), values(ROWS * RANK, 29));
     let m: Vec<f32> = values(ROWS, 3).iter().map(|v| v + 20.0).collect();
     let mut ad = StateDict::new();
-    let key = |m: &str| format!("base_model.model.{MODULE}.{m}.weight");
-    ad.insert(key("lora_A"), f32_tensor(vec![RANK, COLS], &a));
-    ad.insert(key("lora_B"), f32_tensor(vec![ROWS, RANK], &b));
-    if dora {
-        let key = format!("base_model.model.{MODULE}.lora_magnitude_vector");
-        ad.insert(key, f32_tensor(vec![ROWS], &m));
+    let key = |m: &str| format!("base_model.model.{module}.{m}");
+    if layer == Layer::Embedding {
+        // lora_embedding_A is (r, num_embeddings), lora_embedding_B (dim, r).
+        ad.insert(key("lora_embedding_A"), f32_tensor(vec![RANK, ROWS], &b));
+        ad.insert(key("lora_embedding_B"), f32_tensor(vec![COLS, RANK], &a));
+    } else {
+        ad.insert(key("lora_A.weight"), f32_tensor(vec![RANK, COLS], &a));
+        ad.insert(key("lora_B.weight"), f32_tensor(vec![ROWS, RANK], &b));
+    }
+    if layer == Layer::Dora {
+        ad.insert(key("lora_magnitude_vector"), f32_tensor(vec![ROWS], &m));
     }
     save(&adapter, &ad, WeightsKind::Adapter);
-    std::fs::write(adapter.join("adapter_config.json"), adapter_config(dora)).unwrap();
+    std::fs::write(adapter.join("adapter_config.json"), adapter_config(layer)).unwrap();
 
     let mut want = w.clone();
     let into = BaseTensorMut::new(Dtype::BF16, &[ROWS, COLS], &mut want);
-    let (a, b) = (
-        F32Tensor::new(&[RANK, COLS], &a),
-        F32Tensor::new(&[ROWS, RANK], &b),
-    );
     let scale = ALPHA as f32 / RANK as f32;
     let opts = MergeOptions {
         safe_merge,
         ..MergeOptions::default()
     };
-    match dora {
-        true => merge_dora_linear(into, a, b, F32Tensor::new(&[ROWS], &m), scale, false, &opts),
-        false => merge_linear(into, a, b, scale, false, &opts),
+    let (a_lin, b_lin) = (
+        F32Tensor::new(&[RANK, COLS], &a),
+        F32Tensor::new(&[ROWS, RANK], &b),
+    );
+    match layer {
+        Layer::Linear => merge_linear(into, a_lin, b_lin, scale, false, &opts),
+        Layer::Dora => {
+            let m = F32Tensor::new(&[ROWS], &m);
+            merge_dora_linear(into, a_lin, b_lin, m, scale, false, &opts)
+        }
+        Layer::Embedding => {
+            let a_emb = F32Tensor::new(&[RANK, ROWS], &b);
+            let b_emb = F32Tensor::new(&[COLS, RANK], &a);
+            merge_embedding(into, a_emb, b_emb, scale, &opts)
+        }
     }
     .unwrap();
     assert!(want != w, "the adapter changes the weight");
@@ -129,8 +165,8 @@ fn merged_both_ways(dora: bool, safe_merge: bool) {
             .safe_merge(safe_merge);
         assert_eq!(merge(&job).unwrap().tensors_merged, 1);
         assert!(
-            weight(&out) == want,
-            "dora {dora}, safe {safe_merge}, durable {durable}"
+            weight(&out, layer) == want,
+            "{layer:?}, safe {safe_merge}, durable {durable}"
         );
     }
 }

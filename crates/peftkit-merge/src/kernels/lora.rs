@@ -499,31 +499,71 @@ pub(crate) struct StreamedBase<'a> {
     pub check: bool,
 }
 
-/// A linear LoRA update, as [`merge_linear`] takes it.
-pub(crate) struct LinearLora<'a> {
+/// The layer type a LoRA pair adapts, which decides where `Δ`'s factors lie.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum LoraKind {
+    Linear { fan_in_fan_out: bool },
+    Embedding,
+    Conv,
+}
+
+impl LoraKind {
+    /// What errors call this layer's weight.
+    fn what(self) -> &'static str {
+        match self {
+            LoraKind::Linear { .. } => "linear weight",
+            LoraKind::Embedding => "embedding weight",
+            LoraKind::Conv => "conv weight",
+        }
+    }
+
+    /// This layer's `Δ` for a base of `shape` (a Conv's `groups` being 1), and whether peft
+    /// rounds `Δ` to the base dtype before the add whatever the options: an Embedding's merge
+    /// adds `get_delta_weight(...).to(dtype)`.
+    fn lowrank<'a>(
+        self,
+        shape: &[usize],
+        (a, b): (&F32Tensor<'a>, &F32Tensor<'a>),
+        scale: f32,
+        adapter_round: Option<Dtype>,
+    ) -> Result<(LowRank<'a>, bool)> {
+        Ok(match self {
+            LoraKind::Linear { fan_in_fan_out } => (
+                linear_lowrank(shape, a, b, scale, fan_in_fan_out, adapter_round)?,
+                false,
+            ),
+            LoraKind::Embedding => (embedding_lowrank(shape, a, b, scale, adapter_round)?, true),
+            LoraKind::Conv => (conv_lowrank(shape, a, b, scale, 1, adapter_round)?, false),
+        })
+    }
+}
+
+/// A LoRA update of a layer of `kind`, as [`merge_linear`], [`merge_embedding`] and
+/// [`merge_conv`] take it.
+pub(crate) struct StreamedLora<'a> {
     pub a: F32Tensor<'a>,
     pub b: F32Tensor<'a>,
     pub scale: f32,
-    pub fan_in_fan_out: bool,
+    pub kind: LoraKind,
     pub opts: MergeOptions,
 }
 
-/// [`merge_linear`] of each update of `chain` in order, on a streamed base: each block is read,
-/// gets every update and is written back while in cache, with the bits of merging the whole
-/// tensor once per update. `Ok(None)`, having read and written nothing, when some update has no
-/// fused path (the caller then merges in memory); else `Some(false)` when a tested block holds
-/// NaN or infinity. A failed read or write is [`MergeMathError::BaseUnread`]; `io` keeps the
+/// The merge of each update of `chain` in order, on a streamed base: each block is read, gets
+/// every update and is written back while in cache, with the bits of merging the whole tensor
+/// once per update. `Ok(None)`, having read and written nothing, when some update has no fused
+/// path (the caller then merges in memory); else `Some(false)` when a tested block holds NaN
+/// or infinity. A failed read or write is [`MergeMathError::BaseUnread`]; `io` keeps the
 /// cause.
-pub(crate) fn stream_linear(
+pub(crate) fn stream_lora(
     base: StreamedBase<'_>,
-    chain: &[LinearLora<'_>],
+    chain: &[StreamedLora<'_>],
 ) -> Result<Option<bool>> {
-    let what = "linear weight";
+    let what = chain.first().map_or("weight", |u| u.kind.what());
     let elems = base.len / element_size(base.dtype)?;
     let mut ranks = Vec::with_capacity(chain.len());
     for u in chain {
         let round = u.opts.adapter_round()?;
-        let lr = linear_lowrank(base.shape, &u.a, &u.b, u.scale, u.fan_in_fan_out, round)?;
+        let (lr, layer_rounds) = u.kind.lowrank(base.shape, (&u.a, &u.b), u.scale, round)?;
         if !lr.fuses(&u.opts)
             || lr.n == 0
             || elems != numel(what, base.shape)?
@@ -531,10 +571,11 @@ pub(crate) fn stream_linear(
         {
             return Ok(None);
         }
-        ranks.push(lr);
+        ranks.push((lr, u.opts.rounds_delta_first(layer_rounds)));
     }
-    let updates: Vec<fused::Fused<'_>> = (ranks.iter().zip(chain))
-        .map(|(lr, u)| lr.fused(u.opts.rounds_delta_first(false)))
+    let updates: Vec<fused::Fused<'_>> = ranks
+        .iter()
+        .map(|(lr, round_first)| lr.fused(*round_first))
         .collect();
     let target = fused::Target::Streamed {
         len: base.len,
@@ -599,8 +640,10 @@ pub fn merge_embedding(
     scale: f32,
     opts: &MergeOptions,
 ) -> Result<()> {
-    let lr = embedding_lowrank(base.shape, &a, &b, scale, opts.adapter_round()?)?;
-    apply_lowrank("embedding weight", &mut base, &lr, opts, true)
+    let round = opts.adapter_round()?;
+    let (lr, layer_rounds) = LoraKind::Embedding.lowrank(base.shape, (&a, &b), scale, round)?;
+    let what = LoraKind::Embedding.what();
+    apply_lowrank(what, &mut base, &lr, opts, layer_rounds)
 }
 
 /// Checks conv factors against the base `(out, in, *kernel)`; returns the producer.
@@ -836,6 +879,73 @@ mod tests {
     use super::*;
     use crate::kernels::dtype::{decode_f32, encode_f32};
     use peftkit_peft::lora_scaling;
+
+    /// Embeddings and convolutions stream as Linear weights do: over several blocks, the bits
+    /// of their merge in memory (an embedding's `Δ` rounded to the base dtype first).
+    #[test]
+    fn embeddings_and_convs_stream_to_the_bits_of_the_merge_in_memory() {
+        let vals = |n: usize, k: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * k) % 251) as f32 / 97.0 - 1.3)
+                .collect()
+        };
+        // BF16 rows of 2 KiB: streamed blocks of 512 rows, the last short.
+        let (rows, cols, r) = (1100, 1024, 8);
+        let base = encode_f32("w", Dtype::BF16, &vals(rows * cols, 7)).unwrap();
+        let (a_emb, b_emb) = (vals(r * rows, 13), vals(cols * r, 29));
+        let (a_conv, b_conv) = (vals(r * cols, 17), vals(rows * r, 31));
+        let shapes = [[r, rows], [cols, r]];
+        let emb = (
+            F32Tensor::new(&shapes[0], &a_emb),
+            F32Tensor::new(&shapes[1], &b_emb),
+        );
+        // A Conv1d (out, in, kernel) of 1100 x 256 x 4: rows of 1024 again.
+        let conv_shapes = [[r, 256, 4], [rows, r, 1]];
+        let conv = (
+            F32Tensor::new(&conv_shapes[0], &a_conv),
+            F32Tensor::new(&conv_shapes[1], &b_conv),
+        );
+        let opts = MergeOptions::default();
+        for (kind, shape, (a, b)) in [
+            (LoraKind::Embedding, vec![rows, cols], emb),
+            (LoraKind::Conv, vec![rows, 256, 4], conv),
+        ] {
+            let mut want = base.clone();
+            let into = BaseTensorMut::new(Dtype::BF16, &shape, &mut want);
+            match kind {
+                LoraKind::Embedding => merge_embedding(into, a, b, 1.7, &opts),
+                _ => merge_conv(into, a, b, 1.7, 1, &opts),
+            }
+            .unwrap();
+            let io = super::super::apply::MemoryBlocks::new(&base);
+            let streamed = StreamedBase {
+                dtype: Dtype::BF16,
+                shape: &shape,
+                len: base.len(),
+                io: &io,
+                check: true,
+            };
+            let update = StreamedLora {
+                a,
+                b,
+                scale: 1.7,
+                kind,
+                opts,
+            };
+            assert_eq!(stream_lora(streamed, &[update]).unwrap(), Some(true));
+            assert!(io.written() == want, "{kind:?}");
+        }
+        // The embedding's rounding first is what makes its bits: without it they differ.
+        let shape = [rows, cols];
+        let mut unrounded = base.clone();
+        let mut into = BaseTensorMut::new(Dtype::BF16, &shape, &mut unrounded);
+        let lr = embedding_lowrank(&shape, &emb.0, &emb.1, 1.7, None).unwrap();
+        apply_lowrank("embedding weight", &mut into, &lr, &opts, false).unwrap();
+        let mut rounded = base.clone();
+        let into = BaseTensorMut::new(Dtype::BF16, &shape, &mut rounded);
+        merge_embedding(into, emb.0, emb.1, 1.7, &opts).unwrap();
+        assert!(unrounded != rounded);
+    }
 
     /// DoRA's add through the fused kernel gives the bits of `Δ` materialised and added, for
     /// row counts and widths that leave partial tiles and at offsets inside the product.
