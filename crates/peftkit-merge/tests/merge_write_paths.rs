@@ -80,28 +80,45 @@ fn weight(dir: &Path, layer: Layer) -> Vec<u8> {
 
 #[test]
 fn a_merged_weight_synced_or_not_is_the_weight_merged_in_memory() {
-    merged_both_ways(Layer::Linear, false);
+    merged_both_ways(Layer::Linear, MergeOptions::default());
 }
 
 /// `--safe-merge` rounds `Δ` to the base dtype before the add, streamed as in memory.
 #[test]
 fn a_safe_merged_weight_synced_or_not_is_the_weight_merged_in_memory() {
-    merged_both_ways(Layer::Linear, true);
+    merged_both_ways(
+        Layer::Linear,
+        MergeOptions {
+            safe_merge: true,
+            ..MergeOptions::default()
+        },
+    );
 }
 
 /// DoRA's norm is taken per row, so its merge streams by bands of rows too.
 #[test]
 fn a_dora_merged_weight_synced_or_not_is_the_weight_merged_in_memory() {
-    merged_both_ways(Layer::Dora, false);
+    merged_both_ways(Layer::Dora, MergeOptions::default());
 }
 
 /// An embedding's `Δ` is rounded to the base dtype before the add, streamed as in memory.
 #[test]
 fn a_merged_embedding_synced_or_not_is_the_embedding_merged_in_memory() {
-    merged_both_ways(Layer::Embedding, false);
+    merged_both_ways(Layer::Embedding, MergeOptions::default());
 }
 
-fn merged_both_ways(layer: Layer, safe_merge: bool) {
+/// An unmerge subtracts `Δ` rounded first, streamed as in memory.
+#[test]
+fn an_unmerged_weight_synced_or_not_is_the_weight_unmerged_in_memory() {
+    let unmerge = MergeOptions {
+        unmerge: true,
+        ..MergeOptions::default()
+    };
+    merged_both_ways(Layer::Linear, unmerge);
+    merged_both_ways(Layer::Embedding, unmerge);
+}
+
+fn merged_both_ways(layer: Layer, opts: MergeOptions) {
     let tmp = tempfile::tempdir().unwrap();
     let (base, adapter) = (tmp.path().join("base"), tmp.path().join("adapter"));
     let w = encode_f32("w", Dtype::BF16, &values(ROWS * COLS, 7)).unwrap();
@@ -135,10 +152,6 @@ fn merged_both_ways(layer: Layer, safe_merge: bool) {
     let mut want = w.clone();
     let into = BaseTensorMut::new(Dtype::BF16, &[ROWS, COLS], &mut want);
     let scale = ALPHA as f32 / RANK as f32;
-    let opts = MergeOptions {
-        safe_merge,
-        ..MergeOptions::default()
-    };
     let (a_lin, b_lin) = (
         F32Tensor::new(&[RANK, COLS], &a),
         F32Tensor::new(&[ROWS, RANK], &b),
@@ -162,11 +175,12 @@ fn merged_both_ways(layer: Layer, safe_merge: bool) {
         let input = vec![AdapterInput::parse(adapter.to_str().unwrap())];
         let job = MergeJob::new(&base, input, &out)
             .durable(durable)
-            .safe_merge(safe_merge);
+            .safe_merge(opts.safe_merge)
+            .unmerge(opts.unmerge);
         assert_eq!(merge(&job).unwrap().tensors_merged, 1);
         assert!(
             weight(&out, layer) == want,
-            "{layer:?}, safe {safe_merge}, durable {durable}"
+            "{layer:?}, {opts:?}, durable {durable}"
         );
     }
 }

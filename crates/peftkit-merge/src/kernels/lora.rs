@@ -76,6 +76,12 @@ impl MergeOptions {
     fn rounds_delta_first(&self, layer_rounds: bool) -> bool {
         layer_rounds || self.safe_merge || self.round_delta_first || self.unmerge
     }
+
+    /// Whether a result holding NaN or infinity is refused: `safe_merge`, which peft's unmerge
+    /// does not check.
+    pub(crate) fn checks_result(&self) -> bool {
+        self.safe_merge && !self.unmerge
+    }
 }
 
 /// The dtype Δ is rounded to for an `adapter_dtype` (see [`MergeOptions::adapter_dtype`]):
@@ -242,23 +248,25 @@ impl<'a> LowRank<'a> {
         Ok(())
     }
 
-    /// Adds `Δ` to `base` through the fused kernel (see [`super::fused`]), rounded to the base
-    /// dtype first when `round_first`; `Ok(false)`, with `base` untouched, when its dtype has
-    /// no fused path. With `check` (`safe_merge`), a result holding NaN or infinity is
-    /// [`MergeMathError::NonFinite`], counted over the whole tensor as the general path counts.
+    /// Merges (or unmerges) `Δ` into `base` through the fused kernel (see [`super::fused`] and
+    /// [`Self::fused`]); `Ok(false)`, with `base` untouched, when its dtype has no fused path.
+    /// Under `safe_merge` a result holding NaN or infinity is [`MergeMathError::NonFinite`],
+    /// counted over the whole tensor as the general path counts.
     fn try_add_fused(
         &self,
         what: &'static str,
         base: &mut BaseTensorMut<'_>,
-        (round_first, check): (bool, bool),
+        opts: &MergeOptions,
+        layer_rounds: bool,
     ) -> Result<bool> {
         let total = base.validate(what, true)?;
         if self.n == 0 || total != self.left.len() / self.r.max(1) * self.n {
             return Ok(false);
         }
         let target = fused::Target::Memory(base.data);
+        let check = opts.checks_result();
         let test = base.probe.is_some() || check;
-        let update = [self.fused(round_first)];
+        let update = [self.fused(opts, layer_rounds)];
         let fused = fused::add_in_place(&update, base.dtype, target, test)
             .map_err(|_| MergeMathError::BaseUnread { what })?;
         if let (Some(finite), Some(probe)) = (fused, base.probe) {
@@ -272,20 +280,24 @@ impl<'a> LowRank<'a> {
         Ok(fused.is_some())
     }
 
-    /// Whether merging this product takes the fused kernel: peft's numerics, an f32 adapter,
-    /// and a merge (an unmerge subtracts `Δ` rounded first, whose NaN signs an added `-Δ` would
-    /// not keep).
+    /// Whether merging this product takes the fused kernel: peft's numerics and an f32
+    /// adapter. An unmerge adds `-Δ` there ([`Self::fused`]), which gives the bits of peft's
+    /// `W - Δ` for every value, NaN included: `-Δ` is `fl32(P · -s)`, and a multiply returns its
+    /// NaN operand unchanged, so a NaN in `-Δ` is `Δ`'s own (not sign-flipped), which is what
+    /// a subtraction returns too (a test holds the two paths together in every dtype).
     fn fuses(&self, opts: &MergeOptions) -> bool {
-        opts.numerics != Numerics::Exact && !opts.unmerge && self.adapter_round.is_none()
+        opts.numerics != Numerics::Exact && self.adapter_round.is_none()
     }
 
-    /// The update as the fused kernel takes it (a merge, never an unmerge: see `fuses`), `Δ`
-    /// rounded to the base dtype before the add when `round_first`.
-    fn fused(&self, round_first: bool) -> fused::Fused<'_> {
+    /// The update as the fused kernel takes it: `Δ`, or `-Δ` for an unmerge (`fl32(P · -s)` is
+    /// `-fl32(P · s)` but for NaN, which keeps its bits; rounding to the base dtype is
+    /// symmetric too), rounded to the base dtype before the add where peft rounds it
+    /// ([`MergeOptions::rounds_delta_first`]).
+    fn fused(&self, opts: &MergeOptions, layer_rounds: bool) -> fused::Fused<'_> {
         fused::Fused {
-            product: self.as_product(false),
+            product: self.as_product(opts.unmerge),
             blocks: &self.blocks,
-            round_first,
+            round_first: opts.rounds_delta_first(layer_rounds),
         }
     }
 
@@ -318,17 +330,16 @@ fn apply_lowrank(
     opts: &MergeOptions,
     always_round_first: bool,
 ) -> Result<()> {
+    let check = opts.checks_result();
     if opts.numerics == Numerics::Exact {
-        let check = opts.safe_merge && !opts.unmerge;
         exact::merge_lowrank(what, base, &lr.as_product(opts.unmerge), check)?;
         return Ok(());
     }
     let dtype = base.dtype;
     let round_first = opts.rounds_delta_first(always_round_first);
     let sign_sub = opts.unmerge;
-    let check = opts.safe_merge && !opts.unmerge;
-    // A merge with an f32 adapter has a fused kernel, rounding `Δ` first or not.
-    if lr.fuses(opts) && lr.try_add_fused(what, base, (round_first, check))? {
+    // An f32 adapter has a fused kernel, rounding `Δ` first or not.
+    if lr.fuses(opts) && lr.try_add_fused(what, base, opts, always_round_first)? {
         return Ok(());
     }
     update_rows(
@@ -571,11 +582,10 @@ pub(crate) fn stream_lora(
         {
             return Ok(None);
         }
-        ranks.push((lr, u.opts.rounds_delta_first(layer_rounds)));
+        ranks.push((lr, layer_rounds));
     }
-    let updates: Vec<fused::Fused<'_>> = ranks
-        .iter()
-        .map(|(lr, round_first)| lr.fused(*round_first))
+    let updates: Vec<fused::Fused<'_>> = (ranks.iter().zip(chain))
+        .map(|((lr, layer_rounds), u)| lr.fused(&u.opts, *layer_rounds))
         .collect();
     let target = fused::Target::Streamed {
         len: base.len,
@@ -863,7 +873,7 @@ pub fn merge_lora_bias(
         "bias",
         &mut bias,
         len,
-        opts.safe_merge && !sub,
+        opts.checks_result(),
         |_, rows, _| {
             match rows {
                 Rows::F32(w) => accumulate(w, &term, sub),
@@ -879,6 +889,48 @@ mod tests {
     use super::*;
     use crate::kernels::dtype::{decode_f32, encode_f32};
     use peftkit_peft::lora_scaling;
+
+    /// An unmerge is `W - fl_dtype(Δ)`, one rounding, as peft's `W -= Δ.to(W.dtype)`: through
+    /// the fused kernel (which adds `-Δ`), with NaN, infinite and subnormal deltas among the
+    /// values, the bits of the subtraction in every dtype.
+    #[test]
+    fn unmerges_subtract_the_rounded_delta_in_every_dtype() {
+        let (rows, cols, r) = (37, 70, 4);
+        let a: Vec<f32> = (0..r * cols)
+            .map(|i| ((i * 13) % 97) as f32 / 31.0 - 1.5)
+            .collect();
+        let mut b: Vec<f32> = (0..rows * r)
+            .map(|i| ((i * 29) % 89) as f32 / 17.0 - 2.5)
+            .collect();
+        // Row 3 of Δ is NaN, row 5 infinite where A is positive, row 8 subnormal.
+        b[3 * r] = f32::NAN;
+        b[5 * r + 1] = f32::INFINITY;
+        b[8 * r..9 * r].iter_mut().for_each(|x| *x *= 1e-38);
+        let (a_shape, b_shape) = ([r, cols], [rows, r]);
+        let (a_t, b_t) = (F32Tensor::new(&a_shape, &a), F32Tensor::new(&b_shape, &b));
+        let shape = [rows, cols];
+        let delta = linear_delta(&shape, a_t, b_t, 1.25, false, None).unwrap();
+        let w0: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7) % 83) as f32 / 9.0 - 4.0)
+            .collect();
+        let opts = MergeOptions {
+            unmerge: true,
+            ..MergeOptions::default()
+        };
+        for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {
+            let mut w = encode_f32("w", dtype, &w0).unwrap();
+            let base = decode_f32("w", dtype, &w).unwrap();
+            let want: Vec<f32> = base
+                .iter()
+                .zip(&delta)
+                .map(|(x, d)| x - crate::kernels::round_f32_to(dtype, *d).unwrap())
+                .collect();
+            let want = encode_f32("w", dtype, &want).unwrap();
+            let into = BaseTensorMut::new(dtype, &shape, &mut w);
+            merge_linear(into, a_t, b_t, 1.25, false, &opts).unwrap();
+            assert!(w == want, "{dtype:?}");
+        }
+    }
 
     /// Embeddings and convolutions stream as Linear weights do: over several blocks, the bits
     /// of their merge in memory (an embedding's `Δ` rounded to the base dtype first).

@@ -34,7 +34,7 @@ pub fn add_delta(mut base: BaseTensorMut<'_>, delta: &[f32], opts: &MergeOptions
         "base weight",
         &mut base,
         row_len,
-        opts.safe_merge && !sub,
+        opts.checks_result(),
         |first_row, rows, _| {
             let start = first_row * row_len;
             match rows {
@@ -106,7 +106,7 @@ pub fn merge_ia3_weight(
         WHAT,
         &mut base,
         cols.max(1),
-        opts.safe_merge && !unmerge,
+        opts.checks_result(),
         |first_row, rows, _| {
             match rows {
                 Rows::F32(w) => {
@@ -236,7 +236,7 @@ pub fn merge_ia3_bias(
         WHAT,
         &mut bias,
         n.max(1),
-        opts.safe_merge && !unmerge,
+        opts.checks_result(),
         |_, rows, _| {
             match rows {
                 Rows::F32(w) => w.iter_mut().zip(l).for_each(|(x, f)| {
