@@ -5,12 +5,13 @@
 //! and **one** rounding for both the safe and the unsafe path (safe only adds the finiteness
 //! check), and whose unmerge is `W -= Δ`, again without rounding Δ first.
 
-use super::apply::{update_rows, BaseTensorMut, F32Tensor, Rows};
+use super::apply::{update_rows, with_kept, BaseTensorMut, F32Tensor, Rows};
 use super::dtype::{element_size, encode_f32_into, round_slice_to};
 use super::error::{check_len, check_rank, numel, MergeMathError, Result};
 use super::exact::{refusal, Numerics, Target};
-use super::gemm::lowrank_product;
+use super::gemm::{lowrank_product, product_rows};
 use super::lora::MergeOptions;
+use super::order::active_k_blocks;
 
 /// Adds (or with `opts.unmerge` subtracts) an already computed f32 delta, laid out like the
 /// base tensor, in place.
@@ -26,35 +27,55 @@ pub fn add_delta(mut base: BaseTensorMut<'_>, delta: &[f32], opts: &MergeOptions
     }
     base.validate("base weight", true)?;
     check_len("delta", base.shape, delta.len())?;
-    let dtype = base.dtype;
     let row_len = base.shape.last().copied().unwrap_or(1).max(1);
+    add_delta_rows(&mut base, row_len, opts, |first_row, out| {
+        let start = first_row * row_len;
+        out.copy_from_slice(&delta[start..start + out.len()]);
+        Ok(())
+    })
+}
+
+/// [`add_delta`] of a delta made a block of rows at a time: `delta(first_row, out)` fills
+/// `out` with its rows `first_row..` (rows of `row_len`), so the whole delta is never held.
+fn add_delta_rows(
+    base: &mut BaseTensorMut<'_>,
+    row_len: usize,
+    opts: &MergeOptions,
+    delta: impl Fn(usize, &mut [f32]) -> Result<()> + Sync,
+) -> Result<()> {
+    let dtype = base.dtype;
     let round_first = opts.round_delta_first;
     let sub = opts.unmerge;
+    let check = opts.checks_result();
     update_rows(
         "base weight",
-        &mut base,
+        base,
         row_len,
-        opts.checks_result(),
-        |first_row, rows, _| {
-            let start = first_row * row_len;
+        check,
+        |first_row, rows, scratch| {
+            let n = match &rows {
+                Rows::F32(w) => w.len(),
+                Rows::F64(w) => w.len(),
+            };
+            scratch.resize(n, 0.0);
+            let d = &mut scratch[..n];
+            delta(first_row, d)?;
             match rows {
                 Rows::F32(w) => {
-                    let mut d = delta[start..start + w.len()].to_vec();
                     if round_first {
-                        round_slice_to(dtype, &mut d)?;
+                        round_slice_to(dtype, d)?;
                     }
                     if sub {
-                        w.iter_mut().zip(&d).for_each(|(x, y)| *x -= *y);
+                        w.iter_mut().zip(&*d).for_each(|(x, y)| *x -= *y);
                     } else {
-                        w.iter_mut().zip(&d).for_each(|(x, y)| *x += *y);
+                        w.iter_mut().zip(&*d).for_each(|(x, y)| *x += *y);
                     }
                 }
                 Rows::F64(w) => {
-                    let d = &delta[start..start + w.len()];
                     if sub {
-                        w.iter_mut().zip(d).for_each(|(x, y)| *x -= f64::from(*y));
+                        w.iter_mut().zip(&*d).for_each(|(x, y)| *x -= f64::from(*y));
                     } else {
-                        w.iter_mut().zip(d).for_each(|(x, y)| *x += f64::from(*y));
+                        w.iter_mut().zip(&*d).for_each(|(x, y)| *x += f64::from(*y));
                     }
                 }
             }
@@ -282,13 +303,13 @@ fn dims2(what: &'static str, t: &F32Tensor<'_>) -> Result<(usize, usize)> {
     Ok((t.shape[0], t.shape[1]))
 }
 
-/// `a @ b` for two 2-D factors, in torch's f32 order.
-fn matmul(
+/// The shape `(m, n)` of `a @ b` for two 2-D factors, checked.
+fn product_dims(
     an: &'static str,
     a: &F32Tensor<'_>,
     bn: &'static str,
     b: &F32Tensor<'_>,
-) -> Result<(usize, usize, Vec<f32>)> {
+) -> Result<(usize, usize)> {
     let (m, k) = dims2(an, a)?;
     let (k2, n) = dims2(bn, b)?;
     if k != k2 {
@@ -298,7 +319,22 @@ fn matmul(
             got: b.shape.to_vec(),
         });
     }
-    Ok((m, n, lowrank_product(a.data, b.data, m, k, n, 1.0)?))
+    Ok((m, n))
+}
+
+/// `a @ b` for two 2-D factors, in torch's f32 order.
+fn matmul(
+    an: &'static str,
+    a: &F32Tensor<'_>,
+    bn: &'static str,
+    b: &F32Tensor<'_>,
+) -> Result<(usize, usize, Vec<f32>)> {
+    let (m, n) = product_dims(an, a, bn, b)?;
+    Ok((
+        m,
+        n,
+        lowrank_product(a.data, b.data, m, a.shape[1], n, 1.0)?,
+    ))
 }
 
 /// LoHa delta (non-CP form): `Δ = ((w1_a @ w1_b) ⊙ (w2_a @ w2_b)) · s`, reshaped to
@@ -313,33 +349,91 @@ pub fn loha_delta(
     w2b: F32Tensor<'_>,
     scale: f32,
 ) -> Result<Vec<f32>> {
-    let (m1, n1, p1) = matmul("hada_w1_a", &w1a, "hada_w1_b", &w1b)?;
-    let (m2, n2, p2) = matmul("hada_w2_a", &w2a, "hada_w2_b", &w2b)?;
-    if (m1, n1) != (m2, n2) {
-        return Err(MergeMathError::ShapeMismatch {
-            what: "hada_w2_a @ hada_w2_b",
-            expected: vec![m1, n1],
-            got: vec![m2, n2],
-        });
-    }
-    check_len(
-        "LoHa delta (reshaped to the base weight)",
-        base_shape,
-        p1.len(),
-    )?;
-    if base_shape.first() != Some(&m1) {
-        return Err(MergeMathError::ShapeMismatch {
-            what: "base weight",
-            expected: vec![m1, n1],
-            got: base_shape.to_vec(),
-        });
-    }
-    Ok(p1.iter().zip(&p2).map(|(x, y)| (x * y) * scale).collect())
+    let loha = LohaRows::new(base_shape, (w1a, w1b), (w2a, w2b), scale)?;
+    let mut out = vec![0f32; base_shape.first().copied().unwrap_or(0) * loha.n];
+    loha.rows(0, &mut out);
+    Ok(out)
 }
 
-/// Merges a LoHa adapter (non-CP) in place; see [`loha_delta`] and the module docs.
+/// A LoHa delta, checked against its base, made a block of output rows at a time: a row of
+/// each product is its left factor's row times the right factor (reduced over the rank in
+/// torch's order, as the whole product is), so a block of rows holds the whole delta's bits.
+struct LohaRows<'a> {
+    w1: (F32Tensor<'a>, F32Tensor<'a>),
+    w2: (F32Tensor<'a>, F32Tensor<'a>),
+    /// Columns of the delta (of the base viewed as `out × n`).
+    n: usize,
+    scale: f32,
+}
+
+thread_local! {
+    /// The second product's rows of a block ([`LohaRows::rows`]), kept per thread.
+    static HADA_W2: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+impl<'a> LohaRows<'a> {
+    fn new(
+        base_shape: &[usize],
+        w1: (F32Tensor<'a>, F32Tensor<'a>),
+        w2: (F32Tensor<'a>, F32Tensor<'a>),
+        scale: f32,
+    ) -> Result<Self> {
+        let (m1, n1) = product_dims("hada_w1_a", &w1.0, "hada_w1_b", &w1.1)?;
+        let (m2, n2) = product_dims("hada_w2_a", &w2.0, "hada_w2_b", &w2.1)?;
+        if (m1, n1) != (m2, n2) {
+            return Err(MergeMathError::ShapeMismatch {
+                what: "hada_w2_a @ hada_w2_b",
+                expected: vec![m1, n1],
+                got: vec![m2, n2],
+            });
+        }
+        let total = m1.checked_mul(n1).ok_or(MergeMathError::Overflow {
+            what: "LoHa delta",
+            shape: vec![m1, n1],
+        })?;
+        check_len(
+            "LoHa delta (reshaped to the base weight)",
+            base_shape,
+            total,
+        )?;
+        if base_shape.first() != Some(&m1) {
+            return Err(MergeMathError::ShapeMismatch {
+                what: "base weight",
+                expected: vec![m1, n1],
+                got: base_shape.to_vec(),
+            });
+        }
+        Ok(LohaRows {
+            w1,
+            w2,
+            n: n1,
+            scale,
+        })
+    }
+
+    /// Fills `out` with delta rows `first_row..`: `fl(fl(p1 · p2) · s)` per element.
+    fn rows(&self, first_row: usize, out: &mut [f32]) {
+        let rows = out.len().checked_div(self.n).unwrap_or(0);
+        let product = |(a, b): (F32Tensor<'_>, F32Tensor<'_>), out: &mut [f32]| {
+            let k = a.shape[1];
+            let left = &a.data[first_row * k..(first_row + rows) * k];
+            product_rows(left, b.data, k, self.n, &active_k_blocks(k), 1.0, out);
+        };
+        product(self.w1, out);
+        with_kept(&HADA_W2, |p2| {
+            p2.resize(out.len(), 0.0);
+            product(self.w2, p2);
+            for (x, y) in out.iter_mut().zip(p2.iter()) {
+                *x = (*x * y) * self.scale;
+            }
+        });
+    }
+}
+
+/// Merges a LoHa adapter (non-CP) in place, a block of rows at a time; see [`loha_delta`] and
+/// the module docs.
 pub fn merge_loha(
-    base: BaseTensorMut<'_>,
+    mut base: BaseTensorMut<'_>,
     w1a: F32Tensor<'_>,
     w1b: F32Tensor<'_>,
     w2a: F32Tensor<'_>,
@@ -350,8 +444,12 @@ pub fn merge_loha(
     if opts.numerics == Numerics::Exact {
         return Err(refusal("LoHa weight", "LoHa"));
     }
-    let delta = loha_delta(base.shape, w1a, w1b, w2a, w2b, scale)?;
-    add_delta(base, &delta, &lycoris_opts(opts))
+    base.validate("base weight", true)?;
+    let loha = LohaRows::new(base.shape, (w1a, w1b), (w2a, w2b), scale)?;
+    add_delta_rows(&mut base, loha.n, &lycoris_opts(opts), |first_row, out| {
+        loha.rows(first_row, out);
+        Ok(())
+    })
 }
 
 /// The LyCORIS merge never rounds Δ first.
@@ -399,47 +497,87 @@ pub fn lokr_delta(
     w2: LokrFactor<'_>,
     scale: f32,
 ) -> Result<Vec<f32>> {
-    let (s1, v1) = w1.build("lokr_w1", "lokr_w1_b")?;
-    let (s2, v2) = w2.build("lokr_w2", "lokr_w2_b")?;
-    if s1.len() != 2 {
-        return Err(MergeMathError::Rank {
-            what: "lokr_w1",
-            expected: "2",
-            got: s1,
-        });
+    let lokr = LokrRows::new(base_shape, w1, w2, scale)?;
+    let mut out = vec![0f32; lokr.rows * lokr.row_len];
+    lokr.rows(0, &mut out);
+    Ok(out)
+}
+
+/// A LoKr delta, checked against its base, made a block of rows at a time: row `i·c + k` of
+/// `kron(w1, w2)` is row `i` of `w1` times row `k` of `w2`, so only the two factors are held.
+struct LokrRows {
+    /// `w1`, `(a, b)`.
+    w1: Vec<f32>,
+    b: usize,
+    /// `w2`, `(c, d·kernel)`.
+    w2: Vec<f32>,
+    c: usize,
+    /// Rows (`a·c`) and row length (`b·d·kernel`) of the delta.
+    rows: usize,
+    row_len: usize,
+    scale: f32,
+}
+
+impl LokrRows {
+    fn new(
+        base_shape: &[usize],
+        w1: LokrFactor<'_>,
+        w2: LokrFactor<'_>,
+        scale: f32,
+    ) -> Result<Self> {
+        let (s1, v1) = w1.build("lokr_w1", "lokr_w1_b")?;
+        let (s2, v2) = w2.build("lokr_w2", "lokr_w2_b")?;
+        if s1.len() != 2 {
+            return Err(MergeMathError::Rank {
+                what: "lokr_w1",
+                expected: "2",
+                got: s1,
+            });
+        }
+        let (a, b) = (s1[0], s1[1]);
+        let (c, d) = (s2[0], s2[1]);
+        let kernel = numel("lokr_w2", &s2[2..])?;
+        let mut out_shape = vec![a * c, b * d];
+        out_shape.extend_from_slice(&s2[2..]);
+        let total = numel("LoKr delta", &out_shape)?;
+        check_len(
+            "LoKr delta (reshaped to the base weight)",
+            base_shape,
+            total,
+        )?;
+        Ok(LokrRows {
+            w1: v1,
+            b,
+            w2: v2,
+            c,
+            rows: a * c,
+            row_len: b * d * kernel,
+            scale,
+        })
     }
-    let (a, b) = (s1[0], s1[1]);
-    let (c, d) = (s2[0], s2[1]);
-    let kernel = numel("lokr_w2", &s2[2..])?;
-    let mut out_shape = vec![a * c, b * d];
-    out_shape.extend_from_slice(&s2[2..]);
-    let total = numel("LoKr delta", &out_shape)?;
-    check_len(
-        "LoKr delta (reshaped to the base weight)",
-        base_shape,
-        total,
-    )?;
-    let mut out = vec![0f32; total];
-    let row_len = b * d * kernel;
-    for i in 0..a {
-        for k in 0..c {
-            let orow = &mut out[(i * c + k) * row_len..(i * c + k + 1) * row_len];
-            for j in 0..b {
-                let x = v1[i * b + j];
-                let src = &v2[k * d * kernel..(k + 1) * d * kernel];
-                let dst = &mut orow[j * d * kernel..(j + 1) * d * kernel];
+
+    /// Fills `out` with delta rows `first_row..`: `fl(fl(w1[i, j] · w2[k, l…]) · s)`.
+    fn rows(&self, first_row: usize, out: &mut [f32]) {
+        let dk = self.row_len.checked_div(self.b).unwrap_or(0);
+        for (g, orow) in (first_row..).zip(out.chunks_exact_mut(self.row_len.max(1))) {
+            let (i, k) = (g / self.c, g % self.c);
+            let src = &self.w2[k * dk..(k + 1) * dk];
+            for (x, dst) in self.w1[i * self.b..(i + 1) * self.b]
+                .iter()
+                .zip(orow.chunks_exact_mut(dk.max(1)))
+            {
                 for (o, y) in dst.iter_mut().zip(src) {
-                    *o = (x * y) * scale;
+                    *o = (x * y) * self.scale;
                 }
             }
         }
     }
-    Ok(out)
 }
 
-/// Merges a LoKr adapter in place; see [`lokr_delta`] and the module docs.
+/// Merges a LoKr adapter in place, a block of rows at a time; see [`lokr_delta`] and the
+/// module docs.
 pub fn merge_lokr(
-    base: BaseTensorMut<'_>,
+    mut base: BaseTensorMut<'_>,
     w1: LokrFactor<'_>,
     w2: LokrFactor<'_>,
     scale: f32,
@@ -448,8 +586,17 @@ pub fn merge_lokr(
     if opts.numerics == Numerics::Exact {
         return Err(refusal("LoKr weight", "LoKr"));
     }
-    let delta = lokr_delta(base.shape, w1, w2, scale)?;
-    add_delta(base, &delta, &lycoris_opts(opts))
+    base.validate("base weight", true)?;
+    let lokr = LokrRows::new(base.shape, w1, w2, scale)?;
+    add_delta_rows(
+        &mut base,
+        lokr.row_len,
+        &lycoris_opts(opts),
+        |first_row, out| {
+            lokr.rows(first_row, out);
+            Ok(())
+        },
+    )
 }
 
 /// Trainable tokens: replaces rows `indices[j]` of an embedding-like weight `(vocab, dim)` by
@@ -489,6 +636,85 @@ mod tests {
     use super::*;
     use crate::kernels::dtype::{decode_f32, encode_f32};
     use safetensors::Dtype;
+
+    /// LoKr merged a block of rows at a time (three blocks) gives the bits of its whole delta
+    /// added, and that delta is `kron(w1, w2) · s` element by element.
+    #[test]
+    fn lokr_by_blocks_of_rows_is_the_whole_delta_added() {
+        let vals = |n: usize, k: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * k) % 211) as f32 / 53.0 - 2.0)
+                .collect()
+        };
+        let ((a, b), (c, d)) = ((4, 8), (150, 128));
+        let (v1, v2) = (vals(a * b, 3), vals(c * d, 5));
+        let (s1, s2) = ([a, b], [c, d]);
+        let w1 = LokrFactor::Full(F32Tensor::new(&s1, &v1));
+        let w2 = LokrFactor::Full(F32Tensor::new(&s2, &v2));
+        let shape = [a * c, b * d];
+        let delta = lokr_delta(&shape, w1, w2, 0.5).unwrap();
+        let opts = MergeOptions::default();
+        let base = encode_f32("w", Dtype::BF16, &vals(a * c * b * d, 13)).unwrap();
+        let mut want = base.clone();
+        add_delta(
+            BaseTensorMut::new(Dtype::BF16, &shape, &mut want),
+            &delta,
+            &opts,
+        )
+        .unwrap();
+        let mut got = base.clone();
+        let into = BaseTensorMut::new(Dtype::BF16, &shape, &mut got);
+        merge_lokr(into, w1, w2, 0.5, &opts).unwrap();
+        assert!(got == want && got != base);
+        let (i, j, k, l) = (3, 5, 149, 127);
+        assert_eq!(
+            delta[(i * c + k) * b * d + j * d + l],
+            (v1[i * b + j] * v2[k * d + l]) * 0.5
+        );
+    }
+
+    /// LoHa merged a block of rows at a time (three blocks here, the last short) gives the
+    /// bits of its whole delta added, merged and unmerged, in BF16 and F64.
+    #[test]
+    fn loha_by_blocks_of_rows_is_the_whole_delta_added() {
+        let vals = |n: usize, k: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * k) % 211) as f32 / 53.0 - 2.0)
+                .collect()
+        };
+        let (rows, cols, r) = (600, 1024, 6);
+        let f = [
+            vals(rows * r, 3),
+            vals(r * cols, 5),
+            vals(rows * r, 7),
+            vals(r * cols, 11),
+        ];
+        let (left, right) = ([rows, r], [r, cols]);
+        let w1 = (F32Tensor::new(&left, &f[0]), F32Tensor::new(&right, &f[1]));
+        let w2 = (F32Tensor::new(&left, &f[2]), F32Tensor::new(&right, &f[3]));
+        let shape = [rows, cols];
+        let delta = loha_delta(&shape, w1.0, w1.1, w2.0, w2.1, 0.5).unwrap();
+        for dtype in [Dtype::BF16, Dtype::F64] {
+            for unmerge in [false, true] {
+                let opts = MergeOptions {
+                    unmerge,
+                    ..MergeOptions::default()
+                };
+                let base = encode_f32("w", dtype, &vals(rows * cols, 13)).unwrap();
+                let mut want = base.clone();
+                add_delta(BaseTensorMut::new(dtype, &shape, &mut want), &delta, &opts).unwrap();
+                let mut got = base.clone();
+                let into = BaseTensorMut::new(dtype, &shape, &mut got);
+                merge_loha(into, w1.0, w1.1, w2.0, w2.1, 0.5, &opts).unwrap();
+                assert!(got == want && got != base, "{dtype:?}, unmerge {unmerge}");
+            }
+        }
+        // The whole delta is the products' rows multiplied, then scaled.
+        let p1 = lowrank_product(&f[0], &f[1], rows, r, cols, 1.0).unwrap();
+        let p2 = lowrank_product(&f[2], &f[3], rows, r, cols, 1.0).unwrap();
+        let want: Vec<f32> = p1.iter().zip(&p2).map(|(x, y)| (x * y) * 0.5).collect();
+        assert_eq!(delta, want);
+    }
 
     #[test]
     fn trainable_tokens_replace_and_round() {
