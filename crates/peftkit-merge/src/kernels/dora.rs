@@ -27,7 +27,7 @@
 use safetensors::Dtype;
 
 use super::apply::{update_rows, update_rows_scaled, BaseTensorMut, F32Tensor, Rows};
-use super::dtype::decode_f32;
+use super::dtype::decode_f32_into;
 use super::error::{check_rank, check_shape, MergeMathError, Result};
 use super::exact::{refusal, Numerics};
 use super::lora::{conv_lowrank, embedding_lowrank, linear_lowrank, LowRank, MergeOptions};
@@ -78,18 +78,29 @@ fn row_norms(values: &[f32], row_len: usize, norms: &mut Vec<f32>) {
 pub fn torch_column_norms(x: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>> {
     super::error::check_len("norm input", &[rows, cols], x.len())?;
     let mut s = vec![0f32; cols];
-    if cols == 0 {
-        return Ok(s);
+    add_column_squares(&mut s, x);
+    Ok(finish_column_norms(s))
+}
+
+/// Adds the squares of each row of `rows` (rows as long as `sums`) to `sums`, row after row:
+/// [`torch_column_norms`]'s sums, which a caller may feed in blocks of rows in order.
+fn add_column_squares(sums: &mut [f32], rows: &[f32]) {
+    if sums.is_empty() {
+        return;
     }
-    for row in x.chunks_exact(cols) {
-        for (acc, v) in s.iter_mut().zip(row) {
+    for row in rows.chunks_exact(sums.len()) {
+        for (acc, v) in sums.iter_mut().zip(row) {
             *acc += v * v;
         }
     }
-    for v in s.iter_mut() {
+}
+
+/// The norms of the sums of squares [`add_column_squares`] made.
+fn finish_column_norms(mut sums: Vec<f32>) -> Vec<f32> {
+    for v in sums.iter_mut() {
         *v = v.sqrt();
     }
-    Ok(s)
+    sums
 }
 
 /// Options DoRA cannot honour: peft's DoRA merge never rounds Δ first, has no f32-free path
@@ -154,6 +165,8 @@ fn merge_row_channels(
 }
 
 /// Column-norm variant: each base column is one output channel (`fan_in_fan_out`, Embedding).
+/// Two passes over blocks of rows, so that no buffer of the weight's size is held: the norms
+/// of `W + Δ` (blocks in row order, as torch sums them), then `W + Δ` again, times the factor.
 fn merge_column_channels(
     what: &'static str,
     base: &mut BaseTensorMut<'_>,
@@ -163,27 +176,54 @@ fn merge_column_channels(
 ) -> Result<()> {
     base.validate(what, false)?;
     let cols = lr.row_len();
-    let mut wt = decode_f32(what, base.dtype, base.data)?;
-    let rows = wt.len().checked_div(cols).unwrap_or(0);
-    let delta = lr.full()?;
-    for (x, y) in wt.iter_mut().zip(&delta) {
-        *x += *y;
-    }
-    drop(delta);
-    let norms = torch_column_norms(&wt, rows, cols)?;
+    let norms = merged_column_norms(what, base, lr)?;
     let factor: Vec<f32> = magnitude.iter().zip(&norms).map(|(m, n)| m / n).collect();
-    let wt = &wt;
     let factor = &factor;
-    update_rows(what, base, cols, opts.safe_merge, |first_row, rows, _| {
-        let w = f32_rows(what, rows)?;
-        let src = &wt[first_row * cols..first_row * cols + w.len()];
-        for (wr, sr) in w.chunks_exact_mut(cols).zip(src.chunks_exact(cols)) {
-            for ((x, s), f) in wr.iter_mut().zip(sr).zip(factor) {
-                *x = *f * *s;
+    update_rows(
+        what,
+        base,
+        cols,
+        opts.safe_merge,
+        |first_row, rows, scratch| {
+            let w = f32_rows(what, rows)?;
+            lr.add_rows_f32(what, first_row, w, scratch)?;
+            for wr in w.chunks_exact_mut(cols) {
+                for (x, f) in wr.iter_mut().zip(factor) {
+                    // `f · x`, in torch's operand order: with both NaN, the first one's is kept.
+                    #[allow(clippy::assign_op_pattern)]
+                    {
+                        *x = *f * *x;
+                    }
+                }
             }
-        }
-        Ok(())
-    })
+            Ok(())
+        },
+    )
+}
+
+/// [`torch_column_norms`] of `W + Δ`, made a block of rows at a time in row order.
+fn merged_column_norms(
+    what: &'static str,
+    base: &BaseTensorMut<'_>,
+    lr: &LowRank<'_>,
+) -> Result<Vec<f32>> {
+    let cols = lr.row_len();
+    let size = super::dtype::element_size(base.dtype)?;
+    let mut sums = vec![0f32; cols];
+    if cols == 0 {
+        return Ok(sums);
+    }
+    // About 1 MiB of `f32` rows per block.
+    let rows_per_block = ((1 << 18) / cols).max(1);
+    let block_bytes = rows_per_block * cols * size;
+    let (mut w, mut scratch) = (Vec::new(), Vec::new());
+    for (i, bytes) in base.data.chunks(block_bytes).enumerate() {
+        w.resize(bytes.len() / size, 0.0);
+        decode_f32_into(what, base.dtype, bytes, &mut w)?;
+        lr.add_rows_f32(what, i * rows_per_block, &mut w, &mut scratch)?;
+        add_column_squares(&mut sums, &w);
+    }
+    Ok(finish_column_norms(sums))
 }
 
 /// Checks `lora_magnitude_vector` against its `expected` shape: one value per output channel (the
@@ -303,6 +343,51 @@ pub fn merge_dora_conv(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A DoRA embedding (norms over columns) merged in blocks of rows gives the bits of its
+    /// definition on the whole weight: `fl(m / ‖W + Δ‖ · (W + Δ))`, the norms summed in row
+    /// order over all rows (three blocks here, the last short).
+    #[test]
+    fn column_norm_merges_in_blocks_are_the_whole_weight_s() {
+        use crate::kernels::{decode_f32, embedding_delta, encode_f32};
+        let vals = |n: usize, k: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * k) % 211) as f32 / 53.0 - 2.0)
+                .collect()
+        };
+        let (vocab, dim, r) = (600, 1024, 4);
+        let (a, b) = (vals(r * vocab, 3), vals(dim * r, 5));
+        let m: Vec<f32> = vals(dim, 7).iter().map(|v| v + 30.0).collect();
+        let (sa, sb, sm, shape) = ([r, vocab], [dim, r], [dim], [vocab, dim]);
+        let (a, b, m) = (
+            F32Tensor::new(&sa, &a),
+            F32Tensor::new(&sb, &b),
+            F32Tensor::new(&sm, &m),
+        );
+        let base = encode_f32("w", Dtype::BF16, &vals(vocab * dim, 11)).unwrap();
+        let delta = embedding_delta(&shape, a, b, 0.5, None).unwrap();
+        let wt: Vec<f32> = decode_f32("w", Dtype::BF16, &base)
+            .unwrap()
+            .iter()
+            .zip(&delta)
+            .map(|(w, d)| w + d)
+            .collect();
+        let norms = torch_column_norms(&wt, vocab, dim).unwrap();
+        let want: Vec<f32> = wt
+            .chunks_exact(dim)
+            .flat_map(|row| {
+                row.iter()
+                    .zip(&norms)
+                    .zip(m.data)
+                    .map(|((x, n), m)| (m / n) * x)
+            })
+            .collect();
+        let want = encode_f32("w", Dtype::BF16, &want).unwrap();
+        let mut got = base.clone();
+        let into = BaseTensorMut::new(Dtype::BF16, &shape, &mut got);
+        merge_dora_embedding(into, a, b, m, 0.5, &MergeOptions::default()).unwrap();
+        assert!(got == want && got != base);
+    }
 
     #[test]
     fn norms_of_simple_vectors() {
