@@ -209,7 +209,7 @@ impl<'a> F32Tensor<'a> {
 
 /// Elements per rayon task (1 MiB of f32): large enough that each column panel of the low-rank
 /// factor is reused by many rows, small enough to keep a few tasks per thread on big tensors.
-const BLOCK_ELEMS: usize = 1 << 18;
+pub(crate) const BLOCK_ELEMS: usize = 1 << 18;
 
 /// Runs `update(first_row, rows, scratch)` over blocks of whole rows of `base` (viewed as
 /// `n_rows × row_len`), then rounds to the base dtype and writes back.

@@ -26,7 +26,7 @@
 
 use safetensors::Dtype;
 
-use super::apply::{update_rows, update_rows_scaled, BaseTensorMut, F32Tensor, Rows};
+use super::apply::{update_rows, update_rows_scaled, BaseTensorMut, F32Tensor, Rows, BLOCK_ELEMS};
 use super::dtype::decode_f32_into;
 use super::error::{check_rank, check_shape, MergeMathError, Result};
 use super::exact::{refusal, Numerics};
@@ -213,8 +213,8 @@ fn merged_column_norms(
     if cols == 0 {
         return Ok(sums);
     }
-    // About 1 MiB of `f32` rows per block.
-    let rows_per_block = ((1 << 18) / cols).max(1);
+    // Blocks of `update_rows`' size, which the second pass uses.
+    let rows_per_block = (BLOCK_ELEMS / cols).max(1);
     let block_bytes = rows_per_block * cols * size;
     let (mut w, mut scratch) = (Vec::new(), Vec::new());
     for (i, bytes) in base.data.chunks(block_bytes).enumerate() {

@@ -363,6 +363,8 @@ struct LohaRows<'a> {
     w2: (F32Tensor<'a>, F32Tensor<'a>),
     /// Columns of the delta (of the base viewed as `out × n`).
     n: usize,
+    /// Each product's reduction blocks over its rank (torch's order).
+    blocks: [Vec<std::ops::Range<usize>>; 2],
     scale: f32,
 }
 
@@ -403,10 +405,15 @@ impl<'a> LohaRows<'a> {
                 got: base_shape.to_vec(),
             });
         }
+        let blocks = [
+            active_k_blocks(w1.0.shape[1]),
+            active_k_blocks(w2.0.shape[1]),
+        ];
         Ok(LohaRows {
             w1,
             w2,
             n: n1,
+            blocks,
             scale,
         })
     }
@@ -414,15 +421,15 @@ impl<'a> LohaRows<'a> {
     /// Fills `out` with delta rows `first_row..`: `fl(fl(p1 · p2) · s)` per element.
     fn rows(&self, first_row: usize, out: &mut [f32]) {
         let rows = out.len().checked_div(self.n).unwrap_or(0);
-        let product = |(a, b): (F32Tensor<'_>, F32Tensor<'_>), out: &mut [f32]| {
+        let product = |(a, b): (F32Tensor<'_>, F32Tensor<'_>), blocks, out: &mut [f32]| {
             let k = a.shape[1];
             let left = &a.data[first_row * k..(first_row + rows) * k];
-            product_rows(left, b.data, k, self.n, &active_k_blocks(k), 1.0, out);
+            product_rows(left, b.data, k, self.n, blocks, 1.0, out);
         };
-        product(self.w1, out);
+        product(self.w1, &self.blocks[0], out);
         with_kept(&HADA_W2, |p2| {
             p2.resize(out.len(), 0.0);
-            product(self.w2, p2);
+            product(self.w2, &self.blocks[1], p2);
             for (x, y) in out.iter_mut().zip(p2.iter()) {
                 *x = (*x * y) * self.scale;
             }
