@@ -368,7 +368,8 @@ fn apply_lora(
 /// Applies `steps`, in order, to a base tensor (`name`) that is in no buffer, streaming it
 /// through `base.io` block by block, when every step is a plain LoRA merge (Linear, Embedding
 /// or Conv) with a fused kernel (see [`lora::stream_lora`]) or, with a DoRA among them, when
-/// every step runs by bands of rows (see [`RowBanded`]). `Ok(None)`, having read and written
+/// every step runs by bands of rows (see [`RowBanded`]) or the one step is a DoRA whose norm
+/// runs over columns (see `banded::stream_column_dora`). `Ok(None)`, having read and written
 /// nothing, otherwise; else whether every merged value is finite (when `base.check`).
 pub(crate) fn stream_steps(
     steps: &[Step],
@@ -380,7 +381,10 @@ pub(crate) fn stream_steps(
         .iter()
         .any(|s| matches!(s.edit, Edit::Lora { dora: true, .. }))
     {
-        return banded::stream_banded(steps, name, base, opts);
+        if let Some(done) = banded::stream_banded(steps, name, base, opts)? {
+            return Ok(Some(done));
+        }
+        return banded::stream_column_dora(steps, name, base, opts);
     }
     let mut pairs = Vec::with_capacity(steps.len());
     for step in steps {

@@ -11,8 +11,8 @@ use peftkit_checkpoint::{
     save_pretrained, Checkpoint, Dtype, SaveOptions, StateDict, Tensor, WeightsKind,
 };
 use peftkit_merge::{
-    encode_f32, merge, merge_dora_linear, merge_embedding, merge_linear, AdapterInput,
-    BaseTensorMut, F32Tensor, MergeJob, MergeOptions,
+    encode_f32, merge, merge_dora_embedding, merge_dora_linear, merge_embedding, merge_linear,
+    AdapterInput, BaseTensorMut, F32Tensor, MergeJob, MergeOptions,
 };
 
 /// What the adapter adapts.
@@ -22,14 +22,20 @@ enum Layer {
     Dora,
     /// A `ROWS`-token embedding of width `COLS`.
     Embedding,
+    /// The same with DoRA: its norm runs over columns.
+    DoraEmbedding,
 }
 
 impl Layer {
     fn module(self) -> &'static str {
         match self {
-            Layer::Embedding => "model.embed_tokens",
+            Layer::Embedding | Layer::DoraEmbedding => "model.embed_tokens",
             _ => "model.layers.0.self_attn.q_proj",
         }
+    }
+
+    fn dora(self) -> bool {
+        matches!(self, Layer::Dora | Layer::DoraEmbedding)
     }
 }
 /// 4 KiB rows of BF16: 3 blocks of 512 rows and a short one.
@@ -68,7 +74,7 @@ fn adapter_config(layer: Layer) -> String {
     v["lora_alpha"] = ALPHA.into();
     let target = layer.module().rsplit('.').next().unwrap();
     v["target_modules"] = serde_json::json!([target]);
-    v["use_dora"] = (layer == Layer::Dora).into();
+    v["use_dora"] = layer.dora().into();
     v.to_string()
 }
 
@@ -107,6 +113,12 @@ fn a_merged_embedding_synced_or_not_is_the_embedding_merged_in_memory() {
     merged_both_ways(Layer::Embedding, MergeOptions::default());
 }
 
+/// A DoRA embedding takes its norm over columns: it streams in two passes.
+#[test]
+fn a_dora_merged_embedding_synced_or_not_is_the_embedding_merged_in_memory() {
+    merged_both_ways(Layer::DoraEmbedding, MergeOptions::default());
+}
+
 /// An unmerge subtracts `Δ` rounded first, streamed as in memory.
 #[test]
 fn an_unmerged_weight_synced_or_not_is_the_weight_unmerged_in_memory() {
@@ -133,9 +145,10 @@ fn merged_both_ways(layer: Layer, opts: MergeOptions) {
     save(&base, &sd, WeightsKind::Model);
     let (a, b) = (values(RANK * COLS, 13), values(ROWS * RANK, 29));
     let m: Vec<f32> = values(ROWS, 3).iter().map(|v| v + 20.0).collect();
+    let m_cols: Vec<f32> = values(COLS, 3).iter().map(|v| v + 40.0).collect();
     let mut ad = StateDict::new();
     let key = |m: &str| format!("base_model.model.{module}.{m}");
-    if layer == Layer::Embedding {
+    if layer.module() == "model.embed_tokens" {
         // lora_embedding_A is (r, num_embeddings), lora_embedding_B (dim, r).
         ad.insert(key("lora_embedding_A"), f32_tensor(vec![RANK, ROWS], &b));
         ad.insert(key("lora_embedding_B"), f32_tensor(vec![COLS, RANK], &a));
@@ -143,9 +156,14 @@ fn merged_both_ways(layer: Layer, opts: MergeOptions) {
         ad.insert(key("lora_A.weight"), f32_tensor(vec![RANK, COLS], &a));
         ad.insert(key("lora_B.weight"), f32_tensor(vec![ROWS, RANK], &b));
     }
-    if layer == Layer::Dora {
-        ad.insert(key("lora_magnitude_vector"), f32_tensor(vec![ROWS], &m));
-    }
+    match layer {
+        Layer::Dora => ad.insert(key("lora_magnitude_vector"), f32_tensor(vec![ROWS], &m)),
+        Layer::DoraEmbedding => ad.insert(
+            key("lora_magnitude_vector"),
+            f32_tensor(vec![COLS], &m_cols),
+        ),
+        _ => None,
+    };
     save(&adapter, &ad, WeightsKind::Adapter);
     std::fs::write(adapter.join("adapter_config.json"), adapter_config(layer)).unwrap();
 
@@ -162,10 +180,16 @@ fn merged_both_ways(layer: Layer, opts: MergeOptions) {
             let m = F32Tensor::new(&[ROWS], &m);
             merge_dora_linear(into, a_lin, b_lin, m, scale, false, &opts)
         }
-        Layer::Embedding => {
+        Layer::Embedding | Layer::DoraEmbedding => {
             let a_emb = F32Tensor::new(&[RANK, ROWS], &b);
             let b_emb = F32Tensor::new(&[COLS, RANK], &a);
-            merge_embedding(into, a_emb, b_emb, scale, &opts)
+            match layer {
+                Layer::Embedding => merge_embedding(into, a_emb, b_emb, scale, &opts),
+                _ => {
+                    let m = F32Tensor::new(&[COLS], &m_cols);
+                    merge_dora_embedding(into, a_emb, b_emb, m, scale, &opts)
+                }
+            }
         }
     }
     .unwrap();

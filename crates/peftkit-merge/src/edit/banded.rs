@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use peftkit_checkpoint::{nonfinite, CheckpointError, Dtype};
 
-use super::{Edit, LoraKind, Site, Step};
+use super::{Edit, LoraKind, LoraPair, Site, Step};
 use crate::kernels::{
     dora, lora, stream_blocks, BaseTensorMut, F32Tensor, FiniteProbe, MergeMathError,
     MergeOptions as KernelOptions, StreamedBase, STREAM_BLOCK_BYTES,
@@ -196,6 +196,42 @@ pub(super) fn stream_banded(
     Ok(Some(finite))
 }
 
+/// Streams a lone DoRA step whose norm runs over columns (an Embedding, a `Conv1D`) through
+/// `base.io` in two passes (see [`dora::stream_dora_columns`]): such a step cannot run by
+/// bands. `Ok(None)`, having read and written nothing, for anything else.
+pub(super) fn stream_column_dora(
+    steps: &[Step],
+    name: &str,
+    base: StreamedBase<'_>,
+    opts: &KernelOptions,
+) -> Result<Option<bool>, CheckpointError> {
+    let [step] = steps else {
+        return Ok(None);
+    };
+    let Edit::Lora {
+        module,
+        kind,
+        scale,
+        dora: true,
+        ..
+    } = &step.edit
+    else {
+        return Ok(None);
+    };
+    let Some(magnitude) = module.get("magnitude") else {
+        return Ok(None);
+    };
+    let site = Site {
+        name,
+        adapter: &step.adapter,
+    };
+    let pair = LoraPair::read(&site, module, *kind)?;
+    let (a, b) = pair.tensors();
+    let m = site.f32s("lora_magnitude_vector", magnitude)?;
+    let m = F32Tensor::new(magnitude.shape(), &m);
+    dora::stream_dora_columns(base, (a, b, m), *scale, *kind, opts).map_err(|e| site.math(e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,5 +385,83 @@ mod tests {
         let none = stream_banded(&[dora, conv1d], "w", streamed, &opts).unwrap();
         assert_eq!(none, None);
         assert!(io.written().iter().all(|&b| b == 0x5A));
+    }
+
+    /// A DoRA whose norm runs over columns streams in two passes to the bits of the whole
+    /// weight merged in memory: an Embedding and a `Conv1D`, over several blocks, and an
+    /// infinite magnitude found; under `safe_merge` it reads and writes nothing.
+    #[test]
+    fn a_column_dora_streams_to_the_bits_of_the_whole_weight() {
+        // BF16 rows of 2 KiB: 512 rows a block, three blocks.
+        let (rows, cols, r) = (1100, 1024, 8);
+        let dtype = Dtype::BF16;
+        let base = encode_f32("w", dtype, &values(rows * cols, 7)).unwrap();
+        let shape = [rows, cols];
+        let step = |kind: LoraKind, m: &[f32]| {
+            // Embedding: A (r, vocab), B (dim, r); Conv1D (in, out): A (r, in), B (out, r).
+            let (ta, tb) = match kind {
+                LoraKind::Embedding => (
+                    f32_tensor(vec![r, rows], &values(r * rows, 13)),
+                    f32_tensor(vec![cols, r], &values(cols * r, 29)),
+                ),
+                _ => (
+                    f32_tensor(vec![r, rows], &values(r * rows, 17)),
+                    f32_tensor(vec![cols, r], &values(cols * r, 31)),
+                ),
+            };
+            let tm = f32_tensor(vec![cols], m);
+            let roles = match kind {
+                LoraKind::Embedding => [("embedding_a", &ta), ("embedding_b", &tb)],
+                _ => [("a", &ta), ("b", &tb)],
+            };
+            let mut roles = roles.to_vec();
+            roles.push(("magnitude", &tm));
+            Step {
+                adapter: Path::new("adapter").into(),
+                edit: Edit::Lora {
+                    module: ModuleTensors::from_roles(roles),
+                    kind,
+                    scale: 2.0,
+                    dora: true,
+                    round_first: false,
+                },
+            }
+        };
+        let stream = |steps: &[Step], opts: &KernelOptions| {
+            let io = MemoryBlocks::new(&base);
+            let streamed = StreamedBase {
+                dtype,
+                shape: &shape,
+                len: base.len(),
+                io: &io,
+                check: true,
+            };
+            let finite = stream_column_dora(steps, "w", streamed, opts).unwrap();
+            (finite, io.written())
+        };
+        let opts = KernelOptions::default();
+        let mut m: Vec<f32> = values(cols, 3).iter().map(|v| v + 40.0).collect();
+        for kind in [
+            LoraKind::Embedding,
+            LoraKind::Linear {
+                fan_in_fan_out: true,
+            },
+        ] {
+            let steps = [step(kind, &m)];
+            let want = whole(&steps, dtype, &shape, &base);
+            assert!(want != base);
+            assert_eq!(stream(&steps, &opts), (Some(true), want), "{kind:?}");
+        }
+        m[1000] = f32::INFINITY;
+        let steps = [step(LoraKind::Embedding, &m)];
+        let want = whole(&steps, dtype, &shape, &base);
+        assert_eq!(stream(&steps, &opts), (Some(false), want));
+        let safe = KernelOptions {
+            safe_merge: true,
+            ..KernelOptions::default()
+        };
+        let (none, written) = stream(&steps, &safe);
+        assert_eq!(none, None);
+        assert!(written.iter().all(|&b| b == 0x5A));
     }
 }

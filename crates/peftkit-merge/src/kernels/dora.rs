@@ -26,11 +26,16 @@
 
 use safetensors::Dtype;
 
-use super::apply::{update_rows, update_rows_scaled, BaseTensorMut, F32Tensor, Rows, BLOCK_ELEMS};
+use super::apply::{
+    stream_blocks, update_rows, update_rows_scaled, BaseTensorMut, F32Tensor, Rows, BLOCK_ELEMS,
+    STREAM_BLOCK_BYTES,
+};
 use super::dtype::decode_f32_into;
-use super::error::{check_rank, check_shape, MergeMathError, Result};
+use super::error::{check_rank, check_shape, numel, MergeMathError, Result};
 use super::exact::{refusal, Numerics};
-use super::lora::{conv_lowrank, embedding_lowrank, linear_lowrank, LowRank, MergeOptions};
+use super::lora::{
+    conv_lowrank, embedding_lowrank, linear_lowrank, LoraKind, LowRank, MergeOptions, StreamedBase,
+};
 
 /// torch's f32 `linalg.norm` of one contiguous row (see the module docs for the order).
 pub fn torch_row_norm(x: &[f32]) -> f32 {
@@ -105,8 +110,8 @@ fn finish_column_norms(mut sums: Vec<f32>) -> Vec<f32> {
 
 /// Options DoRA cannot honour: peft's DoRA merge never rounds Δ first, has no f32-free path
 /// here, and its unmerge needs the norm cached at merge time.
-fn check_opts(what: &'static str, base: &BaseTensorMut<'_>, opts: &MergeOptions) -> Result<()> {
-    if base.dtype == Dtype::F64 {
+fn check_opts(what: &'static str, dtype: Dtype, opts: &MergeOptions) -> Result<()> {
+    if dtype == Dtype::F64 {
         return Err(MergeMathError::UnsupportedDtype {
             what,
             dtype: Dtype::F64,
@@ -175,40 +180,57 @@ fn merge_column_channels(
     opts: &MergeOptions,
 ) -> Result<()> {
     base.validate(what, false)?;
-    let cols = lr.row_len();
-    let norms = merged_column_norms(what, base, lr)?;
-    let factor: Vec<f32> = magnitude.iter().zip(&norms).map(|(m, n)| m / n).collect();
-    let factor = &factor;
-    update_rows(
-        what,
-        base,
-        cols,
-        opts.safe_merge,
-        |first_row, rows, scratch| {
-            let w = f32_rows(what, rows)?;
-            lr.add_rows_f32(what, first_row, w, scratch)?;
-            for wr in w.chunks_exact_mut(cols) {
-                for (x, f) in wr.iter_mut().zip(factor) {
-                    // `f · x`, in torch's operand order: with both NaN, the first one's is kept.
-                    #[allow(clippy::assign_op_pattern)]
-                    {
-                        *x = *f * *x;
-                    }
-                }
-            }
-            Ok(())
-        },
-    )
+    let data: &[u8] = base.data;
+    let read = |at: usize, into: &mut [u8]| {
+        into.copy_from_slice(&data[at..at + into.len()]);
+        Ok(())
+    };
+    let norms = merged_column_norms(what, (base.dtype, data.len()), lr, read)?;
+    let factor = column_factors(magnitude, &norms);
+    scale_columns(what, base, lr, (0, &factor), opts.safe_merge)
 }
 
-/// [`torch_column_norms`] of `W + Δ`, made a block of rows at a time in row order.
+/// DoRA's factor per column, `m / ‖W + Δ‖`.
+fn column_factors(magnitude: &[f32], norms: &[f32]) -> Vec<f32> {
+    magnitude.iter().zip(norms).map(|(m, n)| m / n).collect()
+}
+
+/// The second pass of [`merge_column_channels`] over `base`, rows `first_row..` of the
+/// weight: `W + Δ` times each column's factor, in torch's operand order (`f · x`: with both
+/// NaN, the first one's is kept).
+fn scale_columns(
+    what: &'static str,
+    base: &mut BaseTensorMut<'_>,
+    lr: &LowRank<'_>,
+    (first_row, factor): (usize, &[f32]),
+    check: bool,
+) -> Result<()> {
+    let cols = lr.row_len();
+    update_rows(what, base, cols, check, |row, rows, scratch| {
+        let w = f32_rows(what, rows)?;
+        lr.add_rows_f32(what, first_row + row, w, scratch)?;
+        for wr in w.chunks_exact_mut(cols) {
+            for (x, f) in wr.iter_mut().zip(factor) {
+                #[allow(clippy::assign_op_pattern)]
+                {
+                    *x = *f * *x;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// [`torch_column_norms`] of `W + Δ`, made a block of rows at a time in row order, for a
+/// base of `dtype` and `len` bytes read by `read(at, into)`.
 fn merged_column_norms(
     what: &'static str,
-    base: &BaseTensorMut<'_>,
+    (dtype, len): (Dtype, usize),
     lr: &LowRank<'_>,
+    mut read: impl FnMut(usize, &mut [u8]) -> Result<()>,
 ) -> Result<Vec<f32>> {
     let cols = lr.row_len();
-    let size = super::dtype::element_size(base.dtype)?;
+    let size = super::dtype::element_size(dtype)?;
     let mut sums = vec![0f32; cols];
     if cols == 0 {
         return Ok(sums);
@@ -216,14 +238,75 @@ fn merged_column_norms(
     // Blocks of `update_rows`' size, which the second pass uses.
     let rows_per_block = (BLOCK_ELEMS / cols).max(1);
     let block_bytes = rows_per_block * cols * size;
-    let (mut w, mut scratch) = (Vec::new(), Vec::new());
-    for (i, bytes) in base.data.chunks(block_bytes).enumerate() {
+    let (mut bytes, mut w, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, at) in (0..len).step_by(block_bytes).enumerate() {
+        bytes.resize(block_bytes.min(len - at), 0);
+        read(at, &mut bytes)?;
         w.resize(bytes.len() / size, 0.0);
-        decode_f32_into(what, base.dtype, bytes, &mut w)?;
+        decode_f32_into(what, dtype, &bytes, &mut w)?;
         lr.add_rows_f32(what, i * rows_per_block, &mut w, &mut scratch)?;
         add_column_squares(&mut sums, &w);
     }
     Ok(finish_column_norms(sums))
+}
+
+/// A DoRA merge into an Embedding or a `Conv1D` weight (norms over columns) streamed through
+/// `base.io` in two passes over blocks of whole rows: the norms, reading only, then the merge,
+/// each block read, merged and written back while in cache. `Ok(None)`, having read and
+/// written nothing, for what the merge in memory must refuse or check (`--numerics exact`,
+/// `safe_merge`, the options DoRA refuses, factors that do not fit); else whether every
+/// merged value is finite (when `base.check`).
+pub(crate) fn stream_dora_columns(
+    base: StreamedBase<'_>,
+    (a, b, magnitude): (F32Tensor<'_>, F32Tensor<'_>, F32Tensor<'_>),
+    scale: f32,
+    kind: LoraKind,
+    opts: &MergeOptions,
+) -> Result<Option<bool>> {
+    let what = "DoRA weight";
+    let columns = matches!(
+        kind,
+        LoraKind::Embedding
+            | LoraKind::Linear {
+                fan_in_fan_out: true
+            }
+    );
+    let usable = columns && opts.numerics != Numerics::Exact && !opts.safe_merge;
+    if !usable || check_opts(what, base.dtype, opts).is_err() {
+        return Ok(None);
+    }
+    let Ok(size) = super::dtype::element_size(base.dtype) else {
+        return Ok(None);
+    };
+    let fits = |lr: &LowRank<'_>| {
+        let cols = lr.row_len();
+        cols > 0
+            && base.len == numel(what, base.shape).unwrap_or(0) * size
+            && base.len.is_multiple_of(cols * size)
+    };
+    let Ok((lr, _)) = kind.lowrank(base.shape, (&a, &b), scale, None) else {
+        return Ok(None);
+    };
+    if !fits(&lr) || check_magnitude(&magnitude, &[b.shape[0]]).is_err() {
+        return Ok(None);
+    }
+    let unread = || MergeMathError::BaseUnread { what };
+    let read = |at: usize, into: &mut [u8]| match base.io.fill(at, into) {
+        true => Ok(()),
+        false => Err(unread()),
+    };
+    let norms = merged_column_norms(what, (base.dtype, base.len), &lr, read)?;
+    let factor = column_factors(magnitude.data, &norms);
+    let cols = lr.row_len();
+    let row_bytes = cols * size;
+    let block = (STREAM_BLOCK_BYTES / row_bytes).max(1) * row_bytes;
+    let finite = stream_blocks(base.io, (base.len, block), unread, |at, bytes| {
+        let shape = [bytes.len() / row_bytes, cols];
+        let mut band = BaseTensorMut::new(base.dtype, &shape, bytes);
+        scale_columns(what, &mut band, &lr, (at / row_bytes, &factor), false)?;
+        Ok(!base.check || peftkit_checkpoint::nonfinite(base.dtype, bytes).is_none())
+    })?;
+    Ok(Some(finite))
 }
 
 /// Checks `lora_magnitude_vector` against its `expected` shape: one value per output channel (the
@@ -267,7 +350,7 @@ fn merge_dora<'a>(
     if opts.numerics == Numerics::Exact {
         return Err(refusal(what, "DoRA"));
     }
-    check_opts(what, &base, opts)?;
+    check_opts(what, base.dtype, opts)?;
     let (lr, expected, channels) = layer(base.shape)?;
     check_magnitude(&magnitude, &expected)?;
     match channels {

@@ -500,6 +500,7 @@ pub fn merge_linear(
 
 /// A base tensor that is in no buffer: streamed through a kernel block by block (see
 /// [`fused::Target::Streamed`]).
+#[derive(Clone, Copy)]
 pub(crate) struct StreamedBase<'a> {
     pub dtype: Dtype,
     pub shape: &'a [usize],
@@ -531,7 +532,7 @@ impl LoraKind {
     /// This layer's `Δ` for a base of `shape` (a Conv's `groups` being 1), and whether peft
     /// rounds `Δ` to the base dtype before the add whatever the options: an Embedding's merge
     /// adds `get_delta_weight(...).to(dtype)`.
-    fn lowrank<'a>(
+    pub(crate) fn lowrank<'a>(
         self,
         shape: &[usize],
         (a, b): (&F32Tensor<'a>, &F32Tensor<'a>),
