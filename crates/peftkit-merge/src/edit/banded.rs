@@ -1,5 +1,6 @@
 //! Steps run on bands of rows: [`RowBanded`], and the streamed merge of a weight whose steps
-//! all are (a DoRA among them; plain LoRA chains take the fused kernel's stream).
+//! all are (a DoRA among them; plain LoRA chains take the fused kernel's stream), and of a lone
+//! DoRA whose norm runs over columns (two passes of bands: [`stream_column_dora`]).
 
 use std::ops::Range;
 use std::path::Path;

@@ -493,9 +493,10 @@ pub fn merge_linear(
     fan_in_fan_out: bool,
     opts: &MergeOptions,
 ) -> Result<()> {
+    let kind = LoraKind::Linear { fan_in_fan_out };
     let round = opts.adapter_round()?;
-    let lr = linear_lowrank(base.shape, &a, &b, scale, fan_in_fan_out, round)?;
-    apply_lowrank("linear weight", &mut base, &lr, opts, false)
+    let (lr, layer_rounds) = kind.lowrank(base.shape, (&a, &b), scale, round)?;
+    apply_lowrank(kind.what(), &mut base, &lr, opts, layer_rounds)
 }
 
 /// A base tensor that is in no buffer: streamed through a kernel block by block (see
@@ -733,8 +734,9 @@ pub fn merge_conv(
     groups: usize,
     opts: &MergeOptions,
 ) -> Result<()> {
+    // Not `LoraKind::lowrank`: `groups` is checked here (peft refuses groups > 1).
     let lr = conv_lowrank(base.shape, &a, &b, scale, groups, opts.adapter_round()?)?;
-    apply_lowrank("conv weight", &mut base, &lr, opts, false)
+    apply_lowrank(LoraKind::Conv.what(), &mut base, &lr, opts, false)
 }
 
 /// Memory layout of a 3-D expert parameter `(E, a, b)`.
